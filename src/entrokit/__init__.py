@@ -1,0 +1,2 @@
+"""entrokit."""
+__version__ = "0.1.0"

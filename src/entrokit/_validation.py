@@ -1,0 +1,143 @@
+"""Boundary checks shared by every public entry point.
+
+Metadata checks (types, shapes, dtypes, devices) always run. Value checks (signs,
+finiteness, masses) read tensor values, which forces a device sync; they run unless the
+caller passes ``check_inputs=False`` (for training loops).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Sequence
+
+import torch
+
+from entrokit._errors import InputError
+
+__all__ = [
+    "as_float_tensor",
+    "check_choice",
+    "check_positive",
+    "check_positive_int",
+    "check_nonneg_finite",
+    "check_same_dtype_device",
+    "check_masses",
+]
+
+
+def as_float_tensor(x: Any, name: str) -> torch.Tensor:
+    """Return ``x`` as a floating tensor; raise ``TypeError`` for anything else."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(x).__name__}; "
+            f"convert it with torch.as_tensor({name}, dtype=torch.float64)."
+        )
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating dtype (float32 or float64), got {t.dtype}; "
+            f"convert it with {name}.double() or {name}.float()."
+        )
+    if t.numel() == 0:
+        raise InputError(
+            f"{name} is empty (shape {tuple(t.shape)}); expected at least one entry on every axis."
+        )
+    return t
+
+
+def check_positive(value: Any, name: str) -> float:
+    """Check a finite real scalar > 0 and return it as ``float``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}.")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise InputError(
+            f"{name} must be a finite number > 0, got {value!r}; pass a positive value "
+            f"such as {name}=1e-2."
+        )
+    return v
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
+    """Check an integer >= 1."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}.")
+    if value < 1:
+        raise InputError(f"{name} must be an int >= 1, got {value}.")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        opts = ", ".join(repr(c) for c in choices)
+        raise InputError(f"{name} must be one of {opts}; got {value!r}.")
+    return value
+
+
+def check_nonneg_finite(t: torch.Tensor, name: str, *, allow_negative: bool = False) -> None:
+    """Value check: no NaN, no infinity and (unless allowed) no negative entry."""
+    if torch.isnan(t).any():
+        raise InputError(
+            f"{name} contains NaN (first at flat index {int(torch.isnan(t).flatten().nonzero()[0])}); "
+            f"expected finite values. Clean the input, e.g. torch.nan_to_num({name})."
+        )
+    if torch.isinf(t).any():
+        raise InputError(
+            f"{name} contains an infinite value; expected finite values. Replace infinite costs "
+            "by a large finite number, or drop the corresponding points."
+        )
+    if not allow_negative and (t < 0).any():
+        raise InputError(
+            f"{name} has negative entries (min {t.min().item():.3g}); expected nonnegative values. "
+            "Weights are masses: clip them with .clamp_min(0) or fix how they are computed."
+        )
+
+
+def check_same_dtype_device(tensors: dict[str, torch.Tensor]) -> None:
+    """All tensors must share one dtype and one device."""
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise InputError(
+                f"dtype mismatch: {name0} is {t0.dtype} but {name} is {t.dtype}; "
+                f"cast them to one dtype, e.g. {name}.to({name0}.dtype)."
+            )
+        if t.device != t0.device:
+            raise InputError(
+                f"device mismatch: {name0} is on {t0.device} but {name} is on {t.device}; "
+                f"move them to one device, e.g. {name}.to({name0}.device)."
+            )
+
+
+def check_masses(a: torch.Tensor, b: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check positive total masses and (unless ``normalize``) that they agree.
+
+    With ``normalize=True`` both weight vectors are divided by their sums (differentiably).
+    """
+    sa, sb = a.sum(-1), b.sum(-1)
+    if (sa <= 0).any() or (sb <= 0).any():
+        which = "a" if (sa <= 0).any() else "b"
+        raise InputError(
+            f"weights {which} have zero total mass; expected a positive sum. At least one weight "
+            "must be > 0."
+        )
+    if normalize:
+        return a / sa.unsqueeze(-1), b / sb.unsqueeze(-1)
+    rtol = 1e-5 if a.dtype == torch.float32 else 1e-8
+    gap = (sa - sb).abs() / torch.maximum(sa, sb)
+    if (gap > rtol).any():
+        i = int(gap.flatten().argmax())
+        raise InputError(
+            f"total masses differ: sum(a)={sa.flatten()[i].item():.10g} vs sum(b)={sb.flatten()[i].item():.10g} "
+            f"(relative gap {gap.flatten()[i].item():.2e} > {rtol:g}); balanced OT needs equal masses. "
+            "Pass normalize=True to rescale both to 1, or fix the weights."
+        )
+    return a, b

@@ -1,0 +1,387 @@
+r"""Geometries: how a solver sees the ground cost.
+
+A solver never touches the cost directly; it calls a handful of primitives that every
+geometry implements, so one Sinkhorn loop serves dense matrices and point clouds whose
+cost is computed on the fly in chunks (never materialising the :math:`n\times m` matrix).
+
+The central primitive is the soft-min (soft :math:`c`-transform) along one axis,
+
+.. math::
+
+    \operatorname{softmin}_\varepsilon(h, w)_i = -\varepsilon \log \sum_j
+        w_j \exp\big((h_j - C_{ij})/\varepsilon\big),
+
+computed stably with log-sum-exp from :math:`\log w` (zero weights give :math:`\log 0 =
+-\infty`, which drops the term exactly).
+
+Shapes: geometries are stored with a leading batch axis ``(B, n, m)`` once a solver has
+canonicalised them; the public constructors also accept unbatched inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Union
+
+import torch
+
+from entrokit._errors import InputError
+from entrokit._validation import as_float_tensor, check_same_dtype_device
+
+__all__ = ["Geometry", "DenseCost", "PointCloud", "as_geometry"]
+
+CostName = Literal["sqeuclidean", "euclidean"]
+CostFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Keep chunks of the online cost at about this many entries (64 MiB in float64).
+_DEFAULT_CHUNK_ENTRIES = 1 << 23
+
+
+class Geometry:
+    """Base class: the primitives a solver may call. Subclasses are immutable."""
+
+    batched: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:  # (n, m)
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def is_online(self) -> bool:
+        """True when the cost is never stored as a full matrix."""
+        return False
+
+    def cost_matrix(self) -> torch.Tensor:
+        """The dense cost ``(..., n, m)`` (materialises it for point clouds)."""
+        raise NotImplementedError
+
+    def with_batch(self) -> "Geometry":
+        """Same geometry with a leading batch axis of size 1 when unbatched."""
+        raise NotImplementedError
+
+    def squeeze_batch(self) -> "Geometry":
+        raise NotImplementedError
+
+    def detach(self) -> "Geometry":
+        raise NotImplementedError
+
+    def max_cost(self) -> torch.Tensor:
+        """max_ij |C_ij| per problem, shape ``(B,)`` (used by the eps-scaling start)."""
+        raise NotImplementedError
+
+    def cost_range(self) -> torch.Tensor:
+        """max C - min C per problem, shape ``(B,)``."""
+        raise NotImplementedError
+
+    # -- primitives on batched tensors -----------------------------------------------
+    def softmin(self, h: torch.Tensor, log_w: torch.Tensor, eps: float, axis: int) -> torch.Tensor:
+        r"""Soft c-transform. ``axis=1`` reduces over columns: input ``h, log_w`` of shape
+        ``(B, m)``, output ``(B, n)``; ``axis=0`` reduces over rows: ``(B, n) -> (B, m)``."""
+        raise NotImplementedError
+
+    def log_plan_reduce(
+        self,
+        f: torch.Tensor,
+        g: torch.Tensor,
+        log_a: torch.Tensor,
+        log_b: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""Row sums, column sums and :math:`\langle C, P\rangle` of
+        :math:`P_{ij} = a_i b_j \exp((f_i+g_j-C_{ij})/\varepsilon)` without storing P."""
+        raise NotImplementedError
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    # torch.logsumexp returns -inf for an all -inf slice, which is what we want.
+    return torch.logsumexp(x, dim=dim)
+
+
+class DenseCost(Geometry):
+    """A cost given as a dense matrix ``(..., n, m)``."""
+
+    def __init__(self, cost: torch.Tensor):
+        cost = as_float_tensor(cost, "cost")
+        if cost.dim() not in (2, 3):
+            raise InputError(
+                f"cost must have shape (n, m) or (batch, n, m), got shape {tuple(cost.shape)}; "
+                "flatten extra batch axes with cost.reshape(-1, n, m)."
+            )
+        self.C = cost
+        self.batched = cost.dim() == 3
+
+    def __repr__(self) -> str:
+        return f"DenseCost(shape={tuple(self.C.shape)}, dtype={self.C.dtype}, device={self.C.device})"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.C.shape[-2], self.C.shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.C.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.C.device
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.C.shape[:-2])
+
+    def cost_matrix(self) -> torch.Tensor:
+        return self.C
+
+    def with_batch(self) -> "DenseCost":
+        return self if self.batched else DenseCost(self.C.unsqueeze(0))
+
+    def squeeze_batch(self) -> "DenseCost":
+        return DenseCost(self.C.squeeze(0)) if self.batched else self
+
+    def detach(self) -> "DenseCost":
+        return DenseCost(self.C.detach())
+
+    def max_cost(self) -> torch.Tensor:
+        return self.C.detach().abs().amax(dim=(-2, -1))
+
+    def cost_range(self) -> torch.Tensor:
+        C = self.C.detach()
+        return C.amax(dim=(-2, -1)) - C.amin(dim=(-2, -1))
+
+    def softmin(self, h, log_w, eps, axis):
+        C = self.C
+        if axis == 1:
+            z = (h + eps * log_w).unsqueeze(-2) - C  # (B, n, m)
+            return -eps * _logsumexp(z / eps, dim=-1)
+        z = (h + eps * log_w).unsqueeze(-1) - C
+        return -eps * _logsumexp(z / eps, dim=-2)
+
+    def log_plan_reduce(self, f, g, log_a, log_b, eps):
+        C = self.C
+        logP = (f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2) - C / eps
+        P = torch.exp(logP)
+        return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))
+
+    def plan(self, f, g, log_a, log_b, eps):
+        logP = (f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2) - self.C / eps
+        return torch.exp(logP)
+
+
+def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||x_i - y_j||^2 for (B, n, d), (B, m, d) -> (B, n, m), clamped at 0."""
+    xx = (x * x).sum(-1, keepdim=True)
+    yy = (y * y).sum(-1).unsqueeze(-2)
+    d = xx + yy - 2.0 * torch.matmul(x, y.transpose(-1, -2))
+    return d.clamp_min(0.0)
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt with gradient 0 at 0 (avoids NaN gradients for coincident points)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.sqrt()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (y,) = ctx.saved_tensors
+        return torch.where(y > 0, gy / (2 * y).clamp_min(torch.finfo(y.dtype).tiny), torch.zeros_like(y))
+
+
+def _euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _SafeSqrt.apply(_sq_dist(x, y))
+
+
+_COSTS: dict[str, CostFn] = {"sqeuclidean": _sq_dist, "euclidean": _euclidean}
+
+
+class PointCloud(Geometry):
+    r"""Cost computed from two point clouds, ``C_ij = c(x_i, y_j)``.
+
+    Args:
+        x: source points ``[n, d]`` or ``[B, n, d]``.
+        y: target points ``[m, d]`` or ``[B, m, d]``.
+        cost: ``"sqeuclidean"`` (:math:`\|x-y\|^2`, the POT/OTT convention; GeomLoss uses
+            half of it), ``"euclidean"`` (:math:`\|x-y\|`, with a zero gradient where points
+            coincide) or a callable ``c(x, y)`` mapping ``[B, n', d], [B, m', d]`` to
+            ``[B, n', m']``.
+        chunk_size: when given, every reduction is computed on blocks of at most
+            ``chunk_size`` rows (or columns), so the full cost matrix is never stored:
+            memory is :math:`O((n+m)\cdot \text{chunk\_size})`. ``None`` materialises the
+            cost once (fastest for problems that fit in memory).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cost: Union[CostName, CostFn] = "sqeuclidean",
+        *,
+        chunk_size: int | None = None,
+    ):
+        x = as_float_tensor(x, "x")
+        y = as_float_tensor(y, "y")
+        check_same_dtype_device({"x": x, "y": y})
+        if x.dim() not in (2, 3) or y.dim() != x.dim():
+            raise InputError(
+                f"x and y must both have shape (n, d) / (m, d), or (batch, n, d) / (batch, m, d); "
+                f"got {tuple(x.shape)} and {tuple(y.shape)}. Add a feature axis with x[:, None] "
+                "for 1-D points."
+            )
+        if x.shape[-1] != y.shape[-1]:
+            raise InputError(
+                f"x and y must have the same point dimension, got d={x.shape[-1]} and d={y.shape[-1]}."
+            )
+        if x.dim() == 3 and x.shape[0] != y.shape[0]:
+            raise InputError(f"batch sizes of x and y differ: {x.shape[0]} vs {y.shape[0]}.")
+        if isinstance(cost, str):
+            if cost not in _COSTS:
+                raise InputError(
+                    f"cost must be 'sqeuclidean', 'euclidean' or a callable c(x, y); got {cost!r}."
+                )
+            self._cost_fn = _COSTS[cost]
+        elif callable(cost):
+            self._cost_fn = cost
+        else:
+            raise TypeError(f"cost must be a string or a callable, got {type(cost).__name__}.")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise InputError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+        self.x, self.y, self.cost = x, y, cost
+        self.chunk_size = chunk_size
+        self.batched = x.dim() == 3
+
+    def __repr__(self) -> str:
+        c = self.cost if isinstance(self.cost, str) else getattr(self.cost, "__name__", "callable")
+        return (
+            f"PointCloud(n={self.shape[0]}, m={self.shape[1]}, d={self.x.shape[-1]}, cost={c!r}, "
+            f"chunk_size={self.chunk_size}, batch={self.batch_shape})"
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.x.shape[-2], self.y.shape[-2])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[:-2])
+
+    @property
+    def is_online(self) -> bool:
+        return self.chunk_size is not None
+
+    def _new(self, x, y) -> "PointCloud":
+        return PointCloud(x, y, self.cost, chunk_size=self.chunk_size)
+
+    def with_batch(self) -> "PointCloud":
+        return self if self.batched else self._new(self.x.unsqueeze(0), self.y.unsqueeze(0))
+
+    def squeeze_batch(self) -> "PointCloud":
+        return self._new(self.x.squeeze(0), self.y.squeeze(0)) if self.batched else self
+
+    def detach(self) -> "PointCloud":
+        return self._new(self.x.detach(), self.y.detach())
+
+    def _c(self, x, y) -> torch.Tensor:
+        C = self._cost_fn(x, y)
+        if C.shape[-2:] != (x.shape[-2], y.shape[-2]):
+            raise InputError(
+                f"the cost callable returned shape {tuple(C.shape)} for inputs {tuple(x.shape)} and "
+                f"{tuple(y.shape)}; it must return (..., {x.shape[-2]}, {y.shape[-2]})."
+            )
+        return C
+
+    def cost_matrix(self) -> torch.Tensor:
+        return self._c(self.x, self.y)
+
+    def to_dense(self) -> DenseCost:
+        return DenseCost(self.cost_matrix())
+
+    def _row_chunks(self):
+        n, m = self.shape
+        cs = self.chunk_size or max(1, _DEFAULT_CHUNK_ENTRIES // max(m, 1))
+        for s in range(0, n, cs):
+            yield s, min(s + cs, n)
+
+    def _col_chunks(self):
+        n, m = self.shape
+        cs = self.chunk_size or max(1, _DEFAULT_CHUNK_ENTRIES // max(n, 1))
+        for s in range(0, m, cs):
+            yield s, min(s + cs, m)
+
+    def max_cost(self) -> torch.Tensor:
+        with torch.no_grad():
+            out = [self._c(self.x[..., s:e, :], self.y).abs().amax(dim=(-2, -1)) for s, e in self._row_chunks()]
+        return torch.stack(out, 0).amax(0)
+
+    def cost_range(self) -> torch.Tensor:
+        with torch.no_grad():
+            hi, lo = [], []
+            for s, e in self._row_chunks():
+                C = self._c(self.x[..., s:e, :], self.y)
+                hi.append(C.amax(dim=(-2, -1)))
+                lo.append(C.amin(dim=(-2, -1)))
+        return torch.stack(hi, 0).amax(0) - torch.stack(lo, 0).amin(0)
+
+    def softmin(self, h, log_w, eps, axis):
+        hw = h + eps * log_w
+        if axis == 1:
+            out = []
+            for s, e in self._row_chunks():
+                z = hw.unsqueeze(-2) - self._c(self.x[..., s:e, :], self.y)
+                out.append(-eps * _logsumexp(z / eps, dim=-1))
+            return torch.cat(out, -1)
+        out = []
+        for s, e in self._col_chunks():
+            z = hw.unsqueeze(-1) - self._c(self.x, self.y[..., s:e, :])
+            out.append(-eps * _logsumexp(z / eps, dim=-2))
+        return torch.cat(out, -1)
+
+    def log_plan_reduce(self, f, g, log_a, log_b, eps):
+        rows, cols, tc = [], 0.0, 0.0
+        gg = (g / eps + log_b).unsqueeze(-2)
+        for s, e in self._row_chunks():
+            C = self._c(self.x[..., s:e, :], self.y)
+            P = torch.exp((f[..., s:e] / eps + log_a[..., s:e]).unsqueeze(-1) + gg - C / eps)
+            rows.append(P.sum(-1))
+            cols = cols + P.sum(-2)
+            tc = tc + (P * C).sum((-2, -1))
+        return torch.cat(rows, -1), cols, tc
+
+    def plan(self, f, g, log_a, log_b, eps):
+        C = self.cost_matrix()
+        return torch.exp((f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2) - C / eps)
+
+
+def as_geometry(cost) -> Geometry:
+    """Wrap a tensor as :class:`DenseCost`; pass geometries through."""
+    if isinstance(cost, Geometry):
+        return cost
+    if isinstance(cost, torch.Tensor):
+        return DenseCost(cost)
+    raise TypeError(
+        f"cost must be a torch.Tensor of shape (n, m) or an entrokit geometry (PointCloud, "
+        f"DenseCost), got {type(cost).__name__}."
+    )
