@@ -1,2 +1,29 @@
-"""entrokit."""
+"""entrokit: entropy-regularized learning in PyTorch.
+
+Pillar 1, regularized optimal transport: :func:`solve`, :func:`sinkhorn`,
+:class:`PointCloud`, :class:`OTResult`. Pillar 2, entropy regularizers for training:
+:mod:`entrokit.regularizers`.
+"""
+
+from entrokit._errors import ConvergenceWarning, InputError
+from entrokit._result import OTResult
+from entrokit.geometry import DenseCost, Geometry, PointCloud
+from entrokit.problem import OTProblem
+from entrokit.solvers.sinkhorn import sinkhorn
+from entrokit.solvers.solve import METHODS, solve
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceWarning",
+    "DenseCost",
+    "Geometry",
+    "InputError",
+    "METHODS",
+    "OTProblem",
+    "OTResult",
+    "PointCloud",
+    "sinkhorn",
+    "solve",
+    "__version__",
+]

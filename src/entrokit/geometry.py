@@ -20,9 +20,11 @@ canonicalised them; the public constructors also accept unbatched inputs.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Union
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_same_dtype_device
@@ -90,17 +92,41 @@ class Geometry:
         ``(B, m)``, output ``(B, n)``; ``axis=0`` reduces over rows: ``(B, n) -> (B, m)``."""
         raise NotImplementedError
 
-    def log_plan_reduce(
-        self,
-        f: torch.Tensor,
-        g: torch.Tensor,
-        log_a: torch.Tensor,
-        log_b: torch.Tensor,
-        eps: float,
+    def plan_reduce(
+        self, f: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r"""Row sums, column sums and :math:`\langle C, P\rangle` of
-        :math:`P_{ij} = a_i b_j \exp((f_i+g_j-C_{ij})/\varepsilon)` without storing P."""
+        :math:`P_{ij} = a_i b_j \exp((f_i+g_j-C_{ij})/\varepsilon)`, differentiable in
+        ``a, b`` and the cost, without storing P for online geometries."""
         raise NotImplementedError
+
+    def plan(self, f, g, a, b, eps) -> torch.Tensor:
+        """The dense plan ``(B, n, m)`` (materialised)."""
+        raise NotImplementedError
+
+    def plan_matvec(self, f, g, a, b, eps, vec: torch.Tensor, axis: int) -> torch.Tensor:
+        """``P @ vec`` (axis=1, vec ``(B, m)``) or ``P.T @ vec`` (axis=0, vec ``(B, n)``)."""
+        raise NotImplementedError
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the cost depends on (for custom autograd Functions)."""
+        raise NotImplementedError
+
+    def rebuild(self, *tensors: torch.Tensor) -> "Geometry":
+        """A copy of this geometry built on other tensors of the same shapes."""
+        raise NotImplementedError
+
+
+def _plan_block(f, g, a, b, C, eps) -> torch.Tensor:
+    r"""P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps) for a block of rows/columns.
+
+    The weights multiply (rather than enter as log a) so that gradients with respect to
+    zero weights are finite; the exponent is clamped below overflow, which only touches
+    pairs whose weights are zero.
+    """
+    S = (f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps
+    S = S.clamp_max(0.5 * math.log(torch.finfo(S.dtype).max))
+    return torch.exp(S) * a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -167,15 +193,25 @@ class DenseCost(Geometry):
         z = (h + eps * log_w).unsqueeze(-1) - C
         return -eps * _logsumexp(z / eps, dim=-2)
 
-    def log_plan_reduce(self, f, g, log_a, log_b, eps):
+    def plan_reduce(self, f, g, a, b, eps):
         C = self.C
-        logP = (f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2) - C / eps
-        P = torch.exp(logP)
+        P = _plan_block(f, g, a, b, C, eps)
         return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))
 
-    def plan(self, f, g, log_a, log_b, eps):
-        logP = (f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2) - self.C / eps
-        return torch.exp(logP)
+    def plan(self, f, g, a, b, eps):
+        return _plan_block(f, g, a, b, self.C, eps)
+
+    def plan_matvec(self, f, g, a, b, eps, vec, axis):
+        P = _plan_block(f, g, a, b, self.C, eps)
+        if axis == 1:
+            return torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1)
+        return torch.matmul(vec.unsqueeze(-2), P).squeeze(-2)
+
+    def tensors(self):
+        return (self.C,)
+
+    def rebuild(self, C):
+        return DenseCost(C)
 
 
 def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -359,20 +395,51 @@ class PointCloud(Geometry):
             out.append(-eps * _logsumexp(z / eps, dim=-2))
         return torch.cat(out, -1)
 
-    def log_plan_reduce(self, f, g, log_a, log_b, eps):
+    def _reduce_chunk(self, xs, y, fs, g, as_, b, eps):
+        C = self._c(xs, y)
+        P = _plan_block(fs, g, as_, b, C, eps)
+        return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))
+
+    def plan_reduce(self, f, g, a, b, eps):
+        if not self.is_online:
+            return DenseCost(self.cost_matrix()).plan_reduce(f, g, a, b, eps)
         rows, cols, tc = [], 0.0, 0.0
-        gg = (g / eps + log_b).unsqueeze(-2)
+        need_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.x, self.y, f, g, a, b)
+        )
         for s, e in self._row_chunks():
-            C = self._c(self.x[..., s:e, :], self.y)
-            P = torch.exp((f[..., s:e] / eps + log_a[..., s:e]).unsqueeze(-1) + gg - C / eps)
-            rows.append(P.sum(-1))
-            cols = cols + P.sum(-2)
-            tc = tc + (P * C).sum((-2, -1))
+            args = (self.x[..., s:e, :], self.y, f[..., s:e], g, a[..., s:e], b)
+            if need_grad:
+                # recompute the block in backward: memory stays O((n + m) * chunk)
+                r, c, t = checkpoint(self._reduce_chunk, *args, eps, use_reentrant=False)
+            else:
+                r, c, t = self._reduce_chunk(*args, eps)
+            rows.append(r)
+            cols = cols + c
+            tc = tc + t
         return torch.cat(rows, -1), cols, tc
 
-    def plan(self, f, g, log_a, log_b, eps):
-        C = self.cost_matrix()
-        return torch.exp((f / eps + log_a).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2) - C / eps)
+    def plan(self, f, g, a, b, eps):
+        return _plan_block(f, g, a, b, self.cost_matrix(), eps)
+
+    def plan_matvec(self, f, g, a, b, eps, vec, axis):
+        if axis == 1:
+            out = []
+            for s, e in self._row_chunks():
+                P = _plan_block(f[..., s:e], g, a[..., s:e], b, self._c(self.x[..., s:e, :], self.y), eps)
+                out.append(torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1))
+            return torch.cat(out, -1)
+        out = 0.0
+        for s, e in self._row_chunks():
+            P = _plan_block(f[..., s:e], g, a[..., s:e], b, self._c(self.x[..., s:e, :], self.y), eps)
+            out = out + torch.matmul(vec[..., s:e].unsqueeze(-2), P).squeeze(-2)
+        return out
+
+    def tensors(self):
+        return (self.x, self.y)
+
+    def rebuild(self, x, y):
+        return self._new(x, y)
 
 
 def as_geometry(cost) -> Geometry:

@@ -1,0 +1,1 @@
+"""Solvers: Sinkhorn (and the Newton / smooth solvers that extend it)."""
