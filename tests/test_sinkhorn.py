@@ -1,0 +1,259 @@
+"""Sinkhorn: marginals, exactness, closed forms, invariances, batching, precision."""
+
+import numpy as np
+import ot
+import pytest
+import torch
+from conftest import random_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import entrokit
+from entrokit import PointCloud
+
+
+def marginals(res):
+    P = res.plan
+    return P.sum(-1), P.sum(-2)
+
+
+@pytest.mark.parametrize("eps", [1.0, 1e-1, 1e-2, 1e-3])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_marginals_within_tol(eps, zeros, device):
+    a, b, C = random_problem(30, 40, seed=1, zeros=zeros, device=device)
+    res = entrokit.sinkhorn(a, b, C, eps, tol=1e-9, max_iter=50_000)
+    assert bool(res.converged)
+    r, c = marginals(res)
+    assert (r - a).abs().sum() + (c - b).abs().sum() <= 1e-9
+    assert res.marginal_error <= 1e-9
+    assert torch.isclose(res.marginal_error, (r - a).abs().sum() + (c - b).abs().sum(), atol=1e-12)
+    # zero-weight rows/columns carry exactly no mass
+    if zeros:
+        assert res.plan[0].abs().max() == 0 and res.plan[:, -1].abs().max() == 0
+
+
+def test_matches_pot_plan_and_value():
+    a, b, C = random_problem(25, 35, seed=2)
+    eps = 5e-2
+    res = entrokit.sinkhorn(a, b, C, eps, tol=1e-12, max_iter=100_000)
+    P = ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), eps, method="sinkhorn_log", stopThr=1e-14, numItermax=100_000)
+    np.testing.assert_allclose(res.plan.numpy(), P, atol=1e-10)
+    np.testing.assert_allclose(res.transport_cost.item(), (P * C.numpy()).sum(), rtol=1e-9)
+    # value = <C,P> + eps KL(P | a x b)
+    kl = (P * np.log(P / np.outer(a.numpy(), b.numpy()))).sum()
+    np.testing.assert_allclose(res.value.item(), (P * C.numpy()).sum() + eps * kl, rtol=1e-9)
+    # relation to POT's entropy convention: value = <C,P> - eps H(P) - eps (H(a) + H(b))
+    H = lambda p: -(p * np.log(p)).sum()  # noqa: E731
+    pot_obj = (P * C.numpy()).sum() - eps * H(P)
+    np.testing.assert_allclose(res.value.item(), pot_obj + eps * (H(a.numpy()) + H(b.numpy())), rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_agrees_with_exact_lp_as_eps_to_zero(seed):
+    a, b, C = random_problem(20, 20, seed=seed)
+    emd = ot.emd2(a.numpy(), b.numpy(), C.numpy())
+    gaps = []
+    for eps in [1e-1, 1e-2, 1e-3]:
+        res = entrokit.sinkhorn(a, b, C, eps, tol=1e-9, max_iter=200_000)
+        gaps.append(res.transport_cost.item() - emd)
+    assert gaps[-1] >= -1e-7 and gaps[-1] < 5e-3
+    assert abs(gaps[-1]) < abs(gaps[0])
+
+
+def test_dirac_source_closed_form():
+    b = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    C = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    res = entrokit.sinkhorn(torch.ones(1, dtype=torch.float64), b, C, 0.1, tol=1e-12)
+    torch.testing.assert_close(res.plan, b[None])
+    torch.testing.assert_close(res.transport_cost, (C[0] * b).sum())
+    # plan = a x b  =>  KL term vanishes, value = <C, P>
+    torch.testing.assert_close(res.value, res.transport_cost)
+
+
+def test_permutation_recovered():
+    n = 12
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    C = torch.ones(n, n, dtype=torch.float64)
+    C[torch.arange(n), perm] = 0.0
+    w = torch.full((n,), 1 / n, dtype=torch.float64)
+    res = entrokit.sinkhorn(w, w, C, 1e-2, tol=1e-10)
+    expected = torch.zeros(n, n, dtype=torch.float64)
+    expected[torch.arange(n), perm] = 1 / n
+    torch.testing.assert_close(res.plan, expected, atol=1e-10, rtol=0)
+    assert res.transport_cost.item() < 1e-10
+
+
+def test_one_dimensional_w2_closed_form():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(40, 1, generator=gen, dtype=torch.float64) * 0.5 + 1.0
+    w = torch.full((40,), 1 / 40, dtype=torch.float64)
+    exact = ((x.sort(0).values - y.sort(0).values) ** 2).mean().item()
+    res = entrokit.sinkhorn(w, w, PointCloud(x, y), 2e-2, tol=1e-8, max_iter=100_000)
+    assert 0 <= res.transport_cost.item() - exact < 1e-2 * exact
+    assert res.plan.argmax(1).tolist() == _sorted_matching(x, y)
+
+
+def _sorted_matching(x, y):
+    ix, iy = x[:, 0].argsort(), y[:, 0].argsort()
+    out = [0] * len(ix)
+    for i, j in zip(ix.tolist(), iy.tolist()):
+        out[i] = j
+    return out
+
+
+def test_cost_shift_invariance():
+    a, b, C = random_problem(15, 18, seed=5)
+    eps = 0.05
+    r0 = entrokit.sinkhorn(a, b, C, eps, tol=1e-12)
+    r1 = entrokit.sinkhorn(a, b, C + 3.0, eps, tol=1e-12)
+    alpha = torch.linspace(0, 1, 15, dtype=torch.float64)
+    r2 = entrokit.sinkhorn(a, b, C + alpha[:, None], eps, tol=1e-12)
+    torch.testing.assert_close(r0.plan, r1.plan, atol=1e-12, rtol=0)
+    torch.testing.assert_close(r0.plan, r2.plan, atol=1e-12, rtol=0)
+    torch.testing.assert_close(r1.value, r0.value + 3.0)
+    torch.testing.assert_close(r2.value, r0.value + (alpha * a).sum())
+
+
+def test_potentials_defined_up_to_constant():
+    a, b, C = random_problem(10, 12, seed=6)
+    eps = 0.1
+    res = entrokit.sinkhorn(a, b, C, eps, tol=1e-12)
+    geom = res.problem.geometry.with_batch()
+    P1 = geom.plan((res.f + 0.7)[None], (res.g - 0.7)[None], a[None], b[None], eps)[0]
+    torch.testing.assert_close(P1, res.plan)
+    # a warm start shifted by a constant converges to the same plan
+    r2 = entrokit.sinkhorn(a, b, C, eps, tol=1e-12, init=(res.f + 5.0, res.g - 5.0))
+    torch.testing.assert_close(r2.plan, res.plan, atol=1e-12, rtol=0)
+    assert r2.n_iter.item() <= 2
+
+
+def test_batched_equals_looped():
+    a, b, C = random_problem(20, 25, seed=7, batch=4)
+    C[1] *= 10.0  # problems that need different iteration counts
+    eps = 0.05
+    rb = entrokit.sinkhorn(a, b, C, eps, tol=1e-10, max_iter=100_000)
+    assert rb.plan.shape == (4, 20, 25) and rb.value.shape == (4,)
+    for i in range(4):
+        ri = entrokit.sinkhorn(a[i], b[i], C[i], eps, tol=1e-10, max_iter=100_000)
+        torch.testing.assert_close(rb.plan[i], ri.plan, atol=1e-9, rtol=0)
+        torch.testing.assert_close(rb.value[i], ri.value, atol=1e-9, rtol=0)
+    # per-problem convergence masking: the harder problem ran longer
+    assert rb.n_iter[1] > rb.n_iter[0]
+
+
+def test_pointcloud_online_equals_dense():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(70, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    a = torch.full((70,), 1 / 70, dtype=torch.float64)
+    b = torch.full((50,), 1 / 50, dtype=torch.float64)
+    for cost in ["sqeuclidean", "euclidean"]:
+        dense = entrokit.sinkhorn(a, b, PointCloud(x, y, cost), 0.1, tol=1e-10)
+        online = entrokit.sinkhorn(a, b, PointCloud(x, y, cost, chunk_size=16), 0.1, tol=1e-10)
+        torch.testing.assert_close(dense.value, online.value)
+        torch.testing.assert_close(dense.f, online.f)
+        torch.testing.assert_close(dense.transport_cost, online.transport_cost)
+    C = torch.cdist(x, y) ** 2
+    torch.testing.assert_close(PointCloud(x, y).cost_matrix(), C)
+
+
+def test_callable_cost():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(10, 2, generator=gen, dtype=torch.float64)
+    y = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    l1 = lambda u, v: (u.unsqueeze(-2) - v.unsqueeze(-3)).abs().sum(-1)  # noqa: E731
+    a = torch.full((10,), 0.1, dtype=torch.float64)
+    b = torch.full((12,), 1 / 12, dtype=torch.float64)
+    r1 = entrokit.sinkhorn(a, b, PointCloud(x, y, l1), 0.1, tol=1e-10)
+    r2 = entrokit.sinkhorn(a, b, torch.cdist(x, y, p=1), 0.1, tol=1e-10)
+    torch.testing.assert_close(r1.plan, r2.plan)
+
+
+def test_float32_small_eps_stays_finite():
+    a, b, C = random_problem(60, 50, seed=10, dtype=torch.float32)
+    with pytest.warns(entrokit.ConvergenceWarning):
+        res = entrokit.sinkhorn(a, b, C, 1e-4, tol=1e-7, max_iter=300)
+    for t in (res.f, res.g, res.value, res.transport_cost, res.plan):
+        assert torch.isfinite(t).all()
+    assert res.f.dtype == torch.float32
+    assert res.marginal_error < 0.5
+
+
+def test_float32_converges_at_moderate_tol():
+    a, b, C = random_problem(60, 50, seed=10, dtype=torch.float32)
+    res = entrokit.sinkhorn(a, b, C, 1e-2, tol=1e-4)
+    assert bool(res.converged) and res.plan.dtype == torch.float32
+
+
+def test_lse_and_kernel_engines_agree():
+    a, b, C = random_problem(30, 30, seed=11)
+    r1 = entrokit.sinkhorn(a, b, C, 1e-3, tol=1e-10, max_iter=100_000, lse_mode=True)
+    r2 = entrokit.sinkhorn(a, b, C, 1e-3, tol=1e-10, max_iter=100_000, lse_mode=False)
+    torch.testing.assert_close(r1.plan, r2.plan, atol=1e-9, rtol=0)
+
+
+def test_eps_scaling_same_solution_fewer_iterations():
+    a, b, C = random_problem(60, 60, seed=12)
+    r_on = entrokit.sinkhorn(a, b, C, 1e-3, tol=1e-9, eps_scaling=True, max_iter=100_000)
+    r_off = entrokit.sinkhorn(a, b, C, 1e-3, tol=1e-9, eps_scaling=False, max_iter=100_000)
+    torch.testing.assert_close(r_on.plan, r_off.plan, atol=1e-9, rtol=0)
+    assert r_on.n_iter < r_off.n_iter
+
+
+def test_nonconvergence_reported():
+    a, b, C = random_problem(30, 30, seed=13)
+    with pytest.warns(entrokit.ConvergenceWarning, match="max_iter"):
+        res = entrokit.sinkhorn(a, b, C, 1e-3, tol=1e-12, max_iter=5, eps_scaling=False)
+    assert not bool(res.converged)
+    assert res.n_iter.item() == 5
+    assert res.errors.shape[0] >= 1
+
+
+def test_result_is_immutable_and_solve_dispatches():
+    a, b, C = random_problem(8, 9, seed=14)
+    res = entrokit.solve(a, b, C, eps=0.1, method="sinkhorn")
+    with pytest.raises(AttributeError):
+        res.f = None
+    assert res.method == "sinkhorn" and res.grad == "envelope"
+    res2 = entrokit.solve(a, b, C, eps=0.1)
+    torch.testing.assert_close(res.plan, res2.plan)
+
+
+def test_normalize_rescales_masses():
+    a, b, C = random_problem(8, 9, seed=15)
+    res = entrokit.sinkhorn(3 * a, 2 * b, C, 0.1, normalize=True, tol=1e-10)
+    torch.testing.assert_close(res.plan.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    m=st.integers(1, 12),
+    seed=st.integers(0, 10_000),
+    n_zero_a=st.integers(0, 3),
+    n_zero_b=st.integers(0, 3),
+    eps=st.sampled_from([1.0, 0.1, 0.01]),
+    scale=st.sampled_from([1.0, 10.0]),
+)
+def test_property_marginals_and_duality(n, m, seed, n_zero_a, n_zero_b, eps, scale):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, generator=gen, dtype=torch.float64)
+    b = torch.rand(m, generator=gen, dtype=torch.float64)
+    a[: min(n_zero_a, n - 1)] = 0.0
+    b[: min(n_zero_b, m - 1)] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    C = scale * torch.rand(n, m, generator=gen, dtype=torch.float64)
+    res = entrokit.sinkhorn(a, b, C, eps, tol=1e-9, max_iter=100_000)
+    P = res.plan
+    assert bool(res.converged)
+    assert (P.sum(1) - a).abs().sum() + (P.sum(0) - b).abs().sum() <= 1e-8
+    assert (P >= 0).all() and (P[a == 0] == 0).all() and (P[:, b == 0] == 0).all()
+    # strong duality: primal objective equals the dual value
+    Q = a[:, None] * b[None, :]
+    mask = P > 0
+    kl = (P[mask] * torch.log(P[mask] / Q[mask])).sum() - P.sum() + Q.sum()
+    torch.testing.assert_close(res.value, (C * P).sum() + eps * kl, atol=1e-7, rtol=1e-7)
+    # the entropic cost is an upper bound of the LP (KL >= 0)
+    lp = ot.emd2(a.numpy(), b.numpy(), C.numpy())
+    assert res.transport_cost.item() >= lp - 1e-7
