@@ -83,6 +83,13 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
 
 def check_nonneg_finite(t: torch.Tensor, name: str, *, allow_negative: bool = False) -> None:
     """Value check: no NaN, no infinity and (unless allowed) no negative entry."""
+    if bool(torch.isfinite(t).all()):
+        if not allow_negative and (t < 0).any():
+            raise InputError(
+                f"{name} has negative entries (min {t.min().item():.3g}); expected nonnegative "
+                "values. Weights are masses: clip them with .clamp_min(0) or fix how they are computed."
+            )
+        return
     if torch.isnan(t).any():
         raise InputError(
             f"{name} contains NaN (first at flat index {int(torch.isnan(t).flatten().nonzero()[0])}); "

@@ -117,6 +117,16 @@ class Geometry:
         raise NotImplementedError
 
 
+def exp_floor(dtype: torch.dtype) -> float:
+    """Exponents below this are treated as exp(-inf) = 0.
+
+    Exponentials that underflow into subnormal numbers run an order of magnitude slower
+    on x86 CPUs (and subnormals slow down every later product), while terms below
+    ``exp(floor)`` are far below the working precision of any sum they enter.
+    """
+    return -600.0 if dtype == torch.float64 else -80.0
+
+
 def _plan_block(f, g, a, b, C, eps) -> torch.Tensor:
     r"""P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps) for a block of rows/columns.
 
@@ -125,13 +135,17 @@ def _plan_block(f, g, a, b, C, eps) -> torch.Tensor:
     pairs whose weights are zero.
     """
     S = (f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps
-    S = S.clamp_max(0.5 * math.log(torch.finfo(S.dtype).max))
+    S = S.clamp(exp_floor(S.dtype), 0.5 * math.log(torch.finfo(S.dtype).max))
     return torch.exp(S) * a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    # torch.logsumexp returns -inf for an all -inf slice, which is what we want.
-    return torch.logsumexp(x, dim=dim)
+    """Stable log-sum-exp (differentiable); -inf for an all -inf slice."""
+    mx = x.detach().amax(dim=dim, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    z = (x - mx).clamp_min(exp_floor(x.dtype))
+    z = torch.where(x == -float("inf"), torch.full_like(z, -float("inf")), z)
+    return torch.log(torch.exp(z).sum(dim)) + mx.squeeze(dim)
 
 
 class DenseCost(Geometry):
@@ -182,16 +196,26 @@ class DenseCost(Geometry):
         return self.C.detach().abs().amax(dim=(-2, -1))
 
     def cost_range(self) -> torch.Tensor:
-        C = self.C.detach()
-        return C.amax(dim=(-2, -1)) - C.amin(dim=(-2, -1))
+        C = self.C.detach().flatten(-2)
+        lo, hi = torch.aminmax(C, dim=-1)
+        return hi - lo
 
-    def softmin(self, h, log_w, eps, axis):
+    def softmin(self, h, log_w, eps, axis, out: torch.Tensor | None = None):
+        """Soft c-transform; ``out`` is an optional ``(B, n, m)`` workspace (no grad)."""
         C = self.C
-        if axis == 1:
-            z = (h + eps * log_w).unsqueeze(-2) - C  # (B, n, m)
-            return -eps * _logsumexp(z / eps, dim=-1)
-        z = (h + eps * log_w).unsqueeze(-1) - C
-        return -eps * _logsumexp(z / eps, dim=-2)
+        hw = h + eps * log_w
+        if out is None or torch.is_grad_enabled() and (C.requires_grad or h.requires_grad):
+            z = (hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1)) - C
+            return -eps * _logsumexp(z / eps, dim=-1 if axis == 1 else -2)
+        # in place on the workspace: one pass per step, no allocation of n x m temporaries
+        dim = -1 if axis == 1 else -2
+        torch.sub(hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1), C, out=out)
+        out.div_(eps)
+        mx = out.amax(dim=dim, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        out.sub_(mx).clamp_(min=exp_floor(out.dtype)).exp_()
+        lse = out.sum(dim=dim).log_() + mx.squeeze(dim)
+        return -eps * lse
 
     def plan_reduce(self, f, g, a, b, eps):
         C = self.C

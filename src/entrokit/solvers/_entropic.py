@@ -41,7 +41,15 @@ def entropic_result(
     geom, a, b = problem.geometry, problem.a, problem.b
     if grad == "implicit":
         f, g = implicit_potentials(geom, f, g, a, b, eps)
-    row, col, tc = geom.plan_reduce(f, g, a, b, eps)
+    info = dict(info or {})
+    pre = info.pop("reduce", None)
+    needs_graph = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (f, g, a, b, *geom.tensors())
+    )
+    if pre is not None and not needs_graph:
+        row, col, tc = pre  # computed by the solver from its kernel, no extra pass
+    else:
+        row, col, tc = geom.plan_reduce(f, g, a, b, eps)
     mass = row.sum(-1)
     value = (a * f).sum(-1) + (b * g).sum(-1) - eps * (mass - a.sum(-1) * b.sum(-1))
     with torch.no_grad():
@@ -73,7 +81,7 @@ def entropic_result(
         eps=eps,
         method=method,
         grad=grad,
-        info=dict(info or {}),
+        info=info,
         plan_fn=plan_fn,
     )
 

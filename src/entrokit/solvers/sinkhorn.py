@@ -56,7 +56,7 @@ import torch
 from entrokit._errors import InputError
 from entrokit._result import OTResult
 from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
-from entrokit.geometry import DenseCost, Geometry
+from entrokit.geometry import Geometry, exp_floor
 from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import GRAD_MODES, entropic_result, warn_not_converged
 
@@ -115,28 +115,66 @@ class _LogEngine:
         return self.f, self.g
 
 
+def _masked_min(X: torch.Tensor, log_w: torch.Tensor, dim: int) -> torch.Tensor:
+    """min of X along ``dim`` over entries of positive weight (the hard c-transform)."""
+    if bool((log_w > -float("inf")).all()):
+        return X.amin(dim=dim)
+    big = torch.finfo(X.dtype).max
+    pen = torch.where(log_w > -float("inf"), torch.zeros_like(log_w), torch.full_like(log_w, big))
+    return (X + (pen.unsqueeze(-2) if dim == -1 else pen.unsqueeze(-1))).amin(dim=dim)
+
+
 class _KernelEngine:
-    """Scaling updates on an absorbed kernel: two mat-vecs per iteration (dense only)."""
+    """Scaling updates on an absorbed kernel: two mat-vecs per iteration (dense only).
+
+    One ``(B, n, m)`` buffer holds the kernel for the whole solve (also used as the
+    workspace of the log-domain sweeps), so no ``n x m`` temporaries are allocated.
+    """
 
     def __init__(self, geom: Geometry, a, b, log_a, log_b):
         self.C = geom.cost_matrix()
         self.geom, self.a, self.b, self.log_a, self.log_b = geom, a, b, log_a, log_b
         self.absorb_at = 30.0 if self.C.dtype == torch.float64 else 10.0
         self.single = self.C.shape[0] == 1
+        self.K = torch.empty_like(self.C)
 
-    def start(self, f, g, eps):
-        # one exact log-domain sweep puts the kernel's row/column sums near 1
-        f = self.geom.softmin(g, self.log_b, eps, axis=1)
-        g = self.geom.softmin(f, self.log_a, eps, axis=0)
+    def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
         self.eps = eps
+        if not sweep:
+            self._absorb(f, g)
+            # the warm kernel is safe unless a row or column lost all its mass
+            r, c = self._Kv(self.b), self._KTu(self.a)
+            ok = torch.isfinite(r).all() & torch.isfinite(c).all() & (r > 0).all() & (c > 0).all()
+            if bool(ok):
+                return
+        if cold:
+            # hard c-transforms (the eps -> 0 limit): every row and column of the kernel
+            # then holds an entry equal to 1, so none underflows, at any eps
+            f = _masked_min(self.C, self.log_b, dim=-1)
+            torch.sub(self.C, f.unsqueeze(-1), out=self.K)
+            g = _masked_min(self.K, self.log_a, dim=-2)
+        else:
+            # one exact log-domain sweep puts the kernel's row/column sums near 1
+            f = self.geom.softmin(g, self.log_b, eps, axis=1, out=self.K)
+            g = self.geom.softmin(f, self.log_a, eps, axis=0, out=self.K)
         self._absorb(f, g)
+
+    def reduce(self):
+        """Row sums, column sums and <C, P> of the current plan (three mat-vecs)."""
+        au, bv = self.a * self.u, self.b * self.v
+        row = au * self._Kv(bv)
+        col = bv * self._KTu(au)
+        KC = self.K * self.C
+        tc = (au * torch.matmul(KC, bv.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        return row, col, tc
 
     def _absorb(self, f, g):
         self.f, self.g = f, g
-        K = torch.empty_like(self.C)
-        torch.sub(f.unsqueeze(-1), self.C, out=K)
-        K.add_(g.unsqueeze(-2)).div_(self.eps).exp_()
-        self.K = K
+        K, e = self.K, self.eps
+        # K = exp((f + g - C)/eps) in four passes; exponents are floored so that no
+        # entry is subnormal (entries below exp(floor) are negligible at working precision)
+        torch.sub((f / e).unsqueeze(-1), self.C, alpha=1.0 / e, out=K)
+        K.add_((g / e).unsqueeze(-2)).clamp_(min=exp_floor(K.dtype)).exp_()
         self.u = torch.ones_like(f)
         self.v = torch.ones_like(g)
         self.K0 = K[0] if self.single else None
@@ -268,18 +306,27 @@ def sinkhorn_problem(
     info = {"stages": len(stages), "absorptions": 0, "fallbacks": 0}
     it = 0
     t0 = time.perf_counter()
+    kernel_engine = None if lse_mode else _KernelEngine(geom, a, b, log_a, log_b)
+    stage_iters = []
     for si, e in enumerate(stages):
         last = si == len(stages) - 1
         stol = tol if last else max(tol, options.stage_tol)
-        engine = (_LogEngine if lse_mode else _KernelEngine)(geom, a, b, log_a, log_b)
-        engine.start(f, g, e)
+        it_stage = it
+        if lse_mode:
+            engine = _LogEngine(geom, a, b, log_a, log_b)
+            engine.start(f, g, e)
+        else:
+            engine = kernel_engine
+            cold = si == 0 and init is None
+            engine.start(f, g, e, sweep=cold or info["fallbacks"] > 0, cold=cold)
         active = None
         while it < max_iter:
             k = min(check_every, max_iter - it)
-            if not lse_mode:
+            kernel = isinstance(engine, _KernelEngine)
+            if kernel:
                 saved = (engine.f, engine.g, engine.u, engine.v)
             err = engine.run(k, active if B > 1 else None)
-            if not lse_mode and (not engine.finite() or not bool(torch.isfinite(err).all())):
+            if kernel and (not engine.finite() or not bool(torch.isfinite(err).all())):
                 # overflow in the scalings: restore and continue this stage in log domain
                 f, g = saved[0] + e * saved[2].log(), saved[1] + e * saved[3].log()
                 if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
@@ -305,12 +352,16 @@ def sinkhorn_problem(
                 active = ~converged
             elif bool(done.all()):
                 break
-            if not lse_mode and engine.needs_absorb():
+            if kernel and engine.needs_absorb():
                 engine.absorb()
                 info["absorptions"] += 1
         f, g = engine.potentials()
+        if last and isinstance(engine, _KernelEngine):
+            info["reduce"] = engine.reduce()
+        stage_iters.append(it - it_stage)
         if it >= max_iter:
             break
+    info["stage_iters"] = stage_iters
     info["time"] = time.perf_counter() - t0
     err_hist = torch.stack(errors, 0) if errors else torch.zeros(0, B, dtype=dtype, device=device)
     return f, g, n_iter, converged, err_hist, info

@@ -1,0 +1,5 @@
+import sys
+
+from entrokit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,136 @@
+"""Shared benchmark utilities: tables, machine description, bandwidth, time budgets.
+
+Every benchmark runs entrokit and the anchors on the same problem in one process and
+reports ratios against the anchors (absolute times on shared machines are noisy).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = [
+    "Table",
+    "machine_info",
+    "measure_bandwidth",
+    "timed",
+    "fmt_time",
+    "fmt_ratio",
+    "write_results",
+]
+
+
+@dataclass
+class Table:
+    """A titled table of strings with optional notes."""
+
+    title: str
+    columns: Sequence[str]
+    rows: list[Sequence[Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, *row: Any) -> None:
+        self.rows.append([str(x) for x in row])
+
+    def render(self) -> str:
+        cols = [str(c) for c in self.columns]
+        widths = [len(c) for c in cols]
+        for r in self.rows:
+            widths = [max(w, len(str(x))) for w, x in zip(widths, r)]
+        line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+        out = [self.title, "=" * len(self.title), line, "-" * len(line)]
+        out += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in self.rows]
+        out += [f"  * {n}" for n in self.notes]
+        return "\n".join(out)
+
+    def to_markdown(self) -> str:
+        out = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
+        out.append("|" + "|".join("---" for _ in self.columns) + "|")
+        out += ["| " + " | ".join(str(x) for x in r) + " |" for r in self.rows]
+        if self.notes:
+            out.append("")
+            out += [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+
+def machine_info() -> str:
+    """One line describing the machine the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}"
+    )
+
+
+def measure_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5, device: str = "cpu") -> float:
+    """Sustained read bandwidth in bytes/s: best of ``repeats`` sums over a large buffer.
+
+    A Sinkhorn iteration on a dense n x m float64 kernel must read it twice (``K v`` and
+    ``K^T u``), so ``16 n m / bandwidth`` is its lower bound.
+    """
+    x = torch.ones(n_bytes // 8, dtype=torch.float64, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t)
+    return n_bytes / best
+
+
+def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float]:
+    """Run ``fn`` once and return ``(result, seconds)`` (synchronising CUDA)."""
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def fmt_time(t: float | None, budget: float | None = None) -> str:
+    if t is None:
+        return f"> {budget:g} s" if budget is not None else "n/a"
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def fmt_ratio(ours: float | None, theirs: float | None, budget: float | None = None) -> str:
+    """``ours / theirs``; an anchor over budget gives an upper bound ``< ours/budget``."""
+    if ours is None:
+        return "n/a"
+    if theirs is None:
+        return f"< {ours / budget:.3f}" if budget else "n/a"
+    return f"{ours / theirs:.3f}"
+
+
+def write_results(name: str, tables: Sequence[Table], directory: str | os.PathLike | None) -> Path | None:
+    """Write ``<directory>/<name>.md`` with the machine line and every table."""
+    if directory is None:
+        return None
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.md"
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    body = [f"# Benchmark: {name}", "", f"Machine: {machine_info()}", f"Run: {stamp}", ""]
+    body += [t.to_markdown() for t in tables]
+    path.write_text("\n".join(body))
+    return path

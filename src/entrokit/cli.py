@@ -1,0 +1,328 @@
+"""The ``entrokit`` command line: ``demo``, ``solve`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from entrokit._errors import ConvergenceWarning, InputError
+
+__all__ = ["main"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm"}
+DEMO_EPS = (1e-1, 1e-2, 1e-3)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed on one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------- loading
+def load_measure(path: str, *, weighted: bool = False, invert: bool = False):
+    """Read points ``[N, d]`` and weights ``[N]`` from ``.npy``/``.csv`` or an image.
+
+    Point files: one point per row; with ``weighted`` the last column holds the weights.
+    Images: grayscale intensities become weights on the pixel grid (scaled into [0, 1]^2,
+    aspect kept); ``invert`` uses darkness instead of brightness.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"{path}: no such file")
+    if not p.is_file():
+        raise CLIError(f"{path}: not a regular file")
+    suffix = p.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return _load_image(p, invert)
+    if suffix == ".npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except Exception as exc:  # numpy raises several types for corrupt files
+            raise CLIError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
+    elif suffix in (".csv", ".txt"):
+        arr = _load_csv(p)
+    else:
+        raise CLIError(
+            f"{path}: unsupported file type {suffix or '(none)'}; expected .npy, .csv or an image "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    if arr.dtype.kind not in "fiu":
+        raise CLIError(f"{path}: expected numbers, got array of dtype {arr.dtype}")
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise CLIError(f"{path}: expected a 2-D array of points (N rows, d columns), got shape {arr.shape}")
+    if weighted:
+        if arr.shape[1] < 2:
+            raise CLIError(f"{path}: --weighted needs at least 2 columns (coordinates + weight), got {arr.shape[1]}")
+        pts, w = arr[:, :-1], arr[:, -1]
+    else:
+        pts, w = arr, np.ones(arr.shape[0])
+    if not np.isfinite(arr).all():
+        raise CLIError(f"{path}: contains NaN or infinite values")
+    if (w < 0).any() or w.sum() <= 0:
+        raise CLIError(f"{path}: weights must be nonnegative with a positive sum")
+    return torch.as_tensor(pts), torch.as_tensor(w / w.sum()), None
+
+
+def _load_csv(p: Path) -> np.ndarray:
+    for skip in (0, 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                arr = np.loadtxt(p, delimiter=",", skiprows=skip, ndmin=2, comments="#")
+            return arr
+        except ValueError:
+            continue
+        except Exception as exc:
+            raise CLIError(f"{p}: could not read CSV ({type(exc).__name__}: {exc})") from None
+    raise CLIError(f"{p}: could not parse as comma-separated numbers (one point per row)")
+
+
+def _load_image(p: Path, invert: bool):
+    import matplotlib.image as mpimg
+
+    try:
+        img = np.asarray(mpimg.imread(p), dtype=np.float64)
+    except Exception as exc:
+        raise CLIError(f"{p}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if img.ndim == 3:
+        rgb = img[..., :3]
+        img = rgb @ np.array([0.299, 0.587, 0.114]) if rgb.shape[-1] == 3 else rgb.mean(-1)
+    if img.ndim != 2 or img.size == 0:
+        raise CLIError(f"{p}: expected a 2-D grayscale or RGB image, got shape {img.shape}")
+    if img.max() > 1.0:
+        img = img / 255.0
+    if invert:
+        img = 1.0 - img
+    w = img.flatten()
+    if not np.isfinite(w).all() or w.sum() <= 0:
+        raise CLIError(f"{p}: image has no positive intensity to use as a density")
+    h, wd = img.shape
+    s = max(h, wd) - 1 or 1
+    yy, xx = np.meshgrid(np.arange(h) / s, np.arange(wd) / s, indexing="ij")
+    pts = np.stack([yy.flatten(), xx.flatten()], -1)
+    return torch.as_tensor(pts), torch.as_tensor(w / w.sum()), img.shape
+
+
+# ---------------------------------------------------------------------------- commands
+def _progress(quiet: bool, desc: str):
+    """A tqdm bar fed by the solver callback; shown only on runs longer than 0.5 s."""
+    if quiet:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="it", delay=0.5, leave=False, file=sys.stderr)
+    state = {"last": 0}
+
+    def callback(it: int, err: float) -> None:
+        bar.update(it - state["last"])
+        state["last"] = it
+        bar.set_postfix_str(f"marginal error {err:.2e}", refresh=False)
+
+    return bar, callback
+
+
+def cmd_solve(args) -> int:
+    import entrokit
+    from entrokit import PointCloud
+
+    x, a, shape_x = load_measure(args.source, weighted=args.weighted, invert=args.invert)
+    y, b, shape_y = load_measure(args.target, weighted=args.weighted, invert=args.invert)
+    if x.shape[1] != y.shape[1]:
+        raise CLIError(f"source points have dimension {x.shape[1]} but target points have {y.shape[1]}")
+    n, m = x.shape[0], y.shape[0]
+    chunk = None if n * m <= args.max_dense else max(1, (1 << 22) // m)
+    geom = PointCloud(x, y, args.cost, chunk_size=chunk)
+    bar, callback = _progress(args.quiet, "sinkhorn")
+    opts = {"callback": callback} if args.method in ("sinkhorn", "auto") else {}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        res = entrokit.solve(
+            a, b, geom, eps=args.eps, method=args.method, tol=args.tol, max_iter=args.max_iter, **opts
+        )
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    for w in caught:
+        print(f"entrokit: warning: {w.message}", file=sys.stderr)
+    print(
+        f"method={res.method} eps={args.eps:g} n={n} m={m} iterations={int(res.n_iter)} "
+        f"converged={bool(res.converged)} marginal_error={float(res.marginal_error):.3e} "
+        f"transport_cost={float(res.transport_cost):.8g} value={float(res.value):.8g} time={elapsed:.3f}s"
+    )
+    if args.out:
+        payload = dict(
+            f=res.f.numpy(), g=res.g.numpy(), value=float(res.value), transport_cost=float(res.transport_cost),
+            marginal_error=float(res.marginal_error), n_iter=int(res.n_iter), converged=bool(res.converged),
+            eps=args.eps, method=res.method, errors=res.errors.numpy(), a=a.numpy(), b=b.numpy(),
+        )
+        if n * m <= args.max_dense:
+            payload["plan"] = res.plan.numpy()
+        try:
+            np.savez(args.out, **payload)
+        except OSError as exc:
+            raise CLIError(f"{args.out}: cannot write ({exc.strerror})") from None
+        print(f"wrote {args.out}")
+    if args.plot:
+        from entrokit.plotting import plot_solve
+
+        fig = plot_solve(res, x, y, a, b, shape_x, shape_y)
+        try:
+            fig.savefig(args.plot, dpi=120)
+        except OSError as exc:
+            raise CLIError(f"{args.plot}: cannot write ({exc.strerror})") from None
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def demo_methods() -> list[str]:
+    from entrokit import METHODS
+
+    return ["sinkhorn"] + [m for m in ("sns", "ssns") if m in METHODS]
+
+
+def cmd_demo(args) -> int:
+    import entrokit
+    from entrokit.bench.common import Table
+    from entrokit.data import digit_density, grid_cost
+
+    a = digit_density(args.digits[0], args.size)
+    b = digit_density(args.digits[1], args.size)
+    C = grid_cost(args.size, 2)
+    table = Table(
+        f"W2 between digits {args.digits[0]} and {args.digits[1]} of load_digits "
+        f"({args.size}x{args.size} grid, squared-Euclidean cost normalised to [0, 1], float64, tol {args.tol:g})",
+        ["eps", "method", "iterations", "marginal error", "transport cost", "time"],
+    )
+    runs = []
+    for eps in args.eps:
+        for method in demo_methods():
+            bar, callback = _progress(args.quiet, f"{method} eps={eps:g}")
+            opts = {"callback": callback} if method == "sinkhorn" else {}
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                res = entrokit.solve(a, b, C, eps=eps, method=method, tol=args.tol, max_iter=args.max_iter, **opts)
+            elapsed = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            flag = "" if bool(res.converged) else " (not converged)"
+            table.add(
+                f"{eps:g}", method, f"{int(res.n_iter)}{flag}", f"{float(res.marginal_error):.2e}",
+                f"{float(res.transport_cost):.6f}", f"{elapsed:.3f} s",
+            )
+            runs.append((eps, method, res))
+            for w in caught:
+                table.notes.append(f"{method} eps={eps:g}: {w.message}")
+    print(table.render())
+    from entrokit.plotting import plot_demo
+
+    fig = plot_demo(runs, a, b, args.size)
+    out = Path(args.out)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as exc:
+        raise CLIError(f"{out}: cannot write ({exc.strerror})") from None
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    from entrokit.bench import SUITES
+    from entrokit.bench.common import machine_info, write_results
+
+    names = args.suite or list(SUITES)
+    for name in names:
+        if name not in SUITES:
+            raise CLIError(f"unknown benchmark suite {name!r}; available: {', '.join(SUITES)}")
+    print(f"machine: {machine_info()}")
+    for name in names:
+        mod, fn = SUITES[name].split(":")
+        tables = getattr(importlib.import_module(mod), fn)(quick=args.quick)
+        for t in tables:
+            print()
+            print(t.render())
+        path = write_results(name + ("_quick" if args.quick else ""), tables, args.results)
+        if path is not None:
+            print(f"\nwrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from entrokit import __version__
+
+    p = argparse.ArgumentParser(prog="entrokit", description="Entropy-regularized optimal transport in PyTorch.")
+    p.add_argument("--version", action="version", version=f"entrokit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="W2 between two handwritten digits at several eps (embedded data)")
+    d.add_argument("--eps", type=_positive_float, nargs="+", default=list(DEMO_EPS))
+    d.add_argument("--digits", type=int, nargs=2, default=(0, 1), metavar=("I", "J"))
+    d.add_argument("--size", type=int, default=28, help="grid side (default 28, as in the SNS paper)")
+    d.add_argument("--tol", type=_positive_float, default=1e-6)
+    d.add_argument("--max-iter", type=int, default=20_000)
+    d.add_argument("--out", default="entrokit_demo.png", help="PNG with convergence curves and the plan")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("solve", help="entropic OT between two point clouds or images")
+    s.add_argument("source", metavar="SOURCE", help=".npy/.csv points (one per row) or a grayscale image")
+    s.add_argument("target", metavar="TARGET")
+    s.add_argument("--cost", choices=["sqeuclidean", "euclidean"], default="sqeuclidean")
+    s.add_argument("--eps", type=_positive_float, default=1e-2)
+    s.add_argument("--method", default="auto")
+    s.add_argument("--tol", type=_positive_float, default=1e-6)
+    s.add_argument("--max-iter", type=int, default=None)
+    s.add_argument("--weighted", action="store_true", help="last column of point files holds weights")
+    s.add_argument("--invert", action="store_true", help="images: dark pixels carry the mass")
+    s.add_argument("--max-dense", type=int, default=1 << 24, help="above n*m entries the cost is never materialised")
+    s.add_argument("--out", help="write potentials, value, errors (and the plan when small) to this .npz")
+    s.add_argument("--plot", help="write a figure of the measures, the matching and the convergence curve")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_solve)
+
+    b = sub.add_parser("bench", help="run the benchmark suites against the anchors (POT, RegOT, GeomLoss)")
+    b.add_argument("--quick", action="store_true", help="small sizes and short time budgets")
+    b.add_argument("--suite", action="append", help="run only this suite (repeatable)")
+    b.add_argument("--results", default=None, help="folder for the markdown tables (e.g. benchmarks/results)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, InputError) as exc:
+        print(f"entrokit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("entrokit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

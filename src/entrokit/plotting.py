@@ -1,0 +1,77 @@
+"""Matplotlib figures shared by the command line and the examples (Agg backend)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["plot_demo", "plot_solve", "plot_convergence"]
+
+
+def plot_convergence(ax, runs, *, title="Convergence") -> None:
+    """Marginal error per check against iterations, one curve per (eps, method)."""
+    for eps, method, res in runs:
+        err = res.errors.detach().cpu().numpy().reshape(-1)
+        if err.size == 0:
+            continue
+        it = np.linspace(int(res.n_iter) / err.size, int(res.n_iter), err.size)
+        ax.semilogy(it, np.maximum(err, 1e-17), label=f"{method}, eps={eps:g}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("L1 marginal error")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_demo(runs, a: torch.Tensor, b: torch.Tensor, size: int):
+    """Source, target, convergence curves, and the plan at the smallest eps."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    axes[0].imshow(a.reshape(size, size).numpy(), cmap="Greys")
+    axes[0].set_title("source density")
+    axes[1].imshow(b.reshape(size, size).numpy(), cmap="Greys")
+    axes[1].set_title("target density")
+    for ax in axes[:2]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    plot_convergence(axes[2], runs)
+    eps, method, res = min(runs, key=lambda r: r[0])
+    P = res.plan.detach().numpy()
+    keep_r, keep_c = a.numpy() > 0, b.numpy() > 0
+    sub = P[np.ix_(keep_r, keep_c)]
+    im = axes[3].imshow(np.log10(np.maximum(sub, 1e-12)), aspect="auto", cmap="magma", vmin=-12)
+    axes[3].set_title(f"plan ({method}, eps={eps:g}), log10, support only")
+    axes[3].set_xlabel("target pixel")
+    axes[3].set_ylabel("source pixel")
+    fig.colorbar(im, ax=axes[3], fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def plot_solve(res, x, y, a, b, shape_x=None, shape_y=None):
+    """Measures, the barycentric matching (for 1-D/2-D points) and the convergence curve."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    ax = axes[0]
+    if shape_x is not None and shape_y is not None:
+        ax.imshow(a.reshape(shape_x).numpy(), cmap="Greys")
+        ax.set_title("source (target in the convergence panel legend)")
+    elif x.shape[1] <= 2:
+        X = x.numpy() if x.shape[1] == 2 else np.c_[x.numpy(), np.zeros(len(x))]
+        Y = y.numpy() if y.shape[1] == 2 else np.c_[y.numpy(), np.ones(len(y))]
+        ax.scatter(X[:, 0], X[:, 1], s=400 * a.numpy() * len(a) / 10, c="tab:blue", label="source")
+        ax.scatter(Y[:, 0], Y[:, 1], s=400 * b.numpy() * len(b) / 10, c="tab:orange", label="target")
+        if len(x) * len(y) <= 1 << 22:
+            P = res.plan.detach().numpy()
+            T = (P @ Y) / np.maximum(P.sum(1, keepdims=True), 1e-300)
+            for i in range(0, len(X), max(1, len(X) // 200)):
+                ax.plot([X[i, 0], T[i, 0]], [X[i, 1], T[i, 1]], c="k", lw=0.5, alpha=0.6)
+        ax.legend()
+        ax.set_title("measures and barycentric map")
+    else:
+        ax.text(0.5, 0.5, f"{x.shape[1]}-D points", ha="center")
+    plot_convergence(axes[1], [(res.eps, res.method, res)])
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,109 @@
+"""The command line: happy paths and one-line errors on bad files."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from entrokit.cli import main
+
+
+def _points(tmp_path, name, arr, fmt="npy"):
+    p = tmp_path / f"{name}.{fmt}"
+    if fmt == "npy":
+        np.save(p, arr)
+    else:
+        np.savetxt(p, arr, delimiter=",", header="x,y", comments="")
+    return str(p)
+
+
+def test_solve_points_writes_npz_and_plot(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    src = _points(tmp_path, "src", rng.normal(size=(30, 2)))
+    tgt = _points(tmp_path, "tgt", rng.normal(size=(25, 2)) + 1.0, fmt="csv")
+    out, fig = tmp_path / "r.npz", tmp_path / "f.png"
+    code = main(["solve", src, tgt, "--eps", "0.1", "--out", str(out), "--plot", str(fig), "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "converged=True" in text
+    data = np.load(out)
+    P = data["plan"]
+    assert P.shape == (30, 25)
+    np.testing.assert_allclose(P.sum(1), np.full(30, 1 / 30), atol=1e-6)
+    assert fig.stat().st_size > 1000
+
+
+def test_solve_weighted_and_images(tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(1)
+    pts = np.c_[rng.normal(size=(10, 2)), rng.random(10)]
+    src = _points(tmp_path, "w", pts)
+    assert main(["solve", src, src, "--weighted", "--eps", "0.5", "--quiet"]) == 0
+    img1, img2 = tmp_path / "a.png", tmp_path / "b.png"
+    im = np.zeros((8, 8))
+    im[2:5, 2:5] = 1.0
+    plt.imsave(img1, im, cmap="gray")
+    plt.imsave(img2, np.roll(im, 2, axis=1), cmap="gray")
+    assert main(["solve", str(img1), str(img2), "--eps", "0.01", "--quiet"]) == 0
+    assert "transport_cost=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        (None, "no such file"),
+        (b"not numbers at all\n1,2,oops\n", "could not parse"),
+        (b"\x00\x01garbage", "not a readable .npy"),
+    ],
+)
+def test_bad_files_one_line_error(tmp_path, capsys, content, msg):
+    suffix = ".npy" if content and content.startswith(b"\x00") else ".csv"
+    p = tmp_path / f"bad{suffix}"
+    if content is not None:
+        p.write_bytes(content)
+    good = _points(tmp_path, "good", np.zeros((3, 2)))
+    assert main(["solve", str(p), good, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("entrokit: error:") and msg in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_values_and_types(tmp_path, capsys):
+    good = _points(tmp_path, "good", np.zeros((3, 2)))
+    nan = _points(tmp_path, "nan", np.array([[0.0, np.nan], [1.0, 1.0]]))
+    assert main(["solve", nan, good, "--quiet"]) == 2
+    assert "NaN" in capsys.readouterr().err
+    dim = _points(tmp_path, "dim", np.zeros((3, 3)))
+    assert main(["solve", dim, good, "--quiet"]) == 2
+    assert "dimension" in capsys.readouterr().err
+    txt = tmp_path / "x.json"
+    txt.write_text("{}")
+    assert main(["solve", str(txt), good, "--quiet"]) == 2
+    assert "unsupported file type" in capsys.readouterr().err
+    neg = _points(tmp_path, "neg", np.array([[0.0, -1.0], [1.0, 1.0]]))
+    assert main(["solve", neg, good, "--weighted", "--quiet"]) == 2
+    assert "nonnegative" in capsys.readouterr().err
+
+
+def test_console_script_bad_file_exit_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "entrokit", "solve", str(tmp_path / "missing.npy"), str(tmp_path / "x.npy")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("entrokit: error:") and "Traceback" not in proc.stderr
+
+
+def test_demo_runs_and_writes_png(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--eps", "0.1", "0.05", "--size", "12", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sinkhorn" in text and "0.05" in text
+    assert out.stat().st_size > 5000
+
+
+def test_bench_unknown_suite(capsys):
+    assert main(["bench", "--suite", "nope"]) == 2
+    assert "unknown benchmark suite" in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""Every bad input raises a typed error whose message says what to fix."""
+
+import pytest
+import torch
+from conftest import random_problem
+
+import entrokit
+from entrokit import InputError, PointCloud
+
+
+@pytest.fixture
+def prob():
+    return random_problem(4, 5, seed=0)
+
+
+def test_input_error_is_value_error():
+    assert issubclass(InputError, ValueError)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.0, float("nan"), float("inf")])
+def test_eps_must_be_positive(prob, bad):
+    a, b, C = prob
+    with pytest.raises(InputError, match="eps must be a finite number > 0"):
+        entrokit.sinkhorn(a, b, C, bad)
+    with pytest.raises(InputError, match="eps must be a finite number > 0"):
+        entrokit.solve(a, b, C, eps=bad)
+
+
+def test_eps_type(prob):
+    a, b, C = prob
+    with pytest.raises(TypeError, match="eps must be a positive real number"):
+        entrokit.sinkhorn(a, b, C, "0.1")
+
+
+def test_negative_weights(prob):
+    a, b, C = prob
+    a = a.clone()
+    a[0] = -0.1
+    with pytest.raises(InputError, match="a has negative entries"):
+        entrokit.sinkhorn(a, b, C, 0.1)
+
+
+@pytest.mark.parametrize("val,msg", [(float("nan"), "contains NaN"), (float("inf"), "contains an infinite value")])
+def test_nonfinite_weights_and_costs(prob, val, msg):
+    a, b, C = prob
+    b2 = b.clone()
+    b2[1] = val
+    with pytest.raises(InputError, match=f"b {msg}"):
+        entrokit.sinkhorn(a, b2, C, 0.1)
+    C2 = C.clone()
+    C2[0, 0] = val
+    with pytest.raises(InputError, match=f"cost {msg}"):
+        entrokit.sinkhorn(a, b, C2, 0.1)
+
+
+def test_unequal_masses(prob):
+    a, b, C = prob
+    with pytest.raises(InputError, match="total masses differ.*normalize=True"):
+        entrokit.sinkhorn(2 * a, b, C, 0.1)
+    entrokit.sinkhorn(2 * a, b, C, 0.1, normalize=True)
+
+
+def test_zero_mass(prob):
+    a, b, C = prob
+    with pytest.raises(InputError, match="zero total mass"):
+        entrokit.sinkhorn(torch.zeros_like(a), b, C, 0.1)
+
+
+def test_shape_mismatch(prob):
+    a, b, C = prob
+    with pytest.raises(InputError, match="expected a of length 4 and b of length 5"):
+        entrokit.sinkhorn(b, a, C, 0.1)
+    with pytest.raises(InputError, match="cost must have shape"):
+        entrokit.sinkhorn(a, b, C[None, None], 0.1)
+    with pytest.raises(InputError, match="a and b must both have shape"):
+        entrokit.sinkhorn(a[None], b, C, 0.1)
+
+
+def test_batch_mismatch():
+    a, b, C = random_problem(4, 5, batch=2)
+    with pytest.raises(InputError, match="batch mismatch"):
+        entrokit.sinkhorn(a, b, C[0], 0.1)
+
+
+def test_dtype_and_device_mismatch(prob):
+    a, b, C = prob
+    with pytest.raises(InputError, match="dtype mismatch.*cast them"):
+        entrokit.sinkhorn(a.float(), b, C, 0.1)
+    meta = torch.empty(5, device="meta", dtype=torch.float64)
+    with pytest.raises(InputError, match="device mismatch"):
+        entrokit.sinkhorn(a, meta, C, 0.1)
+
+
+def test_types(prob):
+    a, b, C = prob
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        entrokit.sinkhorn(a.tolist(), b, C, 0.1)
+    with pytest.raises(TypeError, match="floating dtype"):
+        entrokit.sinkhorn(torch.ones(4, dtype=torch.int64), b, C, 0.1)
+    with pytest.raises(TypeError, match="cost must be a torch.Tensor"):
+        entrokit.sinkhorn(a, b, C.numpy(), 0.1)
+
+
+def test_empty_inputs():
+    with pytest.raises(InputError, match="is empty.*expected at least one entry"):
+        entrokit.sinkhorn(torch.ones(0, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                          torch.ones(0, 3, dtype=torch.float64), 0.1)
+
+
+def test_bad_options(prob):
+    a, b, C = prob
+    with pytest.raises(InputError, match="grad must be one of"):
+        entrokit.sinkhorn(a, b, C, 0.1, grad="autodiff")
+    with pytest.raises(InputError, match="unknown method 'foo'"):
+        entrokit.solve(a, b, C, eps=0.1, method="foo")
+    with pytest.raises(InputError, match="max_iter must be an int >= 1"):
+        entrokit.sinkhorn(a, b, C, 0.1, max_iter=0)
+    with pytest.raises(InputError, match="tol must be a finite number > 0"):
+        entrokit.sinkhorn(a, b, C, 0.1, tol=-1.0)
+    with pytest.raises(InputError, match="eps_scaling must be True, False or 'auto'"):
+        entrokit.sinkhorn(a, b, C, 0.1, eps_scaling="yes")
+    with pytest.raises(InputError, match="scaling_decay must lie in"):
+        entrokit.sinkhorn(a, b, C, 0.1, scaling_decay=1.5)
+    with pytest.raises(InputError, match="init potentials must match"):
+        entrokit.sinkhorn(a, b, C, 0.1, init=(torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)))
+    with pytest.raises(InputError, match="grad='unroll'"):
+        entrokit.sinkhorn(a, b, C, 0.1, grad="unroll", lse_mode=False)
+
+
+def test_pointcloud_validation():
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(InputError, match="same point dimension"):
+        PointCloud(x, torch.randn(3, 3, dtype=torch.float64))
+    with pytest.raises(InputError, match="cost must be 'sqeuclidean', 'euclidean' or a callable"):
+        PointCloud(x, x, cost="cosine")
+    with pytest.raises(InputError, match="chunk_size must be a positive int"):
+        PointCloud(x, x, chunk_size=0)
+    with pytest.raises(InputError, match="Add a feature axis"):
+        PointCloud(torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64))
+    bad = PointCloud(x, x, cost=lambda u, v: torch.zeros(2, 2, dtype=torch.float64))
+    w = torch.full((4,), 0.25, dtype=torch.float64)
+    with pytest.raises(InputError, match="cost callable returned shape"):
+        entrokit.sinkhorn(w, w, bad, 0.1)
+
+
+def test_check_inputs_false_skips_value_checks(prob):
+    a, b, C = prob
+    # unequal masses are not checked (the caller promised clean inputs); metadata still is
+    entrokit.sinkhorn(a, b, C, 0.1, check_inputs=False)
+    with pytest.raises(InputError, match="shape mismatch"):
+        entrokit.sinkhorn(b, a, C, 0.1, check_inputs=False)
