@@ -72,7 +72,8 @@ def test_gradcheck_wrt_points(grad, chunk):
         geom = PointCloud(x, y, chunk_size=chunk)
         return entrokit.sinkhorn(a, b, geom, 1.0, grad=grad, tol=1e-12, max_iter=10_000).value
 
-    assert torch.autograd.gradcheck(fn, (x, y), eps=1e-6, atol=1e-6)
+    # fast mode checks random projections of the Jacobian (chunked runs are Python-bound)
+    assert torch.autograd.gradcheck(fn, (x, y), eps=1e-6, atol=1e-6, fast_mode=chunk is not None)
 
 
 def test_envelope_gradient_is_plan_and_potentials():

@@ -21,7 +21,8 @@ class OTResult:
 
     Attributes:
         f: source potential ``[..., n]``.
-        g: target potential ``[..., m]``. ``(f + c, g - c)`` describes the same plan.
+        g: target potential ``[..., m]``. ``(f + c, g - c)`` describes the same plan; the
+            returned pair is normalised so that :math:`\langle a,f\rangle = \langle b,g\rangle`.
         value: the regularized objective :math:`\langle C,P\rangle + \varepsilon\,
             \mathrm{KL}(P\|a\otimes b)` (generalised KL), evaluated in dual form
             :math:`\langle a,f\rangle + \langle b,g\rangle - \varepsilon(\sum_{ij}P_{ij}

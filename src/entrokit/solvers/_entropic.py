@@ -41,6 +41,11 @@ def entropic_result(
     geom, a, b = problem.geometry, problem.a, problem.b
     if grad == "implicit":
         f, g = implicit_potentials(geom, f, g, a, b, eps)
+    # fix the gauge (f + c, g - c) so that <a, f> = <b, g>: results do not depend on the
+    # engine, the initialisation or the solver that produced them
+    shift = ((a * f).sum(-1) - (b * g).sum(-1)) / (a.sum(-1) + b.sum(-1))
+    f = f - shift.unsqueeze(-1)
+    g = g + shift.unsqueeze(-1)
     info = dict(info or {})
     pre = info.pop("reduce", None)
     needs_graph = torch.is_grad_enabled() and any(

@@ -320,8 +320,12 @@ def sinkhorn_problem(
             cold = si == 0 and init is None
             engine.start(f, g, e, sweep=cold or info["fallbacks"] > 0, cold=cold)
         active = None
-        while it < max_iter:
-            k = min(check_every, max_iter - it)
+        # intermediate stages share at most half of the budget; the final stage always runs
+        stage_end = max_iter if last else min(max_iter, it + max(check_every, (max_iter // 2) // max(1, len(stages) - 1)))
+        if last and it >= max_iter:
+            stage_end = it + check_every
+        while it < stage_end:
+            k = min(check_every, stage_end - it)
             kernel = isinstance(engine, _KernelEngine)
             if kernel:
                 saved = (engine.f, engine.g, engine.u, engine.v)
@@ -359,8 +363,6 @@ def sinkhorn_problem(
         if last and isinstance(engine, _KernelEngine):
             info["reduce"] = engine.reduce()
         stage_iters.append(it - it_stage)
-        if it >= max_iter:
-            break
     info["stage_iters"] = stage_iters
     info["time"] = time.perf_counter() - t0
     err_hist = torch.stack(errors, 0) if errors else torch.zeros(0, B, dtype=dtype, device=device)
