@@ -158,6 +158,13 @@ def attention_entropy(
                 "probabilities, not logits (apply .softmax(-1) first)."
             )
         tol = _default_atol(attn.dtype) if atol is None else float(atol)
+        if mask is not None:
+            leak = attn.masked_fill(mask, 0.0).sum(-1)
+            if (leak > tol).any():
+                raise InputError(
+                    f"attention puts mass {leak.max().item():.3g} on masked keys; the mask must "
+                    "mark every key that received weight as valid (True = valid)."
+                )
         sums = a.sum(-1)
         valid_row = torch.ones_like(sums, dtype=torch.bool) if mask is None else mask.any(-1)
         err = torch.where(valid_row, (sums - 1).abs(), torch.zeros_like(sums))
@@ -168,13 +175,6 @@ def attention_entropy(
                 f"{sums[idx].item():.6g}. Pass probabilities (softmax over the key axis, last dim), "
                 "normalise with attn / attn.sum(-1, keepdim=True), or raise atol."
             )
-        if mask is not None:
-            leak = attn.masked_fill(mask, 0.0).sum(-1)
-            if (leak > tol).any():
-                raise InputError(
-                    f"attention puts mass {leak.max().item():.3g} on masked keys; the mask must "
-                    "mark every key that received weight as valid (True = valid)."
-                )
     if eps > 0:
         h = -(a * torch.log(a + eps)).sum(-1)
     else:
