@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn

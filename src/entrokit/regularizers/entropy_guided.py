@@ -43,7 +43,8 @@ and learnable FFN scaling :math:`X_{\rm out} = \beta_l X_{\rm SA} + \alpha_l^{-1
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn

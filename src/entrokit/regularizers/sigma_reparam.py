@@ -26,7 +26,8 @@ logits, which puts a floor under the attention entropy and prevents entropy coll
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
