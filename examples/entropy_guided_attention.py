@@ -160,7 +160,9 @@ def main():
     ap.add_argument("--lam", type=float, default=0.1, help="mean-reduced lambda; lam_sum = lam / (B*T)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="examples/out/entropy_guided_attention.png")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     P = make_bigram(torch.Generator().manual_seed(99))
     names = {"A": "A: LN+GELU", "B": "B: SM", "C": "C: SM+ScFFN", "D": f"D: EReg(SM(t)+ScFFN), lam={args.lam}"}
     res = {}

@@ -103,7 +103,9 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="examples/out/sigma_reparam.png")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     xe, ye = sample(1000, torch.Generator().manual_seed(777))
     runs = {}
     for lr in (1e-2, 1e-3):

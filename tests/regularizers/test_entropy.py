@@ -223,3 +223,17 @@ def test_recorder_errors():
         rec2.model(torch.zeros(1))
     with pytest.raises(InputError, match="collapse_below"):
         classify_heads(torch.ones(2, 2), collapse_below=0.8, overload_above=0.5)
+
+
+def test_recorder_mha_causal_attn_mask_uses_valid_key_count():
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(4, 1, batch_first=True).double()
+    T = 5
+    x = torch.randn(2, T, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # MHA convention: True = not allowed
+    with AttentionEntropyRecorder(mha) as rec:
+        _, w = mha(x, x, x, attn_mask=future, average_attn_weights=False)
+    hn = attention_entropy(w, ~future, normalize=True).mean((0, 2))
+    torch.testing.assert_close(rec.normalized_entropy[0], hn)
+    # dividing row i by log(i + 1) instead of log T gives larger normalised entropies
+    assert rec.normalized_entropy[0, 0] > attention_entropy(w, normalize=True).mean()
