@@ -1,4 +1,4 @@
-"""Attention Entropy Maximization (AEM) on a synthetic multiple-instance task (notes Sec. 6.4).
+"""Attention Entropy Maximization (AEM) on a synthetic multiple-instance task.
 
 Bags of N = 50 instances x ~ N(0, I_20); positive bags get K instances shifted by mu * u
 (u a fixed random unit vector). 60 balanced training bags, 1000 test bags. ABMIL model:

@@ -1,4 +1,4 @@
-"""Entropy-guided attention on a tiny softmax-only LM (Jha & Reagen 2025, notes Sec. 1.8).
+"""Entropy-guided attention on a tiny softmax-only LM (Jha & Reagen 2025).
 
 Synthetic copy task: vocabulary 32, length T = 32; the first 16 tokens follow a random sparse
 bigram chain, the last 16 repeat them (needs induction-style heads). Batch 32, AdamW lr 3e-3. Decoder-only model,
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         s = q @ k.transpose(-1, -2) / math.sqrt(D // H)
         m = self.causal[:n, :n]
         if self.temp is not None:
-            a = self.temp(s, m)  # softmax(s / t_{h,i}), paper Sec. 4.2
+            a = self.temp(s, m)  # softmax(s / t_{h,i}), learnable temperature
         else:
             a = torch.softmax(s.masked_fill(~m, -math.inf), -1)
         self.attention_probs = a
@@ -151,6 +151,7 @@ def run(cfg: str, steps: int, lam_mean: float, P, seed: int):
         logits = model(xe[:, :-1])
     ev = F.cross_entropy(logits[:, HALF - 1 :].reshape(-1, V), xe[:, HALF:].reshape(-1)).item()
     return dict(losses=losses, eval=ev, nan_at=nan_at, ent=rec.entropy, names=rec.names,
+                nent=rec.normalized_entropy,
                 theta=None if reg is None else reg.theta.detach().clone())
 
 
@@ -176,6 +177,9 @@ def main():
         print("   mean head entropy per layer:", [round(v, 3) for v in r["ent"].mean(1).tolist()],
               " min head:", round(r["ent"].min().item(), 3), " max head:", round(r["ent"].max().item(), 3),
               f" (log T = {math.log(T):.3f})")
+        qn = quartile_fractions(r["ent"], r["nent"], reference="log_n")
+        print("   quartiles w.r.t. log(#visible keys) (normalised entropy):", [round(v, 3) for v in qn.tolist()],
+              " mean normalised entropy per layer:", [round(v, 3) for v in r["nent"].mean(1).tolist()])
         if r["theta"] is not None:
             print("   learned theta:", [[round(v, 3) for v in row] for row in r["theta"].tolist()])
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5), layout="constrained")
@@ -201,7 +205,13 @@ def main():
     ax = axes[1, 2]
     ax.bar(list("ABCD"), [res[c]["eval"] for c in "ABCD"])
     ax.set_ylabel("eval CE on repeated half")
-    axes[1, 3].axis("off")
+    ax = axes[1, 3]
+    for j, cfg in enumerate("ABCD"):
+        qn = quartile_fractions(res[cfg]["ent"], res[cfg]["nent"], reference="log_n")
+        ax.bar([i + j * w for i in range(4)], qn.numpy(), w, label=cfg)
+    ax.set_xticks([i + 1.5 * w for i in range(4)], ["[0,1/4)", "[1/4,1/2)", "[1/2,3/4)", "[3/4,1]"])
+    ax.set_ylabel("fraction of heads (normalised by log #keys)")
+    ax.legend(fontsize=7)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig.savefig(args.out, dpi=90)
     print("wrote", args.out)

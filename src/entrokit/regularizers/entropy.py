@@ -10,9 +10,9 @@ For one attention row :math:`a_{i\cdot}` over the valid keys :math:`\mathcal V_i
 in nats, with :math:`0 \log 0 = 0` taken exactly (no ``log(a + 1e-10)`` bias). The
 normalised entropy is :math:`H_i / \log |\mathcal V_i|` (0 when a row has at most one valid
 key). Per-head entropy is the mean of :math:`H_i` over batch and valid queries (Zhai et
-al., 2023; Jha & Reagen, 2025, Sec. 3).
+al., 2023; Jha & Reagen, 2025).
 
-Failure modes (Jha & Reagen 2025, Sec. 3.1, notes Sec. 1.2): heads are binned into quartiles
+Failure modes (Jha & Reagen 2025): heads are binned into quartiles
 of a reference entropy. **Entropy collapse** = heads in the bottom quartile ``[0, ref/4)``
 (near-zero entropy, a sign of training instability); **entropic overload** = heads in the
 top quartile ``[3 ref/4, ref]`` (near-uniform attention). The paper's reference is the
@@ -229,7 +229,7 @@ def classify_heads(
     collapse_below: float = 0.25,
     overload_above: float = 0.75,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flag collapsed and overloaded heads (notes Sec. 1.2, paper Sec. 3.1 quartiles).
+    """Flag collapsed and overloaded heads (quartile bins of Jha & Reagen 2025).
 
     Args:
         entropy: mean head entropies ``(layers, heads)`` in nats (NaN = absent head).

@@ -32,11 +32,11 @@ repository's Hugging-Face example re-uses the *first* block's θ for every layer
 per (layer, head) as in the paper. θ initialisation is not stated by the authors; the default
 0.5 is our choice (learned values end in 0.2–0.5, paper Fig. 6).
 
-**Learnable temperature** (paper Sec. 4.2, App. A):
+**Learnable temperature** (paper, Appendix A):
 :math:`a_{ij} = \mathrm{softmax}_j\big(s_{ij} / t_{h,i}\big)` with one temperature per head and
 query position; :math:`t>1` raises, :math:`t<1` lowers the entropy.
 
-**PI-friendly normalisation** (paper Sec. 4.1): weight normalisation, spectral normalisation
+**PI-friendly normalisation** (paper): weight normalisation, spectral normalisation
 and learnable FFN scaling :math:`X_{\rm out} = \beta_l X_{\rm SA} + \alpha_l^{-1}\,\mathrm{FFN}(X_{\rm SA})`.
 """
 
@@ -311,7 +311,7 @@ class LearnableSoftmaxTemperature(nn.Module):
 class WeightNormLinear(nn.Linear):
     r"""Linear layer with weight normalisation :math:`W_{o\cdot} = g_o\, v_{o\cdot}/\lVert v_{o\cdot}\rVert`.
 
-    Salimans & Kingma (2016); used by Jha & Reagen (2025, Sec. 4.1) instead of LayerNorm.
+    Salimans & Kingma (2016); used by Jha & Reagen (2025) instead of LayerNorm.
     ``weight`` holds :math:`v`; ``g`` is initialised to the row norms so the layer starts equal to
     a plain ``nn.Linear``.
     """
@@ -351,7 +351,7 @@ class SpectralNormLinear(nn.Linear):
 
 
 class ScaledFFN(nn.Module):
-    r"""Learnable FFN scaling: :math:`X_{\rm out} = \beta\,X + \alpha^{-1}\,\mathrm{FFN}(X)` (paper Eq. 5).
+    r"""Learnable FFN scaling: :math:`X_{\rm out} = \beta\,X + \alpha^{-1}\,\mathrm{FFN}(X)` (paper, scaled-FFN).
 
     Replaces the residual + LayerNorm around an FFN; ``alpha`` and ``beta`` are one learnable
     scalar each for this layer (the paper's :math:`\alpha,\beta\in\mathbb R^L` over L layers).

@@ -21,7 +21,7 @@ learned scalar. Following the reference code (apple/ml-sigma-reparam, ``vision/l
 
 Capping :math:`\lVert \hat W_Q \hat W_K^\top\rVert_2 \le \gamma_Q\gamma_K` bounds the attention
 logits, which puts a floor under the attention entropy and prevents entropy collapse
-(paper, Thm. 3.1).
+(the paper's lower bound on attention entropy).
 """
 
 from __future__ import annotations
