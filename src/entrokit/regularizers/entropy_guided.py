@@ -1,0 +1,375 @@
+r"""Entropy-guided attention for softmax-only transformers (Jha & Reagen, 2025, arXiv 2501.03489).
+
+**Entropy band regulariser** (paper Algorithm 1, reference code ``entropy_regularization.py``).
+With learnable threshold weights :math:`\theta\in\mathbb R^{L\times H}`, tolerance
+:math:`\gamma` and :math:`E_{\max}=\log T`,
+
+.. math::
+
+    \tau_{lh} = \theta_{lh} E_{\max}, \quad m = \gamma E_{\max}, \quad
+    \delta = E - \tau_{lh}, \quad
+    \mathrm{pen}(\delta) = \delta^2\, \mathbf 1[|\delta| > m],
+
+.. math::
+
+    \mathcal L_{\rm ent} = \frac1L \sum_l \frac1H \sum_h P_{lh}, \qquad
+    \mathcal L = \mathcal L_{\rm CE} + \lambda\, \mathcal L_{\rm ent}.
+
+Paper and code differ in :math:`P_{lh}` (both supported, ``mode=``):
+
+* ``"per_position"`` (default; the reference code and the paper's appendix code):
+  :math:`P_{lh} = \sum_{b,i} \mathrm{pen}(E_{bhi} - \tau_{lh})`, one entropy per batch element
+  and query, **summed**. :math:`\lambda = 10^{-5}` (CodeParrot) is calibrated to this sum: a
+  mean-reduced λ equals λ × (B·T).
+* ``"per_head"`` (Algorithm 1 as written): :math:`P_{lh} = \mathrm{pen}(\bar E_{lh} - \tau_{lh})`
+  with :math:`\bar E_{lh}` the mean over batch and queries. Because θ is trained by the same
+  loss it can cancel this single deviation, which can make the penalty inert.
+
+``gate="smooth"`` replaces the hard gate (a jump from 0 to :math:`m^2` at :math:`|\delta|=m`)
+with :math:`(|\delta| - m)_+^2`. The paper's inline formula gates one-sidedly
+(:math:`\delta > m`); Algorithm 1 and the code use :math:`|\delta|` (default here). The
+repository's Hugging-Face example re-uses the *first* block's θ for every layer; here θ is
+per (layer, head) as in the paper. θ initialisation is not stated by the authors; the default
+0.5 is our choice (learned values end in 0.2–0.5, paper Fig. 6).
+
+**Learnable temperature** (paper, Appendix A):
+:math:`a_{ij} = \mathrm{softmax}_j\big(s_{ij} / t_{h,i}\big)` with one temperature per head and
+query position; :math:`t>1` raises, :math:`t<1` lowers the entropy.
+
+**PI-friendly normalisation** (paper): weight normalisation, spectral normalisation
+and learnable FFN scaling :math:`X_{\rm out} = \beta_l X_{\rm SA} + \alpha_l^{-1}\,\mathrm{FFN}(X_{\rm SA})`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from entrokit._errors import InputError
+from entrokit.regularizers.entropy import attention_entropy
+from entrokit.regularizers.sigma_reparam import _svd_init, spectral_norm_step
+
+__all__ = [
+    "entropy_band_penalty",
+    "EntropyBandRegularizer",
+    "temperature_softmax",
+    "LearnableSoftmaxTemperature",
+    "WeightNormLinear",
+    "SpectralNormLinear",
+    "ScaledFFN",
+]
+
+
+def _check_nonneg(x: float, name: str, example: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}.")
+    if not math.isfinite(x) or x < 0:
+        raise InputError(f"{name} must be a finite number >= 0, got {x!r}; e.g. {name}={example}.")
+    return float(x)
+
+
+def _stack_entropies(entropies: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    if isinstance(entropies, torch.Tensor):
+        e = entropies
+    else:
+        if len(entropies) == 0:
+            raise InputError("entropies is an empty list; pass one (batch, heads, queries) tensor per layer.")
+        shapes = {tuple(t.shape) for t in entropies}
+        if len(shapes) != 1:
+            raise InputError(f"all layers must have the same entropy shape, got {sorted(shapes)}.")
+        e = torch.stack(list(entropies))
+    if e.ndim != 4:
+        raise InputError(
+            f"entropies must be (layers, batch, heads, queries) or a list of (batch, heads, queries), "
+            f"got shape {tuple(e.shape)}; compute them with attention_entropy(attn) per layer."
+        )
+    return e
+
+
+def entropy_band_penalty(
+    entropies: torch.Tensor | Sequence[torch.Tensor],
+    theta: torch.Tensor,
+    max_entropy: float,
+    gamma: float = 0.2,
+    *,
+    mode: Literal["per_position", "per_head"] = "per_position",
+    gate: Literal["hard", "smooth"] = "hard",
+    query_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Banded squared penalty :math:`\mathcal L_{\rm ent}` (without the λ factor).
+
+    Args:
+        entropies: ``(L, B, H, T)`` tensor or a list of ``L`` tensors ``(B, H, T)`` of
+            per-query attention entropies (nats), e.g. from :func:`attention_entropy`.
+        theta: threshold weights ``(L, H)``; the threshold is ``theta * max_entropy``.
+        max_entropy: :math:`E_{\max}`, usually ``log T``.
+        gamma: tolerance fraction; the band half-width is ``gamma * max_entropy``.
+        mode: ``"per_position"`` (code, summed over batch and queries) or ``"per_head"``
+            (Algorithm 1, one mean entropy per head).
+        gate: ``"hard"`` = :math:`\delta^2 1[|\delta|>m]` (paper/code), ``"smooth"`` =
+            :math:`(|\delta|-m)_+^2`.
+        query_mask: optional bool ``(B, T)`` or ``(B, H, T)``; False drops a query (padding).
+
+    Returns:
+        Scalar tensor :math:`\frac1L\sum_l\frac1H\sum_h P_{lh}`.
+    """
+    e = _stack_entropies(entropies)
+    if not isinstance(theta, torch.Tensor):
+        raise TypeError(f"theta must be a torch.Tensor (layers, heads), got {type(theta).__name__}.")
+    L, B, H, T = e.shape
+    if theta.shape != (L, H):
+        raise InputError(
+            f"theta must have shape (layers, heads) = {(L, H)}, got {tuple(theta.shape)}; one "
+            "threshold weight per attention head of every layer."
+        )
+    if not isinstance(max_entropy, (int, float)) or isinstance(max_entropy, bool) or not max_entropy > 0:
+        raise InputError(f"max_entropy must be > 0 (usually math.log(T)), got {max_entropy!r}.")
+    gamma = _check_nonneg(gamma, "gamma", "0.2")
+    if mode not in ("per_position", "per_head"):
+        raise InputError(f"mode must be 'per_position' or 'per_head', got {mode!r}.")
+    if gate not in ("hard", "smooth"):
+        raise InputError(f"gate must be 'hard' or 'smooth', got {gate!r}.")
+    w = torch.ones_like(e)
+    if query_mask is not None:
+        qm = query_mask if query_mask.ndim == 3 else query_mask[:, None, :]
+        w = torch.broadcast_to(qm.to(e.dtype), (B, H, T)).expand(L, B, H, T)
+    if mode == "per_head":
+        e = ((e * w).sum((1, 3)) / w.sum((1, 3)).clamp_min(1)).unsqueeze(1).unsqueeze(-1)  # (L,1,H,1)
+        w = torch.ones_like(e)
+    tau = (theta * max_entropy)[:, None, :, None]  # Alg. 1 line 11
+    m = gamma * max_entropy  # Alg. 1 line 3
+    delta = e - tau
+    if gate == "hard":
+        pen = torch.where(delta.abs() > m, delta.square(), torch.zeros_like(delta))
+    else:
+        pen = (delta.abs() - m).clamp_min(0).square()
+    return (pen * w).sum((1, 3)).mean()  # Σ_{b,i}, then 1/H Σ_h and 1/L Σ_l
+
+
+class EntropyBandRegularizer(nn.Module):
+    r"""λ · entropy band penalty with learnable per-(layer, head) thresholds θ.
+
+    ``forward(attentions)`` takes the per-layer attention probabilities (a list of
+    ``(B, H, T, T)`` tensors, e.g. ``outputs.attentions``) and returns
+    :math:`\lambda\,\mathcal L_{\rm ent}`; add it to the task loss. θ is a parameter of this
+    module: include it in the optimiser (the authors use no weight decay for it).
+
+    Args:
+        num_layers, num_heads: shape of θ.
+        lam: λ (paper: 1e-5 CodeParrot, 5e-5 Languini, with ``mode="per_position"``).
+        gamma: tolerance fraction γ (paper 0.2; appendix code 0.1).
+        max_entropy: :math:`E_{\max}`; None uses ``log(#keys)`` of the attention passed in.
+        mode, gate: see :func:`entropy_band_penalty`.
+        theta_init: initial θ (not stated by the authors).
+        eps: passed to :func:`attention_entropy` (reference code: 1e-9; default exact).
+
+    Shape:
+        attentions: list of ``L`` tensors ``(B, H, T, S)``; output: scalar.
+
+    Examples:
+        >>> reg = EntropyBandRegularizer(2, 4, lam=1e-3)
+        >>> attn = [torch.softmax(torch.randn(3, 4, 8, 8), -1) for _ in range(2)]
+        >>> reg(attn).ndim
+        0
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        *,
+        lam: float = 1e-5,
+        gamma: float = 0.2,
+        max_entropy: float | None = None,
+        mode: Literal["per_position", "per_head"] = "per_position",
+        gate: Literal["hard", "smooth"] = "hard",
+        theta_init: float = 0.5,
+        eps: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for n, v in (("num_layers", num_layers), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{n} must be an int >= 1, got {v!r}.")
+        self.lam = _check_nonneg(lam, "lam", "1e-5")
+        self.gamma = _check_nonneg(gamma, "gamma", "0.2")
+        self.max_entropy = max_entropy
+        self.mode = mode
+        self.gate = gate
+        self.eps = eps
+        self.theta = nn.Parameter(torch.full((num_layers, num_heads), float(theta_init), device=device, dtype=dtype))
+
+    def penalty(
+        self, attentions: Sequence[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r""":math:`\mathcal L_{\rm ent}` without λ."""
+        if isinstance(attentions, torch.Tensor):
+            attentions = list(attentions) if attentions.ndim == 5 else [attentions]
+        if len(attentions) != self.theta.shape[0]:
+            raise InputError(
+                f"got attentions for {len(attentions)} layers but theta has {self.theta.shape[0]}; "
+                "pass one (B, H, T, S) tensor per layer."
+            )
+        ents = [attention_entropy(a, mask, eps=self.eps, check_inputs=False) for a in attentions]
+        e_max = math.log(attentions[0].shape[-1]) if self.max_entropy is None else self.max_entropy
+        return entropy_band_penalty(
+            ents, self.theta.to(ents[0].dtype), e_max, self.gamma, mode=self.mode, gate=self.gate
+        )
+
+    def forward(self, attentions: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lam * self.penalty(attentions, mask)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, gamma={self.gamma}, mode={self.mode!r}, gate={self.gate!r}"
+
+
+def temperature_softmax(
+    logits: torch.Tensor, temperature: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    r"""Softmax over keys with per-head, per-query temperatures: :math:`\mathrm{softmax}_j(s_{ij}/t_{hi})`.
+
+    Args:
+        logits: ``(B, H, T, S)`` scaled scores :math:`q_i\cdot k_j/\sqrt{d}`.
+        temperature: positive tensor broadcastable as ``(H, T)`` (or ``(B, H, T)``).
+        mask: bool, True = valid key (broadcastable to ``logits``).
+    """
+    if logits.ndim != 4:
+        raise InputError(f"logits must be (batch, heads, queries, keys), got shape {tuple(logits.shape)}.")
+    t = temperature.unsqueeze(-1)
+    s = logits / t
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    return torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+
+
+class LearnableSoftmaxTemperature(nn.Module):
+    r"""Learnable temperature :math:`t\in\mathbb R_{>0}^{H\times T}` for attention softmax.
+
+    ``forward(logits, mask=None)`` returns :math:`\mathrm{softmax}_j(s_{ij}/t_{h,i})` for the
+    first ``T_q`` rows of ``t``. With ``per_position=False`` there is one temperature per head.
+
+    Parametrisation: ``"log"`` stores :math:`\log t` (always positive); ``"direct"`` stores
+    :math:`t` itself and clamps it at ``min_temperature``. The paper initialises "the
+    temperature" to 1e-2 / 1e-1; taken literally this multiplies logits by 100, so we suspect the
+    stored quantity is a reparameterisation (unverified); the default here is ``t = 1``
+    (plain softmax at init).
+
+    Args:
+        num_heads: H.
+        max_len: maximum number of query positions T.
+        init: initial temperature.
+        per_position: one temperature per (head, position) (paper) or per head.
+        parametrization: ``"log"`` or ``"direct"``.
+        min_temperature: floor for ``"direct"``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        max_len: int,
+        *,
+        init: float = 1.0,
+        per_position: bool = True,
+        parametrization: Literal["log", "direct"] = "log",
+        min_temperature: float = 1e-3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not init > 0:
+            raise InputError(f"init temperature must be > 0, got {init!r}.")
+        if parametrization not in ("log", "direct"):
+            raise InputError(f"parametrization must be 'log' or 'direct', got {parametrization!r}.")
+        self.parametrization = parametrization
+        self.min_temperature = min_temperature
+        self.max_len = max_len
+        T = max_len if per_position else 1
+        v = math.log(init) if parametrization == "log" else init
+        self.raw = nn.Parameter(torch.full((num_heads, T), v, device=device, dtype=dtype))
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        if self.parametrization == "log":
+            return self.raw.exp()
+        return self.raw.clamp_min(self.min_temperature)
+
+    def forward(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        Tq = logits.shape[-2]
+        if Tq > self.max_len:
+            raise InputError(f"got {Tq} query positions but max_len={self.max_len}; increase max_len.")
+        t = self.temperature
+        t = t[:, :Tq] if t.shape[1] > 1 else t.expand(-1, Tq)
+        return temperature_softmax(logits, t.to(logits.dtype), mask)
+
+
+class WeightNormLinear(nn.Linear):
+    r"""Linear layer with weight normalisation :math:`W_{o\cdot} = g_o\, v_{o\cdot}/\lVert v_{o\cdot}\rVert`.
+
+    Salimans & Kingma (2016); used by Jha & Reagen (2025) instead of LayerNorm.
+    ``weight`` holds :math:`v`; ``g`` is initialised to the row norms so the layer starts equal to
+    a plain ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.g = nn.Parameter(self.weight.detach().norm(dim=1).clone())
+
+    def normalized_weight(self) -> torch.Tensor:
+        return self.weight * (self.g / self.weight.norm(dim=1)).unsqueeze(1)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.normalized_weight(), self.bias)
+
+
+class SpectralNormLinear(nn.Linear):
+    r"""Linear layer with spectral normalisation :math:`\hat W = W/\sigma(W)` (Miyato et al. 2018).
+
+    σ by one power-iteration step per training forward with a persistent ``u`` buffer (no
+    learnable scale; see :class:`~entrokit.regularizers.SigmaReparamLinear` for the learnable-γ
+    version).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        s0, u0 = _svd_init(self.weight)
+        self.register_buffer("u", u0.clone())
+        self.register_buffer("sigma", s0.clone().reshape(()))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        sigma, u = spectral_norm_step(self.weight, self.u, update=self.training)
+        if self.training:
+            with torch.no_grad():
+                self.u.copy_(u)
+                self.sigma.copy_(sigma.detach())
+        return F.linear(input, self.weight / sigma, self.bias)
+
+
+class ScaledFFN(nn.Module):
+    r"""Learnable FFN scaling: :math:`X_{\rm out} = \beta\,X + \alpha^{-1}\,\mathrm{FFN}(X)` (paper, scaled-FFN).
+
+    Replaces the residual + LayerNorm around an FFN; ``alpha`` and ``beta`` are one learnable
+    scalar each for this layer (the paper's :math:`\alpha,\beta\in\mathbb R^L` over L layers).
+
+    Args:
+        ffn: the feed-forward module (e.g. a fused ``nn.Linear(d, d)`` in a softmax-only model).
+        alpha_init, beta_init: initial scales.
+    """
+
+    def __init__(self, ffn: nn.Module, *, alpha_init: float = 1.0, beta_init: float = 1.0) -> None:
+        super().__init__()
+        if not alpha_init > 0:
+            raise InputError(f"alpha_init must be > 0 (it divides the FFN output), got {alpha_init!r}.")
+        self.ffn = ffn
+        p = next(ffn.parameters(), None)
+        kw = {} if p is None else {"device": p.device, "dtype": p.dtype}
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init), **kw))
+        self.beta = nn.Parameter(torch.tensor(float(beta_init), **kw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.beta * x + self.ffn(x) / self.alpha

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from entrokit._errors import InputError
+from entrokit.regularizers import (
+    AttentionEntropyMaximization,
+    aem_loss,
+    cosine_annealed_lambda,
+    negative_attention_entropy,
+)
+
+
+def test_uniform_attention_gives_minus_log_n():
+    for n in (3, 10, 50):
+        a = torch.full((2, n), 1.0 / n, dtype=torch.float64)
+        torch.testing.assert_close(negative_attention_entropy(a), torch.full((2,), -math.log(n), dtype=torch.float64))
+    # multi-row attention: summed over instances, averaged over rows
+    a = torch.stack([torch.full((4,), 0.25), F.one_hot(torch.tensor(1), 4).float()])[None]
+    torch.testing.assert_close(negative_attention_entropy(a), torch.tensor([-math.log(4) / 2]))
+
+
+def test_aem_equals_ce_plus_lambda_neg_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1])
+    att = torch.softmax(torch.randn(4, 7, generator=g, dtype=torch.float64), -1)
+    ce = F.cross_entropy(logits, y)
+    torch.testing.assert_close(aem_loss(logits, y, att, lam=0.0), ce)
+    ne = (att * att.log()).sum(-1).mean()
+    torch.testing.assert_close(aem_loss(logits, y, att, lam=0.3), ce + 0.3 * ne)
+    # uniform attention: loss = CE - λ log N
+    uni = torch.full((4, 7), 1 / 7, dtype=torch.float64)
+    torch.testing.assert_close(aem_loss(logits, y, uni, lam=0.1), ce - 0.1 * math.log(7))
+    # binary head with float targets
+    bl = torch.randn(4, generator=g, dtype=torch.float64)
+    bt = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(aem_loss(bl, bt, uni, lam=0.0), F.binary_cross_entropy_with_logits(bl, bt))
+
+
+def test_gradient_pushes_attention_toward_uniform():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(1, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.zeros(1, 2, dtype=torch.float64)
+    loss = aem_loss(logits, torch.tensor([0]), s.softmax(-1), lam=1.0)
+    loss.backward()
+    with torch.no_grad():
+        s2 = s - 0.1 * s.grad
+    h = lambda z: -negative_attention_entropy(z.softmax(-1))  # noqa: E731
+    assert h(s2) > h(s.detach())
+
+
+def test_mask_and_topk():
+    a = torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    m = torch.tensor([[True, True, False, False]])
+    torch.testing.assert_close(negative_attention_entropy(a, m), torch.tensor([-math.log(2)], dtype=torch.float64))
+    b = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    top = torch.tensor([0.4, 0.3], dtype=torch.float64) / 0.7
+    torch.testing.assert_close(negative_attention_entropy(b, topk=2), (top * top.log()).sum().reshape(1))
+
+
+def test_cosine_annealing_module():
+    assert cosine_annealed_lambda(0, 10, 0.2, 0.0) == pytest.approx(0.2)
+    assert cosine_annealed_lambda(5, 10, 0.2, 0.0) == pytest.approx(0.1)
+    assert cosine_annealed_lambda(10, 10, 0.2, 0.02) == pytest.approx(0.02)
+    assert cosine_annealed_lambda(20, 10, 0.2, 0.02) == pytest.approx(0.02)
+    crit = AttentionEntropyMaximization(lam=0.2, anneal="cosine", total_steps=4)
+    logits, y = torch.zeros(1, 2), torch.tensor([1])
+    att = torch.full((1, 5), 0.2)
+    vals = []
+    for _ in range(5):
+        vals.append(crit(logits, y, att).item())
+        crit.step()
+    lam = [cosine_annealed_lambda(t, 4, 0.2) for t in range(5)]
+    for v, lt in zip(vals, lam):
+        assert v == pytest.approx(math.log(2) - lt * math.log(5), rel=1e-6)
+    assert int(crit.state_dict()["step_count"]) == 5
+    plain = AttentionEntropyMaximization()
+    assert plain.current_lam == 0.1
+
+
+def test_errors():
+    with pytest.raises(InputError, match="lam"):
+        aem_loss(torch.zeros(1, 2), torch.tensor([0]), torch.full((1, 3), 1 / 3), lam=-0.1)
+    with pytest.raises(InputError, match="sum to 1"):
+        negative_attention_entropy(torch.full((1, 3), 0.5))
+    with pytest.raises(InputError, match="bags, instances"):
+        negative_attention_entropy(torch.full((3,), 1 / 3))
+    with pytest.raises(InputError, match="total_steps"):
+        AttentionEntropyMaximization(anneal="cosine")
+    with pytest.raises(InputError, match="bags"):
+        aem_loss(torch.zeros(2, 2), torch.tensor([0, 1]), torch.full((1, 3), 1 / 3))
+    with pytest.raises(InputError, match="integer targets|float 0/1"):
+        aem_loss(torch.zeros(2), torch.tensor([0, 1]), torch.full((2, 3), 1 / 3))
+    with pytest.raises(InputError, match="reduction"):
+        aem_loss(torch.zeros(1, 2), torch.tensor([0]), torch.full((1, 3), 1 / 3), reduction="avg")
