@@ -4,11 +4,11 @@ import numpy as np
 import ot
 import pytest
 import torch
-from conftest import random_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import entrokit
+from conftest import random_problem
 from entrokit import PointCloud
 
 

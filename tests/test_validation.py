@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import random_problem
 
 import entrokit
+from conftest import random_problem
 from entrokit import InputError, PointCloud
 
 

@@ -8,8 +8,9 @@ caller passes ``check_inputs=False`` (for training loops).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

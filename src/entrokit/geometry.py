@@ -68,14 +68,14 @@ class Geometry:
         """The dense cost ``(..., n, m)`` (materialises it for point clouds)."""
         raise NotImplementedError
 
-    def with_batch(self) -> "Geometry":
+    def with_batch(self) -> Geometry:
         """Same geometry with a leading batch axis of size 1 when unbatched."""
         raise NotImplementedError
 
-    def squeeze_batch(self) -> "Geometry":
+    def squeeze_batch(self) -> Geometry:
         raise NotImplementedError
 
-    def detach(self) -> "Geometry":
+    def detach(self) -> Geometry:
         raise NotImplementedError
 
     def max_cost(self) -> torch.Tensor:
@@ -112,7 +112,7 @@ class Geometry:
         """The tensors the cost depends on (for custom autograd Functions)."""
         raise NotImplementedError
 
-    def rebuild(self, *tensors: torch.Tensor) -> "Geometry":
+    def rebuild(self, *tensors: torch.Tensor) -> Geometry:
         """A copy of this geometry built on other tensors of the same shapes."""
         raise NotImplementedError
 
@@ -183,13 +183,13 @@ class DenseCost(Geometry):
     def cost_matrix(self) -> torch.Tensor:
         return self.C
 
-    def with_batch(self) -> "DenseCost":
+    def with_batch(self) -> DenseCost:
         return self if self.batched else DenseCost(self.C.unsqueeze(0))
 
-    def squeeze_batch(self) -> "DenseCost":
+    def squeeze_batch(self) -> DenseCost:
         return DenseCost(self.C.squeeze(0)) if self.batched else self
 
-    def detach(self) -> "DenseCost":
+    def detach(self) -> DenseCost:
         return DenseCost(self.C.detach())
 
     def max_cost(self) -> torch.Tensor:
@@ -288,7 +288,7 @@ class PointCloud(Geometry):
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        cost: Union[CostName, CostFn] = "sqeuclidean",
+        cost: CostName | CostFn = "sqeuclidean",
         *,
         chunk_size: int | None = None,
     ):
@@ -352,16 +352,16 @@ class PointCloud(Geometry):
     def is_online(self) -> bool:
         return self.chunk_size is not None
 
-    def _new(self, x, y) -> "PointCloud":
+    def _new(self, x, y) -> PointCloud:
         return PointCloud(x, y, self.cost, chunk_size=self.chunk_size)
 
-    def with_batch(self) -> "PointCloud":
+    def with_batch(self) -> PointCloud:
         return self if self.batched else self._new(self.x.unsqueeze(0), self.y.unsqueeze(0))
 
-    def squeeze_batch(self) -> "PointCloud":
+    def squeeze_batch(self) -> PointCloud:
         return self._new(self.x.squeeze(0), self.y.squeeze(0)) if self.batched else self
 
-    def detach(self) -> "PointCloud":
+    def detach(self) -> PointCloud:
         return self._new(self.x.detach(), self.y.detach())
 
     def _c(self, x, y) -> torch.Tensor:

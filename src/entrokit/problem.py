@@ -68,12 +68,12 @@ class OTProblem:
     def device(self) -> torch.device:
         return self.a.device
 
-    def with_batch(self) -> "OTProblem":
+    def with_batch(self) -> OTProblem:
         if self.batched:
             return self
         return OTProblem(self.a.unsqueeze(0), self.b.unsqueeze(0), self.geometry.with_batch())
 
-    def squeeze_batch(self) -> "OTProblem":
+    def squeeze_batch(self) -> OTProblem:
         if not self.batched:
             return self
         return OTProblem(self.a.squeeze(0), self.b.squeeze(0), self.geometry.squeeze_batch())

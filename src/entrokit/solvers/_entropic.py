@@ -4,7 +4,8 @@ entropic solvers: Sinkhorn, Newton)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -46,7 +46,6 @@ loosen ``tol``, use float64, keep eps-scaling on, or use the Newton solvers.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -69,11 +68,11 @@ class SinkhornOptions:
 
     tol: float = 1e-6
     max_iter: int = 10_000
-    eps_scaling: Union[bool, str] = "auto"
+    eps_scaling: bool | str = "auto"
     scaling_decay: float = 0.5
     stage_tol: float = 1e-2
-    check_every: Optional[int] = None
-    lse_mode: Optional[bool] = None
+    check_every: int | None = None
+    lse_mode: bool | None = None
 
 
 def eps_schedule(eps: float, eps0: float, decay: float) -> list[float]:
@@ -96,7 +95,7 @@ class _LogEngine:
     def start(self, f, g, eps):
         self.f, self.g, self.eps = f, g, eps
 
-    def run(self, k: int, active: Optional[torch.Tensor]):
+    def run(self, k: int, active: torch.Tensor | None):
         f, g, eps, geom = self.f, self.g, self.eps, self.geom
         for _ in range(k):
             f_new = geom.softmin(g, self.log_b, eps, axis=1)
@@ -189,7 +188,7 @@ class _KernelEngine:
             return torch.mv(self.K0.t(), x[0]).unsqueeze(0)
         return torch.bmm(x.unsqueeze(-2), self.K).squeeze(-2)
 
-    def run(self, k: int, active: Optional[torch.Tensor]):
+    def run(self, k: int, active: torch.Tensor | None):
         a, b = self.a, self.b
         if self.single and active is None:
             return self._run_single(k)
@@ -259,9 +258,9 @@ def sinkhorn_problem(
     eps: float,
     options: SinkhornOptions,
     *,
-    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
     unroll: bool = False,
-    callback: Optional[Callable[[int, float], None]] = None,
+    callback: Callable[[int, float], None] | None = None,
 ):
     """Run Sinkhorn on a validated, *batched* problem.
 
@@ -376,16 +375,16 @@ def sinkhorn(
     eps: float,
     *,
     tol: float = 1e-6,
-    max_iter: Optional[int] = None,
-    eps_scaling: Union[bool, str] = "auto",
+    max_iter: int | None = None,
+    eps_scaling: bool | str = "auto",
     scaling_decay: float = 0.5,
-    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
     grad: str = "envelope",
-    lse_mode: Optional[bool] = None,
-    check_every: Optional[int] = None,
+    lse_mode: bool | None = None,
+    check_every: int | None = None,
     normalize: bool = False,
     check_inputs: bool = True,
-    callback: Optional[Callable[[int, float], None]] = None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> OTResult:
     r"""Entropic OT by log-domain (stabilized) Sinkhorn.
 
