@@ -21,7 +21,7 @@ canonicalised them; the public constructors also accept unbatched inputs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Union
+from typing import Callable, Literal
 
 import torch
 from torch.utils.checkpoint import checkpoint
