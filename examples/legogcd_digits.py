@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--out", default=os.path.join("examples", "out", "legogcd_digits.png"))
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     t0 = time.time()
     res = {m: np.stack([run(m, s, args.epochs) for s in range(args.seeds)]) for m in ("simgcd", "lego")}
     print(f"digits GCD (old 0-4, new 5-9), {args.seeds} seeds, {args.epochs} epochs; "
