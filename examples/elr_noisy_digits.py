@@ -4,12 +4,12 @@ Reproduces the qualitative claim of Liu et al. (NeurIPS 2020), Table 1 / Fig. 1:
 cross-entropy a network first fits the clean labels (test accuracy peaks) and then
 memorises the noisy ones (test accuracy falls); ELR keeps the early-learning solution.
 
-Setup: scikit-learn ``load_digits`` (1,797 images, 8x8), centred, scaled by the global pixel std; 1,200 train /
-597 test (stratified). 40 % of the training labels are replaced by a class drawn
-uniformly at random (so ~36 % are wrong, the ELR code's convention). MLP 64-256-256-10,
-SGD (momentum 0.9, lr 0.02, wd 1e-3, constant: the lr and wd of the
-reference CIFAR-10 config), batch 64. ELR: lam = 3, beta = 0.7
-(the paper's CIFAR-10 settings). Reports final and best test accuracy (mean ± std over
+Setup: scikit-learn ``load_digits`` (1,797 images, 8x8), centred and scaled by the
+global pixel std; 1,200 train / 597 test (stratified). 40 % of the training labels are
+replaced by a class drawn uniformly at random (so ~36 % are wrong, the ELR code's
+convention). MLP 64-256-256-10, SGD (momentum 0.9, lr 0.02, wd 1e-3: the lr and wd of
+the reference CIFAR-10 config; constant lr), batch 64. ELR: lam = 3, beta = 0.7 (the
+paper's CIFAR-10 settings). Reports final and best test accuracy (mean ± std over
 seeds) and the fraction of mislabelled training samples predicted as their wrong label.
 
 Run: ``python examples/elr_noisy_digits.py [--seeds 5] [--epochs 100] [--out PATH]``

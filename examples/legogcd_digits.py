@@ -135,13 +135,16 @@ def main() -> None:
     res = {m: np.stack([run(m, s, args.epochs) for s in range(args.seeds)]) for m in ("simgcd", "lego")}
     print(f"digits GCD (old 0-4, new 5-9), {args.seeds} seeds, {args.epochs} epochs; "
           "unlabelled-set clustering accuracy (%), mean ± std")
-    print(f"{'method':<18} {'All':>13} {'Old':>13} {'New':>13} {'best-epoch Old':>15}")
+    mid = max(0, int(0.4 * args.epochs) - 1)
+    print(f"{'method':<18} {'epoch':>5} {'All':>13} {'Old':>13} {'New':>13} {'best-epoch Old':>15}")
     for m, h in res.items():
-        fin = h[:, -1, :3] * 100
-        best_old = h[:, :, 1].max(1) * 100
         name = "SimGCD-lite" if m == "simgcd" else "+LER+DKL (Lego)"
-        print(f"{name:<18} " + " ".join(f"{fin[:, j].mean():6.2f} ± {fin[:, j].std():4.2f}" for j in range(3))
-              + f" {best_old.mean():8.2f} ± {best_old.std():4.2f}")
+        best_old = h[:, :, 1].max(1) * 100
+        for e in (mid, args.epochs - 1):
+            acc = h[:, e, :3] * 100
+            print(f"{name:<18} {e + 1:>5} "
+                  + " ".join(f"{acc[:, j].mean():6.2f} ± {acc[:, j].std():4.2f}" for j in range(3))
+                  + (f" {best_old.mean():8.2f} ± {best_old.std():4.2f}" if e == args.epochs - 1 else ""))
     print(f"rows selected by LER in the last epoch: {res['lego'][:, -1, 3].mean():.0f} "
           f"(of {2 * (~split(0)[2]).sum().item()} unlabelled rows per epoch)")
     print(f"elapsed {time.time() - t0:.1f} s")
