@@ -1,0 +1,316 @@
+r"""LegoGCD: local entropy regularisation and dual-view KL for generalized category discovery.
+
+Cao et al., "Solving the Catastrophic Forgetting Problem in Generalized Category
+Discovery", CVPR 2024. Both terms are added on top of a SimGCD-style objective.
+
+**Selection of potential known-class samples** (paper Sec. 3.2). For every unlabelled
+row (each augmented view is a row) with prediction :math:`p_i = \mathrm{softmax}(z_i/\tau_s)`,
+
+.. math::
+
+    o_i = \mathbb 1[\text{unlabelled}_i]\;\mathbb 1[\max_k p_{ik} \ge \delta]\;
+          \mathbb 1[\arg\max_k p_{ik} < |\mathcal Y_l|],
+
+i.e. confident rows predicted as a known class (known classes occupy indices
+``0 .. num_known-1``). Ground-truth labels of unlabelled rows are never used.
+
+**Local entropy regularisation with the margin-aware pattern** (Eq. 9-10). With a
+sharpened prediction :math:`q_i = \mathrm{softmax}(z_i/\tau_o)` and an EMA class prior
+:math:`\tilde p`,
+
+.. math::
+
+    \mathcal L_{LER} = \frac1N\sum_{i=1}^N o_i\,\sum_k -q_{ik}\,
+        \log\mathrm{softmax}\bigl(z_i/\tau_o + \lambda_{ler}\log\tilde p\bigr)_k .
+
+With :math:`\lambda_{ler} = 0` this is the entropy :math:`H(q_i)` of Eq. 9. As in the
+reference code, :math:`q_i` is not detached and the sum is divided by all ``N`` rows.
+
+**Class prior** (reference code): :math:`\tilde p` starts uniform and after each
+training call is updated as
+:math:`\tilde p \leftarrow m\tilde p + (1-m)\,\frac1N\sum_i \mathrm{softmax}(z_i/T_p)`
+with :math:`m = 0.999`, over all rows (labelled ones included); the loss of a call uses
+the prior from before the update. The reference applies the softmax to the raw cosine
+logits (:math:`T_p = 1`), which keeps :math:`\tilde p` close to uniform; set
+``prior_temperature=tau_s`` to average the model's actual predictions instead.
+
+**Dual-view KL** (Eq. 11): :math:`D_{KL}(p\,\|\,p') = \frac1B\sum_i\sum_k p_{ik}
+\log(p_{ik}/p'_{ik})` between the predictions of two views, gradient through both.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from entrokit._errors import InputError
+from entrokit._validation import check_positive
+from entrokit.regularizers._buffers import (
+    check_count,
+    check_logits,
+    check_nonneg_real,
+    check_unit_interval,
+)
+
+__all__ = [
+    "LocalEntropyRegularizer",
+    "dual_view_kl",
+    "local_entropy_loss",
+    "select_known",
+]
+
+
+def _check_mask(mask: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"labeled_mask must be a bool torch.Tensor of shape [{n}], got {type(mask).__name__}."
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"labeled_mask must have dtype torch.bool, got {mask.dtype}; convert with "
+            "labeled_mask.bool()."
+        )
+    if mask.dim() != 1 or mask.shape[0] != n:
+        raise InputError(
+            f"labeled_mask must have shape [{n}] (one flag per row of logits), got "
+            f"{tuple(mask.shape)}; with two views stacked, repeat it: torch.cat([m, m])."
+        )
+    if mask.device != device:
+        raise InputError(
+            f"device mismatch: logits are on {device} but labeled_mask is on {mask.device}."
+        )
+    return mask
+
+
+def select_known(
+    logits: torch.Tensor,
+    labeled_mask: torch.Tensor,
+    num_known: int,
+    threshold: float = 0.7,
+    tau_s: float = 0.1,
+) -> torch.Tensor:
+    r"""Mask :math:`o_i` of potential known-class samples (paper Sec. 3.2).
+
+    Args:
+        logits: ``[N, K]`` raw logits (cosine similarities in the reference model).
+        labeled_mask: ``[N]`` bool, ``True`` for labelled rows.
+        num_known: number of known classes :math:`|\mathcal Y_l|` (indices ``0..num_known-1``).
+        threshold: confidence threshold :math:`\delta` on :math:`\max_k p_{ik}`.
+        tau_s: student temperature used for the confidence.
+
+    Returns:
+        ``[N]`` bool mask.
+    """
+    logits = check_logits(logits, None)
+    n, k = logits.shape
+    num_known = check_count(num_known, "num_known")
+    if num_known > k:
+        raise InputError(f"num_known={num_known} exceeds the number of classes {k}.")
+    labeled_mask = _check_mask(labeled_mask, n, logits.device)
+    threshold = check_unit_interval(threshold, "threshold", closed_right=True, example="threshold=0.7")
+    tau_s = check_positive(tau_s, "tau_s")
+    conf, pred = F.softmax(logits.detach() / tau_s, dim=1).max(dim=1)
+    return (~labeled_mask) & (conf >= threshold) & (pred < num_known)
+
+
+def local_entropy_loss(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    log_prior: torch.Tensor | None = None,
+    tau_o: float = 0.05,
+    lam_ler: float = 0.4,
+    detach_target: bool = False,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> torch.Tensor:
+    r"""LER with the margin-aware pattern (Eq. 10); see the module docstring.
+
+    Args:
+        logits: ``[N, K]`` raw logits.
+        mask: ``[N]`` bool selection :math:`o` (from :func:`select_known`).
+        log_prior: ``[K]`` :math:`\log\tilde p`; ``None`` means no adjustment (Eq. 9).
+        tau_o: sharpening temperature :math:`\tau_o`.
+        lam_ler: logit-adjustment weight :math:`\lambda_{ler}`.
+        detach_target: stop the gradient through :math:`q` (the reference does not).
+        reduction: ``"mean"`` divides by all ``N`` rows (reference), ``"sum"``, ``"none"``.
+    """
+    tau_o = check_positive(tau_o, "tau_o")
+    lam_ler = check_nonneg_real(lam_ler, "lam_ler", example="lam_ler=0.4")
+    s = logits / tau_o
+    q = F.softmax(s, dim=1)
+    if detach_target:
+        q = q.detach()
+    adj = s if log_prior is None else s + lam_ler * log_prior.to(s.dtype)
+    per = -(q * F.log_softmax(adj, dim=1)).sum(dim=1) * mask.to(s.dtype)
+    if reduction == "mean":
+        return per.mean()
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "none":
+        return per
+    raise InputError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+
+
+def dual_view_kl(
+    logits_view1: torch.Tensor,
+    logits_view2: torch.Tensor,
+    temperature: float = 0.1,
+    form: Literal["paper", "reference"] = "paper",
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> torch.Tensor:
+    r"""Dual-view KL divergence :math:`D_{KL}(p\,\|\,p')` of LegoGCD (Eq. 11).
+
+    With :math:`p = \mathrm{softmax}(z/\tau)`, :math:`p' = \mathrm{softmax}(z'/\tau)`:
+
+    * ``form="paper"`` (default): :math:`\frac1B\sum_i\sum_k p_{ik}(\log p_{ik} - \log p'_{ik})`,
+      a true KL (``>= 0``, zero iff the views agree).
+    * ``form="reference"``: the reference code's expression
+      :math:`\frac1B\sum_i\sum_k p_{ik}(\log\mathrm{softmax}(p_i)_k - \log\mathrm{softmax}(p'_i)_k)`,
+      i.e. log-softmax applied to probabilities; it is zero for identical views but is
+      not a divergence. Use it only to reproduce the published numbers.
+
+    Gradients flow through both views (as in the reference).
+
+    Args:
+        logits_view1: ``[B, K]`` logits of the first view.
+        logits_view2: ``[B, K]`` logits of the second view (same samples, same order).
+        temperature: student temperature :math:`\tau_s` (0.1).
+        form: ``"paper"`` or ``"reference"``.
+        reduction: ``"mean"`` over ``B`` (default), ``"sum"`` or ``"none"`` (``[B]``).
+
+    Examples:
+        >>> import torch
+        >>> z = torch.randn(4, 5)
+        >>> float(dual_view_kl(z, z))
+        0.0
+    """
+    logits_view1 = check_logits(logits_view1, None, name="logits_view1")
+    if not isinstance(logits_view2, torch.Tensor) or logits_view2.shape != logits_view1.shape:
+        got = tuple(logits_view2.shape) if isinstance(logits_view2, torch.Tensor) else type(logits_view2).__name__
+        raise InputError(
+            f"logits_view2 must have the shape of logits_view1 {tuple(logits_view1.shape)}, got "
+            f"{got}; pass the two views of the same batch, e.g. logits.chunk(2)."
+        )
+    temperature = check_positive(temperature, "temperature")
+    lp1 = F.log_softmax(logits_view1 / temperature, dim=1)
+    lp2 = F.log_softmax(logits_view2 / temperature, dim=1)
+    if form == "paper":
+        per = (lp1.exp() * (lp1 - lp2)).sum(dim=1)
+    elif form == "reference":
+        p1, p2 = lp1.exp(), lp2.exp()
+        per = (p1 * (F.log_softmax(p1, dim=1) - F.log_softmax(p2, dim=1))).sum(dim=1)
+    else:
+        raise InputError(f"form must be 'paper' or 'reference'; got {form!r}.")
+    if reduction == "mean":
+        return per.mean()
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "none":
+        return per
+    raise InputError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+
+
+class LocalEntropyRegularizer(nn.Module):
+    r"""LegoGCD's local entropy regulariser (LER + margin-aware pattern) with its EMA prior.
+
+    Call it on the logits of all rows of a batch (both views stacked, labelled and
+    unlabelled) with a mask of the labelled rows; it selects the potential known-class
+    rows, returns :math:`\mathcal L_{LER}` (see the module docstring) and, in training
+    mode, updates the class prior buffer ``prior`` (``[num_classes]``, in ``state_dict``).
+    Multiply the result by the LER weight β (reference: 2; paper: 1 for CIFAR-100,
+    2 for CUB) and add it to the SimGCD loss. The number of rows selected in the last
+    call is kept in ``num_selected`` (for logging).
+
+    Args:
+        num_classes: total number of classes ``K`` (known + novel).
+        num_known: number of known classes; they must occupy indices ``0..num_known-1``.
+        threshold: confidence threshold δ (reference default 0.7; scripts use 0.7-0.95).
+        tau_s: student temperature for the confidence (0.1).
+        tau_o: sharpening temperature τ_o (0.05).
+        lam_ler: logit-adjustment weight λ_ler (0.4).
+        momentum: EMA momentum of the prior (0.999).
+        prior_temperature: temperature of the softmax averaged into the prior (reference: 1).
+        detach_target: stop the gradient through the sharpened target (reference: False).
+
+    Shape:
+        - logits ``[N, K]``, labeled_mask ``[N]`` (bool); output: scalar.
+
+    Examples:
+        >>> import torch
+        >>> ler = LocalEntropyRegularizer(num_classes=10, num_known=5)
+        >>> z = torch.randn(8, 10, requires_grad=True)
+        >>> ler(z, torch.zeros(8, dtype=torch.bool)).backward()
+    """
+
+    prior: torch.Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_known: int,
+        threshold: float = 0.7,
+        tau_s: float = 0.1,
+        tau_o: float = 0.05,
+        lam_ler: float = 0.4,
+        momentum: float = 0.999,
+        prior_temperature: float = 1.0,
+        detach_target: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_count(num_classes, "num_classes", minimum=2)
+        self.num_known = check_count(num_known, "num_known")
+        if num_known > num_classes:
+            raise InputError(
+                f"num_known={num_known} exceeds num_classes={num_classes}; num_classes counts "
+                "known and novel classes together."
+            )
+        self.threshold = threshold
+        self.tau_s = tau_s
+        self.tau_o = tau_o
+        self.lam_ler = lam_ler
+        self.momentum = momentum
+        self.prior_temperature = prior_temperature
+        self.detach_target = detach_target
+        self._check_options()
+        self.register_buffer("prior", torch.full((num_classes,), 1.0 / num_classes))
+        self.num_selected = 0
+
+    def _check_options(self) -> None:
+        check_unit_interval(self.threshold, "threshold", closed_right=True, example="threshold=0.7")
+        check_positive(self.tau_s, "tau_s")
+        check_positive(self.tau_o, "tau_o")
+        check_nonneg_real(self.lam_ler, "lam_ler", example="lam_ler=0.4")
+        check_unit_interval(self.momentum, "momentum", closed_right=True, example="momentum=0.999")
+        check_positive(self.prior_temperature, "prior_temperature")
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, num_known={self.num_known}, "
+            f"threshold={self.threshold}, tau_o={self.tau_o}, lam_ler={self.lam_ler}"
+        )
+
+    @torch.no_grad()
+    def update_prior(self, logits: torch.Tensor) -> None:
+        r""":math:`\tilde p \leftarrow m\tilde p + (1-m)\,\mathrm{mean}_i\,\mathrm{softmax}(z_i/T_p)`."""
+        mean_p = F.softmax(logits.detach().to(self.prior.dtype) / self.prior_temperature, dim=1).mean(0)
+        self.prior.mul_(self.momentum).add_((1.0 - self.momentum) * mean_p)
+
+    def forward(self, logits: torch.Tensor, labeled_mask: torch.Tensor) -> torch.Tensor:
+        """Return the LER loss of the batch and (in training mode) update the prior."""
+        self._check_options()
+        logits = check_logits(logits, self.num_classes)
+        if self.prior.device != logits.device:
+            raise InputError(
+                f"LocalEntropyRegularizer keeps its prior on {self.prior.device} but logits are "
+                f"on {logits.device}; move it with ler.to(logits.device)."
+            )
+        mask = select_known(logits, labeled_mask, self.num_known, self.threshold, self.tau_s)
+        self.num_selected = int(mask.sum())
+        loss = local_entropy_loss(
+            logits, mask, torch.log(self.prior), self.tau_o, self.lam_ler, self.detach_target
+        )
+        if self.training:
+            self.update_prior(logits)  # after the loss, as in the reference
+        return loss

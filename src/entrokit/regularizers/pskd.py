@@ -1,0 +1,226 @@
+r"""Progressive Self-Knowledge Distillation (PS-KD).
+
+Kim, Ji, Yoon & Hwang, "Self-Knowledge Distillation with Progressive Refinement of
+Targets", ICCV 2021.
+
+The model distils from its own predictions of the previous epoch. For sample :math:`i`
+with label :math:`y_i` and stored prediction :math:`P_i^{(t-1)}` (the softmax the model
+produced the last time it saw the sample), the soft target at epoch :math:`t` is
+(paper Eq. 5)
+
+.. math::
+
+    \tilde y_i^{(t)} = (1-\alpha_t)\,\mathrm{onehot}(y_i) + \alpha_t\,P_i^{(t-1)},
+    \qquad \alpha_t = \alpha_T\,\frac{t}{T},
+
+and the loss is the soft-target cross-entropy
+:math:`\frac1B\sum_i -\sum_k \tilde y_{ik}\log\mathrm{softmax}(z_i)_k` (no temperature).
+With :math:`\alpha_t = 0` this is exactly cross-entropy. The logit gradient is
+:math:`\mathrm{softmax}(z_i) - \tilde y_i`, so for the true class it is
+:math:`(p_{gt}-1) + \alpha_t(1-P_{i,gt})`: samples that were hard last epoch (low
+:math:`P_{i,gt}`) get a smaller push, i.e. the targets rescale gradients by difficulty.
+
+Epoch convention (reference code): epochs are numbered ``0 .. T-1`` and
+:math:`\alpha = \alpha_T (e+1)/T`, so :math:`\alpha` reaches :math:`\alpha_T` in the
+last epoch. A sample that has never been seen uses its one-hot label as the stored
+prediction (the reference fills the buffer with one-hot labels during epoch 0).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from entrokit._errors import InputError
+from entrokit.regularizers._buffers import (
+    all_gather_rows,
+    check_buffer_device,
+    check_count,
+    check_int_vector,
+    check_logits,
+    check_unit_interval,
+)
+
+__all__ = ["PSKDLoss", "pskd_alpha", "pskd_targets", "soft_cross_entropy"]
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
+    r"""Linear schedule :math:`\alpha = \alpha_T (e+1)/T` for 0-based epoch ``e``.
+
+    Args:
+        epoch: current epoch, ``0 <= epoch < total_epochs``.
+        total_epochs: number of training epochs ``T``.
+        alpha_T: final weight of the self-teacher, in ``[0, 1]``.
+
+    Returns:
+        :math:`\alpha` for this epoch.
+    """
+    total_epochs = check_count(total_epochs, "total_epochs")
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise TypeError(f"epoch must be an int, got {type(epoch).__name__}.")
+    if not 0 <= epoch < total_epochs:
+        raise InputError(
+            f"epoch must satisfy 0 <= epoch < total_epochs={total_epochs}, got {epoch}; epochs "
+            "are numbered from 0 (pass the loop variable of range(total_epochs))."
+        )
+    a = check_unit_interval(alpha_T, "alpha_T", closed_right=True, example="alpha_T=0.8")
+    return a * (epoch + 1) / total_epochs
+
+
+def pskd_targets(labels: torch.Tensor, prev_probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    r"""Soft targets :math:`(1-\alpha)\,\mathrm{onehot}(y) + \alpha P` (Eq. 5).
+
+    Args:
+        labels: ``[B]`` integer labels.
+        prev_probs: ``[B, C]`` stored predictions (rows are distributions).
+        alpha: mixing weight in ``[0, 1]``.
+
+    Returns:
+        ``[B, C]`` targets in ``prev_probs.dtype``; each row sums to 1.
+    """
+    alpha = check_unit_interval(alpha, "alpha", closed_right=True, example="alpha=0.5")
+    onehot = F.one_hot(labels.long(), prev_probs.shape[1]).to(prev_probs.dtype)
+    return (1.0 - alpha) * onehot + alpha * prev_probs
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    r"""Cross-entropy with soft targets, :math:`-\sum_k \tilde y_k \log\mathrm{softmax}(z)_k`.
+
+    Args:
+        logits: ``[B, C]``.
+        target: ``[B, C]`` target distributions (treated as constants).
+        reduction: ``"mean"`` over the batch (default), ``"sum"`` or ``"none"``.
+    """
+    per = -(target.detach().to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
+    if reduction == "mean":
+        return per.mean()
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "none":
+        return per
+    raise InputError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+
+
+class PSKDLoss(nn.Module):
+    r"""Progressive self-knowledge distillation loss with a per-sample prediction buffer.
+
+    Buffers (all in ``state_dict``): ``predictions`` ``[num_samples, num_classes]``
+    (float32, the last softmax per sample), ``seen`` ``[num_samples]`` (bool; unseen rows
+    use the one-hot label) and ``epoch`` (the current 0-based epoch, set with
+    :meth:`set_epoch`).
+
+    On every call in training mode the batch's rows of ``predictions`` are overwritten
+    with the detached softmax of ``logits`` *after* the targets were built, so the next
+    epoch sees this epoch's prediction. Under DDP (an initialised process group with more
+    than one rank, or ``sync=True``) indices and predictions are all-gathered first, so
+    all ranks hold the same buffer, as in the reference code.
+
+    Args:
+        num_samples: training-set size ``n``.
+        num_classes: number of classes ``C``.
+        total_epochs: number of epochs ``T`` of the schedule.
+        alpha_T: final self-teacher weight :math:`\alpha_T` (paper and code: 0.8).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        sync: distributed gathering: ``None`` (auto), ``True`` or ``False``.
+        check_inputs: check that labels and indices are in range (forces a device sync).
+
+    Shape:
+        - logits ``[B, C]``, labels ``[B]``, index ``[B]``; output scalar (``[B]`` for
+          ``reduction="none"``).
+
+    Examples:
+        >>> import torch
+        >>> loss_fn = PSKDLoss(num_samples=10, num_classes=3, total_epochs=4)
+        >>> loss_fn.set_epoch(1)
+        >>> round(loss_fn.alpha, 2)
+        0.4
+        >>> z = torch.randn(2, 3, requires_grad=True)
+        >>> loss_fn(z, torch.tensor([0, 2]), torch.tensor([3, 7])).backward()
+    """
+
+    predictions: torch.Tensor
+    seen: torch.Tensor
+    epoch: torch.Tensor
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        total_epochs: int,
+        alpha_T: float = 0.8,
+        reduction: Reduction = "mean",
+        sync: bool | None = None,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_samples = check_count(num_samples, "num_samples")
+        self.num_classes = check_count(num_classes, "num_classes", minimum=2)
+        self.total_epochs = check_count(total_epochs, "total_epochs")
+        self.alpha_T = alpha_T
+        self.reduction = reduction
+        self.sync = sync
+        self.check_inputs = check_inputs
+        check_unit_interval(alpha_T, "alpha_T", closed_right=True, example="alpha_T=0.8")
+        self.register_buffer("predictions", torch.zeros(num_samples, num_classes))
+        self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_samples={self.num_samples}, num_classes={self.num_classes}, "
+            f"total_epochs={self.total_epochs}, alpha_T={self.alpha_T}"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the 0-based epoch that drives :math:`\\alpha` (call once per epoch)."""
+        pskd_alpha(epoch, self.total_epochs, self.alpha_T)  # validates
+        self.epoch.fill_(epoch)
+
+    @property
+    def alpha(self) -> float:
+        r""":math:`\alpha_T (e+1)/T` for the current epoch ``e``."""
+        return pskd_alpha(int(self.epoch), self.total_epochs, self.alpha_T)
+
+    def soft_targets(self, labels: torch.Tensor, index: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Targets of Eq. 5 for the given rows (unseen rows use the one-hot label)."""
+        onehot = F.one_hot(labels, self.num_classes).to(self.predictions.dtype)
+        prev = torch.where(self.seen[index].unsqueeze(1), self.predictions[index], onehot)
+        return pskd_targets(labels, prev, alpha)
+
+    @torch.no_grad()
+    def update_predictions(self, probs: torch.Tensor, index: torch.Tensor) -> None:
+        """Overwrite the stored predictions of ``index`` (gathered across ranks under DDP)."""
+        idx, p = all_gather_rows(index, probs.detach().to(self.predictions.dtype), sync=self.sync)
+        self.predictions[idx] = p
+        self.seen[idx] = True
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        index: torch.Tensor,
+        alpha: float | None = None,
+    ) -> torch.Tensor:
+        """Soft-target cross-entropy against Eq. 5 targets; ``alpha`` overrides the schedule."""
+        logits = check_logits(logits, self.num_classes)
+        b = logits.shape[0]
+        labels = check_int_vector(
+            labels, "labels", b, self.num_classes, "num_classes", logits.device, self.check_inputs
+        )
+        index = check_int_vector(
+            index, "index", b, self.num_samples, "num_samples", logits.device, self.check_inputs
+        )
+        check_buffer_device(self.predictions, logits, "PSKDLoss")
+        a = self.alpha if alpha is None else alpha
+        target = self.soft_targets(labels, index, a)
+        loss = soft_cross_entropy(logits, target, reduction=self.reduction)
+        if self.training:
+            self.update_predictions(F.softmax(logits.detach(), dim=1), index)
+        return loss
