@@ -52,5 +52,27 @@ __all__ = [
     "quartile_fractions",
     "spectral_norm_step",
     "temperature_softmax",
+    # part B: training objectives with per-sample state
+    "ELRLoss",
+    "IndexedDataset",
+    "LocalEntropyRegularizer",
+    "PSKDLoss",
+    "all_gather_rows",
+    "dual_view_kl",
+    "elr_penalty",
+    "local_entropy_loss",
+    "pskd_alpha",
+    "pskd_targets",
+    "select_known",
+    "soft_cross_entropy",
 ]
-# part B exports below
+
+from entrokit.regularizers._buffers import IndexedDataset, all_gather_rows  # noqa: E402
+from entrokit.regularizers.elr import ELRLoss, elr_penalty  # noqa: E402
+from entrokit.regularizers.legogcd import (  # noqa: E402
+    LocalEntropyRegularizer,
+    dual_view_kl,
+    local_entropy_loss,
+    select_known,
+)
+from entrokit.regularizers.pskd import PSKDLoss, pskd_alpha, pskd_targets, soft_cross_entropy  # noqa: E402
