@@ -27,6 +27,7 @@ CPU, by a sparse direct factorisation (SciPy's SuperLU).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,20 @@ class SparseCoupling:
     c: torch.Tensor
     shape: tuple[int, int]
 
+    def __post_init__(self):
+        # CSR copies of T_s and T_s^T: one sparse mat-vec per product (MKL / cuSPARSE)
+        n, m = self.shape
+        dev = self.vals.device
+        crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+        crow[1:] = torch.cumsum(torch.bincount(self.rows, minlength=n), 0)
+        order = torch.argsort(self.cols, stable=True)
+        ccol = torch.zeros(m + 1, dtype=torch.int64, device=dev)
+        ccol[1:] = torch.cumsum(torch.bincount(self.cols, minlength=m), 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            self._A = torch.sparse_csr_tensor(crow, self.cols, self.vals, (n, m))
+            self._AT = torch.sparse_csr_tensor(ccol, self.rows[order], self.vals[order], (m, n))
+
     @property
     def nnz(self) -> int:
         return int(self.vals.numel())
@@ -63,13 +78,11 @@ class SparseCoupling:
 
     def mv(self, y: torch.Tensor) -> torch.Tensor:
         """:math:`T_s y` for ``y [m]``."""
-        out = torch.zeros(self.shape[0], dtype=y.dtype, device=y.device)
-        return out.index_add_(0, self.rows, self.vals * y[self.cols])
+        return torch.mv(self._A, y)
 
     def rmv(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`T_s^\\top x` for ``x [n]``."""
-        out = torch.zeros(self.shape[1], dtype=x.dtype, device=x.device)
-        return out.index_add_(0, self.cols, self.vals * x[self.rows])
+        return torch.mv(self._AT, x)
 
     def hess_mv(self, dx: torch.Tensor, dy: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
         """:math:`(K_s + \\sigma I)(dx, dy)`."""
@@ -89,9 +102,15 @@ class SparseCoupling:
 
 
 def _coupling_from_mask(T: torch.Tensor, mask: torch.Tensor, r, c) -> SparseCoupling:
-    idx = mask.nonzero()
-    rows, cols = idx[:, 0].contiguous(), idx[:, 1].contiguous()
-    return SparseCoupling(rows, cols, T[rows, cols], r, c, (T.shape[0], T.shape[1]))
+    n, m = T.shape
+    if mask.device.type == "cpu":
+        import numpy as np  # numpy's flatnonzero is ~5x faster than torch.nonzero on CPU
+
+        flat = torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
+    else:
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+    rows, cols = flat // m, flat % m
+    return SparseCoupling(rows, cols, T.reshape(-1)[flat], r, c, (n, m))
 
 
 def threshold_safe(T: torch.Tensor, r: torch.Tensor, c: torch.Tensor, delta: float) -> SparseCoupling:
