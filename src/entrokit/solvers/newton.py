@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -104,7 +104,7 @@ class _Dual:
         self.C, self.a, self.b, self.eps = C, a, b, eps
         self.log_a, self.log_b = a.log(), b.log()
 
-    def plan(self, al: torch.Tensor, be: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def plan(self, al: torch.Tensor, be: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         T = torch.empty_like(self.C) if out is None else out
         torch.sub(al.unsqueeze(1), self.C, out=T)
         T.add_(be.unsqueeze(0)).mul_(1.0 / self.eps).clamp_(_MIN_EXP, -_MIN_EXP).exp_()
@@ -281,20 +281,20 @@ def sinkhorn_newton(
     *,
     variant: str = "ssns",
     tol: float = 1e-8,
-    max_iter: Optional[int] = None,
-    warmup_max_iter: Optional[int] = None,
-    switch_tol: Optional[float] = None,
-    density: Optional[float] = None,
+    max_iter: int | None = None,
+    warmup_max_iter: int | None = None,
+    switch_tol: float | None = None,
+    density: float | None = None,
     linear_solver: str = "auto",
     cg_rtol: float = 1e-10,
-    cg_max_iter: Optional[int] = None,
+    cg_max_iter: int | None = None,
     fallback_steps: int = 10,
-    time_limit: Optional[float] = None,
-    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    time_limit: float | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
     grad: str = "envelope",
     normalize: bool = False,
     check_inputs: bool = True,
-    callback: Optional[Callable[[int, float], None]] = None,
+    callback: Callable[[int, float], None] | None = None,
 ) -> OTResult:
     r"""Entropic OT by Sinkhorn warm-up + sparse Newton (SNS) or safe sparse Newton (SSNS).
 
