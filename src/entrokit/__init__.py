@@ -9,6 +9,7 @@ from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._result import OTResult
 from entrokit.geometry import DenseCost, Geometry, PointCloud
 from entrokit.problem import OTProblem
+from entrokit.solvers.newton import sinkhorn_newton
 from entrokit.solvers.sinkhorn import sinkhorn
 from entrokit.solvers.solve import METHODS, solve
 
@@ -24,6 +25,7 @@ __all__ = [
     "OTResult",
     "PointCloud",
     "sinkhorn",
+    "sinkhorn_newton",
     "solve",
     "__version__",
 ]

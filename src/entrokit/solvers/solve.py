@@ -1,8 +1,7 @@
 r"""``entrokit.solve``: one entry point, dispatching by ``method``.
 
-The ``"auto"`` rule: ``"sinkhorn"`` (the only entropic solver registered so far). As
-other solvers register themselves in :data:`METHODS`, ``"auto"`` picks the Newton solver
-``"ssns"`` for a single dense problem with ``eps`` below 1e-2 times the cost range (where
+The ``"auto"`` rule picks the safe sparse Newton solver ``"ssns"``
+(:func:`entrokit.sinkhorn_newton`) for a single dense problem with ``eps`` below 1e-2 times the cost range (where
 Sinkhorn needs thousands of iterations) and ``"sinkhorn"`` otherwise (batches, online
 point clouds, large eps).
 """
@@ -21,6 +20,8 @@ __all__ = ["solve", "METHODS", "register_method"]
 # name -> "module:function"; solvers are imported lazily
 METHODS: dict[str, str] = {
     "sinkhorn": "entrokit.solvers.sinkhorn:sinkhorn",
+    "sns": "entrokit.solvers.newton:sns",
+    "ssns": "entrokit.solvers.newton:ssns",
 }
 
 

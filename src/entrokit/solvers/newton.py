@@ -1,0 +1,487 @@
+r"""Newton-accelerated Sinkhorn: SNS (Tang et al., ICLR 2024) and a safe variant (SSNS).
+
+Both solvers maximise the concave entropic dual (the Lyapunov potential of Sinkhorn).
+With log-scalings :math:`\alpha = f + \varepsilon\log a`, :math:`\beta = g + \varepsilon
+\log b` and :math:`T_{ij} = \exp((\alpha_i+\beta_j-C_{ij})/\varepsilon)` it reads
+
+.. math::
+
+    \Phi(\alpha,\beta) = \langle a,\alpha\rangle + \langle b,\beta\rangle
+        - \varepsilon\sum_{ij} T_{ij},\qquad
+    \nabla\Phi = (a - T\mathbf 1,\; b - T^\top\mathbf 1),\qquad
+    \nabla^2\Phi = -\varepsilon^{-1}\begin{pmatrix}\mathrm{diag}(T\mathbf 1) & T\\
+        T^\top & \mathrm{diag}(T^\top\mathbf 1)\end{pmatrix} .
+
+The gradient is the marginal violation, so the L1 marginal error is
+:math:`\|\nabla\Phi\|_1`. The Hessian is negative semidefinite with the gauge
+direction :math:`(\mathbf 1, -\mathbf 1)` in its null space (SNS paper, Sec. 3, with
+the sign fixed). Sinkhorn is exact block-coordinate ascent on :math:`\Phi`.
+
+**Algorithm** (both variants):
+
+1. *Warm-up*: log-domain Sinkhorn from zero potentials (or ``init``). ``"sns"`` switches
+   adaptively: once the L1 marginal error is below ``switch_tol``, or when Sinkhorn
+   stalls (error ratio over 5 iterations above 0.95), or after ``warmup_max_iter``
+   iterations (the paper uses a fixed :math:`N_1 = 20`). ``"ssns"`` needs no warm-up
+   for convergence; it runs ``warmup_max_iter`` (default 3) cheap Sinkhorn sweeps.
+2. *Newton stage* in float64: sparsify the coupling block of the Hessian (the exact
+   diagonal is kept), solve :math:`(K_s + \sigma I)\,d = \varepsilon\nabla\Phi` by the
+   Schur complement on the column block (Jacobi-PCG, or a sparse direct factorisation
+   on CPU), then backtrack :math:`\alpha_k \in \{1, \tfrac12, \tfrac14, \dots\}` until the
+   Armijo condition :math:`\Phi(z + \alpha_k d) \ge \Phi(z) + c_1\alpha_k\nabla\Phi^\top d`
+   holds (SNS Alg. 1, lines 5-8).
+
+* ``"sns"``: keep the :math:`\lceil\lambda nm\rceil` largest entries of :math:`T`
+  (``density`` :math:`\lambda`, default :math:`2/n` as in the paper; plus each row's
+  maximum) and a tiny shift :math:`\sigma = 10^{-10}\max_i r_i` that only removes the
+  gauge null space.
+* ``"ssns"`` (the idea of Tang, Qiu et al., NeurIPS 2024): the sparsification drops
+  every entry below :math:`\delta/\max(n,m)` with :math:`\delta = \nu\|\nabla\Phi\|_2`,
+  so each row and column loses at most :math:`\delta` of mass and
+  :math:`\|K - K_s\|_2 \le \delta`; the shift :math:`\sigma = \varepsilon\mu
+  \|\nabla\Phi\|_2` makes :math:`K_s + \sigma I` positive definite, and :math:`\mu` is
+  adapted by the ratio :math:`\rho` of actual to predicted increase (increase
+  :math:`\mu` when :math:`\rho < 1/4`, decrease when :math:`\rho > 3/4`). Both the density
+  and the shift therefore adapt to the residual: large and damped far from the
+  optimum, vanishing near it, which gives global convergence and a locally quadratic
+  rate without tuning.
+
+**Safeguards.** A failed line search (no Armijo step down to :math:`2^{-12}`), a CG
+solve that stalls or any non-finite value triggers ``fallback_steps`` Sinkhorn
+sweeps instead of the Newton step; the count is reported in
+``info["fallbacks"]``. Near convergence, where :math:`\Phi` differences drop below
+floating-point resolution, a step is also accepted when it reduces the marginal
+error.
+
+**Numerics.** The Newton stage always runs in float64 on a copy of the cost, and the
+exponent is clamped at :math:`-700` (no denormals: they are 10x slower and below any
+tolerance); the potentials are cast back to the input dtype. Rows or columns with zero
+weight are removed from the Newton problem and their potentials are filled in by the
+soft :math:`c`-transform, as in :func:`~entrokit.sinkhorn`.
+
+**Cost per Newton iteration.** One dense :math:`O(nm)` pass to form :math:`T`, its
+marginals and the objective (the same order as one Sinkhorn iteration), one pass to
+select the sparse pattern, and a sparse solve of cost :math:`O(\mathrm{nnz})` per CG
+iteration.
+
+**Devices.** Every operation is device-agnostic torch code (gathers and
+``index_add_`` for the sparse products); ``linear_solver="direct"`` uses SciPy and runs
+on CPU only; ``"auto"`` picks it for CPU tensors and CG elsewhere. The CUDA path is
+untested on GPU hardware.
+
+**Batches** are solved problem by problem (each has its own Newton path and
+iteration count); ``n_iter`` and ``converged`` are per problem.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from entrokit._errors import InputError
+from entrokit._result import OTResult
+from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit.problem import log_weights, make_problem
+from entrokit.solvers._entropic import entropic_result, warn_not_converged
+from entrokit.solvers._newton_linalg import schur_solve, threshold_density, threshold_safe
+from entrokit.solvers.sinkhorn import _check_init
+
+__all__ = ["sinkhorn_newton", "sns", "ssns", "NEWTON_VARIANTS"]
+
+NEWTON_VARIANTS = ("ssns", "sns")
+_LINEAR_SOLVERS = ("auto", "cg", "direct")
+_GRADS = ("envelope", "implicit", "unroll")
+_MIN_EXP = -700.0  # exp(-700) ~ 1e-304: smallest exponent kept out of the denormal range
+
+
+class _Dual:
+    """The dual objective of one problem on its support, in float64."""
+
+    def __init__(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float):
+        self.C, self.a, self.b, self.eps = C, a, b, eps
+        self.log_a, self.log_b = a.log(), b.log()
+
+    def plan(self, al: torch.Tensor, be: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        T = torch.empty_like(self.C) if out is None else out
+        torch.sub(al.unsqueeze(1), self.C, out=T)
+        T.add_(be.unsqueeze(0)).mul_(1.0 / self.eps).clamp_(_MIN_EXP, -_MIN_EXP).exp_()
+        return T
+
+    def evaluate(self, al, be, out=None):
+        """Return ``(T, r, c, phi, err)`` at ``(al, be)``."""
+        T = self.plan(al, be, out)
+        r, c = T.sum(1), T.sum(0)
+        phi = float(torch.dot(self.a, al) + torch.dot(self.b, be) - self.eps * r.sum())
+        err = float((r - self.a).abs().sum() + (c - self.b).abs().sum())
+        return T, r, c, phi, err
+
+    def sinkhorn_sweep(self, al, be, T, c):
+        """One Sinkhorn iteration (column then row scaling) from the plan ``T`` at
+        ``(al, be)`` with column sums ``c``: one exponential pass. Returns the new
+        ``(al, be, T, r, c, phi, err)``; ``T`` is overwritten."""
+        eps = self.eps
+        be = be + eps * (self.log_b - c.log())  # column update: T^T 1 = b
+        T = self.plan(al, be, T)
+        r = T.sum(1)
+        al = al + eps * (self.log_a - r.log())  # row update: T 1 = a
+        T.mul_((self.a / r).unsqueeze(1))
+        c = T.sum(0)
+        r = self.a
+        phi = float(torch.dot(self.a, al) + torch.dot(self.b, be) - eps * self.a.sum())
+        err = float((c - self.b).abs().sum())
+        return al, be, T, r, c, phi, err
+
+
+def _solve_one(C, a, b, eps, al, be, opt: dict, t_start: float):
+    """Warm-up + Newton on one problem with positive weights. Returns (al, be, info)."""
+    n, m = C.shape
+    dual = _Dual(C, a, b, eps)
+    hist_obj: list[float] = []
+    hist_err: list[float] = []
+    hist_time: list[float] = []
+    hist_phase: list[str] = []
+    info: dict[str, Any] = {
+        "fallbacks": 0, "line_search_failures": 0, "cg_failures": 0,
+        "cg_iters": [], "density": [], "step_size": [], "shift": [],
+    }
+    tol, variant = opt["tol"], opt["variant"]
+    callback = opt["callback"]
+
+    def record(phi, err, phase):
+        hist_obj.append(phi)
+        hist_err.append(err)
+        hist_time.append(time.perf_counter() - t_start)
+        hist_phase.append(phase)
+        if callback is not None:
+            callback(len(hist_err), err)
+
+    # -- warm-up: log-domain Sinkhorn with an adaptive switch -----------------------
+    n_warm = 0
+    T, r, c, phi, err = dual.evaluate(al, be)
+    if opt["init_given"]:
+        record(phi, err, "init")
+    while err > tol and n_warm < opt["warmup_max_iter"]:
+        al, be, T, r, c, phi, err = dual.sinkhorn_sweep(al, be, T, c)
+        n_warm += 1
+        record(phi, err, "sinkhorn")
+        if err <= opt["switch_tol"]:
+            break
+        if variant == "sns" and n_warm >= 6 and err > 0.95 * hist_err[-6]:
+            break  # stalled: Sinkhorn's linear rate has degraded, switch to Newton
+    info["n_warmup"] = n_warm
+
+    # -- Newton stage ----------------------------------------------------------------
+    mu = opt["mu0"]
+    n_newton = 0
+    T_try = torch.empty_like(C)
+    dy_prev = None
+    lin = opt["linear_solver"]
+    while err > tol and n_newton + info["fallbacks"] < opt["max_iter"]:
+        if opt["deadline"] is not None and time.perf_counter() > opt["deadline"]:
+            info["timed_out"] = True
+            break
+        gx, gy = a - r, b - c
+        gnorm = float(torch.sqrt(gx.dot(gx) + gy.dot(gy)))
+        if variant == "ssns":
+            sp = threshold_safe(T, r, c, opt["nu"] * gnorm)
+            shift = eps * mu * gnorm
+        else:
+            sp = threshold_density(T, r, c, opt["density"])
+            shift = 1e-10 * float(r.max())
+        rtol = min(opt["cg_rtol_max"], max(opt["cg_rtol"], err))
+        dx, dy, cg_it, ok = schur_solve(
+            sp, eps * gx, eps * gy, shift, method=lin, rtol=rtol, max_iter=opt["cg_max_iter"], y0=dy_prev,
+        )
+        info["cg_iters"].append(cg_it)
+        info["density"].append(sp.density)
+        info["shift"].append(shift)
+        step_ok = False
+        if ok:
+            slope = float(gx.dot(dx) + gy.dot(dy))  # > 0: ascent direction
+            if variant == "ssns":
+                Kx, Ky = sp.hess_mv(dx, dy, 0.0)
+                curv = float(dx.dot(Kx) + dy.dot(Ky)) / eps
+            t = 1.0
+            while t >= opt["min_step"] and slope > 0:
+                al_t, be_t = al + t * dx, be + t * dy
+                T_t, r_t, c_t, phi_t, err_t = dual.evaluate(al_t, be_t, T_try)
+                gain = phi_t - phi
+                if math.isfinite(phi_t) and (
+                    gain >= opt["c1"] * t * slope or (err < 1e-4 and err_t < err)
+                ):
+                    step_ok = True
+                    break
+                t *= 0.5
+            if step_ok and variant == "ssns":
+                pred = t * slope - 0.5 * t * t * curv
+                rho = gain / pred if pred > 0 else 1.0
+                if rho < 0.25:
+                    mu *= 4.0
+                elif rho > 0.75:
+                    mu = max(0.5 * mu, opt["mu_min"])
+        else:
+            info["cg_failures"] += 1
+        if step_ok:
+            al, be = al_t, be_t
+            T, T_try = T_t, T
+            r, c, phi, err = r_t, c_t, phi_t, err_t
+            n_newton += 1
+            dy_prev = dy if lin == "cg" else None
+            info["step_size"].append(t)
+            record(phi, err, "newton")
+            continue
+        # fallback: damp harder (SSNS) and take Sinkhorn sweeps instead of the step
+        if ok:
+            info["line_search_failures"] += 1
+        info["fallbacks"] += 1
+        mu *= 4.0
+        dy_prev = None
+        for _ in range(opt["fallback_steps"]):
+            al, be, T, r, c, phi, err = dual.sinkhorn_sweep(al, be, T, c)
+            record(phi, err, "sinkhorn")
+            if err <= tol:
+                break
+    info["n_newton"] = n_newton
+    n_sink = sum(1 for p in hist_phase if p == "sinkhorn")
+    info["n_sinkhorn"] = n_sink
+    info.update(objective=hist_obj, marginal_error=hist_err, time=hist_time, phase=hist_phase)
+    return al, be, err, n_sink + n_newton, info
+
+
+def _fill_potentials(C, a, b, eps, al, be, ia, ib):
+    """Full-size f, g (float64): f = al - eps log a on the support, soft c-transform
+    elsewhere (rows/columns of zero weight)."""
+    n, m = C.shape
+    f = torch.empty(n, dtype=C.dtype, device=C.device)
+    g = torch.empty(m, dtype=C.dtype, device=C.device)
+    f[ia] = al - eps * a[ia].log()
+    g[ib] = be - eps * b[ib].log()
+    log_a, log_b = log_weights(a), log_weights(b)
+    if len(ia) < n:
+        rest = torch.ones(n, dtype=torch.bool, device=C.device)
+        rest[ia] = False
+        Z = (g.unsqueeze(0) + eps * log_b.unsqueeze(0) - C[rest]) / eps
+        f[rest] = -eps * torch.logsumexp(Z, 1)
+    if len(ib) < m:
+        rest = torch.ones(m, dtype=torch.bool, device=C.device)
+        rest[ib] = False
+        Z = (f.unsqueeze(1) + eps * log_a.unsqueeze(1) - C[:, rest]) / eps
+        g[rest] = -eps * torch.logsumexp(Z, 0)
+    return f, g
+
+
+def sinkhorn_newton(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cost,
+    eps: float,
+    *,
+    variant: str = "ssns",
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    warmup_max_iter: int | None = None,
+    switch_tol: float | None = None,
+    density: float | None = None,
+    linear_solver: str = "auto",
+    cg_rtol: float = 1e-10,
+    cg_max_iter: int | None = None,
+    fallback_steps: int = 10,
+    time_limit: float | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    grad: str = "envelope",
+    normalize: bool = False,
+    check_inputs: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> OTResult:
+    r"""Entropic OT by Sinkhorn warm-up + sparse Newton (SNS) or safe sparse Newton (SSNS).
+
+    Solves :math:`\min_{P\in U(a,b)}\langle C,P\rangle + \varepsilon\,\mathrm{KL}(P\|a\otimes
+    b)` through its dual; see the module docstring for the algorithm and the math.
+
+    Args:
+        a: source weights ``[n]`` or ``[B, n]`` (nonnegative, zeros allowed).
+        b: target weights ``[m]`` or ``[B, m]``.
+        cost: cost ``[n, m]`` / ``[B, n, m]`` or a geometry (point clouds are
+            materialised: the Newton stage needs the dense plan).
+        eps: regularization :math:`\varepsilon > 0` (RegOT's ``reg``, POT's ``reg``; the
+            SNS paper's :math:`1/\eta`).
+        variant: ``"ssns"`` (default: safe, adaptive, no tuning) or ``"sns"`` (the paper's
+            algorithm: fixed-density sparsification, Armijo, adaptive warm-up switch).
+        tol: stop when the L1 marginal error :math:`\|P\mathbf 1-a\|_1 + \|P^\top\mathbf
+            1-b\|_1 \le` ``tol``.
+        max_iter: budget of Newton iterations (fallback Sinkhorn rounds count as one
+            each); default 100.
+        warmup_max_iter: cap on Sinkhorn warm-up iterations (default 20 for ``"sns"``,
+            3 for ``"ssns"``).
+        switch_tol: warm-up stops once the marginal error is below this (default
+            ``1e-2`` for ``"sns"``; ``"ssns"`` uses ``0.5``).
+        density: SNS target density :math:`\lambda` of the sparsified coupling block
+            (default :math:`2/\min(n,m)`, the paper's :math:`2/n`).
+        linear_solver: ``"cg"`` (matrix-free Jacobi-PCG, any device), ``"direct"``
+            (sparse LU through SciPy, CPU) or ``"auto"`` (direct on CPU, CG otherwise).
+        cg_rtol: floor of the CG relative tolerance; the tolerance used at each step
+            is :math:`\min(10^{-2}, \max(\texttt{cg\_rtol}, \text{error}))` (inexact
+            Newton with a superlinear forcing term).
+        cg_max_iter: CG iteration cap per Newton step (default :math:`\max(200, m)`).
+        fallback_steps: Sinkhorn sweeps taken when a Newton step fails.
+        time_limit: optional wall-clock budget in seconds (the run stops with
+            ``converged=False`` and ``info["timed_out"]=True``).
+        init: warm start ``(f, g)``.
+        grad: ``"envelope"`` (default) or ``"implicit"`` (implicit function theorem,
+            see :mod:`entrokit.solvers.implicit`). ``"unroll"`` raises
+            :class:`~entrokit.InputError`: Newton iterations contain discrete choices
+            (sparsity pattern, line search) and run on detached float64 copies, so there is
+            no graph to unroll; at convergence ``"implicit"`` gives the exact derivative
+            that unrolling would approach.
+        normalize: rescale ``a`` and ``b`` to unit mass.
+        check_inputs: run value checks on the inputs.
+        callback: ``callback(iteration, error)`` after every iteration (single problems
+            and each problem of a batch in turn).
+
+    Returns:
+        :class:`~entrokit.OTResult` with ``method="sns"`` or ``"ssns"``; ``n_iter`` counts
+        Sinkhorn (warm-up and fallback) plus Newton iterations. ``info`` holds, per
+        problem (lists for batches), the histories ``objective``, ``marginal_error``,
+        ``time`` (seconds since the start) and ``phase`` of every iteration, plus
+        ``n_warmup``, ``n_newton``, ``n_sinkhorn``, ``cg_iters``, ``density``,
+        ``step_size``, ``shift``, ``fallbacks``, ``line_search_failures`` and
+        ``cg_failures``.
+
+    Raises:
+        InputError: bad options or inputs (see :func:`~entrokit.sinkhorn`).
+        TypeError: non-tensor inputs.
+
+    Example:
+        >>> import torch, entrokit
+        >>> g = torch.Generator().manual_seed(0)
+        >>> C = torch.rand(50, 50, generator=g, dtype=torch.float64)
+        >>> a = torch.full((50,), 1 / 50, dtype=torch.float64)
+        >>> res = entrokit.sinkhorn_newton(a, a, C, eps=1e-2)
+        >>> bool(res.marginal_error < 1e-8)
+        True
+    """
+    eps = check_positive(eps, "eps")
+    tol = check_positive(tol, "tol")
+    check_choice(variant, "variant", NEWTON_VARIANTS)
+    check_choice(linear_solver, "linear_solver", _LINEAR_SOLVERS)
+    check_choice(grad, "grad", _GRADS)
+    if grad == "unroll":
+        raise InputError(
+            "grad='unroll' is not available for the Newton solvers: their steps contain "
+            "discrete choices (sparsity pattern, line search) and run on detached float64 "
+            "copies. Use grad='implicit' (exact derivative at the solution) or 'envelope', "
+            "or method='sinkhorn' with grad='unroll'."
+        )
+    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or 100
+    if warmup_max_iter is None:
+        warmup_max_iter = 20 if variant == "sns" else 3
+    elif isinstance(warmup_max_iter, bool) or not isinstance(warmup_max_iter, int) or warmup_max_iter < 0:
+        raise InputError(f"warmup_max_iter must be an int >= 0, got {warmup_max_iter!r}.")
+    switch_tol = check_positive(switch_tol, "switch_tol") if switch_tol is not None else (
+        1e-2 if variant == "sns" else 0.5
+    )
+    if density is not None:
+        density = check_positive(density, "density")
+        if density > 1:
+            raise InputError(f"density must lie in (0, 1], got {density!r}; the paper uses 2/n.")
+    cg_rtol = check_positive(cg_rtol, "cg_rtol")
+    if cg_max_iter is not None:
+        check_positive_int(cg_max_iter, "cg_max_iter")
+    fallback_steps = check_positive_int(fallback_steps, "fallback_steps")
+    if time_limit is not None:
+        time_limit = check_positive(time_limit, "time_limit")
+    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    user_batched = problem.batched
+    pb = problem.with_batch()
+    if init is not None:
+        init = _check_init(init, pb)
+    dtype, device = pb.a.dtype, pb.a.device
+    if linear_solver == "auto":
+        linear_solver = "cg"
+    elif linear_solver == "direct" and device.type != "cpu":
+        raise InputError(
+            f"linear_solver='direct' runs on CPU only (SciPy), but the inputs are on {device}; "
+            "use linear_solver='cg' (or 'auto')."
+        )
+
+    t0 = time.perf_counter()
+    geom = pb.geometry.detach()
+    Cb = geom.cost_matrix().to(torch.float64)
+    A, Bw = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
+    nb = A.shape[0]
+    fs, gs, n_iter, conv, errs, infos = [], [], [], [], [], []
+    for k in range(nb):
+        C, ak, bk = Cb[k], A[k], Bw[k]
+        ia, ib = (ak > 0).nonzero().squeeze(1), (bk > 0).nonzero().squeeze(1)
+        full = len(ia) == ak.numel() and len(ib) == bk.numel()
+        Cs = C if full else C[ia][:, ib].contiguous()
+        a_s, b_s = ak[ia], bk[ib]
+        if init is not None:
+            al0 = init[0][k].detach().to(torch.float64)[ia] + eps * a_s.log()
+            be0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
+        else:
+            al0 = torch.zeros_like(a_s)
+            be0 = torch.zeros_like(b_s)
+        n_s, m_s = Cs.shape
+        opt = dict(
+            tol=tol, variant=variant, callback=callback, init_given=init is not None,
+            warmup_max_iter=warmup_max_iter, switch_tol=switch_tol,
+            density=density if density is not None else min(1.0, 2.0 / min(n_s, m_s)),
+            max_iter=max_iter, linear_solver=linear_solver, cg_rtol=cg_rtol, cg_rtol_max=1e-2,
+            cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
+            mu0=1.0, mu_min=1e-3, nu=1e-2, c1=1e-4, min_step=2.0 ** -12,
+            deadline=None if time_limit is None else t0 + time_limit,
+        )
+        al, be, err, it, info = _solve_one(Cs, a_s, b_s, eps, al0, be0, opt, time.perf_counter())
+        f, g = _fill_potentials(C, ak, bk, eps, al, be, ia, ib)
+        fs.append(f)
+        gs.append(g)
+        n_iter.append(it)
+        conv.append(err <= tol)
+        errs.append(info["marginal_error"])
+        infos.append(info)
+    f = torch.stack(fs).to(dtype)
+    g = torch.stack(gs).to(dtype)
+    L = max(1, max(len(e) for e in errs))
+    err_hist = torch.tensor(
+        [[(e[i] if i < len(e) else (e[-1] if e else float("nan"))) for e in errs] for i in range(L)],
+        dtype=dtype, device=device,
+    )
+    n_iter_t = torch.tensor(n_iter, dtype=torch.long, device=device)
+    conv_t = torch.tensor(conv, dtype=torch.bool, device=device)
+    info_out = infos[0] if not user_batched else {
+        key: [inf.get(key) for inf in infos] for key in infos[0]
+    }
+    info_out = dict(info_out)
+    info_out["linear_solver"] = linear_solver
+    info_out["total_time"] = time.perf_counter() - t0
+    # the shared result builder exponentiates the full cost once; flush denormals there
+    # (entries below 1e-308 are 10x slower to compute and far below any tolerance)
+    flush = torch.set_flush_denormal(True)
+    try:
+        res = entropic_result(
+            pb, f, g, eps, grad=grad, n_iter=n_iter_t, converged=conv_t, errors=err_hist,
+            method=variant, user_batched=user_batched, info=info_out,
+        )
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    warn_not_converged(
+        conv_t, torch.tensor([e[-1] if e else float("nan") for e in errs]), tol, variant,
+        f"Raise max_iter (now {max_iter}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
+        "with variant='sns' try variant='ssns'.",
+    )
+    return res
+
+
+def sns(a, b, cost, eps, **options) -> OTResult:
+    """:func:`sinkhorn_newton` with ``variant="sns"`` (``entrokit.solve(method="sns")``)."""
+    return sinkhorn_newton(a, b, cost, eps, variant="sns", **options)
+
+
+def ssns(a, b, cost, eps, **options) -> OTResult:
+    """:func:`sinkhorn_newton` with ``variant="ssns"`` (``entrokit.solve(method="ssns")``)."""
+    return sinkhorn_newton(a, b, cost, eps, variant="ssns", **options)

@@ -1,0 +1,281 @@
+"""Tests of the Newton-accelerated Sinkhorn solvers (SNS and SSNS)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import entrokit
+from entrokit import InputError, sinkhorn, sinkhorn_newton
+from entrokit.solvers import _newton_linalg as nl
+from entrokit.solvers import newton as newton_mod
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny problems: thread synchronisation only adds noise on shared CI machines
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _problem(n, m, seed, dtype=D, batch=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, m) if batch is None else (batch, n, m)
+    C = torch.rand(*shape, generator=g, dtype=D)
+    a = torch.rand(*shape[:-1], generator=g, dtype=D) + 0.1
+    b = torch.rand(*shape[:-2], m, generator=g, dtype=D) + 0.1
+    a = a / a.sum(-1, keepdim=True)
+    b = b / b.sum(-1, keepdim=True)
+    return a.to(dtype), b.to(dtype), C.to(dtype)
+
+
+def _marginal_error(P, a, b):
+    return ((P.sum(-1) - a).abs().sum(-1) + (P.sum(-2) - b).abs().sum(-1))
+
+
+@pytest.mark.parametrize("variant", ["ssns", "sns"])
+def test_agrees_with_sinkhorn(variant):
+    a, b, C = _problem(30, 25, 0)
+    eps = 0.02
+    ref = sinkhorn(a, b, C, eps, tol=1e-13, max_iter=200_000)
+    res = sinkhorn_newton(a, b, C, eps, variant=variant, tol=1e-12)
+    assert res.converged and res.method == variant
+    assert torch.allclose(res.plan, ref.plan, atol=1e-8, rtol=0)
+    assert abs(res.transport_cost.item() - ref.transport_cost.item()) < 1e-8
+    assert abs(res.value.item() - ref.value.item()) < 1e-8
+    # independent marginal check of the returned plan
+    assert _marginal_error(res.plan, a, b).item() < 1e-11
+
+
+def test_solve_dispatch_and_small_eps_random_assignment():
+    g = torch.Generator().manual_seed(1)
+    n = 120
+    C = torch.rand(n, n, generator=g, dtype=D)
+    a = torch.full((n,), 1.0 / n, dtype=D)
+    for method in ("sns", "ssns"):
+        res = entrokit.solve(a, a, C, eps=1 / 1200, method=method, tol=1e-8)
+        assert res.method == method and bool(res.converged)
+        assert _marginal_error(res.plan, a, a).item() <= 1e-8
+        info = res.info
+        assert info["n_newton"] >= 1
+        assert res.n_iter.item() == info["n_sinkhorn"] + info["n_newton"]
+        assert len(info["objective"]) == len(info["marginal_error"]) == len(info["time"])
+    assert entrokit.solve(a, a, C, eps=1 / 1200).method == "ssns"  # the "auto" rule
+
+
+def test_ssns_monotone_and_far_fewer_iterations_than_sinkhorn():
+    g = torch.Generator().manual_seed(2)
+    n = 60
+    C = torch.rand(n, n, generator=g, dtype=D)
+    a = torch.full((n,), 1.0 / n, dtype=D)
+    eps, tol = 1e-2, 1e-9
+    res = sinkhorn_newton(a, a, C, eps, tol=tol)
+    obj = res.info["objective"]
+    assert all(y >= x - 1e-12 * abs(x) for x, y in zip(obj, obj[1:]))  # ascent on the dual
+    ref = sinkhorn(a, a, C, eps, tol=tol, eps_scaling=False, max_iter=200_000)
+    assert bool(res.converged) and bool(ref.converged)
+    assert 20 * res.n_iter.item() < ref.n_iter.item()
+    err = res.info["marginal_error"]
+    assert err[-1] < 1e-2 * err[-2]  # quadratic last step
+
+
+def _phi(al, be, C, a, b, eps):
+    T = torch.exp((al[:, None] + be[None, :] - C) / eps)
+    return a @ al + b @ be - eps * T.sum()
+
+
+def test_hessian_matches_finite_differences_and_sparsified_is_psd():
+    a, b, C = _problem(7, 6, 3)
+    eps = 0.3
+    g = torch.Generator().manual_seed(4)
+    al = 0.1 * torch.randn(7, generator=g, dtype=D)
+    be = 0.1 * torch.randn(6, generator=g, dtype=D)
+    T = torch.exp((al[:, None] + be[None, :] - C) / eps)
+    K = nl.dense_hessian(T)
+    # central finite differences of the analytic gradient (a - T1, b - T^T 1)
+    z = torch.cat([al, be])
+    h = 1e-6
+
+    def grad(z):
+        Tz = torch.exp((z[:7, None] + z[None, 7:] - C) / eps)
+        return torch.cat([a - Tz.sum(1), b - Tz.sum(0)])
+
+    H_fd = torch.stack([(grad(z + h * e) - grad(z - h * e)) / (2 * h) for e in torch.eye(13, dtype=D)], 1)
+    assert torch.allclose(-K / eps, H_fd, atol=1e-7)
+    # and the gradient itself is the derivative of the dual objective
+    zz = z.clone().requires_grad_(True)
+    (gz,) = torch.autograd.grad(_phi(zz[:7], zz[7:], C, a, b, eps), zz)
+    assert torch.allclose(gz, grad(z), atol=1e-12)
+    # gauge null vector
+    gauge = torch.cat([torch.ones(7, dtype=D), -torch.ones(6, dtype=D)])
+    assert (K @ gauge).abs().max() < 1e-14
+    r, c = T.sum(1), T.sum(0)
+    for sp, bound in [
+        (nl.threshold_safe(T, r, c, delta=1.0), 1.0),
+        (nl.threshold_density(T, r, c, density=0.3), None),
+    ]:
+        Ks = sp.to_dense_hessian()
+        assert torch.equal(Ks, Ks.T)
+        assert torch.equal(torch.diagonal(Ks), torch.diagonal(K))  # exact diagonal kept
+        assert torch.linalg.eigvalsh(Ks).min() > -1e-14  # PSD
+        assert sp.nnz < T.numel()
+        if bound is not None:  # safe rule: ||K - K_s||_2 <= delta
+            assert torch.linalg.matrix_norm(K - Ks, ord=2) <= bound + 1e-15
+        # the Schur-complement solves (CG and direct) solve the shifted system
+        rhs = torch.randn(13, generator=g, dtype=D)
+        for method in ("cg", "direct"):
+            dx, dy, _, ok = nl.schur_solve(sp, rhs[:7], rhs[7:], 1e-3, method=method, rtol=1e-13, max_iter=500)
+            assert ok
+            assert torch.allclose((Ks + 1e-3 * torch.eye(13, dtype=D)) @ torch.cat([dx, dy]), rhs, atol=1e-10)
+
+
+def test_gauge_invariance():
+    a, b, C = _problem(20, 20, 5)
+    eps = 0.01
+    res = sinkhorn_newton(a, b, C, eps, tol=1e-11)
+    shifted = sinkhorn_newton(a, b, C, eps, tol=1e-11, init=(res.f + 3.0, res.g - 3.0))
+    assert torch.allclose(shifted.plan, res.plan, atol=1e-12, rtol=0)
+    assert abs(shifted.value.item() - res.value.item()) < 1e-10
+    # a shifted optimum is still optimal: no Newton step is needed
+    assert shifted.info["n_newton"] == 0
+
+
+def test_float32_small_eps_is_finite():
+    a, b, C = _problem(40, 30, 6, dtype=torch.float32)
+    res = sinkhorn_newton(a, b, C, 1e-4, tol=1e-5)
+    assert res.f.dtype == torch.float32 and res.plan.dtype == torch.float32
+    for t in (res.f, res.g, res.plan, res.value, res.transport_cost):
+        assert torch.isfinite(t).all()
+    assert res.converged
+    assert _marginal_error(res.plan.double(), a.double(), b.double()).item() < 1e-4
+
+
+def test_batched_equals_looped():
+    a, b, C = _problem(15, 12, 7, batch=3)
+    eps = 0.02
+    res = sinkhorn_newton(a, b, C, eps, tol=1e-11)
+    assert res.f.shape == (3, 15) and res.n_iter.shape == (3,)
+    assert isinstance(res.info["n_newton"], list) and len(res.info["n_newton"]) == 3
+    for k in range(3):
+        one = sinkhorn_newton(a[k], b[k], C[k], eps, tol=1e-11)
+        assert torch.allclose(res.plan[k], one.plan, atol=1e-13, rtol=0)
+        assert res.n_iter[k] == one.n_iter
+        assert torch.allclose(res.value[k], one.value, atol=1e-13)
+
+
+def test_zero_weights_match_sinkhorn():
+    a, b, C = _problem(12, 10, 8)
+    a = a.clone()
+    a[[2, 5]] = 0.0
+    b = b.clone()
+    b[3] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    eps = 0.05
+    ref = sinkhorn(a, b, C, eps, tol=1e-13, max_iter=100_000)
+    res = sinkhorn_newton(a, b, C, eps, tol=1e-12)
+    assert torch.allclose(res.plan, ref.plan, atol=1e-10, rtol=0)
+    assert res.plan[[2, 5]].abs().max() == 0 and res.plan[:, 3].abs().max() == 0
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    # potentials of empty rows are their soft c-transforms, as in Sinkhorn
+    assert torch.allclose(res.f[[2, 5]] - res.f[0], ref.f[[2, 5]] - ref.f[0], atol=1e-8)
+
+
+def test_implicit_gradient_gradcheck():
+    a, b, C = _problem(4, 3, 9)
+    eps = 0.5
+
+    def fn(C, a, b):
+        res = sinkhorn_newton(a, b, C, eps, tol=1e-14, grad="implicit", normalize=True)
+        return res.transport_cost, res.plan
+
+    inputs = (C.clone().requires_grad_(True), a.clone().requires_grad_(True), b.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_envelope_gradient_is_the_plan():
+    a, b, C = _problem(8, 9, 10)
+    Cg = C.clone().requires_grad_(True)
+    res = sinkhorn_newton(a, b, Cg, 0.05, tol=1e-12)
+    (gC,) = torch.autograd.grad(res.value, Cg)
+    assert torch.allclose(gC, res.plan, atol=1e-12)
+
+
+def test_failed_linear_solves_fall_back_to_sinkhorn(monkeypatch):
+    a, b, C = _problem(20, 20, 11)
+    real = nl.schur_solve
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # two stalled/NaN solves, then normal ones
+            dx, dy, it, _ = real(*args, **kw)
+            return dx * float("nan"), dy, it, False
+        return real(*args, **kw)
+
+    monkeypatch.setattr(newton_mod, "schur_solve", flaky)
+    res = sinkhorn_newton(a, b, C, 0.01, tol=1e-10)
+    assert res.info["fallbacks"] == 2 and res.info["cg_failures"] == 2
+    assert res.converged and torch.isfinite(res.f).all()
+    assert "sinkhorn" in res.info["phase"]
+
+
+def test_time_limit_and_nonconvergence_warning():
+    a, b, C = _problem(30, 30, 12)
+    with pytest.warns(entrokit.ConvergenceWarning, match="max_iter"):
+        res = sinkhorn_newton(a, b, C, 1e-3, tol=1e-12, max_iter=1, warmup_max_iter=0)
+    assert not bool(res.converged)
+    assert torch.isfinite(res.plan).all()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(2, 25),
+    m=st.integers(2, 25),
+    log_eps=st.floats(-2.5, 0.0),
+    seed=st.integers(0, 10_000),
+    variant=st.sampled_from(["ssns", "sns"]),
+)
+def test_property_random_problems(n, m, log_eps, seed, variant):
+    a, b, C = _problem(n, m, seed)
+    eps = 10.0 ** log_eps
+    res = sinkhorn_newton(a, b, C, eps, variant=variant, tol=1e-9)
+    assert bool(res.converged)
+    P = res.plan
+    assert (P >= 0).all()
+    assert _marginal_error(P, a, b).item() <= 1e-9 * (1 + 1e-6)
+    # dual value = primal value at the optimum (strong duality)
+    kl = (P * torch.log(torch.where(P > 0, P, torch.ones_like(P)) / (a[:, None] * b[None, :]))).sum() - P.sum() + 1
+    primal = (P * C).sum() + eps * kl
+    assert math.isclose(primal.item(), res.value.item(), abs_tol=1e-7)
+
+
+def test_bad_inputs():
+    a, b, C = _problem(5, 4, 13)
+    with pytest.raises(InputError, match="variant"):
+        sinkhorn_newton(a, b, C, 0.1, variant="newton")
+    with pytest.raises(InputError, match="unroll"):
+        sinkhorn_newton(a, b, C, 0.1, grad="unroll")
+    with pytest.raises(InputError, match="density"):
+        sinkhorn_newton(a, b, C, 0.1, variant="sns", density=2.0)
+    with pytest.raises(InputError, match="eps"):
+        sinkhorn_newton(a, b, C, -1.0)
+    with pytest.raises(InputError, match="linear_solver"):
+        sinkhorn_newton(a, b, C, 0.1, linear_solver="lu")
+    with pytest.raises(InputError, match="warmup_max_iter"):
+        sinkhorn_newton(a, b, C, 0.1, warmup_max_iter=-1)
+    with pytest.raises(InputError, match="shape mismatch"):
+        sinkhorn_newton(a[:3], b, C, 0.1)
+    with pytest.raises(InputError, match="NaN"):
+        sinkhorn_newton(a, b, C * float("nan"), 0.1)
+    with pytest.raises(TypeError):
+        sinkhorn_newton(a.numpy(), b, C, 0.1)
+    with pytest.raises(TypeError):
+        sinkhorn_newton(a, b, C, 0.1, max_iter=2.5)
