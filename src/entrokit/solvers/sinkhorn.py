@@ -250,7 +250,7 @@ def _default_check_every(device: torch.device, size: int) -> int:
     # a check syncs the device; on CPU it is free except for Python overhead on tiny problems
     if device.type != "cpu":
         return 10
-    return 1 if size >= 1 << 18 else 10
+    return 1 if size >= 1 << 16 else 10
 
 
 def sinkhorn_problem(
