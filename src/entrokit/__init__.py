@@ -10,9 +10,18 @@ from entrokit._result import OTResult
 from entrokit.geometry import DenseCost, Geometry, PointCloud
 from entrokit.problem import OTProblem
 from entrokit.solvers.sinkhorn import sinkhorn
+from entrokit.solvers.smooth import smooth_ot
 from entrokit.solvers.solve import METHODS, solve
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy subpackages
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("entrokit.nn")
+    raise AttributeError(f"module 'entrokit' has no attribute {name!r}")
 
 __all__ = [
     "ConvergenceWarning",
@@ -24,6 +33,7 @@ __all__ = [
     "OTResult",
     "PointCloud",
     "sinkhorn",
+    "smooth_ot",
     "solve",
     "__version__",
 ]

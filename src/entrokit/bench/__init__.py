@@ -6,4 +6,5 @@ list of :class:`entrokit.bench.common.Table` objects.
 
 SUITES: dict[str, str] = {
     "sinkhorn": "entrokit.bench.sinkhorn:run",
+    "smooth": "entrokit.bench.smooth:run",
 }

@@ -109,6 +109,7 @@ def _lbfgs(fun, x, tol, max_iter, history=10):
     n_iter = torch.zeros(B, dtype=torch.long, device=x.device)
     active = err > tol
     fine = 8 * torch.finfo(x.dtype).eps
+    flat = torch.zeros(B, dtype=torch.long, device=x.device)  # iterations without progress
     for _ in range(max_iter):
         if not bool(active.any()):
             break
@@ -165,7 +166,9 @@ def _lbfgs(fun, x, tol, max_iter, history=10):
             # keep the memory consistent across the batch: reset it
             S.clear()
             Y.clear()
-        stalled = active & todo
+        # nonsmooth (top-k) optima: stop once the objective has stopped decreasing
+        flat = torch.where(Fn < F - 1e-13 * F.abs(), torch.zeros_like(flat), flat + 1)
+        stalled = active & (todo | (flat >= 30))
         x, F, g, err = xn, Fn, gn, errn
         n_iter += active.long()
         errs.append(err)

@@ -21,6 +21,9 @@ __all__ = ["solve", "METHODS", "register_method"]
 # name -> "module:function"; solvers are imported lazily
 METHODS: dict[str, str] = {
     "sinkhorn": "entrokit.solvers.sinkhorn:sinkhorn",
+    # quadratic / sparsity-constrained / entropic OT by (semi-)dual ascent; eps = gamma,
+    # options reg=, k=, formulation=, sparse_axis=, solver=
+    "smooth": "entrokit.solvers.smooth:smooth_ot",
 }
 
 
