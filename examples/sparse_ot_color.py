@@ -43,7 +43,7 @@ def main():
     nearest = torch.cdist(Xs, xs).argmin(1)
     panels = [("source", src), ("target", tgt)]
     print(f"{'plan':<12}{'<C,T>':>10}{'max nnz/col':>13}{'marg. err':>11}{'time [s]':>10}")
-    for name, kw in [("quadratic", dict(reg="l2")), ("k = 1", dict(reg="topk", k=1)),
+    for name, kw in [("quadratic", dict(reg="l2", formulation="dual")), ("k = 1", dict(reg="topk", k=1)),
                      ("k = 2", dict(reg="topk", k=2)), ("k = 4", dict(reg="topk", k=4))]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", entrokit.ConvergenceWarning)
