@@ -11,9 +11,18 @@ from entrokit.geometry import DenseCost, Geometry, PointCloud
 from entrokit.problem import OTProblem
 from entrokit.solvers.newton import sinkhorn_newton
 from entrokit.solvers.sinkhorn import sinkhorn
+from entrokit.solvers.smooth import smooth_ot
 from entrokit.solvers.solve import METHODS, solve
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy subpackages
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module("entrokit.nn")
+    raise AttributeError(f"module 'entrokit' has no attribute {name!r}")
 
 __all__ = [
     "ConvergenceWarning",
@@ -25,7 +34,11 @@ __all__ = [
     "OTResult",
     "PointCloud",
     "sinkhorn",
+<<<<<<< HEAD
     "sinkhorn_newton",
+=======
+    "smooth_ot",
+>>>>>>> sparse-ot
     "solve",
     "__version__",
 ]

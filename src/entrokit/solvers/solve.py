@@ -22,6 +22,9 @@ METHODS: dict[str, str] = {
     "sinkhorn": "entrokit.solvers.sinkhorn:sinkhorn",
     "sns": "entrokit.solvers.newton:sns",
     "ssns": "entrokit.solvers.newton:ssns",
+    # quadratic / sparsity-constrained / entropic OT by (semi-)dual ascent; eps = gamma,
+    # options reg=, k=, formulation=, sparse_axis=, solver=
+    "smooth": "entrokit.solvers.smooth:smooth_ot",
 }
 
 

@@ -1,0 +1,83 @@
+"""OT mixture-of-experts router."""
+
+import pytest
+import torch
+
+import entrokit
+from entrokit import InputError
+from entrokit.nn import SparseOTRouter, sparse_ot_route
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 5, 40])
+@pytest.mark.parametrize("mode", ["experts_choose", "tokens_choose"])
+def test_capacity_never_exceeded(capacity, mode):
+    g = torch.Generator().manual_seed(capacity)
+    logits = torch.randn(3, 32, 4, generator=g) * 3
+    logits[0, :, 0] += 10.0  # every token prefers expert 0
+    out = sparse_ot_route(logits, capacity, mode=mode)
+    axis = -2 if mode == "experts_choose" else -1
+    assert int(out.dispatch.sum(axis).max()) <= capacity
+    m = out.metrics
+    if mode == "experts_choose":
+        assert m["tokens_per_expert"]["max"] <= capacity
+    else:
+        assert m["experts_per_token"]["max"] <= capacity
+    assert m["dropped_tokens"] == int((out.dispatch.sum(-1) == 0).sum())
+    assert bool((out.combine[~out.dispatch] == 0).all())
+    # the plan's load per expert is exact (semi-dual on the expert axis)
+    if mode == "experts_choose":
+        torch.testing.assert_close(out.plan.sum(-2), torch.full((3, 4), 8.0), atol=1e-4, rtol=0)
+
+
+def test_load_is_balanced_against_skewed_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, generator=g)
+    logits[:, 0] += 4.0
+    out = sparse_ot_route(logits, capacity=10)
+    top1 = torch.bincount(logits.argmax(-1), minlength=8)
+    assert int(top1.max()) > 30  # softmax top-1 would overload expert 0
+    assert out.metrics["tokens_per_expert"]["max"] <= 10
+
+
+def test_gradient_reaches_logits_through_combine():
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = SparseOTRouter(num_experts=4, capacity=6)(logits)
+    (out.combine * torch.arange(4.0)).sum().backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+    # gradient equals the softmax-gate gradient on the dispatched pairs
+    lg = logits.detach().clone().requires_grad_()
+    (torch.softmax(lg, -1) * out.dispatch * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(logits.grad, lg.grad)
+
+
+def test_module_and_lazy_subpackage():
+    r = entrokit.nn.SparseOTRouter(4, 3, gamma=0.5, n_steps=5)
+    assert "capacity=3" in repr(r)
+    out = r(torch.randn(10, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    assert out.dispatch.shape == (10, 4) and out.combine.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(capacity=0), InputError, "capacity must be an int >= 1"),
+        (dict(capacity=2, gamma=0.0), InputError, "gamma must be"),
+        (dict(capacity=2, n_steps=0), InputError, "n_steps must be"),
+        (dict(capacity=2, mode="random"), InputError, "mode must be one of"),
+        (dict(capacity=1.5), TypeError, "capacity must be an int"),
+    ],
+)
+def test_bad_router_inputs(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sparse_ot_route(torch.randn(8, 4), **kwargs)
+
+
+def test_bad_logits():
+    with pytest.raises(InputError, match="num_experts=4"):
+        SparseOTRouter(4, 2)(torch.randn(8, 5))
+    with pytest.raises(InputError, match="shape"):
+        sparse_ot_route(torch.randn(8), 2)
+    with pytest.raises(TypeError, match="floating"):
+        sparse_ot_route(torch.ones(8, 4, dtype=torch.long), 2)
+    with pytest.raises(InputError, match="NaN"):
+        sparse_ot_route(torch.full((8, 4), float("nan")), 2)
