@@ -34,11 +34,8 @@ __all__ = [
     "OTResult",
     "PointCloud",
     "sinkhorn",
-<<<<<<< HEAD
     "sinkhorn_newton",
-=======
     "smooth_ot",
->>>>>>> sparse-ot
     "solve",
     "__version__",
 ]

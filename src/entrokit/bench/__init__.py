@@ -6,9 +6,6 @@ list of :class:`entrokit.bench.common.Table` objects.
 
 SUITES: dict[str, str] = {
     "sinkhorn": "entrokit.bench.sinkhorn:run",
-<<<<<<< HEAD
     "newton": "entrokit.bench.newton:run",
-=======
     "smooth": "entrokit.bench.smooth:run",
->>>>>>> sparse-ot
 }
