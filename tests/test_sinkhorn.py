@@ -252,3 +252,21 @@ def test_property_marginals_and_duality(n, m, seed, n_zero_a, n_zero_b, eps, sca
     # the entropic cost is an upper bound of the LP (KL >= 0)
     lp = ot.emd2(a.numpy(), b.numpy(), C.numpy())
     assert res.transport_cost.item() >= lp - 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bad_warm_start_recovers(dtype):
+    # potentials far from optimal overflow the kernel: the solver re-centres them in log domain
+    a, b, C = random_problem(40, 30, seed=16, dtype=dtype)
+    ref = entrokit.sinkhorn(a, b, C, 1e-2, tol=1e-5)
+    far = (torch.full_like(a, 50.0), torch.full_like(b, 50.0))
+    res = entrokit.sinkhorn(a, b, C, 1e-2, tol=1e-5, init=far)
+    assert bool(res.converged) and torch.isfinite(res.plan).all()
+    torch.testing.assert_close(res.plan, ref.plan, atol=1e-5 if dtype == torch.float64 else 5e-5, rtol=0)
+
+
+def test_absorption_keeps_float32_finite_at_large_cost_scale():
+    a, b, C = random_problem(200, 150, seed=3, dtype=torch.float32)
+    res = entrokit.sinkhorn(a, b, 5 * C, 1e-2, tol=1e-5, max_iter=3000)
+    assert bool(res.converged) and res.info["absorptions"] >= 1
+    assert torch.isfinite(res.plan).all() and res.marginal_error <= 1e-5 * 1.5
