@@ -196,9 +196,16 @@ class DenseCost(Geometry):
         return self.C.detach().abs().amax(dim=(-2, -1))
 
     def cost_range(self) -> torch.Tensor:
-        C = self.C.detach().flatten(-2)
-        lo, hi = torch.aminmax(C, dim=-1)
+        lo, hi = self.cost_bounds()
         return hi - lo
+
+    def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min C, max C) per problem in one pass (cached; NaN propagates)."""
+        cached = self.__dict__.get("_bounds")
+        if cached is None:
+            cached = torch.aminmax(self.C.detach().flatten(-2), dim=-1)
+            self.__dict__["_bounds"] = cached
+        return cached
 
     def softmin(self, h, log_w, eps, axis, out: torch.Tensor | None = None):
         """Soft c-transform; ``out`` is an optional ``(B, n, m)`` workspace (no grad)."""

@@ -26,7 +26,7 @@ from entrokit._validation import (
     check_nonneg_finite,
     check_same_dtype_device,
 )
-from entrokit.geometry import Geometry, PointCloud, as_geometry
+from entrokit.geometry import DenseCost, Geometry, PointCloud, as_geometry
 
 __all__ = ["OTProblem", "make_problem", "log_weights"]
 
@@ -114,7 +114,13 @@ def make_problem(a, b, cost, *, normalize: bool = False, check_inputs: bool = Tr
     if check_inputs:
         check_nonneg_finite(a, "a")
         check_nonneg_finite(b, "b")
-        if not isinstance(geom, PointCloud):
+        if isinstance(geom, DenseCost):
+            # one pass: min/max are finite iff every entry is (NaN propagates); cached for
+            # the eps-scaling rule
+            lo, hi = geom.cost_bounds()
+            if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+                check_nonneg_finite(geom.cost_matrix(), "cost", allow_negative=True)
+        elif not isinstance(geom, PointCloud):
             check_nonneg_finite(geom.cost_matrix(), "cost", allow_negative=True)
         else:
             check_nonneg_finite(geom.x, "x", allow_negative=True)
