@@ -184,7 +184,13 @@ class DenseCost(Geometry):
         return self.C
 
     def with_batch(self) -> DenseCost:
-        return self if self.batched else DenseCost(self.C.unsqueeze(0))
+        if self.batched:
+            return self
+        out = DenseCost(self.C.unsqueeze(0))
+        if "_bounds" in self.__dict__:
+            lo, hi = self.__dict__["_bounds"]
+            out.__dict__["_bounds"] = (lo.reshape(1), hi.reshape(1))
+        return out
 
     def squeeze_batch(self) -> DenseCost:
         return DenseCost(self.C.squeeze(0)) if self.batched else self
