@@ -246,6 +246,16 @@ def cmd_bench(args) -> int:
     for name in names:
         if name not in SUITES:
             raise CLIError(f"unknown benchmark suite {name!r}; available: {', '.join(SUITES)}")
+    limiter = None
+    if args.threads is not None:
+        # the same thread count for every side: torch, and the BLAS behind numpy / POT
+        torch.set_num_threads(args.threads)
+        try:
+            from threadpoolctl import threadpool_limits
+
+            limiter = threadpool_limits(limits=args.threads)
+        except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+            pass
     print(f"machine: {machine_info()}")
     for name in names:
         mod, fn = SUITES[name].split(":")
@@ -256,6 +266,8 @@ def cmd_bench(args) -> int:
         path = write_results(name + ("_quick" if args.quick else ""), tables, args.results)
         if path is not None:
             print(f"\nwrote {path}")
+    if limiter is not None:
+        limiter.restore_original_limits()
     return 0
 
 
@@ -307,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes and short time budgets")
     b.add_argument("--suite", action="append", help="run only this suite (repeatable)")
     b.add_argument("--results", default=None, help="folder for the markdown tables (e.g. benchmarks/results)")
+    b.add_argument("--threads", type=int, default=None, help="threads for every library (default: as configured)")
     b.set_defaults(func=cmd_bench)
     return p
 
