@@ -196,7 +196,10 @@ class DenseCost(Geometry):
         return DenseCost(self.C.squeeze(0)) if self.batched else self
 
     def detach(self) -> DenseCost:
-        return DenseCost(self.C.detach())
+        out = DenseCost(self.C.detach())
+        if "_bounds" in self.__dict__:
+            out.__dict__["_bounds"] = self.__dict__["_bounds"]
+        return out
 
     def max_cost(self) -> torch.Tensor:
         return self.C.detach().abs().amax(dim=(-2, -1))
@@ -209,7 +212,8 @@ class DenseCost(Geometry):
         """(min C, max C) per problem in one pass (cached; NaN propagates)."""
         cached = self.__dict__.get("_bounds")
         if cached is None:
-            cached = torch.aminmax(self.C.detach().flatten(-2), dim=-1)
+            flat = self.C.detach().flatten(-2)
+            cached = (flat.amin(-1), flat.amax(-1))  # faster than aminmax on CPU
             self.__dict__["_bounds"] = cached
         return cached
 

@@ -242,13 +242,15 @@ class _KernelEngine:
         self.u, self.v = u.unsqueeze(0), v.unsqueeze(0)
         return err.unsqueeze(0)
 
-    def needs_absorb(self) -> bool:
-        lu = self.u.log().abs().amax()
-        lv = self.v.log().abs().amax()
-        return bool(torch.maximum(lu, lv) > self.absorb_at)
+    def check(self, err: torch.Tensor) -> tuple[bool, bool]:
+        """One device sync: (state is finite, scalings need absorbing).
 
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.u).all() and torch.isfinite(self.v).all())
+        ``max |log u|, |log v|`` is inf/NaN exactly when a scaling over- or underflowed.
+        """
+        mx = torch.maximum(self.u.log().abs().amax(), self.v.log().abs().amax())
+        mx, e = torch.stack([mx, err.max()]).tolist()
+        ok = math.isfinite(mx) and math.isfinite(e)
+        return ok, ok and mx > self.absorb_at
 
     def potentials(self):
         return self.f + self.eps * self.u.log(), self.g + self.eps * self.v.log()
@@ -370,7 +372,8 @@ def sinkhorn_problem(
                 if kernel:
                     saved = (engine.f, engine.g, engine.u, engine.v)
                 err = engine.run(k, active if B > 1 else None)
-                if kernel and (not engine.finite() or not bool(torch.isfinite(err).all())):
+                ok, absorb = engine.check(err) if kernel else (True, False)
+                if not ok:
                     # overflow in the scalings: restore and continue this stage in log domain
                     f, g = saved[0] + e * saved[2].log(), saved[1] + e * saved[3].log()
                     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
@@ -405,7 +408,7 @@ def sinkhorn_problem(
                     errors.clear()
                     converged = torch.zeros_like(converged)
                     break
-                if kernel and engine.needs_absorb():
+                if absorb:
                     engine.absorb()
                     info["absorptions"] += 1
             if restart:
