@@ -346,3 +346,51 @@ def test_eps_scaling_option():
     res = sinkhorn_newton(a, b, C, 1e-3, tol=1e-10, eps_scaling=True)
     assert bool(res.converged) and len(res.info["eps_schedule"]) >= 2
     assert sinkhorn_newton(a, b, C, 1e-3, tol=1e-10, eps_scaling=False).info["eps_schedule"] == []
+
+
+@pytest.mark.parametrize("linear_solver", ["cg", "direct"])
+def test_sparse_implicit_gradient_matches_core_dense_implicit(linear_solver):
+    a, b, C = _problem(12, 10, 15)
+    eps = 0.05
+    W = torch.randn(12, 10, generator=torch.Generator().manual_seed(16), dtype=D)
+    outputs = {
+        "plan": lambda r: (r.plan * W).sum(),
+        "transport_cost": lambda r: r.transport_cost,
+        "potentials": lambda r: r.f[0] - r.g[1],
+    }
+    for name, out in outputs.items():
+        grads = []
+        for solve in ("newton", "sinkhorn"):
+            leaves = [t.clone().requires_grad_(True) for t in (C, a, b)]
+            if solve == "newton":
+                r = sinkhorn_newton(leaves[1], leaves[2], leaves[0], eps, tol=1e-13, grad="implicit",
+                                    linear_solver=linear_solver)
+                assert r.grad == "implicit"
+            else:  # the core's dense adjoint CG
+                r = sinkhorn(leaves[1], leaves[2], leaves[0], eps, tol=1e-13, grad="implicit", max_iter=100_000)
+            grads.append(torch.autograd.grad(out(r), leaves))
+        (gC, ga, gb), (rC, ra, rb) = grads
+        assert torch.allclose(gC, rC, atol=1e-10, rtol=0), name
+        # d/da and d/db agree up to the all-ones direction: changing the total mass of
+        # one marginal alone leaves the balanced problem, so that component is a
+        # convention (ours: the minimum-norm adjoint, orthogonal to the gauge)
+        assert torch.allclose(ga - ga.mean(), ra - ra.mean(), atol=1e-10, rtol=0), name
+        assert torch.allclose(gb - gb.mean(), rb - rb.mean(), atol=1e-10, rtol=0), name
+
+
+def test_sparse_adjoint_solve_residual():
+    a, b, C = _problem(40, 30, 17)
+    eps = 1e-2
+    res = sinkhorn_newton(a, b, C, eps, tol=1e-12)
+    P = res.plan
+    g = torch.Generator().manual_seed(18)
+    x, y = torch.randn(40, generator=g, dtype=D), torch.randn(30, generator=g, dtype=D)
+    for method in ("cg", "direct"):
+        lx, ly, rounds = nl.sparse_adjoint_solve(P, x, y, eps, method=method)
+        # J lam equals the rhs projected onto range(J) (gauge component removed)
+        p = (x.sum() - y.sum()) / 70
+        Jx = (P.sum(1) * lx + P @ ly) / eps
+        Jy = (P.t() @ lx + P.sum(0) * ly) / eps
+        assert torch.allclose(Jx, x - p, atol=1e-9) and torch.allclose(Jy, y + p, atol=1e-9)
+        assert abs(lx.sum() - ly.sum()) < 1e-9  # orthogonal to the gauge direction
+        assert 1 <= rounds <= 30
