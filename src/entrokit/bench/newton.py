@@ -40,6 +40,7 @@ from entrokit.bench.common import Table, fmt_time, write_results
 __all__ = ["run", "cases", "main"]
 
 TOL = 1e-8
+ACCEPT = 1.01  # 1% slack: each library stops on its own (rounded) error estimate
 D = torch.float64
 
 # -- problems -------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def run(
                 rows[sname] = ("error", repr(e))
                 continue
             err = _l1(np.asarray(P), an, bn)
-            ok = err <= TOL * (1 + 1e-6) and t <= 1.2 * budget
+            ok = err <= TOL * ACCEPT and t <= 1.2 * budget
             rows[sname] = (it, t if ok else None, err, extra, t)
             if (name, eps) in CURVE_CASES:
                 curves.setdefault((name, eps), {})[sname] = hist
@@ -252,7 +253,8 @@ def run(
     table.notes.append(
         "time / SSNS = solver time / entrokit SSNS time (> 1: SSNS faster; '> x': the solver did not reach "
         "the target within the budget). Iterations of RegOT/POT are their own counts (POT checks every 10). "
-        "L1 errors are recomputed here from each returned plan."
+        f"L1 errors are recomputed here from each returned plan; a run counts as converged when that "
+        f"error is <= {ACCEPT:g} x {TOL:g} (each library stops on its own error estimate)."
     )
     table.notes.append(
         "Runs that cannot be interrupted (entrokit sinkhorn, RegOT, POT) start with a short probe and are rerun "

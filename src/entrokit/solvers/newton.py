@@ -519,8 +519,10 @@ def sinkhorn_newton(
         problem (lists for batches), the histories ``objective``, ``marginal_error``,
         ``time`` (seconds since the start) and ``phase`` of every iteration, plus
         ``n_warmup``, ``n_newton``, ``n_sinkhorn``, ``cg_iters``, ``density``,
-        ``step_size``, ``shift``, ``fallbacks``, ``line_search_failures`` and
-        ``cg_failures``.
+        ``step_size``, ``shift``, ``fallbacks``, ``line_search_failures``,
+        ``cg_failures``, ``density_increases`` (SNS), ``eps_schedule`` (the
+        continuation stages actually run, empty if none) and ``status``
+        (``"converged"``, ``"budget"``, ``"timeout"``).
 
     Raises:
         InputError: bad options or inputs (see :func:`~entrokit.sinkhorn`).
