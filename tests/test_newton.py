@@ -279,3 +279,118 @@ def test_bad_inputs():
         sinkhorn_newton(a.numpy(), b, C, 0.1)
     with pytest.raises(TypeError):
         sinkhorn_newton(a, b, C, 0.1, max_iter=2.5)
+
+
+def _digits_w1(side=8, floor=1e-3):
+    """Two load_digits images (8x8 grid), L1 ground cost on the grid scaled to [0, 1]."""
+    sk = pytest.importorskip("sklearn.datasets")
+    X = torch.as_tensor(sk.load_digits().images[:2], dtype=D)
+    if side != 8:
+        X = torch.nn.functional.interpolate(X[:, None], size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+    w = X.clamp_min(0).reshape(2, -1)
+    w = w / w.sum(1, keepdim=True) + floor
+    w = w / w.sum(1, keepdim=True)
+    ii, jj = torch.meshgrid(torch.arange(side, dtype=D), torch.arange(side, dtype=D), indexing="ij")
+    pts = torch.stack([ii.reshape(-1), jj.reshape(-1)], 1)
+    C = (pts[:, None] - pts[None]).abs().sum(-1)
+    return w[0].contiguous(), w[1].contiguous(), C / C.max()
+
+
+def test_ssns_converges_on_w1_grid_at_small_eps():
+    # W1 on a pixel grid has a non-unique OT solution: Sinkhorn needs > 1e6 iterations
+    # here and plain Newton steps are damped to a few percent; SSNS must still converge
+    a, b, C = _digits_w1()
+    eps = 1 / 1200
+    res = sinkhorn_newton(a, b, C, eps, tol=1e-11)
+    assert bool(res.converged) and res.info["fallbacks"] == 0
+    assert res.info["eps_schedule"] and res.info["eps_schedule"][-1] == eps  # continuation used
+    assert all(x > y for x, y in zip(res.info["eps_schedule"], res.info["eps_schedule"][1:]))
+    P = res.plan
+    # optimality certificate, independent of the solver: a Gibbs-form plan
+    # P = a b^T exp((f + g - C) / eps) with exact marginals is the entropic optimum
+    gibbs = a[:, None] * b[None, :] * torch.exp((res.f[:, None] + res.g[None, :] - C) / eps)
+    assert torch.allclose(P, gibbs, atol=1e-14, rtol=1e-12)
+    assert _marginal_error(P, a, b).item() < 1e-11
+    assert torch.isfinite(res.f).all() and torch.isfinite(res.g).all()
+    # without continuation the trust-region shift alone still converges (more steps)
+    direct = sinkhorn_newton(a, b, C, eps, tol=1e-11, eps_scaling=False)
+    assert bool(direct.converged) and not direct.info["eps_schedule"]
+    assert torch.allclose(direct.plan, P, atol=1e-10, rtol=0)
+
+
+def test_ssns_matches_sinkhorn_plan_on_w1_grid():
+    a, b, C = _digits_w1()
+    eps = 1e-2  # where Sinkhorn reaches 1e-12 in a few thousand iterations
+    ref = sinkhorn(a, b, C, eps, tol=1e-12, max_iter=200_000)
+    for variant in ("ssns", "sns"):
+        res = sinkhorn_newton(a, b, C, eps, variant=variant, tol=1e-12, eps_scaling=True)
+        assert bool(res.converged)
+        assert torch.allclose(res.plan, ref.plan, atol=1e-10, rtol=0)
+        assert abs(res.value.item() - ref.value.item()) < 1e-10
+
+
+def test_sns_increases_density_when_progress_stalls():
+    a, b, C = _digits_w1()
+    eps = 1e-3
+    res = sinkhorn_newton(a, b, C, eps, variant="sns", tol=1e-10)
+    assert bool(res.converged)
+    assert res.info["density_increases"] >= 1
+    dens = res.info["density"]
+    assert max(dens) > 2 * dens[0]  # more of the Hessian kept than the paper's 2/n
+
+
+def test_eps_scaling_option():
+    a, b, C = _problem(10, 10, 14)
+    with pytest.raises(InputError, match="eps_scaling"):
+        sinkhorn_newton(a, b, C, 0.1, eps_scaling="yes")
+    res = sinkhorn_newton(a, b, C, 1e-3, tol=1e-10, eps_scaling=True)
+    assert bool(res.converged) and len(res.info["eps_schedule"]) >= 2
+    assert sinkhorn_newton(a, b, C, 1e-3, tol=1e-10, eps_scaling=False).info["eps_schedule"] == []
+
+
+@pytest.mark.parametrize("linear_solver", ["cg", "direct"])
+def test_sparse_implicit_gradient_matches_core_dense_implicit(linear_solver):
+    a, b, C = _problem(12, 10, 15)
+    eps = 0.05
+    W = torch.randn(12, 10, generator=torch.Generator().manual_seed(16), dtype=D)
+    outputs = {
+        "plan": lambda r: (r.plan * W).sum(),
+        "transport_cost": lambda r: r.transport_cost,
+        "potentials": lambda r: r.f[0] - r.g[1],
+    }
+    for name, out in outputs.items():
+        grads = []
+        for solve in ("newton", "sinkhorn"):
+            leaves = [t.clone().requires_grad_(True) for t in (C, a, b)]
+            if solve == "newton":
+                r = sinkhorn_newton(leaves[1], leaves[2], leaves[0], eps, tol=1e-13, grad="implicit",
+                                    linear_solver=linear_solver)
+                assert r.grad == "implicit"
+            else:  # the core's dense adjoint CG
+                r = sinkhorn(leaves[1], leaves[2], leaves[0], eps, tol=1e-13, grad="implicit", max_iter=100_000)
+            grads.append(torch.autograd.grad(out(r), leaves))
+        (gC, ga, gb), (rC, ra, rb) = grads
+        assert torch.allclose(gC, rC, atol=1e-10, rtol=0), name
+        # d/da and d/db agree up to the all-ones direction: changing the total mass of
+        # one marginal alone leaves the balanced problem, so that component is a
+        # convention (ours: the minimum-norm adjoint, orthogonal to the gauge)
+        assert torch.allclose(ga - ga.mean(), ra - ra.mean(), atol=1e-10, rtol=0), name
+        assert torch.allclose(gb - gb.mean(), rb - rb.mean(), atol=1e-10, rtol=0), name
+
+
+def test_sparse_adjoint_solve_residual():
+    a, b, C = _problem(40, 30, 17)
+    eps = 1e-2
+    res = sinkhorn_newton(a, b, C, eps, tol=1e-12)
+    P = res.plan
+    g = torch.Generator().manual_seed(18)
+    x, y = torch.randn(40, generator=g, dtype=D), torch.randn(30, generator=g, dtype=D)
+    for method in ("cg", "direct"):
+        lx, ly, rounds = nl.sparse_adjoint_solve(P, x, y, eps, method=method)
+        # J lam equals the rhs projected onto range(J) (gauge component removed)
+        p = (x.sum() - y.sum()) / 70
+        Jx = (P.sum(1) * lx + P @ ly) / eps
+        Jy = (P.t() @ lx + P.sum(0) * ly) / eps
+        assert torch.allclose(Jx, x - p, atol=1e-9) and torch.allclose(Jy, y + p, atol=1e-9)
+        assert abs(lx.sum() - ly.sum()) < 1e-9  # orthogonal to the gauge direction
+        assert 1 <= rounds <= 30
