@@ -277,7 +277,7 @@ def _newton(reg, alpha, a, b, L, tol, max_iter, state):
             an = torch.where(upd.unsqueeze(-1), at, an)
             Fn = torch.where(upd, Ft, Fn)
             gnew = torch.where(upd.unsqueeze(-1), gt, gnew)
-            Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
+            Tn = Tt if bool(upd.all()) else torch.where(upd.view(-1, 1, 1), Tt, Tn)
             todo = todo & ~ok
             if not bool(todo.any()):
                 break
@@ -326,12 +326,76 @@ def _dual_hessian_op(reg: Regularizer, X, T):
     return mv_dense, diag
 
 
+_STAGE_TOL = 1e-2  # marginal tolerance of intermediate gamma-continuation stages
+_MU_C = 0.1  # Hessian shift mu = _MU_C * min(|grad|, 1) / gamma
+
+
+def _l2_dual_fused(x, a, b, L, gamma):
+    """-D, its gradient and gamma * plan for the quadratic dual in few passes over L."""
+    R = a.shape[-1]
+    al, be = x[:, :R], x[:, R:]
+    P = torch.sub(be.unsqueeze(-1), L).add_(al.unsqueeze(-2)).clamp_(min=0.0)  # gamma T
+    flat = P.view(P.shape[0], -1)
+    val = torch.linalg.vecdot(flat, flat) / (2 * gamma)
+    ga = P.sum(-2) / gamma - a
+    gb = P.sum(-1) / gamma - b
+    F = val - (al * a).sum(-1) - (be * b).sum(-1)
+    return F, torch.cat([ga, gb], -1), P
+
+
+def _direct_dual_step(T, g, mu, gamma):
+    r"""Newton direction :math:`(H + \mu I)^{-1}(-g)` for the quadratic dual by a sparse
+    direct solve (CPU). With :math:`W` the active set of the plan (nnz ~ n + m),
+    :math:`H = \frac1\gamma\begin{pmatrix}D_r & W^\top\\ W & D_c\end{pmatrix}`;
+    eliminating the diagonal row block leaves the SPD Schur complement
+    :math:`S = D_c/\gamma + \mu - W (D_r/\gamma+\mu)^{-1} W^\top/\gamma^2` on the
+    columns, factorised by sparse LU (``scipy.sparse.linalg.splu``)."""
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import splu
+
+    Bsz, K, R = T.shape
+    out = torch.empty_like(g)
+    Tn = T.cpu().numpy()
+    gn = g.cpu().numpy()
+    mun = mu.reshape(-1).cpu().numpy()
+    ig = 1.0 / gamma
+    for bi in range(Bsz):
+        ii, jj = np.nonzero(Tn[bi].T > 0)  # active (row i, column j), sorted by row
+        m_ = float(mun[bi])
+        cr = np.bincount(ii, minlength=R)
+        da = cr * ig + m_  # alpha block diagonal
+        dc = np.bincount(jj, minlength=K) * ig + m_  # beta block diagonal
+        ra, rb = -gn[bi, :R], -gn[bi, R:]
+        # Schur complement: S = diag(dc) - sum_i w_i w_i^T / (gamma^2 da_i), w_i = row i's pattern
+        c_e = cr[ii]  # row count of each entry's row
+        start = np.cumsum(cr) - cr
+        left = np.repeat(jj, c_e)
+        pos = np.arange(left.shape[0]) - np.repeat(np.cumsum(c_e) - c_e, c_e)
+        right = jj[np.repeat(start[ii], c_e) + pos]
+        wv = np.repeat(ig * ig / da[ii], c_e)
+        S = sp.csc_matrix(
+            (np.concatenate([-wv, dc]), (np.concatenate([left, np.arange(K)]), np.concatenate([right, np.arange(K)]))),
+            shape=(K, K),
+        )
+        wa = ra / da
+        rhs = rb - ig * np.bincount(jj, weights=wa[ii], minlength=K)
+        lu = splu(S, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        db = lu.solve(rhs)
+        dA = (ra - ig * np.bincount(ii, weights=db[jj], minlength=R)) / da
+        out[bi] = torch.from_numpy(np.concatenate([dA, db])).to(g)
+    return out
+
+
 def _newton_dual(reg, x, a, b, L, tol, max_iter):
     """Globalised regularised semismooth Newton on -D (Hessian shift mu ~ |grad|)."""
     Bsz, K, R = L.shape
+    direct = reg.sparse and x.device.type == "cpu"
     fine = 8 * torch.finfo(x.dtype).eps
 
     def ev(x):
+        if reg.name == "l2":
+            return _l2_dual_fused(x, a, b, L, reg.gamma)
         obj, ga, gb, T = _dual(reg, x[:, :R], x[:, R:], a, b, L)
         return -obj, torch.cat([ga, gb], -1), T
 
@@ -344,12 +408,15 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        mv, diag = _dual_hessian_op(reg, None, T)
         gn = g.norm(dim=-1, keepdim=True)
-        mu = (gn.clamp_max(1.0) / reg.gamma).clamp_min(1e-12 / reg.gamma)
-        rtol = float(min(0.1, max(float(gn.max()) ** 0.5, 1e-8)))
-        d, cg_it = _pcg(mv, -g, diag, mu, rtol, 1000)
-        cg_total += cg_it
+        mu = (_MU_C * gn.clamp_max(1.0) / reg.gamma).clamp_min(1e-12 / reg.gamma)
+        if direct:
+            d = _direct_dual_step(T, g, mu, reg.gamma)
+        else:
+            mv, diag = _dual_hessian_op(reg, None, T)
+            rtol = float(min(0.1, max(float(gn.max()) ** 0.5, 1e-8)))
+            d, cg_it = _pcg(mv, -g, diag, mu, rtol, 1000)
+            cg_total += cg_it
         gd = (g * d).sum(-1)
         t = torch.ones_like(F)
         todo = active.clone()
@@ -362,7 +429,7 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
             xn = torch.where(upd.unsqueeze(-1), xt, xn)
             Fn = torch.where(upd, Ft, Fn)
             gnew = torch.where(upd.unsqueeze(-1), gt, gnew)
-            Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
+            Tn = Tt if bool(upd.all()) else torch.where(upd.view(-1, 1, 1), Tt, Tn)
             todo = todo & ~ok
             if not bool(todo.any()):
                 break
@@ -484,24 +551,31 @@ def smooth_ot_problem(
             if init is not None:
                 x0 = init.detach().to(wdt).reshape(Bsz, R + K).clone()
 
+            # zero weights: their rows/columns are removed exactly (infinite cost) and
+            # their potentials pinned below every active threshold afterwards
+            zr, zc = ad == 0, bd == 0
+            Lz = Ld
+            if bool(zr.any()) or bool(zc.any()):
+                Lz = Ld.masked_fill(zr.unsqueeze(-2) | zc.unsqueeze(-1), math.inf)
+
             def fun(x):
-                obj, ga, gb, _ = _dual(reg, x[:, :R], x[:, R:], ad, bd, Ld)
+                obj, ga, gb, _ = _dual(reg, x[:, :R], x[:, R:], ad, bd, Lz)
                 return -obj, torch.cat([ga, gb], -1), _l1(ga) + _l1(gb)
 
             if solver == "newton":
                 stages = _gamma_stages(reg, Ld)
                 for gs in stages:
                     rs = type(reg)(gs)
-                    xs, _, _, _, _ = _newton_dual(rs, x0, ad, bd, Ld, max(tol, 1e-3), max_iter)
+                    xs, _, _, _, _ = _newton_dual(rs, x0, ad, bd, Lz, max(tol, _STAGE_TOL), max_iter)
                     x0 = xs
                 info["gamma_stages"] = len(stages) + 1
-                x, n_iter, conv, errs, extra = _newton_dual(reg, x0, ad, bd, Ld, tol, max_iter)
+                x, n_iter, conv, errs, extra = _newton_dual(reg, x0, ad, bd, Lz, tol, max_iter)
                 info.update(extra)
             elif solver == "lbfgs":
                 x, n_iter, conv, errs = _lbfgs(fun, x0, tol, max_iter)
             else:
                 x, n_iter, conv, errs = _adam(fun, x0, max_iter, lr, tol)
-            alpha, beta = x[:, :R], x[:, R:]
+            alpha, beta = _pin_zero_weights(x[:, :R], x[:, R:], ad, bd, Ld)
             _, _, _, T = _dual(reg, alpha, beta, ad, bd, Ld)
     info["time"] = time.perf_counter() - t0
     dt = a.dtype
@@ -510,6 +584,18 @@ def smooth_ot_problem(
         "converged": conv, "errors": errs.to(dt), "info": info, "L": L, "ar": ar, "bc": bc,
         "solver": solver,
     }
+
+
+def _pin_zero_weights(alpha, beta, a, b, L):
+    """Potentials of zero-weight rows/columns set just below their active threshold
+    (alpha_i = min_j(c_ij - beta_j) - 1), so their plan rows/columns are exactly zero."""
+    zr, zc = a == 0, b == 0
+    if bool(zr.any()):
+        Lm = L.masked_fill(zc.unsqueeze(-1), math.inf)
+        alpha = torch.where(zr, (Lm - beta.unsqueeze(-1)).amin(-2) - 1.0, alpha)
+    if bool(zc.any()):
+        beta = torch.where(zc, (L - alpha.unsqueeze(-2)).amin(-1) - 1.0, beta)
+    return alpha, beta
 
 
 def _envelope_value(reg, formulation, alpha, beta, ar, bc, L):
@@ -531,7 +617,7 @@ def smooth_ot(
     reg: Union[str, Regularizer] = "l2",
     gamma: Optional[float] = None,
     k: Optional[int] = None,
-    formulation: str = "semi_dual",
+    formulation: Optional[str] = None,
     sparse_axis: str = "columns",
     solver: str = "auto",
     tol: float = 1e-6,
@@ -566,7 +652,11 @@ def smooth_ot(
         k: maximum nonzeros per column (row), only for ``reg="topk"``; ``k >= n`` is
             quadratic OT and ``k = 1`` is unregularized OT.
         formulation: ``"semi_dual"`` (exact marginals on the sparse axis, ``n`` variables)
-            or ``"dual"`` (``n + m`` variables).
+            or ``"dual"`` (``n + m`` variables). Default (``None``): ``"dual"`` for
+            ``"l2"`` and ``"entropy"`` (its semismooth Newton system is a sparse bipartite
+            Laplacian, solved directly on CPU; the semi-dual Hessian couples whole columns
+            and its Newton steps can need orders of magnitude more time),
+            ``"semi_dual"`` for ``"topk"`` (column marginals and cardinality exact).
         sparse_axis: ``"columns"`` (each target receives from at most k sources) or
             ``"rows"`` (each source sends to at most k targets; the problem is transposed).
         solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``),
@@ -615,6 +705,8 @@ def smooth_ot(
     regul = make_regularizer(reg, gamma, k)
     if isinstance(reg, Regularizer):
         gamma = regul.gamma
+    if formulation is None:
+        formulation = "semi_dual" if regul.name == "topk" else "dual"
     check_choice(formulation, "formulation", FORMULATIONS)
     check_choice(sparse_axis, "sparse_axis", _SPARSE_AXES)
     check_choice(solver, "solver", SOLVERS)
