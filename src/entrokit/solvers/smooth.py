@@ -557,14 +557,14 @@ def smooth_ot_problem(
             # tails of 1e-56) are treated as zeros, the rest rescaled to the same mass:
             # they cost at most tol/5 of L1 error but otherwise stall Newton.
             tol_s = tol
-            if solver != "adam":
+            if solver != "adam" and reg.sparse:
                 ad_s, bd_s = _drop_negligible(ad, tol / 20), _drop_negligible(bd, tol / 20)
                 tol_s = tol / 2
             else:
                 ad_s, bd_s = ad, bd
             zr, zc = ad_s == 0, bd_s == 0
             Lz = Ld
-            if bool(zr.any()) or bool(zc.any()):
+            if reg.sparse and (bool(zr.any()) or bool(zc.any())):
                 Lz = Ld.masked_fill(zr.unsqueeze(-2) | zc.unsqueeze(-1), math.inf)
 
             def fun(x):
@@ -584,7 +584,9 @@ def smooth_ot_problem(
                 x, n_iter, conv, errs = _lbfgs(fun, x0, tol_s, max_iter)
             else:
                 x, n_iter, conv, errs = _adam(fun, x0, max_iter, lr, tol_s)
-            alpha, beta = _pin_zero_weights(x[:, :R], x[:, R:], ad_s, bd_s, Ld)
+            alpha, beta = x[:, :R], x[:, R:]
+            if reg.sparse:  # entropic plans are never exactly zero: nothing to pin
+                alpha, beta = _pin_zero_weights(alpha, beta, ad_s, bd_s, Ld)
             _, _, _, T = _dual(reg, alpha, beta, ad, bd, Ld)
             # convergence is judged on the original weights
             conv = (_l1(T.sum(-2) - ad) + _l1(T.sum(-1) - bd)) <= tol
