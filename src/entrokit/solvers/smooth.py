@@ -19,7 +19,20 @@ Liu, Puigcerver & Blondel 2023, Sec. 3):
 
 With ``reg="topk"`` every column (row with ``sparse_axis="rows"``) of the returned plan
 has at most ``k`` nonzeros, exactly, whatever the solver state: the plan is always the
-gradient of a top-k operator. ``k = 1`` is unregularized OT (up to the constant
+gradient of a top-k operator.
+
+**Top-k marginals are not guaranteed.** :math:`\delta_k` and :math:`\max_k` are the
+conjugates of the convex envelope :math:`\Omega_k^{**}`, so both concave problems are
+duals of the *convexified* primal. Their optimum is generically a kink (the k-th and
+(k+1)-th entries of some columns tie), where :math:`0 \in a - \mathrm{conv}\{T\mathbf
+1\}` over the k-sparse maximisers :math:`T`, but no single k-sparse gradient need have
+:math:`T\mathbf 1 = a`. Example: with ``k = 1`` every column sends all of ``b_j`` to one
+row, so the row-marginal error is at least
+:math:`\min_{\sigma}\sum_i|a_i - \sum_{j:\sigma(j)=i} b_j| > 0` whenever ``a`` is not a
+sum of subsets of ``b`` (tested by brute force). The solver therefore stops when the
+objective stops improving and reports ``converged=False`` with one
+``ConvergenceWarning`` unless the L1 marginal error really is ``<= tol``; the semi-dual
+keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up to the constant
 :math:`\frac\gamma2\sum_j b_j^2` in the value), ``k >= n`` is quadratic OT.
 
 **Solvers.**
