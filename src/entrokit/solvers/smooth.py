@@ -46,8 +46,10 @@ keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up
   with :math:`w_j` the support indicator of :math:`t_j` and :math:`\sigma_j = |w_j|`
   (quadratic and top-k; sparse), or :math:`w_j = t_j`, :math:`\sigma_j = b_j`
   (entropic). Both Newton variants run a :math:`\gamma`-continuation (start at the
-  cost range, divide by 4, warm start; loose tolerance on intermediate stages). Newton systems :math:`(H + \mu I)d = -\nabla` are solved by Jacobi-PCG with
-  sparse mat-vecs, :math:`\mu \propto \|\nabla\|`, followed by an Armijo line search.
+  cost range, divide by 4, warm start; loose tolerance on intermediate stages). Newton systems :math:`(H + \mu I)d = -\nabla`, :math:`\mu = 0.1\min(\|\nabla\|,1)/\gamma`,
+  are solved, for the quadratic/top-k dual on CPU, by a sparse LU of the Schur
+  complement on the column block (the active set has ~n+m entries), otherwise by
+  Jacobi-PCG with sparse mat-vecs; then an Armijo line search.
 * ``"lbfgs"`` (default for ``"topk"``): batched L-BFGS with an Armijo backtracking line
   search. Both objectives are concave, so curvature pairs are always usable.
 * ``"adam"``: a fixed number of Adam steps (``max_iter`` steps at ``lr``), the recipe of
