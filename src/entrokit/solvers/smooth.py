@@ -292,7 +292,10 @@ def _newton(reg, alpha, a, b, L, tol, max_iter, state):
             an = torch.where(upd.unsqueeze(-1), at, an)
             Fn = torch.where(upd, Ft, Fn)
             gnew = torch.where(upd.unsqueeze(-1), gt, gnew)
-            Tn = Tt if bool(upd.all()) else torch.where(upd.view(-1, 1, 1), Tt, Tn)
+            if bool(upd.all()):
+                Tn = Tt
+            elif bool(upd.any()):  # no full-size copies when nothing is accepted
+                Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
             todo = todo & ~ok
             if not bool(todo.any()):
                 break
@@ -444,7 +447,10 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
             xn = torch.where(upd.unsqueeze(-1), xt, xn)
             Fn = torch.where(upd, Ft, Fn)
             gnew = torch.where(upd.unsqueeze(-1), gt, gnew)
-            Tn = Tt if bool(upd.all()) else torch.where(upd.view(-1, 1, 1), Tt, Tn)
+            if bool(upd.all()):
+                Tn = Tt
+            elif bool(upd.any()):  # no full-size copies when nothing is accepted
+                Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
             todo = todo & ~ok
             if not bool(todo.any()):
                 break
