@@ -348,15 +348,19 @@ _STAGE_TOL = 1e-2  # marginal tolerance of intermediate gamma-continuation stage
 _MU_C = 0.1  # Hessian shift mu = _MU_C * min(|grad|, 1) / gamma
 
 
-def _l2_dual_fused(x, a, b, L, gamma):
-    """-D, its gradient and gamma * plan for the quadratic dual in few passes over L."""
+def _l2_dual_fused(x, a, b, L, gamma, out=None):
+    """-D, its gradient and gamma * plan for the quadratic dual in few passes over L:
+    X = beta 1^T + 1 alpha^T - L as one rank-2 update (into ``out`` when given), an
+    in-place clamp, and BLAS reductions (dot and two mat-vecs)."""
     R = a.shape[-1]
     al, be = x[:, :R], x[:, R:]
-    P = torch.sub(be.unsqueeze(-1), L).add_(al.unsqueeze(-2)).clamp_(min=0.0)  # gamma T
-    flat = P.view(P.shape[0], -1)
-    val = torch.linalg.vecdot(flat, flat) / (2 * gamma)
-    ga = P.sum(-2) / gamma - a
-    gb = P.sum(-1) / gamma - b
+    M1 = torch.stack([be, torch.ones_like(be)], -1)  # (B, K, 2)
+    M2 = torch.stack([torch.ones_like(al), al], -2)  # (B, 2, R)
+    P = torch.baddbmm(L, M1, M2, beta=-1.0, out=out).clamp_(min=0.0)  # gamma T
+    flat = P.reshape(P.shape[0], 1, -1)
+    val = torch.bmm(flat, flat.transpose(1, 2)).reshape(-1) / (2 * gamma)
+    ga = torch.bmm(torch.ones_like(be).unsqueeze(1), P).squeeze(1) / gamma - a
+    gb = torch.bmm(P, torch.ones_like(al).unsqueeze(-1)).squeeze(-1) / gamma - b
     F = val - (al * a).sum(-1) - (be * b).sum(-1)
     return F, torch.cat([ga, gb], -1), P
 
@@ -374,12 +378,13 @@ def _direct_dual_step(T, g, mu, gamma):
 
     Bsz, K, R = T.shape
     out = torch.empty_like(g)
-    Tn = T.cpu().numpy()
     gn = g.cpu().numpy()
     mun = mu.reshape(-1).cpu().numpy()
     ig = 1.0 / gamma
     for bi in range(Bsz):
-        ii, jj = np.nonzero(Tn[bi].T > 0)  # active (row i, column j), sorted by row
+        e = torch.nonzero(T[bi].reshape(-1)).reshape(-1).cpu().numpy()  # T >= 0: active entries
+        order = np.argsort(e % R, kind="stable")
+        ii, jj = e[order] % R, e[order] // R  # active (row i, column j), sorted by row
         m_ = float(mun[bi])
         cr = np.bincount(ii, minlength=R)
         da = cr * ig + m_  # alpha block diagonal
@@ -411,9 +416,14 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
     direct = reg.sparse and x.device.type == "cpu"
     fine = 8 * torch.finfo(x.dtype).eps
 
-    def ev(x):
+    # two scratch plans (current / trial) reused across iterations, single problems only
+    bufs = [torch.empty_like(L), torch.empty_like(L)] if (reg.name == "l2" and Bsz == 1) else None
+    slot = [0]
+
+    def ev(x, trial=False):
         if reg.name == "l2":
-            return _l2_dual_fused(x, a, b, L, reg.gamma)
+            out = None if bufs is None else bufs[slot[0] ^ int(trial)]
+            return _l2_dual_fused(x, a, b, L, reg.gamma, out=out)
         obj, ga, gb, T = _dual(reg, x[:, :R], x[:, R:], a, b, L)
         return -obj, torch.cat([ga, gb], -1), T
 
@@ -441,7 +451,7 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
         xn, Fn, gnew, Tn = x, F, g, T
         for _ls in range(40):
             xt = x + t.unsqueeze(-1) * d
-            Ft, gt, Tt = ev(xt)
+            Ft, gt, Tt = ev(xt, trial=True)
             ok = Ft <= F + 1e-4 * t * gd + fine * F.abs()
             upd = todo & ok
             xn = torch.where(upd.unsqueeze(-1), xt, xn)
@@ -449,6 +459,7 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
             gnew = torch.where(upd.unsqueeze(-1), gt, gnew)
             if bool(upd.all()):
                 Tn = Tt
+                slot[0] ^= 1 if bufs is not None else 0
             elif bool(upd.any()):  # no full-size copies when nothing is accepted
                 Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
             todo = todo & ~ok
