@@ -576,10 +576,19 @@ def smooth_ot_problem(
             _, _, T, beta = _semi_dual(reg, x, ad, bd, Ld, state)
             alpha = x
         else:
-            # alpha = 0, beta_j = min_i c_ij + gamma b_j: every column starts with its
-            # cheapest row active and (for l2) its exact mass
-            beta0 = Ld.amin(-1) + reg.gamma * bd
-            x0 = torch.cat([torch.zeros(Bsz, R, dtype=wdt, device=Ld.device), beta0], -1)
+            if reg.sparse and solver == "newton":
+                # c-transform pair (beta_j = min_i c_ij, alpha_i = min_j c_ij - beta_j: a
+                # feasible unregularized dual, tight on every row and column) lifted by
+                # gamma0 * weights / 2, gamma0 the first continuation stage
+                g0 = (_gamma_stages(reg, Ld) or [reg.gamma])[0]
+                beta0 = Ld.amin(-1)
+                alpha0 = (Ld - beta0.unsqueeze(-1)).amin(-2)
+                x0 = torch.cat([alpha0 + 0.5 * g0 * ad, beta0 + 0.5 * g0 * bd], -1)
+            else:
+                # alpha = 0, beta_j = min_i c_ij + gamma b_j: every column starts with its
+                # cheapest row active and (for l2) its exact mass
+                beta0 = Ld.amin(-1) + reg.gamma * bd
+                x0 = torch.cat([torch.zeros(Bsz, R, dtype=wdt, device=Ld.device), beta0], -1)
             if init is not None:
                 x0 = init.detach().to(wdt).reshape(Bsz, R + K).clone()
 
