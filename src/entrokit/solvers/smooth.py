@@ -727,7 +727,12 @@ def smooth_ot(
             ``"rows"`` (each source sends to at most k targets; the problem is transposed).
         solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``),
             ``"newton"``, ``"lbfgs"`` or ``"adam"`` (``max_iter`` fixed steps at ``lr``).
-        tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`.
+        tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`, always
+            checked on the original weights. For ``"l2"``/``"topk"`` with the dual,
+            zero weights are removed exactly and the smallest weights summing to at
+            most ``tol/20`` per side (e.g. Gaussian tails of 1e-56) are solved as zeros
+            (the rest rescaled), which keeps Newton well-posed at a cost of at most
+            ``tol/5`` of marginal error.
         max_iter: iteration budget (default 300 Newton, 2000 L-BFGS, 20 Adam steps).
         lr: Adam step size.
         solve_dtype: working dtype of ``newton``/``lbfgs`` (default ``float64``; ``None``
