@@ -19,7 +19,20 @@ Liu, Puigcerver & Blondel 2023, Sec. 3):
 
 With ``reg="topk"`` every column (row with ``sparse_axis="rows"``) of the returned plan
 has at most ``k`` nonzeros, exactly, whatever the solver state: the plan is always the
-gradient of a top-k operator. ``k = 1`` is unregularized OT (up to the constant
+gradient of a top-k operator.
+
+**Top-k marginals are not guaranteed.** :math:`\delta_k` and :math:`\max_k` are the
+conjugates of the convex envelope :math:`\Omega_k^{**}`, so both concave problems are
+duals of the *convexified* primal. Their optimum is generically a kink (the k-th and
+(k+1)-th entries of some columns tie), where :math:`0 \in a - \mathrm{conv}\{T\mathbf
+1\}` over the k-sparse maximisers :math:`T`, but no single k-sparse gradient need have
+:math:`T\mathbf 1 = a`. Example: with ``k = 1`` every column sends all of ``b_j`` to one
+row, so the row-marginal error is at least
+:math:`\min_{\sigma}\sum_i|a_i - \sum_{j:\sigma(j)=i} b_j| > 0` whenever ``a`` is not a
+sum of subsets of ``b`` (tested by brute force). The solver therefore stops when the
+objective stops improving and reports ``converged=False`` with one
+``ConvergenceWarning`` unless the L1 marginal error really is ``<= tol``; the semi-dual
+keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up to the constant
 :math:`\frac\gamma2\sum_j b_j^2` in the value), ``k >= n`` is quadratic OT.
 
 **Solvers.**
@@ -33,8 +46,10 @@ gradient of a top-k operator. ``k = 1`` is unregularized OT (up to the constant
   with :math:`w_j` the support indicator of :math:`t_j` and :math:`\sigma_j = |w_j|`
   (quadratic and top-k; sparse), or :math:`w_j = t_j`, :math:`\sigma_j = b_j`
   (entropic). Both Newton variants run a :math:`\gamma`-continuation (start at the
-  cost range, divide by 4, warm start; loose tolerance on intermediate stages). Newton systems :math:`(H + \mu I)d = -\nabla` are solved by Jacobi-PCG with
-  sparse mat-vecs, :math:`\mu \propto \|\nabla\|`, followed by an Armijo line search.
+  cost range, divide by 4, warm start; loose tolerance on intermediate stages). Newton systems :math:`(H + \mu I)d = -\nabla`, :math:`\mu = 0.1\min(\|\nabla\|,1)/\gamma`,
+  are solved, for the quadratic/top-k dual on CPU, by a sparse LU of the Schur
+  complement on the column block (the active set has ~n+m entries), otherwise by
+  Jacobi-PCG with sparse mat-vecs; then an Armijo line search.
 * ``"lbfgs"`` (default for ``"topk"``): batched L-BFGS with an Armijo backtracking line
   search. Both objectives are concave, so curvature pairs are always usable.
 * ``"adam"``: a fixed number of Adam steps (``max_iter`` steps at ``lr``), the recipe of
@@ -277,7 +292,10 @@ def _newton(reg, alpha, a, b, L, tol, max_iter, state):
             an = torch.where(upd.unsqueeze(-1), at, an)
             Fn = torch.where(upd, Ft, Fn)
             gnew = torch.where(upd.unsqueeze(-1), gt, gnew)
-            Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
+            if bool(upd.all()):
+                Tn = Tt
+            elif bool(upd.any()):  # no full-size copies when nothing is accepted
+                Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
             todo = todo & ~ok
             if not bool(todo.any()):
                 break
@@ -326,12 +344,86 @@ def _dual_hessian_op(reg: Regularizer, X, T):
     return mv_dense, diag
 
 
+_STAGE_TOL = 1e-2  # marginal tolerance of intermediate gamma-continuation stages
+_MU_C = 0.1  # Hessian shift mu = _MU_C * min(|grad|, 1) / gamma
+
+
+def _l2_dual_fused(x, a, b, L, gamma, out=None):
+    """-D, its gradient and gamma * plan for the quadratic dual in few passes over L:
+    X = beta 1^T + 1 alpha^T - L as one rank-2 update (into ``out`` when given), an
+    in-place clamp, and BLAS reductions (dot and two mat-vecs)."""
+    R = a.shape[-1]
+    al, be = x[:, :R], x[:, R:]
+    M1 = torch.stack([be, torch.ones_like(be)], -1)  # (B, K, 2)
+    M2 = torch.stack([torch.ones_like(al), al], -2)  # (B, 2, R)
+    P = torch.baddbmm(L, M1, M2, beta=-1.0, out=out).clamp_(min=0.0)  # gamma T
+    flat = P.reshape(P.shape[0], 1, -1)
+    val = torch.bmm(flat, flat.transpose(1, 2)).reshape(-1) / (2 * gamma)
+    ga = torch.bmm(torch.ones_like(be).unsqueeze(1), P).squeeze(1) / gamma - a
+    gb = torch.bmm(P, torch.ones_like(al).unsqueeze(-1)).squeeze(-1) / gamma - b
+    F = val - (al * a).sum(-1) - (be * b).sum(-1)
+    return F, torch.cat([ga, gb], -1), P
+
+
+def _direct_dual_step(T, g, mu, gamma):
+    r"""Newton direction :math:`(H + \mu I)^{-1}(-g)` for the quadratic dual by a sparse
+    direct solve (CPU). With :math:`W` the active set of the plan (nnz ~ n + m),
+    :math:`H = \frac1\gamma\begin{pmatrix}D_r & W^\top\\ W & D_c\end{pmatrix}`;
+    eliminating the diagonal row block leaves the SPD Schur complement
+    :math:`S = D_c/\gamma + \mu - W (D_r/\gamma+\mu)^{-1} W^\top/\gamma^2` on the
+    columns, factorised by sparse LU (``scipy.sparse.linalg.splu``)."""
+    import numpy as np
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import splu
+
+    Bsz, K, R = T.shape
+    out = torch.empty_like(g)
+    gn = g.cpu().numpy()
+    mun = mu.reshape(-1).cpu().numpy()
+    ig = 1.0 / gamma
+    for bi in range(Bsz):
+        e = torch.nonzero(T[bi].reshape(-1)).reshape(-1).cpu().numpy()  # T >= 0: active entries
+        order = np.argsort(e % R, kind="stable")
+        ii, jj = e[order] % R, e[order] // R  # active (row i, column j), sorted by row
+        m_ = float(mun[bi])
+        cr = np.bincount(ii, minlength=R)
+        da = cr * ig + m_  # alpha block diagonal
+        dc = np.bincount(jj, minlength=K) * ig + m_  # beta block diagonal
+        ra, rb = -gn[bi, :R], -gn[bi, R:]
+        # Schur complement: S = diag(dc) - sum_i w_i w_i^T / (gamma^2 da_i), w_i = row i's pattern
+        c_e = cr[ii]  # row count of each entry's row
+        start = np.cumsum(cr) - cr
+        left = np.repeat(jj, c_e)
+        pos = np.arange(left.shape[0]) - np.repeat(np.cumsum(c_e) - c_e, c_e)
+        right = jj[np.repeat(start[ii], c_e) + pos]
+        wv = np.repeat(ig * ig / da[ii], c_e)
+        S = sp.csc_matrix(
+            (np.concatenate([-wv, dc]), (np.concatenate([left, np.arange(K)]), np.concatenate([right, np.arange(K)]))),
+            shape=(K, K),
+        )
+        wa = ra / da
+        rhs = rb - ig * np.bincount(jj, weights=wa[ii], minlength=K)
+        lu = splu(S, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        db = lu.solve(rhs)
+        dA = (ra - ig * np.bincount(ii, weights=db[jj], minlength=R)) / da
+        out[bi] = torch.from_numpy(np.concatenate([dA, db])).to(g)
+    return out
+
+
 def _newton_dual(reg, x, a, b, L, tol, max_iter):
     """Globalised regularised semismooth Newton on -D (Hessian shift mu ~ |grad|)."""
     Bsz, K, R = L.shape
+    direct = reg.sparse and x.device.type == "cpu"
     fine = 8 * torch.finfo(x.dtype).eps
 
-    def ev(x):
+    # two scratch plans (current / trial) reused across iterations, single problems only
+    bufs = [torch.empty_like(L), torch.empty_like(L)] if (reg.name == "l2" and Bsz == 1) else None
+    slot = [0]
+
+    def ev(x, trial=False):
+        if reg.name == "l2":
+            out = None if bufs is None else bufs[slot[0] ^ int(trial)]
+            return _l2_dual_fused(x, a, b, L, reg.gamma, out=out)
         obj, ga, gb, T = _dual(reg, x[:, :R], x[:, R:], a, b, L)
         return -obj, torch.cat([ga, gb], -1), T
 
@@ -344,25 +436,32 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        mv, diag = _dual_hessian_op(reg, None, T)
         gn = g.norm(dim=-1, keepdim=True)
-        mu = (gn.clamp_max(1.0) / reg.gamma).clamp_min(1e-12 / reg.gamma)
-        rtol = float(min(0.1, max(float(gn.max()) ** 0.5, 1e-8)))
-        d, cg_it = _pcg(mv, -g, diag, mu, rtol, 1000)
-        cg_total += cg_it
+        mu = (_MU_C * gn.clamp_max(1.0) / reg.gamma).clamp_min(1e-12 / reg.gamma)
+        if direct:
+            d = _direct_dual_step(T, g, mu, reg.gamma)
+        else:
+            mv, diag = _dual_hessian_op(reg, None, T)
+            rtol = float(min(0.1, max(float(gn.max()) ** 0.5, 1e-8)))
+            d, cg_it = _pcg(mv, -g, diag, mu, rtol, 1000)
+            cg_total += cg_it
         gd = (g * d).sum(-1)
         t = torch.ones_like(F)
         todo = active.clone()
         xn, Fn, gnew, Tn = x, F, g, T
         for _ls in range(40):
             xt = x + t.unsqueeze(-1) * d
-            Ft, gt, Tt = ev(xt)
+            Ft, gt, Tt = ev(xt, trial=True)
             ok = Ft <= F + 1e-4 * t * gd + fine * F.abs()
             upd = todo & ok
             xn = torch.where(upd.unsqueeze(-1), xt, xn)
             Fn = torch.where(upd, Ft, Fn)
             gnew = torch.where(upd.unsqueeze(-1), gt, gnew)
-            Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
+            if bool(upd.all()):
+                Tn = Tt
+                slot[0] ^= 1 if bufs is not None else 0
+            elif bool(upd.any()):  # no full-size copies when nothing is accepted
+                Tn = torch.where(upd.view(-1, 1, 1), Tt, Tn)
             todo = todo & ~ok
             if not bool(todo.any()):
                 break
@@ -477,32 +576,61 @@ def smooth_ot_problem(
             _, _, T, beta = _semi_dual(reg, x, ad, bd, Ld, state)
             alpha = x
         else:
-            # alpha = 0, beta_j = min_i c_ij + gamma b_j: every column starts with its
-            # cheapest row active and (for l2) its exact mass
-            beta0 = Ld.amin(-1) + reg.gamma * bd
-            x0 = torch.cat([torch.zeros(Bsz, R, dtype=wdt, device=Ld.device), beta0], -1)
+            if reg.sparse and solver == "newton":
+                # c-transform pair (beta_j = min_i c_ij, alpha_i = min_j c_ij - beta_j: a
+                # feasible unregularized dual, tight on every row and column) lifted by
+                # gamma0 * weights / 2, gamma0 the first continuation stage
+                g0 = (_gamma_stages(reg, Ld) or [reg.gamma])[0]
+                beta0 = Ld.amin(-1)
+                alpha0 = (Ld - beta0.unsqueeze(-1)).amin(-2)
+                x0 = torch.cat([alpha0 + 0.5 * g0 * ad, beta0 + 0.5 * g0 * bd], -1)
+            else:
+                # alpha = 0, beta_j = min_i c_ij + gamma b_j: every column starts with its
+                # cheapest row active and (for l2) its exact mass
+                beta0 = Ld.amin(-1) + reg.gamma * bd
+                x0 = torch.cat([torch.zeros(Bsz, R, dtype=wdt, device=Ld.device), beta0], -1)
             if init is not None:
                 x0 = init.detach().to(wdt).reshape(Bsz, R + K).clone()
 
+            # zero weights: their rows/columns are removed exactly (infinite cost) and
+            # their potentials pinned below every active threshold afterwards. Negligible
+            # weights (the smallest ones, summing to <= tol/20 per side, e.g. Gaussian
+            # tails of 1e-56) are treated as zeros, the rest rescaled to the same mass:
+            # they cost at most tol/5 of L1 error but otherwise stall Newton.
+            tol_s = tol
+            if solver != "adam" and reg.sparse:
+                ad_s, bd_s = _drop_negligible(ad, tol / 20), _drop_negligible(bd, tol / 20)
+                tol_s = tol / 2
+            else:
+                ad_s, bd_s = ad, bd
+            zr, zc = ad_s == 0, bd_s == 0
+            Lz = Ld
+            if reg.sparse and (bool(zr.any()) or bool(zc.any())):
+                Lz = Ld.masked_fill(zr.unsqueeze(-2) | zc.unsqueeze(-1), math.inf)
+
             def fun(x):
-                obj, ga, gb, _ = _dual(reg, x[:, :R], x[:, R:], ad, bd, Ld)
+                obj, ga, gb, _ = _dual(reg, x[:, :R], x[:, R:], ad_s, bd_s, Lz)
                 return -obj, torch.cat([ga, gb], -1), _l1(ga) + _l1(gb)
 
             if solver == "newton":
                 stages = _gamma_stages(reg, Ld)
                 for gs in stages:
                     rs = type(reg)(gs)
-                    xs, _, _, _, _ = _newton_dual(rs, x0, ad, bd, Ld, max(tol, 1e-3), max_iter)
+                    xs, _, _, _, _ = _newton_dual(rs, x0, ad_s, bd_s, Lz, max(tol_s, _STAGE_TOL), max_iter)
                     x0 = xs
                 info["gamma_stages"] = len(stages) + 1
-                x, n_iter, conv, errs, extra = _newton_dual(reg, x0, ad, bd, Ld, tol, max_iter)
+                x, n_iter, conv, errs, extra = _newton_dual(reg, x0, ad_s, bd_s, Lz, tol_s, max_iter)
                 info.update(extra)
             elif solver == "lbfgs":
-                x, n_iter, conv, errs = _lbfgs(fun, x0, tol, max_iter)
+                x, n_iter, conv, errs = _lbfgs(fun, x0, tol_s, max_iter)
             else:
-                x, n_iter, conv, errs = _adam(fun, x0, max_iter, lr, tol)
+                x, n_iter, conv, errs = _adam(fun, x0, max_iter, lr, tol_s)
             alpha, beta = x[:, :R], x[:, R:]
+            if reg.sparse:  # entropic plans are never exactly zero: nothing to pin
+                alpha, beta = _pin_zero_weights(alpha, beta, ad_s, bd_s, Ld)
             _, _, _, T = _dual(reg, alpha, beta, ad, bd, Ld)
+            # convergence is judged on the original weights
+            conv = (_l1(T.sum(-2) - ad) + _l1(T.sum(-1) - bd)) <= tol
     info["time"] = time.perf_counter() - t0
     dt = a.dtype
     return {
@@ -510,6 +638,30 @@ def smooth_ot_problem(
         "converged": conv, "errors": errs.to(dt), "info": info, "L": L, "ar": ar, "bc": bc,
         "solver": solver,
     }
+
+
+def _drop_negligible(w, budget):
+    """Zero the smallest weights whose cumulative mass is <= budget; rescale the rest to
+    the original total (no-op when nothing is dropped)."""
+    sw, idx = torch.sort(w, dim=-1)
+    drop_sorted = (torch.cumsum(sw, -1) <= budget) & (sw > 0)
+    if not bool(drop_sorted.any()):
+        return w
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, idx, drop_sorted)
+    w2 = w.masked_fill(drop, 0.0)
+    return w2 * (w.sum(-1, keepdim=True) / w2.sum(-1, keepdim=True))
+
+
+def _pin_zero_weights(alpha, beta, a, b, L):
+    """Potentials of zero-weight rows/columns set just below their active threshold
+    (alpha_i = min_j(c_ij - beta_j) - 1), so their plan rows/columns are exactly zero."""
+    zr, zc = a == 0, b == 0
+    if bool(zr.any()):
+        Lm = L.masked_fill(zc.unsqueeze(-1), math.inf)
+        alpha = torch.where(zr, (Lm - beta.unsqueeze(-1)).amin(-2) - 1.0, alpha)
+    if bool(zc.any()):
+        beta = torch.where(zc, (L - alpha.unsqueeze(-2)).amin(-1) - 1.0, beta)
+    return alpha, beta
 
 
 def _envelope_value(reg, formulation, alpha, beta, ar, bc, L):
@@ -531,7 +683,7 @@ def smooth_ot(
     reg: Union[str, Regularizer] = "l2",
     gamma: Optional[float] = None,
     k: Optional[int] = None,
-    formulation: str = "semi_dual",
+    formulation: Optional[str] = None,
     sparse_axis: str = "columns",
     solver: str = "auto",
     tol: float = 1e-6,
@@ -566,12 +718,21 @@ def smooth_ot(
         k: maximum nonzeros per column (row), only for ``reg="topk"``; ``k >= n`` is
             quadratic OT and ``k = 1`` is unregularized OT.
         formulation: ``"semi_dual"`` (exact marginals on the sparse axis, ``n`` variables)
-            or ``"dual"`` (``n + m`` variables).
+            or ``"dual"`` (``n + m`` variables). Default (``None``): ``"dual"`` for
+            ``"l2"`` and ``"entropy"`` (its semismooth Newton system is a sparse bipartite
+            Laplacian, solved directly on CPU; the semi-dual Hessian couples whole columns
+            and its Newton steps can need orders of magnitude more time),
+            ``"semi_dual"`` for ``"topk"`` (column marginals and cardinality exact).
         sparse_axis: ``"columns"`` (each target receives from at most k sources) or
             ``"rows"`` (each source sends to at most k targets; the problem is transposed).
         solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``),
             ``"newton"``, ``"lbfgs"`` or ``"adam"`` (``max_iter`` fixed steps at ``lr``).
-        tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`.
+        tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`, always
+            checked on the original weights. For ``"l2"``/``"topk"`` with the dual,
+            zero weights are removed exactly and the smallest weights summing to at
+            most ``tol/20`` per side (e.g. Gaussian tails of 1e-56) are solved as zeros
+            (the rest rescaled), which keeps Newton well-posed at a cost of at most
+            ``tol/5`` of marginal error.
         max_iter: iteration budget (default 300 Newton, 2000 L-BFGS, 20 Adam steps).
         lr: Adam step size.
         solve_dtype: working dtype of ``newton``/``lbfgs`` (default ``float64``; ``None``
@@ -615,6 +776,8 @@ def smooth_ot(
     regul = make_regularizer(reg, gamma, k)
     if isinstance(reg, Regularizer):
         gamma = regul.gamma
+    if formulation is None:
+        formulation = "semi_dual" if regul.name == "topk" else "dual"
     check_choice(formulation, "formulation", FORMULATIONS)
     check_choice(sparse_axis, "sparse_axis", _SPARSE_AXES)
     check_choice(solver, "solver", SOLVERS)
