@@ -51,7 +51,7 @@ def main():
     at, bt, Ct = (torch.from_numpy(v) for v in (a, b, C))
     specs = [("quadratic", dict(reg="l2"))] + [(f"top-k, k={k}", dict(reg="topk", k=k)) for k in (1, 2, 5, 100)]
     for name, kw in specs:
-        with warnings.catch_warnings(record=True) as w:
+        with warnings.catch_warnings(record=True):
             warnings.simplefilter("always", entrokit.ConvergenceWarning)
             t0 = time.perf_counter()
             r = entrokit.smooth_ot(at, bt, Ct, gamma=args.gamma, **kw)  # dual (l2), semi-dual (top-k)

@@ -4,12 +4,10 @@ import itertools
 import warnings
 
 import numpy as np
-import pytest
 import torch
 
 from entrokit import ConvergenceWarning, smooth_ot
 from entrokit.solvers import smooth as S
-from entrokit.solvers.regularizers import SquaredL2
 
 D = torch.float64
 

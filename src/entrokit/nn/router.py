@@ -28,8 +28,8 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._validation import check_choice, check_positive, check_positive_int
-from entrokit.problem import OTProblem
 from entrokit.geometry import DenseCost
+from entrokit.problem import OTProblem
 from entrokit.solvers.regularizers import TopKSquaredL2
 from entrokit.solvers.smooth import smooth_ot_problem
 

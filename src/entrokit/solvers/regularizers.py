@@ -43,7 +43,6 @@ in closed form around it (the ``stop_gradient`` trick of the reference implement
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -87,7 +86,7 @@ def simplex_projection_sorted(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def sparse_simplex_projection(
-    u: torch.Tensor, k: Optional[int] = None, *, k_start: Optional[int] = None
+    u: torch.Tensor, k: int | None = None, *, k_start: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     r"""Projection of each vector along the last axis onto :math:`\{p\ge 0, \mathbf 1^\top
     p = 1, \|p\|_0 \le k\}`.
@@ -152,7 +151,7 @@ class Regularizer:
         r"""``(value, grad)`` of :math:`\delta_\Omega(s)`; ``value`` is differentiable."""
         raise NotImplementedError
 
-    def max_omega(self, s: torch.Tensor, b: torch.Tensor, state: Optional[dict] = None):
+    def max_omega(self, s: torch.Tensor, b: torch.Tensor, state: dict | None = None):
         r"""``(value, grad, beta)`` of :math:`\max_\Omega(s; b)`.
 
         ``grad`` is the plan column :math:`t = \nabla_s\max_\Omega(s;b)` (mass ``b``);
@@ -201,12 +200,12 @@ class SquaredL2(Regularizer):
 
     name = "l2"
     sparse = True
-    k: Optional[int] = None
+    k: int | None = None
 
     def omega(self, t):
         return 0.5 * self.gamma * (t * t).sum(-1)
 
-    def _top(self, s: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _top(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return s, None
 
     def delta(self, s):
@@ -270,7 +269,7 @@ class TopKSquaredL2(SquaredL2):
         return s.gather(-1, idx), idx
 
 
-def make_regularizer(reg, gamma: float, k: Optional[int] = None) -> Regularizer:
+def make_regularizer(reg, gamma: float, k: int | None = None) -> Regularizer:
     """Build a regularizer from its name (``"entropy"``, ``"l2"``, ``"topk"``) or pass one through."""
     if isinstance(reg, Regularizer):
         if k is not None:

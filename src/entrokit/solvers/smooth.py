@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Union
 
 import torch
 
@@ -244,7 +243,7 @@ def _pcg(mv, rhs, diag, mu, rtol, max_iter):
     rz = (r * z).sum(-1, keepdim=True)
     bnorm = rhs.norm(dim=-1, keepdim=True)
     it = 0
-    for it in range(1, max_iter + 1):
+    for _it in range(1, max_iter + 1):
         Ap = mv(p) + mu * p
         pAp = (p * Ap).sum(-1, keepdim=True)
         step = torch.where(pAp > 0, rz / pAp.clamp_min(1e-300), torch.zeros_like(pAp))
@@ -520,10 +519,10 @@ def smooth_ot_problem(
     sparse_axis: str = "columns",
     solver: str = "auto",
     tol: float = 1e-6,
-    max_iter: Optional[int] = None,
+    max_iter: int | None = None,
     lr: float = 1e-2,
-    solve_dtype: Optional[torch.dtype] = torch.float64,
-    init: Optional[torch.Tensor] = None,
+    solve_dtype: torch.dtype | None = torch.float64,
+    init: torch.Tensor | None = None,
 ):
     """Solve a validated *batched* problem; returns the pieces of an :class:`OTResult`.
 
@@ -678,22 +677,22 @@ def smooth_ot(
     a: torch.Tensor,
     b: torch.Tensor,
     cost,
-    eps: Optional[float] = None,
+    eps: float | None = None,
     *,
-    reg: Union[str, Regularizer] = "l2",
-    gamma: Optional[float] = None,
-    k: Optional[int] = None,
-    formulation: Optional[str] = None,
+    reg: str | Regularizer = "l2",
+    gamma: float | None = None,
+    k: int | None = None,
+    formulation: str | None = None,
     sparse_axis: str = "columns",
     solver: str = "auto",
     tol: float = 1e-6,
-    max_iter: Optional[int] = None,
+    max_iter: int | None = None,
     lr: float = 1e-2,
-    solve_dtype: Optional[torch.dtype] = torch.float64,
-    init: Optional[torch.Tensor] = None,
+    solve_dtype: torch.dtype | None = torch.float64,
+    init: torch.Tensor | None = None,
     normalize: bool = False,
     check_inputs: bool = True,
-    sparse_plan: Optional[bool] = None,
+    sparse_plan: bool | None = None,
 ) -> OTResult:
     r"""Quadratically-regularized, sparsity-constrained or entropic OT by (semi-)dual ascent.
 
