@@ -72,8 +72,8 @@ def _entrokit(a, b, C, gamma, k, max_iter=None):
     return r.plan.to_dense().numpy()
 
 
-def run(quick: bool = False, budget: float | None = None, out: str | None = "benchmarks/results") -> list[Table]:
-    """Run the suite; returns the tables (and writes ``<out>/smooth.md``)."""
+def run(quick: bool = False, budget: float | None = None, out: str | None = None) -> list[Table]:
+    """Run the suite; returns the tables (and writes ``<out>/smooth.md`` when ``out`` is given)."""
     import ot
     import regot
 
