@@ -170,12 +170,17 @@ class _KernelEngine:
         self._absorb(f, g)
 
     def reduce(self):
-        """Row sums, column sums and <C, P> of the current plan (three mat-vecs)."""
+        """Row sums, column sums and <C, P> of the current plan (three mat-vecs).
+
+        Called once at the end of a solve: the kernel buffer is consumed (K <- K * C) so
+        that no further n x m array is allocated.
+        """
         au, bv = self.a * self.u, self.b * self.v
         row = au * self._Kv(bv)
         col = bv * self._KTu(au)
-        KC = self.K * self.C
+        KC = self.K.mul_(self.C)
         tc = (au * torch.matmul(KC, bv.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        self.K = self.K0 = None
         return row, col, tc
 
     def _absorb(self, f, g):
@@ -221,9 +226,11 @@ class _KernelEngine:
         # one problem: preallocated buffers, two BLAS mat-vecs and four O(n) ops per iteration
         K, Kt = self.K0, self.K0.t()
         a, b = self.a[0], self.b[0]
-        u, v = self.u[0].clone(), self.v[0].clone()
-        bv, au = torch.empty_like(v), torch.empty_like(u)
-        Kv, KTu = torch.empty_like(u), torch.empty_like(v)
+        # u, v are updated in place (views of self.u, self.v); work vectors are reused
+        u, v = self.u[0], self.v[0]
+        if getattr(self, "_work", None) is None:
+            self._work = (torch.empty_like(v), torch.empty_like(u), torch.empty_like(u), torch.empty_like(v))
+        bv, au, Kv, KTu = self._work
         for _ in range(k - 1):
             torch.mul(b, v, out=bv)
             torch.mv(K, bv, out=Kv)
@@ -237,13 +244,11 @@ class _KernelEngine:
         err = (a * (u * Kv - 1.0).abs()).sum()
         if stop_tol is not None and float(err) <= stop_tol:
             # the current plan already meets the tolerance: keep it (saves a half sweep)
-            self.u, self.v = u.unsqueeze(0), v.unsqueeze(0)
             return err.unsqueeze(0)
         torch.reciprocal(Kv, out=u)
         torch.mul(a, u, out=au)
         torch.mv(Kt, au, out=KTu)
         torch.reciprocal(KTu, out=v)
-        self.u, self.v = u.unsqueeze(0), v.unsqueeze(0)
         return err.unsqueeze(0)
 
     def check(self, err: torch.Tensor) -> tuple[bool, bool]:
