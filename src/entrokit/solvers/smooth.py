@@ -78,7 +78,8 @@ from entrokit._result import OTResult
 from entrokit._validation import check_choice, check_positive, check_positive_int
 from entrokit.problem import OTProblem, make_problem
 from entrokit.solvers._entropic import warn_not_converged
-from entrokit.solvers.regularizers import Regularizer, make_regularizer
+from entrokit.solvers.regularizers import Regularizer, SquaredL2, make_regularizer
+from entrokit.solvers.regularizers import simplex_projection_sorted as _simplex_sorted
 
 __all__ = ["smooth_ot", "smooth_ot_problem", "FORMULATIONS", "SOLVERS"]
 
@@ -111,39 +112,103 @@ def _l1(x):
     return x.abs().sum(-1)
 
 
+def _topk_semi_dual_compact(gamma, k, alpha, a, b, L, buf=None):
+    r"""-S, its gradient and the k-sparse plan in compact form for ``reg="topk"``.
+
+    Same quantities as :func:`_semi_dual` but in O(km) memory after one pass over ``L``:
+    column j keeps only :math:`\mathrm{top}_k(\alpha - c_j)` (values ``V``, rows ``I``),
+    :math:`t_j = b_j\,\mathrm{Proj}_\Delta(V_j/(\gamma b_j))` on those rows and
+    :math:`\max_k = b_j\langle p, V_j\rangle - \frac{\gamma b_j^2}2\|p\|^2`.
+    Returns ``(F, grad, (t, I))`` with ``t`` and ``I`` of shape ``(B, K, k)``; ``buf``
+    (like ``L``) is reused as scratch."""
+    X = torch.sub(alpha.unsqueeze(-2), L, out=buf)
+    V, I = torch.topk(X, min(k, X.shape[-1]), dim=-1, sorted=True)
+    pos = b > 0
+    bs = torch.where(pos, b, torch.ones_like(b)).unsqueeze(-1)
+    p, _, _ = _simplex_sorted(V / (gamma * bs))
+    p = p * pos.unsqueeze(-1)
+    t = bs * p
+    val = (t * V).sum(-1) - 0.5 * gamma * (t * t).sum(-1)
+    rows = torch.zeros_like(alpha).scatter_add_(-1, I.reshape(I.shape[0], -1), t.reshape(t.shape[0], -1))
+    F = val.sum(-1) - (alpha * a).sum(-1)
+    return F, rows - a, (t, I)
+
+
+def _topk_dual_compact(gamma, k, x, a, b, L, buf=None):
+    r"""-D, its gradient and the compact k-sparse plan for ``reg="topk"`` (dual):
+    :math:`\delta_k(s) = \frac1{2\gamma}\sum_{\mathrm{top}_k(s)}[s_i]_+^2`, plan entries
+    :math:`[s_i]_+/\gamma` on the top-k rows of each column."""
+    R = a.shape[-1]
+    al, be = x[:, :R], x[:, R:]
+    X = torch.sub(al.unsqueeze(-2), L, out=buf).add_(be.unsqueeze(-1))
+    V, I = torch.topk(X, min(k, X.shape[-1]), dim=-1, sorted=False)
+    t = V.clamp_min(0.0) / gamma
+    val = 0.5 * gamma * (t * t).sum((-2, -1))
+    rows = torch.zeros_like(al).scatter_add_(-1, I.reshape(I.shape[0], -1), t.reshape(t.shape[0], -1))
+    F = val - (al * a).sum(-1) - (be * b).sum(-1)
+    return F, torch.cat([rows - a, t.sum(-1) - b], -1), (t, I)
+
+
+def _compact_to_dense(t, I, R):
+    """Dense internal plan (B, K, R) from the compact (values, row indices) form."""
+    return torch.zeros(*t.shape[:-1], R, dtype=t.dtype, device=t.device).scatter_(-1, I, t)
+
+
 # --------------------------------------------------------------------------------------
 # batched L-BFGS (minimisation), Armijo backtracking
 # --------------------------------------------------------------------------------------
-def _lbfgs(fun, x, tol, max_iter, history=10):
-    """Minimise a batch of convex functions. ``fun(x) -> (F, g, err)``, all batched."""
+def _lbfgs_direction(g, mem):
+    r"""-H g for the L-BFGS inverse Hessian in compact form (Byrd, Nocedal & Schnabel
+    1994, Thm 2.2): :math:`H = \theta I + [S\ \theta Y]\begin{pmatrix}R^{-\top}(D +
+    \theta Y^\top Y)R^{-1} & -R^{-\top}\\ -R^{-1} & 0\end{pmatrix}[S\ \theta Y]^\top`,
+    with :math:`R` the upper triangle of :math:`S^\top Y`, :math:`D` its diagonal and
+    :math:`\theta = s^\top y / y^\top y` of the newest pair. A constant number of
+    batched operations per iteration, whatever the history length."""
+    if mem is None:
+        return -g
+    Z, R, D, YY, theta = mem
+    h = R.shape[-1]
+    w = torch.bmm(Z, g.unsqueeze(-1))  # (B, 2h, 1): S^T g, Y^T g
+    v = torch.linalg.solve_triangular(R, w[:, :h], upper=True)
+    rhs = D.unsqueeze(-1) * v + theta * torch.bmm(YY, v) - theta * w[:, h:]
+    top = torch.linalg.solve_triangular(R.mT, rhs, upper=False)
+    coef = torch.cat([top, -theta * v], 1)
+    return -(theta.squeeze(-1) * g + torch.bmm(Z.mT, coef).squeeze(-1))
+
+
+def _lbfgs_memory(S, Y):
+    """Compact-form pieces (Z = [S; Y], R, D, Y^T Y, theta) of the stored pairs."""
+    Sm, Ym = torch.stack(S, 1), torch.stack(Y, 1)  # (B, h, n)
+    SY = torch.bmm(Sm, Ym.mT)
+    R = torch.triu(SY)
+    D = torch.diagonal(SY, dim1=-2, dim2=-1)
+    YY = torch.bmm(Ym, Ym.mT)
+    theta = (SY[:, -1, -1] / YY[:, -1, -1]).reshape(-1, 1, 1)
+    return torch.cat([Sm, Ym], 1), R, D, YY, theta
+
+
+def _lbfgs(fun, x, tol, max_iter, history=10, patience=None):
+    """Minimise a batch of convex functions. ``fun(x) -> (F, g, err)``, all batched.
+
+    ``patience`` (nonsmooth objectives, e.g. top-k): also stop a problem once its best
+    marginal error has not improved by 1% for ``patience`` iterations, and return the
+    iterate with the smallest error seen (its plan is the best one the run produced)."""
     B = x.shape[0]
     F, g, err = fun(x)
     S: list[torch.Tensor] = []
     Y: list[torch.Tensor] = []
+    mem = None
     errs = [err]
     n_iter = torch.zeros(B, dtype=torch.long, device=x.device)
     active = err > tol
     fine = 8 * torch.finfo(x.dtype).eps
     flat = torch.zeros(B, dtype=torch.long, device=x.device)  # iterations without progress
+    best_x, best_err = x, err
+    since_best = torch.zeros(B, dtype=torch.long, device=x.device)
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        # two-loop recursion (Nocedal & Wright, Alg. 7.4), batched dot products
-        q = g.clone()
-        rhos, alphas = [], []
-        for s, y in zip(reversed(S), reversed(Y)):
-            rho = 1.0 / (s * y).sum(-1, keepdim=True)
-            al = rho * (s * q).sum(-1, keepdim=True)
-            q = q - al * y
-            rhos.append(rho)
-            alphas.append(al)
-        if S:
-            s, y = S[-1], Y[-1]
-            q = q * ((s * y).sum(-1, keepdim=True) / (y * y).sum(-1, keepdim=True))
-        for (s, y), rho, al in zip(zip(S, Y), reversed(rhos), reversed(alphas)):
-            be = rho * (y * q).sum(-1, keepdim=True)
-            q = q + (al - be) * s
-        d = -q
+        d = _lbfgs_direction(g, mem)
         gd = (g * d).sum(-1)
         bad = ~(gd < 0)
         if bool(bad.any()):  # not a descent direction: fall back to steepest descent
@@ -168,26 +233,36 @@ def _lbfgs(fun, x, tol, max_iter, history=10):
                 break
             t = torch.where(todo, 0.5 * t, t)
         moved = active & ~todo
-        s_new = torch.where(moved.unsqueeze(-1), xn - x, torch.zeros_like(x))
-        y_new = torch.where(moved.unsqueeze(-1), gn - g, torch.zeros_like(g))
-        sy = (s_new * y_new).sum(-1)
-        if bool((sy > 1e-300).all()):
-            S.append(s_new)
-            Y.append(y_new)
+        s_new, y_new = xn - x, gn - g
+        good = moved & ((s_new * y_new).sum(-1) > 1e-300)
+        if bool(good.any()):
+            # problems without a usable pair (finished, or no curvature) repeat their newest
+            # pair, which leaves their BFGS matrix unchanged; before any pair, s = y = e/sqrt(n)
+            if S:
+                s_old, y_old = S[-1], Y[-1]
+            else:
+                s_old = y_old = torch.full_like(x, x.shape[-1] ** -0.5)
+            S.append(torch.where(good.unsqueeze(-1), s_new, s_old))
+            Y.append(torch.where(good.unsqueeze(-1), y_new, y_old))
             if len(S) > history:
                 S.pop(0)
                 Y.pop(0)
-        elif bool(moved.any()):
-            # keep the memory consistent across the batch: reset it
-            S.clear()
-            Y.clear()
+            mem = _lbfgs_memory(S, Y)
         # nonsmooth (top-k) optima: stop once the objective has stopped decreasing
         flat = torch.where(Fn < F - 1e-13 * F.abs(), torch.zeros_like(flat), flat + 1)
         stalled = active & (todo | (flat >= 30))
         x, F, g, err = xn, Fn, gn, errn
         n_iter += active.long()
         errs.append(err)
+        if patience is not None:
+            better = err < best_err
+            best_x = torch.where(better.unsqueeze(-1), x, best_x)
+            since_best = torch.where(err < 0.99 * best_err, torch.zeros_like(since_best), since_best + 1)
+            best_err = torch.where(better, err, best_err)
+            stalled = stalled | (active & (since_best >= patience))
         active = active & (err > tol) & ~stalled
+    if patience is not None:
+        x, err = best_x, best_err
     return x, n_iter, err <= tol, torch.stack(errs, 0)
 
 
@@ -389,17 +464,10 @@ def _direct_dual_step(T, g, mu, gamma):
         da = cr * ig + m_  # alpha block diagonal
         dc = np.bincount(jj, minlength=K) * ig + m_  # beta block diagonal
         ra, rb = -gn[bi, :R], -gn[bi, R:]
-        # Schur complement: S = diag(dc) - sum_i w_i w_i^T / (gamma^2 da_i), w_i = row i's pattern
-        c_e = cr[ii]  # row count of each entry's row
-        start = np.cumsum(cr) - cr
-        left = np.repeat(jj, c_e)
-        pos = np.arange(left.shape[0]) - np.repeat(np.cumsum(c_e) - c_e, c_e)
-        right = jj[np.repeat(start[ii], c_e) + pos]
-        wv = np.repeat(ig * ig / da[ii], c_e)
-        S = sp.csc_matrix(
-            (np.concatenate([-wv, dc]), (np.concatenate([left, np.arange(K)]), np.concatenate([right, np.arange(K)]))),
-            shape=(K, K),
-        )
+        # Schur complement S = diag(dc) - W^T diag(1/(gamma^2 da)) W, W the (R, K) active
+        # pattern; one sparse product (canonical CSC output, no duplicate summing)
+        W = sp.csr_matrix((np.ones(ii.shape[0]), (ii, jj)), shape=(R, K))
+        S = (sp.diags(dc) - W.T @ sp.diags(ig * ig / da) @ W).tocsc()
         wa = ra / da
         rhs = rb - ig * np.bincount(jj, weights=wa[ii], minlength=K)
         lu = splu(S, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
@@ -409,9 +477,39 @@ def _direct_dual_step(T, g, mu, gamma):
     return out
 
 
+_DENSE_SCHUR_MAX = 128  # columns up to which the Schur complement is factorised densely
+
+
+def _dense_dual_step(T, g, mu, gamma):
+    r"""Same Newton direction as :func:`_direct_dual_step`, with the column Schur
+    complement :math:`S = D_c/\gamma + \mu - W (D_r/\gamma+\mu)^{-1} W^\top/\gamma^2`
+    formed densely (one batched product over the (K, R) active pattern) and solved by
+    Cholesky; S is SPD because mu > 0."""
+    R = T.shape[-1]
+    W = (T > 0).to(g.dtype)  # (B, K, R)
+    ig = 1.0 / gamma
+    mu = mu.reshape(-1, 1)
+    da = W.sum(-2) * ig + mu  # (B, R)
+    dc = W.sum(-1) * ig + mu  # (B, K)
+    ra, rb = -g[:, :R], -g[:, R:]
+    Wd = W * (ig * ig / da).unsqueeze(-2)
+    S = torch.diag_embed(dc) - torch.bmm(Wd, W.mT)
+    rhs = rb - ig * torch.bmm(W, (ra / da).unsqueeze(-1)).squeeze(-1)
+    Lc, info = torch.linalg.cholesky_ex(S)
+    if bool((info != 0).any()):  # numerically indefinite: LU is still exact on SPD-ish S
+        db = torch.linalg.solve(S, rhs)
+    else:
+        db = torch.cholesky_solve(rhs.unsqueeze(-1), Lc).squeeze(-1)
+    dA = (ra - ig * torch.bmm(db.unsqueeze(-2), W).squeeze(-2)) / da
+    return torch.cat([dA, db], -1)
+
+
 def _newton_dual(reg, x, a, b, L, tol, max_iter):
     """Globalised regularised semismooth Newton on -D (Hessian shift mu ~ |grad|)."""
     Bsz, K, R = L.shape
+    # small problems: dense Cholesky of the Schur complement (batched, any device);
+    # larger ones on CPU: sparse LU; otherwise PCG
+    dense = reg.sparse and K <= _DENSE_SCHUR_MAX
     direct = reg.sparse and x.device.type == "cpu"
     fine = 8 * torch.finfo(x.dtype).eps
 
@@ -437,7 +535,9 @@ def _newton_dual(reg, x, a, b, L, tol, max_iter):
             break
         gn = g.norm(dim=-1, keepdim=True)
         mu = (_MU_C * gn.clamp_max(1.0) / reg.gamma).clamp_min(1e-12 / reg.gamma)
-        if direct:
+        if dense:
+            d = _dense_dual_step(T, g, mu, reg.gamma)
+        elif direct:
             d = _direct_dual_step(T, g, mu, reg.gamma)
         else:
             mv, diag = _dual_hessian_op(reg, None, T)
@@ -568,6 +668,16 @@ def smooth_ot_problem(
                 info["gamma_stages"] = len(stages) + 1
                 x, n_iter, conv, errs, extra = _newton(reg, x0, ad, bd, Ld, tol, max_iter, state)
                 info.update(extra)
+            elif solver == "lbfgs" and reg.name == "topk":
+                if init is None:
+                    x0 = _l2_warm_start(problem, reg, sparse_axis, wdt, info)[0]
+                buf = torch.empty_like(Ld)
+
+                def fun_k(x):
+                    F, g, _ = _topk_semi_dual_compact(reg.gamma, reg.k, x, ad, bd, Ld, buf)
+                    return F, g, _l1(g)
+
+                x, n_iter, conv, errs = _lbfgs(fun_k, x0, tol, max_iter, patience=_TOPK_PATIENCE)
             elif solver == "lbfgs":
                 x, n_iter, conv, errs = _lbfgs(fun, x0, tol, max_iter)
             else:
@@ -620,6 +730,16 @@ def smooth_ot_problem(
                 info["gamma_stages"] = len(stages) + 1
                 x, n_iter, conv, errs, extra = _newton_dual(reg, x0, ad_s, bd_s, Lz, tol_s, max_iter)
                 info.update(extra)
+            elif solver == "lbfgs" and reg.name == "topk":
+                if init is None:
+                    x0 = torch.cat(_l2_warm_start(problem, reg, sparse_axis, wdt, info), -1)
+                buf = torch.empty_like(Lz)
+
+                def fun_k(x):
+                    F, g, _ = _topk_dual_compact(reg.gamma, reg.k, x, ad_s, bd_s, Lz, buf)
+                    return F, g, _l1(g)
+
+                x, n_iter, conv, errs = _lbfgs(fun_k, x0, tol_s, max_iter, patience=_TOPK_PATIENCE)
             elif solver == "lbfgs":
                 x, n_iter, conv, errs = _lbfgs(fun, x0, tol_s, max_iter)
             else:
@@ -637,6 +757,22 @@ def smooth_ot_problem(
         "converged": conv, "errors": errs.to(dt), "info": info, "L": L, "ar": ar, "bc": bc,
         "solver": solver,
     }
+
+
+_TOPK_PATIENCE = 25  # top-k L-BFGS: stop after this many iterations without a 1% better error
+_WARM_TOL = 1e-3  # marginal tolerance of the quadratic warm start of top-k
+
+
+def _l2_warm_start(problem, reg, sparse_axis, wdt, info):
+    """Potentials (alpha, beta) of the quadratic problem (top-k with k = infinity) at the
+    same gamma, by dual Newton at a loose tolerance: the top-k potentials differ only
+    through the columns where the cardinality constraint binds."""
+    t0 = time.perf_counter()
+    out = smooth_ot_problem(problem, SquaredL2(reg.gamma), formulation="dual", sparse_axis=sparse_axis,
+                            solver="newton", tol=_WARM_TOL, solve_dtype=wdt)
+    info["warm_start"] = "l2"
+    info["warm_start_time"] = time.perf_counter() - t0
+    return out["alpha"].to(wdt), out["beta"].to(wdt)
 
 
 def _drop_negligible(w, budget):
