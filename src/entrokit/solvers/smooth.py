@@ -477,30 +477,50 @@ def _direct_dual_step(T, g, mu, gamma):
     return out
 
 
-_DENSE_SCHUR_MAX = 128  # columns up to which the Schur complement is factorised densely
+_DENSE_SCHUR_MAX = 512  # columns up to which the Schur complement is factorised densely
 
 
 def _dense_dual_step(T, g, mu, gamma):
-    r"""Same Newton direction as :func:`_direct_dual_step`, with the column Schur
-    complement :math:`S = D_c/\gamma + \mu - W (D_r/\gamma+\mu)^{-1} W^\top/\gamma^2`
-    formed densely (one batched product over the (K, R) active pattern) and solved by
+    r"""Same Newton direction as :func:`_direct_dual_step` (batched, any device): the
+    column Schur complement :math:`S = D_c/\gamma + \mu - \sum_i w_i w_i^\top /
+    (\gamma^2 (D_r/\gamma + \mu)_i)`, :math:`w_i` the active pattern of row i, is
+    accumulated densely from the active pairs only (O(sum_i |w_i|^2) work) and solved by
     Cholesky; S is SPD because mu > 0."""
-    R = T.shape[-1]
-    W = (T > 0).to(g.dtype)  # (B, K, R)
+    Bsz, K, R = T.shape
     ig = 1.0 / gamma
     mu = mu.reshape(-1, 1)
-    da = W.sum(-2) * ig + mu  # (B, R)
-    dc = W.sum(-1) * ig + mu  # (B, K)
+    nz = (T > 0).nonzero()  # (nnz, 3): batch, column, row
+    key = nz[:, 0] * R + nz[:, 2]
+    key, order = torch.sort(key, stable=True)
+    cj = nz[order, 1]
+    cnt = torch.bincount(key, minlength=Bsz * R)  # active entries per (batch, row)
+    one = torch.ones_like(cj, dtype=g.dtype)
+    da = (cnt.to(g.dtype).reshape(Bsz, R) * ig + mu)  # row block diagonal
+    dc = torch.zeros(Bsz * K, dtype=g.dtype, device=g.device).index_add_(0, nz[:, 0] * K + nz[:, 1], one)
+    dc = dc.reshape(Bsz, K) * ig + mu  # column block diagonal
+    # all (j, j') pairs sharing a row: entry e pairs with the c_row(e) entries of its row
+    c_e = cnt[key]
+    start = torch.cumsum(cnt, 0) - cnt
+    left = torch.repeat_interleave(cj, c_e)
+    base = torch.repeat_interleave(start[key], c_e)
+    pos = torch.arange(left.shape[0], device=g.device) - torch.repeat_interleave(torch.cumsum(c_e, 0) - c_e, c_e)
+    right = cj[base + pos]
+    rowkey = torch.repeat_interleave(key, c_e)
+    w = (ig * ig) / da.reshape(-1)[rowkey]
+    S = torch.diag_embed(dc)
+    S.index_put_((rowkey // R, left, right), -w, accumulate=True)
     ra, rb = -g[:, :R], -g[:, R:]
-    Wd = W * (ig * ig / da).unsqueeze(-2)
-    S = torch.diag_embed(dc) - torch.bmm(Wd, W.mT)
-    rhs = rb - ig * torch.bmm(W, (ra / da).unsqueeze(-1)).squeeze(-1)
+    wa = (ra / da).reshape(-1)
+    rhs = rb - ig * torch.zeros(Bsz * K, dtype=g.dtype, device=g.device).index_add_(
+        0, (key // R) * K + cj, wa[key]).reshape(Bsz, K)
     Lc, info = torch.linalg.cholesky_ex(S)
-    if bool((info != 0).any()):  # numerically indefinite: LU is still exact on SPD-ish S
+    if bool((info != 0).any()):  # numerically indefinite: fall back to LU
         db = torch.linalg.solve(S, rhs)
     else:
         db = torch.cholesky_solve(rhs.unsqueeze(-1), Lc).squeeze(-1)
-    dA = (ra - ig * torch.bmm(db.unsqueeze(-2), W).squeeze(-2)) / da
+    back = torch.zeros(Bsz * R, dtype=g.dtype, device=g.device).index_add_(
+        0, key, db.reshape(-1)[(key // R) * K + cj])
+    dA = (ra - ig * back.reshape(Bsz, R)) / da
     return torch.cat([dA, db], -1)
 
 
