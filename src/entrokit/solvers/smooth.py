@@ -658,10 +658,28 @@ def smooth_ot_problem(
     else:
         L, ar, bc = C, b, a
     if solver == "auto":
-        # top-k objectives are nonsmooth at their optimum: quasi-Newton is more robust there
+        # top-k objectives are nonsmooth at their optimum: quasi-Newton (warm-started from
+        # the quadratic solution) is more robust there than semismooth Newton
         solver = "lbfgs" if reg.name == "topk" else "newton"
     if max_iter is None:
         max_iter = {"newton": 300, "lbfgs": 2000, "adam": 20}[solver]
+    warm = None
+    if reg.name == "topk" and solver == "lbfgs" and init is None:
+        # quadratic solution first: if its plan is already k-sparse it solves the top-k
+        # problem exactly (feasible, and optimal for the convexified problem); otherwise
+        # its potentials warm-start L-BFGS
+        t0 = time.perf_counter()
+        l2 = SquaredL2(reg.gamma)
+        warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
+                                 tol=max(tol, _WARM_TOL), solve_dtype=solve_dtype)
+        if int((warm["plan"] != 0).sum(-1).max()) <= reg.k and tol < _WARM_TOL:
+            warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
+                                     tol=tol, solve_dtype=solve_dtype, init=torch.cat([warm["alpha"], warm["beta"]], -1))
+        if int((warm["plan"] != 0).sum(-1).max()) <= reg.k:
+            warm["info"].update(reg="topk", k=reg.k, formulation=formulation,
+                                solved_as="l2 dual (its plan is k-sparse)")
+            return warm
+        warm["time"] = time.perf_counter() - t0
     wdt = a.dtype if (solver == "adam" or solve_dtype is None) else solve_dtype
     Ld = L.detach().to(wdt).contiguous()
     ad, bd = ar.detach().to(wdt), bc.detach().to(wdt)
@@ -681,7 +699,7 @@ def smooth_ot_problem(
                 return -obj, g, _l1(g)
 
             if solver == "newton":
-                stages = _gamma_stages(reg, Ld)
+                stages = [] if init is not None else _gamma_stages(reg, Ld)  # warm starts skip continuation
                 for gs in stages:
                     xs, _, _, _, _ = _newton(type(reg)(gs), x0, ad, bd, Ld, max(tol, 1e-3), max_iter, {})
                     x0 = xs
@@ -689,8 +707,8 @@ def smooth_ot_problem(
                 x, n_iter, conv, errs, extra = _newton(reg, x0, ad, bd, Ld, tol, max_iter, state)
                 info.update(extra)
             elif solver == "lbfgs" and reg.name == "topk":
-                if init is None:
-                    x0 = _l2_warm_start(problem, reg, sparse_axis, wdt, info)[0]
+                if warm is not None:
+                    x0 = _from_warm(warm, wdt, info)[0]
                 buf = torch.empty_like(Ld)
 
                 def fun_k(x):
@@ -742,7 +760,7 @@ def smooth_ot_problem(
                 return -obj, torch.cat([ga, gb], -1), _l1(ga) + _l1(gb)
 
             if solver == "newton":
-                stages = _gamma_stages(reg, Ld)
+                stages = [] if init is not None else _gamma_stages(reg, Ld)  # warm starts skip continuation
                 for gs in stages:
                     rs = type(reg)(gs)
                     xs, _, _, _, _ = _newton_dual(rs, x0, ad_s, bd_s, Lz, max(tol_s, _STAGE_TOL), max_iter)
@@ -751,8 +769,8 @@ def smooth_ot_problem(
                 x, n_iter, conv, errs, extra = _newton_dual(reg, x0, ad_s, bd_s, Lz, tol_s, max_iter)
                 info.update(extra)
             elif solver == "lbfgs" and reg.name == "topk":
-                if init is None:
-                    x0 = torch.cat(_l2_warm_start(problem, reg, sparse_axis, wdt, info), -1)
+                if warm is not None:
+                    x0 = torch.cat(_from_warm(warm, wdt, info), -1)
                 buf = torch.empty_like(Lz)
 
                 def fun_k(x):
@@ -783,16 +801,13 @@ _TOPK_PATIENCE = 25  # top-k L-BFGS: stop after this many iterations without a 1
 _WARM_TOL = 1e-3  # marginal tolerance of the quadratic warm start of top-k
 
 
-def _l2_warm_start(problem, reg, sparse_axis, wdt, info):
-    """Potentials (alpha, beta) of the quadratic problem (top-k with k = infinity) at the
-    same gamma, by dual Newton at a loose tolerance: the top-k potentials differ only
-    through the columns where the cardinality constraint binds."""
-    t0 = time.perf_counter()
-    out = smooth_ot_problem(problem, SquaredL2(reg.gamma), formulation="dual", sparse_axis=sparse_axis,
-                            solver="newton", tol=_WARM_TOL, solve_dtype=wdt)
+def _from_warm(warm, wdt, info):
+    """Potentials (alpha, beta) of the quadratic warm start (top-k with k = infinity at the
+    same gamma): the top-k potentials differ only through the columns where the
+    cardinality constraint binds."""
     info["warm_start"] = "l2"
-    info["warm_start_time"] = time.perf_counter() - t0
-    return out["alpha"].to(wdt), out["beta"].to(wdt)
+    info["warm_start_time"] = warm["time"]
+    return warm["alpha"].to(wdt), warm["beta"].to(wdt)
 
 
 def _drop_negligible(w, budget):
