@@ -29,10 +29,14 @@ duals of the *convexified* primal. Their optimum is generically a kink (the k-th
 :math:`T\mathbf 1 = a`. Example: with ``k = 1`` every column sends all of ``b_j`` to one
 row, so the row-marginal error is at least
 :math:`\min_{\sigma}\sum_i|a_i - \sum_{j:\sigma(j)=i} b_j| > 0` whenever ``a`` is not a
-sum of subsets of ``b`` (tested by brute force). The solver therefore stops when the
-objective stops improving and reports ``converged=False`` with one
-``ConvergenceWarning`` unless the L1 marginal error really is ``<= tol``; the semi-dual
-keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up to the constant
+sum of subsets of ``b`` (tested by brute force). The top-k solver therefore first
+solves the quadratic problem (``k = infinity``) by dual Newton: when that plan already has
+at most ``k`` nonzeros per column it *is* the top-k optimum and is returned (converged to
+``tol``). Otherwise its potentials warm-start L-BFGS on the top-k objective (evaluated in
+O(km) memory from one ``torch.topk`` pass over the cost), which stops when its best
+marginal error has not improved by 1% for 15 iterations and returns that best iterate,
+reporting ``converged=False`` with one ``ConvergenceWarning`` unless the L1 marginal
+error really is ``<= tol``; the semi-dual keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up to the constant
 :math:`\frac\gamma2\sum_j b_j^2` in the value), ``k >= n`` is quadratic OT.
 
 **Solvers.**
@@ -47,11 +51,15 @@ keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up
   (quadratic and top-k; sparse), or :math:`w_j = t_j`, :math:`\sigma_j = b_j`
   (entropic). Both Newton variants run a :math:`\gamma`-continuation (start at the
   cost range, divide by 4, warm start; loose tolerance on intermediate stages). Newton systems :math:`(H + \mu I)d = -\nabla`, :math:`\mu = 0.1\min(\|\nabla\|,1)/\gamma`,
-  are solved, for the quadratic/top-k dual on CPU, by a sparse LU of the Schur
-  complement on the column block (the active set has ~n+m entries), otherwise by
-  Jacobi-PCG with sparse mat-vecs; then an Armijo line search.
-* ``"lbfgs"`` (default for ``"topk"``): batched L-BFGS with an Armijo backtracking line
-  search. Both objectives are concave, so curvature pairs are always usable.
+  are solved, for the quadratic/top-k dual, through the Schur complement on the column
+  block (the active set has ~n+m entries): dense Cholesky accumulated from the active
+  pairs for up to 512 columns (batched, any device), sparse LU on CPU beyond, otherwise
+  Jacobi-PCG with sparse mat-vecs; then an Armijo line search. Warm starts (``init``)
+  skip the continuation.
+* ``"lbfgs"`` (default for ``"topk"``): batched L-BFGS in compact form (Byrd, Nocedal &
+  Schnabel 1994; a constant number of batched operations per iteration) with an Armijo
+  backtracking line search. Both objectives are concave, so curvature pairs are always
+  usable; a finished problem keeps its memory while the rest of the batch goes on.
 * ``"adam"``: a fixed number of Adam steps (``max_iter`` steps at ``lr``), the recipe of
   the reference MoE router (20 steps, lr 1e-2); for use inside networks, it never warns.
 
@@ -797,7 +805,7 @@ def smooth_ot_problem(
     }
 
 
-_TOPK_PATIENCE = 25  # top-k L-BFGS: stop after this many iterations without a 1% better error
+_TOPK_PATIENCE = 15  # top-k L-BFGS: stop after this many iterations without a 1% better error
 _WARM_TOL = 1e-3  # marginal tolerance of the quadratic warm start of top-k
 
 
@@ -897,6 +905,9 @@ def smooth_ot(
             ``"rows"`` (each source sends to at most k targets; the problem is transposed).
         solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``),
             ``"newton"``, ``"lbfgs"`` or ``"adam"`` (``max_iter`` fixed steps at ``lr``).
+            For ``"topk"`` with ``"lbfgs"`` and no ``init``, the quadratic solution comes
+            first (returned as is when already k-sparse, ``info["solved_as"]``; otherwise
+            the warm start, ``info["warm_start_time"]``).
         tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`, always
             checked on the original weights. For ``"l2"``/``"topk"`` with the dual,
             zero weights are removed exactly and the smallest weights summing to at
