@@ -4,6 +4,7 @@ import itertools
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from entrokit import ConvergenceWarning, smooth_ot
@@ -63,6 +64,21 @@ def test_tiny_weights_reach_tolerance():
     err = float((P.sum(1) - a).abs().sum() + (P.sum(0) - b).abs().sum())
     assert bool(r.converged) and err <= 1e-6
     assert float(P.min()) >= 0.0
+
+
+@pytest.mark.parametrize("reg", ["l2", "entropy"])
+def test_semi_dual_tiny_weights_reach_tolerance(reg):
+    # semi-dual Newton from the dual solution: column sums exact, rows within tol
+    n = 100
+    a, b = _gauss(n, 20, 5), _gauss(n, 60, 10)
+    x = torch.arange(n, dtype=D)
+    C = (x[:, None] - x[None, :]) ** 2
+    C = C / C.max()
+    r = smooth_ot(a, b, C, reg=reg, gamma=0.1, formulation="semi_dual", tol=1e-6)
+    P = r.plan.to_dense() if r.plan.is_sparse else r.plan
+    assert bool(r.converged) and r.info["warm_start"] == "dual"
+    assert float((P.sum(1) - a).abs().sum() + (P.sum(0) - b).abs().sum()) <= 1e-6
+    assert float((P.sum(0) - b).abs().max()) <= 1e-12
 
 
 def test_drop_negligible_keeps_mass_and_budget():

@@ -49,8 +49,10 @@ error really is ``<= tol``; the semi-dual keeps the column marginals exact in al
   :math:`-S` is :math:`H = \frac1\gamma\sum_j(\mathrm{diag}(w_j) - w_jw_j^\top/\sigma_j)`
   with :math:`w_j` the support indicator of :math:`t_j` and :math:`\sigma_j = |w_j|`
   (quadratic and top-k; sparse), or :math:`w_j = t_j`, :math:`\sigma_j = b_j`
-  (entropic). Both Newton variants run a :math:`\gamma`-continuation (start at the
-  cost range, divide by 4, warm start; loose tolerance on intermediate stages). Newton systems :math:`(H + \mu I)d = -\nabla`, :math:`\mu = 0.1\min(\|\nabla\|,1)/\gamma`,
+  (entropic). The dual Newton runs a :math:`\gamma`-continuation (start at the
+  cost range, divide by 4, warm start; loose tolerance on intermediate stages); the
+  semi-dual Newton (same optimum, worse-posed: its Hessian couples whole columns) starts
+  from the dual Newton's :math:`\alpha` and polishes it. Newton systems :math:`(H + \mu I)d = -\nabla`, :math:`\mu = 0.1\min(\|\nabla\|,1)/\gamma`,
   are solved, for the quadratic/top-k dual, through the Schur complement on the column
   block (the active set has ~n+m entries): dense Cholesky accumulated from the active
   pairs for up to 512 columns (batched, any device), sparse LU on CPU beyond, otherwise
@@ -706,7 +708,20 @@ def smooth_ot_problem(
                 obj, g, _, _ = _semi_dual(reg, x, ad, bd, Ld, state)
                 return -obj, g, _l1(g)
 
-            if solver == "newton":
+            if solver == "newton" and init is None and reg.name in ("l2", "entropy"):
+                # same optimum, better-posed problem: dual Newton (direct Schur solves,
+                # negligible weights handled), then semi-dual Newton polishes from its alpha
+                t0w = time.perf_counter()
+                warm = smooth_ot_problem(problem, reg, formulation="dual", sparse_axis=sparse_axis,
+                                         solver="newton", tol=tol, max_iter=max_iter, solve_dtype=solve_dtype)
+                x0 = warm["alpha"].to(wdt)
+                info.update(warm_start="dual", warm_start_time=time.perf_counter() - t0w,
+                            gamma_stages=warm["info"].get("gamma_stages"))
+                x, n_iter, conv, errs, extra = _newton(reg, x0, ad, bd, Ld, tol, max_iter, state)
+                n_iter = n_iter + warm["n_iter"]
+                errs = torch.cat([warm["errors"].to(errs), errs], 0)
+                info.update(extra)
+            elif solver == "newton":
                 stages = [] if init is not None else _gamma_stages(reg, Ld)  # warm starts skip continuation
                 for gs in stages:
                     xs, _, _, _, _ = _newton(type(reg)(gs), x0, ad, bd, Ld, max(tol, 1e-3), max_iter, {})
@@ -898,8 +913,8 @@ def smooth_ot(
         formulation: ``"semi_dual"`` (exact marginals on the sparse axis, ``n`` variables)
             or ``"dual"`` (``n + m`` variables). Default (``None``): ``"dual"`` for
             ``"l2"`` and ``"entropy"`` (its semismooth Newton system is a sparse bipartite
-            Laplacian, solved directly on CPU; the semi-dual Hessian couples whole columns
-            and its Newton steps can need orders of magnitude more time),
+            Laplacian, solved directly; the semi-dual Hessian couples whole columns, so
+            semi-dual Newton is warm-started from the dual solution),
             ``"semi_dual"`` for ``"topk"`` (column marginals and cardinality exact).
         sparse_axis: ``"columns"`` (each target receives from at most k sources) or
             ``"rows"`` (each source sends to at most k targets; the problem is transposed).
