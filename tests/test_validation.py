@@ -71,8 +71,10 @@ def test_shape_mismatch(prob):
     with pytest.raises(InputError, match="expected a of length 4 and b of length 5"):
         entrokit.sinkhorn(b, a, C, 0.1)
     with pytest.raises(InputError, match="cost must have shape"):
+        entrokit.sinkhorn(a, b, C[0], 0.1)
+    with pytest.raises(InputError, match="batch mismatch"):
         entrokit.sinkhorn(a, b, C[None, None], 0.1)
-    with pytest.raises(InputError, match="a and b must both have shape"):
+    with pytest.raises(InputError, match="a and b must have shapes"):
         entrokit.sinkhorn(a[None], b, C, 0.1)
 
 
@@ -93,12 +95,21 @@ def test_dtype_and_device_mismatch(prob):
 
 def test_types(prob):
     a, b, C = prob
-    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
-        entrokit.sinkhorn(a.tolist(), b, C, 0.1)
+    with pytest.raises(TypeError, match="a must be a torch.Tensor, a NumPy array or a list"):
+        entrokit.sinkhorn("uniform", b, C, 0.1)
     with pytest.raises(TypeError, match="floating dtype"):
         entrokit.sinkhorn(torch.ones(4, dtype=torch.int64), b, C, 0.1)
-    with pytest.raises(TypeError, match="cost must be a torch.Tensor"):
-        entrokit.sinkhorn(a, b, C.numpy(), 0.1)
+    with pytest.raises(TypeError, match="cost must be a torch.Tensor or NumPy array"):
+        entrokit.sinkhorn(a, b, {"C": C}, 0.1)
+    with pytest.raises(TypeError, match="must hold numbers"):
+        entrokit.sinkhorn(["x"] * 4, b, C, 0.1)
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="float32 or float64.*cast the results back"):
+            entrokit.sinkhorn(a.to(half), b.to(half), C.to(half), 0.1)
+    # lists and NumPy arrays are converted (to the cost's dtype and device)
+    ref = entrokit.sinkhorn(a, b, C, 0.1)
+    res = entrokit.sinkhorn(a.tolist(), b.numpy(), C, 0.1)
+    torch.testing.assert_close(res.plan, ref.plan)
 
 
 def test_empty_inputs():

@@ -10,7 +10,54 @@ import torch
 
 from entrokit.problem import OTProblem
 
-__all__ = ["OTResult"]
+__all__ = ["OTResult", "SolverInfo"]
+
+
+class SolverInfo(Mapping):
+    """Read-only diagnostics of a solve: attribute and mapping access (``info.time``,
+    ``info["time"]``), never mutated after the solve.
+
+    Keys every solver sets: ``time`` (seconds). Sinkhorn adds ``stages``,
+    ``stage_iters``, ``absorptions``, ``fallbacks``, ``eps_scaling`` (and
+    ``probe_iters`` when ``"auto"`` switched to annealing); the Newton solvers add their
+    per-iteration histories (``objective``, ``marginal_error``, ``time``, ``phase``),
+    ``n_warmup``, ``n_newton``, ``cg_iters``, ``status``, ...; smooth OT adds ``reg``,
+    ``formulation``, ``solver``. Batched Newton histories are lists with one entry per
+    problem.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None, **fields: Any):
+        object.__setattr__(self, "_data", {**(data or {}), **fields})
+
+    @classmethod
+    def wrap(cls, info) -> SolverInfo:
+        return info if isinstance(info, SolverInfo) else cls(info or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._data[key]
+        except KeyError:
+            raise AttributeError(f"solver info has no field {key!r}; fields: {sorted(self._data)}") from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError("SolverInfo is read-only")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._data)
+
+    def __repr__(self) -> str:
+        return f"SolverInfo({', '.join(sorted(self._data))})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,16 +128,38 @@ class OTResult:
         return self.problem.b
 
     def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row and column sums of the plan."""
+        """Row and column sums of the plan (dense sums of :attr:`plan`)."""
         P = self.plan
+        if isinstance(P, torch.Tensor) and P.is_sparse:
+            P = P.to_dense()
         return P.sum(-1), P.sum(-2)
+
+    def numpy(self) -> OTResult:
+        """A copy whose tensor fields (and plan) are NumPy arrays, detached, on the CPU."""
+        import dataclasses
+
+        def conv(t):
+            if isinstance(t, torch.Tensor):
+                t = t.detach().cpu()
+                return (t.to_dense() if t.is_sparse else t).numpy()
+            return t
+
+        fields = {
+            k: conv(getattr(self, k))
+            for k in ("f", "g", "value", "transport_cost", "marginal_error", "n_iter", "converged", "errors")
+        }
+        plan_fn = None if self.plan_fn is None else (lambda fn=self.plan_fn: conv(fn()))
+        return dataclasses.replace(self, **fields, plan_fn=plan_fn)
 
     def __repr__(self) -> str:
         def s(t):
+            if not isinstance(t, torch.Tensor):
+                t = torch.as_tensor(t)
             return t.item() if t.numel() == 1 else tuple(t.shape)
 
+        value, tc = (t.detach() if isinstance(t, torch.Tensor) else t for t in (self.value, self.transport_cost))
         return (
-            f"OTResult(method={self.method!r}, eps={self.eps}, value={s(self.value.detach())}, "
-            f"transport_cost={s(self.transport_cost.detach())}, marginal_error="
+            f"OTResult(method={self.method!r}, eps={self.eps}, value={s(value)}, "
+            f"transport_cost={s(tc)}, marginal_error="
             f"{s(self.marginal_error)}, n_iter={s(self.n_iter)}, converged={s(self.converged)})"
         )

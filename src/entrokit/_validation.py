@@ -18,6 +18,7 @@ from entrokit._errors import InputError
 
 __all__ = [
     "as_float_tensor",
+    "is_array_like",
     "check_choice",
     "check_positive",
     "check_positive_int",
@@ -27,20 +28,63 @@ __all__ = [
 ]
 
 
-def as_float_tensor(x: Any, name: str) -> torch.Tensor:
-    """Return ``x`` as a floating tensor; raise ``TypeError`` for anything else."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def is_array_like(x: Any) -> bool:
+    """NumPy arrays and (nested) lists/tuples of numbers: converted at the boundary."""
+    if isinstance(x, (list, tuple)):
+        return True
+    return type(x).__module__ == "numpy" and hasattr(x, "__array__")
+
+
+def as_float_tensor(x: Any, name: str, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``x`` as a floating tensor.
+
+    Accepts torch tensors of dtype float32/float64, NumPy arrays and lists (converted to
+    float64, or to ``like``'s dtype and device when given). float16/bfloat16 raise: the
+    potentials of entropic OT span ``C/eps``, far beyond half precision's 3 significant
+    digits, so the solvers need float32 at least (cast with ``.float()`` and cast the
+    results back). Integer and boolean tensors raise ``TypeError``.
+    """
     if isinstance(x, torch.Tensor):
         t = x
+    elif is_array_like(x):
+        import numpy as np
+
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as err:
+            raise TypeError(f"{name} could not be read as an array: {err}") from None
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise TypeError(f"{name} must hold numbers, got an array of dtype {arr.dtype}.")
+        if np.issubdtype(arr.dtype, np.complexfloating):
+            raise TypeError(f"{name} must be real, got dtype {arr.dtype}.")
+        if arr.dtype in (np.float32, np.float64) and like is None:
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+        else:
+            dt = like.dtype if like is not None else torch.float64
+            t = torch.as_tensor(arr.astype(np.float64), dtype=dt)
+        if like is not None:
+            t = t.to(dtype=like.dtype, device=like.device)
     else:
         raise TypeError(
-            f"{name} must be a torch.Tensor, got {type(x).__name__}; "
-            f"convert it with torch.as_tensor({name}, dtype=torch.float64)."
+            f"{name} must be a torch.Tensor, a NumPy array or a list of numbers, got "
+            f"{type(x).__name__}; convert it with torch.as_tensor({name}, dtype=torch.float64)."
+        )
+    if t.dtype in _HALF:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}, which entrokit's OT solvers do not accept: the dual "
+            "potentials span cost/eps, far beyond half precision. Pass float32 or float64 "
+            f"({name}.float()) and cast the results back, e.g. res.plan.to({t.dtype})."
         )
     if not t.is_floating_point():
         raise TypeError(
             f"{name} must have a floating dtype (float32 or float64), got {t.dtype}; "
             f"convert it with {name}.double() or {name}.float()."
         )
+    if t.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {t.dtype}.")
     if t.numel() == 0:
         raise InputError(
             f"{name} is empty (shape {tuple(t.shape)}); expected at least one entry on every axis."
@@ -53,7 +97,10 @@ def check_positive(value: Any, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a positive real number, got {type(value).__name__}.")
+        raise TypeError(
+            f"{name} must be a positive real number, got {type(value).__name__} {value!r}; "
+            f"pass a number such as {name}=1e-2 (not a string)."
+        )
     v = float(value)
     if not math.isfinite(v) or v <= 0:
         raise InputError(
@@ -68,7 +115,9 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}.")
+        raise TypeError(
+            f"{name} must be an int >= 1, got {type(value).__name__} {value!r}; pass e.g. {name}=1000."
+        )
     if value < 1:
         raise InputError(f"{name} must be an int >= 1, got {value}.")
     return value

@@ -15,6 +15,7 @@ on purpose rather than smoothed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,12 @@ import torch
 from entrokit._errors import InputError
 from entrokit._validation import (
     as_float_tensor,
+    is_array_like,
     check_masses,
     check_nonneg_finite,
     check_same_dtype_device,
 )
-from entrokit.geometry import DenseCost, Geometry, PointCloud, as_geometry
+from entrokit.geometry import Geometry, PointCloud, as_geometry
 
 __all__ = ["OTProblem", "make_problem", "log_weights"]
 
@@ -42,19 +44,26 @@ class OTProblem:
     """Weights and geometry of one OT problem (or a batch of them).
 
     Attributes:
-        a: source weights ``[n]`` or ``[B, n]``.
-        b: target weights ``[m]`` or ``[B, m]``.
-        geometry: the cost (:class:`~entrokit.geometry.DenseCost` or
-            :class:`~entrokit.geometry.PointCloud`).
+        a: source weights ``[..., n]``.
+        b: target weights ``[..., m]``.
+        geometry: the cost (:class:`~entrokit.DenseCost`, :class:`~entrokit.PointCloud`
+            or any :class:`~entrokit.Geometry`).
+        user_batch_shape: set by :meth:`with_batch` to the batch axes of the problem it
+            flattened, so that results can be reshaped back.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     geometry: Geometry
+    user_batch_shape: tuple[int, ...] | None = None
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape[:-1])
 
     @property
     def batched(self) -> bool:
-        return self.a.dim() == 2
+        return self.a.dim() >= 2
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,62 +78,79 @@ class OTProblem:
         return self.a.device
 
     def with_batch(self) -> OTProblem:
-        if self.batched:
+        """The same problems with exactly one leading batch axis ``(B, n)``."""
+        if self.user_batch_shape is not None:
             return self
-        return OTProblem(self.a.unsqueeze(0), self.b.unsqueeze(0), self.geometry.with_batch())
+        shape = self.batch_shape
+        B = math.prod(shape)
+        n, m = self.shape
+        return OTProblem(
+            self.a.reshape(B, n), self.b.reshape(B, m), self.geometry.reshape_batch((B,)), shape
+        )
 
     def squeeze_batch(self) -> OTProblem:
-        if not self.batched:
+        """Undo :meth:`with_batch`: the user's batch axes."""
+        if self.user_batch_shape is None:
             return self
-        return OTProblem(self.a.squeeze(0), self.b.squeeze(0), self.geometry.squeeze_batch())
+        shape = self.user_batch_shape
+        n, m = self.shape
+        return OTProblem(
+            self.a.reshape(*shape, n), self.b.reshape(*shape, m), self.geometry.reshape_batch(shape)
+        )
+
+
+def _uniform(w, size: int, batch_shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((*batch_shape, size), 1.0 / size, dtype=like.dtype, device=like.device)
 
 
 def make_problem(a, b, cost, *, normalize: bool = False, check_inputs: bool = True) -> OTProblem:
     """Validate ``a``, ``b`` and the cost and build an :class:`OTProblem`.
 
+    ``a`` or ``b`` may be ``None`` (uniform weights). NumPy arrays and lists are
+    converted; the cost's dtype and device decide those of converted weights.
+
     Raises:
-        TypeError: non-tensor inputs or integer dtypes.
-        InputError: bad shapes, mismatched dtype/device, negative/NaN/inf entries, zero
-            or unequal total masses (unless ``normalize=True``), empty inputs.
+        TypeError: inputs that are not arrays, integer or half-precision dtypes.
+        InputError: bad shapes, mismatched dtype/device, negative/NaN/inf entries, a
+            computed cost that is not finite, zero or unequal total masses (unless
+            ``normalize=True``), empty inputs.
     """
+    if is_array_like(cost):
+        cost = as_float_tensor(cost, "cost")
     geom = as_geometry(cost)
-    a = as_float_tensor(a, "a")
-    b = as_float_tensor(b, "b")
+    like = geom.tensors()[0]
+    n, m = geom.shape
+    bshape = geom.batch_shape
+    a = _uniform(a, n, bshape, like) if a is None else as_float_tensor(a, "a", like=None if isinstance(a, torch.Tensor) else like)
+    b = _uniform(b, m, bshape, like) if b is None else as_float_tensor(b, "b", like=None if isinstance(b, torch.Tensor) else like)
     tensors = {"a": a, "b": b}
-    for i, t in enumerate(geom.tensors()):
-        tensors[["cost", "x", "y"][i if not isinstance(geom, PointCloud) else i + 1]] = t
+    names = ("x", "y") if isinstance(geom, PointCloud) else ("cost",)
+    for name, t in zip(names, geom.tensors()):
+        tensors[name] = t
     check_same_dtype_device(tensors)
-    if a.dim() not in (1, 2) or b.dim() != a.dim():
+    if a.dim() != b.dim():
         raise InputError(
-            f"a and b must both have shape (n,) and (m,), or (batch, n) and (batch, m); got "
+            f"a and b must have shapes (..., n) and (..., m) with the same batch axes; got "
             f"{tuple(a.shape)} and {tuple(b.shape)}."
         )
-    n, m = geom.shape
     if (a.shape[-1], b.shape[-1]) != (n, m):
         raise InputError(
             f"shape mismatch: a has {a.shape[-1]} entries and b has {b.shape[-1]}, but the cost is "
             f"{n} x {m}; expected a of length {n} and b of length {m}."
         )
-    batched = a.dim() == 2
-    if batched != geom.batched or (batched and not (a.shape[0] == b.shape[0] == geom.batch_shape[0])):
+    if not (tuple(a.shape[:-1]) == tuple(b.shape[:-1]) == tuple(bshape)):
         raise InputError(
             f"batch mismatch: a {tuple(a.shape)}, b {tuple(b.shape)}, cost batch shape "
-            f"{geom.batch_shape}; either all inputs carry the same leading batch axis or none does."
+            f"{tuple(bshape)}; every input must carry the same leading batch axes (or none)."
         )
     if check_inputs:
         check_nonneg_finite(a, "a")
         check_nonneg_finite(b, "b")
-        if isinstance(geom, DenseCost):
-            # one pass: min/max are finite iff every entry is (NaN propagates); cached for
-            # the eps-scaling rule
-            lo, hi = geom.cost_bounds()
-            if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
-                check_nonneg_finite(geom.cost_matrix(), "cost", allow_negative=True)
-        elif not isinstance(geom, PointCloud):
-            check_nonneg_finite(geom.cost_matrix(), "cost", allow_negative=True)
-        else:
-            check_nonneg_finite(geom.x, "x", allow_negative=True)
-            check_nonneg_finite(geom.y, "y", allow_negative=True)
+        for name, t in zip(names, geom.tensors()):
+            if name != "cost":
+                check_nonneg_finite(t, name, allow_negative=True)
+        # one pass over the computed cost (cached bounds feed the eps-scaling rule)
+        geom.check_finite()
         a, b = check_masses(a, b, normalize=normalize)
     elif normalize:
         a = a / a.sum(-1, keepdim=True)

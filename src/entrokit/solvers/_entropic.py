@@ -1,5 +1,27 @@
-"""Building an :class:`~entrokit.OTResult` from entropic potentials (shared by all
-entropic solvers: Sinkhorn, Newton)."""
+r"""The one result builder of the entropic solvers (Sinkhorn, SNS/SSNS): gauge, gradient
+mode, certification.
+
+**Certification.** ``converged`` is what the solver claims *and* what the returned plan
+proves: the plan :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}` built from the
+returned potentials, exactly as :attr:`OTResult.plan` builds it in the working dtype, is
+summed in float64, and ``marginal_error`` :math:`= \|P\mathbf 1 - a\|_1 + \|P^\top\mathbf 1
+- b\|_1` and ``transport_cost`` :math:`=\langle C, P\rangle` come from that sum. When
+float32 cannot resolve the potentials (their rounding error, relative to :math:`\varepsilon`,
+is about :math:`10^{-7}\,\|C\|_\infty/\varepsilon`), the result says ``converged=False``
+and one :class:`~entrokit.ConvergenceWarning` names the remedy. In float64 the scaling
+engine's own reduction is used (no extra pass).
+
+**Gradient modes** (:mod:`entrokit.solvers.implicit`):
+
+* ``"implicit"`` (default): every output has its exact derivative. ``value`` by the
+  envelope theorem (free); ``f``, ``g``, ``plan`` and ``transport_cost`` by implicit
+  differentiation, whose adjoint solve runs only when backward reaches them.
+* ``"envelope"``: the cheap frozen-plan mode. ``value`` is exact; ``f``, ``g`` and
+  ``plan`` are constants, and ``transport_cost`` differentiates with the plan held fixed
+  (:math:`\partial\langle C,P\rangle/\partial C = P`), which is *not* its derivative.
+* ``"unroll"``: autograd through the iterations (the solver passes potentials that carry
+  the graph).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +32,20 @@ from typing import Any
 import torch
 
 from entrokit._errors import ConvergenceWarning
-from entrokit._result import OTResult
+from entrokit._result import OTResult, SolverInfo
 from entrokit.problem import OTProblem
-from entrokit.solvers.implicit import implicit_potentials
+from entrokit.solvers.implicit import AdjointSolver, implicit_potentials
 
-__all__ = ["entropic_result", "warn_not_converged", "GRAD_MODES"]
+__all__ = ["entropic_result", "warn_not_converged", "GRAD_MODES", "certify_plan"]
 
-GRAD_MODES = ("envelope", "implicit", "unroll")
+GRAD_MODES = ("implicit", "envelope", "unroll")
+
+
+def certify_plan(geom, f, g, a, b, eps):
+    """``(row, col, transport_cost)`` of the plan :attr:`OTResult.plan` returns, summed in
+    float64 (no autograd graph)."""
+    with torch.no_grad():
+        return geom.plan_reduce(f.detach(), g.detach(), a.detach(), b.detach(), eps, accumulate=torch.float64)
 
 
 def entropic_result(
@@ -30,65 +59,137 @@ def entropic_result(
     converged: torch.Tensor,
     errors: torch.Tensor,
     method: str,
-    user_batched: bool,
-    info: Mapping[str, Any] | None = None,
+    tol: float | None = None,
+    user_batched: bool | None = None,
+    info: Mapping[str, Any] | SolverInfo | None = None,
+    adjoint: AdjointSolver | None = None,
 ) -> OTResult:
-    """Assemble the result for a *batched* problem and squeeze the batch axis back if the
-    user's problem was unbatched.
+    """Assemble the certified result of a *batched* problem ``(B, n, m)`` (from
+    :meth:`OTProblem.with_batch`) and reshape it to the user's batch axes.
 
-    ``f, g`` must be detached for ``grad in {"envelope", "implicit"}`` and carry the
-    unrolled graph for ``grad="unroll"``.
+    ``f, g`` must be detached for ``grad in {"implicit", "envelope"}`` and carry the
+    unrolled graph for ``grad="unroll"``. ``tol`` enables certification (every public
+    solver passes it). ``info["reduce"]`` may hold the solver's own ``(row, col, tc)`` of
+    the final plan, used when it is exact to working precision (float64).
     """
     geom, a, b = problem.geometry, problem.a, problem.b
-    if grad == "implicit":
-        f, g = implicit_potentials(geom, f, g, a, b, eps)
+    dtype = a.dtype
+    info = dict(info.as_dict() if isinstance(info, SolverInfo) else (info or {}))
+    pre = info.pop("reduce", None)
+    # working precision of the potentials: the solver may hand more digits than the
+    # inputs carry (float64 potentials of a float32 solve); plans are built from those
+    prec = f.dtype if f.dtype == torch.float64 else dtype
+    if prec != dtype:
+        geom_hi, a_hi, b_hi = geom.to_dtype(prec), a.detach().to(prec), b.detach().to(prec)
+    else:
+        geom_hi, a_hi, b_hi = geom, a, b
+    f_hi, g_hi = f.to(prec), g.to(prec)
     # fix the gauge (f + c, g - c) so that <a, f> = <b, g>: results do not depend on the
     # engine, the initialisation or the solver that produced them
-    shift = ((a * f).sum(-1) - (b * g).sum(-1)) / (a.sum(-1) + b.sum(-1))
-    f = f - shift.unsqueeze(-1)
-    g = g + shift.unsqueeze(-1)
-    info = dict(info or {})
-    pre = info.pop("reduce", None)
-    needs_graph = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (f, g, a, b, *geom.tensors())
-    )
-    if pre is not None and not needs_graph:
-        row, col, tc = pre  # computed by the solver from its kernel, no extra pass
+    shift = (geom.row_sum(a_hi * f_hi) - geom.col_sum(b_hi * g_hi)) / (geom.row_sum(a_hi) + geom.col_sum(b_hi))
+    f_hi = f_hi - shift.unsqueeze(-1)
+    g_hi = g_hi + shift.unsqueeze(-1)
+    f, g = f_hi.to(dtype), g_hi.to(dtype)
+    inputs_need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, *geom.tensors()))
+    needs_graph = inputs_need_grad or (grad == "unroll" and (f.requires_grad or g.requires_grad))
+
+    # certified marginals and <C, P> of the plan the user gets
+    if pre is not None and prec == dtype == torch.float64:
+        row, col, tc_cert = (t.detach() for t in pre)
     else:
-        row, col, tc = geom.plan_reduce(f, g, a, b, eps)
-    mass = row.sum(-1)
-    value = (a * f).sum(-1) + (b * g).sum(-1) - eps * (mass - a.sum(-1) * b.sum(-1))
-    with torch.no_grad():
-        merr = (row - a).abs().sum(-1) + (col - b).abs().sum(-1)
-    f_out, g_out = f, g
-    if grad == "envelope":
-        # the potentials are constants; tc differentiates with a frozen plan
+        row, col, tc_cert = certify_plan(geom_hi, f_hi, g_hi, a_hi, b_hi, eps)
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    merr = (row.to(torch.float64) - a64).abs().sum(-1) + (col.to(torch.float64) - b64).abs().sum(-1)
+    if prec != dtype:
+        # the plan is rounded to the input dtype: |P_lo - P_hi| <= u * P_hi entrywise
+        merr = merr + 2.0 * torch.finfo(dtype).eps * row.to(torch.float64).sum(-1)
+    claimed = converged.clone()
+    if tol is not None:
+        converged = converged & (merr <= tol)
+    downgraded = claimed & ~converged
+
+    if not needs_graph:
         f_out, g_out = f.detach(), g.detach()
+        mass = row.to(torch.float64).sum(-1)
+        value64 = (
+            geom.row_sum(a_hi.to(torch.float64) * f_hi.to(torch.float64))
+            + geom.col_sum(b_hi.to(torch.float64) * g_hi.to(torch.float64))
+            - eps * (mass - a64.sum(-1) * b64.sum(-1))
+        )
+        value = value64.to(dtype)
+        tc = tc_cert.to(dtype)
+    else:
+        if grad == "unroll":
+            f_out, g_out = f, g
+            f_val, g_val = f, g
+        else:
+            f_val, g_val = f.detach(), g.detach()  # envelope theorem: exact for value
+            if grad == "implicit" and inputs_need_grad:
+                f_out, g_out = implicit_potentials(geom, f_val, g_val, a, b, eps, adjoint=adjoint)
+            else:
+                f_out, g_out = f_val, g_val
+        rows_v, _, tc_v = geom.plan_reduce(f_val, g_val, a, b, eps)
+        value = geom.row_sum(a * f_val) + geom.col_sum(b * g_val) - eps * (rows_v.sum(-1) - a.sum(-1) * b.sum(-1))
+        if f_out is f_val:
+            tc = tc_v
+        else:
+            tc = geom.plan_reduce(f_out, g_out, a, b, eps)[2]
+        # forward value: the certified float64 one; the graph is unchanged
+        tc = tc + (tc_cert.to(tc.dtype) - tc).detach()
 
-    def plan_fn(geom=geom, f=f_out, g=g_out, a=a, b=b):
-        P = geom.plan(f, g, a, b, eps)
-        if grad == "envelope":
-            P = P.detach()
-        return P.squeeze(0) if squeeze else P
+    frozen_plan = grad == "envelope"
 
-    squeeze = not user_batched
-    sq = (lambda t: t.squeeze(0)) if squeeze else (lambda t: t)
-    user_problem = problem.squeeze_batch() if squeeze else problem
+    def plan_fn():
+        with torch.no_grad():
+            P_hi = geom_hi.plan(f_hi.detach(), g_hi.detach(), a_hi.detach(), b_hi.detach(), eps).to(dtype)
+        if frozen_plan or not (f_out.requires_grad or inputs_need_grad):
+            return reshape(P_hi, 2)
+        P = geom.plan(f_out, g_out, a, b, eps)
+        return reshape(P + (P_hi - P).detach(), 2)
+
+    user_shape = problem.user_batch_shape if problem.user_batch_shape is not None else tuple(a.shape[:-1])
+
+    def reshape(t: torch.Tensor, trailing: int) -> torch.Tensor:
+        return t.reshape(*user_shape, *t.shape[t.dim() - trailing:]) if trailing else t.reshape(user_shape)
+
+    if downgraded.any():
+        _warn_certification(merr, downgraded, tol, f.dtype, geom, eps)
+    n_checks = errors.shape[0]
     return OTResult(
-        f=sq(f_out),
-        g=sq(g_out),
-        value=sq(value),
-        transport_cost=sq(tc),
-        marginal_error=sq(merr),
-        n_iter=sq(n_iter),
-        converged=sq(converged),
-        errors=errors[:, 0] if squeeze else errors,
-        problem=user_problem,
+        f=reshape(f_out, 1),
+        g=reshape(g_out, 1),
+        value=reshape(value, 0),
+        transport_cost=reshape(tc, 0),
+        marginal_error=reshape(merr.to(f.dtype), 0),
+        n_iter=reshape(n_iter, 0),
+        converged=reshape(converged, 0),
+        errors=errors.reshape(n_checks, *user_shape),
+        problem=problem.squeeze_batch(),
         eps=eps,
         method=method,
         grad=grad,
-        info=info,
+        info=SolverInfo.wrap(info),
         plan_fn=plan_fn,
+    )
+
+
+def _warn_certification(merr, bad, tol, dtype, geom, eps) -> None:
+    worst = float(merr[bad].max())
+    k, tot = int(bad.sum()), bad.numel()
+    if dtype == torch.float32:
+        ratio = float(geom.cost_range().max()) / eps
+        hint = (
+            f"float32 cannot resolve this problem to tol={tol:g} (cost range / eps = {ratio:.2g}; "
+            "float32 potentials carry a relative rounding error of about 1e-7 times that). "
+            "Pass float64 inputs, or loosen tol."
+        )
+    else:
+        hint = "The potentials did not pin the plan down to working precision: loosen tol or increase eps."
+    warnings.warn(
+        f"{k} of {tot} problem(s) reached tol internally, but the returned plan misses the "
+        f"marginals by {worst:.3e} > tol: converged=False. {hint}",
+        ConvergenceWarning,
+        stacklevel=4,
     )
 
 

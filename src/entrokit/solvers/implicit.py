@@ -29,6 +29,8 @@ The optimality conditions of the dual are
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from entrokit.geometry import Geometry
@@ -51,26 +53,7 @@ def adjoint_solve(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``J [x; y] = [rhs_f; rhs_g]`` on the range of ``J`` by Jacobi-PCG (batched)."""
     n, m = geom.shape
-    if geom.is_online:
-
-        def Pv(v):
-            return geom.plan_matvec(f, g, a, b, eps, v, axis=1)
-
-        def PTu(u):
-            return geom.plan_matvec(f, g, a, b, eps, u, axis=0)
-
-        r = Pv(torch.ones_like(g))
-        c = PTu(torch.ones_like(f))
-    else:
-        P = geom.plan(f, g, a, b, eps)
-
-        def Pv(v):
-            return torch.matmul(P, v.unsqueeze(-1)).squeeze(-1)
-
-        def PTu(u):
-            return torch.matmul(u.unsqueeze(-2), P).squeeze(-2)
-
-        r, c = P.sum(-1), P.sum(-2)
+    Pv, PTu, r, c = geom.plan_operator(f, g, a, b, eps)
     mr, mc = (a > 0).to(f.dtype), (b > 0).to(f.dtype)
 
     def J(x, y):
@@ -113,10 +96,18 @@ def adjoint_solve(
     return x, y
 
 
+AdjointSolver = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 class _ImplicitPotentials(torch.autograd.Function):
+    """Identity on ``(f, g)`` in forward; backward solves the adjoint system ``J λ = x̄``
+    with ``adjoint`` (default :func:`adjoint_solve`) and pulls ``-λ`` back through the
+    optimality residual ``(P1 - a, Pᵀ1 - b)``. Runs only when backward reaches
+    ``f``/``g`` (or outputs built from them: plan, transport cost)."""
+
     @staticmethod
-    def forward(ctx, f, g, eps, geom, a, b, *geom_tensors):
-        ctx.eps, ctx.geom = eps, geom
+    def forward(ctx, f, g, eps, geom, adjoint, a, b, *geom_tensors):
+        ctx.eps, ctx.geom, ctx.adjoint = eps, geom, adjoint
         ctx.save_for_backward(f, g, a, b, *geom_tensors)
         return f.clone(), g.clone()
 
@@ -124,29 +115,32 @@ class _ImplicitPotentials(torch.autograd.Function):
     def backward(ctx, gf, gg):
         f, g, a, b, *gt = ctx.saved_tensors
         eps = ctx.eps
-        if gf is None:
-            gf = torch.zeros_like(f)
-        if gg is None:
-            gg = torch.zeros_like(g)
+        needs = ctx.needs_input_grad[5:]
+        if not any(needs):
+            return (None,) * (7 + len(gt))
+        gf = torch.zeros_like(f) if gf is None else gf
+        gg = torch.zeros_like(g) if gg is None else gg
         with torch.no_grad():
             geom_d = ctx.geom.rebuild(*[t.detach() for t in gt])
-            lam_f, lam_g = adjoint_solve(geom_d, f, g, a.detach(), b.detach(), eps, gf, gg)
-        needs = ctx.needs_input_grad[4:]
+            lam_f, lam_g = ctx.adjoint(geom_d, f, g, a.detach(), b.detach(), eps, gf, gg)
         leaves = [t.detach().requires_grad_(need) for t, need in zip([a, b, *gt], needs)]
-        if not any(needs):
-            return (None,) * (6 + len(gt))
         with torch.enable_grad():
             geom = ctx.geom.rebuild(*leaves[2:])
             row, col, _ = geom.plan_reduce(f, g, leaves[0], leaves[1], eps)
             H = torch.cat([row - leaves[0], col - leaves[1]], -1)
-            lam = torch.cat([lam_f, lam_g], -1)
+            lam = torch.cat([lam_f.to(f.dtype), lam_g.to(g.dtype)], -1)
             wanted = [t for t in leaves if t.requires_grad]
             grads = torch.autograd.grad(H, wanted, grad_outputs=-lam, allow_unused=True)
         it = iter(grads)
         out = [next(it) if t.requires_grad else None for t in leaves]
-        return (None, None, None, None, *out)
+        return (None, None, None, None, None, *out)
 
 
-def implicit_potentials(geom: Geometry, f, g, a, b, eps: float):
-    """Return ``(f, g)`` carrying implicit-function-theorem gradients to ``a, b`` and the cost."""
-    return _ImplicitPotentials.apply(f.detach(), g.detach(), eps, geom, a, b, *geom.tensors())
+def implicit_potentials(geom: Geometry, f, g, a, b, eps: float, *, adjoint: AdjointSolver | None = None):
+    """Return ``(f, g)`` carrying implicit-function-theorem gradients to ``a, b`` and the
+    cost. ``adjoint(geom, f, g, a, b, eps, rhs_f, rhs_g) -> (λ_f, λ_g)`` solves the adjoint
+    system on the range of ``J`` (default :func:`adjoint_solve`; the Newton solvers pass
+    their sparse-Hessian solver)."""
+    return _ImplicitPotentials.apply(
+        f.detach(), g.detach(), eps, geom, adjoint or adjoint_solve, a, b, *geom.tensors()
+    )

@@ -66,7 +66,7 @@ import torch
 from entrokit._errors import InputError
 from entrokit._result import OTResult
 from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
-from entrokit.geometry import Geometry, exp_floor
+from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import GRAD_MODES, entropic_result, warn_not_converged
 
@@ -98,12 +98,13 @@ def eps_schedule(eps: float, eps0: float, decay: float) -> list[float]:
 
 
 class _LogEngine:
-    """Log-sum-exp updates through the geometry (works online and under autograd)."""
+    """Log-sum-exp updates through the geometry's soft-min (works online and under
+    autograd). Same interface as the geometry's scaling engine."""
 
     def __init__(self, geom: Geometry, a, b, log_a, log_b):
         self.geom, self.a, self.log_a, self.log_b = geom, a, log_a, log_b
 
-    def start(self, f, g, eps):
+    def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
         self.f, self.g, self.eps = f, g, eps
 
     def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
@@ -118,154 +119,25 @@ class _LogEngine:
             f, g = f_new, g_new
         self.f, self.g = f, g
         # row marginal of the plan (f_prev, g_before) is a * exp((f_prev - f_new)/eps)
-        err = (self.a * torch.expm1((f_prev - f) / eps).abs()).sum(-1)
-        return err
-
-    def potentials(self):
-        return self.f, self.g
-
-
-def _masked_min(X: torch.Tensor, log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    """min of X along ``dim`` over entries of positive weight (the hard c-transform)."""
-    if bool((log_w > -float("inf")).all()):
-        return X.amin(dim=dim)
-    big = torch.finfo(X.dtype).max
-    pen = torch.where(log_w > -float("inf"), torch.zeros_like(log_w), torch.full_like(log_w, big))
-    return (X + (pen.unsqueeze(-2) if dim == -1 else pen.unsqueeze(-1))).amin(dim=dim)
-
-
-class _KernelEngine:
-    """Scaling updates on an absorbed kernel: two mat-vecs per iteration (dense only).
-
-    One ``(B, n, m)`` buffer holds the kernel for the whole solve (also used as the
-    workspace of the log-domain sweeps), so no ``n x m`` temporaries are allocated.
-    """
-
-    def __init__(self, geom: Geometry, a, b, log_a, log_b):
-        self.C = geom.cost_matrix()
-        self.geom, self.a, self.b, self.log_a, self.log_b = geom, a, b, log_a, log_b
-        self.absorb_at = 30.0 if self.C.dtype == torch.float64 else 10.0
-        self.single = self.C.shape[0] == 1
-        self.K = torch.empty_like(self.C)
-
-    def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
-        self.eps = eps
-        if not sweep:
-            self._absorb(f, g)
-            # the warm kernel is safe unless a row or column lost all its mass
-            r, c = self._Kv(self.b), self._KTu(self.a)
-            ok = torch.isfinite(r).all() & torch.isfinite(c).all() & (r > 0).all() & (c > 0).all()
-            if bool(ok):
-                return
-        if cold:
-            # hard c-transforms (the eps -> 0 limit): every row and column of the kernel
-            # then holds an entry equal to 1, so none underflows, at any eps
-            f = _masked_min(self.C, self.log_b, dim=-1)
-            torch.sub(self.C, f.unsqueeze(-1), out=self.K)
-            g = _masked_min(self.K, self.log_a, dim=-2)
-        else:
-            # one exact log-domain sweep puts the kernel's row/column sums near 1
-            f = self.geom.softmin(g, self.log_b, eps, axis=1, out=self.K)
-            g = self.geom.softmin(f, self.log_a, eps, axis=0, out=self.K)
-        self._absorb(f, g)
-
-    def reduce(self):
-        """Row sums, column sums and <C, P> of the current plan (three mat-vecs).
-
-        Called once at the end of a solve: the kernel buffer is consumed (K <- K * C) so
-        that no further n x m array is allocated.
-        """
-        au, bv = self.a * self.u, self.b * self.v
-        row = au * self._Kv(bv)
-        col = bv * self._KTu(au)
-        KC = self.K.mul_(self.C)
-        tc = (au * torch.matmul(KC, bv.unsqueeze(-1)).squeeze(-1)).sum(-1)
-        self.K = self.K0 = None
-        return row, col, tc
-
-    def _absorb(self, f, g):
-        self.f, self.g = f, g
-        K, e = self.K, self.eps
-        # K = exp((f + g - C)/eps) in four passes; exponents are floored so that no
-        # entry is subnormal (entries below exp(floor) are negligible at working precision)
-        torch.sub((f / e).unsqueeze(-1), self.C, alpha=1.0 / e, out=K)
-        K.add_((g / e).unsqueeze(-2)).clamp_(min=exp_floor(K.dtype)).exp_()
-        self.u = torch.ones_like(f)
-        self.v = torch.ones_like(g)
-        self.K0 = K[0] if self.single else None
-
-    def _Kv(self, x):
-        if self.single:
-            return torch.mv(self.K0, x[0]).unsqueeze(0)
-        return torch.bmm(self.K, x.unsqueeze(-1)).squeeze(-1)
-
-    def _KTu(self, x):
-        if self.single:
-            return torch.mv(self.K0.t(), x[0]).unsqueeze(0)
-        return torch.bmm(x.unsqueeze(-2), self.K).squeeze(-2)
-
-    def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
-        a, b = self.a, self.b
-        if self.single and active is None:
-            return self._run_single(k, stop_tol)
-        u, v = self.u, self.v
-        u_prev, Kv = u, None
-        for _ in range(k):
-            Kv = self._Kv(b * v)
-            u_prev = u
-            u_new = torch.reciprocal(Kv)
-            v_new = torch.reciprocal(self._KTu(a * u_new))
-            if active is not None:
-                u_new = torch.where(active.unsqueeze(-1), u_new, u)
-                v_new = torch.where(active.unsqueeze(-1), v_new, v)
-            u, v = u_new, v_new
-        self.u, self.v = u, v
-        return (a * (u_prev * Kv - 1.0).abs()).sum(-1)
-
-    def _run_single(self, k: int, stop_tol: float | None = None):
-        # one problem: preallocated buffers, two BLAS mat-vecs and four O(n) ops per iteration
-        K, Kt = self.K0, self.K0.t()
-        a, b = self.a[0], self.b[0]
-        # u, v are updated in place (views of self.u, self.v); work vectors are reused
-        u, v = self.u[0], self.v[0]
-        if getattr(self, "_work", None) is None:
-            self._work = (torch.empty_like(v), torch.empty_like(u), torch.empty_like(u), torch.empty_like(v))
-        bv, au, Kv, KTu = self._work
-        for _ in range(k - 1):
-            torch.mul(b, v, out=bv)
-            torch.mv(K, bv, out=Kv)
-            torch.reciprocal(Kv, out=u)
-            torch.mul(a, u, out=au)
-            torch.mv(Kt, au, out=KTu)
-            torch.reciprocal(KTu, out=v)
-        torch.mul(b, v, out=bv)
-        torch.mv(K, bv, out=Kv)
-        # row marginal of the current plan is a * u * Kv (columns are exact)
-        err = (a * (u * Kv - 1.0).abs()).sum()
-        if stop_tol is not None and float(err) <= stop_tol:
-            # the current plan already meets the tolerance: keep it (saves a half sweep)
-            return err.unsqueeze(0)
-        torch.reciprocal(Kv, out=u)
-        torch.mul(a, u, out=au)
-        torch.mv(Kt, au, out=KTu)
-        torch.reciprocal(KTu, out=v)
-        return err.unsqueeze(0)
+        return geom.row_sum(self.a * torch.expm1((f_prev - f) / eps).abs())
 
     def check(self, err: torch.Tensor) -> tuple[bool, bool]:
-        """One device sync: (state is finite, scalings need absorbing).
+        return True, False
 
-        ``max |log u|, |log v|`` is inf/NaN exactly when a scaling over- or underflowed.
-        """
-        mx = torch.maximum(self.u.log().abs().amax(), self.v.log().abs().amax())
-        mx, e = torch.stack([mx, err.max()]).tolist()
-        ok = math.isfinite(mx) and math.isfinite(e)
-        return ok, ok and mx > self.absorb_at
+    def save(self):
+        return (self.f, self.g)
 
-    def potentials(self):
-        return self.f + self.eps * self.u.log(), self.g + self.eps * self.v.log()
+    def restore(self, saved):
+        return saved
 
     def absorb(self):
-        self._absorb(*self.potentials())
+        pass
+
+    def reduce(self):
+        return None
+
+    def potentials(self, precise: bool = False):
+        return self.f, self.g
 
 
 def _slow_convergence(hist: list, done: int, err: float, tol: float) -> bool:
@@ -306,8 +178,13 @@ def sinkhorn_problem(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     unroll: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    precise: bool = False,
 ):
     """Run Sinkhorn on a validated, *batched* problem.
+
+    With ``precise``, the final potentials of a float32 kernel solve are returned in
+    float64 (they carry the scalings' digits; :func:`entropic_result` builds the plan from
+    them).
 
     Returns ``(f, g, n_iter, converged, errors, info)``; ``f, g`` are detached unless
     ``unroll``. This is the loop every entropic solver reuses (warm-up of the Newton
@@ -352,7 +229,10 @@ def sinkhorn_problem(
     info = {"stages": len(stages), "absorptions": 0, "fallbacks": 0, "eps_scaling": use_scaling}
     it = 0
     t0 = time.perf_counter()
-    kernel_engine = None if lse_mode else _KernelEngine(geom, a, b, log_a, log_b)
+    kernel_engine = None if lse_mode else geom.scaling_engine(a, b, log_a, log_b)
+    if kernel_engine is None and options.lse_mode is False:
+        raise InputError(f"lse_mode=False needs a geometry with a scaling engine; {geom!r} has none.")
+    lse_mode = kernel_engine is None
     stage_iters = []
     f0, g0 = f, g
     restart = True
@@ -377,19 +257,19 @@ def sinkhorn_problem(
                 stage_end = it + check_every
             while it < stage_end:
                 k = min(check_every, stage_end - it)
-                kernel = isinstance(engine, _KernelEngine)
-                if kernel:
-                    saved = (engine.f, engine.g, engine.u, engine.v)
+                saved = engine.save()
                 err = engine.run(k, active if B > 1 else None, stop_tol=stol if last and device.type == "cpu" else None)
-                ok, absorb = engine.check(err) if kernel else (True, False)
+                ok, absorb = engine.check(err)
                 if not ok:
                     # overflow in the scalings: restore and continue this stage in log domain
-                    f, g = saved[0] + e * saved[2].log(), saved[1] + e * saved[3].log()
-                    if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
-                        f, g = saved[0], saved[1]
+                    f, g = engine.restore(saved)
                     info["fallbacks"] += 1
-                    engine = _LogEngine(geom, a, b, log_a, log_b)
-                    engine.start(f, g, e)
+                    if info["fallbacks"] <= 2:
+                        # an exact log-domain sweep re-centres the kernel (rows/columns near 1)
+                        engine.start(f, g, e, sweep=True)
+                    else:
+                        engine = _LogEngine(geom, a, b, log_a, log_b)
+                        engine.start(f, g, e)
                     continue
                 if active is None:
                     n_iter += k
@@ -422,9 +302,11 @@ def sinkhorn_problem(
                     info["absorptions"] += 1
             if restart:
                 break
-            f, g = engine.potentials()
-            if last and isinstance(engine, _KernelEngine):
-                info["reduce"] = engine.reduce()
+            f, g = engine.potentials(precise=precise and last and not unroll)
+            if last:
+                reduced = engine.reduce()
+                if reduced is not None:
+                    info["reduce"] = reduced
             stage_iters.append(it - it_stage)
     info["stage_iters"] = stage_iters
     info["time"] = time.perf_counter() - t0
@@ -443,7 +325,7 @@ def sinkhorn(
     eps_scaling: bool | str = "auto",
     scaling_decay: float = 0.5,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    grad: str = "envelope",
+    grad: str = "implicit",
     lse_mode: bool | None = None,
     check_every: int | None = None,
     normalize: bool = False,
@@ -465,8 +347,9 @@ def sinkhorn(
             measured convergence rate predicts a long run; see the module docstring).
         scaling_decay: factor :math:`\rho \in (0,1)` between annealing stages.
         init: warm start ``(f, g)`` (potentials of a nearby problem).
-        grad: ``"envelope"`` (default), ``"implicit"`` or ``"unroll"``; see
-            :mod:`entrokit.solvers.implicit`.
+        grad: ``"implicit"`` (default: exact gradients of every output, computed only
+            when backward reaches them), ``"envelope"`` (cheap: exact for ``value``,
+            frozen plan otherwise) or ``"unroll"``; see :mod:`entrokit.solvers._entropic`.
         lse_mode: force the log-sum-exp engine (``True``) or the stabilized kernel engine
             (``False``); default: kernel for dense costs, log-sum-exp for online point clouds
             and ``unroll``.
@@ -500,22 +383,21 @@ def sinkhorn(
     if check_every is not None:
         check_positive_int(check_every, "check_every")
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
-    user_batched = problem.batched
     pb = problem.with_batch()
     if init is not None:
-        init = _check_init(init, pb)
+        init = check_init(init, pb)
     if grad == "unroll" and lse_mode is False:
         raise InputError("grad='unroll' differentiates the log-domain iterations; leave lse_mode=None or True.")
     opts = SinkhornOptions(
-        tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, scaling_decay=float(scaling_decay),
+        tol=internal_tol(tol, pb), max_iter=max_iter, eps_scaling=eps_scaling, scaling_decay=float(scaling_decay),
         check_every=check_every, lse_mode=lse_mode,
     )
     f, g, n_iter, converged, errors, info = sinkhorn_problem(
-        pb, eps, opts, init=init, unroll=(grad == "unroll"), callback=callback
+        pb, eps, opts, init=init, unroll=(grad == "unroll"), callback=callback, precise=True
     )
     res = entropic_result(
         pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
-        method="sinkhorn", user_batched=user_batched, info=info,
+        method="sinkhorn", tol=tol, info=info,
     )
     warn_not_converged(
         converged, errors[-1] if len(errors) else res.marginal_error, tol, "sinkhorn",
@@ -525,18 +407,37 @@ def sinkhorn(
     return res
 
 
-def _check_init(init, pb: OTProblem):
+def internal_tol(tol: float, pb: OTProblem) -> float:
+    """The tolerance a solver iterates to so that the *returned* plan meets ``tol``:
+    below float64, a margin for rounding the plan to the working dtype (``2u`` per
+    marginal and unit of mass) is kept."""
+    if pb.dtype == torch.float64:
+        return tol
+    margin = 4.0 * torch.finfo(pb.dtype).eps * float(pb.a.detach().sum(-1).max())
+    return max(tol - margin, 0.5 * tol)
+
+
+def check_init(init, pb: OTProblem):
+    """Validate a warm start ``(f, g)`` against a flattened problem; returns ``(B, n), (B, m)``
+    tensors in the problem's dtype and device. Accepts the user's batch axes, or an
+    :class:`~entrokit.OTResult` (its potentials)."""
+    if hasattr(init, "f") and hasattr(init, "g") and not isinstance(init, (tuple, list)):
+        init = (init.f, init.g)
     if not (isinstance(init, (tuple, list)) and len(init) == 2):
-        raise TypeError("init must be a pair of tensors (f, g).")
-    f, g = (as_float_tensor(t, name) for t, name in zip(init, ("init f", "init g")))
-    if f.dim() == 1:
-        f, g = f.unsqueeze(0), g.unsqueeze(0)
-    if f.shape != pb.a.shape or g.shape != pb.b.shape:
-        raise InputError(
-            f"init potentials must match the weights: expected f {tuple(pb.a.shape[1:])} and "
-            f"g {tuple(pb.b.shape[1:])} (with the same batch axis), got {tuple(init[0].shape)} and "
-            f"{tuple(init[1].shape)}."
+        raise TypeError(
+            f"init must be a pair (f, g) of potentials or an OTResult, got {type(init).__name__}."
         )
+    f, g = (as_float_tensor(t, name, like=pb.a) for t, name in zip(init, ("init f", "init g")))
+    user = pb.user_batch_shape if pb.user_batch_shape is not None else tuple(pb.a.shape[:-1])
+    n, m = pb.shape
+    if tuple(f.shape) != (*user, n) or tuple(g.shape) != (*user, m):
+        raise InputError(
+            f"init potentials must match the weights: expected f {(*user, n)} and g {(*user, m)}, "
+            f"got {tuple(f.shape)} and {tuple(g.shape)}."
+        )
+    f = f.detach().to(dtype=pb.a.dtype, device=pb.a.device).reshape(pb.a.shape)
+    g = g.detach().to(dtype=pb.a.dtype, device=pb.a.device).reshape(pb.b.shape)
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         raise InputError("init potentials contain NaN or inf; pass finite potentials, e.g. from a previous result.")
     return f, g
+_check_init = check_init  # kept for the Newton solvers

@@ -1,0 +1,23 @@
+"""Geometries: how a solver sees the ground cost (see :mod:`entrokit.geometry.base`)."""
+
+from __future__ import annotations
+
+import torch
+
+from entrokit.geometry.base import Geometry, combine_lse, exp_floor, lse_to_softmin, plan_block
+from entrokit.geometry.dense import DenseCost
+from entrokit.geometry.pointcloud import PointCloud
+
+__all__ = ["Geometry", "DenseCost", "PointCloud", "as_geometry", "exp_floor", "combine_lse", "lse_to_softmin", "plan_block"]
+
+
+def as_geometry(cost) -> Geometry:
+    """Wrap a tensor as :class:`DenseCost`; pass geometries through."""
+    if isinstance(cost, Geometry):
+        return cost
+    if isinstance(cost, torch.Tensor):
+        return DenseCost(cost)
+    raise TypeError(
+        f"cost must be a torch.Tensor or NumPy array of shape (n, m), or an entrokit geometry "
+        f"(PointCloud, DenseCost), got {type(cost).__name__}."
+    )

@@ -1,0 +1,314 @@
+r"""A cost given as a dense matrix, and the stabilized-kernel engine that runs on it.
+
+The engine keeps the potentials in the log domain and *absorbs* them into a kernel
+:math:`K_{ij} = e^{(f_i + g_j - C_{ij})/\varepsilon}` (Schmitzer, 2019); between
+absorptions Sinkhorn's updates are the scalings :math:`u \leftarrow 1/(K (b\odot v))`,
+:math:`v \leftarrow 1/(K^\top (a\odot u))`: two matrix-vector products per iteration,
+two passes over :math:`nm` numbers, the memory-bandwidth bound. One ``(B, n, m)`` buffer
+holds the kernel for the whole solve.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from entrokit._errors import InputError
+from entrokit._validation import as_float_tensor
+from entrokit.geometry.base import Geometry, exp_floor, logsumexp_pair, plan_block
+
+__all__ = ["DenseCost"]
+
+
+class DenseCost(Geometry):
+    """A cost given as a dense matrix ``(..., n, m)`` (any number of batch axes)."""
+
+    def __init__(self, cost: torch.Tensor):
+        cost = as_float_tensor(cost, "cost")
+        if cost.dim() < 2:
+            raise InputError(
+                f"cost must have shape (n, m) or (..., n, m), got shape {tuple(cost.shape)}; "
+                "a single row is cost.reshape(1, m)."
+            )
+        self.C = cost
+
+    def __repr__(self) -> str:
+        return f"DenseCost(shape={tuple(self.C.shape)}, dtype={self.C.dtype}, device={self.C.device})"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.C.shape[-2], self.C.shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.C.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.C.device
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.C.shape[:-2])
+
+    def _with_cached_bounds(self, out: DenseCost, batch_shape=None) -> DenseCost:
+        cached = self.__dict__.get("_bounds")
+        if cached is not None:
+            lo, hi = cached
+            if batch_shape is not None:
+                lo, hi = lo.reshape(batch_shape), hi.reshape(batch_shape)
+            out.__dict__["_bounds"] = (lo, hi)
+        return out
+
+    def reshape_batch(self, batch_shape):
+        batch_shape = tuple(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        return self._with_cached_bounds(DenseCost(self.C.reshape(*batch_shape, *self.shape)), batch_shape)
+
+    def detach(self) -> DenseCost:
+        return self._with_cached_bounds(DenseCost(self.C.detach()))
+
+    def tensors(self):
+        return (self.C,)
+
+    def rebuild(self, C):
+        return DenseCost(C)
+
+    def cost_matrix(self) -> torch.Tensor:
+        return self.C
+
+    def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min C, max C) per problem in one pass (cached; NaN propagates)."""
+        cached = self.__dict__.get("_bounds")
+        if cached is None:
+            flat = self.C.detach().flatten(-2)
+            cached = (flat.amin(-1), flat.amax(-1))  # faster than aminmax on CPU
+            self.__dict__["_bounds"] = cached
+        return cached
+
+    def lse(self, h, log_w, eps, axis):
+        hw = h + eps * log_w
+        z = ((hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1)) - self.C) / eps
+        return logsumexp_pair(z, dim=-1 if axis == 1 else -2)
+
+    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None):
+        C = self.C
+        P = plan_block(f, g, a, b, C, eps)
+        if accumulate is not None and accumulate != P.dtype:
+            P, C = P.to(accumulate), C.to(accumulate)
+        return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))
+
+    def plan_matvec(self, f, g, a, b, eps, vec, axis):
+        P = plan_block(f, g, a, b, self.C, eps)
+        if axis == 1:
+            return torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1)
+        return torch.matmul(vec.unsqueeze(-2), P).squeeze(-2)
+
+    def plan_operator(self, f, g, a, b, eps):
+        P = plan_block(f, g, a, b, self.C, eps)
+
+        def Pv(v):
+            return torch.matmul(P, v.unsqueeze(-1)).squeeze(-1)
+
+        def PTu(u):
+            return torch.matmul(u.unsqueeze(-2), P).squeeze(-2)
+
+        return Pv, PTu, P.sum(-1), P.sum(-2)
+
+    def scaling_engine(self, a, b, log_a, log_b):
+        return _KernelEngine(self, a, b, log_a, log_b)
+
+
+def _softmin_inplace(C, h, log_w, eps, axis, out):
+    """Soft c-transform computed on the workspace ``out`` (no ``n x m`` temporaries)."""
+    hw = h + eps * log_w
+    dim = -1 if axis == 1 else -2
+    torch.sub(hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1), C, out=out)
+    out.div_(eps)
+    mx = out.amax(dim=dim, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    out.sub_(mx).clamp_(min=exp_floor(out.dtype)).exp_()
+    lse = out.sum(dim=dim).log_() + mx.squeeze(dim)
+    return -eps * lse
+
+
+def _masked_min(X: torch.Tensor, log_w: torch.Tensor, dim: int) -> torch.Tensor:
+    """min of X along ``dim`` over entries of positive weight (the hard c-transform)."""
+    if bool((log_w > -float("inf")).all()):
+        return X.amin(dim=dim)
+    big = torch.finfo(X.dtype).max
+    pen = torch.where(log_w > -float("inf"), torch.zeros_like(log_w), torch.full_like(log_w, big))
+    return (X + (pen.unsqueeze(-2) if dim == -1 else pen.unsqueeze(-1))).amin(dim=dim)
+
+
+class _KernelEngine:
+    """Scaling updates on an absorbed kernel: two mat-vecs per iteration.
+
+    Interface shared with the log-sum-exp engine of :mod:`entrokit.solvers.sinkhorn`:
+    ``start``, ``run``, ``check``, ``absorb``, ``potentials``, ``save``/``restore``,
+    ``reduce``.
+    """
+
+    def __init__(self, geom: DenseCost, a, b, log_a, log_b):
+        self.C = geom.C
+        self.a, self.b, self.log_a, self.log_b = a, b, log_a, log_b
+        self.absorb_at = 30.0 if self.C.dtype == torch.float64 else 10.0
+        self.single = self.C.shape[0] == 1
+        self.K = torch.empty_like(self.C)
+        self._work = None
+
+    def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
+        self.eps = eps
+        if not sweep:
+            self._absorb(f, g)
+            # the warm kernel is safe unless a row or column lost all its mass
+            r, c = self._Kv(self.b), self._KTu(self.a)
+            ok = torch.isfinite(r).all() & torch.isfinite(c).all() & (r > 0).all() & (c > 0).all()
+            if bool(ok):
+                return
+        if cold:
+            # hard c-transforms (the eps -> 0 limit): every row and column of the kernel
+            # then holds an entry equal to 1, so none underflows, at any eps
+            f = _masked_min(self.C, self.log_b, dim=-1)
+            torch.sub(self.C, f.unsqueeze(-1), out=self.K)
+            g = _masked_min(self.K, self.log_a, dim=-2)
+        else:
+            # one exact log-domain sweep puts the kernel's row/column sums near 1
+            f = _softmin_inplace(self.C, g, self.log_b, eps, 1, self.K)
+            g = _softmin_inplace(self.C, f, self.log_a, eps, 0, self.K)
+        self._absorb(f, g)
+
+    def reduce(self):
+        """Row sums, column sums and <C, P> of the current plan (three mat-vecs).
+
+        Called once at the end of a solve: the kernel buffer is consumed (K <- K * C) so
+        that no further n x m array is allocated.
+        """
+        au, bv = self.a * self.u, self.b * self.v
+        row = au * self._Kv(bv)
+        col = bv * self._KTu(au)
+        KC = self.K.mul_(self.C)
+        tc = (au * torch.matmul(KC, bv.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        self.K = self.K0 = None
+        return row, col, tc
+
+    def _absorb(self, f, g):
+        K, e = self.K, self.eps
+        floor = exp_floor(K.dtype)
+        if K.dtype == torch.float64:
+            self.f, self.g = f, g
+            # K = exp((f + g - C)/eps) in four passes; exponents are floored so that no
+            # entry is subnormal (entries below exp(floor) are negligible at working precision)
+            torch.sub((f / e).unsqueeze(-1), self.C, alpha=1.0 / e, out=K)
+            K.add_((g / e).unsqueeze(-2)).clamp_(min=floor).exp_()
+        else:
+            # float32: the absorbed potentials are kept in float64 and the kernel is formed
+            # in float64 row blocks, so that K is exact to float32 rounding whatever C/eps
+            # (a float32 exponent (f + g - C)/eps loses ~1e-7 * C/eps); absorptions are rare
+            d = torch.float64
+            self.f, self.g = f.to(d), g.to(d)
+            n, m = self.C.shape[-2:]
+            step = max(1, (1 << 22) // max(m, 1))
+            for s in range(0, n, step):
+                blk = (self.f[:, s:s + step, None] + self.g[:, None, :] - self.C[:, s:s + step].to(d)) / e
+                K[:, s:s + step] = blk.clamp_(min=floor).exp_()
+        dt = K.dtype
+        self.u = torch.ones(f.shape, dtype=dt, device=K.device)
+        self.v = torch.ones(g.shape, dtype=dt, device=K.device)
+        self.K0 = K[0] if self.single else None
+
+    def _Kv(self, x):
+        if self.single:
+            return torch.mv(self.K0, x[0]).unsqueeze(0)
+        return torch.bmm(self.K, x.unsqueeze(-1)).squeeze(-1)
+
+    def _KTu(self, x):
+        if self.single:
+            return torch.mv(self.K0.t(), x[0]).unsqueeze(0)
+        return torch.bmm(x.unsqueeze(-2), self.K).squeeze(-2)
+
+    def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
+        a, b = self.a, self.b
+        if self.single and active is None:
+            return self._run_single(k, stop_tol)
+        u, v = self.u, self.v
+        u_prev, Kv = u, None
+        for _ in range(k):
+            Kv = self._Kv(b * v)
+            u_prev = u
+            u_new = torch.reciprocal(Kv)
+            v_new = torch.reciprocal(self._KTu(a * u_new))
+            if active is not None:
+                u_new = torch.where(active.unsqueeze(-1), u_new, u)
+                v_new = torch.where(active.unsqueeze(-1), v_new, v)
+            u, v = u_new, v_new
+        self.u, self.v = u, v
+        return (a * (u_prev * Kv - 1.0).abs()).sum(-1)
+
+    def _run_single(self, k: int, stop_tol: float | None = None):
+        # one problem: preallocated buffers, two BLAS mat-vecs and four O(n) ops per iteration
+        K, Kt = self.K0, self.K0.t()
+        a, b = self.a[0], self.b[0]
+        # u, v are updated in place (views of self.u, self.v); work vectors are reused
+        u, v = self.u[0], self.v[0]
+        if self._work is None:
+            self._work = (torch.empty_like(v), torch.empty_like(u), torch.empty_like(u), torch.empty_like(v))
+        bv, au, Kv, KTu = self._work
+        for _ in range(k - 1):
+            torch.mul(b, v, out=bv)
+            torch.mv(K, bv, out=Kv)
+            torch.reciprocal(Kv, out=u)
+            torch.mul(a, u, out=au)
+            torch.mv(Kt, au, out=KTu)
+            torch.reciprocal(KTu, out=v)
+        torch.mul(b, v, out=bv)
+        torch.mv(K, bv, out=Kv)
+        # row marginal of the current plan is a * u * Kv (columns are exact)
+        err = (a * (u * Kv - 1.0).abs()).sum()
+        if stop_tol is not None and float(err) <= stop_tol:
+            # the current plan already meets the tolerance: keep it (saves a half sweep)
+            return err.unsqueeze(0)
+        torch.reciprocal(Kv, out=u)
+        torch.mul(a, u, out=au)
+        torch.mv(Kt, au, out=KTu)
+        torch.reciprocal(KTu, out=v)
+        return err.unsqueeze(0)
+
+    def check(self, err: torch.Tensor) -> tuple[bool, bool]:
+        """One device sync: (state is finite, scalings need absorbing).
+
+        ``max |log u|, |log v|`` is inf/NaN exactly when a scaling over- or underflowed.
+        """
+        mx = torch.maximum(self.u.log().abs().amax(), self.v.log().abs().amax())
+        mx, e = torch.stack([mx, err.max()]).tolist()
+        ok = math.isfinite(mx) and math.isfinite(e)
+        return ok, ok and mx > self.absorb_at
+
+    def save(self):
+        # u, v are updated in place by the single-problem loop: copy them
+        return (self.f, self.g, self.u.clone(), self.v.clone())
+
+    def restore(self, saved):
+        """Potentials of a saved state, finite even if the scalings were not."""
+        f, g, u, v = saved
+        dt = self.C.dtype
+        fr, gr = f + self.eps * u.to(f.dtype).log(), g + self.eps * v.to(g.dtype).log()
+        if not (torch.isfinite(fr).all() and torch.isfinite(gr).all()):
+            return f.to(dt), g.to(dt)
+        return fr.to(dt), gr.to(dt)
+
+    def potentials(self, precise: bool = False):
+        """``(f + eps log u, g + eps log v)``; with ``precise`` summed in float64, which
+        keeps the digits a float32 kernel's scalings carry (the plan ``diag(au) K
+        diag(bv)`` meets the marginals far better than float32 potentials can say)."""
+        d = self.f.dtype  # float64 for float32 kernels
+        f = self.f + self.eps * self.u.to(d).log()
+        g = self.g + self.eps * self.v.to(d).log()
+        if precise:
+            return f, g
+        return f.to(self.C.dtype), g.to(self.C.dtype)
+
+    def absorb(self):
+        self._absorb(*self.potentials())
