@@ -23,10 +23,10 @@ import torch
 from entrokit._errors import InputError
 from entrokit._validation import (
     as_float_tensor,
-    is_array_like,
     check_masses,
     check_nonneg_finite,
     check_same_dtype_device,
+    is_array_like,
 )
 from entrokit.geometry import Geometry, PointCloud, as_geometry
 

@@ -69,6 +69,7 @@ from entrokit._validation import as_float_tensor, check_choice, check_positive, 
 from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import GRAD_MODES, entropic_result, warn_not_converged
+from entrokit.solvers._io import numpy_in_out
 
 __all__ = ["sinkhorn", "sinkhorn_problem", "SinkhornOptions", "eps_schedule"]
 
@@ -314,6 +315,7 @@ def sinkhorn_problem(
     return f, g, n_iter, converged, err_hist, info
 
 
+@numpy_in_out
 def sinkhorn(
     a: torch.Tensor,
     b: torch.Tensor,

@@ -1,21 +1,31 @@
-r"""``entrokit.solve``: one entry point, dispatching by ``method``.
+r"""``entrokit.solve``: one entry point, one option contract, dispatching by ``method``.
 
-The ``"auto"`` rule picks the safe sparse Newton solver ``"ssns"``
-(:func:`entrokit.sinkhorn_newton`) for a single dense problem with ``eps`` below 1e-2 times the cost range (where
-Sinkhorn needs thousands of iterations) and ``"sinkhorn"`` otherwise (batches, online
-point clouds, large eps).
+**Common options** (every method accepts them, with one meaning): ``tol`` (L1 marginal
+error of the returned plan), ``max_iter``, ``init`` (warm-start potentials ``(f, g)`` or a
+previous :class:`~entrokit.OTResult`), ``grad`` (``"implicit"``, ``"envelope"``,
+``"unroll"`` where the method supports it), ``eps_scaling`` (``True``, ``False`` or
+``"auto"``), ``callback(iteration, error)``, ``check_inputs`` and ``normalize``. Other
+options are method-specific and are checked against the method actually run.
+
+**The "auto" rule.** The safe sparse Newton solver ``"ssns"`` for a single dense problem
+whose ``eps`` is below ``1e-2`` times the cost range (where Sinkhorn needs thousands of
+iterations); ``"sinkhorn"`` otherwise (batches, online point clouds, large ``eps``). The
+inputs are validated before the rule reads the cost.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult
 from entrokit._validation import check_positive
+from entrokit.problem import make_problem
+from entrokit.solvers._io import numpy_in_out
 
-__all__ = ["solve", "METHODS", "register_method"]
+__all__ = ["solve", "METHODS", "COMMON_OPTIONS", "register_method", "auto_method"]
 
 # name -> "module:function"; solvers are imported lazily
 METHODS: dict[str, str] = {
@@ -26,6 +36,8 @@ METHODS: dict[str, str] = {
     # options reg=, k=, formulation=, sparse_axis=, solver=
     "smooth": "entrokit.solvers.smooth:smooth_ot",
 }
+
+COMMON_OPTIONS = ("tol", "max_iter", "init", "grad", "eps_scaling", "callback", "check_inputs", "normalize")
 
 
 def register_method(name: str, target: str) -> None:
@@ -38,19 +50,30 @@ def _resolve(name: str) -> Callable[..., OTResult]:
     return getattr(importlib.import_module(mod), fn)
 
 
-def _auto_method(a, b, cost, eps) -> str:
-    from entrokit.geometry import as_geometry
+def _accepted_options(fn) -> set[str] | None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        target = getattr(fn, "__wrapped_solver__", None)
+        return _accepted_options(target) if target is not None else None
+    return {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
+
+def auto_method(problem, eps: float) -> tuple[str, str]:
+    """The method ``"auto"`` picks for a validated problem, and why."""
+    geom = problem.geometry
     if "ssns" not in METHODS:
-        return "sinkhorn"
-    geom = as_geometry(cost)
-    if geom.batched or geom.is_online:
-        return "sinkhorn"
-    if eps < 1e-2 * float(geom.cost_range().max()):
-        return "ssns"
-    return "sinkhorn"
+        return "sinkhorn", "no Newton solver is registered"
+    if geom.batched:
+        return "sinkhorn", "the problem is batched (Sinkhorn solves a batch in one loop)"
+    if geom.is_online:
+        return "sinkhorn", "the cost is an online point cloud (Newton needs the dense matrix)"
+    rng = float(geom.cost_range().max())
+    if eps < 1e-2 * rng:
+        return "ssns", f"eps={eps:g} is below 1e-2 x the cost range {rng:.3g} (Sinkhorn would need thousands of iterations)"
+    return "sinkhorn", f"eps={eps:g} is at least 1e-2 x the cost range {rng:.3g}"
 
 
+@numpy_in_out
 def solve(
     a,
     b,
@@ -60,24 +83,53 @@ def solve(
     method: str = "auto",
     tol: float = 1e-6,
     max_iter: int | None = None,
+    normalize: bool = False,
+    check_inputs: bool = True,
     **options: Any,
 ) -> OTResult:
-    r"""Solve entropic OT :math:`\min_P \langle C,P\rangle + \varepsilon\mathrm{KL}(P\|a\otimes b)`.
+    r"""Solve entropic OT :math:`\min_P \langle C,P\rangle + \varepsilon\mathrm{KL}(P\|a\otimes b)`
+    (or, with ``method="smooth"``, quadratic / sparsity-constrained OT of strength ``eps``).
 
     Args:
-        a, b: weights ``[n]``, ``[m]`` (or with a leading batch axis).
-        cost: ``[n, m]`` tensor or a geometry (:class:`~entrokit.PointCloud`).
+        a, b: weights ``[..., n]``, ``[..., m]``; ``None`` means uniform. Tensors, NumPy
+            arrays or lists (NumPy in gives NumPy out).
+        cost: ``[..., n, m]`` tensor or array, or a geometry (:class:`~entrokit.PointCloud`).
         eps: regularization strength.
-        method: a key of :data:`METHODS` or ``"auto"`` (see the module docstring).
-        tol: L1 marginal-error tolerance.
-        max_iter: iteration budget (solver-specific default when ``None``).
-        **options: passed to the solver (``grad``, ``init``, ``normalize``, ...).
+        method: a key of :data:`METHODS` or ``"auto"`` (module docstring).
+        tol: L1 marginal-error tolerance of the returned plan.
+        max_iter: iteration budget (method-specific default when ``None``).
+        normalize: rescale ``a`` and ``b`` to unit mass.
+        check_inputs: run the value checks once, here.
+        **options: the common options (``init``, ``grad``, ``eps_scaling``, ``callback``)
+            and the chosen method's own.
+
+    Raises:
+        InputError: unknown method, an option the method does not take (the message names
+            the method ``auto`` picked and why), or bad inputs.
+
+    Example:
+        >>> import entrokit
+        >>> res = entrokit.solve(None, None, [[0.0, 1.0], [1.0, 0.0]], eps=0.1)
+        >>> res.method, bool(res.converged)
+        ('sinkhorn', True)
     """
     eps = check_positive(eps, "eps")
+    if method != "auto" and method not in METHODS:
+        raise InputError(f"unknown method {method!r}; expected 'auto' or one of {sorted(METHODS)}.")
+    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    why = None
     if method == "auto":
-        method = _auto_method(a, b, cost, eps)
-    if method not in METHODS:
-        raise InputError(
-            f"unknown method {method!r}; expected 'auto' or one of {sorted(METHODS)}."
-        )
-    return _resolve(method)(a, b, cost, eps, tol=tol, max_iter=max_iter, **options)
+        method, why = auto_method(problem, eps)
+    fn = _resolve(method)
+    accepted = _accepted_options(fn)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            picked = f"method='auto' picked {method!r} because {why}; " if why else f"method={method!r} "
+            raise InputError(
+                f"{picked}it does not take the option(s) {', '.join(map(repr, unknown))}. "
+                f"Its options are: {', '.join(sorted(accepted))}. Pass method= explicitly to "
+                "choose the solver whose options you set."
+            )
+    return fn(problem.a, problem.b, problem.geometry, eps, tol=tol, max_iter=max_iter,
+              check_inputs=False, **options)
