@@ -10,7 +10,7 @@ import torch
 
 from entrokit.problem import OTProblem
 
-__all__ = ["OTResult", "SolverInfo"]
+__all__ = ["OTResult", "SolverInfo", "SinkhornInfo"]
 
 
 class SolverInfo(Mapping):
@@ -27,9 +27,15 @@ class SolverInfo(Mapping):
     """
 
     __slots__ = ("_data",)
+    #: keys a subclass guarantees (checked at construction)
+    required: tuple[str, ...] = ()
 
     def __init__(self, data: Mapping[str, Any] | None = None, **fields: Any):
-        object.__setattr__(self, "_data", {**(data or {}), **fields})
+        merged = {**(data or {}), **fields}
+        missing = [k for k in self.required if k not in merged]
+        if missing:
+            raise KeyError(f"{type(self).__name__} is missing the field(s) {missing}")
+        object.__setattr__(self, "_data", merged)
 
     @classmethod
     def wrap(cls, info) -> SolverInfo:
@@ -57,7 +63,16 @@ class SolverInfo(Mapping):
         return dict(self._data)
 
     def __repr__(self) -> str:
-        return f"SolverInfo({', '.join(sorted(self._data))})"
+        return f"{type(self).__name__}({', '.join(sorted(self._data))})"
+
+
+class SinkhornInfo(SolverInfo):
+    """Diagnostics of :func:`entrokit.sinkhorn`: ``time`` (s), ``stages`` (eps-scaling
+    stages run), ``stage_iters``, ``absorptions`` and ``fallbacks`` (of the scaling
+    engine), ``eps_scaling`` (whether annealing ran) and, when ``"auto"`` switched to
+    annealing, ``probe_iters``."""
+
+    required = ("time", "stages", "stage_iters", "absorptions", "fallbacks", "eps_scaling")
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +119,8 @@ class OTResult:
     grad: str
     info: Mapping[str, Any] = field(default_factory=dict)
     plan_fn: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    apply_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = field(default=None, repr=False)
+    marginals_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def plan(self) -> torch.Tensor:
@@ -127,8 +144,27 @@ class OTResult:
     def b(self) -> torch.Tensor:
         return self.problem.b
 
+    def apply(self, vec: torch.Tensor, axis: int = 1) -> torch.Tensor:
+        """``P @ vec`` (``axis=1``, ``vec [..., m]``) or ``P.T @ vec`` (``axis=0``,
+        ``vec [..., n]``) without materialising the plan (online geometries apply it
+        tile by tile)."""
+        if axis not in (0, 1):
+            from entrokit._errors import InputError
+
+            raise InputError(f"axis must be 0 (P.T @ vec) or 1 (P @ vec), got {axis!r}.")
+        if self.apply_fn is not None:
+            return self.apply_fn(vec, axis)
+        P = self.plan
+        P = P.to_dense() if P.is_sparse else P
+        if axis == 1:
+            return (P @ vec.unsqueeze(-1)).squeeze(-1)
+        return (vec.unsqueeze(-2) @ P).squeeze(-2)
+
     def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row and column sums of the plan (dense sums of :attr:`plan`)."""
+        """Row and column sums of the plan (from the potentials, without materialising it,
+        for entropic solvers)."""
+        if self.marginals_fn is not None:
+            return self.marginals_fn()
         P = self.plan
         if isinstance(P, torch.Tensor) and P.is_sparse:
             P = P.to_dense()
@@ -149,7 +185,12 @@ class OTResult:
             for k in ("f", "g", "value", "transport_cost", "marginal_error", "n_iter", "converged", "errors")
         }
         plan_fn = None if self.plan_fn is None else (lambda fn=self.plan_fn: conv(fn()))
-        return dataclasses.replace(self, **fields, plan_fn=plan_fn)
+        marg = None if self.marginals_fn is None else (lambda fn=self.marginals_fn: tuple(conv(t) for t in fn()))
+
+        def apply_np(vec, axis, res=self):
+            return conv(res.apply(torch.as_tensor(vec, dtype=res.f.dtype), axis))
+
+        return dataclasses.replace(self, **fields, plan_fn=plan_fn, marginals_fn=marg, apply_fn=apply_np)
 
     def __repr__(self) -> str:
         def s(t):

@@ -166,3 +166,19 @@ def test_warnings_are_not_duplicated():
         warnings.simplefilter("always")
         entrokit.sinkhorn(None, None, C, eps=1e-2, tol=1e-6, lse_mode=True)
     assert len([x for x in w if issubclass(x.category, entrokit.ConvergenceWarning)]) == 1
+
+
+def test_apply_and_marginals_without_materialising():
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(2, 9, 2, generator=gen, dtype=D), torch.randn(2, 7, 2, generator=gen, dtype=D)
+    res = entrokit.sinkhorn(None, None, entrokit.PointCloud(x, y, chunk_size=4), eps=0.5)
+    v = torch.randn(2, 7, generator=gen, dtype=D)
+    u = torch.randn(2, 9, generator=gen, dtype=D)
+    P = res.plan
+    torch.testing.assert_close(res.apply(v, axis=1), (P @ v.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(res.apply(u, axis=0), (u.unsqueeze(-2) @ P).squeeze(-2))
+    r, c = res.marginals()
+    torch.testing.assert_close(r, P.sum(-1))
+    torch.testing.assert_close(c, P.sum(-2))
+    with pytest.raises(InputError, match="axis must be 0"):
+        res.apply(v, axis=2)

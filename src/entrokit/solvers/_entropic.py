@@ -81,6 +81,7 @@ def entropic_result(
     """
     geom, a, b = problem.geometry, problem.a, problem.b
     dtype = a.dtype
+    info_type = type(info) if isinstance(info, SolverInfo) else SolverInfo
     info = dict(info.as_dict() if isinstance(info, SolverInfo) else (info or {}))
     pre = info.pop("reduce", None)
     # working precision of the potentials: the solver may hand more digits than the
@@ -163,6 +164,24 @@ def entropic_result(
     def reshape(t: torch.Tensor, trailing: int) -> torch.Tensor:
         return t.reshape(*user_shape, *t.shape[t.dim() - trailing:]) if trailing else t.reshape(user_shape)
 
+    def to_internal(vec: torch.Tensor, size: int) -> torch.Tensor:
+        return vec.to(dtype=dtype, device=a.device).reshape(-1, size)
+
+    def apply_fn(vec, axis):
+        n, m = geom.shape
+        v = to_internal(vec, m if axis == 1 else n)
+        if v.shape[0] != a.shape[0]:
+            v = v.expand(a.shape[0], -1)
+        out = geom.plan_matvec(f_out, g_out, a, b, eps, v, axis)
+        return reshape(out, 1)
+
+    def marginals_fn():
+        if f_out.requires_grad or inputs_need_grad:
+            r, c = geom.marginals(f_out, g_out, a, b, eps)
+        else:
+            r, c = row.to(dtype), col.to(dtype)
+        return reshape(r, 1), reshape(c, 1)
+
     if downgraded.any():
         _warn_certification(merr, downgraded, tol, f.dtype, geom, eps)
     n_checks = errors.shape[0]
@@ -179,8 +198,10 @@ def entropic_result(
         eps=eps,
         method=method,
         grad=grad,
-        info=SolverInfo.wrap(info),
+        info=info_type(info),
         plan_fn=plan_fn,
+        apply_fn=apply_fn,
+        marginals_fn=marginals_fn,
     )
 
 

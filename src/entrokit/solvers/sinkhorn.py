@@ -64,7 +64,7 @@ from typing import Callable
 import torch
 
 from entrokit._errors import InputError
-from entrokit._result import OTResult
+from entrokit._result import OTResult, SinkhornInfo
 from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
 from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
@@ -399,7 +399,7 @@ def sinkhorn(
     )
     res = entropic_result(
         pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
-        method="sinkhorn", tol=tol, info=info,
+        method="sinkhorn", tol=tol, info=SinkhornInfo(info),
     )
     warn_not_converged(
         converged, errors[-1] if len(errors) else res.marginal_error, tol, "sinkhorn",
