@@ -106,6 +106,7 @@ def attention_entropy(
     *,
     check_inputs: bool = True,
     atol: float | None = None,
+    name: str = "attn",
 ) -> torch.Tensor:
     r"""Shannon entropy of every attention row.
 
@@ -129,6 +130,7 @@ def attention_entropy(
         check_inputs: run value checks (finite, nonnegative, rows sum to 1, no mass on masked
             keys). They sync with the device; switch off in training loops.
         atol: tolerance on row sums (default 1e-4 float32, 1e-6 float64, 1e-2 half).
+        name: how error messages call ``attn``.
 
     Returns:
         Tensor ``(batch, heads, queries)`` of entropies in nats (or normalised). Fully masked
@@ -144,7 +146,7 @@ def attention_entropy(
         >>> attention_entropy(a)  # log 4
         tensor([[[1.3863, 1.3863]]])
     """
-    attn = _check_attn(attn)
+    attn = _check_attn(attn, name)
     if mask is not None:
         mask = _check_mask(mask, attn)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
@@ -152,10 +154,12 @@ def attention_entropy(
     a = attn if mask is None else attn.masked_fill(~mask, 0.0)
     if check_inputs:
         if not torch.isfinite(attn).all():
-            raise InputError("attn contains NaN or inf; attention weights must be finite probabilities.")
+            raise InputError(
+                f"{name} contains NaN or inf; attention weights must be finite probabilities."
+            )
         if (attn < 0).any():
             raise InputError(
-                f"attn has negative entries (min {attn.min().item():.3g}); pass softmax "
+                f"{name} has negative entries (min {attn.min().item():.3g}); pass softmax "
                 "probabilities, not logits (apply .softmax(-1) first)."
             )
         tol = _default_atol(attn.dtype) if atol is None else float(atol)
@@ -163,7 +167,7 @@ def attention_entropy(
             leak = attn.masked_fill(mask, 0.0).sum(-1)
             if (leak > tol).any():
                 raise InputError(
-                    f"attention puts mass {leak.max().item():.3g} on masked keys; the mask must "
+                    f"{name} puts mass {leak.max().item():.3g} on masked keys; the mask must "
                     "mark every key that received weight as valid (True = valid)."
                 )
         sums = a.sum(-1)
@@ -172,9 +176,9 @@ def attention_entropy(
         if (err > tol).any():
             idx = tuple(int(i) for i in torch.nonzero(err > tol)[0])
             raise InputError(
-                f"attention rows must sum to 1 over valid keys (atol={tol:g}); row {idx} sums to "
+                f"{name} rows must sum to 1 over valid keys (atol={tol:g}); row {idx} sums to "
                 f"{sums[idx].item():.6g}. Pass probabilities (softmax over the key axis, last dim), "
-                "normalise with attn / attn.sum(-1, keepdim=True), or raise atol."
+                f"normalise with {name} / {name}.sum(-1, keepdim=True), or raise atol."
             )
     if eps > 0:
         h = -(a * torch.log(a + eps)).sum(-1)
