@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._optional import require
 
 __all__ = [
     "attention_entropy",
@@ -283,6 +284,8 @@ def plot_heatmap(
 ) -> Any:
     """Layer × head heat map of entropies; returns the matplotlib ``Figure``.
 
+    Needs matplotlib (the ``cli`` extra: ``pip install 'entrokit[cli]'``).
+
     Args:
         entropy: ``(layers, heads)`` tensor.
         names: row labels (layer names).
@@ -290,7 +293,7 @@ def plot_heatmap(
         vmax: colour scale top, e.g. ``math.log(T)``.
         annotate: write the value in each cell.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plot_heatmap").Figure
 
     e = entropy.detach().to("cpu", torch.float64)
     if e.ndim != 2:
