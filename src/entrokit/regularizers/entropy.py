@@ -214,6 +214,20 @@ def head_entropy_stats(
 def _reference_scores(
     entropy: torch.Tensor, normalized: torch.Tensor | None, reference: str
 ) -> torch.Tensor:
+    for name, t in (("entropy", entropy), ("normalized", normalized)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(
+                f"{name} must be a floating torch.Tensor (layers, heads) of mean head entropies, "
+                f"got {got}; use AttentionEntropyRecorder.entropy or head_entropy_stats."
+            )
+    if normalized is not None and normalized.shape != entropy.shape:
+        raise InputError(
+            f"normalized must have the shape of entropy {tuple(entropy.shape)}, got "
+            f"{tuple(normalized.shape)}; pass both from the same recorder."
+        )
     if reference == "max_observed":
         m = torch.nan_to_num(entropy, nan=-math.inf).max()
         if not torch.isfinite(m) or m <= 0:
