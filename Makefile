@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test install install-dev bench lint clean
+.PHONY: demo test install install-cli install-dev bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,13 @@ $(PY):
 install: $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e .
 
-install-dev: $(PY)
-	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,bench]"
+install-cli: $(PY)
+	$(PIP) install -c $(CONSTRAINTS) -e ".[cli]"
 
-demo: install
+install-dev: $(PY)
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,bench,cli]"
+
+demo: install-cli
 	$(VENV)/bin/entrokit demo
 
 test: install-dev

@@ -1,4 +1,9 @@
-"""The ``entrokit`` command line: ``demo``, ``solve`` and ``bench``."""
+"""The ``entrokit`` command line: ``demo``, ``solve`` and ``bench``.
+
+The commands need the ``cli`` extra (``pip install 'entrokit[cli]'``: matplotlib, tqdm,
+scikit-learn); ``bench`` also needs the ``bench`` extra. Optional packages are imported
+inside the commands, and a missing one is reported on one line with the extra to install.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import numpy as np
 import torch
 
 from entrokit._errors import ConvergenceWarning, InputError
+from entrokit._optional import require
 
 __all__ = ["main"]
 
@@ -87,8 +93,7 @@ def _load_csv(p: Path) -> np.ndarray:
 
 
 def _load_image(p: Path, invert: bool):
-    import matplotlib.image as mpimg
-
+    mpimg = require("matplotlib.image", "reading images")
     try:
         img = np.asarray(mpimg.imread(p), dtype=np.float64)
     except Exception as exc:
@@ -112,13 +117,36 @@ def _load_image(p: Path, invert: bool):
     return torch.as_tensor(pts), torch.as_tensor(w / w.sum()), img.shape
 
 
+# ---------------------------------------------------------------------------- output
+class _Table:
+    """A titled plain-text table with notes (the demo's output; no benchmark imports)."""
+
+    def __init__(self, title: str, columns: Sequence[str]) -> None:
+        self.title = title
+        self.columns = [str(c) for c in columns]
+        self.rows: list[list[str]] = []
+        self.notes: list[str] = []
+
+    def add(self, *row: object) -> None:
+        self.rows.append([str(x) for x in row])
+
+    def render(self) -> str:
+        widths = [len(c) for c in self.columns]
+        for r in self.rows:
+            widths = [max(w, len(x)) for w, x in zip(widths, r)]
+        line = "  ".join(c.ljust(w) for c, w in zip(self.columns, widths))
+        out = [self.title, "=" * len(self.title), line, "-" * len(line)]
+        out += ["  ".join(x.ljust(w) for x, w in zip(r, widths)) for r in self.rows]
+        out += [f"  * {n}" for n in self.notes]
+        return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------- commands
 def _progress(quiet: bool, desc: str):
     """A tqdm bar fed by the solver callback; shown only on runs longer than 0.5 s."""
     if quiet:
         return None, None
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto", "the progress bar (or pass --quiet)").tqdm
     bar = tqdm(desc=desc, unit="it", delay=0.5, leave=False, file=sys.stderr)
     state = {"last": 0}
 
@@ -192,13 +220,12 @@ def demo_methods() -> list[str]:
 
 def cmd_demo(args) -> int:
     import entrokit
-    from entrokit.bench.common import Table
     from entrokit.data import digit_density, grid_cost
 
     a = digit_density(args.digits[0], args.size)
     b = digit_density(args.digits[1], args.size)
     C = grid_cost(args.size, 2)
-    table = Table(
+    table = _Table(
         f"W2 between digits {args.digits[0]} and {args.digits[1]} of load_digits "
         f"({args.size}x{args.size} grid, squared-Euclidean cost normalised to [0, 1], float64, tol {args.tol:g})",
         ["eps", "method", "iterations", "marginal error", "transport cost", "time"],
@@ -330,6 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, InputError) as exc:
+        print(f"entrokit: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # a missing optional package: one line naming the extra
+        if "pip install" not in str(exc):
+            raise
         print(f"entrokit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,20 +1,22 @@
 """Embedded default data: digit densities on a pixel grid and grid costs.
 
 Everything comes from scikit-learn's bundled ``load_digits`` (8x8 images shipped inside
-the package), so nothing is downloaded.
+the package), so nothing is downloaded. The digit functions need the ``cli`` extra
+(``pip install 'entrokit[cli]'``); the grid functions need only torch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from entrokit._optional import require
+
 __all__ = ["digit_image", "digit_density", "grid_points", "grid_cost"]
 
 
 def digit_image(index: int) -> torch.Tensor:
     """The ``index``-th 8x8 image of scikit-learn's digits (values 0..16), float64."""
-    from sklearn.datasets import load_digits
-
+    load_digits = require("sklearn.datasets", "entrokit.data.digit_image").load_digits
     images = load_digits().images
     if not 0 <= index < len(images):
         raise IndexError(f"digit index must be in [0, {len(images)}), got {index}")

@@ -1,13 +1,17 @@
-"""Matplotlib figures shared by the command line and the examples (Agg backend)."""
+"""Matplotlib figures shared by the command line and the examples.
+
+Needs the ``cli`` extra (``pip install 'entrokit[cli]'``); matplotlib is imported inside
+the functions. The figures are built with the object-oriented API
+(:class:`matplotlib.figure.Figure`), so no backend is selected or switched: save them
+with ``fig.savefig(path)``, or display them in a notebook.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from entrokit._optional import require
 
 __all__ = ["plot_demo", "plot_solve", "plot_convergence"]
 
@@ -27,9 +31,15 @@ def plot_convergence(ax, runs, *, title="Convergence") -> None:
     ax.legend(fontsize=7)
 
 
+def _figure(ncols: int, figsize: tuple[float, float], feature: str):
+    Figure = require("matplotlib.figure", feature).Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
+
+
 def plot_demo(runs, a: torch.Tensor, b: torch.Tensor, size: int):
     """Source, target, convergence curves, and the plan at the smallest eps."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    fig, axes = _figure(4, (17, 4.2), "entrokit.plotting.plot_demo")
     axes[0].imshow(a.reshape(size, size).numpy(), cmap="Greys")
     axes[0].set_title("source density")
     axes[1].imshow(b.reshape(size, size).numpy(), cmap="Greys")
@@ -53,7 +63,7 @@ def plot_demo(runs, a: torch.Tensor, b: torch.Tensor, size: int):
 
 def plot_solve(res, x, y, a, b, shape_x=None, shape_y=None):
     """Measures, the barycentric matching (for 1-D/2-D points) and the convergence curve."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = _figure(2, (11, 4.5), "entrokit.plotting.plot_solve")
     ax = axes[0]
     if shape_x is not None and shape_y is not None:
         ax.imshow(a.reshape(shape_x).numpy(), cmap="Greys")

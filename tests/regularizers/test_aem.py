@@ -96,3 +96,34 @@ def test_errors():
         aem_loss(torch.zeros(2), torch.tensor([0, 1]), torch.full((2, 3), 1 / 3))
     with pytest.raises(InputError, match="reduction"):
         aem_loss(torch.zeros(1, 2), torch.tensor([0]), torch.full((1, 3), 1 / 3), reduction="avg")
+
+
+def test_validation_of_shapes_and_options():
+    import torch
+
+    from entrokit._errors import InputError
+    from entrokit.regularizers import (
+        AttentionEntropyMaximization,
+        aem_loss,
+        negative_attention_entropy,
+    )
+
+    att = torch.softmax(torch.randn(2, 5), -1)
+    with pytest.raises(InputError, match=r"mask of shape \(3,\) does not broadcast to attention \(2, 5\)"):
+        negative_attention_entropy(att, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor"):
+        negative_attention_entropy(att, [True] * 5)
+    with pytest.raises(InputError, match=r"must have one row per bag"):
+        aem_loss(torch.randn(3, 2), torch.tensor([0, 1]), att)
+    with pytest.raises(InputError, match=r"attention has 2 bags but logits has 3"):
+        aem_loss(torch.randn(3, 2), torch.tensor([0, 1, 1]), att)
+    with pytest.raises(TypeError, match=r"logits must have a floating dtype"):
+        aem_loss(torch.tensor([[1, 0], [0, 1]]), torch.tensor([0, 1]), att)
+    with pytest.raises(InputError, match=r"reduction must be one of 'mean', 'sum', 'none'"):
+        aem_loss(torch.randn(2, 2), torch.tensor([0, 1]), att, reduction="avg")
+    with pytest.raises(InputError, match=r"topk must be an int >= 1 or None, got 0"):
+        AttentionEntropyMaximization(topk=0)
+    with pytest.raises(InputError, match=r"reduction must be one of"):
+        AttentionEntropyMaximization(reduction="avg")
+    with pytest.raises(InputError, match=r"anneal='cosine' needs total_steps"):
+        AttentionEntropyMaximization(anneal="cosine", total_steps=True)

@@ -237,3 +237,10 @@ def test_recorder_mha_causal_attn_mask_uses_valid_key_count():
     torch.testing.assert_close(rec.normalized_entropy[0], hn)
     # dividing row i by log(i + 1) instead of log T gives larger normalised entropies
     assert rec.normalized_entropy[0, 0] > attention_entropy(w, normalize=True).mean()
+
+
+def test_classify_heads_validates_types_and_shapes():
+    with pytest.raises(TypeError, match=r"entropy must be a floating torch.Tensor \(layers, heads\)"):
+        classify_heads([[0.1, 0.2]])
+    with pytest.raises(InputError, match=r"normalized must have the shape of entropy \(1, 2\)"):
+        classify_heads(torch.ones(1, 2), torch.ones(2, 2), reference="log_n")

@@ -118,3 +118,89 @@ def test_pi_friendly_layers():
     torch.testing.assert_close(sc(x), 0.5 * x + ffn(x) / 2.0)
     with pytest.raises(InputError, match="alpha_init"):
         ScaledFFN(ffn, alpha_init=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"mode": "mean"}, InputError, r"mode must be 'per_position' or 'per_head'; got 'mean'"),
+        ({"gate": "soft"}, InputError, r"gate must be 'hard' or 'smooth'; got 'soft'"),
+        ({"theta_init": float("nan")}, InputError, r"theta_init must be a finite number, got nan"),
+        ({"theta_init": 1.5}, InputError, r"theta_init must lie in \[0, 1\].*theta \* max_entropy"),
+        ({"theta_init": "0.5"}, TypeError, r"theta_init must be a real number, got str"),
+        ({"max_entropy": float("inf")}, InputError, r"max_entropy must be a finite number > 0, got inf"),
+        ({"max_entropy": 0.0}, InputError, r"max_entropy must be a finite number > 0.*math.log\(T\)"),
+        ({"max_entropy": -1.0}, InputError, r"max_entropy must be a finite number > 0"),
+        ({"lam": float("nan")}, InputError, r"lam must be a finite number >= 0"),
+        ({"eps": -1e-9}, InputError, r"eps must be a finite number >= 0"),
+        ({"atol": 0.0}, InputError, r"atol must be a finite number > 0"),
+        ({"dtype": torch.long}, TypeError, r"dtype must be a floating torch.dtype"),
+    ],
+)
+def test_band_regularizer_validates_options_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        EntropyBandRegularizer(2, 4, **kwargs)
+
+
+def test_band_regularizer_rejects_non_probabilities():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, generator=g)
+    reg = EntropyBandRegularizer(1, 4)
+    with pytest.raises(InputError, match=r"attentions\[0\] has negative entries.*not logits"):
+        reg([logits])
+    with pytest.raises(InputError, match=r"attentions\[0\] rows must sum to 1 over valid keys \(atol=0.0001\)"):
+        reg([logits.abs()])
+    with pytest.raises(InputError, match=r"attentions\[1\] contains NaN or inf"):
+        EntropyBandRegularizer(2, 4)([logits.softmax(-1), torch.full((2, 4, 6, 6), float("nan"))])
+    # tolerance follows the dtype: float32 rounding passes, half gets 1e-2
+    p = logits.softmax(-1)
+    assert torch.isfinite(reg([p]))
+    reg_h = EntropyBandRegularizer(1, 4, dtype=torch.float16)
+    assert torch.isfinite(reg_h([(p * (1 + 5e-3)).half()]))
+    with pytest.raises(InputError, match=r"atol=1e-06"):
+        EntropyBandRegularizer(1, 4, dtype=torch.float64)([(p.double() * (1 + 1e-5))])
+    # check_inputs=False skips the value checks (no device sync)
+    quiet = EntropyBandRegularizer(1, 4, check_inputs=False)
+    quiet([logits.abs()])
+    # metadata checks always run
+    with pytest.raises(InputError, match=r"attentions have 4 heads but theta has 3"):
+        EntropyBandRegularizer(1, 3, check_inputs=False)([p])
+    with pytest.raises(InputError, match=r"1 key\(s\).*pass max_entropy"):
+        reg([torch.ones(2, 4, 6, 1)])
+    with pytest.raises(TypeError, match=r"attentions must be a list"):
+        reg(42)
+
+
+def test_band_penalty_validates_inputs():
+    e = torch.zeros(1, 2, 2, 3)
+    theta = torch.zeros(1, 2)
+    with pytest.raises(InputError, match=r"max_entropy must be a finite number > 0, got inf"):
+        entropy_band_penalty(e, theta, float("inf"))
+    with pytest.raises(InputError, match=r"gate must be 'hard' or 'smooth'"):
+        entropy_band_penalty(e, theta, 1.0, gate="soft")
+    with pytest.raises(TypeError, match=r"query_mask must be a bool tensor"):
+        entropy_band_penalty(e, theta, 1.0, query_mask=torch.ones(2, 3))
+    with pytest.raises(InputError, match=r"query_mask must have shape \(batch, queries\) = \(2, 3\)"):
+        entropy_band_penalty(e, theta, 1.0, query_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"entropies\[0\] must be a floating torch.Tensor"):
+        entropy_band_penalty([torch.zeros(2, 2, 3, dtype=torch.long)], theta, 1.0)
+    with pytest.raises(TypeError, match=r"entropies must be a floating tensor"):
+        entropy_band_penalty(e.long(), theta, 1.0)
+
+
+def test_temperature_and_ffn_options():
+    with pytest.raises(InputError, match=r"init must be a finite number > 0, got inf"):
+        LearnableSoftmaxTemperature(2, 4, init=float("inf"))
+    with pytest.raises(InputError, match=r"parametrization must be 'log' or 'direct'"):
+        LearnableSoftmaxTemperature(2, 4, parametrization="exp")
+    with pytest.raises(InputError, match=r"max_len must be an int >= 1"):
+        LearnableSoftmaxTemperature(2, 0)
+    with pytest.raises(InputError, match=r"temperature of shape \(3,\) does not broadcast"):
+        temperature_softmax(torch.zeros(1, 2, 4, 4), torch.ones(3))
+    with pytest.raises(TypeError, match=r"temperature must be a torch.Tensor"):
+        temperature_softmax(torch.zeros(1, 2, 4, 4), 1.0)
+    ffn = torch.nn.Linear(3, 3)
+    with pytest.raises(InputError, match=r"alpha_init.*must be a finite number > 0, got inf"):
+        ScaledFFN(ffn, alpha_init=float("inf"))
+    with pytest.raises(InputError, match=r"beta_init must be a finite number, got nan"):
+        ScaledFFN(ffn, beta_init=float("nan"))

@@ -117,3 +117,18 @@ def test_errors():
         convert_to_sigma_reparam(nn.Linear(2, 2))
     with pytest.raises(InputError, match="init_std"):
         SigmaReparamLinear(2, 2, init_std=-1.0)
+
+
+def test_spectral_norm_step_and_init_std_validation():
+    import pytest
+    import torch
+
+    from entrokit._errors import InputError
+    from entrokit.regularizers import SigmaReparamLinear, spectral_norm_step
+
+    with pytest.raises(InputError, match=r"u must have shape \(4,\).*got \(3,\)"):
+        spectral_norm_step(torch.randn(2, 4), torch.ones(3))
+    with pytest.raises(InputError, match=r"weight must be a matrix"):
+        spectral_norm_step(torch.randn(4), torch.ones(4))
+    with pytest.raises(InputError, match=r"init_std must be a finite number > 0 or None, got inf"):
+        SigmaReparamLinear(4, 2, init_std=float("inf"))

@@ -8,8 +8,6 @@ index)`` batches, and a distributed gather so every rank writes the same rows.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any
 
 import torch
@@ -17,6 +15,15 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from entrokit._errors import InputError
+from entrokit.regularizers._checks import (  # noqa: F401  (re-exported for the losses)
+    check_buffer_device,
+    check_count,
+    check_int_vector,
+    check_logits,
+    check_nonneg_real,
+    check_unit_interval,
+    non_finite_message,
+)
 
 __all__ = ["IndexedDataset", "all_gather_rows"]
 
@@ -62,114 +69,6 @@ class IndexedDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------
-# Boundary checks
-# --------------------------------------------------------------------------------------
-
-
-def check_unit_interval(value: Any, name: str, *, closed_right: bool, example: str) -> float:
-    """Check a real number in [0, 1) (or [0, 1] when ``closed_right``)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
-    v = float(value)
-    ok = math.isfinite(v) and v >= 0 and (v <= 1 if closed_right else v < 1)
-    if not ok:
-        interval = "[0, 1]" if closed_right else "[0, 1)"
-        raise InputError(f"{name} must lie in {interval}, got {value!r}; use e.g. {example}.")
-    return v
-
-
-def check_nonneg_real(value: Any, name: str, *, example: str) -> float:
-    """Check a finite real number >= 0."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise InputError(f"{name} must be a finite number >= 0, got {value!r}; use e.g. {example}.")
-    return v
-
-
-def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
-    """Check an int >= ``minimum`` (used for buffer sizes)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise InputError(f"{name} must be an int >= {minimum}, got {value}.")
-    return value
-
-
-def check_logits(logits: Any, num_classes: int | None, name: str = "logits") -> torch.Tensor:
-    """Check a floating ``[B, C]`` tensor with ``B >= 1`` (and ``C == num_classes`` if given)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor of shape [batch, num_classes], got "
-            f"{type(logits).__name__}."
-        )
-    if not logits.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating dtype, got {logits.dtype}; pass the raw network "
-            f"output (e.g. {name}.float())."
-        )
-    if num_classes is None:
-        num_classes = logits.shape[-1] if logits.dim() == 2 else "num_classes"
-    if logits.dim() != 2 or logits.shape[1] != num_classes or logits.shape[0] == 0:
-        raise InputError(
-            f"{name} must have shape [batch, {num_classes}] (batch >= 1), got "
-            f"{tuple(logits.shape)}; flatten extra axes or check num_classes."
-        )
-    return logits
-
-
-def check_int_vector(
-    t: Any, name: str, batch: int, upper: int, upper_name: str, device: torch.device, check_values: bool
-) -> torch.Tensor:
-    """Check an integer ``[batch]`` tensor with entries in ``[0, upper)``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor of integers with shape [{batch}], got "
-            f"{type(t).__name__}; convert it with torch.as_tensor({name})."
-        )
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype (e.g. torch.long), got {t.dtype}.")
-    if t.dim() != 1 or t.shape[0] != batch:
-        raise InputError(
-            f"{name} must have shape [{batch}] (one entry per row of logits), got "
-            f"{tuple(t.shape)}."
-        )
-    if t.device != device:
-        raise InputError(
-            f"device mismatch: logits are on {device} but {name} is on {t.device}; move it "
-            f"with {name}.to(logits.device)."
-        )
-    if check_values:
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= upper:
-            bad = lo if lo < 0 else hi
-            raise InputError(
-                f"{name} out of range: got {bad}, expected 0 <= {name} < {upper_name}={upper}. "
-                + (
-                    "Return dataset indices with IndexedDataset(ds) and build the loss with "
-                    "num_samples=len(ds)."
-                    if name == "index"
-                    else "Labels must be class ids 0..num_classes-1."
-                )
-            )
-    return t.long()
-
-
-def check_buffer_device(buf: torch.Tensor, logits: torch.Tensor, owner: str) -> None:
-    """The per-sample buffer must live on the device of the logits."""
-    if buf.device != logits.device:
-        raise InputError(
-            f"{owner} keeps its buffers on {buf.device} but logits are on {logits.device}; "
-            f"move the loss with loss.to(logits.device)."
-        )
-
-
-# --------------------------------------------------------------------------------------
 # Distributed gather
 # --------------------------------------------------------------------------------------
 
@@ -181,7 +80,14 @@ def _distributed_world() -> int:
 
 
 def all_gather_rows(
-    index: torch.Tensor, rows: torch.Tensor, *, sync: bool | None = None
+    index: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    sync: bool | None = None,
+    local_ok: torch.Tensor | None = None,
+    what: str = "rows",
+    owner: str = "the loss",
+    state: str = "per-sample buffer",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather ``(index, rows)`` from every rank, in rank order.
 
@@ -196,6 +102,12 @@ def all_gather_rows(
         sync: ``True`` to gather (requires an initialised process group), ``False`` to
             return the inputs unchanged, ``None`` to gather iff a process group with more
             than one rank is initialised.
+        local_ok: optional 0-dim bool tensor, this rank's verdict on its batch (e.g.
+            ``torch.isfinite(logits).all()``). The verdicts travel with the batch sizes (no
+            extra collective); if any rank says ``False``, every rank raises the same
+            :class:`~entrokit.InputError` *before* the rows are gathered, so no rank writes
+            its buffer and no rank is left waiting in a collective.
+        what, owner, state: wording of that error.
 
     Returns:
         ``(index_all, rows_all)`` with ``sum_r b_r`` rows, rank 0's rows first.
@@ -204,16 +116,26 @@ def all_gather_rows(
     if sync is None:
         sync = world > 1
     if not sync:
+        if local_ok is not None and not bool(local_ok):
+            raise InputError(non_finite_message(what, owner, state))
         return index, rows
     if world == 1 and not (dist.is_available() and dist.is_initialized()):
         raise InputError(
             "sync=True needs an initialised torch.distributed process group; call "
             "torch.distributed.init_process_group(...) first or pass sync=None."
         )
-    b = torch.tensor([index.shape[0]], device=index.device, dtype=torch.long)
+    dev = index.device
+    if local_ok is None:
+        ok = torch.ones((), dtype=torch.long, device=dev)
+    else:
+        ok = local_ok.to(device=dev, dtype=torch.long).reshape(())
+    b = torch.stack([torch.tensor(index.shape[0], device=dev, dtype=torch.long), ok])  # [size, ok]
     sizes = [torch.zeros_like(b) for _ in range(world)]
     dist.all_gather(sizes, b)
-    sizes_i = [int(s.item()) for s in sizes]
+    bad = [r for r, s in enumerate(sizes) if int(s[1]) == 0]
+    if bad:
+        raise InputError(non_finite_message(what, owner, state, ranks=bad))
+    sizes_i = [int(s[0].item()) for s in sizes]
     m = max(sizes_i)
     pad = m - index.shape[0]
     idx_p = torch.cat([index, index.new_zeros(pad)]) if pad else index

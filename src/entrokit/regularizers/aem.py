@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit.regularizers._checks import check_reduction
 
 __all__ = [
     "negative_attention_entropy",
@@ -46,6 +47,11 @@ def _check_lam(lam: float, name: str = "lam") -> float:
             f"{name} > 0 (code default 0.1), {name}=0 is the plain CE baseline."
         )
     return float(lam)
+
+
+def _check_topk(topk: int | None) -> None:
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise InputError(f"topk must be an int >= 1 or None, got {topk!r}; e.g. topk=8.")
 
 
 def negative_attention_entropy(
@@ -77,10 +83,23 @@ def negative_attention_entropy(
         )
     a = attention
     if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = real instance), got {mask.dtype}.")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor (True = real instance), got {got}.")
+        if mask.device != a.device:
+            raise InputError(
+                f"device mismatch: attention is on {a.device} but mask is on {mask.device}; move "
+                "it with mask.to(attention.device)."
+            )
         m = mask if mask.ndim == a.ndim else mask.unsqueeze(-2)
-        a = a.masked_fill(~torch.broadcast_to(m, a.shape), 0.0)
+        try:
+            m = torch.broadcast_to(m, a.shape)
+        except RuntimeError:
+            raise InputError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to attention "
+                f"{tuple(a.shape)}; pass one flag per instance, shape (bags, instances)."
+            ) from None
+        a = a.masked_fill(~m, 0.0)
     if check_inputs:
         if not torch.isfinite(attention).all() or (attention < 0).any():
             raise InputError("attention must be finite and nonnegative; pass softmax weights, not scores.")
@@ -91,9 +110,8 @@ def negative_attention_entropy(
                 f"attention rows must sum to 1 over the instances (max error {err:.3g}); apply "
                 "softmax over the last axis (after masking padded instances with -inf)."
             )
+    _check_topk(topk)
     if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise InputError(f"topk must be an int >= 1 or None, got {topk!r}.")
         k = min(topk, a.shape[-1])
         a = a.topk(k, dim=-1).values
         a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
@@ -156,13 +174,25 @@ def aem_loss(
         reduction: ``"mean"`` | ``"sum"`` over bags, or ``"none"`` for ``(B,)``.
     """
     lam = _check_lam(lam)
-    if reduction not in ("mean", "sum", "none"):
-        raise InputError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+    check_reduction(reduction)
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("logits and target must be torch.Tensors.")
+        raise TypeError(
+            f"logits and target must be torch.Tensors, got {type(logits).__name__} and "
+            f"{type(target).__name__}; convert them with torch.as_tensor(...)."
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must have a floating dtype, got {logits.dtype}; use logits.float().")
+    if logits.ndim == 0 or target.shape[:1] != logits.shape[:1]:
+        raise InputError(
+            f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have one row per "
+            "bag (same first dimension); for a single bag add a batch axis with unsqueeze(0)."
+        )
     ne = negative_attention_entropy(attention, mask, topk=topk, check_inputs=check_inputs)
     if ne.shape[0] != logits.shape[0]:
-        raise InputError(f"attention has {ne.shape[0]} bags but logits has {logits.shape[0]}.")
+        raise InputError(
+            f"attention has {ne.shape[0]} bags but logits has {logits.shape[0]}; pass the "
+            "attention of the same bags, in the same order."
+        )
     ce = _task_loss(logits, target, "none")
     if ce.ndim > 1:
         ce = ce.flatten(1).mean(1)
@@ -212,9 +242,16 @@ class AttentionEntropyMaximization(nn.Module):
         self.lam = _check_lam(lam)
         self.lam_end = _check_lam(lam_end, "lam_end")
         if anneal not in (None, "cosine"):
-            raise InputError(f"anneal must be None or 'cosine', got {anneal!r}.")
-        if anneal == "cosine" and (not isinstance(total_steps, int) or total_steps < 1):
-            raise InputError("anneal='cosine' needs total_steps (an int >= 1, e.g. the number of epochs).")
+            raise InputError(f"anneal must be None or 'cosine', got {anneal!r}; e.g. anneal='cosine'.")
+        if anneal == "cosine" and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise InputError(
+                f"anneal='cosine' needs total_steps (an int >= 1, e.g. the number of epochs), got "
+                f"{total_steps!r}."
+            )
+        _check_topk(topk)
+        check_reduction(reduction)
         self.anneal = anneal
         self.total_steps = total_steps
         self.topk = topk

@@ -45,16 +45,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from entrokit._errors import InputError
-from entrokit.regularizers._buffers import (
-    IndexedDataset,
-    all_gather_rows,
+from entrokit.regularizers._buffers import IndexedDataset, all_gather_rows
+from entrokit.regularizers._checks import (
     check_buffer_device,
     check_count,
     check_int_vector,
     check_logits,
     check_nonneg_real,
+    check_reduction,
+    check_same_shape,
     check_unit_interval,
+    tensor_ok,
 )
 
 __all__ = ["ELRLoss", "IndexedDataset", "elr_penalty"]
@@ -69,9 +70,7 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
         return x.mean()
     if reduction == "sum":
         return x.sum()
-    if reduction == "none":
-        return x
-    raise InputError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+    return x
 
 
 def elr_penalty(
@@ -89,11 +88,10 @@ def elr_penalty(
         The penalty, ``<= 0``.
     """
     logits = check_logits(logits, None)
-    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape:
-        got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise InputError(
-            f"targets must be a tensor with the shape of logits {tuple(logits.shape)}, got {got}."
-        )
+    check_same_shape(
+        targets, logits, "targets", "logits", "pass one ensemble target row per row of logits."
+    )
+    check_reduction(reduction)
     p = F.softmax(logits, dim=1).clamp(_CLAMP, 1.0 - _CLAMP)
     inner = (targets.detach().to(p.dtype) * p).sum(dim=1)
     return _reduce(torch.log1p(-inner), reduction)
@@ -122,7 +120,12 @@ class ELRLoss(nn.Module):
         reduction: ``"mean"`` (default; the paper's objective), ``"sum"`` or ``"none"``
             (per-sample ``CE_i + λ·log(1 − ⟨p_i, t_i⟩)``, shape ``[B]``).
         sync: distributed gathering: ``None`` (auto), ``True`` or ``False``.
-        check_inputs: check that labels and indices are in range (forces a device sync).
+        check_inputs: value checks (force a device sync): labels and indices in range, and
+            finite logits. A training batch whose logits contain NaN or inf then raises
+            :class:`~entrokit.InputError` before any target is changed (under DDP on every
+            rank at once, before the gather). With ``check_inputs=False`` nothing syncs and
+            such a batch is skipped silently: the targets are still never overwritten with
+            non-finite values.
 
     Shape:
         - logits: ``[B, C]``; labels: ``[B]`` (int); index: ``[B]`` (int).
@@ -167,10 +170,7 @@ class ELRLoss(nn.Module):
         beta = check_unit_interval(
             self.beta, "beta", closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"
         )
-        if self.reduction not in ("mean", "sum", "none"):
-            raise InputError(
-                f"reduction must be one of 'mean', 'sum', 'none'; got {self.reduction!r}."
-            )
+        check_reduction(self.reduction)
         return lam, beta
 
     def extra_repr(self) -> str:
@@ -183,14 +183,32 @@ class ELRLoss(nn.Module):
     def update_targets(self, probs: torch.Tensor, index: torch.Tensor) -> None:
         r"""Apply :math:`t_i \leftarrow \beta t_i + (1-\beta)\hat p_i` for ``index`` (Eq. 5).
 
-        ``probs`` are clamped and renormalised here; under DDP the rows of all ranks are
-        gathered first (see the class docstring).
+        ``probs`` (``[B, C]`` softmax outputs) are clamped and renormalised here; under DDP
+        the rows of all ranks are gathered first (see the class docstring). A batch with a
+        NaN or inf probability raises :class:`~entrokit.InputError` (``check_inputs=True``)
+        or is skipped (``check_inputs=False``); the targets are left unchanged either way.
         """
+        probs = check_logits(probs, self.num_classes, name="probs")
+        index = check_int_vector(
+            index, "index", probs.shape[0], self.num_samples, "num_samples", probs.device,
+            self.check_inputs,
+        )
+        check_buffer_device(self.targets, probs, "ELRLoss")
+        self._update(probs, index, probs, "probs")
+
+    def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
         _, beta = self._check_options()
+        local_ok = tensor_ok(source) if self.check_inputs else None
         p = probs.detach().clamp(_CLAMP, 1.0 - _CLAMP)
         p = p / p.sum(dim=1, keepdim=True)
-        idx, p = all_gather_rows(index, p.to(self.targets.dtype), sync=self.sync)
-        self.targets[idx] = beta * self.targets[idx] + (1.0 - beta) * p
+        idx, p = all_gather_rows(
+            index, p.to(self.targets.dtype), sync=self.sync, local_ok=local_ok,
+            what=f"{what} of this batch", owner="ELRLoss", state="targets",
+        )
+        new = beta * self.targets[idx] + (1.0 - beta) * p
+        if local_ok is None:  # no sync: keep the old rows if any gathered row is not finite
+            new = torch.where(tensor_ok(p), new, self.targets[idx])
+        self.targets[idx] = new
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
@@ -207,7 +225,8 @@ class ELRLoss(nn.Module):
         )
         check_buffer_device(self.targets, logits, "ELRLoss")
         if self.training:
-            self.update_targets(F.softmax(logits.detach(), dim=1), index)
+            with torch.no_grad():
+                self._update(F.softmax(logits.detach(), dim=1), index, logits.detach(), "logits")
         ce = F.cross_entropy(logits, labels, reduction="none")
         reg = elr_penalty(logits, self.targets[index], reduction="none")
         return _reduce(ce + lam * reg, self.reduction)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._optional import require
 
 __all__ = [
     "attention_entropy",
@@ -106,6 +107,7 @@ def attention_entropy(
     *,
     check_inputs: bool = True,
     atol: float | None = None,
+    name: str = "attn",
 ) -> torch.Tensor:
     r"""Shannon entropy of every attention row.
 
@@ -129,6 +131,7 @@ def attention_entropy(
         check_inputs: run value checks (finite, nonnegative, rows sum to 1, no mass on masked
             keys). They sync with the device; switch off in training loops.
         atol: tolerance on row sums (default 1e-4 float32, 1e-6 float64, 1e-2 half).
+        name: how error messages call ``attn``.
 
     Returns:
         Tensor ``(batch, heads, queries)`` of entropies in nats (or normalised). Fully masked
@@ -144,7 +147,7 @@ def attention_entropy(
         >>> attention_entropy(a)  # log 4
         tensor([[[1.3863, 1.3863]]])
     """
-    attn = _check_attn(attn)
+    attn = _check_attn(attn, name)
     if mask is not None:
         mask = _check_mask(mask, attn)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
@@ -152,10 +155,12 @@ def attention_entropy(
     a = attn if mask is None else attn.masked_fill(~mask, 0.0)
     if check_inputs:
         if not torch.isfinite(attn).all():
-            raise InputError("attn contains NaN or inf; attention weights must be finite probabilities.")
+            raise InputError(
+                f"{name} contains NaN or inf; attention weights must be finite probabilities."
+            )
         if (attn < 0).any():
             raise InputError(
-                f"attn has negative entries (min {attn.min().item():.3g}); pass softmax "
+                f"{name} has negative entries (min {attn.min().item():.3g}); pass softmax "
                 "probabilities, not logits (apply .softmax(-1) first)."
             )
         tol = _default_atol(attn.dtype) if atol is None else float(atol)
@@ -163,7 +168,7 @@ def attention_entropy(
             leak = attn.masked_fill(mask, 0.0).sum(-1)
             if (leak > tol).any():
                 raise InputError(
-                    f"attention puts mass {leak.max().item():.3g} on masked keys; the mask must "
+                    f"{name} puts mass {leak.max().item():.3g} on masked keys; the mask must "
                     "mark every key that received weight as valid (True = valid)."
                 )
         sums = a.sum(-1)
@@ -172,9 +177,9 @@ def attention_entropy(
         if (err > tol).any():
             idx = tuple(int(i) for i in torch.nonzero(err > tol)[0])
             raise InputError(
-                f"attention rows must sum to 1 over valid keys (atol={tol:g}); row {idx} sums to "
+                f"{name} rows must sum to 1 over valid keys (atol={tol:g}); row {idx} sums to "
                 f"{sums[idx].item():.6g}. Pass probabilities (softmax over the key axis, last dim), "
-                "normalise with attn / attn.sum(-1, keepdim=True), or raise atol."
+                f"normalise with {name} / {name}.sum(-1, keepdim=True), or raise atol."
             )
     if eps > 0:
         h = -(a * torch.log(a + eps)).sum(-1)
@@ -209,6 +214,20 @@ def head_entropy_stats(
 def _reference_scores(
     entropy: torch.Tensor, normalized: torch.Tensor | None, reference: str
 ) -> torch.Tensor:
+    for name, t in (("entropy", entropy), ("normalized", normalized)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(
+                f"{name} must be a floating torch.Tensor (layers, heads) of mean head entropies, "
+                f"got {got}; use AttentionEntropyRecorder.entropy or head_entropy_stats."
+            )
+    if normalized is not None and normalized.shape != entropy.shape:
+        raise InputError(
+            f"normalized must have the shape of entropy {tuple(entropy.shape)}, got "
+            f"{tuple(normalized.shape)}; pass both from the same recorder."
+        )
     if reference == "max_observed":
         m = torch.nan_to_num(entropy, nan=-math.inf).max()
         if not torch.isfinite(m) or m <= 0:
@@ -279,6 +298,8 @@ def plot_heatmap(
 ) -> Any:
     """Layer × head heat map of entropies; returns the matplotlib ``Figure``.
 
+    Needs matplotlib (the ``cli`` extra: ``pip install 'entrokit[cli]'``).
+
     Args:
         entropy: ``(layers, heads)`` tensor.
         names: row labels (layer names).
@@ -286,7 +307,7 @@ def plot_heatmap(
         vmax: colour scale top, e.g. ``math.log(T)``.
         annotate: write the value in each cell.
     """
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plot_heatmap").Figure
 
     e = entropy.detach().to("cpu", torch.float64)
     if e.ndim != 2:

@@ -51,6 +51,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit.regularizers._checks import (
+    check_choice,
+    check_count,
+    check_finite_real,
+    check_nonneg_real,
+    check_positive,
+)
 from entrokit.regularizers.entropy import attention_entropy
 from entrokit.regularizers.sigma_reparam import _svd_init, spectral_norm_step
 
@@ -65,12 +72,16 @@ __all__ = [
 ]
 
 
+MODES = ("per_position", "per_head")
+GATES = ("hard", "smooth")
+
+
 def _check_nonneg(x: float, name: str, example: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}.")
-    if not math.isfinite(x) or x < 0:
-        raise InputError(f"{name} must be a finite number >= 0, got {x!r}; e.g. {name}={example}.")
-    return float(x)
+    return check_nonneg_real(x, name, example=f"{name}={example}")
+
+
+def _check_max_entropy(max_entropy: float) -> float:
+    return check_positive(max_entropy, "max_entropy", example="max_entropy=math.log(T)")
 
 
 def _stack_entropies(entropies: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -82,7 +93,16 @@ def _stack_entropies(entropies: torch.Tensor | Sequence[torch.Tensor]) -> torch.
         shapes = {tuple(t.shape) for t in entropies}
         if len(shapes) != 1:
             raise InputError(f"all layers must have the same entropy shape, got {sorted(shapes)}.")
+        for i, t in enumerate(entropies):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(
+                    f"entropies[{i}] must be a floating torch.Tensor (batch, heads, queries), got "
+                    f"{got}; compute it with attention_entropy(attn)."
+                )
         e = torch.stack(list(entropies))
+    if not e.is_floating_point():
+        raise TypeError(f"entropies must be a floating tensor, got {e.dtype}; use entropies.float().")
     if e.ndim != 4:
         raise InputError(
             f"entropies must be (layers, batch, heads, queries) or a list of (batch, heads, queries), "
@@ -127,15 +147,29 @@ def entropy_band_penalty(
             f"theta must have shape (layers, heads) = {(L, H)}, got {tuple(theta.shape)}; one "
             "threshold weight per attention head of every layer."
         )
-    if not isinstance(max_entropy, (int, float)) or isinstance(max_entropy, bool) or not max_entropy > 0:
-        raise InputError(f"max_entropy must be > 0 (usually math.log(T)), got {max_entropy!r}.")
+    if theta.device != e.device:
+        raise InputError(
+            f"device mismatch: entropies are on {e.device} but theta is on {theta.device}; move "
+            "theta with theta.to(entropies.device)."
+        )
+    max_entropy = _check_max_entropy(max_entropy)
     gamma = _check_nonneg(gamma, "gamma", "0.2")
-    if mode not in ("per_position", "per_head"):
-        raise InputError(f"mode must be 'per_position' or 'per_head', got {mode!r}.")
-    if gate not in ("hard", "smooth"):
-        raise InputError(f"gate must be 'hard' or 'smooth', got {gate!r}.")
+    check_choice(mode, "mode", MODES)
+    check_choice(gate, "gate", GATES)
     w = torch.ones_like(e)
     if query_mask is not None:
+        if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
+            got = query_mask.dtype if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
+            raise TypeError(
+                f"query_mask must be a bool tensor (True = real query) or None, got {got}; for "
+                "a 0/1 mask pass query_mask.bool()."
+            )
+        if query_mask.shape not in ((B, T), (B, H, T)) or query_mask.device != e.device:
+            raise InputError(
+                f"query_mask must have shape (batch, queries) = {(B, T)} or (batch, heads, "
+                f"queries) = {(B, H, T)} on {e.device}, got {tuple(query_mask.shape)} on "
+                f"{query_mask.device}."
+            )
         qm = query_mask if query_mask.ndim == 3 else query_mask[:, None, :]
         w = torch.broadcast_to(qm.to(e.dtype), (B, H, T)).expand(L, B, H, T)
     if mode == "per_head":
@@ -165,8 +199,17 @@ class EntropyBandRegularizer(nn.Module):
         gamma: tolerance fraction γ (paper 0.2; appendix code 0.1).
         max_entropy: :math:`E_{\max}`; None uses ``log(#keys)`` of the attention passed in.
         mode, gate: see :func:`entropy_band_penalty`.
-        theta_init: initial θ (not stated by the authors).
+        theta_init: initial θ, a fraction of :math:`E_{\max}` in ``[0, 1]`` (not stated by
+            the authors; learned values end in 0.2–0.5).
         eps: passed to :func:`attention_entropy` (reference code: 1e-9; default exact).
+        check_inputs: check in :meth:`forward` that the attentions are probabilities (finite,
+            nonnegative, rows summing to 1 within ``atol``, no mass on masked keys). The
+            check syncs with the device; switch it off in training loops once the model is
+            wired up (``check_inputs=False``).
+        atol: tolerance on row sums (default: 1e-2 half, 1e-4 float32, 1e-6 float64).
+
+    All options are validated here, at construction; metadata checks (number of layers,
+    shapes) always run in :meth:`forward`.
 
     Shape:
         attentions: list of ``L`` tensors ``(B, H, T, S)``; output: scalar.
@@ -190,20 +233,33 @@ class EntropyBandRegularizer(nn.Module):
         gate: Literal["hard", "smooth"] = "hard",
         theta_init: float = 0.5,
         eps: float = 0.0,
+        check_inputs: bool = True,
+        atol: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for n, v in (("num_layers", num_layers), ("num_heads", num_heads)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{n} must be an int >= 1, got {v!r}.")
+        check_count(num_layers, "num_layers")
+        check_count(num_heads, "num_heads")
         self.lam = _check_nonneg(lam, "lam", "1e-5")
         self.gamma = _check_nonneg(gamma, "gamma", "0.2")
-        self.max_entropy = max_entropy
-        self.mode = mode
-        self.gate = gate
-        self.eps = eps
-        self.theta = nn.Parameter(torch.full((num_layers, num_heads), float(theta_init), device=device, dtype=dtype))
+        self.max_entropy = None if max_entropy is None else _check_max_entropy(max_entropy)
+        self.mode = check_choice(mode, "mode", MODES)
+        self.gate = check_choice(gate, "gate", GATES)
+        theta_init = check_finite_real(theta_init, "theta_init", example="theta_init=0.5")
+        if not 0.0 <= theta_init <= 1.0:
+            raise InputError(
+                f"theta_init must lie in [0, 1] (the threshold is theta * max_entropy, a fraction "
+                f"of the largest entropy), got {theta_init!r}; use e.g. theta_init=0.5."
+            )
+        self.eps = _check_nonneg(eps, "eps", "0.0")
+        self.check_inputs = bool(check_inputs)
+        self.atol = None if atol is None else check_positive(atol, "atol", example="atol=1e-4")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}.")
+        self.theta = nn.Parameter(
+            torch.full((num_layers, num_heads), theta_init, device=device, dtype=dtype)
+        )
 
     def penalty(
         self, attentions: Sequence[torch.Tensor], mask: torch.Tensor | None = None
@@ -211,18 +267,42 @@ class EntropyBandRegularizer(nn.Module):
         r""":math:`\mathcal L_{\rm ent}` without λ."""
         if isinstance(attentions, torch.Tensor):
             attentions = list(attentions) if attentions.ndim == 5 else [attentions]
+        elif not isinstance(attentions, Sequence):
+            raise TypeError(
+                "attentions must be a list of (B, H, T, S) tensors (one per layer) or a "
+                f"(L, B, H, T, S) tensor, got {type(attentions).__name__}."
+            )
         if len(attentions) != self.theta.shape[0]:
             raise InputError(
                 f"got attentions for {len(attentions)} layers but theta has {self.theta.shape[0]}; "
                 "pass one (B, H, T, S) tensor per layer."
             )
-        ents = [attention_entropy(a, mask, eps=self.eps, check_inputs=False) for a in attentions]
-        e_max = math.log(attentions[0].shape[-1]) if self.max_entropy is None else self.max_entropy
+        ents = [
+            attention_entropy(
+                a, mask, eps=self.eps, check_inputs=self.check_inputs, atol=self.atol, name=f"attentions[{i}]"
+            )
+            for i, a in enumerate(attentions)
+        ]
+        if ents[0].shape[1] != self.theta.shape[1]:
+            raise InputError(
+                f"attentions have {ents[0].shape[1]} heads but theta has {self.theta.shape[1]} "
+                "(num_heads); build the regularizer with the model's number of heads."
+            )
+        if self.max_entropy is None:
+            if attentions[0].shape[-1] < 2:
+                raise InputError(
+                    f"attentions have {attentions[0].shape[-1]} key(s), so log(#keys) = 0 cannot "
+                    "be the largest entropy; pass max_entropy=... explicitly."
+                )
+            e_max = math.log(attentions[0].shape[-1])
+        else:
+            e_max = self.max_entropy
         return entropy_band_penalty(
             ents, self.theta.to(ents[0].dtype), e_max, self.gamma, mode=self.mode, gate=self.gate
         )
 
     def forward(self, attentions: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        r""":math:`\lambda\,\mathcal L_{\rm ent}` of the attention probabilities of every layer."""
         return self.lam * self.penalty(attentions, mask)
 
     def extra_repr(self) -> str:
@@ -239,8 +319,27 @@ def temperature_softmax(
         temperature: positive tensor broadcastable as ``(H, T)`` (or ``(B, H, T)``).
         mask: bool, True = valid key (broadcastable to ``logits``).
     """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"logits must be a floating torch.Tensor (B, H, T, S), got {got}.")
     if logits.ndim != 4:
-        raise InputError(f"logits must be (batch, heads, queries, keys), got shape {tuple(logits.shape)}.")
+        raise InputError(
+            f"logits must be (batch, heads, queries, keys), got shape {tuple(logits.shape)}; for "
+            "one head use logits.unsqueeze(1)."
+        )
+    if not isinstance(temperature, torch.Tensor):
+        raise TypeError(
+            f"temperature must be a torch.Tensor broadcastable to (heads, queries), got "
+            f"{type(temperature).__name__}; e.g. torch.ones(H, T)."
+        )
+    B, H, T, _ = logits.shape
+    try:
+        torch.broadcast_shapes(temperature.shape, (B, H, T))
+    except RuntimeError:
+        raise InputError(
+            f"temperature of shape {tuple(temperature.shape)} does not broadcast to (batch, heads, "
+            f"queries) = {(B, H, T)}; pass one temperature per head and query, shape ({H}, {T})."
+        ) from None
     t = temperature.unsqueeze(-1)
     s = logits / t
     if mask is not None:
@@ -282,10 +381,11 @@ class LearnableSoftmaxTemperature(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not init > 0:
-            raise InputError(f"init temperature must be > 0, got {init!r}.")
-        if parametrization not in ("log", "direct"):
-            raise InputError(f"parametrization must be 'log' or 'direct', got {parametrization!r}.")
+        check_count(num_heads, "num_heads")
+        check_count(max_len, "max_len")
+        init = check_positive(init, "init", example="init=1.0")
+        check_choice(parametrization, "parametrization", ("log", "direct"))
+        min_temperature = check_positive(min_temperature, "min_temperature", example="min_temperature=1e-3")
         self.parametrization = parametrization
         self.min_temperature = min_temperature
         self.max_len = max_len
@@ -300,6 +400,8 @@ class LearnableSoftmaxTemperature(nn.Module):
         return self.raw.clamp_min(self.min_temperature)
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
+            return temperature_softmax(logits, self.temperature, mask)  # raises the right error
         Tq = logits.shape[-2]
         if Tq > self.max_len:
             raise InputError(f"got {Tq} query positions but max_len={self.max_len}; increase max_len.")
@@ -363,8 +465,10 @@ class ScaledFFN(nn.Module):
 
     def __init__(self, ffn: nn.Module, *, alpha_init: float = 1.0, beta_init: float = 1.0) -> None:
         super().__init__()
-        if not alpha_init > 0:
-            raise InputError(f"alpha_init must be > 0 (it divides the FFN output), got {alpha_init!r}.")
+        if not isinstance(ffn, nn.Module):
+            raise TypeError(f"ffn must be an nn.Module, got {type(ffn).__name__}.")
+        alpha_init = check_positive(alpha_init, "alpha_init (it divides the FFN output)", example="alpha_init=1.0")
+        beta_init = check_finite_real(beta_init, "beta_init", example="beta_init=1.0")
         self.ffn = ffn
         p = next(ffn.parameters(), None)
         kw = {} if p is None else {"device": p.device, "dtype": p.dtype}

@@ -47,12 +47,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import check_positive
-from entrokit.regularizers._buffers import (
+from entrokit.regularizers._checks import (
+    check_choice,
     check_count,
+    check_finite_batch,
     check_logits,
     check_nonneg_real,
+    check_positive,
+    check_reduction,
     check_unit_interval,
+    tensor_ok,
 )
 
 __all__ = [
@@ -63,24 +67,26 @@ __all__ = [
 ]
 
 
-def _check_mask(mask: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+def _check_mask(
+    mask: torch.Tensor, n: int, device: torch.device, name: str = "labeled_mask"
+) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(
-            f"labeled_mask must be a bool torch.Tensor of shape [{n}], got {type(mask).__name__}."
+            f"{name} must be a bool torch.Tensor of shape [{n}], got {type(mask).__name__}."
         )
     if mask.dtype != torch.bool:
         raise TypeError(
-            f"labeled_mask must have dtype torch.bool, got {mask.dtype}; convert with "
-            "labeled_mask.bool()."
+            f"{name} must have dtype torch.bool, got {mask.dtype}; convert with {name}.bool()."
         )
     if mask.dim() != 1 or mask.shape[0] != n:
         raise InputError(
-            f"labeled_mask must have shape [{n}] (one flag per row of logits), got "
+            f"{name} must have shape [{n}] (one flag per row of logits), got "
             f"{tuple(mask.shape)}; with two views stacked, repeat it: torch.cat([m, m])."
         )
     if mask.device != device:
         raise InputError(
-            f"device mismatch: logits are on {device} but labeled_mask is on {mask.device}."
+            f"device mismatch: logits are on {device} but {name} is on {mask.device}; move it "
+            f"with {name}.to(logits.device)."
         )
     return mask
 
@@ -111,7 +117,7 @@ def select_known(
         raise InputError(f"num_known={num_known} exceeds the number of classes {k}.")
     labeled_mask = _check_mask(labeled_mask, n, logits.device)
     threshold = check_unit_interval(threshold, "threshold", closed_right=True, example="threshold=0.7")
-    tau_s = check_positive(tau_s, "tau_s")
+    tau_s = check_positive(tau_s, "tau_s", example="tau_s=0.1")
     conf, pred = F.softmax(logits.detach() / tau_s, dim=1).max(dim=1)
     return (~labeled_mask) & (conf >= threshold) & (pred < num_known)
 
@@ -136,8 +142,28 @@ def local_entropy_loss(
         detach_target: stop the gradient through :math:`q` (the reference does not).
         reduction: ``"mean"`` divides by all ``N`` rows (reference), ``"sum"``, ``"none"``.
     """
-    tau_o = check_positive(tau_o, "tau_o")
+    logits = check_logits(logits, None)
+    n, k = logits.shape
+    mask = _check_mask(mask, n, logits.device, name="mask")
+    if log_prior is not None:
+        if not isinstance(log_prior, torch.Tensor):
+            raise TypeError(
+                f"log_prior must be a torch.Tensor of shape [{k}] or None, got "
+                f"{type(log_prior).__name__}."
+            )
+        if log_prior.shape != (k,):
+            raise InputError(
+                f"log_prior must have shape [{k}] (one log-probability per class), got "
+                f"{tuple(log_prior.shape)}; pass torch.log(prior) of the class prior."
+            )
+        if log_prior.device != logits.device:
+            raise InputError(
+                f"device mismatch: logits are on {logits.device} but log_prior is on "
+                f"{log_prior.device}; move it with log_prior.to(logits.device)."
+            )
+    tau_o = check_positive(tau_o, "tau_o", example="tau_o=0.05")
     lam_ler = check_nonneg_real(lam_ler, "lam_ler", example="lam_ler=0.4")
+    check_reduction(reduction)
     s = logits / tau_o
     q = F.softmax(s, dim=1)
     if detach_target:
@@ -148,9 +174,7 @@ def local_entropy_loss(
         return per.mean()
     if reduction == "sum":
         return per.sum()
-    if reduction == "none":
-        return per
-    raise InputError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+    return per
 
 
 def dual_view_kl(
@@ -193,7 +217,15 @@ def dual_view_kl(
             f"logits_view2 must have the shape of logits_view1 {tuple(logits_view1.shape)}, got "
             f"{got}; pass the two views of the same batch, e.g. logits.chunk(2)."
         )
-    temperature = check_positive(temperature, "temperature")
+    if logits_view2.dtype != logits_view1.dtype or logits_view2.device != logits_view1.device:
+        raise InputError(
+            f"logits_view2 is {logits_view2.dtype} on {logits_view2.device} but logits_view1 is "
+            f"{logits_view1.dtype} on {logits_view1.device}; compute both views with one model "
+            "(or use logits_view2.to(logits_view1))."
+        )
+    temperature = check_positive(temperature, "temperature", example="temperature=0.1")
+    check_choice(form, "form", ("paper", "reference"))
+    check_reduction(reduction)
     lp1 = F.log_softmax(logits_view1 / temperature, dim=1)
     lp2 = F.log_softmax(logits_view2 / temperature, dim=1)
     if form == "paper":
@@ -233,6 +265,9 @@ class LocalEntropyRegularizer(nn.Module):
         momentum: EMA momentum of the prior (0.999).
         prior_temperature: temperature of the softmax averaged into the prior (reference: 1).
         detach_target: stop the gradient through the sharpened target (reference: False).
+        check_inputs: value check (forces a device sync): in training mode, logits with a
+            NaN or inf entry raise :class:`~entrokit.InputError` before the prior changes.
+            With ``check_inputs=False`` such a batch leaves the prior unchanged silently.
 
     Shape:
         - logits ``[N, K]``, labeled_mask ``[N]`` (bool); output: scalar.
@@ -257,6 +292,7 @@ class LocalEntropyRegularizer(nn.Module):
         momentum: float = 0.999,
         prior_temperature: float = 1.0,
         detach_target: bool = False,
+        check_inputs: bool = True,
     ) -> None:
         super().__init__()
         self.num_classes = check_count(num_classes, "num_classes", minimum=2)
@@ -273,17 +309,18 @@ class LocalEntropyRegularizer(nn.Module):
         self.momentum = momentum
         self.prior_temperature = prior_temperature
         self.detach_target = detach_target
+        self.check_inputs = check_inputs
         self._check_options()
         self.register_buffer("prior", torch.full((num_classes,), 1.0 / num_classes))
         self.num_selected = 0
 
     def _check_options(self) -> None:
         check_unit_interval(self.threshold, "threshold", closed_right=True, example="threshold=0.7")
-        check_positive(self.tau_s, "tau_s")
-        check_positive(self.tau_o, "tau_o")
+        check_positive(self.tau_s, "tau_s", example="tau_s=0.1")
+        check_positive(self.tau_o, "tau_o", example="tau_o=0.05")
         check_nonneg_real(self.lam_ler, "lam_ler", example="lam_ler=0.4")
         check_unit_interval(self.momentum, "momentum", closed_right=True, example="momentum=0.999")
-        check_positive(self.prior_temperature, "prior_temperature")
+        check_positive(self.prior_temperature, "prior_temperature", example="prior_temperature=1.0")
 
     def extra_repr(self) -> str:
         return (
@@ -293,9 +330,24 @@ class LocalEntropyRegularizer(nn.Module):
 
     @torch.no_grad()
     def update_prior(self, logits: torch.Tensor) -> None:
-        r""":math:`\tilde p \leftarrow m\tilde p + (1-m)\,\mathrm{mean}_i\,\mathrm{softmax}(z_i/T_p)`."""
-        mean_p = F.softmax(logits.detach().to(self.prior.dtype) / self.prior_temperature, dim=1).mean(0)
-        self.prior.mul_(self.momentum).add_((1.0 - self.momentum) * mean_p)
+        r""":math:`\tilde p \leftarrow m\tilde p + (1-m)\,\mathrm{mean}_i\,\mathrm{softmax}(z_i/T_p)`.
+
+        Logits with a NaN or inf entry raise :class:`~entrokit.InputError`
+        (``check_inputs=True``) or are skipped (``check_inputs=False``); the prior is left
+        unchanged either way.
+        """
+        logits = check_logits(logits, self.num_classes)
+        if self.check_inputs:
+            check_finite_batch(logits, "logits", "LocalEntropyRegularizer", "class prior")
+        self._update(logits)
+
+    def _update(self, logits: torch.Tensor) -> None:
+        z = logits.detach().to(self.prior.dtype)
+        mean_p = F.softmax(z / self.prior_temperature, dim=1).mean(0)
+        new = self.momentum * self.prior + (1.0 - self.momentum) * mean_p
+        if not self.check_inputs:  # no sync: keep the old prior for a non-finite batch
+            new = torch.where(tensor_ok(z), new, self.prior)
+        self.prior.copy_(new)
 
     def forward(self, logits: torch.Tensor, labeled_mask: torch.Tensor) -> torch.Tensor:
         """Return the LER loss of the batch and (in training mode) update the prior."""
@@ -306,11 +358,14 @@ class LocalEntropyRegularizer(nn.Module):
                 f"LocalEntropyRegularizer keeps its prior on {self.prior.device} but logits are "
                 f"on {logits.device}; move it with ler.to(logits.device)."
             )
+        if self.training and self.check_inputs:
+            check_finite_batch(logits, "logits", "LocalEntropyRegularizer", "class prior")
         mask = select_known(logits, labeled_mask, self.num_known, self.threshold, self.tau_s)
         self.num_selected = int(mask.sum())
         loss = local_entropy_loss(
             logits, mask, torch.log(self.prior), self.tau_o, self.lam_ler, self.detach_target
         )
         if self.training:
-            self.update_prior(logits)  # after the loss, as in the reference
+            with torch.no_grad():
+                self._update(logits)  # after the loss, as in the reference
         return loss

@@ -35,13 +35,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit.regularizers._buffers import (
-    all_gather_rows,
+from entrokit.regularizers._buffers import all_gather_rows
+from entrokit.regularizers._checks import (
     check_buffer_device,
     check_count,
     check_int_vector,
     check_logits,
+    check_probabilities,
+    check_reduction,
+    check_same_shape,
     check_unit_interval,
+    tensor_ok,
 )
 
 __all__ = ["PSKDLoss", "pskd_alpha", "pskd_targets", "soft_cross_entropy"]
@@ -72,19 +76,35 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
     return a * (epoch + 1) / total_epochs
 
 
-def pskd_targets(labels: torch.Tensor, prev_probs: torch.Tensor, alpha: float) -> torch.Tensor:
+def pskd_targets(
+    labels: torch.Tensor, prev_probs: torch.Tensor, alpha: float, *, check_inputs: bool = True
+) -> torch.Tensor:
     r"""Soft targets :math:`(1-\alpha)\,\mathrm{onehot}(y) + \alpha P` (Eq. 5).
 
     Args:
-        labels: ``[B]`` integer labels.
+        labels: ``[B]`` integer labels in ``[0, C)``.
         prev_probs: ``[B, C]`` stored predictions (rows are distributions).
         alpha: mixing weight in ``[0, 1]``.
+        check_inputs: value checks (force a device sync): labels in range, and rows of
+            ``prev_probs`` are finite, nonnegative and sum to 1.
 
     Returns:
         ``[B, C]`` targets in ``prev_probs.dtype``; each row sums to 1.
+
+    Examples:
+        >>> import torch
+        >>> pskd_targets(torch.tensor([1]), torch.tensor([[0.5, 0.5]]), alpha=0.5)
+        tensor([[0.2500, 0.7500]])
     """
     alpha = check_unit_interval(alpha, "alpha", closed_right=True, example="alpha=0.5")
-    onehot = F.one_hot(labels.long(), prev_probs.shape[1]).to(prev_probs.dtype)
+    prev_probs = check_logits(prev_probs, None, name="prev_probs")
+    labels = check_int_vector(
+        labels, "labels", prev_probs.shape[0], prev_probs.shape[1], "num_classes",
+        prev_probs.device, check_inputs,
+    )
+    if check_inputs:
+        check_probabilities(prev_probs, "prev_probs")
+    onehot = F.one_hot(labels, prev_probs.shape[1]).to(prev_probs.dtype)
     return (1.0 - alpha) * onehot + alpha * prev_probs
 
 
@@ -97,15 +117,25 @@ def soft_cross_entropy(
         logits: ``[B, C]``.
         target: ``[B, C]`` target distributions (treated as constants).
         reduction: ``"mean"`` over the batch (default), ``"sum"`` or ``"none"``.
+
+    Examples:
+        >>> import torch
+        >>> z = torch.zeros(1, 4)
+        >>> round(float(soft_cross_entropy(z, torch.full((1, 4), 0.25))), 4)  # log 4
+        1.3863
     """
+    logits = check_logits(logits, None)
+    check_same_shape(
+        target, logits, "target", "logits",
+        "pass one target distribution per row of logits (for class ids use F.cross_entropy).",
+    )
+    check_reduction(reduction)
     per = -(target.detach().to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
     if reduction == "mean":
         return per.mean()
     if reduction == "sum":
         return per.sum()
-    if reduction == "none":
-        return per
-    raise InputError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+    return per
 
 
 class PSKDLoss(nn.Module):
@@ -129,7 +159,12 @@ class PSKDLoss(nn.Module):
         alpha_T: final self-teacher weight :math:`\alpha_T` (paper and code: 0.8).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         sync: distributed gathering: ``None`` (auto), ``True`` or ``False``.
-        check_inputs: check that labels and indices are in range (forces a device sync).
+        check_inputs: value checks (force a device sync): labels and indices in range, and
+            finite logits. A training batch whose logits contain NaN or inf then raises
+            :class:`~entrokit.InputError` before ``predictions`` or ``seen`` change (under DDP
+            on every rank at once, before the gather). With ``check_inputs=False`` nothing
+            syncs and such a batch is skipped silently: the stored predictions are still never
+            overwritten with non-finite values.
 
     Shape:
         - logits ``[B, C]``, labels ``[B]``, index ``[B]``; output scalar (``[B]`` for
@@ -168,6 +203,7 @@ class PSKDLoss(nn.Module):
         self.sync = sync
         self.check_inputs = check_inputs
         check_unit_interval(alpha_T, "alpha_T", closed_right=True, example="alpha_T=0.8")
+        check_reduction(reduction)
         self.register_buffer("predictions", torch.zeros(num_samples, num_classes))
         self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
@@ -192,14 +228,38 @@ class PSKDLoss(nn.Module):
         """Targets of Eq. 5 for the given rows (unseen rows use the one-hot label)."""
         onehot = F.one_hot(labels, self.num_classes).to(self.predictions.dtype)
         prev = torch.where(self.seen[index].unsqueeze(1), self.predictions[index], onehot)
-        return pskd_targets(labels, prev, alpha)
+        return pskd_targets(labels, prev, alpha, check_inputs=False)
 
     @torch.no_grad()
     def update_predictions(self, probs: torch.Tensor, index: torch.Tensor) -> None:
-        """Overwrite the stored predictions of ``index`` (gathered across ranks under DDP)."""
-        idx, p = all_gather_rows(index, probs.detach().to(self.predictions.dtype), sync=self.sync)
+        """Overwrite the stored predictions of ``index`` (gathered across ranks under DDP).
+
+        A batch with a NaN or inf probability raises :class:`~entrokit.InputError`
+        (``check_inputs=True``) or is skipped (``check_inputs=False``); the buffers are left
+        unchanged either way.
+        """
+        probs = check_logits(probs, self.num_classes, name="probs")
+        index = check_int_vector(
+            index, "index", probs.shape[0], self.num_samples, "num_samples", probs.device,
+            self.check_inputs,
+        )
+        check_buffer_device(self.predictions, probs, "PSKDLoss")
+        self._update(probs, index, probs, "probs")
+
+    def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
+        local_ok = tensor_ok(source) if self.check_inputs else None
+        idx, p = all_gather_rows(
+            index, probs.detach().to(self.predictions.dtype), sync=self.sync, local_ok=local_ok,
+            what=f"{what} of this batch", owner="PSKDLoss", state="stored predictions",
+        )
+        if local_ok is None:  # no sync: keep the old rows if any gathered row is not finite
+            ok = tensor_ok(p)
+            p = torch.where(ok, p, self.predictions[idx])
+            seen = self.seen[idx] | ok
+        else:
+            seen = True
         self.predictions[idx] = p
-        self.seen[idx] = True
+        self.seen[idx] = seen
 
     def forward(
         self,
@@ -218,9 +278,11 @@ class PSKDLoss(nn.Module):
             index, "index", b, self.num_samples, "num_samples", logits.device, self.check_inputs
         )
         check_buffer_device(self.predictions, logits, "PSKDLoss")
+        check_reduction(self.reduction)
         a = self.alpha if alpha is None else alpha
         target = self.soft_targets(labels, index, a)
         loss = soft_cross_entropy(logits, target, reduction=self.reduction)
         if self.training:
-            self.update_predictions(F.softmax(logits.detach(), dim=1), index)
+            with torch.no_grad():
+                self._update(F.softmax(logits.detach(), dim=1), index, logits.detach(), "logits")
         return loss

@@ -26,6 +26,7 @@ logits, which puts a floor under the attention entropy and prevents entropy coll
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,7 +58,22 @@ def spectral_norm_step(
         ``(sigma, u_new)``: scalar :math:`v^\top W u` (gradient flows to ``weight`` only) and
         the new right vector (no gradient).
     """
+    if not isinstance(weight, torch.Tensor) or not isinstance(u, torch.Tensor):
+        raise TypeError(
+            f"weight and u must be torch.Tensors, got {type(weight).__name__} and {type(u).__name__}."
+        )
+    if weight.ndim < 2:
+        raise InputError(
+            f"weight must be a matrix (out, in) or a higher-rank weight, got shape "
+            f"{tuple(weight.shape)}."
+        )
     w = weight.reshape(weight.shape[0], -1)
+    if u.shape != (w.shape[1],):
+        raise InputError(
+            f"u must have shape ({w.shape[1]},) (one entry per input feature of weight "
+            f"{tuple(weight.shape)}), got {tuple(u.shape)}; start from a random unit vector, e.g. "
+            f"F.normalize(torch.randn({w.shape[1]}), dim=0)."
+        )
     with torch.no_grad():
         v = F.normalize(w.detach() @ u, dim=0)
         if update:
@@ -130,8 +146,13 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if init_std is not None:
-            if not init_std > 0:
-                raise InputError(f"init_std must be > 0 or None, got {init_std!r}.")
+            if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not (
+                math.isfinite(init_std) and init_std > 0
+            ):
+                raise InputError(
+                    f"init_std must be a finite number > 0 or None, got {init_std!r}; use e.g. "
+                    "init_std=0.02, or None to keep nn.Linear's default initialisation."
+                )
             with torch.no_grad():
                 nn.init.trunc_normal_(self.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
         self._init_sigma_state(self.weight)
