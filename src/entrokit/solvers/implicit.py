@@ -35,7 +35,7 @@ import torch
 
 from entrokit.geometry import Geometry
 
-__all__ = ["implicit_potentials", "adjoint_solve"]
+__all__ = ["implicit_potentials", "implicit_fixed_point", "entropic_residual", "adjoint_solve"]
 
 
 def adjoint_solve(
@@ -97,24 +97,26 @@ def adjoint_solve(
 
 
 AdjointSolver = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Residual = Callable[..., torch.Tensor]
 
 
 class _ImplicitPotentials(torch.autograd.Function):
-    """Identity on ``(f, g)`` in forward; backward solves the adjoint system ``J λ = x̄``
-    with ``adjoint`` (default :func:`adjoint_solve`) and pulls ``-λ`` back through the
-    optimality residual ``(P1 - a, Pᵀ1 - b)``. Runs only when backward reaches
-    ``f``/``g`` (or outputs built from them: plan, transport cost)."""
+    """Identity on the dual variables ``(f, g)`` in forward. Backward solves the adjoint
+    system ``J λ = x̄`` with ``adjoint`` and pulls ``-λ`` back through the optimality
+    residual ``H(f, g; a, b, geometry) = 0`` (implicit function theorem). Runs only when
+    backward reaches ``f``/``g`` or outputs built from them (plan, transport cost). One
+    wrapper for every solver: entropic (``H = (P1 - a, Pᵀ1 - b)``) and smooth OT
+    (``H = (T1 - a, Tᵀ1 - b)``) differ only in ``residual`` and ``adjoint``."""
 
     @staticmethod
-    def forward(ctx, f, g, eps, geom, adjoint, a, b, *geom_tensors):
-        ctx.eps, ctx.geom, ctx.adjoint = eps, geom, adjoint
+    def forward(ctx, f, g, residual, adjoint, geom, a, b, *geom_tensors):
+        ctx.residual, ctx.adjoint, ctx.geom = residual, adjoint, geom
         ctx.save_for_backward(f, g, a, b, *geom_tensors)
         return f.clone(), g.clone()
 
     @staticmethod
     def backward(ctx, gf, gg):
         f, g, a, b, *gt = ctx.saved_tensors
-        eps = ctx.eps
         needs = ctx.needs_input_grad[5:]
         if not any(needs):
             return (None,) * (7 + len(gt))
@@ -122,12 +124,11 @@ class _ImplicitPotentials(torch.autograd.Function):
         gg = torch.zeros_like(g) if gg is None else gg
         with torch.no_grad():
             geom_d = ctx.geom.rebuild(*[t.detach() for t in gt])
-            lam_f, lam_g = ctx.adjoint(geom_d, f, g, a.detach(), b.detach(), eps, gf, gg)
+            lam_f, lam_g = ctx.adjoint(geom_d, f, g, a.detach(), b.detach(), gf, gg)
         leaves = [t.detach().requires_grad_(need) for t, need in zip([a, b, *gt], needs)]
         with torch.enable_grad():
             geom = ctx.geom.rebuild(*leaves[2:])
-            row, col, _ = geom.plan_reduce(f, g, leaves[0], leaves[1], eps)
-            H = torch.cat([row - leaves[0], col - leaves[1]], -1)
+            H = ctx.residual(geom, f, g, leaves[0], leaves[1])
             lam = torch.cat([lam_f.to(f.dtype), lam_g.to(g.dtype)], -1)
             wanted = [t for t in leaves if t.requires_grad]
             grads = torch.autograd.grad(H, wanted, grad_outputs=-lam, allow_unused=True)
@@ -136,11 +137,31 @@ class _ImplicitPotentials(torch.autograd.Function):
         return (None, None, None, None, None, *out)
 
 
+def implicit_fixed_point(geom: Geometry, f, g, a, b, *, residual: Residual, adjoint: AdjointSolver):
+    """``(f, g)`` carrying implicit gradients for any dual whose optimality residual is
+    ``residual(geom, f, g, a, b) -> (B, n + m)`` and whose adjoint system is solved by
+    ``adjoint(geom, f, g, a, b, rhs_f, rhs_g) -> (λ_f, λ_g)``."""
+    return _ImplicitPotentials.apply(f.detach(), g.detach(), residual, adjoint, geom, a, b, *geom.tensors())
+
+
+def entropic_residual(eps: float) -> Residual:
+    """``H = (P1 - a, Pᵀ1 - b)`` of the entropic dual, through the geometry."""
+
+    def residual(geom, f, g, a, b):
+        row, col, _ = geom.plan_reduce(f, g, a, b, eps)
+        return torch.cat([row - a, col - b], -1)
+
+    return residual
+
+
 def implicit_potentials(geom: Geometry, f, g, a, b, eps: float, *, adjoint: AdjointSolver | None = None):
     """Return ``(f, g)`` carrying implicit-function-theorem gradients to ``a, b`` and the
     cost. ``adjoint(geom, f, g, a, b, eps, rhs_f, rhs_g) -> (λ_f, λ_g)`` solves the adjoint
     system on the range of ``J`` (default :func:`adjoint_solve`; the Newton solvers pass
     their sparse-Hessian solver)."""
-    return _ImplicitPotentials.apply(
-        f.detach(), g.detach(), eps, geom, adjoint or adjoint_solve, a, b, *geom.tensors()
-    )
+    solver = adjoint or adjoint_solve
+
+    def entropic_adjoint(geom, f, g, a, b, rhs_f, rhs_g):
+        return solver(geom, f, g, a, b, eps, rhs_f, rhs_g)
+
+    return implicit_fixed_point(geom, f, g, a, b, residual=entropic_residual(eps), adjoint=entropic_adjoint)
