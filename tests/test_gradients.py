@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import entrokit
-from conftest import random_problem
+from generators import random_problem
 from entrokit import PointCloud
 
 EPS = 0.2

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import entrokit
-from conftest import random_problem
+from generators import dirac_source, one_dimensional_w2, random_problem
 from entrokit import PointCloud
 
 
@@ -61,11 +61,10 @@ def test_agrees_with_exact_lp_as_eps_to_zero(seed):
 
 
 def test_dirac_source_closed_form():
-    b = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
-    C = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
-    res = entrokit.sinkhorn(torch.ones(1, dtype=torch.float64), b, C, 0.1, tol=1e-12)
+    a, b, C, exact = dirac_source([0.2, 0.5, 0.3], [1.0, 2.0, 3.0])
+    res = entrokit.sinkhorn(a, b, C, 0.1, tol=1e-12)
     torch.testing.assert_close(res.plan, b[None])
-    torch.testing.assert_close(res.transport_cost, (C[0] * b).sum())
+    torch.testing.assert_close(res.transport_cost, torch.tensor(exact, dtype=torch.float64))
     # plan = a x b  =>  KL term vanishes, value = <C, P>
     torch.testing.assert_close(res.value, res.transport_cost)
 
@@ -84,11 +83,8 @@ def test_permutation_recovered():
 
 
 def test_one_dimensional_w2_closed_form():
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(40, 1, generator=gen, dtype=torch.float64)
-    y = torch.randn(40, 1, generator=gen, dtype=torch.float64) * 0.5 + 1.0
+    x, y, exact = one_dimensional_w2(40, seed=4)
     w = torch.full((40,), 1 / 40, dtype=torch.float64)
-    exact = ((x.sort(0).values - y.sort(0).values) ** 2).mean().item()
     res = entrokit.sinkhorn(w, w, PointCloud(x, y), 2e-2, tol=1e-8, max_iter=100_000)
     assert 0 <= res.transport_cost.item() - exact < 1e-2 * exact
     # the entropic barycentric map is the gradient of a convex function: monotone in 1-D
