@@ -10,7 +10,7 @@ import torch
 
 from entrokit import smooth_ot
 from entrokit.solvers import smooth as S
-from entrokit.solvers.regularizers import TopKSquaredL2
+from entrokit.solvers.omega import TopKSquaredL2
 
 D = torch.float64
 

@@ -1,6 +1,6 @@
 r"""Smooth and sparsity-constrained OT: dual and semi-dual solvers (batched, differentiable).
 
-Solves, for a column regularizer :math:`\Omega` (:mod:`entrokit.solvers.regularizers`),
+Solves, for a column regularizer :math:`\Omega` (:mod:`entrokit.solvers.omega`),
 
 .. math::
 
@@ -88,8 +88,8 @@ from entrokit._result import OTResult
 from entrokit._validation import check_choice, check_positive, check_positive_int
 from entrokit.problem import OTProblem, make_problem
 from entrokit.solvers._entropic import warn_not_converged
-from entrokit.solvers.regularizers import Regularizer, SquaredL2, make_regularizer
-from entrokit.solvers.regularizers import simplex_projection_sorted as _simplex_sorted
+from entrokit.solvers.omega import Regularizer, SquaredL2, make_regularizer
+from entrokit.solvers.omega import simplex_projection_sorted as _simplex_sorted
 
 __all__ = ["smooth_ot", "smooth_ot_problem", "FORMULATIONS", "SOLVERS"]
 
@@ -898,7 +898,7 @@ def smooth_ot(
       most ``k`` nonzeros per column (or per row, ``sparse_axis="rows"``), exactly;
     * ``reg="entropy"``: :math:`\Omega(t) = \gamma\sum t\log t` (dense plans);
 
-    or any :class:`~entrokit.solvers.regularizers.Regularizer` object.
+    or any :class:`~entrokit.solvers.omega.Regularizer` object.
 
     Args:
         a: source weights ``[n]`` or ``[B, n]``.
