@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -150,12 +151,20 @@ def test_gauge_invariance():
 
 def test_float32_small_eps_is_finite():
     a, b, C = _problem(40, 30, 6, dtype=torch.float32)
-    res = sinkhorn_newton(a, b, C, 1e-4, tol=1e-5)
+    with warnings.catch_warnings():
+        # float32 potentials resolve exponents to ~6e-8 |f| / eps = 6e-4 here: the plan
+        # may miss tol=1e-5, and then the solver must say so
+        warnings.simplefilter("ignore", entrokit.ConvergenceWarning)
+        res = sinkhorn_newton(a, b, C, 1e-4, tol=1e-5)
     assert res.f.dtype == torch.float32 and res.plan.dtype == torch.float32
     for t in (res.f, res.g, res.plan, res.value, res.transport_cost):
         assert torch.isfinite(t).all()
-    assert res.converged
-    assert _marginal_error(res.plan.double(), a.double(), b.double()).item() < 1e-4
+    err = _marginal_error(res.plan.double(), a.double(), b.double()).item()
+    assert err < 1e-4
+    assert bool(res.converged) == (err <= 1e-5)  # converged only if the returned plan meets tol
+    # at a tolerance float32 can carry, it converges
+    res = sinkhorn_newton(a, b, C, 1e-4, tol=3e-4)
+    assert bool(res.converged) and _marginal_error(res.plan.double(), a.double(), b.double()).item() <= 3e-4
 
 
 def test_batched_equals_looped():
