@@ -174,6 +174,8 @@ def pcg(
         active: optional (B,) mask; inactive problems return ``x0`` (or 0), 0 iterations.
     """
     B = rhs.shape[0]
+    if B == 1 and (active is None or bool(active.all())):
+        return _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0)
     if x0 is None:
         x = torch.zeros_like(rhs)
         res = rhs.clone()
@@ -191,28 +193,78 @@ def pcg(
     z = inv_diag * res
     p = z.clone()
     rz = _bdot(res, z)
+    masked = B > 1  # one problem stops the loop itself: no per-problem selects needed
     for _ in range(max_iter):
         if not bool(run.any()):
             break
         Ap = matvec(p)
         pAp = _bdot(p, Ap)
-        broke = run & ~(pAp > 0)
-        alpha = torch.where(run & (pAp > 0), rz / torch.where(pAp > 0, pAp, torch.ones_like(pAp)), 0.0)
-        upd = (run & (pAp > 0)).unsqueeze(-1)
-        x = torch.where(upd, x + alpha.unsqueeze(-1) * p, x)
-        res = torch.where(upd, res - alpha.unsqueeze(-1) * Ap, res)
+        positive = pAp > 0
+        alpha = rz / torch.where(positive, pAp, torch.ones_like(pAp))
+        if masked:
+            step = (run & positive).unsqueeze(-1)
+            x = torch.where(step, x + alpha.unsqueeze(-1) * p, x)
+            res = torch.where(step, res - alpha.unsqueeze(-1) * Ap, res)
+        else:
+            x = x + alpha.unsqueeze(-1) * p
+            res = res - alpha.unsqueeze(-1) * Ap
         n_iter += run.long()
-        rel = torch.where(run, res.norm(dim=-1) / bnorm.clamp_min(tiny), rel)
-        bad = run & ~torch.isfinite(rel)
-        failed |= bad
-        run = run & (rel > rtol) & ~bad & ~broke
+        rel_new = res.norm(dim=-1) / bnorm.clamp_min(tiny)
+        rel = torch.where(run, rel_new, rel) if masked else rel_new
+        finite = torch.isfinite(rel)
+        failed |= run & ~finite
+        run = run & (rel > rtol) & finite & positive
         z = inv_diag * res
         rz_new = _bdot(res, z)
-        beta = torch.where(run & (rz != 0), rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), 0.0)
-        p = torch.where(run.unsqueeze(-1), z + beta.unsqueeze(-1) * p, p)
+        beta = rz_new / torch.where(rz != 0, rz, torch.ones_like(rz))
+        if masked:
+            p = torch.where(run.unsqueeze(-1), z + beta.unsqueeze(-1) * p, p)
+        else:
+            p = z + beta.unsqueeze(-1) * p
         rz = rz_new
     converged = (rel <= rtol) & ~failed
     return PCGResult(x=x, n_iter=n_iter, converged=converged, residual=rel)
+
+
+def _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0) -> PCGResult:
+    """:func:`pcg` for a single problem: the same iteration with one device sync per
+    iteration and no per-problem selects (tiny vectors are dominated by op overhead)."""
+    b = rhs[0]
+    inv_diag = inv_diag.expand_as(rhs)[0]
+    x = torch.zeros_like(b) if x0 is None else x0[0].clone()
+    res = b.clone() if x0 is None else b - matvec(x.unsqueeze(0))[0]
+    bnorm = float(b.norm())
+    scale = bnorm if bnorm > 0 else torch.finfo(b.dtype).tiny
+    rel = float(res.norm()) / scale
+    n_iter, failed = 0, False
+    if rel > rtol:
+        z = inv_diag * res
+        p = z.clone()
+        rz = torch.dot(res, z)
+        for n_iter in range(1, max_iter + 1):
+            Ap = matvec(p.unsqueeze(0))[0]
+            pAp = torch.dot(p, Ap)
+            alpha = rz / pAp
+            x = x + alpha * p
+            res = res - alpha * Ap
+            rn, curvature = torch.stack([res.norm(), pAp]).tolist()  # the one sync
+            rel = rn / scale
+            if not math.isfinite(rel) or not curvature > 0:
+                failed = not math.isfinite(rel)
+                break
+            if rel <= rtol:
+                break
+            z = inv_diag * res
+            rz_new = torch.dot(res, z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+    dev = rhs.device
+    return PCGResult(
+        x=x.unsqueeze(0),
+        n_iter=torch.tensor([n_iter], device=dev),
+        converged=torch.tensor([rel <= rtol and not failed], device=dev),
+        residual=torch.tensor([rel], dtype=rhs.dtype, device=dev),
+    )
 
 
 # --------------------------------------------------------------------------------------
