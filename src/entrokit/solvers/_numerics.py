@@ -18,8 +18,9 @@ back-end (CPU, one factorisation per problem).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -128,7 +129,7 @@ def armijo_backtracking(
 # --------------------------------------------------------------------------------------
 @dataclass
 class PCGResult:
-    """``x`` (B, d) solution; ``n_iter`` (B,) iterations run per problem;
+    r"""``x`` (B, d) solution; ``n_iter`` (B,) iterations run per problem;
     ``converged`` (B,) relative residual <= rtol; ``residual`` (B,) final
     :math:`\|b - Ax\|_2/\|b\|_2` (0 for a zero right-hand side)."""
 
@@ -241,7 +242,8 @@ def _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0) -> PCGResult:
         z = inv_diag * res
         p = z.clone()
         rz = torch.dot(res, z)
-        for n_iter in range(1, max_iter + 1):
+        for _ in range(max_iter):
+            n_iter += 1
             Ap = matvec(p.unsqueeze(0))[0]
             pAp = torch.dot(p, Ap)
             alpha = rz / pAp
@@ -425,7 +427,7 @@ def solve_bipartite(
         method: ``"dense"`` (Cholesky of :math:`S` assembled densely, LU if Cholesky
             fails; any device), ``"direct"`` (SciPy SuperLU, CPU), ``"cg"`` (matrix-free
             Jacobi-PCG on :math:`S`, any device) or ``"auto"``: dense for
-            :math:`m \le 512`, direct on CPU above, CG otherwise.
+            :math:`m \le 512`, above that direct for a sparse block on CPU, CG otherwise.
         rtol, max_iter, y0, active: PCG options (``max_iter`` default
             :math:`\max(200, m)`); ``active`` masks problems for every back-end.
 
@@ -436,7 +438,12 @@ def solve_bipartite(
     """
     B, n, m = block.shape
     if method == "auto":
-        method = "dense" if m <= DENSE_SCHUR_MAX else ("direct" if p.device.type == "cpu" else "cg")
+        if m <= DENSE_SCHUR_MAX:
+            method = "dense"
+        elif isinstance(block, SparseBlock) and p.device.type == "cpu":
+            method = "direct"
+        else:
+            method = "cg"
     s = _as_batch(shift, p)
     diag_rows = r + s
     diag_cols = c + s

@@ -246,10 +246,10 @@ def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, st
         slope = float(gx.dot(dx) + gy.dot(dy)) if ok else 0.0  # > 0: ascent direction
         step_ok = False
         if ok and slope > 0:
-            def trial(t, alpha=alpha, beta=beta, dx=dx, dy=dy):
+            def trial(t, alpha=alpha, beta=beta, dx=dx, dy=dy, out=T_trial):
                 t = float(t)
                 alpha_t, beta_t = alpha + t * dx, beta + t * dy
-                T_t, r_t, c_t, phi_t, err_t = dual.evaluate(alpha_t, beta_t, T_trial)
+                T_t, r_t, c_t, phi_t, err_t = dual.evaluate(alpha_t, beta_t, out)
                 return torch.tensor([-phi_t], dtype=torch.float64), (alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t)
 
             def error_decrease(F_t, state, err=err):
