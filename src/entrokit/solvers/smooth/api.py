@@ -492,9 +492,7 @@ def _check_init(init, pb: OTProblem, formulation: str, sparse_axis: str) -> torc
             f"got {type(init).__name__}. Pass a tensor, {hint}."
         )
     B = pb.a.shape[0]
-    if init.dim() == 1:
-        init = init.unsqueeze(0)
-    if init.dim() != 2 or init.shape[-1] != size or init.shape[0] != B:
+    if init.dim() == 0 or init.shape[-1] != size or init.numel() != B * size:
         expected = f"({size},)" if B == 1 else f"({B}, {size})"
         raise InputError(
             f"init has shape {tuple(init.shape)}, but formulation={formulation!r} with "
@@ -506,4 +504,4 @@ def _check_init(init, pb: OTProblem, formulation: str, sparse_axis: str) -> torc
         raise InputError(
             "init contains NaN or inf; expected finite potentials. Pass finite values, " + hint + "."
         )
-    return init.to(device=pb.a.device)
+    return init.reshape(B, size).to(device=pb.a.device)
