@@ -485,22 +485,28 @@ def solve_bipartite(
 # continuation
 # --------------------------------------------------------------------------------------
 def continuation_schedule(target: float, start: float, decay: float) -> list[float]:
-    r"""Decreasing geometric stages ending exactly at ``target``.
+    r"""Decreasing geometric stages from ``start`` ending exactly at ``target``.
 
-    :math:`\varepsilon_k = \text{start}\cdot\text{decay}^k` for the :math:`k \ge 0` with
-    :math:`\varepsilon_k\cdot\text{decay} > \text{target}`, then ``target`` itself, so the
-    last jump is by a factor in :math:`(1/\text{decay}, 1/\text{decay}^2]` and no stage
-    lies within a factor ``1/decay`` of the target. ``start <= target / decay`` gives
-    ``[target]``. Used for :math:`\varepsilon`-scaling (Sinkhorn, Newton) and
-    :math:`\gamma`-continuation (smooth OT).
+    With :math:`L = \log(\text{start}/\text{target}) / \log(1/\text{decay})` and
+    :math:`K = \lceil L\rceil`, the stages are
+
+    .. math::
+
+        \varepsilon_k = \text{start}\,\rho^k,\quad k = 0, \dots, K,\qquad
+        \rho = (\text{target}/\text{start})^{1/K} \ge \text{decay},
+
+    so :math:`\varepsilon_K = \text{target}` and every jump, the last one included, is
+    by a factor at most ``1/decay``. A start within a factor ``1/decay`` of the target
+    (:math:`L \le 1`) gives ``[target]``. Used for :math:`\varepsilon`-scaling (Sinkhorn,
+    Newton) and :math:`\gamma`-continuation (smooth OT).
     """
     if not (0.0 < decay < 1.0):
         raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
-    out = []
-    e = float(start)
-    while e * decay > target and math.isfinite(e):
-        out.append(e)
-        e *= decay
-    out.append(float(target))
-    return out
-
+    target, start = float(target), float(start)
+    if not (start > target > 0.0) or not math.isfinite(start):
+        return [target]
+    n_jumps = math.ceil(math.log(start / target) / math.log(1.0 / decay) - 1e-9)
+    if n_jumps <= 1:
+        return [target]
+    ratio = (target / start) ** (1.0 / n_jumps)
+    return [start * ratio**k for k in range(n_jumps)] + [target]

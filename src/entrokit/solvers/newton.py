@@ -23,9 +23,10 @@ the sign fixed). Sinkhorn is exact block-coordinate ascent on :math:`\Phi`.
    no eps-scaling) from ``init`` or from the exact :math:`\varepsilon\to 0`
    c-transforms :math:`f_i = \min_j C_{ij}`, :math:`g_j = \min_i(C_{ij} - f_i)` (every row
    and column of the first plan then holds an entry :math:`a_ib_j`, whatever the cost
-   scale). It stops once the L1 marginal error is below ``switch_tol`` or after
+   scale). It stops once the L1 marginal error is below ``switch_tol``, after
    ``warmup_max_iter`` iterations (``"sns"``: the paper's :math:`N_1 = 20`; ``"ssns"``
-   needs no warm-up for convergence and runs 3 cheap iterations).
+   needs no warm-up for convergence and runs 3 cheap iterations), or, for ``"sns"``, when
+   Sinkhorn stalls (error ratio over 5 iterations above 0.95).
 2. *Newton stage* in float64: sparsify the coupling block of the Hessian (the exact
    diagonal is kept), solve :math:`(K_s + \sigma I)\,d = \varepsilon\nabla\Phi` by the
    Schur complement on the column block (Jacobi-PCG, or a sparse direct factorisation
@@ -325,10 +326,15 @@ def _solve_one(C, a, b, eps, alpha, beta, opt: dict, t_start: float):
     T, r, c, phi, err = dual.evaluate(alpha, beta)
     if opt["init_given"]:
         run.record(phi, err, "init")
-    if err > tol and opt["warmup_max_iter"] > 0:
-        alpha, beta, T, r, c, phi, err = run.sinkhorn(
-            dual, alpha, beta, opt["warmup_max_iter"], max(tol, opt["switch_tol"]), out=T
-        )
+    switch = max(tol, opt["switch_tol"])
+    # "sns" also switches when Sinkhorn stalls: error ratio over 5 iterations above 0.95
+    chunk = 5 if opt["variant"] == "sns" else opt["warmup_max_iter"]
+    while err > switch and run.n_sinkhorn < opt["warmup_max_iter"]:
+        err_before = err
+        k = min(chunk, opt["warmup_max_iter"] - run.n_sinkhorn)
+        alpha, beta, T, r, c, phi, err = run.sinkhorn(dual, alpha, beta, k, switch, out=T)
+        if err > 0.95 * err_before:
+            break
     info["n_warmup"] = run.n_sinkhorn
     del T
 
@@ -370,11 +376,10 @@ def _solve_one(C, a, b, eps, alpha, beta, opt: dict, t_start: float):
 
 
 def _continuation_stages(C: torch.Tensor, eps: float) -> list[float]:
-    """Intermediate eps of the continuation: geometric by 1/4 from a tenth of the cost
-    range (:func:`~entrokit.solvers._numerics.continuation_schedule`), target excluded;
-    empty when the target is within a factor 4 of that start."""
-    start = 0.1 * float(C.max() - C.min())
-    return continuation_schedule(eps, start, 0.25)[:-1] if start >= 4.0 * eps else []
+    """Intermediate eps of the continuation: geometric, jumps of at most 4, from a twentieth
+    of the cost range (:func:`~entrokit.solvers._numerics.continuation_schedule`), target
+    excluded; empty when the target is within a factor 4 of that start."""
+    return continuation_schedule(eps, 0.05 * float(C.max() - C.min()), 0.25)[:-1]
 
 
 def _c_transform_start(C: torch.Tensor):
