@@ -434,7 +434,8 @@ def solve_bipartite(
     Returns:
         ``(x, y, n_iter, ok)``: ``n_iter`` (B,) CG iterations (1 for a direct
         factorisation), ``ok`` (B,) finite solution (and, for CG, relative residual
-        :math:`\le \max(\text{rtol}, 10^{-3})`).
+        :math:`\le \max(\text{rtol}, 10^{-3})`); masked problems get ``y = 0`` and
+        ``ok = True``.
     """
     B, n, m = block.shape
     if method == "auto":
@@ -478,6 +479,8 @@ def solve_bipartite(
         y = torch.where(active.unsqueeze(-1), y, torch.zeros_like(y))
     x = (p - block.mv(y)) / diag_rows
     ok = ok & torch.isfinite(x).all(-1)
+    if active is not None:
+        ok = ok | ~active  # nothing to solve
     return x, y, n_iter, ok
 
 
