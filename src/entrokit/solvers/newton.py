@@ -105,6 +105,7 @@ iteration count); ``n_iter`` and ``converged`` are per problem.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -134,11 +135,12 @@ class _Dual:
     \\varepsilon\\log b`, for which the plan :math:`T = e^{(\\alpha+\\beta-C)/\\varepsilon}`
     is :math:`P` itself."""
 
-    def __init__(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float):
+    def __init__(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, cost_range: float):
         self.C, self.a, self.b, self.eps = C, a, b, eps
         self.log_a, self.log_b = a.log(), b.log()
         # eps relative to the cost range: makes the SSNS shift invariant to the cost scale
-        self.relative_eps = eps / max(float(C.max() - C.min()), eps)
+        self.relative_eps = eps / max(cost_range, eps)
+        self.cost_range = cost_range
         self.problem = OTProblem(a.unsqueeze(0), b.unsqueeze(0), DenseCost(C.unsqueeze(0)))
 
     def plan(self, alpha: torch.Tensor, beta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,9 +161,12 @@ class _Dual:
 
     def sinkhorn(self, alpha, beta, max_iter: int, tol: float):
         """Up to ``max_iter`` iterations of the library's Sinkhorn loop from ``(alpha,
-        beta)``, stopping at L1 error ``tol``; returns ``(alpha, beta, iterations)``."""
+        beta)`` (``None``: Sinkhorn's own exact eps -> 0 c-transform start), stopping at L1
+        error ``tol``; returns ``(alpha, beta, iterations)``."""
         eps = self.eps
-        init = ((alpha - eps * self.log_a).unsqueeze(0), (beta - eps * self.log_b).unsqueeze(0))
+        init = None if alpha is None else (
+            (alpha - eps * self.log_a).unsqueeze(0), (beta - eps * self.log_b).unsqueeze(0)
+        )
         options = SinkhornOptions(tol=tol, max_iter=max_iter, eps_scaling=False, check_every=1)
         f, g, n_iter, _, _, _ = sinkhorn_problem(self.problem, eps, options, init=init)
         return f[0] + eps * self.log_a, g[0] + eps * self.log_b, int(n_iter[0])
@@ -314,32 +319,39 @@ def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, st
     return alpha, beta, err, "converged"
 
 
-def _solve_one(C, a, b, eps, alpha, beta, opt: dict, t_start: float):
+def _solve_one(C, a, b, eps, cost_range, alpha, beta, opt: dict, t_start: float):
     """Warm-up + Newton (+ eps-continuation if Newton stalls) on one problem with
-    positive weights. Returns ``(alpha, beta, err, n_iter, info)``."""
+    positive weights, from ``(alpha, beta)`` or, when they are ``None``, from the exact
+    eps -> 0 c-transforms. Returns ``(alpha, beta, err, n_iter, info)``."""
     run = _Run(t_start, opt["callback"])
     info = run.info
     tol = opt["tol"]
-    dual = _Dual(C, a, b, eps)
+    dual = _Dual(C, a, b, eps, cost_range)
 
     # -- warm-up: Sinkhorn until the error is below switch_tol ---------------------------
-    T, r, c, phi, err = dual.evaluate(alpha, beta)
-    if opt["init_given"]:
-        run.record(phi, err, "init")
     switch = max(tol, opt["switch_tol"])
     # "sns" also switches when Sinkhorn stalls: error ratio over 5 iterations above 0.95
     chunk = 5 if opt["variant"] == "sns" else opt["warmup_max_iter"]
+    if alpha is None and opt["warmup_max_iter"] > 0:
+        err = math.inf  # Sinkhorn starts from the c-transforms itself
+    else:
+        if alpha is None:
+            f, g = _c_transform_start(C)
+            alpha, beta = f + eps * dual.log_a, g + eps * dual.log_b
+        T, r, c, phi, err = dual.evaluate(alpha, beta)
+        if opt["init_given"]:
+            run.record(phi, err, "init")
+        del T
     while err > switch and run.n_sinkhorn < opt["warmup_max_iter"]:
         err_before = err
         k = min(chunk, opt["warmup_max_iter"] - run.n_sinkhorn)
-        alpha, beta, T, r, c, phi, err = run.sinkhorn(dual, alpha, beta, k, switch, out=T)
+        alpha, beta, _, _, _, _, err = run.sinkhorn(dual, alpha, beta, k, switch)
         if err > 0.95 * err_before:
             break
     info["n_warmup"] = run.n_sinkhorn
-    del T
 
     # -- Newton stage at the target eps ------------------------------------------------
-    schedule = _continuation_stages(C, eps) if opt["eps_scaling"] != "off" else []
+    schedule = _continuation_stages(cost_range, eps) if opt["eps_scaling"] != "off" else []
     status = "converged"
     if err > tol:
         if opt["eps_scaling"] == "on" and schedule:
@@ -357,7 +369,7 @@ def _solve_one(C, a, b, eps, alpha, beta, opt: dict, t_start: float):
             alpha = alpha + (e_k - e_prev) * dual.log_a  # same potentials f = alpha - eps log a
             beta = beta + (e_k - e_prev) * dual.log_b
             e_prev = e_k
-            dual_k = dual if e_k == eps else _Dual(C, a, b, e_k)
+            dual_k = dual if e_k == eps else _Dual(C, a, b, e_k, cost_range)
             alpha, beta, *_ = run.sinkhorn(dual_k, alpha, beta, 1, 0.0)
             alpha, beta, err, status = _newton_stage(
                 dual_k, alpha, beta, run, opt, tol if e_k == eps else stage_tol, stall_check=False
@@ -375,11 +387,11 @@ def _solve_one(C, a, b, eps, alpha, beta, opt: dict, t_start: float):
     return alpha, beta, err, run.n_sinkhorn + n_newton, info
 
 
-def _continuation_stages(C: torch.Tensor, eps: float) -> list[float]:
+def _continuation_stages(cost_range: float, eps: float) -> list[float]:
     """Intermediate eps of the continuation: geometric, jumps of at most 4, from a twentieth
     of the cost range (:func:`~entrokit.solvers._numerics.continuation_schedule`), target
     excluded; empty when the target is within a factor 4 of that start."""
-    return continuation_schedule(eps, 0.05 * float(C.max() - C.min()), 0.25)[:-1]
+    return continuation_schedule(eps, 0.05 * cost_range, 0.25)[:-1]
 
 
 def _c_transform_start(C: torch.Tensor):
@@ -409,23 +421,29 @@ def _fill_potentials(C, a, b, eps, f_support, g_support, ia, ib):
 
 
 def _certify(res: OTResult, tol: float) -> tuple[OTResult, torch.Tensor]:
-    """converged &= (the plan the result materialises, in float64, meets both marginals
-    to ``tol`` and <C, P> equals ``transport_cost``). Returns the result and the
-    certified L1 errors."""
+    """converged &= (the plan of the returned potentials, in float64, meets both
+    marginals to ``tol`` and <C, P> equals ``transport_cost``). Returns the result and the
+    certified L1 errors.
+
+    Float64 results: the result builder computed ``marginal_error`` and ``transport_cost``
+    from that very plan in float64 (no extra pass). Float32 results: the plan the result
+    materialises is recomputed in float64."""
+    pb = res.problem
     with torch.no_grad():
-        pb = res.problem
-        P = res.plan.detach().to(torch.float64)
-        a, b = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
-        err = (P.sum(-1) - a).abs().sum(-1) + (P.sum(-2) - b).abs().sum(-1)
-        cost = (P * pb.geometry.cost_matrix().detach().to(torch.float64)).sum((-2, -1))
-        rel = 1e-6 if res.f.dtype == torch.float64 else 1e-4
-        tc = res.transport_cost.detach().to(torch.float64)
-        ok = (err <= tol) & ((cost - tc).abs() <= rel * cost.abs().clamp_min(torch.finfo(torch.float64).tiny))
+        if res.f.dtype == torch.float64:
+            err = res.marginal_error.detach()
+            ok = err <= tol
+        else:
+            P = res.plan.detach().to(torch.float64)
+            a, b = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
+            err = (P.sum(-1) - a).abs().sum(-1) + (P.sum(-2) - b).abs().sum(-1)
+            cost = (P * pb.geometry.cost_matrix().detach().to(torch.float64)).sum((-2, -1))
+            tc = res.transport_cost.detach().to(torch.float64)
+            ok = (err <= tol) & ((cost - tc).abs() <= 1e-4 * cost.abs())
         ok = ok.to(res.converged.device)
-    converged = res.converged & ok
     info = dict(res.info)
     info["certified_error"] = err.tolist()
-    return dataclasses.replace(res, converged=converged, info=info), err
+    return dataclasses.replace(res, converged=res.converged & ok, info=info), err
 
 
 def sinkhorn_newton(
@@ -584,6 +602,7 @@ def sinkhorn_newton(
 
     t0 = time.perf_counter()
     cost64 = pb.geometry.detach().cost_matrix().to(torch.float64)
+    cost_ranges = pb.geometry.cost_range().tolist()
     a64, b64 = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
     fs, gs, n_iter, final_errors, histories, infos = [], [], [], [], [], []
     for k in range(a64.shape[0]):
@@ -592,11 +611,10 @@ def sinkhorn_newton(
         full = len(ia) == a_k.numel() and len(ib) == b_k.numel()
         C_support = C if full else C[ia][:, ib].contiguous()
         a_s, b_s = a_k[ia], b_k[ib]
+        alpha0 = beta0 = None
         if init is not None:
-            f0 = init[0][k].detach().to(torch.float64)[ia]
-            g0 = init[1][k].detach().to(torch.float64)[ib]
-        else:
-            f0, g0 = _c_transform_start(C_support)
+            alpha0 = init[0][k].detach().to(torch.float64)[ia] + eps * a_s.log()
+            beta0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
         n_s, m_s = C_support.shape
         opt = dict(
             tol=tol, variant=variant, callback=callback, init_given=init is not None,
@@ -609,7 +627,7 @@ def sinkhorn_newton(
             deadline=None if time_limit is None else t0 + time_limit,
         )
         alpha, beta, err, it, info = _solve_one(
-            C_support, a_s, b_s, eps, f0 + eps * a_s.log(), g0 + eps * b_s.log(), opt, time.perf_counter()
+            C_support, a_s, b_s, eps, float(cost_ranges[k]), alpha0, beta0, opt, time.perf_counter()
         )
         f, g = _fill_potentials(C, a_k, b_k, eps, alpha - eps * a_s.log(), beta - eps * b_s.log(), ia, ib)
         fs.append(f)
