@@ -59,7 +59,7 @@ def smooth_result(
             max_nnz=int(nnz_axis.max()),
             nnz=int((plan_internal != 0).sum()),
             x=(torch.cat([alpha, beta], -1) if formulation == "dual" else alpha),
-            certified_error=error64.tolist(),
+            certified_error=(error64 if user_batched else error64.squeeze(0)).tolist(),
         )
     f, g = (alpha, beta) if sparse_axis == "columns" else (beta, alpha)
     use_sparse = reg.sparse if sparse_plan is None else bool(sparse_plan)
