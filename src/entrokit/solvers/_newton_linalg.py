@@ -42,7 +42,6 @@ __all__ = [
     "threshold_density",
     "schur_solve",
     "dense_hessian",
-    "sparse_adjoint_solve",
 ]
 
 
@@ -224,67 +223,3 @@ def schur_solve(
         method=method, rtol=rtol, max_iter=max_iter, y0=None if y0 is None else y0.unsqueeze(0),
     )
     return dx[0], dy[0], int(n_iter[0]), bool(ok[0])
-
-
-def sparse_adjoint_solve(
-    T: torch.Tensor,
-    rhs_x: torch.Tensor,
-    rhs_y: torch.Tensor,
-    eps: float,
-    *,
-    method: str,
-    tol: float = 1e-12,
-    max_refine: int = 30,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    r"""Solve the adjoint system of implicit differentiation with the sparse Hessian.
-
-    Solves :math:`J\lambda = \bar x` with :math:`J = \varepsilon^{-1}K`, :math:`K` the
-    exact Hessian block matrix of the plan ``T`` (rows/columns of ``T`` with zero sums,
-    i.e. zero weights, are masked out), on the range of :math:`J`: the right-hand side
-    and the solution are orthogonal to the gauge direction :math:`(\mathbf 1, -\mathbf 1)`.
-
-    Iterative refinement (Newton's own machinery reused): the correction equation is
-    solved with the safe sparsification :math:`K_s` of ``T`` (entries below
-    :math:`10^{-12}\max T` are dropped, so
-    :math:`\|K-K_s\|_2 \le 10^{-12}\max(n,m)\max T`) plus a shift
-    :math:`\sigma = 10^{-13}\max_i r_i` that removes the gauge null space, through the
-    Schur complement (Jacobi-PCG or sparse direct), and the residual is recomputed with
-    the exact dense :math:`K` (one :math:`O(nm)` product per round) until it is below
-    ``tol`` relative to :math:`\|\bar x\|`.
-
-    Returns ``(lam_x, lam_y, rounds)``.
-    """
-    n, m = T.shape
-    r, c = T.sum(1), T.sum(0)
-    mr, mc = (r > 0).to(T.dtype), (c > 0).to(T.dtype)
-    z = mr.sum() + mc.sum()
-
-    def project(x, y):  # remove the gauge component (1, -1) on the support
-        p = ((x * mr).sum() - (y * mc).sum()) / z
-        return (x - p) * mr, (y + p) * mc
-
-    bx, by = project(rhs_x * mr, rhs_y * mc)
-    bnorm = float(torch.sqrt(bx.dot(bx) + by.dot(by)))
-    zx, zy = torch.zeros_like(bx), torch.zeros_like(by)
-    if bnorm == 0.0:
-        return zx, zy, 0
-    tmax = float(T.max())
-    sp = threshold_safe(T, r, c, 1e-12 * tmax * max(n, m))
-    shift = 1e-13 * float(r.max())
-    lx, ly = zx, zy
-    res_x, res_y = bx, by
-    rounds = 0
-    while rounds < max_refine:
-        rounds += 1
-        # correction: (K_s + shift) d = eps * residual  (J = K / eps)
-        dx, dy, _, _ = schur_solve(
-            sp, eps * res_x, eps * res_y, shift, method=method, rtol=1e-13, max_iter=max(500, 4 * m)
-        )
-        dx, dy = project(dx, dy)
-        lx, ly = lx + dx, ly + dy
-        Jx = (r * lx + T @ ly) / eps * mr
-        Jy = (T.t() @ lx + c * ly) / eps * mc
-        res_x, res_y = bx - Jx, by - Jy
-        if float(torch.sqrt(res_x.dot(res_x) + res_y.dot(res_y))) <= tol * bnorm:
-            break
-    return lx, ly, rounds
