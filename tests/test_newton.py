@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -150,12 +151,20 @@ def test_gauge_invariance():
 
 def test_float32_small_eps_is_finite():
     a, b, C = _problem(40, 30, 6, dtype=torch.float32)
-    res = sinkhorn_newton(a, b, C, 1e-4, tol=1e-5)
+    with warnings.catch_warnings():
+        # float32 potentials resolve exponents to ~6e-8 |f| / eps = 6e-4 here: the plan
+        # may miss tol=1e-5, and then the solver must say so
+        warnings.simplefilter("ignore", entrokit.ConvergenceWarning)
+        res = sinkhorn_newton(a, b, C, 1e-4, tol=1e-5)
     assert res.f.dtype == torch.float32 and res.plan.dtype == torch.float32
     for t in (res.f, res.g, res.plan, res.value, res.transport_cost):
         assert torch.isfinite(t).all()
-    assert res.converged
-    assert _marginal_error(res.plan.double(), a.double(), b.double()).item() < 1e-4
+    err = _marginal_error(res.plan.double(), a.double(), b.double()).item()
+    assert err < 1e-4
+    assert bool(res.converged) == (err <= 1e-5)  # converged only if the returned plan meets tol
+    # at a tolerance float32 can carry, it converges
+    res = sinkhorn_newton(a, b, C, 1e-4, tol=3e-4)
+    assert bool(res.converged) and _marginal_error(res.plan.double(), a.double(), b.double()).item() <= 3e-4
 
 
 def test_batched_equals_looped():
@@ -378,19 +387,21 @@ def test_sparse_implicit_gradient_matches_core_dense_implicit(linear_solver):
         assert torch.allclose(gb - gb.mean(), rb - rb.mean(), atol=1e-10, rtol=0), name
 
 
-def test_sparse_adjoint_solve_residual():
+def test_adjoint_solve_residual_at_a_newton_solution():
+    # the one implicit-gradient adjoint (Jacobi-PCG on J, solvers/implicit.py) at a Newton optimum
+    from entrokit.geometry import DenseCost
+    from entrokit.solvers.implicit import adjoint_solve
+
     a, b, C = _problem(40, 30, 17)
     eps = 1e-2
     res = sinkhorn_newton(a, b, C, eps, tol=1e-12)
     P = res.plan
     g = torch.Generator().manual_seed(18)
     x, y = torch.randn(40, generator=g, dtype=D), torch.randn(30, generator=g, dtype=D)
-    for method in ("cg", "direct"):
-        lx, ly, rounds = nl.sparse_adjoint_solve(P, x, y, eps, method=method)
-        # J lam equals the rhs projected onto range(J) (gauge component removed)
-        p = (x.sum() - y.sum()) / 70
-        Jx = (P.sum(1) * lx + P @ ly) / eps
-        Jy = (P.t() @ lx + P.sum(0) * ly) / eps
-        assert torch.allclose(Jx, x - p, atol=1e-9) and torch.allclose(Jy, y + p, atol=1e-9)
-        assert abs(lx.sum() - ly.sum()) < 1e-9  # orthogonal to the gauge direction
-        assert 1 <= rounds <= 30
+    lx, ly = adjoint_solve(DenseCost(C[None]), res.f[None], res.g[None], a[None], b[None], eps, x[None], y[None])
+    lx, ly = lx[0], ly[0]
+    # J lam equals the rhs projected onto range(J) (gauge component removed)
+    p = (x.sum() - y.sum()) / 70
+    Jx = (P.sum(1) * lx + P @ ly) / eps
+    Jy = (P.t() @ lx + P.sum(0) * ly) / eps
+    assert torch.allclose(Jx, x - p, atol=1e-9) and torch.allclose(Jy, y + p, atol=1e-9)

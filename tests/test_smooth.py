@@ -10,7 +10,7 @@ import torch
 
 import entrokit
 from entrokit import ConvergenceWarning, InputError, smooth_ot
-from entrokit.solvers.regularizers import (
+from entrokit.solvers.omega import (
     Entropy,
     SquaredL2,
     TopKSquaredL2,

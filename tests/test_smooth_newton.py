@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from entrokit import ConvergenceWarning, smooth_ot
-from entrokit.solvers import smooth as S
+from entrokit.solvers.omega import Entropy, SquaredL2
+from entrokit.solvers.smooth import api as smooth_api
+from entrokit.solvers.smooth import newton as smooth_newton
 
 D = torch.float64
 
@@ -19,23 +21,29 @@ def _gauss(n, mean, std):
     return h / h.sum()
 
 
-def test_direct_newton_step_solves_the_shifted_hessian_system():
-    # the Schur-complement step must equal a dense solve of (H + mu I) d = -g
+@pytest.mark.parametrize("method", ["direct", "dense", "cg", "auto"])
+@pytest.mark.parametrize("reg", ["l2", "entropy"])
+def test_dual_newton_step_solves_the_shifted_hessian_system(method, reg):
+    # the Schur-complement step must equal a dense solve of (H + mu I) d = -g, every back-end
+    if reg == "entropy" and method == "direct":
+        pytest.skip("dense plans use the dense or CG back-end")
     g = torch.Generator().manual_seed(3)
     R, K, gamma = 7, 5, 0.3
-    T = torch.rand(1, K, R, generator=g, dtype=D) * (torch.rand(1, K, R, generator=g, dtype=D) > 0.6)
-    grad = torch.randn(1, R + K, generator=g, dtype=D)
-    mu = torch.tensor([[0.05]], dtype=D)
-    d = S._direct_dual_step(T, grad, mu, gamma)
-    W = (T[0] > 0).to(D).T  # (R, K)
-    H = torch.zeros(R + K, R + K, dtype=D)
-    H[:R, :R] = torch.diag(W.sum(1))
-    H[R:, R:] = torch.diag(W.sum(0))
-    H[:R, R:] = W
-    H[R:, :R] = W.T
-    H = H / gamma + 0.05 * torch.eye(R + K, dtype=D)
-    ref = torch.linalg.solve(H, -grad[0])
-    assert torch.allclose(d[0], ref, atol=1e-10, rtol=1e-10)
+    T = torch.rand(2, K, R, generator=g, dtype=D) * (torch.rand(2, K, R, generator=g, dtype=D) > 0.6)
+    grad = torch.randn(2, R + K, generator=g, dtype=D)
+    mu = torch.tensor([[0.05], [0.2]], dtype=D)
+    omega = SquaredL2(gamma) if reg == "l2" else Entropy(gamma)
+    d, _ = smooth_newton.dual_newton_step(omega, T, grad, mu, method=method, rtol=1e-13)
+    for k in range(2):
+        W = ((T[k] > 0).to(D) if reg == "l2" else T[k]).T  # (R, K)
+        H = torch.zeros(R + K, R + K, dtype=D)
+        H[:R, :R] = torch.diag(W.sum(1))
+        H[R:, R:] = torch.diag(W.sum(0))
+        H[:R, R:] = W
+        H[R:, :R] = W.T
+        H = H / gamma + float(mu[k]) * torch.eye(R + K, dtype=D)
+        ref = torch.linalg.solve(H, -grad[k])
+        assert torch.allclose(d[k], ref, atol=1e-10, rtol=1e-10)
 
 
 def test_dual_newton_default_matches_semi_dual():
@@ -45,7 +53,9 @@ def test_dual_newton_default_matches_semi_dual():
     b = torch.full((25,), 1 / 25, dtype=D)
     rd = smooth_ot(a, b, C, reg="l2", gamma=0.05, formulation="dual", tol=1e-9)
     rs = smooth_ot(a, b, C, reg="l2", gamma=0.05, formulation="semi_dual", tol=1e-9)
-    assert rd.method == "smooth_dual_l2"  # default formulation for l2
+    assert rd.method == "smooth" and rs.method == "smooth"  # a valid entrokit.solve method
+    assert (rd.info["formulation"], rd.info["reg"], rd.info["solver"]) == ("dual", "l2", "newton")
+    assert rs.info["formulation"] == "semi_dual"
     assert float(rd.marginal_error) <= 1e-9
     assert abs(float(rd.value) - float(rs.value)) < 1e-9
     assert torch.allclose(rd.plan.to_dense(), rs.plan.to_dense(), atol=1e-7)
@@ -83,7 +93,7 @@ def test_semi_dual_tiny_weights_reach_tolerance(reg):
 
 def test_drop_negligible_keeps_mass_and_budget():
     w = torch.tensor([[0.5, 1e-30, 0.3, 1e-12, 0.2 - 1e-12 - 1e-30]], dtype=D)
-    w2 = S._drop_negligible(w, 1e-9)
+    w2 = smooth_api._drop_negligible(w, 1e-9)
     assert float(w2[0, 1]) == 0.0 and float(w2[0, 3]) == 0.0
     assert abs(float(w2.sum()) - float(w.sum())) < 1e-15
     assert float((w2 - w).abs().sum()) <= 4e-9

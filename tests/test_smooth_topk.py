@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from entrokit import smooth_ot
-from entrokit.solvers import smooth as S
-from entrokit.solvers.regularizers import TopKSquaredL2
+from entrokit.solvers.omega import TopKSquaredL2
+from entrokit.solvers.smooth import lbfgs as smooth_lbfgs
+from entrokit.solvers.smooth import objectives as S
 
 D = torch.float64
 
@@ -82,11 +83,11 @@ def test_compact_lbfgs_direction_equals_two_loop():
     Sl = [torch.randn(B, n, dtype=D, generator=gen) for _ in range(h)]
     Yl = [torch.bmm(H, s.unsqueeze(-1)).squeeze(-1) for s in Sl]
     g = torch.randn(B, n, dtype=D, generator=gen)
-    d = S._lbfgs_direction(g, S._lbfgs_memory(Sl, Yl))
+    d = smooth_lbfgs.lbfgs_direction(g, smooth_lbfgs.lbfgs_memory(Sl, Yl))
     for i in range(B):
         ref = _two_loop(g[i], [s[i] for s in Sl], [y[i] for y in Yl])
         torch.testing.assert_close(d[i], ref, rtol=1e-10, atol=1e-12)
-    assert torch.equal(S._lbfgs_direction(g, None), -g)
+    assert torch.equal(smooth_lbfgs.lbfgs_direction(g, None), -g)
 
 
 def test_lbfgs_solves_a_smooth_quadratic_to_tolerance():
@@ -100,7 +101,7 @@ def test_lbfgs_solves_a_smooth_quadratic_to_tolerance():
         gr = Hx - c
         return 0.5 * (x * Hx).sum(-1) - (c * x).sum(-1), gr, gr.abs().sum(-1)
 
-    x, n_iter, conv, _ = S._lbfgs(fun, torch.zeros(2, 12, dtype=D), 1e-10, 500)
+    x, n_iter, conv, _ = smooth_lbfgs.lbfgs(fun, torch.zeros(2, 12, dtype=D), 1e-10, 500)
     assert bool(conv.all())
     torch.testing.assert_close(x, torch.linalg.solve(H, c), rtol=1e-8, atol=1e-8)
 

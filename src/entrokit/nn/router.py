@@ -30,7 +30,7 @@ from entrokit._errors import InputError
 from entrokit._validation import check_choice, check_positive, check_positive_int
 from entrokit.geometry import DenseCost
 from entrokit.problem import OTProblem
-from entrokit.solvers.regularizers import TopKSquaredL2
+from entrokit.solvers.omega import TopKSquaredL2
 from entrokit.solvers.smooth import smooth_ot_problem
 
 __all__ = ["RouterOutput", "SparseOTRouter", "sparse_ot_route"]

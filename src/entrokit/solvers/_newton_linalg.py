@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from entrokit.solvers._numerics import DenseBlock, SparseBlock, solve_bipartite
+
 DENSE_ABOVE = 0.1  # density above which the kept block is stored dense
 
 __all__ = [
@@ -40,7 +42,6 @@ __all__ = [
     "threshold_density",
     "schur_solve",
     "dense_hessian",
-    "sparse_adjoint_solve",
 ]
 
 
@@ -168,6 +169,36 @@ def dense_hessian(T: torch.Tensor) -> torch.Tensor:
     return _coupling_from_mask(T, idx, r, c).to_dense_hessian(0.0)
 
 
+class _SingleBlock:
+    """A :class:`SparseCoupling` seen as a batch of one by
+    :func:`~entrokit.solvers._numerics.solve_bipartite` (its CSR/dense products kept)."""
+
+    def __init__(self, sp: SparseCoupling):
+        self.sp = sp
+        self.shape = (1, *sp.shape)
+
+    def mv(self, y):
+        return self.sp.mv(y[0]).unsqueeze(0)
+
+    def rmv(self, x):
+        return self.sp.rmv(x[0]).unsqueeze(0)
+
+    def _sparse(self) -> SparseBlock:
+        sp = self.sp
+        return SparseBlock(torch.zeros_like(sp.rows), sp.rows, sp.cols, sp.vals, self.shape)
+
+    def coo(self):
+        return self._sparse().coo()
+
+    def weighted_gram(self, w):
+        if self.sp._dense is not None:
+            return DenseBlock(self.sp._dense.unsqueeze(0)).weighted_gram(w)
+        return self._sparse().weighted_gram(w)
+
+    def col_sq_sum(self, w):
+        return self._sparse().col_sq_sum(w)
+
+
 def schur_solve(
     sp: SparseCoupling,
     rhs_x: torch.Tensor,
@@ -179,137 +210,16 @@ def schur_solve(
     max_iter: int,
     y0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    r"""Solve :math:`(K_s + \sigma I)(d_x, d_y) = (\text{rhs}_x, \text{rhs}_y)`.
+    r"""Solve :math:`(K_s + \sigma I)(d_x, d_y) = (\text{rhs}_x, \text{rhs}_y)` for one
+    problem with :func:`~entrokit.solvers._numerics.solve_bipartite` (``method``:
+    ``"cg"``, ``"direct"``, ``"dense"`` or ``"auto"``).
 
     Returns ``(dx, dy, iterations, ok)``; ``ok`` is False when CG stalled (relative
-    residual above ``max(rtol, 1e-3)`` after ``max_iter`` iterations) or produced a
-    non-finite value.
+    residual above ``max(rtol, 1e-3)`` after ``max_iter`` iterations) or a value is not
+    finite.
     """
-    dA = sp.r + shift  # diagonal row block, > 0
-    rhs_s = rhs_y - sp.rmv(rhs_x / dA)
-    if method == "direct":
-        dy = _direct_schur(sp, dA, shift, rhs_s)
-        it, ok = 1, bool(torch.isfinite(dy).all())
-    else:
-        dy, it, ok = _pcg_schur(sp, dA, shift, rhs_s, rtol, max_iter, y0)
-    dx = (rhs_x - sp.mv(dy)) / dA
-    ok = ok and bool(torch.isfinite(dx).all())
-    return dx, dy, it, ok
-
-
-def _pcg_schur(sp, dA, shift, rhs, rtol, max_iter, y0):
-    # Jacobi-PCG on S y = rhs (S SPD); one sync per iteration for the stopping test.
-    diagS = sp.c + shift - torch.zeros_like(sp.c).index_add_(0, sp.cols, sp.vals * sp.vals / dA[sp.rows])
-    diagS = diagS.clamp_min(shift if shift > 0 else torch.finfo(rhs.dtype).tiny)
-    Minv = 1.0 / diagS
-
-    def S(y):
-        return (sp.c + shift) * y - sp.rmv(sp.mv(y) / dA)
-
-    y = torch.zeros_like(rhs) if y0 is None else y0.clone()
-    res = rhs - S(y) if y0 is not None else rhs.clone()
-    bnorm = float(rhs.norm())
-    if bnorm == 0.0:
-        return torch.zeros_like(rhs), 0, True
-    z = Minv * res
-    p = z.clone()
-    rz = torch.dot(res, z)
-    it = 0
-    for it in range(1, max_iter + 1):
-        Sp = S(p)
-        pSp = torch.dot(p, Sp)
-        alpha = rz / pSp
-        y = y + alpha * p
-        res = res - alpha * Sp
-        rn = float(res.norm())
-        if not (rn == rn):  # NaN
-            return y, it, False
-        if rn <= rtol * bnorm:
-            return y, it, True
-        z = Minv * res
-        rz_new = torch.dot(res, z)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    return y, it, float(res.norm()) <= max(rtol, 1e-3) * bnorm
-
-
-def _direct_schur(sp, dA, shift, rhs):
-    # CPU sparse direct solve of the Schur system with SciPy's SuperLU.
-    import numpy as np
-    import scipy.sparse as sps
-    import scipy.sparse.linalg as spla
-
-    n, m = sp.shape
-    rows = sp.rows.cpu().numpy()
-    cols = sp.cols.cpu().numpy()
-    vals = sp.vals.detach().cpu().numpy()
-    Ts = sps.csr_matrix((vals, (rows, cols)), shape=(n, m))
-    W = sps.diags(1.0 / dA.cpu().numpy())
-    S = sps.diags(sp.c.cpu().numpy() + shift) - (Ts.T @ W @ Ts)
-    S = sps.csc_matrix(S)
-    y = spla.spsolve(S, rhs.cpu().numpy(), permc_spec="MMD_AT_PLUS_A")
-    return torch.as_tensor(np.asarray(y), dtype=rhs.dtype, device=rhs.device)
-
-
-def sparse_adjoint_solve(
-    T: torch.Tensor,
-    rhs_x: torch.Tensor,
-    rhs_y: torch.Tensor,
-    eps: float,
-    *,
-    method: str,
-    tol: float = 1e-12,
-    max_refine: int = 30,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    r"""Solve the adjoint system of implicit differentiation with the sparse Hessian.
-
-    Solves :math:`J\lambda = \bar x` with :math:`J = \varepsilon^{-1}K`, :math:`K` the
-    exact Hessian block matrix of the plan ``T`` (rows/columns of ``T`` with zero sums,
-    i.e. zero weights, are masked out), on the range of :math:`J`: the right-hand side
-    and the solution are orthogonal to the gauge direction :math:`(\mathbf 1, -\mathbf 1)`.
-
-    Iterative refinement (Newton's own machinery reused): the correction equation is
-    solved with the safe sparsification :math:`K_s` of ``T`` (entries below
-    :math:`10^{-12}\max T` are dropped, so
-    :math:`\|K-K_s\|_2 \le 10^{-12}\max(n,m)\max T`) plus a shift
-    :math:`\sigma = 10^{-13}\max_i r_i` that removes the gauge null space, through the
-    Schur complement (Jacobi-PCG or sparse direct), and the residual is recomputed with
-    the exact dense :math:`K` (one :math:`O(nm)` product per round) until it is below
-    ``tol`` relative to :math:`\|\bar x\|`.
-
-    Returns ``(lam_x, lam_y, rounds)``.
-    """
-    n, m = T.shape
-    r, c = T.sum(1), T.sum(0)
-    mr, mc = (r > 0).to(T.dtype), (c > 0).to(T.dtype)
-    z = mr.sum() + mc.sum()
-
-    def project(x, y):  # remove the gauge component (1, -1) on the support
-        p = ((x * mr).sum() - (y * mc).sum()) / z
-        return (x - p) * mr, (y + p) * mc
-
-    bx, by = project(rhs_x * mr, rhs_y * mc)
-    bnorm = float(torch.sqrt(bx.dot(bx) + by.dot(by)))
-    zx, zy = torch.zeros_like(bx), torch.zeros_like(by)
-    if bnorm == 0.0:
-        return zx, zy, 0
-    tmax = float(T.max())
-    sp = threshold_safe(T, r, c, 1e-12 * tmax * max(n, m))
-    shift = 1e-13 * float(r.max())
-    lx, ly = zx, zy
-    res_x, res_y = bx, by
-    rounds = 0
-    while rounds < max_refine:
-        rounds += 1
-        # correction: (K_s + shift) d = eps * residual  (J = K / eps)
-        dx, dy, _, _ = schur_solve(
-            sp, eps * res_x, eps * res_y, shift, method=method, rtol=1e-13, max_iter=max(500, 4 * m)
-        )
-        dx, dy = project(dx, dy)
-        lx, ly = lx + dx, ly + dy
-        Jx = (r * lx + T @ ly) / eps * mr
-        Jy = (T.t() @ lx + c * ly) / eps * mc
-        res_x, res_y = bx - Jx, by - Jy
-        if float(torch.sqrt(res_x.dot(res_x) + res_y.dot(res_y))) <= tol * bnorm:
-            break
-    return lx, ly, rounds
+    dx, dy, n_iter, ok = solve_bipartite(
+        _SingleBlock(sp), sp.r.unsqueeze(0), sp.c.unsqueeze(0), shift, rhs_x.unsqueeze(0), rhs_y.unsqueeze(0),
+        method=method, rtol=rtol, max_iter=max_iter, y0=None if y0 is None else y0.unsqueeze(0),
+    )
+    return dx[0], dy[0], int(n_iter[0]), bool(ok[0])

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from entrokit.geometry import Geometry
+from entrokit.solvers._numerics import pcg
 
 __all__ = ["implicit_potentials", "implicit_fixed_point", "entropic_residual", "adjoint_solve"]
 
@@ -56,11 +57,9 @@ def adjoint_solve(
     Pv, PTu, r, c = geom.plan_operator(f, g, a, b, eps)
     mr, mc = (a > 0).to(f.dtype), (b > 0).to(f.dtype)
 
-    def J(x, y):
-        return ((r * x + Pv(y)) / eps) * mr, ((PTu(x) + c * y) / eps) * mc
-
-    def dot(x1, y1, x2, y2):
-        return (x1 * x2).sum(-1) + (y1 * y2).sum(-1)
+    def J(v):  # J v on the stacked (x, y), rows/columns of zero weight masked
+        x, y = v[..., :n], v[..., n:]
+        return torch.cat([(r * x + Pv(y)) / eps * mr, (PTu(x) + c * y) / eps * mc], -1)
 
     # project the right-hand side onto range(J): remove the gauge component (1, -1)
     bx, by = rhs_f * mr, rhs_g * mc
@@ -68,32 +67,13 @@ def adjoint_solve(
     proj = ((bx * mr).sum(-1) - (by * mc).sum(-1)) / z
     bx = bx - proj.unsqueeze(-1) * mr
     by = by + proj.unsqueeze(-1) * mc
-    dr = torch.where(mr > 0, eps / r.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(r))
-    dc = torch.where(mc > 0, eps / c.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(c))
-    x, y = torch.zeros_like(bx), torch.zeros_like(by)
-    rx, ry = bx.clone(), by.clone()
-    zx, zy = rx * dr, ry * dc
-    px, py = zx.clone(), zy.clone()
-    rz = dot(rx, ry, zx, zy)
-    bnorm = dot(bx, by, bx, by).sqrt().clamp_min(torch.finfo(bx.dtype).tiny)
-    max_iter = max_iter or 10 * (n + m)
-    for _ in range(max_iter):
-        Jx, Jy = J(px, py)
-        pJp = dot(px, py, Jx, Jy)
-        alpha = torch.where(pJp > 0, rz / pJp.clamp_min(torch.finfo(pJp.dtype).tiny), torch.zeros_like(pJp))
-        x = x + alpha.unsqueeze(-1) * px
-        y = y + alpha.unsqueeze(-1) * py
-        rx = rx - alpha.unsqueeze(-1) * Jx
-        ry = ry - alpha.unsqueeze(-1) * Jy
-        if (dot(rx, ry, rx, ry).sqrt() <= tol * bnorm).all():
-            break
-        zx, zy = rx * dr, ry * dc
-        rz_new = dot(rx, ry, zx, zy)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), torch.zeros_like(rz))
-        rz = rz_new
-        px = zx + beta.unsqueeze(-1) * px
-        py = zy + beta.unsqueeze(-1) * py
-    return x, y
+    tiny = torch.finfo(r.dtype).tiny
+    inv_diag = torch.cat([
+        torch.where(mr > 0, eps / r.clamp_min(tiny), torch.zeros_like(r)),
+        torch.where(mc > 0, eps / c.clamp_min(tiny), torch.zeros_like(c)),
+    ], -1)
+    out = pcg(J, torch.cat([bx, by], -1), inv_diag, rtol=tol, max_iter=max_iter or 10 * (n + m))
+    return out.x[..., :n], out.x[..., n:]
 
 
 AdjointSolver = Callable[..., tuple[torch.Tensor, torch.Tensor]]

@@ -19,11 +19,14 @@ the sign fixed). Sinkhorn is exact block-coordinate ascent on :math:`\Phi`.
 
 **Algorithm** (both variants):
 
-1. *Warm-up*: log-domain Sinkhorn from zero potentials (or ``init``). ``"sns"`` switches
-   adaptively: once the L1 marginal error is below ``switch_tol``, or when Sinkhorn
-   stalls (error ratio over 5 iterations above 0.95), or after ``warmup_max_iter``
-   iterations (the paper uses a fixed :math:`N_1 = 20`). ``"ssns"`` needs no warm-up
-   for convergence; it runs ``warmup_max_iter`` (default 3) cheap Sinkhorn sweeps.
+1. *Warm-up*: the library's Sinkhorn loop (:func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`,
+   no eps-scaling) from ``init`` or from the exact :math:`\varepsilon\to 0`
+   c-transforms :math:`f_i = \min_j C_{ij}`, :math:`g_j = \min_i(C_{ij} - f_i)` (every row
+   and column of the first plan then holds an entry :math:`a_ib_j`, whatever the cost
+   scale). It stops once the L1 marginal error is below ``switch_tol``, after
+   ``warmup_max_iter`` iterations (``"sns"``: the paper's :math:`N_1 = 20`; ``"ssns"``
+   needs no warm-up for convergence and runs 3 cheap iterations), or, for ``"sns"``, when
+   Sinkhorn stalls (error ratio over 5 iterations above 0.95).
 2. *Newton stage* in float64: sparsify the coupling block of the Hessian (the exact
    diagonal is kept), solve :math:`(K_s + \sigma I)\,d = \varepsilon\nabla\Phi` by the
    Schur complement on the column block (Jacobi-PCG, or a sparse direct factorisation
@@ -38,7 +41,7 @@ the sign fixed). Sinkhorn is exact block-coordinate ascent on :math:`\Phi`.
 * ``"ssns"`` (the idea of Tang, Qiu et al., NeurIPS 2024): the sparsification drops
   every entry below :math:`\delta/\max(n,m)` with :math:`\delta = \nu\|\nabla\Phi\|_2`,
   so each row and column loses at most :math:`\delta` of mass and
-  :math:`\|K - K_s\|_2 \le \delta`; the shift :math:`\sigma = \varepsilon\mu
+  :math:`\|K - K_s\|_2 \le \delta`; the shift :math:`\sigma = (\varepsilon/\Delta C)\,\mu
   \|\nabla\Phi\|_2` makes :math:`K_s + \sigma I` positive definite, and :math:`\mu` is
   adapted by the ratio :math:`\rho` of actual to predicted increase (increase
   :math:`\mu` (at most :math:`10^3`) when :math:`\rho < 1/4`, decrease when :math:`\rho > 3/4`). Both the density
@@ -51,10 +54,11 @@ model of :math:`\Phi` is poor when :math:`\varepsilon` is small (its curvature c
 a factor :math:`e` per :math:`\varepsilon` of potential), so Newton steps are damped to a
 few percent; this happens on W1 grid problems, whose OT solution is not unique. After
 four poor steps (accepted step below 1/4, or a fallback) the solver switches to
-:math:`\varepsilon`-continuation: it solves :math:`\varepsilon_k = 4^k\varepsilon`,
-from about a tenth of the cost range down, to L1 error :math:`10^{-3}`, each stage
-warm-started with the previous potentials :math:`(f, g)` and one Sinkhorn sweep, and
-ends at the target :math:`\varepsilon` (``eps_scaling``; schedule in
+:math:`\varepsilon`-continuation: it solves a geometric sequence :math:`\varepsilon_k`
+(factor 1/4, from about a tenth of the cost range down,
+:func:`~entrokit.solvers._numerics.continuation_schedule`) to L1 error :math:`10^{-3}`,
+each stage warm-started with the previous potentials :math:`(f, g)` and one Sinkhorn
+iteration, and ends at the target :math:`\varepsilon` (``eps_scaling``; schedule in
 ``info["eps_schedule"]``). The SSNS shift factor :math:`\mu` is capped at
 :math:`10^3`. ``"sns"`` additionally doubles its density :math:`\lambda` whenever a
 step is damped below 1/4, fails, or 5 steps fail to halve the error
@@ -62,16 +66,25 @@ step is damped below 1/4, fails, or 5 steps fail to halve the error
 
 **Safeguards.** A failed line search (no Armijo step down to :math:`2^{-12}`), a CG
 solve that stalls or any non-finite value triggers ``fallback_steps`` Sinkhorn
-sweeps instead of the Newton step; the count is reported in
+iterations (again :func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`) instead of the
+Newton step; the count is reported in
 ``info["fallbacks"]``. Near convergence, where :math:`\Phi` differences drop below
 floating-point resolution, a step is also accepted when it reduces the marginal
 error.
 
-**Numerics.** The Newton stage always runs in float64 on a copy of the cost, and the
-exponent is clamped at :math:`-700` (no denormals: they are 10x slower and below any
-tolerance); the potentials are cast back to the input dtype. Rows or columns with zero
-weight are removed from the Newton problem and their potentials are filled in by the
-soft :math:`c`-transform, as in :func:`~entrokit.sinkhorn`.
+**Numerics.** The Newton stage always runs in float64 on a copy of the cost. Exponents
+are floored at :func:`~entrokit.geometry.exp_floor` (no denormals: they are 10x slower
+and far below any tolerance) and never clamped from above (an overflow is a rejected
+step, not a truncated plan). The potentials are cast back to the input dtype. Rows or
+columns with zero weight are removed from the Newton problem and their potentials are
+filled in by the soft :math:`c`-transform of the geometry, as in :func:`~entrokit.sinkhorn`.
+
+**Certification.** ``converged=True`` only if the plan
+:math:`P_{ij} = a_ib_je^{(f_i+g_j-C_{ij})/\varepsilon}` of the *returned* potentials, as
+the result materialises it and recomputed in float64, meets both marginals to ``tol``
+(L1) and :math:`\langle C, P\rangle` equals ``transport_cost``. Float32 outputs that
+cannot carry the float64 solution to that accuracy are reported as not converged
+(``info["certified_error"]``).
 
 **Cost per Newton iteration.** One dense :math:`O(nm)` pass to form :math:`T`, its
 marginals and the objective (the same order as one Sinkhorn iteration), one pass to
@@ -79,8 +92,10 @@ select the sparse pattern, and a sparse solve of cost :math:`O(\mathrm{nnz})` pe
 iteration.
 
 **Devices.** Every operation is device-agnostic torch code (gathers and
-``index_add_`` for the sparse products); ``linear_solver="direct"`` uses SciPy and runs
-on CPU only; ``"auto"`` picks it for CPU tensors and CG elsewhere. The CUDA path is
+``index_add_`` for the sparse products); the Schur systems are solved by
+:func:`~entrokit.solvers._numerics.solve_bipartite`: ``linear_solver="direct"`` uses
+SciPy and runs on CPU only; ``"auto"`` is CG (warm-started from the previous step, the
+fastest choice in ``benchmarks/bench_newton.py``). The CUDA path is
 untested on GPU hardware.
 
 **Batches** are solved problem by problem (each has its own Newton path and
@@ -99,64 +114,67 @@ import torch
 from entrokit._errors import InputError
 from entrokit._result import OTResult
 from entrokit._validation import check_choice, check_positive, check_positive_int
-from entrokit.problem import log_weights, make_problem
+from entrokit.geometry import DenseCost, exp_floor
+from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import entropic_result, warn_not_converged
-from entrokit.solvers._newton_linalg import (
-    schur_solve,
-    sparse_adjoint_solve,
-    threshold_density,
-    threshold_safe,
-)
-from entrokit.solvers.sinkhorn import _check_init
+from entrokit.solvers._newton_linalg import schur_solve, threshold_density, threshold_safe
+from entrokit.solvers._numerics import armijo_backtracking, continuation_schedule
+from entrokit.solvers.sinkhorn import SinkhornOptions, _check_init, sinkhorn_problem
 
 __all__ = ["sinkhorn_newton", "sns", "ssns", "NEWTON_VARIANTS"]
 
 NEWTON_VARIANTS = ("ssns", "sns")
 _LINEAR_SOLVERS = ("auto", "cg", "direct")
 _GRADS = ("envelope", "implicit", "unroll")
-_MIN_EXP = -700.0  # exp(-700) ~ 1e-304: smallest exponent kept out of the denormal range
+_EXP_FLOOR = exp_floor(torch.float64)
 
 
 class _Dual:
-    """The dual objective of one problem on its support, in float64."""
+    """The dual objective of one problem on its support (positive weights), in float64,
+    in the log-scalings :math:`\\alpha = f + \\varepsilon\\log a`, :math:`\\beta = g +
+    \\varepsilon\\log b`, for which the plan :math:`T = e^{(\\alpha+\\beta-C)/\\varepsilon}`
+    is :math:`P` itself."""
 
-    def __init__(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float):
+    def __init__(self, C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, cost_range: float):
         self.C, self.a, self.b, self.eps = C, a, b, eps
         self.log_a, self.log_b = a.log(), b.log()
+        # eps relative to the cost range: makes the SSNS shift invariant to the cost scale
+        self.relative_eps = eps / max(cost_range, eps)
+        self.cost_range = cost_range
+        self.problem = OTProblem(a.unsqueeze(0), b.unsqueeze(0), DenseCost(C.unsqueeze(0)))
 
-    def plan(self, al: torch.Tensor, be: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def plan(self, alpha: torch.Tensor, beta: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         T = torch.empty_like(self.C) if out is None else out
-        torch.sub(al.unsqueeze(1), self.C, out=T)
-        T.add_(be.unsqueeze(0)).mul_(1.0 / self.eps).clamp_(_MIN_EXP, -_MIN_EXP).exp_()
+        torch.sub(alpha.unsqueeze(1), self.C, out=T)
+        # floored (no denormals), never clamped above: an overflow must show as inf
+        T.add_(beta.unsqueeze(0)).mul_(1.0 / self.eps).clamp_(min=_EXP_FLOOR).exp_()
         return T
 
-    def evaluate(self, al, be, out=None):
-        """Return ``(T, r, c, phi, err)`` at ``(al, be)``."""
-        T = self.plan(al, be, out)
+    def evaluate(self, alpha, beta, out=None):
+        """Return ``(T, r, c, phi, err)`` at ``(alpha, beta)``: plan, its marginals, the dual
+        objective and the L1 marginal error (module docstring)."""
+        T = self.plan(alpha, beta, out)
         r, c = T.sum(1), T.sum(0)
-        phi = float(torch.dot(self.a, al) + torch.dot(self.b, be) - self.eps * r.sum())
+        phi = float(torch.dot(self.a, alpha) + torch.dot(self.b, beta) - self.eps * r.sum())
         err = float((r - self.a).abs().sum() + (c - self.b).abs().sum())
         return T, r, c, phi, err
 
-    def sinkhorn_sweep(self, al, be, T, c):
-        """One Sinkhorn iteration (column then row scaling) from the plan ``T`` at
-        ``(al, be)`` with column sums ``c``: one exponential pass. Returns the new
-        ``(al, be, T, r, c, phi, err)``; ``T`` is overwritten."""
+    def sinkhorn(self, alpha, beta, max_iter: int, tol: float):
+        """Up to ``max_iter`` iterations of the library's Sinkhorn loop from ``(alpha,
+        beta)`` (``None``: Sinkhorn's own exact eps -> 0 c-transform start), stopping at L1
+        error ``tol``; returns ``(alpha, beta, iterations)``."""
         eps = self.eps
-        be = be + eps * (self.log_b - c.log())  # column update: T^T 1 = b
-        T = self.plan(al, be, T)
-        r = T.sum(1)
-        al = al + eps * (self.log_a - r.log())  # row update: T 1 = a
-        T.mul_((self.a / r).unsqueeze(1))
-        c = T.sum(0)
-        r = self.a
-        phi = float(torch.dot(self.a, al) + torch.dot(self.b, be) - eps * self.a.sum())
-        err = float((c - self.b).abs().sum())
-        return al, be, T, r, c, phi, err
+        init = None if alpha is None else (
+            (alpha - eps * self.log_a).unsqueeze(0), (beta - eps * self.log_b).unsqueeze(0)
+        )
+        options = SinkhornOptions(tol=tol, max_iter=max_iter, eps_scaling=False, check_every=1)
+        f, g, n_iter, _, _, _ = sinkhorn_problem(self.problem, eps, options, init=init)
+        return f[0] + eps * self.log_a, g[0] + eps * self.log_b, int(n_iter[0])
 
 
 class _Run:
-    """Histories and counters shared by the stages of one solve."""
+    """Histories and counters shared by the stages of one solve (one history entry per
+    Newton step and per Sinkhorn run)."""
 
     def __init__(self, t_start: float, callback):
         self.t_start, self.callback = t_start, callback
@@ -165,6 +183,7 @@ class _Run:
         self.time: list[float] = []
         self.phase: list[str] = []
         self.steps = 0  # Newton steps + fallback rounds, all stages (the max_iter budget)
+        self.n_sinkhorn = 0  # Sinkhorn iterations (warm-up, stage starts, fallbacks)
         self.info: dict[str, Any] = {
             "fallbacks": 0, "line_search_failures": 0, "cg_failures": 0, "density_increases": 0,
             "cg_iters": [], "density": [], "step_size": [], "shift": [], "eps_schedule": [],
@@ -178,80 +197,100 @@ class _Run:
         if self.callback is not None:
             self.callback(len(self.err), err)
 
+    def sinkhorn(self, dual: _Dual, alpha, beta, max_iter: int, tol: float, out=None):
+        """Sinkhorn iterations, recorded; returns ``(alpha, beta, T, r, c, phi, err)``."""
+        alpha, beta, k = dual.sinkhorn(alpha, beta, max_iter, tol)
+        self.n_sinkhorn += k
+        T, r, c, phi, err = dual.evaluate(alpha, beta, out)
+        self.record(phi, err, "sinkhorn")
+        return alpha, beta, T, r, c, phi, err
 
-def _newton_stage(dual: _Dual, al, be, run: _Run, opt: dict, tol: float, stall_check: bool):
-    """Newton iterations on ``dual`` from ``(al, be)`` until the L1 error is <= ``tol``.
 
-    Returns ``(al, be, err, status)`` with status ``"converged"``, ``"budget"``,
+def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, stall_check: bool):
+    """Newton iterations on ``dual`` from ``(alpha, beta)`` until the L1 error is <= ``tol``.
+
+    Returns ``(alpha, beta, err, status)`` with status ``"converged"``, ``"budget"``,
     ``"timeout"`` or ``"stalled"`` (only with ``stall_check``: four poor steps, i.e.
     accepted step sizes below 1/4 or fallbacks, mean the iterate is far outside the
     region where the quadratic model is good).
     """
     eps, a, b, info = dual.eps, dual.a, dual.b, run.info
-    variant, lin = opt["variant"], opt["linear_solver"]
-    T, r, c, phi, err = dual.evaluate(al, be)
-    T_try = torch.empty_like(T)
+    safe = opt["variant"] == "ssns"
+    linear_solver = opt["linear_solver"]
+    T, r, c, phi, err = dual.evaluate(alpha, beta)
+    T_trial = torch.empty_like(T)
     mu, density = opt["mu0"], opt["density"]
     dy_prev = None
     poor = 0
     err_mark, steps_mark = err, 0  # SNS: progress since the last density change
+    one = torch.ones(1, dtype=torch.bool)
     while err > tol:
         if run.steps >= opt["max_iter"]:
-            return al, be, err, "budget"
+            return alpha, beta, err, "budget"
         if opt["deadline"] is not None and time.perf_counter() > opt["deadline"]:
             info["timed_out"] = True
-            return al, be, err, "timeout"
+            return alpha, beta, err, "timeout"
         if stall_check and poor >= 4:
-            return al, be, err, "stalled"
+            return alpha, beta, err, "stalled"
         run.steps += 1
-        gx, gy = a - r, b - c
+        gx, gy = a - r, b - c  # gradient of Phi
         gnorm = float(torch.sqrt(gx.dot(gx) + gy.dot(gy)))
-        if variant == "ssns":
-            sp = threshold_safe(T, r, c, opt["nu"] * gnorm)
-            shift = eps * mu * gnorm
+        if safe:
+            coupling = threshold_safe(T, r, c, opt["nu"] * gnorm)
+            shift = dual.relative_eps * mu * gnorm  # eps mu |grad| for a cost range of 1
         else:
-            sp = threshold_density(T, r, c, density)
+            coupling = threshold_density(T, r, c, density)
             shift = 1e-10 * float(r.max())
         rtol = min(opt["cg_rtol_max"], max(opt["cg_rtol"], err))
         dx, dy, cg_it, ok = schur_solve(
-            sp, eps * gx, eps * gy, shift, method=lin, rtol=rtol, max_iter=opt["cg_max_iter"], y0=dy_prev,
+            coupling, eps * gx, eps * gy, shift, method=linear_solver, rtol=rtol,
+            max_iter=opt["cg_max_iter"], y0=dy_prev,
         )
         info["cg_iters"].append(cg_it)
-        info["density"].append(sp.density)
+        info["density"].append(coupling.density)
         info["shift"].append(shift)
+        slope = float(gx.dot(dx) + gy.dot(dy)) if ok else 0.0  # > 0: ascent direction
         step_ok = False
-        if ok:
-            slope = float(gx.dot(dx) + gy.dot(dy))  # > 0: ascent direction
-            t = 1.0
-            while t >= opt["min_step"] and slope > 0:
-                al_t, be_t = al + t * dx, be + t * dy
-                T_t, r_t, c_t, phi_t, err_t = dual.evaluate(al_t, be_t, T_try)
+        if ok and slope > 0:
+            def trial(t, alpha=alpha, beta=beta, dx=dx, dy=dy, out=T_trial):
+                t = float(t)
+                alpha_t, beta_t = alpha + t * dx, beta + t * dy
+                T_t, r_t, c_t, phi_t, err_t = dual.evaluate(alpha_t, beta_t, out)
+                return torch.tensor([-phi_t], dtype=torch.float64), (alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t)
+
+            def error_decrease(F_t, state, err=err):
+                # near the optimum, where differences of Phi fall below its rounding
+                # error, a decrease of the marginal error is accepted as well
+                return torch.tensor([err < 1e-4 and state[5] < err])
+
+            # Armijo on -Phi (SNS Alg. 1, lines 5-8): Phi(z + t d) >= Phi(z) + c1 t grad^T d
+            search = armijo_backtracking(
+                trial, torch.tensor([-phi], dtype=torch.float64), torch.tensor([-slope], dtype=torch.float64),
+                (alpha, beta, T, r, c, err, phi), one, c1=opt["c1"], max_backtracks=opt["max_backtracks"],
+                also_accept=error_decrease,
+            )
+            step_ok = bool(search.accepted[0])
+            t = float(search.step[0])
+            if step_ok:
+                alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t = search.state
                 gain = phi_t - phi
-                # Armijo (SNS Alg. 1 line 7); near the optimum, where differences of Phi
-                # fall below its rounding error, a decrease of the error is accepted
-                if math.isfinite(phi_t) and math.isfinite(err_t) and (
-                    gain >= opt["c1"] * t * slope or (err < 1e-4 and err_t < err)
-                ):
-                    step_ok = True
-                    break
-                t *= 0.5
-            if step_ok and variant == "ssns":
-                # trust-region ratio of actual to predicted increase adapts the shift
-                Kx, Ky = sp.hess_mv(dx, dy, 0.0)
-                curv = float(dx.dot(Kx) + dy.dot(Ky)) / eps
-                pred = t * slope - 0.5 * t * t * curv
-                rho = gain / pred if pred > 0 else 1.0
-                if rho < 0.25:
-                    mu = min(4.0 * mu, opt["mu_max"])
-                elif rho > 0.75:
-                    mu = max(0.5 * mu, opt["mu_min"])
-        else:
+                if safe:
+                    # trust-region ratio of actual to predicted increase adapts the shift
+                    Kx, Ky = coupling.hess_mv(dx, dy, 0.0)
+                    curv = float(dx.dot(Kx) + dy.dot(Ky)) / eps
+                    pred = t * slope - 0.5 * t * t * curv
+                    rho = gain / pred if pred > 0 else 1.0
+                    if rho < 0.25:
+                        mu = min(4.0 * mu, opt["mu_max"])
+                    elif rho > 0.75:
+                        mu = max(0.5 * mu, opt["mu_min"])
+        elif not ok:
             info["cg_failures"] += 1
         if step_ok:
-            al, be = al_t, be_t
-            T, T_try = T_t, T
+            alpha, beta = alpha_t, beta_t
+            T, T_trial = T_t, T
             r, c, phi, err = r_t, c_t, phi_t, err_t
-            dy_prev = dy if lin == "cg" else None
+            dy_prev = dy if linear_solver == "cg" else None
             info["step_size"].append(t)
             run.record(phi, err, "newton")
             steps_mark += 1
@@ -259,179 +298,152 @@ def _newton_stage(dual: _Dual, al, be, run: _Run, opt: dict, tol: float, stall_c
                 poor += 1
             # SNS: a damped step, or less than a halving of the error over 5 steps,
             # means the sparsified Hessian is too coarse: keep twice as many entries
-            if variant == "sns" and density < 1.0 and (t < 0.25 or (steps_mark >= 5 and err > 0.5 * err_mark)):
+            if not safe and density < 1.0 and (t < 0.25 or (steps_mark >= 5 and err > 0.5 * err_mark)):
                 density = min(1.0, 2.0 * density)
                 info["density_increases"] += 1
                 err_mark, steps_mark = err, 0
             elif steps_mark >= 5:
                 err_mark, steps_mark = err, 0
             continue
-        # fallback: damp harder / densify and take Sinkhorn sweeps instead of the step
+        # fallback: damp harder / densify and take Sinkhorn iterations instead of the step
         if ok:
             info["line_search_failures"] += 1
         info["fallbacks"] += 1
         poor += 1
         mu = min(4.0 * mu, opt["mu_max"])
-        if variant == "sns" and density < 1.0:
+        if not safe and density < 1.0:
             density = min(1.0, 2.0 * density)
             info["density_increases"] += 1
         dy_prev = None
-        for _ in range(opt["fallback_steps"]):
-            al, be, T, r, c, phi, err = dual.sinkhorn_sweep(al, be, T, c)
-            run.record(phi, err, "sinkhorn")
-            if err <= tol:
-                break
-    return al, be, err, "converged"
+        alpha, beta, T, r, c, phi, err = run.sinkhorn(dual, alpha, beta, opt["fallback_steps"], tol, out=T)
+    return alpha, beta, err, "converged"
 
 
-def _solve_one(C, a, b, eps, al, be, opt: dict, t_start: float):
+def _solve_one(C, a, b, eps, cost_range, alpha, beta, opt: dict, t_start: float):
     """Warm-up + Newton (+ eps-continuation if Newton stalls) on one problem with
-    positive weights. Returns ``(al, be, err, n_iter, info)``."""
+    positive weights, from ``(alpha, beta)`` or, when they are ``None``, from the exact
+    eps -> 0 c-transforms. Returns ``(alpha, beta, err, n_iter, info)``."""
     run = _Run(t_start, opt["callback"])
     info = run.info
-    tol, variant = opt["tol"], opt["variant"]
-    dual = _Dual(C, a, b, eps)
+    tol = opt["tol"]
+    dual = _Dual(C, a, b, eps, cost_range)
 
-    # -- warm-up: log-domain Sinkhorn with an adaptive switch -----------------------
-    n_warm = 0
-    T, r, c, phi, err = dual.evaluate(al, be)
-    if opt["init_given"]:
-        run.record(phi, err, "init")
-    while err > tol and n_warm < opt["warmup_max_iter"]:
-        al, be, T, r, c, phi, err = dual.sinkhorn_sweep(al, be, T, c)
-        n_warm += 1
-        run.record(phi, err, "sinkhorn")
-        if err <= opt["switch_tol"]:
+    # -- warm-up: Sinkhorn until the error is below switch_tol ---------------------------
+    switch = max(tol, opt["switch_tol"])
+    # "sns" also switches when Sinkhorn stalls: error ratio over 5 iterations above 0.95
+    chunk = 5 if opt["variant"] == "sns" else opt["warmup_max_iter"]
+    if alpha is None and opt["warmup_max_iter"] > 0:
+        err = math.inf  # Sinkhorn starts from the c-transforms itself
+    else:
+        if alpha is None:
+            f, g = _c_transform_start(C)
+            alpha, beta = f + eps * dual.log_a, g + eps * dual.log_b
+        T, r, c, phi, err = dual.evaluate(alpha, beta)
+        if opt["init_given"]:
+            run.record(phi, err, "init")
+        del T
+    while err > switch and run.n_sinkhorn < opt["warmup_max_iter"]:
+        err_before = err
+        k = min(chunk, opt["warmup_max_iter"] - run.n_sinkhorn)
+        alpha, beta, _, _, _, _, err = run.sinkhorn(dual, alpha, beta, k, switch)
+        if err > 0.95 * err_before:
             break
-        if variant == "sns" and n_warm >= 6 and err > 0.95 * run.err[-6]:
-            break  # stalled: Sinkhorn's linear rate has degraded, switch to Newton
-    info["n_warmup"] = n_warm
-    del T
+    info["n_warmup"] = run.n_sinkhorn
 
     # -- Newton stage at the target eps ------------------------------------------------
-    schedule = _continuation_schedule(C, eps, opt) if opt["eps_scaling"] != "off" else []
+    schedule = _continuation_stages(cost_range, eps) if opt["eps_scaling"] != "off" else []
     status = "converged"
     if err > tol:
         if opt["eps_scaling"] == "on" and schedule:
             status = "stalled"
         else:
-            al, be, err, status = _newton_stage(dual, al, be, run, opt, tol, stall_check=bool(schedule))
+            alpha, beta, err, status = _newton_stage(dual, alpha, beta, run, opt, tol, stall_check=bool(schedule))
     # -- eps-continuation: far from the optimum at small eps the quadratic model is
-    # poor (Newton steps are damped to a few percent); solve a sequence eps_k = 4^k eps
-    # to a loose error, each warm-started from the previous, then the target eps.
+    # poor (Newton steps are damped to a few percent); solve a decreasing sequence of
+    # eps to a loose error, each warm-started from the previous, then the target eps.
     if status == "stalled":
-        log_a, log_b = a.log(), b.log()
         e_prev = eps
         stage_tol = max(tol, opt["stage_tol"] * float(a.sum()))
         for e_k in schedule + [eps]:
             info["eps_schedule"].append(e_k)
-            al = al + (e_k - e_prev) * log_a  # same potentials f = al - eps log a
-            be = be + (e_k - e_prev) * log_b
+            alpha = alpha + (e_k - e_prev) * dual.log_a  # same potentials f = alpha - eps log a
+            beta = beta + (e_k - e_prev) * dual.log_b
             e_prev = e_k
-            d_k = dual if e_k == eps else _Dual(C, a, b, e_k)
-            T, r, c, phi, err = d_k.evaluate(al, be)
-            al, be, T, r, c, phi, err = d_k.sinkhorn_sweep(al, be, T, c)
-            run.record(phi, err, "sinkhorn")
-            del T
-            al, be, err, status = _newton_stage(
-                d_k, al, be, run, opt, tol if e_k == eps else stage_tol, stall_check=False
+            dual_k = dual if e_k == eps else _Dual(C, a, b, e_k, cost_range)
+            alpha, beta, *_ = run.sinkhorn(dual_k, alpha, beta, 1, 0.0)
+            alpha, beta, err, status = _newton_stage(
+                dual_k, alpha, beta, run, opt, tol if e_k == eps else stage_tol, stall_check=False
             )
             if status in ("budget", "timeout"):
                 break
         if e_prev != eps:  # stopped inside a continuation stage: back to the target eps
-            al = al + (eps - e_prev) * log_a
-            be = be + (eps - e_prev) * log_b
-            T, r, c, phi, err = dual.evaluate(al, be)
-            al, be, T, r, c, phi, err = dual.sinkhorn_sweep(al, be, T, c)  # renormalise
-            run.record(phi, err, "sinkhorn")
-            del T
+            alpha = alpha + (eps - e_prev) * dual.log_a
+            beta = beta + (eps - e_prev) * dual.log_b
+            alpha, beta, _, _, _, _, err = run.sinkhorn(dual, alpha, beta, 1, 0.0)  # renormalise
     n_newton = sum(1 for p in run.phase if p == "newton")
-    n_sink = sum(1 for p in run.phase if p == "sinkhorn")
-    info["n_newton"], info["n_sinkhorn"] = n_newton, n_sink
+    info["n_newton"], info["n_sinkhorn"] = n_newton, run.n_sinkhorn
     info["status"] = status
     info.update(objective=run.obj, marginal_error=run.err, time=run.time, phase=run.phase)
-    return al, be, err, n_sink + n_newton, info
+    return alpha, beta, err, run.n_sinkhorn + n_newton, info
 
 
-def _continuation_schedule(C: torch.Tensor, eps: float, opt: dict) -> list[float]:
-    """Decreasing ``eps * 4^k`` (k >= 1) from about a tenth of the cost range down to
-    ``4 eps`` (empty when eps is already that large)."""
-    span = float(C.max() - C.min())
-    top = 0.1 * span
-    out = []
-    e = eps * 4.0
-    while e <= top:
-        out.append(e)
-        e *= 4.0
-    if out and out[-1] < top / 2:
-        out.append(top)
-    return out[::-1]
+def _continuation_stages(cost_range: float, eps: float) -> list[float]:
+    """Intermediate eps of the continuation: geometric, jumps of at most 4, from a twentieth
+    of the cost range (:func:`~entrokit.solvers._numerics.continuation_schedule`), target
+    excluded; empty when the target is within a factor 4 of that start."""
+    return continuation_schedule(eps, 0.05 * cost_range, 0.25)[:-1]
 
 
-def _fill_potentials(C, a, b, eps, al, be, ia, ib):
-    """Full-size f, g (float64): f = al - eps log a on the support, soft c-transform
-    elsewhere (rows/columns of zero weight)."""
+def _c_transform_start(C: torch.Tensor):
+    """The exact eps -> 0 c-transforms f_i = min_j C_ij, g_j = min_i (C_ij - f_i): every row
+    and column of the plan a_i b_j exp((f_i + g_j - C_ij)/eps) holds an entry a_i b_j."""
+    f = C.amin(1)
+    return f, (C - f.unsqueeze(1)).amin(0)
+
+
+def _fill_potentials(C, a, b, eps, f_support, g_support, ia, ib):
+    """Full-size f, g (float64): the support's potentials, and the geometry's soft
+    c-transform for rows/columns of zero weight (as in Sinkhorn)."""
     n, m = C.shape
-    f = torch.empty(n, dtype=C.dtype, device=C.device)
-    g = torch.empty(m, dtype=C.dtype, device=C.device)
-    f[ia] = al - eps * a[ia].log()
-    g[ib] = be - eps * b[ib].log()
-    log_a, log_b = log_weights(a), log_weights(b)
+    f = torch.zeros(n, dtype=C.dtype, device=C.device)
+    g = torch.zeros(m, dtype=C.dtype, device=C.device)
+    f[ia], g[ib] = f_support, g_support
+    log_a, log_b = log_weights(a), log_weights(b)  # -inf on zero weights: excluded below
     if len(ia) < n:
         rest = torch.ones(n, dtype=torch.bool, device=C.device)
         rest[ia] = False
-        Z = (g.unsqueeze(0) + eps * log_b.unsqueeze(0) - C[rest]) / eps
-        f[rest] = -eps * torch.logsumexp(Z, 1)
+        f[rest] = DenseCost(C[rest].unsqueeze(0)).softmin(g.unsqueeze(0), log_b.unsqueeze(0), eps, axis=1)[0]
     if len(ib) < m:
         rest = torch.ones(m, dtype=torch.bool, device=C.device)
         rest[ib] = False
-        Z = (f.unsqueeze(1) + eps * log_a.unsqueeze(1) - C[:, rest]) / eps
-        g[rest] = -eps * torch.logsumexp(Z, 0)
+        g[rest] = DenseCost(C[:, rest].unsqueeze(0)).softmin(f.unsqueeze(0), log_a.unsqueeze(0), eps, axis=0)[0]
     return f, g
 
 
-class _SparseImplicit(torch.autograd.Function):
-    """Implicit-function-theorem gradients of the potentials (see
-    :mod:`entrokit.solvers.implicit`), with the adjoint system solved by
-    :func:`~entrokit.solvers._newton_linalg.sparse_adjoint_solve` (the Newton stage's
-    sparse Hessian + Schur-complement CG / direct solver) in float64."""
+def _certify(res: OTResult, tol: float) -> tuple[OTResult, torch.Tensor]:
+    """converged &= (the plan of the returned potentials, in float64, meets both
+    marginals to ``tol`` and <C, P> equals ``transport_cost``). Returns the result and the
+    certified L1 errors.
 
-    @staticmethod
-    def forward(ctx, f, g, eps, geom, linear_solver, a, b, *geom_tensors):
-        ctx.eps, ctx.geom, ctx.linear_solver = eps, geom, linear_solver
-        ctx.save_for_backward(f, g, a, b, *geom_tensors)
-        return f.clone(), g.clone()
-
-    @staticmethod
-    def backward(ctx, gf, gg):
-        f, g, a, b, *gt = ctx.saved_tensors
-        eps = ctx.eps
-        gf = torch.zeros_like(f) if gf is None else gf
-        gg = torch.zeros_like(g) if gg is None else gg
-        needs = ctx.needs_input_grad[5:]
-        if not any(needs):
-            return (None,) * (7 + len(gt))
-        with torch.no_grad():
-            geom_d = ctx.geom.rebuild(*[t.detach() for t in gt])
-            P = geom_d.plan(f, g, a.detach(), b.detach(), eps).to(torch.float64)
-            lam_f = torch.empty_like(f, dtype=torch.float64)
-            lam_g = torch.empty_like(g, dtype=torch.float64)
-            for k in range(P.shape[0]):
-                lam_f[k], lam_g[k], _ = sparse_adjoint_solve(
-                    P[k], gf[k].to(torch.float64), gg[k].to(torch.float64), eps, method=ctx.linear_solver
-                )
-            lam_f, lam_g = lam_f.to(f.dtype), lam_g.to(g.dtype)
-        leaves = [t.detach().requires_grad_(need) for t, need in zip([a, b, *gt], needs)]
-        with torch.enable_grad():
-            geom = ctx.geom.rebuild(*leaves[2:])
-            row, col, _ = geom.plan_reduce(f, g, leaves[0], leaves[1], eps)
-            H = torch.cat([row - leaves[0], col - leaves[1]], -1)  # optimality residual
-            lam = torch.cat([lam_f, lam_g], -1)
-            wanted = [t for t in leaves if t.requires_grad]
-            grads = torch.autograd.grad(H, wanted, grad_outputs=-lam, allow_unused=True)
-        it = iter(grads)
-        out = [next(it) if t.requires_grad else None for t in leaves]
-        return (None, None, None, None, None, *out)
+    Float64 results: the result builder computed ``marginal_error`` and ``transport_cost``
+    from that very plan in float64 (no extra pass). Float32 results: the plan the result
+    materialises is recomputed in float64."""
+    pb = res.problem
+    with torch.no_grad():
+        if res.f.dtype == torch.float64:
+            err = res.marginal_error.detach()
+            ok = err <= tol
+        else:
+            P = res.plan.detach().to(torch.float64)
+            a, b = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
+            err = (P.sum(-1) - a).abs().sum(-1) + (P.sum(-2) - b).abs().sum(-1)
+            cost = (P * pb.geometry.cost_matrix().detach().to(torch.float64)).sum((-2, -1))
+            tc = res.transport_cost.detach().to(torch.float64)
+            ok = (err <= tol) & ((cost - tc).abs() <= 1e-4 * cost.abs())
+        ok = ok.to(res.converged.device)
+    info = dict(res.info)
+    info["certified_error"] = err.tolist()
+    return dataclasses.replace(res, converged=res.converged & ok, info=info), err
 
 
 def sinkhorn_newton(
@@ -483,27 +495,26 @@ def sinkhorn_newton(
         density: SNS target density :math:`\lambda` of the sparsified coupling block
             (default :math:`2/\min(n,m)`, the paper's :math:`2/n`).
         linear_solver: ``"cg"`` (matrix-free Jacobi-PCG, any device), ``"direct"``
-            (sparse LU through SciPy, CPU) or ``"auto"`` (direct on CPU, CG otherwise).
+            (sparse LU through SciPy, CPU) or ``"auto"`` (CG) for the Newton systems
+            (:func:`~entrokit.solvers._numerics.solve_bipartite`).
         cg_rtol: floor of the CG relative tolerance; the tolerance used at each step
             is :math:`\min(10^{-2}, \max(\texttt{cg\_rtol}, \text{error}))` (inexact
             Newton with a superlinear forcing term).
         cg_max_iter: CG iteration cap per Newton step (default :math:`\max(200, m)`).
-        fallback_steps: Sinkhorn sweeps taken when a Newton step fails.
+        fallback_steps: Sinkhorn iterations taken when a Newton step fails.
         eps_scaling: :math:`\varepsilon`-continuation. ``None`` (default): automatic,
             Newton starts at the target ``eps`` and switches to continuation only if it
             stalls (four poor steps: accepted step sizes below 1/4 or fallbacks);
-            ``True``: always; ``False``: never. The schedule is
-            :math:`\varepsilon_k = 4^k\varepsilon` from about a tenth of the cost range
-            down, each stage solved to L1 error :math:`10^{-3}` and warm-started with the
+            ``True``: always; ``False``: never. The schedule is geometric by a factor 1/4
+            from about a tenth of the cost range down to the target
+            (:func:`~entrokit.solvers._numerics.continuation_schedule`), each stage solved to L1 error :math:`10^{-3}` and warm-started with the
             previous potentials (``info["eps_schedule"]``).
         time_limit: optional wall-clock budget in seconds (the run stops with
             ``converged=False`` and ``info["timed_out"]=True``).
         init: warm start ``(f, g)``.
         grad: ``"envelope"`` (default) or ``"implicit"`` (implicit function theorem,
-            see :mod:`entrokit.solvers.implicit`; its adjoint system is solved with the
-            Newton stage's sparse Hessian and Schur-complement solver
-            (``linear_solver``) plus iterative refinement against the exact Hessian,
-            :func:`~entrokit.solvers._newton_linalg.sparse_adjoint_solve`). ``"unroll"`` raises
+            the library's one implicit wrapper, :mod:`entrokit.solvers.implicit`, as for
+            Sinkhorn). ``"unroll"`` raises
             :class:`~entrokit.InputError`: Newton iterations contain discrete choices
             (sparsity pattern, line search) and run on detached float64 copies, so there is
             no graph to unroll; at convergence ``"implicit"`` gives the exact derivative
@@ -590,73 +601,67 @@ def sinkhorn_newton(
         )
 
     t0 = time.perf_counter()
-    geom = pb.geometry.detach()
-    Cb = geom.cost_matrix().to(torch.float64)
-    A, Bw = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
-    nb = A.shape[0]
-    fs, gs, n_iter, conv, errs, infos = [], [], [], [], [], []
-    for k in range(nb):
-        C, ak, bk = Cb[k], A[k], Bw[k]
-        ia, ib = (ak > 0).nonzero().squeeze(1), (bk > 0).nonzero().squeeze(1)
-        full = len(ia) == ak.numel() and len(ib) == bk.numel()
-        Cs = C if full else C[ia][:, ib].contiguous()
-        a_s, b_s = ak[ia], bk[ib]
+    cost64 = pb.geometry.detach().cost_matrix().to(torch.float64)
+    cost_ranges = pb.geometry.cost_range().tolist()
+    a64, b64 = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
+    fs, gs, n_iter, final_errors, histories, infos = [], [], [], [], [], []
+    for k in range(a64.shape[0]):
+        C, a_k, b_k = cost64[k], a64[k], b64[k]
+        ia, ib = (a_k > 0).nonzero().squeeze(1), (b_k > 0).nonzero().squeeze(1)
+        full = len(ia) == a_k.numel() and len(ib) == b_k.numel()
+        C_support = C if full else C[ia][:, ib].contiguous()
+        a_s, b_s = a_k[ia], b_k[ib]
+        alpha0 = beta0 = None
         if init is not None:
-            al0 = init[0][k].detach().to(torch.float64)[ia] + eps * a_s.log()
-            be0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
-        else:
-            al0 = torch.zeros_like(a_s)
-            be0 = torch.zeros_like(b_s)
-        n_s, m_s = Cs.shape
+            alpha0 = init[0][k].detach().to(torch.float64)[ia] + eps * a_s.log()
+            beta0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
+        n_s, m_s = C_support.shape
         opt = dict(
             tol=tol, variant=variant, callback=callback, init_given=init is not None,
             warmup_max_iter=warmup_max_iter, switch_tol=switch_tol,
             density=density if density is not None else min(1.0, 2.0 / min(n_s, m_s)),
             max_iter=max_iter, linear_solver=linear_solver, cg_rtol=cg_rtol, cg_rtol_max=1e-2,
             cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
-            mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, eps_scaling=eps_scaling, stage_tol=1e-3, c1=1e-4, min_step=2.0 ** -12,
+            mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, eps_scaling=eps_scaling, stage_tol=1e-3,
+            c1=1e-4, max_backtracks=12,  # smallest step 2^-12
             deadline=None if time_limit is None else t0 + time_limit,
         )
-        al, be, err, it, info = _solve_one(Cs, a_s, b_s, eps, al0, be0, opt, time.perf_counter())
-        f, g = _fill_potentials(C, ak, bk, eps, al, be, ia, ib)
+        alpha, beta, err, it, info = _solve_one(
+            C_support, a_s, b_s, eps, float(cost_ranges[k]), alpha0, beta0, opt, time.perf_counter()
+        )
+        f, g = _fill_potentials(C, a_k, b_k, eps, alpha - eps * a_s.log(), beta - eps * b_s.log(), ia, ib)
         fs.append(f)
         gs.append(g)
         n_iter.append(it)
-        conv.append(err <= tol)
-        errs.append(info["marginal_error"])
+        final_errors.append(err)
+        histories.append(info["marginal_error"] or [err])
         infos.append(info)
     f = torch.stack(fs).to(dtype)
     g = torch.stack(gs).to(dtype)
-    L = max(1, max(len(e) for e in errs))
+    L = max(1, max(len(e) for e in histories))
     err_hist = torch.tensor(
-        [[(e[i] if i < len(e) else (e[-1] if e else float("nan"))) for e in errs] for i in range(L)],
+        [[(e[i] if i < len(e) else (e[-1] if e else float("nan"))) for e in histories] for i in range(L)],
         dtype=dtype, device=device,
     )
     n_iter_t = torch.tensor(n_iter, dtype=torch.long, device=device)
-    conv_t = torch.tensor(conv, dtype=torch.bool, device=device)
+    # provisional; certified on the returned plan below
+    conv_t = torch.tensor([e <= tol for e in final_errors], dtype=torch.bool, device=device)
     info_out = infos[0] if not user_batched else {
         key: [inf.get(key) for inf in infos] for key in infos[0]
     }
     info_out = dict(info_out)
     info_out["linear_solver"] = linear_solver
     info_out["total_time"] = time.perf_counter() - t0
-    core_grad = grad
-    if grad == "implicit":
-        # attach the sparse-Hessian adjoint; the builder then passes (f, g) through as is
-        f, g = _SparseImplicit.apply(
-            f, g, eps, pb.geometry, linear_solver, pb.a, pb.b, *pb.geometry.tensors()
-        )
-        core_grad = "unroll"
     res = entropic_result(
-        pb, f, g, eps, grad=core_grad, n_iter=n_iter_t, converged=conv_t, errors=err_hist,
+        pb, f, g, eps, grad=grad, n_iter=n_iter_t, converged=conv_t, errors=err_hist,
         method=variant, user_batched=user_batched, info=info_out,
     )
-    if grad == "implicit":
-        res = dataclasses.replace(res, grad="implicit")
+    res, certified_error = _certify(res, tol)
     warn_not_converged(
-        conv_t, torch.tensor([e[-1] if e else float("nan") for e in errs]), tol, variant,
+        torch.as_tensor(res.converged).reshape(-1), certified_error.reshape(-1), tol, variant,
         f"Raise max_iter (now {max_iter}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
-        "with variant='sns' try variant='ssns'.",
+        "with variant='sns' try variant='ssns'"
+        + ("; float32 potentials may not carry the solution to this tol, use float64." if dtype != torch.float64 else "."),
     )
     return res
 

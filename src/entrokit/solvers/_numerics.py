@@ -1,0 +1,515 @@
+r"""Numerical parts shared by the solvers: one of each.
+
+* :func:`armijo_backtracking`: batched Armijo line search with per-problem steps and an
+  active mask;
+* :func:`pcg`: batched Jacobi-preconditioned conjugate gradient with a per-problem mask
+  and per-problem iteration counts;
+* :func:`solve_bipartite`: the Schur-complement solve of the shifted bipartite
+  Laplacian-like system that every Newton step on an OT dual needs (dense Cholesky,
+  SciPy sparse direct, or PCG);
+* :func:`continuation_schedule`: the geometric schedule of :math:`\varepsilon`- or
+  :math:`\gamma`-continuation.
+
+Every function is batched along the leading axis (``B`` problems), follows the dtype
+and device of its inputs and never loops over problems in Python, except the SciPy
+back-end (CPU, one factorisation per problem).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "MAX_BACKTRACKS",
+    "LineSearchResult",
+    "armijo_backtracking",
+    "PCGResult",
+    "pcg",
+    "DenseBlock",
+    "SparseBlock",
+    "BIPARTITE_METHODS",
+    "DENSE_SCHUR_MAX",
+    "solve_bipartite",
+    "continuation_schedule",
+]
+
+MAX_BACKTRACKS = 40  # halvings: 2^-40 ~ 1e-12 of the trial step
+
+
+# --------------------------------------------------------------------------------------
+# line search
+# --------------------------------------------------------------------------------------
+@dataclass
+class LineSearchResult:
+    """``step`` (B,): accepted step (last one tried where none was accepted);
+    ``accepted`` (B,): the active problems that found a step; ``value`` (B,) and
+    ``state`` (tuple of tensors): the accepted trial, or the current point elsewhere."""
+
+    step: torch.Tensor
+    accepted: torch.Tensor
+    value: torch.Tensor
+    state: tuple
+
+
+def _select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``mask`` (B,), else ``old``; avoids copies when the mask is uniform."""
+    if bool(mask.all()):
+        return new
+    if not bool(mask.any()):
+        return old
+    return torch.where(mask.view(-1, *([1] * (new.dim() - 1))), new, old)
+
+
+def armijo_backtracking(
+    trial: Callable[[torch.Tensor], tuple[torch.Tensor, tuple]],
+    value: torch.Tensor,
+    slope: torch.Tensor,
+    current: Sequence[torch.Tensor],
+    active: torch.Tensor,
+    *,
+    step: torch.Tensor | float = 1.0,
+    c1: float = 1e-4,
+    max_backtracks: int = MAX_BACKTRACKS,
+    rel_slack: float = 0.0,
+    also_accept: Callable[[torch.Tensor, tuple], torch.Tensor] | None = None,
+) -> LineSearchResult:
+    r"""Batched Armijo backtracking for a *minimisation*.
+
+    For each active problem ``k`` the step :math:`t_k \in \{t_0, t_0/2, t_0/4, \dots\}`
+    (at most ``max_backtracks`` halvings) is the first with
+
+    .. math::
+
+        F_k(x_k + t_k d_k) \le F_k(x_k) + c_1 t_k \nabla F_k^\top d_k
+            + \text{rel\_slack}\,|F_k(x_k)| ,
+
+    where ``slope`` is :math:`\nabla F^\top d < 0` (a descent direction) and the slack
+    absorbs rounding near the optimum. A non-finite trial value is never accepted.
+    Maximisations pass :math:`-\Phi` and :math:`-\nabla\Phi^\top d`.
+
+    Args:
+        trial: ``trial(t) -> (F_t, state_t)`` at steps ``t`` (B,) for the whole batch;
+            ``state_t`` is a tuple of tensors with the batch on the leading axis (or one
+            problem, ``B = 1``), e.g. the trial point, gradient and plan.
+        value: ``F`` at the current point, (B,).
+        slope: :math:`\nabla F^\top d`, (B,).
+        current: the state at the current point (returned where no step is accepted).
+        active: (B,) bool; inactive problems are left untouched.
+        step: initial step(s).
+        also_accept: optional ``also_accept(F_t, state_t) -> (B,) bool``, an extra
+            acceptance rule (e.g. a decrease of the marginal error where differences of
+            ``F`` fall below its rounding error).
+    """
+    t = torch.as_tensor(step, dtype=value.dtype, device=value.device).expand_as(value).clone()
+    todo = active.clone()
+    best_value, best_state = value, tuple(current)
+    for _ in range(max_backtracks + 1):
+        F_t, state_t = trial(t)
+        ok = torch.isfinite(F_t) & (F_t <= value + c1 * t * slope + rel_slack * value.abs())
+        if also_accept is not None:
+            ok = ok | (torch.isfinite(F_t) & also_accept(F_t, state_t))
+        take = todo & ok
+        if bool(take.any()):
+            best_value = _select(take, F_t, best_value)
+            best_state = tuple(_select(take, new, old) for new, old in zip(state_t, best_state))
+        todo = todo & ~ok
+        if not bool(todo.any()):
+            break
+        t = torch.where(todo, 0.5 * t, t)
+    return LineSearchResult(step=t, accepted=active & ~todo, value=best_value, state=best_state)
+
+
+# --------------------------------------------------------------------------------------
+# preconditioned conjugate gradient
+# --------------------------------------------------------------------------------------
+@dataclass
+class PCGResult:
+    r"""``x`` (B, d) solution; ``n_iter`` (B,) iterations run per problem;
+    ``converged`` (B,) relative residual <= rtol; ``residual`` (B,) final
+    :math:`\|b - Ax\|_2/\|b\|_2` (0 for a zero right-hand side)."""
+
+    x: torch.Tensor
+    n_iter: torch.Tensor
+    converged: torch.Tensor
+    residual: torch.Tensor
+
+
+def _bdot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (u * v).sum(-1)
+
+
+def pcg(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    inv_diag: torch.Tensor,
+    *,
+    rtol: float,
+    max_iter: int,
+    x0: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> PCGResult:
+    r"""Batched Jacobi-preconditioned CG for :math:`A_k x_k = b_k`, :math:`A_k` SPD (or
+    PSD with :math:`b_k` in its range).
+
+    Iteration (Saad, *Iterative Methods*, Alg. 9.1, with :math:`M = \mathrm{diag}(A)`):
+    :math:`\alpha = r^\top z / p^\top A p`, :math:`x \mathrel{+}= \alpha p`,
+    :math:`r \mathrel{-}= \alpha A p`, :math:`z = M^{-1} r`,
+    :math:`p = z + (r_+^\top z_+ / r^\top z)\, p`. Each problem stops on its own once
+    :math:`\|r_k\|_2 \le \text{rtol}\,\|b_k\|_2`, on a breakdown
+    (:math:`p^\top A p \le 0`) or a non-finite residual (then ``converged`` is False);
+    its iterate is frozen from then on and its count ``n_iter[k]`` stops. One device
+    sync per iteration.
+
+    Args:
+        matvec: ``A x`` for ``x`` (B, d).
+        rhs: ``b`` (B, d).
+        inv_diag: the Jacobi preconditioner :math:`M^{-1}`, (B, d) or broadcastable.
+        rtol: relative residual tolerance.
+        max_iter: iteration cap.
+        x0: optional warm start (B, d).
+        active: optional (B,) mask; inactive problems return ``x0`` (or 0), 0 iterations.
+    """
+    B = rhs.shape[0]
+    if B == 1 and (active is None or bool(active.all())):
+        return _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0)
+    if x0 is None:
+        x = torch.zeros_like(rhs)
+        res = rhs.clone()
+    else:
+        x = x0.clone()
+        res = rhs - matvec(x)
+    bnorm = rhs.norm(dim=-1)
+    tiny = torch.finfo(rhs.dtype).tiny
+    rel = res.norm(dim=-1) / bnorm.clamp_min(tiny)
+    run = rel > rtol
+    if active is not None:
+        run = run & active
+    n_iter = torch.zeros(B, dtype=torch.long, device=rhs.device)
+    failed = torch.zeros(B, dtype=torch.bool, device=rhs.device)
+    z = inv_diag * res
+    p = z.clone()
+    rz = _bdot(res, z)
+    masked = B > 1  # one problem stops the loop itself: no per-problem selects needed
+    for _ in range(max_iter):
+        if not bool(run.any()):
+            break
+        Ap = matvec(p)
+        pAp = _bdot(p, Ap)
+        positive = pAp > 0
+        alpha = rz / torch.where(positive, pAp, torch.ones_like(pAp))
+        if masked:
+            step = (run & positive).unsqueeze(-1)
+            x = torch.where(step, x + alpha.unsqueeze(-1) * p, x)
+            res = torch.where(step, res - alpha.unsqueeze(-1) * Ap, res)
+        else:
+            x = x + alpha.unsqueeze(-1) * p
+            res = res - alpha.unsqueeze(-1) * Ap
+        n_iter += run.long()
+        rel_new = res.norm(dim=-1) / bnorm.clamp_min(tiny)
+        rel = torch.where(run, rel_new, rel) if masked else rel_new
+        finite = torch.isfinite(rel)
+        failed |= run & ~finite
+        run = run & (rel > rtol) & finite & positive
+        z = inv_diag * res
+        rz_new = _bdot(res, z)
+        beta = rz_new / torch.where(rz != 0, rz, torch.ones_like(rz))
+        if masked:
+            p = torch.where(run.unsqueeze(-1), z + beta.unsqueeze(-1) * p, p)
+        else:
+            p = z + beta.unsqueeze(-1) * p
+        rz = rz_new
+    converged = (rel <= rtol) & ~failed
+    return PCGResult(x=x, n_iter=n_iter, converged=converged, residual=rel)
+
+
+def _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0) -> PCGResult:
+    """:func:`pcg` for a single problem: the same iteration with one device sync per
+    iteration and no per-problem selects (tiny vectors are dominated by op overhead)."""
+    b = rhs[0]
+    inv_diag = inv_diag.expand_as(rhs)[0]
+    x = torch.zeros_like(b) if x0 is None else x0[0].clone()
+    res = b.clone() if x0 is None else b - matvec(x.unsqueeze(0))[0]
+    bnorm = float(b.norm())
+    scale = bnorm if bnorm > 0 else torch.finfo(b.dtype).tiny
+    rel = float(res.norm()) / scale
+    n_iter, failed = 0, False
+    if rel > rtol:
+        z = inv_diag * res
+        p = z.clone()
+        rz = torch.dot(res, z)
+        for _ in range(max_iter):
+            n_iter += 1
+            Ap = matvec(p.unsqueeze(0))[0]
+            pAp = torch.dot(p, Ap)
+            alpha = rz / pAp
+            x = x + alpha * p
+            res = res - alpha * Ap
+            rn, curvature = torch.stack([res.norm(), pAp]).tolist()  # the one sync
+            rel = rn / scale
+            if not math.isfinite(rel) or not curvature > 0:
+                failed = not math.isfinite(rel)
+                break
+            if rel <= rtol:
+                break
+            z = inv_diag * res
+            rz_new = torch.dot(res, z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+    dev = rhs.device
+    return PCGResult(
+        x=x.unsqueeze(0),
+        n_iter=torch.tensor([n_iter], device=dev),
+        converged=torch.tensor([rel <= rtol and not failed], device=dev),
+        residual=torch.tensor([rel], dtype=rhs.dtype, device=dev),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# bipartite Schur-complement solver
+# --------------------------------------------------------------------------------------
+class DenseBlock:
+    """The coupling block :math:`W` as a dense ``(B, n, m)`` tensor."""
+
+    def __init__(self, W: torch.Tensor):
+        self.W = W
+        self.shape = tuple(W.shape)
+
+    def mv(self, y: torch.Tensor) -> torch.Tensor:
+        """:math:`W y`, ``y`` (B, m) -> (B, n)."""
+        return torch.bmm(self.W, y.unsqueeze(-1)).squeeze(-1)
+
+    def rmv(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`W^\\top x`, ``x`` (B, n) -> (B, m)."""
+        return torch.bmm(x.unsqueeze(-2), self.W).squeeze(-2)
+
+    def coo(self):
+        batch, rows, cols = (self.W != 0).nonzero(as_tuple=True)
+        return batch, rows, cols, self.W[batch, rows, cols]
+
+    def weighted_gram(self, w: torch.Tensor) -> torch.Tensor:
+        """:math:`W^\\top \\mathrm{diag}(w) W`, (B, m, m)."""
+        return torch.bmm(self.W.mT, w.unsqueeze(-1) * self.W)
+
+    def col_sq_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """:math:`\\sum_i w_i W_{ij}^2`, (B, m)."""
+        return torch.bmm(w.unsqueeze(-2), self.W * self.W).squeeze(-2)
+
+
+class SparseBlock:
+    """The coupling block :math:`W` in batched COO form: entry ``e`` is
+    ``W[batch[e], rows[e], cols[e]] = vals[e]`` (no duplicates); ``shape = (B, n, m)``.
+    Products are gathers and ``index_add_`` (any device)."""
+
+    def __init__(self, batch, rows, cols, vals, shape):
+        self.batch, self.rows, self.cols, self.vals = batch, rows, cols, vals
+        self.shape = tuple(shape)
+        B, n, m = self.shape
+        self._row_key = batch * n + rows
+        self._col_key = batch * m + cols
+
+    def mv(self, y: torch.Tensor) -> torch.Tensor:
+        B, n, m = self.shape
+        out = torch.zeros(B * n, dtype=y.dtype, device=y.device)
+        out.index_add_(0, self._row_key, self.vals * y.reshape(-1)[self._col_key])
+        return out.reshape(B, n)
+
+    def rmv(self, x: torch.Tensor) -> torch.Tensor:
+        B, n, m = self.shape
+        out = torch.zeros(B * m, dtype=x.dtype, device=x.device)
+        out.index_add_(0, self._col_key, self.vals * x.reshape(-1)[self._row_key])
+        return out.reshape(B, m)
+
+    def coo(self):
+        return self.batch, self.rows, self.cols, self.vals
+
+    def weighted_gram(self, w: torch.Tensor) -> torch.Tensor:
+        r""":math:`W^\top\mathrm{diag}(w)W` accumulated from the pairs of entries that
+        share a row: :math:`O(\sum_i |w_i|^2)` work instead of :math:`O(nm^2)`."""
+        B, n, m = self.shape
+        key, order = torch.sort(self._row_key, stable=True)
+        cols, vals = self.cols[order], self.vals[order]
+        count = torch.bincount(key, minlength=B * n)  # entries per (problem, row)
+        c_e = count[key]
+        start = torch.cumsum(count, 0) - count
+        left = torch.repeat_interleave(cols, c_e)
+        left_val = torch.repeat_interleave(vals, c_e)
+        base = torch.repeat_interleave(start[key], c_e)
+        offset = torch.arange(left.shape[0], device=key.device) - torch.repeat_interleave(
+            torch.cumsum(c_e, 0) - c_e, c_e
+        )
+        right = cols[base + offset]
+        right_val = vals[base + offset]
+        pair_row = torch.repeat_interleave(key, c_e)
+        G = torch.zeros(B, m, m, dtype=vals.dtype, device=vals.device)
+        G.index_put_((pair_row // n, left, right), left_val * right_val * w.reshape(-1)[pair_row], accumulate=True)
+        return G
+
+    def col_sq_sum(self, w: torch.Tensor) -> torch.Tensor:
+        B, n, m = self.shape
+        out = torch.zeros(B * m, dtype=w.dtype, device=w.device)
+        out.index_add_(0, self._col_key, self.vals * self.vals * w.reshape(-1)[self._row_key])
+        return out.reshape(B, m)
+
+
+BIPARTITE_METHODS = ("auto", "dense", "direct", "cg")
+DENSE_SCHUR_MAX = 512  # columns up to which "auto" factorises the Schur complement densely
+
+
+def _as_batch(s, like: torch.Tensor) -> torch.Tensor:
+    """A shift given as a float or (B,) tensor, as (B, 1)."""
+    return torch.as_tensor(s, dtype=like.dtype, device=like.device).reshape(-1, 1).expand(like.shape[0], 1)
+
+
+def _schur_scipy(block, diag_rows, diag_cols, rhs):
+    """Sparse direct solve of the Schur system, one SuperLU factorisation per problem."""
+    import numpy as np
+    import scipy.sparse as sps
+    from scipy.sparse.linalg import splu
+
+    B, n, m = block.shape
+    batch, rows, cols, vals = (t.detach().cpu().numpy() for t in block.coo())
+    dr = diag_rows.detach().cpu().numpy()
+    dc = diag_cols.detach().cpu().numpy()
+    rhs_np = rhs.detach().cpu().numpy()
+    out = np.empty_like(rhs_np)
+    for k in range(B):
+        sel = batch == k
+        W = sps.csr_matrix((vals[sel], (rows[sel], cols[sel])), shape=(n, m))
+        S = (sps.diags(dc[k]) - W.T @ sps.diags(1.0 / dr[k]) @ W).tocsc()
+        lu = splu(S, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+        out[k] = lu.solve(rhs_np[k])
+    return torch.from_numpy(out).to(dtype=rhs.dtype, device=rhs.device)
+
+
+def solve_bipartite(
+    block: DenseBlock | SparseBlock,
+    r: torch.Tensor,
+    c: torch.Tensor,
+    shift,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    *,
+    method: str = "auto",
+    rtol: float = 1e-10,
+    max_iter: int | None = None,
+    y0: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Solve the shifted bipartite system (batched)
+
+    .. math::
+
+        \begin{pmatrix}\mathrm{diag}(r) + s & W\\ W^\top & \mathrm{diag}(c) + s\end{pmatrix}
+        \begin{pmatrix}x\\ y\end{pmatrix} = \begin{pmatrix}p\\ q\end{pmatrix}
+
+    by eliminating the row block (:math:`D_r = \mathrm{diag}(r) + s > 0`): the Schur
+    complement on the columns
+
+    .. math::
+
+        S = \mathrm{diag}(c) + s - W^\top D_r^{-1} W,\qquad
+        S\,y = q - W^\top D_r^{-1} p,\qquad x = D_r^{-1}(p - W y).
+
+    :math:`S` is SPD whenever the full matrix is (e.g. :math:`W \ge 0` with
+    :math:`r \ge W\mathbf 1`, :math:`c \ge W^\top\mathbf 1` and :math:`s > 0`: the Hessian
+    of an entropic or quadratic OT dual plus a shift).
+
+    Args:
+        block: :math:`W`, a :class:`DenseBlock` or :class:`SparseBlock` of shape (B, n, m).
+        r, c: diagonals (B, n), (B, m).
+        shift: :math:`s`, a float or (B,) tensor.
+        p, q: right-hand sides (B, n), (B, m).
+        method: ``"dense"`` (Cholesky of :math:`S` assembled densely, LU if Cholesky
+            fails; any device), ``"direct"`` (SciPy SuperLU, CPU), ``"cg"`` (matrix-free
+            Jacobi-PCG on :math:`S`, any device) or ``"auto"``: dense for
+            :math:`m \le 512`, above that direct for a sparse block on CPU, CG otherwise.
+        rtol, max_iter, y0, active: PCG options (``max_iter`` default
+            :math:`\max(200, m)`); ``active`` masks problems for every back-end.
+
+    Returns:
+        ``(x, y, n_iter, ok)``: ``n_iter`` (B,) CG iterations (1 for a direct
+        factorisation), ``ok`` (B,) finite solution (and, for CG, relative residual
+        :math:`\le \max(\text{rtol}, 10^{-3})`); masked problems get ``y = 0`` and
+        ``ok = True``.
+    """
+    B, n, m = block.shape
+    if method == "auto":
+        if m <= DENSE_SCHUR_MAX:
+            method = "dense"
+        elif isinstance(block, SparseBlock) and p.device.type == "cpu":
+            method = "direct"
+        else:
+            method = "cg"
+    s = _as_batch(shift, p)
+    diag_rows = r + s
+    diag_cols = c + s
+    rhs = q - block.rmv(p / diag_rows)
+    if method == "dense":
+        S = torch.diag_embed(diag_cols) - block.weighted_gram(1.0 / diag_rows)
+        L, info = torch.linalg.cholesky_ex(S)
+        if bool((info != 0).any()):  # numerically indefinite: LU
+            y = torch.linalg.solve(S, rhs)
+        else:
+            y = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        n_iter = torch.ones(B, dtype=torch.long, device=p.device)
+        ok = torch.isfinite(y).all(-1)
+    elif method == "direct":
+        y = _schur_scipy(block, diag_rows, diag_cols, rhs)
+        n_iter = torch.ones(B, dtype=torch.long, device=p.device)
+        ok = torch.isfinite(y).all(-1)
+    elif method == "cg":
+        diag_S = diag_cols - block.col_sq_sum(1.0 / diag_rows)
+        floor = torch.where(s > 0, s, torch.full_like(s, torch.finfo(p.dtype).tiny))
+        inv_diag = 1.0 / torch.maximum(diag_S, floor)
+
+        def schur_mv(v):
+            return diag_cols * v - block.rmv(block.mv(v) / diag_rows)
+
+        out = pcg(schur_mv, rhs, inv_diag, rtol=rtol, max_iter=max_iter or max(200, m), x0=y0, active=active)
+        y, n_iter = out.x, out.n_iter
+        ok = torch.isfinite(y).all(-1) & (out.residual <= max(rtol, 1e-3))
+    else:
+        raise ValueError(f"unknown bipartite solver {method!r}; expected one of {BIPARTITE_METHODS}")
+    if active is not None and method != "cg":
+        y = torch.where(active.unsqueeze(-1), y, torch.zeros_like(y))
+    x = (p - block.mv(y)) / diag_rows
+    ok = ok & torch.isfinite(x).all(-1)
+    if active is not None:
+        ok = ok | ~active  # nothing to solve
+    return x, y, n_iter, ok
+
+
+# --------------------------------------------------------------------------------------
+# continuation
+# --------------------------------------------------------------------------------------
+def continuation_schedule(target: float, start: float, decay: float) -> list[float]:
+    r"""Decreasing geometric stages from ``start`` ending exactly at ``target``.
+
+    With :math:`L = \log(\text{start}/\text{target}) / \log(1/\text{decay})` and
+    :math:`K = \lceil L\rceil`, the stages are
+
+    .. math::
+
+        \varepsilon_k = \text{start}\,\rho^k,\quad k = 0, \dots, K,\qquad
+        \rho = (\text{target}/\text{start})^{1/K} \ge \text{decay},
+
+    so :math:`\varepsilon_K = \text{target}` and every jump, the last one included, is
+    by a factor at most ``1/decay``. A start within a factor ``1/decay`` of the target
+    (:math:`L \le 1`) gives ``[target]``. Used for :math:`\varepsilon`-scaling (Sinkhorn,
+    Newton) and :math:`\gamma`-continuation (smooth OT).
+    """
+    if not (0.0 < decay < 1.0):
+        raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
+    target, start = float(target), float(start)
+    if not (start > target > 0.0) or not math.isfinite(start):
+        return [target]
+    n_jumps = math.ceil(math.log(start / target) / math.log(1.0 / decay) - 1e-9)
+    if n_jumps <= 1:
+        return [target]
+    ratio = (target / start) ** (1.0 / n_jumps)
+    return [start * ratio**k for k in range(n_jumps)] + [target]

@@ -1,0 +1,507 @@
+r"""Smooth and sparsity-constrained OT: dual and semi-dual solvers (batched, differentiable).
+
+Solves, for a column regularizer :math:`\Omega` (:mod:`entrokit.solvers.omega`),
+
+.. math::
+
+    \min_{T \ge 0,\ T\mathbf 1 = a,\ T^\top\mathbf 1 = b}\ \langle T, C\rangle + \sum_j \Omega(t_j)
+
+through one of two concave maximisations (Blondel, Seguy & Rolet 2018, eqs. (5)-(6);
+Liu, Puigcerver & Blondel 2023, Sec. 3):
+
+* **dual**: :math:`D(\alpha,\beta) = \langle\alpha,a\rangle + \langle\beta,b\rangle -
+  \sum_j\delta_\Omega(\alpha + \beta_j\mathbf 1 - c_j)`, plan
+  :math:`t_j = \nabla\delta_\Omega(\alpha+\beta_j\mathbf 1-c_j)`, gradient
+  :math:`(a - T\mathbf 1,\ b - T^\top\mathbf 1)`;
+* **semi-dual**: :math:`S(\alpha) = \langle\alpha,a\rangle - \sum_j\max_\Omega(\alpha - c_j;
+  b_j)`, plan :math:`t_j = \nabla\max_\Omega(\alpha - c_j; b_j)`, gradient
+  :math:`a - T\mathbf 1`. Column marginals hold exactly by construction.
+
+With ``reg="topk"`` every column (row with ``sparse_axis="rows"``) of the returned plan
+has at most ``k`` nonzeros, exactly, whatever the solver state: the plan is always the
+gradient of a top-k operator.
+
+**Top-k marginals are not guaranteed.** :math:`\delta_k` and :math:`\max_k` are the
+conjugates of the convex envelope :math:`\Omega_k^{**}`, so both concave problems are
+duals of the *convexified* primal. Their optimum is generically a kink (the k-th and
+(k+1)-th entries of some columns tie), where :math:`0 \in a - \mathrm{conv}\{T\mathbf
+1\}` over the k-sparse maximisers :math:`T`, but no single k-sparse gradient need have
+:math:`T\mathbf 1 = a`. Example: with ``k = 1`` every column sends all of ``b_j`` to one
+row, so the row-marginal error is at least
+:math:`\min_{\sigma}\sum_i|a_i - \sum_{j:\sigma(j)=i} b_j| > 0` whenever ``a`` is not a
+sum of subsets of ``b`` (tested by brute force). The top-k solver therefore first
+solves the quadratic problem (``k = infinity``) by dual Newton: when that plan already has
+at most ``k`` nonzeros per column it *is* the top-k optimum and is returned (converged to
+``tol``). Otherwise its potentials warm-start L-BFGS on the top-k objective (evaluated in
+O(km) memory from one ``torch.topk`` pass over the cost), which stops when its best
+marginal error has not improved by 1% for 15 iterations and returns that best iterate,
+reporting ``converged=False`` with one ``ConvergenceWarning`` unless the L1 marginal
+error really is ``<= tol``; the semi-dual keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up to the constant
+:math:`\frac\gamma2\sum_j b_j^2` in the value), ``k >= n`` is quadratic OT.
+
+**Solvers.**
+
+* ``"newton"`` (default for ``"l2"`` and ``"entropy"``): globalised, regularised
+  semismooth Newton on either formulation. Dual: the generalised Hessian of :math:`-D` is
+  :math:`\frac1\gamma\begin{pmatrix}\mathrm{diag}(W\mathbf 1) & W\\ W^\top &
+  \mathrm{diag}(W^\top\mathbf 1)\end{pmatrix}` with :math:`W` the active set of the plan
+  (sparse) or the plan itself (entropy). Semi-dual: The generalised Hessian of
+  :math:`-S` is :math:`H = \frac1\gamma\sum_j(\mathrm{diag}(w_j) - w_jw_j^\top/\sigma_j)`
+  with :math:`w_j` the support indicator of :math:`t_j` and :math:`\sigma_j = |w_j|`
+  (quadratic and top-k; sparse), or :math:`w_j = t_j`, :math:`\sigma_j = b_j`
+  (entropic). The dual Newton runs a :math:`\gamma`-continuation (start at the
+  cost range, divide by 4, warm start; loose tolerance on intermediate stages); the
+  semi-dual Newton (same optimum, worse-posed: its Hessian couples whole columns) starts
+  from the dual Newton's :math:`\alpha` and polishes it. Newton systems :math:`(H + \mu I)d = -\nabla`, :math:`\mu = 0.1\min(\|\nabla\|,1)/\gamma`,
+  are solved, for the quadratic/top-k dual, through the Schur complement on the column
+  block (the active set has ~n+m entries): dense Cholesky accumulated from the active
+  pairs for up to 512 columns (batched, any device), sparse LU on CPU beyond, otherwise
+  Jacobi-PCG with sparse mat-vecs; then an Armijo line search. Warm starts (``init``)
+  skip the continuation.
+* ``"lbfgs"`` (default for ``"topk"``): batched L-BFGS in compact form (Byrd, Nocedal &
+  Schnabel 1994; a constant number of batched operations per iteration) with an Armijo
+  backtracking line search. Both objectives are concave, so curvature pairs are always
+  usable; a finished problem keeps its memory while the rest of the batch goes on.
+* ``"adam"``: a fixed number of Adam steps (``max_iter`` steps at ``lr``), the recipe of
+  the reference MoE router (20 steps, lr 1e-2); for use inside networks, it never warns.
+
+``newton`` and ``lbfgs`` run in ``float64`` (``solve_dtype``) and return tensors in the
+input dtype. All solvers are batched with per-problem convergence masks, device-agnostic,
+and stop on the L1 marginal error :math:`\|T\mathbf 1 - a\|_1 + \|T^\top\mathbf 1 - b\|_1
+\le` ``tol``.
+
+**Gradients** (envelope/Danskin): ``value`` is the dual objective re-evaluated at the
+frozen optimal potentials with the inputs' autograd graph, so :math:`\partial\,
+\mathrm{value}/\partial C = T`, :math:`\partial\,\mathrm{value}/\partial a = \alpha` and
+:math:`\partial\,\mathrm{value}/\partial b = \beta` (dual) hold exactly at the optimum.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from entrokit._errors import InputError
+from entrokit._result import OTResult
+from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit.problem import OTProblem, make_problem
+from entrokit.solvers._entropic import warn_not_converged
+from entrokit.solvers._numerics import continuation_schedule
+from entrokit.solvers.omega import Regularizer, SquaredL2, make_regularizer
+from entrokit.solvers.smooth.adam import adam
+from entrokit.solvers.smooth.lbfgs import lbfgs
+from entrokit.solvers.smooth.newton import newton_dual, newton_semi_dual
+from entrokit.solvers.smooth.objectives import (
+    _dual,
+    _l1,
+    _semi_dual,
+    _topk_dual_compact,
+    _topk_semi_dual_compact,
+)
+from entrokit.solvers.smooth.result import smooth_result
+
+__all__ = ["smooth_ot", "smooth_ot_problem", "FORMULATIONS", "SOLVERS"]
+
+FORMULATIONS = ("semi_dual", "dual")
+SOLVERS = ("auto", "newton", "lbfgs", "adam")
+_SPARSE_AXES = ("columns", "rows")
+_STAGE_TOL = 1e-2  # marginal tolerance of intermediate gamma-continuation stages
+
+
+def _gamma_stages(reg: Regularizer, L: torch.Tensor) -> list[float]:
+    """gamma-continuation for Newton (l2, entropy): from gamma0 = cost range down by a
+    factor 4 (:func:`~entrokit.solvers._numerics.continuation_schedule`), target excluded;
+    each stage warm-starts the next at a loose tolerance."""
+    if reg.name not in ("l2", "entropy"):
+        return []
+    gamma0 = float((L.amax((-2, -1)) - L.amin((-2, -1))).max())
+    return continuation_schedule(reg.gamma, gamma0, 0.25)[:-1]
+
+
+def smooth_ot_problem(
+    problem: OTProblem,
+    reg: Regularizer,
+    *,
+    formulation: str = "semi_dual",
+    sparse_axis: str = "columns",
+    solver: str = "auto",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    lr: float = 1e-2,
+    solve_dtype: torch.dtype | None = torch.float64,
+    init: torch.Tensor | None = None,
+):
+    """Solve a validated *batched* problem; returns the pieces of an :class:`OTResult`.
+
+    Returns:
+        dict with ``alpha`` (internal rows), ``beta`` (internal columns), ``plan``
+        (internal layout ``(B, K, R)``, detached), ``n_iter``, ``converged``, ``errors``
+        and ``info``; ``L`` is the internal cost layout (with the inputs' graph).
+    """
+    C = problem.geometry.cost_matrix()
+    a, b = problem.a, problem.b
+    if sparse_axis == "columns":
+        L, ar, bc = C.transpose(-1, -2), a, b
+    else:
+        L, ar, bc = C, b, a
+    if solver == "auto":
+        # top-k objectives are nonsmooth at their optimum: quasi-Newton (warm-started from
+        # the quadratic solution) is more robust there than semismooth Newton
+        solver = "lbfgs" if reg.name == "topk" else "newton"
+    if max_iter is None:
+        max_iter = {"newton": 300, "lbfgs": 2000, "adam": 20}[solver]
+    warm = None
+    if reg.name == "topk" and solver == "lbfgs" and init is None:
+        # quadratic solution first: if its plan is already k-sparse it solves the top-k
+        # problem exactly (feasible, and optimal for the convexified problem); otherwise
+        # its potentials warm-start L-BFGS
+        t0 = time.perf_counter()
+        l2 = SquaredL2(reg.gamma)
+        warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
+                                 tol=max(tol, _WARM_TOL), solve_dtype=solve_dtype)
+        if int((warm["plan"] != 0).sum(-1).max()) <= reg.k and tol < _WARM_TOL:
+            warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
+                                     tol=tol, solve_dtype=solve_dtype, init=torch.cat([warm["alpha"], warm["beta"]], -1))
+        if int((warm["plan"] != 0).sum(-1).max()) <= reg.k:
+            warm["info"].update(reg="topk", k=reg.k, formulation=formulation,
+                                solved_as="l2 dual (its plan is k-sparse)")
+            return warm
+        warm["time"] = time.perf_counter() - t0
+    work_dtype = a.dtype if (solver == "adam" or solve_dtype is None) else solve_dtype
+    cost_work = L.detach().to(work_dtype).contiguous()
+    a_work, b_work = ar.detach().to(work_dtype), bc.detach().to(work_dtype)
+    Bsz, K, R = cost_work.shape
+    state: dict = {}
+    t0 = time.perf_counter()
+    info = {"solver": solver, "formulation": formulation, "reg": reg.name, "gamma": reg.gamma,
+            "k": getattr(reg, "k", None), "sparse_axis": sparse_axis, "solve_dtype": str(work_dtype)}
+    with torch.no_grad():
+        if formulation == "semi_dual":
+            x0 = torch.zeros(Bsz, R, dtype=work_dtype, device=cost_work.device)
+            if init is not None:
+                x0 = init.detach().to(work_dtype).reshape(Bsz, R).clone()
+
+            def fun(x):
+                obj, g, _, _ = _semi_dual(reg, x, a_work, b_work, cost_work, state)
+                return -obj, g, _l1(g)
+
+            if solver == "newton" and init is None and reg.name in ("l2", "entropy"):
+                # same optimum, better-posed problem: dual Newton (direct Schur solves,
+                # negligible weights handled), then semi-dual Newton polishes from its alpha
+                t0_warm = time.perf_counter()
+                warm = smooth_ot_problem(problem, reg, formulation="dual", sparse_axis=sparse_axis,
+                                         solver="newton", tol=tol, max_iter=max_iter, solve_dtype=solve_dtype)
+                x0 = warm["alpha"].to(work_dtype)
+                info.update(warm_start="dual", warm_start_time=time.perf_counter() - t0_warm,
+                            gamma_stages=warm["info"].get("gamma_stages"))
+                x, n_iter, conv, errs, extra = newton_semi_dual(reg, x0, a_work, b_work, cost_work, tol, max_iter, state)
+                n_iter = n_iter + warm["n_iter"]
+                errs = torch.cat([warm["errors"].to(errs), errs], 0)
+                info.update(extra)
+            elif solver == "newton":
+                stages = [] if init is not None else _gamma_stages(reg, cost_work)  # warm starts skip continuation
+                for gs in stages:
+                    xs, _, _, _, _ = newton_semi_dual(type(reg)(gs), x0, a_work, b_work, cost_work, max(tol, 1e-3), max_iter, {})
+                    x0 = xs
+                info["gamma_stages"] = len(stages) + 1
+                x, n_iter, conv, errs, extra = newton_semi_dual(reg, x0, a_work, b_work, cost_work, tol, max_iter, state)
+                info.update(extra)
+            elif solver == "lbfgs" and reg.name == "topk":
+                if warm is not None:
+                    x0 = _from_warm(warm, work_dtype, info)[0]
+                buf = torch.empty_like(cost_work)
+
+                def fun_k(x):
+                    F, g, _ = _topk_semi_dual_compact(reg.gamma, reg.k, x, a_work, b_work, cost_work, buf)
+                    return F, g, _l1(g)
+
+                x, n_iter, conv, errs = lbfgs(fun_k, x0, tol, max_iter, patience=_TOPK_PATIENCE)
+            elif solver == "lbfgs":
+                x, n_iter, conv, errs = lbfgs(fun, x0, tol, max_iter)
+            else:
+                x, n_iter, conv, errs = adam(fun, x0, max_iter, lr, tol)
+            _, _, T, beta = _semi_dual(reg, x, a_work, b_work, cost_work, state)
+            alpha = x
+        else:
+            if reg.sparse and solver == "newton":
+                # c-transform pair (beta_j = min_i c_ij, alpha_i = min_j c_ij - beta_j: a
+                # feasible unregularized dual, tight on every row and column) lifted by
+                # gamma0 * weights / 2, gamma0 the first continuation stage
+                g0 = (_gamma_stages(reg, cost_work) or [reg.gamma])[0]
+                beta0 = cost_work.amin(-1)
+                alpha0 = (cost_work - beta0.unsqueeze(-1)).amin(-2)
+                x0 = torch.cat([alpha0 + 0.5 * g0 * a_work, beta0 + 0.5 * g0 * b_work], -1)
+            else:
+                # alpha = 0, beta_j = min_i c_ij + gamma b_j: every column starts with its
+                # cheapest row active and (for l2) its exact mass
+                beta0 = cost_work.amin(-1) + reg.gamma * b_work
+                x0 = torch.cat([torch.zeros(Bsz, R, dtype=work_dtype, device=cost_work.device), beta0], -1)
+            if init is not None:
+                x0 = init.detach().to(work_dtype).reshape(Bsz, R + K).clone()
+
+            # zero weights: their rows/columns are removed exactly (infinite cost) and
+            # their potentials pinned below every active threshold afterwards. Negligible
+            # weights (the smallest ones, summing to <= tol/20 per side, e.g. Gaussian
+            # tails of 1e-56) are treated as zeros, the rest rescaled to the same mass:
+            # they cost at most tol/5 of L1 error but otherwise stall Newton.
+            tol_solve = tol
+            if solver != "adam" and reg.sparse:
+                a_solve, b_solve = _drop_negligible(a_work, tol / 20), _drop_negligible(b_work, tol / 20)
+                tol_solve = tol / 2
+            else:
+                a_solve, b_solve = a_work, b_work
+            zr, zc = a_solve == 0, b_solve == 0
+            cost_solve = cost_work
+            if reg.sparse and (bool(zr.any()) or bool(zc.any())):
+                cost_solve = cost_work.masked_fill(zr.unsqueeze(-2) | zc.unsqueeze(-1), math.inf)
+
+            def fun(x):
+                obj, grad_alpha, grad_beta, _ = _dual(reg, x[:, :R], x[:, R:], a_solve, b_solve, cost_solve)
+                return -obj, torch.cat([grad_alpha, grad_beta], -1), _l1(grad_alpha) + _l1(grad_beta)
+
+            if solver == "newton":
+                stages = [] if init is not None else _gamma_stages(reg, cost_work)  # warm starts skip continuation
+                for gs in stages:
+                    rs = type(reg)(gs)
+                    xs, _, _, _, _ = newton_dual(rs, x0, a_solve, b_solve, cost_solve, max(tol_solve, _STAGE_TOL), max_iter)
+                    x0 = xs
+                info["gamma_stages"] = len(stages) + 1
+                x, n_iter, conv, errs, extra = newton_dual(reg, x0, a_solve, b_solve, cost_solve, tol_solve, max_iter)
+                info.update(extra)
+            elif solver == "lbfgs" and reg.name == "topk":
+                if warm is not None:
+                    x0 = torch.cat(_from_warm(warm, work_dtype, info), -1)
+                buf = torch.empty_like(cost_solve)
+
+                def fun_k(x):
+                    F, g, _ = _topk_dual_compact(reg.gamma, reg.k, x, a_solve, b_solve, cost_solve, buf)
+                    return F, g, _l1(g)
+
+                x, n_iter, conv, errs = lbfgs(fun_k, x0, tol_solve, max_iter, patience=_TOPK_PATIENCE)
+            elif solver == "lbfgs":
+                x, n_iter, conv, errs = lbfgs(fun, x0, tol_solve, max_iter)
+            else:
+                x, n_iter, conv, errs = adam(fun, x0, max_iter, lr, tol_solve)
+            alpha, beta = x[:, :R], x[:, R:]
+            if reg.sparse:  # entropic plans are never exactly zero: nothing to pin
+                alpha, beta = _pin_zero_weights(alpha, beta, a_solve, b_solve, cost_work)
+            _, _, _, T = _dual(reg, alpha, beta, a_work, b_work, cost_work)
+            # convergence is judged on the original weights
+            conv = (_l1(T.sum(-2) - a_work) + _l1(T.sum(-1) - b_work)) <= tol
+    info["time"] = time.perf_counter() - t0
+    dt = a.dtype
+    return {
+        "alpha": alpha.to(dt), "beta": beta.to(dt), "plan": T.to(dt), "n_iter": n_iter,
+        "converged": conv, "errors": errs.to(dt), "info": info, "L": L, "ar": ar, "bc": bc,
+        "solver": solver,
+    }
+
+
+_TOPK_PATIENCE = 15  # top-k L-BFGS: stop after this many iterations without a 1% better error
+_WARM_TOL = 1e-3  # marginal tolerance of the quadratic warm start of top-k
+
+
+def _from_warm(warm, work_dtype, info):
+    """Potentials (alpha, beta) of the quadratic warm start (top-k with k = infinity at the
+    same gamma): the top-k potentials differ only through the columns where the
+    cardinality constraint binds."""
+    info["warm_start"] = "l2"
+    info["warm_start_time"] = warm["time"]
+    return warm["alpha"].to(work_dtype), warm["beta"].to(work_dtype)
+
+
+def _drop_negligible(w, budget):
+    """Zero the smallest weights whose cumulative mass is <= budget; rescale the rest to
+    the original total (no-op when nothing is dropped)."""
+    sw, idx = torch.sort(w, dim=-1)
+    drop_sorted = (torch.cumsum(sw, -1) <= budget) & (sw > 0)
+    if not bool(drop_sorted.any()):
+        return w
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, idx, drop_sorted)
+    w2 = w.masked_fill(drop, 0.0)
+    return w2 * (w.sum(-1, keepdim=True) / w2.sum(-1, keepdim=True))
+
+
+def _pin_zero_weights(alpha, beta, a, b, L):
+    """Potentials of zero-weight rows/columns set just below their active threshold
+    (alpha_i = min_j(c_ij - beta_j) - 1), so their plan rows/columns are exactly zero."""
+    zr, zc = a == 0, b == 0
+    if bool(zr.any()):
+        Lm = L.masked_fill(zc.unsqueeze(-1), math.inf)
+        alpha = torch.where(zr, (Lm - beta.unsqueeze(-1)).amin(-2) - 1.0, alpha)
+    if bool(zc.any()):
+        beta = torch.where(zc, (L - alpha.unsqueeze(-2)).amin(-1) - 1.0, beta)
+    return alpha, beta
+
+
+def smooth_ot(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cost,
+    eps: float | None = None,
+    *,
+    reg: str | Regularizer = "l2",
+    gamma: float | None = None,
+    k: int | None = None,
+    formulation: str | None = None,
+    sparse_axis: str = "columns",
+    solver: str = "auto",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    lr: float = 1e-2,
+    solve_dtype: torch.dtype | None = torch.float64,
+    init: torch.Tensor | None = None,
+    normalize: bool = False,
+    check_inputs: bool = True,
+    sparse_plan: bool | None = None,
+) -> OTResult:
+    r"""Quadratically-regularized, sparsity-constrained or entropic OT by (semi-)dual ascent.
+
+    Solves :math:`\min_{T\in U(a,b)} \langle T, C\rangle + \sum_j\Omega(t_j)` with
+
+    * ``reg="l2"``: :math:`\Omega(t) = \frac\gamma2\|t\|^2` (sparse plans, POT's
+      ``reg_type="l2"`` with ``reg=gamma``; RegOT's QROT with ``reg=gamma``);
+    * ``reg="topk"``: :math:`\Omega(t) = \frac\gamma2\|t\|^2 + \iota\{\|t\|_0\le k\}`, at
+      most ``k`` nonzeros per column (or per row, ``sparse_axis="rows"``), exactly;
+    * ``reg="entropy"``: :math:`\Omega(t) = \gamma\sum t\log t` (dense plans);
+
+    or any :class:`~entrokit.solvers.omega.Regularizer` object.
+
+    Args:
+        a: source weights ``[n]`` or ``[B, n]``.
+        b: target weights ``[m]`` or ``[B, m]`` (same total mass as ``a``).
+        cost: ``[n, m]`` / ``[B, n, m]`` tensor or a geometry (materialised).
+        eps: alias of ``gamma`` (so that :func:`entrokit.solve` can dispatch here).
+        reg: ``"l2"``, ``"topk"``, ``"entropy"`` or a ``Regularizer``.
+        gamma: regularization strength :math:`\gamma > 0` (in cost units, summed over the
+            plan: not averaged).
+        k: maximum nonzeros per column (row), only for ``reg="topk"``; ``k >= n`` is
+            quadratic OT and ``k = 1`` is unregularized OT.
+        formulation: ``"semi_dual"`` (exact marginals on the sparse axis, ``n`` variables)
+            or ``"dual"`` (``n + m`` variables). Default (``None``): ``"dual"`` for
+            ``"l2"`` and ``"entropy"`` (its semismooth Newton system is a sparse bipartite
+            Laplacian, solved directly; the semi-dual Hessian couples whole columns, so
+            semi-dual Newton is warm-started from the dual solution),
+            ``"semi_dual"`` for ``"topk"`` (column marginals and cardinality exact).
+        sparse_axis: ``"columns"`` (each target receives from at most k sources) or
+            ``"rows"`` (each source sends to at most k targets; the problem is transposed).
+        solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``),
+            ``"newton"``, ``"lbfgs"`` or ``"adam"`` (``max_iter`` fixed steps at ``lr``).
+            For ``"topk"`` with ``"lbfgs"`` and no ``init``, the quadratic solution comes
+            first (returned as is when already k-sparse, ``info["solved_as"]``; otherwise
+            the warm start, ``info["warm_start_time"]``).
+        tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`, always
+            checked on the original weights. For ``"l2"``/``"topk"`` with the dual,
+            zero weights are removed exactly and the smallest weights summing to at
+            most ``tol/20`` per side (e.g. Gaussian tails of 1e-56) are solved as zeros
+            (the rest rescaled), which keeps Newton well-posed at a cost of at most
+            ``tol/5`` of marginal error.
+        max_iter: iteration budget (default 300 Newton, 2000 L-BFGS, 20 Adam steps).
+        lr: Adam step size.
+        solve_dtype: working dtype of ``newton``/``lbfgs`` (default ``float64``; ``None``
+            keeps the input dtype). Outputs always follow the inputs' dtype.
+        init: warm start: ``alpha`` (semi-dual, ``[B, n]``) or ``cat(alpha, beta)``
+            (dual) in the internal layout (rows and columns swapped for
+            ``sparse_axis="rows"``), e.g. ``result.info["x"]`` of a nearby problem.
+        normalize: rescale ``a`` and ``b`` to unit mass.
+        check_inputs: run value checks (signs, NaN, masses).
+        sparse_plan: return ``plan`` as a sparse COO tensor. Default: ``True`` for
+            ``"l2"`` and ``"topk"``, ``False`` for ``"entropy"`` (decided by ``reg``,
+            never by the data).
+
+    Returns:
+        :class:`~entrokit.OTResult` with ``f`` (:math:`\alpha`), ``g`` (:math:`\beta`),
+        ``value`` (dual objective; for ``"topk"`` the value of the convexified primal,
+        a lower bound of the nonconvex one), ``transport_cost`` :math:`\langle C,T\rangle`,
+        ``marginal_error``, ``eps = gamma``, ``grad="envelope"`` and ``info`` with
+        ``primal_value`` (:math:`\langle C,T\rangle + \sum_j\Omega(t_j)`),
+        ``max_nnz`` (largest number of nonzeros along the sparse axis), ``nnz``, the
+        solver name and time.
+
+    Raises:
+        InputError: bad options (``gamma <= 0``, ``k < 1``, unknown names) or data.
+        TypeError: non-tensor inputs, non-integer ``k``.
+
+    Example:
+        >>> import torch, entrokit
+        >>> g = torch.Generator().manual_seed(0)
+        >>> C = torch.rand(6, 5, generator=g, dtype=torch.float64)
+        >>> a, b = torch.full((6,), 1 / 6, dtype=torch.float64), torch.full((5,), 0.2, dtype=torch.float64)
+        >>> res = entrokit.smooth_ot(a, b, C, reg="topk", gamma=0.1, k=2)
+        >>> int((res.plan.to_dense() > 0).sum(0).max()) <= 2
+        True
+    """
+    if gamma is None and eps is None:
+        raise InputError("smooth_ot needs gamma, the regularization strength; pass e.g. gamma=0.1.")
+    if gamma is not None and eps is not None and float(gamma) != float(eps):
+        raise InputError(f"gamma={gamma!r} and eps={eps!r} disagree; pass only gamma.")
+    gamma = check_positive(gamma if gamma is not None else eps, "gamma")
+    regul = make_regularizer(reg, gamma, k)
+    if isinstance(reg, Regularizer):
+        gamma = regul.gamma
+    if formulation is None:
+        formulation = "semi_dual" if regul.name == "topk" else "dual"
+    check_choice(formulation, "formulation", FORMULATIONS)
+    check_choice(sparse_axis, "sparse_axis", _SPARSE_AXES)
+    check_choice(solver, "solver", SOLVERS)
+    tol = check_positive(tol, "tol")
+    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True)
+    lr = check_positive(lr, "lr")
+    if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
+        raise InputError(f"solve_dtype must be torch.float64, torch.float32 or None; got {solve_dtype!r}.")
+    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    user_batched = problem.batched
+    pb = problem.with_batch()
+    if init is not None:
+        init = _check_init(init, pb, formulation, sparse_axis)
+    out = smooth_ot_problem(
+        pb, regul, formulation=formulation, sparse_axis=sparse_axis, solver=solver, tol=tol,
+        max_iter=max_iter, lr=lr, solve_dtype=solve_dtype, init=init,
+    )
+    res = smooth_result(
+        pb, regul, out, formulation=formulation, sparse_axis=sparse_axis, tol=tol,
+        user_batched=user_batched, sparse_plan=sparse_plan,
+    )
+    if out["solver"] != "adam":
+        hint = (
+            f"Raise max_iter, loosen tol (now {tol:g}), increase gamma (now {gamma:g})"
+            + (", increase k" if regul.name == "topk" else "")
+            + (", or try formulation='semi_dual'" if formulation == "dual" else ", or try solver='lbfgs'")
+            + "."
+        )
+        warn_not_converged(torch.as_tensor(res.converged).reshape(-1), torch.as_tensor(res.marginal_error).reshape(-1),
+                           tol, "smooth_ot", hint)
+    return res
+
+
+def _check_init(init, pb: OTProblem, formulation: str, sparse_axis: str) -> torch.Tensor:
+    """Validate ``smooth_ot(init=)``: a finite tensor of the internal layout, ``[R]`` or
+    ``[B, R]`` for the semi-dual (``R`` rows of the internal layout) and ``[R + K]`` /
+    ``[B, R + K]`` for the dual."""
+    n, m = pb.shape
+    rows, cols = (n, m) if sparse_axis == "columns" else (m, n)
+    size = rows if formulation == "semi_dual" else rows + cols
+    what = (f"alpha of length {size}" if formulation == "semi_dual"
+            else f"cat(alpha, beta) of length {rows} + {cols} = {size}")
+    hint = "e.g. result.info['x'] of a previous smooth_ot call with the same formulation and sparse_axis"
+    if not isinstance(init, torch.Tensor):
+        raise TypeError(
+            f"init must be a torch.Tensor ({what}, formulation={formulation!r}, sparse_axis={sparse_axis!r}); "
+            f"got {type(init).__name__}. Pass a tensor, {hint}."
+        )
+    B = pb.a.shape[0]
+    if init.dim() == 0 or init.shape[-1] != size or init.numel() != B * size:
+        expected = f"({size},)" if B == 1 else f"({B}, {size})"
+        raise InputError(
+            f"init has shape {tuple(init.shape)}, but formulation={formulation!r} with "
+            f"sparse_axis={sparse_axis!r} expects {what}: shape {expected}. Pass {hint}."
+        )
+    if not init.is_floating_point():
+        raise TypeError(f"init must be a floating-point tensor, got dtype {init.dtype}; pass init.to(a.dtype).")
+    if not bool(torch.isfinite(init).all()):
+        raise InputError(
+            "init contains NaN or inf; expected finite potentials. Pass finite values, " + hint + "."
+        )
+    return init.reshape(B, size).to(device=pb.a.device)

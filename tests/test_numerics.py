@@ -1,0 +1,200 @@
+"""The shared numerical parts (solvers/_numerics.py) against dense references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entrokit.solvers._numerics import (
+    DenseBlock,
+    SparseBlock,
+    armijo_backtracking,
+    continuation_schedule,
+    pcg,
+    solve_bipartite,
+)
+
+D = torch.float64
+
+
+def _spd(B, d, seed, dtype=D, cond=10.0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(B, d, d, generator=g, dtype=D))
+    ev = torch.logspace(0, math.log10(cond), d, dtype=D).expand(B, d)
+    A = Q @ torch.diag_embed(ev) @ Q.mT
+    return A.to(dtype), torch.randn(B, d, generator=g, dtype=D).to(dtype)
+
+
+# ------------------------------------------------------------------------------ PCG
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pcg_matches_dense_solve_batched(dtype):
+    A, rhs = _spd(3, 12, 0, dtype)
+    inv_diag = 1.0 / torch.diagonal(A, dim1=-2, dim2=-1)
+    rtol = 1e-10 if dtype == D else 1e-5
+    out = pcg(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), rhs, inv_diag, rtol=rtol, max_iter=200)
+    ref = torch.linalg.solve(A.double(), rhs.double())
+    assert out.x.dtype == dtype and out.converged.all()
+    assert torch.allclose(out.x.double(), ref, rtol=0, atol=1e-8 if dtype == D else 1e-3)
+    assert (out.n_iter > 0).all() and (out.n_iter <= 60).all()
+    assert (out.residual <= rtol).all()
+
+
+def test_pcg_iteration_count_is_exact_for_few_eigenvalues():
+    # CG terminates in (number of distinct eigenvalues) steps: a diagonal with 3 values
+    d = torch.tensor([[1.0, 2.0, 5.0, 1.0, 2.0, 5.0, 5.0, 1.0]], dtype=D)
+    rhs = torch.arange(1.0, 9.0, dtype=D).unsqueeze(0)
+    out = pcg(lambda v: d * v, rhs, torch.ones_like(d), rtol=1e-12, max_iter=50)
+    assert int(out.n_iter[0]) == 3
+    assert torch.allclose(out.x, rhs / d, atol=1e-12)
+    # the Jacobi preconditioner makes it exact in one step
+    out = pcg(lambda v: d * v, rhs, 1.0 / d, rtol=1e-12, max_iter=50)
+    assert int(out.n_iter[0]) == 1
+
+
+def test_pcg_mask_warm_start_and_per_problem_counts():
+    A, rhs = _spd(3, 10, 1, cond=1e3)
+    mv = lambda v: (A @ v.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    inv_diag = 1.0 / torch.diagonal(A, dim1=-2, dim2=-1)
+    active = torch.tensor([True, False, True])
+    out = pcg(mv, rhs, inv_diag, rtol=1e-10, max_iter=200, active=active)
+    assert int(out.n_iter[1]) == 0 and torch.equal(out.x[1], torch.zeros(10, dtype=D))
+    ref = torch.linalg.solve(A, rhs)
+    assert torch.allclose(out.x[[0, 2]], ref[[0, 2]], atol=1e-8)
+    # an easy problem stops early while a hard one goes on
+    easy = torch.eye(10, dtype=D).expand(1, 10, 10)
+    A2 = torch.cat([easy, A[:1]])
+    out = pcg(lambda v: (A2 @ v.unsqueeze(-1)).squeeze(-1), rhs[:2], torch.ones(2, 10, dtype=D), rtol=1e-10,
+              max_iter=200)
+    assert int(out.n_iter[0]) == 1 and int(out.n_iter[1]) > 1
+    # a warm start at the solution needs no iteration; a zero right-hand side neither
+    out = pcg(mv, rhs, inv_diag, rtol=1e-8, max_iter=200, x0=ref)
+    assert (out.n_iter == 0).all() and out.converged.all()
+    out = pcg(mv, torch.zeros_like(rhs), inv_diag, rtol=1e-8, max_iter=200)
+    assert (out.n_iter == 0).all() and out.converged.all() and (out.x == 0).all()
+    # single problem (fast path): same answer and a positive count
+    one = pcg(lambda v: (A[:1] @ v.unsqueeze(-1)).squeeze(-1), rhs[:1], inv_diag[:1], rtol=1e-10, max_iter=200)
+    assert torch.allclose(one.x[0], ref[0], atol=1e-8) and int(one.n_iter[0]) > 0
+
+
+def test_pcg_reports_failure():
+    A, rhs = _spd(1, 30, 2, cond=1e8)
+    mv = lambda v: (A @ v.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    out = pcg(mv, rhs, torch.ones_like(rhs), rtol=1e-14, max_iter=3)
+    assert not bool(out.converged[0]) and int(out.n_iter[0]) == 3
+    nan = pcg(lambda v: v * float("nan"), rhs, torch.ones_like(rhs), rtol=1e-8, max_iter=10)
+    assert not bool(nan.converged[0])
+
+
+# ---------------------------------------------------------------------- line search
+def test_armijo_per_problem_steps_and_mask():
+    # F_k(x) = 0.5 c_k x^2 from x = 1 along d = -F'(x) = -c_k: Armijo accepts t <= 2(1 - c1)/c_k
+    curv = torch.tensor([1.0, 4.0, 16.0, 1.0], dtype=D)
+    x = torch.ones(4, 1, dtype=D)
+    d = -curv.unsqueeze(-1) * x
+
+    def F(z):
+        return 0.5 * curv * (z**2).sum(-1)
+
+    def trial(t):
+        z = x + t.unsqueeze(-1) * d
+        return F(z), (z,)
+
+    active = torch.tensor([True, True, True, False])
+    slope = (curv.unsqueeze(-1) * x * d).sum(-1)
+    out = armijo_backtracking(trial, F(x), slope, (x,), active, step=1.0, c1=0.1)
+    assert out.accepted.tolist() == [True, True, True, False]
+    assert out.step[:3].tolist() == [1.0, 0.25, 0.0625]  # first halving that meets Armijo
+    assert torch.equal(out.state[0][3], x[3])  # inactive: untouched
+    assert torch.allclose(out.state[0][:3, 0], 1.0 - out.step[:3] * curv[:3])
+    assert torch.allclose(out.value[:3], F(out.state[0])[:3])
+
+
+def test_armijo_rejects_non_finite_and_reports_failure():
+    x = torch.zeros(2, 1, dtype=D)
+
+    def trial(t):
+        F_t = torch.where(t > 1e-3, torch.full_like(t, float("nan")), -t)
+        return F_t, (x + t.unsqueeze(-1),)
+
+    out = armijo_backtracking(trial, torch.zeros(2, dtype=D), -torch.ones(2, dtype=D), (x,),
+                              torch.tensor([True, True]), max_backtracks=5)
+    assert not out.accepted.any() and torch.equal(out.state[0], x)
+    out = armijo_backtracking(trial, torch.zeros(2, dtype=D), -torch.ones(2, dtype=D), (x,),
+                              torch.tensor([True, True]), max_backtracks=12)
+    assert out.accepted.all() and (out.step <= 1e-3).all()
+    # an extra acceptance rule
+    out = armijo_backtracking(lambda t: (torch.ones_like(t), (x,)), torch.zeros(2, dtype=D),
+                              -torch.ones(2, dtype=D), (x,), torch.tensor([True, True]),
+                              also_accept=lambda F_t, s: torch.tensor([True, False]))
+    assert out.accepted.tolist() == [True, False]
+
+
+# ----------------------------------------------------------------- bipartite system
+def _bipartite(B, n, m, seed, density=0.5, dtype=D):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.rand(B, n, m, generator=g, dtype=D) * (torch.rand(B, n, m, generator=g, dtype=D) < density)
+    r, c = W.sum(-1), W.sum(-2)  # Laplacian-like: diagonally dominant, PSD
+    p, q = torch.randn(B, n, generator=g, dtype=D), torch.randn(B, m, generator=g, dtype=D)
+    return W.to(dtype), r.to(dtype), c.to(dtype), p.to(dtype), q.to(dtype)
+
+
+def _dense_reference(W, r, c, shift, p, q):
+    B, n, m = W.shape
+    out = []
+    for k in range(B):
+        s = float(shift[k]) if torch.is_tensor(shift) else shift
+        M = torch.zeros(n + m, n + m, dtype=D)
+        M[:n, :n] = torch.diag(r[k].double() + s)
+        M[n:, n:] = torch.diag(c[k].double() + s)
+        M[:n, n:] = W[k].double()
+        M[n:, :n] = W[k].double().T
+        out.append(torch.linalg.solve(M, torch.cat([p[k], q[k]]).double()))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("method", ["dense", "direct", "cg", "auto"])
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_bipartite_solver_matches_dense_solve(method, layout):
+    W, r, c, p, q = _bipartite(3, 9, 7, 3)
+    shift = torch.tensor([1e-3, 1e-1, 1.0], dtype=D)
+    if layout == "dense":
+        block = DenseBlock(W)
+    else:
+        batch, rows, cols = (W != 0).nonzero(as_tuple=True)
+        block = SparseBlock(batch, rows, cols, W[batch, rows, cols], W.shape)
+    x, y, n_iter, ok = solve_bipartite(block, r, c, shift, p, q, method=method, rtol=1e-13, max_iter=500)
+    ref = _dense_reference(W, r, c, shift, p, q)
+    assert ok.all()
+    assert torch.allclose(torch.cat([x, y], -1), ref, atol=1e-9, rtol=1e-9)
+    if method == "cg":
+        assert (n_iter > 0).all() and (n_iter <= 7 + 2).all()  # Schur system has size m = 7
+    else:
+        assert (n_iter == 1).all()
+
+
+def test_bipartite_solver_float32_scalar_shift_and_mask():
+    W, r, c, p, q = _bipartite(2, 6, 5, 4, dtype=torch.float32)
+    active = torch.tensor([False, True])
+    for method in ("dense", "cg"):
+        x, y, _, ok = solve_bipartite(DenseBlock(W), r, c, 0.5, p, q, method=method, rtol=1e-6, active=active)
+        assert x.dtype == torch.float32 and ok.all()
+        ref = _dense_reference(W, r, c, 0.5, p, q)
+        assert torch.allclose(torch.cat([x, y], -1)[1].double(), ref[1], atol=1e-4)
+        assert (y[0] == 0).all()  # masked problem: zero column block
+
+
+# ------------------------------------------------------------------------- schedule
+def test_continuation_schedule():
+    s = continuation_schedule(1e-3, 1.0, 0.25)
+    assert s[0] == 1.0 and s[-1] == 1e-3
+    ratios = [x / y for x, y in zip(s, s[1:])]
+    assert all(1.0 < q <= 4.0 + 1e-12 for q in ratios)
+    assert max(ratios) - min(ratios) < 1e-9  # geometric
+    assert len(s) == math.ceil(math.log(1e3, 4)) + 1
+    assert continuation_schedule(1.0, 3.0, 0.25) == [1.0]  # within a factor 1/decay
+    assert continuation_schedule(1.0, 0.5, 0.5) == [1.0]
+    assert continuation_schedule(1.0, 16.0, 0.25) == [16.0, 4.0, 1.0]
+    with pytest.raises(ValueError, match="decay"):
+        continuation_schedule(1.0, 10.0, 1.5)
