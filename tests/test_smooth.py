@@ -301,8 +301,8 @@ def test_bad_data():
         smooth_ot(a[:3], b, C, gamma=0.1)
     with pytest.raises(InputError, match="total masses differ"):
         smooth_ot(a * 2, b, C, gamma=0.1)
-    with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        smooth_ot(a.numpy(), b, C, gamma=0.1)
+    with pytest.raises(TypeError, match="must be a torch.Tensor, a NumPy array or a list"):
+        smooth_ot("uniform", b, C, gamma=0.1)
     with pytest.raises(InputError, match="disagree"):
         smooth_ot(a, b, C, 0.2, gamma=0.1)
     with pytest.raises(InputError, match="k is given twice"):

@@ -36,7 +36,34 @@ import torch
 from entrokit.geometry import Geometry
 from entrokit.solvers._numerics import pcg
 
-__all__ = ["implicit_potentials", "implicit_fixed_point", "entropic_residual", "adjoint_solve"]
+__all__ = ["implicit_potentials", "implicit_fixed_point", "entropic_residual", "adjoint_solve", "bipartite_adjoint"]
+
+
+def bipartite_adjoint(Wv, WTu, r, c, scale: float, mr, mc, rhs_f, rhs_g, *, tol=1e-12, max_iter=None):
+    r"""Solve :math:`J\lambda = \bar x` on the range of the bipartite Jacobian
+    :math:`J = s^{-1}\begin{pmatrix}\mathrm{diag}(r) & W\\ W^\top & \mathrm{diag}(c)\end{pmatrix}`
+    (``r = W1``, ``c = Wᵀ1``) by Jacobi-PCG, batched. ``Wv``/``WTu`` apply ``W``/``Wᵀ``;
+    rows/columns with ``mr``/``mc`` = 0 (zero weight) are masked out, and the gauge
+    direction :math:`(\mathbf 1, -\mathbf 1)` is projected out of the right-hand side."""
+    n = r.shape[-1]
+
+    def J(v):  # J v on the stacked (x, y), rows/columns of zero weight masked
+        x, y = v[..., :n], v[..., n:]
+        return torch.cat([(r * x + Wv(y)) / scale * mr, (WTu(x) + c * y) / scale * mc], -1)
+
+    bx, by = rhs_f * mr, rhs_g * mc
+    z = mr.sum(-1) + mc.sum(-1)
+    proj = ((bx * mr).sum(-1) - (by * mc).sum(-1)) / z
+    bx = bx - proj.unsqueeze(-1) * mr
+    by = by + proj.unsqueeze(-1) * mc
+    tiny = torch.finfo(r.dtype).tiny
+    inv_diag = torch.cat([
+        torch.where((mr > 0) & (r > 0), scale / r.clamp_min(tiny), torch.zeros_like(r)),
+        torch.where((mc > 0) & (c > 0), scale / c.clamp_min(tiny), torch.zeros_like(c)),
+    ], -1)
+    m = c.shape[-1]
+    out = pcg(J, torch.cat([bx, by], -1), inv_diag, rtol=tol, max_iter=max_iter or 10 * (n + m))
+    return out.x[..., :n], out.x[..., n:]
 
 
 def adjoint_solve(
@@ -52,28 +79,11 @@ def adjoint_solve(
     tol: float = 1e-12,
     max_iter: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve ``J [x; y] = [rhs_f; rhs_g]`` on the range of ``J`` by Jacobi-PCG (batched)."""
-    n, m = geom.shape
+    """Entropic adjoint: ``J = eps^{-1} [[diag(P1), P], [Pᵀ, diag(Pᵀ1)]]`` with the plan
+    applied by the geometry (:meth:`~entrokit.Geometry.plan_operator`)."""
     Pv, PTu, r, c = geom.plan_operator(f, g, a, b, eps)
     mr, mc = (a > 0).to(f.dtype), (b > 0).to(f.dtype)
-
-    def J(v):  # J v on the stacked (x, y), rows/columns of zero weight masked
-        x, y = v[..., :n], v[..., n:]
-        return torch.cat([(r * x + Pv(y)) / eps * mr, (PTu(x) + c * y) / eps * mc], -1)
-
-    # project the right-hand side onto range(J): remove the gauge component (1, -1)
-    bx, by = rhs_f * mr, rhs_g * mc
-    z = mr.sum(-1) + mc.sum(-1)
-    proj = ((bx * mr).sum(-1) - (by * mc).sum(-1)) / z
-    bx = bx - proj.unsqueeze(-1) * mr
-    by = by + proj.unsqueeze(-1) * mc
-    tiny = torch.finfo(r.dtype).tiny
-    inv_diag = torch.cat([
-        torch.where(mr > 0, eps / r.clamp_min(tiny), torch.zeros_like(r)),
-        torch.where(mc > 0, eps / c.clamp_min(tiny), torch.zeros_like(c)),
-    ], -1)
-    out = pcg(J, torch.cat([bx, by], -1), inv_diag, rtol=tol, max_iter=max_iter or 10 * (n + m))
-    return out.x[..., :n], out.x[..., n:]
+    return bipartite_adjoint(Pv, PTu, r, c, eps, mr, mc, rhs_f, rhs_g, tol=tol, max_iter=max_iter)
 
 
 AdjointSolver = Callable[..., tuple[torch.Tensor, torch.Tensor]]

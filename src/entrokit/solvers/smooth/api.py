@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import torch
 
@@ -120,6 +121,10 @@ def _gamma_stages(reg: Regularizer, L: torch.Tensor) -> list[float]:
     return continuation_schedule(reg.gamma, gamma0, 0.25)[:-1]
 
 
+def _continue(eps_scaling, init) -> bool:
+    return eps_scaling is True or (eps_scaling == "auto" and init is None)
+
+
 def smooth_ot_problem(
     problem: OTProblem,
     reg: Regularizer,
@@ -132,8 +137,12 @@ def smooth_ot_problem(
     lr: float = 1e-2,
     solve_dtype: torch.dtype | None = torch.float64,
     init: torch.Tensor | None = None,
+    eps_scaling: bool | str = "auto",
 ):
     """Solve a validated *batched* problem; returns the pieces of an :class:`OTResult`.
+
+    ``eps_scaling`` drives the gamma-continuation of the Newton solvers: ``"auto"`` runs it
+    unless ``init`` is given, ``True`` always, ``False`` never.
 
     Returns:
         dict with ``alpha`` (internal rows), ``beta`` (internal columns), ``plan``
@@ -201,7 +210,7 @@ def smooth_ot_problem(
                 errs = torch.cat([warm["errors"].to(errs), errs], 0)
                 info.update(extra)
             elif solver == "newton":
-                stages = [] if init is not None else _gamma_stages(reg, cost_work)  # warm starts skip continuation
+                stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
                 for gs in stages:
                     xs, _, _, _, _ = newton_semi_dual(type(reg)(gs), x0, a_work, b_work, cost_work, max(tol, 1e-3), max_iter, {})
                     x0 = xs
@@ -262,7 +271,7 @@ def smooth_ot_problem(
                 return -obj, torch.cat([grad_alpha, grad_beta], -1), _l1(grad_alpha) + _l1(grad_beta)
 
             if solver == "newton":
-                stages = [] if init is not None else _gamma_stages(reg, cost_work)  # warm starts skip continuation
+                stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
                 for gs in stages:
                     rs = type(reg)(gs)
                     xs, _, _, _, _ = newton_dual(rs, x0, a_solve, b_solve, cost_solve, max(tol_solve, _STAGE_TOL), max_iter)
@@ -356,6 +365,9 @@ def smooth_ot(
     normalize: bool = False,
     check_inputs: bool = True,
     sparse_plan: bool | None = None,
+    grad: str = "implicit",
+    eps_scaling: bool | str = "auto",
+    callback: Callable[[int, float], None] | None = None,
 ) -> OTResult:
     r"""Quadratically-regularized, sparsity-constrained or entropic OT by (semi-)dual ascent.
 
@@ -407,6 +419,13 @@ def smooth_ot(
             ``sparse_axis="rows"``), e.g. ``result.info["x"]`` of a nearby problem.
         normalize: rescale ``a`` and ``b`` to unit mass.
         check_inputs: run value checks (signs, NaN, masses).
+        grad: ``"implicit"`` (default: ``value`` by the envelope theorem; ``f``, ``g``,
+            ``plan`` and ``transport_cost`` by implicit differentiation of the optimality
+            conditions, the top-k support held fixed) or ``"envelope"`` (frozen plan).
+        eps_scaling: the gamma-continuation of the Newton solvers: ``"auto"`` (unless
+            ``init`` is given), ``True`` or ``False``.
+        callback: ``callback(check, max_error)``, called with every recorded marginal
+            error once the solve has finished.
         sparse_plan: return ``plan`` as a sparse COO tensor. Default: ``True`` for
             ``"l2"`` and ``"topk"``, ``False`` for ``"entropy"`` (decided by ``reg``,
             never by the data).
@@ -429,7 +448,13 @@ def smooth_ot(
         >>> g = torch.Generator().manual_seed(0)
         >>> C = torch.rand(6, 5, generator=g, dtype=torch.float64)
         >>> a, b = torch.full((6,), 1 / 6, dtype=torch.float64), torch.full((5,), 0.2, dtype=torch.float64)
-        >>> res = entrokit.smooth_ot(a, b, C, reg="topk", gamma=0.1, k=2)
+        >>> res = entrokit.smooth_ot(a, b, C, reg="l2", gamma=0.1)
+        >>> bool(res.converged), res.plan.is_sparse
+        (True, True)
+        >>> import warnings
+        >>> with warnings.catch_warnings():  # top-k marginals may be unreachable (see above)
+        ...     warnings.simplefilter("ignore", entrokit.ConvergenceWarning)
+        ...     res = entrokit.smooth_ot(a, b, C, reg="topk", gamma=0.1, k=2)
         >>> int((res.plan.to_dense() > 0).sum(0).max()) <= 2
         True
     """
@@ -446,24 +471,37 @@ def smooth_ot(
     check_choice(formulation, "formulation", FORMULATIONS)
     check_choice(sparse_axis, "sparse_axis", _SPARSE_AXES)
     check_choice(solver, "solver", SOLVERS)
+    if grad == "unroll":
+        raise InputError(
+            "grad='unroll' is not available for smooth_ot: its Newton/L-BFGS steps contain "
+            "discrete choices (active sets, line search). Use grad='implicit' (the exact "
+            "derivative at the solution, default) or 'envelope'."
+        )
+    check_choice(grad, "grad", ("implicit", "envelope"))
+    if eps_scaling not in (True, False, "auto"):
+        raise InputError(f"eps_scaling must be True, False or 'auto'; got {eps_scaling!r}.")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable(iteration, error), got {type(callback).__name__}.")
     tol = check_positive(tol, "tol")
     max_iter = check_positive_int(max_iter, "max_iter", allow_none=True)
     lr = check_positive(lr, "lr")
     if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
         raise InputError(f"solve_dtype must be torch.float64, torch.float32 or None; got {solve_dtype!r}.")
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
-    user_batched = problem.batched
     pb = problem.with_batch()
     if init is not None:
         init = _check_init(init, pb, formulation, sparse_axis)
     out = smooth_ot_problem(
         pb, regul, formulation=formulation, sparse_axis=sparse_axis, solver=solver, tol=tol,
-        max_iter=max_iter, lr=lr, solve_dtype=solve_dtype, init=init,
+        max_iter=max_iter, lr=lr, solve_dtype=solve_dtype, init=init, eps_scaling=eps_scaling,
     )
     res = smooth_result(
         pb, regul, out, formulation=formulation, sparse_axis=sparse_axis, tol=tol,
-        user_batched=user_batched, sparse_plan=sparse_plan,
+        sparse_plan=sparse_plan, grad=grad,
     )
+    if callback is not None:
+        for i, err in enumerate(out["errors"].reshape(out["errors"].shape[0], -1).amax(-1).tolist()):
+            callback(i + 1, err)
     if out["solver"] != "adam":
         hint = (
             f"Raise max_iter, loosen tol (now {tol:g}), increase gamma (now {gamma:g})"
