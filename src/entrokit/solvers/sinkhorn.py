@@ -70,6 +70,7 @@ from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import GRAD_MODES, entropic_result, warn_not_converged
 from entrokit.solvers._io import numpy_in_out
+from entrokit.solvers._numerics import continuation_schedule
 
 __all__ = ["sinkhorn", "sinkhorn_problem", "SinkhornOptions", "eps_schedule"]
 
@@ -88,14 +89,9 @@ class SinkhornOptions:
 
 
 def eps_schedule(eps: float, eps0: float, decay: float) -> list[float]:
-    """Geometric annealing ``eps0, eps0*decay, ...`` ending exactly at ``eps``."""
-    out = []
-    e = eps0
-    while e * decay > eps:
-        out.append(e)
-        e *= decay
-    out.append(eps)
-    return out
+    """The annealing stages from ``eps0`` down to ``eps`` (the library's one continuation
+    rule, :func:`~entrokit.solvers._numerics.continuation_schedule`)."""
+    return continuation_schedule(eps, eps0, decay)
 
 
 class _LogEngine:

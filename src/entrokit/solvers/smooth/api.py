@@ -89,6 +89,7 @@ from entrokit._result import OTResult
 from entrokit._validation import check_choice, check_positive, check_positive_int
 from entrokit.problem import OTProblem, make_problem
 from entrokit.solvers._entropic import warn_not_converged
+from entrokit.solvers._io import numpy_in_out
 from entrokit.solvers._numerics import continuation_schedule
 from entrokit.solvers.omega import Regularizer, SquaredL2, make_regularizer
 from entrokit.solvers.smooth.adam import adam
@@ -345,6 +346,7 @@ def _pin_zero_weights(alpha, beta, a, b, L):
     return alpha, beta
 
 
+@numpy_in_out
 def smooth_ot(
     a: torch.Tensor,
     b: torch.Tensor,
