@@ -186,15 +186,27 @@ def test_bipartite_solver_float32_scalar_shift_and_mask():
 
 
 # ------------------------------------------------------------------------- schedule
-def test_continuation_schedule():
-    s = continuation_schedule(1e-3, 1.0, 0.25)
+def test_continuation_schedule_even():
+    s = continuation_schedule(1e-3, 1.0, 0.25, even=True)
     assert s[0] == 1.0 and s[-1] == 1e-3
     ratios = [x / y for x, y in zip(s, s[1:])]
     assert all(1.0 < q <= 4.0 + 1e-12 for q in ratios)
     assert max(ratios) - min(ratios) < 1e-9  # geometric
     assert len(s) == math.ceil(math.log(1e3, 4)) + 1
-    assert continuation_schedule(1.0, 3.0, 0.25) == [1.0]  # within a factor 1/decay
+    assert continuation_schedule(1.0, 3.0, 0.25, even=True) == [1.0]  # within a factor 1/decay
+    assert continuation_schedule(1.0, 16.0, 0.25, even=True) == [16.0, 4.0, 1.0]
+
+
+def test_continuation_schedule_sinkhorn_rule():
+    # no stage within a factor 1/decay of the target: the last jump is in (1/decay, 1/decay^2]
+    s = continuation_schedule(0.3, 1.0, 0.5)
+    assert s == [1.0, 0.3]
+    for target in (1e-3, 0.07, 0.2499, 0.25):
+        s = continuation_schedule(target, 1.0, 0.5)
+        assert s[-1] == target and all(x * 0.5 > target for x in s[:-1])
+        assert all(x / y == 2.0 for x, y in zip(s[:-2], s[1:-1]))
+        assert 2.0 < s[-2] / target <= 4.0 if len(s) > 1 else True
     assert continuation_schedule(1.0, 0.5, 0.5) == [1.0]
-    assert continuation_schedule(1.0, 16.0, 0.25) == [16.0, 4.0, 1.0]
+    assert continuation_schedule(1.0, 2.0, 0.5) == [1.0]
     with pytest.raises(ValueError, match="decay"):
         continuation_schedule(1.0, 10.0, 1.5)

@@ -358,6 +358,7 @@ class SparseBlock:
 
 BIPARTITE_METHODS = ("auto", "dense", "direct", "cg")
 DENSE_SCHUR_MAX = 512  # columns up to which "auto" factorises the Schur complement densely
+DENSE_BLOCK_MAX = 64  # the same for a dense coupling block (assembly costs n m^2)
 
 
 def _as_batch(s, like: torch.Tensor) -> torch.Tensor:
@@ -427,7 +428,8 @@ def solve_bipartite(
         method: ``"dense"`` (Cholesky of :math:`S` assembled densely, LU if Cholesky
             fails; any device), ``"direct"`` (SciPy SuperLU, CPU), ``"cg"`` (matrix-free
             Jacobi-PCG on :math:`S`, any device) or ``"auto"``: dense for
-            :math:`m \le 512`, above that direct for a sparse block on CPU, CG otherwise.
+            :math:`m \le 512` (:math:`m \le 64` for a :class:`DenseBlock`, whose assembly
+            costs :math:`nm^2`), above that direct for a sparse block on CPU, CG otherwise.
         rtol, max_iter, y0, active: PCG options (``max_iter`` default
             :math:`\max(200, m)`); ``active`` masks problems for every back-end.
 
@@ -439,9 +441,12 @@ def solve_bipartite(
     """
     B, n, m = block.shape
     if method == "auto":
-        if m <= DENSE_SCHUR_MAX:
+        sparse = isinstance(block, SparseBlock)
+        # assembling S costs sum_i |w_i|^2 (sparse) but n m^2 (dense): a dense block is
+        # only worth factorising when small; CG costs O(nnz) per iteration
+        if m <= (DENSE_SCHUR_MAX if sparse else DENSE_BLOCK_MAX):
             method = "dense"
-        elif isinstance(block, SparseBlock) and p.device.type == "cpu":
+        elif sparse and p.device.type == "cpu":
             method = "direct"
         else:
             method = "cg"
@@ -487,27 +492,37 @@ def solve_bipartite(
 # --------------------------------------------------------------------------------------
 # continuation
 # --------------------------------------------------------------------------------------
-def continuation_schedule(target: float, start: float, decay: float) -> list[float]:
+def continuation_schedule(target: float, start: float, decay: float, *, even: bool = False) -> list[float]:
     r"""Decreasing geometric stages from ``start`` ending exactly at ``target``.
 
-    With :math:`L = \log(\text{start}/\text{target}) / \log(1/\text{decay})` and
-    :math:`K = \lceil L\rceil`, the stages are
+    ``even=False`` (Sinkhorn's :math:`\varepsilon`-scaling rule, fewest stages):
+    :math:`\varepsilon_k = \text{start}\cdot\text{decay}^k` for the :math:`k \ge 0` with
+    :math:`\varepsilon_k\cdot\text{decay} > \text{target}`, then ``target``; no stage lies
+    within a factor ``1/decay`` of the target, so the last jump is by a factor in
+    :math:`(1/\text{decay}, 1/\text{decay}^2]`. A start within a factor ``1/decay`` of the
+    target gives ``[target]``.
 
-    .. math::
+    ``even=True`` (every jump bounded, for Newton, whose quadratic model degrades with the
+    jump): with :math:`K = \lceil\log(\text{start}/\text{target})/\log(1/\text{decay})
+    \rceil`, :math:`\varepsilon_k = \text{start}\,\rho^k` for :math:`k = 0..K` and
+    :math:`\rho = (\text{target}/\text{start})^{1/K} \ge \text{decay}`: equal jumps, each by
+    at most ``1/decay``; ``[target]`` when :math:`K \le 1`.
 
-        \varepsilon_k = \text{start}\,\rho^k,\quad k = 0, \dots, K,\qquad
-        \rho = (\text{target}/\text{start})^{1/K} \ge \text{decay},
-
-    so :math:`\varepsilon_K = \text{target}` and every jump, the last one included, is
-    by a factor at most ``1/decay``. A start within a factor ``1/decay`` of the target
-    (:math:`L \le 1`) gives ``[target]``. Used for :math:`\varepsilon`-scaling (Sinkhorn,
-    Newton) and :math:`\gamma`-continuation (smooth OT).
+    Used for :math:`\varepsilon`-scaling (Sinkhorn, Newton) and :math:`\gamma`-continuation
+    (smooth OT).
     """
     if not (0.0 < decay < 1.0):
         raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
     target, start = float(target), float(start)
     if not (start > target > 0.0) or not math.isfinite(start):
         return [target]
+    if not even:
+        out = []
+        e = start
+        while e * decay > target:
+            out.append(e)
+            e *= decay
+        return out + [target]
     n_jumps = math.ceil(math.log(start / target) / math.log(1.0 / decay) - 1e-9)
     if n_jumps <= 1:
         return [target]

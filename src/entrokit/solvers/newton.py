@@ -391,7 +391,7 @@ def _continuation_stages(cost_range: float, eps: float) -> list[float]:
     """Intermediate eps of the continuation: geometric, jumps of at most 4, from a twentieth
     of the cost range (:func:`~entrokit.solvers._numerics.continuation_schedule`), target
     excluded; empty when the target is within a factor 4 of that start."""
-    return continuation_schedule(eps, 0.05 * cost_range, 0.25)[:-1]
+    return continuation_schedule(eps, 0.05 * cost_range, 0.25, even=True)[:-1]
 
 
 def _c_transform_start(C: torch.Tensor):

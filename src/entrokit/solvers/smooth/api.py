@@ -212,26 +212,22 @@ def smooth_ot_problem(
                 info.update(extra)
             elif solver == "newton":
                 stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
-                for gs in stages:
-                    xs, _, _, _, _ = newton_semi_dual(type(reg)(gs), x0, a_work, b_work, cost_work, max(tol, 1e-3), max_iter, {})
-                    x0 = xs
-                info["gamma_stages"] = len(stages) + 1
-                x, n_iter, conv, errs, extra = newton_semi_dual(reg, x0, a_work, b_work, cost_work, tol, max_iter, state)
-                info.update(extra)
-            elif solver == "lbfgs" and reg.name == "topk":
-                if warm is not None:
+
+                def newton(r, x, t):
+                    return newton_semi_dual(r, x, a_work, b_work, cost_work, t, max_iter, state if r is reg else {})
+
+                x, n_iter, conv, errs = _continued_newton(newton, reg, x0, stages, max(tol, 1e-3), tol, info)
+            else:
+                if reg.name == "topk" and warm is not None:
                     x0 = _from_warm(warm, work_dtype, info)[0]
-                buf = torch.empty_like(cost_work)
+                buf = torch.empty_like(cost_work) if reg.name == "topk" else None
 
                 def fun_k(x):
                     F, g, _ = _topk_semi_dual_compact(reg.gamma, reg.k, x, a_work, b_work, cost_work, buf)
                     return F, g, _l1(g)
 
-                x, n_iter, conv, errs = lbfgs(fun_k, x0, tol, max_iter, patience=_TOPK_PATIENCE)
-            elif solver == "lbfgs":
-                x, n_iter, conv, errs = lbfgs(fun, x0, tol, max_iter)
-            else:
-                x, n_iter, conv, errs = adam(fun, x0, max_iter, lr, tol)
+                x, n_iter, conv, errs = _first_order(solver, fun, fun_k if buf is not None else None, x0, tol,
+                                                     max_iter, lr)
             _, _, T, beta = _semi_dual(reg, x, a_work, b_work, cost_work, state)
             alpha = x
         else:
@@ -273,27 +269,23 @@ def smooth_ot_problem(
 
             if solver == "newton":
                 stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
-                for gs in stages:
-                    rs = type(reg)(gs)
-                    xs, _, _, _, _ = newton_dual(rs, x0, a_solve, b_solve, cost_solve, max(tol_solve, _STAGE_TOL), max_iter)
-                    x0 = xs
-                info["gamma_stages"] = len(stages) + 1
-                x, n_iter, conv, errs, extra = newton_dual(reg, x0, a_solve, b_solve, cost_solve, tol_solve, max_iter)
-                info.update(extra)
-            elif solver == "lbfgs" and reg.name == "topk":
-                if warm is not None:
+
+                def newton(r, x, t):
+                    return newton_dual(r, x, a_solve, b_solve, cost_solve, t, max_iter)
+
+                x, n_iter, conv, errs = _continued_newton(newton, reg, x0, stages, max(tol_solve, _STAGE_TOL),
+                                                          tol_solve, info)
+            else:
+                if reg.name == "topk" and warm is not None:
                     x0 = torch.cat(_from_warm(warm, work_dtype, info), -1)
-                buf = torch.empty_like(cost_solve)
+                buf = torch.empty_like(cost_solve) if reg.name == "topk" else None
 
                 def fun_k(x):
                     F, g, _ = _topk_dual_compact(reg.gamma, reg.k, x, a_solve, b_solve, cost_solve, buf)
                     return F, g, _l1(g)
 
-                x, n_iter, conv, errs = lbfgs(fun_k, x0, tol_solve, max_iter, patience=_TOPK_PATIENCE)
-            elif solver == "lbfgs":
-                x, n_iter, conv, errs = lbfgs(fun, x0, tol_solve, max_iter)
-            else:
-                x, n_iter, conv, errs = adam(fun, x0, max_iter, lr, tol_solve)
+                x, n_iter, conv, errs = _first_order(solver, fun, fun_k if buf is not None else None, x0, tol_solve,
+                                                     max_iter, lr)
             alpha, beta = x[:, :R], x[:, R:]
             if reg.sparse:  # entropic plans are never exactly zero: nothing to pin
                 alpha, beta = _pin_zero_weights(alpha, beta, a_solve, b_solve, cost_work)
@@ -307,6 +299,26 @@ def smooth_ot_problem(
         "converged": conv, "errors": errs.to(dt), "info": info, "L": L, "ar": ar, "bc": bc,
         "solver": solver,
     }
+
+
+def _continued_newton(newton, reg, x0, stages, stage_tol, tol, info):
+    """``newton(reg_k, x, tol_k)`` on each gamma-continuation stage (warm-started, loose
+    tolerance ``stage_tol``), then on ``reg`` itself to ``tol``."""
+    for gamma_k in stages:
+        x0 = newton(type(reg)(gamma_k), x0, stage_tol)[0]
+    info["gamma_stages"] = len(stages) + 1
+    x, n_iter, conv, errs, extra = newton(reg, x0, tol)
+    info.update(extra)
+    return x, n_iter, conv, errs
+
+
+def _first_order(solver, fun, fun_topk, x0, tol, max_iter, lr):
+    """L-BFGS (top-k: on its compact objective, stopping on patience) or fixed-step Adam."""
+    if solver == "lbfgs" and fun_topk is not None:
+        return lbfgs(fun_topk, x0, tol, max_iter, patience=_TOPK_PATIENCE)
+    if solver == "lbfgs":
+        return lbfgs(fun, x0, tol, max_iter)
+    return adam(fun, x0, max_iter, lr, tol)
 
 
 _TOPK_PATIENCE = 15  # top-k L-BFGS: stop after this many iterations without a 1% better error
