@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import entrokit
-from generators import random_problem
 from entrokit import InputError, PointCloud
+from generators import random_problem
 
 
 @pytest.fixture

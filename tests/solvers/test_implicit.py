@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import entrokit
-from generators import random_problem
 from entrokit import PointCloud
+from generators import random_problem
 
 EPS = 0.2
 KW = dict(tol=1e-13, max_iter=100_000)

@@ -182,3 +182,17 @@ def test_apply_and_marginals_without_materialising():
     torch.testing.assert_close(c, P.sum(-2))
     with pytest.raises(InputError, match="axis must be 0"):
         res.apply(v, axis=2)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sns", "ssns", "smooth"])
+def test_every_method_takes_the_common_options(method):
+    from entrokit.solvers.solve import COMMON_OPTIONS, _accepted_options, _resolve
+
+    assert set(COMMON_OPTIONS) <= _accepted_options(_resolve(method))
+    C = torch.rand(5, 4, generator=torch.Generator().manual_seed(6), dtype=D)
+    seen = []
+    first = entrokit.solve(None, None, C, eps=0.1, method=method, eps_scaling=True,
+                           callback=lambda i, e: seen.append(e), normalize=True, check_inputs=True)
+    again = entrokit.solve(None, None, C, eps=0.1, method=method, eps_scaling=False,
+                           init=first, grad="envelope")
+    assert seen and bool(first.converged) and bool(again.converged)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import entrokit
-from generators import dirac_source, one_dimensional_w2, random_problem
 from entrokit import PointCloud
+from generators import dirac_source, one_dimensional_w2, random_problem
 
 
 def marginals(res):

@@ -120,8 +120,13 @@ def test_init_wrong_size(formulation, sparse_axis, size):
 
 def test_init_wrong_type_and_values():
     a, b, C = _problem(7, 5, 4)
-    with pytest.raises(TypeError, match=r"init must be a torch.Tensor.*got list.*Pass a tensor"):
+    with pytest.raises(TypeError, match=r"init must be a pair of tensors \(f, g\), an OTResult or a tensor; got list"):
         smooth_ot(a, b, C, gamma=0.1, init=[0.0] * 12)
+    with pytest.raises(InputError, match="init potentials must have 7 and 5 entries"):
+        smooth_ot(a, b, C, gamma=0.1, init=(torch.zeros(7, dtype=a.dtype), torch.zeros(4, dtype=a.dtype)))
+    res = smooth_ot(a, b, C, gamma=0.1)
+    again = smooth_ot(a, b, C, gamma=0.1, init=res)  # the common form: a previous result
+    assert bool(again.converged) and int(again.n_iter.max()) <= int(res.n_iter.max())
     with pytest.raises(TypeError, match="floating-point"):
         smooth_ot(a, b, C, gamma=0.1, init=torch.zeros(12, dtype=torch.long))
     nan = torch.zeros(12, dtype=D)

@@ -117,6 +117,7 @@ from entrokit._validation import check_choice, check_positive, check_positive_in
 from entrokit.geometry import DenseCost, exp_floor
 from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import entropic_result, warn_not_converged
+from entrokit.solvers._io import numpy_in_out
 from entrokit.solvers._newton_linalg import schur_solve, threshold_density, threshold_safe
 from entrokit.solvers._numerics import armijo_backtracking, continuation_schedule
 from entrokit.solvers.sinkhorn import SinkhornOptions, _check_init, sinkhorn_problem
@@ -446,6 +447,7 @@ def _certify(res: OTResult, tol: float) -> tuple[OTResult, torch.Tensor]:
     return dataclasses.replace(res, converged=res.converged & ok, info=info), err
 
 
+@numpy_in_out
 def sinkhorn_newton(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -462,10 +464,10 @@ def sinkhorn_newton(
     cg_rtol: float = 1e-10,
     cg_max_iter: int | None = None,
     fallback_steps: int = 10,
-    eps_scaling: bool | None = None,
+    eps_scaling: bool | str | None = "auto",
     time_limit: float | None = None,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    grad: str = "envelope",
+    grad: str = "implicit",
     normalize: bool = False,
     check_inputs: bool = True,
     callback: Callable[[int, float], None] | None = None,
@@ -502,7 +504,7 @@ def sinkhorn_newton(
             Newton with a superlinear forcing term).
         cg_max_iter: CG iteration cap per Newton step (default :math:`\max(200, m)`).
         fallback_steps: Sinkhorn iterations taken when a Newton step fails.
-        eps_scaling: :math:`\varepsilon`-continuation. ``None`` (default): automatic,
+        eps_scaling: :math:`\varepsilon`-continuation. ``"auto"`` (default; ``None`` too): automatic,
             Newton starts at the target ``eps`` and switches to continuation only if it
             stalls (four poor steps: accepted step sizes below 1/4 or fallbacks);
             ``True``: always; ``False``: never. The schedule is geometric by a factor 1/4
@@ -512,7 +514,7 @@ def sinkhorn_newton(
         time_limit: optional wall-clock budget in seconds (the run stops with
             ``converged=False`` and ``info["timed_out"]=True``).
         init: warm start ``(f, g)``.
-        grad: ``"envelope"`` (default) or ``"implicit"`` (implicit function theorem,
+        grad: ``"implicit"`` (default: exact gradients of every output; implicit function theorem,
             the library's one implicit wrapper, :mod:`entrokit.solvers.implicit`, as for
             Sinkhorn). ``"unroll"`` raises
             :class:`~entrokit.InputError`: Newton iterations contain discrete choices
@@ -561,13 +563,13 @@ def sinkhorn_newton(
             "or method='sinkhorn' with grad='unroll'."
         )
     max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or 200
-    if eps_scaling is None:
+    if eps_scaling is None or eps_scaling == "auto":
         eps_scaling = "auto"
     elif eps_scaling is True or eps_scaling is False:
         eps_scaling = "on" if eps_scaling else "off"
     else:
         raise InputError(
-            f"eps_scaling must be None (automatic), True or False, got {eps_scaling!r}."
+            f"eps_scaling must be True, False or 'auto' (None is 'auto'), got {eps_scaling!r}."
         )
     if warmup_max_iter is None:
         warmup_max_iter = 20 if variant == "sns" else 3
@@ -674,3 +676,7 @@ def sns(a, b, cost, eps, **options) -> OTResult:
 def ssns(a, b, cost, eps, **options) -> OTResult:
     """:func:`sinkhorn_newton` with ``variant="ssns"`` (``entrokit.solve(method="ssns")``)."""
     return sinkhorn_newton(a, b, cost, eps, variant="ssns", **options)
+
+
+# entrokit.solve checks options against the signature of the solver these forward to
+sns.__wrapped_solver__ = ssns.__wrapped_solver__ = sinkhorn_newton

@@ -54,7 +54,8 @@ def _accepted_options(fn) -> set[str] | None:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         target = getattr(fn, "__wrapped_solver__", None)
-        return _accepted_options(target) if target is not None else None
+        # the forwarding wrapper fixes the variant itself
+        return _accepted_options(target) - {"variant"} if target is not None else None
     return {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 

@@ -428,7 +428,8 @@ def smooth_ot(
         lr: Adam step size.
         solve_dtype: working dtype of ``newton``/``lbfgs`` (default ``float64``; ``None``
             keeps the input dtype). Outputs always follow the inputs' dtype.
-        init: warm start: ``alpha`` (semi-dual, ``[B, n]``) or ``cat(alpha, beta)``
+        init: warm start: potentials ``(f, g)`` or a previous result (the common form),
+            or, in the internal layout, ``alpha`` (semi-dual, ``[B, n]``) or ``cat(alpha, beta)``
             (dual) in the internal layout (rows and columns swapped for
             ``sparse_axis="rows"``), e.g. ``result.info["x"]`` of a nearby problem.
         normalize: rescale ``a`` and ``b`` to unit mass.
@@ -538,6 +539,17 @@ def _check_init(init, pb: OTProblem, formulation: str, sparse_axis: str) -> torc
     what = (f"alpha of length {size}" if formulation == "semi_dual"
             else f"cat(alpha, beta) of length {rows} + {cols} = {size}")
     hint = "e.g. result.info['x'] of a previous smooth_ot call with the same formulation and sparse_axis"
+    if hasattr(init, "f") and hasattr(init, "g") and not isinstance(init, (tuple, list, torch.Tensor)):
+        init = (init.f, init.g)
+    if isinstance(init, (tuple, list)):
+        # the common form: potentials (f, g) of the user's layout
+        if len(init) != 2 or not all(isinstance(t, torch.Tensor) for t in init):
+            raise TypeError(f"init must be a pair of tensors (f, g), an OTResult or a tensor; got {type(init).__name__}.")
+        f0, g0 = (t.detach().reshape(-1, t.shape[-1]) for t in init)
+        if f0.shape[-1] != n or g0.shape[-1] != m:
+            raise InputError(f"init potentials must have {n} and {m} entries, got {f0.shape[-1]} and {g0.shape[-1]}.")
+        internal_rows, internal_cols = (f0, g0) if sparse_axis == "columns" else (g0, f0)
+        init = internal_rows if formulation == "semi_dual" else torch.cat([internal_rows, internal_cols], -1)
     if not isinstance(init, torch.Tensor):
         raise TypeError(
             f"init must be a torch.Tensor ({what}, formulation={formulation!r}, sparse_axis={sparse_axis!r}); "
