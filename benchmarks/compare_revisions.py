@@ -37,11 +37,11 @@ def _run_one() -> dict:
         C = torch.rand(n, n, generator=gen, dtype=torch.float64)
         a = torch.full((n,), 1.0 / n, dtype=torch.float64)
         if kind == "sinkhorn":
-            fn = lambda: entrokit.sinkhorn(a, a, C, eps, tol=1e-6)  # noqa: E731
+            fn = lambda: entrokit.sinkhorn(a, a, C, eps, tol=1e-6)  # noqa: E731, B023
         elif kind == "ssns":
-            fn = lambda: entrokit.sinkhorn_newton(a, a, C, eps, tol=1e-8)  # noqa: E731
+            fn = lambda: entrokit.sinkhorn_newton(a, a, C, eps, tol=1e-8)  # noqa: E731, B023
         else:
-            fn = lambda: entrokit.smooth_ot(a, a, C, reg="l2", gamma=eps, tol=1e-6)  # noqa: E731
+            fn = lambda: entrokit.smooth_ot(a, a, C, reg="l2", gamma=eps, tol=1e-6)  # noqa: E731, B023
         best, spent = float("inf"), 0.0
         while spent < 1.5 or best == float("inf"):
             t = time.perf_counter()
