@@ -57,8 +57,8 @@ four poor steps (accepted step below 1/4, or a fallback) the solver switches to
 :math:`\varepsilon`-continuation: it solves a geometric sequence :math:`\varepsilon_k`
 (factor 1/4, from about a tenth of the cost range down,
 :func:`~entrokit.solvers._numerics.continuation_schedule`) to L1 error :math:`10^{-3}`,
-each stage warm-started with the previous potentials :math:`(f, g)` and one Sinkhorn
-iteration, and ends at the target :math:`\varepsilon` (``eps_scaling``; schedule in
+each stage warm-started with the previous potentials :math:`(f, g)` and three Sinkhorn
+iterations, and ends at the target :math:`\varepsilon` (``eps_scaling``; schedule in
 ``info["eps_schedule"]``). The SSNS shift factor :math:`\mu` is capped at
 :math:`10^3`. ``"sns"`` additionally doubles its density :math:`\lambda` whenever a
 step is damped below 1/4, fails, or 5 steps fail to halve the error
@@ -128,6 +128,7 @@ NEWTON_VARIANTS = ("ssns", "sns")
 _LINEAR_SOLVERS = ("auto", "cg", "direct")
 _GRADS = ("envelope", "implicit", "unroll")
 _EXP_FLOOR = exp_floor(torch.float64)
+_STAGE_SINKHORN = 3  # Sinkhorn iterations that start each eps-continuation stage
 
 
 class _Dual:
@@ -371,7 +372,7 @@ def _solve_one(C, a, b, eps, cost_range, alpha, beta, opt: dict, t_start: float)
             beta = beta + (e_k - e_prev) * dual.log_b
             e_prev = e_k
             dual_k = dual if e_k == eps else _Dual(C, a, b, e_k, cost_range)
-            alpha, beta, *_ = run.sinkhorn(dual_k, alpha, beta, 1, 0.0)
+            alpha, beta, *_ = run.sinkhorn(dual_k, alpha, beta, _STAGE_SINKHORN, 0.0)
             alpha, beta, err, status = _newton_stage(
                 dual_k, alpha, beta, run, opt, tol if e_k == eps else stage_tol, stall_check=False
             )
