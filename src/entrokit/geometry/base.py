@@ -212,12 +212,15 @@ class Geometry:
         its transpose (``axis=0``); differentiable."""
         return lse_to_softmin(self.lse(h, log_w, eps, axis), eps)
 
-    def plan_reduce(self, f, g, a, b, eps, *, accumulate: torch.dtype | None = None):
+    def plan_reduce(self, f, g, a, b, eps, *, accumulate: torch.dtype | None = None,
+                    round_to: torch.dtype | None = None):
         r"""Row sums, column sums and :math:`\langle C, P\rangle` of
         :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}`, differentiable in every
         argument, without storing P for online geometries. With ``accumulate`` (e.g.
         ``torch.float64``) the plan entries are computed in the working dtype, exactly as
-        :meth:`plan` returns them, and summed in ``accumulate``."""
+        :meth:`plan` returns them, and summed in ``accumulate``; with ``round_to`` the
+        entries are first rounded to that dtype (a float32 plan formed from float64
+        potentials). Geometries may omit ``round_to``."""
         raise NotImplementedError
 
     def marginals(self, f, g, a, b, eps) -> tuple[torch.Tensor, torch.Tensor]:

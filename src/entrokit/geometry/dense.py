@@ -93,9 +93,11 @@ class DenseCost(Geometry):
         z = ((hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1)) - self.C) / eps
         return logsumexp_pair(z, dim=-1 if axis == 1 else -2)
 
-    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None):
+    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
         C = self.C
         P = plan_block(f, g, a, b, C, eps)
+        if round_to is not None:
+            P = P.to(round_to)
         if accumulate is not None and accumulate != P.dtype:
             P, C = P.to(accumulate), C.to(accumulate)
         return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))

@@ -216,14 +216,16 @@ class PointCloud(Geometry):
             pairs.append(logsumexp_pair(z, dim=-2))
         return torch.cat([p[0] for p in pairs], -1), torch.cat([p[1] for p in pairs], -1)
 
-    def _reduce_chunk(self, xs, y, fs, g, as_, b, eps, accumulate):
+    def _reduce_chunk(self, xs, y, fs, g, as_, b, eps, accumulate, round_to=None):
         C = self._c(xs, y)
         P = plan_block(fs, g, as_, b, C, eps)
+        if round_to is not None:
+            P = P.to(round_to)
         if accumulate is not None and accumulate != P.dtype:
             P, C = P.to(accumulate), C.to(accumulate)
         return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))
 
-    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None):
+    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
         rows, cols, tc = [], 0.0, 0.0
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (self.x, self.y, f, g, a, b)
@@ -232,9 +234,9 @@ class PointCloud(Geometry):
             args = (self.x[..., s:e, :], self.y, f[..., s:e], g, a[..., s:e], b)
             if need_grad and self.is_online:
                 # recompute the tile in backward: memory stays O((n + m) * chunk)
-                r, c, t = checkpoint(self._reduce_chunk, *args, eps, accumulate, use_reentrant=False)
+                r, c, t = checkpoint(self._reduce_chunk, *args, eps, accumulate, round_to, use_reentrant=False)
             else:
-                r, c, t = self._reduce_chunk(*args, eps, accumulate)
+                r, c, t = self._reduce_chunk(*args, eps, accumulate, round_to)
             rows.append(r)
             cols = cols + c
             tc = tc + t

@@ -41,11 +41,18 @@ __all__ = ["entropic_result", "warn_not_converged", "GRAD_MODES", "certify_plan"
 GRAD_MODES = ("implicit", "envelope", "unroll")
 
 
-def certify_plan(geom, f, g, a, b, eps):
-    """``(row, col, transport_cost)`` of the plan :attr:`OTResult.plan` returns, summed in
-    float64 (no autograd graph)."""
+def certify_plan(geom, f, g, a, b, eps, *, round_to=None):
+    """``(row, col, transport_cost, rounded)`` of the plan :attr:`OTResult.plan` returns,
+    summed in float64 (no autograd graph); ``rounded`` says whether the entries were
+    rounded to ``round_to`` first (geometries that do not support it sum unrounded)."""
+    args = (f.detach(), g.detach(), a.detach(), b.detach(), eps)
     with torch.no_grad():
-        return geom.plan_reduce(f.detach(), g.detach(), a.detach(), b.detach(), eps, accumulate=torch.float64)
+        if round_to is not None:
+            try:
+                return (*geom.plan_reduce(*args, accumulate=torch.float64, round_to=round_to), True)
+            except TypeError:
+                pass
+        return (*geom.plan_reduce(*args, accumulate=torch.float64), False)
 
 
 def _reduce_is_exact(geom, eps: float, tol: float) -> bool:
@@ -105,10 +112,10 @@ def entropic_result(
     if pre is not None and prec == dtype == torch.float64 and tol is not None and _reduce_is_exact(geom, eps, tol):
         row, col, tc_cert = (t.detach() for t in pre)
     else:
-        row, col, tc_cert = certify_plan(geom_hi, f_hi, g_hi, a_hi, b_hi, eps)
+        row, col, tc_cert, rounded = certify_plan(geom_hi, f_hi, g_hi, a_hi, b_hi, eps, round_to=dtype if prec != dtype else None)
     a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
     merr = (row.to(torch.float64) - a64).abs().sum(-1) + (col.to(torch.float64) - b64).abs().sum(-1)
-    if prec != dtype:
+    if prec != dtype and not rounded:
         # the plan is rounded to the input dtype: |P_lo - P_hi| <= u * P_hi entrywise
         merr = merr + 2.0 * torch.finfo(dtype).eps * row.to(torch.float64).sum(-1)
     claimed = converged.clone()
