@@ -157,3 +157,13 @@ def test_warm_start_on_test_geometry():
     r1 = entrokit.sinkhorn(a, b, pc, eps=0.05, tol=1e-9)
     r2 = entrokit.sinkhorn(a, b, pc, eps=0.05, tol=1e-9, init=(r1.f, r1.g), lse_mode=True)
     assert bool(r2.converged)
+
+
+@pytest.mark.parametrize("method", ["ssns", "sns", "smooth", "auto"])
+def test_every_method_runs_on_test_geometry(method):
+    a, b, U, V = _problem(seed=4)
+    res = entrokit.solve(a, b, LowRankCost(U, V), eps=0.05, method=method, tol=1e-8)
+    ref = entrokit.solve(a, b, U @ V.T, eps=0.05, method=method, tol=1e-8)
+    assert bool(res.converged) and res.method == ref.method
+    P, Q = (r.plan.to_dense() if r.plan.is_sparse else r.plan for r in (res, ref))
+    torch.testing.assert_close(P, Q, atol=1e-7, rtol=0)
