@@ -266,3 +266,41 @@ def test_absorption_keeps_float32_finite_at_large_cost_scale():
     res = entrokit.sinkhorn(a, b, 5 * C, 1e-2, tol=1e-5, max_iter=3000)
     assert bool(res.converged) and res.info["absorptions"] >= 1
     assert torch.isfinite(res.plan).all() and res.marginal_error <= 1e-5 * 1.5
+
+
+def _loop(problem, eps, **options):
+    from entrokit.problem import make_problem
+    from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
+
+    a, b, cost = problem
+    pb = make_problem(a, b, cost).with_batch()
+    return sinkhorn_problem(pb, eps, SinkhornOptions(**options))
+
+
+def test_fixed_iterations_equal_the_same_number_of_checked_iterations():
+    # fixed_iter runs exactly max_iter log-domain iterations, no test, no early stop
+    a, b, C = random_problem(12, 9, seed=4)
+    f, g, n_iter, converged, errors, _ = _loop((a, b, C), 0.1, max_iter=7, fixed_iter=True, tol=1e-300)
+    assert int(n_iter) == 7 and not bool(converged) and errors.shape == (1, 1)
+    # the same iterations written out: alternate exact row and column soft-mins
+    geom = entrokit.DenseCost(C.unsqueeze(0))
+    fr, gr = torch.zeros(1, 12, dtype=C.dtype), torch.zeros(1, 9, dtype=C.dtype)
+    la, lb = a.log().unsqueeze(0), b.log().unsqueeze(0)
+    for _ in range(7):
+        fr = geom.softmin(gr, lb, 0.1, axis=1)
+        gr = geom.softmin(fr, la, 0.1, axis=0)
+    torch.testing.assert_close(f, fr, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, gr, rtol=0, atol=1e-12)
+
+
+def test_symmetric_updates_solve_the_self_problem():
+    # averaged updates f <- (f + T f)/2 reach the symmetric optimum f = g of OT(a, a),
+    # the same potentials as the alternating loop, in far fewer iterations
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = torch.rand(30, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    a = a / a.sum()
+    f, g, n_iter, converged, errors, _ = _loop((a, a, PointCloud(x, x)), 0.5, tol=1e-11, symmetric=True)
+    assert bool(converged) and torch.equal(f, g) and float(errors[-1]) <= 1e-11
+    ref = entrokit.sinkhorn(a, a, PointCloud(x, x), 0.5, tol=1e-11, max_iter=100_000)
+    torch.testing.assert_close(f[0], ref.f, rtol=0, atol=1e-6)  # potentials: conditioning x tol
+    assert int(n_iter) < int(ref.n_iter)

@@ -86,6 +86,8 @@ class SinkhornOptions:
     stage_tol: float = 1e-2
     check_every: int | None = None
     lse_mode: bool | None = None
+    fixed_iter: bool = False
+    symmetric: bool = False
 
 
 def eps_schedule(eps: float, eps0: float, decay: float) -> list[float]:
@@ -96,16 +98,33 @@ def eps_schedule(eps: float, eps0: float, decay: float) -> list[float]:
 
 class _LogEngine:
     """Log-sum-exp updates through the geometry's soft-min (works online and under
-    autograd). Same interface as the geometry's scaling engine."""
+    autograd). Same interface as the geometry's scaling engine.
 
-    def __init__(self, geom: Geometry, a, b, log_a, log_b):
+    With ``symmetric`` (a problem with ``b = a`` and a symmetric cost, the self-terms of
+    a Sinkhorn divergence), the update is the averaged fixed-point iteration
+    :math:`f \leftarrow \tfrac12(f + T_\varepsilon(f))`, ``g = f`` (Feydy et al., 2019,
+    Alg. 3.4), which converges without the oscillation of the plain symmetric update.
+    """
+
+    def __init__(self, geom: Geometry, a, b, log_a, log_b, symmetric: bool = False):
         self.geom, self.a, self.log_a, self.log_b = geom, a, log_a, log_b
+        self.symmetric = symmetric
 
     def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
         self.f, self.g, self.eps = f, g, eps
 
     def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
         f, g, eps, geom = self.f, self.g, self.eps, self.geom
+        if self.symmetric:
+            for _ in range(k):
+                t_f = geom.softmin(f, self.log_a, eps, axis=1)
+                f_new = 0.5 * (f + t_f)
+                if active is not None:
+                    f_new = torch.where(active.unsqueeze(-1), f_new, f)
+                f_prev, f = f, f_new
+            self.f = self.g = f
+            # row (= column) marginal of the plan (f_prev, f_prev): a exp((f_prev - T f_prev)/eps)
+            return 2.0 * geom.row_sum(self.a * torch.expm1((f_prev - t_f) / eps).abs())
         for _ in range(k):
             f_new = geom.softmin(g, self.log_b, eps, axis=1)
             f_prev = f
@@ -206,7 +225,7 @@ def sinkhorn_problem(
     tol, max_iter = options.tol, options.max_iter
     check_every = options.check_every or _default_check_every(device, B * geom.shape[0] * geom.shape[1])
 
-    scale = float(geom.cost_range().max()) if options.eps_scaling is not False else 0.0
+    scale = float(geom.cost_range().max()) if options.eps_scaling is not False and not options.fixed_iter else 0.0
     wants_scaling = init is None and scale > 50 * eps
     # "auto": solve at the target eps from the exact eps -> 0 potentials and switch to the
     # annealing schedule only if the measured convergence rate predicts a long run
@@ -214,9 +233,16 @@ def sinkhorn_problem(
     use_scaling = options.eps_scaling is True
     stages = eps_schedule(eps, max(scale, eps), options.scaling_decay) if use_scaling else [eps]
 
+    if options.fixed_iter:
+        # exactly max_iter iterations at eps: no convergence test, so no host sync
+        # inside the loop (the error of the last iteration is returned, not tested)
+        probing, use_scaling, stages = False, False, [eps]
+        check_every = max_iter
     lse_mode = options.lse_mode
     if lse_mode is None:
-        lse_mode = unroll or geom.is_online
+        lse_mode = unroll or geom.is_online or options.fixed_iter or options.symmetric
+    if options.symmetric and not lse_mode:
+        raise InputError("symmetric updates run on the log-sum-exp engine; leave lse_mode=None or True.")
     if not lse_mode and geom.is_online:
         raise InputError("lse_mode=False needs a materialised cost; online point clouds use lse_mode=True.")
 
@@ -240,7 +266,7 @@ def sinkhorn_problem(
             stol = tol if last else max(tol, options.stage_tol)
             it_stage = it
             if lse_mode:
-                engine = _LogEngine(geom, a, b, log_a, log_b)
+                engine = _LogEngine(geom, a, b, log_a, log_b, symmetric=options.symmetric)
                 engine.start(f, g, e)
             else:
                 engine = kernel_engine
@@ -265,7 +291,7 @@ def sinkhorn_problem(
                         # an exact log-domain sweep re-centres the kernel (rows/columns near 1)
                         engine.start(f, g, e, sweep=True)
                     else:
-                        engine = _LogEngine(geom, a, b, log_a, log_b)
+                        engine = _LogEngine(geom, a, b, log_a, log_b, symmetric=options.symmetric)
                         engine.start(f, g, e)
                     continue
                 if active is None:
@@ -277,6 +303,8 @@ def sinkhorn_problem(
                     errors.append(err.detach())
                     if callback is not None:
                         callback(it, float(err.max()))
+                if options.fixed_iter:
+                    break
                 done = err <= stol
                 if last:
                     converged = converged | done
