@@ -1,13 +1,14 @@
 """entrokit: entropy-regularized learning in PyTorch.
 
 Pillar 1, regularized optimal transport: :func:`solve`, :func:`sinkhorn`,
-:class:`PointCloud`, :class:`OTResult`. Pillar 2, entropy regularizers for training:
+:class:`PointCloud`, :class:`OTResult`; losses: :func:`sinkhorn_divergence`. Pillar 2, entropy regularizers for training:
 :mod:`entrokit.regularizers`.
 """
 
 from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._result import OTResult
 from entrokit.geometry import DenseCost, Geometry, PointCloud
+from entrokit.losses import sinkhorn_divergence
 from entrokit.problem import OTProblem
 from entrokit.solvers.newton import sinkhorn_newton
 from entrokit.solvers.sinkhorn import sinkhorn
@@ -34,6 +35,7 @@ __all__ = [
     "OTResult",
     "PointCloud",
     "sinkhorn",
+    "sinkhorn_divergence",
     "sinkhorn_newton",
     "smooth_ot",
     "solve",

@@ -48,17 +48,23 @@ def exp_floor(dtype: torch.dtype) -> float:
     return -600.0 if dtype == torch.float64 else -80.0
 
 
-def logsumexp_pair(z: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def logsumexp_pair(z: torch.Tensor, dim: int, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Partial log-sum-exp of ``z`` along ``dim``: ``(M, S)`` with ``lse = M + log S``.
 
     ``M`` is detached (a constant shift, so gradients flow through ``S`` only, exactly);
-    a slice that is entirely ``-inf`` gives ``M = -inf, S = 0``.
+    a slice that is entirely ``-inf`` gives ``M = -inf, S = 0``. Exponents are floored at
+    :func:`exp_floor` (no subnormals); a floored term is below the rounding error of
+    ``S >= 1``, so ``-inf`` entries (zero weights) still contribute nothing. With
+    ``overwrite`` (``z`` is a temporary) and no autograd, ``z`` is reused as workspace.
     """
     mx = z.detach().amax(dim=dim, keepdim=True)
-    shift = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = (z - shift).clamp_min(exp_floor(z.dtype))
-    e = torch.where(z == -float("inf"), torch.full_like(e, -float("inf")), e)
-    s = torch.exp(e).sum(dim)
+    empty = mx == -float("inf")
+    shift = mx.masked_fill(empty, 0.0)
+    if z.requires_grad or not overwrite:
+        e = torch.exp((z - shift).clamp_min(exp_floor(z.dtype)))
+    else:
+        e = z.sub_(shift).clamp_min_(exp_floor(z.dtype)).exp_()
+    s = e.sum(dim).masked_fill(empty.squeeze(dim), 0.0)
     return mx.squeeze(dim), s
 
 
@@ -266,6 +272,15 @@ class Geometry:
     def plan(self, f, g, a, b, eps) -> torch.Tensor:
         """The dense plan ``(B, n, m)`` (materialised)."""
         return plan_block(f, g, a, b, self.cost_matrix(), eps)
+
+    def self_geometries(self) -> tuple[Geometry, Geometry]:
+        """The geometries of the self-problems ``(C(x, x), C(y, y))`` that a debiased
+        Sinkhorn divergence needs. Geometries built from two point sets implement it;
+        for others, pass the three geometries explicitly."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot build the self-costs C(x, x) and C(y, y); pass the three "
+            "geometries (xy, xx, yy) explicitly."
+        )
 
     def scaling_engine(self, a, b, log_a, log_b):
         """An engine running Sinkhorn as scalings of an absorbed kernel (two mat-vecs per

@@ -89,9 +89,10 @@ class DenseCost(Geometry):
         return cached
 
     def lse(self, h, log_w, eps, axis):
-        hw = h + eps * log_w
-        z = ((hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1)) - self.C) / eps
-        return logsumexp_pair(z, dim=-1 if axis == 1 else -2)
+        hw = h / eps + log_w
+        # z = (h + eps log w - C) / eps in one pass over C
+        z = torch.add(hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1), self.C, alpha=-1.0 / eps)
+        return logsumexp_pair(z, dim=-1 if axis == 1 else -2, overwrite=True)
 
     def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
         C = self.C

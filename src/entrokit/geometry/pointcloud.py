@@ -139,15 +139,30 @@ class PointCloud(Geometry):
     def _new(self, x, y) -> PointCloud:
         return PointCloud(x, y, self.cost, chunk_size=self.chunk_size)
 
+    def self_geometries(self) -> tuple[PointCloud, PointCloud]:
+        """``(PointCloud(x, x), PointCloud(y, y))`` with the same cost and tiling."""
+        return self._new(self.x, self.x), self._new(self.y, self.y)
+
+    def _derived(self, x, y, cost_map) -> PointCloud:
+        """A geometry on transformed points that keeps this one's materialised cost
+        transformed by ``cost_map`` (when still valid), so distances are computed once."""
+        out = self._new(x, y)
+        cached = self.__dict__.get("_dense")
+        if cached is not None and cached[0] == (self.x._version, self.y._version) \
+                and not (x.requires_grad or y.requires_grad):
+            out.__dict__["_dense"] = ((x._version, y._version), DenseCost(cost_map(cached[1].C)))
+        return out
+
     def reshape_batch(self, batch_shape):
         batch_shape = tuple(batch_shape)
         if batch_shape == self.batch_shape:
             return self
-        d = self.x.shape[-1]
-        return self._new(self.x.reshape(*batch_shape, self.shape[0], d), self.y.reshape(*batch_shape, self.shape[1], d))
+        (n, m), d = self.shape, self.x.shape[-1]
+        return self._derived(self.x.reshape(*batch_shape, n, d), self.y.reshape(*batch_shape, m, d),
+                             lambda C: C.reshape(*batch_shape, n, m))
 
     def detach(self) -> PointCloud:
-        return self._new(self.x.detach(), self.y.detach())
+        return self._derived(self.x.detach(), self.y.detach(), torch.Tensor.detach)
 
     def tensors(self):
         return (self.x, self.y)
@@ -190,6 +205,9 @@ class PointCloud(Geometry):
             yield s, min(s + cs, m)
 
     def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = self._materialised()
+        if dense is not None:
+            return dense.cost_bounds()
         cached = self.__dict__.get("_bounds")
         if cached is None:
             with torch.no_grad():
@@ -202,18 +220,36 @@ class PointCloud(Geometry):
             self.__dict__["_bounds"] = cached
         return cached
 
+    def _materialised(self) -> DenseCost | None:
+        """The cost matrix when this geometry is not online. Without autograd on the points
+        it is computed once and kept (every later reduction reads it); the cache is dropped
+        if ``x`` or ``y`` is modified in place. With autograd it is rebuilt per call, so no
+        graph is kept alive between calls."""
+        if self.is_online:
+            return None
+        if self.x.requires_grad or self.y.requires_grad:
+            return DenseCost(self.cost_matrix())
+        version = (self.x._version, self.y._version)
+        cached = self.__dict__.get("_dense")
+        if cached is None or cached[0] != version:
+            cached = self.__dict__["_dense"] = (version, DenseCost(self.cost_matrix()))
+        return cached[1]
+
     def lse(self, h, log_w, eps, axis):
+        dense = self._materialised()
+        if dense is not None:
+            return dense.lse(h, log_w, eps, axis)
         hw = h + eps * log_w
         if axis == 1:
             out = []
             for s, e in self._row_chunks():
                 z = (hw.unsqueeze(-2) - self._c(self.x[..., s:e, :], self.y)) / eps
-                out.append(logsumexp_pair(z, dim=-1))
+                out.append(logsumexp_pair(z, dim=-1, overwrite=True))
             return torch.cat([p[0] for p in out], -1), torch.cat([p[1] for p in out], -1)
         pairs = []
         for s, e in self._col_chunks():
             z = (hw.unsqueeze(-1) - self._c(self.x, self.y[..., s:e, :])) / eps
-            pairs.append(logsumexp_pair(z, dim=-2))
+            pairs.append(logsumexp_pair(z, dim=-2, overwrite=True))
         return torch.cat([p[0] for p in pairs], -1), torch.cat([p[1] for p in pairs], -1)
 
     def _reduce_chunk(self, xs, y, fs, g, as_, b, eps, accumulate, round_to=None):
@@ -226,6 +262,9 @@ class PointCloud(Geometry):
         return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))
 
     def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
+        dense = self._materialised()
+        if dense is not None:
+            return dense.plan_reduce(f, g, a, b, eps, accumulate=accumulate, round_to=round_to)
         rows, cols, tc = [], 0.0, 0.0
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (self.x, self.y, f, g, a, b)
@@ -243,6 +282,9 @@ class PointCloud(Geometry):
         return torch.cat(rows, -1), cols, tc
 
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
+        dense = self._materialised()
+        if dense is not None:
+            return dense.plan_matvec(f, g, a, b, eps, vec, axis)
         if axis == 1:
             out = []
             for s, e in self._row_chunks():
@@ -258,9 +300,9 @@ class PointCloud(Geometry):
     def plan_operator(self, f, g, a, b, eps):
         if self.is_online:
             return super().plan_operator(f, g, a, b, eps)
-        return DenseCost(self.cost_matrix()).plan_operator(f, g, a, b, eps)
+        return self._materialised().plan_operator(f, g, a, b, eps)
 
     def scaling_engine(self, a, b, log_a, log_b):
         if self.is_online:
             return None
-        return DenseCost(self.cost_matrix()).scaling_engine(a, b, log_a, log_b)
+        return self._materialised().scaling_engine(a, b, log_a, log_b)
