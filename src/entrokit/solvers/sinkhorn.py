@@ -88,6 +88,7 @@ class SinkhornOptions:
     lse_mode: bool | None = None
     fixed_iter: bool = False
     symmetric: bool = False
+    stop_when_slow: bool = False
 
 
 def eps_schedule(eps: float, eps0: float, decay: float) -> list[float]:
@@ -229,7 +230,7 @@ def sinkhorn_problem(
     wants_scaling = init is None and scale > 50 * eps
     # "auto": solve at the target eps from the exact eps -> 0 potentials and switch to the
     # annealing schedule only if the measured convergence rate predicts a long run
-    probing = options.eps_scaling == "auto" and wants_scaling
+    probing = (options.eps_scaling == "auto" and wants_scaling) or options.stop_when_slow
     use_scaling = options.eps_scaling is True
     stages = eps_schedule(eps, max(scale, eps), options.scaling_decay) if use_scaling else [eps]
 
@@ -314,6 +315,10 @@ def sinkhorn_problem(
                 elif bool(done.all()):
                     break
                 if probing and _slow_convergence(probe_hist, it - it_stage, float(err.max()), tol):
+                    if options.stop_when_slow:
+                        # hand the potentials to a faster method (the caller's choice)
+                        info["stopped_slow"] = it
+                        break
                     # restart from the cold start with the annealing schedule
                     probing, use_scaling, restart = False, True, True
                     stages = eps_schedule(eps, max(scale, eps), options.scaling_decay)
@@ -333,6 +338,8 @@ def sinkhorn_problem(
                 if reduced is not None:
                     info["reduce"] = reduced
             stage_iters.append(it - it_stage)
+            if "stopped_slow" in info:
+                break
     info["stage_iters"] = stage_iters
     info["time"] = time.perf_counter() - t0
     err_hist = torch.stack(errors, 0) if errors else torch.zeros(0, B, dtype=dtype, device=device)
