@@ -148,8 +148,7 @@ class PointCloud(Geometry):
         transformed by ``cost_map`` (when still valid), so distances are computed once."""
         out = self._new(x, y)
         cached = self.__dict__.get("_dense")
-        if cached is not None and cached[0] == (self.x._version, self.y._version) \
-                and not (x.requires_grad or y.requires_grad):
+        if cached is not None and cached[0] == (self.x._version, self.y._version):
             out.__dict__["_dense"] = ((x._version, y._version), DenseCost(cost_map(cached[1].C)))
         return out
 
@@ -205,9 +204,9 @@ class PointCloud(Geometry):
             yield s, min(s + cs, m)
 
     def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        dense = self._materialised()
-        if dense is not None:
-            return dense.cost_bounds()
+        if not self.is_online:
+            with torch.no_grad():
+                return self._materialised().cost_bounds()
         cached = self.__dict__.get("_bounds")
         if cached is None:
             with torch.no_grad():
@@ -221,18 +220,19 @@ class PointCloud(Geometry):
         return cached
 
     def _materialised(self) -> DenseCost | None:
-        """The cost matrix when this geometry is not online. Without autograd on the points
-        it is computed once and kept (every later reduction reads it); the cache is dropped
-        if ``x`` or ``y`` is modified in place. With autograd it is rebuilt per call, so no
-        graph is kept alive between calls."""
+        """The cost matrix when this geometry is not online. Its detached value is computed
+        once and kept (every later reduction and bound reads it; the cache is dropped if
+        ``x`` or ``y`` is modified in place). Under autograd with points that require
+        gradients it is rebuilt per call, so no graph is kept alive between calls."""
         if self.is_online:
             return None
-        if self.x.requires_grad or self.y.requires_grad:
+        if torch.is_grad_enabled() and (self.x.requires_grad or self.y.requires_grad):
             return DenseCost(self.cost_matrix())
         version = (self.x._version, self.y._version)
         cached = self.__dict__.get("_dense")
         if cached is None or cached[0] != version:
-            cached = self.__dict__["_dense"] = (version, DenseCost(self.cost_matrix()))
+            with torch.no_grad():
+                cached = self.__dict__["_dense"] = (version, DenseCost(self.cost_matrix()))
         return cached[1]
 
     def lse(self, h, log_w, eps, axis):

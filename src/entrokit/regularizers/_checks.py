@@ -255,3 +255,21 @@ def check_buffer_device(buf: torch.Tensor, logits: torch.Tensor, owner: str) -> 
             f"{owner} keeps its buffers on {buf.device} but logits are on {logits.device}; "
             f"move the loss with loss.to(logits.device)."
         )
+
+
+def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owner: str, *,
+                       labels: Any = None, name: str = "logits"):
+    """Validate one batch of a module with per-sample state (``num_classes``,
+    ``num_samples``, ``check_inputs``): ``rows`` ``[B, C]`` (logits or probabilities),
+    optional ``labels`` ``[B]`` in ``[0, C)``, ``index`` ``[B]`` in ``[0, num_samples)``, and
+    the state ``buffer`` on the rows' device. Returns ``(rows, labels, index)``."""
+    rows = check_logits(rows, module.num_classes, name=name)
+    b = rows.shape[0]
+    if labels is not None:
+        labels = check_int_vector(labels, "labels", b, module.num_classes, "num_classes", rows.device,
+                                  module.check_inputs)
+    index = check_int_vector(index, "index", b, module.num_samples, "num_samples", rows.device,
+                             module.check_inputs)
+    check_buffer_device(buffer, rows, owner)
+    return rows, labels, index
+

@@ -47,13 +47,12 @@ from torch import nn
 
 from entrokit.regularizers._buffers import IndexedDataset, all_gather_rows
 from entrokit.regularizers._checks import (
-    check_buffer_device,
     check_count,
-    check_int_vector,
     check_logits,
     check_nonneg_real,
     check_reduction,
     check_same_shape,
+    check_sample_batch,
     check_unit_interval,
     tensor_ok,
 )
@@ -188,12 +187,7 @@ class ELRLoss(nn.Module):
         NaN or inf probability raises :class:`~entrokit.InputError` (``check_inputs=True``)
         or is skipped (``check_inputs=False``); the targets are left unchanged either way.
         """
-        probs = check_logits(probs, self.num_classes, name="probs")
-        index = check_int_vector(
-            index, "index", probs.shape[0], self.num_samples, "num_samples", probs.device,
-            self.check_inputs,
-        )
-        check_buffer_device(self.targets, probs, "ELRLoss")
+        probs, _, index = check_sample_batch(self, probs, index, self.targets, "ELRLoss", name="probs")
         self._update(probs, index, probs, "probs")
 
     def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
@@ -215,15 +209,7 @@ class ELRLoss(nn.Module):
     ) -> torch.Tensor:
         """Return ``CE + λ·log(1 − ⟨p, t⟩)`` for the batch, updating its targets first."""
         lam, _ = self._check_options()
-        logits = check_logits(logits, self.num_classes)
-        b = logits.shape[0]
-        labels = check_int_vector(
-            labels, "labels", b, self.num_classes, "num_classes", logits.device, self.check_inputs
-        )
-        index = check_int_vector(
-            index, "index", b, self.num_samples, "num_samples", logits.device, self.check_inputs
-        )
-        check_buffer_device(self.targets, logits, "ELRLoss")
+        logits, labels, index = check_sample_batch(self, logits, index, self.targets, "ELRLoss", labels=labels)
         if self.training:
             with torch.no_grad():
                 self._update(F.softmax(logits.detach(), dim=1), index, logits.detach(), "logits")

@@ -37,13 +37,13 @@ from torch import nn
 from entrokit._errors import InputError
 from entrokit.regularizers._buffers import all_gather_rows
 from entrokit.regularizers._checks import (
-    check_buffer_device,
     check_count,
     check_int_vector,
     check_logits,
     check_probabilities,
     check_reduction,
     check_same_shape,
+    check_sample_batch,
     check_unit_interval,
     tensor_ok,
 )
@@ -238,12 +238,7 @@ class PSKDLoss(nn.Module):
         (``check_inputs=True``) or is skipped (``check_inputs=False``); the buffers are left
         unchanged either way.
         """
-        probs = check_logits(probs, self.num_classes, name="probs")
-        index = check_int_vector(
-            index, "index", probs.shape[0], self.num_samples, "num_samples", probs.device,
-            self.check_inputs,
-        )
-        check_buffer_device(self.predictions, probs, "PSKDLoss")
+        probs, _, index = check_sample_batch(self, probs, index, self.predictions, "PSKDLoss", name="probs")
         self._update(probs, index, probs, "probs")
 
     def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
@@ -269,15 +264,7 @@ class PSKDLoss(nn.Module):
         alpha: float | None = None,
     ) -> torch.Tensor:
         """Soft-target cross-entropy against Eq. 5 targets; ``alpha`` overrides the schedule."""
-        logits = check_logits(logits, self.num_classes)
-        b = logits.shape[0]
-        labels = check_int_vector(
-            labels, "labels", b, self.num_classes, "num_classes", logits.device, self.check_inputs
-        )
-        index = check_int_vector(
-            index, "index", b, self.num_samples, "num_samples", logits.device, self.check_inputs
-        )
-        check_buffer_device(self.predictions, logits, "PSKDLoss")
+        logits, labels, index = check_sample_batch(self, logits, index, self.predictions, "PSKDLoss", labels=labels)
         check_reduction(self.reduction)
         a = self.alpha if alpha is None else alpha
         target = self.soft_targets(labels, index, a)

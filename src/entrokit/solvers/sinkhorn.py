@@ -98,7 +98,7 @@ def eps_schedule(eps: float, eps0: float, decay: float) -> list[float]:
 
 
 class _LogEngine:
-    """Log-sum-exp updates through the geometry's soft-min (works online and under
+    r"""Log-sum-exp updates through the geometry's soft-min (works online and under
     autograd). Same interface as the geometry's scaling engine.
 
     With ``symmetric`` (a problem with ``b = a`` and a symmetric cost, the self-terms of

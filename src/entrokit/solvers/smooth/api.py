@@ -220,14 +220,8 @@ def smooth_ot_problem(
             else:
                 if reg.name == "topk" and warm is not None:
                     x0 = _from_warm(warm, work_dtype, info)[0]
-                buf = torch.empty_like(cost_work) if reg.name == "topk" else None
-
-                def fun_k(x):
-                    F, g, _ = _topk_semi_dual_compact(reg.gamma, reg.k, x, a_work, b_work, cost_work, buf)
-                    return F, g, _l1(g)
-
-                x, n_iter, conv, errs = _first_order(solver, fun, fun_k if buf is not None else None, x0, tol,
-                                                     max_iter, lr)
+                x, n_iter, conv, errs = _first_order_run(solver, fun, reg, _topk_semi_dual_compact, x0, tol,
+                                                         max_iter, lr, a_work, b_work, cost_work)
             _, _, T, beta = _semi_dual(reg, x, a_work, b_work, cost_work, state)
             alpha = x
         else:
@@ -278,14 +272,8 @@ def smooth_ot_problem(
             else:
                 if reg.name == "topk" and warm is not None:
                     x0 = torch.cat(_from_warm(warm, work_dtype, info), -1)
-                buf = torch.empty_like(cost_solve) if reg.name == "topk" else None
-
-                def fun_k(x):
-                    F, g, _ = _topk_dual_compact(reg.gamma, reg.k, x, a_solve, b_solve, cost_solve, buf)
-                    return F, g, _l1(g)
-
-                x, n_iter, conv, errs = _first_order(solver, fun, fun_k if buf is not None else None, x0, tol_solve,
-                                                     max_iter, lr)
+                x, n_iter, conv, errs = _first_order_run(solver, fun, reg, _topk_dual_compact, x0, tol_solve,
+                                                         max_iter, lr, a_solve, b_solve, cost_solve)
             alpha, beta = x[:, :R], x[:, R:]
             if reg.sparse:  # entropic plans are never exactly zero: nothing to pin
                 alpha, beta = _pin_zero_weights(alpha, beta, a_solve, b_solve, cost_work)
@@ -310,6 +298,20 @@ def _continued_newton(newton, reg, x0, stages, stage_tol, tol, info):
     x, n_iter, conv, errs, extra = newton(reg, x0, tol)
     info.update(extra)
     return x, n_iter, conv, errs
+
+
+def _first_order_run(solver, fun, reg, topk_compact, x0, tol, max_iter, lr, a, b, cost):
+    """:func:`_first_order` on ``fun``; for top-k, with the compact O(km) evaluator
+    ``topk_compact(gamma, k, x, a, b, cost, workspace)`` (one ``torch.topk`` pass)."""
+    fun_k = None
+    if reg.name == "topk":
+        workspace = torch.empty_like(cost)
+
+        def fun_k(x):
+            F, g, _ = topk_compact(reg.gamma, reg.k, x, a, b, cost, workspace)
+            return F, g, _l1(g)
+
+    return _first_order(solver, fun, fun_k, x0, tol, max_iter, lr)
 
 
 def _first_order(solver, fun, fun_topk, x0, tol, max_iter, lr):
