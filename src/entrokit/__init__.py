@@ -1,14 +1,14 @@
 """entrokit: entropy-regularized learning in PyTorch.
 
 Pillar 1, regularized optimal transport: :func:`solve`, :func:`sinkhorn`,
-:class:`PointCloud`, :class:`OTResult`; losses: :func:`sinkhorn_divergence`. Pillar 2, entropy regularizers for training:
+:class:`PointCloud`, :class:`OTResult`; losses: :func:`sinkhorn_divergence`, :func:`monge_gap`. Pillar 2, entropy regularizers for training:
 :mod:`entrokit.regularizers`.
 """
 
 from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._result import OTResult
 from entrokit.geometry import DenseCost, Geometry, PointCloud
-from entrokit.losses import sinkhorn_divergence
+from entrokit.losses import monge_gap, sinkhorn_divergence
 from entrokit.problem import OTProblem
 from entrokit.solvers.newton import sinkhorn_newton
 from entrokit.solvers.sinkhorn import sinkhorn
@@ -34,6 +34,7 @@ __all__ = [
     "OTProblem",
     "OTResult",
     "PointCloud",
+    "monge_gap",
     "sinkhorn",
     "sinkhorn_divergence",
     "sinkhorn_newton",

@@ -3,5 +3,6 @@ delegate to the functions)."""
 
 from entrokit.nn.divergence import SinkhornLoss
 from entrokit.nn.router import RouterOutput, SparseOTRouter, sparse_ot_route
+from entrokit.nn.sinkd import SinkhornKDLoss, sinkhorn_kd_loss
 
-__all__ = ["RouterOutput", "SinkhornLoss", "SparseOTRouter", "sparse_ot_route"]
+__all__ = ["RouterOutput", "SinkhornKDLoss", "SinkhornLoss", "SparseOTRouter", "sinkhorn_kd_loss", "sparse_ot_route"]
