@@ -1,14 +1,14 @@
 """entrokit: entropy-regularized learning in PyTorch.
 
 Pillar 1, regularized optimal transport: :func:`solve`, :func:`sinkhorn`,
-:class:`PointCloud`, :class:`OTResult`; losses: :func:`sinkhorn_divergence`, :func:`monge_gap`. Pillar 2, entropy regularizers for training:
+:class:`PointCloud`, :class:`OTResult`; losses: :func:`sinkhorn_divergence`, :func:`sliced_wasserstein`, :func:`monge_gap`. Pillar 2, entropy regularizers for training:
 :mod:`entrokit.regularizers`.
 """
 
 from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._result import OTResult
 from entrokit.geometry import DenseCost, Geometry, PointCloud
-from entrokit.losses import monge_gap, sinkhorn_divergence
+from entrokit.losses import monge_gap, sinkhorn_divergence, sliced_wasserstein
 from entrokit.problem import OTProblem
 from entrokit.solvers.newton import sinkhorn_newton
 from entrokit.solvers.sinkhorn import sinkhorn
@@ -38,6 +38,7 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_divergence",
     "sinkhorn_newton",
+    "sliced_wasserstein",
     "smooth_ot",
     "solve",
     "__version__",
