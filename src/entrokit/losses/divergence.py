@@ -41,7 +41,7 @@ from entrokit._errors import InputError
 from entrokit._validation import check_choice, check_positive, check_positive_int
 from entrokit.geometry import Geometry, PointCloud
 from entrokit.problem import OTProblem, make_problem
-from entrokit.solvers._entropic import entropic_result, warn_not_converged
+from entrokit.solvers._entropic import warn_not_converged
 from entrokit.solvers.newton import sinkhorn_newton
 from entrokit.solvers.sinkhorn import SinkhornOptions, internal_tol, sinkhorn_problem
 from entrokit.solvers.solve import auto_method
@@ -73,7 +73,8 @@ def _geometries(x, y, cost, chunk_size) -> tuple[Geometry, Geometry | None, Geom
 
 
 def _solve(pb: OTProblem, eps: float, tol: float, max_iter: int, eps_scaling, decay: float, symmetric: bool):
-    """One entropic problem through the one Sinkhorn loop; the certified result.
+    """One entropic problem through the one Sinkhorn loop: ``(value, converged, error)`` in
+    the user's batch shape, ``value`` differentiable by the envelope theorem.
 
     A single dense cross-problem whose Sinkhorn rate predicts a long run (plans close to a
     permutation at small ``eps``, where the alternating updates mix slowly) is handed, with
@@ -82,14 +83,21 @@ def _solve(pb: OTProblem, eps: float, tol: float, max_iter: int, eps_scaling, de
     newton_ok = not symmetric and auto_method(pb.squeeze_batch(), eps)[0] == "ssns"
     opts = SinkhornOptions(tol=internal_tol(tol, pb), max_iter=max_iter, eps_scaling=eps_scaling,
                            scaling_decay=decay, symmetric=symmetric, stop_when_slow=newton_ok)
-    f, g, n_iter, converged, errors, info = sinkhorn_problem(pb, eps, opts, precise=True)
+    f, g, n_iter, converged, errors, info = sinkhorn_problem(pb, eps, opts)
     if "stopped_slow" in info:
         sq = pb.squeeze_batch()
-        f0, g0 = f.to(pb.dtype).reshape(sq.a.shape), g.to(pb.dtype).reshape(sq.b.shape)
-        return sinkhorn_newton(sq.a, sq.b, sq.geometry, eps, variant="ssns", tol=tol, max_iter=max_iter,
-                               init=(f0, g0), grad="envelope", check_inputs=False)
-    return entropic_result(pb, f, g, eps, grad="envelope", n_iter=n_iter, converged=converged,
-                           errors=errors, method="sinkhorn", tol=tol, info=info)
+        res = sinkhorn_newton(sq.a, sq.b, sq.geometry, eps, variant="ssns", tol=tol, max_iter=max_iter,
+                              init=(f.reshape(sq.a.shape), g.reshape(sq.b.shape)), grad="envelope",
+                              check_inputs=False)
+        return res.value, torch.as_tensor(res.converged), torch.as_tensor(res.marginal_error)
+    # the dual value at the (detached) potentials; its gradient in the cost and the
+    # weights is the exact gradient of OT_eps (envelope theorem, Feydy et al. Prop. 2)
+    geom, a, b = pb.geometry, pb.a, pb.b
+    mass = geom.plan_reduce(f, g, a, b, eps)[0].sum(-1)
+    value = geom.row_sum(a * f) + geom.col_sum(b * g) - eps * (mass - a.sum(-1) * b.sum(-1))
+    shape = pb.user_batch_shape if pb.user_batch_shape is not None else ()
+    err = errors[-1] if len(errors) else torch.full_like(value, float("inf"))
+    return value.reshape(shape), converged.reshape(shape), err.reshape(shape)
 
 
 def _self_problem(geom: Geometry, w: torch.Tensor, pb_xy: OTProblem, check_inputs: bool) -> OTProblem:
@@ -174,9 +182,9 @@ def sinkhorn_divergence(
             pb = _self_problem(geom, w, pb_xy, check_inputs)
             results.append(_solve(pb, eps, tol, max_iter, eps_scaling, scaling_decay, symmetric=True))
     _warn(results, tol, eps, max_iter)
-    value = results[0].value
+    value = results[0][0]
     if debias:
-        value = value - 0.5 * (results[1].value + results[2].value)
+        value = value - 0.5 * (results[1][0] + results[2][0])
     return value
 
 
@@ -187,8 +195,8 @@ def entropic_ot_value(x, y=None, *, eps: float, **options) -> torch.Tensor:
 
 
 def _warn(results, tol: float, eps: float, max_iter: int) -> None:
-    converged = torch.stack([torch.as_tensor(r.converged).reshape(-1) for r in results]).all(0)
-    merr = torch.stack([torch.as_tensor(r.marginal_error).reshape(-1).double() for r in results]).amax(0)
+    converged = torch.stack([c.reshape(-1) for _, c, _ in results]).all(0)
+    merr = torch.stack([e.reshape(-1).double() for _, _, e in results]).amax(0)
     warn_not_converged(
         converged, merr, tol, "sinkhorn_divergence",
         f"Raise max_iter (now {max_iter}), loosen tol, increase eps (now {eps:g}) or use float64.",
