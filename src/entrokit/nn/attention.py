@@ -1,0 +1,563 @@
+r"""Doubly stochastic attention (Sinkformer): Sinkhorn in place of the softmax.
+
+For queries :math:`q \in \mathbb R^{T\times E}` and keys :math:`k \in \mathbb R^{S\times E}`
+the scores are :math:`s = q k^\top \cdot \mathrm{scale}` (default
+:math:`\mathrm{scale} = 1/\sqrt E`) and the cost is :math:`C = -s`. Sinkformer (Sander et
+al., AISTATS 2022) replaces the row softmax by alternating log-domain normalisations of
+:math:`e^{s/\varepsilon}` towards uniform marginals :math:`a = \mathbf 1/T` (rows) and
+:math:`b = \mathbf 1/S` (columns), and multiplies the plan by :math:`T`:
+
+.. math::
+
+    P = T \cdot \operatorname{diag}(a)\,\operatorname{diag}(e^{f/\varepsilon})\,
+        e^{s/\varepsilon}\,\operatorname{diag}(e^{g/\varepsilon})\operatorname{diag}(b),
+    \qquad \text{output} = P\,v .
+
+**Marginals.** Rows sum to 1 and columns to :math:`T/S` (for self-attention, :math:`T=S`,
+both are 1, which is Sinkformer's convention; Sinkformer's code multiplies by the number
+of keys, which equals ``T`` there). With masks, only *live* queries and keys take part:
+a key that no query may attend to (a padded key) gets column weight 0, a query that may
+attend to no key gets row weight 0 and a zero output, and the marginals are uniform
+over the live ones: rows sum to 1, columns to :math:`T_\text{live}/S_\text{live}`.
+Masked pairs carry exactly zero weight.
+
+**Counting iterations** as Sinkformer does: ``n_iter`` is the number of normalisations,
+alternating rows, columns, rows, ... starting from :math:`e^{s/\varepsilon}`. So
+``n_iter=1`` is exactly softmax attention, and every odd ``n_iter`` ends on the rows
+(rows sum to 1 exactly). An even ``n_iter`` ends on the columns, as in Sinkformer: the
+columns are then exact and the rows approximate. Internally, ``n_iter = 2k + 1`` runs
+``k`` iterations of the library's Sinkhorn loop
+(:func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`, each a row then a column update)
+and finishes with one row normalisation; ``n_iter = 2k`` runs ``k`` loop iterations.
+With ``tol``, the loop runs until the L1 marginal error of the normalised plan
+(:math:`\|P1/T - a\|_1` after a column update) is at most ``tol`` (at most ``max_iter``
+loop iterations), then one row normalisation follows.
+
+**Gradients.**
+
+* ``grad="unroll"`` (default): autograd through every normalisation, as Sinkformer
+  does; memory grows linearly with ``n_iter`` (one :math:`T\times S` tensor per
+  normalisation).
+* ``grad="implicit"``: the loop runs without a graph; the potentials are attached to
+  the cost by implicit differentiation at the fixed point
+  (:func:`~entrokit.solvers.implicit.implicit_potentials`, a conjugate-gradient adjoint
+  solve in backward). Memory does not depend on ``n_iter`` (the logits and the final
+  plan are kept, two :math:`T\times S` tensors). The gradient is exact at convergence
+  and an approximation of the converged layer's gradient before it (the same for every
+  ``n_iter``, including ``n_iter=1``; use ``tol`` or many iterations with it).
+
+**No host synchronisation** in the fixed-``n_iter`` mode: no value is read back inside
+the layer, forward or unrolled backward (masks are handled with tensor operations).
+``tol`` reads the error back at every check, and ``grad="implicit"``'s backward reads
+one value per conjugate-gradient iteration. ``torch.compile(fullgraph=False)`` traces
+the layer; the loop's wall-clock timer (``info["time"]`` of
+:func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`) splits the graph.
+
+**Precision.** float16/bfloat16 inputs are computed in float32 (log-domain Sinkhorn
+needs float32 accumulation) and the output is cast back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from entrokit._errors import InputError
+from entrokit._validation import check_positive, check_positive_int
+from entrokit.geometry.base import logsumexp_pair
+from entrokit.geometry.dense import DenseCost
+from entrokit.problem import OTProblem, log_weights
+from entrokit.solvers._entropic import warn_not_converged
+from entrokit.solvers.implicit import adjoint_solve, implicit_fixed_point
+from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
+
+__all__ = ["SinkhornAttention", "sinkhorn_attention"]
+
+GRAD_MODES = ("unroll", "implicit")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# geometry and loop shared with entrokit.nn.matching
+# --------------------------------------------------------------------------------------
+class LogitCost(DenseCost):
+    r"""Dense cost :math:`C = -\varepsilon_0 L` held as its logits :math:`L` (attention
+    scores divided by the temperature :math:`\varepsilon_0`; ``-inf`` marks a forbidden
+    pair, :math:`C = +\infty`).
+
+    The soft-min is one broadcast add and one fused ``torch.logsumexp`` (the same update
+    as :class:`DenseCost`'s, with fewer passes over the :math:`n\times m` numbers and one
+    saved tensor per update under autograd); the plan
+    :math:`a_i b_j e^{(f_i + g_j)/\varepsilon + L_{ij}}` is formed in one buffer, so the
+    implicit backward's mat-vecs and residual stay cheap. Every live row and column must
+    hold a finite logit (the layers give empty rows/columns zero weight and logit 0).
+    Log-sum-exp updates only (no scaling engine).
+    """
+
+    def __init__(self, logits: torch.Tensor, eps: float):
+        self.L = logits
+        self.eps0 = float(eps)
+
+    @property
+    def C(self) -> torch.Tensor:  # the cost, built on demand (plans, implicit backward)
+        return self.L * (-self.eps0)
+
+    def __repr__(self) -> str:
+        return f"LogitCost(shape={tuple(self.L.shape)}, eps={self.eps0:g}, dtype={self.L.dtype})"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.L.shape[-2], self.L.shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.L.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.L.device
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.L.shape[:-2])
+
+    def reshape_batch(self, batch_shape):
+        batch_shape = tuple(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        return LogitCost(self.L.reshape(*batch_shape, *self.shape), self.eps0)
+
+    def detach(self) -> LogitCost:
+        return LogitCost(self.L.detach(), self.eps0)
+
+    def tensors(self):
+        return (self.L,)
+
+    def rebuild(self, L):
+        return LogitCost(L, self.eps0)
+
+    def cost_bounds(self):
+        flat = self.C.detach().flatten(-2)
+        return flat.amin(-1), flat.amax(-1)
+
+    def _logits(self, eps):
+        return self.L if eps == self.eps0 else self.L * (self.eps0 / eps)
+
+    def _z(self, h, log_w, eps, axis):
+        hw = h / eps + log_w
+        return (hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1)) + self._logits(eps)
+
+    def lse(self, h, log_w, eps, axis):
+        return logsumexp_pair(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
+
+    def softmin(self, h, log_w, eps, axis):
+        return -eps * torch.logsumexp(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
+
+    def plan(self, f, g, a, b, eps):
+        r""":math:`P = \exp(L + (f/\varepsilon + \log a)_i + (g/\varepsilon + \log b)_j)` in three
+        passes; the weights enter through their logs (zero weights give exact zeros and no
+        gradient)."""
+        row = (f / eps + log_weights(a)).unsqueeze(-1)
+        col = (g / eps + log_weights(b)).unsqueeze(-2)
+        return torch.add(self._logits(eps), row).add_(col).exp_()  # one n x m buffer
+
+    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
+        P = self.plan(f, g, a, b, eps)
+        if round_to is not None:
+            P = P.to(round_to)
+        C = self.C
+        if accumulate is not None and accumulate != P.dtype:
+            P, C = P.to(accumulate), C.to(accumulate)
+        PC = torch.where(P > 0, P * C, torch.zeros_like(P))  # forbidden pairs: 0 * inf
+        return P.sum(-1), P.sum(-2), PC.sum((-2, -1))
+
+    def plan_matvec(self, f, g, a, b, eps, vec, axis):
+        P = self.plan(f, g, a, b, eps)
+        if axis == 1:
+            return torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1)
+        return torch.matmul(vec.unsqueeze(-2), P).squeeze(-2)
+
+    def plan_operator(self, f, g, a, b, eps):
+        P = self.plan(f, g, a, b, eps)
+
+        def Pv(v):
+            return torch.matmul(P, v.unsqueeze(-1)).squeeze(-1)
+
+        def PTu(u):
+            return torch.matmul(u.unsqueeze(-2), P).squeeze(-2)
+
+        return Pv, PTu, P.sum(-1), P.sum(-2)
+
+    def scaling_engine(self, a, b, log_a, log_b):
+        return None  # log-sum-exp updates only
+
+
+def _marginal_residual(eps: float):
+    """The entropic optimality residual ``H = (P1 - a, Pᵀ1 - b)``
+    (:func:`~entrokit.solvers.implicit.entropic_residual`) without the transport cost,
+    which the implicit backward does not need."""
+
+    def residual(geom, f, g, a, b):
+        P = geom.plan(f, g, a, b, eps)
+        return torch.cat([P.sum(-1) - a, P.sum(-2) - b], -1)
+
+    return residual
+
+
+def _adjoint_for(dtype: torch.dtype, eps: float):
+    """The entropic adjoint solve (:func:`~entrokit.solvers.implicit.adjoint_solve`) with a
+    relative tolerance float32 can reach (the library default, 1e-12, is for float64)."""
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+
+    def solve(geom, f, g, a, b, rhs_f, rhs_g):
+        n, m = geom.shape
+        return adjoint_solve(geom, f, g, a, b, eps, rhs_f, rhs_g, tol=tol, max_iter=2 * (n + m) + 20)
+
+    return solve
+
+
+def run_sinkhorn(
+    geom: LogitCost,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    *,
+    n_loop: int,
+    tol: float | None,
+    max_iter: int,
+    grad: str,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    who: str = "sinkhorn",
+):
+    """``(f, g, errors)`` after ``n_loop`` iterations of the library's Sinkhorn loop (or
+    until ``tol``), carrying unrolled or implicit gradients. ``errors`` is the L1
+    row-marginal error after each check (detached)."""
+    if tol is None and n_loop == 0:
+        if init is None:
+            f, g = torch.zeros_like(a), torch.zeros_like(b)
+        else:
+            f, g = init
+        errors = torch.zeros(0, a.shape[0], dtype=a.dtype, device=a.device)
+    else:
+        if tol is None:
+            opts = SinkhornOptions(fixed_iter=True, max_iter=n_loop, eps_scaling=False, lse_mode=True)
+        else:
+            opts = SinkhornOptions(tol=tol, max_iter=max_iter, eps_scaling=False, lse_mode=True)
+        f, g, _, converged, errors, _ = sinkhorn_problem(
+            OTProblem(a, b, geom), eps, opts, init=init, unroll=grad == "unroll"
+        )
+        if tol is not None and len(errors):
+            warn_not_converged(
+                converged, errors[-1], tol, who,
+                f"Raise max_iter (now {max_iter}), loosen tol, or raise eps (the temperature).",
+            )
+    return f, g, errors
+
+
+def attach_implicit(geom: LogitCost, f, g, a, b, eps):
+    """``(f, g)`` carrying implicit-differentiation gradients to the logits (identity in
+    forward); a no-op when nothing needs a gradient."""
+    if not (torch.is_grad_enabled() and geom.L.requires_grad):
+        return f, g
+    return implicit_fixed_point(
+        geom, f.detach(), g.detach(), a, b, residual=_marginal_residual(eps), adjoint=_adjoint_for(geom.dtype, eps)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------
+def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0):
+    """Validate the layer options; returns them normalised."""
+    n_iter = check_positive_int(n_iter, "n_iter")
+    if tol is not None:
+        tol = check_positive(tol, "tol")
+    max_iter = check_positive_int(max_iter, "max_iter")
+    if grad not in GRAD_MODES:
+        raise InputError(f"grad must be one of 'unroll', 'implicit'; got {grad!r}.")
+    eps = check_positive(eps, "eps")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise InputError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}; e.g. dropout_p=0.1.")
+    return n_iter, tol, max_iter, grad, eps, float(dropout_p)
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}; convert it with {name}.float().")
+
+
+def _check_qkv(query, key, value):
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(t, name)
+    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise InputError(
+            "query, key and value must have shapes (N, ..., T, E), (N, ..., S, E) and (N, ..., S, Ev) "
+            f"with the same rank >= 3 (e.g. (batch, heads, tokens, head_dim)); got {tuple(query.shape)}, "
+            f"{tuple(key.shape)} and {tuple(value.shape)}. Add a batch axis with x.unsqueeze(0)."
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise InputError(
+            f"query and key must share the embedding size E (last axis); got {query.shape[-1]} and "
+            f"{key.shape[-1]}."
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise InputError(
+            f"key and value must hold the same number of keys S (axis -2); got {key.shape[-2]} and "
+            f"{value.shape[-2]}."
+        )
+    if not (query.shape[:-2] == key.shape[:-2] == value.shape[:-2]):
+        raise InputError(
+            f"query, key and value must share their batch axes; got {tuple(query.shape[:-2])}, "
+            f"{tuple(key.shape[:-2])} and {tuple(value.shape[:-2])}. Expand them explicitly, "
+            "e.g. key.expand(*query.shape[:-2], -1, -1)."
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise InputError(
+            f"query, key and value must share one dtype; got {query.dtype}, {key.dtype} and {value.dtype}."
+        )
+    if not (query.device == key.device == value.device):
+        raise InputError(
+            f"query, key and value must be on one device; got {query.device}, {key.device} and {value.device}."
+        )
+
+
+def _check_mask(mask, name: str, target: tuple[int, ...], how: str):
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}.")
+    try:
+        ok = torch.broadcast_shapes(tuple(mask.shape), target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise InputError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {target}; {how}")
+
+
+# --------------------------------------------------------------------------------------
+# the layer
+# --------------------------------------------------------------------------------------
+def sinkhorn_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    n_iter: int = 3,
+    eps: float = 1.0,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    grad: str = "unroll",
+    return_weights: bool = False,
+):
+    r"""Sinkformer attention, a drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Args:
+        query: ``(N, ..., T, E)``.
+        key: ``(N, ..., S, E)``.
+        value: ``(N, ..., S, Ev)``.
+        attn_mask: bool (``True`` = may attend, as in SDPA) or float (added to the
+            scores; ``-inf`` forbids), broadcastable to ``(N, ..., T, S)``.
+        dropout_p: dropout on the attention weights (applied whenever > 0, as in SDPA).
+        is_causal: lower-triangular mask (query ``i`` attends to keys ``j <= i``); not
+            together with ``attn_mask``.
+        scale: score scale, default :math:`1/\sqrt E`.
+        key_padding_mask: bool ``(N, S)``, ``True`` marks a padded key (the
+            :class:`torch.nn.MultiheadAttention` convention). Padded keys get no mass
+            and the column marginals are uniform over the other keys.
+        n_iter: number of normalisations (rows, columns, rows, ...); ``1`` is softmax.
+            Ignored when ``tol`` is given.
+        eps: temperature :math:`\varepsilon` (Sinkformer: 1); the kernel is
+            :math:`e^{s/\varepsilon}`.
+        tol: iterate until the L1 marginal error of the normalised plan is ``<= tol``.
+        max_iter: loop iterations allowed with ``tol`` (each a row and a column update).
+        grad: ``"unroll"`` or ``"implicit"`` (module docstring).
+        return_weights: also return the attention weights ``(N, ..., T, S)`` (before
+            dropout).
+
+    Returns:
+        The output ``(N, ..., T, Ev)``, or ``(output, weights)``.
+
+    Raises:
+        InputError: mismatched shapes, masks that do not broadcast, bad options.
+        TypeError: non-tensor or non-floating inputs.
+
+    Example:
+        >>> import torch
+        >>> from entrokit.nn.attention import sinkhorn_attention
+        >>> q, k, v = torch.randn(3, 2, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> out, P = sinkhorn_attention(q, k, v, tol=1e-9, return_weights=True)
+        >>> out.shape, bool(torch.allclose(P.sum(-1), torch.ones(2, 5, dtype=torch.float64)))
+        (torch.Size([2, 5, 4]), True)
+        >>> bool(torch.allclose(P.sum(-2), torch.ones(2, 5, dtype=torch.float64), atol=1e-6))
+        True
+    """
+    n_iter, tol, max_iter, grad, eps, dropout_p = check_options(n_iter, tol, max_iter, grad, eps, dropout_p)
+    _check_qkv(query, key, value)
+    out_dtype = query.dtype
+    if out_dtype in _HALF:
+        query, key, value = query.float(), key.float(), value.float()
+    dtype, device = query.dtype, query.device
+    *lead, T, E = query.shape
+    S = key.shape[-2]
+    target = (*lead, T, S)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InputError(f"scale must be a finite number or None (1/sqrt(E)), got {scale!r}.")
+    if is_causal and attn_mask is not None:
+        raise InputError("pass either attn_mask or is_causal=True, not both; fold the causal mask into attn_mask.")
+    if attn_mask is not None:
+        _check_mask(attn_mask, "attn_mask", target, "expected a mask broadcastable to (N, ..., T, S).")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}.")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}.")
+        if tuple(key_padding_mask.shape) != (lead[0], S):
+            raise InputError(
+                f"key_padding_mask must have shape (N, S) = {(lead[0], S)}, got {tuple(key_padding_mask.shape)}."
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}; "
+                "convert with mask.bool()."
+            )
+
+    # logits L = (q k^T * scale + float mask) / eps, -inf on forbidden pairs
+    L = torch.matmul(query * (scale / eps), key.transpose(-2, -1))
+    masked = False
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            L = L.masked_fill(~attn_mask.to(device), -math.inf)
+        else:
+            mask = attn_mask.to(device=device, dtype=dtype)
+            L = L + (mask if eps == 1.0 else mask / eps)
+        masked = True
+    if is_causal:
+        L = L.masked_fill(torch.ones(T, S, dtype=torch.bool, device=device).tril().logical_not(), -math.inf)
+        masked = True
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(device).reshape(lead[0], *([1] * (len(lead) - 1)), 1, S)
+        L = L.masked_fill(pad, -math.inf)
+        masked = True
+
+    B = math.prod(lead)
+    L = L.reshape(B, T, S)
+    row_live = None
+    if masked:
+        allowed = L.detach() > -math.inf
+        row_live, col_live = allowed.any(-1), allowed.any(-2)
+        # an empty row or column gets weight 0 and logit 0 (then it stays finite and out of the way)
+        dead = ~(row_live.unsqueeze(-1) & col_live.unsqueeze(-2))
+        L = L.masked_fill(dead, 0.0)
+        n_rows = row_live.sum(-1, keepdim=True).to(dtype)
+        n_cols = col_live.sum(-1, keepdim=True).to(dtype)
+        empty = n_rows == 0  # nothing may attend: uniform weights on logits 0, output 0
+        a = torch.where(empty | row_live, 1.0 / torch.where(empty, float(T), n_rows), 0.0).to(dtype)
+        b = torch.where(empty | col_live, 1.0 / torch.where(empty, float(S), n_cols), 0.0).to(dtype)
+    else:
+        a = torch.full((B, T), 1.0 / T, dtype=dtype, device=device)
+        b = torch.full((B, S), 1.0 / S, dtype=dtype, device=device)
+
+    geom = LogitCost(L, eps)
+    ends_on_rows = tol is not None or n_iter % 2 == 1
+    n_loop = (n_iter - 1) // 2 if n_iter % 2 == 1 else n_iter // 2
+    f, g, _ = run_sinkhorn(
+        geom, a, b, eps, n_loop=n_loop, tol=tol, max_iter=max_iter, grad=grad, who="sinkhorn_attention"
+    )
+    log_b = log_weights(b)
+    if grad == "implicit":
+        if ends_on_rows:
+            with torch.no_grad():  # the row update the output makes: (f, g) is the returned plan
+                f = geom.softmin(g, log_b, eps, axis=1)
+        f, g = attach_implicit(LogitCost(L, eps), f, g, a, b, eps)
+    if ends_on_rows:
+        if n_loop == 0 and tol is None and not masked and grad == "unroll":
+            P = torch.softmax(L, dim=-1)  # n_iter=1: softmax attention
+        else:
+            P = torch.softmax(L + (g / eps + log_b).unsqueeze(-2), dim=-1)
+    else:
+        # after a column update: P = T_live * a_i b_j exp((f_i + g_j)/eps + L_ij); T_live a_i is 1 or 0
+        log_r = torch.zeros_like(a) if row_live is None else torch.where(row_live, 0.0, -math.inf).to(dtype)
+        P = torch.exp(L + (f / eps + log_r).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2))
+    P = P.reshape(target)
+    weights = P
+    if dropout_p > 0.0:
+        P = F.dropout(P, p=dropout_p)
+    out = torch.matmul(P, value)
+    if row_live is not None:
+        live = row_live.reshape(*lead, T, 1).to(dtype)
+        out = out * live
+        if return_weights:
+            weights = weights * live
+    out = out.to(out_dtype)
+    if return_weights:
+        return out, weights.to(out_dtype)
+    return out
+
+
+class SinkhornAttention(torch.nn.Module):
+    """Module form of :func:`sinkhorn_attention` (no projections: it maps
+    ``(query, key, value)`` to the attended values, like
+    :func:`~torch.nn.functional.scaled_dot_product_attention`).
+
+    Args:
+        n_iter: normalisations (rows, columns, rows, ...), Sinkformer's count; 1 is softmax.
+        tol: iterate to this L1 marginal error instead (``n_iter`` is then ignored).
+        grad: ``"unroll"`` (autograd through the iterations) or ``"implicit"``
+            (implicit differentiation at the fixed point; memory independent of
+            ``n_iter``).
+        eps: temperature (Sinkformer: 1).
+        dropout_p: dropout on the attention weights, in training mode only.
+        max_iter: loop iterations allowed with ``tol``.
+
+    Example:
+        >>> import torch
+        >>> from entrokit.nn.attention import SinkhornAttention
+        >>> attn = SinkhornAttention(n_iter=3)
+        >>> x = torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(0))
+        >>> attn(x, x, x).shape
+        torch.Size([2, 4, 16, 8])
+    """
+
+    def __init__(
+        self,
+        n_iter: int = 3,
+        tol: float | None = None,
+        grad: str = "unroll",
+        eps: float = 1.0,
+        dropout_p: float = 0.0,
+        max_iter: int = 1000,
+    ):
+        super().__init__()
+        self.n_iter, self.tol, self.max_iter, self.grad, self.eps, self.dropout_p = check_options(
+            n_iter, tol, max_iter, grad, eps, dropout_p
+        )
+
+    def extra_repr(self) -> str:
+        it = f"tol={self.tol:g}, max_iter={self.max_iter}" if self.tol is not None else f"n_iter={self.n_iter}"
+        return f"{it}, grad={self.grad!r}, eps={self.eps:g}, dropout_p={self.dropout_p:g}"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+        need_weights: bool = False,
+    ):
+        return sinkhorn_attention(
+            query, key, value, attn_mask, self.dropout_p if self.training else 0.0, is_causal, scale,
+            key_padding_mask=key_padding_mask, n_iter=self.n_iter, eps=self.eps, tol=self.tol,
+            max_iter=self.max_iter, grad=self.grad, return_weights=need_weights,
+        )

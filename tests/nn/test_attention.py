@@ -1,0 +1,404 @@
+"""Sinkhorn (Sinkformer) attention."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entrokit import ConvergenceWarning, InputError
+from entrokit.nn.attention import SinkhornAttention, sinkhorn_attention
+
+D = torch.float64
+
+
+def qkv(*shape_q, S=None, Ev=None, seed=0, dtype=D, requires_grad=False):
+    *lead, T, E = shape_q
+    S = T if S is None else S
+    Ev = E if Ev is None else Ev
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*lead, T, E, generator=g, dtype=dtype)
+    k = torch.randn(*lead, S, E, generator=g, dtype=dtype)
+    v = torch.randn(*lead, S, Ev, generator=g, dtype=dtype)
+    if requires_grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return q, k, v
+
+
+def sinkformer_reference(scores, n_it, eps=1.0):
+    """Sinkformer's loop (sinkformers/vit_pytorch/sinkhorn.py), typed from its update:
+    alternating half-steps on M = (-C + u_i + v_j)/eps from u = v = 0, C = -scores,
+    marginals 1/T and 1/S; the plan is multiplied by T."""
+    C = -scores
+    T, S = C.shape[-2:]
+    u = torch.zeros(C.shape[:-1], dtype=C.dtype)
+    v = torch.zeros(*C.shape[:-2], S, dtype=C.dtype)
+
+    def M():
+        return (-C + u.unsqueeze(-1) + v.unsqueeze(-2)) / eps
+
+    for i in range(n_it):
+        if i % 2 == 0:
+            u = eps * (math.log(1.0 / T) - torch.logsumexp(M(), dim=-1)) + u
+        else:
+            v = eps * (math.log(1.0 / S) - torch.logsumexp(M().transpose(-2, -1), dim=-1)) + v
+    return torch.exp(M()) * T
+
+
+def flat_grads(*ts):
+    return torch.cat([t.grad.flatten() for t in ts])
+
+
+# -- n_iter = 1 is softmax attention ------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask", [None, "bool", "float", "causal"])
+def test_one_iteration_is_sdpa(dtype, mask):
+    q, k, v = qkv(2, 3, 6, 4, S=9, Ev=5, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    kw = {}
+    if mask == "bool":
+        m = torch.rand(2, 3, 6, 9, generator=g) > 0.3
+        m[..., 0] = True  # every query keeps a key (SDPA returns NaN rows otherwise)
+        kw["attn_mask"] = m
+    elif mask == "float":
+        kw["attn_mask"] = torch.randn(1, 3, 6, 9, generator=g, dtype=dtype)
+    elif mask == "causal":
+        kw["is_causal"] = True
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == D else dict(atol=2e-6, rtol=1e-5)
+    for grad in ("unroll", "implicit"):
+        out = sinkhorn_attention(q, k, v, n_iter=1, grad=grad, **kw)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, **kw), **tol)
+
+
+def test_one_iteration_gradient_is_sdpa_gradient():
+    q, k, v = qkv(2, 2, 5, 3, S=7, requires_grad=True)
+    w = torch.randn(2, 2, 5, 3, generator=torch.Generator().manual_seed(3), dtype=D)
+    (sinkhorn_attention(q, k, v, n_iter=1) * w).sum().backward()
+    ours = flat_grads(q, k, v)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    (F.scaled_dot_product_attention(q2, k2, v2) * w).sum().backward()
+    torch.testing.assert_close(ours, flat_grads(q2, k2, v2))
+
+
+def test_key_padding_matches_sdpa_and_truncated_keys():
+    q, k, v = qkv(3, 2, 5, 4, S=8)
+    lengths = [8, 5, 2]
+    kpm = torch.arange(8)[None, :] >= torch.tensor(lengths)[:, None]  # True = padded
+    out1 = sinkhorn_attention(q, k, v, n_iter=1, key_padding_mask=kpm)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~kpm[:, None, None, :])
+    torch.testing.assert_close(out1, ref)
+    # with padding, every n_iter equals the layer run on the valid keys only
+    for n_iter in (2, 3, 6):
+        out, P = sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=kpm, return_weights=True)
+        for i, n in enumerate(lengths):
+            o_i, P_i = sinkhorn_attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], n_iter=n_iter, return_weights=True)
+            torch.testing.assert_close(out[i:i + 1], o_i)
+            torch.testing.assert_close(P[i:i + 1, ..., :n], P_i)
+            assert bool((P[i, ..., n:] == 0).all())
+
+
+# -- Sinkformer parity and marginals ----------------------------------------------------------
+@pytest.mark.parametrize("n_iter", [1, 2, 3, 4, 5, 6])
+def test_matches_sinkformer_reference(n_iter):
+    q, k, v = qkv(2, 2, 7, 4, requires_grad=True)
+    w = torch.randn(2, 2, 7, 4, generator=torch.Generator().manual_seed(5), dtype=D)
+    ref_P = sinkformer_reference(q @ k.transpose(-2, -1) / 2.0, n_iter)
+    (ref_P @ v * w).sum().backward()
+    ref_grads = flat_grads(q, k, v)
+    for grad in ("unroll", "implicit"):
+        for t in (q, k, v):
+            t.grad = None
+        out, P = sinkhorn_attention(q, k, v, n_iter=n_iter, grad=grad, return_weights=True)
+        torch.testing.assert_close(P, ref_P, atol=1e-13, rtol=1e-12)
+        torch.testing.assert_close(out, ref_P @ v, atol=1e-13, rtol=1e-12)
+        if grad == "unroll":
+            (out * w).sum().backward()
+            torch.testing.assert_close(flat_grads(q, k, v), ref_grads, atol=1e-12, rtol=1e-10)
+
+
+def test_marginals_rows_exact_columns_converge():
+    q, k, v = qkv(2, 3, 6, 4, S=10)
+    for n_iter in (3, 5, 7):
+        _, P = sinkhorn_attention(q, k, v, n_iter=n_iter, return_weights=True)
+        torch.testing.assert_close(P.sum(-1), torch.ones(2, 3, 6, dtype=D), atol=1e-14, rtol=0)
+    col_err = [
+        float((sinkhorn_attention(q, k, v, n_iter=n, return_weights=True)[1].sum(-2) - 0.6).abs().max())
+        for n in (3, 9, 41)
+    ]
+    assert col_err[0] > col_err[1] > col_err[2]
+    _, P = sinkhorn_attention(q, k, v, tol=1e-12, return_weights=True)
+    torch.testing.assert_close(P.sum(-1), torch.ones(2, 3, 6, dtype=D), atol=1e-14, rtol=0)
+    torch.testing.assert_close(P.sum(-2), torch.full((2, 3, 10), 0.6, dtype=D), atol=1e-11, rtol=0)  # T/S
+
+
+def test_even_n_iter_ends_on_columns():
+    q, k, v = qkv(1, 2, 5, 3, S=4)
+    _, P = sinkhorn_attention(q, k, v, n_iter=4, return_weights=True)
+    torch.testing.assert_close(P.sum(-2), torch.full((1, 2, 4), 5 / 4, dtype=D), atol=1e-14, rtol=0)
+    assert float((P.sum(-1) - 1).abs().max()) > 1e-6
+
+
+# -- masks -------------------------------------------------------------------------------------
+def band(T, width=2):
+    i = torch.arange(T)
+    d = (i[:, None] - i[None, :]) % T
+    return (d <= width) | (d >= T - width)  # circulant band: a doubly stochastic matrix lives on it
+
+
+def test_masks_zero_weight_and_padded_keys_carry_no_mass():
+    q, k, v = qkv(2, 2, 6, 3, requires_grad=True)
+    kpm = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    mask = band(6)
+    out, P = sinkhorn_attention(q, k, v, attn_mask=mask, key_padding_mask=kpm, tol=1e-11, max_iter=5000,
+                                return_weights=True)
+    allowed = (mask & ~kpm[:, None, None, :]).expand(2, 2, 6, 6)
+    assert bool((P[~allowed] == 0).all())
+    assert bool((P[0, ..., 4:] == 0).all())
+    torch.testing.assert_close(P.sum(-1), torch.ones(2, 2, 6, dtype=D), atol=1e-12, rtol=0)
+    # live keys share the 6 queries' mass equally: 6/4 per key in batch 0, 1 in batch 1
+    torch.testing.assert_close(P[0].sum(-2)[..., :4], torch.full((2, 4), 1.5, dtype=D), atol=1e-10, rtol=0)
+    torch.testing.assert_close(P[1].sum(-2), torch.ones(2, 6, dtype=D), atol=1e-10, rtol=0)
+    out.sum().backward()
+    assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+    assert bool((k.grad[0, :, 4:] == 0).all()) and bool((v.grad[0, :, 4:] == 0).all())
+
+
+def test_causal_fixed_iterations():
+    q, k, v = qkv(2, 2, 6, 3, requires_grad=True)
+    for n_iter in (3, 21):
+        out, P = sinkhorn_attention(q, k, v, is_causal=True, n_iter=n_iter, return_weights=True)
+        assert bool((P.triu(1) == 0).all())
+        torch.testing.assert_close(P.sum(-1), torch.ones(2, 2, 6, dtype=D))
+        (out ** 2).sum().backward()
+        assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+    # the only causal doubly stochastic matrix is the identity: Sinkhorn heads there
+    assert float(P.detach().diagonal(dim1=-2, dim2=-1).min()) > 0.5
+
+
+def test_fully_masked_query_gives_zero_output_and_finite_gradients():
+    q, k, v = qkv(1, 1, 4, 3, requires_grad=True)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[2] = False  # query 2 may attend to nothing
+    mask[:, 3] = False  # key 3 is attended by no query
+    for grad in ("unroll", "implicit"):
+        for t in (q, k, v):
+            t.grad = None
+        out, P = sinkhorn_attention(q, k, v, attn_mask=mask, n_iter=5, grad=grad, return_weights=True)
+        assert bool((out[0, 0, 2] == 0).all()) and bool((P[0, 0, 2] == 0).all()) and bool((P[..., 3] == 0).all())
+        torch.testing.assert_close(P[0, 0, [0, 1, 3]].sum(-1), torch.ones(3, dtype=D))
+        (out ** 2).sum().backward()
+        assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+    everything = torch.zeros(4, 4, dtype=torch.bool)
+    out = sinkhorn_attention(q, k, v, attn_mask=everything, n_iter=3)
+    assert bool((out == 0).all())
+
+
+def test_float_mask_with_inf_and_broadcast():
+    q, k, v = qkv(2, 3, 5, 4)
+    fm = torch.zeros(5, 5, dtype=D)
+    fm[0, 1:] = -math.inf
+    fm[3, 2] = -2.0
+    out, P = sinkhorn_attention(q, k, v, attn_mask=fm, n_iter=3, return_weights=True)
+    assert bool((P[..., 0, 1:] == 0).all())
+    bm = fm > -math.inf
+    scores = q @ k.transpose(-2, -1) / 2.0 + fm
+    ref = sinkformer_reference(scores.masked_fill(~bm, -1e300), 3)
+    torch.testing.assert_close(P, ref, atol=1e-12, rtol=1e-10)
+
+
+# -- gradients -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_iter", [3, 4])
+def test_gradcheck_unroll(n_iter):
+    q, k, v = qkv(1, 2, 4, 3, S=5, requires_grad=True)
+    kpm = torch.tensor([[False, False, False, False, True]])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=kpm), (q, k, v)
+    )
+
+
+def test_gradcheck_implicit_at_fixed_point():
+    q, k, v = qkv(1, 2, 4, 3, S=5, requires_grad=True)
+    kpm = torch.tensor([[False, False, True, False, False]])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: sinkhorn_attention(q, k, v, tol=1e-14, grad="implicit", key_padding_mask=kpm, eps=0.7),
+        (q, k, v), atol=1e-6,
+    )
+
+
+def test_implicit_gradient_matches_unroll_when_converged():
+    q, k, v = qkv(2, 2, 8, 4, S=6, requires_grad=True)
+    w = torch.randn(2, 2, 8, 4, generator=torch.Generator().manual_seed(7), dtype=D)
+    grads = {}
+    for grad, kw in (("unroll", dict(n_iter=401)), ("implicit", dict(tol=1e-13)), ("implicit5", dict(n_iter=5))):
+        for t in (q, k, v):
+            t.grad = None
+        (sinkhorn_attention(q, k, v, grad=grad[:8], **kw) * w).sum().backward()
+        grads[grad] = flat_grads(q, k, v)
+    torch.testing.assert_close(grads["implicit"], grads["unroll"], atol=1e-10, rtol=1e-8)
+    cos = F.cosine_similarity(grads["implicit5"], grads["unroll"], dim=0)
+    assert float(cos) > 0.99
+
+
+def test_implicit_float32_gradient_close_to_float64():
+    q, k, v = qkv(2, 2, 16, 8, requires_grad=True)
+    (sinkhorn_attention(q, k, v, tol=1e-12, grad="implicit") ** 2).sum().backward()
+    g64 = flat_grads(q, k, v)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    (sinkhorn_attention(q32, k32, v32, n_iter=41, grad="implicit") ** 2).sum().backward()
+    g32 = flat_grads(q32, k32, v32).double()
+    assert float((g32 - g64).norm() / g64.norm()) < 1e-4
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_implicit_memory_does_not_grow_with_iterations():
+    q, k, v = qkv(4, 2, 32, 8, requires_grad=True)
+    kpm = torch.zeros(4, 32, dtype=torch.bool)
+    kpm[1, 20:] = True
+    sizes = {}
+    for grad in ("unroll", "implicit"):
+        for n in (1, 3, 20):
+            sizes[grad, n], out = saved_bytes(
+                lambda n=n, grad=grad: sinkhorn_attention(q, k, v, n_iter=n, grad=grad, key_padding_mask=kpm)
+            )
+            out.sum().backward()  # and backward runs
+    assert sizes["implicit", 1] == sizes["implicit", 3] == sizes["implicit", 20]
+    one = 4 * 2 * 32 * 32 * 8  # one float64 (B, H, T, S) tensor
+    assert sizes["implicit", 20] <= 3 * one + 4 * 2 * 32 * 8 * 8 * 3
+    assert sizes["unroll", 20] > sizes["unroll", 3] + 10 * one
+
+
+# -- no host sync, torch.compile --------------------------------------------------------------------
+def test_fixed_iterations_never_read_values_back(monkeypatch):
+    q, k, v = qkv(2, 2, 6, 3, S=7, dtype=torch.float32, requires_grad=True)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[0, 5:] = True
+    mask = torch.ones(6, 7, dtype=torch.bool).tril()
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for grad in ("unroll", "implicit"):
+        out = sinkhorn_attention(q, k, v, attn_mask=mask, key_padding_mask=kpm, n_iter=5, grad=grad)
+    out = sinkhorn_attention(q, k, v, attn_mask=mask, key_padding_mask=kpm, n_iter=5, grad="unroll")
+    out.sum().backward()  # unrolled backward: no sync either
+    with pytest.raises(AssertionError, match="host sync"):  # the detector works: tol mode reads errors back
+        sinkhorn_attention(q, k, v, tol=1e-6)
+    monkeypatch.undo()
+    assert bool(torch.isfinite(q.grad).all())
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know")
+def test_torch_compile_traces_the_layer():
+    torch._dynamo.reset()
+    q, k, v = qkv(2, 2, 8, 4, dtype=torch.float32)
+    fn = torch.compile(lambda q, k, v: sinkhorn_attention(q, k, v, n_iter=3), backend="eager", fullgraph=False)
+    torch.testing.assert_close(fn(q, k, v), sinkhorn_attention(q, k, v, n_iter=3))
+    torch._dynamo.reset()
+
+
+# -- options, module, dtypes -----------------------------------------------------------------------
+def test_tol_mode_warns_when_budget_too_small():
+    q, k, v = qkv(1, 1, 12, 3)
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        sinkhorn_attention(q * 10, k * 10, v, tol=1e-14, max_iter=2)
+
+
+def test_temperature_and_scale():
+    q, k, v = qkv(1, 2, 5, 4)
+    out = sinkhorn_attention(q, k, v, n_iter=3, eps=0.5, scale=0.3, return_weights=True)[1]
+    torch.testing.assert_close(out, sinkformer_reference(q @ k.transpose(-2, -1) * 0.3, 3, eps=0.5))
+
+
+def test_half_inputs_run_in_float32():
+    q, k, v = qkv(1, 2, 8, 4, dtype=torch.float32)
+    out = sinkhorn_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), n_iter=3)
+    assert out.dtype == torch.bfloat16
+    ref = sinkhorn_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), n_iter=3)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_module():
+    attn = SinkhornAttention(n_iter=5, grad="implicit", dropout_p=0.5)
+    assert "n_iter=5" in repr(attn) and "implicit" in repr(attn)
+    q, k, v = qkv(2, 2, 6, 4, dtype=torch.float32)
+    attn.eval()
+    out, P = attn(q, k, v, need_weights=True)
+    torch.testing.assert_close(out, sinkhorn_attention(q, k, v, n_iter=5))
+    attn.train()
+    torch.manual_seed(0)
+    dropped = attn(q, k, v)
+    assert not torch.allclose(dropped, out)
+    assert "tol=1e-06" in repr(SinkhornAttention(tol=1e-6))
+    layer = torch.nn.Sequential()  # modules compose
+    layer.add_module("attn", SinkhornAttention())
+    assert isinstance(layer.attn, SinkhornAttention)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(n_iter=0), InputError, "n_iter must be an int >= 1"),
+        (dict(n_iter=2.5), TypeError, "n_iter must be an int"),
+        (dict(eps=0.0), InputError, "eps must be a finite number > 0"),
+        (dict(eps=-1.0), InputError, "eps must be"),
+        (dict(grad="envelope"), InputError, "grad must be one of 'unroll', 'implicit'"),
+        (dict(tol=0.0), InputError, "tol must be"),
+        (dict(max_iter=0), InputError, "max_iter must be"),
+        (dict(dropout_p=1.0), InputError, r"dropout_p must be a number in \[0, 1\)"),
+        (dict(scale=float("nan")), InputError, "scale must be a finite number"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    q, k, v = qkv(1, 1, 3, 2)
+    with pytest.raises(exc, match=match):
+        sinkhorn_attention(q, k, v, **kwargs)
+    module_kwargs = {key: val for key, val in kwargs.items() if key != "scale"}
+    if module_kwargs:
+        with pytest.raises(exc, match=match):
+            SinkhornAttention(**module_kwargs)
+
+
+def test_bad_shapes_and_masks():
+    q, k, v = qkv(2, 3, 4, 5, S=6)
+    with pytest.raises(InputError, match="same rank >= 3"):
+        sinkhorn_attention(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(InputError, match="same rank"):
+        sinkhorn_attention(q, k[0], v[0])
+    with pytest.raises(InputError, match="embedding size E"):
+        sinkhorn_attention(q, k[..., :4], v)
+    with pytest.raises(InputError, match="same number of keys S"):
+        sinkhorn_attention(q, k, v[..., :5, :])
+    with pytest.raises(InputError, match="share their batch axes"):
+        sinkhorn_attention(q, k[:1], v[:1])
+    with pytest.raises(InputError, match="share one dtype"):
+        sinkhorn_attention(q, k.float(), v)
+    with pytest.raises(InputError, match=r"attn_mask of shape \(4, 5\) does not broadcast to \(2, 3, 4, 6\)"):
+        sinkhorn_attention(q, k, v, attn_mask=torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be bool or floating"):
+        sinkhorn_attention(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.long))
+    with pytest.raises(InputError, match="not both"):
+        sinkhorn_attention(q, k, v, attn_mask=torch.ones(4, 6, dtype=torch.bool), is_causal=True)
+    with pytest.raises(InputError, match=r"key_padding_mask must have shape \(N, S\) = \(2, 6\)"):
+        sinkhorn_attention(q, k, v, key_padding_mask=torch.zeros(6, dtype=torch.bool))
+    with pytest.raises(InputError, match="key_padding_mask"):
+        sinkhorn_attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+        sinkhorn_attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
+    with pytest.raises(TypeError, match="query must be a torch.Tensor"):
+        sinkhorn_attention(q.tolist(), k, v)
+    with pytest.raises(TypeError, match="floating dtype"):
+        sinkhorn_attention(q.long(), k, v)

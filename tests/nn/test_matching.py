@@ -1,0 +1,165 @@
+"""SuperGlue-style optimal-transport matching layer with a dustbin."""
+
+import pytest
+import torch
+
+from entrokit import InputError
+from entrokit.nn.matching import OTMatching, log_optimal_transport
+
+D = torch.float64
+
+
+def superglue_reference(scores, alpha, iters):
+    """SuperGlue's log_optimal_transport, re-typed from its formula: couplings with a
+    dustbin row/column of ``alpha``; log mu = [-log(m+n)] * m + [log n - log(m+n)],
+    log nu likewise; ``iters`` log-domain row-then-column updates from u = v = 0;
+    returns Z + u + v + log(m+n)."""
+    b, m, n = scores.shape
+    norm = -torch.log(torch.tensor(float(m + n), dtype=scores.dtype))
+    Z = torch.cat([
+        torch.cat([scores, alpha.expand(b, m, 1)], -1),
+        torch.cat([alpha.expand(b, 1, n), alpha.expand(b, 1, 1)], -1),
+    ], 1)
+    log_mu = torch.cat([norm.expand(m), torch.log(torch.tensor(float(n), dtype=scores.dtype))[None] + norm])
+    log_nu = torch.cat([norm.expand(n), torch.log(torch.tensor(float(m), dtype=scores.dtype))[None] + norm])
+    log_mu, log_nu = log_mu[None].expand(b, -1), log_nu[None].expand(b, -1)
+    u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    for _ in range(iters):
+        u = log_mu - torch.logsumexp(Z + v.unsqueeze(1), dim=2)
+        v = log_nu - torch.logsumexp(Z + u.unsqueeze(2), dim=1)
+    return Z + u.unsqueeze(2) + v.unsqueeze(1) - norm
+
+
+def data(B=2, M=6, N=5, seed=0, dtype=D, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(B, M, N, generator=g, dtype=dtype) * scale).requires_grad_()
+    alpha = torch.tensor(0.8, dtype=dtype, requires_grad=True)
+    return scores, alpha
+
+
+@pytest.mark.parametrize("iters", [1, 3, 100])
+@pytest.mark.parametrize("grad", ["unroll", "implicit"])
+def test_matches_superglue(iters, grad):
+    scores, alpha = data()
+    ref = superglue_reference(scores, alpha, iters)
+    out = log_optimal_transport(scores, alpha, iters, grad=grad)
+    assert out.shape == (2, 7, 6)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)  # in fact to rounding
+    if grad == "unroll":
+        w = torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(1), dtype=D)
+        g_ref = torch.autograd.grad((ref * w).sum(), (scores, alpha))
+        g_out = torch.autograd.grad((out * w).sum(), (scores, alpha))
+        for a, b in zip(g_out, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_float32_parity():
+    scores, alpha = data(B=3, M=40, N=30, dtype=torch.float32, scale=1.0)
+    ref = superglue_reference(scores, alpha, 100)
+    torch.testing.assert_close(log_optimal_transport(scores, alpha, 100, grad="unroll"), ref, atol=1e-5, rtol=1e-6)
+
+
+def test_marginals_with_dustbin():
+    scores, alpha = data(M=6, N=4)
+    P = log_optimal_transport(scores, alpha, tol=1e-13).exp()
+    torch.testing.assert_close(P.sum(-1), torch.tensor([1.0] * 6 + [4.0], dtype=D).expand(2, 7), atol=1e-12, rtol=0)
+    torch.testing.assert_close(P.sum(-2), torch.tensor([1.0] * 4 + [6.0], dtype=D).expand(2, 5), atol=1e-12, rtol=0)
+
+
+def test_gradcheck_unroll():
+    scores, alpha = data(B=1, M=3, N=4)
+    assert torch.autograd.gradcheck(lambda s, a: log_optimal_transport(s, a, 10, grad="unroll"), (scores, alpha))
+
+
+def test_gradcheck_implicit_at_fixed_point():
+    scores, alpha = data(B=2, M=3, N=4, scale=1.0)
+    assert torch.autograd.gradcheck(
+        lambda s, a: log_optimal_transport(s, a, grad="implicit", tol=1e-14), (scores, alpha), atol=1e-6
+    )
+
+
+def test_bin_score_learns_and_implicit_matches_unroll():
+    layer = OTMatching(n_iter=300, grad="implicit")
+    scores, _ = data(B=2, M=5, N=7, scale=1.0)
+    w = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(2), dtype=D)
+    layer = layer.double()
+    (layer(scores) * w).sum().backward()
+    g_bin, g_scores = layer.bin_score.grad.clone(), scores.grad.clone()
+    assert float(g_bin.abs()) > 0
+    layer.bin_score.grad, scores.grad = None, None
+    unrolled = OTMatching(n_iter=300, grad="unroll").double()
+    (unrolled(scores) * w).sum().backward()
+    torch.testing.assert_close(g_bin, unrolled.bin_score.grad, atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(g_scores, scores.grad, atol=1e-9, rtol=1e-8)
+    # a training step moves the dustbin score
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = float(layer.bin_score.detach())
+    opt.zero_grad()
+    layer(scores.detach())[:, -1, :-1].sum().backward()  # push mass into the dustbin
+    opt.step()
+    assert float(layer.bin_score.detach()) != before
+
+
+def saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_implicit_memory_same_for_1_and_100_iterations():
+    scores, alpha = data(B=4, M=30, N=40, dtype=torch.float32, scale=1.0)
+    sizes = {}
+    for grad in ("implicit", "unroll"):
+        for iters in (1, 100):
+            sizes[grad, iters], out = saved_bytes(
+                lambda iters=iters, grad=grad: log_optimal_transport(scores, alpha, iters, grad=grad)
+            )
+            out.sum().backward()
+    assert sizes["implicit", 1] == sizes["implicit", 100]
+    assert sizes["implicit", 100] <= 3 * 4 * 31 * 41 * 4
+    assert sizes["unroll", 100] > 50 * sizes["implicit", 100]
+
+
+def test_module_repr_and_dtypes():
+    layer = OTMatching(n_iter=20, bin_score_init=0.5)
+    assert "n_iter=20" in repr(layer) and "implicit" in repr(layer)
+    assert isinstance(layer.bin_score, torch.nn.Parameter) and float(layer.bin_score.detach()) == 0.5
+    out = layer(torch.randn(1, 3, 2, dtype=torch.float32))
+    assert out.dtype == torch.float32 and out.shape == (1, 4, 3)
+    out16 = log_optimal_transport(torch.randn(1, 3, 2).bfloat16(), 1.0, 20)
+    assert out16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        ((torch.randn(3, 4), 1.0), {}, InputError, r"shape \(B, M, N\)"),
+        ((torch.randn(1, 0, 4), 1.0), {}, InputError, "empty"),
+        ((torch.randn(1, 3, 4).long(), 1.0), {}, TypeError, "floating"),
+        (([[1.0]], 1.0), {}, TypeError, "scores must be a torch.Tensor"),
+        ((torch.randn(1, 3, 4), torch.ones(2)), {}, InputError, "bin_score must be a scalar"),
+        ((torch.randn(1, 3, 4), "a"), {}, TypeError, "bin_score must be a number"),
+        ((torch.randn(1, 3, 4), 1.0, 0), {}, InputError, "n_iter must be an int >= 1"),
+        ((torch.randn(1, 3, 4), 1.0), dict(grad="envelope"), InputError, "grad must be one of"),
+        ((torch.randn(1, 3, 4), 1.0), dict(tol=-1.0), InputError, "tol must be"),
+    ],
+)
+def test_bad_inputs(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        log_optimal_transport(*args, **kwargs)
+
+
+def test_bad_module_options():
+    with pytest.raises(InputError, match="n_iter must be"):
+        OTMatching(n_iter=0)
+    with pytest.raises(InputError, match="grad must be one of"):
+        OTMatching(grad="autodiff")
+    with pytest.raises(InputError, match="bin_score_init must be a finite number"):
+        OTMatching(bin_score_init=float("inf"))
