@@ -108,20 +108,8 @@ class LogitCost(DenseCost):
         return f"LogitCost(shape={tuple(self.L.shape)}, eps={self.eps0:g}, dtype={self.L.dtype})"
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.L.shape[-2], self.L.shape[-1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.L.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.L.device
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.L.shape[:-2])
+    def _stored(self) -> torch.Tensor:
+        return self.L
 
     def reshape_batch(self, batch_shape):
         batch_shape = tuple(batch_shape)
