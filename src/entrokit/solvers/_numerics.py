@@ -247,10 +247,10 @@ def _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0) -> PCGResult:
             Ap = matvec(p.unsqueeze(0))[0]
             pAp = torch.dot(p, Ap)
             alpha = rz / pAp
-            x = x + alpha * p
-            res = res - alpha * Ap
-            rn, curvature = torch.stack([res.norm(), pAp]).tolist()  # the one sync
-            rel = rn / scale
+            x.add_(p * alpha)  # x and res are this function's own buffers
+            res.sub_(Ap * alpha)
+            curvature = float(pAp)
+            rel = float(torch.linalg.vector_norm(res)) / scale
             if not math.isfinite(rel) or not curvature > 0:
                 failed = not math.isfinite(rel)
                 break
@@ -472,8 +472,17 @@ def solve_bipartite(
         floor = torch.where(s > 0, s, torch.full_like(s, torch.finfo(p.dtype).tiny))
         inv_diag = 1.0 / torch.maximum(diag_S, floor)
 
-        def schur_mv(v):
-            return diag_cols * v - block.rmv(block.mv(v) / diag_rows)
+        single = getattr(block, "single", None)
+        if single is not None and active is None:
+            # one problem: 1-D products, no batch broadcasting per CG iteration
+            dc, dr = diag_cols[0], diag_rows[0]
+
+            def schur_mv(v):
+                v0 = v[0]
+                return torch.addcmul(-single.rmv(single.mv(v0) / dr), dc, v0).unsqueeze(0)
+        else:
+            def schur_mv(v):
+                return diag_cols * v - block.rmv(block.mv(v) / diag_rows)
 
         out = pcg(schur_mv, rhs, inv_diag, rtol=rtol, max_iter=max_iter or max(200, m), x0=y0, active=active)
         y, n_iter = out.x, out.n_iter
