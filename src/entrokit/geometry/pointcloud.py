@@ -51,6 +51,14 @@ def _euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 _COSTS: dict[str, CostFn] = {"sqeuclidean": _sq_dist, "euclidean": _euclidean}
 
 
+def _versions(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
+    """In-place modification counters of the points; ``None`` for inference tensors, which
+    do not track them (nothing is cached for those)."""
+    if x.is_inference() or y.is_inference():
+        return None
+    return (x._version, y._version)
+
+
 class PointCloud(Geometry):
     r"""Cost computed from two point clouds, ``C_ij = c(x_i, y_j)``.
 
@@ -148,8 +156,9 @@ class PointCloud(Geometry):
         transformed by ``cost_map`` (when still valid), so distances are computed once."""
         out = self._new(x, y)
         cached = self.__dict__.get("_dense")
-        if cached is not None and cached[0] == (self.x._version, self.y._version):
-            out.__dict__["_dense"] = ((x._version, y._version), DenseCost(cost_map(cached[1].C)))
+        version = _versions(x, y)
+        if cached is not None and version is not None and cached[0] == _versions(self.x, self.y):
+            out.__dict__["_dense"] = (version, DenseCost(cost_map(cached[1].C)))
         return out
 
     def reshape_batch(self, batch_shape):
@@ -226,9 +235,9 @@ class PointCloud(Geometry):
         gradients it is rebuilt per call, so no graph is kept alive between calls."""
         if self.is_online:
             return None
-        if torch.is_grad_enabled() and (self.x.requires_grad or self.y.requires_grad):
+        version = _versions(self.x, self.y)
+        if version is None or (torch.is_grad_enabled() and (self.x.requires_grad or self.y.requires_grad)):
             return DenseCost(self.cost_matrix())
-        version = (self.x._version, self.y._version)
         cached = self.__dict__.get("_dense")
         if cached is None or cached[0] != version:
             with torch.no_grad():
