@@ -109,14 +109,20 @@ class DenseCost(Geometry):
             P, C = P.to(accumulate), C.to(accumulate)
         return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1))
 
+    # the products below form the plan through self.plan, so a subclass that stores the
+    # cost differently (e.g. attention logits) only redefines plan()
+    def marginals(self, f, g, a, b, eps):
+        P = self.plan(f, g, a, b, eps)
+        return P.sum(-1), P.sum(-2)
+
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
-        P = plan_block(f, g, a, b, self.C, eps)
+        P = self.plan(f, g, a, b, eps)
         if axis == 1:
             return torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1)
         return torch.matmul(vec.unsqueeze(-2), P).squeeze(-2)
 
     def plan_operator(self, f, g, a, b, eps):
-        P = plan_block(f, g, a, b, self.C, eps)
+        P = self.plan(f, g, a, b, eps)
 
         def Pv(v):
             return torch.matmul(P, v.unsqueeze(-1)).squeeze(-1)

@@ -290,6 +290,12 @@ class PointCloud(Geometry):
             tc = tc + t
         return torch.cat(rows, -1), cols, tc
 
+    def marginals(self, f, g, a, b, eps):
+        dense = self._materialised()
+        if dense is not None:
+            return dense.marginals(f, g, a, b, eps)
+        return super().marginals(f, g, a, b, eps)
+
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
         dense = self._materialised()
         if dense is not None:

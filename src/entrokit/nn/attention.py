@@ -70,7 +70,7 @@ from entrokit.geometry.base import logsumexp_pair
 from entrokit.geometry.dense import DenseCost
 from entrokit.problem import OTProblem, log_weights
 from entrokit.solvers._entropic import warn_not_converged
-from entrokit.solvers.implicit import adjoint_solve, implicit_fixed_point
+from entrokit.solvers.implicit import adjoint_solve, entropic_residual, implicit_fixed_point
 from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
 
 __all__ = ["SinkhornAttention", "sinkhorn_attention"]
@@ -161,37 +161,8 @@ class LogitCost(DenseCost):
         PC = torch.where(P > 0, P * C, torch.zeros_like(P))  # forbidden pairs: 0 * inf
         return P.sum(-1), P.sum(-2), PC.sum((-2, -1))
 
-    def plan_matvec(self, f, g, a, b, eps, vec, axis):
-        P = self.plan(f, g, a, b, eps)
-        if axis == 1:
-            return torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1)
-        return torch.matmul(vec.unsqueeze(-2), P).squeeze(-2)
-
-    def plan_operator(self, f, g, a, b, eps):
-        P = self.plan(f, g, a, b, eps)
-
-        def Pv(v):
-            return torch.matmul(P, v.unsqueeze(-1)).squeeze(-1)
-
-        def PTu(u):
-            return torch.matmul(u.unsqueeze(-2), P).squeeze(-2)
-
-        return Pv, PTu, P.sum(-1), P.sum(-2)
-
     def scaling_engine(self, a, b, log_a, log_b):
         return None  # log-sum-exp updates only
-
-
-def _marginal_residual(eps: float):
-    """The entropic optimality residual ``H = (P1 - a, Pᵀ1 - b)``
-    (:func:`~entrokit.solvers.implicit.entropic_residual`) without the transport cost,
-    which the implicit backward does not need."""
-
-    def residual(geom, f, g, a, b):
-        P = geom.plan(f, g, a, b, eps)
-        return torch.cat([P.sum(-1) - a, P.sum(-2) - b], -1)
-
-    return residual
 
 
 def _adjoint_for(dtype: torch.dtype, eps: float):
@@ -250,7 +221,7 @@ def attach_implicit(geom: LogitCost, f, g, a, b, eps):
     if not (torch.is_grad_enabled() and geom.L.requires_grad):
         return f, g
     return implicit_fixed_point(
-        geom, f.detach(), g.detach(), a, b, residual=_marginal_residual(eps), adjoint=_adjoint_for(geom.dtype, eps)
+        geom, f.detach(), g.detach(), a, b, residual=entropic_residual(eps), adjoint=_adjoint_for(geom.dtype, eps)
     )
 
 
