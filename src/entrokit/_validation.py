@@ -198,3 +198,17 @@ def check_masses(a: torch.Tensor, b: torch.Tensor, *, normalize: bool) -> tuple[
             "Pass normalize=True to rescale both to 1, or fix the weights."
         )
     return a, b
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def apply_reduction(per: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-sample losses: ``"mean"``, ``"sum"`` or ``"none"`` (unchanged)."""
+    check_choice(reduction, "reduction", REDUCTIONS)
+    if reduction == "mean":
+        return per.mean()
+    if reduction == "sum":
+        return per.sum()
+    return per
+

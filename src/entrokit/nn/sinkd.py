@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 
 from entrokit._errors import InputError
-from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit._validation import apply_reduction, check_choice, check_positive, check_positive_int
 from entrokit.solvers.sinkhorn import sinkhorn
 
 __all__ = ["SinkhornKDLoss", "sinkhorn_kd_loss"]
@@ -99,13 +99,7 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor, check_inputs: bo
 
 
 def _reduce(loss: torch.Tensor, reduction: str, squeeze: bool) -> torch.Tensor:
-    if squeeze:
-        return loss.squeeze(0)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return loss.squeeze(0) if squeeze else apply_reduction(loss, reduction)
 
 
 def sinkhorn_kd_loss(

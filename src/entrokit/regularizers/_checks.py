@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from entrokit._errors import InputError
+from entrokit._validation import REDUCTIONS
 
 __all__ = [
     "check_buffer_device",
@@ -38,7 +39,6 @@ __all__ = [
     "tensor_ok",
 ]
 
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def _scalar(value: Any) -> Any:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._validation import apply_reduction
 from entrokit.regularizers._checks import check_reduction
 
 __all__ = [
@@ -197,11 +198,7 @@ def aem_loss(
     if ce.ndim > 1:
         ce = ce.flatten(1).mean(1)
     per_bag = ce + lam * ne
-    if reduction == "mean":
-        return per_bag.mean()
-    if reduction == "sum":
-        return per_bag.sum()
-    return per_bag
+    return apply_reduction(per_bag, reduction)
 
 
 class AttentionEntropyMaximization(nn.Module):

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from entrokit._validation import apply_reduction
 from entrokit.regularizers._buffers import IndexedDataset, all_gather_rows
 from entrokit.regularizers._checks import (
     check_count,
@@ -62,14 +63,6 @@ __all__ = ["ELRLoss", "IndexedDataset", "elr_penalty"]
 _CLAMP = 1e-4  # reference code: torch.clamp(y_pred, 1e-4, 1 - 1e-4)
 
 Reduction = Literal["mean", "sum", "none"]
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return x.mean()
-    if reduction == "sum":
-        return x.sum()
-    return x
 
 
 def elr_penalty(
@@ -93,7 +86,7 @@ def elr_penalty(
     check_reduction(reduction)
     p = F.softmax(logits, dim=1).clamp(_CLAMP, 1.0 - _CLAMP)
     inner = (targets.detach().to(p.dtype) * p).sum(dim=1)
-    return _reduce(torch.log1p(-inner), reduction)
+    return apply_reduction(torch.log1p(-inner), reduction)
 
 
 class ELRLoss(nn.Module):
@@ -215,4 +208,4 @@ class ELRLoss(nn.Module):
                 self._update(F.softmax(logits.detach(), dim=1), index, logits.detach(), "logits")
         ce = F.cross_entropy(logits, labels, reduction="none")
         reg = elr_penalty(logits, self.targets[index], reduction="none")
-        return _reduce(ce + lam * reg, self.reduction)
+        return apply_reduction(ce + lam * reg, self.reduction)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from entrokit._errors import InputError
+from entrokit._validation import apply_reduction
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
@@ -170,11 +171,7 @@ def local_entropy_loss(
         q = q.detach()
     adj = s if log_prior is None else s + lam_ler * log_prior.to(s.dtype)
     per = -(q * F.log_softmax(adj, dim=1)).sum(dim=1) * mask.to(s.dtype)
-    if reduction == "mean":
-        return per.mean()
-    if reduction == "sum":
-        return per.sum()
-    return per
+    return apply_reduction(per, reduction)
 
 
 def dual_view_kl(
@@ -235,13 +232,7 @@ def dual_view_kl(
         per = (p1 * (F.log_softmax(p1, dim=1) - F.log_softmax(p2, dim=1))).sum(dim=1)
     else:
         raise InputError(f"form must be 'paper' or 'reference'; got {form!r}.")
-    if reduction == "mean":
-        return per.mean()
-    if reduction == "sum":
-        return per.sum()
-    if reduction == "none":
-        return per
-    raise InputError(f"reduction must be one of 'mean', 'sum', 'none'; got {reduction!r}.")
+    return apply_reduction(per, reduction)
 
 
 class LocalEntropyRegularizer(nn.Module):

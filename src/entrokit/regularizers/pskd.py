@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from entrokit._errors import InputError
+from entrokit._validation import apply_reduction
 from entrokit.regularizers._buffers import all_gather_rows
 from entrokit.regularizers._checks import (
     check_count,
@@ -131,11 +132,7 @@ def soft_cross_entropy(
     )
     check_reduction(reduction)
     per = -(target.detach().to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
-    if reduction == "mean":
-        return per.mean()
-    if reduction == "sum":
-        return per.sum()
-    return per
+    return apply_reduction(per, reduction)
 
 
 class PSKDLoss(nn.Module):
