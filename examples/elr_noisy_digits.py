@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from entrokit.plotting import save_figure
 from entrokit.regularizers.elr import ELRLoss
 
 
@@ -132,9 +133,7 @@ def main() -> None:
     ax[0].legend()
     ax[1].legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.datasets import load_digits
 
+from entrokit.plotting import save_figure
 from entrokit.regularizers.legogcd import LocalEntropyRegularizer, dual_view_kl
 
 K, KNOWN = 10, 5
@@ -160,9 +161,7 @@ def main() -> None:
     ax[0].set_ylabel("clustering accuracy on unlabelled set (%)")
     ax[0].legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from scipy import stats
 
 import entrokit
 from entrokit.losses.monge_gap import monge_gap
+from entrokit.plotting import mean_ci95, save_figure
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9})
 
@@ -131,11 +131,6 @@ def evaluate(net, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {"err": err, "gap": gap, "fit": fit}
 
 
-def ci95(v) -> tuple[float, float]:
-    v = np.asarray(v, dtype=float)
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return float(v.mean()), float(half)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,13 +173,13 @@ def main() -> None:
     for name in ("no gap", "gap"):
         cells = []
         for k in ("err", "gap", "fit"):
-            m, h = ci95([r[k] for r in res[name]])
+            m, h = mean_ci95([r[k] for r in res[name]])
             cells.append(f"{m:10.4f} ± {h:.4f}")
         print(f"{name:8} {cells[0]:>22} {cells[1]:>24} {cells[2]:>24}")
     print(f"{'OT map':8} {ref['err']:10.4f} {'':>11} {ref['gap']:10.4f} {'':>13} {ref['fit']:10.4f}   "
           "(T* itself: its gap is the entropic offset, between eps log n and 2 eps log n)")
     diff = [a["err"] - b["err"] for a, b in zip(res["no gap"], res["gap"])]
-    dm, dh = ci95(diff)
+    dm, dh = mean_ci95(diff)
     wins = sum(d > 0 for d in diff)
     better = args.seeds > 1 and dm - dh > 0
     verdict = (
@@ -231,9 +226,7 @@ def main() -> None:
     ax[3].set_ylabel("||T(x) - T*(x)||^2 / tr(S2)")
     ax[3].set_title(f"relative map error per seed ({args.seeds} seeds)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

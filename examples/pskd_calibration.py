@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from entrokit.plotting import save_figure
 from entrokit.regularizers.pskd import PSKDLoss
 
 
@@ -128,9 +129,7 @@ def main() -> None:
     ax[1].set_xticks([0, 1, 3, 4], ["CE\nECE", "PS-KD\nECE", "CE\nNLL", "PS-KD\nNLL"])
     ax[1].set(title="per-seed ECE and NLL (lower is better)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

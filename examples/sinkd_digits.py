@@ -27,7 +27,6 @@ Run: ``python examples/sinkd_digits.py [--seeds 5] [--epochs 60] [--hidden 12] [
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -38,11 +37,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from entrokit.nn.sinkd import SinkhornKDLoss
+from entrokit.plotting import mean_ci95, save_figure
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9})
 
@@ -123,12 +122,6 @@ def train_student(method: str, xtr, ytr, teacher_logits, seed: int, epochs: int,
     return net
 
 
-def ci95(v) -> tuple[float, float]:
-    v = np.asarray(v, dtype=float)
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -163,15 +156,15 @@ def main() -> None:
     print(f"\ndigits, 1000 train / 797 test, teacher MLP 64-256-256-10, student MLP 64-{args.hidden}-10, "
           f"{args.epochs} epochs; SinKD: T=2, eps=0.1, beta={args.beta:g}, grad={args.grad}; KD: T=4, alpha=0.5; "
           f"{args.seeds} seeds, test accuracy mean ± 95% t-interval")
-    m, h = ci95(teacher_acc)
+    m, h = mean_ci95(teacher_acc)
     print(f"{'teacher':<13} {m:.4f} ± {h:.4f}")
     for meth in METHODS:
-        m, h = ci95(acc[meth])
+        m, h = mean_ci95(acc[meth])
         print(f"{meth:<13} {m:.4f} ± {h:.4f}")
     diff = np.array(acc["CE+SinKD"]) - np.array(acc["CE+KD"])
-    dm, dh = ci95(diff)
+    dm, dh = mean_ci95(diff)
     diff2 = np.array(acc["CE+KD+SinKD"]) - np.array(acc["CE+KD"])
-    dm2, dh2 = ci95(diff2)
+    dm2, dh2 = mean_ci95(diff2)
     print(f"paired CE+SinKD - CE+KD: {dm:+.4f} ± {dh:.4f} (SinKD ahead on {int((diff > 0).sum())}/{args.seeds} seeds, "
           f"tied on {int((diff == 0).sum())}); CE+KD+SinKD - CE+KD: {dm2:+.4f} ± {dh2:.4f}")
     if args.seeds < 2:
@@ -188,7 +181,7 @@ def main() -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, meth in enumerate(METHODS):
         v = np.array(acc[meth])
-        m, h = ci95(v)
+        m, h = mean_ci95(v)
         ax[0].errorbar(i, m, yerr=h, fmt="o", capsize=4, color="k")
         ax[0].scatter(np.full(len(v), i) + np.linspace(-0.12, 0.12, len(v)), v, s=14, alpha=0.7,
                       c=[f"C{s % 10}" for s in range(len(v))])
@@ -208,9 +201,7 @@ def main() -> None:
     ax[1].set_title("paired gains over cross-entropy")
     ax[1].legend(loc="best", ncol=2)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 
 from entrokit._optional import require
 
-__all__ = ["plot_demo", "plot_solve", "plot_convergence"]
+__all__ = ["plot_demo", "plot_solve", "plot_convergence", "save_figure", "mean_ci95"]
 
 
 def plot_convergence(ax, runs, *, title="Convergence") -> None:
@@ -85,3 +85,26 @@ def plot_solve(res, x, y, a, b, shape_x=None, shape_y=None):
     plot_convergence(axes[1], [(res.eps, res.method, res)])
     fig.tight_layout()
     return fig
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Write ``fig`` to ``path`` (creating its folder) and say where."""
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    print(f"wrote {path}")
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95 % Student-t interval over seeds (NaN for
+    fewer than two values)."""
+    import math
+
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
