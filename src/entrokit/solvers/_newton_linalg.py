@@ -175,7 +175,6 @@ class _SingleBlock:
 
     def __init__(self, sp: SparseCoupling):
         self.sp = sp
-        self.single = sp  # 1-D mv / rmv for the single-problem CG fast path
         self.shape = (1, *sp.shape)
 
     def mv(self, y):

@@ -472,17 +472,8 @@ def solve_bipartite(
         floor = torch.where(s > 0, s, torch.full_like(s, torch.finfo(p.dtype).tiny))
         inv_diag = 1.0 / torch.maximum(diag_S, floor)
 
-        single = getattr(block, "single", None)
-        if single is not None and active is None:
-            # one problem: 1-D products, no batch broadcasting per CG iteration
-            dc, dr = diag_cols[0], diag_rows[0]
-
-            def schur_mv(v):
-                v0 = v[0]
-                return torch.addcmul(-single.rmv(single.mv(v0) / dr), dc, v0).unsqueeze(0)
-        else:
-            def schur_mv(v):
-                return diag_cols * v - block.rmv(block.mv(v) / diag_rows)
+        def schur_mv(v):
+            return diag_cols * v - block.rmv(block.mv(v) / diag_rows)
 
         out = pcg(schur_mv, rhs, inv_diag, rtol=rtol, max_iter=max_iter or max(200, m), x0=y0, active=active)
         y, n_iter = out.x, out.n_iter
