@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from autograd_memory import saved_bytes
 from entrokit import ConvergenceWarning, InputError
 from entrokit.nn.attention import SinkhornAttention, sinkhorn_attention
 
@@ -248,18 +249,6 @@ def test_implicit_float32_gradient_close_to_float64():
     g32 = flat_grads(q32, k32, v32).double()
     assert float((g32 - g64).norm() / g64.norm()) < 1e-4
 
-
-def saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def test_implicit_memory_does_not_grow_with_iterations():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from autograd_memory import saved_bytes
 from entrokit import InputError
 from entrokit.nn.matching import OTMatching, log_optimal_transport
 
@@ -100,17 +101,6 @@ def test_bin_score_learns_and_implicit_matches_unroll():
     opt.step()
     assert float(layer.bin_score.detach()) != before
 
-
-def saved_bytes(fn):
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def test_implicit_memory_same_for_1_and_100_iterations():
