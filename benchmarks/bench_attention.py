@@ -40,12 +40,13 @@ import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import torch
+
+from entrokit.bench.common import machine_info
 
 E = 32
 METHODS = ("hand", "unroll", "implicit")
@@ -178,22 +179,6 @@ def join(values, spec=".0f"):
     return " / ".join(format(x, spec) for x in values)
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"Machine: {model}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
-    )
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="B*H=32, T=128 only; print, do not write")
@@ -238,7 +223,7 @@ def main():
     lines = [
         "# Benchmark: attention",
         "",
-        machine(),
+        f"Machine: {machine_info()}",
         f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"### Sinkhorn attention, forward + backward (float32, head dim {E}, self-attention T = S)",
