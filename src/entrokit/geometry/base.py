@@ -256,6 +256,18 @@ class Geometry:
         r, c = self.marginals(f, g, a, b, eps)
         return Pv, PTu, r, c
 
+    @property
+    def has_transport_cost_vjp(self) -> bool:
+        """Whether :meth:`transport_cost_vjp` has a closed form for this geometry."""
+        return False
+
+    def transport_cost_vjp(self, Pv, PTu, r, c) -> tuple[torch.Tensor, ...]:
+        r"""Gradient of :math:`\langle C, P\rangle` with respect to :meth:`tensors`, the plan
+        :math:`P` held fixed and given by its products ``Pv``, ``PTu`` and marginals ``r``,
+        ``c`` (:meth:`plan_operator`): no :math:`n m` autograd graph. Only geometries with
+        :attr:`has_transport_cost_vjp`; others are differentiated by autograd."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form transport-cost gradient.")
+
     def row_sum(self, v: torch.Tensor) -> torch.Tensor:
         """Sum of a per-row vector ``(B, n) -> (B,)`` (a sharded geometry all-reduces it)."""
         return v.sum(-1)

@@ -290,6 +290,20 @@ class PointCloud(Geometry):
             tc = tc + t
         return torch.cat(rows, -1), cols, tc
 
+    @property
+    def has_transport_cost_vjp(self) -> bool:
+        return self.cost == "sqeuclidean"
+
+    def transport_cost_vjp(self, Pv, PTu, r, c):
+        r"""For :math:`C_{ij} = \|x_i - y_j\|^2`: :math:`\nabla_{x_i} = 2(r_i x_i - (P y)_i)`,
+        :math:`\nabla_{y_j} = 2(c_j y_j - (P^\top x)_j)` (one plan product per coordinate)."""
+        if not self.has_transport_cost_vjp:
+            return super().transport_cost_vjp(Pv, PTu, r, c)
+        x, y = self.x.detach(), self.y.detach()
+        Py = torch.stack([Pv(y[..., k]) for k in range(y.shape[-1])], -1)
+        PTx = torch.stack([PTu(x[..., k]) for k in range(x.shape[-1])], -1)
+        return 2.0 * (r.unsqueeze(-1) * x - Py), 2.0 * (c.unsqueeze(-1) * y - PTx)
+
     def marginals(self, f, g, a, b, eps):
         dense = self._materialised()
         if dense is not None:

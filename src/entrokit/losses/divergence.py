@@ -100,47 +100,46 @@ def _dual_value(pb: OTProblem, f, g, eps: float) -> torch.Tensor:
     r"""The dual value :math:`\langle a,f\rangle + \langle b,g\rangle - \varepsilon(\sum P -
     \sum a\sum b)` at the (detached) potentials. Its partial derivatives are the exact
     gradient of :math:`\mathrm{OT}_\varepsilon` (envelope theorem, Feydy et al. Prop. 2):
-    :math:`\partial/\partial C = P`. Squared-Euclidean point clouds take them in closed form
-    from two plan products (:class:`_SqEuclideanValue`); other geometries by autograd
-    through one reduction."""
+    :math:`\partial/\partial C = P`. Geometries with a closed-form
+    :meth:`~entrokit.Geometry.transport_cost_vjp` get it from plan products
+    (:class:`_EnvelopeValue`); others by autograd through one reduction."""
     geom, a, b = pb.geometry, pb.a, pb.b
-    if isinstance(geom, PointCloud) and geom.cost == "sqeuclidean" and torch.is_grad_enabled():
-        return _SqEuclideanValue.apply(geom.x, geom.y, a, b, f, g, geom.detach(), eps)
+    if torch.is_grad_enabled() and geom.has_transport_cost_vjp:
+        return _EnvelopeValue.apply(a, b, f, g, geom.detach(), eps, *geom.tensors())
     mass = geom.plan_reduce(f, g, a, b, eps)[0].sum(-1)
     return geom.row_sum(a * f) + geom.col_sum(b * g) - eps * (mass - a.sum(-1) * b.sum(-1))
 
 
-class _SqEuclideanValue(torch.autograd.Function):
-    r"""Dual value for :math:`C_{ij} = \|x_i - y_j\|^2` with its envelope gradient
-    :math:`\nabla_{x_i} = 2(r_i x_i - (P y)_i)`, :math:`\nabla_{y_j} = 2(c_j y_j - (P^\top
-    x)_j)`, :math:`\partial_{a_i} = f_i - \varepsilon r_i / a_i + \varepsilon\sum b` (and
-    symmetrically for ``b``), where :math:`r, c` are the plan's marginals: the plan is
-    applied, never differentiated through (no :math:`n m` autograd graph)."""
+class _EnvelopeValue(torch.autograd.Function):
+    r"""Dual value with its envelope gradient: the geometry's
+    :meth:`~entrokit.Geometry.transport_cost_vjp` for its tensors, and
+    :math:`\partial_{a_i} = f_i - \varepsilon r_i / a_i + \varepsilon\sum b` (symmetrically
+    for ``b``), where :math:`r, c` are the plan's marginals: the plan is applied, never
+    differentiated through (no :math:`n m` autograd graph)."""
 
     @staticmethod
-    def forward(ctx, x, y, a, b, f, g, geom, eps):
-        Pv, PTu, r, c = geom.plan_operator(f, g, a.detach(), b.detach(), eps)
+    def forward(ctx, a, b, f, g, geom, eps, *geom_tensors):
         a_, b_ = a.detach(), b.detach()
+        Pv, PTu, r, c = geom.plan_operator(f, g, a_, b_, eps)
         value = (a_ * f).sum(-1) + (b_ * g).sum(-1) - eps * (r.sum(-1) - a_.sum(-1) * b_.sum(-1))
-        Py = torch.stack([Pv(y[..., k].detach()) for k in range(y.shape[-1])], -1) if ctx.needs_input_grad[0] else None
-        PTx = torch.stack([PTu(x[..., k].detach()) for k in range(x.shape[-1])], -1) if ctx.needs_input_grad[1] else None
+        need = ctx.needs_input_grad
+        ctx.cost_grads = geom.transport_cost_vjp(Pv, PTu, r, c) if any(need[6:]) else None
         # r_i / a_i and c_j / b_j without dividing by zero weights: exp((f - T f)/eps)
-        ra = torch.exp((f - geom.softmin(g, b_.log(), eps, axis=1)) / eps) if ctx.needs_input_grad[2] else None
-        cb = torch.exp((g - geom.softmin(f, a_.log(), eps, axis=0)) / eps) if ctx.needs_input_grad[3] else None
-        ctx.save_for_backward(x.detach(), y.detach(), a_, b_, f, g, r, c)
-        ctx.extras = (Py, PTx, ra, cb, eps)
+        ra = torch.exp((f - geom.softmin(g, b_.log(), eps, axis=1)) / eps) if need[0] else None
+        cb = torch.exp((g - geom.softmin(f, a_.log(), eps, axis=0)) / eps) if need[1] else None
+        ga = f - eps * ra + eps * b_.sum(-1, keepdim=True) if ra is not None else None
+        gb = g - eps * cb + eps * a_.sum(-1, keepdim=True) if cb is not None else None
+        ctx.weight_grads = (ga, gb)
         return value
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, a, b, f, g, r, c = ctx.saved_tensors
-        Py, PTx, ra, cb, eps = ctx.extras
         w = grad.unsqueeze(-1)
-        gx = (2.0 * w.unsqueeze(-1) * (r.unsqueeze(-1) * x - Py)) if Py is not None else None
-        gy = (2.0 * w.unsqueeze(-1) * (c.unsqueeze(-1) * y - PTx)) if PTx is not None else None
-        ga = w * (f - eps * ra + eps * b.sum(-1, keepdim=True)) if ra is not None else None
-        gb = w * (g - eps * cb + eps * a.sum(-1, keepdim=True)) if cb is not None else None
-        return gx, gy, ga, gb, None, None, None, None
+        ga, gb = (None if t is None else w * t for t in ctx.weight_grads)
+        cost = [None] * (len(ctx.needs_input_grad) - 6)
+        if ctx.cost_grads is not None:
+            cost = [grad.reshape(-1, *[1] * (t.dim() - 1)) * t for t in ctx.cost_grads]
+        return (ga, gb, None, None, None, None, *cost)
 
 
 def _self_problem(geom: Geometry, w: torch.Tensor, pb_xy: OTProblem, check_inputs: bool) -> OTProblem:
