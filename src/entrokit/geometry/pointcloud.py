@@ -1,7 +1,19 @@
-r"""Costs computed from two point clouds, ``C_ij = c(x_i, y_j)``, dense or in tiles."""
+r"""Costs computed from two point clouds, ``C_ij = c(x_i, y_j)``, dense or online (in tiles).
+
+**When the cost is materialised.** A :class:`PointCloud` stores its cost matrix only when
+the dense path fits a memory budget: the dense solvers hold about
+:data:`DENSE_COPIES` matrices of ``B n m`` entries (cost, kernel, plan and a temporary), so
+the geometry goes online when ``DENSE_COPIES * B * n * m * itemsize`` exceeds the budget.
+The budget is :func:`memory_budget` (2 GiB unless set by :func:`set_memory_budget`, the
+``ENTROKIT_MEMORY_BUDGET`` environment variable in bytes, or per geometry with
+``memory_budget=``). ``online=True``/``False`` overrides the rule. Every solver, the
+divergences and ``entrokit solve`` build their point clouds through this class, so they
+share the rule.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Literal
 
 import torch
@@ -9,23 +21,60 @@ from torch.utils.checkpoint import checkpoint
 
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_same_dtype_device
-from entrokit.geometry.base import Geometry, logsumexp_pair, plan_block
+from entrokit.geometry import _online
+from entrokit.geometry.base import Geometry, plan_block
 from entrokit.geometry.dense import DenseCost
 
-__all__ = ["PointCloud"]
+__all__ = ["PointCloud", "memory_budget", "set_memory_budget", "DENSE_COPIES"]
 
-CostName = Literal["sqeuclidean", "euclidean"]
+CostName = Literal["sqeuclidean", "euclidean", "pnorm"]
 CostFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Keep tiles of the online cost at about this many entries (64 MiB in float64).
-_DEFAULT_CHUNK_ENTRIES = 1 << 23
+# Keep row chunks of the online plan reductions at about this many entries.
+_DEFAULT_CHUNK_ENTRIES = 1 << 22
+# The dense path holds about this many n x m matrices at once.
+DENSE_COPIES = 4
+_DEFAULT_BUDGET = 2 << 30
+_budget: int | None = None
+
+
+def memory_budget() -> int:
+    """Bytes the dense path of a :class:`PointCloud` may use (module docstring)."""
+    if _budget is not None:
+        return _budget
+    env = os.environ.get("ENTROKIT_MEMORY_BUDGET")
+    if env:
+        try:
+            value = int(float(env))
+        except ValueError:
+            raise InputError(f"ENTROKIT_MEMORY_BUDGET must be a number of bytes, got {env!r}.") from None
+        if value > 0:
+            return value
+        raise InputError(f"ENTROKIT_MEMORY_BUDGET must be positive, got {env!r}.")
+    return _DEFAULT_BUDGET
+
+
+def set_memory_budget(nbytes: int | None) -> None:
+    """Set the process-wide budget in bytes (``None`` restores the default/environment)."""
+    global _budget
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or nbytes <= 0):
+        raise InputError(f"the memory budget must be a positive number of bytes or None, got {nbytes!r}.")
+    _budget = None if nbytes is None else int(nbytes)
+
+
+def _centred(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both clouds shifted by the midpoint of their means (translation-invariant costs
+    only): keeps the matmul expansion's cancellation at the clouds' radius."""
+    c = 0.5 * (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)).detach()
+    return x - c, y - c
 
 
 def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """||x_i - y_j||^2 for (B, n, d), (B, m, d) -> (B, n, m), clamped at 0."""
+    x, y = _centred(x, y)
     xx = (x * x).sum(-1, keepdim=True)
     yy = (y * y).sum(-1).unsqueeze(-2)
-    d = xx + yy - 2.0 * torch.matmul(x, y.transpose(-1, -2))
+    d = torch.baddbmm(xx + yy, x, y.transpose(-1, -2), alpha=-2.0) if x.dim() == 3 else xx + yy - 2.0 * torch.matmul(x, y.transpose(-1, -2))
     return d.clamp_min(0.0)
 
 
@@ -44,11 +93,39 @@ class _SafeSqrt(torch.autograd.Function):
         return torch.where(y > 0, gy / (2 * y).clamp_min(torch.finfo(y.dtype).tiny), torch.zeros_like(y))
 
 
+def _coordinate_sum(x: torch.Tensor, y: torch.Tensor, term) -> torch.Tensor:
+    """sum_k term(x_ik - y_jk), one coordinate at a time (no (n, m, d) temporary)."""
+    out = None
+    for k in range(x.shape[-1]):
+        t = term(x[..., :, k].unsqueeze(-1) - y[..., :, k].unsqueeze(-2))
+        out = t if out is None else out + t
+    return out
+
+
 def _euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return _SafeSqrt.apply(_sq_dist(x, y))
+    """||x_i - y_j|| from coordinate differences (no cancellation near coincident points)."""
+    return _SafeSqrt.apply(_coordinate_sum(x, y, lambda t: t * t))
+
+
+class _PNorm:
+    r""":math:`\sum_k |x_k - y_k|^p` (the p-th power of the :math:`\ell_p` distance)."""
+
+    def __init__(self, p: float):
+        self.p = p
+        self.__name__ = f"pnorm(p={p:g})"
+
+    def __call__(self, x, y):
+        p = self.p
+        if p == 1.0:
+            return _coordinate_sum(x, y, torch.abs)
+        if p == 2.0:
+            return _coordinate_sum(x, y, lambda t: t * t)
+        # |t|^p has gradient p |t|^(p-1) sign(t), finite at 0 for p >= 1
+        return _coordinate_sum(x, y, lambda t: t.abs().pow(p))
 
 
 _COSTS: dict[str, CostFn] = {"sqeuclidean": _sq_dist, "euclidean": _euclidean}
+_KERNELS = ("auto", "compile", "eager")
 
 
 def _versions(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
@@ -67,12 +144,22 @@ class PointCloud(Geometry):
         y: target points ``[..., m, d]`` (the same batch axes as ``x``).
         cost: ``"sqeuclidean"`` (:math:`\|x-y\|^2`, the POT/OTT convention; GeomLoss uses
             half of it), ``"euclidean"`` (:math:`\|x-y\|`, with a zero gradient where points
-            coincide) or a callable ``c(x, y)`` mapping ``[B, n', d], [B, m', d]`` to a
-            floating ``[B, n', m']``.
-        chunk_size: when given, every reduction is computed on tiles of at most
-            ``chunk_size`` rows (or columns), so the full cost matrix is never stored:
-            memory is :math:`O((n+m)\cdot \text{chunk\_size})`. ``None`` materialises the
-            cost once (fastest for problems that fit in memory).
+            coincide), ``"pnorm"`` (:math:`\sum_k |x_k-y_k|^p`, give ``p >= 1``) or a
+            callable ``c(x, y)`` mapping ``[B, n', d], [B, m', d]`` to a floating
+            ``[B, n', m']`` (evaluated on tiles when online).
+        p: the exponent of ``cost="pnorm"``.
+        online: ``True`` computes every reduction on tiles, never storing the ``n x m``
+            cost (memory :math:`O(n+m)` plus a few cache-sized tiles); ``False``
+            materialises the cost once (fastest when it fits); ``None`` (default) decides
+            by the memory budget (module docstring).
+        chunk_size: rows per tile of the online reductions (implies ``online=True``;
+            default: tiles of about a million entries).
+        memory_budget: bytes the dense path may use for this geometry (default
+            :func:`memory_budget`).
+        kernel: online tile kernel: ``"compile"`` (``torch.compile``; fastest, compiles
+            once per process), ``"eager"`` (plain batched matmuls) or ``"auto"``
+            (compile for passes of at least ``2**26`` entries); see
+            :mod:`entrokit.geometry._online`.
     """
 
     def __init__(
@@ -81,7 +168,11 @@ class PointCloud(Geometry):
         y: torch.Tensor,
         cost: CostName | CostFn = "sqeuclidean",
         *,
+        p: float | None = None,
+        online: bool | None = None,
         chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        kernel: str = "auto",
     ):
         x = as_float_tensor(x, "x")
         y = as_float_tensor(y, "y")
@@ -101,11 +192,18 @@ class PointCloud(Geometry):
                 f"batch axes of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}."
             )
         if isinstance(cost, str):
-            if cost not in _COSTS:
+            if cost == "pnorm":
+                if p is None or isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
+                    raise InputError(f"cost='pnorm' needs an exponent p >= 1 (p=1: Manhattan); got p={p!r}.")
+                self._cost_fn = _PNorm(float(p))
+            elif cost in _COSTS:
+                if p is not None:
+                    raise InputError(f"p is the exponent of cost='pnorm'; it is meaningless for cost={cost!r}.")
+                self._cost_fn = _COSTS[cost]
+            else:
                 raise InputError(
-                    f"cost must be 'sqeuclidean', 'euclidean' or a callable c(x, y); got {cost!r}."
+                    f"cost must be 'sqeuclidean', 'euclidean', 'pnorm' or a callable c(x, y); got {cost!r}."
                 )
-            self._cost_fn = _COSTS[cost]
         elif callable(cost):
             self._cost_fn = cost
         else:
@@ -114,14 +212,35 @@ class PointCloud(Geometry):
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise InputError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-        self.x, self.y, self.cost = x, y, cost
-        self.chunk_size = chunk_size
+        if online not in (None, True, False):
+            raise InputError(f"online must be True, False or None (automatic), got {online!r}.")
+        if online is False and chunk_size is not None:
+            raise InputError("chunk_size sets the tiles of the online path; it contradicts online=False.")
+        if memory_budget is not None and (
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0
+        ):
+            raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
+        if kernel not in _KERNELS:
+            raise InputError(f"kernel must be one of {_KERNELS}, got {kernel!r}.")
+        self.x, self.y, self.cost, self.p = x, y, cost, p
+        self.chunk_size, self.memory_budget, self.kernel = chunk_size, memory_budget, kernel
+        if online is None:
+            online = chunk_size is not None or self.dense_bytes() > (memory_budget or globals()["memory_budget"]())
+        self._online = bool(online)
+
+    def dense_bytes(self) -> int:
+        """Estimated peak bytes of the dense path: ``DENSE_COPIES * B * n * m * itemsize``."""
+        n, m = self.shape
+        B = 1
+        for s in self.batch_shape:
+            B *= s
+        return DENSE_COPIES * B * n * m * self.x.element_size()
 
     def __repr__(self) -> str:
         c = self.cost if isinstance(self.cost, str) else getattr(self.cost, "__name__", "callable")
         return (
             f"PointCloud(n={self.shape[0]}, m={self.shape[1]}, d={self.x.shape[-1]}, cost={c!r}, "
-            f"chunk_size={self.chunk_size}, batch={self.batch_shape})"
+            f"online={self.is_online}, batch={self.batch_shape})"
         )
 
     @property
@@ -142,10 +261,11 @@ class PointCloud(Geometry):
 
     @property
     def is_online(self) -> bool:
-        return self.chunk_size is not None
+        return self._online
 
     def _new(self, x, y) -> PointCloud:
-        return PointCloud(x, y, self.cost, chunk_size=self.chunk_size)
+        return type(self)(x, y, self.cost, p=self.p, online=self._online, chunk_size=self.chunk_size,
+                          memory_budget=self.memory_budget, kernel=self.kernel)
 
     def self_geometries(self) -> tuple[PointCloud, PointCloud]:
         """``(PointCloud(x, x), PointCloud(y, y))`` with the same cost and tiling."""
@@ -206,12 +326,6 @@ class PointCloud(Geometry):
         for s in range(0, n, cs):
             yield s, min(s + cs, n)
 
-    def _col_chunks(self):
-        n, m = self.shape
-        cs = self.chunk_size or max(1, _DEFAULT_CHUNK_ENTRIES // max(n, 1))
-        for s in range(0, m, cs):
-            yield s, min(s + cs, m)
-
     def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_online:
             with torch.no_grad():
@@ -244,22 +358,29 @@ class PointCloud(Geometry):
                 cached = self.__dict__["_dense"] = (version, DenseCost(self.cost_matrix()))
         return cached[1]
 
+    def _tile_cost(self, transpose: bool):
+        """The cost of a tile for :mod:`entrokit.geometry._online` (``None``: squared
+        Euclidean by matmul expansion); ``transpose`` for reductions over the rows."""
+        if self.cost == "sqeuclidean":
+            return None
+        if not transpose or isinstance(self.cost, str):  # the named costs are symmetric
+            return self._c
+        return lambda y, x: self._c(x, y).transpose(-1, -2)
+
     def lse(self, h, log_w, eps, axis):
         dense = self._materialised()
         if dense is not None:
             return dense.lse(h, log_w, eps, axis)
-        hw = h + eps * log_w
-        if axis == 1:
-            out = []
-            for s, e in self._row_chunks():
-                z = (hw.unsqueeze(-2) - self._c(self.x[..., s:e, :], self.y)) / eps
-                out.append(logsumexp_pair(z, dim=-1, overwrite=True))
-            return torch.cat([p[0] for p in out], -1), torch.cat([p[1] for p in out], -1)
-        pairs = []
-        for s, e in self._col_chunks():
-            z = (hw.unsqueeze(-1) - self._c(self.x, self.y[..., s:e, :])) / eps
-            pairs.append(logsumexp_pair(z, dim=-2, overwrite=True))
-        return torch.cat([p[0] for p in pairs], -1), torch.cat([p[1] for p in pairs], -1)
+        rows, cols = (self.x, self.y) if axis == 1 else (self.y, self.x)
+        B, n, m = rows.shape[0] if rows.dim() == 3 else 1, rows.shape[-2], cols.shape[-2]
+        compiled = _online.use_compiled(self.kernel, B * n * m)
+        lse = _online.online_lse(rows, cols, h + eps * log_w, eps, self._tile_cost(axis == 0), compiled,
+                                 self.chunk_size)
+        # as a partial pair: M = lse (constant), S = exp(lse - M) = 1 carrying the gradient
+        mx = lse.detach()
+        empty = mx == -float("inf")
+        s = torch.where(empty, torch.zeros_like(lse), torch.exp(lse - mx.masked_fill(empty, 0.0)))
+        return mx, s
 
     def _reduce_chunk(self, xs, y, fs, g, as_, b, eps, accumulate, round_to=None):
         C = self._c(xs, y)

@@ -1,0 +1,249 @@
+"""The online (tiled) point-cloud path: equal to the dense path, O(n+m) memory, the
+automatic rule, the compiled kernel and CUDA."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import entrokit
+from entrokit import InputError, PointCloud
+from entrokit.geometry import _online
+from entrokit.geometry.pointcloud import memory_budget, set_memory_budget
+
+F64 = torch.float64
+
+
+def clouds(n=60, m=45, d=3, batch=(), dtype=F64, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(*batch, n, d, generator=g, dtype=dtype) + shift
+    y = 0.8 * torch.rand(*batch, m, d, generator=g, dtype=dtype) + 0.1 + shift
+    return x, y
+
+
+def uniform(n, batch=(), dtype=F64):
+    return torch.full((*batch, n), 1.0 / n, dtype=dtype)
+
+
+COSTS = [
+    ("sqeuclidean", {}),
+    ("euclidean", {}),
+    ("pnorm", {"p": 1.0}),
+    ("pnorm", {"p": 1.5}),
+    (lambda u, v: torch.cdist(u, v) ** 3, {}),
+]
+IDS = ["sqeuclidean", "euclidean", "pnorm1", "pnorm1.5", "callable"]
+
+
+@pytest.mark.parametrize("cost,kw", COSTS, ids=IDS)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_online_softmin_equals_dense(cost, kw, axis):
+    x, y = clouds(batch=(2,))
+    dense = PointCloud(x, y, cost, online=False, **kw).flatten_batch()
+    online = PointCloud(x, y, cost, chunk_size=7, **kw).flatten_batch()
+    assert online.is_online and not dense.is_online
+    size = 45 if axis == 1 else 60
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, size, generator=g, dtype=F64)
+    log_w = torch.log(torch.rand(2, size, generator=g, dtype=F64))
+    log_w[:, 3] = -float("inf")  # a zero weight drops out exactly
+    for eps in (1.0, 0.05, 1e-3):
+        torch.testing.assert_close(online.softmin(h, log_w, eps, axis), dense.softmin(h, log_w, eps, axis),
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cost,kw", COSTS, ids=IDS)
+def test_online_sinkhorn_potentials_and_gradients_equal_dense(cost, kw):
+    x, y = clouds(n=50, m=40)
+    a, b = uniform(50), uniform(40)
+    out = []
+    for online in (False, True):
+        xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+        res = entrokit.sinkhorn(a, b, PointCloud(xg, yg, cost, online=online, **kw), 0.05, tol=1e-11)
+        assert bool(res.converged)
+        out.append((res.f, res.g, res.transport_cost, *torch.autograd.grad(res.value, (xg, yg))))
+    for dense_t, online_t in zip(*out):
+        torch.testing.assert_close(online_t, dense_t, rtol=0, atol=1e-8)
+
+
+SMOOTH = [COSTS[0], COSTS[3], COSTS[4]]  # differentiable everywhere (euclidean, p=1: not at 0)
+
+
+@pytest.mark.parametrize("cost,kw", SMOOTH, ids=[IDS[0], IDS[3], IDS[4]])
+def test_online_softmin_gradcheck(cost, kw):
+    x, y = clouds(n=9, m=7, d=2)
+    x.requires_grad_()
+    y.requires_grad_()
+    h = torch.randn(1, 7, dtype=F64, requires_grad=True)
+    log_w = torch.log(uniform(7, (1,)))
+
+    def fn(x, y, h):
+        return PointCloud(x[None], y[None], cost, chunk_size=4, **kw).softmin(h, log_w, 0.3, axis=1)
+
+    assert torch.autograd.gradcheck(fn, (x, y, h))
+
+    def fn0(x, y, h0):
+        return PointCloud(x[None], y[None], cost, chunk_size=4, **kw).softmin(h0, log_w0, 0.3, axis=0)
+
+    log_w0 = torch.log(uniform(9, (1,)))
+    h0 = torch.randn(1, 9, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn0, (x, y, h0))
+
+
+def test_compiled_kernel_equals_eager():
+    x, y = clouds(n=300, m=200, dtype=torch.float32)
+    h = torch.randn(1, 200)
+    log_w = torch.log(uniform(200, (1,), torch.float32))
+    eager = PointCloud(x, y, online=True, kernel="eager").flatten_batch().softmin(h, log_w, 0.02, 1)
+    compiled = PointCloud(x, y, online=True, kernel="compile").flatten_batch().softmin(h, log_w, 0.02, 1)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_kernel_rule():
+    assert not _online.use_compiled("eager", 1 << 40)
+    assert _online.use_compiled("compile", 1)
+    assert not _online.use_compiled("auto", _online.COMPILE_MIN_ENTRIES - 1)
+
+
+def test_float32_far_from_origin_and_wide_tiles():
+    # centring keeps the matmul expansion accurate far from the origin
+    x, y = clouds(n=80, m=70, dtype=torch.float32, shift=1000.0)
+    a, b = uniform(80, dtype=torch.float32), uniform(70, dtype=torch.float32)
+    res = entrokit.sinkhorn(a, b, PointCloud(x, y, online=True), 0.01, tol=1e-4)
+    assert bool(res.converged)
+    ref = entrokit.sinkhorn(a.double(), b.double(), PointCloud((x - 1000).double(), (y - 1000).double()), 0.01, tol=1e-7)
+    assert abs(float(res.transport_cost) - float(ref.transport_cost)) < 1e-4
+    # a spread that float32 exponents cannot resolve at this eps switches the tiles to float64
+    assert not _online.needs_wide_tiles(x - x.mean(0), y - x.mean(0), 0.01)
+    assert _online.needs_wide_tiles(100 * x - 100 * x.mean(0), 100 * y - 100 * x.mean(0), 1e-3)
+    xw, yw = 3 * (x - 1000), 3 * (y - 1000)
+    assert _online.needs_wide_tiles(xw - xw.mean(0), yw - xw.mean(0), 0.01)
+    res = entrokit.sinkhorn(a, b, PointCloud(xw, yw, online=True), 0.01, tol=1e-3)
+    ref = entrokit.sinkhorn(a.double(), b.double(), PointCloud(xw.double(), yw.double()), 0.01, tol=1e-7)
+    assert bool(res.converged)
+    assert abs(float(res.transport_cost) - float(ref.transport_cost)) < 1e-3 * float(ref.transport_cost)
+
+
+def test_automatic_rule_picks_online_above_the_budget():
+    x, y = clouds(n=100, m=80)
+    need = PointCloud(x, y, online=False).dense_bytes()
+    assert need == 4 * 100 * 80 * 8
+    assert not PointCloud(x, y, memory_budget=need).is_online
+    assert PointCloud(x, y, memory_budget=need - 1).is_online
+    try:
+        set_memory_budget(need - 1)
+        assert memory_budget() == need - 1
+        assert PointCloud(x, y).is_online
+        a, b = uniform(100), uniform(80)
+        # the solvers and losses follow the same rule
+        res = entrokit.solve(a, b, PointCloud(x, y), eps=0.1)
+        assert res.method == "sinkhorn"
+    finally:
+        set_memory_budget(None)
+    assert not PointCloud(x, y).is_online
+
+
+def test_memory_budget_from_environment(monkeypatch):
+    monkeypatch.setenv("ENTROKIT_MEMORY_BUDGET", "1000")
+    x, y = clouds(n=20, m=20)
+    assert memory_budget() == 1000 and PointCloud(x, y).is_online
+    monkeypatch.setenv("ENTROKIT_MEMORY_BUDGET", "lots")
+    with pytest.raises(InputError, match="ENTROKIT_MEMORY_BUDGET must be a number of bytes"):
+        memory_budget()
+
+
+_RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch, entrokit
+    torch.set_num_threads(1)
+    n = int(sys.argv[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, generator=g); y = torch.rand(n, 3, generator=g)
+    a = torch.full((n,), 1.0 / n); b = torch.full((n,), 1.0 / n)
+    geom = entrokit.PointCloud(x, y, online=True, kernel="eager")
+    res = entrokit.sinkhorn(a, b, geom, eps=0.5, max_iter=3, tol=1e-12)
+    print(json.dumps({"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+def _peak_rss_kib(n: int) -> int:
+    import warnings
+
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _RSS_SCRIPT, str(n)], capture_output=True,
+                         text=True, timeout=300, check=True)
+    warnings.filterwarnings("ignore")
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_kib"]
+
+
+def test_online_memory_does_not_grow_with_n_times_m():
+    small, large = _peak_rss_kib(2_000), _peak_rss_kib(16_000)
+    grown_mib = (large - small) / 1024
+    dense_mib = 16_000**2 * 4 / 2**20  # one float32 cost matrix: 977 MiB
+    assert grown_mib < 64, (small, large)
+    assert grown_mib < dense_mib / 15
+
+
+def test_bad_inputs():
+    x, y = clouds(n=5, m=4)
+    with pytest.raises(InputError, match="needs an exponent p >= 1"):
+        PointCloud(x, y, "pnorm")
+    with pytest.raises(InputError, match="needs an exponent p >= 1"):
+        PointCloud(x, y, "pnorm", p=0.5)
+    with pytest.raises(InputError, match="meaningless for cost='sqeuclidean'"):
+        PointCloud(x, y, p=2)
+    with pytest.raises(InputError, match="contradicts online=False"):
+        PointCloud(x, y, online=False, chunk_size=3)
+    with pytest.raises(InputError, match="online must be True, False or None"):
+        PointCloud(x, y, online="yes")
+    with pytest.raises(InputError, match="memory_budget must be a positive number"):
+        PointCloud(x, y, memory_budget=0)
+    with pytest.raises(InputError, match="kernel must be one of"):
+        PointCloud(x, y, kernel="fast")
+    with pytest.raises(InputError, match="memory budget must be a positive number"):
+        set_memory_budget(-1)
+    with pytest.raises(InputError, match="same point dimension"):
+        PointCloud(x, torch.rand(4, 2, dtype=F64), online=True)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(InputError, match="x contains NaN"):
+        entrokit.sinkhorn(uniform(5), uniform(4), PointCloud(bad, y, online=True), 0.1)
+    huge = x.clone().float() * 1e30
+    with pytest.raises(InputError, match="cost contains"):
+        entrokit.sinkhorn(uniform(5, dtype=torch.float32), uniform(4, dtype=torch.float32),
+                          PointCloud(huge, y.float(), online=True), 0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("online", [False, True])
+def test_cuda_matches_cpu(online):
+    x, y = clouds(n=500, m=400)
+    a, b = uniform(500), uniform(400)
+    cpu = entrokit.sinkhorn(a, b, PointCloud(x, y, online=online), 0.02, tol=1e-9)
+    gpu = entrokit.sinkhorn(a.cuda(), b.cuda(), PointCloud(x.cuda(), y.cuda(), online=online), 0.02, tol=1e-9)
+    assert gpu.f.device.type == "cuda" and bool(gpu.converged)
+    torch.testing.assert_close(gpu.f.cpu(), cpu.f, rtol=0, atol=1e-8)
+    torch.testing.assert_close(gpu.transport_cost.cpu(), cpu.transport_cost, rtol=0, atol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fixed_iterations_do_not_sync():
+    from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
+    from entrokit.problem import make_problem
+
+    x, y = clouds(n=256, m=256, dtype=torch.float32)
+    x, y = x.cuda(), y.cuda()
+    pb = make_problem(uniform(256, dtype=torch.float32).cuda(), uniform(256, dtype=torch.float32).cuda(),
+                      PointCloud(x, y, online=True, kernel="eager"), check_inputs=False).with_batch()
+    opts = SinkhornOptions(max_iter=20, fixed_iter=True)
+    sinkhorn_problem(pb, 0.05, opts)  # warm up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sinkhorn_problem(pb, 0.05, opts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
