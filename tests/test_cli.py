@@ -34,6 +34,23 @@ def test_solve_points_writes_npz_and_plot(tmp_path, capsys):
     assert fig.stat().st_size > 1000
 
 
+def test_solve_goes_online_above_the_memory_budget(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    src = _points(tmp_path, "s", rng.normal(size=(40, 2)))
+    tgt = _points(tmp_path, "t", rng.normal(size=(30, 2)))
+    out = tmp_path / "o.npz"
+    assert main(["solve", src, tgt, "--eps", "0.5", "--quiet"]) == 0
+    dense = capsys.readouterr().out
+    assert "cost=dense" in dense
+    # 40 x 30 float64 entries, 4 copies: 38400 bytes; a smaller budget goes online
+    assert main(["solve", src, tgt, "--eps", "0.5", "--quiet", "--memory-budget", "38399", "--out", str(out)]) == 0
+    online = capsys.readouterr().out
+    assert "cost=online" in online and "converged=True" in online
+    assert "plan" not in np.load(out).files
+    value = lambda text: float(text.split("transport_cost=")[1].split()[0])  # noqa: E731
+    assert abs(value(online) - value(dense)) < 1e-6
+
+
 def test_solve_weighted_and_images(tmp_path, capsys):
     import matplotlib.pyplot as plt
 

@@ -142,7 +142,7 @@ def test_pointcloud_validation():
     x = torch.randn(4, 2, dtype=torch.float64)
     with pytest.raises(InputError, match="same point dimension"):
         PointCloud(x, torch.randn(3, 3, dtype=torch.float64))
-    with pytest.raises(InputError, match="cost must be 'sqeuclidean', 'euclidean' or a callable"):
+    with pytest.raises(InputError, match="cost must be 'sqeuclidean', 'euclidean', 'pnorm' or a callable"):
         PointCloud(x, x, cost="cosine")
     with pytest.raises(InputError, match="chunk_size must be a positive int"):
         PointCloud(x, x, chunk_size=0)

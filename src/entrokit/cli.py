@@ -167,8 +167,8 @@ def cmd_solve(args) -> int:
     if x.shape[1] != y.shape[1]:
         raise CLIError(f"source points have dimension {x.shape[1]} but target points have {y.shape[1]}")
     n, m = x.shape[0], y.shape[0]
-    chunk = None if n * m <= args.max_dense else max(1, (1 << 22) // m)
-    geom = PointCloud(x, y, args.cost, chunk_size=chunk)
+    # the library's rule: online when the dense path would exceed the memory budget
+    geom = PointCloud(x, y, args.cost, memory_budget=args.memory_budget)
     bar, callback = _progress(args.quiet, "sinkhorn")
     opts = {"callback": callback} if args.method in ("sinkhorn", "auto") else {}
     t0 = time.perf_counter()
@@ -185,7 +185,8 @@ def cmd_solve(args) -> int:
     print(
         f"method={res.method} eps={args.eps:g} n={n} m={m} iterations={int(res.n_iter)} "
         f"converged={bool(res.converged)} marginal_error={float(res.marginal_error):.3e} "
-        f"transport_cost={float(res.transport_cost):.8g} value={float(res.value):.8g} time={elapsed:.3f}s"
+        f"transport_cost={float(res.transport_cost):.8g} value={float(res.value):.8g} time={elapsed:.3f}s "
+        f"cost={'online' if geom.is_online else 'dense'}"
     )
     if args.out:
         payload = dict(
@@ -193,7 +194,7 @@ def cmd_solve(args) -> int:
             marginal_error=float(res.marginal_error), n_iter=int(res.n_iter), converged=bool(res.converged),
             eps=args.eps, method=res.method, errors=res.errors.numpy(), a=a.numpy(), b=b.numpy(),
         )
-        if n * m <= args.max_dense:
+        if not geom.is_online:
             payload["plan"] = res.plan.numpy()
         try:
             np.savez(args.out, **payload)
@@ -336,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-iter", type=int, default=None)
     s.add_argument("--weighted", action="store_true", help="last column of point files holds weights")
     s.add_argument("--invert", action="store_true", help="images: dark pixels carry the mass")
-    s.add_argument("--max-dense", type=int, default=1 << 24, help="above n*m entries the cost is never materialised")
+    s.add_argument("--memory-budget", type=float, default=None, metavar="BYTES",
+                   help="bytes the dense cost may use; above it the cost is computed online in tiles "
+                        "(default: entrokit.geometry.memory_budget(), 2 GiB or $ENTROKIT_MEMORY_BUDGET)")
     s.add_argument("--out", help="write potentials, value, errors (and the plan when small) to this .npz")
     s.add_argument("--plot", help="write a figure of the measures, the matching and the convergence curve")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

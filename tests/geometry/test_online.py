@@ -117,10 +117,11 @@ def test_float32_far_from_origin_and_wide_tiles():
     ref = entrokit.sinkhorn(a.double(), b.double(), PointCloud((x - 1000).double(), (y - 1000).double()), 0.01, tol=1e-7)
     assert abs(float(res.transport_cost) - float(ref.transport_cost)) < 1e-4
     # a spread that float32 exponents cannot resolve at this eps switches the tiles to float64
-    assert not _online.needs_wide_tiles(x - x.mean(0), y - x.mean(0), 0.01)
-    assert _online.needs_wide_tiles(100 * x - 100 * x.mean(0), 100 * y - 100 * x.mean(0), 1e-3)
+    assert not _online.needs_wide_tiles(_online.radius_sq(x, y), 0.01, torch.float32)
+    assert _online.needs_wide_tiles(_online.radius_sq(100 * x, 100 * y), 1e-3, torch.float32)
+    assert not _online.needs_wide_tiles(_online.radius_sq(100 * x, 100 * y), 1e-3, torch.float64)
     xw, yw = 3 * (x - 1000), 3 * (y - 1000)
-    assert _online.needs_wide_tiles(xw - xw.mean(0), yw - xw.mean(0), 0.01)
+    assert _online.needs_wide_tiles(_online.radius_sq(xw, yw), 0.01, torch.float32)
     res = entrokit.sinkhorn(a, b, PointCloud(xw, yw, online=True), 0.01, tol=1e-3)
     ref = entrokit.sinkhorn(a.double(), b.double(), PointCloud(xw.double(), yw.double()), 0.01, tol=1e-7)
     assert bool(res.converged)
@@ -233,8 +234,8 @@ def test_cuda_matches_cpu(online):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_fixed_iterations_do_not_sync():
-    from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
     from entrokit.problem import make_problem
+    from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
 
     x, y = clouds(n=256, m=256, dtype=torch.float32)
     x, y = x.cuda(), y.cuda()

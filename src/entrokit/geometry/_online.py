@@ -55,45 +55,67 @@ import torch
 
 from entrokit.geometry.base import combine_lse, exp_floor
 
-# Tiles hold about this many entries (4 MiB in float32: they stay in cache).
-TILE_ENTRIES = 1 << 20
+# Tiles hold about this many entries: 4 MiB in float32 on CPU (they stay in cache); on a
+# GPU, 256 MiB (enough work per launch to hide the launch latency).
+TILE_ENTRIES = {"cpu": 1 << 20, "cuda": 1 << 26}
 # Column blocks are at most this wide (the row block is TILE_ENTRIES // width).
-MAX_TILE_COLS = 4096
+MAX_TILE_COLS = {"cpu": 4096, "cuda": 1 << 16}
 # "auto" compiles the tile kernel for passes of at least this many entries.
-COMPILE_MIN_ENTRIES = 1 << 26
+COMPILE_MIN_ENTRIES = 1 << 24
 # Largest tolerated rounding error of a float32 exponent before tiles go to float64.
 _MAX_EXPONENT_ERROR = 1e-4
 
 CostTile = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def needs_wide_tiles(x: torch.Tensor, y: torch.Tensor, eps: float) -> bool:
+class ieee_matmul:
+    r"""Context: float32 matmuls in full precision on CUDA even where the user enabled TF32
+    (a TF32 product rounds ``x . y`` to 10 bits, an exponent error of about
+    :math:`10^{-3} R^2/\varepsilon`, far above any useful tolerance). No-op on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.active = device.type == "cuda"
+
+    def __enter__(self):
+        if self.active:
+            self.saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def radius_sq(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest squared norm of the centred points (one host sync; cached by the geometry)."""
+    centre = 0.5 * (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True))
+    return max(float((x - centre).pow(2).sum(-1).max()), float((y - centre).pow(2).sum(-1).max()))
+
+
+def needs_wide_tiles(radius_sq: float, eps: float, dtype: torch.dtype) -> bool:
     """Whether float32 tiles would round the exponents by more than
     :data:`_MAX_EXPONENT_ERROR` (then tiles are computed in float64)."""
-    if x.dtype != torch.float32:
+    if dtype != torch.float32:
         return False
-    radius_sq = max(float(x.detach().pow(2).sum(-1).max()), float(y.detach().pow(2).sum(-1).max()))
     return 4.0 * radius_sq * torch.finfo(torch.float32).eps / eps > _MAX_EXPONENT_ERROR
 
 
 def _lse_tile_sq(xs: torch.Tensor, y: torch.Tensor, u: torch.Tensor, floor: float):
     """Partial pair of ``z = u_j + xs_i . y_j`` along the columns (the squared Euclidean tile)."""
-    z = torch.baddbmm(u.unsqueeze(-2), xs, y.transpose(-1, -2))
+    return _tile_pair(torch.baddbmm(u.unsqueeze(-2), xs, y.transpose(-1, -2)), floor)
+
+
+def _tile_pair(z: torch.Tensor, floor: float):
+    """``(max, sum exp(z - max))`` along the last axis; ``z`` is a temporary (overwritten)."""
     mx = z.amax(-1, keepdim=True)
-    shift = torch.where(mx == -math.inf, torch.zeros_like(mx), mx)
-    s = (z - shift).clamp_min(floor).exp().sum(-1)
-    s = torch.where(mx.squeeze(-1) == -math.inf, torch.zeros_like(s), s)
-    return mx.squeeze(-1), s
+    empty = mx == -math.inf
+    s = z.sub_(mx.masked_fill(empty, 0.0)).clamp_min_(floor).exp_().sum(-1)
+    return mx.squeeze(-1), s.masked_fill(empty.squeeze(-1), 0.0)
 
 
 def _lse_tile_cost(C: torch.Tensor, hw: torch.Tensor, eps: float, floor: float):
     """Partial pair of ``z = (hw_j - C_ij) / eps`` along the columns (any cost tile)."""
-    z = (hw.unsqueeze(-2) - C) / eps
-    mx = z.amax(-1, keepdim=True)
-    shift = torch.where(mx == -math.inf, torch.zeros_like(mx), mx)
-    s = (z - shift).clamp_min(floor).exp().sum(-1)
-    s = torch.where(mx.squeeze(-1) == -math.inf, torch.zeros_like(s), s)
-    return mx.squeeze(-1), s
+    return _tile_pair((hw.unsqueeze(-2) - C) / eps, floor)
 
 
 _compiled: dict[str, Callable] = {}
@@ -132,18 +154,18 @@ def _run_tile(name: str, fn: Callable, compiled: bool, *args):
     return fn(*args)
 
 
-def tile_rows(m: int, rows: int | None = None) -> tuple[int, int]:
+def tile_rows(m: int, device: torch.device, rows: int | None = None) -> tuple[int, int]:
     """``(rows, cols)`` of a tile against ``m`` columns (``rows`` overrides the default)."""
-    cols = min(max(m, 1), MAX_TILE_COLS)
-    return rows or max(16, TILE_ENTRIES // cols), cols
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    cols = min(max(m, 1), MAX_TILE_COLS[kind])
+    return rows or max(16, TILE_ENTRIES[kind] // cols), cols
 
 
 class SqEuclideanTiles:
     """Centred, optionally widened points of a squared-Euclidean cost, shared by every
     tile of a pass (module docstring)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, eps: float):
-        wide = needs_wide_tiles(x, y, eps)
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, wide: bool):
         work = torch.float64 if wide else x.dtype
         centre = 0.5 * (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True))
         self.x = (x - centre).to(work)
@@ -161,19 +183,26 @@ def lse_online(
     cost_tile: CostTile | None,
     compiled: bool,
     row_tile: int | None = None,
+    wide: bool = False,
 ) -> torch.Tensor:
     r"""Full log-sum-exp along the columns, ``(B, n)``, of
     :math:`z_{ij} = (hw_j - C(x_i, y_j))/\varepsilon` with ``hw = h + eps log w``.
 
     ``cost_tile=None`` is the squared Euclidean cost (matmul expansion); otherwise
-    ``cost_tile(x_rows, y_cols)`` gives a cost tile. No autograd (see :class:`_OnlineLSE`).
+    ``cost_tile(x_rows, y_cols)`` gives a cost tile; ``wide`` computes squared-Euclidean
+    float32 tiles in float64 (:func:`needs_wide_tiles`). No autograd (see :class:`_OnlineLSE`).
     """
+    with ieee_matmul(x.device):
+        return _lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide)
+
+
+def _lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide):
     n, m = x.shape[-2], y.shape[-2]
-    rows, cols = tile_rows(m, row_tile)
+    rows, cols = tile_rows(m, x.device, row_tile)
     floor = exp_floor(x.dtype)
     out = []
     if cost_tile is None:
-        t = SqEuclideanTiles(x, y, eps)
+        t = SqEuclideanTiles(x, y, wide)
         xs = t.x * (2.0 / eps)
         u = (hw.to(t.x.dtype) - t.y_sq) / eps
         floor = exp_floor(t.x.dtype)
@@ -207,25 +236,30 @@ class _OnlineLSE(torch.autograd.Function):
     """Differentiable :func:`lse_online` with tile-by-tile recomputation in backward."""
 
     @staticmethod
-    def forward(ctx, x, y, hw, eps, cost_tile, compiled, row_tile):
-        lse = lse_online(x.detach(), y.detach(), hw.detach(), eps, cost_tile, compiled, row_tile)
+    def forward(ctx, x, y, hw, eps, cost_tile, compiled, row_tile, wide):
+        lse = lse_online(x.detach(), y.detach(), hw.detach(), eps, cost_tile, compiled, row_tile, wide)
         ctx.save_for_backward(x, y, hw, lse)
-        ctx.eps, ctx.cost_tile, ctx.row_tile = eps, cost_tile, row_tile
+        ctx.eps, ctx.cost_tile, ctx.row_tile, ctx.wide = eps, cost_tile, row_tile, wide
         return lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gamma):
+        with ieee_matmul(gamma.device):
+            return _OnlineLSE._backward(ctx, gamma)
+
+    @staticmethod
+    def _backward(ctx, gamma):
         x, y, hw, lse = ctx.saved_tensors
         eps, cost_tile = ctx.eps, ctx.cost_tile
         need_x, need_y, need_h = ctx.needs_input_grad[:3]
         n, m = x.shape[-2], y.shape[-2]
-        rows, cols = tile_rows(m, ctx.row_tile)
+        rows, cols = tile_rows(m, x.device, ctx.row_tile)
         gx = torch.zeros_like(x) if need_x else None
         gy = torch.zeros_like(y) if need_y else None
         gh = torch.zeros_like(hw) if need_h else None
         if cost_tile is None:
-            sq = SqEuclideanTiles(x.detach(), y.detach(), eps)
+            sq = SqEuclideanTiles(x.detach(), y.detach(), ctx.wide)
             xw, yw = sq.x, sq.y
         else:
             sq, xw, yw = None, x.detach(), y.detach()
@@ -266,16 +300,16 @@ class _OnlineLSE(torch.autograd.Function):
                     g_ = grads.pop(0)
                     if g_ is not None:
                         gy[..., c0:c1, :] += g_
-        return gx, gy, gh, None, None, None, None
+        return gx, gy, gh, None, None, None, None, None
 
 
 def online_lse(x, y, hw, eps: float, cost_tile: CostTile | None, compiled: bool,
-               row_tile: int | None = None) -> torch.Tensor:
+               row_tile: int | None = None, wide: bool = False) -> torch.Tensor:
     """:func:`lse_online`, differentiable in ``x``, ``y`` and ``hw`` in :math:`O(n+m)` memory
     (first order: the backward recomputes the tiles and is not itself differentiable)."""
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or hw.requires_grad):
-        return _OnlineLSE.apply(x, y, hw, eps, cost_tile, compiled, row_tile)
-    return lse_online(x, y, hw, eps, cost_tile, compiled, row_tile)
+        return _OnlineLSE.apply(x, y, hw, eps, cost_tile, compiled, row_tile, wide)
+    return lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide)
 
 
 def log_plan_tile(x_t, y_c, row_t, col_c, eps, cost_tile, sq: SqEuclideanTiles | None):

@@ -74,7 +74,8 @@ def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = _centred(x, y)
     xx = (x * x).sum(-1, keepdim=True)
     yy = (y * y).sum(-1).unsqueeze(-2)
-    d = torch.baddbmm(xx + yy, x, y.transpose(-1, -2), alpha=-2.0) if x.dim() == 3 else xx + yy - 2.0 * torch.matmul(x, y.transpose(-1, -2))
+    with _online.ieee_matmul(x.device):
+        d = xx + yy - 2.0 * torch.matmul(x, y.transpose(-1, -2))
     return d.clamp_min(0.0)
 
 
@@ -158,7 +159,7 @@ class PointCloud(Geometry):
             :func:`memory_budget`).
         kernel: online tile kernel: ``"compile"`` (``torch.compile``; fastest, compiles
             once per process), ``"eager"`` (plain batched matmuls) or ``"auto"``
-            (compile for passes of at least ``2**26`` entries); see
+            (compile for passes of at least ``2**24`` entries); see
             :mod:`entrokit.geometry._online`.
     """
 
@@ -275,6 +276,8 @@ class PointCloud(Geometry):
         """A geometry on transformed points that keeps this one's materialised cost
         transformed by ``cost_map`` (when still valid), so distances are computed once."""
         out = self._new(x, y)
+        if "_radius_sq" in self.__dict__:  # the same points, reshaped or detached
+            out.__dict__["_radius_sq"] = self.__dict__["_radius_sq"]
         cached = self.__dict__.get("_dense")
         version = _versions(x, y)
         if cached is not None and version is not None and cached[0] == _versions(self.x, self.y):
@@ -290,6 +293,8 @@ class PointCloud(Geometry):
                              lambda C: C.reshape(*batch_shape, n, m))
 
     def detach(self) -> PointCloud:
+        if not (self.x.requires_grad or self.y.requires_grad):
+            return self  # nothing to cut: keep the caches (cost, bounds, radius)
         return self._derived(self.x.detach(), self.y.detach(), torch.Tensor.detach)
 
     def tensors(self):
@@ -358,6 +363,17 @@ class PointCloud(Geometry):
                 cached = self.__dict__["_dense"] = (version, DenseCost(self.cost_matrix()))
         return cached[1]
 
+    def _wide_tiles(self, eps: float) -> bool:
+        """Float64 tiles for a float32 squared-Euclidean cost too spread for float32 exponents
+        (:func:`entrokit.geometry._online.needs_wide_tiles`); the radius is measured once."""
+        if self.cost != "sqeuclidean" or self.dtype != torch.float32:
+            return False
+        r2 = self.__dict__.get("_radius_sq")
+        if r2 is None:
+            with torch.no_grad():
+                r2 = self.__dict__["_radius_sq"] = _online.radius_sq(self.x, self.y)
+        return _online.needs_wide_tiles(r2, eps, self.dtype)
+
     def _tile_cost(self, transpose: bool):
         """The cost of a tile for :mod:`entrokit.geometry._online` (``None``: squared
         Euclidean by matmul expansion); ``transpose`` for reductions over the rows."""
@@ -375,7 +391,7 @@ class PointCloud(Geometry):
         B, n, m = rows.shape[0] if rows.dim() == 3 else 1, rows.shape[-2], cols.shape[-2]
         compiled = _online.use_compiled(self.kernel, B * n * m)
         lse = _online.online_lse(rows, cols, h + eps * log_w, eps, self._tile_cost(axis == 0), compiled,
-                                 self.chunk_size)
+                                 self.chunk_size, self._wide_tiles(eps))
         # as a partial pair: M = lse (constant), S = exp(lse - M) = 1 carrying the gradient
         mx = lse.detach()
         empty = mx == -float("inf")
