@@ -321,3 +321,36 @@ def log_plan_tile(x_t, y_c, row_t, col_c, eps, cost_tile, sq: SqEuclideanTiles |
                           y_c.transpose(-1, -2))
         return z + ((row_t.to(x_t.dtype) - x_t.pow(2).sum(-1)) / eps).unsqueeze(-1)
     return (row_t.unsqueeze(-1) + col_c.unsqueeze(-2) - cost_tile(x_t, y_c)) / eps
+
+
+def plan_products(x, y, row, col, eps: float, V, U, cost_tile: CostTile | None,
+                  row_tile: int | None = None, wide: bool = False):
+    r"""``(P V, P^T U)`` in one pass over the tiles, for
+    :math:`P_{ij} = \exp((\text{row}_i + \text{col}_j - C_{ij})/\varepsilon)` with
+    ``row = f + eps log a``, ``col = g + eps log b`` (zero weights: ``-inf``, exactly 0).
+
+    ``V``: ``(B, m, k)`` or ``None``; ``U``: ``(B, n, k)`` or ``None``. No autograd: callers
+    that differentiate through the plan use the per-chunk autograd path.
+    """
+    with ieee_matmul(x.device):
+        n, m = x.shape[-2], y.shape[-2]
+        rows, cols = tile_rows(m, x.device, row_tile)
+        sq = SqEuclideanTiles(x, y, wide) if cost_tile is None else None
+        xw, yw = (sq.x, sq.y) if sq is not None else (x, y)
+        work = xw.dtype
+        row, col = row.to(work), col.to(work)
+        PV = None if V is None else torch.zeros(*V.shape[:-2], n, V.shape[-1], dtype=work, device=x.device)
+        PTU = None if U is None else torch.zeros(*U.shape[:-2], m, U.shape[-1], dtype=work, device=x.device)
+        floor = exp_floor(work)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            for c0 in range(0, m, cols):
+                c1 = min(c0 + cols, m)
+                P = log_plan_tile(xw[..., r0:r1, :], yw[..., c0:c1, :], row[..., r0:r1], col[..., c0:c1], eps,
+                                  cost_tile, sq).clamp_min_(floor).exp_()
+                if PV is not None:
+                    PV[..., r0:r1, :] += torch.matmul(P, V[..., c0:c1, :].to(work))
+                if PTU is not None:
+                    PTU[..., c0:c1, :] += torch.matmul(P.transpose(-1, -2), U[..., r0:r1, :].to(work))
+        out_dtype = x.dtype if V is None else V.dtype
+        return (None if PV is None else PV.to(out_dtype)), (None if PTU is None else PTU.to(out_dtype))

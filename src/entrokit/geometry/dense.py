@@ -116,24 +116,30 @@ class DenseCost(Geometry):
         return P.sum(-1), P.sum(-2)
 
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
-        P = self.plan(f, g, a, b, eps)
-        if axis == 1:
-            return torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1)
-        return torch.matmul(vec.unsqueeze(-2), P).squeeze(-2)
+        return _apply(self.plan(f, g, a, b, eps), vec, axis)
 
     def plan_operator(self, f, g, a, b, eps):
         P = self.plan(f, g, a, b, eps)
 
         def Pv(v):
-            return torch.matmul(P, v.unsqueeze(-1)).squeeze(-1)
+            return _apply(P, v, 1)
 
         def PTu(u):
-            return torch.matmul(u.unsqueeze(-2), P).squeeze(-2)
+            return _apply(P, u, 0)
 
         return Pv, PTu, P.sum(-1), P.sum(-2)
 
     def scaling_engine(self, a, b, log_a, log_b):
         return _KernelEngine(self, a, b, log_a, log_b)
+
+
+def _apply(P: torch.Tensor, vec: torch.Tensor, axis: int) -> torch.Tensor:
+    """``P @ vec`` (axis 1) or ``P.T @ vec`` (axis 0); ``vec`` is ``(B, m)`` or carries a
+    trailing axis of several vectors ``(B, m, k)``."""
+    several = vec.dim() == P.dim()
+    V = vec if several else vec.unsqueeze(-1)
+    out = torch.matmul(P if axis == 1 else P.transpose(-1, -2), V)
+    return out if several else out.squeeze(-1)
 
 
 def _softmin_inplace(C, h, log_w, eps, axis, out):

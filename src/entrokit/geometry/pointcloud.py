@@ -433,12 +433,12 @@ class PointCloud(Geometry):
 
     def transport_cost_vjp(self, Pv, PTu, r, c):
         r"""For :math:`C_{ij} = \|x_i - y_j\|^2`: :math:`\nabla_{x_i} = 2(r_i x_i - (P y)_i)`,
-        :math:`\nabla_{y_j} = 2(c_j y_j - (P^\top x)_j)` (one plan product per coordinate)."""
+        :math:`\nabla_{y_j} = 2(c_j y_j - (P^\top x)_j)` (the products ``P y`` and
+        ``P^T x`` take all coordinates at once: one pass each over the plan)."""
         if not self.has_transport_cost_vjp:
             return super().transport_cost_vjp(Pv, PTu, r, c)
         x, y = self.x.detach(), self.y.detach()
-        Py = torch.stack([Pv(y[..., k]) for k in range(y.shape[-1])], -1)
-        PTx = torch.stack([PTu(x[..., k]) for k in range(x.shape[-1])], -1)
+        Py, PTx = Pv(y), PTu(x)
         return 2.0 * (r.unsqueeze(-1) * x - Py), 2.0 * (c.unsqueeze(-1) * y - PTx)
 
     def marginals(self, f, g, a, b, eps):
@@ -448,20 +448,29 @@ class PointCloud(Geometry):
         return super().marginals(f, g, a, b, eps)
 
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
+        """``P @ vec`` / ``P.T @ vec``; ``vec`` may carry a trailing axis of ``k`` vectors
+        (``(B, m, k)`` / ``(B, n, k)``), applied in the same pass over the tiles."""
         dense = self._materialised()
         if dense is not None:
             return dense.plan_matvec(f, g, a, b, eps, vec, axis)
-        if axis == 1:
-            out = []
-            for s, e in self._row_chunks():
-                P = plan_block(f[..., s:e], g, a[..., s:e], b, self._c(self.x[..., s:e, :], self.y), eps)
-                out.append(torch.matmul(P, vec.unsqueeze(-1)).squeeze(-1))
-            return torch.cat(out, -1)
-        out = 0.0
+        several = vec.dim() == f.dim() + 1
+        V = vec if several else vec.unsqueeze(-1)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (self.x, self.y, f, g, a, b, vec))):
+            row, col = f + eps * torch.log(a), g + eps * torch.log(b)
+            PV, PTU = _online.plan_products(self.x, self.y, row, col, eps, V if axis == 1 else None,
+                                            V if axis == 0 else None, self._tile_cost(False), self.chunk_size,
+                                            self._wide_tiles(eps))
+            out = PV if axis == 1 else PTU
+            return out if several else out.squeeze(-1)
+        out = [] if axis == 1 else 0.0
         for s, e in self._row_chunks():
             P = plan_block(f[..., s:e], g, a[..., s:e], b, self._c(self.x[..., s:e, :], self.y), eps)
-            out = out + torch.matmul(vec[..., s:e].unsqueeze(-2), P).squeeze(-2)
-        return out
+            if axis == 1:
+                out.append(torch.matmul(P, V))
+            else:
+                out = out + torch.matmul(P.transpose(-1, -2), V[..., s:e, :])
+        out = torch.cat(out, -2) if axis == 1 else out
+        return out if several else out.squeeze(-1)
 
     def plan_operator(self, f, g, a, b, eps):
         if self.is_online:
