@@ -7,7 +7,7 @@ Pillar 1, regularized optimal transport: :func:`solve`, :func:`sinkhorn`,
 
 from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._result import OTResult
-from entrokit.geometry import DenseCost, Geometry, PointCloud
+from entrokit.geometry import DenseCost, Geometry, KeOpsPointCloud, PointCloud, ShardedPointCloud
 from entrokit.losses import monge_gap, sinkhorn_divergence, sliced_wasserstein
 from entrokit.problem import OTProblem
 from entrokit.solvers.newton import sinkhorn_newton
@@ -19,10 +19,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy subpackages
-    if name == "nn":
+    if name in ("nn", "distributed"):
         import importlib
 
-        return importlib.import_module("entrokit.nn")
+        return importlib.import_module(f"entrokit.{name}")
     raise AttributeError(f"module 'entrokit' has no attribute {name!r}")
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "OTProblem",
     "OTResult",
     "PointCloud",
+    "KeOpsPointCloud",
+    "ShardedPointCloud",
     "monge_gap",
     "sinkhorn",
     "sinkhorn_divergence",

@@ -174,12 +174,19 @@ def check_same_dtype_device(tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-def check_masses(a: torch.Tensor, b: torch.Tensor, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def check_masses(
+    a: torch.Tensor, b: torch.Tensor, *, normalize: bool, geometry=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Check positive total masses and (unless ``normalize``) that they agree.
 
     With ``normalize=True`` both weight vectors are divided by their sums (differentiably).
+    With ``geometry``, the total masses are its ``row_sum(a)`` and ``col_sum(b)`` (a
+    geometry sharded over processes sums over every rank).
     """
-    sa, sb = a.sum(-1), b.sum(-1)
+    if geometry is None:
+        sa, sb = a.sum(-1), b.sum(-1)
+    else:
+        sa, sb = geometry.row_sum(a), geometry.col_sum(b)
     if (sa <= 0).any() or (sb <= 0).any():
         which = "a" if (sa <= 0).any() else "b"
         raise InputError(

@@ -99,8 +99,9 @@ class OTProblem:
         )
 
 
-def _uniform(w, size: int, batch_shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((*batch_shape, size), 1.0 / size, dtype=like.dtype, device=like.device)
+def _uniform(w, size: int, batch_shape, like: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """``size`` weights ``1 / total`` (``total``: the global count of a sharded geometry)."""
+    return torch.full((*batch_shape, size), 1.0 / (total or size), dtype=like.dtype, device=like.device)
 
 
 def make_problem(a, b, cost, *, normalize: bool = False, check_inputs: bool = True) -> OTProblem:
@@ -121,8 +122,9 @@ def make_problem(a, b, cost, *, normalize: bool = False, check_inputs: bool = Tr
     like = geom.tensors()[0]
     n, m = geom.shape
     bshape = geom.batch_shape
-    a = _uniform(a, n, bshape, like) if a is None else as_float_tensor(a, "a", like=None if isinstance(a, torch.Tensor) else like)
-    b = _uniform(b, m, bshape, like) if b is None else as_float_tensor(b, "b", like=None if isinstance(b, torch.Tensor) else like)
+    n_total, m_total = geom.global_shape
+    a = _uniform(a, n, bshape, like, n_total) if a is None else as_float_tensor(a, "a", like=None if isinstance(a, torch.Tensor) else like)
+    b = _uniform(b, m, bshape, like, m_total) if b is None else as_float_tensor(b, "b", like=None if isinstance(b, torch.Tensor) else like)
     tensors = {"a": a, "b": b}
     names = ("x", "y") if isinstance(geom, PointCloud) else ("cost",)
     for name, t in zip(names, geom.tensors()):
@@ -151,8 +153,8 @@ def make_problem(a, b, cost, *, normalize: bool = False, check_inputs: bool = Tr
                 check_nonneg_finite(t, name, allow_negative=True)
         # one pass over the computed cost (cached bounds feed the eps-scaling rule)
         geom.check_finite()
-        a, b = check_masses(a, b, normalize=normalize)
+        a, b = check_masses(a, b, normalize=normalize, geometry=geom)
     elif normalize:
-        a = a / a.sum(-1, keepdim=True)
-        b = b / b.sum(-1, keepdim=True)
+        a = a / geom.row_sum(a).unsqueeze(-1)
+        b = b / geom.col_sum(b).unsqueeze(-1)
     return OTProblem(a, b, geom)

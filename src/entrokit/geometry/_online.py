@@ -197,15 +197,17 @@ def lse_online(
 
 
 def _lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide):
+    # outputs are preallocated and filled in place: small long-lived tensors allocated
+    # between tiles would pin the freed tile buffers and grow the CPU heap with n
     n, m = x.shape[-2], y.shape[-2]
     rows, cols = tile_rows(m, x.device, row_tile)
     floor = exp_floor(x.dtype)
-    out = []
     if cost_tile is None:
         t = SqEuclideanTiles(x, y, wide)
         xs = t.x * (2.0 / eps)
         u = (hw.to(t.x.dtype) - t.y_sq) / eps
         floor = exp_floor(t.x.dtype)
+        out = torch.empty(*x.shape[:-1], dtype=t.x.dtype, device=x.device)
         for r0 in range(0, n, rows):
             pairs = [
                 _run_tile("sq", _lse_tile_sq, compiled, xs[..., r0:r0 + rows, :], t.y[..., c0:c0 + cols, :],
@@ -213,16 +215,17 @@ def _lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide):
                 for c0 in range(0, m, cols)
             ]
             mx, s = combine_lse(pairs)
-            out.append(mx + torch.log(s) - t.x_sq[..., r0:r0 + rows] / eps)
-        return torch.cat(out, -1).to(x.dtype)
+            out[..., r0:r0 + rows] = mx + torch.log(s) - t.x_sq[..., r0:r0 + rows] / eps
+        return out.to(x.dtype)
+    out = torch.empty(*x.shape[:-1], dtype=x.dtype, device=x.device)
     for r0 in range(0, n, rows):
         pairs = []
         for c0 in range(0, m, cols):
             C = cost_tile(x[..., r0:r0 + rows, :], y[..., c0:c0 + cols, :])
             pairs.append(_run_tile("cost", _lse_tile_cost, compiled, C, hw[..., c0:c0 + cols], eps, floor))
         mx, s = combine_lse(pairs)
-        out.append(mx + torch.log(s))
-    return torch.cat(out, -1)
+        out[..., r0:r0 + rows] = mx + torch.log(s)
+    return out
 
 
 def _tile_softmax_weights(x_t, y_c, hw_c, lse_t, gamma_t, eps, cost_tile, sq):

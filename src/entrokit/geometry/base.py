@@ -120,6 +120,13 @@ class Geometry:
         raise NotImplementedError
 
     @property
+    def global_shape(self) -> tuple[int, int]:
+        """``(n, m)`` of the whole problem. Equal to :attr:`shape` except for geometries
+        sharded over processes, whose :attr:`shape` is this process's share (uniform
+        weights and size-dependent solver defaults use the global size)."""
+        return self.shape
+
+    @property
     def dtype(self) -> torch.dtype:
         raise NotImplementedError
 
@@ -239,7 +246,8 @@ class Geometry:
         return self.plan_reduce(f, g, a, b, eps)[2]
 
     def plan_matvec(self, f, g, a, b, eps, vec: torch.Tensor, axis: int) -> torch.Tensor:
-        """``P @ vec`` (axis=1, vec ``(B, m)``) or ``P.T @ vec`` (axis=0, vec ``(B, n)``)."""
+        """``P @ vec`` (axis=1, vec ``(B, m)``) or ``P.T @ vec`` (axis=0, vec ``(B, n)``); ``vec``
+        may carry a trailing axis of ``k`` vectors, ``(B, m, k)`` / ``(B, n, k)``."""
         raise NotImplementedError
 
     def plan_operator(self, f, g, a, b, eps):
@@ -267,6 +275,11 @@ class Geometry:
         ``c`` (:meth:`plan_operator`): no :math:`n m` autograd graph. Only geometries with
         :attr:`has_transport_cost_vjp`; others are differentiated by autograd."""
         raise NotImplementedError(f"{type(self).__name__} has no closed-form transport-cost gradient.")
+
+    def check_grad_mode(self, grad: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Raise :class:`~entrokit.InputError` when this geometry cannot differentiate a
+        solve in mode ``grad`` with weights ``a, b`` (called before solving). Every mode
+        is supported by default."""
 
     def row_sum(self, v: torch.Tensor) -> torch.Tensor:
         """Sum of a per-row vector ``(B, n) -> (B,)`` (a sharded geometry all-reduces it)."""

@@ -75,8 +75,9 @@ def _sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xx = (x * x).sum(-1, keepdim=True)
     yy = (y * y).sum(-1).unsqueeze(-2)
     with _online.ieee_matmul(x.device):
-        d = xx + yy - 2.0 * torch.matmul(x, y.transpose(-1, -2))
-    return d.clamp_min(0.0)
+        d = torch.matmul(x, y.transpose(-1, -2))
+    # in place: one n x m buffer per call (several temporaries fragment the CPU heap)
+    return d.mul_(-2.0).add_(xx).add_(yy).clamp_min_(0.0)
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -338,12 +339,18 @@ class PointCloud(Geometry):
         cached = self.__dict__.get("_bounds")
         if cached is None:
             with torch.no_grad():
-                hi, lo = [], []
+                # running bounds updated in place (no list of per-chunk results: small
+                # long-lived tensors between the chunk buffers would grow the heap)
+                shape = self.batch_shape
+                lo = torch.full(shape, float("inf"), dtype=self.dtype, device=self.device)
+                hi = torch.full(shape, -float("inf"), dtype=self.dtype, device=self.device)
                 for s, e in self._row_chunks():
                     C = self._c(self.x[..., s:e, :], self.y).flatten(-2)
-                    hi.append(C.amax(-1))
-                    lo.append(C.amin(-1))
-            cached = (torch.stack(lo, 0).amin(0), torch.stack(hi, 0).amax(0))
+                    torch.minimum(lo, C.amin(-1), out=lo)
+                    torch.maximum(hi, C.amax(-1), out=hi)
+                    del C
+                    # NaN propagates through minimum/maximum
+            cached = (lo, hi)
             self.__dict__["_bounds"] = cached
         return cached
 
@@ -411,20 +418,31 @@ class PointCloud(Geometry):
         dense = self._materialised()
         if dense is not None:
             return dense.plan_reduce(f, g, a, b, eps, accumulate=accumulate, round_to=round_to)
-        rows, cols, tc = [], 0.0, 0.0
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (self.x, self.y, f, g, a, b)
         )
+        rows, cols, tc = [], 0.0, 0.0
+        row_out = None
         for s, e in self._row_chunks():
             args = (self.x[..., s:e, :], self.y, f[..., s:e], g, a[..., s:e], b)
-            if need_grad and self.is_online:
+            if need_grad:
                 # recompute the tile in backward: memory stays O((n + m) * chunk)
                 r, c, t = checkpoint(self._reduce_chunk, *args, eps, accumulate, round_to, use_reentrant=False)
+                rows.append(r)
+                cols = cols + c
+                tc = tc + t
+                continue
+            r, c, t = self._reduce_chunk(*args, eps, accumulate, round_to)
+            if row_out is None:  # preallocated, filled in place (keeps the heap flat)
+                row_out = torch.empty(*r.shape[:-1], self.shape[0], dtype=r.dtype, device=r.device)
+                cols, tc = c.clone(), t.clone()
             else:
-                r, c, t = self._reduce_chunk(*args, eps, accumulate, round_to)
-            rows.append(r)
-            cols = cols + c
-            tc = tc + t
+                cols.add_(c)
+                tc.add_(t)
+            row_out[..., s:e] = r
+            del r, c, t
+        if row_out is not None:
+            return row_out, cols, tc
         return torch.cat(rows, -1), cols, tc
 
     @property

@@ -87,6 +87,7 @@ def entropic_result(
     the final plan, used when it is exact to working precision (float64).
     """
     geom, a, b = problem.geometry, problem.a, problem.b
+    geom.check_grad_mode(grad, a, b)
     dtype = a.dtype
     info_type = type(info) if isinstance(info, SolverInfo) else SolverInfo
     info = dict(info.as_dict() if isinstance(info, SolverInfo) else (info or {}))
@@ -114,10 +115,11 @@ def entropic_result(
     else:
         row, col, tc_cert, rounded = certify_plan(geom_hi, f_hi, g_hi, a_hi, b_hi, eps, round_to=dtype if prec != dtype else None)
     a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    merr = (row.to(torch.float64) - a64).abs().sum(-1) + (col.to(torch.float64) - b64).abs().sum(-1)
+    # sums over n and m through the geometry (a sharded one sums over every rank)
+    merr = geom.row_sum((row.to(torch.float64) - a64).abs()) + geom.col_sum((col.to(torch.float64) - b64).abs())
     if prec != dtype and not rounded:
         # the plan is rounded to the input dtype: |P_lo - P_hi| <= u * P_hi entrywise
-        merr = merr + 2.0 * torch.finfo(dtype).eps * row.to(torch.float64).sum(-1)
+        merr = merr + 2.0 * torch.finfo(dtype).eps * geom.row_sum(row.to(torch.float64))
     claimed = converged.clone()
     if tol is not None:
         converged = converged & (merr <= tol)
@@ -125,11 +127,11 @@ def entropic_result(
 
     if not needs_graph:
         f_out, g_out = f.detach(), g.detach()
-        mass = row.to(torch.float64).sum(-1)
+        mass = geom.row_sum(row.to(torch.float64))
         value64 = (
             geom.row_sum(a_hi.to(torch.float64) * f_hi.to(torch.float64))
             + geom.col_sum(b_hi.to(torch.float64) * g_hi.to(torch.float64))
-            - eps * (mass - a64.sum(-1) * b64.sum(-1))
+            - eps * (mass - geom.row_sum(a64) * geom.col_sum(b64))
         )
         value = value64.to(dtype)
         tc = tc_cert.to(dtype)
@@ -144,10 +146,10 @@ def entropic_result(
             else:
                 f_out, g_out = f_val, g_val
         rows_v, _, tc_v = geom.plan_reduce(f_val, g_val, a, b, eps)
-        value = geom.row_sum(a * f_val) + geom.col_sum(b * g_val) - eps * (rows_v.sum(-1) - a.sum(-1) * b.sum(-1))
+        value = geom.row_sum(a * f_val) + geom.col_sum(b * g_val) - eps * (geom.row_sum(rows_v) - geom.row_sum(a) * geom.col_sum(b))
         if grad == "envelope":
             # frozen plan: d<C, P>/dC = P, which is -eps d(sum P)/dC at fixed potentials
-            s_c = -eps * geom.plan_reduce(f_val, g_val, a.detach(), b.detach(), eps)[0].sum(-1)
+            s_c = -eps * geom.row_sum(geom.plan_reduce(f_val, g_val, a.detach(), b.detach(), eps)[0])
             tc = s_c - s_c.detach() + tc_v.detach()
         elif f_out is f_val:
             tc = tc_v

@@ -232,7 +232,7 @@ def sinkhorn_problem(
         if not unroll:
             f, g = f.detach(), g.detach()
     tol, max_iter = options.tol, options.max_iter
-    check_every = options.check_every or _default_check_every(device, B * geom.shape[0] * geom.shape[1])
+    check_every = options.check_every or _default_check_every(device, B * math.prod(geom.global_shape))
 
     scale = float(geom.cost_range().max()) if options.eps_scaling is not False and not options.fixed_iter else 0.0
     wants_scaling = init is None and scale > 50 * eps
@@ -425,6 +425,7 @@ def sinkhorn(
     if check_every is not None:
         check_positive_int(check_every, "check_every")
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    problem.geometry.check_grad_mode(grad, problem.a, problem.b)
     pb = problem.with_batch()
     if init is not None:
         init = check_init(init, pb)
@@ -455,7 +456,7 @@ def internal_tol(tol: float, pb: OTProblem) -> float:
     marginal and unit of mass) is kept."""
     if pb.dtype == torch.float64:
         return tol
-    margin = 4.0 * torch.finfo(pb.dtype).eps * float(pb.a.detach().sum(-1).max())
+    margin = 4.0 * torch.finfo(pb.dtype).eps * float(pb.geometry.row_sum(pb.a.detach()).max())
     return max(tol - margin, 0.5 * tol)
 
 

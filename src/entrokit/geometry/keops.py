@@ -1,0 +1,355 @@
+r"""Point clouds whose reductions run as KeOps kernels (optional ``keops`` extra).
+
+:class:`KeOpsPointCloud` is a :class:`~entrokit.PointCloud` whose reductions over
+:math:`n` or :math:`m` are compiled `KeOps <https://www.kernel-operations.io>`_ map-reduce
+kernels: the cost :math:`C_{ij} = c(x_i, y_j)` is recomputed in registers and never
+stored, so memory is :math:`O(n + m)` and one soft-min pass reads each point once per
+tile. The formulas are the ones of the torch path:
+
+.. math::
+
+    \operatorname{lse}_i = \log\sum_j \exp\Big(\frac{h_j + \varepsilon\log w_j
+        - C_{ij}}{\varepsilon}\Big),\qquad
+    P_{ij} = a_i b_j \exp\Big(\frac{f_i + g_j - C_{ij}}{\varepsilon}\Big),
+
+with the costs
+
+* ``"sqeuclidean"``: :math:`C_{ij} = \|x_i - y_j\|^2` (the POT/OTT convention; GeomLoss
+  uses half of it);
+* ``"euclidean"``: :math:`C_{ij} = \|x_i - y_j\|` (zero gradient where points coincide);
+* ``"pnorm"``: :math:`C_{ij} = \sum_k |x_{ik} - y_{jk}|^p`, :math:`p \ge 1`.
+
+All three are symmetric, :math:`c(x, y) = c(y, x)`, so a reduction over :math:`i`
+(``axis=0``) is the reduction over :math:`j` with the roles of the two clouds swapped: one
+compiled kernel serves both axes. :math:`\varepsilon`, :math:`p` and the clamping bounds
+enter as KeOps parameters, so annealing :math:`\varepsilon` does not recompile anything.
+Every reduction is differentiable (KeOps derives the gradient kernels symbolically).
+
+KeOps compiles each formula on first use (a few seconds each; cached under
+``~/.cache/keops*``) and picks CPU or CUDA from the tensors' device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from entrokit._errors import InputError
+from entrokit._optional import require
+from entrokit.geometry.base import exp_floor
+from entrokit.geometry.pointcloud import PointCloud
+
+__all__ = ["KeOpsPointCloud"]
+
+KeOpsCostName = Literal["sqeuclidean", "euclidean", "pnorm"]
+_COST_NAMES = ("sqeuclidean", "euclidean", "pnorm")
+_INSTALL_HINT = "pip install 'entrokit[keops]' (or pip install pykeops)"
+
+
+def _lazy_tensor_class():
+    """``pykeops.torch.LazyTensor``, imported on first use through :mod:`entrokit._optional`
+    (``import entrokit`` never imports pykeops)."""
+    try:
+        return require("pykeops.torch", "KeOpsPointCloud").LazyTensor
+    except ImportError as exc:
+        # require() names its default extra; this feature lives in the keops extra
+        raise ImportError(
+            f"KeOpsPointCloud needs the optional package 'pykeops', which could not be imported "
+            f"({exc.__cause__ or exc}). Install the extra with: {_INSTALL_HINT}; or use "
+            "PointCloud(x, y, cost, chunk_size=...) for an online cost without KeOps."
+        ) from exc
+
+
+def _pnorm_cost_matrix(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+    r""":math:`\sum_k |x_{ik} - y_{jk}|^p` as a dense ``(B, n, m)`` tensor, one coordinate
+    at a time (memory :math:`O(nm)`; zero gradient where coordinates coincide)."""
+    C = torch.zeros(*x.shape[:-1], y.shape[-2], dtype=x.dtype, device=x.device)
+    for k in range(x.shape[-1]):
+        C = C + (x[..., :, None, k] - y[..., None, :, k]).abs().pow(p)
+    return C
+
+
+class _PNormCost:
+    """The torch form of the ``"pnorm"`` cost, a callable ``c(x, y)`` for :class:`PointCloud`
+    (used when the cost is materialised: :meth:`~KeOpsPointCloud.cost_matrix`, plans)."""
+
+    def __init__(self, p: float):
+        self.p = p
+        self.__name__ = f"pnorm(p={p:g})"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _pnorm_cost_matrix(x, y, self.p)
+
+
+def _check_p(cost: str, p) -> float | None:
+    if cost != "pnorm":
+        if p is not None:
+            raise InputError(f"p={p!r} is only used with cost='pnorm'; got cost={cost!r}. Drop p, or pass cost='pnorm'.")
+        return None
+    if p is None:
+        raise InputError("cost='pnorm' needs the exponent p (C_ij = sum_k |x_ik - y_jk|^p), e.g. p=1.5.")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+        # as PointCloud: |t|^p has a finite gradient at t = 0 only for p >= 1
+        raise InputError(f"cost='pnorm' needs a finite exponent p >= 1 (p=1: Manhattan), got p={p!r}.")
+    return float(p)
+
+
+class KeOpsPointCloud(PointCloud):
+    r"""A point-cloud cost whose reductions run as KeOps kernels (see the module docstring).
+
+    Same data and results as :class:`~entrokit.PointCloud` (up to rounding), with memory
+    :math:`O(n + m)`: every :meth:`lse`, :meth:`plan_reduce`, :meth:`plan_matvec` and
+    :meth:`cost_bounds` is one KeOps map-reduce pass over the implicit :math:`n \times m`
+    cost. Use it for large clouds in low dimension; for small problems the dense torch path
+    is faster (no kernel launch or compilation).
+
+    Args:
+        x: source points ``[..., n, d]``.
+        y: target points ``[..., m, d]`` (the same batch axes as ``x``).
+        cost: ``"sqeuclidean"`` (:math:`\|x-y\|^2`), ``"euclidean"`` (:math:`\|x-y\|`) or
+            ``"pnorm"`` (:math:`\sum_k |x_k-y_k|^p`, needs ``p``). Callables are not
+            compiled by KeOps: use :class:`~entrokit.PointCloud` for those.
+        p: the exponent of ``cost="pnorm"`` (a number >= 1, as for PointCloud).
+
+    Raises:
+        ImportError: pykeops is not installed (``pip install 'entrokit[keops]'``).
+        InputError: a callable or unknown cost, ``p`` missing or invalid, or the point
+            checks of :class:`~entrokit.PointCloud`.
+
+    Example:
+        >>> import torch, entrokit                                      # doctest: +SKIP
+        >>> from entrokit.geometry.keops import KeOpsPointCloud         # doctest: +SKIP
+        >>> x, y = torch.rand(20000, 3), torch.rand(20000, 3)           # doctest: +SKIP
+        >>> out = entrokit.sinkhorn(None, None, KeOpsPointCloud(x, y), 1e-2)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        cost: KeOpsCostName = "sqeuclidean",
+        *,
+        p: float | None = None,
+    ):
+        if callable(cost) and not isinstance(cost, str):
+            raise InputError(
+                "KeOpsPointCloud compiles only the named costs 'sqeuclidean', 'euclidean' and "
+                f"'pnorm'; got the callable {getattr(cost, '__name__', cost)!r}. Use "
+                "PointCloud(x, y, cost) (with chunk_size=... for an online cost) for a custom cost."
+            )
+        if not isinstance(cost, str) or cost not in _COST_NAMES:
+            raise InputError(
+                f"cost must be 'sqeuclidean', 'euclidean' or 'pnorm' (with p=...), got {cost!r}."
+            )
+        p = _check_p(cost, p)
+        _lazy_tensor_class()  # fail here, not at the first reduction, when pykeops is missing
+        # PointCloud validates the points and provides the torch cost (cost_matrix, plan)
+        super().__init__(x, y, _PNormCost(p) if cost == "pnorm" else cost)
+        self.cost, self.p = cost, p
+        self.chunk_size = None
+
+    def __repr__(self) -> str:
+        c = f"pnorm(p={self.p:g})" if self.cost == "pnorm" else self.cost
+        return (
+            f"KeOpsPointCloud(n={self.shape[0]}, m={self.shape[1]}, d={self.x.shape[-1]}, "
+            f"cost={c!r}, batch={self.batch_shape})"
+        )
+
+    @property
+    def is_online(self) -> bool:
+        return True
+
+    def _new(self, x, y) -> KeOpsPointCloud:
+        return KeOpsPointCloud(x, y, self.cost, p=self.p)
+
+    # bounds survive reshapes and detach (the same points; one pass over the cost saved)
+    def _carry_bounds(self, out: KeOpsPointCloud) -> KeOpsPointCloud:
+        cached = self.__dict__.get("_keops_bounds")
+        if cached is not None and out is not self and cached[0] == _versions(out.x, out.y):
+            lo, hi = cached[1]
+            out.__dict__["_keops_bounds"] = (cached[0], (lo.reshape(out.batch_shape), hi.reshape(out.batch_shape)))
+        return out
+
+    def reshape_batch(self, batch_shape):
+        return self._carry_bounds(super().reshape_batch(batch_shape))
+
+    def detach(self) -> KeOpsPointCloud:
+        return self._carry_bounds(super().detach())
+
+    # -- the KeOps formulas ----------------------------------------------------------------
+    def _keops_cost(self, p_i, q_j):
+        """The symbolic cost ``c(p_i, q_j)`` between LazyTensors ``(B, n, 1, d)`` and
+        ``(B, 1, m, d)``: a ``(B, n, m, 1)`` LazyTensor."""
+        diff = p_i - q_j
+        if self.cost == "sqeuclidean":
+            return (diff * diff).sum(-1)
+        if self.cost == "euclidean":
+            # KeOps' Sqrt has the derivative Rsqrt(0)/2 = 0 at 0: no NaN for coincident points
+            return (diff * diff).sum(-1).sqrt()
+        if self.p == 1.0:
+            return diff.abs().sum(-1)
+        if self.p == 2.0:
+            return (diff * diff).sum(-1)
+        ad = diff.abs()
+        if self.dtype == torch.float64:
+            # KeOps' Powf calls the single-precision powf even on doubles: exp(p log|d|)
+            # keeps float64 accuracy
+            power = (ad.log() * self.p).exp()
+        else:
+            power = ad ** self.p
+        # IfElse(-|d|, 0, |d|^p) is 0 where d = 0 and routes the gradient around log(0)
+        return (-ad).ifelse(0.0, power).sum(-1)
+
+    @staticmethod
+    def _i(LazyTensor, t: torch.Tensor):
+        """``(B, n, k)`` -> an i-indexed LazyTensor ``(B, n, 1, k)``."""
+        return LazyTensor(t.contiguous()[:, :, None, :])
+
+    @staticmethod
+    def _j(LazyTensor, t: torch.Tensor):
+        """``(B, m, k)`` -> a j-indexed LazyTensor ``(B, 1, m, k)``."""
+        return LazyTensor(t.contiguous()[:, None, :, :])
+
+    def _flat(self, axis: int, *per_point: torch.Tensor):
+        """The kept points ``(B, n_i, d)`` (``x`` for ``axis=1``, ``y`` for ``axis=0``: the
+        cost is symmetric), the reduced points ``(B, n_j, d)`` and per-point tensors
+        ``(..., len, k)`` flattened to ``(B, len, k)``, broadcast over the batch axes; and
+        the batch shape ``lead`` of the output."""
+        pts_i, pts_j = (self.x, self.y) if axis == 1 else (self.y, self.x)
+        lead = tuple(torch.broadcast_shapes(self.batch_shape, *(t.shape[:-2] for t in per_point)))
+        B = math.prod(lead)
+
+        def flat(t):
+            return t.expand(*lead, *t.shape[-2:]).reshape(B, *t.shape[-2:])
+
+        return flat(pts_i), flat(pts_j), [flat(t) for t in per_point], lead
+
+    def _plan_sum(self, f_i, g_j, w_j, eps, axis, *, with_cost=False, accumulate=None):
+        r""":math:`\sum_j w_j E_{ij}` (or :math:`\sum_j w_j E_{ij} C_{ij}` with ``with_cost``),
+        :math:`E_{ij} = \exp(\mathrm{clamp}((f_i + g_j - C_{ij})/\varepsilon))` with the
+        bounds of :func:`~entrokit.geometry.base.plan_block`. ``f_i`` ``(..., n_i)`` lives
+        on the kept side of ``axis``; ``w_j`` is ``(..., n_j)`` or ``(..., n_j, k)`` (``k``
+        vectors in one pass). Output ``(..., n_i)`` or ``(..., n_i, k)``."""
+        LazyTensor = _lazy_tensor_class()
+        several = w_j.dim() == g_j.dim() + 1
+        pts_i, pts_j, (f_i, g_j, w_j), lead = self._flat(
+            axis, f_i.unsqueeze(-1), g_j.unsqueeze(-1), w_j if several else w_j.unsqueeze(-1)
+        )
+        C_ij = self._keops_cost(self._i(LazyTensor, pts_i), self._j(LazyTensor, pts_j))
+        S_ij = (self._i(LazyTensor, f_i) + self._j(LazyTensor, g_j) - C_ij) * (1.0 / float(eps))
+        dtype = self.dtype
+        E_ij = S_ij.clamp(exp_floor(dtype), 0.5 * math.log(torch.finfo(dtype).max)).exp()
+        term = E_ij * self._j(LazyTensor, w_j)
+        if with_cost:
+            term = term * C_ij
+        opts = {}
+        if accumulate == torch.float64 and dtype != torch.float64:
+            opts["dtype_acc"] = "float64"  # entries in the working dtype, summed in float64
+        out = term.sum(dim=2, **opts)  # (B, n_i, k)
+        out = out.reshape(*lead, *out.shape[-2:])
+        return out if several else out.squeeze(-1)
+
+    # -- the public reductions ----------------------------------------------------------------
+    def lse(self, h, log_w, eps, axis):
+        r"""Partial log-sum-exp pair ``(M, S)`` of :math:`z = (h + \varepsilon\log w -
+        C)/\varepsilon` along ``axis`` (see :meth:`Geometry.lse`), as one KeOps
+        ``LogSumExp`` reduction.
+
+        KeOps returns :math:`\operatorname{lse}` itself; the pair is
+        :math:`M = \operatorname{lse}` (detached) and :math:`S = e^{\operatorname{lse} - M}`
+        (``= 1``, carrying the gradient), so :math:`M + \log S = \operatorname{lse}` exactly
+        and gradients flow through ``S`` as in :func:`~entrokit.geometry.base.logsumexp_pair`.
+        A slice whose weights are all zero gives ``M = -inf, S = 0``.
+        """
+        if axis not in (0, 1):
+            raise InputError(f"axis must be 0 or 1, got {axis!r}.")
+        LazyTensor = _lazy_tensor_class()
+        hw = h + eps * log_w
+        empty = (hw == -math.inf).all(-1, keepdim=True)
+        # KeOps' online max-shift turns a leading -inf entry into exp(-inf + inf) = NaN: zero
+        # weights enter as a finite exponent whose exponential is exactly 0 (and (hw - C)/eps
+        # cannot overflow)
+        hw = hw.clamp_min(-torch.finfo(hw.dtype).max * min(float(eps), 1.0) / 4)
+        pts_i, pts_j, (hw,), lead = self._flat(axis, hw.unsqueeze(-1))
+        empty = empty.expand(*lead, 1).reshape(-1, 1)
+        C_ij = self._keops_cost(self._i(LazyTensor, pts_i), self._j(LazyTensor, pts_j))
+        z_ij = (self._j(LazyTensor, hw) - C_ij) * (1.0 / float(eps))  # a product: cheaper than a division per entry
+        lse = z_ij.logsumexp(dim=2).squeeze(-1)
+        mx = lse.detach().masked_fill(empty, -math.inf)
+        s = torch.exp(lse - mx.masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
+        return mx.reshape(*lead, -1), s.reshape(*lead, -1)
+
+    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
+        r"""Row sums :math:`a_i\sum_j b_j E_{ij}`, column sums and
+        :math:`\langle C, P\rangle = \sum_i a_i \sum_j b_j E_{ij} C_{ij}` in three KeOps
+        passes (differentiable). The weights multiply outside the exponential, as in
+        :func:`~entrokit.geometry.base.plan_block`, so gradients at zero weights are finite.
+
+        ``accumulate=torch.float64`` on float32 data sums the float32 entries in float64
+        inside KeOps (KeOps returns float32: each row or column sum is rounded once, a
+        relative 6e-8, before the cast).
+        ``round_to`` (rounding every entry to another dtype) is not supported: a
+        ``TypeError`` is raised, which :func:`~entrokit.solvers._entropic.certify_plan`
+        handles by summing unrounded entries.
+        """
+        if round_to is not None and round_to != self.dtype:
+            raise TypeError("KeOpsPointCloud.plan_reduce cannot round plan entries to another dtype (round_to).")
+        sums = (
+            self._plan_sum(f, g, b, eps, 1, accumulate=accumulate),
+            self._plan_sum(g, f, a, eps, 0, accumulate=accumulate),
+            self._plan_sum(f, g, b, eps, 1, with_cost=True, accumulate=accumulate),
+        )
+        if accumulate is not None:  # the outer weights multiply in the accumulation dtype
+            sums, a, b = [t.to(accumulate) for t in sums], a.to(accumulate), b.to(accumulate)
+        rows, cols, row_cost = a * sums[0], b * sums[1], a * sums[2]
+        return rows, cols, row_cost.sum(-1)
+
+    def marginals(self, f, g, a, b, eps):
+        """``(P 1, Pᵀ 1)`` in two KeOps passes (no transport-cost pass)."""
+        rows = a * self._plan_sum(f, g, b, eps, 1)
+        cols = b * self._plan_sum(g, f, a, eps, 0)
+        return rows, cols
+
+    def plan_matvec(self, f, g, a, b, eps, vec, axis):
+        r"""``P @ vec`` :math:`= a_i \sum_j b_j v_j E_{ij}` (``axis=1``, vec ``(B, m)``) or
+        ``P.T @ vec`` (``axis=0``, vec ``(B, n)``): one KeOps pass, the kernel of the
+        marginals with other weights. ``vec`` may carry a trailing axis of ``k`` vectors
+        (``(B, m, k)`` / ``(B, n, k)``), applied in the same pass."""
+        if axis not in (0, 1):
+            raise InputError(f"axis must be 0 or 1, got {axis!r}.")
+        several = vec.dim() == f.dim() + 1
+        kept_w, other_w = (a, b) if axis == 1 else (b, a)
+        if several:
+            kept_w, other_w = kept_w.unsqueeze(-1), other_w.unsqueeze(-1)
+        f_i, g_j = (f, g) if axis == 1 else (g, f)
+        return kept_w * self._plan_sum(f_i, g_j, other_w * vec, eps, axis)
+
+    def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(min C, max C)`` per problem (shape :attr:`batch_shape`) in one KeOps ``Max``
+        pass over :math:`(C_{ij}, -C_{ij})`; cached while the points are not modified in
+        place. Problems with non-finite coordinates get NaN bounds."""
+        version = _versions(self.x, self.y)
+        cached = self.__dict__.get("_keops_bounds")
+        if cached is not None and version is not None and cached[0] == version:
+            return cached[1]
+        LazyTensor = _lazy_tensor_class()
+        with torch.no_grad():
+            pts_i, pts_j, _, lead = self._flat(1)
+            C_ij = self._keops_cost(self._i(LazyTensor, pts_i), self._j(LazyTensor, pts_j))
+            row_max = C_ij.concat(-C_ij).max(dim=2)  # (B, n, 2): max_j C_ij, -min_j C_ij
+            hi, lo = row_max[..., 0].amax(-1), -row_max[..., 1].amax(-1)
+            finite = torch.isfinite(pts_i).flatten(1).all(1) & torch.isfinite(pts_j).flatten(1).all(1)
+            nan = torch.full_like(hi, math.nan)
+            bounds = (torch.where(finite, lo, nan).reshape(lead), torch.where(finite, hi, nan).reshape(lead))
+        if version is not None:
+            self.__dict__["_keops_bounds"] = (version, bounds)
+        return bounds
+
+
+def _versions(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
+    """In-place modification counters of the points (``None`` for inference tensors)."""
+    if x.is_inference() or y.is_inference():
+        return None
+    return (x._version, y._version)
