@@ -127,3 +127,114 @@ def test_validation_of_shapes_and_options():
         AttentionEntropyMaximization(reduction="avg")
     with pytest.raises(InputError, match=r"anneal='cosine' needs total_steps"):
         AttentionEntropyMaximization(anneal="cosine", total_steps=True)
+
+
+# --- score (log-softmax) path ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 4, 9)])
+@pytest.mark.parametrize("topk", [None, 3])
+def test_score_path_equals_probability_path(shape, topk):
+    g = torch.Generator().manual_seed(2)
+    s = (3 * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    s2 = s.detach().clone().requires_grad_(True)
+    from_scores = negative_attention_entropy(scores=s, topk=topk)
+    from_probs = negative_attention_entropy(s2.softmax(-1), topk=topk)
+    torch.testing.assert_close(from_scores, from_probs)
+    from_scores.sum().backward()
+    from_probs.sum().backward()
+    torch.testing.assert_close(s.grad, s2.grad)
+    # and through the full loss, with the module too
+    logits, y = torch.randn(shape[0], 2, generator=g, dtype=torch.float64), torch.arange(shape[0]) % 2
+    torch.testing.assert_close(
+        aem_loss(logits, y, lam=0.3, scores=s.detach(), topk=topk),
+        aem_loss(logits, y, s.detach().softmax(-1), lam=0.3, topk=topk),
+    )
+    crit = AttentionEntropyMaximization(lam=0.3, topk=topk, reduction="none")
+    torch.testing.assert_close(crit(logits, y, scores=s.detach()), crit(logits, y, s.detach().softmax(-1)))
+
+
+def test_score_path_with_mask_matches_unpadded_bags():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    got = negative_attention_entropy(scores=s.masked_fill(~mask, 1e4), mask=mask)  # padded scores ignored
+    want = torch.stack([negative_attention_entropy(scores=s[:1])[0], negative_attention_entropy(scores=s[1:, :3])[0]])
+    torch.testing.assert_close(got, want)
+    # probability path with the same mask (softmax over the real instances) agrees
+    a = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    torch.testing.assert_close(negative_attention_entropy(a, mask), want)
+    # a score of -inf is zero attention, without NaN in value or gradient
+    s3 = torch.tensor([[0.0, 0.0, float("-inf")]], dtype=torch.float64, requires_grad=True)
+    v = negative_attention_entropy(scores=s3)
+    v.backward()
+    torch.testing.assert_close(v.detach(), torch.tensor([-math.log(2)], dtype=torch.float64))
+    assert torch.isfinite(s3.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_large_bag_with_large_score_spread_does_not_underflow(dtype):
+    # 100k instances: a block of 1,000 with spread scores carries the attention, the other
+    # 99,000 lie 60 to ~250 below it, so most of their softmax weights are exactly 0 in
+    # float32 (all but a few in float16). The entropy and its gradient must still be right.
+    g = torch.Generator().manual_seed(4)
+    s64 = torch.cat(
+        [3 * torch.randn(1, 1000, generator=g, dtype=torch.float64),
+         -60 - 40 * torch.randn(1, 99_000, generator=g, dtype=torch.float64).abs()], dim=1,
+    )
+    s = s64.to(dtype).requires_grad_(True)
+    assert (s.detach().softmax(-1) == 0).float().mean() > 0.4  # the weights do underflow
+    sq = s.detach().double().requires_grad_(True)  # the rounded scores, in float64
+    ref = (sq.softmax(-1) * sq.log_softmax(-1)).sum(-1)
+    ref.backward()
+    got = negative_attention_entropy(scores=s)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    atol = 1e-6 if dtype == torch.float32 else 1e-3  # the gradient is stored in `dtype`
+    torch.testing.assert_close(s.grad.double(), sq.grad, rtol=1e-2, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_uniform_bag_in_half_precision(dtype):
+    # uniform attention over 100k instances is 1e-5, a subnormal float16 number: the weights
+    # lose precision, the scores do not.
+    n = 100_000
+    flat = negative_attention_entropy(scores=torch.zeros(1, n, dtype=dtype))
+    torch.testing.assert_close(flat, torch.tensor([-math.log(n)]), rtol=1e-6, atol=1e-5)
+    w = torch.zeros(1, n, dtype=dtype).softmax(-1)  # accepted: row-sum tolerance 1e-2 in half
+    assert abs(negative_attention_entropy(w).item() + math.log(n)) < 0.1
+
+
+def test_score_path_errors():
+    s = torch.randn(2, 5)
+    with pytest.raises(InputError, match="exactly one of attention= .* got both"):
+        negative_attention_entropy(s.softmax(-1), scores=s)
+    with pytest.raises(InputError, match="exactly one of attention= .* got neither"):
+        negative_attention_entropy()
+    with pytest.raises(InputError, match="exactly one of attention="):
+        aem_loss(torch.zeros(2, 2), torch.tensor([0, 1]), lam=0.1)
+    with pytest.raises(TypeError, match="scores must be a floating torch.Tensor"):
+        negative_attention_entropy(scores=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(InputError, match=r"scores must be \(bags, instances\)"):
+        negative_attention_entropy(scores=torch.randn(5))
+    with pytest.raises(InputError, match="must not contain NaN or \\+inf"):
+        negative_attention_entropy(scores=torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(InputError, match="must not contain NaN or \\+inf"):
+        negative_attention_entropy(scores=torch.tensor([[0.0, float("inf")]]))
+    with pytest.raises(InputError, match="at least one real instance"):
+        negative_attention_entropy(scores=s, mask=torch.tensor([[True] * 5, [False] * 5]))
+    with pytest.raises(InputError, match="scores has 2 bags but logits has 3"):
+        aem_loss(torch.randn(3, 2), torch.tensor([0, 1, 1]), scores=s)
+    with pytest.raises(InputError, match="pass the raw scores as scores="):
+        negative_attention_entropy(torch.full((1, 3), 0.5))
+
+
+def test_lambda_default_is_documented_as_readme_value():
+    # 0.1 is the value of the reference README's AEM command; main.py's own default is 0.0
+    import inspect
+
+    assert inspect.signature(aem_loss).parameters["lam"].default == 0.1
+    assert AttentionEntropyMaximization().lam == 0.1
+    doc = inspect.getmodule(aem_loss).__doc__
+    assert "--lamda 0.0" in doc and "README" in doc

@@ -1,20 +1,50 @@
 r"""Attention Entropy Maximization (AEM) for multiple-instance learning (Zhang et al., arXiv 2406.15303).
 
-For a bag with MIL attention :math:`a = \mathrm{softmax}(s)` over its :math:`N` instances,
+For a bag with MIL attention scores :math:`s \in \mathbb R^N` (the pre-softmax outputs of the
+attention network) and attention :math:`a = \mathrm{softmax}(s)` over its :math:`N` instances,
 
 .. math::
 
     \mathcal L = \mathcal L_{\rm CE}(\hat y, y) + \lambda \sum_{n=1}^N a_n \log a_n
               = \mathcal L_{\rm CE} - \lambda\, H(a),
 
-i.e. the attention entropy is *maximised*. As in the reference code (``main.py``), the negative
-entropy is **summed** over instances (no division by N); with several attention rows per bag
-(multi-head / DSMIL) it is summed over instances and averaged over rows. λ = 0.1 is the code
-default (λ = 0 recovers ABMIL). Bags in a batch are averaged.
+i.e. the attention entropy is *maximised*. Bags in a batch are averaged (``reduction="mean"``).
 
-Optional top-k variant (code): renormalise the k largest weights and use their negative
-entropy. Optional cosine annealing of λ (paper v3, "Cosine Weight Annealing"; **the formula is
-not given in the text we could read — unverified**):
+**Two input paths.** Pass either the attention weights ``attention=a`` or the scores
+``scores=s``. From scores the negative entropy is computed with a log-softmax,
+
+.. math::
+
+    \log a_n = s_n - \operatorname{logsumexp}_m s_m, \qquad
+    \sum_n a_n \log a_n = \sum_n e^{\log a_n}\,\log a_n ,
+
+so no weight is rounded to zero before its logarithm is taken. This is how the reference code
+(``main.py``) computes it, ``torch.sum(F.softmax(attn, -1) * F.log_softmax(attn, -1))`` with
+``attn`` the scores, and it is the path to use for large bags (whole-slide images have
+:math:`10^4`–:math:`10^5` patches) and in half precision: a uniform float16 attention over
+:math:`10^5` instances is :math:`10^{-5}`, below float16's smallest normal number
+(:math:`6.1\cdot10^{-5}`), and with a large score spread most weights flush to zero. Both paths
+compute in float32 for float16/bfloat16 inputs (and return float32). In float32/float64 and
+where nothing underflows, the two paths agree to rounding.
+
+**Reduction over instances and rows.** As in the reference code, the negative entropy is
+**summed** over instances (no division by :math:`N`, so the uniform-attention value is
+:math:`-\log N`). With several attention rows per bag (``(B, R, N)``: heads, or one row per
+class in DSMIL) it is summed over instances and **averaged over rows**. The reference divides
+the sum by ``attn.shape[0]``: that is the number of rows ``C`` for DSMIL (our average), but the
+batch size 1 for its multi-head model, whose attention is ``(1, heads, 1, N)``; there the code
+sums over the heads, so a reference λ corresponds to ``R·λ`` here.
+
+**λ.** The library default is λ = 0.1, the value of the AEM command in the reference README
+(CAMELYON17 config). The reference ``main.py`` itself defaults to ``--lamda 0.0``, which is the
+ABMIL baseline (λ = 0 recovers ABMIL), so there λ has to be passed explicitly. The paper tunes λ
+per dataset (a third-party summary we could not check reports 0.001 / 0.1 / 0.2 for
+CAMELYON16 / CAMELYON17 / LBC).
+
+Optional top-k variant (code): keep the k largest weights of each row, renormalise them and take
+their negative entropy (from scores: a log-softmax over the k largest scores, which is the same).
+Optional cosine annealing of λ (paper v3, "Cosine Weight Annealing"; **the formula is not given in
+the text we could read — unverified**):
 :math:`\lambda_t = \lambda_{\rm end} + \tfrac12(\lambda_{\rm start}-\lambda_{\rm end})(1+\cos(\pi t/T))`.
 """
 
@@ -29,7 +59,7 @@ from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit._validation import apply_reduction
-from entrokit.regularizers._checks import check_reduction
+from entrokit.regularizers._checks import check_reduction, default_atol
 
 __all__ = [
     "negative_attention_entropy",
@@ -38,6 +68,8 @@ __all__ = [
     "AttentionEntropyMaximization",
 ]
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def _check_lam(lam: float, name: str = "lam") -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
@@ -45,7 +77,8 @@ def _check_lam(lam: float, name: str = "lam") -> float:
     if not math.isfinite(lam) or lam < 0:
         raise InputError(
             f"{name} must be a finite number >= 0, got {lam!r}; AEM maximises entropy with "
-            f"{name} > 0 (code default 0.1), {name}=0 is the plain CE baseline."
+            f"{name} > 0 (e.g. 0.1, the reference README's value), {name}=0 is the plain "
+            "ABMIL/CE baseline."
         )
     return float(lam)
 
@@ -55,70 +88,149 @@ def _check_topk(topk: int | None) -> None:
         raise InputError(f"topk must be an int >= 1 or None, got {topk!r}; e.g. topk=8.")
 
 
-def negative_attention_entropy(
-    attention: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    topk: int | None = None,
-    check_inputs: bool = True,
-) -> torch.Tensor:
-    r"""Per-bag :math:`\sum_n a_n \log a_n` (≤ 0; equals :math:`-\log N` for uniform attention).
-
-    Args:
-        attention: MIL attention ``(B, N)`` or ``(B, R, N)`` (R attention rows, e.g. heads),
-            normalised over the instance axis (last).
-        mask: bool ``(B, N)`` (or broadcastable), True = real instance; padded instances must
-            have zero attention and are ignored.
-        topk: if set, renormalise the ``topk`` largest weights of each row first (code variant).
-        check_inputs: check nonnegativity and that rows sum to 1.
-
-    Returns:
-        ``(B,)`` tensor: summed over instances, averaged over rows if ``R`` is present.
-    """
-    if not isinstance(attention, torch.Tensor) or not attention.is_floating_point():
-        raise TypeError("attention must be a floating torch.Tensor of MIL attention weights.")
-    if attention.ndim not in (2, 3):
+def _pick_input(attention: torch.Tensor | None, scores: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """Return ``(tensor, is_scores)``; exactly one of the two must be given."""
+    if (attention is None) == (scores is None):
         raise InputError(
-            f"attention must be (bags, instances) or (bags, rows, instances), got shape "
-            f"{tuple(attention.shape)}; for a single bag use attention.unsqueeze(0)."
+            "pass exactly one of attention= (softmax weights) or scores= (pre-softmax attention "
+            "scores; preferred for large bags and half precision), got "
+            + ("both." if attention is not None else "neither.")
         )
-    a = attention
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask must be a bool tensor (True = real instance), got {got}.")
-        if mask.device != a.device:
+    is_scores = scores is not None
+    t = scores if is_scores else attention
+    name = "scores" if is_scores else "attention"
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        what = "pre-softmax MIL attention scores" if is_scores else "MIL attention weights"
+        raise TypeError(f"{name} must be a floating torch.Tensor of {what}.")
+    if t.ndim not in (2, 3):
+        raise InputError(
+            f"{name} must be (bags, instances) or (bags, rows, instances), got shape "
+            f"{tuple(t.shape)}; for a single bag use {name}.unsqueeze(0)."
+        )
+    return t, is_scores
+
+
+def _broadcast_mask(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor (True = real instance), got {got}.")
+    if mask.device != t.device:
+        raise InputError(
+            f"device mismatch: attention is on {t.device} but mask is on {mask.device}; move "
+            "it with mask.to(attention.device)."
+        )
+    m = mask if mask.ndim == t.ndim else mask.unsqueeze(-2)
+    try:
+        return torch.broadcast_to(m, t.shape)
+    except RuntimeError:
+        raise InputError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to attention "
+            f"{tuple(t.shape)}; pass one flag per instance, shape (bags, instances)."
+        ) from None
+
+
+def _from_scores(s: torch.Tensor, m: torch.Tensor | None, topk: int | None, check_inputs: bool) -> torch.Tensor:
+    r"""Per-row :math:`\sum_n a_n\log a_n` from scores via log-softmax (masked entries excluded)."""
+    if check_inputs:
+        real = s if m is None else s[m]
+        if torch.isnan(real).any() or torch.isposinf(real).any():
             raise InputError(
-                f"device mismatch: attention is on {a.device} but mask is on {mask.device}; move "
-                "it with mask.to(attention.device)."
+                "scores must not contain NaN or +inf (a score of -inf means zero attention); "
+                "check the attention network's output."
             )
-        m = mask if mask.ndim == a.ndim else mask.unsqueeze(-2)
-        try:
-            m = torch.broadcast_to(m, a.shape)
-        except RuntimeError:
-            raise InputError(
-                f"mask of shape {tuple(mask.shape)} does not broadcast to attention "
-                f"{tuple(a.shape)}; pass one flag per instance, shape (bags, instances)."
-            ) from None
+    if m is not None:
+        s = s.masked_fill(~m, float("-inf"))
+    if topk is not None:
+        s = s.topk(min(topk, s.shape[-1]), dim=-1).values
+    real = s > float("-inf")  # masked instances and -inf scores carry zero attention
+    if check_inputs and not real.any(-1).all():
+        raise InputError(
+            "every attention row needs at least one real instance with a finite score; a bag "
+            "whose instances are all masked has no attention distribution."
+        )
+    log_a = torch.where(real, F.log_softmax(s, dim=-1), torch.zeros((), dtype=s.dtype, device=s.device))
+    return (log_a.exp() * log_a).masked_fill(~real, 0.0).sum(-1)
+
+
+def _from_weights(
+    a: torch.Tensor, m: torch.Tensor | None, topk: int | None, check_inputs: bool, tol: float
+) -> torch.Tensor:
+    r"""Per-row :math:`\sum_n a_n\log a_n` from attention weights (``0 \log 0 = 0``)."""
+    if m is not None:
         a = a.masked_fill(~m, 0.0)
     if check_inputs:
-        if not torch.isfinite(attention).all() or (attention < 0).any():
-            raise InputError("attention must be finite and nonnegative; pass softmax weights, not scores.")
-        tol = 1e-4 if a.dtype != torch.float64 else 1e-8
+        if not torch.isfinite(a).all() or (a < 0).any():
+            raise InputError(
+                "attention must be finite and nonnegative; pass softmax weights, or pass the raw "
+                "scores as scores=."
+            )
         err = (a.sum(-1) - 1).abs().max().item()
         if err > tol:
             raise InputError(
                 f"attention rows must sum to 1 over the instances (max error {err:.3g}); apply "
-                "softmax over the last axis (after masking padded instances with -inf)."
+                "softmax over the last axis (after masking padded instances with -inf), or pass "
+                "the raw scores as scores=."
             )
-    _check_topk(topk)
     if topk is not None:
         k = min(topk, a.shape[-1])
         a = a.topk(k, dim=-1).values
         a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     pos = a > 0
     xlogx = torch.where(pos, a * torch.log(torch.where(pos, a, torch.ones_like(a))), torch.zeros_like(a))
-    s = xlogx.sum(-1)  # Σ_n a_n log a_n (code: summed, not averaged)
+    return xlogx.sum(-1)
+
+
+def negative_attention_entropy(
+    attention: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    scores: torch.Tensor | None = None,
+    topk: int | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    r"""Per-bag :math:`\sum_n a_n \log a_n` (≤ 0; equals :math:`-\log N` for uniform attention).
+
+    Give exactly one of ``attention`` (weights :math:`a`) or ``scores`` (pre-softmax
+    :math:`s`, :math:`a = \mathrm{softmax}(s)` over the last axis). The score path uses
+    :math:`\log a = \mathrm{log\_softmax}(s)`, so it does not underflow for large bags or in half
+    precision; prefer it whenever the scores are at hand.
+
+    Args:
+        attention: MIL attention ``(B, N)`` or ``(B, R, N)`` (R attention rows, e.g. heads),
+            normalised over the instance axis (last).
+        mask: bool ``(B, N)`` (or broadcastable), True = real instance. With ``attention``,
+            padded instances must have zero attention; with ``scores``, their scores are ignored
+            (the softmax runs over the real instances only).
+        scores: pre-softmax attention scores, same shapes as ``attention``. A score of
+            :math:`-\infty` means zero attention.
+        topk: if set, renormalise the ``topk`` largest weights of each row first (code variant).
+        check_inputs: value checks (force a device sync): weights nonnegative with rows summing
+            to 1 (tolerance 1e-2 in half precision, 1e-4 in float32, 1e-8 in float64), or
+            scores free of NaN/+inf with at least one real instance per row.
+
+    Returns:
+        ``(B,)`` tensor: summed over instances, averaged over rows if ``R`` is present. Float32
+        for float16/bfloat16 inputs (computed in float32), otherwise the input dtype.
+
+    Examples:
+        >>> import torch
+        >>> s = torch.zeros(1, 4)
+        >>> negative_attention_entropy(scores=s)  # -log 4
+        tensor([-1.3863])
+        >>> negative_attention_entropy(s.softmax(-1))
+        tensor([-1.3863])
+    """
+    t, is_scores = _pick_input(attention, scores)
+    m = None if mask is None else _broadcast_mask(mask, t)
+    _check_topk(topk)
+    # row-sum tolerance of the weights: 1e-2 half, 1e-4 float32, 1e-8 float64
+    tol = 1e-8 if t.dtype == torch.float64 else default_atol(t.dtype)
+    if t.dtype in _LOW_PRECISION:
+        t = t.float()
+    if is_scores:
+        s = _from_scores(t, m, topk, check_inputs)
+    else:
+        s = _from_weights(t, m, topk, check_inputs, tol)
     return s.mean(-1) if s.ndim == 2 else s
 
 
@@ -154,9 +266,10 @@ def _task_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> to
 def aem_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
-    attention: torch.Tensor,
+    attention: torch.Tensor | None = None,
     lam: float = 0.1,
     *,
+    scores: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     topk: int | None = None,
     reduction: Literal["mean", "sum", "none"] = "mean",
@@ -168,11 +281,25 @@ def aem_loss(
         logits: bag logits ``(B, C)`` with integer targets ``(B,)`` (cross-entropy), or any
             shape with float 0/1 targets of the same shape (binary cross-entropy with logits).
         target: bag labels.
-        attention: MIL attention ``(B, N)`` or ``(B, R, N)``; see :func:`negative_attention_entropy`.
-        lam: λ ≥ 0 (code default 0.1).
+        attention: MIL attention weights ``(B, N)`` or ``(B, R, N)``; see
+            :func:`negative_attention_entropy`. Give this or ``scores``.
+        lam: λ ≥ 0. Default 0.1 (the reference README's AEM command; the reference
+            ``main.py`` defaults to 0.0, i.e. ABMIL).
+        scores: pre-softmax attention scores instead of ``attention`` (log-softmax path, the
+            reference code's form; no underflow for large bags).
         mask: bool ``(B, N)``, True = real instance.
         topk: top-k variant.
         reduction: ``"mean"`` | ``"sum"`` over bags, or ``"none"`` for ``(B,)``.
+        check_inputs: value checks on the attention / scores (see
+            :func:`negative_attention_entropy`).
+
+    Examples:
+        >>> import torch
+        >>> s = torch.randn(2, 100)
+        >>> y = torch.tensor([0, 1])
+        >>> torch.allclose(aem_loss(torch.zeros(2, 2), y, scores=s),
+        ...                aem_loss(torch.zeros(2, 2), y, s.softmax(-1)))
+        True
     """
     lam = _check_lam(lam)
     check_reduction(reduction)
@@ -188,11 +315,12 @@ def aem_loss(
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have one row per "
             "bag (same first dimension); for a single bag add a batch axis with unsqueeze(0)."
         )
-    ne = negative_attention_entropy(attention, mask, topk=topk, check_inputs=check_inputs)
+    ne = negative_attention_entropy(attention, mask, scores=scores, topk=topk, check_inputs=check_inputs)
     if ne.shape[0] != logits.shape[0]:
+        what = "scores" if scores is not None else "attention"
         raise InputError(
-            f"attention has {ne.shape[0]} bags but logits has {logits.shape[0]}; pass the "
-            "attention of the same bags, in the same order."
+            f"{what} has {ne.shape[0]} bags but logits has {logits.shape[0]}; pass the "
+            f"{what} of the same bags, in the same order."
         )
     ce = _task_loss(logits, target, "none")
     if ce.ndim > 1:
@@ -205,7 +333,8 @@ class AttentionEntropyMaximization(nn.Module):
     r"""Module form of :func:`aem_loss`, with optional cosine annealing of λ.
 
     Args:
-        lam: λ (or λ_start when annealing); code default 0.1.
+        lam: λ (or λ_start when annealing); default 0.1 (the reference README's AEM command;
+            the reference ``main.py`` defaults to 0.0 = ABMIL).
         anneal: ``None`` or ``"cosine"`` (unverified formula, see module docstring).
         lam_end: final λ for annealing.
         total_steps: annealing length (in calls to :meth:`step`, e.g. epochs).
@@ -215,13 +344,15 @@ class AttentionEntropyMaximization(nn.Module):
         ``step_count`` buffer (saved in ``state_dict``); call :meth:`step` once per epoch.
 
     Shape:
-        logits ``(B, C)`` / target ``(B,)`` or binary ``(B,)``/``(B,)``; attention ``(B, N)`` or
-        ``(B, R, N)``; output scalar (or ``(B,)`` with ``reduction="none"``).
+        logits ``(B, C)`` / target ``(B,)`` or binary ``(B,)``/``(B,)``; attention or scores
+        ``(B, N)`` or ``(B, R, N)``; output scalar (or ``(B,)`` with ``reduction="none"``).
 
     Examples:
         >>> crit = AttentionEntropyMaximization(lam=0.1)
         >>> att = torch.softmax(torch.randn(2, 5), -1)
         >>> crit(torch.randn(2, 3), torch.tensor([0, 2]), att).ndim
+        0
+        >>> crit(torch.randn(2, 3), torch.tensor([0, 2]), scores=torch.randn(2, 5)).ndim
         0
     """
 
@@ -270,11 +401,15 @@ class AttentionEntropyMaximization(nn.Module):
         self,
         logits: torch.Tensor,
         target: torch.Tensor,
-        attention: torch.Tensor,
+        attention: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        *,
+        scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """AEM loss of the batch; give ``attention`` (weights) or ``scores`` (pre-softmax)."""
         return aem_loss(
-            logits, target, attention, self.current_lam, mask=mask, topk=self.topk, reduction=self.reduction
+            logits, target, attention, self.current_lam, scores=scores, mask=mask, topk=self.topk,
+            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:
