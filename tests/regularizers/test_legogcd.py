@@ -192,3 +192,61 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match=r"logits_view1 must be a torch.Tensor"):
         dual_view_kl([[0.0]], z)
     torch.testing.assert_close(ler.prior, torch.full((4,), 0.25))
+
+
+@pytest.mark.parametrize("form", ["paper", "reference"])
+def test_dual_view_kl_detach_second_view_is_algorithm_1(form):
+    # Algorithm 1: ``x1_pred, x2_pred.detach() = s_pred.chunk(2)``: same value, the gradient on
+    # view 1 is unchanged and view 2 gets none
+    g = torch.Generator().manual_seed(7)
+    z1 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    z2 = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    a1, a2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    d1, d2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    full = dual_view_kl(a1, a2, form=form)
+    det = dual_view_kl(d1, d2, form=form, detach_second_view=True)
+    torch.testing.assert_close(det, full, rtol=0, atol=0)
+    full.backward()
+    det.backward()
+    assert d2.grad is None  # no path to view 2 at all
+    assert a2.grad.abs().sum() > 0  # the released code trains view 2 too
+    torch.testing.assert_close(d1.grad, a1.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_dual_view_kl_gradients_match_closed_form():
+    g = torch.Generator().manual_seed(8)
+    tau, B = 0.1, 6
+    z1 = (0.3 * torch.randn(B, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    z2 = (0.3 * torch.randn(B, 5, generator=g, dtype=torch.float64)).requires_grad_(True)
+    dual_view_kl(z1, z2, temperature=tau).backward()
+    p, q = torch.softmax(z1.detach() / tau, 1), torch.softmax(z2.detach() / tau, 1)
+    kl = (p * (p.log() - q.log())).sum(1, keepdim=True)
+    # d/dz = p (log p/p' - KL) / tau ; d/dz' = (p' - p) / tau ; both / B for the mean
+    torch.testing.assert_close(z1.grad, p * (p.log() - q.log() - kl) / (tau * B))
+    torch.testing.assert_close(z2.grad, (q - p) / (tau * B))
+    w1 = z1.detach().clone().requires_grad_(True)
+    w2 = z2.detach().clone().requires_grad_(True)
+    dual_view_kl(w1, w2, temperature=tau, detach_second_view=True).backward()
+    torch.testing.assert_close(w1.grad, p * (p.log() - q.log() - kl) / (tau * B))
+    assert w2.grad is None
+
+
+def test_detach_and_sync_options_validate():
+    z = torch.zeros(3, 4)
+    with pytest.raises(TypeError, match=r"detach_second_view must be a bool, got str"):
+        dual_view_kl(z, z, detach_second_view="yes")
+    with pytest.raises(TypeError, match=r"sync must be None, True or False, got str"):
+        LocalEntropyRegularizer(4, 2, sync="auto")
+    ler = LocalEntropyRegularizer(4, 2, sync=True)
+    with pytest.raises(InputError, match=r"sync=True needs an initialised torch.distributed"):
+        ler(z, torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(InputError, match=r"sync=True needs an initialised torch.distributed"):
+        ler.update_prior(z)
+    torch.testing.assert_close(ler.prior, torch.full((4,), 0.25))
+    # sync=False (or None without a process group) is the single-process update
+    a = LocalEntropyRegularizer(4, 2, sync=False).double()
+    b = LocalEntropyRegularizer(4, 2).double()
+    zz, labeled = _logits_with_confidences()
+    a(zz, labeled)
+    b(zz, labeled)
+    torch.testing.assert_close(a.prior, b.prior, rtol=0, atol=0)

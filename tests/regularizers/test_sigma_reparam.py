@@ -3,6 +3,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit.regularizers import (
@@ -11,6 +12,7 @@ from entrokit.regularizers import (
     convert_to_sigma_reparam,
     spectral_norm_step,
 )
+from entrokit.regularizers.sigma_reparam import SigmaReparamConv2d
 
 
 def test_identity_at_init_linear_and_wrapper():
@@ -132,3 +134,205 @@ def test_spectral_norm_step_and_init_std_validation():
         spectral_norm_step(torch.randn(4), torch.ones(4))
     with pytest.raises(InputError, match=r"init_std must be a finite number > 0 or None, got inf"):
         SigmaReparamLinear(4, 2, init_std=float("inf"))
+
+
+# ---------------------------------------------------------------------------------------
+# Conv2d: sigma is the spectral norm of the flattened kernel (out, in/groups*kh*kw), the
+# reference definition (its SNConv2d is an SNLinear with in_features = in*kh*kw)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_sigma_matches_svd_of_flattened_kernel(groups):
+    torch.manual_seed(10)
+    conv = SigmaReparamConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64)
+    assert conv.u.shape == (4 // groups * 9,)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # move W away from its initial SVD so the power iteration has work
+        conv.weight.add_(0.05 * torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64)
+    for _ in range(200):
+        conv(x)
+    flat = conv.weight.detach().reshape(6, -1)
+    true = torch.linalg.svdvals(flat)[0]
+    torch.testing.assert_close(conv.sigma, true, rtol=1e-8, atol=0)
+    conv.eval()
+    w_hat = conv._reparam_weight(conv.weight).detach()
+    torch.testing.assert_close(torch.linalg.svdvals(w_hat.reshape(6, -1))[0], conv.gamma.detach().abs(),
+                               rtol=1e-8, atol=0)
+    # the layer is its own convolution with the reparameterised kernel
+    torch.testing.assert_close(conv(x), F.conv2d(x, w_hat, conv.bias, padding=1, groups=groups))
+
+
+def test_conv2d_identity_at_init_wrapper_and_convert():
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(5, 4, 1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+    ).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    y = model(x)
+    conv = model[0]
+    torch.testing.assert_close(SigmaReparam(conv)(x), conv(x))
+    new = SigmaReparamConv2d.from_conv2d(conv)
+    assert new.padding_mode == "reflect" and new.padding == (1, 1)
+    torch.testing.assert_close(new(x), conv(x))
+    torch.testing.assert_close(new.gamma.detach(), torch.linalg.svdvals(conv.weight.detach().reshape(5, -1))[0])
+    convert_to_sigma_reparam(model)
+    assert isinstance(model[0], SigmaReparamConv2d) and isinstance(model[2], SigmaReparamConv2d)
+    assert isinstance(model[4], SigmaReparamLinear)
+    torch.testing.assert_close(model(x), y)
+    m2 = convert_to_sigma_reparam(nn.Sequential(nn.Conv2d(2, 2, 3), nn.Linear(2, 2)), include_conv2d=False)
+    assert type(m2[0]) is nn.Conv2d and isinstance(m2[1], SigmaReparamLinear)
+    m3 = convert_to_sigma_reparam(nn.Sequential(nn.Conv2d(2, 2, 3)), wrap=True)
+    assert isinstance(m3[0], SigmaReparam) and isinstance(m3[0].module, nn.Conv2d)
+
+
+# ---------------------------------------------------------------------------------------
+# autocast: the power iteration and sigma stay float32
+# ---------------------------------------------------------------------------------------
+
+
+def _unconverged_linear(seed: int) -> SigmaReparamLinear:
+    torch.manual_seed(seed)
+    lin = SigmaReparamLinear(64, 48, init_std=None)
+    with torch.no_grad():  # u is no longer the top singular vector
+        lin.weight.mul_(torch.linspace(0.2, 3.0, 64))
+    return lin
+
+
+def test_power_iteration_stays_float32_under_cpu_bf16_autocast():
+    ref, lin = _unconverged_linear(13), _unconverged_linear(13)
+    x = torch.randn(4, 64)
+    for _ in range(3):
+        y_ref = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x)
+    assert y.dtype == torch.bfloat16 and y_ref.dtype == torch.float32  # the matmul is autocast
+    assert lin.u.dtype == torch.float32 and lin.sigma.dtype == torch.float32
+    # same state as without autocast, to float32 rounding (bfloat16 would be off by ~1e-3)
+    torch.testing.assert_close(lin.u, ref.u, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lin.sigma, ref.sigma, rtol=1e-6, atol=0)
+    # spectral_norm_step itself: float32 sigma with a float32 gradient under autocast
+    w = ref.weight.detach().clone().requires_grad_(True)
+    u0 = F.normalize(torch.linspace(-1, 1, 64), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s_ac, u_ac = spectral_norm_step(w, u0)
+    s_fp, u_fp = spectral_norm_step(w.detach(), u0)
+    assert s_ac.dtype == torch.float32 and u_ac.dtype == torch.float32
+    torch.testing.assert_close(s_ac.detach(), s_fp, rtol=1e-6, atol=0)
+    torch.testing.assert_close(u_ac, u_fp, rtol=0, atol=1e-6)
+    s_ac.backward()
+    assert w.grad.dtype == torch.float32
+    # the check is sensitive: the same step left to autocast is visibly off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_bf = F.normalize(w.detach() @ u0, dim=0)
+        u_bf = F.normalize(w.detach().t() @ v_bf, dim=0)
+    assert u_bf.dtype == torch.bfloat16 and (u_bf.float() - u_fp).abs().max() > 1e-4
+
+
+def test_conv2d_power_iteration_float32_under_autocast_and_bf16_weights():
+    torch.manual_seed(14)
+    a = SigmaReparamConv2d(3, 8, 3, init_std=None)
+    b = SigmaReparamConv2d(3, 8, 3, init_std=None)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 7, 7)
+    a(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = b(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(b.u, a.u, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.sigma, a.sigma, rtol=1e-6, atol=0)
+    # bfloat16 weights: sigma is still computed (and returned) in float32
+    w16 = a.weight.detach().to(torch.bfloat16)
+    s, u = spectral_norm_step(w16, a.u.to(torch.bfloat16))
+    assert s.dtype == torch.float32 and u.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# reference re-initialisation (convert_to_sn builds new layers)
+# ---------------------------------------------------------------------------------------
+
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(300, 200)
+        self.conv = nn.Conv2d(16, 32, 3)
+
+
+def test_reinit_follows_reference_recipe():
+    torch.manual_seed(15)
+    model = _Two()
+    w_lin0 = model.lin.weight.detach().clone()
+    torch.manual_seed(16)
+    convert_to_sigma_reparam(model, reinit=True, linear_init_gain=2.0, conv_init_gain=0.5)
+    lin, conv = model.lin, model.conv
+    assert isinstance(lin, SigmaReparamLinear) and isinstance(conv, SigmaReparamConv2d)
+    assert not torch.equal(lin.weight.detach(), w_lin0)
+    # weight ~ N(0, (0.02 gain)^2), truncated at +-2 absolute (PyTorch default), i.e. not at 2 std
+    for layer, std in ((lin, 0.04), (conv, 0.01)):
+        w = layer.weight.detach()
+        assert abs(w.std().item() - std) < 0.03 * std and abs(w.mean().item()) < 0.05 * std
+        assert w.abs().max().item() > 2.5 * std
+        fan_in = w[0].numel()
+        assert layer.bias.abs().max().item() <= 1 / fan_in**0.5
+        flat = w.reshape(w.shape[0], -1).double()
+        _, s, vh = torch.linalg.svd(flat, full_matrices=False)
+        torch.testing.assert_close(layer.gamma.detach().double(), s[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(layer.sigma.double(), s[0], rtol=1e-5, atol=0)
+        assert abs(abs(layer.u.double() @ vh[0]) - 1) < 1e-5
+    # W_hat = W at conversion, so the new layer is a plain layer with the new weights
+    x = torch.randn(3, 300)
+    lin.eval()
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+    # reproducible from the global seed; default keeps the weights
+    torch.manual_seed(15)
+    again = _Two()
+    torch.manual_seed(16)
+    convert_to_sigma_reparam(again, reinit=True, linear_init_gain=2.0, conv_init_gain=0.5)
+    assert torch.equal(again.lin.weight, lin.weight) and torch.equal(again.conv.bias, conv.bias)
+    torch.manual_seed(15)
+    kept = convert_to_sigma_reparam(_Two())
+    assert torch.equal(kept.lin.weight.detach(), w_lin0)
+
+
+def test_reinit_wrap_and_sigma_reparam_layer_init_std_bounds():
+    torch.manual_seed(17)
+    m = convert_to_sigma_reparam(nn.Sequential(nn.Linear(400, 300)), wrap=True, reinit=True)
+    w = m[0].module.weight.detach()
+    assert abs(w.std().item() - 0.02) < 0.001
+    torch.testing.assert_close(m[0].gamma.detach(), torch.linalg.svdvals(w)[0], rtol=1e-5, atol=0)
+    lin = SigmaReparamLinear(400, 300)  # the layer's own init: the reference SNLinear's
+    assert abs(lin.weight.std().item() - 0.02) < 0.001 and lin.weight.abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"linear_init_gain": 0.0}, InputError, r"linear_init_gain must be a finite number > 0, got 0.0"),
+        ({"conv_init_gain": float("inf")}, InputError, r"conv_init_gain must be a finite number > 0, got inf"),
+        ({"linear_init_gain": True}, InputError, r"linear_init_gain must be a finite number > 0, got True"),
+        ({"reinit": "yes"}, TypeError, r"reinit must be a bool, got str"),
+        ({"include_conv2d": 1}, TypeError, r"include_conv2d must be a bool, got int"),
+        ({"wrap": None}, TypeError, r"wrap must be a bool, got NoneType"),
+    ],
+)
+def test_convert_options_validate(kwargs, exc, match):
+    model = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(exc, match=match):
+        convert_to_sigma_reparam(model, **kwargs)
+    assert type(model[0]) is nn.Linear  # nothing converted
+
+
+def test_conv2d_errors():
+    with pytest.raises(InputError, match=r"model is itself an nn.Conv2d.*from_conv2d"):
+        convert_to_sigma_reparam(nn.Conv2d(2, 2, 3))
+    with pytest.raises(InputError, match=r"init_std must be a finite number > 0 or None, got -1.0.*nn.Conv2d"):
+        SigmaReparamConv2d(2, 2, 3, init_std=-1.0)
+    with pytest.raises(TypeError, match=r"expected nn.Conv2d, got Linear"):
+        SigmaReparamConv2d.from_conv2d(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"SigmaReparam wraps nn.Linear or nn.Conv2d, got Conv1d"):
+        SigmaReparam(nn.Conv1d(2, 2, 1))
+    with pytest.raises(InputError, match=r"u must have shape \(18,\)"):
+        spectral_norm_step(torch.randn(4, 2, 3, 3), torch.ones(9))

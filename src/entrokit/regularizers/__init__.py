@@ -39,6 +39,7 @@ from entrokit.regularizers.legogcd import (
 from entrokit.regularizers.pskd import PSKDLoss, pskd_alpha, pskd_targets, soft_cross_entropy
 from entrokit.regularizers.sigma_reparam import (
     SigmaReparam,
+    SigmaReparamConv2d,
     SigmaReparamLinear,
     convert_to_sigma_reparam,
     spectral_norm_step,
@@ -55,6 +56,7 @@ __all__ = [
     "PSKDLoss",
     "ScaledFFN",
     "SigmaReparam",
+    "SigmaReparamConv2d",
     "SigmaReparamLinear",
     "SpectralNormLinear",
     "WeightNormLinear",

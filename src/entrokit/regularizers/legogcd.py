@@ -34,8 +34,33 @@ the prior from before the update. The reference applies the softmax to the raw c
 logits (:math:`T_p = 1`), which keeps :math:`\tilde p` close to uniform; set
 ``prior_temperature=tau_s`` to average the model's actual predictions instead.
 
-**Dual-view KL** (Eq. 11): :math:`D_{KL}(p\,\|\,p') = \frac1B\sum_i\sum_k p_{ik}
-\log(p_{ik}/p'_{ik})` between the predictions of two views, gradient through both.
+Under ``torch.distributed`` (``sync=None`` with more than one rank, or ``sync=True``) the
+batch mean is taken over the *global* batch: every rank all-reduces
+:math:`\bigl(\sum_{i\in r}\mathrm{softmax}(z_i/T_p),\ N_r\bigr)` and uses
+:math:`\frac{1}{\sum_r N_r}\sum_r\sum_{i\in r}\mathrm{softmax}(z_i/T_p)`, so the prior is
+the same on every rank and equal to a single-process run on the concatenated batch (uneven
+shards included). The reference code keeps :math:`\tilde p` per process (its multi-GPU
+script ``train_mp.py`` has no LER at all).
+
+**Dual-view KL** (Eq. 11): :math:`D_{KL}(p\,\|\,p') = \frac{1}{B}\sum_{i=1}^{B}\sum_k p_{ik}
+\log(p_{ik}/p'_{ik})` between the predictions :math:`p = \mathrm{softmax}(z/\tau_s)` of the
+two views of ``B`` images. Two details differ between the sources:
+
+* *Gradient.* The paper's Algorithm 1 (appendix) writes
+  ``x1_pred, x2_pred.detach() = s_pred.chunk(2)``: the second view is a fixed target and
+  only the first view gets a gradient (``detach_second_view=True``). The released code
+  (``model.py``, ``DistillLoss.forward``) detaches neither view
+  (``detach_second_view=False``, the default).
+* *Form.* The released code applies ``log_softmax`` to the *probabilities*,
+  :math:`\sum_k p_{ik}(\log\mathrm{softmax}(p_i)_k - \log\mathrm{softmax}(p'_i)_k)`
+  (``form="reference"``), a much flatter quantity than Eq. 11 (``form="paper"``, the
+  default).
+
+**Which DKL form matches the published numbers.** The paper's tables come from the released
+training code, so the setting that matches them is ``form="reference",
+detach_second_view=False`` (weight 1, inside the unsupervised classification term).
+``form="paper", detach_second_view=True`` is Eq. 11 and Algorithm 1 as written. We have not
+re-run the paper's benchmarks with either setting.
 """
 
 from __future__ import annotations
@@ -43,6 +68,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -57,6 +83,7 @@ from entrokit.regularizers._checks import (
     check_positive,
     check_reduction,
     check_unit_interval,
+    non_finite_message,
     tensor_ok,
 )
 
@@ -180,6 +207,8 @@ def dual_view_kl(
     temperature: float = 0.1,
     form: Literal["paper", "reference"] = "paper",
     reduction: Literal["mean", "sum", "none"] = "mean",
+    *,
+    detach_second_view: bool = False,
 ) -> torch.Tensor:
     r"""Dual-view KL divergence :math:`D_{KL}(p\,\|\,p')` of LegoGCD (Eq. 11).
 
@@ -190,9 +219,20 @@ def dual_view_kl(
     * ``form="reference"``: the reference code's expression
       :math:`\frac1B\sum_i\sum_k p_{ik}(\log\mathrm{softmax}(p_i)_k - \log\mathrm{softmax}(p'_i)_k)`,
       i.e. log-softmax applied to probabilities; it is zero for identical views but is
-      not a divergence. Use it only to reproduce the published numbers.
+      not a divergence. It is the released code's form, the one behind the published
+      numbers (see the module docstring).
 
-    Gradients flow through both views (as in the reference).
+    Gradients: by default both views receive a gradient (released code). With
+    ``detach_second_view=True`` the second view is a constant target, as in the paper's
+    Algorithm 1 (``x2_pred.detach()``): the gradient w.r.t. ``logits_view1`` is unchanged
+    and the gradient w.r.t. ``logits_view2`` is exactly zero. For ``form="paper"``, per row,
+
+    .. math::
+
+        \frac{\partial D_{KL}}{\partial z_k} = \frac{1}{\tau}\,p_k\Bigl(\log\frac{p_k}{p'_k}
+            - D_{KL}(p\,\|\,p')\Bigr),\qquad
+        \frac{\partial D_{KL}}{\partial z'_k} = \frac{1}{\tau}\,(p'_k - p_k)
+        \quad(0\text{ when detached}).
 
     Args:
         logits_view1: ``[B, K]`` logits of the first view.
@@ -200,6 +240,7 @@ def dual_view_kl(
         temperature: student temperature :math:`\tau_s` (0.1).
         form: ``"paper"`` or ``"reference"``.
         reduction: ``"mean"`` over ``B`` (default), ``"sum"`` or ``"none"`` (``[B]``).
+        detach_second_view: stop the gradient through ``logits_view2`` (Algorithm 1).
 
     Examples:
         >>> import torch
@@ -223,6 +264,13 @@ def dual_view_kl(
     temperature = check_positive(temperature, "temperature", example="temperature=0.1")
     check_choice(form, "form", ("paper", "reference"))
     check_reduction(reduction)
+    if not isinstance(detach_second_view, bool):
+        raise TypeError(
+            f"detach_second_view must be a bool, got {type(detach_second_view).__name__}; use "
+            "True for the paper's Algorithm 1 or False for the released code."
+        )
+    if detach_second_view:
+        logits_view2 = logits_view2.detach()
     lp1 = F.log_softmax(logits_view1 / temperature, dim=1)
     lp2 = F.log_softmax(logits_view2 / temperature, dim=1)
     if form == "paper":
@@ -259,6 +307,13 @@ class LocalEntropyRegularizer(nn.Module):
         check_inputs: value check (forces a device sync): in training mode, logits with a
             NaN or inf entry raise :class:`~entrokit.InputError` before the prior changes.
             With ``check_inputs=False`` such a batch leaves the prior unchanged silently.
+            Under ``torch.distributed`` a non-finite batch on *any* rank raises on every rank
+            (``check_inputs=True``) or is skipped on every rank (``False``), after the
+            collective, so the ranks never disagree and none waits forever.
+        sync: distributed prior update: ``None`` (default) all-reduces iff a process group
+            with more than one rank is initialised, ``True`` always all-reduces (needs an
+            initialised group), ``False`` keeps a per-process prior (reference behaviour).
+            Every rank must then call the module the same number of times in training mode.
 
     Shape:
         - logits ``[N, K]``, labeled_mask ``[N]`` (bool); output: scalar.
@@ -284,6 +339,7 @@ class LocalEntropyRegularizer(nn.Module):
         prior_temperature: float = 1.0,
         detach_target: bool = False,
         check_inputs: bool = True,
+        sync: bool | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = check_count(num_classes, "num_classes", minimum=2)
@@ -301,6 +357,7 @@ class LocalEntropyRegularizer(nn.Module):
         self.prior_temperature = prior_temperature
         self.detach_target = detach_target
         self.check_inputs = check_inputs
+        self.sync = sync
         self._check_options()
         self.register_buffer("prior", torch.full((num_classes,), 1.0 / num_classes))
         self.num_selected = 0
@@ -312,6 +369,11 @@ class LocalEntropyRegularizer(nn.Module):
         check_nonneg_real(self.lam_ler, "lam_ler", example="lam_ler=0.4")
         check_unit_interval(self.momentum, "momentum", closed_right=True, example="momentum=0.999")
         check_positive(self.prior_temperature, "prior_temperature", example="prior_temperature=1.0")
+        if self.sync is not None and not isinstance(self.sync, bool):
+            raise TypeError(
+                f"sync must be None, True or False, got {type(self.sync).__name__}; use "
+                "sync=None to all-reduce the prior whenever torch.distributed runs on >1 rank."
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -319,25 +381,62 @@ class LocalEntropyRegularizer(nn.Module):
             f"threshold={self.threshold}, tau_o={self.tau_o}, lam_ler={self.lam_ler}"
         )
 
+    def _syncing(self) -> bool:
+        initialised = dist.is_available() and dist.is_initialized()
+        if self.sync is None:
+            return initialised and dist.get_world_size() > 1
+        if self.sync and not initialised:
+            raise InputError(
+                "sync=True needs an initialised torch.distributed process group; call "
+                "torch.distributed.init_process_group(...) first or pass sync=None."
+            )
+        return bool(self.sync)
+
     @torch.no_grad()
     def update_prior(self, logits: torch.Tensor) -> None:
         r""":math:`\tilde p \leftarrow m\tilde p + (1-m)\,\mathrm{mean}_i\,\mathrm{softmax}(z_i/T_p)`.
 
+        The mean runs over the global batch under ``torch.distributed`` (see ``sync``).
         Logits with a NaN or inf entry raise :class:`~entrokit.InputError`
         (``check_inputs=True``) or are skipped (``check_inputs=False``); the prior is left
-        unchanged either way.
+        unchanged either way (on every rank).
         """
         logits = check_logits(logits, self.num_classes)
-        if self.check_inputs:
+        syncing = self._syncing()
+        if self.check_inputs and not syncing:
             check_finite_batch(logits, "logits", "LocalEntropyRegularizer", "class prior")
-        self._update(logits)
+        self._update(logits, syncing)
 
-    def _update(self, logits: torch.Tensor) -> None:
+    def _update(self, logits: torch.Tensor, syncing: bool = False) -> None:
         z = logits.detach().to(self.prior.dtype)
-        mean_p = F.softmax(z / self.prior_temperature, dim=1).mean(0)
+        probs = F.softmax(z / self.prior_temperature, dim=1)
+        ok = tensor_ok(z)
+        if syncing:
+            # one all-reduce of [sum_i p_i (K), N, bad flag of each rank (world)]
+            world, rank = dist.get_world_size(), dist.get_rank()
+            bad = torch.zeros(world, dtype=probs.dtype, device=probs.device)
+            bad[rank] = (~ok).to(probs.dtype)
+            local_sum = torch.where(ok, probs.sum(0), torch.zeros_like(probs[0]))
+            count = torch.full((1,), float(probs.shape[0]), dtype=probs.dtype, device=probs.device)
+            stats = torch.cat([local_sum, count, bad])
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            k = self.num_classes
+            mean_p = stats[:k] / stats[k]
+            bad_any = stats[k + 1 :] > 0
+            if self.check_inputs:
+                ranks = bad_any.nonzero().flatten().tolist()
+                if ranks:
+                    raise InputError(
+                        non_finite_message(
+                            "logits", "LocalEntropyRegularizer", "class prior", ranks=ranks
+                        )
+                    )
+            ok = ~bad_any.any()
+        else:
+            mean_p = probs.mean(0)
         new = self.momentum * self.prior + (1.0 - self.momentum) * mean_p
-        if not self.check_inputs:  # no sync: keep the old prior for a non-finite batch
-            new = torch.where(tensor_ok(z), new, self.prior)
+        if not self.check_inputs:  # no host sync: keep the old prior for a non-finite batch
+            new = torch.where(ok, new, self.prior)
         self.prior.copy_(new)
 
     def forward(self, logits: torch.Tensor, labeled_mask: torch.Tensor) -> torch.Tensor:
@@ -349,7 +448,8 @@ class LocalEntropyRegularizer(nn.Module):
                 f"LocalEntropyRegularizer keeps its prior on {self.prior.device} but logits are "
                 f"on {logits.device}; move it with ler.to(logits.device)."
             )
-        if self.training and self.check_inputs:
+        syncing = self.training and self._syncing()
+        if self.training and self.check_inputs and not syncing:  # synced: checked in _update
             check_finite_batch(logits, "logits", "LocalEntropyRegularizer", "class prior")
         mask = select_known(logits, labeled_mask, self.num_known, self.threshold, self.tau_s)
         self.num_selected = int(mask.sum())
@@ -358,5 +458,5 @@ class LocalEntropyRegularizer(nn.Module):
         )
         if self.training:
             with torch.no_grad():
-                self._update(logits)  # after the loss, as in the reference
+                self._update(logits, syncing)  # after the loss, as in the reference
         return loss

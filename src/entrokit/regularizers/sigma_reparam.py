@@ -1,4 +1,4 @@
-r"""σReparam: spectral reparameterisation of linear layers (Zhai et al., ICML 2023).
+r"""σReparam: spectral reparameterisation of linear and 2-d convolution layers (Zhai et al., ICML 2023).
 
 Every weight is used as
 
@@ -18,6 +18,25 @@ learned scalar. Following the reference code (apple/ml-sigma-reparam, ``vision/l
 * in eval mode no state changes: :math:`\sigma = \lVert W u\rVert` with the stored :math:`u`
   (the reference code also takes an unsaved extra step in eval; the two agree once the
   iteration has converged).
+* the power iteration and :math:`\sigma` run in (at least) float32 with autocast switched
+  off, so under ``torch.autocast`` (bfloat16/float16) :math:`u` and :math:`\sigma` keep
+  float32 accuracy (the reference has an ``FP32SpectralNormedWeight`` wrapper for the same
+  purpose). The layer's own matmul/convolution still runs in the autocast dtype.
+
+**Conv2d.** A convolution weight of shape ``(out, in/groups, kh, kw)`` is normalised by the
+spectral norm of its *flattened* matrix ``W.reshape(out, in/groups*kh*kw)``, the
+definition of the reference code (its ``SNConv2d`` is an ``SNLinear`` with
+``in_features = in*kh*kw`` whose weight is viewed as a kernel). This is the largest
+singular value of the kernel matrix, not the operator norm of the convolution acting on
+images (the two coincide for 1x1 kernels).
+
+**Re-initialisation.** The reference recipe (``convert_to_sn`` in ``vision/layers.py``)
+*replaces* every Linear/Conv2d by a freshly built layer: weight
+:math:`\sim\mathcal N(0, (0.02\,g)^2)` through ``nn.init.trunc_normal_`` with its default
+bounds :math:`[-2, 2]` (absolute, so practically untruncated), with gain :math:`g` per
+layer type, and the bias of a new ``nn.Linear`` (:math:`\mathcal U(\pm 1/\sqrt{\text{fan}_{in}})`).
+:func:`convert_to_sigma_reparam` keeps the trained weights by default and does this with
+``reinit=True``.
 
 Capping :math:`\lVert \hat W_Q \hat W_K^\top\rVert_2 \le \gamma_Q\gamma_K` bounds the attention
 logits, which puts a floor under the attention entropy and prevents entropy collapse
@@ -26,6 +45,7 @@ logits, which puts a floor under the attention entropy and prevents entropy coll
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -39,9 +59,23 @@ from entrokit._errors import InputError
 __all__ = [
     "spectral_norm_step",
     "SigmaReparamLinear",
+    "SigmaReparamConv2d",
     "SigmaReparam",
     "convert_to_sigma_reparam",
 ]
+
+
+def _no_autocast(device: torch.device):
+    """A context with autocast switched off for ``device`` (a no-op where unsupported)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
+        return contextlib.nullcontext()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 weights, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def spectral_norm_step(
@@ -49,14 +83,24 @@ def spectral_norm_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One power-iteration step and the differentiable spectral-norm estimate.
 
+    With :math:`W` the weight flattened to ``(out, -1)``:
+    :math:`v = Wu/\lVert Wu\rVert`, :math:`u' = W^\top v/\lVert W^\top v\rVert` (no gradient)
+    and :math:`\sigma = v^\top W u'` (gradient w.r.t. ``weight``;
+    :math:`\partial\sigma/\partial W = v u'^\top`).
+
+    The step runs with autocast switched off, in float32 for float32/float16/bfloat16
+    weights (float64 for float64), so ``torch.autocast`` never lowers its precision.
+
     Args:
-        weight: ``(out, in)`` matrix (higher-rank weights are flattened to ``(out, -1)``).
-        u: ``(in,)`` unit vector from the previous step.
+        weight: ``(out, in)`` matrix; higher-rank weights (e.g. a Conv2d kernel
+            ``(out, in/groups, kh, kw)``) are flattened to ``(out, -1)``.
+        u: ``(in,)`` unit vector from the previous step (``in`` = flattened input size).
         update: do the step (training); if False return :math:`\lVert W u\rVert` and ``u``.
 
     Returns:
-        ``(sigma, u_new)``: scalar :math:`v^\top W u` (gradient flows to ``weight`` only) and
-        the new right vector (no gradient).
+        ``(sigma, u_new)``: scalar :math:`\sigma` in the compute dtype (float32 or float64;
+        gradient flows to ``weight`` only) and the new right vector in that dtype (no
+        gradient).
     """
     if not isinstance(weight, torch.Tensor) or not isinstance(u, torch.Tensor):
         raise TypeError(
@@ -74,11 +118,16 @@ def spectral_norm_step(
             f"{tuple(weight.shape)}), got {tuple(u.shape)}; start from a random unit vector, e.g. "
             f"F.normalize(torch.randn({w.shape[1]}), dim=0)."
         )
-    with torch.no_grad():
-        v = F.normalize(w.detach() @ u, dim=0)
-        if update:
-            u = F.normalize(w.detach().t() @ v, dim=0)
-    return torch.einsum("o,oi,i->", v, w, u), u
+    cdt = _compute_dtype(weight.dtype)
+    with _no_autocast(weight.device):
+        wc = w.to(cdt)  # differentiable cast; a no-op for float32/float64 weights
+        with torch.no_grad():
+            uc = u.detach().to(cdt)
+            v = F.normalize(wc.detach() @ uc, dim=0)
+            if update:
+                uc = F.normalize(wc.detach().t() @ v, dim=0)
+        sigma = torch.einsum("o,oi,i->", v, wc, uc)
+    return sigma, uc
 
 
 def _svd_init(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +154,16 @@ class _SigmaReparamMixin:
             with torch.no_grad():
                 self.u.copy_(u)
                 self.sigma.copy_(sigma.detach())
-        return weight * (self.gamma / sigma)
+        # gamma / sigma is a 0-dim float32 (or float64) factor; the product keeps weight's dtype
+        return weight * (self.gamma / sigma).to(weight.dtype)
+
+    def _reset_sigma_state(self, weight: torch.Tensor) -> None:
+        """u, σ and γ from an exact SVD of ``weight`` (so Ŵ = W again)."""
+        s0, u0 = _svd_init(weight)
+        with torch.no_grad():
+            self.u.copy_(u0)
+            self.sigma.copy_(s0)
+            self.gamma.copy_(s0)
 
     @property
     def effective_spectral_norm(self) -> torch.Tensor:
@@ -118,8 +176,9 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
-        init_std: if not None, re-initialise ``weight`` with a truncated normal of this std
-            (reference code: 0.02 × gain); None keeps PyTorch's default ``nn.Linear`` init.
+        init_std: if not None, re-initialise ``weight`` as the reference ``SNLinear`` does,
+            ``nn.init.trunc_normal_(weight, std=init_std)`` (default bounds ±2, absolute;
+            reference: 0.02 × gain); None keeps PyTorch's default ``nn.Linear`` init.
 
     Shape:
         Input ``(*, in_features)``, output ``(*, out_features)``.
@@ -146,15 +205,7 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if init_std is not None:
-            if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not (
-                math.isfinite(init_std) and init_std > 0
-            ):
-                raise InputError(
-                    f"init_std must be a finite number > 0 or None, got {init_std!r}; use e.g. "
-                    "init_std=0.02, or None to keep nn.Linear's default initialisation."
-                )
-            with torch.no_grad():
-                nn.init.trunc_normal_(self.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+            _reference_weight_init(self.weight, _check_init_std(init_std, "nn.Linear"))
         self._init_sigma_state(self.weight)
 
     @classmethod
@@ -169,15 +220,8 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
             new.weight.copy_(w)
             if linear.bias is not None:
                 new.bias.copy_(linear.bias)
-        new._init_sigma_state_replace()
+        new._reset_sigma_state(new.weight)
         return new
-
-    def _init_sigma_state_replace(self) -> None:
-        s0, u0 = _svd_init(self.weight)
-        with torch.no_grad():
-            self.u.copy_(u0)
-            self.sigma.copy_(s0)
-            self.gamma.copy_(s0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self._reparam_weight(self.weight), self.bias)
@@ -186,25 +230,105 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
         return super().extra_repr() + ", sigma_reparam=True"
 
 
-class SigmaReparam(_SigmaReparamMixin, nn.Module):
-    r"""Wrap an existing ``nn.Linear`` (sharing its parameters) with σReparam.
+class SigmaReparamConv2d(_SigmaReparamMixin, nn.Conv2d):
+    r"""Drop-in ``nn.Conv2d`` with σReparam: the kernel is used as :math:`\hat W = (\gamma/\sigma(W))\,W`.
 
-    ``SigmaReparam(lin)(x) == F.linear(x, (γ/σ(W)) W, b)`` where ``W, b`` are ``lin``'s own
-    parameters; γ starts at σ(W), so the wrapped layer computes exactly what ``lin`` did.
+    :math:`\sigma(W)` is the spectral norm of the flattened kernel
+    ``W.reshape(out_channels, in_channels // groups * kh * kw)`` (the reference definition,
+    see the module docstring), estimated by one power step per training forward.
 
     Args:
-        module: the ``nn.Linear`` to wrap.
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+        padding_mode, device, dtype: as for ``nn.Conv2d``.
+        init_std: if not None, re-initialise ``weight`` as the reference ``SNConv2d`` does,
+            ``nn.init.trunc_normal_(weight, std=init_std)`` (reference: 0.02 × gain); None
+            keeps PyTorch's default ``nn.Conv2d`` init.
+
+    Shape:
+        As ``nn.Conv2d``: input ``(N, C_in, H, W)``, output ``(N, C_out, H_out, W_out)``.
+
+    State:
+        ``gamma`` (parameter, scalar), buffers ``u`` ``(in_channels // groups * kh * kw,)``
+        and ``sigma``.
+
+    Examples:
+        >>> conv = SigmaReparamConv2d(3, 8, 3, padding=1)
+        >>> conv(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 8, 16, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        init_std: float | None = 0.02,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+            device=device, dtype=dtype,
+        )
+        if init_std is not None:
+            _reference_weight_init(self.weight, _check_init_std(init_std, "nn.Conv2d"))
+        self._init_sigma_state(self.weight)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d) -> SigmaReparamConv2d:
+        """Build from an existing ``nn.Conv2d``, copying its weight and bias (Ŵ = W)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}.")
+        w = conv.weight
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device,
+            dtype=w.dtype, init_std=None,
+        )
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        new._reset_sigma_state(new.weight)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self._reparam_weight(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", sigma_reparam=True"
+
+
+class SigmaReparam(_SigmaReparamMixin, nn.Module):
+    r"""Wrap an existing ``nn.Linear`` or ``nn.Conv2d`` (sharing its parameters) with σReparam.
+
+    ``SigmaReparam(lin)(x) == F.linear(x, (γ/σ(W)) W, b)`` where ``W, b`` are ``lin``'s own
+    parameters (for a Conv2d, its own convolution with the kernel ``(γ/σ(W)) W``, σ of the
+    flattened kernel); γ starts at σ(W), so the wrapped layer computes exactly what the
+    module did.
+
+    Args:
+        module: the ``nn.Linear`` or ``nn.Conv2d`` to wrap.
 
     Shape:
         Same as ``module``.
     """
 
-    def __init__(self, module: nn.Linear) -> None:
+    def __init__(self, module: nn.Linear | nn.Conv2d) -> None:
         super().__init__()
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(
-                f"SigmaReparam wraps nn.Linear, got {type(module).__name__}; for other layers "
-                "apply spectral_norm_step to their weight yourself."
+                f"SigmaReparam wraps nn.Linear or nn.Conv2d, got {type(module).__name__}; for "
+                "other layers apply spectral_norm_step to their weight yourself."
             )
         self.module = module
         self._init_sigma_state(module.weight)
@@ -223,23 +347,85 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
         return self.module.weight * (self.gamma / sigma)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self._reparam_weight(self.module.weight), self.module.bias)
+        w = self._reparam_weight(self.module.weight)
+        if isinstance(self.module, nn.Conv2d):
+            return self.module._conv_forward(input, w, self.module.bias)
+        return F.linear(input, w, self.module.bias)
+
+
+def _check_init_std(value: Any, layer: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise InputError(
+            f"init_std must be a finite number > 0 or None, got {value!r}; use e.g. "
+            f"init_std=0.02, or None to keep {layer}'s default initialisation."
+        )
+    return float(value)
+
+
+def _check_gain(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise InputError(
+            f"{name} must be a finite number > 0, got {value!r}; the reference re-initialises "
+            f"with std 0.02 * {name}, e.g. {name}=1.0."
+        )
+    return float(value)
+
+
+def _reference_weight_init(weight: torch.Tensor, std: float) -> None:
+    """``trunc_normal_(weight, std=std)`` with PyTorch's default bounds [-2, 2], as the reference."""
+    with torch.no_grad():
+        nn.init.trunc_normal_(weight, std=std)
+
+
+def _reference_bias_init(bias: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """The bias of a freshly built ``nn.Linear``/``nn.Conv2d``: U(±1/sqrt(fan_in))."""
+    if bias is None:
+        return
+    fan_in = weight[0].numel()
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        nn.init.uniform_(bias, -bound, bound)
 
 
 def convert_to_sigma_reparam(
-    model: nn.Module, *, exclude: Iterable[str] = (), wrap: bool = False
+    model: nn.Module,
+    *,
+    exclude: Iterable[str] = (),
+    wrap: bool = False,
+    include_conv2d: bool = True,
+    reinit: bool = False,
+    linear_init_gain: float = 1.0,
+    conv_init_gain: float = 1.0,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` (in place) by a σReparam layer; returns ``model``.
+    r"""Replace every ``nn.Linear`` and ``nn.Conv2d`` in ``model`` (in place) by a σReparam layer.
 
-    Weights are kept, so the converted model computes the same function at conversion time.
+    Returns ``model``. By default the weights are kept, so the converted model computes the
+    same function at conversion time (γ = σ(W) ⇒ Ŵ = W).
+
+    With ``reinit=True`` every converted layer is re-initialised as the reference recipe
+    (``convert_to_sn``, which builds new layers) does: weight
+    ``nn.init.trunc_normal_(std=0.02 * gain)`` (default bounds ±2; gain
+    ``linear_init_gain`` for Linear and ``conv_init_gain`` for Conv2d, the reference's
+    ``linear_init_gain``/``conv_init_gain``), bias drawn as for a new layer,
+    :math:`\mathcal U(\pm 1/\sqrt{\text{fan}_{in}})`, then u, σ and γ from the SVD of the new
+    weight. The draws use the global torch RNG (seed it with ``torch.manual_seed``).
+
     Linear layers owned by ``nn.MultiheadAttention`` are skipped (it reads ``out_proj.weight``
     directly, bypassing the submodule's forward); use a custom attention block to reparameterise
-    those.
+    those. Only exact ``nn.Linear`` / ``nn.Conv2d`` instances are converted (not subclasses).
 
     Args:
         model: module to convert.
         exclude: qualified names (as in ``named_modules``) to leave unchanged.
-        wrap: use :class:`SigmaReparam` wrappers instead of :class:`SigmaReparamLinear`.
+        wrap: use :class:`SigmaReparam` wrappers instead of :class:`SigmaReparamLinear` /
+            :class:`SigmaReparamConv2d`.
+        include_conv2d: also convert ``nn.Conv2d`` (the reference converts Linear and Conv2d).
+        reinit: re-initialise the converted layers as the reference recipe does.
+        linear_init_gain, conv_init_gain: gains of the re-initialisation std (``reinit=True``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -247,7 +433,30 @@ def convert_to_sigma_reparam(
         raise InputError(
             "model is itself an nn.Linear; convert it with SigmaReparamLinear.from_linear(model)."
         )
+    if isinstance(model, nn.Conv2d):
+        raise InputError(
+            "model is itself an nn.Conv2d; convert it with SigmaReparamConv2d.from_conv2d(model)."
+        )
+    for name, flag in (("wrap", wrap), ("include_conv2d", include_conv2d), ("reinit", reinit)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}.")
+    gains = {
+        nn.Linear: _check_gain(linear_init_gain, "linear_init_gain"),
+        nn.Conv2d: _check_gain(conv_init_gain, "conv_init_gain"),
+    }
     excluded = set(exclude)
+    targets: tuple[type, ...] = (nn.Linear, nn.Conv2d) if include_conv2d else (nn.Linear,)
+
+    def convert(child: nn.Module) -> nn.Module:
+        kind = type(child)
+        if reinit:
+            _reference_weight_init(child.weight, 0.02 * gains[kind])
+            _reference_bias_init(child.bias, child.weight)
+        if wrap:
+            return SigmaReparam(child)
+        if kind is nn.Linear:
+            return SigmaReparamLinear.from_linear(child)
+        return SigmaReparamConv2d.from_conv2d(child)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         if isinstance(parent, (nn.MultiheadAttention, SigmaReparam)):
@@ -256,8 +465,8 @@ def convert_to_sigma_reparam(
             q = f"{prefix}.{cname}" if prefix else cname
             if q in excluded:
                 continue
-            if type(child) is nn.Linear:
-                setattr(parent, cname, SigmaReparam(child) if wrap else SigmaReparamLinear.from_linear(child))
+            if type(child) in targets:
+                setattr(parent, cname, convert(child))
             else:
                 visit(child, q)
 
