@@ -204,3 +204,153 @@ def test_temperature_and_ffn_options():
         ScaledFFN(ffn, alpha_init=float("inf"))
     with pytest.raises(InputError, match=r"beta_init must be a finite number, got nan"):
         ScaledFFN(ffn, beta_init=float("nan"))
+
+
+# -- query padding mask -----------------------------------------------------------------------
+def _attn_logits(L=2, B=3, H=2, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, H, T, T, generator=g, dtype=torch.float64) * 2).requires_grad_(True) for _ in range(L)]
+
+
+def _causal_softmax(s):
+    T = s.shape[-1]
+    return torch.softmax(s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf), -1)
+
+
+@pytest.mark.parametrize("mode", ["per_position", "per_head"])
+def test_query_mask_changes_penalty_only_on_padded_rows(mode):
+    L, B, H, T = 2, 3, 2, 5
+    qm = torch.ones(B, T, dtype=torch.bool)
+    qm[0, -2:] = False  # right padding
+    qm[2, :1] = False  # left padding
+    reg = EntropyBandRegularizer(L, H, lam=1.0, gamma=0.05, theta_init=0.2, mode=mode, dtype=torch.float64)
+    logits = _attn_logits(L, B, H, T)
+    pen = reg.penalty([_causal_softmax(s) for s in logits], query_mask=qm)
+    # reference: the penalty of the real rows only, computed by hand
+    ents = torch.stack([attention_entropy(_causal_softmax(s)) for s in logits])  # (L, B, H, T)
+    tau, m = 0.2 * math.log(T), 0.05 * math.log(T)
+    w = qm[None, :, None, :].double()
+    if mode == "per_position":
+        d = ents - tau
+        ref = (torch.where(d.abs() > m, d.square(), torch.zeros_like(d)) * w).sum((1, 3)).mean()
+    else:
+        d = (ents * w).sum((1, 3)) / w.sum((1, 3)) - tau
+        ref = torch.where(d.abs() > m, d.square(), torch.zeros_like(d)).mean()
+    torch.testing.assert_close(pen, ref)
+    assert pen != reg.penalty([_causal_softmax(s) for s in logits])  # the mask matters here
+    # an all-True mask is no mask
+    torch.testing.assert_close(reg.penalty([_causal_softmax(s) for s in logits], query_mask=torch.ones(B, T, dtype=torch.bool)),
+                               reg.penalty([_causal_softmax(s) for s in logits]))
+    # whatever sits in the padded rows changes nothing, and they get no gradient
+    pen.backward()
+    grads = [s.grad.clone() for s in logits]
+    noisy = [s.detach().clone() for s in logits]
+    g = torch.Generator().manual_seed(5)
+    for s in noisy:
+        s[~qm[:, None, :, None].expand_as(s)] = 10 * torch.randn(int((~qm).sum()) * H * T, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(reg.penalty([_causal_softmax(s) for s in noisy], query_mask=qm), pen)
+    pad = ~qm[:, None, :, None].expand(B, H, T, T)
+    for gr in grads:
+        assert gr[pad].abs().max() == 0 and gr[~pad].abs().max() > 0
+    if mode == "per_position":
+        # per row, the code-form penalty is separable: the real rows' gradients equal the unmasked ones
+        for s in logits:
+            s.grad = None
+        reg.penalty([_causal_softmax(s) for s in logits]).backward()
+        for s, gr in zip(logits, grads):
+            torch.testing.assert_close(gr[~pad], s.grad[~pad])
+    # (B, H, T) masks work too, and forward applies lambda
+    reg.lam = 0.5
+    torch.testing.assert_close(reg([_causal_softmax(s) for s in logits], query_mask=qm[:, None, :].expand(B, H, T)), 0.5 * pen.detach(),
+                               check_dtype=False)
+
+
+def test_query_mask_bad_inputs():
+    reg = EntropyBandRegularizer(1, 2)
+    p = [torch.softmax(torch.randn(3, 2, 4, 4), -1)]
+    with pytest.raises(TypeError, match=r"query_mask must be a bool tensor .* query_mask.bool\(\)"):
+        reg(p, query_mask=torch.ones(3, 4))
+    with pytest.raises(InputError, match=r"query_mask must have shape \(batch, queries\) = \(3, 4\).*attention_mask\[:, -T:\]"):
+        reg(p, query_mask=torch.ones(3, 6, dtype=torch.bool))
+
+
+# -- learnable temperature with a KV cache -----------------------------------------------------
+def _attend(temp, q, k, v, offset):
+    """Causal attention of queries at positions offset.. over all keys 0..S-1 (a KV cache)."""
+    Tq, S = q.shape[-2], k.shape[-2]
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    i = torch.arange(Tq)[:, None] + (offset if isinstance(offset, int) else 0)
+    causal = torch.arange(S)[None, :] <= i
+    return temp(s, causal, offset=offset) @ v
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_temperature_with_kv_cache_matches_full_sequence(per_position):
+    g = torch.Generator().manual_seed(3)
+    B, H, T, dh = 2, 3, 9, 4
+    temp = LearnableSoftmaxTemperature(H, 12, per_position=per_position, dtype=torch.float64)
+    with torch.no_grad():
+        temp.raw.copy_(torch.randn(temp.raw.shape, generator=g, dtype=torch.float64))  # distinct t per position
+    q, k, v = (torch.randn(B, H, T, dh, generator=g, dtype=torch.float64) for _ in range(3))
+    full = _attend(temp, q, k, v, 0)
+    # prefill 4 tokens, then decode one token at a time against the growing cache
+    steps = [_attend(temp, q[:, :, :4], k[:, :, :4], v[:, :, :4], 0)]
+    for n in range(4, T):
+        steps.append(_attend(temp, q[:, :, n : n + 1], k[:, :, : n + 1], v[:, :, : n + 1], n))
+    torch.testing.assert_close(torch.cat(steps, 2), full, rtol=1e-12, atol=1e-12)
+    # a chunk of 3 new queries after 5 cached ones
+    torch.testing.assert_close(_attend(temp, q[:, :, 5:8], k[:, :, :8], v[:, :, :8], 5), full[:, :, 5:8], rtol=1e-12, atol=1e-12)
+    if per_position:  # without the offset, the decoded rows use the wrong temperatures
+        s = q[:, :, -1:] @ k.transpose(-1, -2) / 2.0
+        assert not torch.allclose(temp(s) @ v, full[:, :, -1:])
+    # a per-row offset tensor (rows with different cache lengths) equals per-row int offsets
+    s = torch.randn(B, H, 2, T, generator=g, dtype=torch.float64)
+    off = torch.tensor([3, 6])
+    out = temp(s, offset=off)
+    for b in range(B):
+        torch.testing.assert_close(out[b : b + 1], temp(s[b : b + 1], offset=int(off[b])))
+
+
+def test_temperature_offset_bad_inputs():
+    temp = LearnableSoftmaxTemperature(2, 6)
+    s = torch.zeros(2, 2, 2, 6)
+    with pytest.raises(InputError, match=r"offset must be >= 0"):
+        temp(s, offset=-1)
+    with pytest.raises(InputError, match=r"query positions reach 6 \(offset 5 \+ 2 queries\) but max_len=6"):
+        temp(s, offset=5)
+    with pytest.raises(InputError, match=r"query positions reach 7"):
+        temp(s, offset=torch.tensor([0, 6]))
+    with pytest.raises(TypeError, match=r"offset must be an int .* got float"):
+        temp(s, offset=1.0)
+    with pytest.raises(TypeError, match=r"offset must be an int or an integer tensor .* torch.float32"):
+        temp(s, offset=torch.zeros(2))
+    with pytest.raises(InputError, match=r"an offset tensor must have shape \(batch,\) = \(2,\)"):
+        temp(s, offset=torch.zeros(3, dtype=torch.long))
+
+
+def test_query_mask_ignores_whatever_fills_padded_rows():
+    # fully masked (padded) rows come out as zeros (SDPA-style), uniform rows or NaN depending
+    # on the kernel; with query_mask they pass the input checks and change nothing
+    L, B, H, T = 1, 2, 2, 4
+    qm = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    p = _causal_softmax(_attn_logits(L, B, H, T, seed=3)[0].detach())
+    reg = EntropyBandRegularizer(L, H, lam=1.0, gamma=0.0, theta_init=0.1, dtype=torch.float64)
+    ref = reg([p], query_mask=qm)
+    pad = ~qm[:, None, :].expand(B, H, T)
+    keys = torch.ones(T, T, dtype=torch.bool).tril() & qm[:, None, None, :]  # causal + key padding
+    pk = torch.softmax(_attn_logits(L, B, H, T, seed=3)[0].detach().masked_fill(~keys, -math.inf), -1)
+    ref_k = reg([pk.nan_to_num()], keys, query_mask=qm)
+    for fill in (0.0, float("nan"), 3.0):
+        bad = p.clone()
+        bad[pad] = fill
+        with pytest.raises(InputError, match=r"rows must sum to 1|NaN"):
+            reg([bad])
+        torch.testing.assert_close(reg([bad], query_mask=qm), ref)
+        bad_k = pk.clone()  # with a key mask as well
+        bad_k[pad] = fill
+        torch.testing.assert_close(reg([bad_k], keys, query_mask=qm), ref_k)
+    logits = _attn_logits(L, B, H, T, seed=3)[0]
+    a = _causal_softmax(logits)
+    a = torch.where(pad[..., None], torch.full_like(a, float("nan")), a)
+    reg([a], query_mask=qm).backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[pad] == 0).all()

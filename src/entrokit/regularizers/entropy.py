@@ -378,6 +378,37 @@ def _sdpa_weights(
     return w, valid
 
 
+def _hf_probs(output: Any) -> torch.Tensor | None:
+    # a Hugging Face attention module returns (attn_output, attn_weights, ...): the weights are
+    # the first 4-D floating tensor after the output (None unless attn_implementation="eager")
+    if not isinstance(output, (tuple, list)):
+        return None
+    for o in output[1:]:
+        if isinstance(o, torch.Tensor) and o.ndim == 4 and o.is_floating_point():
+            return o
+    return None
+
+
+def _hf_valid_keys(attention_mask: Any, probs: torch.Tensor, site: str) -> torch.Tensor | None:
+    # the 4-D mask a Hugging Face attention module receives: additive (0 = keep, dtype min or
+    # -inf = masked) or bool (True = keep), shape (B or 1, 1 or H, T_q, S)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4:
+        return None
+    m = attention_mask[..., : probs.shape[-1]]
+    if m.dtype == torch.bool:
+        valid = m
+    else:
+        valid = m > torch.finfo(m.dtype).min / 2
+    try:
+        return torch.broadcast_to(valid, probs.shape)
+    except RuntimeError:
+        raise InputError(
+            f"attention site {site!r}: its attention_mask of shape {tuple(attention_mask.shape)} does "
+            f"not broadcast to the attention weights {tuple(probs.shape)}; register the module with "
+            "an extractor that returns (probs, valid_mask) instead."
+        ) from None
+
+
 class _Site:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -428,6 +459,12 @@ class AttentionEntropyRecorder:
       returns the probabilities ``(batch, heads, queries, keys)`` or ``(probs, valid_mask)``;
       with ``extractor=None`` the recorder reads ``module.<attr>`` (default ``attention_probs``)
       after each forward.
+    * Hugging Face ``transformers`` models: :meth:`register_hf` hooks every attention module
+      (e.g. ``GPT2Attention``) and reads the weights it returns. The model must use
+      ``attn_implementation="eager"``: the SDPA and flash kernels never form the
+      probabilities. Valid keys come from the 4-D mask the module receives (causal and
+      padding); padded queries are dropped when the model is called with
+      ``attention_mask=`` as a keyword.
 
     Entropies are averaged over batch and valid queries and accumulated over every recorded
     call until :meth:`reset`.
@@ -458,6 +495,8 @@ class AttentionEntropyRecorder:
         self._stack: list[str] = []
         self._orig_sdpa: Any = None
         self._sdpa_counts: dict[str, int] = {}
+        self._hf: list[tuple[nn.Module, str]] = []
+        self._hf_query_mask: torch.Tensor | None = None
         self.active = False
 
     # -- registration -----------------------------------------------------------------
@@ -477,6 +516,71 @@ class AttentionEntropyRecorder:
         self._custom.append((module, extractor, name, attr))
         if self.active:
             self._hook_custom(module, extractor, name, attr)
+        return self
+
+    def register_hf(self, modules: Sequence[nn.Module] | None = None) -> AttentionEntropyRecorder:
+        """Record the attention modules of a Hugging Face ``transformers`` model; returns ``self``.
+
+        Every module whose class name ends in ``Attention`` and that contains no other such
+        module (``GPT2Attention``, ``LlamaAttention``, ``BertSelfAttention``, ...) becomes a
+        site named by its path (``transformer.h.0.attn``), unless ``modules`` lists them
+        (``nn.MultiheadAttention`` is left to its own hook).
+        The module's second output holds the attention weights ``(B, H, T_q, S)`` when the
+        model runs the eager attention: build it with ``attn_implementation="eager"``
+        (``GPT2Config(..., attn_implementation="eager")`` or
+        ``from_pretrained(..., attn_implementation="eager")``). Needs ``transformers>=4.53``
+        (tested with 4.53.3 and 5.25.0): earlier versions return the weights only with
+        ``output_attentions=True`` and keep the causal mask out of the mask the attention
+        module receives, so the normalised entropy would count future keys.
+
+        Masks: keys are valid where the module's 4-D ``attention_mask`` is 0 (additive) or
+        True (bool), so the causal mask and key padding count in the normalised entropy. If
+        the model is called with ``attention_mask=`` (``(B, S)``, 1 = real token) as a
+        keyword, query rows whose token is padding are dropped; with a KV cache the last
+        ``T_q`` columns are the queries. Record in ``eval()`` mode or with
+        ``attn_pdrop=0``: in training mode the returned weights are **after** attention
+        dropout (rows no longer sum to 1).
+
+        Examples:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel  # doctest: +SKIP
+            >>> cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=64,
+            ...                  attn_implementation="eager")  # doctest: +SKIP
+            >>> model = GPT2LMHeadModel(cfg).eval()  # doctest: +SKIP
+            >>> with AttentionEntropyRecorder(model).register_hf() as rec:  # doctest: +SKIP
+            ...     _ = model(torch.randint(64, (2, 10)))
+            >>> rec.entropy.shape  # doctest: +SKIP
+            torch.Size([2, 2])
+        """
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if impl is not None and impl != "eager":
+            raise InputError(
+                f"the model runs attn_implementation={impl!r}, which never forms the attention "
+                "probabilities; build it with attn_implementation='eager' (e.g. "
+                "GPT2Config(..., attn_implementation='eager') or "
+                "from_pretrained(..., attn_implementation='eager'))."
+            )
+        if modules is None:
+            found = [
+                (n, m) for n, m in self.model.named_modules()
+                if type(m).__name__.endswith("Attention") and not isinstance(m, nn.MultiheadAttention)
+                and not any(type(c).__name__.endswith("Attention") for c in m.modules() if c is not m)
+            ]
+            if not found:
+                raise InputError(
+                    f"no attention module (class name ending in 'Attention') in {type(self.model).__name__}; "
+                    "pass the modules explicitly: register_hf(modules=[...])."
+                )
+        else:
+            if isinstance(modules, nn.Module) or not all(isinstance(m, nn.Module) for m in modules):
+                raise TypeError("modules must be a list of nn.Module (the attention modules) or None.")
+            found = [(self._name_of(m), m) for m in modules]
+        first = not self._hf
+        for name, m in found:
+            self._hf.append((m, name or type(m).__name__))
+            if self.active:
+                self._hook_hf(m, name or type(m).__name__)
+        if self.active and first:
+            self._hook_hf_query_mask()
         return self
 
     def _name_of(self, module: nn.Module) -> str:
@@ -510,6 +614,37 @@ class AttentionEntropyRecorder:
             self._site(site_name).add(probs, mask)
 
         self._handles.append(module.register_forward_hook(post))
+
+    def _hook_hf_query_mask(self) -> None:
+        def pre(mod, args, kwargs):
+            am = kwargs.get("attention_mask")
+            self._hf_query_mask = am.bool() if isinstance(am, torch.Tensor) and am.ndim == 2 else None
+
+        self._handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def _hook_hf(self, module: nn.Module, name: str) -> None:
+        def post(mod, args, kwargs, output):
+            probs = _hf_probs(output)
+            if probs is None:
+                raise InputError(
+                    f"attention module {name!r} returned no attention weights; build the model with "
+                    "attn_implementation='eager' (and use transformers>=4.53)."
+                )
+            valid = _hf_valid_keys(kwargs.get("attention_mask"), probs, name)
+            qm = self._hf_query_mask
+            if qm is not None:
+                B, _, Tq, _ = probs.shape
+                if qm.shape[0] != B or qm.shape[1] < Tq:
+                    raise InputError(
+                        f"attention site {name!r}: the model's attention_mask has shape "
+                        f"{tuple(qm.shape)} but the attention weights have batch {B} and {Tq} "
+                        "queries; pass a (batch, past + new tokens) padding mask."
+                    )
+                q = qm[:, -Tq:].to(probs.device)[:, None, :, None]
+                valid = q.expand(probs.shape) if valid is None else valid & q
+            self._site(name).add(probs, valid)
+
+        self._handles.append(module.register_forward_hook(post, with_kwargs=True))
 
     def _hook_mha(self, name: str, module: nn.MultiheadAttention) -> None:
         state: dict[str, Any] = {}
@@ -599,6 +734,10 @@ class AttentionEntropyRecorder:
                     self._hook_mha(n or "mha", m)
         for module, extractor, name, attr in self._custom:
             self._hook_custom(module, extractor, name, attr)
+        for module, name in self._hf:
+            self._hook_hf(module, name)
+        if self._hf:
+            self._hook_hf_query_mask()
         if self.sdpa:
             self._hook_stack()
             self._orig_sdpa = F.scaled_dot_product_attention
@@ -612,6 +751,7 @@ class AttentionEntropyRecorder:
             h.remove()
         self._handles.clear()
         self._stack.clear()
+        self._hf_query_mask = None
         if self._orig_sdpa is not None:
             F.scaled_dot_product_attention = self._orig_sdpa
             self._orig_sdpa = None

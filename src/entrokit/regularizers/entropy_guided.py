@@ -111,6 +111,24 @@ def _stack_entropies(entropies: torch.Tensor | Sequence[torch.Tensor]) -> torch.
     return e
 
 
+def _check_query_mask(query_mask: object, B: int, H: int, T: int, device: torch.device) -> torch.Tensor:
+    """Validate a query padding mask; returns it as ``(B, 1 or H, T)``."""
+    if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
+        got = query_mask.dtype if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
+        raise TypeError(
+            f"query_mask must be a bool tensor (True = real query) or None, got {got}; for "
+            "a 0/1 mask pass query_mask.bool()."
+        )
+    if query_mask.shape not in ((B, T), (B, H, T)) or query_mask.device != device:
+        raise InputError(
+            f"query_mask must have shape (batch, queries) = {(B, T)} or (batch, heads, "
+            f"queries) = {(B, H, T)} on {device}, got {tuple(query_mask.shape)} on "
+            f"{query_mask.device}; with a KV cache keep the last T columns of the padding "
+            "mask (attention_mask[:, -T:])."
+        )
+    return query_mask if query_mask.ndim == 3 else query_mask[:, None, :]
+
+
 def entropy_band_penalty(
     entropies: torch.Tensor | Sequence[torch.Tensor],
     theta: torch.Tensor,
@@ -158,19 +176,7 @@ def entropy_band_penalty(
     check_choice(gate, "gate", GATES)
     w = torch.ones_like(e)
     if query_mask is not None:
-        if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
-            got = query_mask.dtype if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
-            raise TypeError(
-                f"query_mask must be a bool tensor (True = real query) or None, got {got}; for "
-                "a 0/1 mask pass query_mask.bool()."
-            )
-        if query_mask.shape not in ((B, T), (B, H, T)) or query_mask.device != e.device:
-            raise InputError(
-                f"query_mask must have shape (batch, queries) = {(B, T)} or (batch, heads, "
-                f"queries) = {(B, H, T)} on {e.device}, got {tuple(query_mask.shape)} on "
-                f"{query_mask.device}."
-            )
-        qm = query_mask if query_mask.ndim == 3 else query_mask[:, None, :]
+        qm = _check_query_mask(query_mask, B, H, T, e.device)
         w = torch.broadcast_to(qm.to(e.dtype), (B, H, T)).expand(L, B, H, T)
     if mode == "per_head":
         e = ((e * w).sum((1, 3)) / w.sum((1, 3)).clamp_min(1)).unsqueeze(1).unsqueeze(-1)  # (L,1,H,1)
@@ -210,6 +216,34 @@ class EntropyBandRegularizer(nn.Module):
 
     All options are validated here, at construction; metadata checks (number of layers,
     shapes) always run in :meth:`forward`.
+
+    Padding: pass ``query_mask`` (bool ``(B, T)``, True = real token) so padded queries
+    contribute nothing, :math:`P_{lh} = \sum_{b,i} m_{bi}\,\mathrm{pen}(E_{bhi} - \tau_{lh})`;
+    masked keys already carry zero probability and hence zero entropy.
+
+    Distributed data parallel (DDP): θ is a parameter like any other, so its gradient is
+    all-reduced only if this module is **inside the wrapped model**. Register it as a
+    submodule before wrapping (``model.entropy_reg = reg``; ``ddp = DistributedDataParallel(model)``)
+    and either
+
+    * compute the penalty in the model's ``forward`` and return it with the logits (works
+      with every DDP option, including ``find_unused_parameters=True``), or
+    * call ``ddp.module.entropy_reg(outputs.attentions)`` after the forward, as with a
+      Hugging Face model. This needs ``find_unused_parameters=False`` (DDP's default; the
+      Hugging Face ``Trainer`` turns it on unless ``ddp_find_unused_parameters=False``):
+      with ``True`` DDP marks θ unused during the forward and the backward then fails with
+      "Expected to mark a variable ready only once".
+
+    A regulariser kept outside the wrapped model gets a different θ gradient on every rank
+    (each sees its own batch), and θ drifts apart across ranks. The per-position penalty
+    sums over the rank's own batch, so with DDP's gradient averaging the effective weight
+    is λ / world_size of a single process that sees the whole global batch. Tested with
+    two gloo processes in ``tests/regularizers/test_ddp_entropy_guided.py``.
+
+    Hugging Face: build the model with ``attn_implementation="eager"`` (the fused SDPA and
+    flash kernels never form the probabilities) and call
+    ``reg(model(ids, attention_mask=am, output_attentions=True).attentions,
+    query_mask=am.bool())``.
 
     Shape:
         attentions: list of ``L`` tensors ``(B, H, T, S)``; output: scalar.
@@ -262,9 +296,26 @@ class EntropyBandRegularizer(nn.Module):
         )
 
     def penalty(
-        self, attentions: Sequence[torch.Tensor], mask: torch.Tensor | None = None
+        self,
+        attentions: Sequence[torch.Tensor],
+        mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        r""":math:`\mathcal L_{\rm ent}` without λ."""
+        r""":math:`\mathcal L_{\rm ent}` without λ.
+
+        Args:
+            attentions: one ``(B, H, T, S)`` tensor of attention probabilities per layer.
+            mask: optional bool key mask broadcastable to ``(B, H, T, S)`` (True = valid
+                key), passed to :func:`attention_entropy`; masked keys carry no entropy.
+            query_mask: optional bool ``(B, T)`` or ``(B, H, T)`` (True = real query). A
+                padded query's row is dropped from the sum
+                :math:`\sum_{b,i} m_{bi}\,\mathrm{pen}(E_{bhi}-\tau_{lh})` (and from the mean
+                in ``"per_head"`` mode), so padding changes neither the penalty nor the
+                gradients of the real rows. Padded rows are also skipped by the input checks
+                (they may hold anything, e.g. zeros or uniform weights from a fully masked row). With a Hugging Face batch pass
+                ``attention_mask.bool()``; with a KV cache, the last ``T`` columns
+                (``attention_mask[:, -T:]``).
+        """
         if isinstance(attentions, torch.Tensor):
             attentions = list(attentions) if attentions.ndim == 5 else [attentions]
         elif not isinstance(attentions, Sequence):
@@ -277,6 +328,19 @@ class EntropyBandRegularizer(nn.Module):
                 f"got attentions for {len(attentions)} layers but theta has {self.theta.shape[0]}; "
                 "pass one (B, H, T, S) tensor per layer."
             )
+        if query_mask is not None and isinstance(attentions[0], torch.Tensor) and attentions[0].ndim == 4:
+            # padded rows are ignored entirely: zero them and mask all their keys, so neither
+            # the input checks nor the gradients see whatever the model left there
+            B, H, T, _ = attentions[0].shape
+            rows = _check_query_mask(query_mask, B, H, T, attentions[0].device)[..., None]
+            attentions = [a.masked_fill(~rows, 0.0) if isinstance(a, torch.Tensor) else a for a in attentions]
+            if mask is None:
+                mask = rows
+            elif isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+                try:
+                    mask = mask & rows
+                except RuntimeError:
+                    pass  # attention_entropy reports the mask that does not fit
         ents = [
             attention_entropy(
                 a, mask, eps=self.eps, check_inputs=self.check_inputs, atol=self.atol, name=f"attentions[{i}]"
@@ -298,12 +362,21 @@ class EntropyBandRegularizer(nn.Module):
         else:
             e_max = self.max_entropy
         return entropy_band_penalty(
-            ents, self.theta.to(ents[0].dtype), e_max, self.gamma, mode=self.mode, gate=self.gate
+            ents, self.theta.to(ents[0].dtype), e_max, self.gamma, mode=self.mode, gate=self.gate,
+            query_mask=query_mask,
         )
 
-    def forward(self, attentions: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
-        r""":math:`\lambda\,\mathcal L_{\rm ent}` of the attention probabilities of every layer."""
-        return self.lam * self.penalty(attentions, mask)
+    def forward(
+        self,
+        attentions: Sequence[torch.Tensor],
+        mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r""":math:`\lambda\,\mathcal L_{\rm ent}` of the attention probabilities of every layer.
+
+        See :meth:`penalty` for ``mask`` (keys) and ``query_mask`` (padded queries).
+        """
+        return self.lam * self.penalty(attentions, mask, query_mask)
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, gamma={self.gamma}, mode={self.mode!r}, gate={self.gate!r}"
@@ -350,8 +423,21 @@ def temperature_softmax(
 class LearnableSoftmaxTemperature(nn.Module):
     r"""Learnable temperature :math:`t\in\mathbb R_{>0}^{H\times T}` for attention softmax.
 
-    ``forward(logits, mask=None)`` returns :math:`\mathrm{softmax}_j(s_{ij}/t_{h,i})` for the
-    first ``T_q`` rows of ``t``. With ``per_position=False`` there is one temperature per head.
+    ``forward(logits, mask=None, offset=0)`` returns
+
+    .. math::
+
+        a_{bhij} = \mathrm{softmax}_j\big(s_{bhij} / t_{h,\,o_b + i}\big), \qquad
+        i = 0, \dots, T_q - 1,
+
+    i.e. query row ``i`` uses the temperature of its **absolute position** :math:`o + i`.
+    Without a cache :math:`o = 0` and rows ``0 .. T_q-1`` of ``t`` are used. With a KV cache
+    the new queries sit after the cached ones: pass ``offset`` = the number of cached
+    positions (``S - T_q`` for causal self-attention with ``S`` keys), an ``int`` or a
+    long tensor ``(B,)`` when the rows of a batch hold different numbers of cached tokens.
+    Decoding token by token with ``offset`` then gives exactly the rows of the
+    full-sequence computation. With ``per_position=False`` there is one temperature per
+    head and ``offset`` has no effect (it is still checked against ``max_len``).
 
     Parametrisation: ``"log"`` stores :math:`\log t` (always positive); ``"direct"`` stores
     :math:`t` itself and clamps it at ``min_temperature``. The paper initialises "the
@@ -361,11 +447,20 @@ class LearnableSoftmaxTemperature(nn.Module):
 
     Args:
         num_heads: H.
-        max_len: maximum number of query positions T.
+        max_len: maximum number of query positions T (the largest ``offset + T_q``).
         init: initial temperature.
         per_position: one temperature per (head, position) (paper) or per head.
         parametrization: ``"log"`` or ``"direct"``.
         min_temperature: floor for ``"direct"``.
+
+    Examples:
+        >>> temp = LearnableSoftmaxTemperature(2, 8)
+        >>> s = torch.randn(1, 2, 8, 8)
+        >>> causal = torch.ones(8, 8, dtype=torch.bool).tril()
+        >>> full = temp(s, causal)
+        >>> last = temp(s[:, :, -1:], causal[-1:], offset=7)  # one new query after 7 cached
+        >>> torch.allclose(last, full[:, :, -1:])
+        True
     """
 
     def __init__(
@@ -399,14 +494,52 @@ class LearnableSoftmaxTemperature(nn.Module):
             return self.raw.exp()
         return self.raw.clamp_min(self.min_temperature)
 
-    def forward(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _check_offset(self, offset: int | torch.Tensor, B: int, Tq: int, device: torch.device) -> None:
+        if isinstance(offset, torch.Tensor):
+            if offset.dtype in (torch.bool,) or offset.is_floating_point() or offset.is_complex():
+                raise TypeError(
+                    f"offset must be an int or an integer tensor (batch,), got a {offset.dtype} tensor; "
+                    "use offset.long()."
+                )
+            if offset.shape != (B,) or offset.device != device:
+                raise InputError(
+                    f"an offset tensor must have shape (batch,) = {(B,)} on {device}, got "
+                    f"{tuple(offset.shape)} on {offset.device}; one number of cached positions per row."
+                )
+            lo, hi = int(offset.min()), int(offset.max())
+        else:
+            if isinstance(offset, bool) or not isinstance(offset, int):
+                raise TypeError(
+                    f"offset must be an int (number of cached positions) or a long tensor (batch,), "
+                    f"got {type(offset).__name__}."
+                )
+            lo = hi = offset
+        if lo < 0:
+            raise InputError(f"offset must be >= 0 (the number of cached positions), got {lo}.")
+        if hi + Tq > self.max_len:
+            raise InputError(
+                f"query positions reach {hi + Tq - 1} (offset {hi} + {Tq} queries) but max_len="
+                f"{self.max_len} gives positions 0..{self.max_len - 1}; increase max_len."
+            )
+
+    def forward(
+        self, logits: torch.Tensor, mask: torch.Tensor | None = None, offset: int | torch.Tensor = 0
+    ) -> torch.Tensor:
+        """Temperature softmax of ``logits`` ``(B, H, T_q, S)``; see the class docstring for ``offset``."""
         if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
             return temperature_softmax(logits, self.temperature, mask)  # raises the right error
-        Tq = logits.shape[-2]
+        B, _, Tq, _ = logits.shape
         if Tq > self.max_len:
             raise InputError(f"got {Tq} query positions but max_len={self.max_len}; increase max_len.")
+        self._check_offset(offset, B, Tq, logits.device)
         t = self.temperature
-        t = t[:, :Tq] if t.shape[1] > 1 else t.expand(-1, Tq)
+        if t.shape[1] == 1:  # one temperature per head
+            t = t.expand(-1, Tq)
+        elif isinstance(offset, torch.Tensor):  # per row: t[h, o_b + i] -> (B, H, Tq)
+            pos = offset[:, None] + torch.arange(Tq, device=offset.device)
+            t = t[:, pos].permute(1, 0, 2)
+        else:
+            t = t[:, offset : offset + Tq]
         return temperature_softmax(logits, t.to(logits.dtype), mask)
 
 
