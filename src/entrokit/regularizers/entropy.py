@@ -542,13 +542,14 @@ class AttentionEntropyRecorder:
         dropout (rows no longer sum to 1).
 
         Examples:
-            >>> from transformers import GPT2Config, GPT2LMHeadModel  # doctest: +SKIP
+            >>> import torch
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
             >>> cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=64,
-            ...                  attn_implementation="eager")  # doctest: +SKIP
-            >>> model = GPT2LMHeadModel(cfg).eval()  # doctest: +SKIP
-            >>> with AttentionEntropyRecorder(model).register_hf() as rec:  # doctest: +SKIP
+            ...                  attn_implementation="eager")
+            >>> model = GPT2LMHeadModel(cfg).eval()
+            >>> with AttentionEntropyRecorder(model).register_hf() as rec:
             ...     _ = model(torch.randint(64, (2, 10)))
-            >>> rec.entropy.shape  # doctest: +SKIP
+            >>> rec.entropy.shape
             torch.Size([2, 2])
         """
         impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
