@@ -10,6 +10,7 @@ from entrokit._result import OTResult
 from entrokit.geometry import DenseCost, Geometry, KeOpsPointCloud, PointCloud, ShardedPointCloud
 from entrokit.losses import monge_gap, sinkhorn_divergence, sliced_wasserstein
 from entrokit.problem import OTProblem
+from entrokit.solvers.multiscale import multiscale_sinkhorn
 from entrokit.solvers.newton import sinkhorn_newton
 from entrokit.solvers.sinkhorn import sinkhorn
 from entrokit.solvers.smooth import smooth_ot
@@ -40,6 +41,7 @@ __all__ = [
     "sinkhorn",
     "sinkhorn_divergence",
     "sinkhorn_newton",
+    "multiscale_sinkhorn",
     "sliced_wasserstein",
     "smooth_ot",
     "solve",
