@@ -7,14 +7,9 @@ single-process solver and re-raise the recorded exceptions under ``pytest.raises
 
 from __future__ import annotations
 
-import os
-import time
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import entrokit
 from entrokit import InputError
@@ -23,6 +18,7 @@ from entrokit.geometry.pointcloud import PointCloud
 from entrokit.geometry.sharded import CommCounter, ShardedPointCloud
 from entrokit.problem import make_problem
 from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
+from gloo_ranks import run_on_ranks
 
 WORLD, N, M, D, EPS, TOL = 2, 60, 50, 3, 0.05, 1e-9
 X_SPLIT, Y_SPLIT = [35], [28]  # uneven shards: 35 + 25 rows, 28 + 22 columns (ring)
@@ -128,29 +124,9 @@ def _scenarios(rank: int) -> dict:
     return out
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        torch.save(_scenarios(rank), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sharded")
-    ctx = mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD}-process gloo run did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_on_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("sharded"), timeout_s=TIMEOUT_S)
 
 
 def _reference(a=None, b=None, batch=(), **kw):

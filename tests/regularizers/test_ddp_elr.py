@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from entrokit.regularizers.elr import ELRLoss
 from entrokit.regularizers.pskd import PSKDLoss
+from gloo_ranks import run_on_ranks
 
 N, D, C, WORLD = 24, 6, 4, 2
 BATCHES = [  # dataset indices of each global batch (size 8); later batches revisit samples
@@ -72,23 +69,12 @@ def _run(rank: int | None):
     }
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        res = _run(rank)
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
+def _scenarios(rank: int):
+    return _run(rank)
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    init_file = str(tmp / "init")
-    mp.spawn(_worker, args=(init_file, str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("ddp"), timeout_s=120)
 
 
 def test_ddp_elr_targets_equal_single_process(ddp_results):

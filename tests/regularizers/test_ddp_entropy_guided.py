@@ -18,17 +18,15 @@ per-position penalty sums over the rank's own rows, DDP averages the gradients).
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from entrokit.regularizers import EntropyBandRegularizer
+from gloo_ranks import run_on_ranks
 
 WORLD, L, H, D, T, V, STEPS, BATCH = 2, 2, 2, 8, 6, 11, 4, 8
 LAM = 0.5
@@ -99,22 +97,12 @@ def _train(layout: str, rank: int | None) -> dict:
     return {"theta": reg.theta.detach().clone(), "out": model.out.detach().clone()}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        res = {layout: _train(layout, rank) for layout in LAYOUTS}
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
+def _scenarios(rank: int):
+    return {layout: _train(layout, rank) for layout in LAYOUTS}
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp_eg")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("ddp_eg"), timeout_s=120)
 
 
 @pytest.mark.parametrize("layout", ["in_forward", "after_forward"])

@@ -8,19 +8,14 @@ non-finite batch on one rank makes *both* ranks raise before the prior changes.
 
 from __future__ import annotations
 
-import os
-import time
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from entrokit._errors import InputError
 from entrokit.regularizers.legogcd import LocalEntropyRegularizer
+from gloo_ranks import run_on_ranks
 
 N, D, K, KNOWN, WORLD = 24, 6, 5, 2, 2
 BATCHES = [  # dataset indices of each global batch (size 8), split in halves between ranks
@@ -96,35 +91,17 @@ def _run(rank: int | None, sync: bool | None = None, poison_rank: int | None = N
             "weight": model.weight.detach().clone()}
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=30))
-    try:
-        res = {
-            "auto": _run(rank),
-            "no_sync": _run(rank, sync=False),
-            "poisoned": _run(rank, sync=True, poison_rank=1),
-            "poisoned_quiet": _run(rank, sync=True, poison_rank=1, check_inputs=False),
-        }
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
+def _scenarios(rank: int):
+    return {
+        "auto": _run(rank),
+        "no_sync": _run(rank, sync=False),
+        "poisoned": _run(rank, sync=True, poison_rank=1),
+        "poisoned_quiet": _run(rank, sync=True, poison_rank=1, check_inputs=False),
+    }
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp_legogcd")
-    ctx = mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"2-process gloo run did not finish within {DEADLINE_S:.0f} s")
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_on_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("ddp_legogcd"), timeout_s=DEADLINE_S)
 
 
 def test_prior_identical_across_ranks_and_equal_to_single_process(ddp_results):
