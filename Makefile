@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test install install-cli install-dev bench lint clean
+.PHONY: demo test install install-cli install-dev install-docs docs bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,18 @@ install-cli: $(PY)
 install-dev: $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,bench,cli]"
 
+install-docs: $(PY)
+	$(PIP) install -c $(CONSTRAINTS) -e ".[docs]"
+
 demo: install-cli
 	$(VENV)/bin/entrokit demo
 
 test: install-dev
 	$(PY) -m pytest -q
+
+# the Sphinx site (docs/_build/html); warnings are errors; the gallery runs examples/ --quick
+docs: install-docs
+	OMP_NUM_THREADS=1 $(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 bench: install-dev
 	$(VENV)/bin/entrokit bench
@@ -32,4 +39,4 @@ lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info docs/_build docs/auto_examples docs/migration docs/api/generated

@@ -1,4 +1,7 @@
-"""AEM against ABMIL and mean pooling on a synthetic multiple-instance task with spread evidence.
+"""AEM: attention entropy maximisation for multiple-instance learning
+==================================================================
+
+AEM against ABMIL and mean pooling on a synthetic multiple-instance task with spread evidence.
 
 Claim (Zhang et al., arXiv 2406.15303): ABMIL's attention over-concentrates on a few instances
 and overfits; adding lambda * sum_n a_n log a_n (attention entropy maximisation, AEM) to the loss

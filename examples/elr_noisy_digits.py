@@ -1,4 +1,7 @@
-"""ELR on digits with exactly 40 % symmetric label noise, against CE and CE + early stopping.
+"""ELR: early-learning regularization under 40 % label noise
+=========================================================
+
+ELR on digits with exactly 40 % symmetric label noise, against CE and CE + early stopping.
 
 Claim (Liu et al., NeurIPS 2020, Table 1): with noisy labels, cross-entropy first fits the
 clean labels and then memorises the wrong ones, so its test accuracy falls; early-learning

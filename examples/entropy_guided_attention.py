@@ -1,4 +1,7 @@
-"""Entropy-guided attention on a softmax-only LM: does the entropy regulariser fix entropic overload?
+"""Entropy-guided attention in a softmax-only language model
+=========================================================
+
+Entropy-guided attention on a softmax-only LM: does the entropy regulariser fix entropic overload?
 
 Claim tested (Jha & Reagen 2025, arXiv 2501.03489). A GPT-style model with no LayerNorm
 and no FFN nonlinearity (softmax is its only nonlinearity; "SM + ScFuFFN": fused d x d FFN
@@ -16,7 +19,7 @@ the next one at every position. Each seed draws its own chain, model initialisat
 training / validation / test sequences; all configurations of a seed share them (paired).
 
 Model: decoder-only, 6 layers, 4 heads, width 32, learned positions, GPT-2 initialisation
-(normal, std 0.02). Configurations, all on the same seeds:
+(normal, std 0.02). Configurations, all on the same seeds::
 
   LN+GELU     reference: pre-LayerNorm, 4d GELU FFN (the "well-behaved" entropy profile)
   SM          baseline: softmax-only, SM + ScFuFFN (the failure regime)

@@ -1,4 +1,7 @@
-"""Attention entropy and the entropy band regulariser on a Hugging Face GPT-2 (random weights).
+"""Attention entropy of a Hugging Face GPT-2
+=========================================
+
+Attention entropy and the entropy band regulariser on a Hugging Face GPT-2 (random weights).
 
 Shows the Hugging Face path of entrokit.regularizers on
 ``GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=64))``

@@ -1,4 +1,7 @@
-"""LegoGCD on hard digits: does LER + DKL stop a SimGCD-style model from forgetting known classes?
+"""LegoGCD: local entropy regularization against forgetting in GCD
+===============================================================
+
+LegoGCD on hard digits: does LER + DKL stop a SimGCD-style model from forgetting known classes?
 
 Claim (Cao et al., CVPR 2024). In generalized category discovery (GCD) the SimGCD baseline
 forgets the known ("Old") classes while it learns the novel ones: its Old accuracy peaks and

@@ -1,4 +1,7 @@
-"""Monge gap regularizer: fit a map network between two 2-D Gaussians, with and without it.
+"""Monge gap: fitting a transport map between two Gaussians
+========================================================
+
+Monge gap regularizer: fit a map network between two 2-D Gaussians, with and without it.
 
 Uscidda & Cuturi (ICML 2023) fit a map network T by minimising a fitting loss
 Delta(T#mu, nu) plus lambda times the Monge gap of T on samples of mu; the gap pushes T

@@ -1,4 +1,7 @@
-"""PS-KD against CE and CE + temperature scaling when CE is over-confident: ECE, NLL, AURC.
+"""PS-KD: progressive self-distillation and calibration
+====================================================
+
+PS-KD against CE and CE + temperature scaling when CE is over-confident: ECE, NLL, AURC.
 
 Claim (Kim et al., ICCV 2021, README of the reference code): progressive self-knowledge
 distillation lowers the calibration error, the NLL and the AURC of a network trained with

@@ -1,4 +1,7 @@
-"""Sharded Sinkhorn: one OT problem whose source points are split over processes.
+"""Sharded Sinkhorn over processes (torchrun)
+==========================================
+
+Sharded Sinkhorn: one OT problem whose source points are split over processes.
 
 Each rank holds its rows of x (and of the weights a); y is replicated, or, with --ring,
 split too and passed around the ranks. The solver is the ordinary ``entrokit.sinkhorn``;

@@ -1,4 +1,7 @@
-"""σReparam vs plain training of a post-LN transformer at high learning rates without warm-up.
+"""σReparam against attention entropy collapse
+===========================================
+
+σReparam vs plain training of a post-LN transformer at high learning rates without warm-up.
 
 Claim (Zhai et al., ICML 2023). Transformers trained at a high learning rate without
 warm-up suffer attention entropy collapse (attention concentrates on very few tokens) and

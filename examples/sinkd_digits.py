@@ -1,4 +1,7 @@
-"""SinKD vs KL distillation on scikit-learn digits: a teacher MLP distilled into a small student.
+"""SinKD: Sinkhorn knowledge distillation on digits
+================================================
+
+SinKD vs KL distillation on scikit-learn digits: a teacher MLP distilled into a small student.
 
 Cui, Qin et al. (LREC-COLING 2024) replace the per-sample KL of knowledge distillation by a
 batch-wise Sinkhorn distance between the student's and the teacher's softened predictions

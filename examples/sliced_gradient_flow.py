@@ -1,4 +1,7 @@
-"""Gradient flow of a 2-D point cloud onto two moons by descent on the sliced Wasserstein
+"""Sliced Wasserstein gradient flow with control variates
+======================================================
+
+Gradient flow of a 2-D point cloud onto two moons by descent on the sliced Wasserstein
 distance: plain Monte Carlo vs the lower / upper Gaussian control variates.
 
 Every step draws ``L`` fresh directions and takes a gradient step of size ``lr`` on
@@ -10,7 +13,7 @@ quadrature (d = 2: a 720-point midpoint rule over the half circle, no randomness
 With a fixed step on SW_2 itself (not its square) the gradient keeps a unit scale at the
 target, so every estimator ends on the same plateau, whose height is set by ``lr``; the
 estimators differ while the cloud travels. Once the means match, the lower control
-variate's gradient grows like 1/|m_x - m_y| (see ``entrokit.losses.sliced``), which shows
+variate's gradient grows like ``1/|m_x - m_y|`` (see ``entrokit.losses.sliced``), which shows
 as occasional spikes in its band.
 
 Run: python examples/sliced_gradient_flow.py [--quick] [--out examples/figures/sliced_gradient_flow.png]

@@ -1,4 +1,7 @@
-"""1-D two-Gaussian problem (100 bins): exact LP, quadratic OT and k-sparse plans.
+"""Quadratic and k-sparse OT plans in 1-D
+======================================
+
+1-D two-Gaussian problem (100 bins): exact LP, quadratic OT and k-sparse plans.
 
 Run: python examples/sparse_ot_1d.py [--out examples/out/sparse_ot_1d.png]
 """

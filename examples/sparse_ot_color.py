@@ -1,4 +1,7 @@
-"""Colour transfer between scikit-learn's sample images with k-sparse OT plans.
+"""Colour transfer with k-sparse OT plans
+======================================
+
+Colour transfer between scikit-learn's sample images with k-sparse OT plans.
 
 Pixels of ``china.jpg`` (source) and ``flower.jpg`` (target) are subsampled, matched with
 quadratic and top-k plans (each target colour receives from at most k source colours;

@@ -1,4 +1,7 @@
-"""Toy mixture of experts: OT router (k-sparse, capacity-bounded) vs top-1 softmax routing.
+"""Mixture-of-experts routing with a k-sparse OT plan
+==================================================
+
+Toy mixture of experts: OT router (k-sparse, capacity-bounded) vs top-1 softmax routing.
 
 Synthetic task: inputs from 8 Gaussian clusters, each with its own linear labelling into
 4 classes; 4 linear experts; a linear router. Tokens are routed in groups of 64 with

@@ -238,8 +238,7 @@ class SigmaReparamConv2d(_SigmaReparamMixin, nn.Conv2d):
     see the module docstring), estimated by one power step per training forward.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-        padding_mode, device, dtype: as for ``nn.Conv2d``.
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype: as for ``nn.Conv2d``.
         init_std: if not None, re-initialise ``weight`` as the reference ``SNConv2d`` does,
             ``nn.init.trunc_normal_(weight, std=init_std)`` (reference: 0.02 × gain); None
             keeps PyTorch's default ``nn.Conv2d`` init.
