@@ -266,3 +266,14 @@ def test_online_plan_products_equal_dense(cost, kw, axis):
     for vec in (V, V[..., 0]):
         torch.testing.assert_close(online.plan_matvec(f, h, a, b, 0.1, vec, axis),
                                    dense.plan_matvec(f, h, a, b, 0.1, vec, axis), rtol=0, atol=1e-12)
+
+
+def test_online_marginals_one_pass_equal_dense():
+    x, y = clouds(n=70, m=50, batch=(2,))
+    g = torch.Generator().manual_seed(5)
+    f, h = 0.01 * torch.randn(2, 70, generator=g, dtype=F64), 0.01 * torch.randn(2, 50, generator=g, dtype=F64)
+    a, b = torch.rand(2, 70, generator=g, dtype=F64), torch.rand(2, 50, generator=g, dtype=F64)
+    b[1, 7] = 0.0
+    for got, want in zip(PointCloud(x, y, online=True).marginals(f, h, a, b, 0.1),
+                         PointCloud(x, y, online=False).marginals(f, h, a, b, 0.1)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-13)

@@ -463,7 +463,15 @@ class PointCloud(Geometry):
         dense = self._materialised()
         if dense is not None:
             return dense.marginals(f, g, a, b, eps)
-        return super().marginals(f, g, a, b, eps)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (self.x, self.y, f, g, a, b)):
+            return super().marginals(f, g, a, b, eps)
+        # P 1 and P^T 1 in one pass over the tiles
+        ones_m = torch.ones(*g.shape, 1, dtype=g.dtype, device=g.device)
+        ones_n = torch.ones(*f.shape, 1, dtype=f.dtype, device=f.device)
+        row, col = _online.plan_products(self.x, self.y, f + eps * torch.log(a), g + eps * torch.log(b), eps,
+                                         ones_m, ones_n, self._tile_cost(False), self.chunk_size,
+                                         self._wide_tiles(eps))
+        return row.squeeze(-1), col.squeeze(-1)
 
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
         """``P @ vec`` / ``P.T @ vec``; ``vec`` may carry a trailing axis of ``k`` vectors
