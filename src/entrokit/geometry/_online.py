@@ -209,23 +209,31 @@ def _lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide):
         floor = exp_floor(t.x.dtype)
         out = torch.empty(*x.shape[:-1], dtype=t.x.dtype, device=x.device)
         for r0 in range(0, n, rows):
-            pairs = [
+            mx, s = _merged(
                 _run_tile("sq", _lse_tile_sq, compiled, xs[..., r0:r0 + rows, :], t.y[..., c0:c0 + cols, :],
                           u[..., c0:c0 + cols], floor)
                 for c0 in range(0, m, cols)
-            ]
-            mx, s = combine_lse(pairs)
+            )
             out[..., r0:r0 + rows] = mx + torch.log(s) - t.x_sq[..., r0:r0 + rows] / eps
         return out.to(x.dtype)
     out = torch.empty(*x.shape[:-1], dtype=x.dtype, device=x.device)
     for r0 in range(0, n, rows):
-        pairs = []
-        for c0 in range(0, m, cols):
-            C = cost_tile(x[..., r0:r0 + rows, :], y[..., c0:c0 + cols, :])
-            pairs.append(_run_tile("cost", _lse_tile_cost, compiled, C, hw[..., c0:c0 + cols], eps, floor))
-        mx, s = combine_lse(pairs)
+        mx, s = _merged(
+            _run_tile("cost", _lse_tile_cost, compiled, cost_tile(x[..., r0:r0 + rows, :], y[..., c0:c0 + cols, :]),
+                      hw[..., c0:c0 + cols], eps, floor)
+            for c0 in range(0, m, cols)
+        )
         out[..., r0:r0 + rows] = mx + torch.log(s)
     return out
+
+
+def _merged(pairs):
+    """Running merge of the column blocks' partial pairs, one block at a time (no list of
+    pairs kept alive across the tiles)."""
+    acc = None
+    for pair in pairs:
+        acc = pair if acc is None else combine_lse((acc, pair))
+    return acc
 
 
 def _tile_softmax_weights(x_t, y_c, hw_c, lse_t, gamma_t, eps, cost_tile, sq):
