@@ -63,7 +63,8 @@ import torch  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 from torch import nn  # noqa: E402
 
-from entrokit.plotting import mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import figure_path, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95 as fmt
 from entrokit.regularizers import aem_loss, negative_attention_entropy  # noqa: E402
 
 NAME = "aem_mil.png"
@@ -160,13 +161,6 @@ def run_seed(seed: int, epochs: int, N: int, K: int, mu: float, lams) -> dict:
     return out
 
 
-def fmt(v) -> str:
-    m, h = mean_ci95(v)
-    return f"{m:.3f} ± {h:.3f}"
-
-
-def out_path(out: str) -> str:
-    return os.path.join(out, NAME) if out.endswith(os.sep) or os.path.isdir(out) else out
 
 
 def main() -> None:
@@ -271,7 +265,7 @@ def main() -> None:
     ax[2].set_title(f"attention on key instances (positive bags)\n{next(iter(settings))}")
     fig.suptitle(f"AEM vs ABMIL vs mean pooling, synthetic MIL, {seeds} seeds")
     fig.tight_layout()
-    save_figure(fig, out_path(args.out), dpi=110)
+    save_figure(fig, figure_path(args.out, NAME), dpi=110)
 
 
 if __name__ == "__main__":

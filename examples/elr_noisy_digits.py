@@ -47,7 +47,8 @@ import torch.nn.functional as F  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from entrokit.plotting import mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import figure_path, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95 as fmt
 from entrokit.regularizers.elr import ELRLoss  # noqa: E402
 
 NAME = "elr_noisy_digits.png"
@@ -122,13 +123,6 @@ def run_seed(seed: int, epochs: int, lams) -> dict:
     }
 
 
-def fmt(v) -> str:
-    m, h = mean_ci95(v)
-    return f"{m:.3f} ± {h:.3f}"
-
-
-def out_path(out: str) -> str:
-    return os.path.join(out, NAME) if out.endswith(os.sep) or os.path.isdir(out) else out
 
 
 def main() -> None:
@@ -216,7 +210,7 @@ def main() -> None:
               title="final test accuracy (mean ± 95% CI, dots = seeds)")
     fig.suptitle(f"ELR on digits, exactly {NOISE:.0%} symmetric label noise, {seeds} seeds")
     fig.tight_layout()
-    save_figure(fig, out_path(args.out), dpi=110)
+    save_figure(fig, figure_path(args.out, NAME), dpi=110)
 
 
 if __name__ == "__main__":

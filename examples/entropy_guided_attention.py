@@ -61,7 +61,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from entrokit.plotting import mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95 as fmt  # noqa: E402
+from entrokit.plotting import mean_ci95, save_figure
 from entrokit.regularizers import (  # noqa: E402
     AttentionEntropyRecorder,
     EntropyBandRegularizer,
@@ -236,10 +237,6 @@ METRICS = [  # key, label
     ("bottom_q", "bottom-q share (collapse)"),
 ]
 
-
-def fmt(vals, digits: int = 3) -> str:
-    m, h = mean_ci95(vals)
-    return f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
 def paired(a: list[dict], b: list[dict], key: str) -> tuple[float, float, int]:

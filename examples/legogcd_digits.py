@@ -45,6 +45,7 @@ Run: ``python examples/legogcd_digits.py [--seeds 10] [--dev-seeds 3] [--epochs 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -59,7 +60,9 @@ import torch.nn.functional as F  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from entrokit.plotting import mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95, mean_ci95, save_figure  # noqa: E402
+
+fmt = functools.partial(format_ci95, digits=2, width=6)
 from entrokit.regularizers.legogcd import LocalEntropyRegularizer, dual_view_kl  # noqa: E402
 
 K, KNOWN = 10, 5
@@ -176,10 +179,6 @@ def train(arm: str, part: str, seed: int, epochs: int, beta: float, delta: float
             acc.append(cluster_acc(y[unl].numpy(), pred))
     return np.array(ckpt), np.array(acc) * 100, n_sel
 
-
-def fmt(values) -> str:
-    m, h = mean_ci95(values)
-    return f"{m:6.2f} ± {h:5.2f}"
 
 
 def main() -> None:

@@ -50,7 +50,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from entrokit.plotting import mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import figure_path, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95 as fmt
 from entrokit.regularizers.pskd import PSKDLoss  # noqa: E402
 
 NAME = "pskd_calibration.png"
@@ -145,17 +146,10 @@ def run_seed(seed: int, epochs: int, sigma: float) -> dict:
     return out
 
 
-def fmt(v, digits: int = 3) -> str:
-    m, h = mean_ci95(v)
-    return f"{m:.{digits}f} ± {h:.{digits}f}"
-
 
 def paired(res, a: str, b: str, k: str):
     return mean_ci95([r[a][k] - r[b][k] for r in res])
 
-
-def out_path(out: str) -> str:
-    return os.path.join(out, NAME) if out.endswith(os.sep) or os.path.isdir(out) else out
 
 
 def main() -> None:
@@ -265,7 +259,7 @@ def main() -> None:
     fig.suptitle(f"PS-KD vs CE and CE + temperature scaling, over-confident Gaussian-mixture task; "
                  f"bars: paired mean ± 95% CI over {seeds} seeds")
     fig.tight_layout()
-    save_figure(fig, out_path(args.out), dpi=110)
+    save_figure(fig, figure_path(args.out, NAME), dpi=110)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ from scipy.stats import binomtest, fisher_exact  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from entrokit.plotting import mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95 as fmt  # noqa: E402
+from entrokit.plotting import mean_ci95, save_figure
 from entrokit.regularizers import attention_entropy, convert_to_sigma_reparam  # noqa: E402
 
 V, T, L, H, D, B = 10, 16, 2, 4, 32, 32
@@ -298,10 +299,6 @@ def main() -> None:
     fig.tight_layout()
     save_figure(fig, args.out, dpi=110)
 
-
-def fmt(values) -> str:
-    m, h = mean_ci95(values)
-    return f"{m:.3f} ± {h:.3f}"
 
 
 if __name__ == "__main__":

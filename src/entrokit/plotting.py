@@ -96,6 +96,21 @@ def save_figure(fig, path: str, dpi: int = 120) -> None:
     print(f"wrote {path}")
 
 
+def figure_path(out: str, name: str) -> str:
+    """``out`` itself, or ``out/name`` when ``out`` is a folder (an existing one, or a path
+    ending in a separator): where an example's ``--out`` puts its figure."""
+    import os
+
+    return os.path.join(out, name) if out.endswith(os.sep) or os.path.isdir(out) else out
+
+
+def format_ci95(values, digits: int = 3, width: int = 0) -> str:
+    """``"mean ± half-width"`` of :func:`mean_ci95` (``width`` pads the mean; the
+    half-width gets one less, for aligned columns)."""
+    m, h = mean_ci95(values)
+    return f"{m:{width}.{digits}f} ± {h:{max(width - 1, 0)}.{digits}f}"
+
+
 def mean_ci95(values) -> tuple[float, float]:
     """Mean and half-width of the two-sided 95 % Student-t interval over seeds (NaN for
     fewer than two values)."""
