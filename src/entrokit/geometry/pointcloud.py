@@ -468,10 +468,13 @@ class PointCloud(Geometry):
         # P 1 and P^T 1 in one pass over the tiles
         ones_m = torch.ones(*g.shape, 1, dtype=g.dtype, device=g.device)
         ones_n = torch.ones(*f.shape, 1, dtype=f.dtype, device=f.device)
-        row, col = _online.plan_products(self.x, self.y, f + eps * torch.log(a), g + eps * torch.log(b), eps,
-                                         ones_m, ones_n, self._tile_cost(False), self.chunk_size,
-                                         self._wide_tiles(eps))
+        row, col = self._plan_products(f, g, a, b, eps, ones_m, ones_n)
         return row.squeeze(-1), col.squeeze(-1)
+
+    def _plan_products(self, f, g, a, b, eps, V, U):
+        """``(P V, P^T U)`` in one pass over the online tiles (no autograd)."""
+        return _online.plan_products(self.x, self.y, f + eps * torch.log(a), g + eps * torch.log(b), eps, V, U,
+                                     self._tile_cost(False), self.chunk_size, self._wide_tiles(eps))
 
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
         """``P @ vec`` / ``P.T @ vec``; ``vec`` may carry a trailing axis of ``k`` vectors
@@ -482,10 +485,7 @@ class PointCloud(Geometry):
         several = vec.dim() == f.dim() + 1
         V = vec if several else vec.unsqueeze(-1)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (self.x, self.y, f, g, a, b, vec))):
-            row, col = f + eps * torch.log(a), g + eps * torch.log(b)
-            PV, PTU = _online.plan_products(self.x, self.y, row, col, eps, V if axis == 1 else None,
-                                            V if axis == 0 else None, self._tile_cost(False), self.chunk_size,
-                                            self._wide_tiles(eps))
+            PV, PTU = self._plan_products(f, g, a, b, eps, V if axis == 1 else None, V if axis == 0 else None)
             out = PV if axis == 1 else PTU
             return out if several else out.squeeze(-1)
         out = [] if axis == 1 else 0.0
