@@ -4,7 +4,8 @@ entrokit's time is the change of every ratio against an anchor).
 
 Usage (interleaved rounds; each round runs both trees in fresh processes):
     python benchmarks/compare_revisions.py --tree OLD_SRC --tree NEW_SRC --rounds 3
-One tree alone: ``python benchmarks/compare_revisions.py --run`` prints JSON times.
+One tree alone: ``python benchmarks/compare_revisions.py --run`` prints JSON times;
+``--only ssns,smooth_l2`` restricts the cases to those solvers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CASES = (
 )
 
 
-def _run_one() -> dict:
+def _run_one(only: str | None = None) -> dict:
     import torch
 
     import entrokit
@@ -33,6 +34,8 @@ def _run_one() -> dict:
     warnings.simplefilter("ignore")
     out = {}
     for kind, n, eps in CASES:
+        if only and kind not in only.split(","):
+            continue
         gen = torch.Generator().manual_seed(n)
         C = torch.rand(n, n, generator=gen, dtype=torch.float64)
         a = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -57,15 +60,16 @@ def main() -> None:
     p.add_argument("--run", action="store_true")
     p.add_argument("--tree", action="append", default=[])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", default=None, help="comma-separated kinds: sinkhorn,ssns,smooth_l2")
     args = p.parse_args()
     if args.run:
-        print(json.dumps(_run_one()))
+        print(json.dumps(_run_one(args.only)))
         return
     times: dict[str, dict[str, list]] = {t: {} for t in args.tree}
     for _ in range(args.rounds):
         for tree in args.tree:
             env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
-            res = json.loads(subprocess.run([sys.executable, __file__, "--run"], env=env, check=True,
+            res = json.loads(subprocess.run([sys.executable, __file__, "--run", *(["--only", args.only] if args.only else [])], env=env, check=True,
                                             capture_output=True, text=True).stdout)
             for k, (t, e) in res.items():
                 times[tree].setdefault(k, []).append((t, e))

@@ -93,7 +93,10 @@ def _phi(al, be, C, a, b, eps):
     return a @ al + b @ be - eps * T.sum()
 
 
-def test_hessian_matches_finite_differences_and_sparsified_is_psd():
+@pytest.mark.parametrize("storage", ["dense", "csr"])
+def test_hessian_matches_finite_differences_and_sparsified_is_psd(storage, monkeypatch):
+    # the kept block is stored dense above DENSE_ABOVE, as CSR below: both must agree
+    monkeypatch.setattr(nl, "DENSE_ABOVE", 0.0 if storage == "dense" else 1.0)
     a, b, C = _problem(7, 6, 3)
     eps = 0.3
     g = torch.Generator().manual_seed(4)
@@ -124,6 +127,13 @@ def test_hessian_matches_finite_differences_and_sparsified_is_psd():
         (nl.threshold_density(T, r, c, density=0.3), None),
     ]:
         Ks = sp.to_dense_hessian()
+        assert (sp._dense is not None) == (storage == "dense")
+        v = torch.randn(13, generator=g, dtype=D)
+        hx, hy = sp.hess_mv(v[:7], v[7:], 0.0)
+        assert torch.allclose(torch.cat([hx, hy]), Ks @ v, atol=1e-14)
+        w = torch.rand(7, generator=g, dtype=D)
+        Ts = Ks[:7, 7:]
+        assert torch.allclose(sp.col_sq_sum(w), (w.unsqueeze(1) * Ts * Ts).sum(0), atol=1e-15)
         assert torch.equal(Ks, Ks.T)
         assert torch.equal(torch.diagonal(Ks), torch.diagonal(K))  # exact diagonal kept
         assert torch.linalg.eigvalsh(Ks).min() > -1e-14  # PSD

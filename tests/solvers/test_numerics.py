@@ -210,3 +210,53 @@ def test_continuation_schedule_sinkhorn_rule():
     assert continuation_schedule(1.0, 2.0, 0.5) == [1.0]
     with pytest.raises(ValueError, match="decay"):
         continuation_schedule(1.0, 10.0, 1.5)
+
+
+# ------------------------------------------------------- single-problem fast paths
+def test_armijo_single_problem_path_takes_the_batched_steps():
+    # the B = 1 path (Python floats) accepts the same step as the batched loop
+    curv = torch.tensor([1.0, 4.0, 16.0], dtype=D)
+    x = torch.ones(3, 1, dtype=D)
+    d = -curv.unsqueeze(-1) * x
+    batched = armijo_backtracking(
+        lambda t: (0.5 * curv * ((x + t.unsqueeze(-1) * d) ** 2).sum(-1), (x + t.unsqueeze(-1) * d,)),
+        0.5 * curv, -curv, (x,), torch.ones(3, dtype=torch.bool), c1=0.1,
+    )
+    for k in range(3):
+        ck, xk, dk = curv[k:k + 1], x[k:k + 1], d[k:k + 1]
+        one = armijo_backtracking(
+            lambda t, ck=ck, xk=xk, dk=dk: (0.5 * ck * ((xk + t.unsqueeze(-1) * dk) ** 2).sum(-1),
+                                            (xk + t.unsqueeze(-1) * dk,)),
+            0.5 * ck, -ck, (xk,), torch.ones(1, dtype=torch.bool), c1=0.1,
+        )
+        assert bool(one.accepted[0]) and float(one.step[0]) == float(batched.step[k])
+        assert torch.equal(one.state[0], batched.state[0][k:k + 1])
+    # no acceptable step: the current state comes back, not accepted
+    x1 = torch.zeros(1, 1, dtype=D)
+    out = armijo_backtracking(lambda t: (torch.full_like(t, float("nan")), (x1 + 1,)), torch.zeros(1, dtype=D),
+                              -torch.ones(1, dtype=D), (x1,), torch.ones(1, dtype=torch.bool), max_backtracks=3)
+    assert not bool(out.accepted[0]) and torch.equal(out.state[0], x1) and float(out.step[0]) == 2.0**-4
+    # the extra acceptance rule is honoured on the single path too
+    out = armijo_backtracking(lambda t: (torch.ones_like(t), (x1 + 1,)), torch.zeros(1, dtype=D),
+                              -torch.ones(1, dtype=D), (x1,), torch.ones(1, dtype=torch.bool),
+                              also_accept=lambda F_t, s: torch.tensor([True]))
+    assert bool(out.accepted[0]) and float(out.step[0]) == 1.0
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+@pytest.mark.parametrize("shift", [0.3, "tensor"])
+def test_bipartite_cg_single_problem_matches_dense_solve(layout, shift):
+    W, r, c, p, q = _bipartite(1, 11, 8, 5)
+    s = torch.tensor([0.3], dtype=D) if shift == "tensor" else shift
+    if layout == "dense":
+        block = DenseBlock(W)
+    else:
+        batch, rows, cols = (W != 0).nonzero(as_tuple=True)
+        block = SparseBlock(batch, rows, cols, W[batch, rows, cols], W.shape)
+    x, y, n_iter, ok = solve_bipartite(block, r, c, s, p, q, method="cg", rtol=1e-13, max_iter=500)
+    ref = _dense_reference(W, r, c, 0.3, p, q)
+    assert bool(ok[0]) and 0 < int(n_iter[0]) <= 8 + 2
+    assert torch.allclose(torch.cat([x, y], -1), ref, atol=1e-10, rtol=1e-10)
+    # a stalled solve (iteration cap) is reported, not returned as a solution
+    _, _, n_iter, ok = solve_bipartite(block, r, c, 1e-12, p, q, method="cg", rtol=1e-14, max_iter=1)
+    assert not bool(ok[0]) and int(n_iter[0]) == 1

@@ -98,9 +98,19 @@ def plan_block(f, g, a, b, C, eps) -> torch.Tensor:
     zero weights are finite; the exponent is clamped below overflow, which only touches
     pairs whose weights are zero.
     """
+    dtype = torch.result_type(f, C)
+    for t in (g, a, b):
+        dtype = torch.promote_types(dtype, t.dtype)
+    lo, hi = exp_floor(dtype), 0.5 * math.log(torch.finfo(dtype).max)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (f, g, a, b, C)):
+        # no graph: one buffer of the broadcast shape, updated in place
+        f, g, a, b = f.unsqueeze(-1), g.unsqueeze(-2), a.unsqueeze(-1), b.unsqueeze(-2)
+        shape = torch.broadcast_shapes(f.shape, g.shape, C.shape, a.shape, b.shape)
+        S = torch.sub(f, C, out=torch.empty(shape, dtype=dtype, device=C.device))
+        S.add_(g).mul_(1.0 / eps).clamp_(lo, hi).exp_()
+        return S.mul_(a).mul_(b)
     S = (f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps
-    S = S.clamp(exp_floor(S.dtype), 0.5 * math.log(torch.finfo(S.dtype).max))
-    return torch.exp(S) * a.unsqueeze(-1) * b.unsqueeze(-2)
+    return torch.exp(S.clamp(lo, hi)) * a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
 class Geometry:

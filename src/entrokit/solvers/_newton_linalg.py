@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from entrokit.solvers._numerics import DenseBlock, SparseBlock, solve_bipartite
+from entrokit.solvers._numerics import (
+    DenseBlock,
+    SparseBlock,
+    solve_bipartite,
+    solve_bipartite_cg_one,
+)
 
 DENSE_ABOVE = 0.1  # density above which the kept block is stored dense
 
@@ -45,48 +49,54 @@ __all__ = [
 ]
 
 
-@dataclass
 class SparseCoupling:
-    """The kept entries of :math:`T` in COO form plus the exact marginals.
+    """The kept entries of :math:`T` (``mask``) plus the exact marginals.
+
+    Stored dense (the masked copy of :math:`T`) above a density of ``DENSE_ABOVE``, where
+    a BLAS mat-vec beats CSR; otherwise as CSR copies of :math:`T_s` and
+    :math:`T_s^\top`.
 
     Attributes:
-        rows, cols: int64 indices of the kept entries, ``[nnz]``.
-        vals: their values, ``[nnz]``.
         r, c: exact row and column sums of the full :math:`T` (the kept diagonal).
         shape: ``(n, m)``.
+        nnz: number of kept entries.
     """
 
-    rows: torch.Tensor
-    cols: torch.Tensor
-    vals: torch.Tensor
-    r: torch.Tensor
-    c: torch.Tensor
-    shape: tuple[int, int]
-
-    def __post_init__(self):
-        n, m = self.shape
-        dev = self.vals.device
-        self._dense = None
-        if self.vals.numel() > DENSE_ABOVE * n * m:
-            # dense masked copy: above ~10% density a BLAS mat-vec beats CSR
-            D = torch.zeros(n, m, dtype=self.vals.dtype, device=dev)
-            D[self.rows, self.cols] = self.vals
-            self._dense = D
+    def __init__(self, T: torch.Tensor, mask: torch.Tensor, r: torch.Tensor, c: torch.Tensor):
+        n, m = T.shape
+        self.r, self.c, self.shape = r, c, (n, m)
+        self._mask, self._T = mask, T
+        self._coo = self._dense = None
+        rows, cols, vals = self.coo()
+        self.nnz = int(vals.numel())
+        if self.nnz > DENSE_ABOVE * n * m:
+            self._dense = torch.where(mask, T, torch.zeros((), dtype=T.dtype, device=T.device))
             return
         # CSR copies of T_s and T_s^T: one sparse mat-vec per product (MKL / cuSPARSE)
+        dev = vals.device
         crow = torch.zeros(n + 1, dtype=torch.int64, device=dev)
-        crow[1:] = torch.cumsum(torch.bincount(self.rows, minlength=n), 0)
-        order = torch.argsort(self.cols, stable=True)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+        order = torch.argsort(cols, stable=True)
         ccol = torch.zeros(m + 1, dtype=torch.int64, device=dev)
-        ccol[1:] = torch.cumsum(torch.bincount(self.cols, minlength=m), 0)
+        ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=m), 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            self._A = torch.sparse_csr_tensor(crow, self.cols, self.vals, (n, m))
-            self._AT = torch.sparse_csr_tensor(ccol, self.rows[order], self.vals[order], (m, n))
+            self._A = torch.sparse_csr_tensor(crow, cols, vals, (n, m))
+            self._AT = torch.sparse_csr_tensor(ccol, rows[order], vals[order], (m, n))
 
-    @property
-    def nnz(self) -> int:
-        return int(self.vals.numel())
+    def coo(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, vals)`` of the kept entries (row-major order), built once."""
+        if self._coo is None:
+            mask, T = self._mask, self._T
+            m = T.shape[1]
+            if mask.device.type == "cpu":
+                import numpy as np  # numpy's flatnonzero is ~5x faster than torch.nonzero on CPU
+
+                flat = torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
+            else:
+                flat = mask.reshape(-1).nonzero().squeeze(1)
+            self._coo = (flat // m, flat % m, T.reshape(-1)[flat])
+        return self._coo
 
     @property
     def density(self) -> float:
@@ -100,38 +110,34 @@ class SparseCoupling:
         return torch.mv(self._A, y)
 
     def rmv(self, x: torch.Tensor) -> torch.Tensor:
-        """:math:`T_s^\\top x` for ``x [n]``."""
+        """:math:`T_s^\top x` for ``x [n]``."""
         if self._dense is not None:
             return torch.mv(self._dense.t(), x)
         return torch.mv(self._AT, x)
 
+    def col_sq_sum(self, w: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sum_i w_i (T_s)_{ij}^2` for ``w [n]``."""
+        if self._dense is not None:
+            return torch.mv(self._dense.square().t(), w)
+        rows, cols, vals = self.coo()
+        return torch.zeros(self.shape[1], dtype=w.dtype, device=w.device).index_add_(0, cols, vals * vals * w[rows])
+
     def hess_mv(self, dx: torch.Tensor, dy: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """:math:`(K_s + \\sigma I)(dx, dy)`."""
+        r""":math:`(K_s + \sigma I)(dx, dy)`."""
         return (self.r + shift) * dx + self.mv(dy), self.rmv(dx) + (self.c + shift) * dy
 
     def to_dense_hessian(self, shift: float = 0.0) -> torch.Tensor:
-        """Dense :math:`K_s + \\sigma I` of shape ``[n+m, n+m]`` (tests and small problems)."""
+        r"""Dense :math:`K_s + \sigma I` of shape ``[n+m, n+m]`` (tests and small problems)."""
         n, m = self.shape
-        Ts = torch.zeros(n, m, dtype=self.vals.dtype, device=self.vals.device)
-        Ts[self.rows, self.cols] = self.vals
-        K = torch.zeros(n + m, n + m, dtype=self.vals.dtype, device=self.vals.device)
+        rows, cols, vals = self.coo()
+        Ts = torch.zeros(n, m, dtype=vals.dtype, device=vals.device)
+        Ts[rows, cols] = vals
+        K = torch.zeros(n + m, n + m, dtype=vals.dtype, device=vals.device)
         K[:n, :n] = torch.diag(self.r)
         K[n:, n:] = torch.diag(self.c)
         K[:n, n:] = Ts
         K[n:, :n] = Ts.t()
         return K + shift * torch.eye(n + m, dtype=K.dtype, device=K.device)
-
-
-def _coupling_from_mask(T: torch.Tensor, mask: torch.Tensor, r, c) -> SparseCoupling:
-    n, m = T.shape
-    if mask.device.type == "cpu":
-        import numpy as np  # numpy's flatnonzero is ~5x faster than torch.nonzero on CPU
-
-        flat = torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
-    else:
-        flat = mask.reshape(-1).nonzero().squeeze(1)
-    rows, cols = flat // m, flat % m
-    return SparseCoupling(rows, cols, T.reshape(-1)[flat], r, c, (n, m))
 
 
 def threshold_safe(T: torch.Tensor, r: torch.Tensor, c: torch.Tensor, delta: float) -> SparseCoupling:
@@ -143,7 +149,7 @@ def threshold_safe(T: torch.Tensor, r: torch.Tensor, c: torch.Tensor, delta: flo
     safe Newton method's step a controlled inexact Newton step). One pass, no sorting.
     """
     n, m = T.shape
-    return _coupling_from_mask(T, T >= delta / max(n, m), r, c)
+    return SparseCoupling(T, T >= delta / max(n, m), r, c)
 
 
 def threshold_density(T: torch.Tensor, r: torch.Tensor, c: torch.Tensor, density: float) -> SparseCoupling:
@@ -159,14 +165,13 @@ def threshold_density(T: torch.Tensor, r: torch.Tensor, c: torch.Tensor, density
     thr = torch.topk(flat, k, sorted=False).values.min()
     mask = T >= thr
     mask |= T >= T.amax(1, keepdim=True)
-    return _coupling_from_mask(T, mask, r, c)
+    return SparseCoupling(T, mask, r, c)
 
 
 def dense_hessian(T: torch.Tensor) -> torch.Tensor:
     """The exact :math:`K` (dense, ``[n+m, n+m]``)."""
     r, c = T.sum(1), T.sum(0)
-    idx = T >= 0
-    return _coupling_from_mask(T, idx, r, c).to_dense_hessian(0.0)
+    return SparseCoupling(T, T >= 0, r, c).to_dense_hessian(0.0)
 
 
 class _SingleBlock:
@@ -183,9 +188,12 @@ class _SingleBlock:
     def rmv(self, x):
         return self.sp.rmv(x[0]).unsqueeze(0)
 
+    def one_problem(self):
+        return self.sp.mv, self.sp.rmv, self.sp.col_sq_sum
+
     def _sparse(self) -> SparseBlock:
-        sp = self.sp
-        return SparseBlock(torch.zeros_like(sp.rows), sp.rows, sp.cols, sp.vals, self.shape)
+        rows, cols, vals = self.sp.coo()
+        return SparseBlock(torch.zeros_like(rows), rows, cols, vals, self.shape)
 
     def coo(self):
         return self._sparse().coo()
@@ -196,7 +204,7 @@ class _SingleBlock:
         return self._sparse().weighted_gram(w)
 
     def col_sq_sum(self, w):
-        return self._sparse().col_sq_sum(w)
+        return self.sp.col_sq_sum(w[0]).unsqueeze(0)
 
 
 def schur_solve(
@@ -218,6 +226,10 @@ def schur_solve(
     residual above ``max(rtol, 1e-3)`` after ``max_iter`` iterations) or a value is not
     finite.
     """
+    if method == "cg":
+        return solve_bipartite_cg_one(
+            sp.mv, sp.rmv, sp.col_sq_sum, sp.r, sp.c, shift, rhs_x, rhs_y, rtol=rtol, max_iter=max_iter, y0=y0
+        )
     dx, dy, n_iter, ok = solve_bipartite(
         _SingleBlock(sp), sp.r.unsqueeze(0), sp.c.unsqueeze(0), shift, rhs_x.unsqueeze(0), rhs_y.unsqueeze(0),
         method=method, rtol=rtol, max_iter=max_iter, y0=None if y0 is None else y0.unsqueeze(0),

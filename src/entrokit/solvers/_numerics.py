@@ -35,6 +35,7 @@ __all__ = [
     "BIPARTITE_METHODS",
     "DENSE_SCHUR_MAX",
     "solve_bipartite",
+    "solve_bipartite_cg_one",
     "continuation_schedule",
 ]
 
@@ -105,6 +106,8 @@ def armijo_backtracking(
             acceptance rule (e.g. a decrease of the marginal error where differences of
             ``F`` fall below its rounding error).
     """
+    if value.numel() == 1 and bool(active.all()):
+        return _armijo_one(trial, value, slope, current, step, c1, max_backtracks, rel_slack, also_accept)
     t = torch.as_tensor(step, dtype=value.dtype, device=value.device).expand_as(value).clone()
     todo = active.clone()
     best_value, best_state = value, tuple(current)
@@ -122,6 +125,29 @@ def armijo_backtracking(
             break
         t = torch.where(todo, 0.5 * t, t)
     return LineSearchResult(step=t, accepted=active & ~todo, value=best_value, state=best_state)
+
+
+def _armijo_one(trial, value, slope, current, step, c1, max_backtracks, rel_slack, also_accept) -> LineSearchResult:
+    """:func:`armijo_backtracking` for one problem: the same steps and tests on Python
+    floats (one sync per trial, no per-problem selects)."""
+    F0, s0, t = float(value), float(slope), float(step)
+    for _ in range(max_backtracks + 1):
+        F_t, state_t = trial(torch.full_like(value, t))
+        F = float(F_t)
+        ok = math.isfinite(F) and (
+            F <= F0 + c1 * t * s0 + rel_slack * abs(F0)
+            or (also_accept is not None and bool(also_accept(F_t, state_t).all()))
+        )
+        if ok:
+            return LineSearchResult(
+                step=torch.full_like(value, t), accepted=torch.ones_like(value, dtype=torch.bool),
+                value=F_t, state=state_t,
+            )
+        t *= 0.5
+    return LineSearchResult(
+        step=torch.full_like(value, t), accepted=torch.zeros_like(value, dtype=torch.bool),
+        value=value, state=tuple(current),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -163,7 +189,10 @@ def pcg(
     :math:`\|r_k\|_2 \le \text{rtol}\,\|b_k\|_2`, on a breakdown
     (:math:`p^\top A p \le 0`) or a non-finite residual (then ``converged`` is False);
     its iterate is frozen from then on and its count ``n_iter[k]`` stops. One device
-    sync per iteration.
+    sync per iteration. A single problem (``B = 1``) runs on 1-D vectors and stops on
+    its residual alone: the recurrence keeps :math:`r = b - Ax` whatever the sign of
+    :math:`p^\top A p`, so ``converged`` stays exact, and a zero curvature shows as a
+    non-finite residual.
 
     Args:
         matvec: ``A x`` for ``x`` (B, d).
@@ -176,7 +205,15 @@ def pcg(
     """
     B = rhs.shape[0]
     if B == 1 and (active is None or bool(active.all())):
-        return _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0)
+        x, n_iter, converged, rel = _pcg_one(
+            lambda v: matvec(v.unsqueeze(0))[0], rhs[0], inv_diag.expand_as(rhs)[0], rtol, max_iter,
+            None if x0 is None else x0[0],
+        )
+        dev = rhs.device
+        return PCGResult(
+            x=x.unsqueeze(0), n_iter=torch.tensor([n_iter], device=dev),
+            converged=torch.tensor([converged], device=dev), residual=torch.tensor([rel], dtype=rhs.dtype, device=dev),
+        )
     if x0 is None:
         x = torch.zeros_like(rhs)
         res = rhs.clone()
@@ -227,13 +264,12 @@ def pcg(
     return PCGResult(x=x, n_iter=n_iter, converged=converged, residual=rel)
 
 
-def _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0) -> PCGResult:
-    """:func:`pcg` for a single problem: the same iteration with one device sync per
-    iteration and no per-problem selects (tiny vectors are dominated by op overhead)."""
-    b = rhs[0]
-    inv_diag = inv_diag.expand_as(rhs)[0]
-    x = torch.zeros_like(b) if x0 is None else x0[0].clone()
-    res = b.clone() if x0 is None else b - matvec(x.unsqueeze(0))[0]
+def _pcg_one(matvec, b, inv_diag, rtol, max_iter, x0) -> tuple[torch.Tensor, int, bool, float]:
+    """:func:`pcg` for a single problem on 1-D vectors (``matvec``: ``(d,) -> (d,)``): the
+    same iteration with one device sync per iteration and no per-problem selects (tiny
+    vectors are dominated by op overhead). Returns ``(x, n_iter, converged, residual)``."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    res = b.clone() if x0 is None else b - matvec(x)
     bnorm = float(b.norm())
     scale = bnorm if bnorm > 0 else torch.finfo(b.dtype).tiny
     rel = float(res.norm()) / scale
@@ -244,15 +280,16 @@ def _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0) -> PCGResult:
         rz = torch.dot(res, z)
         for _ in range(max_iter):
             n_iter += 1
-            Ap = matvec(p.unsqueeze(0))[0]
+            Ap = matvec(p)
             pAp = torch.dot(p, Ap)
             alpha = rz / pAp
             x.add_(p * alpha)  # x and res are this function's own buffers
             res.sub_(Ap * alpha)
-            curvature = float(pAp)
+            # res = b - A x holds whatever the sign of p^T A p, so the residual test alone
+            # is honest; a zero curvature shows as a non-finite residual
             rel = float(torch.linalg.vector_norm(res)) / scale
-            if not math.isfinite(rel) or not curvature > 0:
-                failed = not math.isfinite(rel)
+            if not math.isfinite(rel):
+                failed = True
                 break
             if rel <= rtol:
                 break
@@ -260,13 +297,7 @@ def _pcg_one(matvec, rhs, inv_diag, rtol, max_iter, x0) -> PCGResult:
             rz_new = torch.dot(res, z)
             p = z + (rz_new / rz) * p
             rz = rz_new
-    dev = rhs.device
-    return PCGResult(
-        x=x.unsqueeze(0),
-        n_iter=torch.tensor([n_iter], device=dev),
-        converged=torch.tensor([rel <= rtol and not failed], device=dev),
-        residual=torch.tensor([rel], dtype=rhs.dtype, device=dev),
-    )
+    return x, n_iter, rel <= rtol and not failed, rel
 
 
 # --------------------------------------------------------------------------------------
@@ -286,6 +317,12 @@ class DenseBlock:
     def rmv(self, x: torch.Tensor) -> torch.Tensor:
         """:math:`W^\\top x`, ``x`` (B, n) -> (B, m)."""
         return torch.bmm(x.unsqueeze(-2), self.W).squeeze(-2)
+
+    def one_problem(self):
+        """``(mv, rmv, col_sq_sum)`` of the first problem on 1-D vectors (the
+        single-problem CG)."""
+        W = self.W[0]
+        return (lambda y: torch.mv(W, y)), (lambda x: torch.mv(W.t(), x)), (lambda w: torch.mv(W.square().t(), w))
 
     def coo(self):
         batch, rows, cols = (self.W != 0).nonzero(as_tuple=True)
@@ -323,6 +360,23 @@ class SparseBlock:
         out = torch.zeros(B * m, dtype=x.dtype, device=x.device)
         out.index_add_(0, self._col_key, self.vals * x.reshape(-1)[self._row_key])
         return out.reshape(B, m)
+
+    def one_problem(self):
+        """``(mv, rmv, col_sq_sum)`` of a batch of one on 1-D vectors (the single-problem
+        CG)."""
+        B, n, m = self.shape
+        rows, cols, vals = self.rows, self.cols, self.vals
+
+        def mv(y):
+            return torch.zeros(n, dtype=y.dtype, device=y.device).index_add_(0, rows, vals * y[cols])
+
+        def rmv(x):
+            return torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, cols, vals * x[rows])
+
+        def col_sq_sum(w):
+            return torch.zeros(m, dtype=w.dtype, device=w.device).index_add_(0, cols, vals * vals * w[rows])
+
+        return mv, rmv, col_sq_sum
 
     def coo(self):
         return self.batch, self.rows, self.cols, self.vals
@@ -440,6 +494,13 @@ def solve_bipartite(
         ``ok = True``.
     """
     B, n, m = block.shape
+    if method == "cg" and B == 1 and active is None:  # one problem: 1-D vectors throughout
+        s0 = float(shift.reshape(-1)[0]) if torch.is_tensor(shift) else float(shift)
+        x, y, it, ok = solve_bipartite_cg_one(
+            *block.one_problem(), r[0], c[0], s0, p[0], q[0], rtol=rtol,
+            max_iter=max_iter or max(200, m), y0=None if y0 is None else y0[0],
+        )
+        return x[None], y[None], torch.tensor([it], device=p.device), torch.tensor([ok], device=p.device)
     if method == "auto":
         sparse = isinstance(block, SparseBlock)
         # assembling S costs sum_i |w_i|^2 (sparse) but n m^2 (dense): a dense block is
@@ -486,6 +547,21 @@ def solve_bipartite(
     ok = ok & torch.isfinite(x).all(-1)
     if active is not None:
         ok = ok | ~active  # nothing to solve
+    return x, y, n_iter, ok
+
+
+def solve_bipartite_cg_one(mv, rmv, col_sq_sum, r, c, shift: float, p, q, *, rtol: float, max_iter: int, y0=None):
+    """The CG back-end of :func:`solve_bipartite` for one problem on 1-D vectors: ``mv``
+    (:math:`Wy`), ``rmv`` (:math:`W^\top x`) and ``col_sq_sum``
+    (:math:`\\sum_i w_i W_{ij}^2`) act on ``(n,)``/``(m,)`` tensors, ``shift`` is a float.
+    Returns ``(x, y, n_iter, ok)`` with Python ``n_iter`` and ``ok``."""
+    diag_rows, diag_cols = r + shift, c + shift
+    rhs = q - rmv(p / diag_rows)
+    floor = shift if shift > 0 else torch.finfo(p.dtype).tiny
+    inv_diag = (diag_cols - col_sq_sum(1.0 / diag_rows)).clamp_min_(floor).reciprocal_()
+    y, n_iter, _, rel = _pcg_one(lambda v: diag_cols * v - rmv(mv(v) / diag_rows), rhs, inv_diag, rtol, max_iter, y0)
+    x = (p - mv(y)) / diag_rows
+    ok = math.isfinite(rel) and rel <= max(rtol, 1e-3) and bool(torch.isfinite(x).all() & torch.isfinite(y).all())
     return x, y, n_iter, ok
 
 
