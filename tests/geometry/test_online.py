@@ -190,11 +190,12 @@ def test_online_memory_does_not_grow_with_n_times_m():
 
 def test_bad_inputs():
     x, y = clouds(n=5, m=4)
-    with pytest.raises(InputError, match="needs an exponent p >= 1"):
+    with pytest.raises(InputError, match="cost='pnorm' needs the exponent p"):
         PointCloud(x, y, "pnorm")
-    with pytest.raises(InputError, match="needs an exponent p >= 1"):
-        PointCloud(x, y, "pnorm", p=0.5)
-    with pytest.raises(InputError, match="meaningless for cost='sqeuclidean'"):
+    for bad in (0.5, float("inf"), float("nan"), True, "2"):
+        with pytest.raises(InputError, match="needs a finite exponent p >= 1"):
+            PointCloud(x, y, "pnorm", p=bad)
+    with pytest.raises(InputError, match="only used with cost='pnorm'; got cost='sqeuclidean'"):
         PointCloud(x, y, p=2)
     with pytest.raises(InputError, match="contradicts online=False"):
         PointCloud(x, y, online=False, chunk_size=3)

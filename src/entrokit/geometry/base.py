@@ -321,3 +321,28 @@ class Geometry:
         """An engine running Sinkhorn as scalings of an absorbed kernel (two mat-vecs per
         iteration), or ``None`` when this geometry only offers log-sum-exp updates."""
         return None
+
+
+class PointGeometry(Geometry):
+    """Base of the geometries built from two point clouds ``x (..., n, d)`` and
+    ``y (..., m, d)`` held as attributes: shape, dtype, device and batch axes are read from
+    them (``shape`` is the ``(n, m)`` of the points held here)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.x.shape[-2], self.y.shape[-2])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[:-2])

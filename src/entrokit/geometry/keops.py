@@ -67,40 +67,6 @@ def _lazy_tensor_class():
         ) from exc
 
 
-def _pnorm_cost_matrix(x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
-    r""":math:`\sum_k |x_{ik} - y_{jk}|^p` as a dense ``(B, n, m)`` tensor, one coordinate
-    at a time (memory :math:`O(nm)`; zero gradient where coordinates coincide)."""
-    C = torch.zeros(*x.shape[:-1], y.shape[-2], dtype=x.dtype, device=x.device)
-    for k in range(x.shape[-1]):
-        C = C + (x[..., :, None, k] - y[..., None, :, k]).abs().pow(p)
-    return C
-
-
-class _PNormCost:
-    """The torch form of the ``"pnorm"`` cost, a callable ``c(x, y)`` for :class:`PointCloud`
-    (used when the cost is materialised: :meth:`~KeOpsPointCloud.cost_matrix`, plans)."""
-
-    def __init__(self, p: float):
-        self.p = p
-        self.__name__ = f"pnorm(p={p:g})"
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return _pnorm_cost_matrix(x, y, self.p)
-
-
-def _check_p(cost: str, p) -> float | None:
-    if cost != "pnorm":
-        if p is not None:
-            raise InputError(f"p={p!r} is only used with cost='pnorm'; got cost={cost!r}. Drop p, or pass cost='pnorm'.")
-        return None
-    if p is None:
-        raise InputError("cost='pnorm' needs the exponent p (C_ij = sum_k |x_ik - y_jk|^p), e.g. p=1.5.")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
-        # as PointCloud: |t|^p has a finite gradient at t = 0 only for p >= 1
-        raise InputError(f"cost='pnorm' needs a finite exponent p >= 1 (p=1: Manhattan), got p={p!r}.")
-    return float(p)
-
-
 class KeOpsPointCloud(PointCloud):
     r"""A point-cloud cost whose reductions run as KeOps kernels (see the module docstring).
 
@@ -152,11 +118,9 @@ class KeOpsPointCloud(PointCloud):
             raise InputError(
                 f"cost must be 'sqeuclidean', 'euclidean' or 'pnorm' (with p=...), got {cost!r}."
             )
-        p = _check_p(cost, p)
         _lazy_tensor_class()  # fail here, not at the first reduction, when pykeops is missing
-        # PointCloud validates the points and provides the torch cost (cost_matrix, plan)
-        super().__init__(x, y, _PNormCost(p) if cost == "pnorm" else cost)
-        self.cost, self.p = cost, p
+        # PointCloud validates the points and p, and provides the torch cost (cost_matrix, plan)
+        super().__init__(x, y, cost, p=p)
         self.chunk_size = None
 
     def __repr__(self) -> str:

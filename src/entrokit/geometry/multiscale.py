@@ -75,7 +75,7 @@ from torch.utils.checkpoint import checkpoint
 
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_same_dtype_device
-from entrokit.geometry.base import Geometry, exp_floor, logsumexp_pair, plan_block
+from entrokit.geometry.base import PointGeometry, exp_floor, logsumexp_pair, plan_block
 
 __all__ = [
     "GridClusters",
@@ -614,7 +614,7 @@ def _check_points(x, y) -> None:
         raise InputError(f"batch axes of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}.")
 
 
-class TruncatedPointCloud(Geometry):
+class TruncatedPointCloud(PointGeometry):
     r"""Squared Euclidean cost :math:`C_{ij} = \|x_i - y_j\|^2` restricted to kept blocks
     of voxel clusters: the plan is :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}`
     on the kept blocks and 0 elsewhere, and every primitive (log-sum-exp pairs along both
@@ -764,18 +764,6 @@ class TruncatedPointCloud(Geometry):
         )
 
     # -- metadata ---------------------------------------------------------------------------
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.x.shape[-2], self.y.shape[-2])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
     @property
     def batch_shape(self) -> tuple[int, ...]:
         return self._batch_shape

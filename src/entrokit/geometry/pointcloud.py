@@ -13,6 +13,7 @@ share the rule.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Literal
 
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_same_dtype_device
 from entrokit.geometry import _online
-from entrokit.geometry.base import Geometry, plan_block
+from entrokit.geometry.base import PointGeometry, plan_block
 from entrokit.geometry.dense import DenseCost
 
 __all__ = ["PointCloud", "memory_budget", "set_memory_budget", "DENSE_COPIES"]
@@ -127,6 +128,20 @@ class _PNorm:
 
 
 _COSTS: dict[str, CostFn] = {"sqeuclidean": _sq_dist, "euclidean": _euclidean}
+
+
+def check_pnorm_exponent(cost: str, p) -> float | None:
+    """The exponent ``p`` of ``cost="pnorm"`` as a float (``None`` for the other costs,
+    which take none); ``p >= 1`` keeps the gradient of :math:`|t|^p` finite at 0."""
+    if cost != "pnorm":
+        if p is not None:
+            raise InputError(f"p={p!r} is only used with cost='pnorm'; got cost={cost!r}. Drop p, or pass cost='pnorm'.")
+        return None
+    if p is None:
+        raise InputError("cost='pnorm' needs the exponent p (C_ij = sum_k |x_ik - y_jk|^p), e.g. p=1.5.")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+        raise InputError(f"cost='pnorm' needs a finite exponent p >= 1 (p=1: Manhattan), got p={p!r}.")
+    return float(p)
 _KERNELS = ("auto", "compile", "eager")
 
 
@@ -138,7 +153,7 @@ def _versions(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
     return (x._version, y._version)
 
 
-class PointCloud(Geometry):
+class PointCloud(PointGeometry):
     r"""Cost computed from two point clouds, ``C_ij = c(x_i, y_j)``.
 
     Args:
@@ -194,13 +209,10 @@ class PointCloud(Geometry):
                 f"batch axes of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}."
             )
         if isinstance(cost, str):
+            p = check_pnorm_exponent(cost, p)
             if cost == "pnorm":
-                if p is None or isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
-                    raise InputError(f"cost='pnorm' needs an exponent p >= 1 (p=1: Manhattan); got p={p!r}.")
-                self._cost_fn = _PNorm(float(p))
+                self._cost_fn = _PNorm(p)
             elif cost in _COSTS:
-                if p is not None:
-                    raise InputError(f"p is the exponent of cost='pnorm'; it is meaningless for cost={cost!r}.")
                 self._cost_fn = _COSTS[cost]
             else:
                 raise InputError(
@@ -244,22 +256,6 @@ class PointCloud(Geometry):
             f"PointCloud(n={self.shape[0]}, m={self.shape[1]}, d={self.x.shape[-1]}, cost={c!r}, "
             f"online={self.is_online}, batch={self.batch_shape})"
         )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.x.shape[-2], self.y.shape[-2])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[:-2])
 
     @property
     def is_online(self) -> bool:

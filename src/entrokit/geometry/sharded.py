@@ -61,7 +61,7 @@ import torch.distributed as dist
 
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor
-from entrokit.geometry.base import Geometry, combine_lse
+from entrokit.geometry.base import PointGeometry, combine_lse
 from entrokit.geometry.pointcloud import CostFn, CostName, PointCloud
 
 __all__ = ["ShardedPointCloud", "CommCounter"]
@@ -292,7 +292,7 @@ def _check_replicated(y: torch.Tensor, group) -> None:
 # -- the geometry ---------------------------------------------------------------------------
 
 
-class ShardedPointCloud(Geometry):
+class ShardedPointCloud(PointGeometry):
     r"""Point-cloud cost :math:`C_{ij} = c(x_i, y_j)` with the rows sharded over ranks.
 
     Every rank of ``group`` constructs it (a collective call: the shards are validated
@@ -367,26 +367,10 @@ class ShardedPointCloud(Geometry):
             f"ring={self.ring}, chunk_size={self.chunk_size}, batch={self.batch_shape})"
         )
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """This rank's share ``(n_local, m)`` (``(n_local, m_local)`` in ring mode)."""
-        return (self.x.shape[-2], self.y.shape[-2])
-
+    # shape (PointGeometry): this rank's share (n_local, m), (n_local, m_local) in ring mode
     @property
     def global_shape(self) -> tuple[int, int]:
         return (sum(self._n_sizes), sum(self._m_sizes) if self.ring else self.y.shape[-2])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[:-2])
 
     @property
     def is_online(self) -> bool:
