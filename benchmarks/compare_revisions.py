@@ -22,6 +22,9 @@ CASES = (
     [("sinkhorn", n, eps) for n in (500, 1000, 2000) for eps in (1e-1, 1e-2, 1e-3)]
     + [("ssns", n, eps) for n in (300, 1000) for eps in (1e-2, 1e-3)]
     + [("smooth_l2", n, gamma) for n in (300, 1000) for gamma in (1e-1, 1e-2)]
+    # the Newton benchmark's own problems (entrokit.bench.newton), SSNS to 1e-8
+    + [("ssns_bench", name, eps) for name in ("random n=500", "digits W2", "digits W1")
+       for eps in (1e-1, 1e-2, 1e-3, 1 / 1200)]
 )
 
 
@@ -36,10 +39,17 @@ def _run_one(only: str | None = None) -> dict:
     for kind, n, eps in CASES:
         if only and kind not in only.split(","):
             continue
-        gen = torch.Generator().manual_seed(n)
-        C = torch.rand(n, n, generator=gen, dtype=torch.float64)
-        a = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        if kind == "sinkhorn":
+        if kind == "ssns_bench":
+            from entrokit.bench.newton import digits_pair, random_assignment
+
+            a, b, C = random_assignment(500) if n == "random n=500" else digits_pair(2 if n == "digits W2" else 1)
+        else:
+            gen = torch.Generator().manual_seed(n)
+            C = torch.rand(n, n, generator=gen, dtype=torch.float64)
+            a = b = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        if kind == "ssns_bench":
+            fn = lambda: entrokit.sinkhorn_newton(a, b, C, eps, tol=1e-8)  # noqa: E731, B023
+        elif kind == "sinkhorn":
             fn = lambda: entrokit.sinkhorn(a, a, C, eps, tol=1e-6)  # noqa: E731, B023
         elif kind == "ssns":
             fn = lambda: entrokit.sinkhorn_newton(a, a, C, eps, tol=1e-8)  # noqa: E731, B023
@@ -51,7 +61,7 @@ def _run_one(only: str | None = None) -> dict:
             res = fn()
             dt = time.perf_counter() - t
             best, spent = min(best, dt), spent + dt
-        out[f"{kind} n={n} eps={eps:g}"] = (best, float(res.marginal_error))
+        out[f"{kind} {n if isinstance(n, str) else f'n={n}'} eps={eps:g}"] = (best, float(res.marginal_error))
     return out
 
 
@@ -60,7 +70,7 @@ def main() -> None:
     p.add_argument("--run", action="store_true")
     p.add_argument("--tree", action="append", default=[])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", default=None, help="comma-separated kinds: sinkhorn,ssns,smooth_l2")
+    p.add_argument("--only", default=None, help="comma-separated kinds: sinkhorn,ssns,smooth_l2,ssns_bench")
     args = p.parse_args()
     if args.run:
         print(json.dumps(_run_one(args.only)))

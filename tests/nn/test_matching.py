@@ -103,6 +103,73 @@ def test_bin_score_learns_and_implicit_matches_unroll():
 
 
 
+def _padded_batch(seed=3):
+    """Two images per sample padded to (M, N) = (6, 5): sample 0 has (4, 5) real
+    keypoints, sample 1 (6, 2) with its real keypoints scattered."""
+    scores, alpha = data(B=2, M=6, N=5, seed=seed, scale=1.5)
+    valid0 = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    valid1 = torch.tensor([[True] * 5, [False, True, False, False, True]])
+    return scores, alpha, valid0, valid1
+
+
+@pytest.mark.parametrize("grad", ["unroll", "implicit"])
+@pytest.mark.parametrize("mode", [dict(n_iter=7), dict(tol=1e-13)])
+def test_padded_batch_equals_each_unpadded_problem(grad, mode):
+    scores, alpha, valid0, valid1 = _padded_batch()
+    out = log_optimal_transport(scores, alpha, grad=grad, valid0=valid0, valid1=valid1, **mode)
+    w = torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(4), dtype=D)
+    live = torch.isfinite(out)
+    g_scores, g_alpha = torch.autograd.grad((torch.where(live, out, 0.0) * w).sum(), (scores, alpha))
+    g_alpha_ref = torch.zeros_like(alpha)
+    for k in range(2):
+        rows = torch.cat([valid0[k].nonzero().squeeze(1), torch.tensor([6])])
+        cols = torch.cat([valid1[k].nonzero().squeeze(1), torch.tensor([5])])
+        sk = scores.detach()[k][valid0[k]][:, valid1[k]].unsqueeze(0).requires_grad_()
+        ref = log_optimal_transport(sk, alpha, grad=grad, **mode)
+        torch.testing.assert_close(out[k][rows][:, cols], ref[0], atol=1e-11, rtol=1e-11)
+        # padded rows and columns: probability 0
+        assert torch.isneginf(out[k][~torch.isin(torch.arange(7), rows)]).all()
+        assert torch.isneginf(out[k][:, ~torch.isin(torch.arange(6), cols)]).all()
+        gs, ga = torch.autograd.grad((ref[0] * w[k][rows][:, cols]).sum(), (sk, alpha))
+        torch.testing.assert_close(g_scores[k][valid0[k]][:, valid1[k]], gs[0], atol=1e-9, rtol=1e-8)
+        g_alpha_ref += ga
+        # padded scores receive no gradient
+        pad = ~(valid0[k].unsqueeze(1) & valid1[k].unsqueeze(0))
+        assert (g_scores[k][pad] == 0).all()
+    torch.testing.assert_close(g_alpha, g_alpha_ref, atol=1e-9, rtol=1e-8)
+
+
+def test_padded_marginals_and_one_sided_sample():
+    scores, alpha, valid0, valid1 = _padded_batch()
+    valid1 = valid1.clone()
+    valid1[1] = False  # sample 1: no real keypoint in image 1, all six go to the dustbin
+    P = log_optimal_transport(scores, alpha, tol=1e-13, valid0=valid0, valid1=valid1).exp()
+    torch.testing.assert_close(P[0].sum(-1), torch.tensor([1.0] * 4 + [0.0] * 2 + [5.0], dtype=D), atol=1e-12, rtol=0)
+    torch.testing.assert_close(P[0].sum(-2), torch.tensor([1.0] * 5 + [4.0], dtype=D), atol=1e-12, rtol=0)
+    torch.testing.assert_close(P[1, :6, 5], torch.ones(6, dtype=D), atol=1e-12, rtol=0)
+    assert float(P[1, :, :5].sum()) == 0.0 and float(P[1, 6].sum()) == 0.0
+    # the module takes the masks too
+    layer = OTMatching(tol=1e-13).double()
+    with torch.no_grad():
+        layer.bin_score.copy_(alpha)
+    torch.testing.assert_close(layer(scores, valid0, valid1).exp(), P, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(valid0=[[True] * 3]), TypeError, "valid0 must be a torch.Tensor"),
+        (dict(valid0=torch.ones(1, 3)), TypeError, "valid0 must be bool"),
+        (dict(valid1=torch.ones(1, 3, dtype=torch.bool)), InputError, r"valid1 must have shape \(1, 4\)"),
+        (dict(valid0=torch.zeros(1, 3, dtype=torch.bool), valid1=torch.zeros(1, 4, dtype=torch.bool)),
+         InputError, r"samples \[0\] have no real keypoint"),
+    ],
+)
+def test_bad_masks(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        log_optimal_transport(torch.randn(1, 3, 4), 1.0, 10, **kwargs)
+
+
 def test_implicit_memory_same_for_1_and_100_iterations():
     scores, alpha = data(B=4, M=30, N=40, dtype=torch.float32, scale=1.0)
     sizes = {}

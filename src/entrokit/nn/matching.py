@@ -24,6 +24,13 @@ SuperGlue's ``log_optimal_transport(scores, alpha, iters)`` for the same ``iters
 (default 100). They run in the library's Sinkhorn loop
 (:func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`).
 
+**Padding.** A batch of images with different keypoint counts is padded to ``(M, N)``;
+``valid0`` ``(B, M)`` and ``valid1`` ``(B, N)`` mark the real keypoints (``True``). Sample
+``k`` is then solved with its own counts :math:`M_k, N_k`: padded rows and columns get
+zero weight, the dustbins :math:`N_k` and :math:`M_k`, the normalisation
+:math:`M_k + N_k`, so its real block equals the unpadded problem's output, and padded
+entries of the output are :math:`-\infty` (probability 0; they receive no gradient).
+
 **Gradients** (to the scores and to ``bin_score``):
 
 * ``grad="implicit"`` (default): the loop runs without a graph and the potentials get
@@ -55,6 +62,8 @@ def log_optimal_transport(
     grad: str = "implicit",
     tol: float | None = None,
     max_iter: int = 1000,
+    valid0: torch.Tensor | None = None,
+    valid1: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""SuperGlue's optimal-transport layer with a dustbin (module docstring).
 
@@ -66,9 +75,13 @@ def log_optimal_transport(
         grad: ``"implicit"`` or ``"unroll"``.
         tol: iterate until the L1 marginal error (marginals of total mass 1) is ``<= tol``.
         max_iter: iterations allowed with ``tol``.
+        valid0, valid1: optional bool masks ``(B, M)`` and ``(B, N)``, ``True`` for a real
+            keypoint and ``False`` for padding (module docstring); every sample needs a
+            real keypoint on at least one side.
 
     Returns:
-        The log-assignment ``(B, M+1, N+1)``: :math:`\log P + \log(M+N)`.
+        The log-assignment ``(B, M+1, N+1)``: :math:`\log P + \log(M_k+N_k)` per sample
+        (:math:`-\infty` on padded rows and columns).
 
     Example:
         >>> import torch
@@ -107,16 +120,31 @@ def log_optimal_transport(
     bins1 = alpha.expand(B, 1, N + 1)
     Z = torch.cat([torch.cat([scores, bins0], -1), bins1], 1)  # couplings (B, M+1, N+1)
 
-    norm = -math.log(M + N)
-    log_mu = torch.full((B, M + 1), norm, dtype=dtype, device=device)
-    log_mu[:, M] = math.log(N) + norm
-    log_nu = torch.full((B, N + 1), norm, dtype=dtype, device=device)
-    log_nu[:, N] = math.log(M) + norm
-    a, b = log_mu.exp(), log_nu.exp()
+    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+    row_live = torch.cat([_check_valid(valid0, "valid0", (B, M), device), ones], 1)  # (B, M+1)
+    col_live = torch.cat([_check_valid(valid1, "valid1", (B, N), device), ones], 1)
+    M_k = row_live[:, :M].sum(1, keepdim=True).to(dtype)  # real keypoints per sample
+    N_k = col_live[:, :N].sum(1, keepdim=True).to(dtype)
+    if bool((M_k + N_k == 0).any()):
+        empty = (M_k + N_k == 0).squeeze(1).nonzero().squeeze(1).tolist()
+        raise InputError(
+            f"samples {empty} have no real keypoint in either image (valid0 and valid1 all False); "
+            "drop them from the batch: there is nothing to match."
+        )
+    # weights: 1 per real keypoint, N_k and M_k on the dustbins, over M_k + N_k; 0 on padding
+    mu = torch.where(row_live, 1.0, 0.0).to(dtype)
+    mu[:, M:] = N_k
+    nu = torch.where(col_live, 1.0, 0.0).to(dtype)
+    nu[:, N:] = M_k
+    a, b = mu / (M_k + N_k), nu / (M_k + N_k)
+    norm = -torch.log(M_k + N_k)  # (B, 1)
+    log_mu, log_nu = torch.log(a), torch.log(b)  # -inf on zero weights
+    # zero-weight rows and columns hold logit 0: finite, and out of the way of the others
+    Z = Z.masked_fill(~((a > 0).unsqueeze(-1) & (b > 0).unsqueeze(-2)), 0.0)
 
     geom = LogitCost(Z, 1.0)
-    # SuperGlue starts from u = v = 0, i.e. potentials f = 0, g = -log nu
-    init = (torch.zeros_like(a), -log_nu)
+    # SuperGlue starts from u = v = 0, i.e. potentials f = 0, g = -log nu (0 where nu = 0)
+    init = (torch.zeros_like(a), torch.where(b > 0, -log_nu, 0.0))
     f, g, _ = run_sinkhorn(
         geom, a, b, 1.0, n_loop=n_iter, tol=tol, max_iter=max_iter, grad=grad, init=init,
         who="log_optimal_transport",
@@ -126,6 +154,19 @@ def log_optimal_transport(
     # log P = log mu_i + log nu_j + f_i + g_j + Z_ij; SuperGlue returns log P - norm
     out = Z + (f + log_mu - norm).unsqueeze(-1) + (g + log_nu).unsqueeze(-2)
     return out.to(out_dtype)
+
+
+def _check_valid(valid, name: str, shape: tuple[int, int], device) -> torch.Tensor:
+    """The keypoint mask ``valid`` as bool ``shape`` (all ``True`` when ``None``)."""
+    if valid is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(valid).__name__}.")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"{name} must be bool (True = real keypoint), got {valid.dtype}; convert with {name}.bool().")
+    if tuple(valid.shape) != shape:
+        raise InputError(f"{name} must have shape {shape} (batch, keypoints) to match scores, got {tuple(valid.shape)}.")
+    return valid.to(device)
 
 
 class OTMatching(torch.nn.Module):
@@ -165,7 +206,12 @@ class OTMatching(torch.nn.Module):
         it = f"tol={self.tol:g}, max_iter={self.max_iter}" if self.tol is not None else f"n_iter={self.n_iter}"
         return f"{it}, grad={self.grad!r}"
 
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, scores: torch.Tensor, valid0: torch.Tensor | None = None, valid1: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Log-assignment of ``scores`` ``(B, M, N)``; ``valid0``/``valid1`` mark the real
+        keypoints of padded batches (:func:`log_optimal_transport`)."""
         return log_optimal_transport(
-            scores, self.bin_score, self.n_iter, grad=self.grad, tol=self.tol, max_iter=self.max_iter
+            scores, self.bin_score, self.n_iter, grad=self.grad, tol=self.tol, max_iter=self.max_iter,
+            valid0=valid0, valid1=valid1,
         )
