@@ -24,7 +24,7 @@ CASES = (
     + [("smooth_l2", n, gamma) for n in (300, 1000) for gamma in (1e-1, 1e-2)]
     # the Newton benchmark's own problems (entrokit.bench.newton), SSNS to 1e-8
     + [("ssns_bench", name, eps) for name in ("random n=500", "digits W2", "digits W1")
-       for eps in (1e-1, 1e-2, 1e-3, 1 / 1200)]
+       for eps in (1e-1, 1e-2, 1e-3, 1 / 1200, 1e-4)]
 )
 
 
@@ -37,7 +37,7 @@ def _run_one(only: str | None = None) -> dict:
     warnings.simplefilter("ignore")
     out = {}
     for kind, n, eps in CASES:
-        if only and kind not in only.split(","):
+        if only and kind not in only.split(",") and f"{kind}:{n}" not in only.split(","):
             continue
         if kind == "ssns_bench":
             from entrokit.bench.newton import digits_pair, random_assignment

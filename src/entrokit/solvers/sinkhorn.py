@@ -309,21 +309,32 @@ def sinkhorn_problem(
                 else:
                     n_iter += k * active.long()
                 it += k
+                err_max = None  # the host copy of max(err), read at most once per check
                 if last:
                     errors.append(err.detach())
                     if callback is not None:
-                        callback(it, float(err.max()))
+                        err_max = float(err.max())
+                        callback(it, err_max)
                 if options.fixed_iter:
                     break
-                done = err <= stol
-                if last:
-                    converged = converged | done
-                    if bool(converged.all()):
+                if B == 1:  # one problem: one host sync serves every test below
+                    err_max = float(err.max()) if err_max is None else err_max
+                    if err_max <= stol:
+                        if last:
+                            converged = torch.ones_like(converged)
                         break
-                    active = ~converged
-                elif bool(done.all()):
-                    break
-                if probing and _slow_convergence(probe_hist, it - it_stage, float(err.max()), tol):
+                else:
+                    done = err <= stol
+                    if last:
+                        converged = converged | done
+                        if bool(converged.all()):
+                            break
+                        active = ~converged
+                    elif bool(done.all()):
+                        break
+                if probing and _slow_convergence(
+                    probe_hist, it - it_stage, float(err.max()) if err_max is None else err_max, tol
+                ):
                     if options.stop_when_slow:
                         # hand the potentials to a faster method (the caller's choice)
                         info["stopped_slow"] = it
