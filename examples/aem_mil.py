@@ -63,7 +63,7 @@ import torch  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 from torch import nn  # noqa: E402
 
-from entrokit.plotting import figure_path, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import FIGURE_STYLE, figure_path, mean_ci95, save_figure  # noqa: E402
 from entrokit.plotting import format_ci95 as fmt
 from entrokit.regularizers import aem_loss, negative_attention_entropy  # noqa: E402
 
@@ -230,7 +230,7 @@ def main() -> None:
         print(f"verdict: not reproduced — with spread evidence the AEM - ABMIL AUC difference is not "
               f"significant ({d_ab[0]:+.3f} ± {d_ab[1]:.3f}); {vs_mp}.{ctl}{note}")
 
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9})
+    plt.rcParams.update(FIGURE_STYLE)
     fig, ax = plt.subplots(1, 3, figsize=(17, 5))
     colors = dict(zip(METHODS, ("tab:gray", "tab:red", "tab:purple", "tab:blue")))
     width = 0.2

@@ -47,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from entrokit.plotting import figure_path, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import FIGURE_STYLE, figure_path, mean_ci95, save_figure  # noqa: E402
 from entrokit.plotting import format_ci95 as fmt
 from entrokit.regularizers.elr import ELRLoss  # noqa: E402
 
@@ -181,7 +181,7 @@ def main() -> None:
         print(f"verdict: not reproduced — the ELR - CE difference at the last epoch is not significant "
               f"({m_ce:+.3f} ± {h_ce:.3f}; memorised CE {mem_ce:.0%}, ELR {mem_elr:.0%}).{note}")
 
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9})
+    plt.rcParams.update(FIGURE_STYLE)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.4))
     ep = np.arange(1, epochs + 1)
     for key, c, lab in (("ce", "tab:red", "CE"), ("elr", "tab:blue", "ELR (λ chosen on noisy val)")):

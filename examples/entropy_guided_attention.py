@@ -61,8 +61,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from entrokit.plotting import FIGURE_STYLE, mean_ci95, save_figure
 from entrokit.plotting import format_ci95 as fmt  # noqa: E402
-from entrokit.plotting import mean_ci95, save_figure
 from entrokit.regularizers import (  # noqa: E402
     AttentionEntropyRecorder,
     EntropyBandRegularizer,
@@ -72,8 +72,7 @@ from entrokit.regularizers import (  # noqa: E402
     quartile_fractions,
 )
 
-plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9,
-                     "xtick.labelsize": 9, "ytick.labelsize": 9})
+plt.rcParams.update(FIGURE_STYLE)
 
 V, HALF = 32, 8
 T = 2 * HALF - 1  # model input length: predict tokens 1..2*HALF-1 from tokens 0..2*HALF-2

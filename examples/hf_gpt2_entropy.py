@@ -40,11 +40,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from entrokit.plotting import save_figure  # noqa: E402
+from entrokit.plotting import FIGURE_STYLE, save_figure  # noqa: E402
 from entrokit.regularizers import AttentionEntropyRecorder, EntropyBandRegularizer  # noqa: E402
 
-plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9,
-                     "xtick.labelsize": 9, "ytick.labelsize": 9})
+plt.rcParams.update(FIGURE_STYLE)
 
 VOCAB, MAXLEN, PAD = 64, 24, 0
 

@@ -60,7 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from entrokit.plotting import format_ci95, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
 
 fmt = functools.partial(format_ci95, digits=2, width=6)
 from entrokit.regularizers.legogcd import LocalEntropyRegularizer, dual_view_kl  # noqa: E402
@@ -268,8 +268,7 @@ def main() -> None:
     print(f"verdict: {verdict}{tag}")
 
     # 4. figure
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9,
-                         "xtick.labelsize": 9, "ytick.labelsize": 9})
+    plt.rcParams.update(FIGURE_STYLE)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     for j, (ax, title) in enumerate(zip(axes[0], ("Old (known) classes", "New (novel) classes"))):
         for a, name in ARMS.items():

@@ -40,9 +40,9 @@ import torch
 
 import entrokit
 from entrokit.losses.monge_gap import monge_gap
-from entrokit.plotting import mean_ci95, save_figure
+from entrokit.plotting import FIGURE_STYLE, mean_ci95, save_figure
 
-plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9})
+plt.rcParams.update(FIGURE_STYLE)
 
 
 # -- the two Gaussians and their OT map ------------------------------------------------------

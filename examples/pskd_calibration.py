@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from entrokit.plotting import figure_path, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import FIGURE_STYLE, figure_path, mean_ci95, save_figure  # noqa: E402
 from entrokit.plotting import format_ci95 as fmt
 from entrokit.regularizers.pskd import PSKDLoss  # noqa: E402
 
@@ -229,7 +229,7 @@ def main() -> None:
               f"(ECE {d_ece[0]:+.3f} ± {d_ece[1]:.3f}, NLL {d_nll[0]:+.3f} ± {d_nll[1]:.3f}); "
               f"{ctl}.{note}")
 
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9})
+    plt.rcParams.update(FIGURE_STYLE)
     fig, ax = plt.subplots(1, 4, figsize=(18, 4.4))
     colors = {"CE": "tab:red", "CE + TS": "tab:orange", "PS-KD": "tab:blue"}
     for m in METHODS:

@@ -49,8 +49,8 @@ from scipy.stats import binomtest, fisher_exact  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+from entrokit.plotting import FIGURE_STYLE, mean_ci95, save_figure
 from entrokit.plotting import format_ci95 as fmt  # noqa: E402
-from entrokit.plotting import mean_ci95, save_figure
 from entrokit.regularizers import attention_entropy, convert_to_sigma_reparam  # noqa: E402
 
 V, T, L, H, D, B = 10, 16, 2, 4, 32, 32
@@ -244,8 +244,7 @@ def main() -> None:
     print(f"elapsed {time.time() - t0:.0f} s")
 
     # figure
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9,
-                         "xtick.labelsize": 9, "ytick.labelsize": 9})
+    plt.rcParams.update(FIGURE_STYLE)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax = axes[0, 0]
     for k, sigma in enumerate((False, True)):

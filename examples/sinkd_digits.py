@@ -44,9 +44,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from entrokit.nn.sinkd import SinkhornKDLoss
-from entrokit.plotting import mean_ci95, save_figure
+from entrokit.plotting import FIGURE_STYLE, mean_ci95, save_figure
 
-plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9})
+plt.rcParams.update(FIGURE_STYLE)
 
 METHODS = ("CE", "CE+KD", "CE+SinKD", "CE+KD+SinKD")
 

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from entrokit.losses.sliced import sliced_wasserstein  # noqa: E402
+from entrokit.plotting import FIGURE_STYLE  # noqa: E402
 
 D = torch.float64
 ESTIMATORS = {"plain MC": None, "lower CV": "lower", "upper CV": "upper"}
@@ -116,8 +117,7 @@ def main():
             f"{step_time[name] * 1e3:>10.2f}"
         )
 
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9,
-                         "xtick.labelsize": 9, "ytick.labelsize": 9})
+    plt.rcParams.update(FIGURE_STYLE)
     fig = plt.figure(figsize=(13, 7.5), constrained_layout=True)
     gs = fig.add_gridspec(2, 4, height_ratios=[1, 1.1])
     yn = y.numpy()

@@ -13,7 +13,15 @@ import torch
 
 from entrokit._optional import require
 
-__all__ = ["plot_demo", "plot_solve", "plot_convergence", "save_figure", "mean_ci95"]
+__all__ = [
+    "plot_demo", "plot_solve", "plot_convergence", "save_figure", "mean_ci95", "format_ci95",
+    "figure_path", "FIGURE_STYLE",
+]
+
+# matplotlib rcParams of the examples' figures: every text at least 9 pt, titles a step larger
+FIGURE_STYLE = {
+    "font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9, "xtick.labelsize": 9, "ytick.labelsize": 9,
+}
 
 
 def plot_convergence(ax, runs, *, title="Convergence") -> None:
