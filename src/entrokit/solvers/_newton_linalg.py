@@ -35,7 +35,6 @@ from entrokit.solvers._numerics import (
     DenseBlock,
     SparseBlock,
     solve_bipartite,
-    solve_bipartite_cg_one,
 )
 
 DENSE_ABOVE = 0.1  # density above which the kept block is stored dense
@@ -203,9 +202,6 @@ class _SingleBlock:
             return DenseBlock(self.sp._dense.unsqueeze(0)).weighted_gram(w)
         return self._sparse().weighted_gram(w)
 
-    def col_sq_sum(self, w):
-        return self.sp.col_sq_sum(w[0]).unsqueeze(0)
-
 
 def schur_solve(
     sp: SparseCoupling,
@@ -226,10 +222,6 @@ def schur_solve(
     residual above ``max(rtol, 1e-3)`` after ``max_iter`` iterations) or a value is not
     finite.
     """
-    if method == "cg":
-        return solve_bipartite_cg_one(
-            sp.mv, sp.rmv, sp.col_sq_sum, sp.r, sp.c, shift, rhs_x, rhs_y, rtol=rtol, max_iter=max_iter, y0=y0
-        )
     dx, dy, n_iter, ok = solve_bipartite(
         _SingleBlock(sp), sp.r.unsqueeze(0), sp.c.unsqueeze(0), shift, rhs_x.unsqueeze(0), rhs_y.unsqueeze(0),
         method=method, rtol=rtol, max_iter=max_iter, y0=None if y0 is None else y0.unsqueeze(0),
