@@ -1,0 +1,399 @@
+r"""One base for stateful training components (controllers, EMA priors, per-sample buffers).
+
+The pattern is torchmetrics' ``Metric``: a subclass *declares* what it is made of, and the
+base supplies the machinery once.
+
+- **Options** are class attributes :class:`Option` (a data descriptor holding a check). The
+  check runs when the attribute is assigned, in ``__init__`` or later, never on every
+  forward; relations between options (``low <= high``) live in
+  :meth:`StatefulModule._check_relations`, run after construction and after every later
+  assignment (assign several at once with :meth:`StatefulModule.set_options`).
+- **State** is declared with :meth:`StatefulModule.add_state`: a registered buffer (so
+  ``state_dict``, ``.to(device)`` and checkpoint resume work), its initial value (for
+  :meth:`StatefulModule.reset_state`) and its distributed policy: ``"mean"`` or ``"sum"``
+  (the batch statistic that feeds it is all-reduced over the ranks), ``"gather"`` (a
+  per-sample buffer; the ``(index, rows)`` pairs of every rank are gathered) or ``"none"``.
+- **One step template**, :meth:`StatefulModule.update_state`: measure the batch
+  (:meth:`StatefulModule._measure`, subclass), reduce it across ranks according to the
+  policies, refuse it if any statistic is NaN or infinite on any rank, then write the new
+  state (:meth:`StatefulModule._apply`, subclass). A refused batch raises
+  :class:`~entrokit.InputError` on every rank at once (the finiteness verdicts travel in
+  the same collective as the statistics, so no rank is left waiting) and leaves the state
+  exactly as it was. With ``check_inputs=False`` the batch is skipped silently instead
+  (no host sync).
+
+``sync`` (an option of every subclass) decides when the collectives run: ``None``
+all-reduces iff a process group with more than one rank is initialised, ``True`` always
+(needs an initialised group), ``False`` never (each rank keeps its own state).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from entrokit._errors import InputError
+from entrokit.regularizers._buffers import all_gather_rows
+from entrokit.regularizers._checks import non_finite_message
+
+__all__ = [
+    "Option",
+    "StatefulModule",
+    "boolean",
+    "choice",
+    "integer",
+    "optional",
+    "real",
+    "sync_flag",
+]
+
+SyncPolicy = Literal["mean", "sum", "gather", "none"]
+_POLICIES = ("mean", "sum", "gather", "none")
+
+
+# --------------------------------------------------------------------------------------
+# Declared options
+# --------------------------------------------------------------------------------------
+
+
+class Option:
+    """A validated option of a :class:`StatefulModule` (a data descriptor).
+
+    ``check(value, name)`` returns the value to store (e.g. a ``float``) or raises
+    ``TypeError`` / :class:`~entrokit.InputError` with a message naming ``name``.
+
+    Examples:
+        >>> class Gain(StatefulModule):
+        ...     gain = Option(real(lo=0.0, lo_open=True, example="gain=0.5"))
+        ...     def __init__(self, gain):
+        ...         super().__init__()
+        ...         self.gain = gain
+        >>> Gain(2).gain
+        2.0
+        >>> Gain(-1.0)
+        Traceback (most recent call last):
+        ...
+        entrokit._errors.InputError: gain must lie in (0, inf), got -1.0; use e.g. gain=0.5.
+    """
+
+    def __init__(self, check: Callable[[Any, str], Any]) -> None:
+        self.check = check
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(f"option {self.name!r} of {type(obj).__name__} is not set yet") from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = self.check(value, self.name)
+        if obj.__dict__.get("_options_ready", False):
+            obj._check_relations()
+
+
+def _plain(value: Any) -> Any:
+    """A 1-element tensor or a NumPy scalar becomes a Python number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def real(
+    *,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    allow_inf: bool = False,
+    example: str,
+) -> Callable[[Any, str], float]:
+    """Check for a real number in an interval (NumPy and 1-element tensors accepted).
+
+    NaN is always refused; ``inf`` and ``-inf`` only with ``allow_inf=True``.
+    """
+
+    def check(value: Any, name: str) -> float:
+        v = _plain(value)
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}; use e.g. {example}.")
+        v = float(v)
+        inside = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ((math.isfinite(v) or (allow_inf and not math.isnan(v))) and inside):
+            left = "(" if lo_open or lo == -math.inf else "["
+            right = ")" if hi_open or hi == math.inf else "]"
+            interval = f"{left}{_fmt(lo)}, {_fmt(hi)}{right}"
+            raise InputError(f"{name} must lie in {interval}, got {value!r}; use e.g. {example}.")
+        return v
+
+    return check
+
+
+def _fmt(x: float) -> str:
+    return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}"
+
+
+def integer(*, minimum: int = 0, example: str) -> Callable[[Any, str], int]:
+    """Check for an integer ``>= minimum``; NumPy integers are accepted, floats and bools are not."""
+
+    def check(value: Any, name: str) -> int:
+        if isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got bool; use e.g. {example}.")
+        try:
+            v = operator.index(value)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be an int, got {type(value).__name__} {value!r}; use e.g. {example}."
+            ) from None
+        if v < minimum:
+            raise InputError(f"{name} must be an int >= {minimum}, got {v}; use e.g. {example}.")
+        return v
+
+    return check
+
+
+def choice(choices: Sequence[str]) -> Callable[[Any, str], str]:
+    """Check for one of ``choices`` (strings)."""
+
+    def check(value: Any, name: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            opts = ", ".join(repr(c) for c in choices)
+            raise InputError(f"{name} must be one of {opts}; got {value!r}.")
+        return value
+
+    return check
+
+
+def boolean(value: Any, name: str) -> bool:
+    """Check for ``True`` or ``False`` (NumPy bools accepted)."""
+    v = _plain(value)
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+    return v
+
+
+def sync_flag(value: Any, name: str) -> bool | None:
+    """Check the ``sync`` option: ``None``, ``True`` or ``False``."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(
+            f"{name} must be None, True or False, got {type(value).__name__}; use sync=None to "
+            "all-reduce whenever torch.distributed runs on more than one rank."
+        )
+    return value
+
+
+def optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """``None`` or whatever ``check`` accepts."""
+
+    def wrapped(value: Any, name: str) -> Any:
+        return None if value is None else check(value, name)
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------
+# The base
+# --------------------------------------------------------------------------------------
+
+
+class StatefulModule(nn.Module):
+    """Base of the stateful training components (see the module docstring).
+
+    A subclass declares its options as :class:`Option` class attributes, registers its
+    state with :meth:`add_state` in ``__init__``, ends ``__init__`` with
+    :meth:`_ready` (which runs :meth:`_check_relations` once and from then on after every
+    option assignment) and implements :meth:`_measure` and :meth:`_apply`.
+
+    Args (options of every subclass):
+        sync: ``None`` (all-reduce iff torch.distributed runs on more than one rank),
+            ``True`` or ``False``.
+        check_inputs: ``True`` (default) raises :class:`~entrokit.InputError` on a batch
+            with a non-finite statistic; ``False`` skips such a batch without a host sync.
+            The state is unchanged either way.
+    """
+
+    sync = Option(sync_flag)
+    check_inputs = Option(boolean)
+    #: what the state is called in error messages ("coefficient", "class prior", ...)
+    state_name: ClassVar[str] = "state"
+
+    def __init__(self, *, sync: bool | None = None, check_inputs: bool = True) -> None:
+        super().__init__()
+        self._state_policy: dict[str, SyncPolicy] = {}
+        self._state_default: dict[str, torch.Tensor] = {}
+        self.sync = sync
+        self.check_inputs = check_inputs
+
+    # -- declaration ---------------------------------------------------------------------
+
+    def add_state(self, name: str, default: torch.Tensor, *, sync: SyncPolicy = "none") -> None:
+        """Register ``default`` as the buffer ``name`` (in ``state_dict``) with a DDP policy.
+
+        ``sync`` names how the batch statistic that updates this state is combined over
+        ranks: ``"mean"``, ``"sum"``, ``"gather"`` (per-sample rows, with their indices) or
+        ``"none"``.
+        """
+        if sync not in _POLICIES:
+            raise InputError(f"sync policy of state {name!r} must be one of {_POLICIES}, got {sync!r}.")
+        default = torch.as_tensor(default)
+        self.register_buffer(name, default.clone())
+        self._state_policy[name] = sync
+        self._state_default[name] = default.detach().clone()
+
+    def _ready(self) -> None:
+        """End of ``__init__``: check the relations between options, then keep checking them."""
+        self._check_relations()
+        self.__dict__["_options_ready"] = True
+
+    def _check_relations(self) -> None:
+        """Relations between options (override); raise :class:`~entrokit.InputError`."""
+
+    def set_options(self, **options: Any) -> None:
+        """Assign several options at once; relations are checked after the last one.
+
+        On failure every option keeps its previous value.
+        """
+        old = {}
+        for name in options:
+            if not isinstance(getattr(type(self), name, None), Option):
+                raise InputError(f"{type(self).__name__} has no option {name!r}.")
+            old[name] = self.__dict__.get(name)
+        self.__dict__["_options_ready"] = False
+        try:
+            for name, value in options.items():
+                setattr(self, name, value)
+            self._check_relations()
+        except Exception:
+            self.__dict__.update(old)
+            raise
+        finally:
+            self.__dict__["_options_ready"] = True
+
+    def reset_state(self) -> None:
+        """Put every declared state back to its initial value."""
+        for name, default in self._state_default.items():
+            getattr(self, name).copy_(default)
+
+    def options(self) -> dict[str, Any]:
+        """The declared options and their current values."""
+        names = [n for klass in type(self).__mro__ for n, v in vars(klass).items() if isinstance(v, Option)]
+        return {n: getattr(self, n) for n in dict.fromkeys(names)}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+    # -- the step template ---------------------------------------------------------------
+
+    def _measure(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
+        """Batch statistics keyed by the state they feed (override).
+
+        A ``"mean"``/``"sum"``/``"none"`` state gets a floating tensor; a ``"gather"``
+        state gets ``(index [b], rows [b, k])``. Values are detached by the template.
+        """
+        raise NotImplementedError
+
+    def _apply(self, stats: Mapping[str, Any]) -> None:
+        """Write the new state from the reduced statistics (override)."""
+        raise NotImplementedError
+
+    def syncing(self) -> bool:
+        """Whether :meth:`update_state` runs collectives (see ``sync``)."""
+        initialised = dist.is_available() and dist.is_initialized()
+        if self.sync is None:
+            return initialised and dist.get_world_size() > 1
+        if self.sync and not initialised:
+            raise InputError(
+                "sync=True needs an initialised torch.distributed process group; call "
+                "torch.distributed.init_process_group(...) first or pass sync=None."
+            )
+        return bool(self.sync)
+
+    @torch.no_grad()
+    def update_state(self, *args: Any, **kwargs: Any) -> Mapping[str, Any] | None:
+        """Measure, reduce over ranks, refuse non-finite batches, write the state.
+
+        Returns the reduced statistics, or ``None`` when a non-finite batch was skipped
+        (``check_inputs=False``).
+
+        Raises:
+            InputError: a statistic is NaN or infinite on some rank (``check_inputs=True``);
+                the state is unchanged on every rank.
+        """
+        raw = self._measure(*args, **kwargs)
+        stats: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name not in self._state_policy:
+                raise KeyError(f"{type(self).__name__}._measure returned {name!r}, which is not a declared state")
+            if isinstance(value, tuple):
+                stats[name] = tuple(v.detach() for v in value)
+            else:
+                stats[name] = torch.as_tensor(value).detach()
+        reduced = self._reduce(stats)
+        if reduced is None:
+            return None
+        self._apply(reduced)
+        return reduced
+
+    def _refuse(self, ranks: Sequence[int] | None = None) -> None:
+        if self.check_inputs:
+            raise InputError(non_finite_message("the batch statistics", type(self).__name__, self.state_name, ranks))
+
+    def _reduce(self, stats: dict[str, Any]) -> dict[str, Any] | None:
+        def finite(v: Any) -> torch.Tensor:
+            if isinstance(v, tuple):
+                return torch.isfinite(v[1]).all()
+            return torch.isfinite(v).all()
+
+        local_ok = torch.stack([finite(v) for v in stats.values()]).all() if stats else torch.tensor(True)
+        if not self.syncing():
+            if not bool(local_ok):
+                self._refuse()
+                return None
+            return stats
+        world, rank = dist.get_world_size(), dist.get_rank()
+        out = dict(stats)
+        for name, v in stats.items():  # per-sample rows: the gather carries the verdicts
+            if self._state_policy[name] == "gather":
+                try:
+                    out[name] = all_gather_rows(
+                        v[0], v[1], sync=True, local_ok=local_ok, owner=type(self).__name__,
+                        state=self.state_name, what="the batch statistics",
+                    )
+                except InputError:
+                    if self.check_inputs:
+                        raise
+                    return None
+                local_ok = torch.tensor(True)
+        flat = [(n, v) for n, v in stats.items() if self._state_policy[n] in ("mean", "sum")]
+        ref = flat[0][1] if flat else torch.zeros((), dtype=torch.float64)
+        dev = ref.device
+        bad = torch.zeros(world, dtype=torch.float64, device=dev)
+        bad[rank] = (~local_ok).to(torch.float64)
+        parts = [torch.where(local_ok, v, torch.zeros_like(v)).reshape(-1).to(torch.float64) for _, v in flat]
+        buf = torch.cat([*parts, bad])  # one all-reduce: statistics and every rank's verdict
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        ranks = (buf[buf.numel() - world :] > 0).nonzero().flatten().tolist()
+        if ranks:
+            self._refuse(ranks)
+            return None
+        offset = 0
+        for name, v in flat:
+            k = v.numel()
+            total = buf[offset : offset + k].reshape(v.shape).to(v.dtype)
+            out[name] = total / world if self._state_policy[name] == "mean" else total
+            offset += k
+        return out
