@@ -236,8 +236,8 @@ class SignController(Controller):
         return float(self.coef)
 
     def _control(self, h: torch.Tensor) -> torch.Tensor:
-        up = h <= self.target
-        return self.coef + torch.where(up, self.delta, -self.delta)
+        up = (h <= self.target).to(_F64)
+        return self.coef + (2.0 * up - 1.0) * self.delta
 
 
 class DeadbandController(Controller):

@@ -1,0 +1,228 @@
+"""The base of stateful training components: declared options, declared state, one step template."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from entrokit import InputError
+from entrokit._stateful import Option, StatefulModule, boolean, choice, integer, optional, real
+from gloo_ranks import run_on_ranks
+
+CALLS = {"momentum": 0}
+
+
+def _counted_unit(value, name):
+    CALLS["momentum"] += 1
+    return real(lo=0.0, hi=1.0, hi_open=True, example="momentum=0.9")(value, name)
+
+
+class Toy(StatefulModule):
+    """EMA of a batch mean (all-reduced mean), a seen-count (summed), per-sample rows (gathered)."""
+
+    state_name = "toy state"
+    momentum = Option(_counted_unit)
+    size = Option(integer(minimum=1, example="size=4"))
+    low = Option(real(example="low=0.0"))
+    high = Option(real(example="high=1.0"))
+    kind = Option(choice(("ema", "last")))
+    scale = Option(optional(real(lo=0.0, lo_open=True, example="scale=2.0")))
+    flag = Option(boolean)
+
+    def __init__(self, momentum=0.9, size=4, low=0.0, high=1.0, *, sync=None, check_inputs=True):
+        super().__init__(sync=sync, check_inputs=check_inputs)
+        self.momentum = momentum
+        self.size = size
+        self.low = low
+        self.high = high
+        self.kind = "ema"
+        self.scale = None
+        self.flag = False
+        self.add_state("ema", torch.zeros(3, dtype=torch.float64), sync="mean")
+        self.add_state("seen", torch.zeros((), dtype=torch.float64), sync="sum")
+        self.add_state("rows", torch.zeros(size, 2, dtype=torch.float64), sync="gather")
+        self._ready()
+
+    def _check_relations(self):
+        if self.low > self.high:
+            raise InputError(f"low={self.low} exceeds high={self.high}")
+
+    def _measure(self, x, index=None):
+        stats = {"ema": x.mean(0), "seen": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
+        if index is not None:
+            stats["rows"] = (index, x[:, :2])
+        return stats
+
+    def _apply(self, stats):
+        self.ema.mul_(self.momentum).add_((1 - self.momentum) * stats["ema"])
+        self.seen += stats["seen"]
+        if "rows" in stats:
+            idx, rows = stats["rows"]
+            self.rows[idx] = rows
+
+
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+def test_options_are_converted_and_checked_at_construction():
+    m = Toy(momentum=np.float32(0.5), size=np.int64(3))
+    assert m.momentum == 0.5 and isinstance(m.momentum, float)
+    assert m.size == 3 and type(m.size) is int
+    assert m.options()["size"] == 3
+    assert "momentum=0.5" in repr(m)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"momentum": 1.0}, InputError, r"momentum must lie in \[0, 1\), got 1.0; use e.g. momentum=0.9"),
+        ({"momentum": float("nan")}, InputError, "momentum must lie in"),
+        ({"momentum": "0.9"}, TypeError, "momentum must be a real number, got str"),
+        ({"momentum": True}, TypeError, "momentum must be a real number, got bool"),
+        ({"size": 2.0}, TypeError, "size must be an int, got float"),
+        ({"size": np.float64(2.0)}, TypeError, "size must be an int, got float64"),
+        ({"size": 0}, InputError, "size must be an int >= 1, got 0"),
+        ({"size": True}, TypeError, "size must be an int, got bool"),
+        ({"low": 2.0, "high": 1.0}, InputError, "low=2.0 exceeds high=1.0"),
+        ({"sync": "yes"}, TypeError, "sync must be None, True or False"),
+        ({"check_inputs": 1}, TypeError, "check_inputs must be True or False"),
+    ],
+)
+def test_bad_options_raise_typed_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Toy(**kwargs)
+
+
+def test_assignment_is_checked_and_relations_too():
+    m = Toy()
+    with pytest.raises(InputError, match="momentum must lie in"):
+        m.momentum = -0.1
+    assert m.momentum == 0.9
+    with pytest.raises(InputError, match="kind must be one of 'ema', 'last'; got 'mean'"):
+        m.kind = "mean"
+    m.scale = 2
+    assert m.scale == 2.0
+    m.scale = None
+    with pytest.raises(InputError, match="low=5.0 exceeds high=1.0"):
+        m.low = 5.0  # the value is stored, the relation is refused
+    m.set_options(low=3.0, high=4.0)  # atomically: no transient violation
+    assert (m.low, m.high) == (3.0, 4.0)
+    with pytest.raises(InputError, match="exceeds"):
+        m.set_options(low=9.0, high=8.0)
+    assert (m.low, m.high) == (3.0, 4.0)  # rolled back
+    with pytest.raises(InputError, match="has no option 'nope'"):
+        m.set_options(nope=1)
+
+
+def test_options_are_not_checked_on_every_step():
+    m = Toy()
+    before = CALLS["momentum"]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for _ in range(10):
+        m.update_state(x)
+    assert CALLS["momentum"] == before
+
+
+# -- the step template -----------------------------------------------------------------
+
+
+def test_update_applies_statistics():
+    m = Toy(momentum=0.5, sync=False)
+    x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]], dtype=torch.float64)
+    m.update_state(x, torch.tensor([1, 3]))
+    torch.testing.assert_close(m.ema, torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64))
+    assert float(m.seen) == 2.0
+    torch.testing.assert_close(m.rows[3], torch.tensor([3.0, 4.0], dtype=torch.float64))
+    m.reset_state()
+    assert float(m.ema.abs().sum()) == 0 and float(m.seen) == 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_batch_is_refused_and_state_unchanged(bad):
+    m = Toy(sync=False)
+    m.update_state(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
+    before = _snapshot(m)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[2, 1] = bad
+    with pytest.raises(InputError, match=r"Toy did not update its toy state .* state is as before"):
+        m.update_state(x, torch.tensor([0, 1, 2, 3]))
+    assert _same(before, _snapshot(m))
+    m.check_inputs = False  # skipped silently, still unchanged
+    assert m.update_state(x, torch.tensor([0, 1, 2, 3])) is None
+    assert _same(before, _snapshot(m))
+
+
+def test_state_dict_round_trip_and_device_moves():
+    m = Toy(sync=False)
+    m.update_state(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
+    m2 = Toy(sync=False)
+    m2.load_state_dict(m.state_dict())
+    assert _same(_snapshot(m), _snapshot(m2))
+    assert set(m.state_dict()) == {"ema", "seen", "rows"}
+
+
+def test_sync_true_needs_a_process_group():
+    m = Toy(sync=True)
+    with pytest.raises(InputError, match="sync=True needs an initialised torch.distributed process group"):
+        m.update_state(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_undeclared_state_and_policy_are_refused():
+    class Bad(Toy):
+        def _measure(self, x, index=None):
+            return {"nope": x.sum()}
+
+    with pytest.raises(KeyError, match="not a declared state"):
+        Bad(sync=False).update_state(torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(InputError, match="sync policy of state 'x' must be one of"):
+        Toy().add_state("x", torch.zeros(1), sync="max")
+
+
+# -- two gloo ranks ----------------------------------------------------------------------
+
+X0 = torch.arange(12, dtype=torch.float64).reshape(4, 3) / 10
+X1 = -torch.arange(6, dtype=torch.float64).reshape(2, 3) / 7
+
+
+def _ddp_scenarios(rank: int):
+    out = {}
+    m = Toy(momentum=0.5, size=6)  # sync=None: all-reduces with 2 ranks
+    x, idx = (X0, torch.tensor([0, 1, 2, 3])) if rank == 0 else (X1, torch.tensor([4, 5]))
+    m.update_state(x, idx)
+    out["ema"], out["seen"], out["rows"] = m.ema.clone(), m.seen.clone(), m.rows.clone()
+    before = _snapshot(m)
+    bad = x.clone()
+    if rank == 1:
+        bad[0, 0] = math.nan
+    try:
+        m.update_state(bad, idx)
+        out["raised"] = None
+    except InputError as err:
+        out["raised"] = str(err)
+    out["unchanged"] = _same(before, _snapshot(m))
+    m.check_inputs = False
+    out["skipped"] = m.update_state(bad, idx) is None and _same(before, _snapshot(m))
+    return out
+
+
+def test_two_ranks_reduce_and_refuse_together(tmp_path):
+    r0, r1 = run_on_ranks(_ddp_scenarios, 2, tmp_path)
+    mean = (X0.mean(0) + X1.mean(0)) / 2  # "mean" policy: average of the ranks' statistics
+    for r in (r0, r1):
+        torch.testing.assert_close(r["ema"], 0.5 * mean)
+        assert float(r["seen"]) == 6.0  # "sum" policy
+        torch.testing.assert_close(r["rows"][:4], X0[:, :2])  # "gather": every rank writes all rows
+        torch.testing.assert_close(r["rows"][4:6], X1[:, :2])
+        assert r["raised"] is not None and "rank(s) [1]" in r["raised"]
+        assert r["unchanged"] and r["skipped"]
