@@ -368,8 +368,9 @@ class PIController(Controller):
 
     .. math:: c_k = \mathrm{clip}\bigl(c_0 + k_p e_k + k_i S_k,\ [c_{\min}, c_{\max}]\bigr).
 
-    Anti-windup: while the coefficient sits on a bound, an error that would push it further
-    out is not added to :math:`S`.
+    Anti-windup (back-calculation): :math:`S_k` is clamped so that the unclipped output stays
+    inside the box, so after a saturated stretch the controller leaves the bound as soon as
+    the error changes sign instead of first unwinding a large sum.
 
     Settling time. On the first-order plant :math:`H_{k+1} = H_k + a(h + g c_k - H_k)`
     (:math:`0 < a \le 1`; :math:`a = 1` is the static plant) the gains
@@ -438,11 +439,11 @@ class PIController(Controller):
     def _control(self, h: torch.Tensor) -> torch.Tensor:
         e = self.target - h
         s = self.integral + e
-        raw = self.bias + self.kp * e + self.ki * s
-        # anti-windup: do not integrate an error that pushes a saturated output further out
-        wind = ((raw > self.coef_max) & (e > 0)) | ((raw < self.coef_min) & (e < 0))
-        self.integral.copy_(torch.where(wind, self.integral, s))
-        return self.bias + self.kp * e + self.ki * self.integral
+        if self.ki > 0:  # anti-windup (back-calculation): the unclipped output stays in the box
+            p = self.bias + self.kp * e
+            s = torch.clamp(s, (self.coef_min - p) / self.ki, (self.coef_max - p) / self.ki)
+        self.integral.copy_(s)
+        return self.bias + self.kp * e + self.ki * s
 
 
 class DifficultyAwareCoef(StatefulModule):
