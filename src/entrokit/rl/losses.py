@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from entrokit._errors import InputError
-from entrokit._stateful import Option, StatefulModule, integer, optional, real
+from entrokit._stateful import StatefulModule, integer, optional, real
 from entrokit.rl.masks import aggregate
 
 __all__ = [
