@@ -148,7 +148,7 @@ def test_anchored_loss_is_the_squared_deviation():
     (g,) = torch.autograd.grad(loss, ent)
     n_seq = 4  # the gradient of c (H - a)^2 on a token of sequence b is 2 c (H - a) / (n_b * n_seq)
     i, j = 1, 2
-    assert float(g[i, j]) == pytest.approx(2 * 0.005 * float(h - 0.7) / (6 * n_seq))
+    assert float(g[i, j]) == pytest.approx(2 * 0.005 * float((h - 0.7).detach()) / (6 * n_seq))
 
 
 def test_corridor_penalty_reference():
@@ -242,7 +242,7 @@ def _clip_cov_ref(logp, old, adv, mask, ratio, lb, ub, lo, hi, seed):
         for j in range(t):
             if not mask[i, j]:
                 continue
-            r = math.exp(float(logp[i, j] - old[i, j]))
+            r = math.exp(float(logp.detach()[i, j] - old[i, j]))
             a = float(adv[i])
             clipped = -a * min(max(r, 1 - lo), 1 + hi) > -a * r
             if not clipped and lb < cov[(i, j)] < ub:
