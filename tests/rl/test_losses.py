@@ -275,7 +275,7 @@ def test_clip_cov_matches_reference_with_a_generator(preset):
     again, _ = clip_cov_policy_loss(logp, old, adv, mask, preset=preset, ratio=ratio, bounds=bounds,
                                     generator=torch.Generator().manual_seed(11))
     torch.testing.assert_close(again, loss)
-    others = {float(clip_cov_policy_loss(logp, old, adv, mask, preset=preset, ratio=ratio, bounds=bounds,
+    others = {float(clip_cov_policy_loss(logp.detach(), old, adv, mask, preset=preset, ratio=ratio, bounds=bounds,
                                          generator=torch.Generator().manual_seed(s))[0]) for s in range(8)}
     assert len(others) > 1
 
@@ -293,6 +293,7 @@ def test_clip_cov_with_no_candidate_drops_nothing():
 
 def test_steer_weights_reference():
     logp, old, adv, ent, mask = batch()
+    logp, ent = logp.detach(), ent.detach()
     w, _ = steer_token_weights(adv, logp, old, ent, mask, w_min=0.8, w_max=1.2)
     b, t = mask.shape
     omega = {}
@@ -341,8 +342,9 @@ def test_aepo_selection_never_crashes_and_caps():
     lp = torch.randn(0, 5, requires_grad=True)
     loss, _ = aepo_reinforce_loss(lp, torch.zeros(0, 5, dtype=torch.bool))
     loss.backward()
-    assert float(loss) == 0.0 and lp.grad is not None
+    assert float(loss.detach()) == 0.0 and lp.grad is not None
     logp, _, _, _, mask = batch()
+    logp = logp.detach()
     loss, _ = aepo_reinforce_loss(logp, mask)
     cells = mask.nonzero().tolist()
     assert float(loss) == pytest.approx(-sum(float(logp[i, j]) for i, j in cells) / len(cells))
