@@ -17,7 +17,7 @@ EXTRA = "cli"
 _PIP_NAMES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
 
 
-def require(module: str, feature: str) -> ModuleType:
+def require(module: str, feature: str, *, extra: str = EXTRA) -> ModuleType:
     """Import ``module`` (e.g. ``"matplotlib.figure"``) or raise an ``ImportError`` naming the extra."""
     try:
         return importlib.import_module(module)
@@ -26,5 +26,5 @@ def require(module: str, feature: str) -> ModuleType:
         pip = _PIP_NAMES.get(top, top)
         raise ImportError(
             f"{feature} needs the optional package {pip!r}, which is not installed. Install the "
-            f"extra with: pip install 'entrokit[{EXTRA}]' (or pip install {pip})."
+            f"extra with: pip install 'entrokit[{extra}]' (or pip install {pip})."
         ) from exc
