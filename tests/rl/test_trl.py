@@ -1,26 +1,37 @@
 """TRL's GRPOTrainer with entrokit's entropy op, a controller and an intervention, end to end on CPU.
 
 A tiny Qwen2 built from a config with random weights, a WordLevel tokenizer built in code and a
-reward function in code: nothing is downloaded. Skipped only when the ``trl`` extra is missing.
+reward function in code: nothing is downloaded. The TRL tests are skipped only when the ``trl``
+extra is missing; the module itself must import without it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("trl", reason="needs the trl extra: pip install 'entrokit[trl]'")
+from entrokit import InputError
+from entrokit.rl import FixedCoef, PIController, anchored_entropy_loss
+from entrokit.rl.integrations.trl import CONTROL_FILE, EntropyControl
 
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-from trl import GRPOConfig  # noqa: E402
+HAS_TRL = importlib.util.find_spec("trl") is not None
+needs_trl = pytest.mark.skipif(not HAS_TRL, reason="needs the trl extra: pip install 'entrokit[trl]'")
 
-from entrokit import InputError  # noqa: E402
-from entrokit.rl import FixedCoef, PIController, anchored_entropy_loss  # noqa: E402
-from entrokit.rl.integrations.trl import CONTROL_FILE, EntropyControl, EntropyControlGRPOTrainer  # noqa: E402
+if HAS_TRL:
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from entrokit.rl.integrations.trl import EntropyControlGRPOTrainer
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
 
@@ -61,14 +72,14 @@ def trainer(tmp_path, control=None, **kw):
                                      train_dataset=data(), processing_class=tokenizer(), entropy_control=control)
 
 
+@needs_trl
 def test_entropy_op_matches_trl_fused_head(tmp_path):
     tr = trainer(tmp_path)
     ids = torch.randint(3, len(WORDS), (3, 9), generator=torch.Generator().manual_seed(1))
     am = torch.ones_like(ids)
     am[0, -2:] = 0
     ours = tr._get_per_token_logps_and_entropies(tr.model, ids, am, 5, compute_entropy=True)
-    theirs = super(EntropyControlGRPOTrainer, tr)._get_per_token_logps_and_entropies(
-        tr.model, ids, am, 5, compute_entropy=True)
+    theirs = GRPOTrainer._get_per_token_logps_and_entropies(tr, tr.model, ids, am, 5, compute_entropy=True)
     valid = am[:, -5:].bool()
     torch.testing.assert_close(ours[0][valid], theirs[0][valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1][valid], theirs[1][valid], rtol=1e-5, atol=1e-5)
@@ -77,6 +88,7 @@ def test_entropy_op_matches_trl_fused_head(tmp_path):
     assert tr.model.lm_head.weight.grad is not None and tr.model.lm_head.weight.grad.abs().sum() > 0
 
 
+@needs_trl
 def test_grpo_steps_with_controller_intervention_and_resume(tmp_path):
     ctrl = PIController.tuned(target=3.6, gain=5.0, lam=0.5, coef=0.01, sync=False)
     tr = trainer(tmp_path, EntropyControl(controller=ctrl))
@@ -107,6 +119,7 @@ def test_grpo_steps_with_controller_intervention_and_resume(tmp_path):
     assert int(fresh.num_steps) == 3
 
 
+@needs_trl
 def test_intervention_changes_the_update(tmp_path):
     """The same run with coefficient 0 and 0.5: the bonus moves the weights differently."""
     weights = []
@@ -118,6 +131,7 @@ def test_intervention_changes_the_update(tmp_path):
     assert not torch.allclose(weights[0], weights[1])
 
 
+@needs_trl
 def test_custom_intervention_and_gradient_accumulation(tmp_path):
     anchored = functools.partial(anchored_entropy_loss, anchor=2.0)
 
@@ -131,6 +145,7 @@ def test_custom_intervention_and_gradient_accumulation(tmp_path):
     assert int(ctrl.num_steps) == 2  # once per optimizer step, not per micro-batch
 
 
+@needs_trl
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -154,3 +169,30 @@ def test_double_bonus_is_refused(tmp_path, kwargs, error, match):
 def test_bad_entropy_control(kwargs, error, match):
     with pytest.raises(error, match=match):
         EntropyControl(**kwargs)
+
+
+def test_module_imports_without_trl_and_names_the_extra():
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "trl":
+                    raise ModuleNotFoundError("No module named 'trl' (blocked)", name=name)
+
+        sys.meta_path.insert(0, _Block())
+        import entrokit.rl.integrations.trl as m
+        m.EntropyControl()
+        try:
+            m.EntropyControlGRPOTrainer
+        except ImportError as err:
+            assert "pip install 'entrokit[trl]'" in str(err), err
+        else:
+            raise AssertionError("no ImportError")
+        """
+    )
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

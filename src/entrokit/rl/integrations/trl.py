@@ -55,11 +55,7 @@ from entrokit.rl.entropy import token_logprob_entropy
 from entrokit.rl.losses import entropy_bonus
 from entrokit.rl.masks import AGG_MODES, aggregate
 
-_trl = require("trl", "entrokit.rl.integrations.trl", extra="trl")
-GRPOTrainer = _trl.GRPOTrainer
-PREFIX_CHECKPOINT_DIR = require("transformers.trainer_utils", "entrokit.rl.integrations.trl", extra="trl").PREFIX_CHECKPOINT_DIR
-
-__all__ = ["CONTROL_FILE", "EntropyControl", "EntropyControlGRPOTrainer"]
+__all__ = ["CONTROL_FILE", "EntropyControl", "EntropyControlGRPOTrainer"]  # noqa: F822 (built lazily)
 
 CONTROL_FILE = "entrokit_entropy_control.pt"
 
@@ -140,13 +136,8 @@ def _install_head(model: Any, temperature: float) -> None:
     model._entrokit_head = True
 
 
-class EntropyControlGRPOTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` with entrokit's entropy op, a controller and an intervention.
-
-    Takes every argument of ``GRPOTrainer`` plus ``entropy_control``
-    (:class:`EntropyControl`); see the module docstring for what changes. Metrics logged
-    per step: ``entrokit/coef`` and ``entrokit/entropy`` (the controller's measurement).
-    """
+class _EntropyControlHooks:
+    """The three hooks of :class:`EntropyControlGRPOTrainer` (mixed in before ``GRPOTrainer``)."""
 
     def __init__(self, *args: Any, entropy_control: EntropyControl | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -232,7 +223,8 @@ class EntropyControlGRPOTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            prefix = require("transformers.trainer_utils", "EntropyControlGRPOTrainer", extra="trl").PREFIX_CHECKPOINT_DIR
+            folder = f"{prefix}-{self.state.global_step}"
             path = os.path.join(self._get_output_dir(trial=trial), folder, CONTROL_FILE)
             torch.save(self.entropy_control.controller.state_dict(), path)
 
@@ -242,3 +234,22 @@ class EntropyControlGRPOTrainer(GRPOTrainer):
             path = os.path.join(checkpoint, CONTROL_FILE)
             if os.path.exists(path):
                 self.entropy_control.controller.load_state_dict(torch.load(path, weights_only=True))
+
+
+_DOC = """``trl.GRPOTrainer`` with entrokit's entropy op, a controller and an intervention.
+
+Takes every argument of ``GRPOTrainer`` plus ``entropy_control`` (:class:`EntropyControl`); see
+the module docstring for what changes. Metrics logged per step: ``entrokit/coef`` and
+``entrokit/entropy`` (the controller's measurement). Built on first access, so this module
+imports without TRL; accessing the class without the ``trl`` extra raises an ``ImportError``
+that names the extra.
+"""
+
+
+def __getattr__(name: str) -> Any:
+    if name != "EntropyControlGRPOTrainer":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    trl = require("trl", "entrokit.rl.integrations.trl.EntropyControlGRPOTrainer", extra="trl")
+    cls = type(name, (_EntropyControlHooks, trl.GRPOTrainer), {"__module__": __name__, "__doc__": _DOC})
+    globals()[name] = cls
+    return cls
