@@ -6,7 +6,7 @@ base supplies the machinery once.
 - **Options** are class attributes :class:`Option` (a data descriptor holding a check). The
   check runs when the attribute is assigned, in ``__init__`` or later, never on every
   forward; relations between options (``low <= high``) live in
-  :meth:`StatefulModule._check_relations`, run after construction and after every later
+  ``_check_relations``, run after construction and after every later
   assignment (assign several at once with :meth:`StatefulModule.set_options`).
 - **State** is declared with :meth:`StatefulModule.add_state`: a registered buffer (so
   ``state_dict``, ``.to(device)`` and checkpoint resume work), its initial value (for
@@ -14,9 +14,9 @@ base supplies the machinery once.
   (the batch statistic that feeds it is all-reduced over the ranks), ``"gather"`` (a
   per-sample buffer; the ``(index, rows)`` pairs of every rank are gathered) or ``"none"``.
 - **One step template**, :meth:`StatefulModule.update_state`: measure the batch
-  (:meth:`StatefulModule._measure`, subclass), reduce it across ranks according to the
+  (``_measure``, subclass), reduce it across ranks according to the
   policies, refuse it if any statistic is NaN or infinite on any rank, then write the new
-  state (:meth:`StatefulModule._apply`, subclass). A refused batch raises
+  state (``_apply``, subclass). A refused batch raises
   :class:`~entrokit.InputError` on every rank at once (the finiteness verdicts travel in
   the same collective as the statistics, so no rank is left waiting) and leaves the state
   exactly as it was. With ``check_inputs=False`` the batch is skipped silently instead
@@ -215,8 +215,8 @@ class StatefulModule(nn.Module):
 
     A subclass declares its options as :class:`Option` class attributes, registers its
     state with :meth:`add_state` in ``__init__``, ends ``__init__`` with
-    :meth:`_ready` (which runs :meth:`_check_relations` once and from then on after every
-    option assignment) and implements :meth:`_measure` and :meth:`_apply`.
+    ``_ready`` (which runs ``_check_relations`` once and from then on after every
+    option assignment) and implements ``_measure`` and ``_apply``.
 
     Args (options of every subclass):
         sync: ``None`` (all-reduce iff torch.distributed runs on more than one rank),

@@ -85,7 +85,7 @@ class Controller(StatefulModule):
 
     State (buffers, in ``state_dict``): ``coef`` (the coefficient), ``last`` (the last
     measurement; ``inf`` before the first), ``num_steps``. Subclasses implement
-    :meth:`_control`.
+    ``_control``.
 
     Args:
         coef: initial coefficient :math:`c_0`.
