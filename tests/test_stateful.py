@@ -115,7 +115,8 @@ def test_assignment_is_checked_and_relations_too():
     assert m.scale == 2.0
     m.scale = None
     with pytest.raises(InputError, match="low=5.0 exceeds high=1.0"):
-        m.low = 5.0  # the value is stored, the relation is refused
+        m.low = 5.0
+    assert m.low == 0.0  # a refused assignment leaves the option as it was
     m.set_options(low=3.0, high=4.0)  # atomically: no transient violation
     assert (m.low, m.high) == (3.0, 4.0)
     with pytest.raises(InputError, match="exceeds"):

@@ -99,9 +99,19 @@ class Option:
             raise AttributeError(f"option {self.name!r} of {type(obj).__name__} is not set yet") from None
 
     def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self.name] = self.check(value, self.name)
+        new = self.check(value, self.name)
+        missing = object()
+        old = obj.__dict__.get(self.name, missing)
+        obj.__dict__[self.name] = new
         if obj.__dict__.get("_options_ready", False):
-            obj._check_relations()
+            try:
+                obj._check_relations()
+            except Exception:  # a refused assignment leaves the option as it was
+                if old is missing:
+                    del obj.__dict__[self.name]
+                else:
+                    obj.__dict__[self.name] = old
+                raise
 
 
 def _plain(value: Any) -> Any:
