@@ -279,3 +279,26 @@ def test_difficulty_aware_bad_accuracy(acc, error, match):
 def test_sync_true_without_process_group():
     with pytest.raises(InputError, match="sync=True needs an initialised torch.distributed process group"):
         SignController(target=0.5, sync=True).step(0.3)
+
+
+def _two_rank_controller(rank: int):
+    ctrl = PIController(0.6, kp=0.5, ki=0.2)  # sync=None: averages the measurement over the ranks
+    ctrl.step([0.4, 0.6][rank])
+    out = {"coef": ctrl.value, "last": float(ctrl.last)}
+    try:
+        ctrl.step([0.5, math.nan][rank])
+        out["raised"] = False
+    except InputError:
+        out["raised"] = True
+    out["after"] = ctrl.value
+    return out
+
+
+def test_two_ranks_share_one_coefficient(tmp_path):
+    from gloo_ranks import run_on_ranks
+
+    single = PIController(0.6, kp=0.5, ki=0.2, sync=False)
+    single.step(0.5)
+    for r in run_on_ranks(_two_rank_controller, 2, tmp_path):
+        assert r["last"] == pytest.approx(0.5) and r["coef"] == pytest.approx(single.value)
+        assert r["raised"] and r["after"] == pytest.approx(single.value)  # NaN on rank 1: both refuse

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from entrokit import InputError
 from entrokit.rl.losses import (
@@ -291,6 +293,26 @@ def test_clip_cov_with_no_candidate_drops_nothing():
 # -- STEER ------------------------------------------------------------------------------------
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(3, 5), st.integers(5, 8), st.integers(0, 10_000),
+    st.floats(0.0, 1.0), st.floats(0.0, 1.0),
+)
+def test_steer_weights_lie_in_the_range_and_fall_with_omega(b, t, seed, a, c):
+    lo, hi = min(a, c), max(a, c)
+    logp, old, adv, ent, _ = batch(b=b, t=t, seed=seed)
+    mask = torch.rand(b, t, generator=torch.Generator().manual_seed(seed)) < 0.7
+    mask[0, 0] = True
+    w, _ = steer_token_weights(adv, logp, old, ent, mask, w_min=lo, w_max=hi)
+    valid = w[mask]
+    assert bool(((valid >= lo - 1e-12) & (valid <= hi + 1e-12)).all())
+    assert float(w[~mask].abs().sum()) == 0.0
+    pi = logp.detach().exp()
+    omega = (adv[:, None] * (-old).exp() * pi * (1 - pi) * (logp.detach() + ent.detach())).abs()[mask]
+    order = torch.argsort(omega)
+    assert bool((valid[order].diff() <= 1e-12).all())  # larger Omega, smaller weight
+
+
 def test_steer_weights_reference():
     logp, old, adv, ent, mask = batch()
     logp, ent = logp.detach(), ent.detach()
@@ -416,6 +438,22 @@ def test_nan_at_a_valid_token_is_refused_padding_is_not_read(call):
     logp, old, adv, _, mask = _ok()
     logp = logp.clone()
     logp[0, 5] = math.nan  # a padded position (mask[0, 4:] is False)
+    logp.requires_grad_()
     out = call(logp, old, adv, mask)
     loss = out[0] if isinstance(out, tuple) else out
-    assert math.isfinite(float(loss))
+    assert math.isfinite(float(loss.detach()))
+    (g,) = torch.autograd.grad(loss, logp)
+    assert bool(torch.isfinite(g).all()) and float(g[0, 5]) == 0.0  # no NaN leaks into the gradient
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_outputs_follow_the_device_and_generator(device):
+    logp, old, adv, ent, mask = (t.detach().to(device) for t in batch())
+    gen = torch.Generator(device=device).manual_seed(0)
+    loss, stats = clip_cov_policy_loss(logp, old, adv, mask, ratio=0.2, bounds=(-10.0, 10.0), generator=gen)
+    assert loss.device.type == device and all(v.device.type == device for v in stats.values())
+    for fn in (clipped_surrogate, kl_cov_policy_loss):
+        loss, stats = fn(logp, old, adv, mask)
+        assert loss.device.type == device and loss.dtype == F64
+    w, _ = steer_token_weights(adv, logp, old, ent, mask)
+    assert w.device.type == device

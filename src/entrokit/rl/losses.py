@@ -128,6 +128,8 @@ def _inputs(mask: Any, check_inputs: bool, per_sequence: tuple[str, ...] = (), *
     out = {n: _check_tokens(v, n, mask, per_sequence=n in per_sequence) for n, v in tensors.items()}
     if check_inputs:
         _check_finite(mask, **out)
+    # padding never reaches the arithmetic: no NaN from it in the value or the gradient
+    out = {n: torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device)) for n, v in out.items()}
     return mask, out
 
 
