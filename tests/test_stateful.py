@@ -64,6 +64,23 @@ class Toy(StatefulModule):
             self.rows[idx] = rows
 
 
+class WeightedMean(StatefulModule):
+    """An exact global mean over ranks with unequal batches: numerator and count are both summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("mean", torch.zeros(3, dtype=torch.float64))
+        self.add_statistic("total", sync="sum")
+        self.add_statistic("count", sync="sum")
+        self._ready()
+
+    def _measure(self, x):
+        return {"total": x.sum(0), "count": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
+
+    def _apply(self, stats):
+        self.mean.copy_(stats["total"] / stats["count"])
+
+
 def _snapshot(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
@@ -184,9 +201,9 @@ def test_undeclared_state_and_policy_are_refused():
         def _measure(self, x, index=None):
             return {"nope": x.sum()}
 
-    with pytest.raises(KeyError, match="not a declared state"):
+    with pytest.raises(KeyError, match="not a declared state or statistic"):
         Bad(sync=False).update_state(torch.ones(2, 3, dtype=torch.float64))
-    with pytest.raises(InputError, match="sync policy of state 'x' must be one of"):
+    with pytest.raises(InputError, match="sync policy of statistic 'x' must be one of"):
         Toy().add_state("x", torch.zeros(1), sync="max")
 
 
@@ -212,6 +229,9 @@ def _ddp_scenarios(rank: int):
     except InputError as err:
         out["raised"] = str(err)
     out["unchanged"] = _same(before, _snapshot(m))
+    w = WeightedMean()
+    w.update_state(x)
+    out["weighted"] = w.mean.clone()
     m.check_inputs = False
     out["skipped"] = m.update_state(bad, idx) is None and _same(before, _snapshot(m))
     return out
@@ -227,3 +247,4 @@ def test_two_ranks_reduce_and_refuse_together(tmp_path):
         torch.testing.assert_close(r["rows"][4:6], X1[:, :2])
         assert r["raised"] is not None and "rank(s) [1]" in r["raised"]
         assert r["unchanged"] and r["skipped"]
+        torch.testing.assert_close(r["weighted"], torch.cat([X0, X1]).mean(0))  # 4 rows and 2 rows

@@ -13,6 +13,8 @@ base supplies the machinery once.
   :meth:`StatefulModule.reset_state`) and its distributed policy: ``"mean"`` or ``"sum"``
   (the batch statistic that feeds it is all-reduced over the ranks), ``"gather"`` (a
   per-sample buffer; the ``(index, rows)`` pairs of every rank are gathered) or ``"none"``.
+  A statistic that feeds a state without being one (the numerator and the count of an exact
+  global mean) is declared with :meth:`StatefulModule.add_statistic`.
 - **One step template**, :meth:`StatefulModule.update_state`: measure the batch
   (``_measure``, subclass), reduce it across ranks according to the
   policies, refuse it if any statistic is NaN or infinite on any rank, then write the new
@@ -243,7 +245,7 @@ class StatefulModule(nn.Module):
 
     def __init__(self, *, sync: bool | None = None, check_inputs: bool = True) -> None:
         super().__init__()
-        self._state_policy: dict[str, SyncPolicy] = {}
+        self._state_policy: dict[str, SyncPolicy] = {}  # statistic name -> DDP policy
         self._state_default: dict[str, torch.Tensor] = {}
         self.sync = sync
         self.check_inputs = check_inputs
@@ -257,12 +259,21 @@ class StatefulModule(nn.Module):
         ranks: ``"mean"``, ``"sum"``, ``"gather"`` (per-sample rows, with their indices) or
         ``"none"``.
         """
-        if sync not in _POLICIES:
-            raise InputError(f"sync policy of state {name!r} must be one of {_POLICIES}, got {sync!r}.")
         default = torch.as_tensor(default)
+        self.add_statistic(name, sync=sync)
         self.register_buffer(name, default.clone())
-        self._state_policy[name] = sync
         self._state_default[name] = default.detach().clone()
+
+    def add_statistic(self, name: str, *, sync: SyncPolicy) -> None:
+        """Declare a batch statistic that is not itself a state, with its DDP policy.
+
+        For a state fed by several statistics: an exact global mean over ranks with unequal
+        batch sizes declares its numerator and its count, both ``"sum"``, and divides in
+        ``_apply``. (A state declared with :meth:`add_state` is also a statistic of its name.)
+        """
+        if sync not in _POLICIES:
+            raise InputError(f"sync policy of statistic {name!r} must be one of {_POLICIES}, got {sync!r}.")
+        self._state_policy[name] = sync
 
     def _ready(self) -> None:
         """End of ``__init__``: check the relations between options, then keep checking them."""
@@ -309,7 +320,7 @@ class StatefulModule(nn.Module):
     # -- the step template ---------------------------------------------------------------
 
     def _measure(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
-        """Batch statistics keyed by the state they feed (override).
+        """Batch statistics keyed by the state (or declared statistic) they feed (override).
 
         A ``"mean"``/``"sum"``/``"none"`` state gets a floating tensor; a ``"gather"``
         state gets ``(index [b], rows [b, k])``. Values are detached by the template.
@@ -347,7 +358,9 @@ class StatefulModule(nn.Module):
         stats: dict[str, Any] = {}
         for name, value in raw.items():
             if name not in self._state_policy:
-                raise KeyError(f"{type(self).__name__}._measure returned {name!r}, which is not a declared state")
+                raise KeyError(
+                    f"{type(self).__name__}._measure returned {name!r}, which is not a declared state or statistic"
+                )
             if isinstance(value, tuple):
                 stats[name] = tuple(v.detach() for v in value)
             else:
