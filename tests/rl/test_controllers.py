@@ -302,3 +302,18 @@ def test_two_ranks_share_one_coefficient(tmp_path):
     for r in run_on_ranks(_two_rank_controller, 2, tmp_path):
         assert r["last"] == pytest.approx(0.5) and r["coef"] == pytest.approx(single.value)
         assert r["raised"] and r["after"] == pytest.approx(single.value)  # NaN on rank 1: both refuse
+
+
+def test_sign_controller_matches_trl_update_rule():
+    """TRL grpo_trainer.py (use_adaptive_entropy), transcribed: the applied coefficient of each step."""
+    target, delta, lo, hi = 0.5, 0.1, 0.0, 0.3
+    coef, last = 0.0, float("inf")
+    ctrl = SignController(target=target, delta=delta, coef=0.0, coef_min=lo, coef_max=hi, sync=False)
+    measurements = [0.7, 0.45, 0.3, 0.2, 0.5, 0.6, 0.4, 0.1, 0.1, 0.1, 0.9]
+    for h in measurements:
+        apply_coef = coef if last <= target else 0.0  # TRL: applied during this window
+        assert ctrl.value == pytest.approx(apply_coef)
+        coef = min(coef + delta, hi) if h <= target else max(coef - delta, lo)  # at the step boundary
+        last = h
+        ctrl.step(h)
+    assert float(ctrl.coef) == pytest.approx(coef)
