@@ -457,6 +457,9 @@ class DifficultyAwareCoef(StatefulModule):
     .. math:: c_i = \alpha\,\mathbf 1[\mathrm{acc}_i < \tau],
 
     so the bonus acts on the prompts the policy still fails on and leaves solved ones alone.
+    With ``G`` responses per prompt (GRPO groups, prompt-major order), pass
+    ``coefs.repeat_interleave(G)`` as the per-response ``coef`` of
+    :func:`entrokit.rl.losses.entropy_bonus`.
     Provenance: AER's paper text (no code was found); the exact weighting inside the hard
     set is not specified there, and this is the indicator reading.
 
