@@ -75,6 +75,7 @@ def trainer(tmp_path, control=None, **kw):
 @needs_trl
 def test_entropy_op_matches_trl_fused_head(tmp_path):
     tr = trainer(tmp_path)
+    assert getattr(tr.model, "_entrokit_head", False)  # entrokit's head is installed, not the fallback
     ids = torch.randint(3, len(WORDS), (3, 9), generator=torch.Generator().manual_seed(1))
     am = torch.ones_like(ids)
     am[0, -2:] = 0
@@ -89,10 +90,16 @@ def test_entropy_op_matches_trl_fused_head(tmp_path):
 
 
 @needs_trl
-def test_grpo_steps_with_controller_intervention_and_resume(tmp_path):
+def test_grpo_steps_with_controller_intervention_and_resume(tmp_path, monkeypatch):
+    import entrokit.rl.integrations.trl as integration
+
+    calls = []
+    op = integration.token_logprob_entropy
+    monkeypatch.setattr(integration, "token_logprob_entropy", lambda *a, **k: calls.append(1) or op(*a, **k))
     ctrl = PIController.tuned(target=3.6, gain=5.0, lam=0.5, coef=0.01, sync=False)
     tr = trainer(tmp_path, EntropyControl(controller=ctrl))
     tr.train()
+    assert len(calls) >= 3  # the loss of every step went through entrokit's op
     assert int(ctrl.num_steps) == 3  # one measurement per optimizer step
     logs = [h for h in tr.state.log_history if "entrokit/coef" in h]
     assert len(logs) == 3
