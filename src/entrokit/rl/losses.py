@@ -645,7 +645,7 @@ def sampled_entropy(
     why AEPO uses it for its temperature rule.
 
     Returns:
-        A scalar tensor (detached from nothing: it carries ``logp``'s graph).
+        A scalar tensor that carries ``logp``'s graph.
     """
     mask, t = _inputs(mask, check_inputs, logp=logp)
     return -aggregate(t["logp"], mask, mode, normalizer=normalizer)
