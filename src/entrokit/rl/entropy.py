@@ -428,14 +428,20 @@ class _LogprobEntropy(torch.autograd.Function):
         if need_h:
             gh = torch.zeros(hidden2d.shape, dtype=wdt, device=hidden2d.device) if hidden2d.dtype != wdt \
                 else torch.zeros_like(hidden2d)
-        gw = torch.empty_like(weight) if need_w else None
-        gb = torch.empty_like(bias) if need_b else None
+        # float32/float64 inputs accumulate straight into the gradients; half inputs use a
+        # float32 buffer for one vocabulary chunk
+        direct = weight.dtype == wdt
+        gw = (torch.zeros_like(weight) if direct else torch.empty_like(weight)) if need_w else None
+        gb = (torch.zeros_like(bias) if direct else torch.empty_like(bias)) if need_b else None
         for v0 in range(0, vocab, cols):
             w_c = weight[v0 : v0 + cols].to(wdt)
             b_c = None if bias is None else bias[v0 : v0 + cols].to(wdt)
             nc = w_c.shape[0]
-            gw_c = torch.zeros_like(w_c) if need_w else None
-            gb_c = torch.zeros(nc, dtype=wdt, device=w_c.device) if need_b else None
+            gw_c = gb_c = None
+            if need_w:
+                gw_c = gw[v0 : v0 + cols] if direct else torch.zeros_like(w_c)
+            if need_b:
+                gb_c = gb[v0 : v0 + cols] if direct else torch.zeros(nc, dtype=wdt, device=w_c.device)
             for i in range(0, n, rows):
                 h_rows = hidden2d[i : i + rows].to(wdt)
                 z = _tile_logits(h_rows, w_c, b_c, inv_t, wdt)
@@ -457,9 +463,9 @@ class _LogprobEntropy(torch.autograd.Function):
                     gw_c.addmm_(dz.t(), h_rows)
                 if need_b:
                     gb_c += dz.sum(0)
-            if need_w:
+            if need_w and not direct:
                 gw[v0 : v0 + cols] = gw_c
-            if need_b:
+            if need_b and not direct:
                 gb[v0 : v0 + cols] = gb_c
         if gh is not None and gh.dtype != hidden2d.dtype:
             gh = gh.to(hidden2d.dtype)
@@ -493,9 +499,12 @@ def token_logprob_entropy(
     then :math:`\partial L/\partial h = \tau^{-1} \partial_z L\, W`, :math:`\partial L/\partial W
     = \tau^{-1} \partial_z L^\top h`, :math:`\partial L/\partial b = \tau^{-1} \sum_i \partial_z L`.
     Both outputs have exact gradients with respect to ``hidden``, ``weight`` and ``bias``.
-    The (rows, V) logits never exist: the extra memory is one (row_chunk_size, chunk_size) tile
-    plus one float32 copy of a weight chunk; for bfloat16/float16 inputs the gradient of
-    ``hidden`` is also accumulated in a float32 buffer of hidden's shape.
+    The (rows, V) logits never exist: the extra memory is one (row_chunk_size, chunk_size) tile;
+    float32 and float64 inputs accumulate straight into their gradients. bfloat16/float16 inputs
+    are computed in float32: a float32 copy of one weight chunk and of its gradient, and the
+    gradient of ``hidden`` accumulated over the vocabulary chunks in a float32 buffer of hidden's
+    shape (``2 d / V`` of the logits' size; rounding it to half precision after each chunk would
+    cost about ``sqrt(V / chunk_size)`` roundings of error).
 
     Parameters
     ----------
@@ -508,7 +517,8 @@ def token_logprob_entropy(
     bias : Tensor (V,), optional
     temperature : float > 0
     chunk_size, row_chunk_size : int or 'auto'
-        Vocabulary columns and rows per tile (``'auto'``: 256 rows and about 2**18 elements).
+        Vocabulary columns and rows per tile (``'auto'``: 256 rows, and columns such that the
+        tile and one weight chunk hold at most about 2**18 elements each, at least 32 columns).
     check_inputs : bool
         Read the values (NaN / inf in ``hidden``, labels in range; one device sync).
 
@@ -550,9 +560,10 @@ def token_logprob_entropy(
     temperature = check_positive(temperature, "temperature")
     vocab = weight.shape[0]
     rows = 256 if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
-    cols = (
-        max(64, (1 << 18) // rows) if chunk_size in (None, "auto") else _as_int(chunk_size, "chunk_size", minimum=1)
-    )
+    if chunk_size in (None, "auto"):  # a tile and a weight chunk of at most ~2**18 elements each
+        cols = max(32, min((1 << 18) // rows, (1 << 18) // hidden.shape[-1]))
+    else:
+        cols = _as_int(chunk_size, "chunk_size", minimum=1)
     if check_inputs:
         for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             if t is not None:
