@@ -27,6 +27,13 @@ base supplies the machinery once.
 ``sync`` (an option of every subclass) decides when the collectives run: ``None``
 all-reduces iff a process group with more than one rank is initialised, ``True`` always
 (needs an initialised group), ``False`` never (each rank keeps its own state).
+
+How the training losses map onto it: ``ELRLoss.targets`` and ``PSKDLoss.predictions`` are
+``"gather"`` states (their ``_measure`` returns ``(index, detached rows)``, their ``_apply``
+writes the EMA or the copy); ``LocalEntropyRegularizer.prior`` is a ``"none"`` state fed by two
+``"sum"`` statistics (the summed softmax and the row count), so the prior moves by the exact
+global mean; ``lam``, ``beta``, ``momentum``, ``tau_*`` and ``sync`` become :class:`Option`
+attributes, checked once instead of on every forward.
 """
 
 from __future__ import annotations
