@@ -409,8 +409,8 @@ class StatefulModule(nn.Module):
                     return None
                 local_ok = torch.tensor(True)
         flat = [(n, v) for n, v in stats.items() if self._state_policy[n] in ("mean", "sum")]
-        ref = flat[0][1] if flat else torch.zeros((), dtype=torch.float64)
-        dev = ref.device
+        first = next(iter(stats.values()), None)  # the verdicts travel on the statistics' device
+        dev = torch.device("cpu") if first is None else (first[1] if isinstance(first, tuple) else first).device
         bad = torch.zeros(world, dtype=torch.float64, device=dev)
         bad[rank] = (~local_ok).to(torch.float64)
         parts = [torch.where(local_ok, v, torch.zeros_like(v)).reshape(-1).to(torch.float64) for _, v in flat]
