@@ -17,9 +17,11 @@ scheme (Feydy's thesis, 2020; Schmitzer, 2019) made rigorous:
 4. **Truncate**: keep the cluster pairs whose exponent bound is :math:`\ge -\tau\varepsilon`
    (``truncate`` :math:`=\tau`) or whose mass bound is needed to keep the dropped mass
    below ``tol/32`` (:func:`~entrokit.geometry.multiscale.truncation_mask`).
-5. **Fine solve**: Sinkhorn on the truncated geometry, warm-started, continuing the eps
-   schedule from :math:`\varepsilon_c` to :math:`\varepsilon` (the kept blocks are
-   rebuilt at every stage), to ``0.75 tol`` on the kept plan.
+5. **Fine solve**: Sinkhorn on the truncated geometry, warm-started from ``f`` and
+   :math:`g = \operatorname{softmin}(f)` (so that the first stopping test sees a plan with
+   exact column sums, hence its whole error), continuing the eps schedule from
+   :math:`\varepsilon_c` to :math:`\varepsilon` (the kept blocks are rebuilt at every
+   stage), to ``0.75 tol`` on the kept plan.
 6. **Certify the truncation**: with the final potentials, bound the plan mass of every
    dropped block (:eq:`block-mass`). The bounds are monotone in the potentials, so those
    computed before the solve, times :math:`e^{(\max_i \Delta f_i + \max_j \Delta g_j)/\varepsilon}`
@@ -28,8 +30,9 @@ scheme (Feydy's thesis, 2020; Schmitzer, 2019) made rigorous:
    If the sum :math:`D` exceeds ``tol/8``, enlarge the
    kept set with the new bounds (to a dropped mass of at most ``tol/32``) and solve again
    from the current potentials (at most ``max_rounds`` solves in all). If ``tol/8`` is
-   still not met, the result says so: ``converged=False`` and a
-   :class:`~entrokit.ConvergenceWarning`, never a silently different answer.
+   still not met, the result says so: ``converged=False`` and one
+   :class:`~entrokit.ConvergenceWarning` per call (it carries the kept plan's own
+   certification message, if any), never a silently different answer.
 
 **What is certified.** The dense plan of the returned potentials,
 :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}` over *all* pairs, has marginal
