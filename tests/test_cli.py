@@ -124,3 +124,129 @@ def test_demo_runs_and_writes_png(tmp_path, capsys):
 def test_bench_unknown_suite(capsys):
     assert main(["bench", "--suite", "nope"]) == 2
     assert "unknown benchmark suite" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, *needles):
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "error:" in err, err
+    for s in needles:
+        assert s in err, err
+    assert "method=" not in cap.out  # refused before any solve
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["--plot", "fig.xyz"], ["unsupported figure format .xyz", ".png"]),
+        (["--plot", "no/such/folder/f.png"], ["does not exist"]),
+        (["--out", "no/such/folder/r"], ["does not exist"]),
+        (["--eps", "1e300"], ["--eps 1e+300 is above 1e+06 x the largest cost", "use --eps <="]),
+        (["--eps", "inf"], ["expected a finite number > 0"]),
+        (["--memory-budget", "nan"], ["--memory-budget: expected a finite number > 0, got 'nan'"]),
+        (["--memory-budget", "-5"], ["--memory-budget"]),
+        (["--method", "newton"], ["invalid choice: 'newton'", "'ssns'"]),
+        (["--max-iter", "0"], ["expected an integer >= 1"]),
+    ],
+)
+def test_solve_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, needles):
+    rng = np.random.default_rng(0)
+    src = _points(tmp_path, "s", rng.normal(size=(60, 2)))
+    tgt = _points(tmp_path, "t", rng.normal(size=(50, 2)) + 1.0, fmt="csv")
+    argv = [a if "/" not in a else str(tmp_path / a) for a in argv]
+    assert main(["solve", src, tgt, "--quiet", *argv]) == 2
+    _one_line_error(capsys, *needles)
+    assert not list(tmp_path.glob("*.xyz")) and not list(tmp_path.glob("*.npz"))
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["--size", "0"], ["--size: expected an integer >= 2, got '0'"]),
+        (["--size", "1"], ["--size: expected an integer >= 2, got '1'"]),
+        (["--size", "1000"], ["--size 1000", "memory budget"]),
+        (["--digits", "0", "5000"], ["--digits: digit index must be in [0, 1797), got 5000"]),
+        (["--digits", "-1", "3"], ["--digits: expected an integer >= 0"]),
+        (["--eps", "0.1", "1e9"], ["--eps 1e+09 is above"]),
+        (["--out", "demo.xyz"], ["unsupported figure format .xyz"]),
+    ],
+)
+def test_demo_bad_arguments_one_line_exit_2(tmp_path, capsys, argv, needles):
+    argv = [str(tmp_path / a) if a.endswith(".xyz") else a for a in argv]
+    assert main(["demo", "--quiet", *argv]) == 2
+    _one_line_error(capsys, *needles)
+
+
+def test_bench_without_the_bench_extra_names_it(monkeypatch, capsys):
+    """A missing anchor package (None in sys.modules makes its import fail, as when it is
+    not installed) is reported on one line naming the extra, before any suite runs."""
+    monkeypatch.setitem(sys.modules, "ot", None)
+    assert main(["bench", "--quick", "--suite", "sinkhorn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ModuleNotFoundError" not in err
+    assert "pip install 'entrokit[bench]'" in err and "'pot'" in err
+
+
+def _gray(path, img):
+    from PIL import Image
+
+    Image.fromarray(img).save(path)
+    return str(path)
+
+
+def test_sixteen_bit_image_is_scaled_by_its_own_range(tmp_path, capsys):
+    """--invert on a 16-bit image: white is 65535 (it was divided by 255, giving negative
+    darkness); the result equals the same picture saved as 8-bit."""
+    im8 = np.full((8, 8), 255, np.uint8)
+    im8[2:5, 2:5] = 0
+    im8[5, 5] = 128
+    im16 = (im8.astype(np.uint32) * 257).astype(np.uint16)  # 255 -> 65535, 128 -> 32896
+    a8, b8 = _gray(tmp_path / "a8.png", im8), _gray(tmp_path / "b8.png", np.roll(im8, 2, axis=1))
+    a16, b16 = _gray(tmp_path / "a16.tif", im16), _gray(tmp_path / "b16.tif", np.roll(im16, 2, axis=1))
+    cost = lambda text: float(text.split("transport_cost=")[1].split()[0])  # noqa: E731
+    assert main(["solve", a8, b8, "--invert", "--eps", "0.05", "--quiet"]) == 0
+    ref = cost(capsys.readouterr().out)
+    assert main(["solve", a16, b16, "--invert", "--eps", "0.05", "--quiet"]) == 0
+    assert cost(capsys.readouterr().out) == pytest.approx(ref, rel=1e-9)
+
+
+def test_all_white_image_with_invert_is_refused(tmp_path, capsys):
+    """White RGB -> gray is 0.9999999999999999: inverted, that noise was solved as mass."""
+    white = _gray(tmp_path / "w.png", np.full((6, 6, 3), 255, np.uint8))
+    assert main(["solve", white, white, "--invert", "--quiet"]) == 2
+    _one_line_error(capsys, "w.png: image is white everywhere", "no mass")
+
+
+def test_out_without_suffix_prints_the_path_written(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    src = _points(tmp_path, "s", rng.normal(size=(20, 2)))
+    name = tmp_path / "result"
+    assert main(["solve", src, src, "--eps", "0.5", "--quiet", "--out", str(name)]) == 0
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]
+    assert wrote == f"wrote {name}.npz"
+    assert np.load(f"{name}.npz")["f"].shape == (20,)
+
+
+def test_progress_bar_names_the_method_that_ran(tmp_path, capsys, monkeypatch):
+    """auto picks ssns on this problem (eps well below the cost range); the bar said
+    'sinkhorn'. With no delay the bar is drawn at once."""
+    import entrokit.cli as cli
+
+    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0.0)
+    rng = np.random.default_rng(0)
+    src = _points(tmp_path, "s", rng.normal(size=(60, 2)))
+    tgt = _points(tmp_path, "t", rng.normal(size=(50, 2)) + 1.0)
+    assert main(["solve", src, tgt, "--eps", "0.01"]) == 0
+    cap = capsys.readouterr()
+    assert "method=ssns" in cap.out
+    assert "ssns" in cap.err and "sinkhorn" not in cap.err
+
+
+def test_solve_help_gives_defaults_and_choices(capsys):
+    assert main(["solve", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for s in ["--eps EPS entropic regularization", "(default: 0.01)", "one of: auto, sinkhorn, sns, ssns",
+              "(default: auto)", "--tol TOL L1 marginal error of the returned plan (default: 1e-06)",
+              "--max-iter MAX_ITER iteration budget", "one of: sqeuclidean, euclidean (default: sqeuclidean)"]:
+        assert s in text, s

@@ -14,11 +14,12 @@ from types import ModuleType
 __all__ = ["EXTRA", "require"]
 
 EXTRA = "cli"
-_PIP_NAMES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn"}
+_PIP_NAMES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn", "ot": "pot"}
 
 
 def require(module: str, feature: str, *, extra: str = EXTRA) -> ModuleType:
-    """Import ``module`` (e.g. ``"matplotlib.figure"``) or raise an ``ImportError`` naming the extra."""
+    """Import ``module`` (e.g. ``"matplotlib.figure"``) or raise an ``ImportError`` naming
+    the extra that provides it (``cli`` unless told)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:

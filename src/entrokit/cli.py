@@ -8,6 +8,7 @@ inside the commands, and a missing one is reported on one line with the extra to
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -24,6 +25,16 @@ __all__ = ["main"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm"}
 DEMO_EPS = (1e-1, 1e-2, 1e-3)
+#: largest eps / (largest cost): above it the plan is the independent coupling a x b to
+#: 1e-6 and float64 loses the value (it carries eps * (sum P - 1), a rounding of eps * 1e-16)
+MAX_EPS_OVER_COST = 1e6
+#: image intensities below this fraction of white are zero (RGB-to-gray rounding is 1e-16,
+#: a 16-bit step 1.5e-5)
+IMAGE_ZERO = 1e-6
+#: the packages of the ``bench`` extra that the suites import
+BENCH_PACKAGES = ("ot", "regot")
+#: seconds before a progress bar appears (short runs show none)
+PROGRESS_DELAY = 0.5
 
 
 class CLIError(Exception):
@@ -93,23 +104,40 @@ def _load_csv(p: Path) -> np.ndarray:
 
 
 def _load_image(p: Path, invert: bool):
+    """Intensities in [0, 1] of the image's own range: integer pixels are divided by their
+    type's white (255 for 8-bit, 65535 for 16-bit); float pixels (PNG) are already in
+    [0, 1]. RGB(A) becomes luma, gray+alpha its gray channel."""
     mpimg = require("matplotlib.image", "reading images")
     try:
-        img = np.asarray(mpimg.imread(p), dtype=np.float64)
+        raw = np.asarray(mpimg.imread(p))
     except Exception as exc:
         raise CLIError(f"{p}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if raw.dtype.kind in "ui":
+        white = float(np.iinfo(raw.dtype).max)
+    elif raw.dtype.kind == "f":
+        white = 1.0
+    else:
+        raise CLIError(f"{p}: unsupported pixel type {raw.dtype}")
+    img = raw.astype(np.float64) / white
     if img.ndim == 3:
-        rgb = img[..., :3]
-        img = rgb @ np.array([0.299, 0.587, 0.114]) if rgb.shape[-1] == 3 else rgb.mean(-1)
+        ch = img.shape[-1]
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114]) if ch >= 3 else img[..., 0]
     if img.ndim != 2 or img.size == 0:
         raise CLIError(f"{p}: expected a 2-D grayscale or RGB image, got shape {img.shape}")
-    if img.max() > 1.0:
-        img = img / 255.0
-    if invert:
-        img = 1.0 - img
+    if not np.isfinite(img).all():
+        raise CLIError(f"{p}: image contains NaN or infinite values")
+    if img.min() < 0.0 or (invert and img.max() > 1.0 + IMAGE_ZERO):
+        raise CLIError(
+            f"{p}: float pixels outside [0, 1] (range {img.min():.3g} to {img.max():.3g}); "
+            + ("--invert needs the white level: save the image as 8- or 16-bit" if invert else
+               "intensities must be nonnegative")
+        )
+    img = np.clip(1.0 - img, 0.0, 1.0) if invert else img
+    img[img <= IMAGE_ZERO] = 0.0  # rounding of the gray conversion, not mass
     w = img.flatten()
-    if not np.isfinite(w).all() or w.sum() <= 0:
-        raise CLIError(f"{p}: image has no positive intensity to use as a density")
+    if w.sum() <= 0:
+        what = "is white everywhere (--invert: dark pixels carry the mass)" if invert else "is black everywhere"
+        raise CLIError(f"{p}: image {what}; no mass to transport")
     h, wd = img.shape
     s = max(h, wd) - 1 or 1
     yy, xx = np.meshgrid(np.arange(h) / s, np.arange(wd) / s, indexing="ij")
@@ -143,11 +171,12 @@ class _Table:
 
 # ---------------------------------------------------------------------------- commands
 def _progress(quiet: bool, desc: str):
-    """A tqdm bar fed by the solver callback; shown only on runs longer than 0.5 s."""
+    """A tqdm bar named ``desc`` (the method that runs), fed by the solver callback; shown
+    only on runs longer than :data:`PROGRESS_DELAY`."""
     if quiet:
         return None, None
     tqdm = require("tqdm.auto", "the progress bar (or pass --quiet)").tqdm
-    bar = tqdm(desc=desc, unit="it", delay=0.5, leave=False, file=sys.stderr)
+    bar = tqdm(desc=desc, unit="it", delay=PROGRESS_DELAY, leave=False, file=sys.stderr)
     state = {"last": 0}
 
     def callback(it: int, err: float) -> None:
@@ -158,10 +187,45 @@ def _progress(quiet: bool, desc: str):
     return bar, callback
 
 
+def _check_eps(eps: float, max_cost: float, what: str) -> None:
+    """Refuse an eps at which float64 cannot tell the problem from eps = infinity."""
+    limit = MAX_EPS_OVER_COST * (max_cost if max_cost > 0 else 1.0)
+    if eps > limit:
+        raise CLIError(
+            f"--eps {eps:g} is above {MAX_EPS_OVER_COST:g} x the largest cost ({max_cost:.3g}, {what}): "
+            f"the plan is then the independent coupling a x b to 1e-6 and the value loses its digits in "
+            f"float64; use --eps <= {limit:.3g}"
+        )
+
+
+def _check_output(path: str, option: str, *, figure: bool = False) -> Path:
+    """Checked before any solve: the folder exists and (figures) matplotlib writes the format."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"{option} {path}: folder {parent} does not exist")
+    if out.is_dir():
+        raise CLIError(f"{option} {path}: is a folder; give a file name")
+    if figure:
+        canvas = require("matplotlib.backend_bases", "writing figures").FigureCanvasBase
+        formats = canvas.get_supported_filetypes()
+        fmt = out.suffix.lower().lstrip(".")
+        if fmt not in formats:
+            raise CLIError(
+                f"{option} {path}: unsupported figure format {('.' + fmt) if fmt else '(no suffix)'}; "
+                f"use one of {', '.join('.' + f for f in sorted(formats))}"
+            )
+    return out
+
+
 def cmd_solve(args) -> int:
     import entrokit
     from entrokit import PointCloud
+    from entrokit.problem import make_problem
+    from entrokit.solvers.solve import auto_method
 
+    out = _check_output(args.out if args.out.endswith(".npz") else args.out + ".npz", "--out") if args.out else None
+    plot = _check_output(args.plot, "--plot", figure=True) if args.plot else None
     x, a, shape_x = load_measure(args.source, weighted=args.weighted, invert=args.invert)
     y, b, shape_y = load_measure(args.target, weighted=args.weighted, invert=args.invert)
     if x.shape[1] != y.shape[1]:
@@ -169,13 +233,18 @@ def cmd_solve(args) -> int:
     n, m = x.shape[0], y.shape[0]
     # the library's rule: online when the dense path would exceed the memory budget
     geom = PointCloud(x, y, args.cost, memory_budget=args.memory_budget)
-    bar, callback = _progress(args.quiet, "sinkhorn")
-    opts = {"callback": callback} if args.method in ("sinkhorn", "auto") else {}
+    problem = make_problem(a, b, geom)
+    _check_eps(args.eps, float(geom.max_cost().max()), f"{args.cost} cost of these points")
+    # the method that will run names the progress bar
+    method = auto_method(problem, args.eps)[0] if args.method == "auto" else args.method
+    bar, callback = _progress(args.quiet, method)
+    opts = {"callback": callback} if callback is not None else {}
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         res = entrokit.solve(
-            a, b, geom, eps=args.eps, method=args.method, tol=args.tol, max_iter=args.max_iter, **opts
+            problem.a, problem.b, problem.geometry, eps=args.eps, method=method, tol=args.tol,
+            max_iter=args.max_iter, check_inputs=False, **opts
         )
     elapsed = time.perf_counter() - t0
     if bar is not None:
@@ -188,7 +257,7 @@ def cmd_solve(args) -> int:
         f"transport_cost={float(res.transport_cost):.8g} value={float(res.value):.8g} time={elapsed:.3f}s "
         f"cost={'online' if geom.is_online else 'dense'}"
     )
-    if args.out:
+    if out is not None:
         payload = dict(
             f=res.f.numpy(), g=res.g.numpy(), value=float(res.value), transport_cost=float(res.transport_cost),
             marginal_error=float(res.marginal_error), n_iter=int(res.n_iter), converged=bool(res.converged),
@@ -197,19 +266,19 @@ def cmd_solve(args) -> int:
         if not geom.is_online:
             payload["plan"] = res.plan.numpy()
         try:
-            np.savez(args.out, **payload)
+            np.savez(out, **payload)
         except OSError as exc:
-            raise CLIError(f"{args.out}: cannot write ({exc.strerror})") from None
-        print(f"wrote {args.out}")
-    if args.plot:
+            raise CLIError(f"{out}: cannot write ({exc.strerror})") from None
+        print(f"wrote {out}")
+    if plot is not None:
         from entrokit.plotting import plot_solve
 
         fig = plot_solve(res, x, y, a, b, shape_x, shape_y)
         try:
-            fig.savefig(args.plot, dpi=120)
+            fig.savefig(plot, dpi=120)
         except OSError as exc:
-            raise CLIError(f"{args.plot}: cannot write ({exc.strerror})") from None
-        print(f"wrote {args.plot}")
+            raise CLIError(f"{plot}: cannot write ({exc.strerror})") from None
+        print(f"wrote {plot}")
     return 0
 
 
@@ -222,15 +291,35 @@ def demo_methods() -> list[str]:
 def cmd_demo(args) -> int:
     import entrokit
     from entrokit.data import digit_density, grid_cost
+    from entrokit.geometry import memory_budget
 
-    a = digit_density(args.digits[0], args.size)
-    b = digit_density(args.digits[1], args.size)
+    out = _check_output(args.out, "--out", figure=True)
+    cells = args.size**2
+    if 4 * 8 * cells * cells > memory_budget():  # the dense cost and the solvers' copies
+        raise CLIError(
+            f"--size {args.size}: the {cells} x {cells} dense cost needs more than the memory budget "
+            f"({memory_budget() / 2**30:.3g} GiB; $ENTROKIT_MEMORY_BUDGET); use a smaller --size"
+        )
+    for eps in args.eps:
+        _check_eps(eps, 1.0, "the normalised grid cost")
+    try:
+        a = digit_density(args.digits[0], args.size)
+        b = digit_density(args.digits[1], args.size)
+    except IndexError as exc:
+        raise CLIError(f"--digits: {exc}") from None
     C = grid_cost(args.size, 2)
     table = _Table(
-        f"W2 between digits {args.digits[0]} and {args.digits[1]} of load_digits "
+        f"Entropic OT between digits {args.digits[0]} and {args.digits[1]} of load_digits "
         f"({args.size}x{args.size} grid, squared-Euclidean cost normalised to [0, 1], float64, tol {args.tol:g})",
-        ["eps", "method", "iterations", "marginal error", "transport cost", "time"],
+        ["eps", "method", "work", "marginal error", "transport cost <C,P>", "time"],
     )
+    from entrokit.plotting import _work_label
+
+    with warnings.catch_warnings():
+        # first calls pay one-time costs (imports, allocator); keep them out of the timings
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for method in demo_methods():
+            entrokit.solve(a, b, C, eps=max(args.eps), method=method, tol=args.tol, max_iter=2)
     runs = []
     for eps in args.eps:
         for method in demo_methods():
@@ -245,17 +334,16 @@ def cmd_demo(args) -> int:
                 bar.close()
             flag = "" if bool(res.converged) else " (not converged)"
             table.add(
-                f"{eps:g}", method, f"{int(res.n_iter)}{flag}", f"{float(res.marginal_error):.2e}",
+                f"{eps:g}", method, f"{_work_label(res)}{flag}", f"{float(res.marginal_error):.2e}",
                 f"{float(res.transport_cost):.6f}", f"{elapsed:.3f} s",
             )
-            runs.append((eps, method, res))
+            runs.append((eps, method, res, elapsed))
             for w in caught:
                 table.notes.append(f"{method} eps={eps:g}: {w.message}")
     print(table.render())
     from entrokit.plotting import plot_demo
 
-    fig = plot_demo(runs, a, b, args.size)
-    out = Path(args.out)
+    fig = plot_demo(runs, a, b, args.size, tol=args.tol)
     try:
         fig.savefig(out, dpi=110)
     except OSError as exc:
@@ -274,6 +362,8 @@ def cmd_bench(args) -> int:
     for name in names:
         if name not in SUITES:
             raise CLIError(f"unknown benchmark suite {name!r}; available: {', '.join(SUITES)}")
+    for pkg in BENCH_PACKAGES:  # the anchors, before any suite runs
+        require(pkg, "entrokit bench (the anchors POT and RegOT)", extra="bench")
     limiter = None
     if args.threads is not None:
         # the same thread count for every side: torch, and the BLAS behind numpy / POT
@@ -305,43 +395,77 @@ def _positive_float(s: str) -> float:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s!r}")
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from entrokit import __version__
+def _int_at_least(low: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {s!r}")
+        return v
 
-    p = argparse.ArgumentParser(prog="entrokit", description="Entropy-regularized optimal transport in PyTorch.")
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from entrokit import METHODS, __version__
+
+    p = _Parser(prog="entrokit", description="Entropy-regularized optimal transport in PyTorch.")
     p.add_argument("--version", action="version", version=f"entrokit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="W2 between two handwritten digits at several eps (embedded data)")
-    d.add_argument("--eps", type=_positive_float, nargs="+", default=list(DEMO_EPS))
-    d.add_argument("--digits", type=int, nargs=2, default=(0, 1), metavar=("I", "J"))
-    d.add_argument("--size", type=int, default=28, help="grid side (default 28, as in the SNS paper)")
-    d.add_argument("--tol", type=_positive_float, default=1e-6)
-    d.add_argument("--max-iter", type=int, default=20_000)
-    d.add_argument("--out", default="entrokit_demo.png", help="PNG with convergence curves and the plan")
+    d = sub.add_parser("demo", help="entropic OT between two handwritten digits: every solver at several eps (embedded data)")
+    d.add_argument("--eps", type=_positive_float, nargs="+", default=list(DEMO_EPS),
+                   help="regularization strengths, on the cost normalised to [0, 1] (default: %(default)s)")
+    d.add_argument("--digits", type=_int_at_least(0), nargs=2, default=(0, 1), metavar=("I", "J"),
+                   help="indices of two of scikit-learn's 1797 digit images (default: 0 1)")
+    d.add_argument("--size", type=_int_at_least(2), default=28, help="grid side (default: %(default)s, as in the SNS paper)")
+    d.add_argument("--tol", type=_positive_float, default=1e-6,
+                   help="L1 marginal error of the returned plan (default: %(default)g)")
+    d.add_argument("--max-iter", type=_int_at_least(1), default=20_000, help="iteration budget per solve (default: %(default)s)")
+    d.add_argument("--out", default="entrokit_demo.png",
+                   help="figure: the two digits, time to tolerance per solver and eps, the plan (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("solve", help="entropic OT between two point clouds or images")
     s.add_argument("source", metavar="SOURCE", help=".npy/.csv points (one per row) or a grayscale image")
-    s.add_argument("target", metavar="TARGET")
-    s.add_argument("--cost", choices=["sqeuclidean", "euclidean"], default="sqeuclidean")
-    s.add_argument("--eps", type=_positive_float, default=1e-2)
-    s.add_argument("--method", default="auto")
-    s.add_argument("--tol", type=_positive_float, default=1e-6)
-    s.add_argument("--max-iter", type=int, default=None)
+    s.add_argument("target", metavar="TARGET", help="the same kinds of file as SOURCE")
+    s.add_argument("--cost", choices=["sqeuclidean", "euclidean"], default="sqeuclidean",
+                   help="ground cost between points, not normalised; one of: %(choices)s (default: %(default)s)")
+    s.add_argument("--eps", type=_positive_float, default=1e-2,
+                   help="entropic regularization, in the units of the cost (default: %(default)g)")
+    methods = ["auto", *sorted(m for m in METHODS if m != "smooth")]
+    s.add_argument("--method", default="auto", choices=methods,
+                   help="solver; one of: %(choices)s. auto lets entrokit.solve choose (Newton at small eps, "
+                        "Sinkhorn otherwise; the progress bar names its choice) (default: %(default)s)")
+    s.add_argument("--tol", type=_positive_float, default=1e-6,
+                   help="L1 marginal error of the returned plan (default: %(default)g)")
+    s.add_argument("--max-iter", type=_int_at_least(1), default=None,
+                   help="iteration budget (default: the method's own, 10000 for sinkhorn)")
     s.add_argument("--weighted", action="store_true", help="last column of point files holds weights")
     s.add_argument("--invert", action="store_true", help="images: dark pixels carry the mass")
-    s.add_argument("--memory-budget", type=float, default=None, metavar="BYTES",
+    s.add_argument("--memory-budget", type=_positive_float, default=None, metavar="BYTES",
                    help="bytes the dense cost may use; above it the cost is computed online in tiles "
                         "(default: entrokit.geometry.memory_budget(), 2 GiB or $ENTROKIT_MEMORY_BUDGET)")
-    s.add_argument("--out", help="write potentials, value, errors (and the plan when small) to this .npz")
-    s.add_argument("--plot", help="write a figure of the measures, the matching and the convergence curve")
+    s.add_argument("--out", help="write potentials, value, errors (and the plan when dense) to this .npz "
+                                 "(the suffix is added when missing)")
+    s.add_argument("--plot", help="write a figure of the measures, the matching and the convergence curve "
+                                  "(format from the suffix: .png, .pdf, .svg, ...)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_solve)
 
@@ -349,14 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes and short time budgets")
     b.add_argument("--suite", action="append", help="run only this suite (repeatable)")
     b.add_argument("--results", default=None, help="folder for the markdown tables (e.g. benchmarks/results)")
-    b.add_argument("--threads", type=int, default=None, help="threads for every library (default: as configured)")
+    b.add_argument("--threads", type=_int_at_least(1), default=None, help="threads for every library (default: as configured)")
     b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad argument (one line, status 2)
+        return exc.code if isinstance(exc.code, int) else 0
     try:
         return int(args.func(args) or 0)
     except (CLIError, InputError) as exc:

@@ -3,7 +3,9 @@
 KeOps compiles each formula on first use (seconds each, cached in ~/.cache/keops*), so the
 tests share few formulas: one lse / plan-sum / plan-cost kernel per cost (both axes use
 the same kernel, the cost being symmetric), the bounds kernel and a handful of gradient
-kernels. The numerical tests skip only when pykeops is missing or cannot compile here.
+kernels. The numerical tests skip only when pykeops is missing, no C++ compiler is found
+(KeOps's own rule, :func:`~entrokit.geometry.keops.find_cxx_compiler`), or it cannot
+compile here; the module's doctest skips likewise (conftest.py at the root).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import entrokit
 from entrokit import InputError, PointCloud
 from entrokit.geometry import DenseCost
-from entrokit.geometry.keops import KeOpsPointCloud
+from entrokit.geometry.keops import KeOpsPointCloud, cxx_compiler, find_cxx_compiler
 
 D = torch.float64
 EPS = 0.1
@@ -45,6 +47,9 @@ def _probe(device: torch.device) -> str | None:
 def kdevice(device):
     """The conftest device, when KeOps is installed and compiles on it (else skip)."""
     pytest.importorskip("pykeops", reason="KeOpsPointCloud needs pykeops: pip install 'entrokit[keops]'")
+    compiler, why = cxx_compiler()
+    if compiler is None:
+        pytest.skip(f"KeOps compiles its kernels with a C++ compiler: {why}")
     key = str(device)
     if key not in _PROBED:
         _PROBED[key] = _probe(device)
@@ -276,3 +281,24 @@ def test_entrokit_does_not_import_pykeops_and_a_missing_pykeops_names_the_extra(
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
+
+
+def test_compiler_detection_follows_keops_rule(tmp_path):
+    """No compiler on PATH: None and a reason naming what KeOps looks for; $CXX on PATH
+    wins; a compiler that fails to run is not a working one."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    found, why = find_cxx_compiler({"PATH": str(empty)})
+    assert found is None and "no C++ compiler on PATH" in why and "g++" in why
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    good, bad = bindir / "mycxx", bindir / "g++"
+    good.write_text("#!/bin/sh\necho mycxx 1.0\n")
+    bad.write_text("#!/bin/sh\nexit 3\n")
+    for f in (good, bad):
+        f.chmod(0o755)
+    found, why = find_cxx_compiler({"PATH": str(bindir), "CXX": "mycxx"})
+    assert found == str(good) and why == ""
+    if sys.platform != "darwin":
+        found, why = find_cxx_compiler({"PATH": str(bindir)})
+        assert found is None and "does not run" in why and "exits 3" in why

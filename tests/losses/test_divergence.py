@@ -169,3 +169,18 @@ def test_slowly_mixing_cross_term_is_handed_to_newton():
     ref = sum(c * entrokit.solve(None, None, PointCloud(u, v), eps=0.1, method="ssns", tol=1e-10).value
               for c, u, v in ((1.0, x, x + 1.0), (-0.5, x, x), (-0.5, x + 1.0, x + 1.0)))
     torch.testing.assert_close(s, ref, atol=1e-8, rtol=0)
+
+
+def test_one_convergence_warning_when_newton_takes_over():
+    """A dense cross problem handed from Sinkhorn to SSNS that misses tol warned twice
+    (SSNS's warning, then the divergence's); the README promises one per call."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(60, 2, generator=g, dtype=torch.float64)
+    y = torch.rand(50, 2, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sinkhorn_divergence(x, y, eps=1e-4, max_iter=21)
+    conv = [w for w in caught if issubclass(w.category, entrokit.ConvergenceWarning)]
+    assert len(conv) == 1 and "sinkhorn_divergence did not converge" in str(conv[0].message)

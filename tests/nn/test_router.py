@@ -81,3 +81,23 @@ def test_bad_logits():
         sparse_ot_route(torch.ones(8, 4, dtype=torch.long), 2)
     with pytest.raises(InputError, match="NaN"):
         sparse_ot_route(torch.full((8, 4), float("nan")), 2)
+
+
+@pytest.mark.parametrize("mode,capacity", [("experts_choose", 16), ("tokens_choose", 2)])
+def test_marginal_errors_are_fractions_of_the_mass(mode, capacity):
+    """metrics['marginal_error'] read 6.51 on a healthy call: an absolute L1 error on a plan
+    of total mass G. It is now the unit-mass measure of the solvers, split per side, with
+    the capacity-constrained side exact."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    out = sparse_ot_route(z, capacity, mode=mode)
+    P, G, E = out.plan, 64, 8
+    rows = float((P.sum(-1) - 1.0).abs().sum()) / G
+    cols = float((P.sum(-2) - G / E).abs().sum()) / G
+    m = out.metrics
+    assert m["token_mass_error"] == pytest.approx(rows, rel=1e-12)
+    assert m["expert_load_error"] == pytest.approx(cols, rel=1e-12)
+    assert m["marginal_error"] == pytest.approx(rows + cols, rel=1e-12)
+    exact = m["expert_load_error"] if mode == "experts_choose" else m["token_mass_error"]
+    assert exact < 1e-12
+    assert 0.0 < m["marginal_error"] <= 2.0

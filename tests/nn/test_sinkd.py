@@ -197,11 +197,11 @@ def test_bad_inputs():
         loss(zs[0], zt[0])
     bad = zs.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(InputError, match="student_logits contain NaN or inf"):
+    with pytest.raises(InputError, match=r"student_logits contain NaN or \+inf"):
         loss(bad, zt)
     bad = zt.clone()
     bad[0, 0] = float("inf")
-    with pytest.raises(InputError, match="teacher_logits contain NaN or inf"):
+    with pytest.raises(InputError, match=r"teacher_logits contain NaN or \+inf"):
         loss(zs, bad)
     for v in (0.0, -0.1, float("inf")):
         with pytest.raises(InputError, match="eps must be a finite number > 0"):
@@ -222,3 +222,33 @@ def test_bad_inputs():
         loss(zs.long(), zt.long())
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         loss(zs.numpy(), zt)
+
+
+@pytest.mark.parametrize("mode", [{}, {"debias": True}, {"legacy": True}, {"grad": "envelope"}])
+def test_masked_classes_are_minus_inf_logits(mode):
+    """-inf logits (masked classes) give probability exactly 0: the loss equals the loss
+    with those classes removed, and the gradients are finite (0 at the masked logits).
+    The class masked on every sample is removed exactly; the one masked on one sample is
+    compared with a very negative finite logit there (softmax weight below 1e-300)."""
+    zs, zt = _pair(16, 6, seed=21)
+    mask = torch.zeros(16, 6, dtype=torch.bool)
+    mask[:, 5] = True
+    mask[3, 2] = True
+    s = zs.clone().requires_grad_(True)
+    loss = SinkhornKDLoss(**mode)
+    out = loss(s.masked_fill(mask, float("-inf")), zt.masked_fill(mask, float("-inf")))
+    out.backward()
+    ref_s = zs[:, :5].clone()
+    ref_t = zt[:, :5].clone()
+    ref_s[3, 2] = ref_t[3, 2] = -2000.0  # exp(-1000) underflows to exactly 0 after /T
+    ref = loss(ref_s, ref_t)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-12, atol=0.0)
+    assert bool(torch.isfinite(s.grad).all())
+    assert float(s.grad[mask].abs().max()) == 0.0
+
+
+def test_a_sample_with_every_class_masked_is_refused():
+    zs, zt = _pair(8, 5, seed=22)
+    zs[2] = float("-inf")
+    with pytest.raises(InputError, match=r"student_logits mask every class of sample \(2,\)"):
+        SinkhornKDLoss()(zs, zt)

@@ -171,3 +171,18 @@ def test_topk_explicit_init_skips_warm_start():
         r1 = smooth_ot(a, b, C, reg="topk", k=2, gamma=0.1, init=r0.info["x"].unsqueeze(0))
     assert "warm_start" not in r1.info
     assert float(r1.marginal_error) <= float(r0.marginal_error) * 1.5
+
+
+@pytest.mark.parametrize("solver,other", [("auto", "newton"), ("lbfgs", "newton"), ("newton", "lbfgs")])
+def test_warning_suggests_the_other_solver(solver, other):
+    """The top-k warning suggested solver='lbfgs' to a run that used L-BFGS (the "auto"
+    choice for top-k); it now names the semi-dual solver that did not run."""
+    g = torch.Generator().manual_seed(0)
+    C = torch.rand(30, 20, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = smooth_ot(None, None, C, reg="topk", gamma=0.1, k=1, solver=solver, max_iter=50)
+    msgs = [str(w.message) for w in caught]
+    assert not bool(res.converged) and len(msgs) == 1
+    used = res.info["solver"]
+    assert f"try solver='{other}'" in msgs[0] and f"solver='{used}'" not in msgs[0]

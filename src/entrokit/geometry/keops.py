@@ -26,13 +26,21 @@ enter as KeOps parameters, so annealing :math:`\varepsilon` does not recompile a
 Every reduction is differentiable (KeOps derives the gradient kernels symbolically).
 
 KeOps compiles each formula on first use (a few seconds each; cached under
-``~/.cache/keops*``) and picks CPU or CUDA from the tensors' device.
+``~/.cache/keops*``) and picks CPU or CUDA from the tensors' device. It needs a working
+C++ compiler (``$CXX``, else ``g++``; ``clang++`` first on macOS): :func:`cxx_compiler`
+says whether one is found, and the test suite skips the KeOps tests, with that reason,
+when none is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
+import platform
+import shutil
+import subprocess
 import sys
 from typing import Literal
 
@@ -43,7 +51,38 @@ from entrokit._optional import require
 from entrokit.geometry.base import exp_floor
 from entrokit.geometry.pointcloud import PointCloud
 
-__all__ = ["KeOpsPointCloud"]
+__all__ = ["KeOpsPointCloud", "cxx_compiler"]
+
+
+def find_cxx_compiler(env: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """The C++ compiler KeOps would pick, by its rule (``keopscore.config``): ``$CXX`` when
+    it is on ``PATH``, else ``clang++`` then ``g++`` on macOS, ``g++`` elsewhere. Returns
+    ``(path, "")`` when ``<path> --version`` runs, else ``(None, why)``; ``env`` defaults to
+    ``os.environ``."""
+    env = os.environ if env is None else env
+    path = env.get("PATH", "")
+    cxx = env.get("CXX")
+    names = [cxx] if cxx and shutil.which(cxx, path=path) else []
+    names += ["clang++", "g++"] if platform.system() == "Darwin" else ["g++"]
+    found = next((shutil.which(c, path=path) for c in names if shutil.which(c, path=path)), None)
+    if found is None:
+        return None, (
+            f"no C++ compiler on PATH (KeOps looks for {' or '.join(dict.fromkeys(names))}); "
+            "install one (e.g. apt install g++) or set CXX"
+        )
+    try:
+        proc = subprocess.run([found, "--version"], capture_output=True, timeout=30, env=dict(env))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"the C++ compiler {found} does not run ({type(exc).__name__}: {exc})"
+    if proc.returncode != 0:
+        return None, f"the C++ compiler {found} does not run ('{found} --version' exits {proc.returncode})"
+    return found, ""
+
+
+@functools.cache
+def cxx_compiler() -> tuple[str | None, str]:
+    """:func:`find_cxx_compiler` for this process's environment (computed once)."""
+    return find_cxx_compiler()
 
 KeOpsCostName = Literal["sqeuclidean", "euclidean", "pnorm"]
 _COST_NAMES = ("sqeuclidean", "euclidean", "pnorm")

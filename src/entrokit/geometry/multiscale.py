@@ -74,7 +74,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from entrokit._errors import InputError
-from entrokit._validation import as_float_tensor, check_same_dtype_device
+from entrokit._validation import as_float_tensor, check_positive_int, check_same_dtype_device
 from entrokit.geometry.base import PointGeometry, exp_floor, logsumexp_pair, plan_block
 
 __all__ = [
@@ -661,7 +661,7 @@ class TruncatedPointCloud(PointGeometry):
                 f"keep must be a bool tensor of shape {(B, x_clusters.counts.shape[1], y_clusters.counts.shape[1])} "
                 f"(problems, x clusters, y clusters), got {keep.dtype} {tuple(keep.shape)}."
             )
-        budget = int(block_entries or _DEFAULT_BLOCK_ENTRIES)
+        budget = check_positive_int(block_entries, "block_entries", allow_none=True) or _DEFAULT_BLOCK_ENTRIES
         self._block_entries = budget
         keep = keep.to(x.device)
         self.x, self.y = x, y
@@ -866,7 +866,10 @@ class TruncatedPointCloud(PointGeometry):
     def _workspace(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
         key = ("ws", name, dtype)
         buf = self._cache.get(key)
-        if buf is None or buf.numel() < size:
+        # a buffer made under torch.inference_mode() cannot be written outside it (a result
+        # built there is used afterwards): make a normal one then
+        stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+        if buf is None or stale or buf.numel() < size:
             buf = torch.empty(size, dtype=dtype, device=self.device)
             self._cache[key] = buf
         return buf

@@ -35,9 +35,11 @@ points, the cost and the weights (Feydy et al., Prop. 2).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from entrokit._errors import InputError
+from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._validation import check_choice, check_positive, check_positive_int
 from entrokit.geometry import Geometry, PointCloud
 from entrokit.problem import OTProblem, make_problem
@@ -86,9 +88,12 @@ def _solve(pb: OTProblem, eps: float, tol: float, max_iter: int, eps_scaling, de
     f, g, n_iter, converged, errors, info = sinkhorn_problem(pb, eps, opts)
     if "stopped_slow" in info:
         sq = pb.squeeze_batch()
-        res = sinkhorn_newton(sq.a, sq.b, sq.geometry, eps, variant="ssns", tol=tol, max_iter=max_iter,
-                              init=(f.reshape(sq.a.shape), g.reshape(sq.b.shape)), grad="envelope",
-                              check_inputs=False)
+        with warnings.catch_warnings():
+            # one ConvergenceWarning per call: the divergence's own (_warn) reports this problem
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = sinkhorn_newton(sq.a, sq.b, sq.geometry, eps, variant="ssns", tol=tol, max_iter=max_iter,
+                                  init=(f.reshape(sq.a.shape), g.reshape(sq.b.shape)), grad="envelope",
+                                  check_inputs=False)
         return res.value, torch.as_tensor(res.converged), torch.as_tensor(res.marginal_error)
     value = _dual_value(pb, f, g, eps)
     shape = pb.user_batch_shape if pb.user_batch_shape is not None else ()

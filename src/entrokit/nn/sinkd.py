@@ -91,10 +91,18 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor, check_inputs: bo
         )
     if check_inputs:
         for t, name in ((student, "student_logits"), (teacher, "teacher_logits")):
-            if not bool(torch.isfinite(t).all()):
+            # -inf is a masked class (probability exactly 0); NaN and +inf are not logits
+            if bool((torch.isnan(t) | (t == float("inf"))).any()):
                 raise InputError(
-                    f"{name} contain NaN or inf; expected finite logits. The model has probably "
-                    "diverged: lower the learning rate or clip gradients."
+                    f"{name} contain NaN or +inf; expected finite logits (or -inf for masked "
+                    "classes). The model has probably diverged: lower the learning rate or clip gradients."
+                )
+            masked = (t == float("-inf")).all(-1)
+            if bool(masked.any()):
+                first = tuple(int(i) for i in masked.nonzero()[0])
+                raise InputError(
+                    f"{name} mask every class of sample {first} (all logits -inf): its distribution "
+                    "is undefined. Leave at least one class unmasked, or drop the sample."
                 )
 
 
@@ -120,7 +128,10 @@ def sinkhorn_kd_loss(
     r"""SinKD loss between a batch of student and teacher logits (module docstring).
 
     Args:
-        student_logits: ``[B, K]`` (or ``[G, B, K]``: ``G`` independent batches).
+        student_logits: ``[B, K]`` (or ``[G, B, K]``: ``G`` independent batches). A
+            ``-inf`` logit masks its class (probability exactly 0; the loss equals the one
+            with that class removed when both sides mask it); every sample needs one finite
+            logit.
         teacher_logits: same shape; detached (no gradient reaches the teacher).
         temperature: :math:`T > 0` of the softmax.
         eps: entropic regularization :math:`\varepsilon > 0` in cost units (L1 distances

@@ -17,9 +17,11 @@ scheme (Feydy's thesis, 2020; Schmitzer, 2019) made rigorous:
 4. **Truncate**: keep the cluster pairs whose exponent bound is :math:`\ge -\tau\varepsilon`
    (``truncate`` :math:`=\tau`) or whose mass bound is needed to keep the dropped mass
    below ``tol/32`` (:func:`~entrokit.geometry.multiscale.truncation_mask`).
-5. **Fine solve**: Sinkhorn on the truncated geometry, warm-started, continuing the eps
-   schedule from :math:`\varepsilon_c` to :math:`\varepsilon` (the kept blocks are
-   rebuilt at every stage), to ``0.75 tol`` on the kept plan.
+5. **Fine solve**: Sinkhorn on the truncated geometry, warm-started from ``f`` and
+   :math:`g = \operatorname{softmin}(f)` (so that the first stopping test sees a plan with
+   exact column sums, hence its whole error), continuing the eps schedule from
+   :math:`\varepsilon_c` to :math:`\varepsilon` (the kept blocks are rebuilt at every
+   stage), to ``0.75 tol`` on the kept plan.
 6. **Certify the truncation**: with the final potentials, bound the plan mass of every
    dropped block (:eq:`block-mass`). The bounds are monotone in the potentials, so those
    computed before the solve, times :math:`e^{(\max_i \Delta f_i + \max_j \Delta g_j)/\varepsilon}`
@@ -28,8 +30,9 @@ scheme (Feydy's thesis, 2020; Schmitzer, 2019) made rigorous:
    If the sum :math:`D` exceeds ``tol/8``, enlarge the
    kept set with the new bounds (to a dropped mass of at most ``tol/32``) and solve again
    from the current potentials (at most ``max_rounds`` solves in all). If ``tol/8`` is
-   still not met, the result says so: ``converged=False`` and a
-   :class:`~entrokit.ConvergenceWarning`, never a silently different answer.
+   still not met, the result says so: ``converged=False`` and one
+   :class:`~entrokit.ConvergenceWarning` per call (it carries the kept plan's own
+   certification message, if any), never a silently different answer.
 
 **What is certified.** The dense plan of the returned potentials,
 :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}` over *all* pairs, has marginal
@@ -78,7 +81,7 @@ from entrokit.geometry.multiscale import (
     truncation_mask,
 )
 from entrokit.geometry.pointcloud import PointCloud
-from entrokit.problem import OTProblem
+from entrokit.problem import OTProblem, log_weights
 from entrokit.solvers._entropic import entropic_result, warn_not_converged
 from entrokit.solvers._numerics import continuation_schedule
 from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn, sinkhorn_problem
@@ -251,6 +254,7 @@ def multiscale_sinkhorn(
     check_choice(grad, "grad", GRAD_MODES)
     max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or SinkhornOptions.max_iter
     max_rounds = check_positive_int(max_rounds, "max_rounds")
+    block_entries = check_positive_int(block_entries, "block_entries", allow_none=True)
     if not (0.0 < float(scaling_decay) < 1.0):
         raise InputError(f"scaling_decay must lie in (0, 1), got {scaling_decay!r}; try 0.5.")
     a3, b3, x3, y3, batch_shape = _prepare(a, b, x, y, check_inputs)
@@ -282,6 +286,7 @@ def multiscale_sinkhorn(
     margin32 = 4.0 * torch.finfo(dtype).eps * float(a3.detach().sum(-1).max()) if dtype != torch.float64 else 0.0
     kept_tol = max(KEPT_TOL * tol - margin32, 0.25 * tol)
     n_iter = torch.zeros(B, dtype=torch.long, device=x3.device)
+    log_a3 = log_weights(a3.detach())
     stage_iters: list[int] = []
     errors_all: list[torch.Tensor] = []
     used = 0
@@ -298,6 +303,10 @@ def multiscale_sinkhorn(
         budget = max_iter - used if last else max(1, min(max_iter - used, (max_iter // 2) // max(1, len(stages) - 1)))
         for rnd in range(max_rounds if last else 1):
             problem = OTProblem(a3, b3, geom, batch_shape)
+            # g <- softmin(f) on this geometry: the loop's first check measures the row error
+            # of the plan (f, g), the whole error only when its columns are exact (else the
+            # extrapolated pair, nearly a fixed point in f alone, stops it after one sweep)
+            g = geom.softmin(f, log_a3, e, axis=0)
             opts = SinkhornOptions(tol=target, max_iter=max(1, budget), eps_scaling=False, lse_mode=True)
             f, g, it, conv, errs, _ = sinkhorn_problem(problem, e, opts, init=(f, g))
             n_iter += it
@@ -344,8 +353,15 @@ def multiscale_sinkhorn(
         "kept_marginal_error": [],
         "time": 0.0,
     }
-    res = entropic_result(problem, f, g, eps, grad=grad, n_iter=n_iter, converged=conv, errors=errors,
-                          method="multiscale_sinkhorn", tol=tol, info=info)
+    with warnings.catch_warnings(record=True) as caught:
+        # one ConvergenceWarning per call: the certification's reason joins the final one
+        warnings.simplefilter("always", ConvergenceWarning)
+        res = entropic_result(problem, f, g, eps, grad=grad, n_iter=n_iter, converged=conv, errors=errors,
+                              method="multiscale_sinkhorn", tol=tol, info=info)
+    reasons = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     # the dense plan's error is at most the kept plan's plus twice the dropped mass
     kept_err = res.marginal_error.detach().to(torch.float64).reshape(B)
     total_err = kept_err + 2.0 * dropped.to(kept_err.device)
@@ -360,6 +376,6 @@ def multiscale_sinkhorn(
     warn_not_converged(
         converged, total_err, tol, "multiscale_sinkhorn",
         f"Raise max_iter (now {max_iter}), loosen tol, increase eps (now {eps:g}) or truncate (now {truncate:g}), "
-        "or use float64.",
+        "or use float64." + "".join(f" Kept plan: {r}" for r in reasons),
     )
     return res

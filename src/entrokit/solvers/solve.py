@@ -80,7 +80,7 @@ def solve(
     b,
     cost,
     *,
-    eps: float,
+    eps: float | None = None,
     method: str = "auto",
     tol: float = 1e-6,
     max_iter: int | None = None,
@@ -95,7 +95,10 @@ def solve(
         a, b: weights ``[..., n]``, ``[..., m]``; ``None`` means uniform. Tensors, NumPy
             arrays or lists (NumPy in gives NumPy out).
         cost: ``[..., n, m]`` tensor or array, or a geometry (:class:`~entrokit.PointCloud`).
-        eps: regularization strength.
+        eps: regularization strength (required). With ``method="smooth"`` it is the
+            strength :math:`\gamma` of :func:`~entrokit.smooth_ot`, and ``gamma=`` may be
+            passed instead of it (``solve(a, b, C, method="smooth", gamma=0.1)``); both
+            together must be equal.
         method: a key of :data:`METHODS` or ``"auto"`` (module docstring).
         tol: L1 marginal-error tolerance of the returned plan.
         max_iter: iteration budget (method-specific default when ``None``).
@@ -114,6 +117,13 @@ def solve(
         >>> res.method, bool(res.converged)
         ('sinkhorn', True)
     """
+    if eps is None and method == "smooth" and options.get("gamma") is not None:
+        eps = options["gamma"]  # smooth_ot's own name for the strength
+    if eps is None:
+        hint = " (or gamma=, its strength)" if method == "smooth" else ""
+        if "gamma" in options and method != "smooth":
+            hint = "; gamma= is the strength of method='smooth' only"
+        raise InputError(f"solve needs eps, the regularization strength; pass e.g. eps=0.01{hint}.")
     eps = check_positive(eps, "eps")
     if method != "auto" and method not in METHODS:
         raise InputError(f"unknown method {method!r}; expected 'auto' or one of {sorted(METHODS)}.")

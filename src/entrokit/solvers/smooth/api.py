@@ -478,7 +478,10 @@ def smooth_ot(
     if gamma is None and eps is None:
         raise InputError("smooth_ot needs gamma, the regularization strength; pass e.g. gamma=0.1.")
     if gamma is not None and eps is not None and float(gamma) != float(eps):
-        raise InputError(f"gamma={gamma!r} and eps={eps!r} disagree; pass only gamma.")
+        raise InputError(
+            f"gamma={gamma!r} and eps={eps!r} disagree: both name the regularization strength "
+            "(solve(method='smooth') passes eps as gamma); pass only one of them."
+        )
     gamma = check_positive(gamma if gamma is not None else eps, "gamma")
     regul = make_regularizer(reg, gamma, k)
     if isinstance(reg, Regularizer):
@@ -523,7 +526,9 @@ def smooth_ot(
         hint = (
             f"Raise max_iter, loosen tol (now {tol:g}), increase gamma (now {gamma:g})"
             + (", increase k" if regul.name == "topk" else "")
-            + (", or try formulation='semi_dual'" if formulation == "dual" else ", or try solver='lbfgs'")
+            + (", or try formulation='semi_dual'" if formulation == "dual"
+               # the other semi-dual solver than the one that ran (never the same one)
+               else ", or try solver='newton'" if out["solver"] == "lbfgs" else ", or try solver='lbfgs'")
             + "."
         )
         warn_not_converged(torch.as_tensor(res.converged).reshape(-1), torch.as_tensor(res.marginal_error).reshape(-1),
