@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy subpackages
-    if name in ("nn", "distributed"):
+    if name in ("nn", "distributed", "rl"):
         import importlib
 
         return importlib.import_module(f"entrokit.{name}")

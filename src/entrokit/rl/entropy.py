@@ -1,0 +1,570 @@
+r"""Token entropy of a policy's logits, exact and memory-flat.
+
+For one position with logits :math:`z \in \mathbb{R}^V` (divided by the sampling temperature
+:math:`\tau`), :math:`p = \mathrm{softmax}(z)` and :math:`\mathrm{lse} = \log \sum_j e^{z_j}`:
+
+.. math::
+
+    H = -\sum_j p_j \log p_j = \mathrm{lse} - \sum_j p_j z_j, \qquad
+    \frac{\partial H}{\partial z_j} = -p_j\,(z_j - \mathrm{lse} + H).
+
+The second form of the gradient stays finite where :math:`p_j` underflows and is exactly 0 on
+``-inf`` entries (:math:`0 \log 0 = 0`). Both ops below are custom autograd Functions: the
+forward keeps only per-row statistics in float32 (float64 for float64 inputs) and the backward
+recomputes the softmax chunk by chunk, so autograd never stores a (rows, V) tensor.
+
+``support=`` restricts the distribution to a per-row set :math:`S = \{j : z_j \ge t\}` and
+re-normalises on it (AEnt's clamped entropy, SIREN's top-p entropy, top-k): the three supports
+only differ in how the threshold :math:`t` of each row is found, and the entropy, its gradient
+(zero off :math:`S`; the set is piecewise constant in :math:`z`) and the memory bound are shared.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from entrokit._errors import InputError
+from entrokit._validation import check_positive
+
+__all__ = ["Clamp", "TopK", "TopP", "token_entropy", "token_logprob_entropy"]
+
+# default working set of one chunk, in elements (4 MiB of float32 per temporary)
+_CHUNK_ELEMS = 1 << 20
+
+
+# ----------------------------------------------------------------------------- supports
+def _as_int(value: Any, name: str, *, minimum: int) -> int:
+    """An integer option: Python, NumPy and 0-d integer tensors are accepted; bools are not."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}; pass e.g. {name}=16.")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an int, got {type(value).__name__} {value!r}; pass e.g. {name}=16."
+        ) from None
+    if v < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {v}.")
+    return v
+
+
+def _as_fraction(value: Any, name: str, *, low_open: bool = True, high_closed: bool = True) -> float:
+    """A real fraction in (0, 1] (or [0, 1) with ``low_open=False, high_closed=False``)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got bool {value!r}.")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.") from None
+    lo_ok = v > 0 if low_open else v >= 0
+    hi_ok = v <= 1 if high_closed else v < 1
+    if not (math.isfinite(v) and lo_ok and hi_ok):
+        interval = ("(0" if low_open else "[0") + (", 1]" if high_closed else ", 1)")
+        raise InputError(f"{name} must lie in {interval}, got {value!r}.")
+    return v
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Keep the ``k`` largest logits of each row (ties at the k-th value are all kept)."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k", _as_int(self.k, "TopK.k", minimum=1))
+
+
+@dataclass(frozen=True)
+class TopP:
+    """Keep the smallest set of largest-probability tokens whose mass reaches ``p`` (nucleus;
+    SIREN's top-p entropy). The token that crosses ``p`` is kept; ties at the cut are kept."""
+
+    p: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "p", _as_fraction(self.p, "TopP.p"))
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """AEnt's clamped entropy: drop the ``floor(fraction * V)`` lowest logits of each row
+    (at least one token is kept; ties at the cut are kept)."""
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "fraction", _as_fraction(self.fraction, "Clamp.fraction", low_open=False, high_closed=False)
+        )
+
+
+_SUPPORTS = (TopK, TopP, Clamp)
+
+
+def _check_support(support: Any, vocab: int) -> Any:
+    if support is None or support == "full":
+        return None
+    if not isinstance(support, _SUPPORTS):
+        raise TypeError(
+            "support must be None, 'full', TopK(k), TopP(p) or Clamp(fraction) from entrokit.rl, "
+            f"got {type(support).__name__} {support!r}."
+        )
+    if isinstance(support, TopK) and support.k > vocab:
+        raise InputError(f"TopK.k = {support.k} exceeds the vocabulary size V = {vocab}; pass k <= V.")
+    if isinstance(support, TopK) and support.k == vocab:
+        return None
+    if isinstance(support, Clamp) and math.floor(support.fraction * vocab) == 0:
+        return None
+    return support
+
+
+def _threshold(x: torch.Tensor, support: Any, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-row threshold ``t`` (shape (rows, 1)) of the support, on the scaled logits ``x``.
+
+    ``m`` and ``s`` are the row max and sum of exp(x - m) on the full vocabulary (top-p needs
+    the probabilities). Everything stays on the device: no host copy, no loop over rows.
+    """
+    vocab = x.shape[-1]
+    if isinstance(support, (TopK, Clamp)):
+        k = support.k if isinstance(support, TopK) else max(1, vocab - math.floor(support.fraction * vocab))
+        # the k-th largest = the (V - k + 1)-th smallest; kthvalue is a selection, not a sort
+        return torch.kthvalue(x, vocab - k + 1, dim=-1, keepdim=True).values
+    xs = torch.sort(x, dim=-1, descending=True).values
+    ps = torch.exp(xs - m).div_(s)
+    mass_before = torch.cumsum(ps, dim=-1).sub_(ps)
+    n_keep = (mass_before < support.p).sum(-1, keepdim=True).clamp_(min=1)
+    return xs.gather(-1, n_keep - 1)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_logits(logits: Any, name: str = "logits") -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(logits).__name__}; "
+            f"convert it with torch.as_tensor({name}, dtype=torch.float32)."
+        )
+    if logits.is_meta:
+        raise InputError(
+            f"{name} is a meta tensor (shape only, no values); entropies need real values. "
+            "Materialise it on a real device first (e.g. model.to_empty(device='cpu') and load weights)."
+        )
+    if not logits.is_floating_point() or logits.is_complex():
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float64, bfloat16 or float16), got "
+            f"{logits.dtype}; convert it with {name}.float()."
+        )
+    if logits.dim() < 1:
+        raise InputError(f"{name} must have at least one axis (..., V), got a 0-d tensor.")
+    if logits.numel() == 0:
+        raise InputError(
+            f"{name} is empty (shape {tuple(logits.shape)}); expected at least one row and one "
+            "vocabulary entry."
+        )
+    return logits
+
+
+def _check_finite_values(t: torch.Tensor, name: str, *, allow_neg_inf: bool) -> None:
+    """Value check (one device sync): no NaN and no +inf (and no -inf unless allowed)."""
+    bad = torch.isnan(t).any() | (t == float("inf")).any()
+    if not allow_neg_inf:
+        bad = bad | (t == float("-inf")).any()
+    if bool(bad):
+        what = "NaN" if bool(torch.isnan(t).any()) else "an infinite value"
+        hint = (
+            " (-inf is allowed: it marks a token with probability 0)" if allow_neg_inf else ""
+        )
+        raise InputError(
+            f"{name} contains {what}; expected finite values{hint}. Find where it came from, or "
+            f"clean it with torch.nan_to_num({name}, nan=0.0, posinf=...)."
+        )
+
+
+def _check_mask(mask: Any, shape: torch.Size, device: torch.device, name: str = "mask") -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of bools, got {type(mask).__name__}.")
+    if mask.is_meta:
+        raise InputError(f"{name} is a meta tensor (no values); pass a real boolean tensor.")
+    if tuple(mask.shape) != tuple(shape):
+        raise InputError(
+            f"{name} has shape {tuple(mask.shape)} but the rows have shape {tuple(shape)} "
+            "(the logits' shape without the vocabulary axis); pass one flag per token."
+        )
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(
+                f"{name} must be boolean (or 0/1 integers), got {mask.dtype}; use {name}.bool()."
+            )
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise InputError(f"{name} holds integers other than 0 and 1; pass a boolean mask.")
+        mask = mask != 0
+    if mask.device != device:
+        raise InputError(f"{name} is on {mask.device} but the logits are on {device}; move it.")
+    return mask
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(chunk_size: Any, vocab: int) -> int:
+    if chunk_size is None or chunk_size == "auto":
+        return max(1, _CHUNK_ELEMS // vocab)
+    return _as_int(chunk_size, "chunk_size", minimum=1)
+
+
+# ----------------------------------------------------------------------------- token_entropy
+def _chunk_stats(chunk: torch.Tensor, inv_t: float, wdt: torch.dtype, support: Any):
+    """Scaled logits of one chunk and their row statistics (lse, H, threshold)."""
+    x = chunk.to(wdt, copy=True)
+    if inv_t != 1.0:
+        x.mul_(inv_t)
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that are all -inf
+    thr = None
+    if support is not None:
+        y = x - m
+        s_full = torch.exp(y).sum(-1, keepdim=True)
+        thr = _threshold(x, support, m, s_full)
+        del y
+        x.masked_fill_(x < thr, float("-inf"))  # the row max is always kept, so m stays
+    x.sub_(m).clamp_(min=torch.finfo(wdt).min)  # -inf -> finite floor whose exp is exactly 0
+    e = torch.exp(x)
+    s = e.sum(-1, keepdim=True)
+    ez = (e.mul_(x)).sum(-1, keepdim=True)
+    lse = m + torch.log(s)
+    h = torch.log(s) - ez / s
+    return lse.squeeze(-1), h.squeeze(-1), (None if thr is None else thr.squeeze(-1))
+
+
+class _TokenEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, valid, inv_t, support, rows):
+        wdt = _work_dtype(logits2d.dtype)
+        n = logits2d.shape[0]
+        lse = torch.empty(n, dtype=wdt, device=logits2d.device)
+        h = torch.empty(n, dtype=wdt, device=logits2d.device)
+        thr = torch.empty(n, dtype=wdt, device=logits2d.device) if support is not None else None
+        for i in range(0, n, rows):
+            li, hi, ti = _chunk_stats(logits2d[i : i + rows], inv_t, wdt, support)
+            lse[i : i + rows] = li
+            h[i : i + rows] = hi
+            if thr is not None:
+                thr[i : i + rows] = ti
+        # a row with no finite logit has no distribution: H = 0 and no gradient (documented)
+        ok = torch.isfinite(lse)
+        if valid is not None:
+            ok = ok & valid
+        h = torch.where(ok, h, torch.zeros_like(h))
+        ctx.save_for_backward(logits2d, lse, h, ok, thr)
+        ctx.inv_t, ctx.rows = inv_t, rows
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        logits2d, lse, h, ok, thr = ctx.saved_tensors
+        inv_t, rows = ctx.inv_t, ctx.rows
+        wdt = lse.dtype
+        g = torch.where(ok, grad_h.to(wdt), torch.zeros_like(lse)) * inv_t
+        lse = torch.where(ok, lse, torch.zeros_like(lse))
+        grad = torch.empty_like(logits2d)
+        fmin = torch.finfo(wdt).min
+        for i in range(0, logits2d.shape[0], rows):
+            x = logits2d[i : i + rows].to(wdt, copy=True)
+            if inv_t != 1.0:
+                x.mul_(inv_t)
+            if thr is not None:
+                x.masked_fill_(x < thr[i : i + rows, None], float("-inf"))
+            x.sub_(lse[i : i + rows, None]).clamp_(min=fmin)  # log p, floored on -inf
+            p = torch.exp(x)
+            # dH/dz = -p (log p + H), times the chain rule of z = logits / temperature
+            x.add_(h[i : i + rows, None]).mul_(p).mul_(-g[i : i + rows, None])
+            grad[i : i + rows] = x
+        return grad, None, None, None, None
+
+
+def token_entropy(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    support: Any = None,
+    chunk_size: int | str | None = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    r"""Entropy of the softmax of each row of ``logits``, with an exact, chunked backward.
+
+    .. math::
+
+        H_i = \mathrm{lse}(z_i) - \sum_j p_{ij} z_{ij}, \quad z_i = \text{logits}_i / \tau,
+        \qquad \frac{\partial H_i}{\partial \text{logits}_{ij}}
+        = -\frac{p_{ij}}{\tau}\,(z_{ij} - \mathrm{lse}(z_i) + H_i)
+
+    (anchors note, section 2). The forward keeps (lse, H) per row in float32 (float64 for
+    float64 logits) and the backward recomputes the softmax ``chunk_size`` rows at a time: the
+    extra memory of forward plus backward is the logits' gradient plus one chunk. bfloat16 and
+    float16 logits are accumulated in float32.
+
+    Parameters
+    ----------
+    logits : Tensor (..., V)
+        Floating logits (float32, float64, bfloat16, float16), on any device. ``-inf`` entries
+        are tokens of probability 0 and contribute exactly 0 (:math:`0 \log 0 = 0`). A row whose
+        entries are all ``-inf`` has no distribution: its entropy is defined as 0 and it gets a
+        zero gradient (no NaN). NaN and ``+inf`` are refused.
+    temperature : float > 0
+        Sampling temperature :math:`\tau`; the logits are divided by it.
+    mask : bool Tensor (...), optional
+        Valid tokens (e.g. the response mask). Masked rows return 0 and get a zero gradient.
+    support : None | 'full' | TopK | TopP | Clamp
+        Re-normalised entropy on a per-row subset :math:`S_i = \{j : z_{ij} \ge t_i\}`:
+        ``TopK(k)`` the k largest logits; ``TopP(p)`` SIREN's nucleus (the smallest
+        top-probability set of mass >= p at temperature :math:`\tau`); ``Clamp(c)`` AEnt's clamp
+        (drop the ``floor(c V)`` lowest logits). :math:`H_i = \mathrm{lse}_{S_i} - \sum_{j\in S_i}
+        p^S_{ij} z_{ij}` and the gradient is the formula above on :math:`S_i` and 0 off it (the
+        set is piecewise constant). Thresholds are found on the device (``kthvalue`` / a
+        row sort), without host copies or loops over rows.
+    chunk_size : int or 'auto'
+        Rows per chunk; ``'auto'`` keeps a chunk near 2**20 elements.
+    check_inputs : bool
+        Read the values to refuse NaN and ``+inf`` (one device sync); set False in training loops.
+
+    Returns
+    -------
+    Tensor (...)
+        Entropies in nats, float32 (float64 for float64 logits).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from entrokit.rl import token_entropy, TopK
+    >>> z = torch.tensor([[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]])
+    >>> token_entropy(z)
+    tensor([0.6931, 1.0986])
+    >>> token_entropy(z, support=TopK(1))
+    tensor([0.6931, 1.0986])
+    """
+    logits = _check_logits(logits)
+    temperature = check_positive(temperature, "temperature")
+    vocab = logits.shape[-1]
+    support = _check_support(support, vocab)
+    rows = _rows_per_chunk(chunk_size, vocab)
+    lead = logits.shape[:-1]
+    valid = None if mask is None else _check_mask(mask, lead, logits.device)
+    if check_inputs:
+        _check_finite_values(logits, "logits", allow_neg_inf=True)
+    logits2d = logits.reshape(-1, vocab)
+    if logits2d.shape[0] == 0:
+        raise InputError(f"logits has no rows (shape {tuple(logits.shape)}); pass at least one token.")
+    h = _TokenEntropy.apply(
+        logits2d, None if valid is None else valid.reshape(-1), 1.0 / temperature, support, rows
+    )
+    return h.reshape(lead)
+
+
+# ----------------------------------------------------------------------------- hidden states
+def _tile_logits(h_rows, w_c, b_c, inv_t, wdt):
+    z = h_rows.to(wdt) @ w_c.t()
+    if b_c is not None:
+        z.add_(b_c)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    return z
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, inv_t, rows, cols):
+        wdt = _work_dtype(hidden2d.dtype)
+        n, vocab = hidden2d.shape[0], weight.shape[0]
+        dev = hidden2d.device
+        m = torch.full((n,), float("-inf"), dtype=wdt, device=dev)
+        s = torch.zeros(n, dtype=wdt, device=dev)
+        t = torch.zeros(n, dtype=wdt, device=dev)  # sum_j e^{z_j - m} z_j
+        zl = torch.zeros(n, dtype=wdt, device=dev)
+        for v0 in range(0, vocab, cols):
+            w_c = weight[v0 : v0 + cols].to(wdt)
+            b_c = None if bias is None else bias[v0 : v0 + cols].to(wdt)
+            nc = w_c.shape[0]
+            for i in range(0, n, rows):
+                z = _tile_logits(hidden2d[i : i + rows], w_c, b_c, inv_t, wdt)
+                lab = labels[i : i + rows] - v0
+                inside = (lab >= 0) & (lab < nc)
+                zl[i : i + rows] += torch.where(
+                    inside, z.gather(1, lab.clamp(0, nc - 1)[:, None]).squeeze(1), 0.0
+                )
+                # online log-sum-exp: merge this tile's (max, sum e, sum e z) into the running row state
+                mc = z.amax(1)
+                mn = torch.maximum(m[i : i + rows], mc)
+                scale = torch.exp(m[i : i + rows] - mn)
+                e = torch.exp(z - mn[:, None])
+                s[i : i + rows] = s[i : i + rows] * scale + e.sum(1)
+                t[i : i + rows] = t[i : i + rows] * scale + (e * z).sum(1)
+                m[i : i + rows] = mn
+        lse = m + torch.log(s)
+        ent = lse - t / s
+        logp = zl - lse
+        ctx.save_for_backward(hidden2d, weight, bias, labels, lse, ent)
+        ctx.inv_t, ctx.rows, ctx.cols = inv_t, rows, cols
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden2d, weight, bias, labels, lse, ent = ctx.saved_tensors
+        inv_t, rows, cols = ctx.inv_t, ctx.rows, ctx.cols
+        wdt = lse.dtype
+        n, vocab = hidden2d.shape[0], weight.shape[0]
+        gl = torch.zeros_like(lse) if g_logp is None else g_logp.to(wdt)
+        ge = torch.zeros_like(lse) if g_ent is None else g_ent.to(wdt)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        # half inputs: hidden's gradient is accumulated over vocabulary chunks in float32
+        gh = None
+        if need_h:
+            gh = torch.zeros(hidden2d.shape, dtype=wdt, device=hidden2d.device) if hidden2d.dtype != wdt \
+                else torch.zeros_like(hidden2d)
+        gw = torch.empty_like(weight) if need_w else None
+        gb = torch.empty_like(bias) if need_b else None
+        for v0 in range(0, vocab, cols):
+            w_c = weight[v0 : v0 + cols].to(wdt)
+            b_c = None if bias is None else bias[v0 : v0 + cols].to(wdt)
+            nc = w_c.shape[0]
+            gw_c = torch.zeros_like(w_c) if need_w else None
+            gb_c = torch.zeros(nc, dtype=wdt, device=w_c.device) if need_b else None
+            for i in range(0, n, rows):
+                h_rows = hidden2d[i : i + rows].to(wdt)
+                z = _tile_logits(h_rows, w_c, b_c, inv_t, wdt)
+                z.sub_(lse[i : i + rows, None])  # log p
+                p = torch.exp(z)
+                # dL/dz = g_logp (onehot - p) - g_ent p (log p + H), then the 1/temperature of z
+                z.add_(ent[i : i + rows, None]).mul_(ge[i : i + rows, None]).add_(gl[i : i + rows, None])
+                dz = z.mul_(p).neg_()
+                lab = labels[i : i + rows] - v0
+                inside = (lab >= 0) & (lab < nc)
+                dz.scatter_add_(
+                    1, lab.clamp(0, nc - 1)[:, None], torch.where(inside, gl[i : i + rows], 0.0)[:, None]
+                )
+                if inv_t != 1.0:
+                    dz.mul_(inv_t)
+                if need_h:
+                    gh[i : i + rows] += dz @ w_c
+                if need_w:
+                    gw_c.addmm_(dz.t(), h_rows)
+                if need_b:
+                    gb_c += dz.sum(0)
+            if need_w:
+                gw[v0 : v0 + cols] = gw_c
+            if need_b:
+                gb[v0 : v0 + cols] = gb_c
+        if gh is not None and gh.dtype != hidden2d.dtype:
+            gh = gh.to(hidden2d.dtype)
+        return gh, gw, gb, None, None, None, None
+
+
+def token_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | str | None = "auto",
+    row_chunk_size: int | str | None = "auto",
+    check_inputs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Label log-probability and entropy from hidden states, without forming the logits.
+
+    With :math:`z = (h W^\top + b)/\tau`, returns :math:`\log p_{y}` and :math:`H` per row. The
+    vocabulary is visited ``chunk_size`` columns at a time with an online log-sum-exp: the running
+    state of each row is :math:`(m, s = \sum e^{z-m}, t = \sum e^{z-m} z)`, merged across chunks by
+    rescaling with :math:`e^{m_\text{old} - m_\text{new}}`; then :math:`\mathrm{lse} = m + \log s`
+    and :math:`H = \mathrm{lse} - t/s`. The backward recomputes each tile and applies
+
+    .. math::
+
+        \frac{\partial L}{\partial z_j} = g_{\log p}\,(\mathbb{1}[j = y] - p_j)
+        - g_H\, p_j\,(z_j - \mathrm{lse} + H),
+
+    then :math:`\partial L/\partial h = \tau^{-1} \partial_z L\, W`, :math:`\partial L/\partial W
+    = \tau^{-1} \partial_z L^\top h`, :math:`\partial L/\partial b = \tau^{-1} \sum_i \partial_z L`.
+    Both outputs have exact gradients with respect to ``hidden``, ``weight`` and ``bias``.
+    The (rows, V) logits never exist: the extra memory is one (row_chunk_size, chunk_size) tile
+    plus one float32 copy of a weight chunk; for bfloat16/float16 inputs the gradient of
+    ``hidden`` is also accumulated in a float32 buffer of hidden's shape.
+
+    Parameters
+    ----------
+    hidden : Tensor (..., d)
+        Last hidden states (floating).
+    weight : Tensor (V, d)
+        The LM head's weight (same dtype and device as ``hidden``).
+    labels : int Tensor (...)
+        Token ids in [0, V).
+    bias : Tensor (V,), optional
+    temperature : float > 0
+    chunk_size, row_chunk_size : int or 'auto'
+        Vocabulary columns and rows per tile (``'auto'``: 256 rows and about 2**18 elements).
+    check_inputs : bool
+        Read the values (NaN / inf in ``hidden``, labels in range; one device sync).
+
+    Returns
+    -------
+    (logp, entropy) : two Tensors (...)
+        float32 (float64 for float64 inputs).
+    """
+    hidden = _check_logits(hidden, "hidden")
+    weight = _check_logits(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise InputError(
+            f"weight must have shape (V, d) with d = hidden.shape[-1] = {hidden.shape[-1]}, got "
+            f"{tuple(weight.shape)}."
+        )
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise InputError(
+            f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
+            f"{hidden.device}); cast one of them, e.g. weight.to(hidden)."
+        )
+    if bias is not None:
+        bias = _check_logits(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise InputError(
+                f"bias must be a ({weight.shape[0]},) tensor like hidden ({hidden.dtype}, {hidden.device}), "
+                f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}."
+            )
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}.")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"labels must hold integer token ids, got {labels.dtype}; use labels.long().")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise InputError(
+            f"labels has shape {tuple(labels.shape)} but hidden's rows have shape "
+            f"{tuple(hidden.shape[:-1])}; pass one label per hidden state."
+        )
+    if labels.device != hidden.device:
+        raise InputError(f"labels is on {labels.device} but hidden is on {hidden.device}; move it.")
+    temperature = check_positive(temperature, "temperature")
+    vocab = weight.shape[0]
+    rows = 256 if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
+    cols = (
+        max(64, (1 << 18) // rows) if chunk_size in (None, "auto") else _as_int(chunk_size, "chunk_size", minimum=1)
+    )
+    if check_inputs:
+        for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+            if t is not None:
+                _check_finite_values(t, name, allow_neg_inf=False)
+        if bool(((labels < 0) | (labels >= vocab)).any()):
+            raise InputError(
+                f"labels must lie in [0, V) = [0, {vocab}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]; mask padding with a valid id (e.g. 0)."
+            )
+    lead = hidden.shape[:-1]
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    logp, ent = _LogprobEntropy.apply(
+        hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature, rows, cols
+    )
+    return logp.reshape(lead), ent.reshape(lead)
