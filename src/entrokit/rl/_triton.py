@@ -1,0 +1,158 @@
+r"""Fused Triton paths of :func:`entrokit.rl.token_entropy` (full support) and
+:func:`entrokit.rl.token_logprob_entropy`, used for CUDA tensors
+(:func:`use_fused`); the formulas are those of :mod:`entrokit.rl.entropy`.
+
+* :func:`token_entropy_rows`: forward and backward are one pass over the vocabulary per row
+  (:mod:`entrokit.rl._triton_kernels`): the forward reads the logits once and writes two
+  numbers per row; the backward reads them once and writes the gradient.
+* :func:`logprob_entropy_rows`: the forward computes the logits tile by tile with ``tl.dot``
+  (``h W^T``, one ``(64, 128)`` tile in registers, never in memory) and writes three numbers per
+  row. The backward visits the vocabulary in chunks: one matmul recomputes a
+  ``(rows, chunk)`` block of logits, one fused kernel turns it in place into
+  :math:`\partial L/\partial z`, and two matmuls accumulate the gradients of ``hidden``,
+  ``weight`` (and ``bias``): the (rows, V) logits are never formed, the largest buffer is
+  about :data:`BWD_CHUNK_ELEMS` entries.
+
+float32 accumulation for bfloat16/float16/float32 inputs, float64 for float64 inputs. The
+``tl.dot`` of the forward follows ``torch.backends.cuda.matmul.allow_tf32`` for float32 inputs
+(as the recomputing ``torch.matmul`` of the backward does). On CPU the kernels run only under
+the Triton interpreter (the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entrokit.geometry._triton import available, interpreting
+
+__all__ = ["use_fused", "token_entropy_rows", "logprob_entropy_rows"]
+
+# the backward's logits chunk holds about this many entries (256 MiB of float32)
+BWD_CHUNK_ELEMS = 1 << 26
+
+
+def use_fused(t: torch.Tensor) -> bool:
+    """The dispatch rule: CUDA tensors, triton installed, ``ENTROKIT_TRITON`` not ``"0"``."""
+    import os
+
+    return t.is_cuda and os.environ.get("ENTROKIT_TRITON", "1") != "0" and available()
+
+
+def _k():
+    from entrokit.rl import _triton_kernels
+
+    return _triton_kernels
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if not (t.is_cuda or interpreting()):
+        raise RuntimeError("the fused entropy kernels run on CUDA tensors (on CPU only under TRITON_INTERPRET=1).")
+
+
+def _wdt(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_v(device: torch.device) -> int:
+    return 4096 if device.type == "cuda" else 16
+
+
+class _FusedTokenEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, inv_t):
+        _check_device(logits2d)
+        z = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
+        n, V = z.shape
+        lse = torch.empty(n, dtype=_wdt(z.dtype), device=z.device)
+        h = torch.empty_like(lse)
+        bv = _block_v(z.device)
+        _k().entropy_fwd_kernel[(n,)](z, lse, h, V, z.stride(0), inv_t, BLOCK_V=bv, num_warps=8 if z.is_cuda else 1)
+        ctx.save_for_backward(z, lse, h)
+        ctx.inv_t = inv_t
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        z, lse, h = ctx.saved_tensors
+        g = g.to(lse.dtype).contiguous()
+        dz = torch.empty_like(z)
+        bv = _block_v(z.device)
+        _k().entropy_bwd_kernel[(z.shape[0],)](z, lse, h, g, dz, z.shape[1], z.stride(0), dz.stride(0), ctx.inv_t,
+                                               BLOCK_V=bv, num_warps=8 if z.is_cuda else 1)
+        return dz, None
+
+
+def token_entropy_rows(logits2d: torch.Tensor, inv_t: float) -> torch.Tensor:
+    r"""Entropy of ``softmax(logits2d * inv_t)`` per row, ``(rows,)``, differentiable; rows with
+    no finite logit get 0 and a zero gradient."""
+    return _FusedTokenEntropy.apply(logits2d, float(inv_t))
+
+
+def _tf32_prec(dtype: torch.dtype) -> str:
+    return "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+
+class _FusedLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, inv_t):
+        _check_device(hidden2d)
+        n, d = hidden2d.shape
+        V = weight.shape[0]
+        wdt = _wdt(hidden2d.dtype)
+        lse = torch.empty(n, dtype=wdt, device=hidden2d.device)
+        ent, logp = torch.empty_like(lse), torch.empty_like(lse)
+        if hidden2d.is_cuda:
+            bt, bv, bd, warps = (64, 128, 64, 8) if wdt == torch.float32 else (32, 64, 32, 4)
+        else:
+            bt, bv, bd, warps = 16, 16, 16, 1
+        grid = (-(-n // bt),)
+        _k().logprob_entropy_fwd_kernel[grid](
+            hidden2d, weight, bias if bias is not None else weight, labels, lse, ent, logp, n, V, d,
+            *hidden2d.stride(), *weight.stride(), inv_t, HAS_BIAS=bias is not None, BLOCK_T=bt, BLOCK_V=bv,
+            BLOCK_D=bd, PREC=_tf32_prec(hidden2d.dtype), num_warps=warps)
+        ctx.save_for_backward(hidden2d, weight, bias, labels, lse, ent)
+        ctx.inv_t = inv_t
+        return logp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        hidden2d, weight, bias, labels, lse, ent = ctx.saved_tensors
+        inv_t = ctx.inv_t
+        wdt = lse.dtype
+        n, V = hidden2d.shape[0], weight.shape[0]
+        gl = torch.zeros_like(lse) if g_logp is None else g_logp.to(wdt).contiguous()
+        ge = torch.zeros_like(lse) if g_ent is None else g_ent.to(wdt).contiguous()
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # the logits chunk is recomputed in wdt (a bfloat16 chunk would round each logit by 2^-8 |z|)
+        h_w = hidden2d.to(wdt)
+        gh = torch.zeros_like(h_w) if need_h else None
+        gw = torch.empty_like(weight) if need_w else None
+        gb = torch.empty_like(bias) if need_b else None
+        cols = max(128, BWD_CHUNK_ELEMS // max(n, 1)) if hidden2d.is_cuda else 24
+        bt, bv = (32, 128) if hidden2d.is_cuda else (16, 16)
+        for v0 in range(0, V, cols):
+            w_c = weight[v0:v0 + cols].to(wdt)
+            z = h_w @ w_c.t()
+            if bias is not None:
+                z += bias[v0:v0 + cols].to(wdt)
+            nc = z.shape[1]
+            _k().logprob_entropy_dz_kernel[(-(-n // bt), -(-nc // bv))](
+                z, lse, ent, gl, ge, labels, n, nc, v0, z.stride(0), inv_t, BLOCK_T=bt, BLOCK_V=bv,
+                num_warps=4 if z.is_cuda else 1)
+            if need_h:
+                gh.addmm_(z, w_c)
+            if need_w:
+                gw[v0:v0 + cols] = z.t() @ h_w
+            if need_b:
+                gb[v0:v0 + cols] = z.sum(0)
+        if gh is not None:
+            gh = gh.to(hidden2d.dtype)
+        return gh, gw, gb, None, None
+
+
+def logprob_entropy_rows(hidden2d, weight, bias, labels, inv_t: float):
+    r"""``(log p_y, H)`` per row of ``z = (hidden2d W^T + b) inv_t``, differentiable in ``hidden2d``,
+    ``weight`` and ``bias``; ``labels``: int64 ``(rows,)`` in ``[0, V)``."""
+    return _FusedLogprobEntropy.apply(hidden2d, weight, bias, labels.contiguous(), float(inv_t))
