@@ -3,9 +3,6 @@ the kernels themselves under the Triton interpreter in a subprocess
 (``tests/geometry/interpreted_triton.py``: ``TRITON_INTERPRET=1`` must be set before triton is
 imported, so it cannot share this process), and on CUDA where a device is present."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,23 +11,14 @@ import torch
 import entrokit
 from entrokit import InputError, PointCloud
 from entrokit.geometry import _triton
+from interpreted import run_interpreted
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
 def test_the_interpreted_kernel_tests_pass():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "-x",
-         str(HERE / "interpreted_triton.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    assert " passed" in out and "skipped" not in out.split("passed")[-1], out[-2000:]
+    run_interpreted(HERE / "interpreted_triton.py")
 
 
 def test_triton_kernel_needs_cuda_or_the_interpreter(monkeypatch):

@@ -110,7 +110,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         _k().logprob_entropy_fwd_kernel[grid](
             hidden2d, weight, bias if bias is not None else weight, labels, lse, ent, logp, n, V, d,
             *hidden2d.stride(), *weight.stride(), inv_t, HAS_BIAS=bias is not None, BLOCK_T=bt, BLOCK_V=bv,
-            BLOCK_D=bd, PREC=_tf32_prec(hidden2d.dtype), num_warps=warps)
+            BLOCK_D=bd, PREC=_tf32_prec(hidden2d.dtype), UPCAST=not hidden2d.is_cuda, num_warps=warps)
         ctx.save_for_backward(hidden2d, weight, bias, labels, lse, ent)
         ctx.inv_t = inv_t
         return logp, ent

@@ -71,9 +71,12 @@ def entropy_bwd_kernel(z_ptr, lse_ptr, h_ptr, g_ptr, dz_ptr, V, szr, sdr, inv_t,
 @triton.jit
 def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, logp_ptr, n, V, d,
                                shn, shd, swv, swd, inv_t, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                               UPCAST: tl.constexpr):
     """Per row of ``hidden``: lse, entropy and label log-probability of ``(h W^T + b) * inv_t``;
-    the logits exist only as one ``(BLOCK_T, BLOCK_V)`` tile in registers."""
+    the logits exist only as one ``(BLOCK_T, BLOCK_V)`` tile in registers. ``UPCAST`` converts
+    the operands to the working dtype before ``tl.dot`` (the CPU interpreter's ``tl.dot`` reads
+    bfloat16 as raw bits; on a GPU bfloat16 operands go to the tensor cores as they are)."""
     pid = tl.program_id(0)
     wdt = lse_ptr.dtype.element_ty
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -94,6 +97,9 @@ def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, l
                          mask=rmask[:, None] & (kd[None, :] < d), other=0.0)
             wk = tl.load(w_ptr + cols[:, None].to(tl.int64) * swv + kd[None, :] * swd,
                          mask=cmask[:, None] & (kd[None, :] < d), other=0.0)
+            if UPCAST:
+                hk = hk.to(wdt)
+                wk = wk.to(wdt)
             acc += tl.dot(hk, tl.trans(wk), input_precision=PREC).to(wdt)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(wdt)[None, :]

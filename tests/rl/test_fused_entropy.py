@@ -1,0 +1,83 @@
+"""The fused Triton paths of entrokit.rl.token_entropy / token_logprob_entropy: the kernels under
+the Triton interpreter in a subprocess (``tests/rl/interpreted_fused_entropy.py``), the dispatch
+rule here, and the public functions on CUDA where a device is present."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from entrokit.rl import _triton as fused
+from entrokit.rl import token_entropy, token_logprob_entropy
+from interpreted import run_interpreted
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_the_interpreted_kernel_tests_pass():
+    pytest.importorskip("triton")
+    run_interpreted(HERE / "interpreted_fused_entropy.py")
+
+
+def test_fused_path_is_dispatched_only_for_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(fused, "available", lambda: True)
+    assert not fused.use_fused(torch.zeros(2, 3))
+    if torch.cuda.is_available():
+        assert fused.use_fused(torch.zeros(2, 3, device="cuda"))
+        monkeypatch.setenv("ENTROKIT_TRITON", "0")
+        assert not fused.use_fused(torch.zeros(2, 3, device="cuda"))
+
+
+def test_cpu_calls_never_reach_the_kernels(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the fused path ran on a CPU tensor")
+
+    monkeypatch.setattr(fused, "token_entropy_rows", refuse)
+    monkeypatch.setattr(fused, "logprob_entropy_rows", refuse)
+    z = torch.randn(3, 5)
+    assert token_entropy(z).shape == (3,)
+    lp, ent = token_logprob_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]))
+    assert lp.shape == ent.shape == (3,)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_token_entropy_matches_the_chunked_path():
+    pytest.importorskip("triton")
+    z = 4 * torch.randn(64, 5000, device="cuda")
+    z[3, :10] = -float("inf")
+    mask = torch.ones(64, dtype=torch.bool, device="cuda")
+    mask[5] = False
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    h1 = token_entropy(z1, temperature=0.9, mask=mask)  # fused
+    h2 = token_entropy(z2, temperature=0.9, mask=mask, support="full", chunk_size=16)
+    h1.sum().backward()
+    with torch.no_grad():
+        ref = token_entropy(z2.detach().cpu(), temperature=0.9, mask=mask.cpu())
+    torch.testing.assert_close(h1.cpu(), ref, rtol=0, atol=1e-5)
+    h2.sum().backward()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=0, atol=1e-6)
+    assert h1[5] == 0 and bool((z1.grad[5] == 0).all())
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_logprob_entropy_matches_the_cpu_path(dtype):
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    hid = torch.randn(300, 64, generator=g).to(dtype)
+    W = (0.3 * torch.randn(1000, 64, generator=g)).to(dtype)
+    lab = torch.randint(0, 1000, (300,), generator=g)
+    h_gpu = hid.cuda().requires_grad_()
+    lp, ent = token_logprob_entropy(h_gpu, W.cuda(), lab.cuda())
+    (lp.sum() + ent.sum()).backward()
+    h_cpu = hid.float().requires_grad_()
+    lp_c, ent_c = token_logprob_entropy(h_cpu, W.float(), lab)
+    (lp_c.sum() + ent_c.sum()).backward()
+    torch.testing.assert_close(lp.cpu(), lp_c, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent.cpu(), ent_c, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h_gpu.grad.float().cpu(), h_cpu.grad, rtol=2e-2, atol=2e-2)
