@@ -135,14 +135,18 @@ def triton_next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-def _blocks(device: torch.device, work: torch.dtype, d: int):
-    """``(BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, num_warps)``; tiny blocks under the interpreter."""
+def _blocks(device: torch.device, work: torch.dtype, d: int, rows: int):
+    """``(BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, num_warps)`` for ``rows = B n`` rows; tiny blocks under
+    the interpreter. Row blocks of 128 when they give at least two programs per SM, else 64."""
     if device.type != "cuda":
         return 16, 16, 16, d <= 16, 1
     block_d = _pow2(d, 16, 64)
     if work == torch.float64:
         return 64, 32, block_d, d <= block_d, 4
-    return 128, 64, block_d, d <= block_d, 8
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if rows >= 128 * 2 * sms:
+        return 128, 64, block_d, d <= block_d, 8
+    return 64, 64, block_d, d <= block_d, 4
 
 
 def _prec(allow_tf32: bool, work: torch.dtype) -> str:
@@ -192,7 +196,7 @@ def _launch_lse(X, Y, b, allow_tf32: bool):
     m = Y.shape[1]
     mx = torch.empty(B, n, dtype=X.dtype, device=X.device)
     s = torch.empty_like(mx)
-    bm, bn, bd, one_d, warps = _blocks(X.device, X.dtype, d)
+    bm, bn, bd, one_d, warps = _blocks(X.device, X.dtype, d, B * n)
     grid = (triton_cdiv(n, bm), B)
     k.lse_kernel[grid](X, Y, b, mx, s, n, m, d, *X.stride(), *Y.stride(), *b.stride(), *mx.stride(),
                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=_prec(allow_tf32, X.dtype),
@@ -205,7 +209,7 @@ def _launch_plan(X, Y, a, b, V, allow_tf32: bool):
     k_ = _kernels()
     B, n, d = X.shape
     m = Y.shape[1]
-    bm, bn, bd, one_d, warps = _blocks(X.device, X.dtype, d)
+    bm, bn, bd, one_d, warps = _blocks(X.device, X.dtype, d, B * n)
     if V is None:
         out = torch.empty(B, n, dtype=X.dtype, device=X.device)
         k, bk, vt, ostr = 1, 16, out, (*out.stride(), 0)

@@ -100,17 +100,24 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         n, d = hidden2d.shape
         V = weight.shape[0]
         wdt = _wdt(hidden2d.dtype)
-        lse = torch.empty(n, dtype=wdt, device=hidden2d.device)
-        ent, logp = torch.empty_like(lse), torch.empty_like(lse)
         if hidden2d.is_cuda:
             bt, bv, bd, warps = (64, 128, 64, 8) if wdt == torch.float32 else (32, 64, 32, 4)
-        else:
+            programs = 4 * torch.cuda.get_device_properties(hidden2d.device).multi_processor_count
+        else:  # the interpreter: two vocabulary splits, so the merge is exercised
             bt, bv, bd, warps = 16, 16, 16, 1
-        grid = (-(-n // bt),)
-        _k().logprob_entropy_fwd_kernel[grid](
-            hidden2d, weight, bias if bias is not None else weight, labels, lse, ent, logp, n, V, d,
-            *hidden2d.stride(), *weight.stride(), inv_t, HAS_BIAS=bias is not None, BLOCK_T=bt, BLOCK_V=bv,
-            BLOCK_D=bd, PREC=_tf32_prec(hidden2d.dtype), UPCAST=not hidden2d.is_cuda, num_warps=warps)
+            programs = 2 * -(-n // bt)
+        row_blocks = -(-n // bt)
+        # split the vocabulary when there are too few row blocks to fill the GPU
+        splits = max(1, min(-(-programs // row_blocks), -(-V // bv)))
+        per_split = -(-V // (splits * bv)) * bv
+        splits = -(-V // per_split)
+        part = torch.empty(4, splits, n, dtype=wdt, device=hidden2d.device)
+        _k().logprob_entropy_fwd_kernel[(row_blocks, splits)](
+            hidden2d, weight, bias if bias is not None else weight, labels, part[0], part[1], part[2], part[3],
+            n, V, d, per_split, *hidden2d.stride(), *weight.stride(), inv_t, HAS_BIAS=bias is not None,
+            BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd, PREC=_tf32_prec(hidden2d.dtype), UPCAST=not hidden2d.is_cuda,
+            num_warps=warps)
+        lse, ent, logp = _merge_splits(*part)
         ctx.save_for_backward(hidden2d, weight, bias, labels, lse, ent)
         ctx.inv_t = inv_t
         return logp, ent
@@ -150,6 +157,18 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         if gh is not None:
             gh = gh.to(hidden2d.dtype)
         return gh, gw, gb, None, None
+
+
+def _merge_splits(m, s, t, zl):
+    r"""Merge the per-split states ``(splits, n)``: :math:`M = \max_k m_k`,
+    :math:`S = \sum_k s_k e^{m_k - M}`, :math:`T = \sum_k e^{m_k - M}(t_k + s_k(m_k - M))`;
+    ``lse = M + log S``, ``H = log S - T / S``, ``log p_y = x_y - lse``."""
+    M = m.amax(0)
+    scale = torch.exp(m - M)
+    S = (s * scale).sum(0)
+    T = (scale * (t + s * (m - M))).sum(0)
+    lse = M + torch.log(S)
+    return lse, torch.log(S) - T / S, zl.sum(0) - lse
 
 
 def logprob_entropy_rows(hidden2d, weight, bias, labels, inv_t: float):

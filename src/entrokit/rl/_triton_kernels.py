@@ -69,16 +69,19 @@ def entropy_bwd_kernel(z_ptr, lse_ptr, h_ptr, g_ptr, dz_ptr, V, szr, sdr, inv_t,
 
 
 @triton.jit
-def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, logp_ptr, n, V, d,
+def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, t_ptr, zl_ptr, n, V, d, per_split,
                                shn, shd, swv, swd, inv_t, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                                UPCAST: tl.constexpr):
-    """Per row of ``hidden``: lse, entropy and label log-probability of ``(h W^T + b) * inv_t``;
-    the logits exist only as one ``(BLOCK_T, BLOCK_V)`` tile in registers. ``UPCAST`` converts
+    """Per row of ``hidden`` and per vocabulary split ``[k per_split, (k+1) per_split)`` (grid axis
+    1): the online state ``(m, s, t)`` of ``x = (h W^T + b) * inv_t`` and the label's ``x`` if it
+    falls in the split, written to row ``k`` of the ``(splits, n)`` outputs (merged by the
+    caller); the logits exist only as one ``(BLOCK_T, BLOCK_V)`` tile in registers. ``UPCAST`` converts
     the operands to the working dtype before ``tl.dot`` (the CPU interpreter's ``tl.dot`` reads
     bfloat16 as raw bits; on a GPU bfloat16 operands go to the tensor cores as they are)."""
     pid = tl.program_id(0)
-    wdt = lse_ptr.dtype.element_ty
+    split = tl.program_id(1)
+    wdt = m_ptr.dtype.element_ty
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < n
     lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
@@ -87,9 +90,10 @@ def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, l
     t = tl.zeros([BLOCK_T], dtype=wdt)
     zl = tl.zeros([BLOCK_T], dtype=wdt)
     rk = tl.arange(0, BLOCK_D)
-    for v0 in range(0, V, BLOCK_V):
+    v_end = tl.minimum(V, (split + 1) * per_split)
+    for v0 in range(split * per_split, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < V
+        cmask = cols < v_end
         acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=wdt)
         for k0 in range(0, d, BLOCK_D):
             kd = k0 + rk
@@ -106,10 +110,11 @@ def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, l
         x = tl.where(cmask[None, :], acc * inv_t, float("-inf"))
         zl += tl.sum(tl.where(cols[None, :] == lab[:, None], x, 0.0), 1)
         m, s, t = _merge(m, s, t, x, cmask[None, :])
-    lse = m + tl.log(s)
-    tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(ent_ptr + rows, tl.log(s) - t / s, mask=rmask)
-    tl.store(logp_ptr + rows, zl - lse, mask=rmask)
+    out = split * n + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(t_ptr + out, t, mask=rmask)
+    tl.store(zl_ptr + out, zl, mask=rmask)
 
 
 @triton.jit
