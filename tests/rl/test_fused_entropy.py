@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from entrokit.rl import _triton as fused
 from entrokit.rl import token_entropy, token_logprob_entropy
@@ -81,3 +83,27 @@ def test_cuda_logprob_entropy_matches_the_cpu_path(dtype):
     torch.testing.assert_close(lp.cpu(), lp_c, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ent.cpu(), ent_c, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h_gpu.grad.float().cpu(), h_cpu.grad, rtol=2e-2, atol=2e-2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 40), splits=st.integers(1, 6), scale=st.floats(0.1, 30.0),
+       seed=st.integers(0, 2**16))
+def test_merging_vocabulary_splits_is_exact(rows, vocab, splits, scale, seed):
+    """The per-split online states (m, s, t, x_label) merge into the full lse, entropy and log-prob."""
+    g = torch.Generator().manual_seed(seed)
+    x = scale * torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, vocab, (rows,), generator=g)
+    bounds = torch.linspace(0, vocab, min(splits, vocab) + 1).round().long().tolist()
+    parts = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        xs = x[:, lo:hi]
+        m = xs.amax(1)
+        e = torch.exp(xs - m[:, None])
+        inside = (lab >= lo) & (lab < hi)
+        zl = torch.where(inside, x.gather(1, lab[:, None]).squeeze(1), torch.zeros(rows, dtype=torch.float64))
+        parts.append((m, e.sum(1), (e * (xs - m[:, None])).sum(1), zl))
+    lse, ent, logp = fused._merge_splits(*(torch.stack(p) for p in zip(*parts)))
+    logq = torch.log_softmax(x, 1)
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, -(logq.exp() * logq).sum(1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logp, logq.gather(1, lab[:, None]).squeeze(1), rtol=1e-12, atol=1e-12)

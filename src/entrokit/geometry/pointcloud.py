@@ -170,7 +170,8 @@ class PointCloud(PointGeometry):
             materialises the cost once (fastest when it fits); ``None`` (default) decides
             by the memory budget (module docstring).
         chunk_size: rows per tile of the online reductions (implies ``online=True``;
-            default: tiles of about a million entries).
+            default: tiles of about a million entries; the fused Triton kernels pick their
+            own blocks).
         memory_budget: bytes the dense path may use for this geometry (default
             :func:`memory_budget`).
         kernel: online tile kernel: ``"compile"`` (``torch.compile``; fastest, compiles
