@@ -41,7 +41,8 @@ each exponent is then at most about
 for the squared-Euclidean cost with :math:`R` the largest norm of the centred points
 (:math:`2^{-10}|x_i||y_j|/\varepsilon` for ``"inner"``), a relative error of the same size in
 each :math:`P_{ij}`: far above the 1e-4 tolerances of a solve unless :math:`R^2/\varepsilon`
-is small. It is off by default.
+is small. The plan products also round :math:`P_{ij}` and ``V`` to TF32 (a relative error
+:math:`u` per entry). It is off by default.
 
 **Where the kernels run.** CUDA tensors, or CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported: the tests). :func:`check_usable`

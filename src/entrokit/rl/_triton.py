@@ -53,6 +53,11 @@ def _wdt(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor of ``like``'s dtype and device (kernel scalars in float64 when needed)."""
+    return torch.full((1,), value, dtype=like.dtype, device=like.device)
+
+
 def _block_v(device: torch.device) -> int:
     return 4096 if device.type == "cuda" else 16
 
@@ -66,7 +71,8 @@ class _FusedTokenEntropy(torch.autograd.Function):
         lse = torch.empty(n, dtype=_wdt(z.dtype), device=z.device)
         h = torch.empty_like(lse)
         bv = _block_v(z.device)
-        _k().entropy_fwd_kernel[(n,)](z, lse, h, V, z.stride(0), inv_t, BLOCK_V=bv, num_warps=8 if z.is_cuda else 1)
+        _k().entropy_fwd_kernel[(n,)](z, lse, h, V, z.stride(0), _scalar(inv_t, lse), BLOCK_V=bv,
+                                      num_warps=8 if z.is_cuda else 1)
         ctx.save_for_backward(z, lse, h)
         ctx.inv_t = inv_t
         return h
@@ -78,8 +84,8 @@ class _FusedTokenEntropy(torch.autograd.Function):
         g = g.to(lse.dtype).contiguous()
         dz = torch.empty_like(z)
         bv = _block_v(z.device)
-        _k().entropy_bwd_kernel[(z.shape[0],)](z, lse, h, g, dz, z.shape[1], z.stride(0), dz.stride(0), ctx.inv_t,
-                                               BLOCK_V=bv, num_warps=8 if z.is_cuda else 1)
+        _k().entropy_bwd_kernel[(z.shape[0],)](z, lse, h, g, dz, z.shape[1], z.stride(0), dz.stride(0),
+                                               _scalar(ctx.inv_t, lse), BLOCK_V=bv, num_warps=8 if z.is_cuda else 1)
         return dz, None
 
 
@@ -90,7 +96,11 @@ def token_entropy_rows(logits2d: torch.Tensor, inv_t: float) -> torch.Tensor:
 
 
 def _tf32_prec(dtype: torch.dtype) -> str:
-    return "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    """``tl.dot``'s input precision: float32 follows torch's TF32 switch, float64 is exact;
+    bfloat16/float16 products are exact in float32 whatever the setting (Triton's default)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee" if dtype == torch.float64 else "tf32"
 
 
 class _FusedLogprobEntropy(torch.autograd.Function):
@@ -114,7 +124,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         part = torch.empty(4, splits, n, dtype=wdt, device=hidden2d.device)
         _k().logprob_entropy_fwd_kernel[(row_blocks, splits)](
             hidden2d, weight, bias if bias is not None else weight, labels, part[0], part[1], part[2], part[3],
-            n, V, d, per_split, *hidden2d.stride(), *weight.stride(), inv_t, HAS_BIAS=bias is not None,
+            n, V, d, per_split, *hidden2d.stride(), *weight.stride(), _scalar(inv_t, part), HAS_BIAS=bias is not None,
             BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd, PREC=_tf32_prec(hidden2d.dtype), UPCAST=not hidden2d.is_cuda,
             num_warps=warps)
         lse, ent, logp = _merge_splits(*part)
@@ -146,7 +156,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
                 z += bias[v0:v0 + cols].to(wdt)
             nc = z.shape[1]
             _k().logprob_entropy_dz_kernel[(-(-n // bt), -(-nc // bv))](
-                z, lse, ent, gl, ge, labels, n, nc, v0, z.stride(0), inv_t, BLOCK_T=bt, BLOCK_V=bv,
+                z, lse, ent, gl, ge, labels, n, nc, v0, z.stride(0), _scalar(inv_t, lse), BLOCK_T=bt, BLOCK_V=bv,
                 num_warps=4 if z.is_cuda else 1)
             if need_h:
                 gh.addmm_(z, w_c)

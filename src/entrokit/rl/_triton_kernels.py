@@ -28,11 +28,12 @@ def _merge(m, s, t, x, valid):
 
 
 @triton.jit
-def entropy_fwd_kernel(z_ptr, lse_ptr, h_ptr, V, szr, inv_t, BLOCK_V: tl.constexpr):
+def entropy_fwd_kernel(z_ptr, lse_ptr, h_ptr, V, szr, inv_ptr, BLOCK_V: tl.constexpr):
     """Per row of ``z``: ``lse`` and ``H`` of ``softmax(z * inv_t)``; one program per row."""
     row = tl.program_id(0).to(tl.int64)
     z_ptr += row * szr
     wdt = lse_ptr.dtype.element_ty
+    inv_t = tl.load(inv_ptr)  # 1 / temperature in the working dtype (a float argument would be float32)
     m = tl.full([1], float("-inf"), dtype=wdt)
     s = tl.zeros([1], dtype=wdt)
     t = tl.zeros([1], dtype=wdt)
@@ -49,12 +50,13 @@ def entropy_fwd_kernel(z_ptr, lse_ptr, h_ptr, V, szr, inv_t, BLOCK_V: tl.constex
 
 
 @triton.jit
-def entropy_bwd_kernel(z_ptr, lse_ptr, h_ptr, g_ptr, dz_ptr, V, szr, sdr, inv_t, BLOCK_V: tl.constexpr):
+def entropy_bwd_kernel(z_ptr, lse_ptr, h_ptr, g_ptr, dz_ptr, V, szr, sdr, inv_ptr, BLOCK_V: tl.constexpr):
     r"""``dz_j = -g inv_t p_j (x_j - lse + H)``, ``p_j = e^{x_j - lse}`` (0 on ``-inf`` entries)."""
     row = tl.program_id(0).to(tl.int64)
     z_ptr += row * szr
     dz_ptr += row * sdr
     wdt = lse_ptr.dtype.element_ty
+    inv_t = tl.load(inv_ptr)  # 1 / temperature in the working dtype (a float argument would be float32)
     lse = tl.load(lse_ptr + row)
     h = tl.load(h_ptr + row)
     g = tl.load(g_ptr + row)
@@ -70,7 +72,7 @@ def entropy_bwd_kernel(z_ptr, lse_ptr, h_ptr, g_ptr, dz_ptr, V, szr, sdr, inv_t,
 
 @triton.jit
 def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, t_ptr, zl_ptr, n, V, d, per_split,
-                               shn, shd, swv, swd, inv_t, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                               shn, shd, swv, swd, inv_ptr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
                                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                                UPCAST: tl.constexpr):
     """Per row of ``hidden`` and per vocabulary split ``[k per_split, (k+1) per_split)`` (grid axis
@@ -82,6 +84,7 @@ def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, t_ptr
     pid = tl.program_id(0)
     split = tl.program_id(1)
     wdt = m_ptr.dtype.element_ty
+    inv_t = tl.load(inv_ptr)  # 1 / temperature in the working dtype (a float argument would be float32)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < n
     lab = tl.load(lab_ptr + rows, mask=rmask, other=-1)
@@ -118,7 +121,7 @@ def logprob_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, m_ptr, s_ptr, t_ptr
 
 
 @triton.jit
-def logprob_entropy_dz_kernel(z_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, lab_ptr, n, nc, v0, szr, inv_t,
+def logprob_entropy_dz_kernel(z_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, lab_ptr, n, nc, v0, szr, inv_ptr,
                               BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
     r"""In place on a ``(rows, nc)`` chunk of logits ``z`` (columns ``v0 ..``):
     ``dz = inv_t [g_logp (1[j = y] - p_j) - g_H p_j (x_j - lse + H)]`` with ``x = z inv_t``."""
@@ -129,6 +132,7 @@ def logprob_entropy_dz_kernel(z_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, lab_ptr, 
     rmask = rows < n
     mask = rmask[:, None] & (cols[None, :] < nc)
     wdt = lse_ptr.dtype.element_ty
+    inv_t = tl.load(inv_ptr)  # 1 / temperature in the working dtype (a float argument would be float32)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
     gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
