@@ -11,7 +11,7 @@ import torch
 import entrokit
 from entrokit import InputError, PointCloud
 from entrokit.geometry import _triton
-from interpreted import run_interpreted
+from triton_helpers import run_interpreted, sm90_resources
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,6 +79,32 @@ def test_the_fused_functions_reject_other_costs_and_mismatched_potentials(monkey
         _triton.lse_pairs(x, x, torch.zeros(2, 5), 0.1, cost="euclidean")
     with pytest.raises(InputError, match=r"potential of shape \(3, 5\) does not match"):
         _triton.lse_pairs(x, x, torch.zeros(3, 5), 0.1)
+
+
+# every block configuration _blocks can choose, by (dtype, d, rows) on a 132-SM H100
+SM90_CASES = [(torch.float32, 3, 1 << 14), (torch.float32, 32, 1 << 17), (torch.float32, 32, 1 << 14),
+              (torch.float32, 64, 1 << 14), (torch.float64, 3, 1 << 14), (torch.float64, 20, 1 << 14)]
+
+
+@pytest.mark.parametrize("dtype,d,rows", SM90_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_kernels_compile_for_sm90_without_spilling(monkeypatch, dtype, d, rows):
+    """The kernels compile for an H100 in the configurations the wrappers pick, with the widest
+    vector block, and keep everything in registers (the interpreter checks values, not this)."""
+    pytest.importorskip("triton")
+    from entrokit.geometry import _triton_kernels as K
+
+    monkeypatch.setattr(_triton, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    bm, bn, bd, one_d, warps = _triton._blocks(cuda, dtype, d, rows)
+    t = "*fp64" if dtype == torch.float64 else "*fp32"
+    precs = ["ieee"] + (["tf32"] if dtype == torch.float32 and rows < 1 << 15 else [])
+    for prec in precs:
+        lse = sm90_resources(K.lse_kernel, dict.fromkeys(["x_ptr", "y_ptr", "b_ptr", "mx_ptr", "s_ptr"], t),
+                             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec), warps)
+        plan = sm90_resources(K.plan_kernel, dict.fromkeys(["x_ptr", "y_ptr", "a_ptr", "b_ptr", "v_ptr", "out_ptr"], t),
+                              dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=_triton._block_k(cuda, 64, one_d),
+                                   ONE_D=one_d, HAS_V=True, PREC=prec), warps)
+        assert lse["STACK"] == 0 and plan["STACK"] == 0, (prec, lse, plan)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

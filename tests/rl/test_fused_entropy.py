@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from entrokit.rl import _triton as fused
 from entrokit.rl import token_entropy, token_logprob_entropy
-from interpreted import run_interpreted
+from triton_helpers import run_interpreted, sm90_resources
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,6 +40,34 @@ def test_cpu_calls_never_reach_the_kernels(monkeypatch):
     assert token_entropy(z).shape == (3,)
     lp, ent = token_logprob_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]))
     assert lp.shape == ent.shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bf16", "f32", "f64"])
+def test_kernels_compile_for_sm90_without_spilling(dtype):
+    """The kernels compile for an H100 with the blocks the wrappers pick and keep everything in
+    registers (the interpreter checks values, not this)."""
+    pytest.importorskip("triton")
+    from entrokit.rl import _triton_kernels as K
+
+    io = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]
+    w = "*fp64" if dtype == torch.float64 else "*fp32"
+    bt, bv, bd, warps = fused._FWD_BLOCKS[dtype]
+    res = {
+        "fwd": sm90_resources(
+            K.logprob_entropy_fwd_kernel,
+            {"h_ptr": io, "w_ptr": io, "b_ptr": io, "lab_ptr": "*i64", "inv_ptr": w,
+             **dict.fromkeys(["m_ptr", "s_ptr", "t_ptr", "zl_ptr"], w)},
+            dict(HAS_BIAS=True, BLOCK_T=bt, BLOCK_V=bv, BLOCK_D=bd, PREC=fused._tf32_prec(dtype), UPCAST=False), warps),
+        "dz": sm90_resources(
+            K.logprob_entropy_dz_kernel,
+            {"z_ptr": w, "lab_ptr": "*i64", **dict.fromkeys(["lse_ptr", "ent_ptr", "gl_ptr", "ge_ptr", "inv_ptr"], w)},
+            dict(BLOCK_T=fused.DZ_BLOCKS[0], BLOCK_V=fused.DZ_BLOCKS[1]), fused.DZ_WARPS),
+        "entropy": sm90_resources(
+            K.entropy_bwd_kernel,
+            {"z_ptr": io, "dz_ptr": io, **dict.fromkeys(["lse_ptr", "h_ptr", "g_ptr", "inv_ptr"], w)},
+            dict(BLOCK_V=4096), 8),
+    }
+    assert all(r["STACK"] == 0 for r in res.values()), res
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

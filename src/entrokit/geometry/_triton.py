@@ -138,16 +138,29 @@ def triton_next_pow2(v: int) -> int:
 
 def _blocks(device: torch.device, work: torch.dtype, d: int, rows: int):
     """``(BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, num_warps)`` for ``rows = B n`` rows; tiny blocks under
-    the interpreter. Row blocks of 128 when they give at least two programs per SM, else 64."""
+    the interpreter. Chosen so that no configuration spills registers on sm_90
+    (``tests/geometry/test_triton.py`` compiles them): up to 32 coordinates stay in registers,
+    more are streamed 16 at a time through smaller tiles; row blocks of 128 when they give at
+    least two programs per SM, else 64."""
     if device.type != "cuda":
         return 16, 16, 16, d <= 16, 1
-    block_d = _pow2(d, 16, 64)
+    if d > 32 or work == torch.float64 and d > 16:
+        return 64, 32, 16, False, 4
+    block_d = _pow2(d, 16, 32)
     if work == torch.float64:
-        return 64, 32, block_d, d <= block_d, 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if rows >= 128 * 2 * sms:
-        return 128, 64, block_d, d <= block_d, 8
-    return 64, 64, block_d, d <= block_d, 4
+        return 64, 32, block_d, True, 4
+    if rows >= 128 * 2 * _sm_count(device):
+        return 128, 64, block_d, True, 8
+    return 64, 64, block_d, True, 4
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_k(device: torch.device, k: int, one_d: bool) -> int:
+    """Vectors per program of the plan kernel: up to 64 (16 when the coordinates are streamed)."""
+    return 16 if device.type != "cuda" else _pow2(k, 16, 64 if one_d else 16)
 
 
 def _prec(allow_tf32: bool, work: torch.dtype) -> str:
@@ -218,7 +231,7 @@ def _launch_plan(X, Y, a, b, V, allow_tf32: bool):
     else:
         k = V.shape[-1]
         out = torch.empty(B, n, k, dtype=X.dtype, device=X.device)
-        bk = 16 if X.device.type != "cuda" else _pow2(k, 16, 64)
+        bk = _block_k(X.device, k, one_d)
         vt, vstr, ostr = V, V.stride(), out.stride()
     grid = (triton_cdiv(n, bm), B, triton_cdiv(k, bk))
     k_.plan_kernel[grid](X, Y, a, b, vt, out, n, m, d, k, *X.stride(), *Y.stride(), *a.stride(), *b.stride(),

@@ -29,6 +29,11 @@ __all__ = ["use_fused", "token_entropy_rows", "logprob_entropy_rows"]
 
 # the backward's logits chunk holds about this many entries (256 MiB of float32)
 BWD_CHUNK_ELEMS = 1 << 26
+# (BLOCK_T, BLOCK_V, BLOCK_D, num_warps) of the forward per input dtype (half types: bfloat16's),
+# and the blocks of the backward's dz kernel: none spills registers on sm_90
+# (tests/rl/test_fused_entropy.py compiles them)
+_FWD_BLOCKS = {torch.bfloat16: (64, 128, 64, 8), torch.float32: (32, 64, 16, 4), torch.float64: (32, 64, 16, 4)}
+DZ_BLOCKS, DZ_WARPS = (8, 256), 4
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -111,7 +116,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         V = weight.shape[0]
         wdt = _wdt(hidden2d.dtype)
         if hidden2d.is_cuda:
-            bt, bv, bd, warps = (64, 128, 64, 8) if wdt == torch.float32 else (32, 64, 32, 4)
+            bt, bv, bd, warps = _FWD_BLOCKS[hidden2d.dtype if hidden2d.dtype in _FWD_BLOCKS else torch.bfloat16]
             programs = 4 * torch.cuda.get_device_properties(hidden2d.device).multi_processor_count
         else:  # the interpreter: two vocabulary splits, so the merge is exercised
             bt, bv, bd, warps = 16, 16, 16, 1
@@ -148,7 +153,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         gw = torch.empty_like(weight) if need_w else None
         gb = torch.empty_like(bias) if need_b else None
         cols = max(128, BWD_CHUNK_ELEMS // max(n, 1)) if hidden2d.is_cuda else 24
-        bt, bv = (32, 128) if hidden2d.is_cuda else (16, 16)
+        bt, bv = DZ_BLOCKS if hidden2d.is_cuda else (16, 16)
         for v0 in range(0, V, cols):
             w_c = weight[v0:v0 + cols].to(wdt)
             z = h_w @ w_c.t()
@@ -157,7 +162,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             nc = z.shape[1]
             _k().logprob_entropy_dz_kernel[(-(-n // bt), -(-nc // bv))](
                 z, lse, ent, gl, ge, labels, n, nc, v0, z.stride(0), _scalar(inv_t, lse), BLOCK_T=bt, BLOCK_V=bv,
-                num_warps=4 if z.is_cuda else 1)
+                num_warps=DZ_WARPS if z.is_cuda else 1)
             if need_h:
                 gh.addmm_(z, w_c)
             if need_w:
