@@ -82,8 +82,9 @@ def test_the_fused_functions_reject_other_costs_and_mismatched_potentials(monkey
 
 
 # every block configuration _blocks can choose, by (dtype, d, rows) on a 132-SM H100
-SM90_CASES = [(torch.float32, 3, 1 << 14), (torch.float32, 32, 1 << 17), (torch.float32, 32, 1 << 14),
-              (torch.float32, 64, 1 << 14), (torch.float64, 3, 1 << 14), (torch.float64, 20, 1 << 14)]
+SM90_CASES = [(torch.float32, 3, 1 << 14), (torch.float32, 3, 1 << 17), (torch.float32, 32, 1 << 17),
+              (torch.float32, 32, 1 << 14), (torch.float32, 64, 1 << 14), (torch.float64, 3, 1 << 14),
+              (torch.float64, 20, 1 << 14)]
 
 
 @pytest.mark.parametrize("dtype,d,rows", SM90_CASES, ids=lambda v: str(v).replace("torch.", ""))
@@ -95,15 +96,15 @@ def test_kernels_compile_for_sm90_without_spilling(monkeypatch, dtype, d, rows):
 
     monkeypatch.setattr(_triton, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    bm, bn, bd, one_d, warps = _triton._blocks(cuda, dtype, d, rows)
     t = "*fp64" if dtype == torch.float64 else "*fp32"
-    precs = ["ieee"] + (["tf32"] if dtype == torch.float32 and rows < 1 << 15 else [])
+    precs = ["ieee"] + (["tf32"] if dtype == torch.float32 else [])
     for prec in precs:
-        lse = sm90_resources(K.lse_kernel, dict.fromkeys(["x_ptr", "y_ptr", "b_ptr", "mx_ptr", "s_ptr"], t),
-                             dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec), warps)
+        bm, bn, bd, one_d, small, warps = _triton._blocks(cuda, dtype, d, rows, prec)
+        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec, SMALL_D=small)
+        lse = sm90_resources(K.lse_kernel, dict.fromkeys(["x_ptr", "y_ptr", "b_ptr", "mx_ptr", "s_ptr"], t), blocks,
+                             warps)
         plan = sm90_resources(K.plan_kernel, dict.fromkeys(["x_ptr", "y_ptr", "a_ptr", "b_ptr", "v_ptr", "out_ptr"], t),
-                              dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=_triton._block_k(cuda, 64, one_d),
-                                   ONE_D=one_d, HAS_V=True, PREC=prec), warps)
+                              dict(blocks, BLOCK_K=_triton._block_k(cuda, 64, one_d), HAS_V=True), warps)
         assert lse["STACK"] == 0 and plan["STACK"] == 0, (prec, lse, plan)
 
 

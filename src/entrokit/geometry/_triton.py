@@ -136,22 +136,28 @@ def triton_next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
-def _blocks(device: torch.device, work: torch.dtype, d: int, rows: int):
-    """``(BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, num_warps)`` for ``rows = B n`` rows; tiny blocks under
-    the interpreter. Chosen so that no configuration spills registers on sm_90
-    (``tests/geometry/test_triton.py`` compiles them): up to 32 coordinates stay in registers,
-    more are streamed 16 at a time through smaller tiles; row blocks of 128 when they give at
-    least two programs per SM, else 64."""
+def _blocks(device: torch.device, work: torch.dtype, d: int, rows: int, prec: str):
+    """``(BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, SMALL_D, num_warps)`` for ``rows = B n`` rows; tiny
+    blocks under the interpreter. Chosen so that no configuration spills registers on sm_90
+    (``tests/geometry/test_triton.py`` compiles them): ``d <= 4`` full-precision coordinates go
+    through outer products (:func:`_small_d`), up to 32 coordinates stay in registers for
+    ``tl.dot``, more are streamed 16 at a time through smaller tiles; the larger row blocks when
+    they give at least two programs per SM."""
+    small = _small_d(d, prec)
     if device.type != "cuda":
-        return 16, 16, 16, d <= 16, 1
+        return 16, 16, 16, d <= 16, small, 1
+    if small:
+        if work == torch.float64:
+            return 64, 32, 16, True, small, 4
+        return (128, 32, 16, True, small, 8) if rows >= 128 * 2 * _sm_count(device) else (64, 32, 16, True, small, 4)
     if d > 32 or work == torch.float64 and d > 16:
-        return 64, 32, 16, False, 4
+        return 64, 32, 16, False, 0, 4
     block_d = _pow2(d, 16, 32)
     if work == torch.float64:
-        return 64, 32, block_d, True, 4
+        return 64, 32, block_d, True, 0, 4
     if rows >= 128 * 2 * _sm_count(device):
-        return 128, 64, block_d, True, 8
-    return 64, 64, block_d, True, 4
+        return 128, 64, block_d, True, 0, 8
+    return 64, 64, block_d, True, 0, 4
 
 
 def _sm_count(device: torch.device) -> int:
@@ -165,6 +171,12 @@ def _block_k(device: torch.device, k: int, one_d: bool) -> int:
 
 def _prec(allow_tf32: bool, work: torch.dtype) -> str:
     return "tf32" if (allow_tf32 and work == torch.float32) else "ieee"
+
+
+def _small_d(d: int, prec: str) -> int:
+    """``d`` when the cross term is cheaper as ``d`` outer products than as a ``tl.dot`` padded to
+    an inner dimension of 16 (full-precision products of ``d <= 4`` coordinates), else 0."""
+    return d if (d <= 4 and prec == "ieee") else 0
 
 
 class _Prepared:
@@ -210,11 +222,11 @@ def _launch_lse(X, Y, b, allow_tf32: bool):
     m = Y.shape[1]
     mx = torch.empty(B, n, dtype=X.dtype, device=X.device)
     s = torch.empty_like(mx)
-    bm, bn, bd, one_d, warps = _blocks(X.device, X.dtype, d, B * n)
+    prec = _prec(allow_tf32, X.dtype)
+    bm, bn, bd, one_d, small, warps = _blocks(X.device, X.dtype, d, B * n, prec)
     grid = (triton_cdiv(n, bm), B)
     k.lse_kernel[grid](X, Y, b, mx, s, n, m, d, *X.stride(), *Y.stride(), *b.stride(), *mx.stride(),
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=_prec(allow_tf32, X.dtype),
-                       num_warps=warps)
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec, SMALL_D=small, num_warps=warps)
     return mx, s
 
 
@@ -223,7 +235,8 @@ def _launch_plan(X, Y, a, b, V, allow_tf32: bool):
     k_ = _kernels()
     B, n, d = X.shape
     m = Y.shape[1]
-    bm, bn, bd, one_d, warps = _blocks(X.device, X.dtype, d, B * n)
+    prec = _prec(allow_tf32, X.dtype)
+    bm, bn, bd, one_d, small, warps = _blocks(X.device, X.dtype, d, B * n, prec)
     if V is None:
         out = torch.empty(B, n, dtype=X.dtype, device=X.device)
         k, bk, vt, ostr = 1, 16, out, (*out.stride(), 0)
@@ -236,7 +249,7 @@ def _launch_plan(X, Y, a, b, V, allow_tf32: bool):
     grid = (triton_cdiv(n, bm), B, triton_cdiv(k, bk))
     k_.plan_kernel[grid](X, Y, a, b, vt, out, n, m, d, k, *X.stride(), *Y.stride(), *a.stride(), *b.stride(),
                          *vstr, *ostr, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, ONE_D=one_d,
-                         HAS_V=V is not None, PREC=_prec(allow_tf32, X.dtype), num_warps=warps)
+                         HAS_V=V is not None, PREC=prec, SMALL_D=small, num_warps=warps)
     return out
 
 

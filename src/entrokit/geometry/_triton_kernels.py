@@ -5,7 +5,7 @@ Both kernels evaluate, tile by tile in registers, the base-2 exponent
 .. math::
 
     t_{ij} = a_i + b_j + X_i \cdot Y_j \qquad (\text{a } \texttt{tl.dot} \text{ of a row block
-    against a column block, inner dimension } d),
+    against a column block, inner dimension } d\text{; } d \le 4 \text{ outer products in full precision}),
 
 where the caller has folded :math:`\log_2 e`, :math:`1/\varepsilon`, the potentials and the
 squared norms into ``X``, ``a`` and ``b`` (:mod:`entrokit.geometry._triton`). Padded rows,
@@ -31,10 +31,17 @@ import triton.language as tl
 @triton.jit
 def _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
-              PREC: tl.constexpr):
-    """``b_j + X_i . Y_j`` on one (row block, column block) tile."""
+              PREC: tl.constexpr, SMALL_D: tl.constexpr):
+    """``b_j + X_i . Y_j`` on one (row block, column block) tile: ``SMALL_D`` (> 0) outer products
+    of coordinate vectors (``d <= 4``: no padding of the inner dimension to 16), else ``tl.dot``."""
     rd = tl.arange(0, BLOCK_D)
-    if ONE_D:
+    if SMALL_D > 0:
+        t = tl.zeros([BLOCK_M, BLOCK_N], dtype=x_regs.dtype)
+        for k in tl.static_range(SMALL_D):
+            xk = tl.load(x_ptr + rm * sxn + k * sxd, mask=rm < n, other=0.0)
+            yk = tl.load(y_ptr + rn * syn + k * syd, mask=rn < m, other=0.0)
+            t += xk[:, None] * yk[None, :]
+    elif ONE_D:
         y = tl.load(y_ptr + rn[:, None] * syn + rd[None, :] * syd,
                     mask=(rn[:, None] < m) & (rd[None, :] < d), other=0.0)
         t = tl.dot(x_regs, tl.trans(y), input_precision=PREC)
@@ -54,7 +61,7 @@ def _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
 def lse_kernel(x_ptr, y_ptr, b_ptr, mx_ptr, s_ptr, n, m, d,
                sxb, sxn, sxd, syb, syn, syd, sbb, sbn, sob, son,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, SMALL_D: tl.constexpr):
     """Per row ``i``: ``M_i = max_j t_ij`` and ``S_i = sum_j 2^(t_ij - M_i)`` (``a_i = 0``)."""
     pid = tl.program_id(0)
     bat = tl.program_id(1)
@@ -64,14 +71,14 @@ def lse_kernel(x_ptr, y_ptr, b_ptr, mx_ptr, s_ptr, n, m, d,
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     x_regs = tl.load(x_ptr + rm[:, None] * sxn + rd[None, :] * sxd,
-                     mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                     mask=(rm[:, None] < n) & (rd[None, :] < d) & (SMALL_D == 0), other=0.0)
     mx = tl.full([BLOCK_M], float("-inf"), dtype=x_regs.dtype)
     s = tl.zeros([BLOCK_M], dtype=x_regs.dtype)
     for c0 in range(0, m, BLOCK_N):
         rn = c0 + tl.arange(0, BLOCK_N)
         b_row = tl.load(b_ptr + rn * sbn, mask=rn < m, other=float("-inf"))
         t = _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
-                      BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, PREC)
+                      BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, PREC, SMALL_D)
         new = tl.maximum(mx, tl.max(t, 1))
         safe = tl.where(new == float("-inf"), 0.0, new)  # an all -inf row so far: exp2(-inf) = 0
         s = s * tl.exp2(mx - safe) + tl.sum(tl.exp2(t - safe[:, None]), 1)
@@ -84,7 +91,7 @@ def lse_kernel(x_ptr, y_ptr, b_ptr, mx_ptr, s_ptr, n, m, d,
 def plan_kernel(x_ptr, y_ptr, a_ptr, b_ptr, v_ptr, out_ptr, n, m, d, k,
                 sxb, sxn, sxd, syb, syn, syd, sab, san, sbb, sbn, svb, svn, svk, sob, son, sok,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                ONE_D: tl.constexpr, HAS_V: tl.constexpr, PREC: tl.constexpr):
+                ONE_D: tl.constexpr, HAS_V: tl.constexpr, PREC: tl.constexpr, SMALL_D: tl.constexpr):
     """``out_ik = sum_j 2^(a_i + b_j + X_i . Y_j) V_jk`` (``HAS_V=False``: ``V = 1``, ``k = 1``)."""
     pid = tl.program_id(0)
     bat = tl.program_id(1)
@@ -98,7 +105,7 @@ def plan_kernel(x_ptr, y_ptr, a_ptr, b_ptr, v_ptr, out_ptr, n, m, d, k,
     rd = tl.arange(0, BLOCK_D)
     rk = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     x_regs = tl.load(x_ptr + rm[:, None] * sxn + rd[None, :] * sxd,
-                     mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                     mask=(rm[:, None] < n) & (rd[None, :] < d) & (SMALL_D == 0), other=0.0)
     a_col = tl.load(a_ptr + rm * san, mask=rm < n, other=float("-inf"))
     if HAS_V:
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=x_regs.dtype)
@@ -108,7 +115,7 @@ def plan_kernel(x_ptr, y_ptr, a_ptr, b_ptr, v_ptr, out_ptr, n, m, d, k,
         rn = c0 + tl.arange(0, BLOCK_N)
         b_row = tl.load(b_ptr + rn * sbn, mask=rn < m, other=float("-inf"))
         t = _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
-                      BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, PREC)
+                      BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, PREC, SMALL_D)
         p = tl.exp2(t + a_col[:, None])
         if HAS_V:
             v = tl.load(v_ptr + rn[:, None] * svn + rk[None, :] * svk,
