@@ -70,6 +70,14 @@ def test_auto_falls_back_to_the_tiles_when_a_launch_fails(monkeypatch):
     assert _triton._failed
     with pytest.raises(RuntimeError, match="no compiler"):
         _triton.run_or_fallback("triton", broken, lambda: "tiles")
+    monkeypatch.setattr(_triton, "_failed", False)
+
+    def bad_input():
+        raise InputError("a potential of shape (3,) does not match")
+
+    with pytest.raises(InputError, match="does not match"):
+        _triton.run_or_fallback("auto", bad_input, lambda: "tiles")
+    assert not _triton._failed
 
 
 def test_the_fused_functions_reject_other_costs_and_mismatched_potentials(monkeypatch):

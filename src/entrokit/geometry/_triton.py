@@ -109,6 +109,8 @@ def run_or_fallback(kernel: str, fused, fallback):
         return fused()
     try:
         return fused()
+    except InputError:  # the caller's mistake, not the kernel's
+        raise
     except Exception as err:  # no compiler for this GPU, driver problem, ...
         import warnings
 
@@ -129,10 +131,10 @@ def _work_dtype(dtype: torch.dtype, wide: bool) -> torch.dtype:
 
 
 def _pow2(v: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton_next_pow2(v)))
+    return max(lo, min(hi, _next_pow2(v)))
 
 
-def triton_next_pow2(v: int) -> int:
+def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
@@ -224,7 +226,7 @@ def _launch_lse(X, Y, b, allow_tf32: bool):
     s = torch.empty_like(mx)
     prec = _prec(allow_tf32, X.dtype)
     bm, bn, bd, one_d, small, warps = _blocks(X.device, X.dtype, d, B * n, prec)
-    grid = (triton_cdiv(n, bm), B)
+    grid = (_cdiv(n, bm), B)
     k.lse_kernel[grid](X, Y, b, mx, s, n, m, d, *X.stride(), *Y.stride(), *b.stride(), *mx.stride(),
                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec, SMALL_D=small, num_warps=warps)
     return mx, s
@@ -246,14 +248,14 @@ def _launch_plan(X, Y, a, b, V, allow_tf32: bool):
         out = torch.empty(B, n, k, dtype=X.dtype, device=X.device)
         bk = _block_k(X.device, k, one_d)
         vt, vstr, ostr = V, V.stride(), out.stride()
-    grid = (triton_cdiv(n, bm), B, triton_cdiv(k, bk))
+    grid = (_cdiv(n, bm), B, _cdiv(k, bk))
     k_.plan_kernel[grid](X, Y, a, b, vt, out, n, m, d, k, *X.stride(), *Y.stride(), *a.stride(), *b.stride(),
                          *vstr, *ostr, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_K=bk, ONE_D=one_d,
                          HAS_V=V is not None, PREC=prec, SMALL_D=small, num_warps=warps)
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
