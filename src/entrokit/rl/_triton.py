@@ -11,7 +11,8 @@ r"""Fused Triton paths of :func:`entrokit.rl.token_entropy` (full support) and
   ``(rows, chunk)`` block of logits, one fused kernel turns it in place into
   :math:`\partial L/\partial z`, and two matmuls accumulate the gradients of ``hidden``,
   ``weight`` (and ``bias``): the (rows, V) logits are never formed, the largest buffer is
-  about :data:`BWD_CHUNK_ELEMS` entries.
+  about :data:`BWD_CHUNK_ELEMS` entries. For bfloat16/float16 inputs the three matmuls run on
+  the tensor cores with float32 results (:func:`_mm_f32`).
 
 float32 accumulation for bfloat16/float16/float32 inputs, float64 for float64 inputs. The
 ``tl.dot`` of the forward follows ``torch.backends.cuda.matmul.allow_tf32`` for float32 inputs
@@ -100,6 +101,17 @@ def token_entropy_rows(logits2d: torch.Tensor, inv_t: float) -> torch.Tensor:
     return _FusedTokenEntropy.apply(logits2d, float(inv_t))
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of half tensors with a float32 result (float32 accumulation, no rounding of the
+    product to the half dtype): ``torch.mm(..., out_dtype=)`` on CUDA, float32 operands elsewhere."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm's out_dtype
+            pass
+    return a.float() @ b.float()
+
+
 def _tf32_prec(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: float32 follows torch's TF32 switch, float64 is exact;
     bfloat16/float16 products are exact in float32 whatever the setting (Triton's default)."""
@@ -147,26 +159,30 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         gl = torch.zeros_like(lse) if g_logp is None else g_logp.to(wdt).contiguous()
         ge = torch.zeros_like(lse) if g_ent is None else g_ent.to(wdt).contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        # the logits chunk is recomputed in wdt (a bfloat16 chunk would round each logit by 2^-8 |z|)
-        h_w = hidden2d.to(wdt)
-        gh = torch.zeros_like(h_w) if need_h else None
+        # half inputs: tensor-core matmuls with float32 results (the recomputed logits are exact
+        # float32 sums of exact products; dL/dz is rounded to the input dtype for the two gradient
+        # products, as autograd of a half matmul does); float32/float64: matmuls in wdt
+        half = hidden2d.dtype in (torch.bfloat16, torch.float16)
+        h_mm = hidden2d if half else hidden2d.to(wdt)
+        gh = torch.zeros(hidden2d.shape, dtype=wdt, device=hidden2d.device) if need_h else None
         gw = torch.empty_like(weight) if need_w else None
         gb = torch.empty_like(bias) if need_b else None
         cols = max(128, BWD_CHUNK_ELEMS // max(n, 1)) if hidden2d.is_cuda else 24
         bt, bv = DZ_BLOCKS if hidden2d.is_cuda else (16, 16)
         for v0 in range(0, V, cols):
-            w_c = weight[v0:v0 + cols].to(wdt)
-            z = h_w @ w_c.t()
+            w_c = weight[v0:v0 + cols] if half else weight[v0:v0 + cols].to(wdt)
+            z = _mm_f32(h_mm, w_c.t()) if half else h_mm @ w_c.t()
             if bias is not None:
                 z += bias[v0:v0 + cols].to(wdt)
             nc = z.shape[1]
             _k().logprob_entropy_dz_kernel[(-(-n // bt), -(-nc // bv))](
                 z, lse, ent, gl, ge, labels, n, nc, v0, z.stride(0), _scalar(inv_t, lse), BLOCK_T=bt, BLOCK_V=bv,
                 num_warps=DZ_WARPS if z.is_cuda else 1)
+            dz = z.to(hidden2d.dtype) if half else z
             if need_h:
-                gh.addmm_(z, w_c)
+                gh += _mm_f32(dz, w_c) if half else dz @ w_c
             if need_w:
-                gw[v0:v0 + cols] = z.t() @ h_w
+                gw[v0:v0 + cols] = _mm_f32(dz.t(), h_mm) if half else dz.t() @ h_mm
             if need_b:
                 gb[v0:v0 + cols] = z.sum(0)
         if gh is not None:
