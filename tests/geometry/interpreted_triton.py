@@ -211,3 +211,22 @@ def test_pointcloud_softmin_gradient_goes_through_the_fused_backward():
         grads[kernel] = torch.autograd.grad(val, (xr, hr))
     for u, v in zip(grads["triton"], grads["eager"]):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+def test_pointcloud_keeps_its_prepared_points_only_while_they_hold():
+    """The centred, scaled points are reused across calls, and rebuilt for a new eps or after
+    an in-place change of the points."""
+    x, y, _ = data(n=9, m=7)
+    geom = PointCloud(x, y, online=True, kernel="triton")
+    h, log_w = torch.randn(2, 7, dtype=F64, generator=torch.Generator().manual_seed(8)), torch.zeros(2, 7, dtype=F64)
+
+    def eager(eps):
+        return PointCloud(x.clone(), y, online=True, kernel="eager").softmin(h, log_w, eps, 1)
+
+    first = geom.softmin(h, log_w, 0.3, 1)
+    kept = geom.__dict__["_fused_points"][(1, False)][2]
+    torch.testing.assert_close(geom.softmin(h, log_w, 0.3, 1), first, rtol=0, atol=0)
+    assert geom.__dict__["_fused_points"][(1, False)][2] is kept
+    torch.testing.assert_close(geom.softmin(h, log_w, 0.1, 1), eager(0.1), rtol=0, atol=1e-12)
+    x.mul_(1.5)  # in place: the kept points are stale
+    torch.testing.assert_close(geom.softmin(h, log_w, 0.1, 1), eager(0.1), rtol=0, atol=1e-12)

@@ -109,8 +109,8 @@ def test_kernels_compile_for_sm90_without_spilling(monkeypatch, dtype, d, rows):
     for prec in precs:
         bm, bn, bd, one_d, small, warps = _triton._blocks(cuda, dtype, d, rows, prec)
         blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec, SMALL_D=small)
-        lse = sm90_resources(K.lse_kernel, dict.fromkeys(["x_ptr", "y_ptr", "b_ptr", "mx_ptr", "s_ptr"], t), blocks,
-                             warps)
+        lse = sm90_resources(K.lse_kernel, dict.fromkeys(["x_ptr", "y_ptr", "a_ptr", "b_ptr", "mx_ptr", "s_ptr"], t),
+                             dict(blocks, HAS_A=True), warps)
         plan = sm90_resources(K.plan_kernel, dict.fromkeys(["x_ptr", "y_ptr", "a_ptr", "b_ptr", "v_ptr", "out_ptr"], t),
                               dict(blocks, BLOCK_K=_triton._block_k(cuda, 64, one_d), HAS_V=True), warps)
         assert lse["STACK"] == 0 and plan["STACK"] == 0, (prec, lse, plan)

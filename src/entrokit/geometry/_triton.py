@@ -181,8 +181,10 @@ def _small_d(d: int, prec: str) -> int:
     return d if (d <= 4 and prec == "ieee") else 0
 
 
-class _Prepared:
-    """Scaled points and norms of one pair of clouds, flattened to ``(B, n, d)``."""
+class Prepared:
+    """Centred points and norms of one pair of clouds, flattened to ``(B, n, d)``, with the scaled
+    rows and row offsets of the soft-min computed once (a geometry keeps one per axis and
+    ``eps``: :meth:`entrokit.geometry.PointCloud.lse`)."""
 
     def __init__(self, x, y, eps: float, cost: str, wide: bool):
         if cost not in COSTS:
@@ -204,6 +206,16 @@ class _Prepared:
             self.scale = 1.0 / eps
         self.x, self.y, self.eps, self.cost = x.contiguous(), y.contiguous(), eps, cost
         self.B = self.x.shape[0]
+        self._lse_rows = None
+
+    def lse_rows(self):
+        """``(X, a)`` of the soft-min along the columns: ``X = L scale x``, ``a = -L |x|^2 / eps``
+        (``None`` for the inner product)."""
+        if self._lse_rows is None:
+            X = (self.x * (self.scale * _LOG2E)).contiguous()
+            a = None if self.x_sq is None else (self.x_sq * (-_LOG2E / self.eps)).contiguous()
+            self._lse_rows = (X, a)
+        return self._lse_rows
 
     def offset(self, pot, sq):
         """``L (pot - |p|^2) / eps`` (``L = log2 e``) as a contiguous ``(B, len)`` tensor; ``pot``
@@ -217,8 +229,9 @@ class _Prepared:
         return (pot * (_LOG2E / self.eps)).contiguous()
 
 
-def _launch_lse(X, Y, b, allow_tf32: bool):
-    """``(M, S)`` in base 2 of ``t_ij = b_j + X_i . Y_j`` along the columns; ``(B, n)`` each."""
+def _launch_lse(X, Y, a, b, allow_tf32: bool):
+    """``(M, S)`` in base 2 of ``t_ij = a_i + b_j + X_i . Y_j`` along the columns (``a`` may be
+    ``None``); ``(B, n)`` each."""
     k = _kernels()
     B, n, d = X.shape
     m = Y.shape[1]
@@ -227,8 +240,10 @@ def _launch_lse(X, Y, b, allow_tf32: bool):
     prec = _prec(allow_tf32, X.dtype)
     bm, bn, bd, one_d, small, warps = _blocks(X.device, X.dtype, d, B * n, prec)
     grid = (_cdiv(n, bm), B)
-    k.lse_kernel[grid](X, Y, b, mx, s, n, m, d, *X.stride(), *Y.stride(), *b.stride(), *mx.stride(),
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec, SMALL_D=small, num_warps=warps)
+    a_t = b if a is None else a
+    k.lse_kernel[grid](X, Y, a_t, b, mx, s, n, m, d, *X.stride(), *Y.stride(), *a_t.stride(), *b.stride(),
+                       *mx.stride(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_D=one_d, PREC=prec, SMALL_D=small,
+                       HAS_A=a is not None, num_warps=warps)
     return mx, s
 
 
@@ -260,7 +275,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def lse_pairs(x, y, hw, eps: float, cost: str = "sqeuclidean", *, allow_tf32: bool = False,
-              wide: bool = False):
+              wide: bool = False, prepared: Prepared | None = None):
     r"""Partial pairs :math:`(M_i, S_i)` of :math:`\log\sum_j\exp((hw_j - C(x_i, y_j))/\varepsilon)`
     along the columns (``lse = M + log S``; rows without a finite term: ``(-inf, 0)``).
 
@@ -270,15 +285,16 @@ def lse_pairs(x, y, hw, eps: float, cost: str = "sqeuclidean", *, allow_tf32: bo
         cost: ``"sqeuclidean"`` or ``"inner"`` (:math:`C = -x\cdot y`).
         allow_tf32: TF32 products (error bound in the module docstring).
         wide: run float32 inputs in float64 (the kernel then works in float64).
+        prepared: ``Prepared(x, y, eps, cost, wide)`` kept from an earlier call (saves the
+            centring and scaling of the points).
 
     Returns ``(M, S)`` of shape ``(..., n)`` in the inputs' dtype. No autograd (:func:`online_lse`).
     """
-    p = _Prepared(x, y, eps, cost, wide)
+    p = prepared if prepared is not None else Prepared(x, y, eps, cost, wide)
     b = p.offset(hw, p.y_sq)
-    mx, s = _launch_lse((p.x * (p.scale * _LOG2E)).contiguous(), p.y, b, allow_tf32)
+    X, a = p.lse_rows()
+    mx, s = _launch_lse(X, p.y, a, b, allow_tf32)
     mx = mx * _LN2
-    if p.x_sq is not None:
-        mx = mx - p.x_sq / eps
     shape = (*p.batch, p.n)
     return mx.to(p.dtype).reshape(shape), s.to(p.dtype).reshape(shape)
 
@@ -306,7 +322,7 @@ class _FusedLSE(torch.autograd.Function):
         x, y, hw, lse = ctx.saved_tensors
         eps, cost, allow_tf32, wide = ctx.args
         need_x, need_y, need_h = ctx.needs_input_grad[:3]
-        p = _Prepared(x, y, eps, cost, wide)
+        p = Prepared(x, y, eps, cost, wide)
         lse_w = lse.detach().to(p.work).reshape(p.B, p.n)
         gam = gamma.to(p.work).reshape(p.B, p.n)
         row_const = -lse_w if p.x_sq is None else -p.x_sq / eps - lse_w
@@ -357,7 +373,7 @@ def plan_products(x, y, row, col, eps: float, V, U, cost: str = "sqeuclidean", *
 
     ``V``: ``(..., m, k)`` or ``None``; ``U``: ``(..., n, k')`` or ``None``; ``k`` vectors go
     through one pass. Results in ``V``'s / ``U``'s dtype. No autograd."""
-    p = _Prepared(x, y, eps, cost, wide)
+    p = Prepared(x, y, eps, cost, wide)
     a, b = p.offset(row, p.x_sq), p.offset(col, p.y_sq)
     PV = PTU = None
     if V is not None:
@@ -375,7 +391,7 @@ def marginals(x, y, row, col, eps: float, cost: str = "sqeuclidean", *, allow_tf
               wide: bool = False):
     r"""``(P 1, P^T 1)``, ``(..., n)`` and ``(..., m)``, of the plan of :func:`plan_products`
     (row sums in registers: no vector operand). No autograd."""
-    p = _Prepared(x, y, eps, cost, wide)
+    p = Prepared(x, y, eps, cost, wide)
     a, b = p.offset(row, p.x_sq), p.offset(col, p.y_sq)
     r = _launch_plan((p.x * (p.scale * _LOG2E)).contiguous(), p.y, a, b, None, allow_tf32)
     c = _launch_plan((p.y * (p.scale * _LOG2E)).contiguous(), p.x, b, a, None, allow_tf32)

@@ -58,11 +58,12 @@ def _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
 
 
 @triton.jit
-def lse_kernel(x_ptr, y_ptr, b_ptr, mx_ptr, s_ptr, n, m, d,
-               sxb, sxn, sxd, syb, syn, syd, sbb, sbn, sob, son,
+def lse_kernel(x_ptr, y_ptr, a_ptr, b_ptr, mx_ptr, s_ptr, n, m, d,
+               sxb, sxn, sxd, syb, syn, syd, sab, san, sbb, sbn, sob, son,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
-               PREC: tl.constexpr, SMALL_D: tl.constexpr):
-    """Per row ``i``: ``M_i = max_j t_ij`` and ``S_i = sum_j 2^(t_ij - M_i)`` (``a_i = 0``)."""
+               PREC: tl.constexpr, SMALL_D: tl.constexpr, HAS_A: tl.constexpr):
+    """Per row ``i``: ``M_i = max_j t_ij`` and ``S_i = sum_j 2^(t_ij - M_i)``; the row offset
+    ``a_i`` (``HAS_A``) is added to ``M_i`` once, at the end."""
     pid = tl.program_id(0)
     bat = tl.program_id(1)
     x_ptr += bat * sxb
@@ -83,6 +84,8 @@ def lse_kernel(x_ptr, y_ptr, b_ptr, mx_ptr, s_ptr, n, m, d,
         safe = tl.where(new == float("-inf"), 0.0, new)  # an all -inf row so far: exp2(-inf) = 0
         s = s * tl.exp2(mx - safe) + tl.sum(tl.exp2(t - safe[:, None]), 1)
         mx = new
+    if HAS_A:
+        mx += tl.load(a_ptr + bat * sab + rm * san, mask=rm < n, other=0.0)
     tl.store(mx_ptr + bat * sob + rm * son, mx, mask=rm < n)
     tl.store(s_ptr + bat * sob + rm * son, s, mask=rm < n)
 

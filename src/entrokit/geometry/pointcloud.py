@@ -408,8 +408,8 @@ class PointCloud(PointGeometry):
             return dense.lse(h, log_w, eps, axis)
         rows, cols = (self.x, self.y) if axis == 1 else (self.y, self.x)
         if self._fused():  # the fused kernel's pairs, or its differentiable lse
-            pair = _triton.run_or_fallback(self.kernel, lambda: self._fused_lse(rows, cols, h + eps * log_w, eps),
-                                           lambda: None)
+            pair = _triton.run_or_fallback(
+                self.kernel, lambda: self._fused_lse(rows, cols, h + eps * log_w, eps, axis), lambda: None)
             if pair is not None:
                 return pair
         B, n, m = rows.shape[0] if rows.dim() == 3 else 1, rows.shape[-2], cols.shape[-2]
@@ -422,11 +422,17 @@ class PointCloud(PointGeometry):
         """Whether the online reductions run in the fused Triton kernels (:func:`_triton.use_triton`)."""
         return _triton.use_triton(self.kernel, self.device, self.cost)
 
-    def _fused_lse(self, rows, cols, hw, eps):
+    def _fused_lse(self, rows, cols, hw, eps, axis):
         opts = dict(allow_tf32=self.allow_tf32, wide=self._wide_tiles(eps))
         if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, cols, hw)):
             return self._lse_pair(_triton.online_lse(rows, cols, hw, eps, **opts))
-        return _triton.lse_pairs(rows, cols, hw, eps, **opts)
+        # the centred, scaled points are kept per axis for the current eps while x, y are unchanged
+        key, version = (axis, opts["wide"]), _versions(self.x, self.y)
+        cache = self.__dict__.setdefault("_fused_points", {})
+        hit = cache.get(key)
+        if hit is None or version is None or hit[:2] != (eps, version):
+            hit = cache[key] = (eps, version, _triton.Prepared(rows, cols, eps, "sqeuclidean", opts["wide"]))
+        return _triton.lse_pairs(rows, cols, hw, eps, prepared=hit[2], **opts)
 
     @staticmethod
     def _lse_pair(lse):
