@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_same_dtype_device
-from entrokit.geometry import _online
+from entrokit.geometry import _online, _triton
 from entrokit.geometry.base import PointGeometry, plan_block
 from entrokit.geometry.dense import DenseCost
 
@@ -142,7 +142,7 @@ def check_pnorm_exponent(cost: str, p) -> float | None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
         raise InputError(f"cost='pnorm' needs a finite exponent p >= 1 (p=1: Manhattan), got p={p!r}.")
     return float(p)
-_KERNELS = ("auto", "compile", "eager")
+_KERNELS = ("auto", "compile", "eager", "triton")
 
 
 def _versions(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
@@ -170,13 +170,20 @@ class PointCloud(PointGeometry):
             materialises the cost once (fastest when it fits); ``None`` (default) decides
             by the memory budget (module docstring).
         chunk_size: rows per tile of the online reductions (implies ``online=True``;
-            default: tiles of about a million entries).
+            default: tiles of about a million entries; the fused Triton kernels pick their
+            own blocks).
         memory_budget: bytes the dense path may use for this geometry (default
             :func:`memory_budget`).
         kernel: online tile kernel: ``"compile"`` (``torch.compile``; fastest, compiles
             once per process), ``"eager"`` (plain batched matmuls) or ``"auto"``
-            (compile for passes of at least ``2**24`` entries); see
-            :mod:`entrokit.geometry._online`.
+            (compile for passes of at least ``2**24`` entries; on CUDA with a squared-Euclidean
+            cost and triton installed: the fused Triton kernels); see
+            :mod:`entrokit.geometry._online`. ``"triton"``: the fused kernels of
+            :mod:`entrokit.geometry._triton` (squared-Euclidean cost; CUDA tensors, or CPU
+            under ``TRITON_INTERPRET=1``).
+        allow_tf32: TF32 products in the fused Triton kernels (default ``False``: full
+            float32). Each exponent then errs by up to about :math:`2\cdot10^{-3}R^2/\varepsilon`
+            (:math:`R` the radius of the centred clouds; :mod:`entrokit.geometry._triton`).
     """
 
     def __init__(
@@ -190,6 +197,7 @@ class PointCloud(PointGeometry):
         chunk_size: int | None = None,
         memory_budget: int | None = None,
         kernel: str = "auto",
+        allow_tf32: bool = False,
     ):
         x = as_float_tensor(x, "x")
         y = as_float_tensor(y, "y")
@@ -236,6 +244,14 @@ class PointCloud(PointGeometry):
             raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
         if kernel not in _KERNELS:
             raise InputError(f"kernel must be one of {_KERNELS}, got {kernel!r}.")
+        if kernel == "triton":
+            if cost != "sqeuclidean":
+                raise InputError(f"kernel='triton' computes the squared-Euclidean cost only, got cost={cost!r}; "
+                                 "use kernel='auto' for other costs.")
+            _triton.check_usable(x.device)
+        if allow_tf32 not in (True, False):
+            raise InputError(f"allow_tf32 must be True or False, got {allow_tf32!r}.")
+        self.allow_tf32 = bool(allow_tf32)
         self.x, self.y, self.cost, self.p = x, y, cost, p
         self.chunk_size, self.memory_budget, self.kernel = chunk_size, memory_budget, kernel
         if online is None:
@@ -263,7 +279,7 @@ class PointCloud(PointGeometry):
 
     def _new(self, x, y) -> PointCloud:
         return type(self)(x, y, self.cost, p=self.p, online=self._online, chunk_size=self.chunk_size,
-                          memory_budget=self.memory_budget, kernel=self.kernel)
+                          memory_budget=self.memory_budget, kernel=self.kernel, allow_tf32=self.allow_tf32)
 
     def self_geometries(self) -> tuple[PointCloud, PointCloud]:
         """``(PointCloud(x, x), PointCloud(y, y))`` with the same cost and tiling."""
@@ -391,10 +407,35 @@ class PointCloud(PointGeometry):
         if dense is not None:
             return dense.lse(h, log_w, eps, axis)
         rows, cols = (self.x, self.y) if axis == 1 else (self.y, self.x)
+        if self._fused():  # the fused kernel's pairs, or its differentiable lse
+            pair = _triton.run_or_fallback(
+                self.kernel, lambda: self._fused_lse(rows, cols, h + eps * log_w, eps, axis), lambda: None)
+            if pair is not None:
+                return pair
         B, n, m = rows.shape[0] if rows.dim() == 3 else 1, rows.shape[-2], cols.shape[-2]
         compiled = _online.use_compiled(self.kernel, B * n * m)
         lse = _online.online_lse(rows, cols, h + eps * log_w, eps, self._tile_cost(axis == 0), compiled,
                                  self.chunk_size, self._wide_tiles(eps))
+        return self._lse_pair(lse)
+
+    def _fused(self) -> bool:
+        """Whether the online reductions run in the fused Triton kernels (:func:`_triton.use_triton`)."""
+        return _triton.use_triton(self.kernel, self.device, self.cost)
+
+    def _fused_lse(self, rows, cols, hw, eps, axis):
+        opts = dict(allow_tf32=self.allow_tf32, wide=self._wide_tiles(eps))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, cols, hw)):
+            return self._lse_pair(_triton.online_lse(rows, cols, hw, eps, **opts))
+        # the centred, scaled points are kept per axis for the current eps while x, y are unchanged
+        key, version = (axis, opts["wide"]), _versions(self.x, self.y)
+        cache = self.__dict__.setdefault("_fused_points", {})
+        hit = cache.get(key)
+        if hit is None or version is None or hit[:2] != (eps, version):
+            hit = cache[key] = (eps, version, _triton.Prepared(rows, cols, eps, "sqeuclidean", opts["wide"]))
+        return _triton.lse_pairs(rows, cols, hw, eps, prepared=hit[2], **opts)
+
+    @staticmethod
+    def _lse_pair(lse):
         # as a partial pair: M = lse (constant), S = exp(lse - M) = 1 carrying the gradient
         mx = lse.detach()
         empty = mx == -float("inf")
@@ -461,6 +502,13 @@ class PointCloud(PointGeometry):
             return dense.marginals(f, g, a, b, eps)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (self.x, self.y, f, g, a, b)):
             return super().marginals(f, g, a, b, eps)
+        if self._fused():  # row sums in registers, no vector operand
+            out = _triton.run_or_fallback(
+                self.kernel, lambda: _triton.marginals(self.x, self.y, f + eps * torch.log(a), g + eps * torch.log(b),
+                                                       eps, allow_tf32=self.allow_tf32, wide=self._wide_tiles(eps)),
+                lambda: None)
+            if out is not None:
+                return out
         # P 1 and P^T 1 in one pass over the tiles
         ones_m = torch.ones(*g.shape, 1, dtype=g.dtype, device=g.device)
         ones_n = torch.ones(*f.shape, 1, dtype=f.dtype, device=f.device)
@@ -469,6 +517,13 @@ class PointCloud(PointGeometry):
 
     def _plan_products(self, f, g, a, b, eps, V, U):
         """``(P V, P^T U)`` in one pass over the online tiles (no autograd)."""
+        if self._fused():
+            out = _triton.run_or_fallback(
+                self.kernel, lambda: _triton.plan_products(self.x, self.y, f + eps * torch.log(a), g + eps * torch.log(b),
+                                                           eps, V, U, allow_tf32=self.allow_tf32,
+                                                           wide=self._wide_tiles(eps)), lambda: None)
+            if out is not None:
+                return out
         return _online.plan_products(self.x, self.y, f + eps * torch.log(a), g + eps * torch.log(b), eps, V, U,
                                      self._tile_cost(False), self.chunk_size, self._wide_tiles(eps))
 

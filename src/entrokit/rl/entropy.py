@@ -30,6 +30,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._validation import check_positive
+from entrokit.rl import _triton as _fused
 
 __all__ = ["Clamp", "TopK", "TopP", "token_entropy", "token_logprob_entropy"]
 
@@ -331,7 +332,9 @@ def token_entropy(
         set is piecewise constant). Thresholds are found on the device (``kthvalue`` / a
         row sort), without host copies or loops over rows.
     chunk_size : int or 'auto'
-        Rows per chunk; ``'auto'`` keeps a chunk near 2**20 elements.
+        Rows per chunk; ``'auto'`` keeps a chunk near 2**20 elements. On CUDA with triton
+        installed and the full support, a fused Triton kernel (one pass over each row, forward
+        and backward; :mod:`entrokit.rl._triton`) runs instead and takes no chunk size.
     check_inputs : bool
         Read the values to refuse NaN and ``+inf`` (one device sync); set False in training loops.
 
@@ -362,6 +365,11 @@ def token_entropy(
     logits2d = logits.reshape(-1, vocab)
     if logits2d.shape[0] == 0:
         raise InputError(f"logits has no rows (shape {tuple(logits.shape)}); pass at least one token.")
+    if support is None and _fused.use_fused(logits2d):  # CUDA: one fused pass per row (entrokit.rl._triton)
+        h = _fused.token_entropy_rows(logits2d, 1.0 / temperature)
+        if valid is not None:
+            h = torch.where(valid.reshape(-1), h, torch.zeros_like(h))
+        return h.reshape(lead)
     h = _TokenEntropy.apply(
         logits2d, None if valid is None else valid.reshape(-1), 1.0 / temperature, support, rows
     )
@@ -519,6 +527,8 @@ def token_logprob_entropy(
     chunk_size, row_chunk_size : int or 'auto'
         Vocabulary columns and rows per tile (``'auto'``: 256 rows, and columns such that the
         tile and one weight chunk hold at most about 2**18 elements each, at least 32 columns).
+        On CUDA with triton installed, the fused Triton path (:mod:`entrokit.rl._triton`) runs
+        instead and picks its own tiles.
     check_inputs : bool
         Read the values (NaN / inf in ``hidden``, labels in range; one device sync).
 
@@ -575,7 +585,10 @@ def token_logprob_entropy(
             )
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    logp, ent = _LogprobEntropy.apply(
-        hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature, rows, cols
-    )
+    if _fused.use_fused(hidden2d):  # CUDA: logits tiles in registers (entrokit.rl._triton)
+        logp, ent = _fused.logprob_entropy_rows(hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature)
+    else:
+        logp, ent = _LogprobEntropy.apply(
+            hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature, rows, cols
+        )
     return logp.reshape(lead), ent.reshape(lead)
