@@ -35,7 +35,13 @@ import math
 
 import torch
 
-__all__ = ["Geometry", "exp_floor", "combine_lse", "lse_to_softmin", "plan_block", "logsumexp_pair"]
+__all__ = ["Geometry", "exp_floor", "combine_lse", "lse_to_softmin", "plan_block", "logsumexp_pair", "log_weights"]
+
+
+def log_weights(w: torch.Tensor) -> torch.Tensor:
+    """log w with log 0 = -inf exactly (no smoothing constant)."""
+    pos = w > 0
+    return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -float("inf")))
 
 
 def exp_floor(dtype: torch.dtype) -> float:
