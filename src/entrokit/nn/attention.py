@@ -53,6 +53,11 @@ one value per conjugate-gradient iteration. ``torch.compile(fullgraph=False)`` t
 the layer; the loop's wall-clock timer (``info["time"]`` of
 :func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`) splits the graph.
 
+**Return types.** :class:`SinkhornAttention` returns the output tensor from ``forward``
+whatever the arguments, as :func:`~torch.nn.functional.scaled_dot_product_attention`
+does; :meth:`SinkhornAttention.forward_with_weights` returns ``(output, weights)``. The
+former ``need_weights=True`` still works and warns (:class:`DeprecationWarning`).
+
 **Precision.** float16/bfloat16 inputs are computed in float32 (log-domain Sinkhorn
 needs float32 accumulation) and the output is cast back.
 """
@@ -60,6 +65,7 @@ needs float32 accumulation) and the output is cast back.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -429,10 +435,46 @@ class SinkhornAttention(torch.nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         scale: float | None = None,
-        need_weights: bool = False,
-    ):
+        need_weights: bool | None = None,
+    ) -> torch.Tensor:
+        """The attended values ``(N, ..., T, Ev)``, always a tensor (arguments as in
+        :func:`sinkhorn_attention`). For the attention weights too, call
+        :meth:`forward_with_weights`.
+
+        ``need_weights`` is deprecated (a flag never changes the return type):
+        ``need_weights=True`` still returns ``(output, weights)``, with a
+        :class:`DeprecationWarning`; ``False`` is accepted and changes nothing.
+        """
+        args = (query, key, value, attn_mask, key_padding_mask, is_causal, scale)
+        if need_weights:
+            warnings.warn(
+                "SinkhornAttention(...)(q, k, v, need_weights=True) is deprecated: forward always "
+                "returns the output tensor. Call attn.forward_with_weights(q, k, v) for "
+                "(output, weights).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self.forward_with_weights(*args)
+        return self._attend(*args, return_weights=False)
+
+    def forward_with_weights(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, weights)``: the attended values and the attention weights
+        ``(N, ..., T, S)`` before dropout (``sinkhorn_attention(..., return_weights=True)``).
+        Module hooks run only around :meth:`forward`."""
+        return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, return_weights=True)
+
+    def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal, scale, *, return_weights):
         return sinkhorn_attention(
             query, key, value, attn_mask, self.dropout_p if self.training else 0.0, is_causal, scale,
             key_padding_mask=key_padding_mask, n_iter=self.n_iter, eps=self.eps, tol=self.tol,
-            max_iter=self.max_iter, grad=self.grad, return_weights=need_weights,
+            max_iter=self.max_iter, grad=self.grad, return_weights=return_weights,
         )
