@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import entrokit
+from cost_only import CostOnly
 from entrokit import PointCloud
 from generators import random_problem
 
@@ -113,3 +114,34 @@ def test_point_cloud_gradients_implicit_unroll_and_finite_differences(chunk, out
     fd = _fd(lambda h: sel(solve(x0 + h * dx, y0 + h * dy), u, v))
     torch.testing.assert_close(derivs["implicit"], derivs["unroll"], atol=1e-9, rtol=1e-8)
     torch.testing.assert_close(derivs["implicit"], fd, atol=1e-8, rtol=1e-6)
+
+
+class _CountingChecks(CostOnly):
+    def __init__(self, U, V, calls):
+        super().__init__(U, V)
+        self.calls = calls
+
+    def reshape_batch(self, batch_shape):  # keeps its type (and its check) in the solver
+        n, m = self.shape
+        return _CountingChecks(self.U.reshape(*batch_shape, n, -1), self.V, self.calls)
+
+    def check_grad_mode(self, grad, a, b):
+        self.calls.append(grad)
+        if grad == "unroll":
+            raise entrokit.InputError("this geometry cannot unroll")
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sinkhorn_newton", "solve"])
+def test_gradient_mode_is_checked_once_before_solving(solver):
+    a, b, C = random_problem(6, 5, seed=12)
+    calls = []
+    geom = _CountingChecks(C, torch.eye(5, dtype=D), calls)
+    fn = getattr(entrokit, solver)
+    kw = dict(eps=0.1) if solver == "solve" else {}
+    args = (a, b, geom) if solver == "solve" else (a, b, geom, 0.1)
+    fn(*args, grad="implicit", **kw)
+    assert calls == ["implicit"]
+    if solver != "sinkhorn_newton":  # Newton has no unrolled mode
+        with pytest.raises(entrokit.InputError, match="cannot unroll"):
+            fn(*args, grad="unroll", **kw)
+        assert calls == ["implicit", "unroll"]  # raised before any iteration

@@ -116,13 +116,14 @@ def entropic_result(
     """Assemble the certified result of a *batched* problem ``(B, n, m)`` (from
     :meth:`OTProblem.with_batch`) and reshape it to the user's batch axes.
 
+    The public solver has checked ``grad`` against the geometry
+    (:meth:`~entrokit.Geometry.check_grad_mode`, once, before solving).
     ``f, g`` must be detached for ``grad in {"implicit", "envelope"}`` and carry the
     unrolled graph for ``grad="unroll"``. ``tol`` enables certification (every public
     solver passes it). ``info["reduce"]`` may hold the solver's own ``(row, col, tc)`` of
     the final plan, used when it is exact to working precision (float64).
     """
     geom, a, b = problem.geometry, problem.a, problem.b
-    geom.check_grad_mode(grad, a, b)
     dtype = a.dtype
     info_type = type(info) if isinstance(info, SolverInfo) else SolverInfo
     info = dict(info.as_dict() if isinstance(info, SolverInfo) else (info or {}))
