@@ -121,7 +121,8 @@ def as_float_tensor(x: Any, name: str, *, like: torch.Tensor | None = None) -> t
 def check_positive(value: Any, name: str, *, example: str | None = None) -> float:
     """Check a finite real scalar > 0 and return it as ``float`` (``example``: the value
     the message suggests, default ``name=1e-2``)."""
-    value = _scalar(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     hint = example or f"{name}=1e-2"
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(
@@ -147,18 +148,14 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
     return value
 
 
-def _same_choice(value: Any, choice: Any) -> bool:
-    if value is choice:
-        return True
-    if isinstance(choice, str):
-        return isinstance(value, str) and value == choice
-    return type(value) is type(choice) and value == choice
-
-
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     """Check that ``value`` is one of ``choices`` and return it (strings compare by value,
     anything else by type and value: ``1`` is not ``True``, a tensor is none of them)."""
-    if not any(_same_choice(value, c) for c in choices):
+    if isinstance(value, str):
+        ok = value in choices
+    else:
+        ok = any(value is c or (type(value) is type(c) and value == c) for c in choices)
+    if not ok:
         opts = ", ".join(repr(c) for c in choices)
         raise InputError(f"{name} must be one of {opts}; got {value!r}.")
     return value
