@@ -121,3 +121,24 @@ def test_plotting_import_does_not_switch_backend_and_demo_skips_bench(tmp_path):
     )
     assert (tmp_path / "d.png").stat().st_size > 1000
     assert out.stdout.strip().endswith("ok")
+
+
+def test_subpackages_load_on_first_access():
+    _run(
+        """
+        import sys
+        import entrokit
+
+        lazy = ("entrokit.nn", "entrokit.regularizers", "entrokit.distributed")
+        assert not any(m in sys.modules for m in lazy), [m for m in lazy if m in sys.modules]
+        assert entrokit.regularizers.ELRLoss.__name__ == "ELRLoss"
+        assert entrokit.nn.SinkhornAttention.__name__ == "SinkhornAttention"
+        assert entrokit.distributed.BatchResults.__name__ == "BatchResults"
+        try:
+            entrokit.no_such_name
+        except AttributeError as err:
+            assert "no_such_name" in str(err)
+        else:
+            raise AssertionError("entrokit.no_such_name did not raise")
+        """
+    )

@@ -160,3 +160,28 @@ def test_check_inputs_false_skips_value_checks(prob):
     entrokit.sinkhorn(a, b, C, 0.1, check_inputs=False)
     with pytest.raises(InputError, match="shape mismatch"):
         entrokit.sinkhorn(b, a, C, 0.1, check_inputs=False)
+
+
+def test_one_validation_module_for_both_pillars():
+    from entrokit import _validation
+    from entrokit.regularizers import _checks
+
+    for name in _checks.__all__:  # the former import path re-exports the one implementation
+        assert getattr(_checks, name) is getattr(_validation, name), name
+    with pytest.raises(InputError, match=r"lam must be a finite number > 0, got -1; pass a positive value such as lam=3"):
+        _validation.check_positive(-1, "lam", example="lam=3")
+    with pytest.raises(TypeError, match=r"lam must be a positive real number, got str '1'"):
+        _validation.check_positive("1", "lam")
+    assert _validation.check_positive(torch.tensor(2.0), "lam") == 2.0
+
+
+def test_check_choice_compares_types_and_values():
+    from entrokit._validation import check_choice
+
+    assert check_choice("sum", "reduction", ("mean", "sum")) == "sum"
+    assert check_choice(None, "cv", (None, "x")) is None
+    for bad in (1, torch.tensor(1.0), "Sum", ["sum"]):
+        with pytest.raises(InputError, match=r"must be one of 'mean', 'sum'; got"):
+            check_choice(bad, "reduction", ("mean", "sum"))
+    with pytest.raises(InputError, match="flag must be one of True, 'auto'; got 1"):
+        check_choice(1, "flag", (True, "auto"))

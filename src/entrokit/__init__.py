@@ -2,7 +2,8 @@
 
 Pillar 1, regularized optimal transport: :func:`solve`, :func:`sinkhorn`,
 :class:`PointCloud`, :class:`OTResult`; losses: :func:`sinkhorn_divergence`, :func:`sliced_wasserstein`, :func:`monge_gap`. Pillar 2, entropy regularizers for training:
-:mod:`entrokit.regularizers`.
+:mod:`entrokit.regularizers`. The subpackages :mod:`entrokit.nn`, :mod:`entrokit.regularizers`
+and :mod:`entrokit.distributed` load on first access (``entrokit.regularizers.ELRLoss``).
 """
 
 from entrokit._errors import ConvergenceWarning, InputError
@@ -19,8 +20,8 @@ from entrokit.solvers.solve import METHODS, solve
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # lazy subpackages
-    if name in ("nn", "distributed", "rl"):
+def __getattr__(name):  # lazy subpackages: `import entrokit` loads none of them
+    if name in ("nn", "distributed", "regularizers", "rl"):
         import importlib
 
         return importlib.import_module(f"entrokit.{name}")

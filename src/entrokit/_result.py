@@ -3,7 +3,7 @@ r"""The immutable result every solver returns."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -75,6 +75,11 @@ class SinkhornInfo(SolverInfo):
     required = ("time", "stages", "stage_iters", "absorptions", "fallbacks", "eps_scaling")
 
 
+def _per_problem():
+    """A tensor field with one entry (or one vector) per problem, batch axes leading."""
+    return field(metadata={"tensor": True, "per_problem": True})
+
+
 @dataclass(frozen=True, eq=False)
 class OTResult:
     r"""Solution of a (batch of) regularized OT problem(s).
@@ -105,14 +110,14 @@ class OTResult:
         info: solver-specific diagnostics (histories, fallbacks, timings).
     """
 
-    f: torch.Tensor
-    g: torch.Tensor
-    value: torch.Tensor
-    transport_cost: torch.Tensor
-    marginal_error: torch.Tensor
-    n_iter: torch.Tensor
-    converged: torch.Tensor
-    errors: torch.Tensor
+    f: torch.Tensor = _per_problem()
+    g: torch.Tensor = _per_problem()
+    value: torch.Tensor = _per_problem()
+    transport_cost: torch.Tensor = _per_problem()
+    marginal_error: torch.Tensor = _per_problem()
+    n_iter: torch.Tensor = _per_problem()
+    converged: torch.Tensor = _per_problem()
+    errors: torch.Tensor = field(metadata={"tensor": True})  # [n_checks, ...]
     problem: OTProblem
     eps: float | None
     method: str
@@ -180,10 +185,7 @@ class OTResult:
                 return (t.to_dense() if t.is_sparse else t).numpy()
             return t
 
-        fields = {
-            k: conv(getattr(self, k))
-            for k in ("f", "g", "value", "transport_cost", "marginal_error", "n_iter", "converged", "errors")
-        }
+        fields = {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("tensor")}
         plan_fn = None if self.plan_fn is None else (lambda fn=self.plan_fn: conv(fn()))
         marg = None if self.marginals_fn is None else (lambda fn=self.marginals_fn: tuple(conv(t) for t in fn()))
 
@@ -204,3 +206,9 @@ class OTResult:
             f"transport_cost={s(tc)}, marginal_error="
             f"{s(self.marginal_error)}, n_iter={s(self.n_iter)}, converged={s(self.converged)})"
         )
+
+
+#: the tensor fields of :class:`OTResult` with the problems' batch axes leading (what a
+#: batch of results concatenates): ``f, g, value, transport_cost, marginal_error, n_iter,
+#: converged``
+PER_PROBLEM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(OTResult) if f.metadata.get("per_problem"))

@@ -17,13 +17,13 @@ read from disk):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 import torch
 import torch.distributed as dist
 
 from entrokit._errors import InputError
-from entrokit._result import OTResult
+from entrokit._result import PER_PROBLEM_FIELDS, OTResult
 from entrokit.geometry.pointcloud import CostFn, CostName, PointCloud
 from entrokit.geometry.sharded import all_gather, require_initialised
 
@@ -72,19 +72,16 @@ def gather_problems(*tensors: torch.Tensor, group=None) -> tuple[torch.Tensor, .
     return tuple(out)
 
 
-@dataclass(frozen=True, eq=False)
-class BatchResults:
-    """Results of the whole batch on every rank (gathered, detached), plus this rank's
-    :class:`~entrokit.OTResult` (``local``, with its gradients and plan)."""
-
-    f: torch.Tensor
-    g: torch.Tensor
-    value: torch.Tensor
-    transport_cost: torch.Tensor
-    marginal_error: torch.Tensor
-    n_iter: torch.Tensor
-    converged: torch.Tensor
-    local: OTResult
+BatchResults = make_dataclass(
+    "BatchResults",
+    [(name, torch.Tensor) for name in PER_PROBLEM_FIELDS] + [("local", OTResult)],
+    frozen=True,
+    eq=False,
+    namespace={"__module__": __name__},
+)
+BatchResults.__doc__ = f"""Results of the whole batch on every rank (gathered, detached): the per-problem
+fields of :class:`~entrokit.OTResult` ({", ".join(PER_PROBLEM_FIELDS)}), plus this rank's
+:class:`~entrokit.OTResult` (``local``, with its gradients and plan)."""
 
 
 def solve_batch_distributed(
@@ -106,6 +103,5 @@ def solve_batch_distributed(
 
     x_r, y_r, a_r, b_r = scatter_problems(x, y, a, b, group=group)
     local = sinkhorn(a_r, b_r, PointCloud(x_r, y_r, cost, chunk_size=chunk_size), eps, **sinkhorn_kwargs)
-    fields = ("f", "g", "value", "transport_cost", "marginal_error", "n_iter", "converged")
-    gathered = gather_problems(*(getattr(local, k) for k in fields), group=group)
-    return BatchResults(**dict(zip(fields, gathered)), local=local)
+    gathered = gather_problems(*(getattr(local, k) for k in PER_PROBLEM_FIELDS), group=group)
+    return BatchResults(**dict(zip(PER_PROBLEM_FIELDS, gathered)), local=local)

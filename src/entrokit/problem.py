@@ -29,14 +29,9 @@ from entrokit._validation import (
     is_array_like,
 )
 from entrokit.geometry import Geometry, PointCloud, as_geometry
+from entrokit.geometry.base import log_weights  # re-exported: its old home
 
 __all__ = ["OTProblem", "make_problem", "log_weights"]
-
-
-def log_weights(w: torch.Tensor) -> torch.Tensor:
-    """log w with log 0 = -inf exactly (no smoothing constant)."""
-    pos = w > 0
-    return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -float("inf")))
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,9 +1,11 @@
-"""The seam holds: a geometry defined only here runs every solver path unchanged."""
+"""The seam holds: a geometry defined only here runs every solver path unchanged, both one
+that implements every primitive (tile by tile) and one that implements only its cost."""
 
 import pytest
 import torch
 
 import entrokit
+from cost_only import CostOnly
 from entrokit.geometry import Geometry, plan_block
 from entrokit.geometry.base import logsumexp_pair
 
@@ -110,25 +112,31 @@ def _problem(seed=0, batch=()):
     return a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True), U, V
 
 
+GEOMETRIES = [LowRankCost, CostOnly]
+
+
 @pytest.mark.parametrize("batch", [(), (3,), (2, 2)])
-def test_sinkhorn_on_test_geometry_matches_dense(batch):
+@pytest.mark.parametrize("Geom", GEOMETRIES)
+def test_sinkhorn_on_test_geometry_matches_dense(Geom, batch):
     a, b, U, V = _problem(batch=batch)
-    geom = LowRankCost(U, V)
+    geom = Geom(U, V)
     res = entrokit.sinkhorn(a, b, geom, eps=0.05, tol=1e-10)
     ref = entrokit.sinkhorn(a, b, U @ V.transpose(-1, -2), eps=0.05, tol=1e-10)
     assert bool(res.converged.all())
     torch.testing.assert_close(res.plan, ref.plan, atol=1e-10, rtol=0)
     torch.testing.assert_close(res.value, ref.value)
     torch.testing.assert_close(res.f, ref.f, atol=1e-8, rtol=0)
-    # the solver reached the cost only through the primitives; never the dense matrix
-    assert geom.calls["lse"] > 0 and geom.calls["plan_reduce"] > 0
+    if Geom is LowRankCost:
+        # the solver reached the cost only through the primitives; never the dense matrix
+        assert geom.calls["lse"] > 0 and geom.calls["plan_reduce"] > 0
     assert res.plan.shape == (*batch, 7, 5)
 
 
-def test_gradients_on_test_geometry_match_dense():
+@pytest.mark.parametrize("Geom", GEOMETRIES)
+def test_gradients_on_test_geometry_match_dense(Geom):
     a, b, U, V = _problem(seed=1)
     U1, U2 = U.clone().requires_grad_(True), U.clone().requires_grad_(True)
-    res = entrokit.sinkhorn(a, b, LowRankCost(U1, V), eps=0.1, tol=1e-12)
+    res = entrokit.sinkhorn(a, b, Geom(U1, V), eps=0.1, tol=1e-12)
     ref = entrokit.sinkhorn(a, b, U2 @ V.T, eps=0.1, tol=1e-12)
     for out in ("transport_cost", "value"):
         (g1,) = torch.autograd.grad(getattr(res, out), U1, retain_graph=True)
@@ -136,19 +144,23 @@ def test_gradients_on_test_geometry_match_dense():
         torch.testing.assert_close(g1, g2, atol=1e-8, rtol=1e-6)
 
 
-def test_gradcheck_on_test_geometry():
+@pytest.mark.parametrize("grad", ["implicit", "unroll"])
+@pytest.mark.parametrize("Geom", GEOMETRIES)
+def test_gradcheck_on_test_geometry(Geom, grad):
     a, b, U, V = _problem(seed=2)
     U = U.clone().requires_grad_(True)
 
     def fn(U):
-        return entrokit.sinkhorn(a, b, LowRankCost(U, V), eps=0.2, tol=1e-13, max_iter=100000).transport_cost
+        res = entrokit.sinkhorn(a, b, Geom(U, V), eps=0.2, tol=1e-13, max_iter=100000, grad=grad)
+        return res.transport_cost, res.f
 
     assert torch.autograd.gradcheck(fn, (U,), atol=1e-6, rtol=1e-5)
 
 
-def test_warm_start_on_test_geometry():
+@pytest.mark.parametrize("Geom", GEOMETRIES)
+def test_warm_start_on_test_geometry(Geom):
     a, b, U, V = _problem(seed=3)
-    geom = LowRankCost(U, V)
+    geom = Geom(U, V)
     res = entrokit.sinkhorn(a, b, geom, eps=0.05, tol=1e-9, check_every=1)
     again = entrokit.sinkhorn(a, b, geom, eps=0.05, tol=1e-9, init=res, check_every=1)
     assert int(again.n_iter) <= 2 < int(res.n_iter) and bool(again.converged)
@@ -160,9 +172,10 @@ def test_warm_start_on_test_geometry():
 
 
 @pytest.mark.parametrize("method", ["ssns", "sns", "smooth", "auto"])
-def test_every_method_runs_on_test_geometry(method):
+@pytest.mark.parametrize("Geom", GEOMETRIES)
+def test_every_method_runs_on_test_geometry(Geom, method):
     a, b, U, V = _problem(seed=4)
-    res = entrokit.solve(a, b, LowRankCost(U, V), eps=0.05, method=method, tol=1e-8)
+    res = entrokit.solve(a, b, Geom(U, V), eps=0.05, method=method, tol=1e-8)
     ref = entrokit.solve(a, b, U @ V.T, eps=0.05, method=method, tol=1e-8)
     assert bool(res.converged) and res.method == ref.method
     P, Q = (r.plan.to_dense() if r.plan.is_sparse else r.plan for r in (res, ref))
@@ -199,3 +212,21 @@ def test_divergence_and_its_gradient_on_test_geometry():
     # the divergence reached the cost through the primitives only (this geometry's own
     # cost_bounds is its only materialisation)
     assert geom.calls["lse"] > 0 and geom.calls["cost_matrix"] == geom.calls["cost_bounds"]
+
+
+def test_divergence_on_geometries_that_implement_only_their_cost():
+    a, b, U, V = _problem(seed=6)
+    U1, U2 = U.clone().requires_grad_(True), U.clone().requires_grad_(True)
+    s = entrokit.sinkhorn_divergence((CostOnly(U1, V), CostOnly(U1, U1), CostOnly(V, V)), a=a, b=b, eps=0.1, tol=1e-12)
+    dense = (entrokit.DenseCost(U2 @ V.T), entrokit.DenseCost(U2 @ U2.T), entrokit.DenseCost(V @ V.T))
+    ref = entrokit.sinkhorn_divergence(dense, a=a, b=b, eps=0.1, tol=1e-12)
+    torch.testing.assert_close(s, ref, atol=1e-11, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(s, U1)[0], torch.autograd.grad(ref, U2)[0], atol=1e-9, rtol=1e-7)
+
+
+def test_a_geometry_without_its_cost_says_what_is_missing():
+    class Nothing(Geometry):
+        pass
+
+    with pytest.raises(NotImplementedError, match="Nothing must implement cost_matrix"):
+        entrokit.sinkhorn(None, None, Nothing(), 0.1)

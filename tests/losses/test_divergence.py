@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import entrokit
 from entrokit import InputError, PointCloud, sinkhorn_divergence
+from entrokit.losses import entropic_ot_value
 from entrokit.nn import SinkhornLoss
 
 D = torch.float64
@@ -88,6 +89,31 @@ def test_gradients_match_finite_differences_points_and_weights():
         return sinkhorn_divergence(x, y, a=a / a.sum(), b=b, eps=0.3, tol=1e-13, max_iter=100_000)
 
     assert torch.autograd.gradcheck(fn, (x, a), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "callable"])
+def test_entropic_ot_value_weight_gradient_along_the_mass_direction(cost):
+    r"""d/dm OT_eps(m a0, m b0): the direction that normalised weights project out. With
+    unit-mass a0, b0 the envelope gradient f - eps r/a + eps sum(b) gives the closed form
+    (<a, f> + <b, g>) / m + 2 eps (m - 1) from the potentials of a public solve; finite
+    differences check both (a sign flip of eps sum(b) in the envelope gradient gave 2.39 here
+    against 3.41)."""
+    x, y, a0, b0 = _clouds(n=7, m=6, d=2, seed=8)
+    c = "sqeuclidean" if cost == "sqeuclidean" else (lambda u, v: ((u[..., :, None, :] - v[..., None, :, :]) ** 2).sum(-1))
+    eps, m0 = 0.3, 1.7
+    kw = dict(eps=eps, cost=c, tol=1e-13, max_iter=100_000)
+
+    def value(m):
+        return entropic_ot_value(x, y, a=m * a0, b=m * b0, **kw)
+
+    m = torch.tensor(m0, dtype=D, requires_grad=True)
+    (dm,) = torch.autograd.grad(value(m), m)
+    h = 1e-6
+    fd = (value(torch.tensor(m0 + h, dtype=D)) - value(torch.tensor(m0 - h, dtype=D))) / (2 * h)
+    res = entrokit.sinkhorn(m0 * a0, m0 * b0, PointCloud(x, y), eps, tol=1e-13, max_iter=100_000)
+    closed = ((m0 * a0 * res.f).sum() + (m0 * b0 * res.g).sum()) / m0 + 2 * eps * (m0 - 1)
+    torch.testing.assert_close(dm, fd, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(dm, closed, atol=1e-10, rtol=1e-10)
 
 
 def test_batched_equals_looped_and_online_equals_dense():

@@ -325,8 +325,13 @@ def test_module():
     assert "n_iter=5" in repr(attn) and "implicit" in repr(attn)
     q, k, v = qkv(2, 2, 6, 4, dtype=torch.float32)
     attn.eval()
-    out, P = attn(q, k, v, need_weights=True)
+    out, P = attn.forward_with_weights(q, k, v)
     torch.testing.assert_close(out, sinkhorn_attention(q, k, v, n_iter=5))
+    torch.testing.assert_close(P, sinkhorn_attention(q, k, v, n_iter=5, return_weights=True)[1])
+    assert isinstance(attn(q, k, v, need_weights=False), torch.Tensor)  # no flag changes the type
+    with pytest.warns(DeprecationWarning, match="forward_with_weights"):
+        old_out, old_P = attn(q, k, v, need_weights=True)  # the former spelling still works
+    torch.testing.assert_close((old_out, old_P), (out, P))
     attn.train()
     torch.manual_seed(0)
     dropped = attn(q, k, v)

@@ -123,8 +123,8 @@ def test_pi_friendly_layers():
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"mode": "mean"}, InputError, r"mode must be 'per_position' or 'per_head'; got 'mean'"),
-        ({"gate": "soft"}, InputError, r"gate must be 'hard' or 'smooth'; got 'soft'"),
+        ({"mode": "mean"}, InputError, r"mode must be one of 'per_position', 'per_head'; got 'mean'"),
+        ({"gate": "soft"}, InputError, r"gate must be one of 'hard', 'smooth'; got 'soft'"),
         ({"theta_init": float("nan")}, InputError, r"theta_init must be a finite number, got nan"),
         ({"theta_init": 1.5}, InputError, r"theta_init must lie in \[0, 1\].*theta \* max_entropy"),
         ({"theta_init": "0.5"}, TypeError, r"theta_init must be a real number, got str"),
@@ -176,7 +176,7 @@ def test_band_penalty_validates_inputs():
     theta = torch.zeros(1, 2)
     with pytest.raises(InputError, match=r"max_entropy must be a finite number > 0, got inf"):
         entropy_band_penalty(e, theta, float("inf"))
-    with pytest.raises(InputError, match=r"gate must be 'hard' or 'smooth'"):
+    with pytest.raises(InputError, match=r"gate must be one of 'hard', 'smooth'"):
         entropy_band_penalty(e, theta, 1.0, gate="soft")
     with pytest.raises(TypeError, match=r"query_mask must be a bool tensor"):
         entropy_band_penalty(e, theta, 1.0, query_mask=torch.ones(2, 3))
@@ -191,7 +191,7 @@ def test_band_penalty_validates_inputs():
 def test_temperature_and_ffn_options():
     with pytest.raises(InputError, match=r"init must be a finite number > 0, got inf"):
         LearnableSoftmaxTemperature(2, 4, init=float("inf"))
-    with pytest.raises(InputError, match=r"parametrization must be 'log' or 'direct'"):
+    with pytest.raises(InputError, match=r"parametrization must be one of 'log', 'direct'"):
         LearnableSoftmaxTemperature(2, 4, parametrization="exp")
     with pytest.raises(InputError, match=r"max_len must be an int >= 1"):
         LearnableSoftmaxTemperature(2, 0)

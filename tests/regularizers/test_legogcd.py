@@ -187,7 +187,7 @@ def test_bad_inputs():
         ler(torch.zeros(3, 5), torch.zeros(3, dtype=torch.bool))
     with pytest.raises(InputError, match=r"logits_view2 must have the shape of logits_view1"):
         dual_view_kl(torch.zeros(3, 4), torch.zeros(2, 4))
-    with pytest.raises(InputError, match=r"form must be 'paper' or 'reference'"):
+    with pytest.raises(InputError, match=r"form must be one of 'paper', 'reference'"):
         dual_view_kl(z, z, form="kl")
     with pytest.raises(TypeError, match=r"logits_view1 must be a torch.Tensor"):
         dual_view_kl([[0.0]], z)

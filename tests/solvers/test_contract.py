@@ -10,9 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import entrokit
+from cost_only import CostOnly
+from ot_checks import check_ot_result
 
 D = torch.float64
 TOL = 1e-5
+# Problems every engine must solve, in either dtype: cost range / eps <= 10. Beyond it the
+# log-domain engines ("lse", "online") may not in float32: their potentials carry a
+# rounding error of about 6e-8 * max|C|, i.e. 6e-8 * ratio relative to eps, and the L1
+# error of the plan follows (at ratio 1e2 it is 1e-6 to 2e-5 against TOL = 1e-5; at 1e3
+# 2e-5 and more). They say so (converged=False and a warning naming float64); the kernel
+# engine and the Newton solvers keep float64 potentials internally.
+RESOLVED_RATIO = 10.0
 
 # method, extra options, label
 ENGINES = [
@@ -22,31 +31,15 @@ ENGINES = [
     ("sns", {}, "sns"),
     ("ssns", {}, "ssns"),
     ("auto", {}, "auto"),
+    ("sinkhorn", {"cost_only": True}, "cost-only"),  # a user geometry with only cost_matrix()
 ]
-
-
-def dense_plan(res):
-    P = res.plan
-    P = P.to_dense() if P.is_sparse else P
-    return P.detach().to(D)
-
-
-def check_contract(res, a, b, C, tol):
-    """The promise: converged => float64 plan error <= tol and <C, P> = transport_cost."""
-    P = dense_plan(res)
-    err = float((P.sum(-1) - a).abs().sum() + (P.sum(-2) - b).abs().sum())
-    tc = float((P * C).sum())
-    # marginal_error reports the returned plan's error whatever the verdict
-    assert abs(float(res.marginal_error) - err) <= 1e-6 * max(1.0, err) + 4 * torch.finfo(res.plan.dtype).eps
-    if bool(res.converged):
-        assert err <= tol * (1 + 1e-9), f"{res.method}: converged but plan error {err:.3e} > tol"
-        rel = 1e-9 if res.plan.dtype == D else 1e-5
-        assert abs(tc - float(res.transport_cost)) <= rel * max(1.0, abs(tc)), (tc, float(res.transport_cost))
 
 
 def run(method, opts, a, b, C, dtype, eps, tol):
     opts = dict(opts)
     cost = C.to(dtype)
+    if opts.pop("cost_only", False):
+        cost = CostOnly(cost, torch.eye(C.shape[1], dtype=dtype))  # C @ I
     if opts.pop("online", False):
         # a point cloud whose cost is C: x = C rows embedded, y = one-hot (cost callable)
         n, m = C.shape
@@ -93,7 +86,43 @@ def problems(draw):
 def test_converged_means_the_plan_meets_the_marginals(method, opts, label, dtype, prob):
     a, b, C, eps = prob
     res = run(method, opts, a, b, C, dtype, eps, TOL)
-    check_contract(res, a, b, C, TOL)
+    check_ot_result(res, a, b, C, TOL, require_converged=float(C.max()) / eps <= RESOLVED_RATIO)
+
+
+def _ladder(k):
+    """A problem like those of :func:`problems`, seed ``k``, at cost range / eps = 10**(k % 4)."""
+    gen = torch.Generator().manual_seed(k)
+    n, m = 3 + k % 5, 2 + (7 * k) % 6
+    C = torch.rand(n, m, generator=gen, dtype=D) * 10.0 ** (k % 8 - 1)
+    if k % 3 == 0:
+        C[-1] += 100 * C.max()
+    a = torch.rand(n, generator=gen, dtype=D) + 0.05
+    b = torch.rand(m, generator=gen, dtype=D) + 0.05
+    if k % 5 == 1:
+        a[0] = 0.0
+        b[-1] = 0.0
+    return a / a.sum(), b / b.sum(), C, float(C.max()) / 10.0 ** (k % 4)
+
+
+LADDER = 16  # four problems per decade of cost range / eps, 1e0 to 1e3
+# converged problems of the ladder each engine must reach: all 16, except "lse" and
+# "online" in float32, which must solve the 12 with ratio <= 1e2 (measured: exactly those)
+FLOORS = {D: dict.fromkeys([e[2] for e in ENGINES], LADDER),
+          torch.float32: {**dict.fromkeys([e[2] for e in ENGINES], LADDER), "lse": 12, "online": 12}}
+
+
+@pytest.mark.parametrize("method,opts,label", ENGINES, ids=[e[2] for e in ENGINES])
+@pytest.mark.parametrize("dtype", [D, torch.float32], ids=["f64", "f32"])
+def test_converged_fraction_has_a_floor(method, opts, label, dtype):
+    """A solver that never claimed convergence would pass the contract above: this one
+    requires the stated share of a fixed ladder of problems to converge."""
+    solved = 0
+    for k in range(LADDER):
+        a, b, C, eps = _ladder(k)
+        res = run(method, opts, a, b, C, dtype, eps, TOL)
+        check_ot_result(res, a, b, C, TOL, require_converged=float(C.max()) / eps <= RESOLVED_RATIO)
+        solved += bool(res.converged)
+    assert solved >= FLOORS[dtype][label], f"{label}: {solved} of {LADDER} converged"
 
 
 @pytest.mark.parametrize("reg", ["l2", "entropy"])
@@ -105,7 +134,7 @@ def test_smooth_contract(reg, dtype, prob):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", entrokit.ConvergenceWarning)
         res = entrokit.solve(a.to(dtype), b.to(dtype), C.to(dtype), eps=eps, method="smooth", reg=reg, tol=TOL)
-    check_contract(res, a, b, C, TOL)
+    check_ot_result(res, a, b, C, TOL)
     assert res.method == "smooth"
 
 

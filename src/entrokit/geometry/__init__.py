@@ -7,12 +7,13 @@ import torch
 from entrokit.geometry.base import Geometry, combine_lse, exp_floor, lse_to_softmin, plan_block
 from entrokit.geometry.dense import DenseCost
 from entrokit.geometry.keops import KeOpsPointCloud
+from entrokit.geometry.logit import LogitCost
 from entrokit.geometry.multiscale import GridClusters, TruncatedPointCloud, grid_cluster
 from entrokit.geometry.pointcloud import PointCloud, memory_budget, set_memory_budget
 from entrokit.geometry.sharded import CommCounter, ShardedPointCloud
 
 __all__ = [
-    "Geometry", "DenseCost", "PointCloud", "KeOpsPointCloud", "ShardedPointCloud", "CommCounter",
+    "Geometry", "DenseCost", "LogitCost", "PointCloud", "KeOpsPointCloud", "ShardedPointCloud", "CommCounter",
     "TruncatedPointCloud", "GridClusters", "grid_cluster", "as_geometry",
     "memory_budget", "set_memory_budget", "exp_floor", "combine_lse", "lse_to_softmin", "plan_block",
 ]

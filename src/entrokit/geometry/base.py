@@ -35,7 +35,13 @@ import math
 
 import torch
 
-__all__ = ["Geometry", "exp_floor", "combine_lse", "lse_to_softmin", "plan_block", "logsumexp_pair"]
+__all__ = ["Geometry", "exp_floor", "combine_lse", "lse_to_softmin", "plan_block", "logsumexp_pair", "log_weights"]
+
+
+def log_weights(w: torch.Tensor) -> torch.Tensor:
+    """log w with log 0 = -inf exactly (no smoothing constant)."""
+    pos = w > 0
+    return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -float("inf")))
 
 
 def exp_floor(dtype: torch.dtype) -> float:
@@ -116,18 +122,32 @@ def plan_block(f, g, a, b, C, eps) -> torch.Tensor:
 class Geometry:
     """Base class: the primitives a solver may call. Subclasses are immutable.
 
-    A new geometry implements the metadata, :meth:`lse` (or :meth:`softmin`),
-    :meth:`plan_reduce`, :meth:`plan_matvec`, :meth:`cost_bounds`, :meth:`cost_matrix`,
-    :meth:`tensors`/:meth:`rebuild` (for gradients) and the batch-shape methods; every
-    solver then runs on it unchanged. All primitives take and return *batched* tensors:
-    potentials and weights ``(B, n)`` / ``(B, m)``.
+    **A new geometry needs only** :meth:`cost_matrix`: every other primitive has a dense
+    default that materialises that matrix (as OTT's ``Geometry`` does), so every solver
+    runs on it unchanged, gradients included (they flow through the matrix the method
+    returns). The metadata (:attr:`shape`, :attr:`dtype`, :attr:`device`,
+    :attr:`batch_shape`) is read from the matrix too: override it when
+    :meth:`cost_matrix` is not cheap. A geometry that never stores the matrix (online,
+    low rank, sharded) overrides the metadata, :meth:`lse` (or :meth:`softmin`),
+    :meth:`plan_reduce`, :meth:`plan_matvec`, :meth:`cost_bounds`,
+    :meth:`tensors`/:meth:`rebuild` (for gradients) and the batch-shape methods. All
+    primitives take and return *batched* tensors: potentials and weights ``(B, n)`` /
+    ``(B, m)``.
     """
+
+    # -- the dense defaults --------------------------------------------------------------
+    def _dense(self):
+        """:class:`~entrokit.geometry.DenseCost` of :meth:`cost_matrix`: the default
+        implementation of every primitive a subclass leaves out."""
+        from entrokit.geometry.dense import DenseCost  # dense.py builds on this module
+
+        return DenseCost(self.cost_matrix())
 
     # -- metadata ----------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int]:
         """``(n, m)``."""
-        raise NotImplementedError
+        return self._dense().shape
 
     @property
     def global_shape(self) -> tuple[int, int]:
@@ -138,16 +158,16 @@ class Geometry:
 
     @property
     def dtype(self) -> torch.dtype:
-        raise NotImplementedError
+        return self._dense().dtype
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return self._dense().device
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
         """The leading batch axes (``()`` for one problem)."""
-        raise NotImplementedError
+        return self._dense().batch_shape
 
     @property
     def batched(self) -> bool:
@@ -160,8 +180,10 @@ class Geometry:
 
     # -- structure ---------------------------------------------------------------------
     def reshape_batch(self, batch_shape: tuple[int, ...]) -> Geometry:
-        """The same problems with the leading axes reshaped to ``batch_shape``."""
-        raise NotImplementedError
+        """The same problems with the leading axes reshaped to ``batch_shape`` (default: a
+        :class:`~entrokit.geometry.DenseCost` of the reshaped matrix, so a solver that
+        batches its problem runs on the dense engines)."""
+        return self._dense().reshape_batch(batch_shape)
 
     def flatten_batch(self) -> Geometry:
         """Exactly one leading batch axis ``(B, n, m)`` (``B = 1`` for one problem)."""
@@ -178,20 +200,25 @@ class Geometry:
         return self.rebuild(*(t.detach().to(dtype) for t in self.tensors()))
 
     def detach(self) -> Geometry:
-        raise NotImplementedError
+        """The same costs without their autograd graph."""
+        return self._dense().detach()
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The tensors the cost depends on (for custom autograd Functions)."""
-        raise NotImplementedError
+        """The tensors the cost depends on (for custom autograd Functions; default: the
+        cost matrix, whose graph leads to whatever it was computed from)."""
+        return (self.cost_matrix(),)
 
     def rebuild(self, *tensors: torch.Tensor) -> Geometry:
-        """A copy of this geometry built on other tensors of the same shapes."""
-        raise NotImplementedError
+        """A copy of this geometry built on other tensors of the same shapes as
+        :meth:`tensors` (default: a :class:`~entrokit.geometry.DenseCost`)."""
+        from entrokit.geometry.dense import DenseCost
+
+        return DenseCost(*tensors)
 
     # -- cost bounds and checks -----------------------------------------------------------
     def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(min C, max C)`` per problem, shape ``(B,)`` each (NaN propagates)."""
-        raise NotImplementedError
+        return self._dense().cost_bounds()
 
     def cost_range(self) -> torch.Tensor:
         """``max C - min C`` per problem, shape ``(B,)``."""
@@ -227,7 +254,7 @@ class Geometry:
         :math:`z = (h + \varepsilon\log w - C)/\varepsilon` along ``axis`` (module
         docstring). ``axis=1``: ``h, log_w`` of shape ``(B, m)``, output ``(B, n)``;
         ``axis=0``: ``(B, n) -> (B, m)``."""
-        raise NotImplementedError
+        return self._dense().lse(h, log_w, eps, axis)
 
     def softmin(self, h: torch.Tensor, log_w: torch.Tensor, eps: float, axis: int) -> torch.Tensor:
         r"""Soft c-transform
@@ -244,7 +271,7 @@ class Geometry:
         :meth:`plan` returns them, and summed in ``accumulate``; with ``round_to`` the
         entries are first rounded to that dtype (a float32 plan formed from float64
         potentials). Geometries may omit ``round_to``."""
-        raise NotImplementedError
+        return self._dense().plan_reduce(f, g, a, b, eps, accumulate=accumulate, round_to=round_to)
 
     def marginals(self, f, g, a, b, eps) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P 1, Pᵀ 1)``."""
@@ -258,7 +285,7 @@ class Geometry:
     def plan_matvec(self, f, g, a, b, eps, vec: torch.Tensor, axis: int) -> torch.Tensor:
         """``P @ vec`` (axis=1, vec ``(B, m)``) or ``P.T @ vec`` (axis=0, vec ``(B, n)``); ``vec``
         may carry a trailing axis of ``k`` vectors, ``(B, m, k)`` / ``(B, n, k)``."""
-        raise NotImplementedError
+        return self._dense().plan_matvec(f, g, a, b, eps, vec, axis)
 
     def plan_operator(self, f, g, a, b, eps):
         """``(Pv, PTu, r, c)``: closures for ``P @ v`` and ``P.T @ u`` and the marginals, for
@@ -301,8 +328,11 @@ class Geometry:
 
     # -- materialisation (only for solvers that need the dense matrix) ---------------------
     def cost_matrix(self) -> torch.Tensor:
-        """The dense cost ``(..., n, m)`` (materialises it for point clouds)."""
-        raise NotImplementedError
+        """The dense cost ``(..., n, m)`` (materialises it for point clouds): the one
+        method a new geometry must implement (class docstring)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement cost_matrix() (or every primitive it would default)."
+        )
 
     def plan(self, f, g, a, b, eps) -> torch.Tensor:
         """The dense plan ``(B, n, m)`` (materialised)."""

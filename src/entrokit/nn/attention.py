@@ -53,6 +53,11 @@ one value per conjugate-gradient iteration. ``torch.compile(fullgraph=False)`` t
 the layer; the loop's wall-clock timer (``info["time"]`` of
 :func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`) splits the graph.
 
+**Return types.** :class:`SinkhornAttention` returns the output tensor from ``forward``
+whatever the arguments, as :func:`~torch.nn.functional.scaled_dot_product_attention`
+does; :meth:`SinkhornAttention.forward_with_weights` returns ``(output, weights)``. The
+former ``need_weights=True`` still works and warns (:class:`DeprecationWarning`).
+
 **Precision.** float16/bfloat16 inputs are computed in float32 (log-domain Sinkhorn
 needs float32 accumulation) and the output is cast back.
 """
@@ -60,14 +65,14 @@ needs float32 accumulation) and the output is cast back.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from entrokit._errors import InputError
 from entrokit._validation import check_positive, check_positive_int
-from entrokit.geometry.base import logsumexp_pair
-from entrokit.geometry.dense import DenseCost
+from entrokit.geometry.logit import LogitCost
 from entrokit.problem import OTProblem, log_weights
 from entrokit.solvers._entropic import warn_not_converged
 from entrokit.solvers.implicit import adjoint_solve, entropic_residual, implicit_fixed_point
@@ -80,91 +85,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------
-# geometry and loop shared with entrokit.nn.matching
+# loop shared with entrokit.nn.matching (the geometry is entrokit.geometry.LogitCost)
 # --------------------------------------------------------------------------------------
-class LogitCost(DenseCost):
-    r"""Dense cost :math:`C = -\varepsilon_0 L` held as its logits :math:`L` (attention
-    scores divided by the temperature :math:`\varepsilon_0`; ``-inf`` marks a forbidden
-    pair, :math:`C = +\infty`).
-
-    The soft-min is one broadcast add and one fused ``torch.logsumexp`` (the same update
-    as :class:`DenseCost`'s, with fewer passes over the :math:`n\times m` numbers and one
-    saved tensor per update under autograd); the plan
-    :math:`a_i b_j e^{(f_i + g_j)/\varepsilon + L_{ij}}` is formed in one buffer, so the
-    implicit backward's mat-vecs and residual stay cheap. Every live row and column must
-    hold a finite logit (the layers give empty rows/columns zero weight and logit 0).
-    Log-sum-exp updates only (no scaling engine).
-    """
-
-    def __init__(self, logits: torch.Tensor, eps: float):
-        self.L = logits
-        self.eps0 = float(eps)
-
-    @property
-    def C(self) -> torch.Tensor:  # the cost, built on demand (plans, implicit backward)
-        return self.L * (-self.eps0)
-
-    def __repr__(self) -> str:
-        return f"LogitCost(shape={tuple(self.L.shape)}, eps={self.eps0:g}, dtype={self.L.dtype})"
-
-    @property
-    def _stored(self) -> torch.Tensor:
-        return self.L
-
-    def reshape_batch(self, batch_shape):
-        batch_shape = tuple(batch_shape)
-        if batch_shape == self.batch_shape:
-            return self
-        return LogitCost(self.L.reshape(*batch_shape, *self.shape), self.eps0)
-
-    def detach(self) -> LogitCost:
-        return LogitCost(self.L.detach(), self.eps0)
-
-    def tensors(self):
-        return (self.L,)
-
-    def rebuild(self, L):
-        return LogitCost(L, self.eps0)
-
-    def cost_bounds(self):
-        flat = self.C.detach().flatten(-2)
-        return flat.amin(-1), flat.amax(-1)
-
-    def _logits(self, eps):
-        return self.L if eps == self.eps0 else self.L * (self.eps0 / eps)
-
-    def _z(self, h, log_w, eps, axis):
-        hw = h / eps + log_w
-        return (hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1)) + self._logits(eps)
-
-    def lse(self, h, log_w, eps, axis):
-        return logsumexp_pair(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
-
-    def softmin(self, h, log_w, eps, axis):
-        return -eps * torch.logsumexp(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
-
-    def plan(self, f, g, a, b, eps):
-        r""":math:`P = \exp(L + (f/\varepsilon + \log a)_i + (g/\varepsilon + \log b)_j)` in three
-        passes; the weights enter through their logs (zero weights give exact zeros and no
-        gradient)."""
-        row = (f / eps + log_weights(a)).unsqueeze(-1)
-        col = (g / eps + log_weights(b)).unsqueeze(-2)
-        return torch.add(self._logits(eps), row).add_(col).exp_()  # one n x m buffer
-
-    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
-        P = self.plan(f, g, a, b, eps)
-        if round_to is not None:
-            P = P.to(round_to)
-        C = self.C
-        if accumulate is not None and accumulate != P.dtype:
-            P, C = P.to(accumulate), C.to(accumulate)
-        PC = torch.where(P > 0, P * C, torch.zeros_like(P))  # forbidden pairs: 0 * inf
-        return P.sum(-1), P.sum(-2), PC.sum((-2, -1))
-
-    def scaling_engine(self, a, b, log_a, log_b):
-        return None  # log-sum-exp updates only
-
-
 def _adjoint_for(dtype: torch.dtype, eps: float):
     """The entropic adjoint solve (:func:`~entrokit.solvers.implicit.adjoint_solve`) with a
     relative tolerance float32 can reach (the library default, 1e-12, is for float64)."""
@@ -513,10 +435,46 @@ class SinkhornAttention(torch.nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         scale: float | None = None,
-        need_weights: bool = False,
-    ):
+        need_weights: bool | None = None,
+    ) -> torch.Tensor:
+        """The attended values ``(N, ..., T, Ev)``, always a tensor (arguments as in
+        :func:`sinkhorn_attention`). For the attention weights too, call
+        :meth:`forward_with_weights`.
+
+        ``need_weights`` is deprecated (a flag never changes the return type):
+        ``need_weights=True`` still returns ``(output, weights)``, with a
+        :class:`DeprecationWarning`; ``False`` is accepted and changes nothing.
+        """
+        args = (query, key, value, attn_mask, key_padding_mask, is_causal, scale)
+        if need_weights:
+            warnings.warn(
+                "SinkhornAttention(...)(q, k, v, need_weights=True) is deprecated: forward always "
+                "returns the output tensor. Call attn.forward_with_weights(q, k, v) for "
+                "(output, weights).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self.forward_with_weights(*args)
+        return self._attend(*args, return_weights=False)
+
+    def forward_with_weights(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output, weights)``: the attended values and the attention weights
+        ``(N, ..., T, S)`` before dropout (``sinkhorn_attention(..., return_weights=True)``).
+        Module hooks run only around :meth:`forward`."""
+        return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, return_weights=True)
+
+    def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal, scale, *, return_weights):
         return sinkhorn_attention(
             query, key, value, attn_mask, self.dropout_p if self.training else 0.0, is_causal, scale,
             key_padding_mask=key_padding_mask, n_iter=self.n_iter, eps=self.eps, tol=self.tol,
-            max_iter=self.max_iter, grad=self.grad, return_weights=need_weights,
+            max_iter=self.max_iter, grad=self.grad, return_weights=return_weights,
         )

@@ -47,7 +47,8 @@ import math
 import torch
 
 from entrokit._errors import InputError
-from entrokit.nn.attention import LogitCost, attach_implicit, check_options, run_sinkhorn
+from entrokit.geometry.logit import LogitCost
+from entrokit.nn.attention import attach_implicit, check_options, run_sinkhorn
 
 __all__ = ["OTMatching", "log_optimal_transport"]
 

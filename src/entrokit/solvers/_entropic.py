@@ -15,7 +15,10 @@ engine's own reduction is used (no extra pass).
 
 * ``"implicit"`` (default): every output has its exact derivative. ``value`` by the
   envelope theorem (free); ``f``, ``g``, ``plan`` and ``transport_cost`` by implicit
-  differentiation, whose adjoint solve runs only when backward reaches them.
+  differentiation, whose adjoint solve runs only when backward reaches them. The gauge
+  fix of ``f`` and ``g`` (and their soft :math:`c`-transforms on rows or columns of zero
+  weight) is applied after the implicit Function, in the graph: the implicit derivative
+  is exact only up to the gauge direction, the fixed potentials do not depend on it.
 * ``"envelope"``: the cheap frozen-plan mode. ``value`` is exact; ``f``, ``g`` and
   ``plan`` are constants, and ``transport_cost`` differentiates with the plan held fixed
   (:math:`\partial\langle C,P\rangle/\partial C = P`), which is *not* its derivative.
@@ -33,7 +36,7 @@ import torch
 
 from entrokit._errors import ConvergenceWarning
 from entrokit._result import OTResult, SolverInfo
-from entrokit.problem import OTProblem
+from entrokit.problem import OTProblem, log_weights
 from entrokit.solvers.implicit import AdjointSolver, implicit_potentials
 
 __all__ = ["entropic_result", "warn_not_converged", "GRAD_MODES", "certify_plan"]
@@ -62,6 +65,38 @@ def _reduce_is_exact(geom, eps: float, tol: float) -> bool:
     return float(geom.max_cost().max()) / eps * 1e-15 <= 1e-3 * tol
 
 
+def _gauge_shift(geom, f, g, a, b) -> torch.Tensor:
+    r"""The constant :math:`s = (\langle a, f\rangle - \langle b, g\rangle) / (\sum a + \sum b)`
+    such that :math:`(f - s, g + s)` satisfies :math:`\langle a, f\rangle = \langle b, g\rangle`."""
+    return (geom.row_sum(a * f) - geom.col_sum(b * g)) / (geom.row_sum(a) + geom.col_sum(b))
+
+
+def _fix_gauge_in_graph(geom, f, g, a, b, eps):
+    r"""The returned potentials, in the graph, from potentials that carry implicit gradients.
+
+    The implicit derivative of :math:`(f, g)` is exact only up to the gauge direction
+    :math:`(\mathbf 1, -\mathbf 1)` and on rows/columns of positive weight
+    (:mod:`entrokit.solvers.implicit`). The returned potentials are
+    :math:`\Phi(f, g) = (f - s, g + s)` with :math:`s` from :func:`_gauge_shift`, which does
+    not depend on that direction (:math:`\Phi(f + t, g - t) = \Phi(f, g)`), and, on rows
+    (columns) of zero weight, the soft :math:`c`-transform of the other potential (what the
+    solvers return there). Differentiating both composes to the exact derivative of the
+    returned ``f`` and ``g``. The inputs already hold those values: only the graph is added
+    (forward values stay bit for bit the solver's).
+    """
+    s = _gauge_shift(geom, f, g, a, b)
+    s = (s - s.detach()).unsqueeze(-1)
+    f, g = f - s, g + s
+    zero_a, zero_b = a == 0, b == 0
+    # counted through the geometry: a sharded one decides the same on every rank
+    if bool((geom.row_sum(zero_a.to(a.dtype)) + geom.col_sum(zero_b.to(b.dtype)) > 0).any()):
+        f_ct = geom.softmin(g, log_weights(b), eps, axis=1)
+        g_ct = geom.softmin(f, log_weights(a), eps, axis=0)
+        f = torch.where(zero_a, f_ct + (f - f_ct).detach(), f)
+        g = torch.where(zero_b, g_ct + (g - g_ct).detach(), g)
+    return f, g
+
+
 def entropic_result(
     problem: OTProblem,
     f: torch.Tensor,
@@ -81,13 +116,14 @@ def entropic_result(
     """Assemble the certified result of a *batched* problem ``(B, n, m)`` (from
     :meth:`OTProblem.with_batch`) and reshape it to the user's batch axes.
 
+    The public solver has checked ``grad`` against the geometry
+    (:meth:`~entrokit.Geometry.check_grad_mode`, once, before solving).
     ``f, g`` must be detached for ``grad in {"implicit", "envelope"}`` and carry the
     unrolled graph for ``grad="unroll"``. ``tol`` enables certification (every public
     solver passes it). ``info["reduce"]`` may hold the solver's own ``(row, col, tc)`` of
     the final plan, used when it is exact to working precision (float64).
     """
     geom, a, b = problem.geometry, problem.a, problem.b
-    geom.check_grad_mode(grad, a, b)
     dtype = a.dtype
     info_type = type(info) if isinstance(info, SolverInfo) else SolverInfo
     info = dict(info.as_dict() if isinstance(info, SolverInfo) else (info or {}))
@@ -102,7 +138,7 @@ def entropic_result(
     f_hi, g_hi = f.to(prec), g.to(prec)
     # fix the gauge (f + c, g - c) so that <a, f> = <b, g>: results do not depend on the
     # engine, the initialisation or the solver that produced them
-    shift = (geom.row_sum(a_hi * f_hi) - geom.col_sum(b_hi * g_hi)) / (geom.row_sum(a_hi) + geom.col_sum(b_hi))
+    shift = _gauge_shift(geom, f_hi, g_hi, a_hi, b_hi)
     f_hi = f_hi - shift.unsqueeze(-1)
     g_hi = g_hi + shift.unsqueeze(-1)
     f, g = f_hi.to(dtype), g_hi.to(dtype)
@@ -142,7 +178,8 @@ def entropic_result(
         else:
             f_val, g_val = f.detach(), g.detach()  # envelope theorem: exact for value
             if grad == "implicit" and inputs_need_grad:
-                f_out, g_out = implicit_potentials(geom, f_val, g_val, a, b, eps, adjoint=adjoint)
+                f_imp, g_imp = implicit_potentials(geom, f_val, g_val, a, b, eps, adjoint=adjoint)
+                f_out, g_out = _fix_gauge_in_graph(geom, f_imp, g_imp, a, b, eps)
             else:
                 f_out, g_out = f_val, g_val
         rows_v, _, tc_v = geom.plan_reduce(f_val, g_val, a, b, eps)

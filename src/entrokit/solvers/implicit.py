@@ -22,7 +22,10 @@ The optimality conditions of the dual are
   :math:`J\lambda = \bar x` is solved by preconditioned conjugate gradient on the range
   of :math:`J` after projecting :math:`\bar x` onto it, so every gauge-invariant output
   (plan, values, costs) receives exact gradients, and so do ``f`` and ``g`` along
-  gauge-invariant directions.
+  gauge-invariant directions. The result builder (:mod:`entrokit.solvers._entropic`)
+  applies the gauge fix :math:`\langle a, f\rangle = \langle b, g\rangle` after this
+  Function, in the graph, so the returned ``f`` and ``g`` have exact derivatives in every
+  direction.
 * ``"unroll"``: autograd through the log-domain iterations (memory grows with the
   number of iterations).
 """

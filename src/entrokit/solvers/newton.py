@@ -577,6 +577,7 @@ def sinkhorn_newton(
     if time_limit is not None:
         time_limit = check_positive(time_limit, "time_limit")
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    problem.geometry.check_grad_mode(grad, problem.a, problem.b)
     user_batched = problem.batched
     pb = problem.with_batch()
     if init is not None:

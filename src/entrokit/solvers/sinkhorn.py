@@ -292,6 +292,7 @@ def sinkhorn_problem(
                 k = min(check_every, stage_end - it)
                 saved = engine.save()
                 err = engine.run(k, active if B > 1 else None, stop_tol=stol if last and device.type == "cpu" else None)
+                err = err.detach()  # a stopping measure: never differentiated (grad="unroll" keeps a graph)
                 ok, absorb = engine.check(err)
                 if not ok:
                     # overflow in the scalings: restore and continue this stage in log domain
@@ -311,7 +312,7 @@ def sinkhorn_problem(
                 it += k
                 err_max = None  # the host copy of max(err), read at most once per check
                 if last:
-                    errors.append(err.detach())
+                    errors.append(err)
                     if callback is not None:
                         err_max = float(err.max())
                         callback(it, err_max)

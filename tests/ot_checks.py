@@ -1,0 +1,56 @@
+"""The one result checker of the test suite: the result contract of every OT solver.
+
+``converged=True`` means the plan *as returned*, recomputed in float64, meets both
+marginals of the problem *as the solver received it* (the inputs cast to the result's
+dtype) to ``tol``, and ``transport_cost`` equals :math:`\\langle C, P\\rangle`;
+``marginal_error`` reports that plan's error whatever the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+D = torch.float64
+
+
+def dense_plan(res) -> torch.Tensor:
+    """The returned plan, dense, detached, in float64."""
+    P = res.plan
+    P = P.to_dense() if P.is_sparse else P
+    return P.detach().to(D)
+
+
+def plan_errors(res, a, b, C) -> tuple[float, float]:
+    """``(L1 marginal error, <C, P>)`` of the returned plan in float64, against the problem
+    as received (``a, b, C`` rounded to the result's dtype first)."""
+    dtype = res.plan.dtype
+    a, b, C = (t.to(dtype).to(D) for t in (a, b, C))
+    P = dense_plan(res)
+    err = float((P.sum(-1) - a).abs().sum() + (P.sum(-2) - b).abs().sum())
+    return err, float((P * C).sum())
+
+
+def check_ot_result(res, a, b, C, tol, *, require_converged=False, check_reported=True, cost_rtol=None, cost_atol=None):
+    """Assert the result contract (module docstring) and return ``(error, cost)``.
+
+    ``require_converged``: the problem is one the solver must solve. ``check_reported``:
+    ``marginal_error`` equals the recomputed error (to float rounding). The transport cost
+    is compared with ``math.isclose`` (default ``rtol = atol`` = 1e-9 in float64, 1e-5 in
+    float32).
+    """
+    dtype = res.plan.dtype
+    err, cost = plan_errors(res, a, b, C)
+    if check_reported:
+        reported = float(res.marginal_error)
+        assert abs(reported - err) <= 1e-6 * max(1.0, err) + 4 * torch.finfo(dtype).eps, (reported, err)
+    if require_converged:
+        assert bool(res.converged), f"{res.method}: not converged, plan error {err:.3e} (tol {tol:g})"
+    if bool(res.converged):
+        assert err <= tol * (1 + 1e-9), f"{res.method}: converged but plan error {err:.3e} > tol {tol:g}"
+        rtol = cost_rtol if cost_rtol is not None else (1e-9 if dtype == D else 1e-5)
+        atol = cost_atol if cost_atol is not None else rtol
+        tc = float(res.transport_cost)
+        assert math.isclose(cost, tc, rel_tol=rtol, abs_tol=atol), f"{res.method}: <C, P> = {cost!r}, transport_cost = {tc!r}"
+    return err, cost
