@@ -466,8 +466,9 @@ def sinkhorn_newton(
     Args:
         a: source weights ``[n]`` or ``[B, n]`` (nonnegative, zeros allowed).
         b: target weights ``[m]`` or ``[B, m]``.
-        cost: cost ``[n, m]`` / ``[B, n, m]`` or a geometry (point clouds are
-            materialised: the Newton stage needs the dense plan).
+        cost: cost ``[n, m]`` / ``[B, n, m]`` or a geometry (point clouds, online ones
+            too, are materialised in float64 from their points: the Newton stage needs the
+            dense plan).
         eps: regularization :math:`\varepsilon > 0` (RegOT's ``reg``, POT's ``reg``; the
             SNS paper's :math:`1/\eta`).
         variant: ``"ssns"`` (default: safe, adaptive, no tuning) or ``"sns"`` (the paper's
@@ -591,7 +592,9 @@ def sinkhorn_newton(
         )
 
     t0 = time.perf_counter()
-    cost64 = pb.geometry.detach().cost_matrix().to(torch.float64)
+    # the float64 cost of the geometry (a float32 point cloud's exact cost, the one the
+    # result is certified on, not its float32 rounding: 1e-6 relative off at cost/eps ~ 300)
+    cost64 = pb.geometry.detach().to_dtype(torch.float64).cost_matrix()
     cost_ranges = pb.geometry.cost_range().tolist()
     a64, b64 = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
     fs, gs, n_iter, final_errors, histories, infos = [], [], [], [], [], []
@@ -671,3 +674,5 @@ def ssns(a, b, cost, eps, **options) -> OTResult:
 
 # entrokit.solve checks options against the signature of the solver these forward to
 sns.__wrapped_solver__ = ssns.__wrapped_solver__ = sinkhorn_newton
+# values its signature takes only to refuse them with a pointer (solve(method="auto") skips it)
+sinkhorn_newton.__refused_options__ = {"grad": ("unroll",)}
