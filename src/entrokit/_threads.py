@@ -1,0 +1,83 @@
+r"""Threading of the solver loops: small problems run on one thread.
+
+A Sinkhorn or Newton iteration on a problem of a few hundred thousand entries is a chain of
+small operations: vector updates of length ``n`` or ``m`` (``log``, ``exp``,
+``reciprocal``, ``sub``: MKL's vector math and ATen's element-wise kernels), and one or two
+``n x m`` mat-vecs (MKL ``gemv``) or plan passes. With torch's default of one thread per
+core each of them opens a parallel region, and every region waits at its barrier for all
+threads. When another process holds a core, the thread scheduled there runs only every
+few milliseconds, so each region costs a scheduler time slice: on a 2-core machine at
+load, 3,000 Sinkhorn iterations on a 256 x 256 cost take 60-70 s with 2 threads and 1.4-2
+s with one (``benchmarks/results/threads.md``). The work of one operation is far below
+what a second thread could save.
+
+:class:`solver_threads` therefore runs the loop of a problem with fewer than
+:data:`SERIAL_MAX_ENTRIES` cost entries (``B n m``) on one thread, on CPU, and restores
+the caller's setting afterwards (also when the solve raises). Larger problems keep the
+caller's setting: their operations are long enough for a second thread to pay. The
+threshold can be changed per process with the ``ENTROKIT_SERIAL_MAX_ENTRIES`` environment
+variable (``0`` never switches). ``torch.set_num_threads`` is process-wide: solves that run
+concurrently in several Python threads share the setting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["SERIAL_MAX_ENTRIES", "serial_max_entries", "solver_threads", "cost_entries"]
+
+# Problems below this many cost entries run their loop on one thread (measured in
+# benchmarks/bench_threads.py: at load, 2 threads cost 2-40x the 1-thread time below it).
+SERIAL_MAX_ENTRIES = 1 << 22
+
+
+def serial_max_entries() -> int:
+    """:data:`SERIAL_MAX_ENTRIES`, or ``ENTROKIT_SERIAL_MAX_ENTRIES`` when set."""
+    env = os.environ.get("ENTROKIT_SERIAL_MAX_ENTRIES")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            from entrokit._errors import InputError
+
+            raise InputError(
+                f"ENTROKIT_SERIAL_MAX_ENTRIES must be a number of cost entries, got {env!r}."
+            ) from None
+    return SERIAL_MAX_ENTRIES
+
+
+def cost_entries(geom) -> int:
+    """``B n m`` of a geometry (this process's share of a sharded one)."""
+    n, m = geom.shape
+    return math.prod(geom.batch_shape) * n * m
+
+
+class solver_threads:
+    """Context: one thread for a CPU problem of fewer than :func:`serial_max_entries`
+    entries, the caller's thread count restored on exit (module docstring). A no-op on
+    other devices, for larger problems, when the caller already runs one thread, and
+    while ``torch.compile`` traces."""
+
+    def __init__(self, entries: int, device: torch.device | str = "cpu"):
+        self.switch = (
+            torch.device(device).type == "cpu"
+            and entries < serial_max_entries()
+            and not torch.compiler.is_compiling()
+            and torch.get_num_threads() > 1
+        )
+        self.saved = None
+
+    def __enter__(self):
+        if self.switch:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)
+            self.saved = None
+        return False
