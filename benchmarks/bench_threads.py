@@ -39,7 +39,7 @@ CASES = (
     + [("readme dense 500x400", "auto", 1e-2), ("readme online 500x400", "auto", 1e-2),
        ("cli online 60x50", "auto", 1e-2),
        ("U[0,1] 256x256", "sinkhorn", 1e-3), ("U[0,1] 256x256", "ssns", 1e-3)]
-    + [(f"U[0,1] {n}x{n}", "sinkhorn", 1e-2) for n in (512, 1024, 2048, 2896)]
+    + [(f"U[0,1] {n}x{n}", "sinkhorn", 1e-2) for n in (512, 1024, 2048, 2896, 4096)]
 )
 
 

@@ -13,7 +13,10 @@ what a second thread could save.
 
 :class:`solver_threads` therefore runs the loop of a problem with fewer than
 :data:`SERIAL_MAX_ENTRIES` cost entries (``B n m``) on one thread, on CPU, and restores
-the caller's setting afterwards (also when the solve raises). Larger problems keep the
+the caller's setting afterwards (also when the solve raises). The public solvers
+(:func:`~entrokit.solve`, :func:`~entrokit.sinkhorn`, :func:`~entrokit.sinkhorn_newton`)
+run whole under it (:func:`small_problem_threads`), and so does the Sinkhorn loop that the
+divergences and layers reuse. Backward passes run on the caller's setting. Larger problems keep the
 caller's setting: their operations are long enough for a second thread to pay. The
 threshold can be changed per process with the ``ENTROKIT_SERIAL_MAX_ENTRIES`` environment
 variable (``0`` never switches). ``torch.set_num_threads`` is process-wide: solves that run
@@ -22,16 +25,18 @@ concurrently in several Python threads share the setting.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
 
-__all__ = ["SERIAL_MAX_ENTRIES", "serial_max_entries", "solver_threads", "cost_entries"]
+__all__ = ["SERIAL_MAX_ENTRIES", "serial_max_entries", "solver_threads", "cost_entries", "small_problem_threads"]
 
 # Problems below this many cost entries run their loop on one thread (measured in
-# benchmarks/bench_threads.py: at load, 2 threads cost 2-40x the 1-thread time below it).
-SERIAL_MAX_ENTRIES = 1 << 22
+# benchmarks/bench_threads.py: at load, 2 threads cost up to 2.9x the 1-thread time at
+# 4M-8M entries and 40x at 65k; 1.4x at 16.7M).
+SERIAL_MAX_ENTRIES = 1 << 24
 
 
 def serial_max_entries() -> int:
@@ -49,10 +54,29 @@ def serial_max_entries() -> int:
     return SERIAL_MAX_ENTRIES
 
 
-def cost_entries(geom) -> int:
-    """``B n m`` of a geometry (this process's share of a sharded one)."""
-    n, m = geom.shape
-    return math.prod(geom.batch_shape) * n * m
+def cost_entries(cost) -> int:
+    """``B n m`` of a geometry (this process's share of a sharded one) or of a cost array;
+    0 for anything else (lists: small by nature)."""
+    batch_shape = getattr(cost, "batch_shape", None)
+    if batch_shape is not None:
+        n, m = cost.shape
+        return math.prod(batch_shape) * n * m
+    shape = getattr(cost, "shape", None)
+    return math.prod(shape) if shape is not None else 0
+
+
+def small_problem_threads(fn):
+    """Decorator of a public solver ``fn(a, b, cost, ...)``: the whole call (validation,
+    loop, certification) under :class:`solver_threads` for the size of ``cost``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        cost = args[2] if len(args) > 2 else kwargs.get("cost")
+        device = getattr(cost, "device", "cpu")
+        with solver_threads(cost_entries(cost), device if isinstance(device, (str, torch.device)) else "cpu"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class solver_threads:

@@ -114,7 +114,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult
-from entrokit._threads import cost_entries, solver_threads
+from entrokit._threads import small_problem_threads
 from entrokit._validation import check_choice, check_positive, check_positive_int
 from entrokit.geometry import DenseCost, exp_floor
 from entrokit.problem import OTProblem, log_weights, make_problem
@@ -435,6 +435,7 @@ def _fill_potentials(C, a, b, eps, f_support, g_support, ia, ib):
     return f, g
 
 
+@small_problem_threads
 def sinkhorn_newton(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -592,76 +593,75 @@ def sinkhorn_newton(
             "use linear_solver='cg' (or 'auto')."
         )
 
-    with solver_threads(cost_entries(pb.geometry), device):
-        t0 = time.perf_counter()
-        # the float64 cost of the geometry (a float32 point cloud's exact cost, the one the
-        # result is certified on, not its float32 rounding: 1e-6 relative off at cost/eps ~ 300)
-        cost64 = pb.geometry.detach().to_dtype(torch.float64).cost_matrix()
-        cost_ranges = pb.geometry.cost_range().tolist()
-        a64, b64 = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
-        fs, gs, n_iter, final_errors, histories, infos = [], [], [], [], [], []
-        for k in range(a64.shape[0]):
-            C, a_k, b_k = cost64[k], a64[k], b64[k]
-            ia, ib = (a_k > 0).nonzero().squeeze(1), (b_k > 0).nonzero().squeeze(1)
-            full = len(ia) == a_k.numel() and len(ib) == b_k.numel()
-            C_support = C if full else C[ia][:, ib].contiguous()
-            a_s, b_s = a_k[ia], b_k[ib]
-            alpha0 = beta0 = None
-            if init is not None:
-                alpha0 = init[0][k].detach().to(torch.float64)[ia] + eps * a_s.log()
-                beta0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
-            n_s, m_s = C_support.shape
-            opt = dict(
-                tol=tol, variant=variant, callback=callback, init_given=init is not None,
-                warmup_max_iter=warmup_max_iter, switch_tol=switch_tol,
-                density=density if density is not None else min(1.0, 2.0 / min(n_s, m_s)),
-                max_iter=max_iter, linear_solver=linear_solver, cg_rtol=cg_rtol, cg_rtol_max=1e-2,
-                cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
-                mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, eps_scaling=eps_scaling, stage_tol=1e-3,
-                c1=1e-4, max_backtracks=12,  # smallest step 2^-12
-                deadline=None if time_limit is None else t0 + time_limit,
-            )
-            alpha, beta, err, it, info = _solve_one(
-                C_support, a_s, b_s, eps, float(cost_ranges[k]), alpha0, beta0, opt, time.perf_counter()
-            )
-            f, g = _fill_potentials(C, a_k, b_k, eps, alpha - eps * a_s.log(), beta - eps * b_s.log(), ia, ib)
-            fs.append(f)
-            gs.append(g)
-            n_iter.append(it)
-            final_errors.append(err)
-            histories.append(info["marginal_error"] or [err])
-            infos.append(info)
-        # float64 potentials (the Newton stage's precision): the result builder forms the plan
-        # from them and rounds it to the input dtype, so float32 plans keep float64 accuracy
-        f = torch.stack(fs)
-        g = torch.stack(gs)
-        L = max(1, max(len(e) for e in histories))
-        err_hist = torch.tensor(
-            [[(e[i] if i < len(e) else (e[-1] if e else float("nan"))) for e in histories] for i in range(L)],
-            dtype=dtype, device=device,
+    t0 = time.perf_counter()
+    # the float64 cost of the geometry (a float32 point cloud's exact cost, the one the
+    # result is certified on, not its float32 rounding: 1e-6 relative off at cost/eps ~ 300)
+    cost64 = pb.geometry.detach().to_dtype(torch.float64).cost_matrix()
+    cost_ranges = pb.geometry.cost_range().tolist()
+    a64, b64 = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
+    fs, gs, n_iter, final_errors, histories, infos = [], [], [], [], [], []
+    for k in range(a64.shape[0]):
+        C, a_k, b_k = cost64[k], a64[k], b64[k]
+        ia, ib = (a_k > 0).nonzero().squeeze(1), (b_k > 0).nonzero().squeeze(1)
+        full = len(ia) == a_k.numel() and len(ib) == b_k.numel()
+        C_support = C if full else C[ia][:, ib].contiguous()
+        a_s, b_s = a_k[ia], b_k[ib]
+        alpha0 = beta0 = None
+        if init is not None:
+            alpha0 = init[0][k].detach().to(torch.float64)[ia] + eps * a_s.log()
+            beta0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
+        n_s, m_s = C_support.shape
+        opt = dict(
+            tol=tol, variant=variant, callback=callback, init_given=init is not None,
+            warmup_max_iter=warmup_max_iter, switch_tol=switch_tol,
+            density=density if density is not None else min(1.0, 2.0 / min(n_s, m_s)),
+            max_iter=max_iter, linear_solver=linear_solver, cg_rtol=cg_rtol, cg_rtol_max=1e-2,
+            cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
+            mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, eps_scaling=eps_scaling, stage_tol=1e-3,
+            c1=1e-4, max_backtracks=12,  # smallest step 2^-12
+            deadline=None if time_limit is None else t0 + time_limit,
         )
-        n_iter_t = torch.tensor(n_iter, dtype=torch.long, device=device)
-        # provisional; certified on the returned plan below
-        conv_t = torch.tensor([e <= tol for e in final_errors], dtype=torch.bool, device=device)
-        info_out = infos[0] if not user_batched else {
-            key: [inf.get(key) for inf in infos] for key in infos[0]
-        }
-        info_out = dict(info_out)
-        info_out["linear_solver"] = linear_solver
-        info_out["total_time"] = time.perf_counter() - t0
-        # certified by the builder on the returned plan (float64 sums); it warns when the plan
-        # misses tol although the Newton stage reached it
-        res = entropic_result(
-            pb, f, g, eps, grad=grad, n_iter=n_iter_t, converged=conv_t, errors=err_hist,
-            method=variant, tol=tol, info=info_out,
+        alpha, beta, err, it, info = _solve_one(
+            C_support, a_s, b_s, eps, float(cost_ranges[k]), alpha0, beta0, opt, time.perf_counter()
         )
-        warn_not_converged(
-            conv_t, torch.tensor(final_errors, dtype=torch.float64), tol, variant,
-            f"Raise max_iter (now {max_iter}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
-            "with variant='sns' try variant='ssns'"
-            + ("; float32 potentials may not carry the solution to this tol, use float64." if dtype != torch.float64 else "."),
-        )
-        return res
+        f, g = _fill_potentials(C, a_k, b_k, eps, alpha - eps * a_s.log(), beta - eps * b_s.log(), ia, ib)
+        fs.append(f)
+        gs.append(g)
+        n_iter.append(it)
+        final_errors.append(err)
+        histories.append(info["marginal_error"] or [err])
+        infos.append(info)
+    # float64 potentials (the Newton stage's precision): the result builder forms the plan
+    # from them and rounds it to the input dtype, so float32 plans keep float64 accuracy
+    f = torch.stack(fs)
+    g = torch.stack(gs)
+    L = max(1, max(len(e) for e in histories))
+    err_hist = torch.tensor(
+        [[(e[i] if i < len(e) else (e[-1] if e else float("nan"))) for e in histories] for i in range(L)],
+        dtype=dtype, device=device,
+    )
+    n_iter_t = torch.tensor(n_iter, dtype=torch.long, device=device)
+    # provisional; certified on the returned plan below
+    conv_t = torch.tensor([e <= tol for e in final_errors], dtype=torch.bool, device=device)
+    info_out = infos[0] if not user_batched else {
+        key: [inf.get(key) for inf in infos] for key in infos[0]
+    }
+    info_out = dict(info_out)
+    info_out["linear_solver"] = linear_solver
+    info_out["total_time"] = time.perf_counter() - t0
+    # certified by the builder on the returned plan (float64 sums); it warns when the plan
+    # misses tol although the Newton stage reached it
+    res = entropic_result(
+        pb, f, g, eps, grad=grad, n_iter=n_iter_t, converged=conv_t, errors=err_hist,
+        method=variant, tol=tol, info=info_out,
+    )
+    warn_not_converged(
+        conv_t, torch.tensor(final_errors, dtype=torch.float64), tol, variant,
+        f"Raise max_iter (now {max_iter}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
+        "with variant='sns' try variant='ssns'"
+        + ("; float32 potentials may not carry the solution to this tol, use float64." if dtype != torch.float64 else "."),
+    )
+    return res
 
 
 def sns(a, b, cost, eps, **options) -> OTResult:

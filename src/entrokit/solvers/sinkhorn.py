@@ -65,7 +65,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult, SinkhornInfo
-from entrokit._threads import cost_entries, solver_threads
+from entrokit._threads import cost_entries, small_problem_threads, solver_threads
 from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
 from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
@@ -384,6 +384,7 @@ def _sinkhorn_loop(
 
 
 @numpy_in_out
+@small_problem_threads
 def sinkhorn(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -455,30 +456,29 @@ def sinkhorn(
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
     problem.geometry.check_grad_mode(grad, problem.a, problem.b)
     pb = problem.with_batch()
-    with solver_threads(cost_entries(pb.geometry), pb.a.device):
-        if init is not None:
-            init = check_init(init, pb)
-        if grad == "unroll" and lse_mode is False:
-            raise InputError("grad='unroll' differentiates the log-domain iterations; leave lse_mode=None or True.")
-        opts = SinkhornOptions(
-            tol=internal_tol(tol, pb), max_iter=max_iter, eps_scaling=eps_scaling, scaling_decay=float(scaling_decay),
-            check_every=check_every, lse_mode=lse_mode,
-        )
-        f, g, n_iter, converged, errors, info = sinkhorn_problem(
-            pb, eps, opts, init=init, unroll=(grad == "unroll"), callback=callback, precise=True
-        )
-        if _needs_float64_finish(pb, grad):
-            f, g, n_iter, converged, errors = _float64_finish(pb, eps, f, g, n_iter, errors, opts, info)
-        res = entropic_result(
-            pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
-            method="sinkhorn", tol=tol, info=SinkhornInfo(info),
-        )
-        warn_not_converged(
-            converged, errors[-1] if len(errors) else res.marginal_error, tol, "sinkhorn",
-            f"Raise max_iter (now {max_iter}), loosen tol, increase eps (now {eps:g}), use float64, "
-            "or try method='ssns'.",
-        )
-        return res
+    if init is not None:
+        init = check_init(init, pb)
+    if grad == "unroll" and lse_mode is False:
+        raise InputError("grad='unroll' differentiates the log-domain iterations; leave lse_mode=None or True.")
+    opts = SinkhornOptions(
+        tol=internal_tol(tol, pb), max_iter=max_iter, eps_scaling=eps_scaling, scaling_decay=float(scaling_decay),
+        check_every=check_every, lse_mode=lse_mode,
+    )
+    f, g, n_iter, converged, errors, info = sinkhorn_problem(
+        pb, eps, opts, init=init, unroll=(grad == "unroll"), callback=callback, precise=True
+    )
+    if _needs_float64_finish(pb, grad):
+        f, g, n_iter, converged, errors = _float64_finish(pb, eps, f, g, n_iter, errors, opts, info)
+    res = entropic_result(
+        pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
+        method="sinkhorn", tol=tol, info=SinkhornInfo(info),
+    )
+    warn_not_converged(
+        converged, errors[-1] if len(errors) else res.marginal_error, tol, "sinkhorn",
+        f"Raise max_iter (now {max_iter}), loosen tol, increase eps (now {eps:g}), use float64, "
+        "or try method='ssns'.",
+    )
+    return res
 
 
 def _needs_float64_finish(pb: OTProblem, grad: str) -> bool:

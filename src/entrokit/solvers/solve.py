@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult
+from entrokit._threads import small_problem_threads
 from entrokit._validation import check_positive
 from entrokit.problem import make_problem
 from entrokit.solvers._io import numpy_in_out
@@ -157,6 +158,7 @@ def _auto_with_options(problem, eps: float, options: dict) -> tuple[str, str]:
 
 
 @numpy_in_out
+@small_problem_threads
 def solve(
     a,
     b,
