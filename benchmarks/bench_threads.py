@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 
-FIXED = 300  # iterations of the capped Sinkhorn rows
+FIXED = 300  # iterations of the capped Sinkhorn rows (a tenth from 2048 x 2048 on)
 
 CASES = (
     [("demo", "sinkhorn", eps) for eps in (1e-1, 1e-2, 1e-3)]
@@ -79,8 +79,11 @@ def _run_one(threads: list[int]) -> dict:
         kw = {}
         # Sinkhorn runs of minutes at load: a fixed number of iterations (tol out of reach)
         capped = method == "sinkhorn" and (name != "demo" or eps < 1e-1)
+        if name.startswith(("readme online", "cli")):
+            kw = {"max_iter": FIXED}  # Sinkhorn, where "auto" picks it, stops there (2,043 / 10,000 needed)
         if capped:
-            kw = {"max_iter": FIXED, "tol": 1e-300}
+            big = name.startswith("U[0,1]") and int(name.split()[-1].split("x")[0]) >= 2048
+            kw = {"max_iter": FIXED // 10 if big else FIXED, "tol": 1e-300}
         for t in threads:
             torch.set_num_threads(t)
             w, c = time.perf_counter(), time.process_time()
