@@ -73,7 +73,9 @@ Newton step; the count is reported in
 floating-point resolution, a step is also accepted when it reduces the marginal
 error.
 
-**Numerics.** The Newton stage always runs in float64 on a copy of the cost. Exponents
+**Numerics.** The Newton stage always runs in float64 on a copy of the cost (for a point
+cloud, online or not, the cost of its points in float64: a float32 rounding of
+:math:`\|x-y\|^2` alone moves the marginals by about :math:`10^{-7}\,C/\varepsilon`). Exponents
 are floored at :func:`~entrokit.geometry.exp_floor` (no denormals: they are 10x slower
 and far below any tolerance) and never clamped from above (an overflow is a rejected
 step, not a truncated plan). The potentials are cast back to the input dtype. Rows or
