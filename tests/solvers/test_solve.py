@@ -130,3 +130,12 @@ def test_float32_point_cloud_meets_default_tol(method):
         assert res.f.dtype == torch.float32 and res.plan.dtype == torch.float32
         err, tc_gap = _returned_plan_check(res, x, y)
         assert err <= 1e-6 and tc_gap <= 1e-5 * float(res.transport_cost), (seed, err, tc_gap)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "ssns"])
+def test_convergence_warning_points_at_the_callers_line(method):
+    # through solve(), numpy_in_out and the thread wrapper: the user's file, not entrokit's
+    C = torch.rand(50, 50, generator=torch.Generator().manual_seed(0), dtype=D)
+    with pytest.warns(entrokit.ConvergenceWarning) as record:
+        entrokit.solve(None, None, C, eps=1e-3, method=method, max_iter=1)
+    assert all(w.filename == __file__ for w in record), [w.filename for w in record]
