@@ -15,7 +15,8 @@ process, trees interleaved. The table gives medians over the rounds of wall time
 the process CPU time.
 
 Usage:
-    python benchmarks/bench_threads.py --tree OLD_SRC --tree NEW_SRC --rounds 3 --load
+    python benchmarks/bench_threads.py --tree OLD_SRC --tree NEW_SRC --rounds 3 --load [--save runs.json]
+    python benchmarks/bench_threads.py --report runs.json   # the table of the saved runs
     python benchmarks/bench_threads.py --run          # one tree (PYTHONPATH), JSON out
 """
 
@@ -106,54 +107,27 @@ def _busy_loop(seconds: float):
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--run", action="store_true")
-    p.add_argument("--tree", action="append", default=[])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", default="1,2")
-    p.add_argument("--load", action="store_true", help="busy-loop process pinned to CPU 0 while measuring")
-    p.add_argument("--load-seconds", type=float, default=1800.0)
-    args = p.parse_args()
-    threads = [int(t) for t in args.threads.split(",")]
-    if args.run:
-        print(json.dumps(_run_one(threads)))
-        return
-    trees = args.tree or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")]
-    busy = _busy_loop(args.load_seconds) if args.load else None
-    loads = []
-    runs: dict[str, dict[str, list]] = {t: {} for t in trees}
-    try:
-        for _ in range(args.rounds):
-            for tree in trees:
-                env = dict(os.environ, PYTHONPATH=tree)
-                env.pop("OMP_NUM_THREADS", None)  # torch's default threading, set per case
-                loads.append(os.getloadavg()[0])
-                out = subprocess.run([sys.executable, __file__, "--run", "--threads", args.threads], env=env,
-                                     check=True, capture_output=True, text=True).stdout
-                for k, v in json.loads(out).items():
-                    runs[tree].setdefault(k, []).append(v)
-    finally:
-        if busy is not None:
-            busy.kill()
-            busy.wait()
+def _report(state: dict, threads: list[int], command: str) -> None:
+    trees, runs, loads = state["trees"], state["runs"], state["loads"]
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as fh:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"`{' '.join(['python'] + sys.argv)}`")
-    print(f"\n{cpu}, {os.cpu_count()} cores; busy loop on CPU 0: {'yes' if busy else 'no'}; "
+    rounds = min(len(next(iter(runs[t].values()), [])) for t in trees)
+    print(f"`{command}`")
+    print(f"\n{cpu}, {os.cpu_count()} cores; busy loop on CPU 0: {'yes' if state['load'] else 'no'}; "
           f"1-min load average at the start of each run: {', '.join(f'{x:.1f}' for x in loads)}; "
-          f"{args.rounds} rounds, medians.\n")
+          f"{rounds} round(s), medians.\n")
     label = [os.path.basename(os.path.normpath(os.path.join(t, ".."))) or t for t in trees]
     head = ["problem", "method", "eps"]
     for lab in label:
         head += [f"{lab}: picked (iters)"] + [f"{lab}: {t} thr wall / cpu s" for t in threads] + [f"{lab}: {threads[-1]}/{threads[0]}"]
     print("| " + " | ".join(head) + " |")
     print("|---" * len(head) + "|")
-    keys = sorted({k.rsplit(" | ", 1)[0] for k in runs[trees[0]]}, key=lambda k: [c[0] + " | " + c[1] + " | " + f"{c[2]:g}" for c in CASES].index(k))
+    order = [f"{c[0]} | {c[1]} | {c[2]:g}" for c in CASES]
+    keys = sorted({k.rsplit(" | ", 1)[0] for k in runs[trees[0]]}, key=order.index)
     for k in keys:
         row = k.split(" | ")
         for tree in trees:
@@ -168,6 +142,53 @@ def main() -> None:
                 row.append(f"{wall:.3g} / {cpu_t:.3g}")
             row.append(f"{walls[-1] / walls[0]:.2f}x")
         print("| " + " | ".join(row) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", action="store_true")
+    p.add_argument("--tree", action="append", default=[])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--load", action="store_true", help="busy-loop process pinned to CPU 0 while measuring")
+    p.add_argument("--load-seconds", type=float, default=1800.0)
+    p.add_argument("--save", default=None, help="JSON file the runs are added to after each one (resumable)")
+    p.add_argument("--report", default=None, help="print the table of a --save file and exit")
+    args = p.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.run:
+        print(json.dumps(_run_one(threads)))
+        return
+    if args.report:
+        with open(args.report) as fh:
+            state = json.load(fh)
+        _report(state, threads, state["command"])
+        return
+    trees = args.tree or [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")]
+    state = {"trees": trees, "runs": {t: {} for t in trees}, "loads": [], "load": args.load,
+             "command": " ".join(["python"] + sys.argv)}
+    if args.save and os.path.exists(args.save):
+        with open(args.save) as fh:
+            state = json.load(fh)
+    busy = _busy_loop(args.load_seconds) if args.load else None
+    try:
+        for _ in range(args.rounds):
+            for tree in trees:
+                env = dict(os.environ, PYTHONPATH=tree)
+                env.pop("OMP_NUM_THREADS", None)  # torch's default threading, set per case
+                state["loads"].append(os.getloadavg()[0])
+                out = subprocess.run([sys.executable, __file__, "--run", "--threads", args.threads], env=env,
+                                     check=True, capture_output=True, text=True).stdout
+                for k, v in json.loads(out).items():
+                    state["runs"][tree].setdefault(k, []).append(v)
+                if args.save:
+                    with open(args.save, "w") as fh:
+                        json.dump(state, fh)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    _report(state, threads, state["command"])
 
 
 if __name__ == "__main__":
