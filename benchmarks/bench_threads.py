@@ -108,7 +108,8 @@ def _busy_loop(seconds: float):
 
 
 def _report(state: dict, threads: list[int], command: str) -> None:
-    trees, runs, loads = state["trees"], state["runs"], state["loads"]
+    runs, loads = state["runs"], state["loads"]
+    trees = [t for t in state["trees"] if runs[t]]  # a partial --save file: the trees run so far
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as fh:
