@@ -19,8 +19,7 @@ the caller's setting afterwards (also when the solve raises). The public solvers
 run whole under it (:func:`small_problem_threads`), and so does the Sinkhorn loop that the
 divergences and layers reuse. Backward passes run on the caller's setting. Larger problems
 keep the caller's setting: their operations are long enough that a wait is a small part of
-them (at load, 2 threads took 1.2-1.5x the 1-thread time at 2^24 entries, and 2.8x at
-2^22-2^23), and an idle machine can use the second core. The
+them (at load, 2 threads took 1.2-1.3x the 1-thread time at 2^24 entries, 2.3x at 2^22), and an idle machine can use the second core. The
 threshold can be changed per process with the ``ENTROKIT_SERIAL_MAX_ENTRIES`` environment
 variable (``0`` never switches). ``torch.set_num_threads`` is process-wide: solves that run
 concurrently in several Python threads share the setting.
@@ -37,8 +36,8 @@ import torch
 __all__ = ["SERIAL_MAX_ENTRIES", "serial_max_entries", "solver_threads", "cost_entries", "small_problem_threads"]
 
 # Problems below this many cost entries run their loop on one thread (measured in
-# benchmarks/bench_threads.py: at load, 2 threads cost up to 2.9x the 1-thread time at
-# 4M-8M entries and 40x at 65k; 1.4x at 16.7M).
+# benchmarks/bench_threads.py: at load, 2 threads took 11-40x the 1-thread time up to
+# 2^20 entries, 2.3x at 2^22, 1.5x at 2^23 and 1.2-1.3x at 2^24).
 SERIAL_MAX_ENTRIES = 1 << 24
 
 
