@@ -41,6 +41,14 @@ __all__ = ["SERIAL_MAX_ENTRIES", "serial_max_entries", "solver_threads", "cost_e
 SERIAL_MAX_ENTRIES = 1 << 24
 
 
+def compiling() -> bool:
+    """True while torch.compile traces (``torch.compiler.is_compiling``, torch >= 2.3)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if check is None:  # torch 2.2
+        check = torch._dynamo.is_compiling
+    return bool(check())
+
+
 def serial_max_entries() -> int:
     """:data:`SERIAL_MAX_ENTRIES`, or ``ENTROKIT_SERIAL_MAX_ENTRIES`` when set."""
     env = os.environ.get("ENTROKIT_SERIAL_MAX_ENTRIES")
@@ -91,7 +99,7 @@ class solver_threads:
         self.switch = (
             torch.device(device).type == "cpu"
             and entries < serial_max_entries()
-            and not torch.compiler.is_compiling()
+            and not compiling()
             and torch.get_num_threads() > 1
         )
         self.saved = None

@@ -71,6 +71,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult, SinkhornInfo
+from entrokit._threads import compiling as _compiling
 from entrokit._threads import cost_entries, small_problem_threads, solver_threads
 from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
 from entrokit.geometry import Geometry
@@ -162,14 +163,6 @@ class _LogEngine:
 
     def potentials(self, precise: bool = False):
         return self.f, self.g
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces (``torch.compiler.is_compiling``, torch >= 2.3)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if check is None:  # torch 2.2
-        check = torch._dynamo.is_compiling
-    return bool(check())
 
 
 def _slow_convergence(hist: list, done: int, err: float, tol: float) -> bool:
