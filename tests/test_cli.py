@@ -250,3 +250,17 @@ def test_solve_help_gives_defaults_and_choices(capsys):
               "(default: auto)", "--tol TOL L1 marginal error of the returned plan (default: 1e-06)",
               "--max-iter MAX_ITER iteration budget", "one of: sqeuclidean, euclidean (default: sqeuclidean)"]:
         assert s in text, s
+
+
+def test_solve_forced_online_small_cloud_picks_newton(tmp_path, capsys):
+    # issue 19: `entrokit solve src.npy tgt.csv --memory-budget 1000` (60 x 50 points, forced
+    # online) ran Sinkhorn for 10,000 iterations and ended with converged=False
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src.npy"
+    np.save(src, rng.standard_normal((60, 2)))
+    tgt = tmp_path / "tgt.csv"
+    np.savetxt(tgt, rng.standard_normal((50, 2)) + 1, delimiter=",")
+    assert main(["solve", str(src), str(tgt), "--memory-budget", "1000", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "cost=online" in out and "method=ssns" in out and "converged=True" in out
+    assert int(out.split("iterations=")[1].split()[0]) < 100

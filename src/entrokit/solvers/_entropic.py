@@ -28,6 +28,8 @@ engine's own reduction is used (no extra pass).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -267,8 +269,19 @@ def _warn_certification(merr, bad, tol, dtype, geom, eps) -> None:
         f"{k} of {tot} problem(s) reached tol internally, but the returned plan misses the "
         f"marginals by {worst:.3e} > tol: converged=False. {hint}",
         ConvergenceWarning,
-        stacklevel=4,
+        stacklevel=_caller_level(),
     )
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside the entrokit package, as seen from the
+    function that calls this one (warnings point at the user's line, through any number of
+    entrokit wrappers)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def warn_not_converged(converged: torch.Tensor, merr: torch.Tensor, tol: float, method: str, hint: str) -> None:
@@ -281,5 +294,5 @@ def warn_not_converged(converged: torch.Tensor, merr: torch.Tensor, tol: float, 
         f"{method} did not converge for {k} of {tot} problem(s): marginal error "
         f"{float(merr.max()):.3e} > tol={tol:g}. {hint}",
         ConvergenceWarning,
-        stacklevel=4,
+        stacklevel=_caller_level(),
     )

@@ -52,6 +52,12 @@ which saves 20-40% of the iterations in our measurements.
 iterations (the contraction rate degrades like :math:`1 - e^{-\|C\|_\infty/\varepsilon}`);
 float32 cannot reach tolerances below about ``1e-6 * n``. Remedies: raise ``max_iter``,
 loosen ``tol``, use float64, keep eps-scaling on, or use the Newton solvers.
+
+**Float32 point clouds** are solved for the exact cost of their points: the float32 loop
+runs first, then :func:`sinkhorn` continues in float64 on the float64 points from its
+potentials until ``tol`` (``info["float64_finish"]`` iterations, about ten at cost/eps =
+300), since rounding :math:`\|x-y\|^2` to float32 alone moves the marginals by about
+:math:`10^{-7}\,C/\varepsilon`. Not with ``grad="unroll"`` (its graph is the float32 loop).
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult, SinkhornInfo
+from entrokit._threads import compiling as _compiling
+from entrokit._threads import cost_entries, small_problem_threads, solver_threads
 from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
 from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
@@ -157,14 +165,6 @@ class _LogEngine:
         return self.f, self.g
 
 
-def _compiling() -> bool:
-    """True while torch.compile traces (``torch.compiler.is_compiling``, torch >= 2.3)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if check is None:  # torch 2.2
-        check = torch._dynamo.is_compiling
-    return bool(check())
-
-
 def _slow_convergence(hist: list, done: int, err: float, tol: float) -> bool:
     """Predict from the observed linear rate whether the run will be long.
 
@@ -213,8 +213,24 @@ def sinkhorn_problem(
 
     Returns ``(f, g, n_iter, converged, errors, info)``; ``f, g`` are detached unless
     ``unroll``. This is the loop every entropic solver reuses (warm-up of the Newton
-    solvers, divergences, layers).
+    solvers, divergences, layers). Small CPU problems run it on one thread
+    (:class:`entrokit._threads.solver_threads`).
     """
+    with solver_threads(cost_entries(problem.geometry), problem.a.device):
+        return _sinkhorn_loop(problem, eps, options, init=init, unroll=unroll, callback=callback, precise=precise)
+
+
+def _sinkhorn_loop(
+    problem: OTProblem,
+    eps: float,
+    options: SinkhornOptions,
+    *,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    unroll: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+    precise: bool = False,
+):
+    """:func:`sinkhorn_problem` on the caller's threads."""
     geom = problem.geometry
     a, b = problem.a, problem.b
     if not unroll:
@@ -368,6 +384,7 @@ def sinkhorn_problem(
 
 
 @numpy_in_out
+@small_problem_threads
 def sinkhorn(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -450,6 +467,8 @@ def sinkhorn(
     f, g, n_iter, converged, errors, info = sinkhorn_problem(
         pb, eps, opts, init=init, unroll=(grad == "unroll"), callback=callback, precise=True
     )
+    if _needs_float64_finish(pb, grad):
+        f, g, n_iter, converged, errors = _float64_finish(pb, eps, f, g, n_iter, errors, opts, info)
     res = entropic_result(
         pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
         method="sinkhorn", tol=tol, info=SinkhornInfo(info),
@@ -460,6 +479,32 @@ def sinkhorn(
         "or try method='ssns'.",
     )
     return res
+
+
+def _needs_float64_finish(pb: OTProblem, grad: str) -> bool:
+    """A float32 point-cloud solve ends in float64: its cost is the points' exact cost, and
+    the float32 rounding of ``|x - y|^2`` alone moves the plan's marginals by about
+    ``u * C / eps`` (``2e-6`` at cost/eps = 300, u the float32 unit roundoff)."""
+    from entrokit.geometry.base import PointGeometry
+
+    return pb.dtype != torch.float64 and grad != "unroll" and isinstance(pb.geometry, PointGeometry)
+
+
+def _float64_finish(pb: OTProblem, eps: float, f, g, n_iter, errors, opts: SinkhornOptions, info: dict):
+    """Sinkhorn iterations in float64 on the float64 points from the float32 potentials,
+    to ``opts.tol`` within what is left of ``max_iter`` (usually a few: the float32
+    solution is a warm start). Returns float64 potentials; the result is certified on the
+    same float64 cost."""
+    f32_iters = int(n_iter.max())
+    pb64 = OTProblem(pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64),
+                     pb.geometry.detach().to_dtype(torch.float64), pb.user_batch_shape)
+    finish = SinkhornOptions(tol=opts.tol, max_iter=max(1, opts.max_iter - f32_iters), eps_scaling=False,
+                             check_every=opts.check_every, lse_mode=opts.lse_mode)
+    init = (f.detach().to(torch.float64), g.detach().to(torch.float64))
+    f, g, k, converged, errors64, _ = sinkhorn_problem(pb64, eps, finish, init=init)
+    info["float64_finish"] = int(k.max())
+    errors = torch.cat([errors.to(torch.float64), errors64]) if len(errors) else errors64
+    return f, g, n_iter + k, converged, errors.to(pb.dtype)
 
 
 def internal_tol(tol: float, pb: OTProblem) -> float:

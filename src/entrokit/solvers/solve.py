@@ -7,25 +7,41 @@ previous :class:`~entrokit.OTResult`), ``grad`` (``"implicit"``, ``"envelope"``,
 ``"auto"``), ``callback(iteration, error)``, ``check_inputs`` and ``normalize``. Other
 options are method-specific and are checked against the method actually run.
 
-**The "auto" rule.** The safe sparse Newton solver ``"ssns"`` for a single dense problem
-whose ``eps`` is below ``1e-2`` times the cost range (where Sinkhorn needs thousands of
-iterations); ``"sinkhorn"`` otherwise (batches, online point clouds, large ``eps``). The
-inputs are validated before the rule reads the cost.
+**The "auto" rule.** The safe sparse Newton solver ``"ssns"`` for a single problem whose
+``eps`` is below ``1e-2`` times the cost range (where Sinkhorn needs thousands of
+iterations); ``"sinkhorn"`` otherwise (batches, large ``eps``). Newton works on a float64
+copy of the cost, so it also runs on an online :class:`~entrokit.PointCloud`; "auto" picks
+it there when that copy is small: about :data:`NEWTON_COPIES` float64 ``n x m`` matrices
+within the memory budget of the geometry, or ``n m`` at most :data:`NEWTON_ONLINE_ENTRIES`
+(a problem that small fits one tile of the online reductions, which hold such a block
+anyway). Larger online clouds, and geometries that never materialise the cost (sharded,
+truncated multiscale), go to Sinkhorn. The inputs are validated before the rule reads the
+cost.
+
+**Options select the method.** A method-specific option tells "auto" which solvers the
+caller wants: the rule's pick is kept when it takes every option given (with its value:
+``grad="unroll"`` is Sinkhorn-only), otherwise the first entropic method that takes them
+all (``"ssns"``, ``"sns"``, ``"sinkhorn"``), e.g. ``lse_mode=True`` selects Sinkhorn and
+``linear_solver="cg"`` SSNS. When no method takes them all, the :class:`~entrokit.InputError`
+names the options and the methods that accept each.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from typing import Any, Callable
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult
+from entrokit._threads import small_problem_threads
 from entrokit._validation import check_positive
 from entrokit.problem import make_problem
 from entrokit.solvers._io import numpy_in_out
 
-__all__ = ["solve", "METHODS", "COMMON_OPTIONS", "register_method", "auto_method"]
+__all__ = ["solve", "METHODS", "COMMON_OPTIONS", "register_method", "auto_method", "NEWTON_COPIES",
+           "NEWTON_ONLINE_ENTRIES"]
 
 # name -> "module:function"; solvers are imported lazily
 METHODS: dict[str, str] = {
@@ -36,6 +52,15 @@ METHODS: dict[str, str] = {
     # options reg=, k=, formulation=, sparse_axis=, solver=
     "smooth": "entrokit.solvers.smooth:smooth_ot",
 }
+
+# the methods "auto" chooses among (they solve the same entropic problem), in its order of
+# preference when the options rule out the pick of the cost rule
+AUTO_METHODS = ("ssns", "sns", "sinkhorn")
+# Newton holds about this many float64 n x m matrices (cost, -C/eps, plan, trial plan, mask)
+NEWTON_COPIES = 5
+# "auto" uses Newton on an online point cloud of at most this many entries whatever its
+# budget (one CPU tile of entrokit.geometry._online: the online path holds such a block)
+NEWTON_ONLINE_ENTRIES = 1 << 20
 
 COMMON_OPTIONS = ("tol", "max_iter", "init", "grad", "eps_scaling", "callback", "check_inputs", "normalize")
 
@@ -59,22 +84,81 @@ def _accepted_options(fn) -> set[str] | None:
     return {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _refused_values(fn) -> dict[str, tuple]:
+    """Option values a solver takes in its signature but refuses (``grad="unroll"`` for Newton)."""
+    target = getattr(fn, "__wrapped_solver__", fn)
+    return getattr(target, "__refused_options__", {})
+
+
+def _takes(name: str, options: dict) -> bool:
+    """Whether method ``name`` accepts every option (and value) in ``options``."""
+    fn = _resolve(name)
+    accepted = _accepted_options(fn)
+    if accepted is not None and not set(options) <= accepted:
+        return False
+    refused = _refused_values(fn)
+    return not any(k in refused and _in(options[k], refused[k]) for k in options)
+
+
+def _in(value, choices) -> bool:
+    try:
+        return value in choices
+    except TypeError:  # unhashable / odd values: the solver's own check reports them
+        return False
+
+
+def _newton_fits(geom) -> bool:
+    """Whether Newton's float64 copy of an online cost is small enough for "auto"."""
+    from entrokit.geometry import PointCloud, memory_budget
+
+    if not isinstance(geom, PointCloud):  # sharded / truncated: no dense copy by design
+        return False
+    n, m = geom.shape
+    entries = n * m * math.prod(geom.batch_shape)
+    budget = geom.memory_budget or memory_budget()
+    return entries <= NEWTON_ONLINE_ENTRIES or NEWTON_COPIES * 8 * entries <= budget
+
+
 def auto_method(problem, eps: float) -> tuple[str, str]:
-    """The method ``"auto"`` picks for a validated problem, and why."""
+    """The method ``"auto"`` picks for a validated problem by its cost, and why."""
     geom = problem.geometry
     if "ssns" not in METHODS:
         return "sinkhorn", "no Newton solver is registered"
     if geom.batched:
         return "sinkhorn", "the problem is batched (Sinkhorn solves a batch in one loop)"
-    if geom.is_online:
-        return "sinkhorn", "the cost is an online point cloud (Newton needs the dense matrix)"
+    if geom.is_online and not _newton_fits(geom):
+        return "sinkhorn", (
+            "the cost is online and too large for Newton's float64 copy "
+            f"({NEWTON_COPIES} x n m x 8 bytes above the memory budget)"
+        )
     rng = float(geom.cost_range().max())
     if eps < 1e-2 * rng:
         return "ssns", f"eps={eps:g} is below 1e-2 x the cost range {rng:.3g} (Sinkhorn would need thousands of iterations)"
     return "sinkhorn", f"eps={eps:g} is at least 1e-2 x the cost range {rng:.3g}"
 
 
+def _auto_with_options(problem, eps: float, options: dict) -> tuple[str, str]:
+    """``auto_method``, then the options: the pick is kept if it takes them all, else the
+    first of :data:`AUTO_METHODS` that does (module docstring)."""
+    method, why = auto_method(problem, eps)
+    if not options or _takes(method, options):
+        return method, why
+    given = ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    for name in AUTO_METHODS:
+        if name in METHODS and _takes(name, options):
+            return name, f"{given} is taken by {name!r} and not by {method!r} (the cost rule's pick: {why})"
+    per_option = []
+    for key in sorted(options):
+        takers = [name for name in METHODS if _takes(name, {key: options[key]})]
+        per_option.append(f"{key}={options[key]!r}: {', '.join(map(repr, takers)) or 'no method'}")
+    raise InputError(
+        f"method='auto' found no method that takes all of {given}. Methods accepting each: "
+        f"{'; '.join(per_option)}. Drop or change an option, or pass method= explicitly."
+    )
+
+
 @numpy_in_out
+@small_problem_threads
 def solve(
     a,
     b,
@@ -130,7 +214,7 @@ def solve(
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
     why = None
     if method == "auto":
-        method, why = auto_method(problem, eps)
+        method, why = _auto_with_options(problem, eps, options)
     fn = _resolve(method)
     accepted = _accepted_options(fn)
     if accepted is not None:
