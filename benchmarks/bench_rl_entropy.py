@@ -326,6 +326,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="logits or hidden")
     ap.add_argument("--from-log", action="append", default=[],
                     help="reuse the result lines that an earlier run printed (resume, or merge runs)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="with --from-log: only tabulate the logged results, run nothing new")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -378,6 +380,8 @@ def main() -> None:
                     avail = _meminfo_available() - (3 << 30)
                     if (kind, T, V, d, dt, m) in cached:
                         results[m] = cached[(kind, T, V, d, dt, m)]
+                    elif args.cached_only:
+                        results[m] = {"error": "not measured (the run was stopped at its time budget)"}
                     elif proj is not None and (proj > args.budget_gib * 2**30 or proj > avail):
                         results[m] = {"error": f"skipped: projected peak {proj / 2**30:.1f} GiB"}
                     else:
