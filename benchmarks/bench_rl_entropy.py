@@ -190,7 +190,7 @@ def worker(cfg: dict) -> dict:
         h = torch.empty(T, d, dtype=dtype)
         w = torch.empty(V, d, dtype=dtype)
         _fill_randn(h, 1.0, seed=cfg["seed"])
-        _fill_randn(w, 3.0 / d**0.5, seed=cfg["seed"] + 1, rows=1024)
+        _fill_randn(w, 3.0 / d**0.5, seed=cfg["seed"] + 1, rows=64)
         y = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(cfg["seed"] + 2))
 
         def fwd():
@@ -324,6 +324,12 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--budget-gib", type=float, default=12.0, help="skip a run projected above this peak")
     ap.add_argument("--only", default=None, help="logits or hidden")
+    ap.add_argument("--from-log", action="append", default=[],
+                    help="reuse the result lines that an earlier run printed (resume, or merge runs)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="with --from-log: only tabulate the logged results, run nothing new")
+    ap.add_argument("--run-missing-for", action="append", default=[],
+                    help="with --cached-only: still run the missing cells of this method")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -349,6 +355,15 @@ def main() -> None:
     print("\n".join(header), flush=True)
     tables = []
     measured: dict = {}
+    cached: dict = {}
+    for log in args.from_log:
+        for line in Path(log).read_text().splitlines():
+            parts = line.split(" ", 6)
+            if len(parts) == 7 and parts[0] in ("logits", "hidden") and parts[6].startswith("{"):
+                kind, T, V, d, dt, m = parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4], parts[5]
+                res = json.loads(parts[6].rsplit(" load ", 1)[0])
+                if "error" not in res or res["error"].startswith("skipped"):
+                    cached[(kind, T, V, d, dt, m)] = res
 
     def cell_rows(kind, cells, methods, title):
         tab = Table(title, ["V", "T", "d", "dtype", "method", "fwd extra (x logits)", "fwd wall / CPU",
@@ -365,7 +380,11 @@ def main() -> None:
                     if small is not None and "fwdbwd" in small:
                         proj = (small["fwdbwd"]["extra_x"] + 2.2) * T * V * elem
                     avail = _meminfo_available() - (3 << 30)
-                    if proj is not None and (proj > args.budget_gib * 2**30 or proj > avail):
+                    if (kind, T, V, d, dt, m) in cached:
+                        results[m] = cached[(kind, T, V, d, dt, m)]
+                    elif args.cached_only and m not in args.run_missing_for:
+                        results[m] = {"error": "not measured (the run was stopped at its time budget)"}
+                    elif proj is not None and (proj > args.budget_gib * 2**30 or proj > avail):
                         results[m] = {"error": f"skipped: projected peak {proj / 2**30:.1f} GiB"}
                     else:
                         results[m] = run_worker(cfg, timeout=900)

@@ -19,6 +19,7 @@ PACKAGES = [
     ("entrokit.losses", "OT losses between measures: Sinkhorn divergence, sliced Wasserstein, Monge gap."),
     ("entrokit.nn", "Modules: OT losses, Sinkhorn attention, OT matching and the sparse OT router."),
     ("entrokit.regularizers", "Entropy regularizers for training (pillar 2)."),
+    ("entrokit.rl", "Entropy control for RL of language models (pillar 3): token-entropy ops, masks, aggregation."),
     ("entrokit.distributed", "Spreading a batch of OT problems over processes."),
     ("entrokit.plotting", "Figures (needs the ``cli`` extra)."),
     ("entrokit.data", "Embedded data for demos and tests (needs the ``cli`` extra)."),
@@ -29,6 +30,7 @@ DATA_DOCS = {
     "METHODS": "The registered solvers, ``name -> \"module:function\"`` (imported lazily): "
     "``solve(method=name)`` dispatches through it and "
     ":func:`entrokit.solvers.solve.register_method` adds an entry.",
+    "AGG_MODES": "The aggregation modes of :func:`entrokit.rl.aggregate` (verl's ``loss_agg_mode`` names).",
 }
 
 

@@ -379,3 +379,14 @@ def test_logprob_entropy_never_saves_logits():
     nbytes, _ = saved_bytes(lambda: token_logprob_entropy(h, w, lab))
     inputs = (h.numel() + w.numel()) * 4 + lab.numel() * 8
     assert nbytes <= inputs + 128 * 4 * 2  # the inputs plus (lse, H) per row; no (T, V) tensor
+
+
+def test_package_exports_resolve():
+    import entrokit
+    import entrokit.rl as rl
+
+    assert entrokit.rl is rl
+    for name in rl.__all__:
+        assert getattr(rl, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        rl.nope  # noqa: B018

@@ -34,8 +34,14 @@ from entrokit.rl import _triton as _fused
 
 __all__ = ["Clamp", "TopK", "TopP", "token_entropy", "token_logprob_entropy"]
 
-# default working set of one chunk, in elements (4 MiB of float32 per temporary)
-_CHUNK_ELEMS = 1 << 20
+# default working set of one chunk, in elements: 4 MiB of float32 per temporary on CPU (cache
+# sized); 64 MiB on an accelerator, where each chunk costs a dozen kernel launches
+_CHUNK_ELEMS = {"cpu": 1 << 20}
+_CHUNK_ELEMS_ACCEL = 1 << 24
+
+
+def _chunk_elems(device: torch.device) -> int:
+    return _CHUNK_ELEMS.get(device.type, _CHUNK_ELEMS_ACCEL)
 
 
 # ----------------------------------------------------------------------------- supports
@@ -214,9 +220,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(chunk_size: Any, vocab: int) -> int:
+def _rows_per_chunk(chunk_size: Any, vocab: int, device: torch.device, n_rows: int) -> int:
     if chunk_size is None or chunk_size == "auto":
-        return max(1, _CHUNK_ELEMS // vocab)
+        # and at most 1/64 of the rows, so that a chunk stays small next to the logits
+        return max(1, min(_chunk_elems(device) // vocab, -(-n_rows // 64)))
     return _as_int(chunk_size, "chunk_size", minimum=1)
 
 
@@ -332,9 +339,10 @@ def token_entropy(
         set is piecewise constant). Thresholds are found on the device (``kthvalue`` / a
         row sort), without host copies or loops over rows.
     chunk_size : int or 'auto'
-        Rows per chunk; ``'auto'`` keeps a chunk near 2**20 elements. On CUDA with triton
-        installed and the full support, a fused Triton kernel (one pass over each row, forward
-        and backward; :mod:`entrokit.rl._triton`) runs instead and takes no chunk size.
+        Rows per chunk; ``'auto'`` keeps a chunk near 2**20 elements on CPU and 2**24 on a GPU,
+        and at most 1/64 of the rows. On CUDA with triton installed and the full support, a
+        fused Triton kernel (one pass over each row, forward and backward;
+        :mod:`entrokit.rl._triton`) runs instead and takes no chunk size.
     check_inputs : bool
         Read the values to refuse NaN and ``+inf`` (one device sync); set False in training loops.
 
@@ -357,8 +365,8 @@ def token_entropy(
     temperature = check_positive(temperature, "temperature")
     vocab = logits.shape[-1]
     support = _check_support(support, vocab)
-    rows = _rows_per_chunk(chunk_size, vocab)
     lead = logits.shape[:-1]
+    rows = _rows_per_chunk(chunk_size, vocab, logits.device, math.prod(lead))
     valid = None if mask is None else _check_mask(mask, lead, logits.device)
     if check_inputs:
         _check_finite_values(logits, "logits", allow_neg_inf=True)
@@ -525,8 +533,9 @@ def token_logprob_entropy(
     bias : Tensor (V,), optional
     temperature : float > 0
     chunk_size, row_chunk_size : int or 'auto'
-        Vocabulary columns and rows per tile (``'auto'``: 256 rows, and columns such that the
-        tile and one weight chunk hold at most about 2**18 elements each, at least 32 columns).
+        Vocabulary columns and rows per tile (``'auto'`` on CPU: 256 rows by 512 columns, and for
+        half-precision inputs at most 2**19 / d columns, at least 32, so that the float32 copy of
+        a weight chunk stays small; on a GPU 16x more in both directions).
         On CUDA with triton installed, the fused Triton path (:mod:`entrokit.rl._triton`) runs
         instead and picks its own tiles.
     check_inputs : bool
@@ -569,9 +578,14 @@ def token_logprob_entropy(
         raise InputError(f"labels is on {labels.device} but hidden is on {hidden.device}; move it.")
     temperature = check_positive(temperature, "temperature")
     vocab = weight.shape[0]
-    rows = 256 if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
-    if chunk_size in (None, "auto"):  # a tile and a weight chunk of at most ~2**18 elements each
-        cols = max(32, min((1 << 18) // rows, (1 << 18) // hidden.shape[-1]))
+    # CPU: tiles of 256 x 512 (GEMMs wide enough to run near peak); half inputs also bound
+    # their float32 weight chunk to ~2**19 elements. Accelerators: 16x larger both ways.
+    scale = 1 if hidden.device.type == "cpu" else 16
+    rows = 256 * scale if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
+    if chunk_size in (None, "auto"):
+        cols = 512 * scale
+        if _work_dtype(hidden.dtype) != hidden.dtype:
+            cols = max(32, min(cols, (1 << 19) * scale * scale // hidden.shape[-1]))
     else:
         cols = _as_int(chunk_size, "chunk_size", minimum=1)
     if check_inputs:
