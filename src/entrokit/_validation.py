@@ -7,6 +7,7 @@ caller passes ``check_inputs=False`` (for training loops).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from numbers import Real
@@ -25,10 +26,44 @@ __all__ = [
     "check_nonneg_finite",
     "check_same_dtype_device",
     "check_masses",
+    "no_autocast",
+    "working_dtype",
 ]
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer computes in: float32 for float16/bfloat16 inputs (what autocast
+    hands a layer), otherwise the input's own dtype."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class no_autocast(contextlib.ContextDecorator):
+    """Context (or decorator): autocast off on every device where it is on, so that the
+    solvers' matmuls and reductions run in the dtype of their inputs (under
+    ``torch.autocast`` a float32 ``baddbmm`` would otherwise run in bfloat16 and the
+    potentials lose their digits). Layers cast half-precision inputs to float32 first
+    (:func:`working_dtype`) and cast their outputs back."""
+
+    def __init__(self):
+        self._stack = []
+
+    def __enter__(self):
+        entered = []
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                ctx = torch.autocast(device, enabled=False)
+                ctx.__enter__()
+                entered.append(ctx)
+        self._stack.append(entered)
+        return self
+
+    def __exit__(self, *exc):
+        for ctx in reversed(self._stack.pop()):
+            ctx.__exit__(*exc)
+        return False
 
 
 def is_array_like(x: Any) -> bool:

@@ -391,3 +391,17 @@ def test_bad_shapes_and_masks():
         sinkhorn_attention(q.tolist(), k, v)
     with pytest.raises(TypeError, match="floating dtype"):
         sinkhorn_attention(q.long(), k, v)
+
+
+def test_bfloat16_under_autocast_computes_in_float32():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g).bfloat16() for _ in range(3))
+    ref = sinkhorn_attention(q.float(), k.float(), v.float())
+    layer = SinkhornAttention()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(q, k, v)
+        # float32 inputs stay float32 inside (autocast would run q k^T in bfloat16)
+        out32 = layer(q.float(), k.float(), v.float())
+    assert out.dtype == torch.bfloat16 and out32.dtype == torch.float32
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(out32, ref, rtol=1e-6, atol=1e-6)

@@ -220,3 +220,16 @@ def test_bad_module_options():
         OTMatching(grad="autodiff")
     with pytest.raises(InputError, match="bin_score_init must be a finite number"):
         OTMatching(bin_score_init=float("inf"))
+
+
+def test_bfloat16_under_autocast_computes_in_float32():
+    g = torch.Generator().manual_seed(12)
+    scores = torch.randn(2, 6, 5, generator=g).bfloat16().requires_grad_(True)
+    ref = log_optimal_transport(scores.detach().float(), 1.0, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = OTMatching(n_iter=50)(scores)
+    assert out.dtype == torch.bfloat16
+    # the module's bin score is a float32 parameter initialised to 1.0: the same problem
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    out.float().exp().sum().backward()
+    assert scores.grad.dtype == torch.bfloat16 and torch.isfinite(scores.grad.float()).all()

@@ -238,3 +238,16 @@ def test_lambda_default_is_documented_as_readme_value():
     assert AttentionEntropyMaximization().lam == 0.1
     doc = inspect.getmodule(aem_loss).__doc__
     assert "--lamda 0.0" in doc and "README" in doc
+
+
+def test_bfloat16_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(26)
+    scores = torch.randn(3, 7, generator=g)
+    logits = torch.randn(3, generator=g)
+    target = torch.tensor([1.0, 0.0, 1.0])
+    out, ref = under_autocast(lambda z, s: AttentionEntropyMaximization(lam=0.1)(z, target, scores=s), logits, scores)
+    # computed in float32 for half inputs and returned in float32 (module docstring)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-5)

@@ -191,3 +191,18 @@ def test_bad_inputs_do_not_touch_buffer():
     with pytest.raises(InputError):
         loss_fn(torch.ones(2, 3), torch.tensor([0, 1]), torch.tensor([0, 11]))
     assert loss_fn.targets.abs().sum() == 0
+
+
+def test_bfloat16_logits_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(16, 4, generator=g)
+    labels, index = torch.randint(0, 4, (16,), generator=g), torch.arange(16)
+    out, ref = under_autocast(lambda z: ELRLoss(16, 4)(z, labels, index), logits)
+    # the loss follows F.cross_entropy under autocast: computed and returned in float32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=0)
+    pen, pen_ref = under_autocast(lambda z: elr_penalty(z, torch.full((16, 4), 0.25)), logits)
+    assert pen.dtype == torch.bfloat16
+    torch.testing.assert_close(pen.float(), pen_ref, rtol=1e-2, atol=0)

@@ -136,3 +136,14 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match=r"labels must have an integer dtype"):
         loss_fn(z, torch.tensor([0.0, 1.0]), torch.tensor([0, 1]))
     assert not loss_fn.seen.any()
+
+
+def test_bfloat16_logits_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(22)
+    logits = torch.randn(16, 4, generator=g)
+    labels, index = torch.randint(0, 4, (16,), generator=g), torch.arange(16)
+    out, ref = under_autocast(lambda z: PSKDLoss(16, 4, 10)(z, labels, index), logits)
+    assert out.dtype == torch.bfloat16  # the caller's dtype
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=0)

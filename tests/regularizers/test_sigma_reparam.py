@@ -336,3 +336,15 @@ def test_conv2d_errors():
         SigmaReparam(nn.Conv1d(2, 2, 1))
     with pytest.raises(InputError, match=r"u must have shape \(18,\)"):
         spectral_norm_step(torch.randn(4, 2, 3, 3), torch.ones(9))
+
+
+def test_bfloat16_input_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(25)
+    torch.manual_seed(0)
+    layer = SigmaReparamLinear(6, 3)
+    layer.eval()  # no power-iteration update between the two calls
+    out, ref = under_autocast(layer, torch.randn(4, 6, generator=g))
+    assert out.dtype == torch.bfloat16  # autocast's dtype for a linear layer
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

@@ -53,8 +53,9 @@ one value per conjugate-gradient iteration. ``torch.compile(fullgraph=False)`` t
 the layer; the loop's wall-clock timer (``info["time"]`` of
 :func:`~entrokit.solvers.sinkhorn.sinkhorn_problem`) splits the graph.
 
-**Precision.** float16/bfloat16 inputs are computed in float32 (log-domain Sinkhorn
-needs float32 accumulation) and the output is cast back.
+**Precision.** float16/bfloat16 inputs (what ``torch.autocast`` hands the layer) are
+computed in float32 with autocast off (log-domain Sinkhorn needs float32 accumulation,
+and the scores ``q kᵀ`` keep float32 digits) and the output is cast back.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import check_positive, check_positive_int
+from entrokit._validation import check_positive, check_positive_int, no_autocast
 from entrokit.geometry.base import logsumexp_pair
 from entrokit.geometry.dense import DenseCost
 from entrokit.problem import OTProblem, log_weights
@@ -298,6 +299,7 @@ def _check_mask(mask, name: str, target: tuple[int, ...], how: str):
 # --------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------
+@no_autocast()
 def sinkhorn_attention(
     query: torch.Tensor,
     key: torch.Tensor,

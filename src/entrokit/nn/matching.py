@@ -47,6 +47,7 @@ import math
 import torch
 
 from entrokit._errors import InputError
+from entrokit._validation import no_autocast
 from entrokit.nn.attention import LogitCost, attach_implicit, check_options, run_sinkhorn
 
 __all__ = ["OTMatching", "log_optimal_transport"]
@@ -54,6 +55,7 @@ __all__ = ["OTMatching", "log_optimal_transport"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@no_autocast()
 def log_optimal_transport(
     scores: torch.Tensor,
     bin_score,

@@ -18,6 +18,11 @@ Recipe of Liu, Puigcerver & Blondel (ICLR 2023, Sec. 5) as used in V-MoE: for a 
 
 The capacity bound holds exactly by construction (the plan is the gradient of a top-k
 operator), whatever the number of steps.
+
+**Precision.** float16/bfloat16 logits (what ``torch.autocast`` gives a router) are routed
+in float32 with autocast off (the semi-dual's Adam steps need float32); ``combine``,
+``plan`` and ``gates`` come back in the logits' dtype, and gradients reach the logits
+through the cast.
 """
 
 from __future__ import annotations
@@ -27,7 +32,13 @@ from dataclasses import dataclass, field
 import torch
 
 from entrokit._errors import InputError
-from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit._validation import (
+    check_choice,
+    check_positive,
+    check_positive_int,
+    no_autocast,
+    working_dtype,
+)
 from entrokit.geometry import DenseCost
 from entrokit.problem import OTProblem
 from entrokit.solvers.omega import TopKSquaredL2
@@ -74,7 +85,8 @@ def sparse_ot_route(
     """Route tokens to experts with a k-sparse OT plan (see the module docstring).
 
     Args:
-        logits: router logits ``[G, E]`` or ``[groups, G, E]``, floating.
+        logits: router logits ``[G, E]`` or ``[groups, G, E]``, floating (float16 and
+            bfloat16 are routed in float32; the outputs keep the logits' dtype).
         capacity: ``k``: tokens per expert (``experts_choose``) or experts per token
             (``tokens_choose``), an int >= 1.
         gamma: quadratic regularization of the plan.
@@ -105,8 +117,15 @@ def sparse_ot_route(
     check_choice(mode, "mode", _MODES)
     if not bool(torch.isfinite(logits).all()):
         raise InputError("logits contain NaN or inf; expected finite router logits.")
+    return _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_combine)
+
+
+@no_autocast()
+def _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_combine) -> RouterOutput:
+    out_dtype = logits.dtype
     squeeze = logits.dim() == 2
     z = logits.unsqueeze(0) if squeeze else logits
+    z = z.to(working_dtype(z.dtype))
     B, G, E = z.shape
     gates = torch.softmax(z, dim=-1)
     a = torch.full((B, G), token_mass, dtype=z.dtype, device=z.device)
@@ -137,7 +156,9 @@ def sparse_ot_route(
         "dropped_fraction": dropped / (B * G),
         "marginal_error": float(merr.max()),
     }
-    sq = (lambda t: t.squeeze(0)) if squeeze else (lambda t: t)
+    def sq(t):
+        return (t.squeeze(0) if squeeze else t).to(out_dtype) if t.is_floating_point() else (t.squeeze(0) if squeeze else t)
+
     return RouterOutput(sq(dispatch), sq(combine), sq(plan.detach()), sq(gates), metrics)
 
 
