@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -146,16 +146,16 @@ def check_positive(value: Any, name: str) -> float:
 
 
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
-    """Check an integer >= 1."""
+    """Check an integral number >= 1 (Python or NumPy integers) and return it as ``int``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(
             f"{name} must be an int >= 1, got {type(value).__name__} {value!r}; pass e.g. {name}=1000."
         )
     if value < 1:
-        raise InputError(f"{name} must be an int >= 1, got {value}.")
-    return value
+        raise InputError(f"{name} must be an int >= 1, got {value}; pass e.g. {name}=1000.")
+    return int(value)  # NumPy and other integral numbers as a Python int
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from numbers import Integral, Real
 from typing import Callable, Literal
 
 import torch
@@ -58,7 +59,7 @@ def memory_budget() -> int:
 def set_memory_budget(nbytes: int | None) -> None:
     """Set the process-wide budget in bytes (``None`` restores the default/environment)."""
     global _budget
-    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or nbytes <= 0):
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, Real) or nbytes <= 0):
         raise InputError(f"the memory budget must be a positive number of bytes or None, got {nbytes!r}.")
     _budget = None if nbytes is None else int(nbytes)
 
@@ -139,7 +140,7 @@ def check_pnorm_exponent(cost: str, p) -> float | None:
         return None
     if p is None:
         raise InputError("cost='pnorm' needs the exponent p (C_ij = sum_k |x_ik - y_jk|^p), e.g. p=1.5.")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p) or p < 1:
         raise InputError(f"cost='pnorm' needs a finite exponent p >= 1 (p=1: Manhattan), got p={p!r}.")
     return float(p)
 _KERNELS = ("auto", "compile", "eager")
@@ -223,7 +224,7 @@ class PointCloud(PointGeometry):
         else:
             raise TypeError(f"cost must be a string or a callable, got {type(cost).__name__}.")
         if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral) or chunk_size < 1
         ):
             raise InputError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         if online not in (None, True, False):
@@ -231,7 +232,7 @@ class PointCloud(PointGeometry):
         if online is False and chunk_size is not None:
             raise InputError("chunk_size sets the tiles of the online path; it contradicts online=False.")
         if memory_budget is not None and (
-            isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, Real) or memory_budget <= 0
         ):
             raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
         if kernel not in _KERNELS:

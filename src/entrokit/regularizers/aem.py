@@ -51,6 +51,7 @@ the text we could read — unverified**):
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Literal
 
 import torch
@@ -72,7 +73,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_lam(lam: float, name: str = "lam") -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+    if isinstance(lam, bool) or not isinstance(lam, Real):
         raise TypeError(f"{name} must be a real number, got {type(lam).__name__}.")
     if not math.isfinite(lam) or lam < 0:
         raise InputError(
@@ -84,7 +85,7 @@ def _check_lam(lam: float, name: str = "lam") -> float:
 
 
 def _check_topk(topk: int | None) -> None:
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, Integral) or topk < 1):
         raise InputError(f"topk must be an int >= 1 or None, got {topk!r}; e.g. topk=8.")
 
 
@@ -236,9 +237,9 @@ def negative_attention_entropy(
 
 def cosine_annealed_lambda(step: int, total_steps: int, lam_start: float, lam_end: float = 0.0) -> float:
     r""":math:`\lambda_t = \lambda_{\rm end} + \frac12(\lambda_{\rm start}-\lambda_{\rm end})(1+\cos(\pi\,\min(t,T)/T))` (unverified form)."""
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, Integral) or total_steps < 1:
         raise InputError(f"total_steps must be an int >= 1, got {total_steps!r}.")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, Integral) or step < 0:
         raise InputError(f"step must be an int >= 0, got {step!r}.")
     _check_lam(lam_start, "lam_start")
     _check_lam(lam_end, "lam_end")
@@ -372,7 +373,7 @@ class AttentionEntropyMaximization(nn.Module):
         if anneal not in (None, "cosine"):
             raise InputError(f"anneal must be None or 'cosine', got {anneal!r}; e.g. anneal='cosine'.")
         if anneal == "cosine" and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+            isinstance(total_steps, bool) or not isinstance(total_steps, Integral) or total_steps < 1
         ):
             raise InputError(
                 f"anneal='cosine' needs total_steps (an int >= 1, e.g. the number of epochs), got "

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -508,7 +509,7 @@ class LearnableSoftmaxTemperature(nn.Module):
                 )
             lo, hi = int(offset.min()), int(offset.max())
         else:
-            if isinstance(offset, bool) or not isinstance(offset, int):
+            if isinstance(offset, bool) or not isinstance(offset, Integral):
                 raise TypeError(
                     f"offset must be an int (number of cached positions) or a long tensor (batch,), "
                     f"got {type(offset).__name__}."

@@ -28,6 +28,7 @@ prediction (the reference fills the buffer with one-hot labels during epoch 0).
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -66,7 +67,7 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
         :math:`\alpha` for this epoch.
     """
     total_epochs = check_count(total_epochs, "total_epochs")
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
+    if isinstance(epoch, bool) or not isinstance(epoch, Integral):
         raise TypeError(f"epoch must be an int, got {type(epoch).__name__}.")
     if not 0 <= epoch < total_epochs:
         raise InputError(

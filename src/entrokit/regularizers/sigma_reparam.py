@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
+from numbers import Real
 from typing import Any
 
 import torch
@@ -353,7 +354,7 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
 
 
 def _check_init_std(value: Any, layer: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
         math.isfinite(value) and value > 0
     ):
         raise InputError(
@@ -364,7 +365,7 @@ def _check_init_std(value: Any, layer: str) -> float:
 
 
 def _check_gain(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
         math.isfinite(value) and value > 0
     ):
         raise InputError(
