@@ -8,6 +8,8 @@ caller passes ``check_inputs=False`` (for training loops).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
@@ -27,6 +29,7 @@ __all__ = [
     "check_same_dtype_device",
     "check_masses",
     "no_autocast",
+    "reject_meta",
     "working_dtype",
 ]
 
@@ -64,6 +67,42 @@ class no_autocast(contextlib.ContextDecorator):
         for ctx in reversed(self._stack.pop()):
             ctx.__exit__(*exc)
         return False
+
+
+def _is_meta(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_is_meta(t) for t in v)
+    return isinstance(v, torch.Tensor) and v.device.type == "meta"
+
+
+def reject_meta(fn):
+    """Decorate a public entry point that reads tensor values (checks, solves): a meta
+    tensor (shape and dtype only, no values) in any argument raises :class:`InputError`
+    naming the argument, instead of an untyped ``RuntimeError`` from ``.item()`` deep inside."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if any(_is_meta(v) for v in args) or any(_is_meta(v) for v in kwargs.values()):
+            sig = inspect.signature(fn)
+            name = "an argument"
+            for k, v in sig.bind_partial(*args, **kwargs).arguments.items():
+                if sig.parameters[k].kind is inspect.Parameter.VAR_POSITIONAL:
+                    hit = [i for i, t in enumerate(v) if _is_meta(t)]
+                    if hit:
+                        name = f"positional argument {hit[0] + 1}"
+                        break
+                elif _is_meta(v):
+                    name = k
+                    break
+            who = fn.__qualname__.replace(".forward", "")
+            raise InputError(
+                f"{name} is a meta tensor (shape and dtype only, no values), but {who} reads values. "
+                "Pass tensors that hold data (device='cpu' or 'cuda'); a module built on the meta "
+                "device needs module.to_empty(device=...) and its weights loaded first."
+            )
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def is_array_like(x: Any) -> bool:

@@ -48,7 +48,7 @@ from numbers import Real
 import torch
 
 from entrokit._errors import InputError
-from entrokit._validation import no_autocast
+from entrokit._validation import no_autocast, reject_meta
 from entrokit.nn.attention import LogitCost, attach_implicit, check_options, run_sinkhorn
 
 __all__ = ["OTMatching", "log_optimal_transport"]
@@ -57,6 +57,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 @no_autocast()
+@reject_meta
 def log_optimal_transport(
     scores: torch.Tensor,
     bin_score,

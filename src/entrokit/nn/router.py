@@ -37,6 +37,7 @@ from entrokit._validation import (
     check_positive,
     check_positive_int,
     no_autocast,
+    reject_meta,
     working_dtype,
 )
 from entrokit.geometry import DenseCost
@@ -71,6 +72,7 @@ class RouterOutput:
     metrics: dict = field(default_factory=dict)
 
 
+@reject_meta
 def sparse_ot_route(
     logits: torch.Tensor,
     capacity: int,

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit._optional import require
+from entrokit._validation import reject_meta
 
 __all__ = [
     "attention_entropy",
@@ -100,6 +101,7 @@ def _neg_xlogx(a: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, -a * torch.log(safe), torch.zeros_like(a))
 
 
+@reject_meta
 def attention_entropy(
     attn: torch.Tensor,
     mask: torch.Tensor | None = None,

@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._validation import reject_meta
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
@@ -130,6 +131,7 @@ def _check_query_mask(query_mask: object, B: int, H: int, T: int, device: torch.
     return query_mask if query_mask.ndim == 3 else query_mask[:, None, :]
 
 
+@reject_meta
 def entropy_band_penalty(
     entropies: torch.Tensor | Sequence[torch.Tensor],
     theta: torch.Tensor,

@@ -28,6 +28,7 @@ prediction (the reference fills the buffer with one-hot labels during epoch 0).
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 from typing import Literal
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction
+from entrokit._validation import apply_reduction, reject_meta
 from entrokit.regularizers._buffers import all_gather_rows
 from entrokit.regularizers._checks import (
     check_count,
@@ -78,6 +79,7 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
     return a * (epoch + 1) / total_epochs
 
 
+@reject_meta
 def pskd_targets(
     labels: torch.Tensor, prev_probs: torch.Tensor, alpha: float, *, check_inputs: bool = True
 ) -> torch.Tensor:
@@ -241,8 +243,13 @@ class PSKDLoss(nn.Module):
 
     def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
         local_ok = tensor_ok(source) if self.check_inputs else None
+        p = probs.detach().to(self.predictions.dtype)
+        if local_ok is None:
+            # no sync: a batch whose *source* is not finite (a -inf logit has a finite softmax)
+            # travels as NaN rows, so every rank skips it below, as check_inputs=True refuses it
+            p = torch.where(tensor_ok(source), p, torch.full_like(p, math.nan))
         idx, p = all_gather_rows(
-            index, probs.detach().to(self.predictions.dtype), sync=self.sync, local_ok=local_ok,
+            index, p, sync=self.sync, local_ok=local_ok,
             what=f"{what} of this batch", owner="PSKDLoss", state="stored predictions",
         )
         if local_ok is None:  # no sync: keep the old rows if any gathered row is not finite
@@ -254,6 +261,7 @@ class PSKDLoss(nn.Module):
         self.predictions[idx] = p
         self.seen[idx] = seen
 
+    @reject_meta
     def forward(
         self,
         logits: torch.Tensor,

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from entrokit._validation import is_array_like, no_autocast
+from entrokit._validation import is_array_like, no_autocast, reject_meta
 
 __all__ = ["numpy_in_out"]
 
@@ -23,10 +23,12 @@ def numpy_in_out(fn):
     (:class:`~entrokit._validation.no_autocast`): under ``torch.autocast`` its float32
     inputs stay float32."""
 
+    checked = reject_meta(fn)  # a meta tensor: a typed error naming the argument
+
     @functools.wraps(fn)
     def wrapper(a, b, cost, *args, **kwargs):
         with no_autocast():
-            res = fn(a, b, cost, *args, **kwargs)
+            res = checked(a, b, cost, *args, **kwargs)
         ins = (a, b, cost)
         if any(_is_numpy(x) for x in ins) and not any(isinstance(x, torch.Tensor) for x in ins) and all(
             x is None or is_array_like(x) for x in ins
