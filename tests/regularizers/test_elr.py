@@ -206,3 +206,19 @@ def test_bfloat16_logits_under_autocast():
     pen, pen_ref = under_autocast(lambda z: elr_penalty(z, torch.full((16, 4), 0.25)), logits)
     assert pen.dtype == torch.bfloat16
     torch.testing.assert_close(pen.float(), pen_ref, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_minus_inf_logit_batch_leaves_the_targets_unchanged_in_both_modes(check_inputs):
+    # softmax of a -inf logit is finite; the batch is still refused (True) or skipped (False)
+    logits = torch.tensor([[0.3, float("-inf"), 1.0], [0.1, 0.2, 0.3]])
+    labels, index = torch.tensor([0, 2]), torch.tensor([1, 3])
+    loss = ELRLoss(4, 3, check_inputs=check_inputs)
+    loss.targets.uniform_()
+    before = loss.targets.clone()
+    if check_inputs:
+        with pytest.raises(InputError, match="logits of this batch contain NaN or inf"):
+            loss(logits, labels, index)
+    else:
+        loss(logits, labels, index)
+    assert torch.equal(loss.targets, before)

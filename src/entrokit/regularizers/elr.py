@@ -117,7 +117,8 @@ class ELRLoss(nn.Module):
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before any target is changed (under DDP on every
             rank at once, before the gather). With ``check_inputs=False`` nothing syncs and
-            such a batch is skipped silently: the targets are still never overwritten with
+            such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
+            logits are not): the targets are still never overwritten with
             non-finite values.
 
     Shape:

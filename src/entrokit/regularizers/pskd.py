@@ -163,7 +163,8 @@ class PSKDLoss(nn.Module):
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before ``predictions`` or ``seen`` change (under DDP
             on every rank at once, before the gather). With ``check_inputs=False`` nothing
-            syncs and such a batch is skipped silently: the stored predictions are still never
+            syncs and such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
+            logits are not): the stored predictions are still never
             overwritten with non-finite values.
 
     Shape:
