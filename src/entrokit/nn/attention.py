@@ -349,7 +349,10 @@ def sinkhorn_attention(
         batch) gives an empty output, ``S = 0`` (no key) gives zeros.
 
     Raises:
-        InputError: mismatched shapes, masks that do not broadcast, bad options.
+        InputError: mismatched shapes, masks that do not broadcast, bad options. The values
+            of ``query``, ``key`` and ``value`` are not checked (no device sync): a NaN or
+            inf entry propagates into the output, as in
+            :func:`~torch.nn.functional.scaled_dot_product_attention`.
         TypeError: non-tensor or non-floating inputs.
 
     Example:

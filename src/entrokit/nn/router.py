@@ -117,6 +117,11 @@ def sparse_ot_route(
     lr = check_positive(lr, "lr")
     token_mass = check_positive(token_mass, "token_mass")
     check_choice(mode, "mode", _MODES)
+    if logits.numel() == 0:
+        raise InputError(
+            f"logits is empty (shape {tuple(logits.shape)}); expected at least one token, one expert and "
+            "one group. Skip the router for an empty batch."
+        )
     if not bool(torch.isfinite(logits).all()):
         raise InputError("logits contain NaN or inf; expected finite router logits.")
     return _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_combine)
