@@ -7,9 +7,12 @@ caller passes ``check_inputs=False`` (for training loops).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -25,10 +28,81 @@ __all__ = [
     "check_nonneg_finite",
     "check_same_dtype_device",
     "check_masses",
+    "no_autocast",
+    "reject_meta",
+    "working_dtype",
 ]
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer computes in: float32 for float16/bfloat16 inputs (what autocast
+    hands a layer), otherwise the input's own dtype."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class no_autocast(contextlib.ContextDecorator):
+    """Context (or decorator): autocast off on every device where it is on, so that the
+    solvers' matmuls and reductions run in the dtype of their inputs (under
+    ``torch.autocast`` a float32 ``baddbmm`` would otherwise run in bfloat16 and the
+    potentials lose their digits). Layers cast half-precision inputs to float32 first
+    (:func:`working_dtype`) and cast their outputs back."""
+
+    def __init__(self):
+        self._stack = []
+
+    def __enter__(self):
+        entered = []
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                ctx = torch.autocast(device, enabled=False)
+                ctx.__enter__()
+                entered.append(ctx)
+        self._stack.append(entered)
+        return self
+
+    def __exit__(self, *exc):
+        for ctx in reversed(self._stack.pop()):
+            ctx.__exit__(*exc)
+        return False
+
+
+def _is_meta(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_is_meta(t) for t in v)
+    return isinstance(v, torch.Tensor) and v.device.type == "meta"
+
+
+def reject_meta(fn):
+    """Decorate a public entry point that reads tensor values (checks, solves): a meta
+    tensor (shape and dtype only, no values) in any argument raises :class:`InputError`
+    naming the argument, instead of an untyped ``RuntimeError`` from ``.item()`` deep inside."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if any(_is_meta(v) for v in args) or any(_is_meta(v) for v in kwargs.values()):
+            sig = inspect.signature(fn)
+            name = "an argument"
+            for k, v in sig.bind_partial(*args, **kwargs).arguments.items():
+                if sig.parameters[k].kind is inspect.Parameter.VAR_POSITIONAL:
+                    hit = [i for i, t in enumerate(v) if _is_meta(t)]
+                    if hit:
+                        name = f"positional argument {hit[0] + 1}"
+                        break
+                elif _is_meta(v):
+                    name = k
+                    break
+            who = fn.__qualname__.replace(".forward", "")
+            raise InputError(
+                f"{name} is a meta tensor (shape and dtype only, no values), but {who} reads values. "
+                "Pass tensors that hold data (device='cpu' or 'cuda'); a module built on the meta "
+                "device needs module.to_empty(device=...) and its weights loaded first."
+            )
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def is_array_like(x: Any) -> bool:
@@ -111,16 +185,16 @@ def check_positive(value: Any, name: str) -> float:
 
 
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
-    """Check an integer >= 1."""
+    """Check an integral number >= 1 (Python or NumPy integers) and return it as ``int``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(
             f"{name} must be an int >= 1, got {type(value).__name__} {value!r}; pass e.g. {name}=1000."
         )
     if value < 1:
-        raise InputError(f"{name} must be an int >= 1, got {value}.")
-    return value
+        raise InputError(f"{name} must be an int >= 1, got {value}; pass e.g. {name}=1000.")
+    return int(value)  # NumPy and other integral numbers as a Python int
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:

@@ -89,6 +89,7 @@ from entrokit._validation import (
     check_positive_int,
     check_same_dtype_device,
     is_array_like,
+    reject_meta,
 )
 
 __all__ = ["sliced_wasserstein", "random_projections", "CONTROL_VARIATES"]
@@ -302,6 +303,7 @@ def _safe_root(z: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(pos, z.clamp_min(tiny).pow(1.0 / p), z.new_zeros(()))
 
 
+@reject_meta
 def sliced_wasserstein(
     x: torch.Tensor,
     y: torch.Tensor,

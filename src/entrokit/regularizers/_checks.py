@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -91,11 +91,11 @@ def check_finite_real(value: Any, name: str, *, example: str) -> float:
 
 def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
     """Check an int >= ``minimum`` (used for buffer sizes)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
     if value < minimum:
         raise InputError(f"{name} must be an int >= {minimum}, got {value}.")
-    return value
+    return int(value)
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:

@@ -39,13 +39,14 @@ entries therefore receive no gradient from the ELR term.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from entrokit._validation import apply_reduction
+from entrokit._validation import apply_reduction, reject_meta
 from entrokit.regularizers._buffers import IndexedDataset, all_gather_rows
 from entrokit.regularizers._checks import (
     check_count,
@@ -116,7 +117,8 @@ class ELRLoss(nn.Module):
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before any target is changed (under DDP on every
             rank at once, before the gather). With ``check_inputs=False`` nothing syncs and
-            such a batch is skipped silently: the targets are still never overwritten with
+            such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
+            logits are not): the targets are still never overwritten with
             non-finite values.
 
     Shape:
@@ -188,6 +190,10 @@ class ELRLoss(nn.Module):
         local_ok = tensor_ok(source) if self.check_inputs else None
         p = probs.detach().clamp(_CLAMP, 1.0 - _CLAMP)
         p = p / p.sum(dim=1, keepdim=True)
+        if local_ok is None:
+            # no sync: a batch whose *source* is not finite (a -inf logit has a finite softmax)
+            # travels as NaN rows, so every rank skips it below, as check_inputs=True refuses it
+            p = torch.where(tensor_ok(source), p, torch.full_like(p, math.nan))
         idx, p = all_gather_rows(
             index, p.to(self.targets.dtype), sync=self.sync, local_ok=local_ok,
             what=f"{what} of this batch", owner="ELRLoss", state="targets",
@@ -197,6 +203,7 @@ class ELRLoss(nn.Module):
             new = torch.where(tensor_ok(p), new, self.targets[idx])
         self.targets[idx] = new
 
+    @reject_meta
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:

@@ -26,6 +26,7 @@ import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from numbers import Real
 from typing import Any, Callable, Literal
 
 import torch
@@ -34,6 +35,7 @@ from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit._optional import require
+from entrokit._validation import reject_meta
 
 __all__ = [
     "attention_entropy",
@@ -99,6 +101,7 @@ def _neg_xlogx(a: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, -a * torch.log(safe), torch.zeros_like(a))
 
 
+@reject_meta
 def attention_entropy(
     attn: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -150,7 +153,7 @@ def attention_entropy(
     attn = _check_attn(attn, name)
     if mask is not None:
         mask = _check_mask(mask, attn)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps < 0:
         raise InputError(f"eps must be a finite float >= 0, got {eps!r}; use eps=0.0 for the exact entropy.")
     a = attn if mask is None else attn.masked_fill(~mask, 0.0)
     if check_inputs:

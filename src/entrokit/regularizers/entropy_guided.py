@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -51,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._validation import reject_meta
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
@@ -129,6 +131,7 @@ def _check_query_mask(query_mask: object, B: int, H: int, T: int, device: torch.
     return query_mask if query_mask.ndim == 3 else query_mask[:, None, :]
 
 
+@reject_meta
 def entropy_band_penalty(
     entropies: torch.Tensor | Sequence[torch.Tensor],
     theta: torch.Tensor,
@@ -508,7 +511,7 @@ class LearnableSoftmaxTemperature(nn.Module):
                 )
             lo, hi = int(offset.min()), int(offset.max())
         else:
-            if isinstance(offset, bool) or not isinstance(offset, int):
+            if isinstance(offset, bool) or not isinstance(offset, Integral):
                 raise TypeError(
                     f"offset must be an int (number of cached positions) or a long tensor (batch,), "
                     f"got {type(offset).__name__}."

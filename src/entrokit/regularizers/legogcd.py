@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction
+from entrokit._validation import apply_reduction, reject_meta
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
@@ -439,6 +439,7 @@ class LocalEntropyRegularizer(nn.Module):
             new = torch.where(ok, new, self.prior)
         self.prior.copy_(new)
 
+    @reject_meta
     def forward(self, logits: torch.Tensor, labeled_mask: torch.Tensor) -> torch.Tensor:
         """Return the LER loss of the batch and (in training mode) update the prior."""
         self._check_options()

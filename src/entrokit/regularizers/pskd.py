@@ -28,6 +28,8 @@ prediction (the reference fills the buffer with one-hot labels during epoch 0).
 
 from __future__ import annotations
 
+import math
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction
+from entrokit._validation import apply_reduction, reject_meta
 from entrokit.regularizers._buffers import all_gather_rows
 from entrokit.regularizers._checks import (
     check_count,
@@ -66,7 +68,7 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
         :math:`\alpha` for this epoch.
     """
     total_epochs = check_count(total_epochs, "total_epochs")
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
+    if isinstance(epoch, bool) or not isinstance(epoch, Integral):
         raise TypeError(f"epoch must be an int, got {type(epoch).__name__}.")
     if not 0 <= epoch < total_epochs:
         raise InputError(
@@ -77,6 +79,7 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
     return a * (epoch + 1) / total_epochs
 
 
+@reject_meta
 def pskd_targets(
     labels: torch.Tensor, prev_probs: torch.Tensor, alpha: float, *, check_inputs: bool = True
 ) -> torch.Tensor:
@@ -160,7 +163,8 @@ class PSKDLoss(nn.Module):
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before ``predictions`` or ``seen`` change (under DDP
             on every rank at once, before the gather). With ``check_inputs=False`` nothing
-            syncs and such a batch is skipped silently: the stored predictions are still never
+            syncs and such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
+            logits are not): the stored predictions are still never
             overwritten with non-finite values.
 
     Shape:
@@ -240,8 +244,13 @@ class PSKDLoss(nn.Module):
 
     def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
         local_ok = tensor_ok(source) if self.check_inputs else None
+        p = probs.detach().to(self.predictions.dtype)
+        if local_ok is None:
+            # no sync: a batch whose *source* is not finite (a -inf logit has a finite softmax)
+            # travels as NaN rows, so every rank skips it below, as check_inputs=True refuses it
+            p = torch.where(tensor_ok(source), p, torch.full_like(p, math.nan))
         idx, p = all_gather_rows(
-            index, probs.detach().to(self.predictions.dtype), sync=self.sync, local_ok=local_ok,
+            index, p, sync=self.sync, local_ok=local_ok,
             what=f"{what} of this batch", owner="PSKDLoss", state="stored predictions",
         )
         if local_ok is None:  # no sync: keep the old rows if any gathered row is not finite
@@ -253,6 +262,7 @@ class PSKDLoss(nn.Module):
         self.predictions[idx] = p
         self.seen[idx] = seen
 
+    @reject_meta
     def forward(
         self,
         logits: torch.Tensor,

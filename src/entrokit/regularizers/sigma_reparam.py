@@ -15,6 +15,9 @@ learned scalar. Following the reference code (apple/ml-sigma-reparam, ``vision/l
 * each *training* forward does one step without gradient,
   :math:`v \leftarrow W u/\lVert W u\rVert`, :math:`u \leftarrow W^\top v/\lVert W^\top v\rVert`,
   and :math:`\sigma = v^\top W u` is computed *with* gradient w.r.t. :math:`W`;
+* a zero weight has :math:`\sigma = 0`; there :math:`\gamma/\sigma` is taken as 1, so
+  :math:`\hat W = W = 0` (no NaN) and the weight receives the plain layer's gradient until it
+  is non-zero (the power-iteration vector is kept meanwhile);
 * in eval mode no state changes: :math:`\sigma = \lVert W u\rVert` with the stored :math:`u`
   (the reference code also takes an unsaved extra step in eval; the two agree once the
   iteration has converged).
@@ -48,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
+from numbers import Real
 from typing import Any
 
 import torch
@@ -55,6 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._validation import reject_meta
 
 __all__ = [
     "spectral_norm_step",
@@ -125,7 +130,9 @@ def spectral_norm_step(
             uc = u.detach().to(cdt)
             v = F.normalize(wc.detach() @ uc, dim=0)
             if update:
-                uc = F.normalize(wc.detach().t() @ v, dim=0)
+                new = F.normalize(wc.detach().t() @ v, dim=0)
+                # a zero weight gives u' = 0: keep u, so the iteration resumes once W != 0
+                uc = torch.where(new.abs().sum() > 0, new, uc)
         sigma = torch.einsum("o,oi,i->", v, wc, uc)
     return sigma, uc
 
@@ -143,6 +150,12 @@ class _SigmaReparamMixin:
     training: bool
 
     def _init_sigma_state(self, weight: torch.Tensor) -> None:
+        if weight.numel() == 0:
+            raise InputError(
+                f"σReparam needs a weight with at least one entry, got shape {tuple(weight.shape)} "
+                "(a zero in_features/out_features or channel count): the spectral norm of an empty "
+                "matrix is undefined. Use sizes >= 1, or a plain nn.Linear / nn.Conv2d for an empty layer."
+            )
         s0, u0 = _svd_init(weight)
         self.register_buffer("u", u0.clone())  # type: ignore[attr-defined]
         self.register_buffer("sigma", s0.clone().reshape(()))  # type: ignore[attr-defined]
@@ -154,8 +167,13 @@ class _SigmaReparamMixin:
             with torch.no_grad():
                 self.u.copy_(u)
                 self.sigma.copy_(sigma.detach())
-        # gamma / sigma is a 0-dim float32 (or float64) factor; the product keeps weight's dtype
-        return weight * (self.gamma / sigma).to(weight.dtype)
+        # gamma / sigma is a 0-dim float32 (or float64) factor; the product keeps weight's dtype.
+        # sigma = 0 (a zero weight): the factor is 1, so W_hat = W = 0 and the weight gets the
+        # plain layer's gradient until it is non-zero (gamma / 0 would give NaN outputs)
+        positive = sigma > 0
+        safe = torch.where(positive, sigma, torch.ones_like(sigma))
+        factor = torch.where(positive, self.gamma / safe, torch.ones_like(sigma))
+        return weight * factor.to(weight.dtype)
 
     def _reset_sigma_state(self, weight: torch.Tensor) -> None:
         """u, σ and γ from an exact SVD of ``weight`` (so Ŵ = W again)."""
@@ -223,6 +241,7 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
         new._reset_sigma_state(new.weight)
         return new
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self._reparam_weight(self.weight), self.bias)
 
@@ -300,6 +319,7 @@ class SigmaReparamConv2d(_SigmaReparamMixin, nn.Conv2d):
         new._reset_sigma_state(new.weight)
         return new
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input, self._reparam_weight(self.weight), self.bias)
 
@@ -345,6 +365,7 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
         sigma, _ = spectral_norm_step(self.module.weight, self.u, update=False)
         return self.module.weight * (self.gamma / sigma)
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w = self._reparam_weight(self.module.weight)
         if isinstance(self.module, nn.Conv2d):
@@ -353,7 +374,7 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
 
 
 def _check_init_std(value: Any, layer: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
         math.isfinite(value) and value > 0
     ):
         raise InputError(
@@ -364,7 +385,7 @@ def _check_init_std(value: Any, layer: str) -> float:
 
 
 def _check_gain(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
         math.isfinite(value) and value > 0
     ):
         raise InputError(
