@@ -56,7 +56,7 @@ class Toy(StatefulModule):
             stats["rows"] = (index, x[:, :2])
         return stats
 
-    def _apply(self, stats):
+    def _write(self, stats):
         self.ema.mul_(self.momentum).add_((1 - self.momentum) * stats["ema"])
         self.seen += stats["seen"]
         if "rows" in stats:
@@ -77,7 +77,7 @@ class WeightedMean(StatefulModule):
     def _measure(self, x):
         return {"total": x.sum(0), "count": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
 
-    def _apply(self, stats):
+    def _write(self, stats):
         self.mean.copy_(stats["total"] / stats["count"])
 
 

@@ -148,10 +148,19 @@ def test_bad_options(kwargs, exc, match):
 
 
 def test_bad_hyperparameter_set_later():
+    # options are checked when they are assigned (not on every forward) and a refused
+    # assignment keeps the old value
     loss_fn = ELRLoss(10, 3)
-    loss_fn.beta = 1.5
     with pytest.raises(InputError, match=r"beta must lie in \[0, 1\)"):
-        loss_fn(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]))
+        loss_fn.beta = 1.5
+    with pytest.raises(InputError, match=r"reduction must be one of"):
+        loss_fn.reduction = "avg"
+    with pytest.raises(TypeError, match=r"sync must be None, True or False"):
+        loss_fn.sync = "yes"
+    assert (loss_fn.beta, loss_fn.reduction, loss_fn.sync) == (0.7, "mean", None)
+    loss_fn.beta = 0.9
+    loss_fn(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    torch.testing.assert_close(loss_fn.targets[:2], torch.full((2, 3), 0.1 / 3))
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from entrokit._errors import InputError
+from entrokit._stateful import non_finite_message
 from entrokit._validation import REDUCTIONS
 
 __all__ = [
@@ -131,16 +132,6 @@ def check_finite_batch(t: torch.Tensor, name: str, owner: str, state: str) -> No
     """Raise if ``t`` has a NaN or infinite entry; says that ``state`` was left unchanged."""
     if not bool(tensor_ok(t)):
         raise InputError(non_finite_message(name, owner, state))
-
-
-def non_finite_message(name: str, owner: str, state: str, ranks: Sequence[int] | None = None) -> str:
-    where = "" if ranks is None else f" on rank(s) {list(ranks)}"
-    return (
-        f"{name} contain NaN or inf{where}; expected finite values. {owner} did not update "
-        f"its {state} (on any rank), so the state is as before this batch. The model has "
-        "probably diverged: lower the learning rate, clip gradients, or train in bfloat16 / "
-        "with a GradScaler instead of plain float16; or skip this batch."
-    )
 
 
 def check_logits(logits: Any, num_classes: int | None, name: str = "logits") -> torch.Tensor:
