@@ -82,7 +82,15 @@ def reject_meta(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if any(_is_meta(v) for v in args) or any(_is_meta(v) for v in kwargs.values()):
+        meta = False
+        for v in (*args, *kwargs.values()):  # inline: no Python call per tensor on the fast path
+            if isinstance(v, torch.Tensor):
+                meta = v.device.type == "meta"
+            elif isinstance(v, (list, tuple)):
+                meta = _is_meta(v)
+            if meta:
+                break
+        if meta:
             sig = inspect.signature(fn)
             name = "an argument"
             for k, v in sig.bind_partial(*args, **kwargs).arguments.items():

@@ -19,14 +19,12 @@ from typing import Any
 import torch
 
 from entrokit._errors import InputError
-from entrokit._stateful import non_finite_message
 from entrokit._validation import REDUCTIONS
 
 __all__ = [
     "check_buffer_device",
     "check_choice",
     "check_count",
-    "check_finite_batch",
     "check_finite_real",
     "check_int_vector",
     "check_logits",
@@ -37,7 +35,6 @@ __all__ = [
     "check_same_shape",
     "check_unit_interval",
     "default_atol",
-    "tensor_ok",
 ]
 
 
@@ -121,17 +118,6 @@ def default_atol(dtype: torch.dtype) -> float:
     if dtype == torch.float32:
         return 1e-4
     return 1e-6
-
-
-def tensor_ok(t: torch.Tensor) -> torch.Tensor:
-    """``torch.isfinite(t).all()`` as a 0-dim bool tensor (no device sync)."""
-    return torch.isfinite(t).all()
-
-
-def check_finite_batch(t: torch.Tensor, name: str, owner: str, state: str) -> None:
-    """Raise if ``t`` has a NaN or infinite entry; says that ``state`` was left unchanged."""
-    if not bool(tensor_ok(t)):
-        raise InputError(non_finite_message(name, owner, state))
 
 
 def check_logits(logits: Any, num_classes: int | None, name: str = "logits") -> torch.Tensor:
@@ -221,7 +207,7 @@ def check_probabilities(
 
     ``atol`` defaults to :func:`default_atol` of ``p.dtype``. Forces a device sync.
     """
-    if not bool(tensor_ok(p)):
+    if not bool(torch.isfinite(p).all()):
         raise InputError(f"{name} contains NaN or inf; expected finite probabilities. {hint}".rstrip())
     if (p < 0).any():
         raise InputError(
