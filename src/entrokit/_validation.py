@@ -193,7 +193,7 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
             f"{name} must be an int >= 1, got {type(value).__name__} {value!r}; pass e.g. {name}=1000."
         )
     if value < 1:
-        raise InputError(f"{name} must be an int >= 1, got {value}; pass e.g. {name}=1000.")
+        raise InputError(f"{name} must be an int >= 1, got {value}; pass a positive integer.")
     return int(value)  # NumPy and other integral numbers as a Python int
 
 
