@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import reject_meta
+from entrokit._validation import check_layer_input, reject_meta
 
 __all__ = [
     "spectral_norm_step",
@@ -111,6 +111,10 @@ def spectral_norm_step(
         raise TypeError(
             f"weight and u must be torch.Tensors, got {type(weight).__name__} and {type(u).__name__}."
         )
+    if weight.device.type == "meta" or u.device.type == "meta":
+        raise InputError("weight and u must hold values (not meta tensors); materialise the module first.")
+    if weight.numel() == 0:
+        raise InputError(f"weight is empty (shape {tuple(weight.shape)}): the spectral norm needs at least one entry.")
     if weight.ndim < 2:
         raise InputError(
             f"weight must be a matrix (out, in) or a higher-rank weight, got shape "
@@ -243,6 +247,7 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
 
     @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, type(self).__name__, features=self.in_features)
         return F.linear(input, self._reparam_weight(self.weight), self.bias)
 
     def extra_repr(self) -> str:
@@ -321,6 +326,7 @@ class SigmaReparamConv2d(_SigmaReparamMixin, nn.Conv2d):
 
     @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, type(self).__name__, features=self.in_channels, ranks=(3, 4))
         return self._conv_forward(input, self._reparam_weight(self.weight), self.bias)
 
     def extra_repr(self) -> str:
