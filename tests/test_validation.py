@@ -202,7 +202,7 @@ def test_check_positive_int_returns_a_python_int():
     for v in (np.float64(7.0), 7.0, True, "7"):
         with pytest.raises(TypeError, match=r"max_iter must be an int >= 1, got .*; pass e.g. max_iter=1000"):
             check_positive_int(v, "max_iter")
-    with pytest.raises(InputError, match=r"max_iter must be an int >= 1, got 0; pass e.g. max_iter=1000"):
+    with pytest.raises(InputError, match=r"max_iter must be an int >= 1, got 0; pass a positive integer"):
         check_positive_int(np.int64(0), "max_iter")
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "check_positive_int",
     "check_nonneg_finite",
     "check_same_dtype_device",
+    "check_layer_input",
     "check_masses",
     "no_autocast",
     "reject_meta",
@@ -111,6 +112,30 @@ def reject_meta(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def check_layer_input(x: Any, weight: torch.Tensor, who: str, *, features: int | None = None,
+                      ranks: tuple[int, ...] | None = None) -> None:
+    """The input of a drop-in ``nn.Linear``/``nn.Conv2d`` replacement: a floating tensor in the
+    weight's dtype (any floating dtype under ``torch.autocast``, which casts it), with
+    ``features`` entries on its feature axis (``-1``; axis ``-3`` for ``ranks=(3, 4)``) and
+    one of ``ranks`` dimensions. The typed errors ``nn.Linear`` itself does not give."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} takes a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} needs a floating input, got {x.dtype}; convert it with input.to({weight.dtype}).")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{who} has {weight.dtype} weights but the input is {x.dtype}; cast the input "
+            f"(input.to({weight.dtype})), convert the layer (layer.to({x.dtype})) or run it under torch.autocast."
+        )
+    if ranks is not None and x.dim() not in ranks:
+        raise InputError(f"{who} takes inputs with {' or '.join(map(str, ranks))} dimensions, got shape {tuple(x.shape)}.")
+    axis = -3 if ranks == (3, 4) else -1
+    if features is not None and (x.dim() == 0 or x.shape[axis] != features):
+        raise InputError(
+            f"{who} expects {features} features on axis {axis} of its input, got shape {tuple(x.shape)}."
+        )
 
 
 def is_array_like(x: Any) -> bool:
@@ -201,7 +226,7 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
             f"{name} must be an int >= 1, got {type(value).__name__} {value!r}; pass e.g. {name}=1000."
         )
     if value < 1:
-        raise InputError(f"{name} must be an int >= 1, got {value}; pass e.g. {name}=1000.")
+        raise InputError(f"{name} must be an int >= 1, got {value}; pass a positive integer.")
     return int(value)  # NumPy and other integral numbers as a Python int
 
 

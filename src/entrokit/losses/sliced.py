@@ -166,6 +166,11 @@ def random_projections(
     n_projections = check_positive_int(n_projections, "n_projections")
     d = check_positive_int(d, "d")
     _check_generator(generator)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype (directions are unit vectors), got {dtype!r}; "
+            "pass e.g. dtype=torch.float32."
+        )
     draw_device = generator.device if generator is not None else (device if device is not None else "cpu")
     g = torch.randn(n_projections, d, generator=generator, dtype=dtype, device=draw_device)
     g = g / g.norm(dim=-1, keepdim=True)

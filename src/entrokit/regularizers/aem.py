@@ -108,6 +108,11 @@ def _pick_input(attention: torch.Tensor | None, scores: torch.Tensor | None) -> 
             f"{name} must be (bags, instances) or (bags, rows, instances), got shape "
             f"{tuple(t.shape)}; for a single bag use {name}.unsqueeze(0)."
         )
+    if t.numel() == 0:
+        raise InputError(
+            f"{name} is empty (shape {tuple(t.shape)}); expected at least one bag with one instance. "
+            "Skip the regulariser for an empty batch."
+        )
     return t, is_scores
 
 

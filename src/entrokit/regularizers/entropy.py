@@ -166,6 +166,8 @@ def attention_entropy(
                 f"{name} has negative entries (min {attn.min().item():.3g}); pass softmax "
                 "probabilities, not logits (apply .softmax(-1) first)."
             )
+        if atol is not None and (isinstance(atol, bool) or not isinstance(atol, Real) or not atol >= 0):
+            raise InputError(f"atol must be a number >= 0 or None (the dtype's default), got {atol!r}; e.g. atol=1e-4.")
         tol = _default_atol(attn.dtype) if atol is None else float(atol)
         if mask is not None:
             leak = attn.masked_fill(mask, 0.0).sum(-1)
@@ -226,6 +228,10 @@ def _reference_scores(
                 f"{name} must be a floating torch.Tensor (layers, heads) of mean head entropies, "
                 f"got {got}; use AttentionEntropyRecorder.entropy or head_entropy_stats."
             )
+        if t.device.type == "meta":
+            raise InputError(f"{name} is a meta tensor (shape and dtype only, no values); pass the recorded entropies.")
+        if t.numel() == 0:
+            raise InputError(f"{name} is empty (shape {tuple(t.shape)}); expected at least one head's entropy.")
     if normalized is not None and normalized.shape != entropy.shape:
         raise InputError(
             f"normalized must have the shape of entropy {tuple(entropy.shape)}, got "

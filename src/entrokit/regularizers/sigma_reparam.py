@@ -48,7 +48,6 @@ logits, which puts a floor under the attention entropy and prevents entropy coll
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
 from numbers import Real
@@ -59,7 +58,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import reject_meta
+from entrokit._validation import check_layer_input, no_autocast, reject_meta, working_dtype
 
 __all__ = [
     "spectral_norm_step",
@@ -68,19 +67,6 @@ __all__ = [
     "SigmaReparam",
     "convert_to_sigma_reparam",
 ]
-
-
-def _no_autocast(device: torch.device):
-    """A context with autocast switched off for ``device`` (a no-op where unsupported)."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
-        return contextlib.nullcontext()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 weights, float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def spectral_norm_step(
@@ -111,6 +97,10 @@ def spectral_norm_step(
         raise TypeError(
             f"weight and u must be torch.Tensors, got {type(weight).__name__} and {type(u).__name__}."
         )
+    if weight.device.type == "meta" or u.device.type == "meta":
+        raise InputError("weight and u must hold values (not meta tensors); materialise the module first.")
+    if weight.numel() == 0:
+        raise InputError(f"weight is empty (shape {tuple(weight.shape)}): the spectral norm needs at least one entry.")
     if weight.ndim < 2:
         raise InputError(
             f"weight must be a matrix (out, in) or a higher-rank weight, got shape "
@@ -123,8 +113,8 @@ def spectral_norm_step(
             f"{tuple(weight.shape)}), got {tuple(u.shape)}; start from a random unit vector, e.g. "
             f"F.normalize(torch.randn({w.shape[1]}), dim=0)."
         )
-    cdt = _compute_dtype(weight.dtype)
-    with _no_autocast(weight.device):
+    cdt = working_dtype(weight.dtype)
+    with no_autocast():
         wc = w.to(cdt)  # differentiable cast; a no-op for float32/float64 weights
         with torch.no_grad():
             uc = u.detach().to(cdt)
@@ -243,6 +233,7 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
 
     @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, type(self).__name__, features=self.in_features)
         return F.linear(input, self._reparam_weight(self.weight), self.bias)
 
     def extra_repr(self) -> str:
@@ -321,6 +312,7 @@ class SigmaReparamConv2d(_SigmaReparamMixin, nn.Conv2d):
 
     @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, type(self).__name__, features=self.in_channels, ranks=(3, 4))
         return self._conv_forward(input, self._reparam_weight(self.weight), self.bias)
 
     def extra_repr(self) -> str:
