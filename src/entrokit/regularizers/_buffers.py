@@ -2,21 +2,67 @@
 
 Both losses keep one row of a ``[num_samples, num_classes]`` buffer per training
 example, addressed by the example's dataset index. This module holds the pieces they
-share: a dataset wrapper that yields indices, the reduction of their per-sample losses, and
-a distributed gather so every rank writes the same rows (used by
-:meth:`entrokit._stateful.StatefulModule.update_state` for ``"gather"`` states).
+share: a dataset wrapper that yields indices, their base :class:`PerSampleLoss` (the buffer
+as a ``"gather"`` state of :class:`~entrokit._stateful.StatefulModule`, the batch checks and
+the measured rows) and the reduction of their per-sample losses.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from entrokit._stateful import all_gather_rows
+from entrokit._stateful import Option, StatefulModule, all_gather_rows, choice, integer
+from entrokit._validation import REDUCTIONS
+from entrokit.regularizers._checks import check_sample_batch
 
-__all__ = ["IndexedDataset", "all_gather_rows", "reduce_rows"]
+__all__ = ["IndexedDataset", "PerSampleLoss", "all_gather_rows", "reduce_rows"]
+
+
+class PerSampleLoss(StatefulModule):
+    """Base of the index-keyed losses: a ``[num_samples, num_classes]`` buffer, one row per example.
+
+    The buffer (named by ``rows_state``, float32 even under AMP, zeros at the start) is a
+    ``"gather"`` state: under DDP the ``(index, rows)`` of every rank are gathered, so all
+    ranks write all rows. A subclass gives ``_rows`` (what is stored for the detached
+    probabilities of a batch) and ``_write``. The verdict of the finite-batch guard is on
+    what the caller passed (the logits: the softmax of a ``-inf`` logit is finite).
+    """
+
+    rows_state: ClassVar[str]
+    skip_without_sync = True
+    reduction = Option(choice(REDUCTIONS))
+
+    def __init__(
+        self, num_samples: int, num_classes: int, reduction: str, sync: bool | None, check_inputs: bool
+    ) -> None:
+        super().__init__(sync=sync, check_inputs=check_inputs)
+        self.num_samples = integer(minimum=1, example="num_samples=len(train_set)")(num_samples, "num_samples")
+        self.num_classes = integer(minimum=2, example="num_classes=10")(num_classes, "num_classes")
+        self.reduction = reduction
+        self.add_state(self.rows_state, torch.zeros(self.num_samples, self.num_classes), sync="gather")
+
+    def _check_batch(
+        self, rows: Any, index: Any, labels: Any = None, name: str = "logits"
+    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        buf = getattr(self, self.rows_state)
+        return check_sample_batch(self, rows, index, buf, type(self).__name__, labels=labels, name=name)
+
+    def _update_from_probs(self, probs: torch.Tensor, index: torch.Tensor) -> None:
+        probs, _, index = self._check_batch(probs, index, name="probs")
+        self.update_state(probs, index, what="probs of this batch")
+
+    def _measure(self, rows: torch.Tensor, index: torch.Tensor, *, from_logits: bool = False) -> dict[str, Any]:
+        p = F.softmax(rows, dim=1) if from_logits else rows
+        stored = self._rows(p).to(getattr(self, self.rows_state).dtype)
+        return {self.rows_state: (index, stored), self.INPUTS_FINITE: torch.isfinite(rows).all()}
+
+    def _rows(self, probs: torch.Tensor) -> torch.Tensor:
+        """What is stored for the detached probabilities of a batch (override)."""
+        return probs
 
 
 def reduce_rows(per: torch.Tensor, reduction: str) -> torch.Tensor:

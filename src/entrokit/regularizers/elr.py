@@ -45,15 +45,14 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from entrokit._stateful import Option, StatefulModule, choice, integer
-from entrokit._validation import REDUCTIONS, apply_reduction, reject_meta
-from entrokit.regularizers._buffers import IndexedDataset, reduce_rows
+from entrokit._stateful import Option
+from entrokit._validation import apply_reduction, reject_meta
+from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows
 from entrokit.regularizers._checks import (
     check_logits,
     check_nonneg_real,
     check_reduction,
     check_same_shape,
-    check_sample_batch,
     check_unit_interval,
 )
 
@@ -93,7 +92,7 @@ def _penalty_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-inner)
 
 
-class ELRLoss(StatefulModule):
+class ELRLoss(PerSampleLoss):
     r"""Cross-entropy plus the early-learning regulariser, with per-sample targets.
 
     The module owns the target buffer ``targets`` (``[num_samples, num_classes]``,
@@ -142,11 +141,9 @@ class ELRLoss(StatefulModule):
     """
 
     targets: torch.Tensor
-    state_name = "targets"
-    skip_without_sync = True
+    rows_state = state_name = "targets"  # t_i = 0 at the start (reference code)
     lam = Option(partial(check_nonneg_real, example="lam=3.0 (CIFAR-10) or 7.0 (CIFAR-100)"))
     beta = Option(partial(check_unit_interval, closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"))
-    reduction = Option(choice(REDUCTIONS))
 
     def __init__(
         self,
@@ -158,14 +155,9 @@ class ELRLoss(StatefulModule):
         sync: bool | None = None,
         check_inputs: bool = True,
     ) -> None:
-        super().__init__(sync=sync, check_inputs=check_inputs)
-        self.num_samples = integer(minimum=1, example="num_samples=len(train_set)")(num_samples, "num_samples")
-        self.num_classes = integer(minimum=2, example="num_classes=10")(num_classes, "num_classes")
+        super().__init__(num_samples, num_classes, reduction, sync, check_inputs)
         self.lam = lam
         self.beta = beta
-        self.reduction = reduction
-        # t_i = 0 at start (reference code); float32 even under AMP.
-        self.add_state("targets", torch.zeros(self.num_samples, self.num_classes), sync="gather")
         self._ready()
 
     def extra_repr(self) -> str:
@@ -183,15 +175,11 @@ class ELRLoss(StatefulModule):
         NaN or inf probability raises :class:`~entrokit.InputError` (``check_inputs=True``)
         or is skipped (``check_inputs=False``); the targets are left unchanged either way.
         """
-        probs, _, index = check_sample_batch(self, probs, index, self.targets, "ELRLoss", name="probs")
-        self.update_state(probs, index, what="probs of this batch")
+        self._update_from_probs(probs, index)
 
-    def _measure(self, rows: torch.Tensor, index: torch.Tensor, *, from_logits: bool = False) -> dict[str, Any]:
-        # the verdict is on the logits: the softmax of a -inf logit is finite
-        p = F.softmax(rows, dim=1) if from_logits else rows
-        p = p.clamp(_CLAMP, 1.0 - _CLAMP)
-        p = p / p.sum(dim=1, keepdim=True)
-        return {"targets": (index, p.to(self.targets.dtype)), self.INPUTS_FINITE: torch.isfinite(rows).all()}
+    def _rows(self, probs: torch.Tensor) -> torch.Tensor:
+        p = probs.clamp(_CLAMP, 1.0 - _CLAMP)  # \hat p_i of Eq. 5
+        return p / p.sum(dim=1, keepdim=True)
 
     def _write(self, stats: dict[str, Any]) -> None:
         idx, p = stats["targets"]
@@ -202,7 +190,7 @@ class ELRLoss(StatefulModule):
         self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         """Return ``CE + λ·log(1 − ⟨p, t⟩)`` for the batch, updating its targets first."""
-        logits, labels, index = check_sample_batch(self, logits, index, self.targets, "ELRLoss", labels=labels)
+        logits, labels, index = self._check_batch(logits, index, labels)
         if self.training:
             self.update_state(logits.detach(), index, from_logits=True, what="logits of this batch")
         ce = F.cross_entropy(logits, labels, reduction="none")

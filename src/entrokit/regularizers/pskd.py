@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from entrokit._errors import InputError
-from entrokit._stateful import Option, StatefulModule, choice, integer
-from entrokit._validation import REDUCTIONS, apply_reduction, reject_meta
-from entrokit.regularizers._buffers import reduce_rows
+from entrokit._stateful import Option, integer
+from entrokit._validation import apply_reduction, reject_meta
+from entrokit.regularizers._buffers import PerSampleLoss, reduce_rows
 from entrokit.regularizers._checks import (
     check_count,
     check_int_vector,
@@ -46,7 +46,6 @@ from entrokit.regularizers._checks import (
     check_probabilities,
     check_reduction,
     check_same_shape,
-    check_sample_batch,
     check_unit_interval,
 )
 
@@ -146,7 +145,7 @@ def _soft_ce_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target.detach().to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
 
 
-class PSKDLoss(StatefulModule):
+class PSKDLoss(PerSampleLoss):
     r"""Progressive self-knowledge distillation loss with a per-sample prediction buffer.
 
     Buffers (all in ``state_dict``): ``predictions`` ``[num_samples, num_classes]``
@@ -195,10 +194,8 @@ class PSKDLoss(StatefulModule):
     predictions: torch.Tensor
     seen: torch.Tensor
     epoch: torch.Tensor
-    state_name = "stored predictions"
-    skip_without_sync = True
+    rows_state, state_name = "predictions", "stored predictions"
     alpha_T = Option(partial(check_unit_interval, closed_right=True, example="alpha_T=0.8"))
-    reduction = Option(choice(REDUCTIONS))
 
     def __init__(
         self,
@@ -210,13 +207,9 @@ class PSKDLoss(StatefulModule):
         sync: bool | None = None,
         check_inputs: bool = True,
     ) -> None:
-        super().__init__(sync=sync, check_inputs=check_inputs)
-        self.num_samples = integer(minimum=1, example="num_samples=len(train_set)")(num_samples, "num_samples")
-        self.num_classes = integer(minimum=2, example="num_classes=10")(num_classes, "num_classes")
+        super().__init__(num_samples, num_classes, reduction, sync, check_inputs)
         self.total_epochs = integer(minimum=1, example="total_epochs=200")(total_epochs, "total_epochs")
         self.alpha_T = alpha_T
-        self.reduction = reduction
-        self.add_state("predictions", torch.zeros(self.num_samples, self.num_classes), sync="gather")
         self.add_state("seen", torch.zeros(self.num_samples, dtype=torch.bool))  # written with predictions
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # set by set_epoch, not by batches
         self._ready()
@@ -251,13 +244,7 @@ class PSKDLoss(StatefulModule):
         (``check_inputs=True``) or is skipped (``check_inputs=False``); the buffers are left
         unchanged either way.
         """
-        probs, _, index = check_sample_batch(self, probs, index, self.predictions, "PSKDLoss", name="probs")
-        self.update_state(probs, index, what="probs of this batch")
-
-    def _measure(self, rows: torch.Tensor, index: torch.Tensor, *, from_logits: bool = False) -> dict[str, Any]:
-        # the verdict is on the logits: the softmax of a -inf logit is finite
-        p = F.softmax(rows, dim=1) if from_logits else rows
-        return {"predictions": (index, p.to(self.predictions.dtype)), self.INPUTS_FINITE: torch.isfinite(rows).all()}
+        self._update_from_probs(probs, index)
 
     def _write(self, stats: dict[str, Any]) -> None:
         idx, p = stats["predictions"]
@@ -273,7 +260,7 @@ class PSKDLoss(StatefulModule):
         alpha: float | None = None,
     ) -> torch.Tensor:
         """Soft-target cross-entropy against Eq. 5 targets; ``alpha`` overrides the schedule."""
-        logits, labels, index = check_sample_batch(self, logits, index, self.predictions, "PSKDLoss", labels=labels)
+        logits, labels, index = self._check_batch(logits, index, labels)
         a = self.alpha if alpha is None else check_unit_interval(alpha, "alpha", closed_right=True, example="alpha=0.5")
         target = self.soft_targets(labels, index, a)
         loss = reduce_rows(_soft_ce_rows(logits, target), self.reduction)
