@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from entrokit._errors import InputError
 from entrokit._optional import require
 from entrokit._validation import reject_meta
+from entrokit.regularizers._checks import default_atol
 
 __all__ = [
     "attention_entropy",
@@ -45,14 +46,6 @@ __all__ = [
     "plot_heatmap",
     "AttentionEntropyRecorder",
 ]
-
-
-def _default_atol(dtype: torch.dtype) -> float:
-    if dtype in (torch.float16, torch.bfloat16):
-        return 1e-2
-    if dtype == torch.float32:
-        return 1e-4
-    return 1e-6
 
 
 def _check_attn(attn: Any, name: str = "attn") -> torch.Tensor:
@@ -168,7 +161,7 @@ def attention_entropy(
             )
         if atol is not None and (isinstance(atol, bool) or not isinstance(atol, Real) or not atol >= 0):
             raise InputError(f"atol must be a number >= 0 or None (the dtype's default), got {atol!r}; e.g. atol=1e-4.")
-        tol = _default_atol(attn.dtype) if atol is None else float(atol)
+        tol = default_atol(attn.dtype) if atol is None else float(atol)
         if mask is not None:
             leak = attn.masked_fill(mask, 0.0).sum(-1)
             if (leak > tol).any():
