@@ -24,7 +24,8 @@ base supplies the machinery once.
   exactly as it was. With ``check_inputs=False`` the batch is skipped silently instead.
   ``_measure`` may add the verdict on its raw inputs under the key ``"inputs_finite"`` (a
   0-dim bool tensor) when a statistic can be finite for a non-finite input (the softmax of
-  a ``-inf`` logit); the guard then refuses the batch on that verdict too. A subclass with
+  a ``-inf`` logit); the guard then judges the batch by that verdict alone (so the
+  statistics must be finite whenever the inputs are, as a softmax and its sums are). A subclass with
   ``skip_without_sync = True`` skips such a batch without any host sync when no collective
   runs: ``_write`` writes, and the template puts every declared state back where the
   verdict is ``False`` (for a ``"gather"`` state, only the rows of the batch).
@@ -522,10 +523,13 @@ class StatefulModule(nn.Module):
                 return torch.isfinite(v[1]).all()
             return torch.isfinite(v).all()
 
-        verdicts = [finite(v) for v in stats.values()]
-        if inputs_ok is not None:
-            verdicts.append(torch.as_tensor(inputs_ok, dtype=torch.bool).reshape(()))
-        local_ok = torch.stack(verdicts).all() if verdicts else torch.tensor(True)
+        if inputs_ok is not None:  # the inputs' verdict stands for the statistics computed from them
+            local_ok = inputs_ok
+            if not (isinstance(local_ok, torch.Tensor) and local_ok.dtype == torch.bool and local_ok.dim() == 0):
+                local_ok = torch.as_tensor(local_ok, dtype=torch.bool).reshape(())
+        else:
+            verdicts = [finite(v) for v in stats.values()]
+            local_ok = torch.stack(verdicts).all() if verdicts else torch.tensor(True)
         if not self.syncing():
             if self.skip_without_sync and not self.check_inputs:
                 return stats, local_ok
