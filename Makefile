@@ -1,5 +1,6 @@
 PYTHON ?= python3
-VENV := .venv
+# every target installs what it needs into $(VENV) (`make docs VENV=.venv-docs`: another one)
+VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := constraints.txt
@@ -39,4 +40,4 @@ lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info src/*.egg-info docs/_build docs/auto_examples docs/migration docs/api/generated
+	rm -rf $(VENV) .venv-docs build dist *.egg-info src/*.egg-info docs/_build docs/auto_examples docs/migration docs/api/generated

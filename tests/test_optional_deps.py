@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -142,3 +143,42 @@ def test_subpackages_load_on_first_access():
             raise AssertionError("entrokit.no_such_name did not raise")
         """
     )
+
+
+# import name -> distribution name, where they differ
+_DIST = {"sklearn": "scikit-learn", "ot": "pot", "PIL": "pillow"}
+
+
+def _unguarded_imports(path: Path) -> set[str]:
+    """Top-level modules a script imports outside ``try`` blocks (a guarded import is optional)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for b in t.body for n in ast.walk(b)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_docs_extra_installs_every_package_the_gallery_runs():
+    # `make docs` installs only the docs extra (in a fresh environment on CI): every example
+    # the gallery executes must import with it
+    import tomllib  # Python >= 3.11, as the project's environment
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    have = {re.split(r"[<>=\[; ]", req)[0].lower() for req in project["dependencies"] + project["optional-dependencies"]["docs"]}
+    scripts = [p for p in sorted((root / "examples").glob("*.py")) if p.name != "sharded_sinkhorn.py"]
+    scripts += sorted((root / "docs" / "migration_src").glob("*.py"))
+    missing = {}
+    for script in scripts:
+        for mod in _unguarded_imports(script) - set(sys.stdlib_module_names) - {"entrokit", "__future__"}:
+            if _DIST.get(mod, mod).lower() not in have:
+                missing.setdefault(script.name, []).append(mod)
+    assert not missing, f"not installed by the docs extra: {missing}"

@@ -56,7 +56,7 @@ class Toy(StatefulModule):
             stats["rows"] = (index, x[:, :2])
         return stats
 
-    def _apply(self, stats):
+    def _write(self, stats):
         self.ema.mul_(self.momentum).add_((1 - self.momentum) * stats["ema"])
         self.seen += stats["seen"]
         if "rows" in stats:
@@ -77,7 +77,7 @@ class WeightedMean(StatefulModule):
     def _measure(self, x):
         return {"total": x.sum(0), "count": torch.tensor(float(x.shape[0]), dtype=torch.float64)}
 
-    def _apply(self, stats):
+    def _write(self, stats):
         self.mean.copy_(stats["total"] / stats["count"])
 
 
@@ -248,3 +248,90 @@ def test_two_ranks_reduce_and_refuse_together(tmp_path):
         assert r["raised"] is not None and "rank(s) [1]" in r["raised"]
         assert r["unchanged"] and r["skipped"]
         torch.testing.assert_close(r["weighted"], torch.cat([X0, X1]).mean(0))  # 4 rows and 2 rows
+
+
+# -- hooks that must not collide with nn.Module, compact defaults, the inputs' verdict ----
+
+
+def test_dtype_and_device_moves_keep_working():
+    # the write hook is not nn.Module._apply: .double()/.to() move the declared state
+    m = Toy(sync=False).float()
+    assert m.ema.dtype == torch.float32 and m.rows.dtype == torch.float32
+    m = m.to(torch.float64)
+    m.update_state(torch.ones(2, 3, dtype=torch.float64), torch.tensor([0, 1]))
+    torch.testing.assert_close(m.ema, torch.full((3,), 0.1, dtype=torch.float64))
+    w = WeightedMean().to("cpu")
+    w.update_state(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], dtype=torch.float64))
+    torch.testing.assert_close(w.mean, torch.full((3,), 2.0, dtype=torch.float64))
+
+
+def test_constant_defaults_are_kept_as_one_element_and_reset():
+    m = Toy(size=1000, sync=False)
+    assert m._state_default["rows"].numel() == 1  # not a second [1000, 2] buffer
+    m.update_state(torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 5, 999]))
+    assert m.rows.abs().sum() > 0
+    m.reset_state()
+    assert torch.equal(m.rows, torch.zeros(1000, 2, dtype=torch.float64))
+
+
+class Softmaxed(StatefulModule):
+    """A statistic that stays finite for a non-finite input (softmax of a -inf logit)."""
+
+    state_name = "prior"
+
+    def __init__(self, *, skip_without_sync=False, **kw):
+        super().__init__(**kw)
+        self.skip_without_sync = skip_without_sync
+        self.add_state("prior", torch.full((3,), 1 / 3, dtype=torch.float64), sync="mean")
+        self.add_state("rows", torch.zeros(4, 3, dtype=torch.float64), sync="gather")
+        self._ready()
+
+    def _measure(self, z, index):
+        p = torch.softmax(z, 1)
+        return {"prior": p.mean(0), "rows": (index, p), self.INPUTS_FINITE: torch.isfinite(z).all()}
+
+    def _write(self, stats):
+        self.prior.mul_(0.5).add_(0.5 * stats["prior"])
+        idx, p = stats["rows"]
+        self.rows[idx] = p
+
+
+def _minus_inf_batch():
+    z = torch.tensor([[0.0, -math.inf, 1.0], [0.5, 0.2, 0.1]], dtype=torch.float64)
+    assert torch.isfinite(torch.softmax(z, 1)).all()
+    return z, torch.tensor([1, 2])
+
+
+def test_the_inputs_verdict_refuses_a_batch_with_finite_statistics():
+    m = Softmaxed(sync=False)
+    before = _snapshot(m)
+    z, idx = _minus_inf_batch()
+    with pytest.raises(InputError, match=r"^logits of this batch contain NaN or inf.*Softmaxed did not update its prior"):
+        m.update_state(z, idx, what="logits of this batch")
+    assert _same(before, _snapshot(m))
+    m.check_inputs = False
+    assert m.update_state(z, idx) is None
+    assert _same(before, _snapshot(m))
+
+
+def test_skip_without_sync_puts_the_state_back_without_a_host_sync(monkeypatch):
+    m = Softmaxed(sync=False, check_inputs=False, skip_without_sync=True)
+    m.update_state(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 3]))
+    before = _snapshot(m)
+    z, idx = _minus_inf_batch()
+
+    def no_sync(*_):
+        raise AssertionError("host sync")
+
+    with monkeypatch.context() as mp:  # reading a tensor's value on the host is refused
+        mp.setattr(torch.Tensor, "__bool__", no_sync)
+        mp.setattr(torch.Tensor, "item", no_sync)
+        m.update_state(z, idx)
+        bad = torch.tensor([[1.0, math.nan, 0.0]], dtype=torch.float64)
+        m.update_state(bad, torch.tensor([3]))
+    assert _same(before, _snapshot(m))  # both batches skipped: prior and rows as before
+    good = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
+    m.update_state(good, torch.tensor([1]))
+    torch.testing.assert_close(m.rows[1], torch.full((3,), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(m.prior, 0.5 * before["prior"] + 0.5 / 3)
+    assert torch.equal(m.rows[3], before["rows"][3])

@@ -88,9 +88,10 @@ def test_dtype_and_device_mismatch(prob):
     a, b, C = prob
     with pytest.raises(InputError, match="dtype mismatch.*cast them"):
         entrokit.sinkhorn(a.float(), b, C, 0.1)
-    meta = torch.empty(5, device="meta", dtype=torch.float64)
-    with pytest.raises(InputError, match="device mismatch"):
-        entrokit.sinkhorn(a, meta, C, 0.1)
+    # points on another device than the weights (meta: the one other device of a CPU machine)
+    x, y = torch.empty(4, 2, device="meta", dtype=torch.float64), torch.empty(5, 2, device="meta", dtype=torch.float64)
+    with pytest.raises(InputError, match="device mismatch: a is on cpu but x is on meta"):
+        entrokit.sinkhorn(a, b, PointCloud(x, y), 0.1)
 
 
 def test_types(prob):
@@ -185,3 +186,58 @@ def test_check_choice_compares_types_and_values():
             check_choice(bad, "reduction", ("mean", "sum"))
     with pytest.raises(InputError, match="flag must be one of True, 'auto'; got 1"):
         check_choice(1, "flag", (True, "auto"))
+
+
+def _np_int_entry_points():
+    import numpy as np
+
+    from entrokit.solvers.multiscale import multiscale_sinkhorn
+
+    i = np.int64
+    C = torch.rand(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, b = torch.full((5,), 0.2, dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)
+    x, y = torch.rand(6, 2), torch.rand(5, 2)
+    return {
+        "sinkhorn": lambda: entrokit.sinkhorn(a, b, C, 0.1, max_iter=i(100)),
+        "solve": lambda: entrokit.solve(a, b, C, eps=0.1, max_iter=i(100)),
+        "sinkhorn_newton": lambda: entrokit.sinkhorn_newton(a, b, C, 0.1, max_iter=i(100)),
+        "smooth_ot": lambda: entrokit.smooth_ot(a, b, C, gamma=0.5, max_iter=i(100)),
+        "multiscale": lambda: multiscale_sinkhorn(torch.full((6,), 1 / 6), torch.full((5,), 0.2), x, y, 0.1,
+                                                  max_iter=i(100)),
+        "PointCloud": lambda: entrokit.sinkhorn(torch.full((6,), 1 / 6), torch.full((5,), 0.2),
+                                                PointCloud(x, y, chunk_size=i(2)), 0.1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_np_int_entry_points()))
+def test_numpy_integers_are_accepted_for_integer_options(name):
+    # max_iter=np.int64(100) was a TypeError: any integral number is an int option
+    res = _np_int_entry_points()[name]()
+    assert bool(torch.as_tensor(res.converged).all())
+
+
+def test_check_positive_int_returns_a_python_int():
+    import numpy as np
+
+    from entrokit._validation import check_positive_int
+
+    for v in (np.int64(7), np.int32(7), np.uint8(7), 7):
+        out = check_positive_int(v, "max_iter")
+        assert out == 7 and type(out) is int
+    for v in (np.float64(7.0), 7.0, True, "7"):
+        with pytest.raises(TypeError, match=r"max_iter must be an int >= 1, got .*; pass e.g. max_iter=1000"):
+            check_positive_int(v, "max_iter")
+    with pytest.raises(InputError, match=r"max_iter must be an int >= 1, got 0; pass a positive integer"):
+        check_positive_int(np.int64(0), "max_iter")
+
+
+@pytest.mark.parametrize("which", ["a", "b", "cost"])
+def test_meta_tensors_are_an_input_error(prob, which):
+    a, b, C = prob
+    args = {"a": a, "b": b, "cost": C}
+    args[which] = torch.empty_like(args[which], device="meta")
+    for solver in (lambda: entrokit.sinkhorn(args["a"], args["b"], args["cost"], 0.1),
+                   lambda: entrokit.solve(args["a"], args["b"], args["cost"], eps=0.1)):
+        with pytest.raises(InputError, match=rf"{which} is a meta tensor \(shape and dtype only, no values\), "
+                                             r"but (sinkhorn|solve) reads values. Pass tensors that hold data"):
+            solver()

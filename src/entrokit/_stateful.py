@@ -18,22 +18,28 @@ base supplies the machinery once.
 - **One step template**, :meth:`StatefulModule.update_state`: measure the batch
   (``_measure``, subclass), reduce it across ranks according to the
   policies, refuse it if any statistic is NaN or infinite on any rank, then write the new
-  state (``_apply``, subclass). A refused batch raises
+  state (``_write``, subclass). A refused batch raises
   :class:`~entrokit.InputError` on every rank at once (the finiteness verdicts travel in
   the same collective as the statistics, so no rank is left waiting) and leaves the state
-  exactly as it was. With ``check_inputs=False`` the batch is skipped silently instead
-  (no host sync).
+  exactly as it was. With ``check_inputs=False`` the batch is skipped silently instead.
+  ``_measure`` may add the verdict on its raw inputs under the key ``"inputs_finite"`` (a
+  0-dim bool tensor) when a statistic can be finite for a non-finite input (the softmax of
+  a ``-inf`` logit); the guard then judges the batch by that verdict alone (so the
+  statistics must be finite whenever the inputs are, as a softmax and its sums are). A subclass with
+  ``skip_without_sync = True`` skips such a batch without any host sync when no collective
+  runs: ``_write`` writes, and the template puts every declared state back where the
+  verdict is ``False`` (for a ``"gather"`` state, only the rows of the batch).
 
 ``sync`` (an option of every subclass) decides when the collectives run: ``None``
 all-reduces iff a process group with more than one rank is initialised, ``True`` always
 (needs an initialised group), ``False`` never (each rank keeps its own state).
 
-How the training losses map onto it: ``ELRLoss.targets`` and ``PSKDLoss.predictions`` are
-``"gather"`` states (their ``_measure`` returns ``(index, detached rows)``, their ``_apply``
+How the training losses sit on it: ``ELRLoss.targets`` and ``PSKDLoss.predictions`` are
+``"gather"`` states (their ``_measure`` returns ``(index, detached rows)``, their ``_write``
 writes the EMA or the copy); ``LocalEntropyRegularizer.prior`` is a ``"none"`` state fed by two
 ``"sum"`` statistics (the summed softmax and the row count), so the prior moves by the exact
-global mean; ``lam``, ``beta``, ``momentum``, ``tau_*`` and ``sync`` become :class:`Option`
-attributes, checked once instead of on every forward.
+global mean; ``lam``, ``beta``, ``reduction``, ``momentum``, ``tau_*`` and ``sync`` are
+:class:`Option` attributes, checked once instead of on every forward.
 """
 
 from __future__ import annotations
@@ -49,15 +55,15 @@ import torch.distributed as dist
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit.regularizers._buffers import all_gather_rows
-from entrokit.regularizers._checks import non_finite_message
 
 __all__ = [
     "Option",
     "StatefulModule",
+    "all_gather_rows",
     "boolean",
     "choice",
     "integer",
+    "non_finite_message",
     "optional",
     "real",
     "sync_flag",
@@ -225,6 +231,97 @@ def optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
 
 
 # --------------------------------------------------------------------------------------
+# The finite-batch message and the distributed gather of per-sample rows
+# --------------------------------------------------------------------------------------
+
+
+def non_finite_message(name: str, owner: str, state: str, ranks: Sequence[int] | None = None) -> str:
+    where = "" if ranks is None else f" on rank(s) {list(ranks)}"
+    return (
+        f"{name} contain NaN or inf{where}; expected finite values. {owner} did not update "
+        f"its {state} (on any rank), so the state is as before this batch. The model has "
+        "probably diverged: lower the learning rate, clip gradients, or train in bfloat16 / "
+        "with a GradScaler instead of plain float16; or skip this batch."
+    )
+
+
+def _distributed_world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_gather_rows(
+    index: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    sync: bool | None = None,
+    local_ok: torch.Tensor | None = None,
+    what: str = "rows",
+    owner: str = "the loss",
+    state: str = "per-sample buffer",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather ``(index, rows)`` from every rank, in rank order.
+
+    Under ``torch.distributed`` each rank sees its own shard of the batch; to keep the
+    per-sample buffers identical on every rank, all ranks must write all rows. Batches
+    may have different sizes on different ranks (the last batch of an epoch); they are
+    padded to the largest size for the collective and trimmed afterwards.
+
+    Args:
+        index: ``[b]`` integer indices seen on this rank.
+        rows: ``[b, C]`` detached values to write for those indices.
+        sync: ``True`` to gather (requires an initialised process group), ``False`` to
+            return the inputs unchanged, ``None`` to gather iff a process group with more
+            than one rank is initialised.
+        local_ok: optional 0-dim bool tensor, this rank's verdict on its batch (e.g.
+            ``torch.isfinite(logits).all()``). The verdicts travel with the batch sizes (no
+            extra collective); if any rank says ``False``, every rank raises the same
+            :class:`~entrokit.InputError` *before* the rows are gathered, so no rank writes
+            its buffer and no rank is left waiting in a collective.
+        what, owner, state: wording of that error.
+
+    Returns:
+        ``(index_all, rows_all)`` with ``sum_r b_r`` rows, rank 0's rows first.
+    """
+    world = _distributed_world()
+    if sync is None:
+        sync = world > 1
+    if not sync:
+        if local_ok is not None and not bool(local_ok):
+            raise InputError(non_finite_message(what, owner, state))
+        return index, rows
+    if world == 1 and not (dist.is_available() and dist.is_initialized()):
+        raise InputError(
+            "sync=True needs an initialised torch.distributed process group; call "
+            "torch.distributed.init_process_group(...) first or pass sync=None."
+        )
+    dev = index.device
+    if local_ok is None:
+        ok = torch.ones((), dtype=torch.long, device=dev)
+    else:
+        ok = local_ok.to(device=dev, dtype=torch.long).reshape(())
+    b = torch.stack([torch.tensor(index.shape[0], device=dev, dtype=torch.long), ok])  # [size, ok]
+    sizes = [torch.zeros_like(b) for _ in range(world)]
+    dist.all_gather(sizes, b)
+    bad = [r for r, s in enumerate(sizes) if int(s[1]) == 0]
+    if bad:
+        raise InputError(non_finite_message(what, owner, state, ranks=bad))
+    sizes_i = [int(s[0].item()) for s in sizes]
+    m = max(sizes_i)
+    pad = m - index.shape[0]
+    idx_p = torch.cat([index, index.new_zeros(pad)]) if pad else index
+    rows_p = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]) if pad else rows
+    idx_list = [torch.empty_like(idx_p) for _ in range(world)]
+    rows_list = [torch.empty_like(rows_p) for _ in range(world)]
+    dist.all_gather(idx_list, idx_p.contiguous())
+    dist.all_gather(rows_list, rows_p.contiguous())
+    idx_all = torch.cat([t[:s] for t, s in zip(idx_list, sizes_i)])
+    rows_all = torch.cat([t[:s] for t, s in zip(rows_list, sizes_i)])
+    return idx_all, rows_all
+
+
+# --------------------------------------------------------------------------------------
 # The base
 # --------------------------------------------------------------------------------------
 
@@ -235,7 +332,7 @@ class StatefulModule(nn.Module):
     A subclass declares its options as :class:`Option` class attributes, registers its
     state with :meth:`add_state` in ``__init__``, ends ``__init__`` with
     ``_ready`` (which runs ``_check_relations`` once and from then on after every
-    option assignment) and implements ``_measure`` and ``_apply``.
+    option assignment) and implements ``_measure`` and ``_write``.
 
     Args (options of every subclass):
         sync: ``None`` (all-reduce iff torch.distributed runs on more than one rank),
@@ -249,6 +346,11 @@ class StatefulModule(nn.Module):
     check_inputs = Option(boolean)
     #: what the state is called in error messages ("coefficient", "class prior", ...)
     state_name: ClassVar[str] = "state"
+    #: skip a non-finite batch without a host sync when ``check_inputs=False`` and no
+    #: collective runs (``_write`` runs, then the declared states are put back)
+    skip_without_sync: ClassVar[bool] = False
+    #: the key under which ``_measure`` may return the verdict on its raw inputs
+    INPUTS_FINITE: ClassVar[str] = "inputs_finite"
 
     def __init__(self, *, sync: bool | None = None, check_inputs: bool = True) -> None:
         super().__init__()
@@ -269,14 +371,17 @@ class StatefulModule(nn.Module):
         default = torch.as_tensor(default)
         self.add_statistic(name, sync=sync)
         self.register_buffer(name, default.clone())
-        self._state_default[name] = default.detach().clone()
+        # a constant default (a [num_samples, C] buffer of zeros) is kept as one element
+        flat = default.detach().reshape(-1)
+        uniform = flat.numel() > 1 and bool((flat == flat[0]).all())
+        self._state_default[name] = (flat[0] if uniform else default.detach()).clone()
 
     def add_statistic(self, name: str, *, sync: SyncPolicy) -> None:
         """Declare a batch statistic that is not itself a state, with its DDP policy.
 
         For a state fed by several statistics: an exact global mean over ranks with unequal
         batch sizes declares its numerator and its count, both ``"sum"``, and divides in
-        ``_apply``. (A state declared with :meth:`add_state` is also a statistic of its name.)
+        ``_write``. (A state declared with :meth:`add_state` is also a statistic of its name.)
         """
         if sync not in _POLICIES:
             raise InputError(f"sync policy of statistic {name!r} must be one of {_POLICIES}, got {sync!r}.")
@@ -334,7 +439,7 @@ class StatefulModule(nn.Module):
         """
         raise NotImplementedError
 
-    def _apply(self, stats: Mapping[str, Any]) -> None:
+    def _write(self, stats: Mapping[str, Any]) -> None:
         """Write the new state from the reduced statistics (override)."""
         raise NotImplementedError
 
@@ -351,17 +456,24 @@ class StatefulModule(nn.Module):
         return bool(self.sync)
 
     @torch.no_grad()
-    def update_state(self, *args: Any, **kwargs: Any) -> Mapping[str, Any] | None:
+    def update_state(
+        self, *args: Any, what: str = "the batch statistics", **kwargs: Any
+    ) -> Mapping[str, Any] | None:
         """Measure, reduce over ranks, refuse non-finite batches, write the state.
 
+        ``what`` names the batch in the error message (``"logits of this batch"``); the other
+        arguments go to ``_measure``.
+
         Returns the reduced statistics, or ``None`` when a non-finite batch was skipped
-        (``check_inputs=False``).
+        (``check_inputs=False``; with ``skip_without_sync`` and no collective the statistics
+        are returned, since telling would need a host sync).
 
         Raises:
-            InputError: a statistic is NaN or infinite on some rank (``check_inputs=True``);
-                the state is unchanged on every rank.
+            InputError: a statistic (or the inputs' verdict) is NaN or infinite on some rank
+                (``check_inputs=True``); the state is unchanged on every rank.
         """
-        raw = self._measure(*args, **kwargs)
+        raw = dict(self._measure(*args, **kwargs))
+        inputs_ok = raw.pop(self.INPUTS_FINITE, None)
         stats: dict[str, Any] = {}
         for name, value in raw.items():
             if name not in self._state_policy:
@@ -372,26 +484,57 @@ class StatefulModule(nn.Module):
                 stats[name] = tuple(v.detach() for v in value)
             else:
                 stats[name] = torch.as_tensor(value).detach()
-        reduced = self._reduce(stats)
+        reduced = self._reduce(stats, inputs_ok, what)
         if reduced is None:
             return None
-        self._apply(reduced)
+        if isinstance(reduced, tuple):  # no collective, no host sync: apply, then put back
+            reduced, ok = reduced
+            self._write_where(reduced, ok)
+            return reduced
+        self._write(reduced)
         return reduced
 
-    def _refuse(self, ranks: Sequence[int] | None = None) -> None:
-        if self.check_inputs:
-            raise InputError(non_finite_message("the batch statistics", type(self).__name__, self.state_name, ranks))
+    def _write_where(self, stats: dict[str, Any], ok: torch.Tensor) -> None:
+        """``_write``, then every declared state is put back where ``ok`` is ``False``."""
+        saved = {}
+        for name in self._state_default:
+            buf, stat = getattr(self, name), stats.get(name)
+            if self._state_policy[name] == "gather" and isinstance(stat, tuple):
+                saved[name] = (stat[0], buf[stat[0]].clone())
+            else:
+                saved[name] = (None, buf.clone())
+        self._write(stats)
+        for name, (idx, old) in saved.items():
+            buf = getattr(self, name)
+            if idx is None:
+                buf.copy_(torch.where(ok, buf, old))
+            else:
+                buf[idx] = torch.where(ok, buf[idx], old)
 
-    def _reduce(self, stats: dict[str, Any]) -> dict[str, Any] | None:
+    def _refuse(self, what: str, ranks: Sequence[int] | None = None) -> None:
+        if self.check_inputs:
+            raise InputError(non_finite_message(what, type(self).__name__, self.state_name, ranks))
+
+    def _reduce(
+        self, stats: dict[str, Any], inputs_ok: torch.Tensor | None, what: str
+    ) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor] | None:
         def finite(v: Any) -> torch.Tensor:
             if isinstance(v, tuple):
                 return torch.isfinite(v[1]).all()
             return torch.isfinite(v).all()
 
-        local_ok = torch.stack([finite(v) for v in stats.values()]).all() if stats else torch.tensor(True)
+        if inputs_ok is not None:  # the inputs' verdict stands for the statistics computed from them
+            local_ok = inputs_ok
+            if not (isinstance(local_ok, torch.Tensor) and local_ok.dtype == torch.bool and local_ok.dim() == 0):
+                local_ok = torch.as_tensor(local_ok, dtype=torch.bool).reshape(())
+        else:
+            verdicts = [finite(v) for v in stats.values()]
+            local_ok = torch.stack(verdicts).all() if verdicts else torch.tensor(True)
         if not self.syncing():
+            if self.skip_without_sync and not self.check_inputs:
+                return stats, local_ok
             if not bool(local_ok):
-                self._refuse()
+                self._refuse(what)
                 return None
             return stats
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -401,7 +544,7 @@ class StatefulModule(nn.Module):
                 try:
                     out[name] = all_gather_rows(
                         v[0], v[1], sync=True, local_ok=local_ok, owner=type(self).__name__,
-                        state=self.state_name, what="the batch statistics",
+                        state=self.state_name, what=what,
                     )
                 except InputError:
                     if self.check_inputs:
@@ -418,7 +561,7 @@ class StatefulModule(nn.Module):
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         ranks = (buf[buf.numel() - world :] > 0).nonzero().flatten().tolist()
         if ranks:
-            self._refuse(ranks)
+            self._refuse(what, ranks)
             return None
         offset = 0
         for name, v in flat:

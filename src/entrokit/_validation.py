@@ -10,9 +10,12 @@ raise :class:`~entrokit.InputError`, wrong types ``TypeError``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -27,12 +30,15 @@ __all__ = [
     "check_positive_int",
     "check_nonneg_finite",
     "check_same_dtype_device",
+    "check_layer_input",
     "check_masses",
+    "no_autocast",
+    "reject_meta",
+    "working_dtype",
     "apply_reduction",
     "REDUCTIONS",
     "check_buffer_device",
     "check_count",
-    "check_finite_batch",
     "check_finite_real",
     "check_int_vector",
     "check_logits",
@@ -43,8 +49,6 @@ __all__ = [
     "check_sample_batch",
     "check_unit_interval",
     "default_atol",
-    "non_finite_message",
-    "tensor_ok",
 ]
 
 
@@ -55,6 +59,106 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     return value
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer computes in: float32 for float16/bfloat16 inputs (what autocast
+    hands a layer), otherwise the input's own dtype."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class no_autocast(contextlib.ContextDecorator):
+    """Context (or decorator): autocast off on every device where it is on, so that the
+    solvers' matmuls and reductions run in the dtype of their inputs (under
+    ``torch.autocast`` a float32 ``baddbmm`` would otherwise run in bfloat16 and the
+    potentials lose their digits). Layers cast half-precision inputs to float32 first
+    (:func:`working_dtype`) and cast their outputs back."""
+
+    def __init__(self):
+        self._stack = []
+
+    def __enter__(self):
+        entered = []
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                ctx = torch.autocast(device, enabled=False)
+                ctx.__enter__()
+                entered.append(ctx)
+        self._stack.append(entered)
+        return self
+
+    def __exit__(self, *exc):
+        for ctx in reversed(self._stack.pop()):
+            ctx.__exit__(*exc)
+        return False
+
+
+def _is_meta(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_is_meta(t) for t in v)
+    return isinstance(v, torch.Tensor) and v.device.type == "meta"
+
+
+def reject_meta(fn):
+    """Decorate a public entry point that reads tensor values (checks, solves): a meta
+    tensor (shape and dtype only, no values) in any argument raises :class:`InputError`
+    naming the argument, instead of an untyped ``RuntimeError`` from ``.item()`` deep inside."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        meta = False
+        for v in (*args, *kwargs.values()):  # inline: no Python call per tensor on the fast path
+            if isinstance(v, torch.Tensor):
+                meta = v.device.type == "meta"
+            elif isinstance(v, (list, tuple)):
+                meta = _is_meta(v)
+            if meta:
+                break
+        if meta:
+            sig = inspect.signature(fn)
+            name = "an argument"
+            for k, v in sig.bind_partial(*args, **kwargs).arguments.items():
+                if sig.parameters[k].kind is inspect.Parameter.VAR_POSITIONAL:
+                    hit = [i for i, t in enumerate(v) if _is_meta(t)]
+                    if hit:
+                        name = f"positional argument {hit[0] + 1}"
+                        break
+                elif _is_meta(v):
+                    name = k
+                    break
+            who = fn.__qualname__.replace(".forward", "")
+            raise InputError(
+                f"{name} is a meta tensor (shape and dtype only, no values), but {who} reads values. "
+                "Pass tensors that hold data (device='cpu' or 'cuda'); a module built on the meta "
+                "device needs module.to_empty(device=...) and its weights loaded first."
+            )
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def check_layer_input(x: Any, weight: torch.Tensor, who: str, *, features: int | None = None,
+                      ranks: tuple[int, ...] | None = None) -> None:
+    """The input of a drop-in ``nn.Linear``/``nn.Conv2d`` replacement: a floating tensor in the
+    weight's dtype (any floating dtype under ``torch.autocast``, which casts it), with
+    ``features`` entries on its feature axis (``-1``; axis ``-3`` for ``ranks=(3, 4)``) and
+    one of ``ranks`` dimensions. The typed errors ``nn.Linear`` itself does not give."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} takes a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} needs a floating input, got {x.dtype}; convert it with input.to({weight.dtype}).")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{who} has {weight.dtype} weights but the input is {x.dtype}; cast the input "
+            f"(input.to({weight.dtype})), convert the layer (layer.to({x.dtype})) or run it under torch.autocast."
+        )
+    if ranks is not None and x.dim() not in ranks:
+        raise InputError(f"{who} takes inputs with {' or '.join(map(str, ranks))} dimensions, got shape {tuple(x.shape)}.")
+    axis = -3 if ranks == (3, 4) else -1
+    if features is not None and (x.dim() == 0 or x.shape[axis] != features):
+        raise InputError(
+            f"{who} expects {features} features on axis {axis} of its input, got shape {tuple(x.shape)}."
+        )
 
 
 def is_array_like(x: Any) -> bool:
@@ -136,16 +240,16 @@ def check_positive(value: Any, name: str, *, example: str | None = None) -> floa
 
 
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> int | None:
-    """Check an integer >= 1."""
+    """Check an integral number >= 1 (Python or NumPy integers) and return it as ``int``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(
             f"{name} must be an int >= 1, got {type(value).__name__} {value!r}; pass e.g. {name}=1000."
         )
     if value < 1:
-        raise InputError(f"{name} must be an int >= 1, got {value}.")
-    return value
+        raise InputError(f"{name} must be an int >= 1, got {value}; pass a positive integer.")
+    return int(value)  # NumPy and other integral numbers as a Python int
 
 
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
@@ -288,11 +392,11 @@ def check_finite_real(value: Any, name: str, *, example: str) -> float:
 
 def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
     """Check an int >= ``minimum`` (used for buffer sizes)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
     if value < minimum:
         raise InputError(f"{name} must be an int >= {minimum}, got {value}.")
-    return value
+    return int(value)
 
 
 def check_reduction(value: Any) -> str:
@@ -307,27 +411,6 @@ def default_atol(dtype: torch.dtype) -> float:
     if dtype == torch.float32:
         return 1e-4
     return 1e-6
-
-
-def tensor_ok(t: torch.Tensor) -> torch.Tensor:
-    """``torch.isfinite(t).all()`` as a 0-dim bool tensor (no device sync)."""
-    return torch.isfinite(t).all()
-
-
-def check_finite_batch(t: torch.Tensor, name: str, owner: str, state: str) -> None:
-    """Raise if ``t`` has a NaN or infinite entry; says that ``state`` was left unchanged."""
-    if not bool(tensor_ok(t)):
-        raise InputError(non_finite_message(name, owner, state))
-
-
-def non_finite_message(name: str, owner: str, state: str, ranks: Sequence[int] | None = None) -> str:
-    where = "" if ranks is None else f" on rank(s) {list(ranks)}"
-    return (
-        f"{name} contain NaN or inf{where}; expected finite values. {owner} did not update "
-        f"its {state} (on any rank), so the state is as before this batch. The model has "
-        "probably diverged: lower the learning rate, clip gradients, or train in bfloat16 / "
-        "with a GradScaler instead of plain float16; or skip this batch."
-    )
 
 
 def check_logits(logits: Any, num_classes: int | None, name: str = "logits") -> torch.Tensor:
@@ -417,7 +500,7 @@ def check_probabilities(
 
     ``atol`` defaults to :func:`default_atol` of ``p.dtype``. Forces a device sync.
     """
-    if not bool(tensor_ok(p)):
+    if not bool(torch.isfinite(p).all()):
         raise InputError(f"{name} contains NaN or inf; expected finite probabilities. {hint}".rstrip())
     if (p < 0).any():
         raise InputError(

@@ -396,3 +396,31 @@ def test_bad_shapes_and_masks():
         sinkhorn_attention(q.tolist(), k, v)
     with pytest.raises(TypeError, match="floating dtype"):
         sinkhorn_attention(q.long(), k, v)
+
+
+def test_bfloat16_under_autocast_computes_in_float32():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g).bfloat16() for _ in range(3))
+    ref = sinkhorn_attention(q.float(), k.float(), v.float())
+    layer = SinkhornAttention()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(q, k, v)
+        # float32 inputs stay float32 inside (autocast would run q k^T in bfloat16)
+        out32 = layer(q.float(), k.float(), v.float())
+    assert out.dtype == torch.bfloat16 and out32.dtype == torch.float32
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(out32, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("q_shape, k_shape", [((2, 0, 4), (2, 3, 4)), ((2, 3, 4), (2, 0, 4)), ((0, 3, 4), (0, 3, 4))])
+def test_empty_sequences_follow_scaled_dot_product_attention(q_shape, k_shape):
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(*q_shape, generator=g).requires_grad_(True)
+    k, v = torch.randn(*k_shape, generator=g), torch.randn(*k_shape[:-1], 5, generator=g)
+    out, w = sinkhorn_attention(q, k, v, return_weights=True)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.shape == ref.shape and w.shape == (*q_shape[:-1], k_shape[-2])
+    torch.testing.assert_close(out, ref)  # empty, or zeros when S = 0
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    assert SinkhornAttention()(q, k, v).shape == ref.shape

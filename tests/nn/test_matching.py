@@ -198,7 +198,10 @@ def test_module_repr_and_dtypes():
     "args, kwargs, exc, match",
     [
         ((torch.randn(3, 4), 1.0), {}, InputError, r"shape \(B, M, N\)"),
-        ((torch.randn(1, 0, 4), 1.0), {}, InputError, "empty"),
+        ((torch.randn(1, 0, 0), 1.0), {}, InputError, "no keypoint in either image"),
+        ((torch.randn(1, 3, 4), float("nan")), {}, InputError, "bin_score must be finite, got nan"),
+        ((torch.randn(1, 3, 4), torch.tensor(float("-inf"))), {}, InputError, "bin_score must be finite, got -inf"),
+        ((torch.randn(1, 3, 4), torch.tensor(1.0, device="meta")), {}, InputError, "bin_score is a meta tensor"),
         ((torch.randn(1, 3, 4).long(), 1.0), {}, TypeError, "floating"),
         (([[1.0]], 1.0), {}, TypeError, "scores must be a torch.Tensor"),
         ((torch.randn(1, 3, 4), torch.ones(2)), {}, InputError, "bin_score must be a scalar"),
@@ -220,3 +223,33 @@ def test_bad_module_options():
         OTMatching(grad="autodiff")
     with pytest.raises(InputError, match="bin_score_init must be a finite number"):
         OTMatching(bin_score_init=float("inf"))
+
+
+def test_bfloat16_under_autocast_computes_in_float32():
+    g = torch.Generator().manual_seed(12)
+    scores = torch.randn(2, 6, 5, generator=g).bfloat16().requires_grad_(True)
+    ref = log_optimal_transport(scores.detach().float(), 1.0, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = OTMatching(n_iter=50)(scores)
+    assert out.dtype == torch.bfloat16
+    # the module's bin score is a float32 parameter initialised to 1.0: the same problem
+    torch.testing.assert_close(out, ref.bfloat16(), rtol=0, atol=0)
+    out.float().exp().sum().backward()
+    assert scores.grad.dtype == torch.bfloat16 and torch.isfinite(scores.grad.float()).all()
+
+
+@pytest.mark.parametrize("M, N", [(0, 4), (3, 0)])
+def test_no_keypoint_in_one_image_is_the_all_padding_problem(M, N):
+    # M = 0 is the same problem as M padded keypoints (valid0 all False): every keypoint of
+    # the other image goes to the dustbin
+    g = torch.Generator().manual_seed(14)
+    out = log_optimal_transport(torch.randn(2, M, N, generator=g, dtype=torch.float64), 1.0, 50)
+    Mp, Np = max(M, 2), max(N, 2)
+    padded = torch.randn(2, Mp, Np, generator=g, dtype=torch.float64)
+    valid0 = torch.full((2, Mp), M > 0)
+    valid1 = torch.full((2, Np), N > 0)
+    ref = log_optimal_transport(padded, 1.0, 50, valid0=valid0, valid1=valid1)
+    ref = ref[:, Mp:, :] if M == 0 else ref[:, :, Np:]
+    assert out.shape == (2, M + 1, N + 1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert log_optimal_transport(torch.randn(0, 3, 4), 1.0, 5).shape == (0, 4, 5)  # an empty batch

@@ -101,3 +101,20 @@ def test_marginal_errors_are_fractions_of_the_mass(mode, capacity):
     exact = m["expert_load_error"] if mode == "experts_choose" else m["token_mass_error"]
     assert exact < 1e-12
     assert 0.0 < m["marginal_error"] <= 2.0
+
+
+def test_bfloat16_logits_under_autocast_route_as_float32():
+    # what an MoE layer trained under autocast hands the router
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(2, 32, 4, generator=g) * 2).bfloat16().requires_grad_(True)
+    ref = sparse_ot_route(logits.detach().float(), 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = SparseOTRouter(num_experts=4, capacity=8)(logits)
+    assert out.combine.dtype == out.plan.dtype == out.gates.dtype == torch.bfloat16
+    assert torch.equal(out.dispatch, ref.dispatch)  # the same float32 routing
+    assert torch.equal(out.combine, ref.combine.bfloat16())
+    assert torch.equal(out.plan, ref.plan.bfloat16())
+    out.combine.float().pow(2).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+    for dtype in (torch.float16, torch.bfloat16):  # without autocast too
+        assert sparse_ot_route(logits.detach().to(dtype), 8).combine.dtype == dtype

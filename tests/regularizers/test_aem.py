@@ -238,3 +238,31 @@ def test_lambda_default_is_documented_as_readme_value():
     assert AttentionEntropyMaximization().lam == 0.1
     doc = inspect.getmodule(aem_loss).__doc__
     assert "--lamda 0.0" in doc and "README" in doc
+
+
+def test_bfloat16_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(26)
+    scores = torch.randn(3, 7, generator=g)
+    logits = torch.randn(3, generator=g)
+    target = torch.tensor([1.0, 0.0, 1.0])
+    out, ref = under_autocast(lambda z, s: AttentionEntropyMaximization(lam=0.1)(z, target, scores=s), logits, scores)
+    # computed in float32 for half inputs and returned in float32 (module docstring)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-5)
+
+
+def test_out_of_range_target_is_an_input_error():
+    # the same error as ELRLoss and PSKDLoss for a class id outside [0, C)
+    attention = torch.full((3, 4), 0.25)
+    for bad, got in ((torch.tensor([0, 5, 1]), "got 5"), (torch.tensor([0, -1, 1]), "got -1")):
+        with pytest.raises(InputError, match=rf"target out of range: {got}, expected 0 <= target < num_classes=2"):
+            aem_loss(torch.randn(3, 2), bad, attention)
+        with pytest.raises(InputError, match="target out of range"):
+            AttentionEntropyMaximization()(torch.randn(3, 2), bad, attention)
+
+
+def test_topk_larger_than_the_bag_is_the_whole_bag():
+    a = torch.softmax(torch.randn(2, 5, generator=torch.Generator().manual_seed(3)), -1)
+    torch.testing.assert_close(negative_attention_entropy(a, topk=50), negative_attention_entropy(a))

@@ -148,10 +148,19 @@ def test_bad_options(kwargs, exc, match):
 
 
 def test_bad_hyperparameter_set_later():
+    # options are checked when they are assigned (not on every forward) and a refused
+    # assignment keeps the old value
     loss_fn = ELRLoss(10, 3)
-    loss_fn.beta = 1.5
     with pytest.raises(InputError, match=r"beta must lie in \[0, 1\)"):
-        loss_fn(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]))
+        loss_fn.beta = 1.5
+    with pytest.raises(InputError, match=r"reduction must be one of"):
+        loss_fn.reduction = "avg"
+    with pytest.raises(TypeError, match=r"sync must be None, True or False"):
+        loss_fn.sync = "yes"
+    assert (loss_fn.beta, loss_fn.reduction, loss_fn.sync) == (0.7, "mean", None)
+    loss_fn.beta = 0.9
+    loss_fn(torch.zeros(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    torch.testing.assert_close(loss_fn.targets[:2], torch.full((2, 3), 0.1 / 3))
 
 
 @pytest.mark.parametrize(
@@ -191,3 +200,34 @@ def test_bad_inputs_do_not_touch_buffer():
     with pytest.raises(InputError):
         loss_fn(torch.ones(2, 3), torch.tensor([0, 1]), torch.tensor([0, 11]))
     assert loss_fn.targets.abs().sum() == 0
+
+
+def test_bfloat16_logits_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(16, 4, generator=g)
+    labels, index = torch.randint(0, 4, (16,), generator=g), torch.arange(16)
+    out, ref = under_autocast(lambda z: ELRLoss(16, 4)(z, labels, index), logits)
+    # the loss follows F.cross_entropy under autocast: computed and returned in float32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=0)
+    pen, pen_ref = under_autocast(lambda z: elr_penalty(z, torch.full((16, 4), 0.25)), logits)
+    assert pen.dtype == torch.bfloat16
+    torch.testing.assert_close(pen.float(), pen_ref, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_minus_inf_logit_batch_leaves_the_targets_unchanged_in_both_modes(check_inputs):
+    # softmax of a -inf logit is finite; the batch is still refused (True) or skipped (False)
+    logits = torch.tensor([[0.3, float("-inf"), 1.0], [0.1, 0.2, 0.3]])
+    labels, index = torch.tensor([0, 2]), torch.tensor([1, 3])
+    loss = ELRLoss(4, 3, check_inputs=check_inputs)
+    loss.targets.uniform_()
+    before = loss.targets.clone()
+    if check_inputs:
+        with pytest.raises(InputError, match="logits of this batch contain NaN or inf"):
+            loss(logits, labels, index)
+    else:
+        loss(logits, labels, index)
+    assert torch.equal(loss.targets, before)

@@ -354,3 +354,18 @@ def test_query_mask_ignores_whatever_fills_padded_rows():
     a = torch.where(pad[..., None], torch.full_like(a, float("nan")), a)
     reg([a], query_mask=qm).backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[pad] == 0).all()
+
+
+def test_bfloat16_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(24)
+    torch.manual_seed(0)
+    lst = LearnableSoftmaxTemperature(2, 8)
+    out, ref = under_autocast(lst, torch.randn(1, 2, 5, 5, generator=g))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    reg = EntropyBandRegularizer(1, 2, max_entropy=math.log(5), lam=1.0)
+    attn = torch.softmax(torch.randn(2, 2, 5, 5, generator=g) * 3, -1)
+    pen, pen_ref = under_autocast(lambda a: reg([a / a.sum(-1, keepdim=True)]), attn)
+    torch.testing.assert_close(pen.float(), pen_ref, rtol=1e-2, atol=1e-6)

@@ -250,3 +250,17 @@ def test_detach_and_sync_options_validate():
     a(zz, labeled)
     b(zz, labeled)
     torch.testing.assert_close(a.prior, b.prior, rtol=0, atol=0)
+
+
+def test_bfloat16_logits_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(16, 4, generator=g) * 3
+    mask = torch.arange(16) < 8
+    out, ref = under_autocast(lambda z: LocalEntropyRegularizer(4, 2, threshold=0.3)(z, mask), logits)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-6)
+    kl, kl_ref = under_autocast(lambda z: dual_view_kl(z[:8], z[8:]), logits)
+    assert kl.dtype == torch.bfloat16
+    torch.testing.assert_close(kl.float(), kl_ref, rtol=2e-2, atol=1e-3)

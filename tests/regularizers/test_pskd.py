@@ -136,3 +136,28 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match=r"labels must have an integer dtype"):
         loss_fn(z, torch.tensor([0.0, 1.0]), torch.tensor([0, 1]))
     assert not loss_fn.seen.any()
+
+
+def test_bfloat16_logits_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(22)
+    logits = torch.randn(16, 4, generator=g)
+    labels, index = torch.randint(0, 4, (16,), generator=g), torch.arange(16)
+    out, ref = under_autocast(lambda z: PSKDLoss(16, 4, 10)(z, labels, index), logits)
+    assert out.dtype == torch.bfloat16  # the caller's dtype
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_minus_inf_logit_batch_leaves_the_buffers_unchanged_in_both_modes(check_inputs):
+    logits = torch.tensor([[0.3, float("-inf"), 1.0], [0.1, 0.2, 0.3]])
+    labels, index = torch.tensor([0, 2]), torch.tensor([1, 3])
+    loss = PSKDLoss(4, 3, 10, check_inputs=check_inputs)
+    before, seen = loss.predictions.clone(), loss.seen.clone()
+    if check_inputs:
+        with pytest.raises(InputError, match="logits of this batch contain NaN or inf"):
+            loss(logits, labels, index)
+    else:
+        loss(logits, labels, index)
+    assert torch.equal(loss.predictions, before) and torch.equal(loss.seen, seen)

@@ -336,3 +336,43 @@ def test_conv2d_errors():
         SigmaReparam(nn.Conv1d(2, 2, 1))
     with pytest.raises(InputError, match=r"u must have shape \(18,\)"):
         spectral_norm_step(torch.randn(4, 2, 3, 3), torch.ones(9))
+
+
+def test_bfloat16_input_under_autocast():
+    from mixed_precision import under_autocast
+
+    g = torch.Generator().manual_seed(25)
+    torch.manual_seed(0)
+    layer = SigmaReparamLinear(6, 3)
+    layer.eval()  # no power-iteration update between the two calls
+    out, ref = under_autocast(layer, torch.randn(4, 6, generator=g))
+    assert out.dtype == torch.bfloat16  # autocast's dtype for a linear layer
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_zero_weight_gives_finite_outputs_and_gradients():
+    # sigma(0) = 0: gamma / sigma is taken as 1, so W_hat = W = 0 and the weight still learns
+    torch.manual_seed(0)
+    layer = SigmaReparamLinear(4, 3)
+    with torch.no_grad():
+        layer.weight.zero_()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    out = layer(x)
+    torch.testing.assert_close(out, layer.bias.expand(5, 3))  # W_hat = 0
+    out.pow(2).sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    # the plain layer's gradient at W = 0: d/dW sum (x W^T + b)^2 = 2 (x W^T + b)^T x
+    torch.testing.assert_close(layer.weight.grad, 2 * layer.bias.detach().expand(5, 3).T @ x)
+    assert torch.linalg.vector_norm(layer.u) > 0.99  # the power-iteration vector is kept
+    with torch.no_grad():  # once the weight is non-zero, the reparameterisation is back
+        layer.weight.add_(torch.randn(3, 4, generator=torch.Generator().manual_seed(2)))
+    for _ in range(50):
+        layer(x)
+    torch.testing.assert_close(layer.sigma, torch.linalg.matrix_norm(layer.weight.detach(), 2), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: SigmaReparamLinear(0, 3), lambda: SigmaReparamLinear(3, 0),
+                                  lambda: SigmaReparamConv2d(0, 3, 3)])
+def test_empty_weight_is_a_typed_error(make):
+    with pytest.raises(InputError, match=r"needs a weight with at least one entry, got shape \(.*0.*\)"):
+        make()

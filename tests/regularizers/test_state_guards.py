@@ -205,3 +205,52 @@ def test_ddp_nonfinite_batch_on_one_rank_raises_on_every_rank(tmp_path):
         s0, s1 = res[0][name][2], res[1][name][2]
         for k in s0:
             assert torch.equal(s0[k], s1[k]), (name, k)
+
+
+# ------------------------------------------------- the three losses on one base agree
+def _ler():
+    return LocalEntropyRegularizer(C, 2).double()
+
+
+_THREE = [
+    (_elr, lambda m, z, y, idx: m(z, y, idx)),
+    (_pskd, lambda m, z, y, idx: m(z, y, idx)),
+    (_ler, lambda m, z, y, idx: m(z, torch.zeros(z.shape[0], dtype=torch.bool))),
+]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda **kw: ELRLoss(N, C, **kw), lambda **kw: PSKDLoss(N, C, 3, **kw),
+     lambda **kw: LocalEntropyRegularizer(C, 2, **kw)],
+    ids=["elr", "pskd", "ler"],
+)
+def test_sync_is_validated_the_same_way_in_all_three(build):
+    with pytest.raises(TypeError, match=r"^sync must be None, True or False, got str"):
+        build(sync="yes")
+    m = build()
+    for bad in ("yes", 1, 0.0):  # on assignment too, and the old value stays
+        with pytest.raises(TypeError, match=r"^sync must be None, True or False, got"):
+            m.sync = bad
+    assert m.sync is None
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+@pytest.mark.parametrize(("make", "call"), _THREE)
+def test_a_minus_inf_logit_batch_is_refused_or_skipped_by_all_three(make, call, check_inputs):
+    # softmax of a -inf logit is finite; every loss judges the logits, not their softmax
+    m = make()
+    m.check_inputs = check_inputs
+    z, y = _good(0)
+    idx = torch.tensor([0, 3, 5, 7])
+    call(m, z, y, idx)
+    before = _state(m)
+    bad = _poison(z, float("-inf"))
+    if check_inputs:
+        with pytest.raises(InputError, match=r"logits( of this batch)? contain NaN or inf"):
+            call(m, bad, y, idx)
+    else:
+        call(m, bad, y, idx)
+    _assert_same(m, before)
+    call(m, _good(1)[0], y, idx)  # the next good batch is written
+    assert not all(torch.equal(before[k], v) for k, v in m.state_dict().items())

@@ -304,3 +304,18 @@ def test_symmetric_updates_solve_the_self_problem():
     ref = entrokit.sinkhorn(a, a, PointCloud(x, x), 0.5, tol=1e-11, max_iter=100_000)
     torch.testing.assert_close(f[0], ref.f, rtol=0, atol=1e-6)  # potentials: conditioning x tol
     assert int(n_iter) < int(ref.n_iter)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_autocast_does_not_reach_the_solver(online):
+    # under torch.autocast a float32 matmul would run in bfloat16: the solvers turn it off
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(50, 3, generator=g), torch.rand(40, 3, generator=g)
+    a, b = torch.full((50,), 1 / 50), torch.full((40,), 1 / 40)
+    ref = entrokit.sinkhorn(a, b, entrokit.PointCloud(x, y, online=online), 0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = entrokit.sinkhorn(a, b, entrokit.PointCloud(x, y, online=online), 0.05)
+        solved = entrokit.solve(a, b, entrokit.PointCloud(x, y, online=online), eps=0.05)
+    assert res.converged and res.f.dtype == torch.float32 and solved.converged
+    torch.testing.assert_close(res.f, ref.f, rtol=0, atol=0)
+    torch.testing.assert_close(res.transport_cost, ref.transport_cost, rtol=0, atol=0)

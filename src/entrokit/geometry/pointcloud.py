@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from numbers import Integral, Real
 from typing import Callable, Literal
 
 import torch
@@ -23,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_same_dtype_device
 from entrokit.geometry import _online, _triton
-from entrokit.geometry.base import PointGeometry, plan_block
+from entrokit.geometry.base import PointGeometry, exp_floor, plan_block
 from entrokit.geometry.dense import DenseCost
 
 __all__ = ["PointCloud", "memory_budget", "set_memory_budget", "DENSE_COPIES"]
@@ -58,7 +59,7 @@ def memory_budget() -> int:
 def set_memory_budget(nbytes: int | None) -> None:
     """Set the process-wide budget in bytes (``None`` restores the default/environment)."""
     global _budget
-    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, (int, float)) or nbytes <= 0):
+    if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, Real) or nbytes <= 0):
         raise InputError(f"the memory budget must be a positive number of bytes or None, got {nbytes!r}.")
     _budget = None if nbytes is None else int(nbytes)
 
@@ -139,7 +140,7 @@ def check_pnorm_exponent(cost: str, p) -> float | None:
         return None
     if p is None:
         raise InputError("cost='pnorm' needs the exponent p (C_ij = sum_k |x_ik - y_jk|^p), e.g. p=1.5.")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p) or p < 1:
         raise InputError(f"cost='pnorm' needs a finite exponent p >= 1 (p=1: Manhattan), got p={p!r}.")
     return float(p)
 _KERNELS = ("auto", "compile", "eager", "triton")
@@ -231,7 +232,7 @@ class PointCloud(PointGeometry):
         else:
             raise TypeError(f"cost must be a string or a callable, got {type(cost).__name__}.")
         if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral) or chunk_size < 1
         ):
             raise InputError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
         if online not in (None, True, False):
@@ -239,7 +240,7 @@ class PointCloud(PointGeometry):
         if online is False and chunk_size is not None:
             raise InputError("chunk_size sets the tiles of the online path; it contradicts online=False.")
         if memory_budget is not None and (
-            isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0
+            isinstance(memory_budget, bool) or not isinstance(memory_budget, Real) or memory_budget <= 0
         ):
             raise InputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
         if kernel not in _KERNELS:
@@ -458,12 +459,16 @@ class PointCloud(PointGeometry):
         need_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (self.x, self.y, f, g, a, b)
         )
+        if need_grad and isinstance(self.cost, str) and accumulate is None and round_to is None:
+            # the named costs: a custom backward recomputes the tiles (O(n + m) memory)
+            return _OnlinePlan.apply(self, f, g, a, b, None, None, eps, self.x, self.y)[:3]
         rows, cols, tc = [], 0.0, 0.0
         row_out = None
         for s, e in self._row_chunks():
             args = (self.x[..., s:e, :], self.y, f[..., s:e], g, a[..., s:e], b)
             if need_grad:
-                # recompute the tile in backward: memory stays O((n + m) * chunk)
+                # a cost callable may hold parameters of its own: autograd sees them through
+                # the checkpointed chunk, recomputed in backward
                 r, c, t = checkpoint(self._reduce_chunk, *args, eps, accumulate, round_to, use_reentrant=False)
                 rows.append(r)
                 cols = cols + c
@@ -539,6 +544,11 @@ class PointCloud(PointGeometry):
             PV, PTU = self._plan_products(f, g, a, b, eps, V if axis == 1 else None, V if axis == 0 else None)
             out = PV if axis == 1 else PTU
             return out if several else out.squeeze(-1)
+        if isinstance(self.cost, str):
+            # the named costs: a custom backward recomputes the tiles (O(n + m) memory)
+            out = _OnlinePlan.apply(self, f, g, a, b, V if axis == 1 else None, V if axis == 0 else None, eps,
+                                    self.x, self.y)[3]
+            return out if several else out.squeeze(-1)
         out = [] if axis == 1 else 0.0
         for s, e in self._row_chunks():
             P = plan_block(f[..., s:e], g, a[..., s:e], b, self._c(self.x[..., s:e, :], self.y), eps)
@@ -558,3 +568,112 @@ class PointCloud(PointGeometry):
         if self.is_online:
             return None
         return self._materialised().scaling_engine(a, b, log_a, log_b)
+
+
+class _OnlinePlan(torch.autograd.Function):
+    r"""Row sums, column sums, :math:`\langle C, P\rangle` and one of ``P V`` / ``Pᵀ U`` of
+    the online plan :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}` of a named
+    cost, differentiable in ``x, y, f, g, a, b, V, U`` in :math:`O(n + m)` memory: forward
+    runs without a graph, backward recomputes the plan chunk by chunk. With incoming
+    gradients :math:`\bar r, \bar c, \bar t, \bar O` the plan's cotangent is
+    :math:`w_{ij} = \bar r_i + \bar c_j + \bar t\,C_{ij} + \bar O_i\cdot V_j` (or
+    :math:`U_i\cdot\bar O_j`), and with :math:`q = P\odot w`:
+    :math:`\bar f_i = \sum_j q_{ij}/\varepsilon`, :math:`\bar g_j = \sum_i q_{ij}/\varepsilon`,
+    :math:`\bar a_i = \sum_j w_{ij} b_j e^{(\cdot)}`, :math:`\bar C = \bar t P - q/\varepsilon`
+    (pulled back to the points in closed form for the squared Euclidean cost, by autograd
+    on the chunk otherwise), :math:`\bar V = P^\top\bar O`, :math:`\bar U = P\bar O`.
+    ``geom`` is the point cloud; ``x, y`` its points (passed for autograd)."""
+
+    @staticmethod
+    def forward(ctx, geom, f, g, a, b, V, U, eps, x, y):
+        geom = geom.detach()
+        f_, g_, a_, b_ = f.detach(), g.detach(), a.detach(), b.detach()
+        with torch.no_grad():
+            rows, cols, tc = geom.plan_reduce(f_, g_, a_, b_, eps)
+            out = None
+            if V is not None or U is not None:
+                PV, PTU = geom._plan_products(f_, g_, a_, b_, eps, None if V is None else V.detach(),
+                                              None if U is None else U.detach())
+                out = PV if V is not None else PTU
+        ctx.geom, ctx.eps = geom, eps
+        ctx.save_for_backward(f, g, a, b, V, U)
+        return rows, cols, tc, out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_rows, g_cols, g_tc, g_out):
+        f, g, a, b, V, U = (None if t is None else t.detach() for t in ctx.saved_tensors)
+        geom, eps = ctx.geom, ctx.eps
+        x, y = geom.x, geom.y
+        _, need_f, need_g, need_a, need_b, need_V, need_U, _, need_x, need_y = ctx.needs_input_grad
+        need_V, need_U = need_V and g_out is not None, need_U and g_out is not None
+        dtype = torch.promote_types(torch.result_type(f, g), torch.result_type(a, b))
+        out = {k: torch.zeros_like(t) for k, t, need in (("f", f, need_f), ("g", g, need_g), ("a", a, need_a),
+               ("b", b, need_b), ("x", x, need_x), ("y", y, need_y)) if need}
+        if need_V:
+            out["V"] = torch.zeros_like(V)
+        if need_U:
+            out["U"] = torch.zeros_like(U)
+        lo, hi = exp_floor(dtype), 0.5 * math.log(torch.finfo(dtype).max)
+        sq = geom.cost == "sqeuclidean"
+        gt = None if g_tc is None else g_tc.to(dtype).unsqueeze(-1).unsqueeze(-1)
+        for s, e in geom._row_chunks():
+            generic = (need_x or need_y) and not sq
+            with torch.enable_grad() if generic else torch.no_grad():
+                xs = x[..., s:e, :].detach().requires_grad_(generic and need_x)
+                yc = y.detach().requires_grad_(generic and need_y)
+                C_graph = geom._c(xs, yc)
+            with torch.no_grad():
+                C = C_graph.detach()
+                # E_ij = exp((f_i + g_j - C_ij)/eps) (clamped as in plan_block), P = a_i b_j E_ij
+                E = (f[..., s:e].unsqueeze(-1) + g.unsqueeze(-2) - C).mul_(1.0 / eps).clamp_(lo, hi).exp_()
+                w = torch.zeros_like(E)
+                if g_rows is not None:
+                    w += g_rows[..., s:e].unsqueeze(-1)
+                if g_cols is not None:
+                    w += g_cols.unsqueeze(-2)
+                if gt is not None:
+                    w.addcmul_(gt.expand_as(C), C)
+                if g_out is not None:
+                    if V is not None:
+                        w += torch.matmul(g_out[..., s:e, :], V.transpose(-1, -2))
+                    else:
+                        w += torch.matmul(U[..., s:e, :], g_out.transpose(-1, -2))
+                if need_a:
+                    out["a"][..., s:e] += torch.matmul(w * E, b.unsqueeze(-1)).squeeze(-1)
+                if need_b:
+                    out["b"] += torch.matmul(a[..., s:e].unsqueeze(-2), w * E).squeeze(-2)
+                P = E.mul_(a[..., s:e].unsqueeze(-1)).mul_(b.unsqueeze(-2))
+                if need_V:
+                    out["V"] += torch.matmul(P.transpose(-1, -2), g_out[..., s:e, :])
+                if need_U:
+                    out["U"][..., s:e, :] += torch.matmul(P, g_out)
+                q = w.mul_(P)
+                if need_f:
+                    out["f"][..., s:e] += q.sum(-1) / eps
+                if need_g:
+                    out["g"] += q.sum(-2) / eps
+                if not (need_x or need_y):
+                    continue
+                # dL/dC = t P - q / eps
+                G = q.mul_(-1.0 / eps)
+                if gt is not None:
+                    G.addcmul_(gt.expand_as(P), P)
+                del P, E
+                if sq:
+                    # C_ij = |x_i - y_j|^2: grad x_i = 2 (x_i sum_j G_ij - sum_j G_ij y_j)
+                    xd = x[..., s:e, :].detach()
+                    if need_x:
+                        out["x"][..., s:e, :] += 2.0 * (xd * G.sum(-1, keepdim=True) - torch.matmul(G, y.detach()))
+                    if need_y:
+                        out["y"] += 2.0 * (y.detach() * G.sum(-2).unsqueeze(-1) - torch.matmul(G.transpose(-1, -2), xd))
+                    continue
+            grads = torch.autograd.grad(C_graph, [t for t in (xs, yc) if t.requires_grad], G, allow_unused=True)
+            grads = list(grads)
+            with torch.no_grad():
+                if need_x and (gx := grads.pop(0)) is not None:
+                    out["x"][..., s:e, :] += gx
+                if need_y and (gy := grads.pop(0)) is not None:
+                    out["y"] += gy
+        return (None, out.get("f"), out.get("g"), out.get("a"), out.get("b"), out.get("V"), out.get("U"), None,
+                out.get("x"), out.get("y"))

@@ -40,7 +40,7 @@ import warnings
 import torch
 
 from entrokit._errors import ConvergenceWarning, InputError
-from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit._validation import check_choice, check_positive, check_positive_int, reject_meta
 from entrokit.geometry import Geometry, PointCloud
 from entrokit.problem import OTProblem, make_problem
 from entrokit.solvers._entropic import warn_not_converged
@@ -154,6 +154,7 @@ def _self_problem(geom: Geometry, w: torch.Tensor, pb_xy: OTProblem, check_input
     return make_problem(w_user, w_user, geom, check_inputs=check_inputs).with_batch()
 
 
+@reject_meta
 def sinkhorn_divergence(
     x,
     y=None,

@@ -67,6 +67,7 @@ from entrokit._validation import (
     check_positive,
     check_positive_int,
     check_same_dtype_device,
+    reject_meta,
 )
 from entrokit.geometry import PointCloud
 from entrokit.geometry.pointcloud import _COSTS
@@ -134,6 +135,7 @@ def _mean_cost(c, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Te
     return total
 
 
+@reject_meta
 def monge_gap(
     x,
     Tx,

@@ -89,6 +89,7 @@ from entrokit._validation import (
     check_positive_int,
     check_same_dtype_device,
     is_array_like,
+    reject_meta,
 )
 
 __all__ = ["sliced_wasserstein", "random_projections", "CONTROL_VARIATES"]
@@ -165,6 +166,11 @@ def random_projections(
     n_projections = check_positive_int(n_projections, "n_projections")
     d = check_positive_int(d, "d")
     _check_generator(generator)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype (directions are unit vectors), got {dtype!r}; "
+            "pass e.g. dtype=torch.float32."
+        )
     draw_device = generator.device if generator is not None else (device if device is not None else "cpu")
     g = torch.randn(n_projections, d, generator=generator, dtype=dtype, device=draw_device)
     g = g / g.norm(dim=-1, keepdim=True)
@@ -302,6 +308,7 @@ def _safe_root(z: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(pos, z.clamp_min(tiny).pow(1.0 / p), z.new_zeros(()))
 
 
+@reject_meta
 def sliced_wasserstein(
     x: torch.Tensor,
     y: torch.Tensor,

@@ -58,20 +58,22 @@ whatever the arguments, as :func:`~torch.nn.functional.scaled_dot_product_attent
 does; :meth:`SinkhornAttention.forward_with_weights` returns ``(output, weights)``. The
 former ``need_weights=True`` still works and warns (:class:`DeprecationWarning`).
 
-**Precision.** float16/bfloat16 inputs are computed in float32 (log-domain Sinkhorn
-needs float32 accumulation) and the output is cast back.
+**Precision.** float16/bfloat16 inputs (what ``torch.autocast`` hands the layer) are
+computed in float32 with autocast off (log-domain Sinkhorn needs float32 accumulation,
+and the scores ``q kᵀ`` keep float32 digits) and the output is cast back.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import check_positive, check_positive_int
+from entrokit._validation import check_positive, check_positive_int, no_autocast
 from entrokit.geometry.logit import LogitCost
 from entrokit.problem import OTProblem, log_weights
 from entrokit.solvers._entropic import warn_not_converged
@@ -159,7 +161,7 @@ def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0):
     if grad not in GRAD_MODES:
         raise InputError(f"grad must be one of 'unroll', 'implicit'; got {grad!r}.")
     eps = check_positive(eps, "eps")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not (0.0 <= dropout_p < 1.0):
         raise InputError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}; e.g. dropout_p=0.1.")
     return n_iter, tol, max_iter, grad, eps, float(dropout_p)
 
@@ -220,6 +222,7 @@ def _check_mask(mask, name: str, target: tuple[int, ...], how: str):
 # --------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------
+@no_autocast()
 def sinkhorn_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -263,10 +266,15 @@ def sinkhorn_attention(
             dropout).
 
     Returns:
-        The output ``(N, ..., T, Ev)``, or ``(output, weights)``.
+        The output ``(N, ..., T, Ev)``, or ``(output, weights)``. Empty sequences follow
+        :func:`~torch.nn.functional.scaled_dot_product_attention`: ``T = 0`` (or an empty
+        batch) gives an empty output, ``S = 0`` (no key) gives zeros.
 
     Raises:
-        InputError: mismatched shapes, masks that do not broadcast, bad options.
+        InputError: mismatched shapes, masks that do not broadcast, bad options. The values
+            of ``query``, ``key`` and ``value`` are not checked (no device sync): a NaN or
+            inf entry propagates into the output, as in
+            :func:`~torch.nn.functional.scaled_dot_product_attention`.
         TypeError: non-tensor or non-floating inputs.
 
     Example:
@@ -290,7 +298,7 @@ def sinkhorn_attention(
     target = (*lead, T, S)
     if scale is None:
         scale = 1.0 / math.sqrt(E)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
         raise InputError(f"scale must be a finite number or None (1/sqrt(E)), got {scale!r}.")
     if is_causal and attn_mask is not None:
         raise InputError("pass either attn_mask or is_causal=True, not both; fold the causal mask into attn_mask.")
@@ -310,6 +318,13 @@ def sinkhorn_attention(
                 f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}; "
                 "convert with mask.bool()."
             )
+
+    if query.numel() == 0 or key.numel() == 0:
+        # empty sequences (T = 0 or S = 0) or batch: like F.scaled_dot_product_attention, an
+        # empty output, and zeros when there is no key to attend to (connected to the graph)
+        P = torch.matmul(query, key.transpose(-2, -1)) * 0.0
+        out = torch.matmul(P, value).to(out_dtype)
+        return (out, P.to(out_dtype)) if return_weights else out
 
     # logits L = (q k^T * scale + float mask) / eps, -inf on forbidden pairs
     L = torch.matmul(query * (scale / eps), key.transpose(-2, -1))

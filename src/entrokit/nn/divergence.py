@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import check_positive
+from entrokit._validation import check_positive, reject_meta
 from entrokit.losses.divergence import sinkhorn_divergence
 
 __all__ = ["SinkhornLoss"]
@@ -74,6 +74,7 @@ class SinkhornLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}, blur={self.blur:g}, scaling={self.scaling:g}, debias={self.debias}, tol={self.tol:g}"
 
+    @reject_meta
     def forward(self, *args) -> torch.Tensor:
         if len(args) == 2:
             (x, y), a, b = args, None, None

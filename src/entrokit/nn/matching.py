@@ -43,10 +43,12 @@ entries of the output are :math:`-\infty` (probability 0; they receive no gradie
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 
 from entrokit._errors import InputError
+from entrokit._validation import no_autocast, reject_meta
 from entrokit.geometry.logit import LogitCost
 from entrokit.nn.attention import attach_implicit, check_options, run_sinkhorn
 
@@ -55,6 +57,8 @@ __all__ = ["OTMatching", "log_optimal_transport"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@no_autocast()
+@reject_meta
 def log_optimal_transport(
     scores: torch.Tensor,
     bin_score,
@@ -69,9 +73,11 @@ def log_optimal_transport(
     r"""SuperGlue's optimal-transport layer with a dustbin (module docstring).
 
     Args:
-        scores: ``(B, M, N)`` matching scores (higher = better match).
-        bin_score: the dustbin score :math:`\alpha`, a scalar (a 0-d tensor or a
-            :class:`torch.nn.Parameter` to learn it).
+        scores: ``(B, M, N)`` matching scores (higher = better match). ``M = 0`` or ``N = 0``
+            (no keypoint in one image) is the all-padding problem: every keypoint goes to
+            the dustbin. Scores are not read for checks: a NaN or inf score propagates.
+        bin_score: the dustbin score :math:`\alpha`, a finite scalar (a 0-d tensor or a
+            :class:`torch.nn.Parameter` to learn it); checked (one value read).
         n_iter: Sinkhorn iterations (row + column update each); ignored with ``tol``.
         grad: ``"implicit"`` or ``"unroll"``.
         tol: iterate until the L1 marginal error (marginals of total mass 1) is ``<= tol``.
@@ -103,15 +109,23 @@ def log_optimal_transport(
             "scores.unsqueeze(0)."
         )
     B, M, N = scores.shape
-    if min(B, M, N) == 0:
+    if M == 0 and N == 0:
         raise InputError(
-            f"scores is empty (shape {tuple(scores.shape)}); with no keypoints on one side there is "
-            "nothing to match: every keypoint goes to the dustbin."
+            f"scores has no keypoint in either image (shape {tuple(scores.shape)}); expected M + N >= 1: "
+            "there is nothing to match. Drop such samples from the batch."
         )
     if isinstance(bin_score, bool) or not isinstance(bin_score, (int, float, torch.Tensor)):
         raise TypeError(f"bin_score must be a number or a scalar tensor, got {type(bin_score).__name__}.")
     if isinstance(bin_score, torch.Tensor) and bin_score.numel() != 1:
         raise InputError(f"bin_score must be a scalar, got a tensor of shape {tuple(bin_score.shape)}.")
+    if isinstance(bin_score, torch.Tensor) and bin_score.device.type == "meta":
+        raise InputError("bin_score is a meta tensor (no values); pass a real scalar, e.g. torch.tensor(1.0).")
+    if not math.isfinite(float(bin_score)):
+        raise InputError(
+            f"bin_score must be finite, got {float(bin_score)}: a NaN or infinite dustbin score makes "
+            "every entry of the assignment NaN. Pass a finite score (SuperGlue initialises it to 1.0); "
+            "a learned one went non-finite in training: lower the learning rate or clip gradients."
+        )
     out_dtype = scores.dtype
     if out_dtype in _HALF:
         scores = scores.float()
@@ -199,7 +213,7 @@ class OTMatching(torch.nn.Module):
     ):
         super().__init__()
         self.n_iter, self.tol, self.max_iter, self.grad, _, _ = check_options(n_iter, tol, max_iter, grad, 1.0)
-        if isinstance(bin_score_init, bool) or not isinstance(bin_score_init, (int, float)) or not math.isfinite(bin_score_init):
+        if isinstance(bin_score_init, bool) or not isinstance(bin_score_init, Real) or not math.isfinite(bin_score_init):
             raise InputError(f"bin_score_init must be a finite number, got {bin_score_init!r}; SuperGlue uses 1.0.")
         self.bin_score = torch.nn.Parameter(torch.tensor(float(bin_score_init)))
 

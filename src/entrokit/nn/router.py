@@ -18,6 +18,11 @@ Recipe of Liu, Puigcerver & Blondel (ICLR 2023, Sec. 5) as used in V-MoE: for a 
 
 The capacity bound holds exactly by construction (the plan is the gradient of a top-k
 operator), whatever the number of steps.
+
+**Precision.** float16/bfloat16 logits (what ``torch.autocast`` gives a router) are routed
+in float32 with autocast off (the semi-dual's Adam steps need float32); ``combine``,
+``plan`` and ``gates`` come back in the logits' dtype, and gradients reach the logits
+through the cast.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from dataclasses import dataclass, field
 import torch
 
 from entrokit._errors import InputError
-from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit._validation import (
+    check_choice,
+    check_positive,
+    check_positive_int,
+    no_autocast,
+    reject_meta,
+    working_dtype,
+)
 from entrokit.geometry import DenseCost
 from entrokit.problem import OTProblem
 from entrokit.solvers.omega import TopKSquaredL2
@@ -70,6 +82,7 @@ class RouterOutput:
     metrics: dict = field(default_factory=dict)
 
 
+@reject_meta
 def sparse_ot_route(
     logits: torch.Tensor,
     capacity: int,
@@ -84,7 +97,8 @@ def sparse_ot_route(
     """Route tokens to experts with a k-sparse OT plan (see the module docstring).
 
     Args:
-        logits: router logits ``[G, E]`` or ``[groups, G, E]``, floating.
+        logits: router logits ``[G, E]`` or ``[groups, G, E]``, floating (float16 and
+            bfloat16 are routed in float32; the outputs keep the logits' dtype).
         capacity: ``k``: tokens per expert (``experts_choose``) or experts per token
             (``tokens_choose``), an int >= 1.
         gamma: quadratic regularization of the plan.
@@ -113,10 +127,22 @@ def sparse_ot_route(
     lr = check_positive(lr, "lr")
     token_mass = check_positive(token_mass, "token_mass")
     check_choice(mode, "mode", _MODES)
+    if logits.numel() == 0:
+        raise InputError(
+            f"logits is empty (shape {tuple(logits.shape)}); expected at least one token, one expert and "
+            "one group. Skip the router for an empty batch."
+        )
     if not bool(torch.isfinite(logits).all()):
         raise InputError("logits contain NaN or inf; expected finite router logits.")
+    return _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_combine)
+
+
+@no_autocast()
+def _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_combine) -> RouterOutput:
+    out_dtype = logits.dtype
     squeeze = logits.dim() == 2
     z = logits.unsqueeze(0) if squeeze else logits
+    z = z.to(working_dtype(z.dtype))
     B, G, E = z.shape
     gates = torch.softmax(z, dim=-1)
     a = torch.full((B, G), token_mass, dtype=z.dtype, device=z.device)
@@ -152,7 +178,9 @@ def sparse_ot_route(
         "expert_load_error": float(col_err.max()),
         "marginal_error": float((row_err + col_err).max()),
     }
-    sq = (lambda t: t.squeeze(0)) if squeeze else (lambda t: t)
+    def sq(t):
+        return (t.squeeze(0) if squeeze else t).to(out_dtype) if t.is_floating_point() else (t.squeeze(0) if squeeze else t)
+
     return RouterOutput(sq(dispatch), sq(combine), sq(plan.detach()), sq(gates), metrics)
 
 

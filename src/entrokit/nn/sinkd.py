@@ -56,7 +56,13 @@ from __future__ import annotations
 import torch
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction, check_choice, check_positive, check_positive_int
+from entrokit._validation import (
+    apply_reduction,
+    check_choice,
+    check_positive,
+    check_positive_int,
+    reject_meta,
+)
 from entrokit.solvers.sinkhorn import sinkhorn
 
 __all__ = ["SinkhornKDLoss", "sinkhorn_kd_loss"]
@@ -110,6 +116,7 @@ def _reduce(loss: torch.Tensor, reduction: str, squeeze: bool) -> torch.Tensor:
     return loss.squeeze(0) if squeeze else apply_reduction(loss, reduction)
 
 
+@reject_meta
 def sinkhorn_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

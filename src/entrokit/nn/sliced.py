@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from entrokit._validation import check_positive_int
+from entrokit._validation import check_positive_int, reject_meta
 from entrokit.losses.sliced import (
     _check_control_variate,
     _check_generator,
@@ -73,6 +73,7 @@ class SlicedWassersteinLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"n_projections={self.n_projections}, p={self.p:g}, control_variate={self.control_variate!r}"
 
+    @reject_meta
     def forward(
         self,
         x: torch.Tensor,

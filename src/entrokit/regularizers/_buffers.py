@@ -2,30 +2,74 @@
 
 Both losses keep one row of a ``[num_samples, num_classes]`` buffer per training
 example, addressed by the example's dataset index. This module holds the pieces they
-share: a dataset wrapper that yields indices, boundary checks for ``(logits, labels,
-index)`` batches, and a distributed gather so every rank writes the same rows.
+share: a dataset wrapper that yields indices, their base :class:`PerSampleLoss` (the buffer
+as a ``"gather"`` state of :class:`~entrokit._stateful.StatefulModule`, the batch checks and
+the measured rows) and the reduction of their per-sample losses.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from entrokit._errors import InputError
-from entrokit.regularizers._checks import (  # noqa: F401  (re-exported for the losses)
-    check_buffer_device,
-    check_count,
-    check_int_vector,
-    check_logits,
-    check_nonneg_real,
-    check_unit_interval,
-    non_finite_message,
-)
+from entrokit._stateful import Option, StatefulModule, all_gather_rows, choice, integer
+from entrokit._validation import REDUCTIONS
+from entrokit.regularizers._checks import check_sample_batch
 
-__all__ = ["IndexedDataset", "all_gather_rows"]
+__all__ = ["IndexedDataset", "PerSampleLoss", "all_gather_rows", "reduce_rows"]
+
+
+class PerSampleLoss(StatefulModule):
+    """Base of the index-keyed losses: a ``[num_samples, num_classes]`` buffer, one row per example.
+
+    The buffer (named by ``rows_state``, float32 even under AMP, zeros at the start) is a
+    ``"gather"`` state: under DDP the ``(index, rows)`` of every rank are gathered, so all
+    ranks write all rows. A subclass gives ``_rows`` (what is stored for the detached
+    probabilities of a batch) and ``_write``. The verdict of the finite-batch guard is on
+    what the caller passed (the logits: the softmax of a ``-inf`` logit is finite).
+    """
+
+    rows_state: ClassVar[str]
+    skip_without_sync = True
+    reduction = Option(choice(REDUCTIONS))
+
+    def __init__(
+        self, num_samples: int, num_classes: int, reduction: str, sync: bool | None, check_inputs: bool
+    ) -> None:
+        super().__init__(sync=sync, check_inputs=check_inputs)
+        self.num_samples = integer(minimum=1, example="num_samples=len(train_set)")(num_samples, "num_samples")
+        self.num_classes = integer(minimum=2, example="num_classes=10")(num_classes, "num_classes")
+        self.reduction = reduction
+        self.add_state(self.rows_state, torch.zeros(self.num_samples, self.num_classes), sync="gather")
+
+    def _check_batch(
+        self, rows: Any, index: Any, labels: Any = None, name: str = "logits"
+    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        buf = getattr(self, self.rows_state)
+        return check_sample_batch(self, rows, index, buf, type(self).__name__, labels=labels, name=name)
+
+    def _update_from_probs(self, probs: torch.Tensor, index: torch.Tensor) -> None:
+        probs, _, index = self._check_batch(probs, index, name="probs")
+        self.update_state(probs, index, what="probs of this batch")
+
+    def _measure(self, rows: torch.Tensor, index: torch.Tensor, *, from_logits: bool = False) -> dict[str, Any]:
+        p = F.softmax(rows, dim=1) if from_logits else rows
+        stored = self._rows(p).to(getattr(self, self.rows_state).dtype)
+        return {self.rows_state: (index, stored), self.INPUTS_FINITE: torch.isfinite(rows).all()}
+
+    def _rows(self, probs: torch.Tensor) -> torch.Tensor:
+        """What is stored for the detached probabilities of a batch (override)."""
+        return probs
+
+
+def reduce_rows(per: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-sample losses by an option checked when it was set (no check here)."""
+    if reduction == "mean":
+        return per.mean()
+    return per.sum() if reduction == "sum" else per
 
 
 class IndexedDataset(Dataset):
@@ -66,84 +110,3 @@ class IndexedDataset(Dataset):
         if isinstance(item, tuple):
             return (*item, index)
         return (item, index)
-
-
-# --------------------------------------------------------------------------------------
-# Distributed gather
-# --------------------------------------------------------------------------------------
-
-
-def _distributed_world() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def all_gather_rows(
-    index: torch.Tensor,
-    rows: torch.Tensor,
-    *,
-    sync: bool | None = None,
-    local_ok: torch.Tensor | None = None,
-    what: str = "rows",
-    owner: str = "the loss",
-    state: str = "per-sample buffer",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather ``(index, rows)`` from every rank, in rank order.
-
-    Under ``torch.distributed`` each rank sees its own shard of the batch; to keep the
-    per-sample buffers identical on every rank, all ranks must write all rows. Batches
-    may have different sizes on different ranks (the last batch of an epoch); they are
-    padded to the largest size for the collective and trimmed afterwards.
-
-    Args:
-        index: ``[b]`` integer indices seen on this rank.
-        rows: ``[b, C]`` detached values to write for those indices.
-        sync: ``True`` to gather (requires an initialised process group), ``False`` to
-            return the inputs unchanged, ``None`` to gather iff a process group with more
-            than one rank is initialised.
-        local_ok: optional 0-dim bool tensor, this rank's verdict on its batch (e.g.
-            ``torch.isfinite(logits).all()``). The verdicts travel with the batch sizes (no
-            extra collective); if any rank says ``False``, every rank raises the same
-            :class:`~entrokit.InputError` *before* the rows are gathered, so no rank writes
-            its buffer and no rank is left waiting in a collective.
-        what, owner, state: wording of that error.
-
-    Returns:
-        ``(index_all, rows_all)`` with ``sum_r b_r`` rows, rank 0's rows first.
-    """
-    world = _distributed_world()
-    if sync is None:
-        sync = world > 1
-    if not sync:
-        if local_ok is not None and not bool(local_ok):
-            raise InputError(non_finite_message(what, owner, state))
-        return index, rows
-    if world == 1 and not (dist.is_available() and dist.is_initialized()):
-        raise InputError(
-            "sync=True needs an initialised torch.distributed process group; call "
-            "torch.distributed.init_process_group(...) first or pass sync=None."
-        )
-    dev = index.device
-    if local_ok is None:
-        ok = torch.ones((), dtype=torch.long, device=dev)
-    else:
-        ok = local_ok.to(device=dev, dtype=torch.long).reshape(())
-    b = torch.stack([torch.tensor(index.shape[0], device=dev, dtype=torch.long), ok])  # [size, ok]
-    sizes = [torch.zeros_like(b) for _ in range(world)]
-    dist.all_gather(sizes, b)
-    bad = [r for r, s in enumerate(sizes) if int(s[1]) == 0]
-    if bad:
-        raise InputError(non_finite_message(what, owner, state, ranks=bad))
-    sizes_i = [int(s[0].item()) for s in sizes]
-    m = max(sizes_i)
-    pad = m - index.shape[0]
-    idx_p = torch.cat([index, index.new_zeros(pad)]) if pad else index
-    rows_p = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])]) if pad else rows
-    idx_list = [torch.empty_like(idx_p) for _ in range(world)]
-    rows_list = [torch.empty_like(rows_p) for _ in range(world)]
-    dist.all_gather(idx_list, idx_p.contiguous())
-    dist.all_gather(rows_list, rows_p.contiguous())
-    idx_all = torch.cat([t[:s] for t, s in zip(idx_list, sizes_i)])
-    rows_all = torch.cat([t[:s] for t, s in zip(rows_list, sizes_i)])
-    return idx_all, rows_all

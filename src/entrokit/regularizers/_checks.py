@@ -6,7 +6,6 @@ from entrokit._validation import (  # noqa: F401  (re-exported)
     check_buffer_device,
     check_choice,
     check_count,
-    check_finite_batch,
     check_finite_real,
     check_int_vector,
     check_logits,
@@ -18,15 +17,12 @@ from entrokit._validation import (  # noqa: F401  (re-exported)
     check_sample_batch,
     check_unit_interval,
     default_atol,
-    non_finite_message,
-    tensor_ok,
 )
 
 __all__ = [
     "check_buffer_device",
     "check_choice",
     "check_count",
-    "check_finite_batch",
     "check_finite_real",
     "check_int_vector",
     "check_logits",
@@ -38,6 +34,4 @@ __all__ = [
     "check_sample_batch",
     "check_unit_interval",
     "default_atol",
-    "non_finite_message",
-    "tensor_ok",
 ]

@@ -51,6 +51,7 @@ the text we could read — unverified**):
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 from typing import Literal
 
 import torch
@@ -58,8 +59,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction
-from entrokit.regularizers._checks import check_reduction, default_atol
+from entrokit._validation import apply_reduction, reject_meta
+from entrokit.regularizers._checks import check_int_vector, check_reduction, default_atol
 
 __all__ = [
     "negative_attention_entropy",
@@ -72,7 +73,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_lam(lam: float, name: str = "lam") -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+    if isinstance(lam, bool) or not isinstance(lam, Real):
         raise TypeError(f"{name} must be a real number, got {type(lam).__name__}.")
     if not math.isfinite(lam) or lam < 0:
         raise InputError(
@@ -84,7 +85,7 @@ def _check_lam(lam: float, name: str = "lam") -> float:
 
 
 def _check_topk(topk: int | None) -> None:
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, Integral) or topk < 1):
         raise InputError(f"topk must be an int >= 1 or None, got {topk!r}; e.g. topk=8.")
 
 
@@ -106,6 +107,11 @@ def _pick_input(attention: torch.Tensor | None, scores: torch.Tensor | None) -> 
         raise InputError(
             f"{name} must be (bags, instances) or (bags, rows, instances), got shape "
             f"{tuple(t.shape)}; for a single bag use {name}.unsqueeze(0)."
+        )
+    if t.numel() == 0:
+        raise InputError(
+            f"{name} is empty (shape {tuple(t.shape)}); expected at least one bag with one instance. "
+            "Skip the regulariser for an empty batch."
         )
     return t, is_scores
 
@@ -180,6 +186,7 @@ def _from_weights(
     return xlogx.sum(-1)
 
 
+@reject_meta
 def negative_attention_entropy(
     attention: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
@@ -204,6 +211,7 @@ def negative_attention_entropy(
         scores: pre-softmax attention scores, same shapes as ``attention``. A score of
             :math:`-\infty` means zero attention.
         topk: if set, renormalise the ``topk`` largest weights of each row first (code variant).
+            A ``topk`` at least the bag size keeps every instance (the plain entropy).
         check_inputs: value checks (force a device sync): weights nonnegative with rows summing
             to 1 (tolerance 1e-2 in half precision, 1e-4 in float32, 1e-8 in float64), or
             scores free of NaN/+inf with at least one real instance per row.
@@ -236,9 +244,9 @@ def negative_attention_entropy(
 
 def cosine_annealed_lambda(step: int, total_steps: int, lam_start: float, lam_end: float = 0.0) -> float:
     r""":math:`\lambda_t = \lambda_{\rm end} + \frac12(\lambda_{\rm start}-\lambda_{\rm end})(1+\cos(\pi\,\min(t,T)/T))` (unverified form)."""
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, Integral) or total_steps < 1:
         raise InputError(f"total_steps must be an int >= 1, got {total_steps!r}.")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, Integral) or step < 0:
         raise InputError(f"step must be an int >= 0, got {step!r}.")
     _check_lam(lam_start, "lam_start")
     _check_lam(lam_end, "lam_end")
@@ -246,7 +254,7 @@ def cosine_annealed_lambda(step: int, total_steps: int, lam_start: float, lam_en
     return lam_end + 0.5 * (lam_start - lam_end) * (1 + math.cos(math.pi * t))
 
 
-def _task_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+def _task_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str, check_inputs: bool = True) -> torch.Tensor:
     if target.is_floating_point() and target.shape == logits.shape:
         return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
     if target.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
@@ -255,7 +263,10 @@ def _task_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> to
                 f"integer targets need class logits (bags, classes), got logits shape {tuple(logits.shape)}; "
                 "for a single-logit binary head pass float targets of the same shape."
             )
-        return F.cross_entropy(logits, target.long(), reduction=reduction)
+        # class ids in [0, C), as ELRLoss and PSKDLoss check their labels
+        target = check_int_vector(target, "target", logits.shape[0], logits.shape[1], "num_classes",
+                                  logits.device, check_inputs)
+        return F.cross_entropy(logits, target, reduction=reduction)
     raise InputError(
         f"cannot match target {tuple(target.shape)} ({target.dtype}) to logits {tuple(logits.shape)}: "
         "pass integer class indices (bags,) with logits (bags, classes), or float 0/1 targets with "
@@ -263,6 +274,7 @@ def _task_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> to
     )
 
 
+@reject_meta
 def aem_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -280,7 +292,8 @@ def aem_loss(
     Args:
         logits: bag logits ``(B, C)`` with integer targets ``(B,)`` (cross-entropy), or any
             shape with float 0/1 targets of the same shape (binary cross-entropy with logits).
-        target: bag labels.
+        target: bag labels: class ids in ``[0, C)`` (checked unless ``check_inputs=False``)
+            or float 0/1 targets.
         attention: MIL attention weights ``(B, N)`` or ``(B, R, N)``; see
             :func:`negative_attention_entropy`. Give this or ``scores``.
         lam: λ ≥ 0. Default 0.1 (the reference README's AEM command; the reference
@@ -288,9 +301,10 @@ def aem_loss(
         scores: pre-softmax attention scores instead of ``attention`` (log-softmax path, the
             reference code's form; no underflow for large bags).
         mask: bool ``(B, N)``, True = real instance.
-        topk: top-k variant.
+        topk: top-k variant (:func:`negative_attention_entropy`; at least the bag size: the
+            whole bag).
         reduction: ``"mean"`` | ``"sum"`` over bags, or ``"none"`` for ``(B,)``.
-        check_inputs: value checks on the attention / scores (see
+        check_inputs: value checks on the attention / scores and the target range (see
             :func:`negative_attention_entropy`).
 
     Examples:
@@ -322,7 +336,7 @@ def aem_loss(
             f"{what} has {ne.shape[0]} bags but logits has {logits.shape[0]}; pass the "
             f"{what} of the same bags, in the same order."
         )
-    ce = _task_loss(logits, target, "none")
+    ce = _task_loss(logits, target, "none", check_inputs)
     if ce.ndim > 1:
         ce = ce.flatten(1).mean(1)
     per_bag = ce + lam * ne
@@ -372,7 +386,7 @@ class AttentionEntropyMaximization(nn.Module):
         if anneal not in (None, "cosine"):
             raise InputError(f"anneal must be None or 'cosine', got {anneal!r}; e.g. anneal='cosine'.")
         if anneal == "cosine" and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+            isinstance(total_steps, bool) or not isinstance(total_steps, Integral) or total_steps < 1
         ):
             raise InputError(
                 f"anneal='cosine' needs total_steps (an int >= 1, e.g. the number of epochs), got "

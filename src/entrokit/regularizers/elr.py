@@ -39,23 +39,21 @@ entries therefore receive no gradient from the ELR term.
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from entrokit._validation import apply_reduction
-from entrokit.regularizers._buffers import IndexedDataset, all_gather_rows
+from entrokit._stateful import Option
+from entrokit._validation import apply_reduction, reject_meta
+from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows
 from entrokit.regularizers._checks import (
-    check_count,
     check_logits,
     check_nonneg_real,
     check_reduction,
     check_same_shape,
-    check_sample_batch,
     check_unit_interval,
-    tensor_ok,
 )
 
 __all__ = ["ELRLoss", "IndexedDataset", "elr_penalty"]
@@ -84,12 +82,17 @@ def elr_penalty(
         targets, logits, "targets", "logits", "pass one ensemble target row per row of logits."
     )
     check_reduction(reduction)
+    return apply_reduction(_penalty_rows(logits, targets), reduction)
+
+
+def _penalty_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row ``log(1 - <clamp(softmax(z)), t>)`` (paper Eq. 6), unchecked."""
     p = F.softmax(logits, dim=1).clamp(_CLAMP, 1.0 - _CLAMP)
     inner = (targets.detach().to(p.dtype) * p).sum(dim=1)
-    return apply_reduction(torch.log1p(-inner), reduction)
+    return torch.log1p(-inner)
 
 
-class ELRLoss(nn.Module):
+class ELRLoss(PerSampleLoss):
     r"""Cross-entropy plus the early-learning regulariser, with per-sample targets.
 
     The module owns the target buffer ``targets`` (``[num_samples, num_classes]``,
@@ -112,11 +115,15 @@ class ELRLoss(nn.Module):
         reduction: ``"mean"`` (default; the paper's objective), ``"sum"`` or ``"none"``
             (per-sample ``CE_i + λ·log(1 − ⟨p_i, t_i⟩)``, shape ``[B]``).
         sync: distributed gathering: ``None`` (auto), ``True`` or ``False``.
+
+    ``lam``, ``beta``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are
+    set (at construction or later, e.g. ``loss_fn.beta = 0.9``), not on every call.
         check_inputs: value checks (force a device sync): labels and indices in range, and
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before any target is changed (under DDP on every
             rank at once, before the gather). With ``check_inputs=False`` nothing syncs and
-            such a batch is skipped silently: the targets are still never overwritten with
+            such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
+            logits are not): the targets are still never overwritten with
             non-finite values.
 
     Shape:
@@ -134,6 +141,9 @@ class ELRLoss(nn.Module):
     """
 
     targets: torch.Tensor
+    rows_state = state_name = "targets"  # t_i = 0 at the start (reference code)
+    lam = Option(partial(check_nonneg_real, example="lam=3.0 (CIFAR-10) or 7.0 (CIFAR-100)"))
+    beta = Option(partial(check_unit_interval, closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"))
 
     def __init__(
         self,
@@ -145,25 +155,10 @@ class ELRLoss(nn.Module):
         sync: bool | None = None,
         check_inputs: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_samples = check_count(num_samples, "num_samples")
-        self.num_classes = check_count(num_classes, "num_classes", minimum=2)
+        super().__init__(num_samples, num_classes, reduction, sync, check_inputs)
         self.lam = lam
         self.beta = beta
-        self.reduction = reduction
-        self.sync = sync
-        self.check_inputs = check_inputs
-        self._check_options()
-        # t_i = 0 at start (reference code); float32 even under AMP.
-        self.register_buffer("targets", torch.zeros(num_samples, num_classes))
-
-    def _check_options(self) -> tuple[float, float]:
-        lam = check_nonneg_real(self.lam, "lam", example="lam=3.0 (CIFAR-10) or 7.0 (CIFAR-100)")
-        beta = check_unit_interval(
-            self.beta, "beta", closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"
-        )
-        check_reduction(self.reduction)
-        return lam, beta
+        self._ready()
 
     def extra_repr(self) -> str:
         return (
@@ -180,32 +175,24 @@ class ELRLoss(nn.Module):
         NaN or inf probability raises :class:`~entrokit.InputError` (``check_inputs=True``)
         or is skipped (``check_inputs=False``); the targets are left unchanged either way.
         """
-        probs, _, index = check_sample_batch(self, probs, index, self.targets, "ELRLoss", name="probs")
-        self._update(probs, index, probs, "probs")
+        self._update_from_probs(probs, index)
 
-    def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
-        _, beta = self._check_options()
-        local_ok = tensor_ok(source) if self.check_inputs else None
-        p = probs.detach().clamp(_CLAMP, 1.0 - _CLAMP)
-        p = p / p.sum(dim=1, keepdim=True)
-        idx, p = all_gather_rows(
-            index, p.to(self.targets.dtype), sync=self.sync, local_ok=local_ok,
-            what=f"{what} of this batch", owner="ELRLoss", state="targets",
-        )
-        new = beta * self.targets[idx] + (1.0 - beta) * p
-        if local_ok is None:  # no sync: keep the old rows if any gathered row is not finite
-            new = torch.where(tensor_ok(p), new, self.targets[idx])
-        self.targets[idx] = new
+    def _rows(self, probs: torch.Tensor) -> torch.Tensor:
+        p = probs.clamp(_CLAMP, 1.0 - _CLAMP)  # \hat p_i of Eq. 5
+        return p / p.sum(dim=1, keepdim=True)
 
+    def _write(self, stats: dict[str, Any]) -> None:
+        idx, p = stats["targets"]
+        self.targets[idx] = self.beta * self.targets[idx] + (1.0 - self.beta) * p  # Eq. 5
+
+    @reject_meta
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         """Return ``CE + λ·log(1 − ⟨p, t⟩)`` for the batch, updating its targets first."""
-        lam, _ = self._check_options()
-        logits, labels, index = check_sample_batch(self, logits, index, self.targets, "ELRLoss", labels=labels)
+        logits, labels, index = self._check_batch(logits, index, labels)
         if self.training:
-            with torch.no_grad():
-                self._update(F.softmax(logits.detach(), dim=1), index, logits.detach(), "logits")
+            self.update_state(logits.detach(), index, from_logits=True, what="logits of this batch")
         ce = F.cross_entropy(logits, labels, reduction="none")
-        reg = elr_penalty(logits, self.targets[index], reduction="none")
-        return apply_reduction(ce + lam * reg, self.reduction)
+        reg = _penalty_rows(logits, self.targets[index])
+        return reduce_rows(ce + self.lam * reg, self.reduction)

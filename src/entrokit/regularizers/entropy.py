@@ -26,6 +26,7 @@ import inspect
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from numbers import Real
 from typing import Any, Callable, Literal
 
 import torch
@@ -34,6 +35,8 @@ from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit._optional import require
+from entrokit._validation import reject_meta
+from entrokit.regularizers._checks import default_atol
 
 __all__ = [
     "attention_entropy",
@@ -43,14 +46,6 @@ __all__ = [
     "plot_heatmap",
     "AttentionEntropyRecorder",
 ]
-
-
-def _default_atol(dtype: torch.dtype) -> float:
-    if dtype in (torch.float16, torch.bfloat16):
-        return 1e-2
-    if dtype == torch.float32:
-        return 1e-4
-    return 1e-6
 
 
 def _check_attn(attn: Any, name: str = "attn") -> torch.Tensor:
@@ -99,6 +94,7 @@ def _neg_xlogx(a: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, -a * torch.log(safe), torch.zeros_like(a))
 
 
+@reject_meta
 def attention_entropy(
     attn: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -150,7 +146,7 @@ def attention_entropy(
     attn = _check_attn(attn, name)
     if mask is not None:
         mask = _check_mask(mask, attn)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps < 0:
         raise InputError(f"eps must be a finite float >= 0, got {eps!r}; use eps=0.0 for the exact entropy.")
     a = attn if mask is None else attn.masked_fill(~mask, 0.0)
     if check_inputs:
@@ -163,7 +159,9 @@ def attention_entropy(
                 f"{name} has negative entries (min {attn.min().item():.3g}); pass softmax "
                 "probabilities, not logits (apply .softmax(-1) first)."
             )
-        tol = _default_atol(attn.dtype) if atol is None else float(atol)
+        if atol is not None and (isinstance(atol, bool) or not isinstance(atol, Real) or not atol >= 0):
+            raise InputError(f"atol must be a number >= 0 or None (the dtype's default), got {atol!r}; e.g. atol=1e-4.")
+        tol = default_atol(attn.dtype) if atol is None else float(atol)
         if mask is not None:
             leak = attn.masked_fill(mask, 0.0).sum(-1)
             if (leak > tol).any():
@@ -223,6 +221,10 @@ def _reference_scores(
                 f"{name} must be a floating torch.Tensor (layers, heads) of mean head entropies, "
                 f"got {got}; use AttentionEntropyRecorder.entropy or head_entropy_stats."
             )
+        if t.device.type == "meta":
+            raise InputError(f"{name} is a meta tensor (shape and dtype only, no values); pass the recorded entropies.")
+        if t.numel() == 0:
+            raise InputError(f"{name} is empty (shape {tuple(t.shape)}); expected at least one head's entropy.")
     if normalized is not None and normalized.shape != entropy.shape:
         raise InputError(
             f"normalized must have the shape of entropy {tuple(entropy.shape)}, got "

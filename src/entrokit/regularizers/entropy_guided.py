@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Literal
 
 import torch
@@ -51,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._validation import check_layer_input, reject_meta
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
@@ -129,6 +131,7 @@ def _check_query_mask(query_mask: object, B: int, H: int, T: int, device: torch.
     return query_mask if query_mask.ndim == 3 else query_mask[:, None, :]
 
 
+@reject_meta
 def entropy_band_penalty(
     entropies: torch.Tensor | Sequence[torch.Tensor],
     theta: torch.Tensor,
@@ -382,6 +385,7 @@ class EntropyBandRegularizer(nn.Module):
         return f"lam={self.lam}, gamma={self.gamma}, mode={self.mode!r}, gate={self.gate!r}"
 
 
+@reject_meta
 def temperature_softmax(
     logits: torch.Tensor, temperature: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -417,7 +421,8 @@ def temperature_softmax(
     s = logits / t
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf)
-    return torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    # a fully masked row gives zeros; a NaN logit still propagates (it is not a masked key)
+    return torch.softmax(s, dim=-1).masked_fill((s == -math.inf).all(-1, keepdim=True), 0.0)
 
 
 class LearnableSoftmaxTemperature(nn.Module):
@@ -508,7 +513,7 @@ class LearnableSoftmaxTemperature(nn.Module):
                 )
             lo, hi = int(offset.min()), int(offset.max())
         else:
-            if isinstance(offset, bool) or not isinstance(offset, int):
+            if isinstance(offset, bool) or not isinstance(offset, Integral):
                 raise TypeError(
                     f"offset must be an int (number of cached positions) or a long tensor (batch,), "
                     f"got {type(offset).__name__}."
@@ -522,6 +527,7 @@ class LearnableSoftmaxTemperature(nn.Module):
                 f"{self.max_len} gives positions 0..{self.max_len - 1}; increase max_len."
             )
 
+    @reject_meta
     def forward(
         self, logits: torch.Tensor, mask: torch.Tensor | None = None, offset: int | torch.Tensor = 0
     ) -> torch.Tensor:
@@ -558,7 +564,9 @@ class WeightNormLinear(nn.Linear):
     def normalized_weight(self) -> torch.Tensor:
         return self.weight * (self.g / self.weight.norm(dim=1)).unsqueeze(1)
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, "WeightNormLinear", features=self.in_features)
         return F.linear(input, self.normalized_weight(), self.bias)
 
 
@@ -576,7 +584,9 @@ class SpectralNormLinear(nn.Linear):
         self.register_buffer("u", u0.clone())
         self.register_buffer("sigma", s0.clone().reshape(()))
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, "SpectralNormLinear", features=self.in_features)
         sigma, u = spectral_norm_step(self.weight, self.u, update=self.training)
         if self.training:
             with torch.no_grad():
@@ -608,5 +618,7 @@ class ScaledFFN(nn.Module):
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init), **kw))
         self.beta = nn.Parameter(torch.tensor(float(beta_init), **kw))
 
+    @reject_meta
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_layer_input(x, self.alpha, "ScaledFFN")
         return self.beta * x + self.ffn(x) / self.alpha

@@ -65,26 +65,23 @@ re-run the paper's benchmarks with either setting.
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction
+from entrokit._stateful import Option, StatefulModule, boolean, integer
+from entrokit._validation import apply_reduction, reject_meta
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
-    check_finite_batch,
     check_logits,
     check_nonneg_real,
     check_positive,
     check_reduction,
     check_unit_interval,
-    non_finite_message,
-    tensor_ok,
 )
 
 __all__ = [
@@ -146,6 +143,12 @@ def select_known(
     labeled_mask = _check_mask(labeled_mask, n, logits.device)
     threshold = check_unit_interval(threshold, "threshold", closed_right=True, example="threshold=0.7")
     tau_s = check_positive(tau_s, "tau_s", example="tau_s=0.1")
+    return _select(logits, labeled_mask, num_known, threshold, tau_s)
+
+
+def _select(logits: torch.Tensor, labeled_mask: torch.Tensor, num_known: int, threshold: float,
+            tau_s: float) -> torch.Tensor:
+    """The selection :math:`o_i` of :func:`select_known`, unchecked."""
     conf, pred = F.softmax(logits.detach() / tau_s, dim=1).max(dim=1)
     return (~labeled_mask) & (conf >= threshold) & (pred < num_known)
 
@@ -192,13 +195,18 @@ def local_entropy_loss(
     tau_o = check_positive(tau_o, "tau_o", example="tau_o=0.05")
     lam_ler = check_nonneg_real(lam_ler, "lam_ler", example="lam_ler=0.4")
     check_reduction(reduction)
+    return apply_reduction(_ler_rows(logits, mask, log_prior, tau_o, lam_ler, detach_target), reduction)
+
+
+def _ler_rows(logits: torch.Tensor, mask: torch.Tensor, log_prior: torch.Tensor | None, tau_o: float,
+              lam_ler: float, detach_target: bool) -> torch.Tensor:
+    """Per-row LER terms of :func:`local_entropy_loss` (Eq. 10), unchecked."""
     s = logits / tau_o
     q = F.softmax(s, dim=1)
     if detach_target:
         q = q.detach()
     adj = s if log_prior is None else s + lam_ler * log_prior.to(s.dtype)
-    per = -(q * F.log_softmax(adj, dim=1)).sum(dim=1) * mask.to(s.dtype)
-    return apply_reduction(per, reduction)
+    return -(q * F.log_softmax(adj, dim=1)).sum(dim=1) * mask.to(s.dtype)
 
 
 def dual_view_kl(
@@ -283,7 +291,7 @@ def dual_view_kl(
     return apply_reduction(per, reduction)
 
 
-class LocalEntropyRegularizer(nn.Module):
+class LocalEntropyRegularizer(StatefulModule):
     r"""LegoGCD's local entropy regulariser (LER + margin-aware pattern) with its EMA prior.
 
     Call it on the logits of all rows of a batch (both views stacked, labelled and
@@ -315,6 +323,10 @@ class LocalEntropyRegularizer(nn.Module):
             initialised group), ``False`` keeps a per-process prior (reference behaviour).
             Every rank must then call the module the same number of times in training mode.
 
+    The options (``threshold``, ``tau_s``, ``tau_o``, ``lam_ler``, ``momentum``,
+    ``prior_temperature``, ``detach_target``, ``check_inputs``, ``sync``) are checked when they
+    are set (at construction or later), not on every call.
+
     Shape:
         - logits ``[N, K]``, labeled_mask ``[N]`` (bool); output: scalar.
 
@@ -326,6 +338,15 @@ class LocalEntropyRegularizer(nn.Module):
     """
 
     prior: torch.Tensor
+    state_name = "class prior"
+    skip_without_sync = True
+    threshold = Option(partial(check_unit_interval, closed_right=True, example="threshold=0.7"))
+    tau_s = Option(partial(check_positive, example="tau_s=0.1"))
+    tau_o = Option(partial(check_positive, example="tau_o=0.05"))
+    lam_ler = Option(partial(check_nonneg_real, example="lam_ler=0.4"))
+    momentum = Option(partial(check_unit_interval, closed_right=True, example="momentum=0.999"))
+    prior_temperature = Option(partial(check_positive, example="prior_temperature=1.0"))
+    detach_target = Option(boolean)
 
     def __init__(
         self,
@@ -341,10 +362,10 @@ class LocalEntropyRegularizer(nn.Module):
         check_inputs: bool = True,
         sync: bool | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = check_count(num_classes, "num_classes", minimum=2)
-        self.num_known = check_count(num_known, "num_known")
-        if num_known > num_classes:
+        super().__init__(sync=sync, check_inputs=check_inputs)
+        self.num_classes = integer(minimum=2, example="num_classes=100")(num_classes, "num_classes")
+        self.num_known = integer(minimum=1, example="num_known=50")(num_known, "num_known")
+        if self.num_known > self.num_classes:
             raise InputError(
                 f"num_known={num_known} exceeds num_classes={num_classes}; num_classes counts "
                 "known and novel classes together."
@@ -356,41 +377,18 @@ class LocalEntropyRegularizer(nn.Module):
         self.momentum = momentum
         self.prior_temperature = prior_temperature
         self.detach_target = detach_target
-        self.check_inputs = check_inputs
-        self.sync = sync
-        self._check_options()
-        self.register_buffer("prior", torch.full((num_classes,), 1.0 / num_classes))
+        # the EMA prior moves by the exact global mean: summed softmax and row count, both summed over ranks
+        self.add_state("prior", torch.full((self.num_classes,), 1.0 / self.num_classes))
+        self.add_statistic("prob_sum", sync="sum")
+        self.add_statistic("count", sync="sum")
+        self._ready()
         self.num_selected = 0
-
-    def _check_options(self) -> None:
-        check_unit_interval(self.threshold, "threshold", closed_right=True, example="threshold=0.7")
-        check_positive(self.tau_s, "tau_s", example="tau_s=0.1")
-        check_positive(self.tau_o, "tau_o", example="tau_o=0.05")
-        check_nonneg_real(self.lam_ler, "lam_ler", example="lam_ler=0.4")
-        check_unit_interval(self.momentum, "momentum", closed_right=True, example="momentum=0.999")
-        check_positive(self.prior_temperature, "prior_temperature", example="prior_temperature=1.0")
-        if self.sync is not None and not isinstance(self.sync, bool):
-            raise TypeError(
-                f"sync must be None, True or False, got {type(self.sync).__name__}; use "
-                "sync=None to all-reduce the prior whenever torch.distributed runs on >1 rank."
-            )
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, num_known={self.num_known}, "
             f"threshold={self.threshold}, tau_o={self.tau_o}, lam_ler={self.lam_ler}"
         )
-
-    def _syncing(self) -> bool:
-        initialised = dist.is_available() and dist.is_initialized()
-        if self.sync is None:
-            return initialised and dist.get_world_size() > 1
-        if self.sync and not initialised:
-            raise InputError(
-                "sync=True needs an initialised torch.distributed process group; call "
-                "torch.distributed.init_process_group(...) first or pass sync=None."
-            )
-        return bool(self.sync)
 
     @torch.no_grad()
     def update_prior(self, logits: torch.Tensor) -> None:
@@ -402,61 +400,33 @@ class LocalEntropyRegularizer(nn.Module):
         unchanged either way (on every rank).
         """
         logits = check_logits(logits, self.num_classes)
-        syncing = self._syncing()
-        if self.check_inputs and not syncing:
-            check_finite_batch(logits, "logits", "LocalEntropyRegularizer", "class prior")
-        self._update(logits, syncing)
+        self.update_state(logits, what="logits")
 
-    def _update(self, logits: torch.Tensor, syncing: bool = False) -> None:
+    def _measure(self, logits: torch.Tensor) -> dict[str, Any]:
         z = logits.detach().to(self.prior.dtype)
         probs = F.softmax(z / self.prior_temperature, dim=1)
-        ok = tensor_ok(z)
-        if syncing:
-            # one all-reduce of [sum_i p_i (K), N, bad flag of each rank (world)]
-            world, rank = dist.get_world_size(), dist.get_rank()
-            bad = torch.zeros(world, dtype=probs.dtype, device=probs.device)
-            bad[rank] = (~ok).to(probs.dtype)
-            local_sum = torch.where(ok, probs.sum(0), torch.zeros_like(probs[0]))
-            count = torch.full((1,), float(probs.shape[0]), dtype=probs.dtype, device=probs.device)
-            stats = torch.cat([local_sum, count, bad])
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            k = self.num_classes
-            mean_p = stats[:k] / stats[k]
-            bad_any = stats[k + 1 :] > 0
-            if self.check_inputs:
-                ranks = bad_any.nonzero().flatten().tolist()
-                if ranks:
-                    raise InputError(
-                        non_finite_message(
-                            "logits", "LocalEntropyRegularizer", "class prior", ranks=ranks
-                        )
-                    )
-            ok = ~bad_any.any()
-        else:
-            mean_p = probs.mean(0)
-        new = self.momentum * self.prior + (1.0 - self.momentum) * mean_p
-        if not self.check_inputs:  # no host sync: keep the old prior for a non-finite batch
-            new = torch.where(ok, new, self.prior)
-        self.prior.copy_(new)
+        count = torch.full((), float(z.shape[0]), dtype=z.dtype, device=z.device)
+        # the verdict is on the logits: the softmax of a -inf logit is finite
+        return {"prob_sum": probs.sum(0), "count": count, self.INPUTS_FINITE: torch.isfinite(z).all()}
 
+    def _write(self, stats: dict[str, Any]) -> None:
+        mean_p = stats["prob_sum"] / stats["count"]
+        self.prior.copy_(self.momentum * self.prior + (1.0 - self.momentum) * mean_p)
+
+    @reject_meta
     def forward(self, logits: torch.Tensor, labeled_mask: torch.Tensor) -> torch.Tensor:
         """Return the LER loss of the batch and (in training mode) update the prior."""
-        self._check_options()
         logits = check_logits(logits, self.num_classes)
         if self.prior.device != logits.device:
             raise InputError(
                 f"LocalEntropyRegularizer keeps its prior on {self.prior.device} but logits are "
                 f"on {logits.device}; move it with ler.to(logits.device)."
             )
-        syncing = self.training and self._syncing()
-        if self.training and self.check_inputs and not syncing:  # synced: checked in _update
-            check_finite_batch(logits, "logits", "LocalEntropyRegularizer", "class prior")
-        mask = select_known(logits, labeled_mask, self.num_known, self.threshold, self.tau_s)
-        self.num_selected = int(mask.sum())
-        loss = local_entropy_loss(
-            logits, mask, torch.log(self.prior), self.tau_o, self.lam_ler, self.detach_target
-        )
+        labeled_mask = _check_mask(labeled_mask, logits.shape[0], logits.device)
+        mask = _select(logits, labeled_mask, self.num_known, self.threshold, self.tau_s)
+        rows = _ler_rows(logits, mask, torch.log(self.prior), self.tau_o, self.lam_ler, self.detach_target)
+        loss = rows.mean()  # divided by all N rows (reference)
         if self.training:
-            with torch.no_grad():
-                self._update(logits, syncing)  # after the loss, as in the reference
+            self.update_state(logits, what="logits")  # after the loss, as in the reference
+        self.num_selected = int(mask.sum())
         return loss

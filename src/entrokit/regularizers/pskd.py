@@ -28,15 +28,17 @@ prediction (the reference fills the buffer with one-hot labels during epoch 0).
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from numbers import Integral
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction
-from entrokit.regularizers._buffers import all_gather_rows
+from entrokit._stateful import Option, integer
+from entrokit._validation import apply_reduction, reject_meta
+from entrokit.regularizers._buffers import PerSampleLoss, reduce_rows
 from entrokit.regularizers._checks import (
     check_count,
     check_int_vector,
@@ -44,9 +46,7 @@ from entrokit.regularizers._checks import (
     check_probabilities,
     check_reduction,
     check_same_shape,
-    check_sample_batch,
     check_unit_interval,
-    tensor_ok,
 )
 
 __all__ = ["PSKDLoss", "pskd_alpha", "pskd_targets", "soft_cross_entropy"]
@@ -66,7 +66,7 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
         :math:`\alpha` for this epoch.
     """
     total_epochs = check_count(total_epochs, "total_epochs")
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
+    if isinstance(epoch, bool) or not isinstance(epoch, Integral):
         raise TypeError(f"epoch must be an int, got {type(epoch).__name__}.")
     if not 0 <= epoch < total_epochs:
         raise InputError(
@@ -77,6 +77,7 @@ def pskd_alpha(epoch: int, total_epochs: int, alpha_T: float = 0.8) -> float:
     return a * (epoch + 1) / total_epochs
 
 
+@reject_meta
 def pskd_targets(
     labels: torch.Tensor, prev_probs: torch.Tensor, alpha: float, *, check_inputs: bool = True
 ) -> torch.Tensor:
@@ -105,6 +106,11 @@ def pskd_targets(
     )
     if check_inputs:
         check_probabilities(prev_probs, "prev_probs")
+    return _mix(labels, prev_probs, alpha)
+
+
+def _mix(labels: torch.Tensor, prev_probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) onehot(y) + alpha P`` (Eq. 5), unchecked."""
     onehot = F.one_hot(labels, prev_probs.shape[1]).to(prev_probs.dtype)
     return (1.0 - alpha) * onehot + alpha * prev_probs
 
@@ -131,11 +137,15 @@ def soft_cross_entropy(
         "pass one target distribution per row of logits (for class ids use F.cross_entropy).",
     )
     check_reduction(reduction)
-    per = -(target.detach().to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
-    return apply_reduction(per, reduction)
+    return apply_reduction(_soft_ce_rows(logits, target), reduction)
 
 
-class PSKDLoss(nn.Module):
+def _soft_ce_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row ``-sum_k y_k log softmax(z)_k``, unchecked."""
+    return -(target.detach().to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
+class PSKDLoss(PerSampleLoss):
     r"""Progressive self-knowledge distillation loss with a per-sample prediction buffer.
 
     Buffers (all in ``state_dict``): ``predictions`` ``[num_samples, num_classes]``
@@ -156,11 +166,15 @@ class PSKDLoss(nn.Module):
         alpha_T: final self-teacher weight :math:`\alpha_T` (paper and code: 0.8).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         sync: distributed gathering: ``None`` (auto), ``True`` or ``False``.
+
+    ``alpha_T``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are set
+    (at construction or later), not on every call.
         check_inputs: value checks (force a device sync): labels and indices in range, and
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before ``predictions`` or ``seen`` change (under DDP
             on every rank at once, before the gather). With ``check_inputs=False`` nothing
-            syncs and such a batch is skipped silently: the stored predictions are still never
+            syncs and such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
+            logits are not): the stored predictions are still never
             overwritten with non-finite values.
 
     Shape:
@@ -180,6 +194,8 @@ class PSKDLoss(nn.Module):
     predictions: torch.Tensor
     seen: torch.Tensor
     epoch: torch.Tensor
+    rows_state, state_name = "predictions", "stored predictions"
+    alpha_T = Option(partial(check_unit_interval, closed_right=True, example="alpha_T=0.8"))
 
     def __init__(
         self,
@@ -191,19 +207,12 @@ class PSKDLoss(nn.Module):
         sync: bool | None = None,
         check_inputs: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_samples = check_count(num_samples, "num_samples")
-        self.num_classes = check_count(num_classes, "num_classes", minimum=2)
-        self.total_epochs = check_count(total_epochs, "total_epochs")
+        super().__init__(num_samples, num_classes, reduction, sync, check_inputs)
+        self.total_epochs = integer(minimum=1, example="total_epochs=200")(total_epochs, "total_epochs")
         self.alpha_T = alpha_T
-        self.reduction = reduction
-        self.sync = sync
-        self.check_inputs = check_inputs
-        check_unit_interval(alpha_T, "alpha_T", closed_right=True, example="alpha_T=0.8")
-        check_reduction(reduction)
-        self.register_buffer("predictions", torch.zeros(num_samples, num_classes))
-        self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
-        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self.add_state("seen", torch.zeros(self.num_samples, dtype=torch.bool))  # written with predictions
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # set by set_epoch, not by batches
+        self._ready()
 
     def extra_repr(self) -> str:
         return (
@@ -219,13 +228,13 @@ class PSKDLoss(nn.Module):
     @property
     def alpha(self) -> float:
         r""":math:`\alpha_T (e+1)/T` for the current epoch ``e``."""
-        return pskd_alpha(int(self.epoch), self.total_epochs, self.alpha_T)
+        return self.alpha_T * (int(self.epoch) + 1) / self.total_epochs
 
     def soft_targets(self, labels: torch.Tensor, index: torch.Tensor, alpha: float) -> torch.Tensor:
         """Targets of Eq. 5 for the given rows (unseen rows use the one-hot label)."""
         onehot = F.one_hot(labels, self.num_classes).to(self.predictions.dtype)
         prev = torch.where(self.seen[index].unsqueeze(1), self.predictions[index], onehot)
-        return pskd_targets(labels, prev, alpha, check_inputs=False)
+        return _mix(labels, prev, alpha)
 
     @torch.no_grad()
     def update_predictions(self, probs: torch.Tensor, index: torch.Tensor) -> None:
@@ -235,24 +244,14 @@ class PSKDLoss(nn.Module):
         (``check_inputs=True``) or is skipped (``check_inputs=False``); the buffers are left
         unchanged either way.
         """
-        probs, _, index = check_sample_batch(self, probs, index, self.predictions, "PSKDLoss", name="probs")
-        self._update(probs, index, probs, "probs")
+        self._update_from_probs(probs, index)
 
-    def _update(self, probs: torch.Tensor, index: torch.Tensor, source: torch.Tensor, what: str) -> None:
-        local_ok = tensor_ok(source) if self.check_inputs else None
-        idx, p = all_gather_rows(
-            index, probs.detach().to(self.predictions.dtype), sync=self.sync, local_ok=local_ok,
-            what=f"{what} of this batch", owner="PSKDLoss", state="stored predictions",
-        )
-        if local_ok is None:  # no sync: keep the old rows if any gathered row is not finite
-            ok = tensor_ok(p)
-            p = torch.where(ok, p, self.predictions[idx])
-            seen = self.seen[idx] | ok
-        else:
-            seen = True
+    def _write(self, stats: dict[str, Any]) -> None:
+        idx, p = stats["predictions"]
         self.predictions[idx] = p
-        self.seen[idx] = seen
+        self.seen[idx] = True
 
+    @reject_meta
     def forward(
         self,
         logits: torch.Tensor,
@@ -261,12 +260,10 @@ class PSKDLoss(nn.Module):
         alpha: float | None = None,
     ) -> torch.Tensor:
         """Soft-target cross-entropy against Eq. 5 targets; ``alpha`` overrides the schedule."""
-        logits, labels, index = check_sample_batch(self, logits, index, self.predictions, "PSKDLoss", labels=labels)
-        check_reduction(self.reduction)
-        a = self.alpha if alpha is None else alpha
+        logits, labels, index = self._check_batch(logits, index, labels)
+        a = self.alpha if alpha is None else check_unit_interval(alpha, "alpha", closed_right=True, example="alpha=0.5")
         target = self.soft_targets(labels, index, a)
-        loss = soft_cross_entropy(logits, target, reduction=self.reduction)
+        loss = reduce_rows(_soft_ce_rows(logits, target), self.reduction)
         if self.training:
-            with torch.no_grad():
-                self._update(F.softmax(logits.detach(), dim=1), index, logits.detach(), "logits")
+            self.update_state(logits.detach(), index, from_logits=True, what="logits of this batch")
         return loss

@@ -15,6 +15,9 @@ learned scalar. Following the reference code (apple/ml-sigma-reparam, ``vision/l
 * each *training* forward does one step without gradient,
   :math:`v \leftarrow W u/\lVert W u\rVert`, :math:`u \leftarrow W^\top v/\lVert W^\top v\rVert`,
   and :math:`\sigma = v^\top W u` is computed *with* gradient w.r.t. :math:`W`;
+* a zero weight has :math:`\sigma = 0`; there :math:`\gamma/\sigma` is taken as 1, so
+  :math:`\hat W = W = 0` (no NaN) and the weight receives the plain layer's gradient until it
+  is non-zero (the power-iteration vector is kept meanwhile);
 * in eval mode no state changes: :math:`\sigma = \lVert W u\rVert` with the stored :math:`u`
   (the reference code also takes an unsaved extra step in eval; the two agree once the
   iteration has converged).
@@ -45,9 +48,9 @@ logits, which puts a floor under the attention entropy and prevents entropy coll
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
+from numbers import Real
 from typing import Any
 
 import torch
@@ -55,6 +58,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
+from entrokit._validation import check_layer_input, no_autocast, reject_meta, working_dtype
 
 __all__ = [
     "spectral_norm_step",
@@ -63,19 +67,6 @@ __all__ = [
     "SigmaReparam",
     "convert_to_sigma_reparam",
 ]
-
-
-def _no_autocast(device: torch.device):
-    """A context with autocast switched off for ``device`` (a no-op where unsupported)."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):  # pragma: no cover - exotic device types
-        return contextlib.nullcontext()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 weights, float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def spectral_norm_step(
@@ -106,6 +97,10 @@ def spectral_norm_step(
         raise TypeError(
             f"weight and u must be torch.Tensors, got {type(weight).__name__} and {type(u).__name__}."
         )
+    if weight.device.type == "meta" or u.device.type == "meta":
+        raise InputError("weight and u must hold values (not meta tensors); materialise the module first.")
+    if weight.numel() == 0:
+        raise InputError(f"weight is empty (shape {tuple(weight.shape)}): the spectral norm needs at least one entry.")
     if weight.ndim < 2:
         raise InputError(
             f"weight must be a matrix (out, in) or a higher-rank weight, got shape "
@@ -118,14 +113,16 @@ def spectral_norm_step(
             f"{tuple(weight.shape)}), got {tuple(u.shape)}; start from a random unit vector, e.g. "
             f"F.normalize(torch.randn({w.shape[1]}), dim=0)."
         )
-    cdt = _compute_dtype(weight.dtype)
-    with _no_autocast(weight.device):
+    cdt = working_dtype(weight.dtype)
+    with no_autocast():
         wc = w.to(cdt)  # differentiable cast; a no-op for float32/float64 weights
         with torch.no_grad():
             uc = u.detach().to(cdt)
             v = F.normalize(wc.detach() @ uc, dim=0)
             if update:
-                uc = F.normalize(wc.detach().t() @ v, dim=0)
+                new = F.normalize(wc.detach().t() @ v, dim=0)
+                # a zero weight gives u' = 0: keep u, so the iteration resumes once W != 0
+                uc = torch.where(new.abs().sum() > 0, new, uc)
         sigma = torch.einsum("o,oi,i->", v, wc, uc)
     return sigma, uc
 
@@ -143,6 +140,12 @@ class _SigmaReparamMixin:
     training: bool
 
     def _init_sigma_state(self, weight: torch.Tensor) -> None:
+        if weight.numel() == 0:
+            raise InputError(
+                f"σReparam needs a weight with at least one entry, got shape {tuple(weight.shape)} "
+                "(a zero in_features/out_features or channel count): the spectral norm of an empty "
+                "matrix is undefined. Use sizes >= 1, or a plain nn.Linear / nn.Conv2d for an empty layer."
+            )
         s0, u0 = _svd_init(weight)
         self.register_buffer("u", u0.clone())  # type: ignore[attr-defined]
         self.register_buffer("sigma", s0.clone().reshape(()))  # type: ignore[attr-defined]
@@ -154,8 +157,13 @@ class _SigmaReparamMixin:
             with torch.no_grad():
                 self.u.copy_(u)
                 self.sigma.copy_(sigma.detach())
-        # gamma / sigma is a 0-dim float32 (or float64) factor; the product keeps weight's dtype
-        return weight * (self.gamma / sigma).to(weight.dtype)
+        # gamma / sigma is a 0-dim float32 (or float64) factor; the product keeps weight's dtype.
+        # sigma = 0 (a zero weight): the factor is 1, so W_hat = W = 0 and the weight gets the
+        # plain layer's gradient until it is non-zero (gamma / 0 would give NaN outputs)
+        positive = sigma > 0
+        safe = torch.where(positive, sigma, torch.ones_like(sigma))
+        factor = torch.where(positive, self.gamma / safe, torch.ones_like(sigma))
+        return weight * factor.to(weight.dtype)
 
     def _reset_sigma_state(self, weight: torch.Tensor) -> None:
         """u, σ and γ from an exact SVD of ``weight`` (so Ŵ = W again)."""
@@ -223,7 +231,9 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
         new._reset_sigma_state(new.weight)
         return new
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, type(self).__name__, features=self.in_features)
         return F.linear(input, self._reparam_weight(self.weight), self.bias)
 
     def extra_repr(self) -> str:
@@ -300,7 +310,9 @@ class SigmaReparamConv2d(_SigmaReparamMixin, nn.Conv2d):
         new._reset_sigma_state(new.weight)
         return new
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_layer_input(input, self.weight, type(self).__name__, features=self.in_channels, ranks=(3, 4))
         return self._conv_forward(input, self._reparam_weight(self.weight), self.bias)
 
     def extra_repr(self) -> str:
@@ -345,6 +357,7 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
         sigma, _ = spectral_norm_step(self.module.weight, self.u, update=False)
         return self.module.weight * (self.gamma / sigma)
 
+    @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w = self._reparam_weight(self.module.weight)
         if isinstance(self.module, nn.Conv2d):
@@ -353,7 +366,7 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
 
 
 def _check_init_std(value: Any, layer: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
         math.isfinite(value) and value > 0
     ):
         raise InputError(
@@ -364,7 +377,7 @@ def _check_init_std(value: Any, layer: str) -> float:
 
 
 def _check_gain(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+    if isinstance(value, bool) or not isinstance(value, Real) or not (
         math.isfinite(value) and value > 0
     ):
         raise InputError(

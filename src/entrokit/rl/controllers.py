@@ -147,7 +147,7 @@ class Controller(StatefulModule):
     def _measure(self, measured: Any) -> Mapping[str, Any]:
         return {"last": _measurement(measured).to(self.coef.device)}
 
-    def _apply(self, stats: Mapping[str, Any]) -> None:
+    def _write(self, stats: Mapping[str, Any]) -> None:
         h = stats["last"].to(_F64)
         new = self._control(h)
         self.coef.copy_(torch.clamp(new, self.coef_min, self.coef_max))
@@ -595,5 +595,5 @@ class TemperatureScheduler(StatefulModule):
     def _measure(self, measured: Any) -> Mapping[str, Any]:
         return {"last": _measurement(measured).to(self.last.device)}
 
-    def _apply(self, stats: Mapping[str, Any]) -> None:
+    def _write(self, stats: Mapping[str, Any]) -> None:
         self.last.copy_(stats["last"])

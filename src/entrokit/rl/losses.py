@@ -329,7 +329,7 @@ class EntropyHistory(StatefulModule):
     def _measure(self, measured: torch.Tensor) -> Mapping[str, Any]:
         return {"total": measured}
 
-    def _apply(self, stats: Mapping[str, Any]) -> None:
+    def _write(self, stats: Mapping[str, Any]) -> None:
         self.total += stats["total"]
         self.count += 1
 

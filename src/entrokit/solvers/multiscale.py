@@ -58,6 +58,7 @@ import dataclasses
 import math
 import time
 import warnings
+from numbers import Real
 
 import torch
 
@@ -117,7 +118,7 @@ def _check_positive_real(value, name: str, hint: str) -> float:
     """A finite real > 0, else :class:`InputError` saying what to pass."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value)) and float(value) > 0
+    ok = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(float(value)) and float(value) > 0
     if not ok:
         raise InputError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
     return float(value)

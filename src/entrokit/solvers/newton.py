@@ -110,6 +110,7 @@ from __future__ import annotations
 
 import math
 import time
+from numbers import Integral
 from typing import Any, Callable
 
 import torch
@@ -566,7 +567,7 @@ def sinkhorn_newton(
         )
     if warmup_max_iter is None:
         warmup_max_iter = 20 if variant == "sns" else 3
-    elif isinstance(warmup_max_iter, bool) or not isinstance(warmup_max_iter, int) or warmup_max_iter < 0:
+    elif isinstance(warmup_max_iter, bool) or not isinstance(warmup_max_iter, Integral) or warmup_max_iter < 0:
         raise InputError(f"warmup_max_iter must be an int >= 0, got {warmup_max_iter!r}.")
     switch_tol = check_positive(switch_tol, "switch_tol") if switch_tol is not None else (
         1e-2 if variant == "sns" else 0.5

@@ -1,0 +1,122 @@
+"""Table-driven bad-input tests: one entry point, one argument, one way of being wrong.
+
+Each case names what it expects: an error class and a fragment of its message, or one of
+the outcomes below for inputs that are accepted (the PyTorch convention for that input).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+PROPAGATES = "propagates"  # accepted, not read for checks: the non-finite value reaches the output
+SAME = "same"  # accepted and equal to the base call (non-contiguous tensors, NumPy integers)
+CALLER_DTYPE = "caller dtype"  # accepted, output in the inputs' dtype (computed in float32)
+FLOAT32 = "float32"  # accepted half inputs, computed and returned in float32 (documented)
+NOT_CHECKED = "not checked"  # accepted: a NaN/inf is skipped by the operation itself
+
+
+def _put(t, v):
+    t = t.clone()
+    t.view(-1)[0] = v
+    return t
+
+
+def variant(t: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "nan":
+        return _put(t, float("nan"))
+    if kind == "inf":
+        return _put(t, float("inf"))
+    if kind == "empty":
+        return t[:0]
+    if kind == "int":
+        return t.round().long()
+    if kind in ("float16", "bfloat16"):
+        return t.to(getattr(torch, kind))
+    if kind == "meta":
+        return torch.empty_like(t, device="meta")
+    if kind == "noncontig":
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert not out.is_contiguous()
+        return out
+    if kind == "shape":
+        return t.unsqueeze(0)
+    raise AssertionError(kind)
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first(out[0])
+    if isinstance(out, (int, float)):
+        return torch.tensor(float(out))
+    return out.combine  # RouterOutput
+
+
+def check_case(fn, base: dict, change: dict, expect) -> None:
+    """Call ``fn(**{**base, **change})`` and check ``expect`` (module docstring)."""
+    kwargs = {**base, **change}
+    if isinstance(expect, tuple):
+        exc, fragment = expect
+        with pytest.raises(exc, match=fragment):
+            fn(**kwargs)
+        return
+    out = _first(fn(**kwargs))
+    if expect == PROPAGATES:
+        assert not torch.isfinite(out.float()).all()
+    elif expect == NOT_CHECKED:
+        assert out is not None
+    elif expect == CALLER_DTYPE:
+        dtype = next(v.dtype for v in change.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    elif expect == FLOAT32:
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    elif expect == SAME:
+        torch.testing.assert_close(out, _first(fn(**base)))
+    else:
+        raise AssertionError(expect)
+
+
+def cases(entries: dict) -> list:
+    """Flatten ``{name: (fn, base_kwargs, {case_id: (change, expect)})}`` into pytest params.
+
+    ``change`` maps argument names to a variant kind (applied to that tensor of
+    ``base_kwargs``), ``"*"`` to a kind applied to every floating tensor, or to a value."""
+    out = []
+    for name, (fn, base, table) in entries.items():
+        for case_id, (change, expect) in table.items():
+            out.append(pytest.param(fn, base, change, expect, id=f"{name}-{case_id}"))
+    return out
+
+
+def resolve(base: dict, change: dict) -> dict:
+    """``change`` with variant kinds replaced by the varied tensors of ``base``."""
+    resolved = {}
+    for k, v in change.items():
+        if k == "*":
+            for name, t in base.items():
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    resolved[name] = variant(t, v)
+        elif isinstance(v, str) and isinstance(base.get(k), torch.Tensor):
+            resolved[k] = variant(base[k], v)
+        else:
+            resolved[k] = v
+    return resolved
+
+
+def tensor_rows(args, **expect) -> dict:
+    """Rows ``{f"{arg}:{kind}": ({arg: kind}, expect[kind])}`` for every tensor argument;
+    ``expect[kind]`` may be a dict per argument. Kinds: nan, inf, empty, int, meta,
+    noncontig, shape (dtypes float16/bfloat16 go through ``"*"``)."""
+    rows = {}
+    for arg in args:
+        for kind, e in expect.items():
+            e = e.get(arg) if isinstance(e, dict) else e
+            if e is not None:
+                rows[f"{arg}:{kind}"] = ({arg: kind}, e)
+    return rows
+
+
+def numpy_int(**options) -> dict:
+    """Rows passing each integer option as a NumPy integer: the same result."""
+    return {f"{k}:np.int64": ({k: np.int64(v)}, SAME) for k, v in options.items()}
