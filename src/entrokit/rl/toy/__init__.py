@@ -19,7 +19,14 @@ from entrokit.rl.toy.loop import (
     token_logprobs,
     train_grpo,
 )
-from entrokit.rl.toy.tasks import TASKS, Countdown, DigitSum, KeyDoorGrid, MixedArithmetic, Permutation
+from entrokit.rl.toy.tasks import (
+    TASKS,
+    Countdown,
+    DigitSum,
+    KeyDoorGrid,
+    MixedArithmetic,
+    Permutation,
+)
 
 __all__ = [
     "Batch", "GRUPolicy", "Rollout", "evaluate", "group_advantages", "grpo_objective", "pass_at_k", "sample",
