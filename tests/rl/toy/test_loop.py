@@ -124,3 +124,16 @@ def test_key_door_rollout_masks_finished_turns():
     assert (lengths[~ended] == 10).all()
     m = evaluate(pol, env, samples=16, k=4, generator=torch.Generator().manual_seed(1))
     assert math.isnan(m["coverage"]) and 0 <= m["pass@1"] <= 1
+
+
+def test_evaluate_noise_mass_by_hand():
+    task = DigitSum(2, noise_tokens=30)
+    pol = GRUPolicy(task.num_prompts, task.vocab_size + 1, task.vocab_size, 8, seed=0)
+    with torch.no_grad():  # a policy that ignores its input: uniform logits, then noise at log(1/3)
+        for p in pol.head.parameters():
+            p.zero_()
+        pol.head.bias[10:] = math.log(1 / 3)
+    m = evaluate(pol, task, samples=8, k=2, generator=torch.Generator().manual_seed(0))
+    # 30 noise tokens of weight 1/3 against 10 digits of weight 1: noise mass 10 / 20
+    assert m["noise_mass"] == pytest.approx(0.5, abs=1e-6)
+    assert m["entropy"] == pytest.approx(-(10 * 0.05 * math.log(0.05) + 30 * (0.5 / 30) * math.log(0.5 / 30)), abs=1e-5)

@@ -232,7 +232,9 @@ def evaluate(policy: GRUPolicy, task: Any, *, samples: int = 128, k: int = 64, t
       successful action sequences);
     * ``coverage``: ``distinct`` over the number of correct answers that exist
       (single-turn tasks with ``num_solutions``), else NaN;
-    * ``entropy``: valid-token mean entropy of the sampled answers.
+    * ``entropy``: valid-token mean entropy of the sampled answers;
+    * ``noise_mass`` (only for a :class:`~entrokit.rl.toy.DigitSum` with noise tokens): the
+      valid-token mean probability of the noise tokens.
     """
     n = check_positive_int(samples, "samples")
     prompts = torch.arange(task.num_prompts).repeat_interleave(n)
@@ -247,10 +249,14 @@ def evaluate(policy: GRUPolicy, task: Any, *, samples: int = 128, k: int = 64, t
         keys = [tuple(a) for a in acts]
     distinct = len({(int(p), keys[i]) for i, p in enumerate(ro.prompt_ids.tolist()) if ro.rewards[i] > 0})
     total = getattr(task, "num_solutions", None)
-    return {
+    out = {
         "pass@1": float(correct.mean()),
         f"pass@{k}": float(pass_at_k(n, correct.sum(1), k).mean()),
         "distinct": float(distinct),
         "coverage": float(distinct / int(total.sum())) if total is not None else math.nan,
         "entropy": float((ent * m).sum() / m.sum()),
     }
+    if getattr(task, "noise_tokens", 0):
+        noise = torch.softmax(logits.float(), dim=-1)[..., 10:].sum(-1)
+        out["noise_mass"] = float((noise * m).sum() / m.sum())
+    return out

@@ -37,11 +37,15 @@ def _num_inputs(task: Any) -> int:
 
 
 def run_arm(task: Any, arm: Arm, seed: int, *, steps: int, hidden: int = 128, eval_every: int = 10,
-            eval_samples: int = 16, final_samples: int = 128, k: int = 64, **train: Any) -> dict[str, Any]:
+            eval_samples: int = 16, final_samples: int = 128, k: int = 64,
+            init_policy: Callable[[GRUPolicy], None] | None = None, **train: Any) -> dict[str, Any]:
     """Train one arm on one seed; returns ``init`` and ``final`` (:func:`evaluate` with
     ``final_samples`` per prompt), ``history`` (per step) and ``checkpoints`` (``eval_every``
-    steps, pass@1 and entropy from ``eval_samples`` per prompt)."""
+    steps, pass@1 and entropy from ``eval_samples`` per prompt). ``init_policy`` edits the
+    fresh policy in place (e.g. a prior against noise tokens) before anything runs."""
     policy = GRUPolicy(task.num_prompts, _num_inputs(task), task.vocab_size, hidden, seed=seed)
+    if init_policy is not None:
+        init_policy(policy)
     g = torch.Generator().manual_seed(seed)
     g_eval = torch.Generator().manual_seed(10**6 + seed)
     init = evaluate(policy, task, samples=final_samples, k=k, generator=g_eval)
