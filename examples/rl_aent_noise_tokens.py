@@ -29,7 +29,7 @@ Test of the claim: the naive bonus raises the noise mass above GRPO's and lowers
 (paired differences with 95 % intervals); AEnt's pass@1 is not below GRPO's and its noise mass
 stays below the naive bonus's. Measures as in ``rl_entropy_mechanism.py`` plus the noise mass.
 
-Run: ``python examples/rl_aent_noise_tokens.py [--seeds 5] [--steps 120] [--quick] [--out PATH]``
+Run: ``python examples/rl_aent_noise_tokens.py [--seeds 5] [--steps 60] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -95,16 +95,16 @@ ARMS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 10 steps")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 6 steps")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_aent_noise_tokens.png"))
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.steps = 2, 10
+        args.seeds, args.steps = 2, 6
     torch.set_num_threads(1)
     task = DigitSum(4, noise_tokens=NOISE)
-    cfg = {"steps": args.steps, "eval_every": 5 if args.quick else 10, "final_samples": 64 if args.quick else 128,
-           "k": 32 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
+    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 32 if args.quick else 128,
+           "k": 16 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
            "init_policy": prior}
     k = cfg["k"]
     results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
