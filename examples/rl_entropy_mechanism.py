@@ -134,11 +134,17 @@ def main() -> None:
     for n, v in keep.items():
         print(f"entropy ratio {n} / GRPO at the end (paired): {fmt(v)} (min {min(v):.2f})")
     keep_ok = {n: mean_ci95(v)[0] - np.nan_to_num(mean_ci95(v)[1]) >= 10 for n, v in keep.items()}
+    n_tok = cfg["prompts_per_step"] * cfg["group_size"] * task.length
+    touched = {"clip_cov": np.mean([np.mean(r["history"]["num_dropped"]) for r in results["clip_cov"]]),
+               "kl_cov": np.mean([np.mean(r["history"]["num_penalized"]) for r in results["kl_cov"]])}
+    print(f"tokens touched per batch of {n_tok}: Clip-Cov {touched['clip_cov']:.1f}, KL-Cov {touched['kl_cov']:.1f}")
     parts = [
         f"(1) GRPO collapse on {sum(collapse)}/{len(collapse)} seeds (H_end/H_0 {fmt(ratio['grpo'])})",
         f"(2) law fit R^2 {fmt(r2)}" + ("" if law_ok else " (below 0.8 or a <= 0)"),
         "(3) entropy >= 10x GRPO's: " + ", ".join(
-            f"{n} {mean_ci95(keep[n])[0]:.1f}x{'' if keep_ok[n] else ' (lower bound < 10x)'}" for n in keep),
+            f"{n} {mean_ci95(keep[n])[0]:.1f}x{'' if keep_ok[n] else ' (lower bound < 10x)'}" for n in keep)
+        + (f" (the official ratios touch {touched['clip_cov']:.0f} and {touched['kl_cov']:.0f} of the {n_tok} tokens"
+           " of a batch)" if not all(keep_ok.values()) else ""),
     ]
     n_ok = int(all(collapse)) + int(law_ok) + sum(keep_ok.values()) // 2
     word = "reproduced" if n_ok == 3 else ("partly reproduced" if n_ok else "not reproduced")

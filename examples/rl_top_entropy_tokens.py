@@ -24,7 +24,7 @@ claim: top-20 % "matches" when the paired pass@1 difference to all tokens has it
 bound above -0.05; the bottom-80 % "degrades" when its paired difference has its upper bound
 below 0. Measures as in ``rl_entropy_mechanism.py``.
 
-Run: ``python examples/rl_top_entropy_tokens.py [--seeds 5] [--steps 100] [--quick] [--out PATH]``
+Run: ``python examples/rl_top_entropy_tokens.py [--seeds 5] [--steps 200] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ ARMS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 12 steps")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_top_entropy_tokens.png"))
     args = ap.parse_args()
