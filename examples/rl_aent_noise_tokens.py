@@ -29,7 +29,7 @@ Test of the claim: the naive bonus raises the noise mass above GRPO's and lowers
 (paired differences with 95 % intervals); AEnt's pass@1 is not below GRPO's and its noise mass
 stays below the naive bonus's. Measures as in ``rl_entropy_mechanism.py`` plus the noise mass.
 
-Run: ``python examples/rl_aent_noise_tokens.py [--seeds 5] [--steps 60] [--quick] [--out PATH]``
+Run: ``python examples/rl_aent_noise_tokens.py [--seeds 5] [--steps 40] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ ARMS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 6 steps")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_aent_noise_tokens.png"))
     args = ap.parse_args()

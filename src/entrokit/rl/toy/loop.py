@@ -215,10 +215,10 @@ def pass_at_k(n: int, c: torch.Tensor, k: int) -> torch.Tensor:
     if k > n:
         raise InputError(f"pass@k needs k <= n samples, got k={k}, n={n}.")
     c = c.double()
-    log_ratio = (torch.lgamma(n - c + 1) - torch.lgamma(n - c - k + 1).nan_to_num(posinf=math.inf)
-                 - math.lgamma(n + 1) + math.lgamma(n - k + 1))
-    out = 1.0 - torch.exp(log_ratio)
-    return torch.where(n - c < k, torch.ones_like(out), out)
+    short = n - c < k  # fewer than k wrong samples: every k-subset holds a correct one
+    rest = torch.where(short, torch.full_like(c, float(k)), n - c)  # keeps lgamma finite where unused
+    log_ratio = torch.lgamma(rest + 1) - torch.lgamma(rest - k + 1) - math.lgamma(n + 1) + math.lgamma(n - k + 1)
+    return torch.where(short, torch.ones_like(c), 1.0 - torch.exp(log_ratio))
 
 
 @torch.no_grad()
