@@ -137,3 +137,26 @@ def test_evaluate_noise_mass_by_hand():
     # 30 noise tokens of weight 1/3 against 10 digits of weight 1: noise mass 10 / 20
     assert m["noise_mass"] == pytest.approx(0.5, abs=1e-6)
     assert m["entropy"] == pytest.approx(-(10 * 0.05 * math.log(0.05) + 30 * (0.5 / 30) * math.log(0.5 / 30)), abs=1e-5)
+
+
+def test_a_controller_steers_the_bonus_inside_the_loop():
+    from entrokit.rl import SignController, clipped_surrogate, entropy_bonus
+
+    task = DigitSum(2)
+    pol = GRUPolicy(task.num_prompts, task.vocab_size + 1, task.vocab_size, 16, seed=0)
+    # target above log(10) = 2.30, the largest entropy a digit can have: the coefficient rises every step
+    ctrl = SignController(target=3.0, delta=0.01, coef_max=1.0)
+    seen = []
+
+    def objective(b):
+        pg, s = clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask)
+        eb, e = entropy_bonus(b.entropy, b.mask, ctrl.value)
+        if b.epoch == 0:
+            seen.append(float(e["entropy"]))
+            ctrl.step(e["entropy"])
+        return pg + eb, s
+
+    hist = train_grpo(pol, task, objective, steps=3, prompts_per_step=4, group_size=4, ppo_epochs=2,
+                      generator=torch.Generator().manual_seed(0))
+    assert ctrl.value == pytest.approx(0.03)
+    assert seen == pytest.approx(hist["entropy"])  # the loop logs the statistic the controller reads
