@@ -29,7 +29,10 @@ exist) and the per-step rollout entropy. Law: fitted per GRPO seed on the checkp
 10 steps, pass@1 and entropy from 16 samples per target). Every number is a mean over seeds
 with a 95 % t-interval; method - GRPO differences are paired by seed.
 
-Run: ``python examples/rl_entropy_mechanism.py [--seeds 5] [--steps 200] [--quick] [--out PATH]``
+``--cov-ratio r`` replaces both presets' token ratios by ``r`` (a test of scale: the official
+ratios touch 1-2 of the 1024 tokens of a toy batch); the claim (3) is about the official preset.
+
+Run: ``python examples/rl_entropy_mechanism.py [--seeds 5] [--steps 200] [--cov-ratio R] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -61,21 +64,25 @@ from entrokit.rl.toy.study import (  # noqa: E402
 fmt = functools.partial(format_ci95, digits=3, width=6)
 
 
-def clip_cov(g):
-    return lambda b: clip_cov_policy_loss(b.logp, b.old_logp, b.advantages, b.mask, preset="official", generator=g,
-                                          check_inputs=False)
+def make_arms(ratio: float | None = None) -> list[Arm]:
+    """GRPO, Clip-Cov and KL-Cov with the official preset, or with both ratios set to ``ratio``."""
+    tag = "official" if ratio is None else f"ratio {ratio:g}"
+
+    def clip_cov(g):
+        return lambda b: clip_cov_policy_loss(b.logp, b.old_logp, b.advantages, b.mask, preset="official",
+                                              ratio=ratio, generator=g, check_inputs=False)
+
+    def kl_cov(g):
+        return lambda b: kl_cov_policy_loss(b.logp, b.old_logp, b.advantages, b.mask, preset="official",
+                                            ratio=ratio, check_inputs=False)
+
+    return [
+        Arm("grpo", "GRPO", lambda g: grpo_objective(0.2), "tab:gray"),
+        Arm("clip_cov", f"Clip-Cov ({tag})", clip_cov, "tab:blue"),
+        Arm("kl_cov", f"KL-Cov ({tag})", kl_cov, "tab:green"),
+    ]
 
 
-def kl_cov(g):
-    return lambda b: kl_cov_policy_loss(b.logp, b.old_logp, b.advantages, b.mask, preset="official",
-                                        check_inputs=False)
-
-
-ARMS = [
-    Arm("grpo", "GRPO", lambda g: grpo_objective(0.2), "tab:gray"),
-    Arm("clip_cov", "Clip-Cov (official)", clip_cov, "tab:blue"),
-    Arm("kl_cov", "KL-Cov (official)", kl_cov, "tab:green"),
-]
 METRICS = ("pass@1", "pass@64", "coverage", "distinct", "entropy")
 
 
@@ -84,8 +91,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 12 steps")
+    ap.add_argument("--cov-ratio", type=float, default=None,
+                    help="share of tokens Clip-Cov and KL-Cov touch (default: the official preset's)")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_entropy_mechanism.png"))
     args = ap.parse_args()
+    arms = make_arms(args.cov_ratio)
     if args.quick:
         args.seeds, args.steps = 2, 12
     torch.set_num_threads(1)
@@ -93,10 +103,10 @@ def main() -> None:
     cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 64 if args.quick else 128,
            "k": 32 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
-    results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
+    results: dict[str, list[dict]] = {a.name: [] for a in arms}
     wall, cpu = time.perf_counter(), time.process_time()
     for seed in range(args.seeds):  # arms interleaved within each seed
-        for arm in ARMS:
+        for arm in arms:
             results[arm.name].append(run_arm(task, arm, seed, **cfg))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "
@@ -110,12 +120,12 @@ def main() -> None:
     names = [m if m != "pass@64" else f"pass@{k}" for m in METRICS]
     print(f"{'method':22s} " + " ".join(f"{m:>17s}" for m in names) + "   H_end/H_0")
     ratio = {}
-    for arm in ARMS:
+    for arm in arms:
         rs = results[arm.name]
         ratio[arm.name] = [r["final"]["entropy"] / r["init"]["entropy"] for r in rs]
         print(f"{arm.label:22s} " + " ".join(f"{fmt([r['final'][m] for r in rs]):>17s}" for m in names)
               + f"   {fmt(ratio[arm.name])}")
-    for arm in ARMS[1:]:
+    for arm in arms[1:]:
         print(f"paired {arm.label} - GRPO: " + ", ".join(
             f"{m} {fmt(paired_diff(results, arm.name, 'grpo', m))}" for m in names))
 
@@ -143,7 +153,7 @@ def main() -> None:
         f"(2) law fit R^2 {fmt(r2)}" + ("" if law_ok else " (below 0.8 or a <= 0)"),
         "(3) entropy >= 10x GRPO's: " + ", ".join(
             f"{n} {mean_ci95(keep[n])[0]:.1f}x{'' if keep_ok[n] else ' (lower bound < 10x)'}" for n in keep)
-        + (f" (the official ratios touch {touched['clip_cov']:.0f} and {touched['kl_cov']:.0f} of the {n_tok} tokens"
+        + (f" (the {'official' if args.cov_ratio is None else 'chosen'} ratios touch {touched['clip_cov']:.0f} and {touched['kl_cov']:.0f} of the {n_tok} tokens"
            " of a batch)" if not all(keep_ok.values()) else ""),
     ]
     n_ok = int(all(collapse)) + int(law_ok) + sum(keep_ok.values()) // 2
@@ -153,7 +163,7 @@ def main() -> None:
 
     plt.rcParams.update(FIGURE_STYLE)
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    plot_entropy_bands(axes[0], ARMS, results, title="Rollout entropy (mean, 95 % band)")
+    plot_entropy_bands(axes[0], arms, results, title="Rollout entropy (mean, 95 % band)")
     axes[0].legend(loc="lower left")
     ax = axes[1]
     for r in results["grpo"]:
@@ -166,8 +176,8 @@ def main() -> None:
     ax.set_ylabel("pass@1 (checkpoints)")
     ax.set_title("GRPO: pass@1 against entropy")
     ax.legend(loc="upper right")
-    plot_metric_bars(axes[2], ARMS, results, "pass@1", title="Final pass@1 (95 % CI)")
-    plot_metric_bars(axes[3], ARMS, results, "distinct", title="Distinct correct answers (95 % CI)")
+    plot_metric_bars(axes[2], arms, results, "pass@1", title="Final pass@1 (95 % CI)")
+    plot_metric_bars(axes[3], arms, results, "distinct", title="Distinct correct answers (95 % CI)")
     fig.suptitle(("[smoke run] " if args.quick else "") + f"Entropy mechanism on digit-sum: {args.seeds} seeds, "
                  f"{args.steps} GRPO steps", fontsize=11)
     fig.tight_layout()
