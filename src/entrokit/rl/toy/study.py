@@ -1,0 +1,119 @@
+"""Multi-seed studies on the toy tasks: run arms paired by seed, summarise with 95 %
+intervals, fit the entropy-performance law, and draw the reproductions' figures.
+
+Used by the ``examples/rl_*.py`` reproductions. Arms of one seed share the policy's initial
+weights and the first rollout's random stream, so differences between arms are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from entrokit.rl.toy.loop import GRUPolicy, Objective, evaluate, train_grpo
+
+__all__ = ["Arm", "run_arm", "fit_entropy_law", "paired_diff", "plot_entropy_bands", "plot_metric_bars"]
+
+
+@dataclass
+class Arm:
+    """One method of a study: ``make(generator) -> objective`` builds a fresh objective (and
+    its controller) for each seed. ``train`` overrides :func:`train_grpo`'s keywords."""
+
+    name: str
+    label: str
+    make: Callable[[torch.Generator], Objective]
+    color: str = "tab:gray"
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def _num_inputs(task: Any) -> int:
+    return getattr(task, "num_observations", None) or task.vocab_size + 1
+
+
+def run_arm(task: Any, arm: Arm, seed: int, *, steps: int, hidden: int = 128, eval_every: int = 10,
+            eval_samples: int = 16, final_samples: int = 128, k: int = 64,
+            init_policy: Callable[[GRUPolicy], None] | None = None, **train: Any) -> dict[str, Any]:
+    """Train one arm on one seed; returns ``init`` and ``final`` (:func:`evaluate` with
+    ``final_samples`` per prompt), ``history`` (per step) and ``checkpoints`` (``eval_every``
+    steps, pass@1 and entropy from ``eval_samples`` per prompt). ``init_policy`` edits the
+    fresh policy in place (e.g. a prior against noise tokens) before anything runs."""
+    policy = GRUPolicy(task.num_prompts, _num_inputs(task), task.vocab_size, hidden, seed=seed)
+    if init_policy is not None:
+        init_policy(policy)
+    g = torch.Generator().manual_seed(seed)
+    g_eval = torch.Generator().manual_seed(10**6 + seed)
+    init = evaluate(policy, task, samples=final_samples, k=k, generator=g_eval)
+    checkpoints = [{"step": 0, **evaluate(policy, task, samples=eval_samples, k=1, generator=g_eval)}]
+
+    def callback(step: int, row: dict[str, float]) -> None:
+        if (step + 1) % eval_every == 0:
+            checkpoints.append({"step": step + 1, **evaluate(policy, task, samples=eval_samples, k=1,
+                                                             generator=g_eval)})
+
+    kw = {**train, **arm.train}
+    hist = train_grpo(policy, task, arm.make(g), steps=steps, generator=g, callback=callback, **kw)
+    final = evaluate(policy, task, samples=final_samples, k=k, generator=g_eval)
+    return {"init": init, "final": final, "history": hist, "checkpoints": checkpoints}
+
+
+def fit_entropy_law(entropy: Sequence[float], reward: Sequence[float]) -> tuple[float, float, float]:
+    r"""Least-squares fit of :math:`R = -a\,e^{H} + b` (Cui et al. 2025, "The Entropy Mechanism
+    of RL for Reasoning LMs", Eq. 1); returns ``(a, b, R^2)``."""
+    x = np.exp(np.asarray(entropy, dtype=np.float64))
+    y = np.asarray(reward, dtype=np.float64)
+    design = np.stack([-x, np.ones_like(x)], 1)
+    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ np.array([a, b])
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return float(a), float(b), (1.0 - float((resid**2).sum()) / ss_tot) if ss_tot > 0 else math.nan
+
+
+def paired_diff(results: dict[str, list[dict]], arm: str, base: str, metric: str, where: str = "final") -> list[float]:
+    """Per-seed differences ``arm - base`` of ``metric`` (seeds in the same order)."""
+    return [a[where][metric] - b[where][metric] for a, b in zip(results[arm], results[base])]
+
+
+def plot_entropy_bands(ax, arms: Sequence[Arm], results: dict[str, list[dict]], *, key: str = "entropy",
+                       title: str = "Token entropy during training", log: bool = True) -> None:
+    """Mean over seeds of the per-step rollout entropy, with a 95 % t-band."""
+    from entrokit.plotting import mean_ci95
+
+    for arm in arms:
+        curves = np.array([r["history"][key] for r in results[arm.name]])
+        stats = [mean_ci95(curves[:, t]) for t in range(curves.shape[1])]
+        m = np.array([s[0] for s in stats])
+        h = np.nan_to_num(np.array([s[1] for s in stats]))
+        steps = np.arange(1, curves.shape[1] + 1)
+        ax.plot(steps, m, color=arm.color, label=arm.label)
+        ax.fill_between(steps, np.maximum(m - h, 1e-4), m + h, color=arm.color, alpha=0.2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("entropy (nats / token)")
+    ax.set_title(title)
+
+
+def plot_metric_bars(ax, arms: Sequence[Arm], results: dict[str, list[dict]], metric: str, *, title: str,
+                     init: bool = True) -> None:
+    """Final ``metric`` per arm, mean with its 95 % interval and the seeds as dots; the value
+    at initialisation as a dashed line."""
+    from entrokit.plotting import mean_ci95
+
+    for i, arm in enumerate(arms):
+        vals = [r["final"][metric] for r in results[arm.name]]
+        m, h = mean_ci95(vals)
+        ax.bar(i, m, yerr=0 if math.isnan(h) else h, color=arm.color, alpha=0.7, capsize=4)
+        ax.plot(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, "k.", ms=4)
+    if init:
+        first = results[arms[0].name]
+        ax.axhline(float(np.mean([r["init"][metric] for r in first])), color="k", ls="--", lw=1,
+                   label="at initialisation")
+        ax.legend(loc="best")
+    ax.set_xticks(range(len(arms)), [a.label for a in arms], rotation=20, ha="right")
+    ax.set_title(title)
