@@ -25,6 +25,10 @@ Methods (all selection on the noisy validation split, never on the test set):
 * ``ELR``: ELR (beta = 0.7, the paper's CIFAR-10 value) at the last epoch, with lambda chosen
   per seed from {1, 3, 7} (the paper's configs) by last-epoch noisy-validation accuracy.
 
+Memorisation (the fraction of the wrong train labels the model predicts) is printed at 1/4, 1/2,
+3/4 and all of the epochs, with its least-squares slope over the second half of training for
+ELR: a positive slope means ELR slows memorisation without stopping it.
+
 Prints each metric as mean ± 95 % Student-t interval over seeds, paired differences, and a
 verdict line; writes a three-panel figure.
 

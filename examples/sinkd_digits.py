@@ -20,7 +20,9 @@ MLP 64-256-256-10 (ReLU, dropout 0.2) trained with cross-entropy; students MLP 6
   would take the run past ten minutes; ``--grad implicit`` runs the exact one);
 * ``CE+KD+SinKD``: the released recipe's combination, KD as above plus beta SinKD.
 
-Student test accuracy, mean and 95% t-interval over seeds (the same split, teacher and
+Regime check: distillation can only be tested where it helps, i.e. where CE+KD beats the
+student trained alone (paired 95 % interval above 0); otherwise the verdict is "not
+testable here". Student test accuracy, mean and 95% t-interval over seeds (the same split, teacher and
 student initialisation for every method of a seed), and one verdict on the paper's claim
 (SinKD >= KL-KD) from the paired per-seed differences.
 
