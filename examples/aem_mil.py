@@ -42,8 +42,8 @@ reference code's batch size). Methods, identical except for the pooling / loss:
 * ``mean pooling``: a_n = 1/N (no attention network);
 * ``ABMIL``: lambda = 0;
 * ``AEM (0.1)``: lambda = 0.1, the value of the reference README's AEM command (the default
-  of ``--lamda`` in the reference ``main.py`` differs between released versions: 0.0, i.e.
-  ABMIL, in one, 0.1 in another);
+  lambda of the reference ``main.py`` differs between released versions: 0.0, i.e. ABMIL,
+  in one, 0.1 in another);
 * ``AEM (val)``: lambda chosen per seed from {0.001, 0.01, 0.1} by validation AUC.
 
 The entropy is computed from the attention *scores* (log-softmax path of
