@@ -18,7 +18,12 @@ Task (synthetic, generated in the script): sequences of T = 16 tokens over a voc
 token is prepended and the class is read from it, so the information has to pass through
 attention (counting needs broad, high-entropy attention). Model: 2 post-LN blocks, d = 32,
 4 heads, ReLU FFN 4d, learned positions; attention written out so its entropy can be
-measured. Adam(0.9, 0.999), batch 32, 200 steps. σReparam arm: the same initial model with
+measured. Broad attention solves this task, so on it a high entropy and success go together by
+construction: it can show that σReparam keeps training stable, not that collapse causes the
+failure (a task that needs sharp attention, such as retrieval, would be needed for that; a
+marker-retrieval variant tried on development seeds did not train in 200 steps even at the
+control learning rate, so it is not part of this reproduction). Adam(0.9, 0.999), batch 32,
+200 steps. σReparam arm: the same initial model with
 every Linear converted by ``convert_to_sigma_reparam`` (weights kept, gamma = sigma(W0), so
 both arms start from the same function and see the same batches).
 
@@ -29,7 +34,7 @@ collapsed layer (log T' = log 17 = 2.83 is uniform attention). There are no meth
 hyper-parameters to tune; the held-out sequences are never used for any choice. Numbers are
 means over seeds with 95 % t-intervals; failure counts are compared with Fisher's exact test.
 
-Run: ``python examples/sigma_reparam.py [--seeds 5] [--steps 200] [--quick] [--out PATH]``
+Run: ``python examples/sigma_reparam.py [--seeds 5] [--seed0 0] [--steps 200] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -164,6 +169,8 @@ def band(ax, xs, rows, color, label):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seed0", type=int, default=0,
+                    help="first seed (the committed numbers: 0; the second seed set: 100)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--arch", choices=("post", "pre", "none"), default="post",
                     help="LayerNorm placement: post-LN (default), pre-LN, or no LayerNorm")
@@ -179,18 +186,19 @@ def main() -> None:
     torch.set_num_threads(1)
     every = max(1, args.steps // 20)
     xe, ye = sample(1000, torch.Generator().manual_seed(777))  # held-out sequences
+    seeds = range(args.seed0, args.seed0 + args.seeds)
     t0 = time.time()
     res = {}
     for lr in lrs:
         for sigma in (False, True):
             res[(lr, sigma)] = [run(lr, sigma, s, args.steps, args.arch, args.reinit, xe, ye, every)
-                                for s in range(args.seeds)]
+                                for s in seeds]
             r = res[(lr, sigma)]
             print(f"lr={lr:<6g} {ARMS[sigma]:<9}: held-out acc " + " ".join(f"{x['acc']:.2f}" for x in r)
                   + f" | failed {sum(x['failed'] for x in r)}/{len(r)}  ({time.time() - t0:.0f} s)", flush=True)
 
     print(f"\n{args.arch}-LN transformer (L={L}, d={D}, H={H}, T={T}+CLS), Adam, no warm-up, {args.steps} steps, "
-          f"{args.seeds} seeds; held-out metrics, mean ± 95% t-interval over seeds")
+          f"{args.seeds} seeds ({args.seed0}+); held-out metrics, mean ± 95% t-interval over seeds")
     print(f"{'lr':<7} {'arm':<9} {'failed':>7} {'accuracy':>15} {'min attn entropy':>17} {'final attn entropy':>19}"
           f" {'median CE':>10}")
     for lr in lrs:
@@ -233,10 +241,13 @@ def main() -> None:
             how = ("loss turned non-finite" if n_nan == nb else
                    "loss stuck at chance level, never non-finite" if n_nan == 0 else
                    f"{n_nan} with a non-finite loss, the others stuck at chance level")
+            caveat = ("; on this counting task broad attention is the solution, so a high entropy and success go "
+                      "together by construction: the link between collapse and failure is a correlation here, "
+                      "not shown to be cause and effect")
             verdict = (f"reproduced: at lr={lr_star:g} without warm-up the {args.arch}-LN baseline fails in {nb}/{n} "
-                       f"seeds ({how}) with attention entropy collapsing to {eb[0]:.2f}, σReparam fails in "
+                       f"seeds ({how}) and its minimum attention entropy is {eb[0]:.2f}; σReparam fails in "
                        f"{ns}/{n} (p = {p:.2g}), keeps entropy at {es[0]:.2f} and gains {dm:+.2f} ± {dh:.2f} "
-                       f"accuracy{limit}")
+                       f"accuracy{limit}{caveat}")
         else:
             verdict = (f"not reproduced: at lr={lr_star:g} σReparam fails in {ns}/{n} seeds vs {nb}/{n} for the "
                        f"baseline (p = {p:.2g}), accuracy gain {dm:+.2f} ± {dh:.2f}{limit}")

@@ -28,6 +28,7 @@ def test_entropy_guided_attention_quick(tmp_path):
     verdicts = [line for line in proc.stdout.splitlines() if line.startswith("verdict: ")]
     assert len(verdicts) == 1, proc.stdout[-3000:]
     assert any(w in verdicts[0] for w in ("reproduced", "not testable", "no verdict")), verdicts[0]
+    assert "[--quick smoke run" in verdicts[0]
     assert "±" in proc.stdout  # metrics are printed as mean ± 95% interval
     assert out.is_file() and out.stat().st_size > 10_000
 

@@ -34,5 +34,6 @@ def test_example_quick_mode(script, tmp_path):
     verdicts = [line for line in proc.stdout.splitlines() if line.startswith("verdict:")]
     assert len(verdicts) == 1, proc.stdout[-3000:]
     assert "reproduced" in verdicts[0]  # "reproduced", "partly reproduced" or "not reproduced"
+    assert "[--quick smoke run" in verdicts[0]  # a quick verdict is never evidence
     assert out.is_file() and out.stat().st_size > 10_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

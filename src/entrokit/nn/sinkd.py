@@ -48,7 +48,9 @@ Gradients are exact by the envelope theorem.
 Because its marginals are ones, its plan is :math:`B` times the uniform one: at
 convergence ``legacy = 0.001 * B * default``, so its weight silently depends on the batch
 size (use ``weight = 0.001 * B`` in the default mode to match its scale at batch size
-``B``). The probability-domain iteration is kept only to reproduce the released numbers.
+``B``). The released versions differ in that factor: 0.001 in one version of ``loss.py``,
+``0.0008 * 20 / 8`` = 0.002 in another; ``legacy=True`` uses 0.001, ``weight=0.002`` the other.
+The probability-domain iteration is kept only to reproduce the released numbers.
 """
 
 from __future__ import annotations
