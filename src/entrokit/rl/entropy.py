@@ -474,7 +474,7 @@ class _LogprobEntropy(torch.autograd.Function):
                 if inv_t != 1.0:
                     dz.mul_(inv_t)
                 if need_h:
-                    gh[i : i + rows] += dz @ w_c
+                    gh[i : i + rows].addmm_(dz, w_c)  # in place: no (rows, d) temporary
                 if need_w:
                     gw_c.addmm_(dz.t(), h_rows)
                 if need_b:
