@@ -1,5 +1,5 @@
 """AEnt: clamped entropy with its controller against the naive bonus, with noise tokens
-===================================================================================
+====================================================================================
 
 When the action space holds many irrelevant tokens, does the naive entropy bonus spread
 probability onto them and lose accuracy, while AEnt's clamped entropy and its automatic

@@ -115,9 +115,6 @@ class ELRLoss(PerSampleLoss):
         reduction: ``"mean"`` (default; the paper's objective), ``"sum"`` or ``"none"``
             (per-sample ``CE_i + λ·log(1 − ⟨p_i, t_i⟩)``, shape ``[B]``).
         sync: distributed gathering: ``None`` (auto), ``True`` or ``False``.
-
-    ``lam``, ``beta``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are
-    set (at construction or later, e.g. ``loss_fn.beta = 0.9``), not on every call.
         check_inputs: value checks (force a device sync): labels and indices in range, and
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before any target is changed (under DDP on every
@@ -125,6 +122,9 @@ class ELRLoss(PerSampleLoss):
             such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
             logits are not): the targets are still never overwritten with
             non-finite values.
+
+    ``lam``, ``beta``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are
+    set (at construction or later, e.g. ``loss_fn.beta = 0.9``), not on every call.
 
     Shape:
         - logits: ``[B, C]``; labels: ``[B]`` (int); index: ``[B]`` (int).

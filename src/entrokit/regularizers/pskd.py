@@ -166,9 +166,6 @@ class PSKDLoss(PerSampleLoss):
         alpha_T: final self-teacher weight :math:`\alpha_T` (paper and code: 0.8).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         sync: distributed gathering: ``None`` (auto), ``True`` or ``False``.
-
-    ``alpha_T``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are set
-    (at construction or later), not on every call.
         check_inputs: value checks (force a device sync): labels and indices in range, and
             finite logits. A training batch whose logits contain NaN or inf then raises
             :class:`~entrokit.InputError` before ``predictions`` or ``seen`` change (under DDP
@@ -176,6 +173,9 @@ class PSKDLoss(PerSampleLoss):
             syncs and such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
             logits are not): the stored predictions are still never
             overwritten with non-finite values.
+
+    ``alpha_T``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are set
+    (at construction or later), not on every call.
 
     Shape:
         - logits ``[B, C]``, labels ``[B]``, index ``[B]``; output scalar (``[B]`` for
