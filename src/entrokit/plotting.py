@@ -98,7 +98,7 @@ def plot_time_to_tol(ax, runs, tol: float) -> None:
             ax.barh(y, t, height=h * 0.9, color=colors[r[1]], alpha=1.0 if conv else 0.35,
                     hatch=None if conv else "//", edgecolor="k" if t == best else colors[r[1]],
                     linewidth=1.5 if t == best else 0.5)
-            text = f"{_fmt_seconds(t)}, {_work_label(r[2])}"
+            text = f"{r[1]}: {_fmt_seconds(t)}, {_work_label(r[2])}"  # the label names the solver
             if not conv:
                 text += f": missed tol (error {float(r[2].marginal_error):.1e})"
             elif t == best:
@@ -115,8 +115,6 @@ def plot_time_to_tol(ax, runs, tol: float) -> None:
     ax.set_xlabel(f"wall time to L1 marginal error <= {tol:g} (s, log scale; shorter is better)")
     ax.set_title("Which solver at which eps? Time to tolerance")
     ax.grid(True, axis="x", which="major", alpha=0.3)
-    Patch = require("matplotlib.patches", "entrokit.plotting.plot_time_to_tol").Patch
-    ax.legend(handles=[Patch(color=colors[m], label=m) for m in methods], loc="upper right", title="solver")
 
 
 def plot_demo(runs, a: torch.Tensor, b: torch.Tensor, size: int, *, tol: float = 1e-6,
