@@ -140,7 +140,7 @@ def test_batched_reductions_and_cost_bounds_match_dense(kdevice):
     assert_close(lo, C.amin(-1), 1e-14)
     assert_close(hi, C.amax(-1), 1e-14)
     # the bounds survive reshape/detach, and a non-finite coordinate gives NaN bounds
-    carried = geom.reshape_batch((3, 1)).detach().__dict__.get("_keops_bounds")
+    carried = geom.reshape_batch((3, 1)).detach().__dict__.get("_bounds")
     assert carried is not None and carried[1][0].shape == (3, 1)
     x_bad = x.clone()
     x_bad[1, 0, 0] = float("inf")
@@ -233,7 +233,7 @@ def test_geometry_plumbing_keeps_the_class_and_options():
     ("kwargs", "match"),
     [
         ({"cost": lambda x, y: torch.cdist(x, y)}, r"Use PointCloud\(x, y, cost\)"),
-        ({"cost": "cosine"}, r"'sqeuclidean', 'euclidean' or 'pnorm'.*got 'cosine'"),
+        ({"cost": "cosine"}, r"'sqeuclidean', 'euclidean', 'pnorm'.*got 'cosine'"),
         ({"cost": "pnorm"}, r"cost='pnorm' needs the exponent p"),
         ({"cost": "pnorm", "p": 0.5}, r"needs a finite exponent p >= 1.*got p=0.5"),
         ({"cost": "pnorm", "p": float("nan")}, r"needs a finite exponent p >= 1"),

@@ -1,4 +1,13 @@
-r"""Tiled (online) reductions of a point-cloud cost: the full ``n x m`` matrix is never stored.
+r"""The tiling engine: every reduction of a point-cloud cost computed tile by tile, so the
+full ``n x m`` matrix is never stored.
+
+One tile table (:data:`TILES`, by device) and one tile loop (:func:`tiles`) serve the
+soft-min (:func:`lse_online`, differentiable: :func:`online_lse`), the plan products and
+sums (:func:`plan_pass`: ``P V``, ``P^T U``, :math:`\langle C, P\rangle`), the cost bounds
+(:func:`cost_bounds`) and the autograd variants (:class:`_OnlineLSE`, the checkpointed
+:func:`checkpointed_plan`, and the custom backward of
+:class:`~entrokit.geometry.pointcloud.PointCloud`'s plan); ``chunk_size`` of a point
+cloud is the number of rows of a tile everywhere.
 
 The soft-min along ``axis=1`` is, per row :math:`i`,
 
@@ -11,7 +20,7 @@ computed tile by tile: a tile of rows against a block of columns gives a partial
 the column blocks are merged exactly. ``axis=0`` is the same computation with the roles
 of ``x`` and ``y`` swapped.
 
-**Squared Euclidean tiles** use the matmul expansion. With the points centred (the cost
+**Squared Euclidean tiles** use the matmul expansion (:func:`entrokit.geometry.costs.expand`). With the points centred (the cost
 is translation invariant, and centring keeps the expansion's cancellation at the scale
 of the cloud's radius :math:`R` rather than of its distance to the origin),
 
@@ -25,6 +34,13 @@ sum-exp; the row constant :math:`-\|x_i\|^2/\varepsilon` is added to the merged 
 exactly. The rounding error of :math:`z` is about :math:`4R^2 u/\varepsilon` (``u`` the
 unit roundoff); when that exceeds :data:`_MAX_EXPONENT_ERROR` in float32, the tiles are
 computed in float64 instead (:func:`needs_wide_tiles`).
+
+**Plan sums in one pass.** Row sums, column sums and :math:`\langle C, P\rangle` are one
+pass of plan products. For the squared Euclidean cost, with centred points
+:math:`\tilde x, \tilde y`, :math:`\langle C, P\rangle = \sum_i r_i\|\tilde x_i\|^2 +
+\sum_j c_j\|\tilde y_j\|^2 - 2\langle \tilde x, P\tilde y\rangle`, so the pass computes
+:math:`P\,[\mathbf 1, \tilde y]` and :math:`P^\top\mathbf 1` only; other costs add
+:math:`\sum_{ij} P_{ij}C_{ij}` tile by tile.
 
 **Gradients** (:class:`_OnlineLSE`) are recomputed tile by tile in backward, so memory
 stays :math:`O(n + m)`: with :math:`p_{ij} = e^{z_{ij} - \operatorname{lse}_i}` and the
@@ -52,44 +68,62 @@ import warnings
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from entrokit.geometry.base import combine_lse, exp_floor
+from entrokit.geometry.base import combine_lse, exp_floor, plan_block
+from entrokit.geometry.costs import Cost, SqEuclidean, centre, expand, ieee_matmul
 
-# Tiles hold about this many entries: 4 MiB in float32 on CPU (they stay in cache); on a
-# GPU, 256 MiB (enough work per launch to hide the launch latency).
-TILE_ENTRIES = {"cpu": 1 << 20, "cuda": 1 << 26}
-# Column blocks are at most this wide (the row block is TILE_ENTRIES // width).
-MAX_TILE_COLS = {"cpu": 4096, "cuda": 1 << 16}
+__all__ = ["TILES", "tile_entries", "tiles", "use_compiled", "radius_sq", "needs_wide_tiles", "Pass",
+           "lse_online", "online_lse", "plan_pass", "plan_products", "checkpointed_plan", "cost_bounds",
+           "ieee_matmul"]
+
+# The one tile table: (entries per tile, widest column block) by device. On CPU 4 MiB in
+# float32 (tiles stay in cache); on a GPU 256 MiB (enough work per launch to hide the
+# launch latency).
+TILES = {"cpu": (1 << 20, 4096), "cuda": (1 << 26, 1 << 16)}
 # "auto" compiles the tile kernel for passes of at least this many entries.
 COMPILE_MIN_ENTRIES = 1 << 24
 # Largest tolerated rounding error of a float32 exponent before tiles go to float64.
 _MAX_EXPONENT_ERROR = 1e-4
 
-CostTile = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+def _kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
 
 
-class ieee_matmul:
-    r"""Context: float32 matmuls in full precision on CUDA even where the user enabled TF32
-    (a TF32 product rounds ``x . y`` to 10 bits, an exponent error of about
-    :math:`10^{-3} R^2/\varepsilon`, far above any useful tolerance). No-op on CPU."""
+def tile_entries(device: torch.device) -> int:
+    """Entries of one tile on ``device`` (:data:`TILES`): the block size of every tiled loop
+    of the geometry package."""
+    return TILES[_kind(device)][0]
 
-    def __init__(self, device: torch.device):
-        self.active = device.type == "cuda"
 
-    def __enter__(self):
-        if self.active:
-            self.saved = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
+def tile_shape(m: int, device: torch.device, rows: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of a tile against ``m`` columns (``rows``, a point cloud's
+    ``chunk_size``, overrides the default)."""
+    entries, max_cols = TILES[_kind(device)]
+    cols = min(max(m, 1), max_cols)
+    return rows or max(16, entries // cols), cols
 
-    def __exit__(self, *exc):
-        if self.active:
-            torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+def tiles(n: int, m: int, device: torch.device, rows: int | None = None):
+    """The tile loop: ``(r0, r1, c0, c1)`` row-major over an ``n x m`` pass."""
+    tr, tc = tile_shape(m, device, rows)
+    for r0 in range(0, n, tr):
+        for c0 in range(0, m, tc):
+            yield r0, min(r0 + tr, n), c0, min(c0 + tc, m)
+
+
+def _row_blocks(n: int, m: int, device: torch.device, rows: int | None = None):
+    """Row blocks ``(r0, r1)`` and the column blocks ``[(c0, c1), ...]`` of :func:`tiles`."""
+    tr, tc = tile_shape(m, device, rows)
+    cols = [(c0, min(c0 + tc, m)) for c0 in range(0, m, tc)]
+    return [(r0, min(r0 + tr, n)) for r0 in range(0, n, tr)], cols
 
 
 def radius_sq(x: torch.Tensor, y: torch.Tensor) -> float:
     """Largest squared norm of the centred points (one host sync; cached by the geometry)."""
-    centre = 0.5 * (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True))
-    return max(float((x - centre).pow(2).sum(-1).max()), float((y - centre).pow(2).sum(-1).max()))
+    xc, yc = centre(x, y)
+    return max(float(xc.pow(2).sum(-1).max()), float(yc.pow(2).sum(-1).max()))
 
 
 def needs_wide_tiles(radius_sq: float, eps: float, dtype: torch.dtype) -> bool:
@@ -100,17 +134,17 @@ def needs_wide_tiles(radius_sq: float, eps: float, dtype: torch.dtype) -> bool:
     return 4.0 * radius_sq * torch.finfo(torch.float32).eps / eps > _MAX_EXPONENT_ERROR
 
 
-def _lse_tile_sq(xs: torch.Tensor, y: torch.Tensor, u: torch.Tensor, floor: float):
-    """Partial pair of ``z = u_j + xs_i . y_j`` along the columns (the squared Euclidean tile)."""
-    return _tile_pair(torch.baddbmm(u.unsqueeze(-2), xs, y.transpose(-1, -2)), floor)
-
-
 def _tile_pair(z: torch.Tensor, floor: float):
     """``(max, sum exp(z - max))`` along the last axis; ``z`` is a temporary (overwritten)."""
     mx = z.amax(-1, keepdim=True)
     empty = mx == -math.inf
     s = z.sub_(mx.masked_fill(empty, 0.0)).clamp_min_(floor).exp_().sum(-1)
     return mx.squeeze(-1), s.masked_fill(empty.squeeze(-1), 0.0)
+
+
+def _lse_tile_sq(xs: torch.Tensor, y: torch.Tensor, u: torch.Tensor, floor: float):
+    """Partial pair of ``z = u_j + xs_i . y_j`` along the columns (the squared Euclidean tile)."""
+    return _tile_pair(expand(xs, y, u, 1.0), floor)
 
 
 def _lse_tile_cost(C: torch.Tensor, hw: torch.Tensor, eps: float, floor: float):
@@ -141,7 +175,7 @@ def use_compiled(kernel: str, entries: int) -> bool:
 
 def _run_tile(name: str, fn: Callable, compiled: bool, *args):
     global _compile_failed
-    if compiled:
+    if compiled and not _compile_failed:
         try:
             return _compiled_tile(name, fn)(*args)
         except Exception as err:  # no C++ compiler, unsupported backend, ...
@@ -154,77 +188,62 @@ def _run_tile(name: str, fn: Callable, compiled: bool, *args):
     return fn(*args)
 
 
-def tile_rows(m: int, device: torch.device, rows: int | None = None) -> tuple[int, int]:
-    """``(rows, cols)`` of a tile against ``m`` columns (``rows`` overrides the default)."""
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    cols = min(max(m, 1), MAX_TILE_COLS[kind])
-    return rows or max(16, TILE_ENTRIES[kind] // cols), cols
+class Pass:
+    """The points of one pass as the tiles take them: centred for a translation-invariant
+    cost (:meth:`Cost.prepare`) and, for the squared Euclidean expansion, widened to float64
+    with ``wide`` and with their squared norms. ``transpose`` swaps the roles (rows are
+    ``y``): the tile is then :meth:`Cost.tile_t`."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, cost: Cost, wide: bool = False, transpose: bool = False):
+        self.sq = isinstance(cost, SqEuclidean)
+        self.cost, self.transpose = cost, transpose
+        xp, yp = cost.prepare(x, y)
+        work = torch.float64 if (wide and self.sq) else x.dtype
+        self.x, self.y = xp.to(work), yp.to(work)
+        self.dtype = work
+        if self.sq:
+            self.x_sq, self.y_sq = self.x.pow(2).sum(-1), self.y.pow(2).sum(-1)
+
+    def cost_tile(self, x_t: torch.Tensor, y_c: torch.Tensor) -> torch.Tensor:
+        """``C`` on a tile of rows ``x_t`` and columns ``y_c`` (of this pass's points)."""
+        return self.cost.tile_t(x_t, y_c) if self.transpose else self.cost.tile(x_t, y_c)
+
+    def log_plan(self, r0, r1, c0, c1, row, col, eps: float) -> torch.Tensor:
+        r""":math:`(\text{row}_i + \text{col}_j - C_{ij})/\varepsilon` on one tile (matmul
+        expansion for the squared Euclidean cost)."""
+        x_t, y_c = self.x[..., r0:r1, :], self.y[..., c0:c1, :]
+        if self.sq:
+            return expand(x_t, y_c, (col[..., c0:c1] - self.y_sq[..., c0:c1]) / eps, 2.0 / eps,
+                          (row[..., r0:r1] - self.x_sq[..., r0:r1]) / eps)
+        return (row[..., r0:r1].unsqueeze(-1) + col[..., c0:c1].unsqueeze(-2) - self.cost_tile(x_t, y_c)) / eps
 
 
-class SqEuclideanTiles:
-    """Centred, optionally widened points of a squared-Euclidean cost, shared by every
-    tile of a pass (module docstring)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, wide: bool):
-        work = torch.float64 if wide else x.dtype
-        centre = 0.5 * (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True))
-        self.x = (x - centre).to(work)
-        self.y = (y - centre).to(work)
-        self.x_sq = self.x.pow(2).sum(-1)
-        self.y_sq = self.y.pow(2).sum(-1)
-        self.dtype = x.dtype
-
-
-def lse_online(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    hw: torch.Tensor,
-    eps: float,
-    cost_tile: CostTile | None,
-    compiled: bool,
-    row_tile: int | None = None,
-    wide: bool = False,
-) -> torch.Tensor:
+def lse_online(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,
+               wide: bool = False, transpose: bool = False) -> torch.Tensor:
     r"""Full log-sum-exp along the columns, ``(B, n)``, of
-    :math:`z_{ij} = (hw_j - C(x_i, y_j))/\varepsilon` with ``hw = h + eps log w``.
-
-    ``cost_tile=None`` is the squared Euclidean cost (matmul expansion); otherwise
-    ``cost_tile(x_rows, y_cols)`` gives a cost tile; ``wide`` computes squared-Euclidean
-    float32 tiles in float64 (:func:`needs_wide_tiles`). No autograd (see :class:`_OnlineLSE`).
-    """
+    :math:`z_{ij} = (hw_j - C(x_i, y_j))/\varepsilon` with ``hw = h + eps log w``
+    (``transpose``: the cost is :math:`C(y_j, x_i)`). No autograd (:func:`online_lse`)."""
     with ieee_matmul(x.device):
-        return _lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide)
-
-
-def _lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide):
-    # outputs are preallocated and filled in place: small long-lived tensors allocated
-    # between tiles would pin the freed tile buffers and grow the CPU heap with n
-    n, m = x.shape[-2], y.shape[-2]
-    rows, cols = tile_rows(m, x.device, row_tile)
-    floor = exp_floor(x.dtype)
-    if cost_tile is None:
-        t = SqEuclideanTiles(x, y, wide)
-        xs = t.x * (2.0 / eps)
-        u = (hw.to(t.x.dtype) - t.y_sq) / eps
-        floor = exp_floor(t.x.dtype)
-        out = torch.empty(*x.shape[:-1], dtype=t.x.dtype, device=x.device)
-        for r0 in range(0, n, rows):
-            mx, s = _merged(
-                _run_tile("sq", _lse_tile_sq, compiled, xs[..., r0:r0 + rows, :], t.y[..., c0:c0 + cols, :],
-                          u[..., c0:c0 + cols], floor)
-                for c0 in range(0, m, cols)
-            )
-            out[..., r0:r0 + rows] = mx + torch.log(s) - t.x_sq[..., r0:r0 + rows] / eps
-        return out.to(x.dtype)
-    out = torch.empty(*x.shape[:-1], dtype=x.dtype, device=x.device)
-    for r0 in range(0, n, rows):
-        mx, s = _merged(
-            _run_tile("cost", _lse_tile_cost, compiled, cost_tile(x[..., r0:r0 + rows, :], y[..., c0:c0 + cols, :]),
-                      hw[..., c0:c0 + cols], eps, floor)
-            for c0 in range(0, m, cols)
-        )
-        out[..., r0:r0 + rows] = mx + torch.log(s)
-    return out
+        t = Pass(x, y, cost, wide, transpose)
+        # outputs are preallocated and filled in place: small long-lived tensors allocated
+        # between tiles would pin the freed tile buffers and grow the CPU heap with n
+        out = torch.empty(*x.shape[:-1], dtype=t.dtype, device=x.device)
+        floor = exp_floor(t.dtype)
+        hw = hw.to(t.dtype)
+        rows, cols = _row_blocks(x.shape[-2], y.shape[-2], x.device, row_tile)
+        if t.sq:
+            xs, u = t.x * (2.0 / eps), (hw - t.y_sq) / eps
+            for r0, r1 in rows:
+                mx, s = _merged(_run_tile("sq", _lse_tile_sq, compiled, xs[..., r0:r1, :], t.y[..., c0:c1, :],
+                                          u[..., c0:c1], floor) for c0, c1 in cols)
+                out[..., r0:r1] = mx + torch.log(s) - t.x_sq[..., r0:r1] / eps
+            return out.to(x.dtype)
+        for r0, r1 in rows:
+            mx, s = _merged(_run_tile("cost", _lse_tile_cost, compiled,
+                                      t.cost_tile(t.x[..., r0:r1, :], t.y[..., c0:c1, :]), hw[..., c0:c1], eps, floor)
+                            for c0, c1 in cols)
+            out[..., r0:r1] = mx + torch.log(s)
+        return out
 
 
 def _merged(pairs):
@@ -236,21 +255,14 @@ def _merged(pairs):
     return acc
 
 
-def _tile_softmax_weights(x_t, y_c, hw_c, lse_t, gamma_t, eps, cost_tile, sq):
-    """``gamma_i * p_ij`` of one tile, ``p_ij = exp(z_ij - lse_i)``."""
-    z = log_plan_tile(x_t, y_c, torch.zeros_like(lse_t), hw_c, eps, cost_tile, sq)
-    p = torch.exp((z - lse_t.unsqueeze(-1)).clamp_min(exp_floor(z.dtype)))
-    return p * gamma_t.unsqueeze(-1)
-
-
 class _OnlineLSE(torch.autograd.Function):
     """Differentiable :func:`lse_online` with tile-by-tile recomputation in backward."""
 
     @staticmethod
-    def forward(ctx, x, y, hw, eps, cost_tile, compiled, row_tile, wide):
-        lse = lse_online(x.detach(), y.detach(), hw.detach(), eps, cost_tile, compiled, row_tile, wide)
+    def forward(ctx, x, y, hw, eps, cost, compiled, row_tile, wide, transpose):
+        lse = lse_online(x.detach(), y.detach(), hw.detach(), eps, cost, compiled, row_tile, wide, transpose)
         ctx.save_for_backward(x, y, hw, lse)
-        ctx.eps, ctx.cost_tile, ctx.row_tile, ctx.wide = eps, cost_tile, row_tile, wide
+        ctx.eps, ctx.cost, ctx.row_tile, ctx.wide, ctx.transpose = eps, cost, row_tile, wide, transpose
         return lse
 
     @staticmethod
@@ -262,106 +274,169 @@ class _OnlineLSE(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, gamma):
         x, y, hw, lse = ctx.saved_tensors
-        eps, cost_tile = ctx.eps, ctx.cost_tile
+        eps = ctx.eps
         need_x, need_y, need_h = ctx.needs_input_grad[:3]
-        n, m = x.shape[-2], y.shape[-2]
-        rows, cols = tile_rows(m, x.device, ctx.row_tile)
         gx = torch.zeros_like(x) if need_x else None
         gy = torch.zeros_like(y) if need_y else None
         gh = torch.zeros_like(hw) if need_h else None
-        if cost_tile is None:
-            sq = SqEuclideanTiles(x.detach(), y.detach(), ctx.wide)
-            xw, yw = sq.x, sq.y
-        else:
-            sq, xw, yw = None, x.detach(), y.detach()
-        hw_w, lse_w, gamma_w = hw.detach().to(xw.dtype), lse.to(xw.dtype), gamma.to(xw.dtype)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            for c0 in range(0, m, cols):
-                c1 = min(c0 + cols, m)
-                x_t, y_c = xw[..., r0:r1, :], yw[..., c0:c1, :]
-                if cost_tile is None or not (need_x or need_y):
-                    q = _tile_softmax_weights(x_t, y_c, hw_w[..., c0:c1], lse_w[..., r0:r1],
-                                              gamma_w[..., r0:r1], eps, cost_tile, sq)
-                    if need_h:
-                        gh[..., c0:c1] += (q.sum(-2) / eps).to(gh.dtype)
-                    if need_x:
-                        # grad_x_i = -(2/eps)(x_i sum_j q_ij - sum_j q_ij y_j)
-                        gx[..., r0:r1, :] += (-(2.0 / eps) * (x_t * q.sum(-1, keepdim=True) - torch.matmul(q, y_c))).to(gx.dtype)
-                    if need_y:
-                        gy[..., c0:c1, :] += (-(2.0 / eps) * (y_c * q.sum(-2).unsqueeze(-1) - torch.matmul(q.transpose(-1, -2), x_t))).to(gy.dtype)
-                    continue
-                with torch.enable_grad():
-                    xt = x_t.detach().requires_grad_(need_x)
-                    yc = y_c.detach().requires_grad_(need_y)
-                    C = cost_tile(xt, yc)
-                    z = (hw_w[..., c0:c1].unsqueeze(-2) - C.detach()) / eps
-                    q = torch.exp((z - lse_w[..., r0:r1].unsqueeze(-1)).clamp_min(exp_floor(z.dtype)))
-                    q = q * gamma_w[..., r0:r1].unsqueeze(-1)
-                    if need_h:
-                        gh[..., c0:c1] += q.sum(-2) / eps
-                    inputs = [t_ for t_, need in ((xt, need_x), (yc, need_y)) if need]
-                    grads = torch.autograd.grad(C, inputs, grad_outputs=-q / eps, allow_unused=True)
-                grads = list(grads)
+        t = Pass(x.detach(), y.detach(), ctx.cost, ctx.wide, ctx.transpose)
+        hw_w, lse_w, gamma_w = hw.detach().to(t.dtype), lse.to(t.dtype), gamma.to(t.dtype)
+        floor = exp_floor(t.dtype)
+        zero = torch.zeros_like(lse_w)
+        for r0, r1, c0, c1 in tiles(x.shape[-2], y.shape[-2], x.device, ctx.row_tile):
+            x_t, y_c = t.x[..., r0:r1, :], t.y[..., c0:c1, :]
+            if t.sq or not (need_x or need_y):
+                # q_ij = gamma_i p_ij, p_ij = exp(z_ij - lse_i)
+                z = t.log_plan(r0, r1, c0, c1, zero, hw_w, eps)
+                q = torch.exp((z - lse_w[..., r0:r1].unsqueeze(-1)).clamp_min(floor)) * gamma_w[..., r0:r1].unsqueeze(-1)
+                if need_h:
+                    gh[..., c0:c1] += (q.sum(-2) / eps).to(gh.dtype)
+                # C_ij = |x_i - y_j|^2: grad_x_i = -(2/eps)(x_i sum_j q_ij - sum_j q_ij y_j)
                 if need_x:
-                    g_ = grads.pop(0)
-                    if g_ is not None:
-                        gx[..., r0:r1, :] += g_
+                    gx[..., r0:r1, :] += (-(2.0 / eps) * (x_t * q.sum(-1, keepdim=True) - torch.matmul(q, y_c))).to(gx.dtype)
                 if need_y:
-                    g_ = grads.pop(0)
-                    if g_ is not None:
-                        gy[..., c0:c1, :] += g_
-        return gx, gy, gh, None, None, None, None, None
+                    gy[..., c0:c1, :] += (-(2.0 / eps) * (y_c * q.sum(-2).unsqueeze(-1)
+                                                          - torch.matmul(q.transpose(-1, -2), x_t))).to(gy.dtype)
+                continue
+            with torch.enable_grad():
+                xt, yc = x_t.detach().requires_grad_(need_x), y_c.detach().requires_grad_(need_y)
+                C = t.cost_tile(xt, yc)
+                z = (hw_w[..., c0:c1].unsqueeze(-2) - C.detach()) / eps
+                q = torch.exp((z - lse_w[..., r0:r1].unsqueeze(-1)).clamp_min(floor)) * gamma_w[..., r0:r1].unsqueeze(-1)
+                if need_h:
+                    gh[..., c0:c1] += q.sum(-2) / eps
+                inputs = [v for v, need in ((xt, need_x), (yc, need_y)) if need]
+                grads = list(torch.autograd.grad(C, inputs, grad_outputs=-q / eps, allow_unused=True))
+            if need_x and (g_ := grads.pop(0)) is not None:
+                gx[..., r0:r1, :] += g_
+            if need_y and (g_ := grads.pop(0)) is not None:
+                gy[..., c0:c1, :] += g_
+        return gx, gy, gh, None, None, None, None, None, None
 
 
-def online_lse(x, y, hw, eps: float, cost_tile: CostTile | None, compiled: bool,
-               row_tile: int | None = None, wide: bool = False) -> torch.Tensor:
+def online_lse(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,
+               wide: bool = False, transpose: bool = False) -> torch.Tensor:
     """:func:`lse_online`, differentiable in ``x``, ``y`` and ``hw`` in :math:`O(n+m)` memory
     (first order: the backward recomputes the tiles and is not itself differentiable)."""
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or hw.requires_grad):
-        return _OnlineLSE.apply(x, y, hw, eps, cost_tile, compiled, row_tile, wide)
-    return lse_online(x, y, hw, eps, cost_tile, compiled, row_tile, wide)
+        return _OnlineLSE.apply(x, y, hw, eps, cost, compiled, row_tile, wide, transpose)
+    return lse_online(x, y, hw, eps, cost, compiled, row_tile, wide, transpose)
 
 
-def log_plan_tile(x_t, y_c, row_t, col_c, eps, cost_tile, sq: SqEuclideanTiles | None):
-    r"""``log P`` on one tile: :math:`(\text{row}_i + \text{col}_j - C_{ij})/\varepsilon`, where
-    ``row = f + eps log a`` and ``col = g + eps log b`` (matmul expansion for the squared
-    Euclidean cost; ``x_t, y_c`` are then the centred points of ``sq``)."""
-    if sq is not None:
-        z = torch.baddbmm(((col_c.to(x_t.dtype) - y_c.pow(2).sum(-1)) / eps).unsqueeze(-2), x_t * (2.0 / eps),
-                          y_c.transpose(-1, -2))
-        return z + ((row_t.to(x_t.dtype) - x_t.pow(2).sum(-1)) / eps).unsqueeze(-1)
-    return (row_t.unsqueeze(-1) + col_c.unsqueeze(-2) - cost_tile(x_t, y_c)) / eps
+def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, with_cost: bool = False, row_tile=None,
+              accumulate: torch.dtype | None = None, round_to: torch.dtype | None = None):
+    r"""``(P V, P^T U, sum_ij P_ij C_ij)`` in one pass over the tiles of ``t``, for
+    :math:`P_{ij} = \exp((\text{row}_i + \text{col}_j - C_{ij})/\varepsilon)` (``row = f + eps
+    log a``, ``col = g + eps log b``; zero weights: ``-inf``, exactly 0). ``V (B, m, k)``,
+    ``U (B, n, k)`` or ``None``; ``with_cost`` adds the tile sums of :math:`P\odot C` (``None``
+    otherwise). Entries are formed in the working dtype, rounded to ``round_to`` if given,
+    and summed in ``accumulate`` (default: the working dtype). No autograd."""
+    x, dev = t.x, t.x.device
+    n, m = x.shape[-2], t.y.shape[-2]
+    acc = accumulate or t.dtype
+    row, col = row.to(t.dtype), col.to(t.dtype)
+    PV = None if V is None else torch.zeros(*V.shape[:-2], n, V.shape[-1], dtype=acc, device=dev)
+    PTU = None if U is None else torch.zeros(*U.shape[:-2], m, U.shape[-1], dtype=acc, device=dev)
+    V = None if V is None else V.to(acc)
+    U = None if U is None else U.to(acc)
+    tc = torch.zeros(x.shape[:-2], dtype=acc, device=dev) if with_cost else None
+    floor = exp_floor(t.dtype)
+    with ieee_matmul(dev):
+        for r0, r1, c0, c1 in tiles(n, m, dev, row_tile):
+            P = t.log_plan(r0, r1, c0, c1, row, col, eps).clamp_min_(floor).exp_()
+            if round_to is not None:
+                P = P.to(round_to)
+            P = P.to(acc)
+            if PV is not None:
+                PV[..., r0:r1, :] += torch.matmul(P, V[..., c0:c1, :])
+            if PTU is not None:
+                PTU[..., c0:c1, :] += torch.matmul(P.transpose(-1, -2), U[..., r0:r1, :])
+            if with_cost:
+                tc += (P * t.cost_tile(t.x[..., r0:r1, :], t.y[..., c0:c1, :]).to(acc)).sum((-2, -1))
+    return PV, PTU, tc
 
 
-def plan_products(x, y, row, col, eps: float, V, U, cost_tile: CostTile | None,
-                  row_tile: int | None = None, wide: bool = False):
-    r"""``(P V, P^T U)`` in one pass over the tiles, for
-    :math:`P_{ij} = \exp((\text{row}_i + \text{col}_j - C_{ij})/\varepsilon)` with
-    ``row = f + eps log a``, ``col = g + eps log b`` (zero weights: ``-inf``, exactly 0).
+def plan_products(x, y, row, col, eps: float, V, U, cost: Cost, row_tile: int | None = None, wide: bool = False):
+    """``(P V, P^T U)`` of :func:`plan_pass` for the points ``x, y`` (results in ``V``'s,
+    else ``U``'s, dtype)."""
+    PV, PTU, _ = plan_pass(Pass(x, y, cost, wide), row, col, eps, V, U, row_tile=row_tile)
+    out_dtype = V.dtype if V is not None else (U.dtype if U is not None else x.dtype)
+    return (None if PV is None else PV.to(out_dtype)), (None if PTU is None else PTU.to(out_dtype))
 
-    ``V``: ``(B, m, k)`` or ``None``; ``U``: ``(B, n, k)`` or ``None``. No autograd: callers
-    that differentiate through the plan use the per-chunk autograd path.
-    """
+
+def plan_sums(x, y, row, col, eps: float, cost: Cost, row_tile: int | None = None, wide: bool = False, *,
+              accumulate: torch.dtype | None = None, round_to: torch.dtype | None = None):
+    r"""Row sums, column sums and :math:`\langle C, P\rangle` of :func:`plan_pass`'s plan in
+    one pass (module docstring: the squared Euclidean cost reads :math:`\langle C, P\rangle`
+    from :math:`P[\mathbf 1, \tilde y]`). Results in ``accumulate`` (default ``x``'s dtype)."""
+    t = Pass(x, y, cost, wide)
+    out = accumulate or x.dtype
+    ones_m = torch.ones(*t.y.shape[:-1], 1, dtype=t.dtype, device=x.device)
+    ones_n = torch.ones(*t.x.shape[:-1], 1, dtype=t.dtype, device=x.device)
+    V = torch.cat([ones_m, t.y], -1) if t.sq else ones_m
+    PV, PTU, tc = plan_pass(t, row, col, eps, V, ones_n, with_cost=not t.sq, row_tile=row_tile,
+                            accumulate=accumulate, round_to=round_to)
+    r, c = PV[..., 0], PTU[..., 0]
+    if t.sq:
+        # <C, P> = sum_i r_i |x_i|^2 + sum_j c_j |y_j|^2 - 2 <x, P y> (centred points, float64)
+        d = torch.float64
+        tc = ((r.to(d) * t.x_sq.to(d)).sum(-1) + (c.to(d) * t.y_sq.to(d)).sum(-1)
+              - 2.0 * (t.x.to(d) * PV[..., 1:].to(d)).sum((-2, -1)))
+    return r.to(out), c.to(out), tc.to(out)
+
+
+def cost_bounds(x, y, cost: Cost, row_tile: int | None = None):
+    """``(min C, max C)`` over the batch axes of ``x``, one tile at a time (NaN propagates)."""
+    t = Pass(x, y, cost)
+    lo = torch.full(x.shape[:-2], float("inf"), dtype=x.dtype, device=x.device)
+    hi = torch.full(x.shape[:-2], -float("inf"), dtype=x.dtype, device=x.device)
     with ieee_matmul(x.device):
-        n, m = x.shape[-2], y.shape[-2]
-        rows, cols = tile_rows(m, x.device, row_tile)
-        sq = SqEuclideanTiles(x, y, wide) if cost_tile is None else None
-        xw, yw = (sq.x, sq.y) if sq is not None else (x, y)
-        work = xw.dtype
-        row, col = row.to(work), col.to(work)
-        PV = None if V is None else torch.zeros(*V.shape[:-2], n, V.shape[-1], dtype=work, device=x.device)
-        PTU = None if U is None else torch.zeros(*U.shape[:-2], m, U.shape[-1], dtype=work, device=x.device)
-        floor = exp_floor(work)
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            for c0 in range(0, m, cols):
-                c1 = min(c0 + cols, m)
-                P = log_plan_tile(xw[..., r0:r1, :], yw[..., c0:c1, :], row[..., r0:r1], col[..., c0:c1], eps,
-                                  cost_tile, sq).clamp_min_(floor).exp_()
-                if PV is not None:
-                    PV[..., r0:r1, :] += torch.matmul(P, V[..., c0:c1, :].to(work))
-                if PTU is not None:
-                    PTU[..., c0:c1, :] += torch.matmul(P.transpose(-1, -2), U[..., r0:r1, :].to(work))
-        out_dtype = x.dtype if V is None else V.dtype
-        return (None if PV is None else PV.to(out_dtype)), (None if PTU is None else PTU.to(out_dtype))
+        for r0, r1, c0, c1 in tiles(x.shape[-2], y.shape[-2], x.device, row_tile):
+            # running bounds updated in place (small per-tile results would grow the heap)
+            C = t.cost_tile(t.x[..., r0:r1, :], t.y[..., c0:c1, :]).flatten(-2)
+            torch.minimum(lo, C.amin(-1).to(lo.dtype), out=lo)
+            torch.maximum(hi, C.amax(-1).to(hi.dtype), out=hi)
+    return lo, hi
+
+
+def _plan_tile(x_t, y_c, f, g, a, b, eps, cost, accumulate, round_to, V, U):
+    """One tile's ``(row sums, column sums, <C, P>, P V, P^T U)`` from :func:`plan_block`
+    (the checkpointed autograd variant recomputes it in backward)."""
+    C = cost.tile(x_t, y_c)
+    P = plan_block(f, g, a, b, C, eps)
+    if round_to is not None:
+        P = P.to(round_to)
+    if accumulate is not None and accumulate != P.dtype:
+        P, C = P.to(accumulate), C.to(accumulate)
+    PV = None if V is None else torch.matmul(P, V.to(P.dtype))
+    PTU = None if U is None else torch.matmul(P.transpose(-1, -2), U.to(P.dtype))
+    return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1)), PV, PTU
+
+
+def checkpointed_plan(x, y, f, g, a, b, eps: float, cost: Cost, row_tile: int | None = None, *, V=None, U=None,
+                      accumulate=None, round_to=None):
+    """Row sums, column sums, :math:`\\langle C, P\\rangle`, ``P V`` and ``P^T U`` of
+    :math:`P = a_i b_j e^{(f_i + g_j - C_{ij})/\\varepsilon}` with autograd through every
+    input *and* whatever the cost holds (a callable's parameters): each tile is a
+    ``torch.utils.checkpoint`` recomputed in backward, so memory stays one tile."""
+    xp, yp = cost.prepare(x, y)
+    n, m = x.shape[-2], y.shape[-2]
+    rows, cols = _row_blocks(n, m, x.device, row_tile)
+    row_out, col_out, tc, pv_out, ptu_out = [], 0.0, 0.0, [], 0.0
+    for r0, r1 in rows:
+        r_acc, pv_acc = 0.0, 0.0
+        for c0, c1 in cols:
+            r, c, t, pv, ptu = checkpoint(
+                _plan_tile, xp[..., r0:r1, :], yp[..., c0:c1, :], f[..., r0:r1], g[..., c0:c1], a[..., r0:r1],
+                b[..., c0:c1], eps, cost, accumulate, round_to, None if V is None else V[..., c0:c1, :],
+                None if U is None else U[..., r0:r1, :], use_reentrant=False)
+            r_acc, tc = r_acc + r, tc + t
+            col_out = col_out + torch.nn.functional.pad(c, (c0, m - c1))
+            if pv is not None:
+                pv_acc = pv_acc + pv
+            if ptu is not None:
+                ptu_out = ptu_out + torch.nn.functional.pad(ptu, (0, 0, c0, m - c1))
+        row_out.append(r_acc)
+        pv_out.append(pv_acc)
+    return (torch.cat(row_out, -1), col_out, tc, torch.cat(pv_out, -2) if V is not None else None,
+            ptu_out if U is not None else None)

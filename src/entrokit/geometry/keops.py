@@ -48,7 +48,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._optional import require
-from entrokit.geometry.base import exp_floor
+from entrokit.geometry.base import Geometry, exp_floor
 from entrokit.geometry.pointcloud import PointCloud
 
 __all__ = ["KeOpsPointCloud", "cxx_compiler"]
@@ -85,7 +85,6 @@ def cxx_compiler() -> tuple[str | None, str]:
     return find_cxx_compiler()
 
 KeOpsCostName = Literal["sqeuclidean", "euclidean", "pnorm"]
-_COST_NAMES = ("sqeuclidean", "euclidean", "pnorm")
 _INSTALL_HINT = "pip install 'entrokit[keops]' (or pip install pykeops)"
 
 
@@ -118,8 +117,9 @@ class KeOpsPointCloud(PointCloud):
     Args:
         x: source points ``[..., n, d]``.
         y: target points ``[..., m, d]`` (the same batch axes as ``x``).
-        cost: ``"sqeuclidean"`` (:math:`\|x-y\|^2`), ``"euclidean"`` (:math:`\|x-y\|`) or
-            ``"pnorm"`` (:math:`\sum_k |x_k-y_k|^p`, needs ``p``). Callables are not
+        cost: ``"sqeuclidean"`` (:math:`\|x-y\|^2`), ``"euclidean"`` (:math:`\|x-y\|`),
+            ``"pnorm"`` (:math:`\sum_k |x_k-y_k|^p`, needs ``p``) or a
+            :class:`~entrokit.geometry.costs.Cost` with a KeOps formula. Callables are not
             compiled by KeOps: use :class:`~entrokit.PointCloud` for those.
         p: the exponent of ``cost="pnorm"`` (a number >= 1, as for PointCloud).
 
@@ -139,98 +139,62 @@ class KeOpsPointCloud(PointCloud):
         (True, True)
     """
 
-    def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        cost: KeOpsCostName = "sqeuclidean",
-        *,
-        p: float | None = None,
-    ):
-        if callable(cost) and not isinstance(cost, str):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, cost: KeOpsCostName = "sqeuclidean", *,
+                 p: float | None = None):
+        # PointCloud validates the points, the cost and p, and provides the torch cost
+        # (cost_matrix, plan); the KeOps backend replaces its reductions
+        super().__init__(x, y, cost, p=p, online=True)
+        if not self.cost_fn.has_keops:
             raise InputError(
-                "KeOpsPointCloud compiles only the named costs 'sqeuclidean', 'euclidean' and "
-                f"'pnorm'; got the callable {getattr(cost, '__name__', cost)!r}. Use "
-                "PointCloud(x, y, cost) (with chunk_size=... for an online cost) for a custom cost."
+                f"KeOpsPointCloud compiles only costs with a KeOps formula ('sqeuclidean', 'euclidean', "
+                f"'pnorm'); got {self.cost_fn.name!r}. Use PointCloud(x, y, cost) (with chunk_size=... for "
+                "an online cost) for a custom cost."
             )
-        if not isinstance(cost, str) or cost not in _COST_NAMES:
-            raise InputError(
-                f"cost must be 'sqeuclidean', 'euclidean' or 'pnorm' (with p=...), got {cost!r}."
-            )
-        _lazy_tensor_class()  # fail here, not at the first reduction, when pykeops is missing
-        # PointCloud validates the points and p, and provides the torch cost (cost_matrix, plan)
-        super().__init__(x, y, cost, p=p)
         self.chunk_size = None
 
+    def _make_backend(self):
+        _lazy_tensor_class()  # fail here, not at the first reduction, when pykeops is missing
+        return _KeOps(self)
+
     def __repr__(self) -> str:
-        c = f"pnorm(p={self.p:g})" if self.cost == "pnorm" else self.cost
         return (
             f"KeOpsPointCloud(n={self.shape[0]}, m={self.shape[1]}, d={self.x.shape[-1]}, "
-            f"cost={c!r}, batch={self.batch_shape})"
+            f"cost={self.cost_fn.name!r}, batch={self.batch_shape})"
         )
 
-    @property
-    def is_online(self) -> bool:
-        return True
 
-    def _new(self, x, y) -> KeOpsPointCloud:
-        return KeOpsPointCloud(x, y, self.cost, p=self.p)
+def _i(LazyTensor, t: torch.Tensor):
+    """``(B, n, k)`` -> an i-indexed LazyTensor ``(B, n, 1, k)``."""
+    return LazyTensor(t.contiguous()[:, :, None, :])
 
-    # bounds survive reshapes and detach (the same points; one pass over the cost saved)
-    def _carry_bounds(self, out: KeOpsPointCloud) -> KeOpsPointCloud:
-        cached = self.__dict__.get("_keops_bounds")
-        if cached is not None and out is not self and cached[0] == _versions(out.x, out.y):
-            lo, hi = cached[1]
-            out.__dict__["_keops_bounds"] = (cached[0], (lo.reshape(out.batch_shape), hi.reshape(out.batch_shape)))
-        return out
 
-    def reshape_batch(self, batch_shape):
-        return self._carry_bounds(super().reshape_batch(batch_shape))
+def _j(LazyTensor, t: torch.Tensor):
+    """``(B, m, k)`` -> a j-indexed LazyTensor ``(B, 1, m, k)``."""
+    return LazyTensor(t.contiguous()[:, None, :, :])
 
-    def detach(self) -> KeOpsPointCloud:
-        return self._carry_bounds(super().detach())
 
-    # -- the KeOps formulas ----------------------------------------------------------------
-    def _keops_cost(self, p_i, q_j):
-        """The symbolic cost ``c(p_i, q_j)`` between LazyTensors ``(B, n, 1, d)`` and
-        ``(B, 1, m, d)``: a ``(B, n, m, 1)`` LazyTensor."""
-        diff = p_i - q_j
-        if self.cost == "sqeuclidean":
-            return (diff * diff).sum(-1)
-        if self.cost == "euclidean":
-            # KeOps' Sqrt has the derivative Rsqrt(0)/2 = 0 at 0: no NaN for coincident points
-            return (diff * diff).sum(-1).sqrt()
-        if self.p == 1.0:
-            return diff.abs().sum(-1)
-        if self.p == 2.0:
-            return (diff * diff).sum(-1)
-        ad = diff.abs()
-        if self.dtype == torch.float64:
-            # KeOps' Powf calls the single-precision powf even on doubles: exp(p log|d|)
-            # keeps float64 accuracy
-            power = (ad.log() * self.p).exp()
-        else:
-            power = ad ** self.p
-        # IfElse(-|d|, 0, |d|^p) is 0 where d = 0 and routes the gradient around log(0)
-        return (-ad).ifelse(0.0, power).sum(-1)
+class _KeOps:
+    """The KeOps backend of :class:`KeOpsPointCloud`: every reduction is a KeOps map-reduce
+    over the cost's symbolic formula (:meth:`~entrokit.geometry.costs.Cost.keops`). The
+    costs are symmetric, so ``axis=0`` swaps the two clouds."""
 
-    @staticmethod
-    def _i(LazyTensor, t: torch.Tensor):
-        """``(B, n, k)`` -> an i-indexed LazyTensor ``(B, n, 1, k)``."""
-        return LazyTensor(t.contiguous()[:, :, None, :])
+    def __init__(self, pc: KeOpsPointCloud):
+        self.pc = pc
 
-    @staticmethod
-    def _j(LazyTensor, t: torch.Tensor):
-        """``(B, m, k)`` -> a j-indexed LazyTensor ``(B, 1, m, k)``."""
-        return LazyTensor(t.contiguous()[:, None, :, :])
+    def derive(self, pc, cost_map):
+        return _KeOps(pc)
+
+    def _cost(self, LazyTensor, pts_i, pts_j):
+        return self.pc.cost_fn.keops(_i(LazyTensor, pts_i), _j(LazyTensor, pts_j), self.pc.dtype)
 
     def _flat(self, axis: int, *per_point: torch.Tensor):
-        """The kept points ``(B, n_i, d)`` (``x`` for ``axis=1``, ``y`` for ``axis=0``: the
-        cost is symmetric), the reduced points ``(B, n_j, d)`` and per-point tensors
-        ``(..., len, k)`` flattened to ``(B, len, k)``, broadcast over the batch axes; and
-        the batch shape ``lead`` of the output."""
-        pts_i, pts_j = (self.x, self.y) if axis == 1 else (self.y, self.x)
-        lead = tuple(torch.broadcast_shapes(self.batch_shape, *(t.shape[:-2] for t in per_point)))
+        """The kept points ``(B, n_i, d)`` (``x`` for ``axis=1``, ``y`` for ``axis=0``), the
+        reduced points ``(B, n_j, d)`` and per-point tensors ``(..., len, k)`` flattened to
+        ``(B, len, k)``, broadcast over the batch axes; and the batch shape ``lead`` of the
+        output."""
+        pc = self.pc
+        pts_i, pts_j = (pc.x, pc.y) if axis == 1 else (pc.y, pc.x)
+        lead = tuple(torch.broadcast_shapes(pc.batch_shape, *(t.shape[:-2] for t in per_point)))
         B = math.prod(lead)
 
         def flat(t):
@@ -249,11 +213,11 @@ class KeOpsPointCloud(PointCloud):
         pts_i, pts_j, (f_i, g_j, w_j), lead = self._flat(
             axis, f_i.unsqueeze(-1), g_j.unsqueeze(-1), w_j if several else w_j.unsqueeze(-1)
         )
-        C_ij = self._keops_cost(self._i(LazyTensor, pts_i), self._j(LazyTensor, pts_j))
-        S_ij = (self._i(LazyTensor, f_i) + self._j(LazyTensor, g_j) - C_ij) * (1.0 / float(eps))
-        dtype = self.dtype
+        C_ij = self._cost(LazyTensor, pts_i, pts_j)
+        S_ij = (_i(LazyTensor, f_i) + _j(LazyTensor, g_j) - C_ij) * (1.0 / float(eps))
+        dtype = self.pc.dtype
         E_ij = S_ij.clamp(exp_floor(dtype), 0.5 * math.log(torch.finfo(dtype).max)).exp()
-        term = E_ij * self._j(LazyTensor, w_j)
+        term = E_ij * _j(LazyTensor, w_j)
         if with_cost:
             term = term * C_ij
         opts = {}
@@ -263,18 +227,12 @@ class KeOpsPointCloud(PointCloud):
         out = out.reshape(*lead, *out.shape[-2:])
         return out if several else out.squeeze(-1)
 
-    # -- the public reductions ----------------------------------------------------------------
     def lse(self, h, log_w, eps, axis):
         r"""Partial log-sum-exp pair ``(M, S)`` of :math:`z = (h + \varepsilon\log w -
-        C)/\varepsilon` along ``axis`` (see :meth:`Geometry.lse`), as one KeOps
-        ``LogSumExp`` reduction.
-
-        KeOps returns :math:`\operatorname{lse}` itself; the pair is
-        :math:`M = \operatorname{lse}` (detached) and :math:`S = e^{\operatorname{lse} - M}`
-        (``= 1``, carrying the gradient), so :math:`M + \log S = \operatorname{lse}` exactly
-        and gradients flow through ``S`` as in :func:`~entrokit.geometry.base.logsumexp_pair`.
-        A slice whose weights are all zero gives ``M = -inf, S = 0``.
-        """
+        C)/\varepsilon` along ``axis``, as one KeOps ``LogSumExp`` reduction: KeOps returns
+        :math:`\operatorname{lse}`; the pair is :math:`M = \operatorname{lse}` (detached) and
+        :math:`S = e^{\operatorname{lse} - M}` (``= 1``, carrying the gradient). A slice whose
+        weights are all zero gives ``M = -inf, S = 0``."""
         if axis not in (0, 1):
             raise InputError(f"axis must be 0 or 1, got {axis!r}.")
         LazyTensor = _lazy_tensor_class()
@@ -286,8 +244,8 @@ class KeOpsPointCloud(PointCloud):
         hw = hw.clamp_min(-torch.finfo(hw.dtype).max * min(float(eps), 1.0) / 4)
         pts_i, pts_j, (hw,), lead = self._flat(axis, hw.unsqueeze(-1))
         empty = empty.expand(*lead, 1).reshape(-1, 1)
-        C_ij = self._keops_cost(self._i(LazyTensor, pts_i), self._j(LazyTensor, pts_j))
-        z_ij = (self._j(LazyTensor, hw) - C_ij) * (1.0 / float(eps))  # a product: cheaper than a division per entry
+        C_ij = self._cost(LazyTensor, pts_i, pts_j)
+        z_ij = (_j(LazyTensor, hw) - C_ij) * (1.0 / float(eps))  # a product: cheaper than a division per entry
         lse = z_ij.logsumexp(dim=2).squeeze(-1)
         mx = lse.detach().masked_fill(empty, -math.inf)
         s = torch.exp(lse - mx.masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
@@ -306,7 +264,7 @@ class KeOpsPointCloud(PointCloud):
         ``TypeError`` is raised, which :func:`~entrokit.solvers._entropic.certify_plan`
         handles by summing unrounded entries.
         """
-        if round_to is not None and round_to != self.dtype:
+        if round_to is not None and round_to != self.pc.dtype:
             raise TypeError("KeOpsPointCloud.plan_reduce cannot round plan entries to another dtype (round_to).")
         sums = (
             self._plan_sum(f, g, b, eps, 1, accumulate=accumulate),
@@ -320,15 +278,12 @@ class KeOpsPointCloud(PointCloud):
 
     def marginals(self, f, g, a, b, eps):
         """``(P 1, Pᵀ 1)`` in two KeOps passes (no transport-cost pass)."""
-        rows = a * self._plan_sum(f, g, b, eps, 1)
-        cols = b * self._plan_sum(g, f, a, eps, 0)
-        return rows, cols
+        return a * self._plan_sum(f, g, b, eps, 1), b * self._plan_sum(g, f, a, eps, 0)
 
     def plan_matvec(self, f, g, a, b, eps, vec, axis):
-        r"""``P @ vec`` :math:`= a_i \sum_j b_j v_j E_{ij}` (``axis=1``, vec ``(B, m)``) or
-        ``P.T @ vec`` (``axis=0``, vec ``(B, n)``): one KeOps pass, the kernel of the
-        marginals with other weights. ``vec`` may carry a trailing axis of ``k`` vectors
-        (``(B, m, k)`` / ``(B, n, k)``), applied in the same pass."""
+        r"""``P @ vec`` :math:`= a_i \sum_j b_j v_j E_{ij}` (``axis=1``) or ``P.T @ vec``
+        (``axis=0``): one KeOps pass, the kernel of the marginals with other weights; ``vec``
+        may carry a trailing axis of ``k`` vectors, applied in the same pass."""
         if axis not in (0, 1):
             raise InputError(f"axis must be 0 or 1, got {axis!r}.")
         several = vec.dim() == f.dim() + 1
@@ -338,30 +293,21 @@ class KeOpsPointCloud(PointCloud):
         f_i, g_j = (f, g) if axis == 1 else (g, f)
         return kept_w * self._plan_sum(f_i, g_j, other_w * vec, eps, axis)
 
-    def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""``(min C, max C)`` per problem (shape :attr:`batch_shape`) in one KeOps ``Max``
-        pass over :math:`(C_{ij}, -C_{ij})`; cached while the points are not modified in
-        place. Problems with non-finite coordinates get NaN bounds."""
-        version = _versions(self.x, self.y)
-        cached = self.__dict__.get("_keops_bounds")
-        if cached is not None and version is not None and cached[0] == version:
-            return cached[1]
-        LazyTensor = _lazy_tensor_class()
-        with torch.no_grad():
-            pts_i, pts_j, _, lead = self._flat(1)
-            C_ij = self._keops_cost(self._i(LazyTensor, pts_i), self._j(LazyTensor, pts_j))
-            row_max = C_ij.concat(-C_ij).max(dim=2)  # (B, n, 2): max_j C_ij, -min_j C_ij
-            hi, lo = row_max[..., 0].amax(-1), -row_max[..., 1].amax(-1)
-            finite = torch.isfinite(pts_i).flatten(1).all(1) & torch.isfinite(pts_j).flatten(1).all(1)
-            nan = torch.full_like(hi, math.nan)
-            bounds = (torch.where(finite, lo, nan).reshape(lead), torch.where(finite, hi, nan).reshape(lead))
-        if version is not None:
-            self.__dict__["_keops_bounds"] = (version, bounds)
-        return bounds
+    def plan_operator(self, f, g, a, b, eps):
+        return Geometry.plan_operator(self.pc, f, g, a, b, eps)
 
-
-def _versions(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
-    """In-place modification counters of the points (``None`` for inference tensors)."""
-    if x.is_inference() or y.is_inference():
+    def scaling_engine(self, a, b, log_a, log_b):
         return None
-    return (x._version, y._version)
+
+    def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(min C, max C)`` per problem in one KeOps ``Max`` pass over
+        :math:`(C_{ij}, -C_{ij})` (cached by the point cloud). Problems with non-finite
+        coordinates get NaN bounds."""
+        LazyTensor = _lazy_tensor_class()
+        pts_i, pts_j, _, lead = self._flat(1)
+        C_ij = self._cost(LazyTensor, pts_i, pts_j)
+        row_max = C_ij.concat(-C_ij).max(dim=2)  # (B, n, 2): max_j C_ij, -min_j C_ij
+        hi, lo = row_max[..., 0].amax(-1), -row_max[..., 1].amax(-1)
+        finite = torch.isfinite(pts_i).flatten(1).all(1) & torch.isfinite(pts_j).flatten(1).all(1)
+        nan = torch.full_like(hi, math.nan)
+        return torch.where(finite, lo, nan).reshape(lead), torch.where(finite, hi, nan).reshape(lead)
