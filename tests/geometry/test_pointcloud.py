@@ -65,3 +65,37 @@ def test_multi_chunk_plan_reduce_gradients_equal_the_dense_ones():
         out[chunk] = (rows, cols, tc, *torch.autograd.grad(loss, leaves))
     for dense, online in zip(out[None], out[3]):
         torch.testing.assert_close(online, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_derived_geometries_skip_init_keep_the_backend_and_carry_the_caches(monkeypatch):
+    """Reshaped, detached, re-typed, rebuilt and self geometries are derived without running
+    ``__init__`` (no validation, no backend decision) and compute what a fresh one does."""
+    calls = []
+    init = PointCloud.__init__
+    monkeypatch.setattr(PointCloud, "__init__", lambda self, *a, **k: (calls.append(1), init(self, *a, **k))[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 9, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 7, 2, generator=g, dtype=torch.float64)
+    for kw in ({"chunk_size": 4}, {"online": False}):
+        calls.clear()
+        geom = PointCloud(x, y, "pnorm", p=1.5, **kw)
+        derived = {
+            "reshape": geom.reshape_batch((1, 2)), "detach": geom.detach(), "float32": geom.to_dtype(torch.float32),
+            "rebuild": geom.rebuild(x.detach() + 1, y), "xx": geom.self_geometries()[0],
+            "yy": geom.self_geometries()[1], "flat": geom.reshape_batch((2,)).flatten_batch(),
+        }
+        assert len(calls) == 1, kw
+        for name, d in derived.items():
+            assert type(d._backend) is type(geom._backend) and d.is_online == geom.is_online, name
+            assert (d.cost, d.p, d.chunk_size, d.cost_fn) == (geom.cost, geom.p, geom.chunk_size, geom.cost_fn), name
+        init(fresh := object.__new__(PointCloud), x.detach(), x.detach(), "pnorm", p=1.5, **kw)
+        h = torch.randn(2, 9, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(derived["xx"].softmin(h, torch.zeros_like(h), 0.1, 1),
+                                   fresh.softmin(h, torch.zeros_like(h), 0.1, 1), rtol=0, atol=1e-13)
+    # the kept cost matrix and the bounds carry over to reshaped and detached copies
+    dense = PointCloud(x.detach(), y, online=False)
+    C = dense._backend.matrix().C
+    lo, hi = dense.cost_bounds()
+    flat = dense.reshape_batch((1, 2))
+    assert flat._backend.matrix().C.data_ptr() == C.data_ptr() and flat.cost_bounds()[0].shape == (1, 2)
+    torch.testing.assert_close(flat.cost_bounds()[1].reshape(2), hi)

@@ -16,6 +16,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor
+from entrokit.geometry._online import tile_entries
 from entrokit.geometry.base import Geometry, exp_floor, logsumexp_pair, plan_block
 
 __all__ = ["DenseCost"]
@@ -231,7 +232,7 @@ class _KernelEngine:
             d = torch.float64
             self.f, self.g = f.to(d), g.to(d)
             n, m = self.C.shape[-2:]
-            step = max(1, (1 << 22) // max(m, 1))
+            step = max(1, tile_entries(K.device) // max(m, 1))
             for s in range(0, n, step):
                 blk = (self.f[:, s:s + step, None] + self.g[:, None, :] - self.C[:, s:s + step].to(d)) / e
                 K[:, s:s + step] = blk.clamp_(min=floor).exp_()

@@ -75,7 +75,9 @@ from torch.utils.checkpoint import checkpoint
 
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_positive_int, check_same_dtype_device
+from entrokit.geometry._online import lse_online, tile_entries
 from entrokit.geometry.base import PointGeometry, exp_floor, logsumexp_pair, plan_block
+from entrokit.geometry.costs import SqEuclidean
 
 __all__ = [
     "GridClusters",
@@ -91,16 +93,16 @@ __all__ = [
 
 #: Cells of the default grid: a cube of diagonal ``diam`` is cut into this many voxels.
 DEFAULT_CELLS = 2000
-# Entries (rows x kept columns, padding included) computed per batched block product.
-_DEFAULT_BLOCK_ENTRIES = 1 << 20
+# Entries (rows x kept columns, padding included) computed per batched block product, and
+# of one fine-points x anchors tile of the bounds: the tile table of the tiling engine
+# (entrokit.geometry._online.TILES), by device.
 # Clusters of more than this many budgets of entries are cut into row slices.
 _SLICE_FACTOR = 4
 # A group of clusters stops growing when padding would exceed this factor.
 _MAX_PADDING = 1.25
-# Entries of one fine-points x anchors tile in the bound computation.
-_BOUND_TILE_ENTRIES = 1 << 21
 # Voxel coordinates are clipped to +- this (only zero-weight outliers get near it).
 _VOXEL_CLIP = 1 << 20
+_SQ = SqEuclidean()
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,12 +304,6 @@ class PairBounds:
         return torch.exp(lm).flatten(1).sum(-1)
 
 
-def _sq_dist64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared distances ``[p, d] x [k, d] -> [p, k]`` of centred float64 coordinates
-    (rounding error ~1e-16 of the squared norms)."""
-    return torch.addmm((y * y).sum(-1).unsqueeze(0), x, y.t(), alpha=-2.0).add_((x * x).sum(-1, keepdim=True)).clamp_min_(0.0)
-
-
 def _side_bounds(points: torch.Tensor, pot: torch.Tensor, log_w: torch.Tensor, cl: GridClusters,
                  other_anchors: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per (own cluster, other anchor): :math:`\max_{i\in I}(f_i - C(x_i, c_J))` and
@@ -318,7 +314,7 @@ def _side_bounds(points: torch.Tensor, pot: torch.Tensor, log_w: torch.Tensor, c
     dev = points.device
     mx = torch.full((B, K, Ko), -float("inf"), dtype=torch.float64, device=dev)
     lse = torch.full((B, K, Ko), -float("inf"), dtype=torch.float64, device=dev)
-    tile = max(1, _BOUND_TILE_ENTRIES // max(Ko, 1))
+    tile = max(1, tile_entries(dev) // max(Ko, 1))
     for b in range(B):
         kb = int(cl.n_clusters[b])
         offs = cl.offsets[b, : kb + 1].tolist()
@@ -327,7 +323,8 @@ def _side_bounds(points: torch.Tensor, pot: torch.Tensor, log_w: torch.Tensor, c
             i1 = max(i0 + 1, min(kb, bisect.bisect_right(offs, offs[i0] + tile) - 1))
             idx = cl.perm[b, offs[i0]: offs[i1]]
             lengths = cl.counts[b, i0:i1]
-            z = _sq_dist64(points[b, idx], other_anchors[b]).neg_().add_(pot[b, idx].unsqueeze(1))  # f_i - C(x_i, c_J)
+            # squared distances of centred float64 coordinates (rounding ~1e-16 of the norms)
+            z = _SQ.tile(points[b, idx], other_anchors[b]).neg_().add_(pot[b, idx].unsqueeze(1))  # f_i - C(x_i, c_J)
             mx[b, i0:i1] = torch.segment_reduce(z, "max", lengths=lengths, axis=0)
             z.div_(eps).add_(log_w[b, idx].unsqueeze(1))  # log w_i + (f_i - C(x_i, c_J))/eps
             top = torch.segment_reduce(z, "max", lengths=lengths, axis=0)
@@ -418,7 +415,7 @@ def extrapolate_potentials(x: torch.Tensor, y: torch.Tensor, x_clusters: GridClu
 
     with :math:`\bar x, \bar a` (:math:`\bar y, \bar b`) the centroids and weights of the
     clusters: the soft :math:`c`-transforms of the coarse potentials, evaluated at the
-    points. Tiles of rows against all centroids (:math:`O(n K_y + m K_x)`, eager torch);
+    points, on the tiles of :mod:`entrokit.geometry._online` (:math:`O(n K_y + m K_x)`);
     returns ``[B, n]``, ``[B, m]`` in the user's order and the points' dtype.
     """
     from entrokit.problem import log_weights
@@ -428,30 +425,10 @@ def extrapolate_potentials(x: torch.Tensor, y: torch.Tensor, x_clusters: GridClu
         x, y = x.detach() - origin, y.detach() - origin
         xc = x_clusters.centroids.to(x.dtype) - origin
         yc = y_clusters.centroids.to(x.dtype) - origin
-        f = _softmin_to_points(x, yc, g_coarse.to(x.dtype), log_weights(y_clusters.weights.to(x.dtype)), eps)
-        g = _softmin_to_points(y, xc, f_coarse.to(x.dtype), log_weights(x_clusters.weights.to(x.dtype)), eps)
+        # soft-mins on the tiling engine (squared Euclidean tiles, centred)
+        f = -eps * lse_online(x, yc, g_coarse.to(x.dtype) + eps * log_weights(y_clusters.weights.to(x.dtype)), eps, _SQ)
+        g = -eps * lse_online(y, xc, f_coarse.to(x.dtype) + eps * log_weights(x_clusters.weights.to(x.dtype)), eps, _SQ)
         return f, g
-
-
-def _softmin_to_points(points: torch.Tensor, centres: torch.Tensor, h: torch.Tensor, log_w: torch.Tensor,
-                       eps: float) -> torch.Tensor:
-    r""":math:`-\varepsilon\log\sum_J w_J e^{(h_J - \|p_i - c_J\|^2)/\varepsilon}` for centred
-    ``points [B, n, d]`` and ``centres [B, K, d]``, in row tiles: with
-    :math:`u_J = (h_J + \varepsilon\log w_J - \|c_J\|^2)/\varepsilon` the exponent is
-    :math:`u_J + 2\langle p_i, c_J\rangle/\varepsilon - \|p_i\|^2/\varepsilon`, one ``baddbmm``
-    per tile, the row term added after the reduction."""
-    B, n, _ = points.shape
-    K = centres.shape[1]
-    u = ((h + eps * log_w) - (centres * centres).sum(-1)) / eps
-    out = torch.empty(B, n, dtype=points.dtype, device=points.device)
-    rows = max(1, _DEFAULT_BLOCK_ENTRIES // max(1, B * K))
-    ct = centres.transpose(1, 2)
-    for r0 in range(0, n, rows):
-        p = points[:, r0:r0 + rows]
-        z = torch.baddbmm(u.unsqueeze(1), p, ct, alpha=2.0 / eps)
-        M, S = logsumexp_pair(z, -1, overwrite=True)
-        out[:, r0:r0 + rows] = -eps * (M + torch.log(S)) + (p * p).sum(-1)
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -661,7 +638,7 @@ class TruncatedPointCloud(PointGeometry):
                 f"keep must be a bool tensor of shape {(B, x_clusters.counts.shape[1], y_clusters.counts.shape[1])} "
                 f"(problems, x clusters, y clusters), got {keep.dtype} {tuple(keep.shape)}."
             )
-        budget = check_positive_int(block_entries, "block_entries", allow_none=True) or _DEFAULT_BLOCK_ENTRIES
+        budget = check_positive_int(block_entries, "block_entries", allow_none=True) or tile_entries(x.device)
         self._block_entries = budget
         keep = keep.to(x.device)
         self.x, self.y = x, y
@@ -1024,12 +1001,14 @@ class TruncatedPointCloud(PointGeometry):
         return True
 
     def transport_cost_vjp(self, Pv, PTu, r, c):
-        r""":math:`\nabla_{x_i} = 2(r_i x_i - (P y)_i)`, :math:`\nabla_{y_j} = 2(c_j y_j -
-        (P^\top x)_j)` for the truncated plan (one plan product per coordinate)."""
-        x, y = self.x.detach(), self.y.detach()
-        Py = torch.stack([Pv(y[..., k]) for k in range(y.shape[-1])], -1)
-        PTx = torch.stack([PTu(x[..., k]) for k in range(x.shape[-1])], -1)
-        return 2.0 * (r.unsqueeze(-1) * x - Py), 2.0 * (c.unsqueeze(-1) * y - PTx)
+        r"""The squared Euclidean cost's closed form
+        (:meth:`~entrokit.geometry.costs.SqEuclidean.transport_cost_vjp`) for the truncated
+        plan (one plan product per coordinate)."""
+
+        def each(apply):
+            return lambda V: torch.stack([apply(V[..., k]) for k in range(V.shape[-1])], -1)
+
+        return _SQ.transport_cost_vjp(self.x.detach(), self.y.detach(), each(Pv), each(PTu), r, c)
 
     def cost_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(min C, max C)`` over the kept blocks, per problem (one pass, cached)."""
@@ -1069,8 +1048,7 @@ def _group_cost(P_out, P_in, rows, cols) -> torch.Tensor:
     L = cols.shape[1]
     xo = P_out.index_select(0, rows.reshape(-1)).view(G, R, -1)
     yi = P_in.index_select(0, cols.reshape(-1)).view(G, L, -1)
-    return torch.baddbmm((yi * yi).sum(-1).unsqueeze(1), xo, yi.transpose(1, 2), alpha=-2.0).add(
-        (xo * xo).sum(-1).unsqueeze(-1)).clamp_min(0.0)
+    return _SQ.tile(xo, yi)
 
 
 def _group_lse(P_out, P_in, hw_flat, rows, cols, eps):

@@ -1,0 +1,186 @@
+"""The cost objects: each tile against an independent formula, the closed-form transport-cost
+gradient against autograd, the name resolution, and a new cost as one test-only class that
+runs through every point-cloud backend."""
+
+import pytest
+import torch
+
+import entrokit
+from entrokit import InputError, PointCloud
+from entrokit.geometry import _online
+from entrokit.geometry.costs import Cost, CostCallable, Euclidean, PNorm, SqEuclidean, resolve_cost
+
+F64 = torch.float64
+
+
+def clouds(n=23, m=17, d=3, batch=(2,), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*batch, n, d, generator=g, dtype=F64) + 5.0,
+            0.8 * torch.rand(*batch, m, d, generator=g, dtype=F64) + 5.1)
+
+
+def _pairwise(x, y):
+    return x.unsqueeze(-2) - y.unsqueeze(-3)  # (..., n, m, d), the reference's temporary
+
+
+@pytest.mark.parametrize("cost,ref", [
+    (SqEuclidean(), lambda x, y: _pairwise(x, y).pow(2).sum(-1)),
+    (Euclidean(), lambda x, y: _pairwise(x, y).pow(2).sum(-1).sqrt()),
+    (PNorm(1.0), lambda x, y: _pairwise(x, y).abs().sum(-1)),
+    (PNorm(1.5), lambda x, y: _pairwise(x, y).abs().pow(1.5).sum(-1)),
+    (PNorm(2.0), lambda x, y: _pairwise(x, y).pow(2).sum(-1)),
+], ids=["sqeuclidean", "euclidean", "pnorm1", "pnorm1.5", "pnorm2"])
+def test_cost_matrix_equals_the_pairwise_formula_and_is_differentiable(cost, ref):
+    x, y = clouds()
+    torch.testing.assert_close(cost(x, y), ref(x, y), rtol=1e-12, atol=1e-12)
+    # far from the origin the expansion stays exact to the clouds' radius (centred first)
+    torch.testing.assert_close(cost(x + 1e6, y + 1e6), ref(x, y), rtol=0, atol=1e-8)
+    xs, ys = clouds(n=5, m=4, d=2, batch=())
+    xs.requires_grad_()
+    ys.requires_grad_()
+    assert torch.autograd.gradcheck(cost, (xs, ys))
+    assert cost.symmetric and cost.translation_invariant and cost.parameter_free
+    torch.testing.assert_close(cost.tile_t(y, x), cost.tile(x, y).transpose(-1, -2), rtol=1e-12, atol=1e-12)
+
+
+def test_sqeuclidean_transport_cost_vjp_equals_autograd_at_a_fixed_plan():
+    x, y = clouds(n=9, m=7, d=2)
+    P = torch.rand(2, 9, 7, generator=torch.Generator().manual_seed(2), dtype=F64)
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    want = torch.autograd.grad((SqEuclidean()(xg, yg) * P).sum(), (xg, yg))
+    got = SqEuclidean().transport_cost_vjp(x, y, lambda V: P @ V, lambda U: P.transpose(-1, -2) @ U,
+                                           P.sum(-1), P.sum(-2))
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    with pytest.raises(NotImplementedError, match="no closed-form transport-cost gradient"):
+        Euclidean().transport_cost_vjp(x, y, None, None, None, None)
+
+
+def test_names_resolve_once_and_bad_names_raise():
+    assert isinstance(resolve_cost("sqeuclidean"), SqEuclidean)
+    assert isinstance(resolve_cost("euclidean"), Euclidean)
+    assert resolve_cost("pnorm", 1.5).p == 1.5
+    own = PNorm(3.0)
+    assert resolve_cost(own) is own
+    wrapped = resolve_cost(lambda u, v: torch.cdist(u, v))
+    assert isinstance(wrapped, CostCallable) and not wrapped.parameter_free
+    with pytest.raises(InputError, match="got 'cosine'"):
+        resolve_cost("cosine")
+    with pytest.raises(InputError, match="needs the exponent p"):
+        resolve_cost("pnorm")
+    with pytest.raises(InputError, match=r"finite exponent p >= 1.*p=0.5"):
+        PNorm(0.5)
+    with pytest.raises(InputError, match="only used with cost='pnorm'"):
+        resolve_cost("euclidean", 2.0)
+    with pytest.raises(TypeError, match="a string, a Cost or a callable"):
+        resolve_cost(3)
+    with pytest.raises(TypeError, match="must return a torch.Tensor"):
+        PointCloud(*clouds(), lambda u, v: 1.0).cost_matrix()
+    assert SqEuclidean().has_keops and not CostCallable(torch.cdist).has_keops
+
+
+class Skewed(Cost):
+    r"""A test-only cost, :math:`c(x, y) = \sum_k (x_k - 2 y_k)^2 + s\,x_1`: neither symmetric
+    nor translation invariant, with a parameter ``s`` of its own. Only :meth:`tile`."""
+
+    name = "skewed"
+
+    def __init__(self, s):
+        self.s = s
+
+    def tile(self, x, y):
+        out = self.s * x[..., :, :1]
+        for k in range(x.shape[-1]):
+            out = out + (x[..., :, k].unsqueeze(-1) - 2.0 * y[..., :, k].unsqueeze(-2)) ** 2
+        return out
+
+
+def _reference(x, y, s):
+    return (x.unsqueeze(-2) - 2.0 * y.unsqueeze(-3)).pow(2).sum(-1) + s * x[..., :, :1]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """A tile table of 8 columns: the pass runs over several row *and* column blocks."""
+    monkeypatch.setitem(_online.TILES, "cpu", (40, 8))
+
+
+def test_a_new_cost_is_one_class_and_runs_on_every_backend(small_tiles):
+    x, y = clouds(n=21, m=19, d=2, batch=(2,))
+    s = torch.tensor(0.3, dtype=F64)
+    dense, online = PointCloud(x, y, Skewed(s), online=False), PointCloud(x, y, Skewed(s), chunk_size=5)
+    torch.testing.assert_close(dense.cost_matrix(), _reference(x, y, s), rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    f, h = 0.1 * torch.randn(2, 21, generator=g, dtype=F64), 0.1 * torch.randn(2, 19, generator=g, dtype=F64)
+    a, b = torch.rand(2, 21, generator=g, dtype=F64), torch.rand(2, 19, generator=g, dtype=F64)
+    for axis, (hh, w) in ((1, (h, b)), (0, (f, a))):
+        torch.testing.assert_close(online.softmin(hh, w.log(), 0.2, axis), dense.softmin(hh, w.log(), 0.2, axis),
+                                   rtol=0, atol=1e-12)
+    for u, v in zip(online.plan_reduce(f, h, a, b, 0.2), dense.plan_reduce(f, h, a, b, 0.2)):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    lo, hi = online.cost_bounds()
+    C = _reference(x, y, s).flatten(-2)
+    torch.testing.assert_close((lo, hi), (C.amin(-1), C.amax(-1)), rtol=0, atol=1e-12)
+    # a whole solve: potentials and the gradient in the points and the cost's own parameter
+    out = []
+    for on in (False, True):
+        xg, yg, sg = x.clone().requires_grad_(), y.clone().requires_grad_(), s.clone().requires_grad_()
+        geom = PointCloud(xg, yg, Skewed(sg), online=on, chunk_size=5 if on else None)
+        res = entrokit.sinkhorn(None, None, geom, 0.5, tol=1e-11)
+        assert bool(res.converged.all())
+        out.append((res.f, res.g, res.transport_cost, *torch.autograd.grad(res.value.sum(), (xg, yg, sg))))
+    for u, v in zip(*out):
+        torch.testing.assert_close(u, v, rtol=1e-8, atol=1e-8)
+
+
+def test_the_checkpointed_plan_has_the_gradients_of_autograd(small_tiles):
+    x, y = clouds(n=11, m=13, d=2, batch=())
+    s = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    f, h = 0.1 * torch.randn(11, generator=g, dtype=F64), 0.1 * torch.randn(13, generator=g, dtype=F64)
+    a, b = torch.rand(11, generator=g, dtype=F64), torch.rand(13, generator=g, dtype=F64)
+    ins = [t.clone().requires_grad_() for t in (x, y, f, h, a, b)]
+    V = torch.randn(13, 2, generator=g, dtype=F64)
+    got = PointCloud(ins[0], ins[1], Skewed(s), chunk_size=3).plan_reduce(*ins[2:], 0.4)
+    got = (*got, PointCloud(ins[0], ins[1], Skewed(s), chunk_size=3).plan_matvec(*ins[2:], 0.4, V, 1))
+    P = torch.exp((ins[2].unsqueeze(-1) + ins[3] - _reference(ins[0], ins[1], s)) / 0.4) * ins[4].unsqueeze(-1) * ins[5]
+    want = (P.sum(-1), P.sum(-2), (P * _reference(ins[0], ins[1], s)).sum(), P @ V)
+    weights = [torch.randn(t.shape, generator=g, dtype=F64) for t in want]
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(sum((u * w).sum() for u, w in zip(got, weights)), [*ins, s])
+    g_want = torch.autograd.grad(sum((u * w).sum() for u, w in zip(want, weights)), [*ins, s])
+    for u, v in zip(g_got, g_want):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cost,kw", [("sqeuclidean", {}), ("euclidean", {}), ("pnorm", {"p": 1.5})])
+def test_online_plan_sums_in_one_pass_over_row_and_column_blocks(small_tiles, cost, kw):
+    """Row sums, column sums and <C, P> (for the squared Euclidean cost from P [1, y]),
+    accumulated in float64 from float32 entries and rounded entries, equal the dense path's;
+    and the custom backward of the online plan over several row and column blocks."""
+    x, y = clouds(n=30, m=26, d=2)
+    g = torch.Generator().manual_seed(5)
+    f, h = 0.1 * torch.randn(2, 30, generator=g, dtype=F64), 0.1 * torch.randn(2, 26, generator=g, dtype=F64)
+    a, b = torch.rand(2, 30, generator=g, dtype=F64), torch.rand(2, 26, generator=g, dtype=F64)
+    b[0, 3] = 0.0
+    dense, online = PointCloud(x, y, cost, online=False, **kw), PointCloud(x, y, cost, chunk_size=7, **kw)
+    for opts in ({}, {"accumulate": F64}, {"accumulate": F64, "round_to": torch.float32}):
+        for u, v in zip(online.plan_reduce(f, h, a, b, 0.1, **opts), dense.plan_reduce(f, h, a, b, 0.1, **opts)):
+            torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    x32, y32 = x.float(), y.float()
+    for u, v in zip(PointCloud(x32, y32, cost, chunk_size=7, **kw).plan_reduce(
+                        f.float(), h.float(), a.float(), b.float(), 0.1, accumulate=F64),
+                    PointCloud(x32, y32, cost, online=False, **kw).plan_reduce(
+                        f.float(), h.float(), a.float(), b.float(), 0.1, accumulate=F64)):
+        torch.testing.assert_close(u, v, rtol=2e-6, atol=1e-9)
+    ins = [t.clone().requires_grad_() for t in (x, y, f, h, a, b)]
+    w = [torch.randn(s, generator=g, dtype=F64) for s in ((2, 30), (2, 26), (2,))]
+
+    def grads(online_):
+        geom = PointCloud(ins[0], ins[1], cost, chunk_size=7 if online_ else None, online=online_, **kw)
+        out = geom.plan_reduce(*ins[2:], 0.1)
+        return torch.autograd.grad(sum((u * v).sum() for u, v in zip(out, w)), ins)
+
+    for u, v in zip(grads(True), grads(False)):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
