@@ -33,7 +33,7 @@ def _kind(code) -> str | None:
         return None
     if name in DECISIONS:
         return "decision"
-    if name == "__init__" and fn.endswith("pointcloud.py"):
+    if code.co_qualname == "PointCloud.__init__" and fn.endswith("pointcloud.py"):
         return "PointCloud.__init__"
     if (fn.endswith("_validation.py") or fn.endswith("_checks.py")) and not name.startswith("_"):
         return name

@@ -224,9 +224,9 @@ def test_pointcloud_keeps_its_prepared_points_only_while_they_hold():
         return PointCloud(x.clone(), y, online=True, kernel="eager").softmin(h, log_w, eps, 1)
 
     first = geom.softmin(h, log_w, 0.3, 1)
-    kept = geom.__dict__["_fused_points"][(1, False)][2]
+    kept = geom._backend._fused_points[(1, False)][2]
     torch.testing.assert_close(geom.softmin(h, log_w, 0.3, 1), first, rtol=0, atol=0)
-    assert geom.__dict__["_fused_points"][(1, False)][2] is kept
+    assert geom._backend._fused_points[(1, False)][2] is kept
     torch.testing.assert_close(geom.softmin(h, log_w, 0.1, 1), eager(0.1), rtol=0, atol=1e-12)
     x.mul_(1.5)  # in place: the kept points are stale
     torch.testing.assert_close(geom.softmin(h, log_w, 0.1, 1), eager(0.1), rtol=0, atol=1e-12)

@@ -134,7 +134,7 @@ def test_cuda_kernel_matches_the_tiles(dtype):
     x, y = _cuda_clouds(1000, 777, dtype)
     fused = PointCloud(x, y, online=True, kernel="triton")
     tiles = PointCloud(x, y, online=True, kernel="eager")
-    assert PointCloud(x, y, online=True)._fused()  # "auto" picks it on CUDA
+    assert PointCloud(x, y, online=True)._backend.fused  # "auto" picks it on CUDA
     h = torch.randn(2, 777, device="cuda", dtype=dtype)
     log_w = torch.full_like(h, -6.0)
     log_w[:, 5] = -float("inf")

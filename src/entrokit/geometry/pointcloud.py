@@ -357,20 +357,26 @@ class _Tiled:
     kernel choices are made here, once; whether float32 tiles go to float64 is decided
     once per ``eps`` (the clouds' radius is measured on first use)."""
 
-    def __init__(self, pc: PointCloud, radius_sq: float | None = None):
+    def __init__(self, pc: PointCloud, parent: _Tiled | None = None, same_points: bool = False):
         self.pc, self.cost, self.rows = pc, pc.cost_fn, pc.chunk_size
-        n, m = pc.shape
-        self.compiled = _online.use_compiled(pc.kernel, math.prod(pc.batch_shape) * n * m)
-        self.fused = _triton.use_triton(pc.kernel, pc.device, self.cost.name)
+        if parent is None:
+            n, m = pc.shape
+            self.compiled = _online.use_compiled(pc.kernel, math.prod(pc.batch_shape) * n * m)
+            self.fused = _triton.use_triton(pc.kernel, pc.device, self.cost.name)
+        else:  # derived geometries keep the kernel choice of the one they come from
+            self.compiled, self.fused = parent.compiled, parent.fused
         self.may_widen = isinstance(self.cost, SqEuclidean) and pc.dtype == torch.float32
         # the custom backward differentiates in the points only: costs that may hold
         # parameters of their own go through checkpointed tiles
         self.custom_backward = self.cost.parameter_free
-        self._radius_sq, self._wide, self._fused_points = radius_sq, {}, {}
+        # the radius and the per-eps float64-tile decisions hold for the same points
+        # (reshaped or detached): shared with the geometry they come from
+        self._radius = parent._radius if same_points else [None]
+        self._wide = parent._wide if same_points else {}
+        self._fused_points = {}
 
     def derive(self, pc: PointCloud, cost_map) -> _Tiled:
-        # the radius holds for the same points (reshaped or detached)
-        return _Tiled(pc, self._radius_sq if cost_map is not None else None)
+        return _Tiled(pc, self, same_points=cost_map is not None and pc.dtype == self.pc.dtype)
 
     def wide(self, eps: float) -> bool:
         """Float64 tiles for a float32 squared-Euclidean cost too spread for float32 exponents
@@ -379,10 +385,10 @@ class _Tiled:
             return False
         w = self._wide.get(eps)
         if w is None:
-            if self._radius_sq is None:
+            if self._radius[0] is None:
                 with torch.no_grad():
-                    self._radius_sq = _online.radius_sq(self.pc.x, self.pc.y)
-            w = self._wide[eps] = _online.needs_wide_tiles(self._radius_sq, eps, torch.float32)
+                    self._radius[0] = _online.radius_sq(self.pc.x, self.pc.y)
+            w = self._wide[eps] = _online.needs_wide_tiles(self._radius[0], eps, torch.float32)
         return w
 
     def cost_bounds(self):
