@@ -74,8 +74,8 @@ from entrokit.geometry.base import combine_lse, exp_floor, plan_block
 from entrokit.geometry.costs import Cost, SqEuclidean, centre, expand, ieee_matmul
 
 __all__ = ["TILES", "tile_entries", "tiles", "use_compiled", "radius_sq", "needs_wide_tiles", "Pass",
-           "lse_online", "online_lse", "plan_pass", "plan_products", "checkpointed_plan", "cost_bounds",
-           "ieee_matmul"]
+           "lse_online", "online_lse", "plan_pass", "plan_products", "plan_sums", "plan_backward",
+           "checkpointed_plan", "cost_bounds", "ieee_matmul"]
 
 # The one tile table: (entries per tile, widest column block) by device. On CPU 4 MiB in
 # float32 (tiles stay in cache); on a GPU 256 MiB (enough work per launch to hide the
@@ -256,7 +256,10 @@ def _merged(pairs):
 
 
 class _OnlineLSE(torch.autograd.Function):
-    """Differentiable :func:`lse_online` with tile-by-tile recomputation in backward."""
+    r"""Differentiable :func:`lse_online`; its backward is :func:`plan_backward` (the
+    soft-min's weights :math:`p_{ij} = e^{z_{ij} - \operatorname{lse}_i}` are the plan of
+    the potentials :math:`(-\varepsilon\operatorname{lse}, h + \varepsilon\log w)`, whose row
+    sums receive the incoming gradient)."""
 
     @staticmethod
     def forward(ctx, x, y, hw, eps, cost, compiled, row_tile, wide, transpose):
@@ -268,50 +271,94 @@ class _OnlineLSE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gamma):
-        with ieee_matmul(gamma.device):
-            return _OnlineLSE._backward(ctx, gamma)
-
-    @staticmethod
-    def _backward(ctx, gamma):
         x, y, hw, lse = ctx.saved_tensors
-        eps = ctx.eps
-        need_x, need_y, need_h = ctx.needs_input_grad[:3]
-        gx = torch.zeros_like(x) if need_x else None
-        gy = torch.zeros_like(y) if need_y else None
-        gh = torch.zeros_like(hw) if need_h else None
+        need = [k for k, nd in zip("xyg", ctx.needs_input_grad[:3]) if nd]
         t = Pass(x.detach(), y.detach(), ctx.cost, ctx.wide, ctx.transpose)
-        hw_w, lse_w, gamma_w = hw.detach().to(t.dtype), lse.to(t.dtype), gamma.to(t.dtype)
-        floor = exp_floor(t.dtype)
-        zero = torch.zeros_like(lse_w)
-        for r0, r1, c0, c1 in tiles(x.shape[-2], y.shape[-2], x.device, ctx.row_tile):
-            x_t, y_c = t.x[..., r0:r1, :], t.y[..., c0:c1, :]
-            if t.sq or not (need_x or need_y):
-                # q_ij = gamma_i p_ij, p_ij = exp(z_ij - lse_i)
-                z = t.log_plan(r0, r1, c0, c1, zero, hw_w, eps)
-                q = torch.exp((z - lse_w[..., r0:r1].unsqueeze(-1)).clamp_min(floor)) * gamma_w[..., r0:r1].unsqueeze(-1)
-                if need_h:
-                    gh[..., c0:c1] += (q.sum(-2) / eps).to(gh.dtype)
-                # C_ij = |x_i - y_j|^2: grad_x_i = -(2/eps)(x_i sum_j q_ij - sum_j q_ij y_j)
-                if need_x:
-                    gx[..., r0:r1, :] += (-(2.0 / eps) * (x_t * q.sum(-1, keepdim=True) - torch.matmul(q, y_c))).to(gx.dtype)
-                if need_y:
-                    gy[..., c0:c1, :] += (-(2.0 / eps) * (y_c * q.sum(-2).unsqueeze(-1)
-                                                          - torch.matmul(q.transpose(-1, -2), x_t))).to(gy.dtype)
-                continue
-            with torch.enable_grad():
-                xt, yc = x_t.detach().requires_grad_(need_x), y_c.detach().requires_grad_(need_y)
-                C = t.cost_tile(xt, yc)
-                z = (hw_w[..., c0:c1].unsqueeze(-2) - C.detach()) / eps
-                q = torch.exp((z - lse_w[..., r0:r1].unsqueeze(-1)).clamp_min(floor)) * gamma_w[..., r0:r1].unsqueeze(-1)
-                if need_h:
-                    gh[..., c0:c1] += q.sum(-2) / eps
-                inputs = [v for v, need in ((xt, need_x), (yc, need_y)) if need]
-                grads = list(torch.autograd.grad(C, inputs, grad_outputs=-q / eps, allow_unused=True))
-            if need_x and (g_ := grads.pop(0)) is not None:
-                gx[..., r0:r1, :] += g_
-            if need_y and (g_ := grads.pop(0)) is not None:
-                gy[..., c0:c1, :] += g_
-        return gx, gy, gh, None, None, None, None, None, None
+        out = plan_backward(t, -ctx.eps * lse, hw.detach(), None, None, ctx.eps, need, g_rows=gamma,
+                            row_tile=ctx.row_tile)
+        return (*(None if k not in out else out[k].to(v.dtype) for k, v in zip("xyg", (x, y, hw))),
+                None, None, None, None, None, None)
+
+
+def plan_backward(t: Pass, f, g, a, b, eps: float, need, *, g_rows=None, g_cols=None, g_tc=None, g_out=None,
+                  V=None, U=None, row_tile: int | None = None) -> dict:
+    r"""The gradients ``need`` (among ``"f", "g", "a", "b", "V", "U", "x", "y"``) of the row
+    sums, column sums, :math:`\langle C, P\rangle` and ``P V`` (or ``P^T U``) of
+    :math:`P_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` (``a, b = None``: 1) on the
+    points of the pass ``t``, from their incoming gradients, recomputing the plan tile by
+    tile (:math:`O(n + m)` memory). With the plan's cotangent
+    :math:`w_{ij} = \bar r_i + \bar c_j + \bar t\,C_{ij} + \bar O_i\cdot V_j` (or
+    :math:`U_i\cdot\bar O_j`) and :math:`q = P\odot w`:
+    :math:`\bar f_i = \sum_j q_{ij}/\varepsilon`, :math:`\bar g_j = \sum_i q_{ij}/\varepsilon`,
+    :math:`\bar a_i = \sum_j w_{ij} b_j e^{(\cdot)}`, :math:`\bar V = P^\top\bar O`,
+    :math:`\bar U = P\bar O` and :math:`\bar C = \bar t P - q/\varepsilon`, pulled back to the
+    points in closed form for the squared Euclidean cost
+    (:math:`\bar x_i = 2(x_i\sum_j\bar C_{ij} - \sum_j \bar C_{ij} y_j)`), by autograd on the
+    tile otherwise. Results in the pass's dtype."""
+    work = t.dtype
+    lo, hi = exp_floor(work), 0.5 * math.log(torch.finfo(work).max)
+    f, g, a, b, V, U, g_out = (None if v is None else v.detach().to(work) for v in (f, g, a, b, V, U, g_out))
+    like = {"f": f, "g": g, "a": a, "b": b, "V": V, "U": U, "x": t.x, "y": t.y}
+    out = {k: torch.zeros_like(like[k]) for k in need}
+    points = "x" in out or "y" in out
+    generic = points and not t.sq
+    gt = None if g_tc is None else g_tc.to(work).unsqueeze(-1).unsqueeze(-1)
+    with ieee_matmul(t.x.device):
+        for r0, r1, c0, c1 in tiles(t.x.shape[-2], t.y.shape[-2], t.x.device, row_tile):
+            with torch.enable_grad() if generic else torch.no_grad():
+                xs = t.x[..., r0:r1, :].detach().requires_grad_(generic and "x" in out)
+                yc = t.y[..., c0:c1, :].detach().requires_grad_(generic and "y" in out)
+                C_graph = None if (t.sq and gt is None) else t.cost_tile(xs, yc)
+            with torch.no_grad():
+                C = None if C_graph is None else C_graph.detach()
+                if t.sq:  # the matmul expansion (float64 with wide tiles)
+                    E = t.log_plan(r0, r1, c0, c1, f, g, eps)
+                else:
+                    E = (f[..., r0:r1].unsqueeze(-1) + g[..., c0:c1].unsqueeze(-2) - C) / eps
+                E = E.clamp_(lo, hi).exp_()  # clamped as in plan_block
+                w = torch.zeros_like(E)
+                if g_rows is not None:
+                    w += g_rows[..., r0:r1].unsqueeze(-1).to(work)
+                if g_cols is not None:
+                    w += g_cols[..., c0:c1].unsqueeze(-2).to(work)
+                if gt is not None:
+                    w.addcmul_(gt.expand_as(C), C)
+                if g_out is not None:
+                    w += (torch.matmul(g_out[..., r0:r1, :], V[..., c0:c1, :].mT) if V is not None
+                          else torch.matmul(U[..., r0:r1, :], g_out[..., c0:c1, :].mT))
+                if "a" in out:
+                    out["a"][..., r0:r1] += torch.matmul(w * E, b[..., c0:c1].unsqueeze(-1)).squeeze(-1)
+                if "b" in out:
+                    out["b"][..., c0:c1] += torch.matmul(a[..., r0:r1].unsqueeze(-2), w * E).squeeze(-2)
+                P = E if a is None else E.mul_(a[..., r0:r1].unsqueeze(-1)).mul_(b[..., c0:c1].unsqueeze(-2))
+                if "V" in out:
+                    out["V"][..., c0:c1, :] += torch.matmul(P.mT, g_out[..., r0:r1, :])
+                if "U" in out:
+                    out["U"][..., r0:r1, :] += torch.matmul(P, g_out[..., c0:c1, :])
+                q = w.mul_(P)
+                if "f" in out:
+                    out["f"][..., r0:r1] += q.sum(-1) / eps
+                if "g" in out:
+                    out["g"][..., c0:c1] += q.sum(-2) / eps
+                if not points:
+                    continue
+                G = q.mul_(-1.0 / eps)  # dL/dC = t P - q / eps
+                if gt is not None:
+                    G.addcmul_(gt.expand_as(P), P)
+                del P, E
+                if t.sq:
+                    if "x" in out:
+                        out["x"][..., r0:r1, :] += 2.0 * (xs * G.sum(-1, keepdim=True) - torch.matmul(G, yc))
+                    if "y" in out:
+                        out["y"][..., c0:c1, :] += 2.0 * (yc * G.sum(-2).unsqueeze(-1) - torch.matmul(G.mT, xs))
+                    continue
+            grads = list(torch.autograd.grad(C_graph, [v for v in (xs, yc) if v.requires_grad], G, allow_unused=True))
+            with torch.no_grad():
+                if "x" in out and (gx := grads.pop(0)) is not None:
+                    out["x"][..., r0:r1, :] += gx
+                if "y" in out and (gy := grads.pop(0)) is not None:
+                    out["y"][..., c0:c1, :] += gy
+    return out
 
 
 def online_lse(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,

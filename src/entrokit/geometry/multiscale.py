@@ -1058,19 +1058,13 @@ def _group_lse(P_out, P_in, hw_flat, rows, cols, eps):
     return logsumexp_pair((hw.unsqueeze(1) - C) / eps, -1)
 
 
-def _group_plan(P_out, P_in, u_flat, v_flat, wu_flat, wv_flat, rows, cols, eps, out_feat=None):
+def _group_plan(P_out, P_in, u_flat, v_flat, wu_flat, wv_flat, rows, cols, eps):
     """``(P, C)`` of one group: :math:`P = w^u_i w^v_j e^{(u_i + v_j - C_{ij})/\\varepsilon}`
     (:func:`~entrokit.geometry.base.plan_block`); dummy rows/columns have weight 0."""
     r_flat, c_flat = rows.reshape(-1), cols.reshape(-1)
     G, R = rows.shape
     L = cols.shape[1]
-    if out_feat is None:
-        C = _group_cost(P_out, P_in, rows, cols)
-    else:
-        xo, xx = out_feat
-        yi = P_in.index_select(0, c_flat).view(G, L, -1)
-        C = torch.baddbmm((yi * yi).sum(-1).unsqueeze(1), xo, yi.transpose(1, 2), alpha=-2.0)
-        C.add_(xx.unsqueeze(-1)).clamp_min_(0.0)
+    C = _group_cost(P_out, P_in, rows, cols)
     u = u_flat.index_select(0, r_flat).view(G, R)
     wu = wu_flat.index_select(0, r_flat).view(G, R)
     v = v_flat.index_select(0, c_flat).view(G, L)

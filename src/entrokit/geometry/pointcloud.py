@@ -32,8 +32,8 @@ import torch
 from entrokit._errors import InputError
 from entrokit._validation import as_float_tensor, check_same_dtype_device
 from entrokit.geometry import _online, _triton
-from entrokit.geometry.base import Geometry, PointGeometry, exp_floor
-from entrokit.geometry.costs import Cost, Euclidean, SqEuclidean, ieee_matmul, resolve_cost
+from entrokit.geometry.base import Geometry, PointGeometry
+from entrokit.geometry.costs import Cost, Euclidean, SqEuclidean, resolve_cost
 from entrokit.geometry.dense import DenseCost
 
 __all__ = ["PointCloud", "memory_budget", "set_memory_budget", "DENSE_COPIES"]
@@ -329,26 +329,12 @@ class _Dense:
                 self._cache = (version, DenseCost(pc.cost_matrix()))
         return self._cache[1]
 
-    def cost_bounds(self):
-        return self.matrix().cost_bounds()
-
-    def lse(self, h, log_w, eps, axis):
-        return self.matrix().lse(h, log_w, eps, axis)
-
-    def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
-        return self.matrix().plan_reduce(f, g, a, b, eps, accumulate=accumulate, round_to=round_to)
-
-    def marginals(self, f, g, a, b, eps):
-        return self.matrix().marginals(f, g, a, b, eps)
-
-    def plan_matvec(self, f, g, a, b, eps, vec, axis):
-        return self.matrix().plan_matvec(f, g, a, b, eps, vec, axis)
-
-    def plan_operator(self, f, g, a, b, eps):
-        return self.matrix().plan_operator(f, g, a, b, eps)
-
-    def scaling_engine(self, a, b, log_a, log_b):
-        return self.matrix().scaling_engine(a, b, log_a, log_b)
+    def __getattr__(self, name):
+        # every reduction (lse, plan_reduce, marginals, plan_matvec, plan_operator,
+        # scaling_engine, cost_bounds) is the materialised cost's
+        if name.startswith("_") or name == "pc":
+            raise AttributeError(name)
+        return getattr(self.matrix(), name)
 
 
 class _Tiled:
@@ -482,18 +468,11 @@ class _Tiled:
 
 class _OnlinePlan(torch.autograd.Function):
     r"""Row sums, column sums, :math:`\langle C, P\rangle` and one of ``P V`` / ``Pᵀ U`` of
-    the online plan :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}` of a built-in
-    cost, differentiable in ``x, y, f, g, a, b, V, U`` in :math:`O(n + m)` memory: forward
-    runs without a graph, backward recomputes the plan tile by tile (the tiles of
-    :func:`entrokit.geometry._online.tiles`). With incoming gradients
-    :math:`\bar r, \bar c, \bar t, \bar O` the plan's cotangent is
-    :math:`w_{ij} = \bar r_i + \bar c_j + \bar t\,C_{ij} + \bar O_i\cdot V_j` (or
-    :math:`U_i\cdot\bar O_j`), and with :math:`q = P\odot w`:
-    :math:`\bar f_i = \sum_j q_{ij}/\varepsilon`, :math:`\bar g_j = \sum_i q_{ij}/\varepsilon`,
-    :math:`\bar a_i = \sum_j w_{ij} b_j e^{(\cdot)}`, :math:`\bar C = \bar t P - q/\varepsilon`
-    (pulled back to the points in closed form for the squared Euclidean cost, by autograd
-    on the tile otherwise), :math:`\bar V = P^\top\bar O`, :math:`\bar U = P\bar O`.
-    ``tiled`` is the point cloud's backend; ``x, y`` its points (passed for autograd)."""
+    the online plan :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}` of a
+    parameter-free cost, differentiable in ``x, y, f, g, a, b, V, U`` in :math:`O(n + m)`
+    memory: forward runs without a graph, backward recomputes the plan tile by tile
+    (:func:`entrokit.geometry._online.plan_backward`). ``tiled`` is the point cloud's
+    backend; ``x, y`` its points (passed for autograd)."""
 
     @staticmethod
     def forward(ctx, tiled, f, g, a, b, V, U, eps, x, y):
@@ -512,81 +491,15 @@ class _OnlinePlan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_rows, g_cols, g_tc, g_out):
-        with ieee_matmul(ctx.tiled.pc.device):
-            return _OnlinePlan._backward(ctx, g_rows, g_cols, g_tc, g_out)
-
-    @staticmethod
-    def _backward(ctx, g_rows, g_cols, g_tc, g_out):
-        f, g, a, b, V, U = (None if t is None else t.detach() for t in ctx.saved_tensors)
+        f, g, a, b, V, U = ctx.saved_tensors
         tiled, eps = ctx.tiled, ctx.eps
         x, y = tiled.pc.x, tiled.pc.y
-        _, need_f, need_g, need_a, need_b, need_V, need_U, _, need_x, need_y = ctx.needs_input_grad
-        need_V, need_U = need_V and g_out is not None, need_U and g_out is not None
-        dtype = torch.promote_types(torch.result_type(f, g), torch.result_type(a, b))
-        out = {k: torch.zeros_like(t) for k, t, need in (("f", f, need_f), ("g", g, need_g), ("a", a, need_a),
-               ("b", b, need_b), ("x", x, need_x), ("y", y, need_y), ("V", V, need_V), ("U", U, need_U)) if need}
-        lo, hi = exp_floor(dtype), 0.5 * math.log(torch.finfo(dtype).max)
-        t = _online.Pass(x.detach(), y.detach(), tiled.cost)
-        sq = t.sq
-        gt = None if g_tc is None else g_tc.to(dtype).unsqueeze(-1).unsqueeze(-1)
-        generic = (need_x or need_y) and not sq
-        for r0, r1, c0, c1 in _online.tiles(x.shape[-2], y.shape[-2], x.device, tiled.rows):
-            with torch.enable_grad() if generic else torch.no_grad():
-                xs = t.x[..., r0:r1, :].detach().requires_grad_(generic and need_x)
-                yc = t.y[..., c0:c1, :].detach().requires_grad_(generic and need_y)
-                C_graph = t.cost_tile(xs, yc)
-            with torch.no_grad():
-                C = C_graph.detach()
-                fs, gc, as_, bc = f[..., r0:r1], g[..., c0:c1], a[..., r0:r1], b[..., c0:c1]
-                # E_ij = exp((f_i + g_j - C_ij)/eps) (clamped as in plan_block), P = a_i b_j E_ij
-                E = (fs.unsqueeze(-1) + gc.unsqueeze(-2) - C).mul_(1.0 / eps).clamp_(lo, hi).exp_()
-                w = torch.zeros_like(E)
-                if g_rows is not None:
-                    w += g_rows[..., r0:r1].unsqueeze(-1)
-                if g_cols is not None:
-                    w += g_cols[..., c0:c1].unsqueeze(-2)
-                if gt is not None:
-                    w.addcmul_(gt.expand_as(C), C)
-                if g_out is not None:
-                    if V is not None:
-                        w += torch.matmul(g_out[..., r0:r1, :], V[..., c0:c1, :].transpose(-1, -2))
-                    else:
-                        w += torch.matmul(U[..., r0:r1, :], g_out[..., c0:c1, :].transpose(-1, -2))
-                if need_a:
-                    out["a"][..., r0:r1] += torch.matmul(w * E, bc.unsqueeze(-1)).squeeze(-1)
-                if need_b:
-                    out["b"][..., c0:c1] += torch.matmul(as_.unsqueeze(-2), w * E).squeeze(-2)
-                P = E.mul_(as_.unsqueeze(-1)).mul_(bc.unsqueeze(-2))
-                if need_V:
-                    out["V"][..., c0:c1, :] += torch.matmul(P.transpose(-1, -2), g_out[..., r0:r1, :])
-                if need_U:
-                    out["U"][..., r0:r1, :] += torch.matmul(P, g_out[..., c0:c1, :])
-                q = w.mul_(P)
-                if need_f:
-                    out["f"][..., r0:r1] += q.sum(-1) / eps
-                if need_g:
-                    out["g"][..., c0:c1] += q.sum(-2) / eps
-                if not (need_x or need_y):
-                    continue
-                # dL/dC = t P - q / eps
-                G = q.mul_(-1.0 / eps)
-                if gt is not None:
-                    G.addcmul_(gt.expand_as(P), P)
-                del P, E
-                if sq:
-                    # C_ij = |x_i - y_j|^2 (centred points): grad x_i = 2 (x_i sum_j G_ij - sum_j G_ij y_j)
-                    xd, yd = xs.detach(), yc.detach()
-                    if need_x:
-                        out["x"][..., r0:r1, :] += 2.0 * (xd * G.sum(-1, keepdim=True) - torch.matmul(G, yd))
-                    if need_y:
-                        out["y"][..., c0:c1, :] += 2.0 * (yd * G.sum(-2).unsqueeze(-1)
-                                                         - torch.matmul(G.transpose(-1, -2), xd))
-                    continue
-            grads = list(torch.autograd.grad(C_graph, [v for v in (xs, yc) if v.requires_grad], G, allow_unused=True))
-            with torch.no_grad():
-                if need_x and (gx := grads.pop(0)) is not None:
-                    out["x"][..., r0:r1, :] += gx
-                if need_y and (gy := grads.pop(0)) is not None:
-                    out["y"][..., c0:c1, :] += gy
-        return (None, out.get("f"), out.get("g"), out.get("a"), out.get("b"), out.get("V"), out.get("U"), None,
-                out.get("x"), out.get("y"))
+        names = ("f", "g", "a", "b", "V", "U", "x", "y")
+        like = dict(zip(names, (f, g, a, b, V, U, x, y)))
+        need = [k for k, nd in zip(names, (*ctx.needs_input_grad[1:7], *ctx.needs_input_grad[8:]))
+                if nd and (g_out is not None or k not in "VU")]
+        t = _online.Pass(x.detach(), y.detach(), tiled.cost, tiled.wide(eps))
+        out = _online.plan_backward(t, f, g, a, b, eps, need, g_rows=g_rows, g_cols=g_cols, g_tc=g_tc, g_out=g_out,
+                                    V=V, U=U, row_tile=tiled.rows)
+        grads = {k: v.to(like[k].dtype) for k, v in out.items()}
+        return (None, *(grads.get(k) for k in names[:6]), None, grads.get("x"), grads.get("y"))
