@@ -145,9 +145,15 @@ class Geometry:
 
     # -- metadata ----------------------------------------------------------------------
     @property
+    def _stored(self) -> torch.Tensor:
+        """The ``(..., n, m)`` tensor the metadata is read from (default: :meth:`cost_matrix`;
+        a geometry that stores its cost, or another representation of it, returns that)."""
+        return self.cost_matrix()
+
+    @property
     def shape(self) -> tuple[int, int]:
         """``(n, m)``."""
-        return self._dense().shape
+        return (self._stored.shape[-2], self._stored.shape[-1])
 
     @property
     def global_shape(self) -> tuple[int, int]:
@@ -158,16 +164,16 @@ class Geometry:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._dense().dtype
+        return self._stored.dtype
 
     @property
     def device(self) -> torch.device:
-        return self._dense().device
+        return self._stored.device
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
         """The leading batch axes (``()`` for one problem)."""
-        return self._dense().batch_shape
+        return tuple(self._stored.shape[:-2])
 
     @property
     def batched(self) -> bool:

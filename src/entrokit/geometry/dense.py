@@ -37,28 +37,6 @@ class DenseCost(Geometry):
     def __repr__(self) -> str:
         return f"DenseCost(shape={tuple(self.C.shape)}, dtype={self.C.dtype}, device={self.C.device})"
 
-    @property
-    def _stored(self) -> torch.Tensor:
-        """The ``(..., n, m)`` tensor this geometry holds (subclasses may store another
-        representation of the cost); shape, dtype and device are read from it."""
-        return self.C
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self._stored.shape[-2], self._stored.shape[-1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._stored.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._stored.device
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self._stored.shape[:-2])
-
     def _with_cached_bounds(self, out: DenseCost, batch_shape=None) -> DenseCost:
         cached = self.__dict__.get("_bounds")
         if cached is not None:
