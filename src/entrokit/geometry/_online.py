@@ -467,23 +467,19 @@ def checkpointed_plan(x, y, f, g, a, b, eps: float, cost: Cost, row_tile: int | 
     input *and* whatever the cost holds (a callable's parameters): each tile is a
     ``torch.utils.checkpoint`` recomputed in backward, so memory stays one tile."""
     xp, yp = cost.prepare(x, y)
-    n, m = x.shape[-2], y.shape[-2]
-    rows, cols = _row_blocks(n, m, x.device, row_tile)
-    row_out, col_out, tc, pv_out, ptu_out = [], 0.0, 0.0, [], 0.0
+    rows, cols = _row_blocks(x.shape[-2], y.shape[-2], x.device, row_tile)
+    row_out, pv_out, col_out, ptu_out, tc = [], [], [0.0] * len(cols), [0.0] * len(cols), 0.0
     for r0, r1 in rows:
-        r_acc, pv_acc = 0.0, 0.0
-        for c0, c1 in cols:
+        r_acc = pv_acc = 0.0
+        for k, (c0, c1) in enumerate(cols):
             r, c, t, pv, ptu = checkpoint(
                 _plan_tile, xp[..., r0:r1, :], yp[..., c0:c1, :], f[..., r0:r1], g[..., c0:c1], a[..., r0:r1],
                 b[..., c0:c1], eps, cost, accumulate, round_to, None if V is None else V[..., c0:c1, :],
                 None if U is None else U[..., r0:r1, :], use_reentrant=False)
-            r_acc, tc = r_acc + r, tc + t
-            col_out = col_out + torch.nn.functional.pad(c, (c0, m - c1))
-            if pv is not None:
-                pv_acc = pv_acc + pv
-            if ptu is not None:
-                ptu_out = ptu_out + torch.nn.functional.pad(ptu, (0, 0, c0, m - c1))
+            r_acc, tc, col_out[k] = r_acc + r, tc + t, col_out[k] + c
+            pv_acc = pv_acc if pv is None else pv_acc + pv
+            ptu_out[k] = ptu_out[k] if ptu is None else ptu_out[k] + ptu
         row_out.append(r_acc)
         pv_out.append(pv_acc)
-    return (torch.cat(row_out, -1), col_out, tc, torch.cat(pv_out, -2) if V is not None else None,
-            ptu_out if U is not None else None)
+    return (torch.cat(row_out, -1), torch.cat(col_out, -1), tc, torch.cat(pv_out, -2) if V is not None else None,
+            torch.cat(ptu_out, -2) if U is not None else None)

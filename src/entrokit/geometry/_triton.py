@@ -58,6 +58,7 @@ import os
 import torch
 
 from entrokit._errors import InputError
+from entrokit.geometry.costs import centre
 
 __all__ = ["available", "interpreting", "check_usable", "use_triton", "lse_pairs", "online_lse",
            "plan_products", "marginals"]
@@ -196,9 +197,8 @@ class Prepared:
         self.dtype, self.work = x.dtype, _work_dtype(x.dtype, wide)
         x = x.detach().reshape(-1, self.n, self.d).to(self.work)
         y = y.detach().reshape(-1, self.m, self.d).to(self.work)
-        if cost == "sqeuclidean":  # translation invariant: centre (see _online)
-            centre = 0.5 * (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True))
-            x, y = x - centre, y - centre
+        if cost == "sqeuclidean":  # translation invariant: centred as every tile is
+            x, y = centre(x, y)
             self.x_sq, self.y_sq = x.pow(2).sum(-1), y.pow(2).sum(-1)
             self.scale = 2.0 / eps
         else:
