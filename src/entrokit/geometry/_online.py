@@ -370,18 +370,24 @@ def online_lse(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_til
     return lse_online(x, y, hw, eps, cost, compiled, row_tile, wide, transpose)
 
 
-def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, with_cost: bool = False, row_tile=None,
-              accumulate: torch.dtype | None = None, round_to: torch.dtype | None = None):
-    r"""``(P V, P^T U, sum_ij P_ij C_ij)`` in one pass over the tiles of ``t``, for
-    :math:`P_{ij} = \exp((\text{row}_i + \text{col}_j - C_{ij})/\varepsilon)` (``row = f + eps
-    log a``, ``col = g + eps log b``; zero weights: ``-inf``, exactly 0). ``V (B, m, k)``,
-    ``U (B, n, k)`` or ``None``; ``with_cost`` adds the tile sums of :math:`P\odot C` (``None``
-    otherwise). Entries are formed in the working dtype, rounded to ``round_to`` if given,
-    and summed in ``accumulate`` (default: the working dtype). No autograd."""
+def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, a=None, b=None, with_cost: bool = False,
+              row_tile=None, accumulate: torch.dtype | None = None, round_to: torch.dtype | None = None):
+    r"""``(P V, P^T U, sum_ij P_ij C_ij)`` in one pass over the tiles of ``t``. Without
+    weights, :math:`P_{ij} = \exp((\text{row}_i + \text{col}_j - C_{ij})/\varepsilon)` (``row =
+    f + eps log a``, ``col = g + eps log b``; zero weights: ``-inf``, exactly 0; the squared
+    Euclidean exponent by the matmul expansion). With weights ``a, b``, ``row, col`` are the
+    potentials and each tile is :func:`~entrokit.geometry.base.plan_block` of the cost tile,
+    entry for entry the plan :meth:`~entrokit.geometry.base.Geometry.plan` returns.
+    ``V (B, m, k)``, ``U (B, n, k)`` or ``None``; ``with_cost`` adds the tile sums of
+    :math:`P\odot C` (``None`` otherwise). Entries are formed in the working dtype, rounded
+    to ``round_to`` if given, and summed in ``accumulate`` (default: the working dtype). No
+    autograd."""
     x, dev = t.x, t.x.device
     n, m = x.shape[-2], t.y.shape[-2]
-    acc = accumulate or t.dtype
-    row, col = row.to(t.dtype), col.to(t.dtype)
+    if a is None:
+        row, col = row.to(t.dtype), col.to(t.dtype)
+    # the plan's dtype: the working dtype, or wider potentials/weights (as plan_block promotes)
+    acc = accumulate or torch.promote_types(torch.promote_types(row.dtype, col.dtype), t.dtype)
     PV = None if V is None else torch.zeros(*V.shape[:-2], n, V.shape[-1], dtype=acc, device=dev)
     PTU = None if U is None else torch.zeros(*U.shape[:-2], m, U.shape[-1], dtype=acc, device=dev)
     V = None if V is None else V.to(acc)
@@ -390,7 +396,12 @@ def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, with_cost: bool 
     floor = exp_floor(t.dtype)
     with ieee_matmul(dev):
         for r0, r1, c0, c1 in tiles(n, m, dev, row_tile):
-            P = t.log_plan(r0, r1, c0, c1, row, col, eps).clamp_min_(floor).exp_()
+            C = None
+            if a is None:
+                P = t.log_plan(r0, r1, c0, c1, row, col, eps).clamp_min_(floor).exp_()
+            else:
+                C = t.cost_tile(t.x[..., r0:r1, :], t.y[..., c0:c1, :])
+                P = plan_block(row[..., r0:r1], col[..., c0:c1], a[..., r0:r1], b[..., c0:c1], C, eps)
             if round_to is not None:
                 P = P.to(round_to)
             P = P.to(acc)
@@ -399,7 +410,8 @@ def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, with_cost: bool 
             if PTU is not None:
                 PTU[..., c0:c1, :] += torch.matmul(P.transpose(-1, -2), U[..., r0:r1, :])
             if with_cost:
-                tc += (P * t.cost_tile(t.x[..., r0:r1, :], t.y[..., c0:c1, :]).to(acc)).sum((-2, -1))
+                C = t.cost_tile(t.x[..., r0:r1, :], t.y[..., c0:c1, :]) if C is None else C
+                tc += (P * C.to(acc)).sum((-2, -1))
     return PV, PTU, tc
 
 
@@ -411,19 +423,20 @@ def plan_products(x, y, row, col, eps: float, V, U, cost: Cost, row_tile: int | 
     return (None if PV is None else PV.to(out_dtype)), (None if PTU is None else PTU.to(out_dtype))
 
 
-def plan_sums(x, y, row, col, eps: float, cost: Cost, row_tile: int | None = None, wide: bool = False, *,
+def plan_sums(x, y, f, g, a, b, eps: float, cost: Cost, row_tile: int | None = None, *,
               accumulate: torch.dtype | None = None, round_to: torch.dtype | None = None):
-    r"""Row sums, column sums and :math:`\langle C, P\rangle` of :func:`plan_pass`'s plan in
-    one pass (module docstring: the squared Euclidean cost reads :math:`\langle C, P\rangle`
-    from :math:`P[\mathbf 1, \tilde y]`). Results in ``accumulate`` (default ``x``'s dtype)."""
-    t = Pass(x, y, cost, wide)
-    out = accumulate or x.dtype
+    r"""Row sums, column sums and :math:`\langle C, P\rangle` of the plan
+    :math:`P = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` in one pass, its entries those
+    of :meth:`~entrokit.geometry.base.Geometry.plan` (module docstring: the squared Euclidean
+    cost reads :math:`\langle C, P\rangle` from :math:`P[\mathbf 1, \tilde y]`). Results in
+    ``accumulate`` (default: the plan's dtype)."""
+    t = Pass(x, y, cost)
     ones_m = torch.ones(*t.y.shape[:-1], 1, dtype=t.dtype, device=x.device)
     ones_n = torch.ones(*t.x.shape[:-1], 1, dtype=t.dtype, device=x.device)
     V = torch.cat([ones_m, t.y], -1) if t.sq else ones_m
-    PV, PTU, tc = plan_pass(t, row, col, eps, V, ones_n, with_cost=not t.sq, row_tile=row_tile,
-                            accumulate=accumulate, round_to=round_to)
-    r, c = PV[..., 0], PTU[..., 0]
+    PV, PTU, tc = plan_pass(t, f, g, eps, V, ones_n, a=a, b=b, with_cost=not t.sq,
+                            row_tile=row_tile, accumulate=accumulate, round_to=round_to)
+    r, c, out = PV[..., 0], PTU[..., 0], PV.dtype
     if t.sq:
         # <C, P> = sum_i r_i |x_i|^2 + sum_j c_j |y_j|^2 - 2 <x, P y> (centred points, float64)
         d = torch.float64

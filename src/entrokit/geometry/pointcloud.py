@@ -413,8 +413,8 @@ class _Tiled:
                 return _OnlinePlan.apply(self, f, g, a, b, None, None, eps, pc.x, pc.y)[:3]
             return _online.checkpointed_plan(pc.x, pc.y, f, g, a, b, eps, self.cost, self.rows,
                                              accumulate=accumulate, round_to=round_to)[:3]
-        return _online.plan_sums(pc.x, pc.y, *self._weighted(f, g, a, b, eps), eps, self.cost, self.rows,
-                                 self.wide(eps), accumulate=accumulate, round_to=round_to)
+        return _online.plan_sums(pc.x, pc.y, f, g, a, b, eps, self.cost, self.rows, accumulate=accumulate,
+                                 round_to=round_to)
 
     def marginals(self, f, g, a, b, eps):
         pc = self.pc
