@@ -105,19 +105,16 @@ def tile_shape(m: int, device: torch.device, rows: int | None = None) -> tuple[i
     return rows or max(16, entries // cols), cols
 
 
+def _row_blocks(n: int, m: int, device: torch.device, rows: int | None = None):
+    """Row blocks ``[(r0, r1), ...]`` and column blocks ``[(c0, c1), ...]`` of a pass."""
+    tr, tc = tile_shape(m, device, rows)
+    return [(r0, min(r0 + tr, n)) for r0 in range(0, n, tr)], [(c0, min(c0 + tc, m)) for c0 in range(0, m, tc)]
+
+
 def tiles(n: int, m: int, device: torch.device, rows: int | None = None):
     """The tile loop: ``(r0, r1, c0, c1)`` row-major over an ``n x m`` pass."""
-    tr, tc = tile_shape(m, device, rows)
-    for r0 in range(0, n, tr):
-        for c0 in range(0, m, tc):
-            yield r0, min(r0 + tr, n), c0, min(c0 + tc, m)
-
-
-def _row_blocks(n: int, m: int, device: torch.device, rows: int | None = None):
-    """Row blocks ``(r0, r1)`` and the column blocks ``[(c0, c1), ...]`` of :func:`tiles`."""
-    tr, tc = tile_shape(m, device, rows)
-    cols = [(c0, min(c0 + tc, m)) for c0 in range(0, m, tc)]
-    return [(r0, min(r0 + tr, n)) for r0 in range(0, n, tr)], cols
+    row_blocks, col_blocks = _row_blocks(n, m, device, rows)
+    return ((r0, r1, c0, c1) for r0, r1 in row_blocks for c0, c1 in col_blocks)
 
 
 def radius_sq(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -108,6 +108,8 @@ def run_or_fallback(kernel: str, fused, fallback):
     global _failed
     if kernel == "triton":
         return fused()
+    if _failed:  # an earlier launch failed: the geometry chose the kernel once, the fallback holds
+        return fallback()
     try:
         return fused()
     except InputError:  # the caller's mistake, not the kernel's
