@@ -99,3 +99,25 @@ def test_derived_geometries_skip_init_keep_the_backend_and_carry_the_caches(monk
     flat = dense.reshape_batch((1, 2))
     assert flat._backend.matrix().C.data_ptr() == C.data_ptr() and flat.cost_bounds()[0].shape == (1, 2)
     torch.testing.assert_close(flat.cost_bounds()[1].reshape(2), hi)
+
+
+def test_the_backend_and_kernel_are_decided_once_per_divergence(monkeypatch):
+    """The dense-or-online rule runs once (at the user's PointCloud), the kernel rules once
+    per online geometry family: derived geometries keep the decision."""
+    import collections
+
+    from entrokit.geometry import _online, _triton
+    from entrokit.geometry import pointcloud as pc_module
+
+    counts = collections.Counter()
+    for mod, name in ((_online, "use_compiled"), (_triton, "use_triton"), (pc_module, "memory_budget")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, _n=name, **k: (counts.update([_n]), _o(*a, **k))[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(30, 2, generator=g, dtype=torch.float64)
+    entrokit.sinkhorn_divergence(PointCloud(x, y, chunk_size=16), eps=0.1).backward()
+    assert (counts["use_compiled"], counts["use_triton"], counts["memory_budget"]) == (1, 1, 0)
+    counts.clear()
+    entrokit.sinkhorn_divergence(x, y, eps=0.1).backward()
+    assert (counts["use_compiled"], counts["memory_budget"]) == (0, 1)
