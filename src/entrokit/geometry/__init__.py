@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from entrokit.geometry.base import Geometry, combine_lse, exp_floor, lse_to_softmin, plan_block
+from entrokit.geometry.costs import Cost, Euclidean, PNorm, SqEuclidean
 from entrokit.geometry.dense import DenseCost
 from entrokit.geometry.keops import KeOpsPointCloud
 from entrokit.geometry.logit import LogitCost
@@ -13,7 +14,7 @@ from entrokit.geometry.pointcloud import PointCloud, memory_budget, set_memory_b
 from entrokit.geometry.sharded import CommCounter, ShardedPointCloud
 
 __all__ = [
-    "Geometry", "DenseCost", "LogitCost", "PointCloud", "KeOpsPointCloud", "ShardedPointCloud", "CommCounter",
+    "Geometry", "DenseCost", "Cost", "SqEuclidean", "Euclidean", "PNorm", "LogitCost", "PointCloud", "KeOpsPointCloud", "ShardedPointCloud", "CommCounter",
     "TruncatedPointCloud", "GridClusters", "grid_cluster", "as_geometry",
     "memory_budget", "set_memory_budget", "exp_floor", "combine_lse", "lse_to_softmin", "plan_block",
 ]
