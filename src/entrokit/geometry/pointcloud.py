@@ -177,7 +177,7 @@ class PointCloud(PointGeometry):
             raise InputError(f"allow_tf32 must be True or False, got {allow_tf32!r}.")
         self.allow_tf32 = bool(allow_tf32)
         self.x, self.y, self.cost = x, y, cost
-        self.p = getattr(self.cost_fn, "p", None) if cost == "pnorm" else None
+        self.p = self.cost_fn.p if isinstance(cost, str) and cost == "pnorm" else None
         self.chunk_size, self.memory_budget, self.kernel = chunk_size, memory_budget, kernel
         if online is None:
             online = chunk_size is not None or self.dense_bytes() > (memory_budget or globals()["memory_budget"]())
