@@ -8,7 +8,11 @@ import torch.nn.functional as F
 
 from autograd_memory import saved_bytes
 from entrokit import ConvergenceWarning, InputError
-from entrokit.nn.attention import SinkhornAttention, sinkhorn_attention, sinkhorn_attention_with_weights
+from entrokit.nn.attention import (
+    SinkhornAttention,
+    sinkhorn_attention,
+    sinkhorn_attention_with_weights,
+)
 
 D = torch.float64
 
