@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -69,39 +71,67 @@ def marginal_error(x, y, f, g, eps: float, cost_scale: float = 1.0) -> float:
 
 
 # -- child rows ---------------------------------------------------------------------------
-def _time(fn, repeat=3):
-    fn()
-    best = math.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+PASS_KINDS = ("entrokit-compile", "entrokit-eager", "entrokit-keops", "keops-lazytensor", "geomloss-keops")
 
 
-def row_pass(kind: str, n: int) -> dict:
-    x, y = clouds(n)
-    h = torch.zeros(1, n)
-    log_w = torch.full((1, n), -math.log(n))
+def _pass_fn(kind: str, x, y, h, log_w):
+    """One soft-min pass ``-eps log sum_j exp((h_j - |x_i - y_j|^2)/eps + log w_j)`` over all i."""
     if kind == "geomloss-keops":
         from geomloss._legacy.sinkhorn_samples import cost_formulas, lse_genred, softmin_online
 
-        lse = lse_genred(cost_formulas[2], 3, dtype="float32")
-        eps_g = EPS / 2
+        lse = lse_genred(cost_formulas[2], 3, dtype="float32")  # its cost |x-y|^2/2 at eps/2: our problem
         hy = (log_w + h / EPS).reshape(-1)
-        fn = lambda: softmin_online(eps_g, (x, y), hy, log_conv=lse)  # noqa: E731
+        return lambda: softmin_online(EPS / 2, (x, y), hy, log_conv=lse)
+    if kind == "keops-lazytensor":
+        from pykeops.torch import LazyTensor
+
+        x_i, y_j = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :])
+        hw_j = LazyTensor((h / EPS + log_w).reshape(-1, 1)[None, :, :])
+        z = hw_j - ((x_i - y_j) ** 2).sum(-1) / EPS  # the reduction KeOps documents for log-sum-exp
+        return lambda: -EPS * z.logsumexp(dim=1)
+    from entrokit import PointCloud
+
+    if kind == "entrokit-keops":
+        from entrokit.geometry.keops import KeOpsPointCloud
+
+        geom = KeOpsPointCloud(x, y).flatten_batch()
     else:
-        from entrokit import PointCloud
+        geom = PointCloud(x, y, online=True, kernel=kind.split("-")[1]).flatten_batch()
+    return lambda: geom.softmin(h, log_w, EPS, axis=1)
 
-        if kind == "entrokit-keops":
-            from entrokit.geometry.keops import KeOpsPointCloud
 
-            geom = KeOpsPointCloud(x, y).flatten_batch()
-        else:
-            geom = PointCloud(x, y, online=True, kernel=kind.split("-")[1]).flatten_batch()
-        fn = lambda: geom.softmin(h, log_w, EPS, axis=1)  # noqa: E731
-    t = _time(fn)
-    return {"time": t, "rate": n * n / t, "rss": peak_rss_mib()}
+def row_pass(n: int, instances: int = 3, repeats: int = 3) -> dict:
+    """Every kind in one process, interleaved: per instance (seed) one warm-up per kind
+    (compilation), then ``repeats`` rounds timing each kind in turn; per kind the median
+    over instances of the per-instance median (process CPU and wall time), and the max
+    |difference| of its output from the float64 soft-min."""
+    out = {k: {"cpu": [], "wall": [], "diff": 0.0} for k in PASS_KINDS}
+    for seed in range(instances):
+        x, y = clouds(n, seed=seed)
+        h = torch.zeros(1, n)
+        log_w = torch.full((1, n), -math.log(n))
+        fns = {k: _pass_fn(k, x, y, h, log_w) for k in PASS_KINDS}
+        ref = None
+        for k in PASS_KINDS:
+            val = fns[k]().reshape(-1).double() * (2.0 if k == "geomloss-keops" else 1.0)  # GeomLoss: half
+            if ref is None:  # the float64 reference, on a block of rows (exact soft-min)
+                xs, yd = x[:512].double(), y.double()
+                C = torch.cdist(xs, yd).square()
+                ref = -EPS * torch.logsumexp((h.double() - C) / EPS + log_w.double(), dim=-1).reshape(-1)
+            out[k]["diff"] = max(out[k]["diff"], float((val[:512] - ref).abs().max()))
+        runs = {k: [] for k in PASS_KINDS}
+        for _ in range(repeats):
+            for k in PASS_KINDS:
+                c, w = time.process_time(), time.perf_counter()
+                fns[k]()
+                runs[k].append((time.process_time() - c, time.perf_counter() - w))
+        for k in PASS_KINDS:
+            out[k]["cpu"].append(statistics.median(r[0] for r in runs[k]))
+            out[k]["wall"].append(statistics.median(r[1] for r in runs[k]))
+    res = {k: {"cpu": statistics.median(v["cpu"]), "wall": statistics.median(v["wall"]), "diff": v["diff"]}
+           for k, v in out.items()}
+    res["rss"] = peak_rss_mib()
+    return res
 
 
 def row_iteration(kind: str, n: int, iters: int = 10) -> dict:
@@ -223,7 +253,7 @@ def child(timeout: float, **spec) -> dict | None:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired:
         print(f"  {spec}: over {timeout:.0f} s, stopped", flush=True)
         return None
@@ -255,17 +285,30 @@ def main() -> None:
     if "pass" in args.sections:
         n = 2000 if q else 20_000
         t = Table(f"One soft-min pass, n = m = {n}, d = 3, float32, one thread",
-                  ["library / kernel", "time per pass", "M entries/s", "ratio to GeomLoss KeOps"])
-        ref = child(args.budget, row="pass", kind="geomloss-keops", n=n)
-        for kind in ("entrokit-compile", "entrokit-eager", "entrokit-keops", "geomloss-keops"):
-            r = ref if kind == "geomloss-keops" else child(args.budget, row="pass", kind=kind, n=n)
-            if r is None:
-                t.add(kind, "failed", "", "")
-                continue
-            ratio = f"{r['time'] / ref['time']:.2f}" if ref else ""
-            t.add(kind, f"{r['time'] * 1e3:.0f} ms", f"{r['rate'] / 1e6:.0f}", ratio)
-        t.notes.append("ratio = time / GeomLoss KeOps online soft-min time (< 1: faster); best of 3 after a warm-up "
-                       "(compilation excluded).")
+                  ["library / kernel", "time per pass, CPU (wall)", "M entries/s (CPU)",
+                   "ratio to GeomLoss KeOps (CPU)", "ratio to KeOps LazyTensor (CPU)", "max abs error vs float64"])
+        r = child(args.budget, row="pass", n=n)
+        if r is None:
+            t.add("all", "failed", "", "", "", "")
+        else:
+            g, lz = r["geomloss-keops"]["cpu"], r["keops-lazytensor"]["cpu"]
+            for kind in PASS_KINDS:
+                k = r[kind]
+                t.add(kind, f"{k['cpu'] * 1e3:.0f} ms ({k['wall'] * 1e3:.0f} ms)", f"{n * n / k['cpu'] / 1e6:.0f}",
+                      f"{k['cpu'] / g:.2f}", f"{k['cpu'] / lz:.2f}", f"{k['diff']:.1e}")
+            comp, eag = r["entrokit-compile"]["cpu"], r["entrokit-eager"]["cpu"]
+            t.notes.append(f"compiled tile vs eager tile: {eag / comp:.2f}x faster (CPU time).")
+        t.notes += [
+            "one process, every kind interleaved: per instance (3 seeds) a warm-up per kind (KeOps and "
+            "torch.compile compile there, excluded), then 3 rounds; median over instances of the per-instance "
+            "median. CPU = process time (time.process_time), wall in brackets.",
+            "keops-lazytensor: KeOps directly, `(LazyTensor(h/eps + log w)_j - |x_i - y_j|^2/eps).logsumexp(dim=1)`, "
+            "float32, CPU backend (the formula KeOps documents for a log-sum-exp reduction); geomloss-keops: "
+            "GeomLoss's own online soft-min (`softmin_online` with its `lse_genred` kernel, the inner loop of "
+            "SamplesLoss(backend='online')); entrokit-keops: entrokit's KeOpsPointCloud; entrokit-compile / "
+            "-eager: PointCloud(online=True) with the torch.compile'd or the eager tile.",
+            "max abs error: |soft-min - float64 soft-min| on the first 512 rows, max over instances.",
+        ]
         tables.append(t)
     if "iteration" in args.sections:
         n = 1000 if q else 5000
@@ -346,7 +389,7 @@ def main() -> None:
     out_arg = "" if Path(args.out).name == "scale.md" else f" --out benchmarks/results/{Path(args.out).name}"
     text.append(f"Printed by `python benchmarks/bench_scale.py --sections {' '.join(args.sections)}"
                 f"{' --quick' if q else ''}{out_arg}`; load average at the end: "
-                f"{' '.join(f'{v:.2f}' for v in __import__('os').getloadavg())}.\n")
+                f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.\n")
     print("\n".join(tb.render() for tb in tables))
     if not q:
         Path(args.out).write_text("\n".join(text))
