@@ -208,7 +208,10 @@ def row_online_solve(n: int, instances: int = 3, repeats: int = 3) -> dict:
         x, y = clouds(n, seed=seed)
         a = torch.full((n,), 1.0 / n)
         geoms = {p: entrokit.PointCloud(x, y, online=p == "online") for p in paths}
-        res = {p: entrokit.sinkhorn(a, a, geoms[p], EPS, tol=TOL, max_iter=100_000) for p in paths}  # warm-up
+        if seed == 0:  # warm-up: compiles the online tiles at this size
+            for p in paths:
+                entrokit.sinkhorn(a, a, geoms[p], EPS, tol=TOL, max_iter=100_000)
+        res = {}
         runs = {p: [] for p in paths}
         for _ in range(repeats):
             for p in paths:
@@ -307,12 +310,25 @@ def child(timeout: float, **spec) -> dict | None:
     return None
 
 
+def versions() -> str:
+    out = [f"torch {torch.__version__}"]
+    for mod in ("pykeops", "geomloss", "ot"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # not installed
+            pass
+    return ", ".join(out)
+
+
 # -- tables --------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["pass", "iteration", "solve", "large"])
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--budget", type=float, default=1800.0, help="seconds per row before it is stopped")
+    parser.add_argument("--pass-n", type=int, default=10_000, help="size of the soft-min pass section")
+    parser.add_argument("--instances", type=int, default=3, help="seeds of the pass and online_solve sections")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per instance (pass, online_solve)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.md"))
     args = parser.parse_args()
@@ -324,11 +340,11 @@ def main() -> None:
     q = args.quick
     tables = []
     if "pass" in args.sections:
-        n = 2000 if q else 20_000
+        n = 2000 if q else args.pass_n
         t = Table(f"One soft-min pass, n = m = {n}, d = 3, float32, one thread",
                   ["library / kernel", "time per pass, CPU (wall)", "M entries/s (CPU)",
                    "ratio to GeomLoss KeOps (CPU)", "ratio to KeOps LazyTensor (CPU)", "max abs error vs float64"])
-        r = child(args.budget, row="pass", n=n)
+        r = child(args.budget, row="pass", n=n, instances=args.instances, repeats=args.repeats)
         if r is None:
             t.add("all", "failed", "", "", "", "")
         else:
@@ -340,9 +356,9 @@ def main() -> None:
             comp, eag = r["entrokit-compile"]["cpu"], r["entrokit-eager"]["cpu"]
             t.notes.append(f"compiled tile vs eager tile: {eag / comp:.2f}x faster (CPU time).")
         t.notes += [
-            "one process, every kind interleaved: per instance (3 seeds) a warm-up per kind (KeOps and "
-            "torch.compile compile there, excluded), then 3 rounds; median over instances of the per-instance "
-            "median. CPU = process time (time.process_time), wall in brackets.",
+            f"one process, every kind interleaved: per instance ({args.instances} seeds) a warm-up per kind (KeOps "
+            f"and torch.compile compile there, excluded), then {args.repeats} rounds; median over instances of the "
+            "per-instance median. CPU = process time (time.process_time), wall in brackets.",
             "keops-lazytensor: KeOps directly, `(LazyTensor(h/eps + log w)_j - |x_i - y_j|^2/eps).logsumexp(dim=1)`, "
             "float32, CPU backend (the formula KeOps documents for a log-sum-exp reduction); geomloss-keops: "
             "GeomLoss's own online soft-min (`softmin_online` with its `lse_genred` kernel, the inner loop of "
@@ -372,7 +388,7 @@ def main() -> None:
                   f"(d = 3, eps = {EPS:g}, float32, one thread)",
                   ["path", "time CPU (wall)", "ratio to dense (CPU)", "iterations", "L1 error (float64)",
                    "certification pass CPU", "time per iteration CPU"])
-        r = child(args.budget, row="online_solve", n=n)
+        r = child(args.budget, row="online_solve", n=n, instances=args.instances, repeats=args.repeats)
         if r is None:
             t.add("both", "failed", "", "", "", "", "")
         else:
@@ -382,9 +398,10 @@ def main() -> None:
                       f"{k['iters']:.0f}", f"{k['err']:.2e}", f"{k['cert_cpu']:.2f} s",
                       f"{(k['cpu'] - k['cert_cpu']) / k['iters'] * 1e3:.1f} ms")
         t.notes += [
-            "one process, the two paths interleaved: per instance (3 seeds) a warm-up solve per path (the online "
-            "path compiles its tiles at this size there), then 3 rounds; median over instances of the per-instance "
-            "median; CPU = process time, wall in brackets.",
+            f"one process, the two paths interleaved: a warm-up solve per path on the first instance (the online "
+            f"path compiles its tiles at this size there), then per instance ({args.instances} seeds) "
+            f"{args.repeats} round(s); median over instances of the per-instance median; CPU = process time, wall "
+            "in brackets.",
             "dense = PointCloud(online=False): the cost is materialised and the loop runs the stabilized-kernel "
             "engine (two mat-vecs per iteration, no exp); online = PointCloud(online=True): two tiled log-sum-exp "
             "passes per iteration (n*m exps each). certification = the float64 plan reduction that certifies the "
@@ -454,8 +471,10 @@ def main() -> None:
     text = ["# Benchmark: scale\n", f"Machine: {machine_info()}  ", f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"]
     text += [tb.to_markdown() for tb in tables]
     out_arg = "" if Path(args.out).name == "scale.md" else f" --out benchmarks/results/{Path(args.out).name}"
-    text.append(f"Printed by `python benchmarks/bench_scale.py --sections {' '.join(args.sections)}"
-                f"{' --quick' if q else ''}{out_arg}`; load average at the end: "
+    text.append(f"Printed by `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_scale.py --sections "
+                f"{' '.join(args.sections)} --pass-n {args.pass_n} --instances {args.instances} --repeats "
+                f"{args.repeats} --budget {args.budget:g}{' --quick' if q else ''}{out_arg}`; versions: "
+                f"{versions()}; load average at the end: "
                 f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.\n")
     print("\n".join(tb.render() for tb in tables))
     if not q:
