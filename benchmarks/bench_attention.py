@@ -1,18 +1,25 @@
-"""Sinkhorn attention: forward+backward time and peak memory against a hand-written loop.
+"""Sinkhorn attention: forward+backward time and peak memory against hand-written loops.
 
-Compares, on one CPU thread, float32, head dimension 32:
+Compares, on one CPU thread, float32, head dimension 32, self-attention (T = S):
 
-* ``hand``: a Sinkformer-style unrolled log-domain loop written here (the reference:
-  the update of ``sinkformers/vit_pytorch/sinkhorn.py`` without its per-iteration host
-  sync), ``n_iter`` alternating row/column normalisations, then ``P @ v``;
+* ``plain``: the fastest hand loop we know (the strongest anchor): the logits
+  ``L = q kᵀ/√E`` normalised in place of a copy, ``L -= logsumexp(L, -1)`` and
+  ``L -= logsumexp(L, -2)`` alternately, ``n_iter`` times, then ``exp(L) @ v``; autograd
+  unrolls it;
+* ``sinkformer``: Sinkformer's own u/v loop (``sinkformers/vit_pytorch/sinkhorn.py``,
+  without its per-iteration host sync): ``n_iter`` half-steps on
+  ``M = (-C + u_i + v_j)/eps``, the plan multiplied by ``T``; slower than ``plain``
+  (it rebuilds ``M`` at every step), kept as the published code;
 * ``unroll``: :func:`entrokit.nn.attention.sinkhorn_attention` with ``grad="unroll"``;
 * ``implicit``: the same with ``grad="implicit"``.
 
-All three compute the same function (checked: max |output difference| is printed).
+All four compute the same function (checked: max |output difference| is printed).
 
-Time: forward + backward of ``(out * w).sum()``; after one warm-up per method, rounds
-time the three methods in turn (interleaved) for ``--budget`` seconds (1 to 30 rounds);
-the best run per method is reported.
+Time: forward + backward of ``(out * w).sum()``. Per point, ``--instances`` inputs (seeds);
+per instance one warm-up per method, then ``--repeats`` rounds that time the four methods
+in turn (interleaved, so that load from other processes hits all of them alike). Each cell
+is the median over instances of the per-instance median, in process CPU time
+(``time.process_time``, one thread: what the machine's load inflates least) and wall time.
 
 Memory, measured in a fresh subprocess per point (one method, one size):
 
@@ -30,7 +37,7 @@ rows plus columns, max over the batch.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_attention.py            # grid, writes results/attention.md
-    OMP_NUM_THREADS=1 python benchmarks/bench_attention.py --quick    # small grid, prints only
+    OMP_NUM_THREADS=1 python benchmarks/bench_attention.py --quick    # B*H=32, T=128, prints only
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -49,10 +57,22 @@ import torch
 from entrokit.bench.common import machine_info
 
 E = 32
-METHODS = ("hand", "unroll", "implicit")
+METHODS = ("plain", "sinkformer", "unroll", "implicit")
 
 
-def hand_attention(q, k, v, n_iter: int, eps: float = 1.0):
+def plain_attention(q, k, v, n_iter: int):
+    """Alternating row and column log-sum-exp normalisations of the logits, ``n_iter`` of
+    them (rows first), then ``exp(L) @ v``: rows sum to 1 after a row step, columns to
+    ``1 = T/S`` after a column step, Sinkformer's convention."""
+    *lead, T, _ = q.shape
+    L = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    for i in range(n_iter):
+        L = L - torch.logsumexp(L, dim=-1 if i % 2 == 0 else -2, keepdim=True)
+    P = L.exp()
+    return torch.matmul(P, v), P
+
+
+def sinkformer_attention(q, k, v, n_iter: int, eps: float = 1.0):
     """Sinkformer's loop, typed from the paper's code: ``n_iter`` half-steps on
     ``M = (-C + u_i + v_j) / eps`` with ``C = -scores`` and marginals ``1/T``, ``1/S``;
     the plan is multiplied by ``T`` (rows sum to 1)."""
@@ -77,12 +97,14 @@ def hand_attention(q, k, v, n_iter: int, eps: float = 1.0):
 
 
 def run_method(method: str, q, k, v, n_iter: int, *, weights: bool = False):
-    if method == "hand":
-        out, P = hand_attention(q, k, v, n_iter)
+    if method in ("plain", "sinkformer"):
+        out, P = (plain_attention if method == "plain" else sinkformer_attention)(q, k, v, n_iter)
         return (out, P) if weights else out
-    from entrokit.nn.attention import sinkhorn_attention
+    from entrokit.nn.attention import sinkhorn_attention, sinkhorn_attention_with_weights
 
-    return sinkhorn_attention(q, k, v, n_iter=n_iter, grad=method, return_weights=weights)
+    if weights:
+        return sinkhorn_attention_with_weights(q, k, v, n_iter=n_iter, grad=method)
+    return sinkhorn_attention(q, k, v, n_iter=n_iter, grad=method)
 
 
 def make_inputs(BH: int, T: int, seed: int = 0):
@@ -99,24 +121,27 @@ def fwd_bwd(method, q, k, v, w, n_iter):
     return qq.grad
 
 
-def time_point(BH, T, n_iter, budget: float):
-    """Best time per method: one warm-up each, then rounds that time every method once
-    (interleaved, so that load from other processes hits all of them alike) until
-    ``budget`` seconds are spent (at least 1 round, at most 30)."""
-    q, k, v, w = make_inputs(BH, T)
-    warm = {}
-    for m in METHODS:
-        t0 = time.perf_counter()
-        fwd_bwd(m, q, k, v, w, n_iter)
-        warm[m] = time.perf_counter() - t0
-    rounds = max(1, min(30, int(budget / sum(warm.values()))))
-    best = dict.fromkeys(METHODS, math.inf)
-    for _ in range(rounds):
+def _timed(fn):
+    c0, w0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c0, time.perf_counter() - w0
+
+
+def time_point(BH, T, n_iter, instances: int, repeats: int):
+    """``{method: (cpu, wall)}``: median over instances of the per-instance median over
+    ``repeats`` interleaved rounds (one warm-up per method and instance)."""
+    per = {m: [] for m in METHODS}
+    for seed in range(instances):
+        q, k, v, w = make_inputs(BH, T, seed)
         for m in METHODS:
-            t0 = time.perf_counter()
             fwd_bwd(m, q, k, v, w, n_iter)
-            best[m] = min(best[m], time.perf_counter() - t0)
-    return best, rounds
+        runs = {m: [] for m in METHODS}
+        for _ in range(repeats):
+            for m in METHODS:
+                runs[m].append(_timed(lambda m=m, q=q, k=k, v=v, w=w: fwd_bwd(m, q, k, v, w, n_iter)))
+        for m in METHODS:
+            per[m].append(tuple(statistics.median(r[i] for r in runs[m]) for i in (0, 1)))
+    return {m: tuple(statistics.median(x[i] for x in per[m]) for i in (0, 1)) for m in METHODS}
 
 
 def marginal_error(P, T, S):
@@ -182,10 +207,10 @@ def join(values, spec=".0f"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="B*H=32, T=128 only; print, do not write")
-    ap.add_argument("--budget", type=float, default=3.0,
-                    help="seconds of timed rounds per point (at least one round, at most 30)")
-    ap.add_argument("--max-entries", type=float, default=2**25,
-                    help="skip points with B*H*T*T above this (time and memory on this CPU)")
+    ap.add_argument("--instances", type=int, default=3, help="inputs (seeds) per point")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per instance")
+    ap.add_argument("--points", default="32:128:1,3,5,20;32:512:1,3,5,20;128:128:5",
+                    help="B*H:T:n_iter,... groups separated by ';'")
     ap.add_argument("--one", nargs=4, metavar=("METHOD", "BH", "T", "N_ITER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -194,78 +219,89 @@ def main():
         print(json.dumps(memory_point(m, int(BH), int(T), int(n))))
         return
 
-    grid_bh = [32] if args.quick else [32, 128]
-    grid_t = [128] if args.quick else [128, 512, 1024]
-    grid_n = [3, 5, 20]
-    rows, skipped = [], []
+    spec = "32:128:1,5" if args.quick else args.points
+    points = []
+    for group in spec.split(";"):
+        bh, t, ns = group.split(":")
+        points += [(int(bh), int(t), int(n)) for n in ns.split(",")]
+    rows = []
     mem_ref = {}
-    for BH in grid_bh:
-        for T in grid_t:
-            big = BH * T * T > args.max_entries
-            for n in [1] + grid_n:
-                if big and n > 3:
-                    skipped.append((BH, T, n))
-                    continue
-                q, k, v, _ = make_inputs(BH, T)
-                with torch.no_grad():
-                    outs = {m: run_method(m, q, k, v, n, weights=True) for m in METHODS}
-                diff = max(float((outs[m][0] - outs["hand"][0]).abs().max()) for m in METHODS)
-                merr = {m: marginal_error(outs[m][1], T, T) for m in METHODS}
-                del outs
-                times, rounds = time_point(BH, T, n, args.budget)
-                mems = {m: measure_memory(m, BH, T, n) for m in METHODS}
-                if n == 1:
-                    mem_ref[(BH, T)] = mems["implicit"]
-                rows.append((BH, T, n, times, mems, merr, diff, rounds))
-                print(BH, T, n, {m: round(times[m] * 1e3, 1) for m in METHODS},
-                      {m: round(mems[m]["peak_mb"]) for m in METHODS}, f"diff {diff:.1e}", flush=True)
+    load0 = os.getloadavg()
+    for BH, T, n in points:
+        q, k, v, _ = make_inputs(BH, T)
+        with torch.no_grad():
+            outs = {m: run_method(m, q, k, v, n, weights=True) for m in METHODS}
+        diff = max(float((outs[m][0] - outs["plain"][0]).abs().max()) for m in METHODS)
+        merr = {m: marginal_error(outs[m][1], T, T) for m in METHODS}
+        del outs
+        times = time_point(BH, T, n, args.instances, args.repeats)
+        mems = {m: measure_memory(m, BH, T, n) for m in METHODS}
+        if n == 1:
+            mem_ref[(BH, T)] = mems["implicit"]
+        rows.append((BH, T, n, times, mems, merr, diff))
+        print(BH, T, n, {m: round(times[m][0] * 1e3, 1) for m in METHODS},
+              {m: round(mems[m]["peak_mb"]) for m in METHODS}, f"diff {diff:.1e}", flush=True)
+    load1 = os.getloadavg()
 
     lines = [
         "# Benchmark: attention",
         "",
         f"Machine: {machine_info()}",
-        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average (1, 5, 15 min) "
+        f"{' '.join(f'{x:.2f}' for x in load0)} at the start, {' '.join(f'{x:.2f}' for x in load1)} at the end",
+        "Command: `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_attention.py"
+        f" --instances {args.instances} --repeats {args.repeats} --points '{spec}'`",
         "",
         f"### Sinkhorn attention, forward + backward (float32, head dim {E}, self-attention T = S)",
         "",
-        "| B*H | T | n_iter | rounds | hand loop | unroll | implicit | unroll / hand | target <= 1.0 "
-        "| implicit / hand | target <= 1.5 at n_iter=5 | peak MB (hand / unroll / implicit) "
-        "| saved MB (hand / unroll / implicit) | implicit peak / its peak at n_iter=1 | target <= 1.2 at n_iter=20 "
-        "| marginal L1 error (hand / unroll / implicit) | max abs diff vs hand |",
+        "Times: process CPU time (wall time in brackets), median over "
+        f"{args.instances} instances of the median of {args.repeats} interleaved repeats.",
+        "",
+        "| B*H | T | n_iter | plain loop | Sinkformer loop | unroll | implicit | unroll / plain (CPU) "
+        "| target <= 0.8 at n_iter=5 | implicit / plain (CPU) | target <= 1.0 at n_iter=5 "
+        "| unroll / plain, implicit / plain (wall) "
+        "| peak MB (plain / Sinkformer / unroll / implicit) | saved MB (plain / Sinkformer / unroll / implicit) "
+        "| implicit peak / its peak at n_iter=1 | marginal L1 error (plain / unroll / implicit) "
+        "| max abs diff vs plain |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for BH, T, n, times, mems, merr, diff, rounds in rows:
-        ru = times["unroll"] / times["hand"]
-        ri = times["implicit"] / times["hand"]
+    for BH, T, n, times, mems, merr, diff in rows:
+        ru = times["unroll"][0] / times["plain"][0]
+        ri = times["implicit"][0] / times["plain"][0]
+        wu = times["unroll"][1] / times["plain"][1]
+        wi = times["implicit"][1] / times["plain"][1]
         ref = mem_ref.get((BH, T))
         rm = mems["implicit"]["peak_mb"] / ref["peak_mb"] if ref and ref["peak_mb"] > 0 else float("nan")
+        cells = " | ".join(f"{fmt_t(times[m][0])} ({fmt_t(times[m][1])})" for m in METHODS)
         lines.append(
-            f"| {BH} | {T} | {n} | {rounds} | {fmt_t(times['hand'])} | {fmt_t(times['unroll'])} | {fmt_t(times['implicit'])} "
-            f"| {ru:.2f} | {'yes' if ru <= 1.0 else 'no'} | {ri:.2f} | "
-            f"{('yes' if ri <= 1.5 else 'no') if n == 5 else '-'} "
+            f"| {BH} | {T} | {n} | {cells} "
+            f"| {ru:.2f} | {('yes' if ru <= 0.8 else 'no') if n == 5 else '-'} "
+            f"| {ri:.2f} | {('yes' if ri <= 1.0 else 'no') if n == 5 else '-'} | {wu:.2f}, {wi:.2f} "
             f"| {join(mems[m]['peak_mb'] for m in METHODS)} "
             f"| {join(mems[m]['saved_mb'] for m in METHODS)} "
-            f"| {rm:.2f} | {('yes' if rm <= 1.2 else 'no') if n == 20 else '-'} "
-            f"| {join((merr[m] for m in METHODS), '.1e')} | {diff:.1e} |"
+            f"| {rm:.2f} "
+            f"| {join((merr[m] for m in ('plain', 'unroll', 'implicit')), '.1e')} | {diff:.1e} |"
         )
     lines += [
         "",
         "- n_iter counts normalisations as Sinkformer does (rows, columns, rows, ...); n_iter=1 is softmax.",
-        "- time: forward + backward of (out * w).sum(), one thread; best of the 'rounds' column's runs, "
-        f"after a warm-up; each round times the three methods in turn ({args.budget:g} s of rounds per "
-        "point, 1 to 30 rounds). The machine is shared: the best run is the least disturbed one.",
+        "- anchors: 'plain' is the strongest hand loop (out-of-place `L = L - logsumexp(L, dim, keepdim=True)`, "
+        "rows then columns, then `exp(L) @ v`, autograd through it: two n x m tensors saved per "
+        "normalisation, the least an unrolled loop can keep); 'Sinkformer' is the published u/v update, "
+        "which rebuilds (-C + u + v)/eps at every half-step. The ratios are against 'plain'.",
+        "- entrokit 'implicit' runs the loop without a graph and differentiates the fixed point "
+        "(conjugate-gradient adjoint, float32 relative tolerance 1e-6): memory does not grow with n_iter, "
+        "and its gradient is the converged layer's (the unrolled loops differentiate the truncated one).",
+        "- time: forward + backward of (out * w).sum(), one thread; CPU time is process time "
+        "(time.process_time), wall time in brackets; the machine is shared (2 cores, load above), so "
+        "wall times carry waiting that CPU times do not.",
         "- peak: growth of the RSS high-water mark (VmHWM after resetting it through /proc/self/clear_refs, "
         "minus VmRSS) over one forward+backward in a fresh process (MALLOC_MMAP_THRESHOLD_=65536), "
-        "after a warm-up on a tiny problem; "
-        "saved: distinct storages saved by autograd, inputs excluded.",
-        "- marginal L1 error: ||P1/T - 1/T||_1 + ||P^T 1/T - 1/S||_1 of the returned weights, max over the batch.",
+        "after a warm-up on a tiny problem; saved: distinct storages saved by autograd, inputs excluded; "
+        "one instance (memory does not vary with the seed).",
+        "- marginal L1 error: ||P1/T - 1/T||_1 + ||P^T 1/T - 1/S||_1 of the returned weights, max over the batch; "
+        "same function: max |output - plain output| in the last column.",
     ]
-    if skipped:
-        pts = ", ".join(f"(B*H={bh}, T={t}, n_iter={n})" for bh, t, n in skipped)
-        lines.append(
-            f"- not run (B*H*T^2 > {args.max_entries:.3g} scores: the unrolled loops need about 2 n_iter "
-            f"tensors of that size and minutes per point on this 2-core CPU): {pts}."
-        )
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:

@@ -30,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -69,39 +71,67 @@ def marginal_error(x, y, f, g, eps: float, cost_scale: float = 1.0) -> float:
 
 
 # -- child rows ---------------------------------------------------------------------------
-def _time(fn, repeat=3):
-    fn()
-    best = math.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+PASS_KINDS = ("entrokit-compile", "entrokit-eager", "entrokit-keops", "keops-lazytensor", "geomloss-keops")
 
 
-def row_pass(kind: str, n: int) -> dict:
-    x, y = clouds(n)
-    h = torch.zeros(1, n)
-    log_w = torch.full((1, n), -math.log(n))
+def _pass_fn(kind: str, x, y, h, log_w):
+    """One soft-min pass ``-eps log sum_j exp((h_j - |x_i - y_j|^2)/eps + log w_j)`` over all i."""
     if kind == "geomloss-keops":
         from geomloss._legacy.sinkhorn_samples import cost_formulas, lse_genred, softmin_online
 
-        lse = lse_genred(cost_formulas[2], 3, dtype="float32")
-        eps_g = EPS / 2
+        lse = lse_genred(cost_formulas[2], 3, dtype="float32")  # its cost |x-y|^2/2 at eps/2: our problem
         hy = (log_w + h / EPS).reshape(-1)
-        fn = lambda: softmin_online(eps_g, (x, y), hy, log_conv=lse)  # noqa: E731
+        return lambda: softmin_online(EPS / 2, (x, y), hy, log_conv=lse)
+    if kind == "keops-lazytensor":
+        from pykeops.torch import LazyTensor
+
+        x_i, y_j = LazyTensor(x[:, None, :]), LazyTensor(y[None, :, :])
+        hw_j = LazyTensor((h / EPS + log_w).reshape(-1, 1)[None, :, :])
+        z = hw_j - ((x_i - y_j) ** 2).sum(-1) / EPS  # the reduction KeOps documents for log-sum-exp
+        return lambda: -EPS * z.logsumexp(dim=1)
+    from entrokit import PointCloud
+
+    if kind == "entrokit-keops":
+        from entrokit.geometry.keops import KeOpsPointCloud
+
+        geom = KeOpsPointCloud(x, y).flatten_batch()
     else:
-        from entrokit import PointCloud
+        geom = PointCloud(x, y, online=True, kernel=kind.split("-")[1]).flatten_batch()
+    return lambda: geom.softmin(h, log_w, EPS, axis=1)
 
-        if kind == "entrokit-keops":
-            from entrokit.geometry.keops import KeOpsPointCloud
 
-            geom = KeOpsPointCloud(x, y).flatten_batch()
-        else:
-            geom = PointCloud(x, y, online=True, kernel=kind.split("-")[1]).flatten_batch()
-        fn = lambda: geom.softmin(h, log_w, EPS, axis=1)  # noqa: E731
-    t = _time(fn)
-    return {"time": t, "rate": n * n / t, "rss": peak_rss_mib()}
+def row_pass(n: int, instances: int = 3, repeats: int = 3) -> dict:
+    """Every kind in one process, interleaved: per instance (seed) one warm-up per kind
+    (compilation), then ``repeats`` rounds timing each kind in turn; per kind the median
+    over instances of the per-instance median (process CPU and wall time), and the max
+    |difference| of its output from the float64 soft-min."""
+    out = {k: {"cpu": [], "wall": [], "diff": 0.0} for k in PASS_KINDS}
+    for seed in range(instances):
+        x, y = clouds(n, seed=seed)
+        h = torch.zeros(1, n)
+        log_w = torch.full((1, n), -math.log(n))
+        fns = {k: _pass_fn(k, x, y, h, log_w) for k in PASS_KINDS}
+        ref = None
+        for k in PASS_KINDS:
+            val = fns[k]().reshape(-1).double() * (2.0 if k == "geomloss-keops" else 1.0)  # GeomLoss: half
+            if ref is None:  # the float64 reference, on a block of rows (exact soft-min)
+                xs, yd = x[:512].double(), y.double()
+                C = torch.cdist(xs, yd).square()
+                ref = -EPS * torch.logsumexp((h.double() - C) / EPS + log_w.double(), dim=-1).reshape(-1)
+            out[k]["diff"] = max(out[k]["diff"], float((val[:512] - ref).abs().max()))
+        runs = {k: [] for k in PASS_KINDS}
+        for _ in range(repeats):
+            for k in PASS_KINDS:
+                c, w = time.process_time(), time.perf_counter()
+                fns[k]()
+                runs[k].append((time.process_time() - c, time.perf_counter() - w))
+        for k in PASS_KINDS:
+            out[k]["cpu"].append(statistics.median(r[0] for r in runs[k]))
+            out[k]["wall"].append(statistics.median(r[1] for r in runs[k]))
+    res = {k: {"cpu": statistics.median(v["cpu"]), "wall": statistics.median(v["wall"]), "diff": v["diff"]}
+           for k, v in out.items()}
+    res["rss"] = peak_rss_mib()
+    return res
 
 
 def row_iteration(kind: str, n: int, iters: int = 10) -> dict:
@@ -160,6 +190,50 @@ def row_solve(kind: str, n: int, tol: float) -> dict:
     return {"time": elapsed, "err": err, "rss": peak_rss_mib(), "iters": int(res.n_iter.max())}
 
 
+def row_online_solve(n: int, instances: int = 3, repeats: int = 3) -> dict:
+    """Full solves to ``TOL`` on the dense and the online path, interleaved in one process:
+    per instance (seed) one warm-up solve per path (compiles the tiles at this size), then
+    ``repeats`` rounds; per path the median over instances of the per-instance median
+    (process CPU and wall time), the iterations, the float64 error and the certification
+    pass's share (the float64 plan reduction of the result, timed alone)."""
+    import warnings
+
+    import entrokit
+    from entrokit.solvers._entropic import certify_plan
+
+    warnings.simplefilter("ignore")
+    paths = ("dense", "online")
+    out = {p: {"cpu": [], "wall": [], "iters": [], "err": [], "cert_cpu": []} for p in paths}
+    for seed in range(instances):
+        x, y = clouds(n, seed=seed)
+        a = torch.full((n,), 1.0 / n)
+        geoms = {p: entrokit.PointCloud(x, y, online=p == "online") for p in paths}
+        if seed == 0:  # warm-up: compiles the online tiles at this size
+            for p in paths:
+                entrokit.sinkhorn(a, a, geoms[p], EPS, tol=TOL, max_iter=100_000)
+        res = {}
+        runs = {p: [] for p in paths}
+        for _ in range(repeats):
+            for p in paths:
+                c, w = time.process_time(), time.perf_counter()
+                res[p] = entrokit.sinkhorn(a, a, geoms[p], EPS, tol=TOL, max_iter=100_000)
+                runs[p].append((time.process_time() - c, time.perf_counter() - w))
+        for p in paths:
+            r = res[p]
+            pb = geoms[p].flatten_batch()
+            f, g, aa = r.f.reshape(1, -1), r.g.reshape(1, -1), a.reshape(1, -1)
+            c = time.process_time()
+            certify_plan(pb, f, g, aa, aa, EPS)
+            out[p]["cert_cpu"].append(time.process_time() - c)
+            out[p]["cpu"].append(statistics.median(t[0] for t in runs[p]))
+            out[p]["wall"].append(statistics.median(t[1] for t in runs[p]))
+            out[p]["iters"].append(int(r.n_iter))
+            out[p]["err"].append(marginal_error(x, y, r.f, r.g, EPS))
+    res = {p: {k: statistics.median(v) for k, v in d.items()} for p, d in out.items()}
+    res["rss"] = peak_rss_mib()
+    return res
+
+
 def tol_iters(n: int) -> int:
     return 3000
 
@@ -215,7 +289,7 @@ def run_child(args) -> None:
     torch.set_num_threads(1)
     spec = json.loads(args.child)
     fn = {"pass": row_pass, "iteration": row_iteration, "solve": row_solve, "large": row_large,
-          "grad": row_grad}[spec.pop("row")]
+          "grad": row_grad, "online_solve": row_online_solve}[spec.pop("row")]
     print("RESULT " + json.dumps(fn(**spec)), flush=True)
 
 
@@ -223,7 +297,7 @@ def child(timeout: float, **spec) -> dict | None:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired:
         print(f"  {spec}: over {timeout:.0f} s, stopped", flush=True)
         return None
@@ -236,12 +310,25 @@ def child(timeout: float, **spec) -> dict | None:
     return None
 
 
+def versions() -> str:
+    out = [f"torch {torch.__version__}"]
+    for mod in ("pykeops", "geomloss", "ot"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:  # not installed
+            pass
+    return ", ".join(out)
+
+
 # -- tables --------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["pass", "iteration", "solve", "large"])
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument("--budget", type=float, default=1800.0, help="seconds per row before it is stopped")
+    parser.add_argument("--pass-n", type=int, default=10_000, help="size of the soft-min pass section")
+    parser.add_argument("--instances", type=int, default=3, help="seeds of the pass and online_solve sections")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per instance (pass, online_solve)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.md"))
     args = parser.parse_args()
@@ -253,19 +340,32 @@ def main() -> None:
     q = args.quick
     tables = []
     if "pass" in args.sections:
-        n = 2000 if q else 20_000
+        n = 2000 if q else args.pass_n
         t = Table(f"One soft-min pass, n = m = {n}, d = 3, float32, one thread",
-                  ["library / kernel", "time per pass", "M entries/s", "ratio to GeomLoss KeOps"])
-        ref = child(args.budget, row="pass", kind="geomloss-keops", n=n)
-        for kind in ("entrokit-compile", "entrokit-eager", "entrokit-keops", "geomloss-keops"):
-            r = ref if kind == "geomloss-keops" else child(args.budget, row="pass", kind=kind, n=n)
-            if r is None:
-                t.add(kind, "failed", "", "")
-                continue
-            ratio = f"{r['time'] / ref['time']:.2f}" if ref else ""
-            t.add(kind, f"{r['time'] * 1e3:.0f} ms", f"{r['rate'] / 1e6:.0f}", ratio)
-        t.notes.append("ratio = time / GeomLoss KeOps online soft-min time (< 1: faster); best of 3 after a warm-up "
-                       "(compilation excluded).")
+                  ["library / kernel", "time per pass, CPU (wall)", "M entries/s (CPU)",
+                   "ratio to GeomLoss KeOps (CPU)", "ratio to KeOps LazyTensor (CPU)", "max abs error vs float64"])
+        r = child(args.budget, row="pass", n=n, instances=args.instances, repeats=args.repeats)
+        if r is None:
+            t.add("all", "failed", "", "", "", "")
+        else:
+            g, lz = r["geomloss-keops"]["cpu"], r["keops-lazytensor"]["cpu"]
+            for kind in PASS_KINDS:
+                k = r[kind]
+                t.add(kind, f"{k['cpu'] * 1e3:.0f} ms ({k['wall'] * 1e3:.0f} ms)", f"{n * n / k['cpu'] / 1e6:.0f}",
+                      f"{k['cpu'] / g:.2f}", f"{k['cpu'] / lz:.2f}", f"{k['diff']:.1e}")
+            comp, eag = r["entrokit-compile"]["cpu"], r["entrokit-eager"]["cpu"]
+            t.notes.append(f"compiled tile vs eager tile: {eag / comp:.2f}x faster (CPU time).")
+        t.notes += [
+            f"one process, every kind interleaved: per instance ({args.instances} seeds) a warm-up per kind (KeOps "
+            f"and torch.compile compile there, excluded), then {args.repeats} rounds; median over instances of the "
+            "per-instance median. CPU = process time (time.process_time), wall in brackets.",
+            "keops-lazytensor: KeOps directly, `(LazyTensor(h/eps + log w)_j - |x_i - y_j|^2/eps).logsumexp(dim=1)`, "
+            "float32, CPU backend (the formula KeOps documents for a log-sum-exp reduction); geomloss-keops: "
+            "GeomLoss's own online soft-min (`softmin_online` with its `lse_genred` kernel, the inner loop of "
+            "SamplesLoss(backend='online')); entrokit-keops: entrokit's KeOpsPointCloud; entrokit-compile / "
+            "-eager: PointCloud(online=True) with the torch.compile'd or the eager tile.",
+            "max abs error: |soft-min - float64 soft-min| on the first 512 rows, max over instances.",
+        ]
         tables.append(t)
     if "iteration" in args.sections:
         n = 1000 if q else 5000
@@ -281,6 +381,33 @@ def main() -> None:
                   f"{r['rss']:.0f} MiB")
         t.notes.append("dense = entrokit's stabilized-kernel engine on the materialised cost (two mat-vecs per "
                        "iteration); online = two tiled soft-min passes (compiled tiles).")
+        tables.append(t)
+    if "online_solve" in args.sections:
+        n = 1000 if q else 5000
+        t = Table(f"Full solve to L1 marginal error {TOL:g} on the dense and the online path, n = m = {n} "
+                  f"(d = 3, eps = {EPS:g}, float32, one thread)",
+                  ["path", "time CPU (wall)", "ratio to dense (CPU)", "iterations", "L1 error (float64)",
+                   "certification pass CPU", "time per iteration CPU"])
+        r = child(args.budget, row="online_solve", n=n, instances=args.instances, repeats=args.repeats)
+        if r is None:
+            t.add("both", "failed", "", "", "", "", "")
+        else:
+            for p in ("dense", "online"):
+                k = r[p]
+                t.add(p, f"{k['cpu']:.2f} s ({k['wall']:.2f} s)", f"{k['cpu'] / r['dense']['cpu']:.2f}",
+                      f"{k['iters']:.0f}", f"{k['err']:.2e}", f"{k['cert_cpu']:.2f} s",
+                      f"{(k['cpu'] - k['cert_cpu']) / k['iters'] * 1e3:.1f} ms")
+        t.notes += [
+            f"one process, the two paths interleaved: a warm-up solve per path on the first instance (the online "
+            f"path compiles its tiles at this size there), then per instance ({args.instances} seeds) "
+            f"{args.repeats} round(s); median over instances of the per-instance median; CPU = process time, wall "
+            "in brackets.",
+            "dense = PointCloud(online=False): the cost is materialised and the loop runs the stabilized-kernel "
+            "engine (two mat-vecs per iteration, no exp); online = PointCloud(online=True): two tiled log-sum-exp "
+            "passes per iteration (n*m exps each). certification = the float64 plan reduction that certifies the "
+            "result (certify_plan), timed alone on the returned potentials; time per iteration = (solve - "
+            "certification) / iterations.",
+        ]
         tables.append(t)
     if "solve" in args.sections:
         t = Table(f"Full solves to L1 marginal error {TOL:g} (d = 3, eps = {EPS:g}, float32, one thread)",
@@ -344,9 +471,11 @@ def main() -> None:
     text = ["# Benchmark: scale\n", f"Machine: {machine_info()}  ", f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"]
     text += [tb.to_markdown() for tb in tables]
     out_arg = "" if Path(args.out).name == "scale.md" else f" --out benchmarks/results/{Path(args.out).name}"
-    text.append(f"Printed by `python benchmarks/bench_scale.py --sections {' '.join(args.sections)}"
-                f"{' --quick' if q else ''}{out_arg}`; load average at the end: "
-                f"{' '.join(f'{v:.2f}' for v in __import__('os').getloadavg())}.\n")
+    text.append(f"Printed by `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_scale.py --sections "
+                f"{' '.join(args.sections)} --pass-n {args.pass_n} --instances {args.instances} --repeats "
+                f"{args.repeats} --budget {args.budget:g}{' --quick' if q else ''}{out_arg}`; versions: "
+                f"{versions()}; load average at the end: "
+                f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.\n")
     print("\n".join(tb.render() for tb in tables))
     if not q:
         Path(args.out).write_text("\n".join(text))

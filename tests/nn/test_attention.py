@@ -8,7 +8,11 @@ import torch.nn.functional as F
 
 from autograd_memory import saved_bytes
 from entrokit import ConvergenceWarning, InputError
-from entrokit.nn.attention import SinkhornAttention, sinkhorn_attention
+from entrokit.nn.attention import (
+    SinkhornAttention,
+    sinkhorn_attention,
+    sinkhorn_attention_with_weights,
+)
 
 D = torch.float64
 
@@ -90,9 +94,9 @@ def test_key_padding_matches_sdpa_and_truncated_keys():
     torch.testing.assert_close(out1, ref)
     # with padding, every n_iter equals the layer run on the valid keys only
     for n_iter in (2, 3, 6):
-        out, P = sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=kpm, return_weights=True)
+        out, P = sinkhorn_attention_with_weights(q, k, v, n_iter=n_iter, key_padding_mask=kpm)
         for i, n in enumerate(lengths):
-            o_i, P_i = sinkhorn_attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], n_iter=n_iter, return_weights=True)
+            o_i, P_i = sinkhorn_attention_with_weights(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], n_iter=n_iter)
             torch.testing.assert_close(out[i:i + 1], o_i)
             torch.testing.assert_close(P[i:i + 1, ..., :n], P_i)
             assert bool((P[i, ..., n:] == 0).all())
@@ -109,7 +113,7 @@ def test_matches_sinkformer_reference(n_iter):
     for grad in ("unroll", "implicit"):
         for t in (q, k, v):
             t.grad = None
-        out, P = sinkhorn_attention(q, k, v, n_iter=n_iter, grad=grad, return_weights=True)
+        out, P = sinkhorn_attention_with_weights(q, k, v, n_iter=n_iter, grad=grad)
         torch.testing.assert_close(P, ref_P, atol=1e-13, rtol=1e-12)
         torch.testing.assert_close(out, ref_P @ v, atol=1e-13, rtol=1e-12)
         if grad == "unroll":
@@ -120,21 +124,21 @@ def test_matches_sinkformer_reference(n_iter):
 def test_marginals_rows_exact_columns_converge():
     q, k, v = qkv(2, 3, 6, 4, S=10)
     for n_iter in (3, 5, 7):
-        _, P = sinkhorn_attention(q, k, v, n_iter=n_iter, return_weights=True)
+        _, P = sinkhorn_attention_with_weights(q, k, v, n_iter=n_iter)
         torch.testing.assert_close(P.sum(-1), torch.ones(2, 3, 6, dtype=D), atol=1e-14, rtol=0)
     col_err = [
-        float((sinkhorn_attention(q, k, v, n_iter=n, return_weights=True)[1].sum(-2) - 0.6).abs().max())
+        float((sinkhorn_attention_with_weights(q, k, v, n_iter=n)[1].sum(-2) - 0.6).abs().max())
         for n in (3, 9, 41)
     ]
     assert col_err[0] > col_err[1] > col_err[2]
-    _, P = sinkhorn_attention(q, k, v, tol=1e-12, return_weights=True)
+    _, P = sinkhorn_attention_with_weights(q, k, v, tol=1e-12)
     torch.testing.assert_close(P.sum(-1), torch.ones(2, 3, 6, dtype=D), atol=1e-14, rtol=0)
     torch.testing.assert_close(P.sum(-2), torch.full((2, 3, 10), 0.6, dtype=D), atol=1e-11, rtol=0)  # T/S
 
 
 def test_even_n_iter_ends_on_columns():
     q, k, v = qkv(1, 2, 5, 3, S=4)
-    _, P = sinkhorn_attention(q, k, v, n_iter=4, return_weights=True)
+    _, P = sinkhorn_attention_with_weights(q, k, v, n_iter=4)
     torch.testing.assert_close(P.sum(-2), torch.full((1, 2, 4), 5 / 4, dtype=D), atol=1e-14, rtol=0)
     assert float((P.sum(-1) - 1).abs().max()) > 1e-6
 
@@ -150,8 +154,8 @@ def test_masks_zero_weight_and_padded_keys_carry_no_mass():
     q, k, v = qkv(2, 2, 6, 3, requires_grad=True)
     kpm = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
     mask = band(6)
-    out, P = sinkhorn_attention(q, k, v, attn_mask=mask, key_padding_mask=kpm, tol=1e-11, max_iter=5000,
-                                return_weights=True)
+    out, P = sinkhorn_attention_with_weights(q, k, v, attn_mask=mask, key_padding_mask=kpm, tol=1e-11,
+                                             max_iter=5000)
     allowed = (mask & ~kpm[:, None, None, :]).expand(2, 2, 6, 6)
     assert bool((P[~allowed] == 0).all())
     assert bool((P[0, ..., 4:] == 0).all())
@@ -167,7 +171,7 @@ def test_masks_zero_weight_and_padded_keys_carry_no_mass():
 def test_causal_fixed_iterations():
     q, k, v = qkv(2, 2, 6, 3, requires_grad=True)
     for n_iter in (3, 21):
-        out, P = sinkhorn_attention(q, k, v, is_causal=True, n_iter=n_iter, return_weights=True)
+        out, P = sinkhorn_attention_with_weights(q, k, v, is_causal=True, n_iter=n_iter)
         assert bool((P.triu(1) == 0).all())
         torch.testing.assert_close(P.sum(-1), torch.ones(2, 2, 6, dtype=D))
         (out ** 2).sum().backward()
@@ -184,7 +188,7 @@ def test_fully_masked_query_gives_zero_output_and_finite_gradients():
     for grad in ("unroll", "implicit"):
         for t in (q, k, v):
             t.grad = None
-        out, P = sinkhorn_attention(q, k, v, attn_mask=mask, n_iter=5, grad=grad, return_weights=True)
+        out, P = sinkhorn_attention_with_weights(q, k, v, attn_mask=mask, n_iter=5, grad=grad)
         assert bool((out[0, 0, 2] == 0).all()) and bool((P[0, 0, 2] == 0).all()) and bool((P[..., 3] == 0).all())
         torch.testing.assert_close(P[0, 0, [0, 1, 3]].sum(-1), torch.ones(3, dtype=D))
         (out ** 2).sum().backward()
@@ -199,7 +203,7 @@ def test_float_mask_with_inf_and_broadcast():
     fm = torch.zeros(5, 5, dtype=D)
     fm[0, 1:] = -math.inf
     fm[3, 2] = -2.0
-    out, P = sinkhorn_attention(q, k, v, attn_mask=fm, n_iter=3, return_weights=True)
+    out, P = sinkhorn_attention_with_weights(q, k, v, attn_mask=fm, n_iter=3)
     assert bool((P[..., 0, 1:] == 0).all())
     bm = fm > -math.inf
     scores = q @ k.transpose(-2, -1) / 2.0 + fm
@@ -308,7 +312,7 @@ def test_tol_mode_warns_when_budget_too_small():
 
 def test_temperature_and_scale():
     q, k, v = qkv(1, 2, 5, 4)
-    out = sinkhorn_attention(q, k, v, n_iter=3, eps=0.5, scale=0.3, return_weights=True)[1]
+    out = sinkhorn_attention_with_weights(q, k, v, n_iter=3, eps=0.5, scale=0.3)[1]
     torch.testing.assert_close(out, sinkformer_reference(q @ k.transpose(-2, -1) * 0.3, 3, eps=0.5))
 
 
@@ -327,11 +331,15 @@ def test_module():
     attn.eval()
     out, P = attn.forward_with_weights(q, k, v)
     torch.testing.assert_close(out, sinkhorn_attention(q, k, v, n_iter=5))
-    torch.testing.assert_close(P, sinkhorn_attention(q, k, v, n_iter=5, return_weights=True)[1])
+    torch.testing.assert_close(P, sinkhorn_attention_with_weights(q, k, v, n_iter=5)[1])
     assert isinstance(attn(q, k, v, need_weights=False), torch.Tensor)  # no flag changes the type
     with pytest.warns(DeprecationWarning, match="forward_with_weights"):
         old_out, old_P = attn(q, k, v, need_weights=True)  # the former spelling still works
     torch.testing.assert_close((old_out, old_P), (out, P))
+    assert isinstance(sinkhorn_attention(q, k, v, n_iter=5, return_weights=False), torch.Tensor)
+    with pytest.warns(DeprecationWarning, match="sinkhorn_attention_with_weights"):
+        flagged = sinkhorn_attention(q, k, v, n_iter=5, return_weights=True)  # the former spelling
+    torch.testing.assert_close(flagged, (out, P))
     attn.train()
     torch.manual_seed(0)
     dropped = attn(q, k, v)
@@ -417,7 +425,7 @@ def test_empty_sequences_follow_scaled_dot_product_attention(q_shape, k_shape):
     g = torch.Generator().manual_seed(13)
     q = torch.randn(*q_shape, generator=g).requires_grad_(True)
     k, v = torch.randn(*k_shape, generator=g), torch.randn(*k_shape[:-1], 5, generator=g)
-    out, w = sinkhorn_attention(q, k, v, return_weights=True)
+    out, w = sinkhorn_attention_with_weights(q, k, v)
     ref = F.scaled_dot_product_attention(q, k, v)
     assert out.shape == ref.shape and w.shape == (*q_shape[:-1], k_shape[-2])
     torch.testing.assert_close(out, ref)  # empty, or zeros when S = 0

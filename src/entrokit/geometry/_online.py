@@ -55,7 +55,7 @@ differentiate the recomputed tile with autograd.
 **Kernels.** A tile is either evaluated by plain batched torch operations ("eager") or by
 the same function compiled with ``torch.compile`` (inductor: vectorised C++ on CPU,
 Triton on GPU), which fuses the max, shift, exp and sum into one pass over the tile. On
-our 2-core CPU the compiled tile runs at 3-4x the eager one (benchmarks/results/scale.md);
+our 2-core CPU a compiled pass runs 1.2x faster than an eager one (benchmarks/results/scale.md);
 compilation costs seconds once per process, so "auto" compiles only when a pass has
 at least :data:`COMPILE_MIN_ENTRIES` entries.
 """
@@ -179,7 +179,7 @@ def _run_tile(name: str, fn: Callable, compiled: bool, *args):
             _compile_failed = True
             warnings.warn(
                 f"torch.compile of the online tile kernel failed ({type(err).__name__}: {err}); "
-                "falling back to eager tiles (about 3x slower). Set ENTROKIT_COMPILE=0 to skip the "
+                "falling back to eager tiles (about 1.2x slower on CPU). Set ENTROKIT_COMPILE=0 to skip the "
                 "attempt.", RuntimeWarning, stacklevel=4,
             )
     return fn(*args)

@@ -1,7 +1,11 @@
 """Neural-network layers and losses built on entrokit's solvers (modules store options and
 delegate to the functions)."""
 
-from entrokit.nn.attention import SinkhornAttention, sinkhorn_attention
+from entrokit.nn.attention import (
+    SinkhornAttention,
+    sinkhorn_attention,
+    sinkhorn_attention_with_weights,
+)
 from entrokit.nn.divergence import SinkhornLoss
 from entrokit.nn.matching import OTMatching, log_optimal_transport
 from entrokit.nn.router import RouterOutput, SparseOTRouter, sparse_ot_route
@@ -18,6 +22,7 @@ __all__ = [
     "SparseOTRouter",
     "log_optimal_transport",
     "sinkhorn_attention",
+    "sinkhorn_attention_with_weights",
     "sinkhorn_kd_loss",
     "sparse_ot_route",
 ]
