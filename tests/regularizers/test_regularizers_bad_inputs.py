@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import entrokit.regularizers as R
 from bad_inputs import (
     CALLER_DTYPE,
-    FLOAT32,
     PROPAGATES,
     SAME,
     cases,
@@ -61,9 +60,8 @@ _aem_rows = {
                          "scores": (InputError, "scores has 1 bags but logits has 3")}),
     "target out of range": ({"target": torch.tensor([0, 5, 1])}, (InputError, "target out of range: got 5")),
     "target float shape": ({"target": torch.ones(3)}, (InputError, r"cannot match target \(3,\)")),
-    # computed in float32 and returned in float32 for half inputs (module docstring)
-    "all:float16": ({"*": "float16"}, FLOAT32),
-    "all:bfloat16": ({"*": "bfloat16"}, FLOAT32),
+    # computed in float32 and returned in the caller's dtype for half inputs (module docstring)
+    **HALF_ROWS,
 }
 TEMP = dict(logits=_r(1, 2, 5, 5))
 _temp_rows = tensor_rows(TEMP, nan=PROPAGATES, noncontig=SAME, meta=META,
@@ -114,7 +112,7 @@ ENTRIES = {
                           ),
             "attention:1-D": ({"attention": torch.full((7,), 1 / 7)},
                               (InputError, r"attention must be \(bags, instances\) or \(bags, rows, instances\)")),
-            **numpy_int(topk=3),
+            **numpy_int(topk=3), **HALF_ROWS,
             "topk=0": ({"topk": 0}, (InputError, "topk must be an int >= 1 or None, got 0")),
             "both": ({"scores": _r(3, 7)}, (InputError, "pass exactly one of attention= .* got both")),
         }),
@@ -151,7 +149,7 @@ ENTRIES = {
         "temperature:meta": ({"temperature": torch.tensor(0.5, device="meta")}, META),
     }),
     "LearnableSoftmaxTemperature": (lambda **k: R.LearnableSoftmaxTemperature(2, 8)(**k), TEMP, {
-        **_temp_rows, **numpy_int(offset=1),
+        **_temp_rows, **numpy_int(offset=1), **HALF_ROWS,
         "offset=-1": ({"offset": -1}, (InputError, r"offset must be >= 0 \(the number of cached positions\), got -1")),
     }),
     "ELRLoss": (_elr, {**LOGITS, "labels": LABELS, "index": INDEX}, {
