@@ -2,16 +2,34 @@
 
 Each case names what it expects: an error class and a fragment of its message, or one of
 the outcomes below for inputs that are accepted (the PyTorch convention for that input).
+A module's test file builds ``ENTRIES`` (see :func:`cases`) and ends with
+``test_bad_inputs = table_test(ENTRIES)``.
 """
 
 import numpy as np
 import pytest
 import torch
 
+from entrokit import InputError
+
 PROPAGATES = "propagates"  # accepted, not read for checks: the non-finite value reaches the output
 SAME = "same"  # accepted and equal to the base call (non-contiguous tensors, NumPy integers)
 CALLER_DTYPE = "caller dtype"  # accepted, output in the inputs' dtype (computed in float32)
 NOT_CHECKED = "not checked"  # accepted: a NaN/inf is skipped by the operation itself
+
+META = (InputError, r"is a meta tensor \(shape and dtype only, no values\)")  # reject_meta's message
+INT = (TypeError, "must have a floating dtype")
+KINDS = ("nan", "inf", "empty", "int", "meta", "noncontig", "shape")  # what tensor_rows varies
+
+
+def randn_with(g: torch.Generator):
+    """``r(*shape)``: standard normal tensors drawn from ``g`` (one seeded stream per table)."""
+    return lambda *shape: torch.randn(*shape, generator=g)
+
+
+def half_rows(expect) -> dict:
+    """Rows passing every floating tensor as float16, then as bfloat16."""
+    return {f"all:{d}": ({"*": d}, expect) for d in ("float16", "bfloat16")}
 
 
 def _put(t, v):
@@ -82,8 +100,22 @@ def cases(entries: dict) -> list:
     out = []
     for name, (fn, base, table) in entries.items():
         for case_id, (change, expect) in table.items():
+            # a variant of an argument the base call lacks would test nothing
+            lacking = [k for k, v in change.items() if k != "*" and k not in base and isinstance(v, str) and v in KINDS]
+            if lacking:
+                raise AssertionError(f"{name}-{case_id}: varies {lacking}, which the base call does not pass")
             out.append(pytest.param(fn, base, change, expect, id=f"{name}-{case_id}"))
     return out
+
+
+def table_test(entries: dict):
+    """The test of a module's table: one parametrized case per row of ``entries``."""
+
+    @pytest.mark.parametrize("fn, base, change, expect", cases(entries))
+    def test_bad_inputs(fn, base, change, expect):
+        check_case(fn, base, resolve(base, change), expect)
+
+    return test_bad_inputs
 
 
 def resolve(base: dict, change: dict) -> dict:
