@@ -35,3 +35,13 @@ def assert_half_in_half_out(fn, *inputs, dtype, grad=True):
             assert t.grad.dtype == dtype
             scale = r.grad.abs().max().item()
             torch.testing.assert_close(t.grad.double(), r.grad, rtol=2 * eps, atol=2 * eps * scale)
+
+
+def wide_batch(seed: int, b: int = 8, c: int = 2000):
+    """``(logits, labels, index, soft_targets)`` of ``b`` samples over ``c`` classes: with many
+    classes, sums over the class axis accumulated in half precision are several units in the
+    last place off."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(b, c, generator=g)
+    labels, index = torch.randint(0, c, (b,), generator=g), torch.arange(b)
+    return logits, labels, index, torch.softmax(3 * torch.randn(b, c, generator=g), 1)

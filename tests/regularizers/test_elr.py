@@ -223,15 +223,11 @@ def test_bfloat16_logits_under_autocast():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_logits_are_computed_in_float32_and_returned_in_their_dtype(dtype):
-    from mixed_precision import assert_half_in_half_out
+    from mixed_precision import assert_half_in_half_out, wide_batch
 
-    # 2,000 classes: a softmax and an inner product summed in half precision are several
-    # units in the last place off; computed in float32 the result is the rounded float64 value
-    g = torch.Generator().manual_seed(31)
-    b, c = 8, 2000
-    logits = 3 * torch.randn(b, c, generator=g)
-    labels, index = torch.randint(0, c, (b,), generator=g), torch.arange(b)
-    t = torch.softmax(3 * torch.randn(b, c, generator=g), 1)
+    # computed in float32 the result is the float64 value rounded once
+    logits, labels, index, t = wide_batch(31)
+    b, c = logits.shape
     assert_half_in_half_out(lambda z: elr_penalty(z, t), logits, dtype=dtype)
 
     def loss(z):
