@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test install install-cli install-dev install-docs docs bench lint clean
+.PHONY: demo test install install-cli install-dev install-docs docs bench bench-quick lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,19 @@ test: install-dev
 docs: install-docs
 	OMP_NUM_THREADS=1 $(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
+# every suite of `entrokit bench` (sinkhorn, newton, smooth) at the sizes and time budgets of its
+# committed table, one thread for every library as the tables were taken; the tables are written
+# to $(BENCH_RESULTS) of this checkout (benchmarks/results/<suite>.md). Long: the anchors get up
+# to 60 s per problem (smooth at n = 3000 alone is about half an hour); see benchmarks/README.md.
+# One suite: `make bench BENCH_SUITES=newton`.
+BENCH_RESULTS ?= benchmarks/results
+BENCH_SUITES ?= sinkhorn newton smooth
 bench: install-dev
-	$(VENV)/bin/entrokit bench
+	OMP_NUM_THREADS=1 $(VENV)/bin/entrokit bench --threads 1 --results $(BENCH_RESULTS) $(addprefix --suite ,$(BENCH_SUITES))
+
+# the same suites at small sizes and short budgets, in minutes (benchmarks/results/<suite>_quick.md)
+bench-quick: install-dev
+	OMP_NUM_THREADS=1 $(VENV)/bin/entrokit bench --quick --threads 1 --results $(BENCH_RESULTS) $(addprefix --suite ,$(BENCH_SUITES))
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples

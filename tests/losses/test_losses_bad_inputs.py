@@ -1,22 +1,13 @@
 """Bad inputs to every public entry point of entrokit.losses (table-driven; tests/bad_inputs.py)."""
 
 import numpy as np
-import pytest
 import torch
 
 import entrokit.losses as L
-from bad_inputs import SAME, cases, check_case, numpy_int, resolve, tensor_rows
+from bad_inputs import INT, META, SAME, numpy_int, randn_with, table_test, tensor_rows
 from entrokit import InputError
 
-g = torch.Generator().manual_seed(1)
-
-
-def _r(*shape):
-    return torch.randn(*shape, generator=g)
-
-
-META = (InputError, r"is a meta tensor \(shape and dtype only, no values\)")
-INT = (TypeError, "must have a floating dtype")
+_r = randn_with(torch.Generator().manual_seed(1))
 HALF_OT = (TypeError, "which entrokit's OT solvers do not accept.*Pass float32 or float64")
 HALF_SW = (TypeError, "sliced_wasserstein computes in float32 or float64")
 EMPTY = (InputError, r"is empty \(shape \(0, 2\)\); expected at least one entry on every axis")
@@ -100,10 +91,7 @@ ENTRIES = {
     }),
 }
 
-
-@pytest.mark.parametrize("fn, base, change, expect", cases(ENTRIES))
-def test_bad_inputs(fn, base, change, expect):
-    check_case(fn, base, resolve(base, change), expect)
+test_bad_inputs = table_test(ENTRIES)
 
 
 def test_numpy_scalars_are_plain_options():

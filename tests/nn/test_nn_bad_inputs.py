@@ -6,25 +6,18 @@ import torch
 import entrokit.nn as N
 from bad_inputs import (
     CALLER_DTYPE,
+    INT,
+    META,
     PROPAGATES,
     SAME,
-    cases,
-    check_case,
     numpy_int,
-    resolve,
+    randn_with,
+    table_test,
     tensor_rows,
 )
 from entrokit import InputError
 
-g = torch.Generator().manual_seed(0)
-
-
-def _r(*shape):
-    return torch.randn(*shape, generator=g)
-
-
-META = (InputError, r"is a meta tensor \(shape and dtype only, no values\)")
-INT = (TypeError, "must have a floating dtype")
+_r = randn_with(torch.Generator().manual_seed(0))
 QKV = dict(query=_r(2, 3, 4), key=_r(2, 5, 4), value=_r(2, 5, 6))
 _attention_rows = {
     **tensor_rows(
@@ -128,10 +121,7 @@ ENTRIES = {
         }),
 }
 
-
-@pytest.mark.parametrize("fn, base, change, expect", cases(ENTRIES))
-def test_bad_inputs(fn, base, change, expect):
-    check_case(fn, base, resolve(base, change), expect)
+test_bad_inputs = table_test(ENTRIES)
 
 
 @pytest.mark.parametrize("make, exc, fragment", [

@@ -188,8 +188,9 @@ def test_large_bag_with_large_score_spread_does_not_underflow(dtype):
     ref = (sq.softmax(-1) * sq.log_softmax(-1)).sum(-1)
     ref.backward()
     got = negative_attention_entropy(scores=s)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    assert got.dtype == dtype  # computed in float32, returned in the caller's dtype
+    rtol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=rtol, atol=1e-6)
     got.sum().backward()
     atol = 1e-6 if dtype == torch.float32 else 1e-3  # the gradient is stored in `dtype`
     torch.testing.assert_close(s.grad.double(), sq.grad, rtol=1e-2, atol=atol)
@@ -201,7 +202,10 @@ def test_large_uniform_bag_in_half_precision(dtype):
     # lose precision, the scores do not.
     n = 100_000
     flat = negative_attention_entropy(scores=torch.zeros(1, n, dtype=dtype))
-    torch.testing.assert_close(flat, torch.tensor([-math.log(n)]), rtol=1e-6, atol=1e-5)
+    assert flat.dtype == dtype
+    # -log n rounded once to `dtype`
+    torch.testing.assert_close(flat.double(), torch.tensor([-math.log(n)], dtype=torch.float64),
+                               rtol=torch.finfo(dtype).eps / 2, atol=0)
     w = torch.zeros(1, n, dtype=dtype).softmax(-1)  # accepted: row-sum tolerance 1e-2 in half
     assert abs(negative_attention_entropy(w).item() + math.log(n)) < 0.1
 
@@ -248,9 +252,34 @@ def test_bfloat16_under_autocast():
     logits = torch.randn(3, generator=g)
     target = torch.tensor([1.0, 0.0, 1.0])
     out, ref = under_autocast(lambda z, s: AttentionEntropyMaximization(lam=0.1)(z, target, scores=s), logits, scores)
-    # computed in float32 for half inputs and returned in float32 (module docstring)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-5)
+    # computed in float32 for half inputs and returned in the caller's dtype (module docstring)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=torch.finfo(torch.bfloat16).eps, atol=0)
+    z, s = logits.bfloat16().requires_grad_(True), scores.bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        AttentionEntropyMaximization(lam=0.1)(z, target, scores=s).backward()
+    assert z.grad.dtype == s.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["scores", "attention"])
+def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype, path):
+    from mixed_precision import assert_half_in_half_out
+
+    # 3,000 instances and 500 classes: sums that lose several units in the last place when
+    # accumulated in half precision
+    g = torch.Generator().manual_seed(27)
+    logits, scores = 3 * torch.randn(6, 500, generator=g), 2 * torch.randn(6, 3000, generator=g)
+    target = torch.randint(0, 500, (6,), generator=g)
+
+    def loss(z, s):
+        if path == "scores":
+            return aem_loss(z, target, scores=s, lam=0.5, reduction="none")
+        # the weights rounded to `dtype` sum to 1 only to its precision: no row-sum check
+        return aem_loss(z, target, s, lam=0.5, reduction="none", check_inputs=False)
+
+    assert_half_in_half_out(loss, logits, scores if path == "scores" else scores.softmax(-1), dtype=dtype)
+    assert_half_in_half_out(lambda s: negative_attention_entropy(scores=s), scores, dtype=dtype)
 
 
 def test_out_of_range_target_is_an_input_error():

@@ -209,12 +209,38 @@ def test_bfloat16_logits_under_autocast():
     logits = torch.randn(16, 4, generator=g)
     labels, index = torch.randint(0, 4, (16,), generator=g), torch.arange(16)
     out, ref = under_autocast(lambda z: ELRLoss(16, 4)(z, labels, index), logits)
-    # the loss follows F.cross_entropy under autocast: computed and returned in float32
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=2e-3, atol=0)
+    # computed in float32 (autocast off), returned in the caller's dtype: one rounding of ref
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=torch.finfo(torch.bfloat16).eps, atol=0)
     pen, pen_ref = under_autocast(lambda z: elr_penalty(z, torch.full((16, 4), 0.25)), logits)
     assert pen.dtype == torch.bfloat16
-    torch.testing.assert_close(pen.float(), pen_ref, rtol=1e-2, atol=0)
+    torch.testing.assert_close(pen.float(), pen_ref, rtol=torch.finfo(torch.bfloat16).eps, atol=0)
+    z = logits.bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ELRLoss(16, 4)(z, labels, index).backward()
+    assert z.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+    from mixed_precision import assert_half_in_half_out, wide_batch
+
+    # computed in float32 the result is the float64 value rounded once
+    logits, labels, index, t = wide_batch(31)
+    b, c = logits.shape
+    assert_half_in_half_out(lambda z: elr_penalty(z, t), logits, dtype=dtype)
+
+    def loss(z):
+        fn = ELRLoss(b, c)
+        fn.targets.copy_(0.5 * t)
+        return fn(z, labels, index)
+
+    assert_half_in_half_out(loss, logits, dtype=dtype)
+    fn = ELRLoss(b, c)
+    fn(logits.to(dtype), labels, index)
+    assert fn.targets.dtype == torch.float32  # the targets' update ran on the float32 softmax
+    ref = torch.softmax(logits.to(dtype).double(), 1).clamp(1e-4, 1 - 1e-4)
+    torch.testing.assert_close(fn.targets.double(), 0.3 * ref / ref.sum(1, keepdim=True), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("check_inputs", [True, False])

@@ -244,3 +244,15 @@ def test_classify_heads_validates_types_and_shapes():
         classify_heads([[0.1, 0.2]])
     with pytest.raises(InputError, match=r"normalized must have the shape of entropy \(1, 2\)"):
         classify_heads(torch.ones(1, 2), torch.ones(2, 2), reference="log_n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_attention_is_summed_in_float32_and_returned_in_its_dtype(dtype):
+    from mixed_precision import assert_half_in_half_out
+
+    # 3,000 keys: an entropy summed in half precision is units in the last place off
+    g = torch.Generator().manual_seed(34)
+    a = torch.softmax(2 * torch.randn(2, 2, 8, 3000, generator=g), -1)
+    # the weights rounded to `dtype` sum to 1 only to its precision: no row-sum check
+    assert_half_in_half_out(lambda t: attention_entropy(t, check_inputs=False), a, dtype=dtype)
+    assert_half_in_half_out(lambda t: attention_entropy(t, normalize=True, check_inputs=False), a, dtype=dtype)

@@ -369,3 +369,25 @@ def test_bfloat16_under_autocast():
     attn = torch.softmax(torch.randn(2, 2, 5, 5, generator=g) * 3, -1)
     pen, pen_ref = under_autocast(lambda a: reg([a / a.sum(-1, keepdim=True)]), attn)
     torch.testing.assert_close(pen.float(), pen_ref, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+    from mixed_precision import assert_half_in_half_out
+
+    g = torch.Generator().manual_seed(35)
+    # the band penalty sums over 2 x 4,000 queries: units in the last place off in half precision
+    ents = 3 * torch.rand(2, 2, 2, 4000, generator=g)
+    theta = torch.rand(2, 2, generator=g)
+    assert_half_in_half_out(
+        lambda e: entropy_band_penalty(e, theta, math.log(3000), gate="smooth"), ents, dtype=dtype)
+    reg = EntropyBandRegularizer(1, 2, lam=1.0, gate="smooth", check_inputs=False)
+    attn = torch.softmax(2 * torch.randn(2, 2, 8, 3000, generator=g), -1)
+    assert_half_in_half_out(lambda a: reg([a]), attn, dtype=dtype)
+    # a float32 temperature (a parameter under autocast) is not rounded to half precision
+    logits = 0.2 * torch.randn(2, 2, 6, 40, generator=g)  # no weight below float16's normal range
+    t = 0.3 + torch.rand(2, 6, generator=g)
+    assert_half_in_half_out(lambda z: temperature_softmax(z, t), logits, dtype=dtype)
+    lst = LearnableSoftmaxTemperature(2, 6, init=0.37)
+    assert_half_in_half_out(lst, logits, dtype=dtype)
+    assert lst.temperature.dtype == torch.float32

@@ -264,3 +264,31 @@ def test_bfloat16_logits_under_autocast():
     kl, kl_ref = under_autocast(lambda z: dual_view_kl(z[:8], z[8:]), logits)
     assert kl.dtype == torch.bfloat16
     torch.testing.assert_close(kl.float(), kl_ref, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+    from mixed_precision import assert_half_in_half_out
+
+    # 2,000 classes: entropies and divergences summed in half precision are units in the last
+    # place off; computed in float32 each result is the float64 value rounded once
+    g = torch.Generator().manual_seed(33)
+    n, k = 8, 2000
+    logits, logits2 = 0.2 * torch.randn(n, k, generator=g), 0.2 * torch.randn(n, k, generator=g)
+    prior = torch.softmax(torch.randn(k, generator=g), 0)
+    everyone = torch.ones(n, dtype=torch.bool)
+    assert_half_in_half_out(
+        lambda z: local_entropy_loss(z, everyone, torch.log(prior), reduction="none"), logits, dtype=dtype)
+    assert_half_in_half_out(lambda z, y: dual_view_kl(z, y, reduction="none"), logits, logits2, dtype=dtype)
+
+    def ler(z):
+        fn = LocalEntropyRegularizer(k, k, threshold=0.0)
+        fn.prior.copy_(prior)
+        return fn(z, ~everyone)
+
+    assert_half_in_half_out(ler, logits, dtype=dtype)
+    fn = LocalEntropyRegularizer(k, k, threshold=0.0, momentum=0.5)
+    fn(logits.to(dtype), ~everyone)
+    assert fn.num_selected == n and fn.prior.dtype == torch.float32
+    expected = 0.5 / k + 0.5 * torch.softmax(logits.to(dtype).double(), 1).mean(0)
+    torch.testing.assert_close(fn.prior.double(), expected, rtol=1e-5, atol=1e-9)

@@ -161,3 +161,26 @@ def test_minus_inf_logit_batch_leaves_the_buffers_unchanged_in_both_modes(check_
     else:
         loss(logits, labels, index)
     assert torch.equal(loss.predictions, before) and torch.equal(loss.seen, seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_are_computed_in_float32_and_returned_in_their_dtype(dtype):
+    from mixed_precision import assert_half_in_half_out, wide_batch
+
+    logits, labels, index, target = wide_batch(32)
+    b, c = logits.shape
+    assert_half_in_half_out(lambda z: soft_cross_entropy(z, target, reduction="none"), logits, dtype=dtype)
+
+    def loss(z):
+        fn = PSKDLoss(b, c, 10)
+        fn.predictions.copy_(target)
+        fn.seen.fill_(True)
+        fn.set_epoch(9)
+        return fn(z, labels, index)
+
+    assert_half_in_half_out(loss, logits, dtype=dtype)
+    fn = PSKDLoss(b, c, 10)
+    fn(logits.to(dtype), labels, index)
+    assert fn.predictions.dtype == torch.float32  # stored from the float32 softmax
+    torch.testing.assert_close(fn.predictions.double(), torch.softmax(logits.to(dtype).double(), 1),
+                               rtol=1e-6, atol=1e-9)

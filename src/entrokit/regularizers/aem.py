@@ -24,8 +24,9 @@ so no weight is rounded to zero before its logarithm is taken. This is how the r
 :math:`10^4`–:math:`10^5` patches) and in half precision: a uniform float16 attention over
 :math:`10^5` instances is :math:`10^{-5}`, below float16's smallest normal number
 (:math:`6.1\cdot10^{-5}`), and with a large score spread most weights flush to zero. Both paths
-compute in float32 for float16/bfloat16 inputs (and return float32). In float32/float64 and
-where nothing underflows, the two paths agree to rounding.
+compute in float32 for float16/bfloat16 inputs, with autocast off, and return the caller's dtype
+(the gradients too). In float32/float64 and where nothing underflows, the two paths agree to
+rounding.
 
 **Reduction over instances and rows.** As in the reference code, the negative entropy is
 **summed** over instances (no division by :math:`N`, so the uniform-attention value is
@@ -59,7 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction, reject_meta
+from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
 from entrokit.regularizers._checks import check_int_vector, check_reduction, default_atol
 
 __all__ = [
@@ -68,9 +69,6 @@ __all__ = [
     "aem_loss",
     "AttentionEntropyMaximization",
 ]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 def _check_lam(lam: float, name: str = "lam") -> float:
     if isinstance(lam, bool) or not isinstance(lam, Real):
@@ -217,8 +215,9 @@ def negative_attention_entropy(
             scores free of NaN/+inf with at least one real instance per row.
 
     Returns:
-        ``(B,)`` tensor: summed over instances, averaged over rows if ``R`` is present. Float32
-        for float16/bfloat16 inputs (computed in float32), otherwise the input dtype.
+        ``(B,)`` tensor: summed over instances, averaged over rows if ``R`` is present, in the
+        dtype of the input (float16/bfloat16 inputs are computed in float32, autocast off, and
+        the result is cast back).
 
     Examples:
         >>> import torch
@@ -229,12 +228,19 @@ def negative_attention_entropy(
         tensor([-1.3863])
     """
     t, is_scores = _pick_input(attention, scores)
+    with no_autocast():
+        return _negative_entropy(t, is_scores, mask, topk, check_inputs).to(t.dtype)
+
+
+def _negative_entropy(
+    t: torch.Tensor, is_scores: bool, mask: torch.Tensor | None, topk: int | None, check_inputs: bool
+) -> torch.Tensor:
+    """Per-bag negative entropy in the working dtype (float32 for half inputs)."""
     m = None if mask is None else _broadcast_mask(mask, t)
     _check_topk(topk)
     # row-sum tolerance of the weights: 1e-2 half, 1e-4 float32, 1e-8 float64
     tol = 1e-8 if t.dtype == torch.float64 else default_atol(t.dtype)
-    if t.dtype in _LOW_PRECISION:
-        t = t.float()
+    t = t.to(working_dtype(t.dtype))
     if is_scores:
         s = _from_scores(t, m, topk, check_inputs)
     else:
@@ -256,7 +262,7 @@ def cosine_annealed_lambda(step: int, total_steps: int, lam_start: float, lam_en
 
 def _task_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str, check_inputs: bool = True) -> torch.Tensor:
     if target.is_floating_point() and target.shape == logits.shape:
-        return F.binary_cross_entropy_with_logits(logits, target, reduction=reduction)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction=reduction)
     if target.dtype in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
         if logits.ndim < 2:
             raise InputError(
@@ -307,6 +313,11 @@ def aem_loss(
         check_inputs: value checks on the attention / scores and the target range (see
             :func:`negative_attention_entropy`).
 
+    Returns:
+        The loss, in the dtype of ``logits`` and the attention / scores (their promoted dtype:
+        bfloat16 for bfloat16 inputs). Float16/bfloat16 inputs are computed in float32 with
+        autocast off; the gradients come back in each input's own dtype.
+
     Examples:
         >>> import torch
         >>> s = torch.randn(2, 100)
@@ -329,18 +340,20 @@ def aem_loss(
             f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have one row per "
             "bag (same first dimension); for a single bag add a batch axis with unsqueeze(0)."
         )
-    ne = negative_attention_entropy(attention, mask, scores=scores, topk=topk, check_inputs=check_inputs)
-    if ne.shape[0] != logits.shape[0]:
-        what = "scores" if scores is not None else "attention"
-        raise InputError(
-            f"{what} has {ne.shape[0]} bags but logits has {logits.shape[0]}; pass the "
-            f"{what} of the same bags, in the same order."
-        )
-    ce = _task_loss(logits, target, "none", check_inputs)
-    if ce.ndim > 1:
-        ce = ce.flatten(1).mean(1)
-    per_bag = ce + lam * ne
-    return apply_reduction(per_bag, reduction)
+    t, is_scores = _pick_input(attention, scores)
+    with no_autocast():
+        ne = _negative_entropy(t, is_scores, mask, topk, check_inputs)
+        if ne.shape[0] != logits.shape[0]:
+            what = "scores" if is_scores else "attention"
+            raise InputError(
+                f"{what} has {ne.shape[0]} bags but logits has {logits.shape[0]}; pass the "
+                f"{what} of the same bags, in the same order."
+            )
+        ce = _task_loss(logits.to(working_dtype(logits.dtype)), target, "none", check_inputs)
+        if ce.ndim > 1:
+            ce = ce.flatten(1).mean(1)
+        per_bag = ce + lam * ne
+        return apply_reduction(per_bag, reduction).to(torch.promote_types(logits.dtype, t.dtype))
 
 
 class AttentionEntropyMaximization(nn.Module):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from entrokit._stateful import Option
-from entrokit._validation import apply_reduction, reject_meta
+from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
 from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows
 from entrokit.regularizers._checks import (
     check_logits,
@@ -75,18 +75,22 @@ def elr_penalty(
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (returns ``[B]``).
 
     Returns:
-        The penalty, ``<= 0``.
+        The penalty, ``<= 0``, in the dtype of ``logits``. Float16/bfloat16 logits (what
+        ``torch.autocast`` hands a loss) are computed in float32, autocast off, and the
+        result is cast back; their gradient comes back in their own dtype.
     """
     logits = check_logits(logits, None)
     check_same_shape(
         targets, logits, "targets", "logits", "pass one ensemble target row per row of logits."
     )
     check_reduction(reduction)
-    return apply_reduction(_penalty_rows(logits, targets), reduction)
+    with no_autocast():
+        per = _penalty_rows(logits.to(working_dtype(logits.dtype)), targets)
+        return apply_reduction(per, reduction).to(logits.dtype)
 
 
 def _penalty_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row ``log(1 - <clamp(softmax(z)), t>)`` (paper Eq. 6), unchecked."""
+    """Per-row ``log(1 - <clamp(softmax(z)), t>)`` (paper Eq. 6), unchecked, in ``logits.dtype``."""
     p = F.softmax(logits, dim=1).clamp(_CLAMP, 1.0 - _CLAMP)
     inner = (targets.detach().to(p.dtype) * p).sum(dim=1)
     return torch.log1p(-inner)
@@ -122,6 +126,10 @@ class ELRLoss(PerSampleLoss):
             such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
             logits are not): the targets are still never overwritten with
             non-finite values.
+
+    Mixed precision: float16/bfloat16 logits (a model under ``torch.autocast``) are computed
+    in float32 with autocast off, for the targets' update too, and the loss is returned in
+    the logits' dtype (their gradient as well); the targets stay float32.
 
     ``lam``, ``beta``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are
     set (at construction or later, e.g. ``loss_fn.beta = 0.9``), not on every call.
@@ -191,8 +199,10 @@ class ELRLoss(PerSampleLoss):
     ) -> torch.Tensor:
         """Return ``CE + λ·log(1 − ⟨p, t⟩)`` for the batch, updating its targets first."""
         logits, labels, index = self._check_batch(logits, index, labels)
-        if self.training:
-            self.update_state(logits.detach(), index, from_logits=True, what="logits of this batch")
-        ce = F.cross_entropy(logits, labels, reduction="none")
-        reg = _penalty_rows(logits, self.targets[index])
-        return reduce_rows(ce + self.lam * reg, self.reduction)
+        with no_autocast():  # float32 for half logits; F.cross_entropy would return float32
+            z = logits.to(working_dtype(logits.dtype))
+            if self.training:
+                self.update_state(z.detach(), index, from_logits=True, what="logits of this batch")
+            ce = F.cross_entropy(z, labels, reduction="none")
+            reg = _penalty_rows(z, self.targets[index])
+            return reduce_rows(ce + self.lam * reg, self.reduction).to(logits.dtype)

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit._optional import require
-from entrokit._validation import reject_meta
+from entrokit._validation import no_autocast, reject_meta, working_dtype
 from entrokit.regularizers._checks import default_atol
 
 __all__ = [
@@ -130,7 +130,8 @@ def attention_entropy(
         name: how error messages call ``attn``.
 
     Returns:
-        Tensor ``(batch, heads, queries)`` of entropies in nats (or normalised). Fully masked
+        Tensor ``(batch, heads, queries)`` of entropies in nats (or normalised), in the dtype of
+        ``attn`` (float16/bfloat16 weights are summed in float32, autocast off). Fully masked
         rows give 0. The gradient at exact zeros is taken as 0 (the true derivative of
         :math:`-a\log a` is :math:`+\infty` there).
 
@@ -143,6 +144,12 @@ def attention_entropy(
         >>> attention_entropy(a)  # log 4
         tensor([[[1.3863, 1.3863]]])
     """
+    return _attention_entropy(attn, mask, normalize, eps, check_inputs, atol, name).to(attn.dtype)
+
+
+def _attention_entropy(attn: Any, mask: Any, normalize: bool, eps: Any, check_inputs: bool, atol: Any,
+                       name: str) -> torch.Tensor:
+    """:func:`attention_entropy` in the working dtype (float32 for float16/bfloat16 weights)."""
     attn = _check_attn(attn, name)
     if mask is not None:
         mask = _check_mask(mask, attn)
@@ -179,14 +186,16 @@ def attention_entropy(
                 f"{sums[idx].item():.6g}. Pass probabilities (softmax over the key axis, last dim), "
                 f"normalise with {name} / {name}.sum(-1, keepdim=True), or raise atol."
             )
-    if eps > 0:
-        h = -(a * torch.log(a + eps)).sum(-1)
-    else:
-        h = _neg_xlogx(a).sum(-1)
-    if normalize:
-        n = torch.full_like(h, attn.shape[-1]) if mask is None else mask.sum(-1).to(h.dtype)
-        logn = torch.log(n.clamp_min(1.0))
-        h = torch.where(n > 1, h / torch.where(n > 1, logn, torch.ones_like(logn)), torch.zeros_like(h))
+    with no_autocast():  # float16/bfloat16 weights: the sum over keys runs in float32
+        a = a.to(working_dtype(a.dtype))
+        if eps > 0:
+            h = -(a * torch.log(a + eps)).sum(-1)
+        else:
+            h = _neg_xlogx(a).sum(-1)
+        if normalize:
+            n = torch.full_like(h, attn.shape[-1]) if mask is None else mask.sum(-1).to(h.dtype)
+            logn = torch.log(n.clamp_min(1.0))
+            h = torch.where(n > 1, h / torch.where(n > 1, logn, torch.ones_like(logn)), torch.zeros_like(h))
     return h
 
 

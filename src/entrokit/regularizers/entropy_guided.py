@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import check_layer_input, reject_meta
+from entrokit._validation import check_layer_input, no_autocast, reject_meta, working_dtype
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
@@ -60,7 +60,7 @@ from entrokit.regularizers._checks import (
     check_nonneg_real,
     check_positive,
 )
-from entrokit.regularizers.entropy import attention_entropy
+from entrokit.regularizers.entropy import _attention_entropy
 from entrokit.regularizers.sigma_reparam import _svd_init, spectral_norm_step
 
 __all__ = [
@@ -157,7 +157,9 @@ def entropy_band_penalty(
         query_mask: optional bool ``(B, T)`` or ``(B, H, T)``; False drops a query (padding).
 
     Returns:
-        Scalar tensor :math:`\frac1L\sum_l\frac1H\sum_h P_{lh}`.
+        Scalar tensor :math:`\frac1L\sum_l\frac1H\sum_h P_{lh}` in the dtype of the
+        entropies; float16/bfloat16 entropies are computed in float32 (autocast off), with
+        ``theta`` in that dtype too.
     """
     e = _stack_entropies(entropies)
     if not isinstance(theta, torch.Tensor):
@@ -177,9 +179,19 @@ def entropy_band_penalty(
     gamma = _check_nonneg(gamma, "gamma", "0.2")
     check_choice(mode, "mode", MODES)
     check_choice(gate, "gate", GATES)
+    qm = None if query_mask is None else _check_query_mask(query_mask, B, H, T, e.device)
+    with no_autocast():
+        return _band_penalty(e, theta, max_entropy, gamma, mode, gate, qm).to(e.dtype)
+
+
+def _band_penalty(e: torch.Tensor, theta: torch.Tensor, max_entropy: float, gamma: float, mode: str,
+                  gate: str, qm: torch.Tensor | None) -> torch.Tensor:
+    """The penalty of :func:`entropy_band_penalty`, unchecked, in float32 for half entropies."""
+    wd = working_dtype(e.dtype)
+    e, theta = e.to(wd), theta.to(wd)
+    L, B, H, T = e.shape
     w = torch.ones_like(e)
-    if query_mask is not None:
-        qm = _check_query_mask(query_mask, B, H, T, e.device)
+    if qm is not None:
         w = torch.broadcast_to(qm.to(e.dtype), (B, H, T)).expand(L, B, H, T)
     if mode == "per_head":
         e = ((e * w).sum((1, 3)) / w.sum((1, 3)).clamp_min(1)).unsqueeze(1).unsqueeze(-1)  # (L,1,H,1)
@@ -219,6 +231,10 @@ class EntropyBandRegularizer(nn.Module):
 
     All options are validated here, at construction; metadata checks (number of layers,
     shapes) always run in :meth:`forward`.
+
+    Mixed precision: float16/bfloat16 attentions (a model under ``torch.autocast``) give
+    entropies and the penalty in float32 (autocast off; θ is not rounded), and the result
+    is returned in the attentions' dtype.
 
     Padding: pass ``query_mask`` (bool ``(B, T)``, True = real token) so padded queries
     contribute nothing, :math:`P_{lh} = \sum_{b,i} m_{bi}\,\mathrm{pen}(E_{bhi} - \tau_{lh})`;
@@ -298,6 +314,7 @@ class EntropyBandRegularizer(nn.Module):
             torch.full((num_layers, num_heads), theta_init, device=device, dtype=dtype)
         )
 
+    @reject_meta
     def penalty(
         self,
         attentions: Sequence[torch.Tensor],
@@ -344,10 +361,9 @@ class EntropyBandRegularizer(nn.Module):
                     mask = mask & rows
                 except RuntimeError:
                     pass  # attention_entropy reports the mask that does not fit
+        # entropies in float32 for half attentions (not rounded back before the band)
         ents = [
-            attention_entropy(
-                a, mask, eps=self.eps, check_inputs=self.check_inputs, atol=self.atol, name=f"attentions[{i}]"
-            )
+            _attention_entropy(a, mask, False, self.eps, self.check_inputs, self.atol, f"attentions[{i}]")
             for i, a in enumerate(attentions)
         ]
         if ents[0].shape[1] != self.theta.shape[1]:
@@ -364,10 +380,10 @@ class EntropyBandRegularizer(nn.Module):
             e_max = math.log(attentions[0].shape[-1])
         else:
             e_max = self.max_entropy
-        return entropy_band_penalty(
-            ents, self.theta.to(ents[0].dtype), e_max, self.gamma, mode=self.mode, gate=self.gate,
-            query_mask=query_mask,
+        pen = entropy_band_penalty(
+            ents, self.theta, e_max, self.gamma, mode=self.mode, gate=self.gate, query_mask=query_mask
         )
+        return pen.to(attentions[0].dtype)  # the attentions' dtype (computed in float32 for half)
 
     def forward(
         self,
@@ -395,6 +411,11 @@ def temperature_softmax(
         logits: ``(B, H, T, S)`` scaled scores :math:`q_i\cdot k_j/\sqrt{d}`.
         temperature: positive tensor broadcastable as ``(H, T)`` (or ``(B, H, T)``).
         mask: bool, True = valid key (broadcastable to ``logits``).
+
+    Returns:
+        The attention ``(B, H, T, S)`` in the dtype of ``logits``. Float16/bfloat16 logits are
+        divided and normalised in float32 (autocast off; the temperature is not rounded to
+        half precision) and the result is cast back.
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -417,12 +438,14 @@ def temperature_softmax(
             f"temperature of shape {tuple(temperature.shape)} does not broadcast to (batch, heads, "
             f"queries) = {(B, H, T)}; pass one temperature per head and query, shape ({H}, {T})."
         ) from None
-    t = temperature.unsqueeze(-1)
-    s = logits / t
-    if mask is not None:
-        s = s.masked_fill(~mask, -math.inf)
-    # a fully masked row gives zeros; a NaN logit still propagates (it is not a masked key)
-    return torch.softmax(s, dim=-1).masked_fill((s == -math.inf).all(-1, keepdim=True), 0.0)
+    wd = working_dtype(torch.promote_types(logits.dtype, temperature.dtype))
+    with no_autocast():
+        s = logits.to(wd) / temperature.to(wd).unsqueeze(-1)
+        if mask is not None:
+            s = s.masked_fill(~mask, -math.inf)
+        # a fully masked row gives zeros; a NaN logit still propagates (it is not a masked key)
+        a = torch.softmax(s, dim=-1).masked_fill((s == -math.inf).all(-1, keepdim=True), 0.0)
+    return a.to(logits.dtype)
 
 
 class LearnableSoftmaxTemperature(nn.Module):
@@ -546,7 +569,7 @@ class LearnableSoftmaxTemperature(nn.Module):
             t = t[:, pos].permute(1, 0, 2)
         else:
             t = t[:, offset : offset + Tq]
-        return temperature_softmax(logits, t.to(logits.dtype), mask)
+        return temperature_softmax(logits, t, mask)
 
 
 class WeightNormLinear(nn.Linear):

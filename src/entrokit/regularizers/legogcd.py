@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from entrokit._errors import InputError
 from entrokit._stateful import Option, StatefulModule, boolean, integer
-from entrokit._validation import apply_reduction, reject_meta
+from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
 from entrokit.regularizers._checks import (
     check_choice,
     check_count,
@@ -172,6 +172,10 @@ def local_entropy_loss(
         lam_ler: logit-adjustment weight :math:`\lambda_{ler}`.
         detach_target: stop the gradient through :math:`q` (the reference does not).
         reduction: ``"mean"`` divides by all ``N`` rows (reference), ``"sum"``, ``"none"``.
+
+    Returns:
+        The loss in the dtype of ``logits``; float16/bfloat16 logits are computed in float32
+        (autocast off), their gradient comes back in their own dtype.
     """
     logits = check_logits(logits, None)
     n, k = logits.shape
@@ -195,7 +199,9 @@ def local_entropy_loss(
     tau_o = check_positive(tau_o, "tau_o", example="tau_o=0.05")
     lam_ler = check_nonneg_real(lam_ler, "lam_ler", example="lam_ler=0.4")
     check_reduction(reduction)
-    return apply_reduction(_ler_rows(logits, mask, log_prior, tau_o, lam_ler, detach_target), reduction)
+    with no_autocast():  # float16/bfloat16 logits: computed in float32, returned in their dtype
+        z = logits.to(working_dtype(logits.dtype))
+        return apply_reduction(_ler_rows(z, mask, log_prior, tau_o, lam_ler, detach_target), reduction).to(logits.dtype)
 
 
 def _ler_rows(logits: torch.Tensor, mask: torch.Tensor, log_prior: torch.Tensor | None, tau_o: float,
@@ -250,6 +256,10 @@ def dual_view_kl(
         reduction: ``"mean"`` over ``B`` (default), ``"sum"`` or ``"none"`` (``[B]``).
         detach_second_view: stop the gradient through ``logits_view2`` (Algorithm 1).
 
+    Returns:
+        The divergence in the dtype of the logits; float16/bfloat16 views are computed in
+        float32 (autocast off).
+
     Examples:
         >>> import torch
         >>> z = torch.randn(4, 5)
@@ -279,16 +289,18 @@ def dual_view_kl(
         )
     if detach_second_view:
         logits_view2 = logits_view2.detach()
-    lp1 = F.log_softmax(logits_view1 / temperature, dim=1)
-    lp2 = F.log_softmax(logits_view2 / temperature, dim=1)
-    if form == "paper":
-        per = (lp1.exp() * (lp1 - lp2)).sum(dim=1)
-    elif form == "reference":
-        p1, p2 = lp1.exp(), lp2.exp()
-        per = (p1 * (F.log_softmax(p1, dim=1) - F.log_softmax(p2, dim=1))).sum(dim=1)
-    else:
-        raise InputError(f"form must be 'paper' or 'reference'; got {form!r}.")
-    return apply_reduction(per, reduction)
+    wd = working_dtype(logits_view1.dtype)  # float32 for float16/bfloat16 views
+    with no_autocast():
+        lp1 = F.log_softmax(logits_view1.to(wd) / temperature, dim=1)
+        lp2 = F.log_softmax(logits_view2.to(wd) / temperature, dim=1)
+        if form == "paper":
+            per = (lp1.exp() * (lp1 - lp2)).sum(dim=1)
+        elif form == "reference":
+            p1, p2 = lp1.exp(), lp2.exp()
+            per = (p1 * (F.log_softmax(p1, dim=1) - F.log_softmax(p2, dim=1))).sum(dim=1)
+        else:
+            raise InputError(f"form must be 'paper' or 'reference'; got {form!r}.")
+        return apply_reduction(per, reduction).to(logits_view1.dtype)
 
 
 class LocalEntropyRegularizer(StatefulModule):
@@ -322,6 +334,10 @@ class LocalEntropyRegularizer(StatefulModule):
             with more than one rank is initialised, ``True`` always all-reduces (needs an
             initialised group), ``False`` keeps a per-process prior (reference behaviour).
             Every rank must then call the module the same number of times in training mode.
+
+    Mixed precision: float16/bfloat16 logits (a model under ``torch.autocast``) are computed
+    in float32 with autocast off, the prior update too, and the loss is returned in the
+    logits' dtype (their gradient as well); the prior stays float32.
 
     The options (``threshold``, ``tau_s``, ``tau_o``, ``lam_ler``, ``momentum``,
     ``prior_temperature``, ``detach_target``, ``check_inputs``, ``sync``) are checked when they
@@ -423,10 +439,12 @@ class LocalEntropyRegularizer(StatefulModule):
                 f"on {logits.device}; move it with ler.to(logits.device)."
             )
         labeled_mask = _check_mask(labeled_mask, logits.shape[0], logits.device)
-        mask = _select(logits, labeled_mask, self.num_known, self.threshold, self.tau_s)
-        rows = _ler_rows(logits, mask, torch.log(self.prior), self.tau_o, self.lam_ler, self.detach_target)
-        loss = rows.mean()  # divided by all N rows (reference)
-        if self.training:
-            self.update_state(logits, what="logits")  # after the loss, as in the reference
+        with no_autocast():  # float16/bfloat16 logits: computed in float32, returned in their dtype
+            z = logits.to(working_dtype(logits.dtype))
+            mask = _select(z, labeled_mask, self.num_known, self.threshold, self.tau_s)
+            rows = _ler_rows(z, mask, torch.log(self.prior), self.tau_o, self.lam_ler, self.detach_target)
+            loss = rows.mean()  # divided by all N rows (reference)
+            if self.training:
+                self.update_state(z, what="logits")  # after the loss, as in the reference
         self.num_selected = int(mask.sum())
-        return loss
+        return loss.to(logits.dtype)

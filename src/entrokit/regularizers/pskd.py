@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from entrokit._errors import InputError
 from entrokit._stateful import Option, integer
-from entrokit._validation import apply_reduction, reject_meta
+from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
 from entrokit.regularizers._buffers import PerSampleLoss, reduce_rows
 from entrokit.regularizers._checks import (
     check_count,
@@ -125,6 +125,9 @@ def soft_cross_entropy(
         target: ``[B, C]`` target distributions (treated as constants).
         reduction: ``"mean"`` over the batch (default), ``"sum"`` or ``"none"``.
 
+    Returns:
+        The loss in the dtype of ``logits``; float16/bfloat16 logits are computed in float32.
+
     Examples:
         >>> import torch
         >>> z = torch.zeros(1, 4)
@@ -137,7 +140,9 @@ def soft_cross_entropy(
         "pass one target distribution per row of logits (for class ids use F.cross_entropy).",
     )
     check_reduction(reduction)
-    return apply_reduction(_soft_ce_rows(logits, target), reduction)
+    with no_autocast():  # float16/bfloat16 logits: computed in float32, returned in their dtype
+        per = _soft_ce_rows(logits.to(working_dtype(logits.dtype)), target)
+        return apply_reduction(per, reduction).to(logits.dtype)
 
 
 def _soft_ce_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -173,6 +178,10 @@ class PSKDLoss(PerSampleLoss):
             syncs and such a batch is skipped silently (a ``-inf`` logit too: its softmax is finite, the
             logits are not): the stored predictions are still never
             overwritten with non-finite values.
+
+    Mixed precision: float16/bfloat16 logits (a model under ``torch.autocast``) are computed
+    in float32 with autocast off, the stored predictions too, and the loss is returned in the
+    logits' dtype (their gradient as well).
 
     ``alpha_T``, ``reduction``, ``sync`` and ``check_inputs`` are checked when they are set
     (at construction or later), not on every call.
@@ -263,7 +272,9 @@ class PSKDLoss(PerSampleLoss):
         logits, labels, index = self._check_batch(logits, index, labels)
         a = self.alpha if alpha is None else check_unit_interval(alpha, "alpha", closed_right=True, example="alpha=0.5")
         target = self.soft_targets(labels, index, a)
-        loss = reduce_rows(_soft_ce_rows(logits, target), self.reduction)
-        if self.training:
-            self.update_state(logits.detach(), index, from_logits=True, what="logits of this batch")
-        return loss
+        with no_autocast():  # float16/bfloat16 logits: computed in float32, returned in their dtype
+            z = logits.to(working_dtype(logits.dtype))
+            loss = reduce_rows(_soft_ce_rows(z, target), self.reduction)
+            if self.training:
+                self.update_state(z.detach(), index, from_logits=True, what="logits of this batch")
+        return loss.to(logits.dtype)

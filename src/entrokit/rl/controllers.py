@@ -65,6 +65,8 @@ _F64 = torch.float64
 def _measurement(value: Any, name: str = "measured") -> torch.Tensor:
     """A measured entropy: a Python/NumPy real or a 1-element tensor, as a float64 0-dim tensor."""
     if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise InputError(f"{name} is a meta tensor (shape only, no values); pass the measured number.")
         if value.numel() != 1:
             raise InputError(
                 f"{name} must be one number (the aggregated entropy of the step), got a tensor of "
@@ -137,7 +139,7 @@ class Controller(StatefulModule):
         Raises:
             InputError: ``measured`` is NaN or infinite (on any rank); the state is unchanged.
         """
-        self.update_state(measured)
+        self.update_state(measured, what="the values passed as measured")
         return self.value
 
     def forward(self, measured: Any) -> float:
@@ -504,6 +506,8 @@ class DifficultyAwareCoef(StatefulModule):
             raise TypeError(f"accuracy must be a torch.Tensor [num_prompts], got {type(accuracy).__name__}.")
         if not accuracy.is_floating_point():
             raise TypeError(f"accuracy must have a floating dtype, got {accuracy.dtype}; use accuracy.float().")
+        if accuracy.is_meta:
+            raise InputError("accuracy is a meta tensor (shape only, no values); pass the group accuracies.")
         if accuracy.dim() != 1 or accuracy.numel() == 0:
             raise InputError(
                 f"accuracy must have shape [num_prompts] with num_prompts >= 1, got {tuple(accuracy.shape)}."
@@ -585,7 +589,7 @@ class TemperatureScheduler(StatefulModule):
 
     def step(self, measured: Any) -> float:
         """Feed the entropy measured this step; return the next temperature."""
-        self.update_state(measured)
+        self.update_state(measured, what="the values passed as measured")
         return self.temperature
 
     def forward(self, measured: Any) -> float:

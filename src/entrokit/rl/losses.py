@@ -323,7 +323,7 @@ class EntropyHistory(StatefulModule):
         """Add one step's entropy; return the new mean."""
         from entrokit.rl.controllers import _measurement
 
-        self.update_state(_measurement(measured).to(self.total.device))
+        self.update_state(_measurement(measured).to(self.total.device), what="the values passed as measured")
         return float(self.mean)
 
     def _measure(self, measured: torch.Tensor) -> Mapping[str, Any]:
@@ -667,7 +667,8 @@ def aepo_select_positives(
     empty index tensor.
 
     Args:
-        advantages: ``[N]`` one advantage per sample (floating).
+        advantages: ``[N]`` one advantage per sample (floating); a NaN advantage is never
+            selected (NaN > threshold is false).
         threshold: strict lower bound on the advantage.
         max_samples: cap (>= 0; NumPy integers accepted).
 
@@ -678,6 +679,8 @@ def aepo_select_positives(
         raise TypeError(f"advantages must be a torch.Tensor [N], got {type(advantages).__name__}.")
     if not advantages.is_floating_point():
         raise TypeError(f"advantages must have a floating dtype, got {advantages.dtype}; use advantages.float().")
+    if advantages.is_meta:
+        raise InputError("advantages is a meta tensor (shape only, no values); pass the advantages.")
     if advantages.dim() != 1:
         raise InputError(f"advantages must have shape [N] (one per sample), got {tuple(advantages.shape)}.")
     thr = real(example="threshold=0.05")(threshold, "threshold")
@@ -710,6 +713,8 @@ def aepo_reinforce_loss(
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == 0:
         if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
             raise TypeError("logp must be a floating torch.Tensor [B, T].")
+        if logp.shape != mask.shape:
+            raise InputError(f"logp must have the mask's shape {tuple(mask.shape)}, got {tuple(logp.shape)}.")
         return logp.sum() * 0.0, {"num_samples": torch.zeros((), device=logp.device)}
     mask, t = _inputs(mask, check_inputs, logp=logp)
     loss = -aggregate(t["logp"], mask, mode, normalizer=normalizer)

@@ -40,7 +40,7 @@ def _check_values(x: Any, name: str) -> torch.Tensor:
     return x
 
 
-def _check_token_mask(mask: Any, x: torch.Tensor, *, allow_float: bool) -> torch.Tensor:
+def _check_token_mask(mask: Any, x: torch.Tensor, *, allow_float: bool, name: str) -> torch.Tensor:
     if mask is None:
         return torch.ones_like(x, dtype=torch.bool)
     if not isinstance(mask, torch.Tensor):
@@ -49,11 +49,11 @@ def _check_token_mask(mask: Any, x: torch.Tensor, *, allow_float: bool) -> torch
         raise InputError("mask is a meta tensor (no values); pass a real tensor.")
     if tuple(mask.shape) != tuple(x.shape):
         raise InputError(
-            f"mask has shape {tuple(mask.shape)} but the values have shape {tuple(x.shape)}; "
+            f"mask has shape {tuple(mask.shape)} but {name} has shape {tuple(x.shape)}; "
             "pass one flag per token."
         )
     if mask.device != x.device:
-        raise InputError(f"mask is on {mask.device} but the values are on {x.device}; move it.")
+        raise InputError(f"mask is on {mask.device} but {name} is on {x.device}; move it.")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point():
@@ -107,6 +107,8 @@ def distributed_quantile(values: torch.Tensor, q: float, *, group: Any = "world"
     q = _as_fraction(q, "q", low_open=False, high_closed=True)
     if not isinstance(values, torch.Tensor) or values.dim() != 1 or not values.is_floating_point():
         raise InputError("values must be a 1-D floating tensor of this rank's valid values.")
+    if values.is_meta:
+        raise InputError("values is a meta tensor (no values); pass a real tensor.")
     g = _group_of(group)
     if g is None:
         gathered = values
@@ -124,7 +126,9 @@ def distributed_quantile(values: torch.Tensor, q: float, *, group: Any = "world"
         keep = torch.arange(n_max, device=values.device)[None, :] < counts_t[:, None]
         gathered = torch.stack(bufs)[keep]
     if gathered.numel() == 0:
-        raise InputError("no valid value on any rank: the quantile of an empty set is undefined.")
+        raise InputError("values is empty on every rank: the quantile of an empty set is undefined.")
+    if bool(torch.isnan(gathered).any()):  # after the gather: every rank raises
+        raise InputError("values contains NaN (on this or another rank); the quantile is undefined.")
     s = torch.sort(gathered).values
     return _sorted_quantile(s, torch.tensor(s.numel(), device=s.device), q)
 
@@ -150,7 +154,8 @@ def top_entropy_mask(
       ``mask_by_quantile`` with ``mask_ratio = 1 - rho``); computed for all rows at once with
       one row sort. A row with no valid token keeps nothing.
 
-    ``top_fraction = 1`` keeps every valid token.
+    ``top_fraction = 1`` keeps every valid token. A NaN entropy at a valid token raises
+    :class:`~entrokit.InputError` (it has no place in the order); invalid tokens may hold anything.
 
     Parameters
     ----------
@@ -168,7 +173,7 @@ def top_entropy_mask(
     bool Tensor, the shape of ``entropy``
     """
     entropy = _check_values(entropy, "entropy")
-    valid = _check_token_mask(mask, entropy, allow_float=False)
+    valid = _check_token_mask(mask, entropy, allow_float=False, name="entropy")
     rho = _as_fraction(top_fraction, "top_fraction")
     if per not in ("batch", "sequence"):
         raise InputError(f"per must be 'batch' or 'sequence', got {per!r}.")
@@ -176,6 +181,7 @@ def top_entropy_mask(
     if per == "batch":
         vals = entropy.detach()[valid]
         if _group_of(group) is None:
+            _check_no_nan(vals)
             if vals.numel() == 0:
                 return torch.zeros_like(valid)
             s = torch.sort(vals).values
@@ -189,10 +195,19 @@ def top_entropy_mask(
         raise InputError(
             f"per='sequence' needs a (batch, time) tensor, got shape {tuple(entropy.shape)}."
         )
+    _check_no_nan(entropy.detach()[valid])
     e = entropy.detach().masked_fill(~valid, float("inf"))  # invalid entries sort last
     s = torch.sort(e, dim=-1).values
     thr = _sorted_quantile(s, valid.sum(-1), q)
     return valid & (entropy.detach() >= thr.unsqueeze(-1))
+
+
+def _check_no_nan(vals: torch.Tensor) -> None:
+    if bool(torch.isnan(vals).any()):
+        raise InputError(
+            "entropy contains NaN at a valid (mask=True) token; expected finite entropies. Find where "
+            "it came from (a NaN logit?) or mark the token invalid in mask."
+        )
 
 
 def _check_normalizer(normalizer: Any, like: torch.Tensor) -> torch.Tensor | float | None:
@@ -243,7 +258,7 @@ def aggregate(
     x = _check_values(x, "x")
     if mode not in AGG_MODES:
         raise InputError(f"mode must be one of {', '.join(map(repr, AGG_MODES))}; got {mode!r}.")
-    m = _check_token_mask(mask, x, allow_float=True).to(x.dtype)
+    m = _check_token_mask(mask, x, allow_float=True, name="x").to(x.dtype)
     norm = _check_normalizer(normalizer, x)
     if mode != "token-mean" and x.dim() != 2:
         raise InputError(f"mode {mode!r} needs a (batch, time) tensor, got shape {tuple(x.shape)}.")
