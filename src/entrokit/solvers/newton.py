@@ -108,9 +108,9 @@ iteration count); ``n_iter`` and ``converged`` are per problem.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from numbers import Integral
 from typing import Any, Callable
 
 import torch
@@ -118,15 +118,15 @@ import torch
 from entrokit._errors import InputError
 from entrokit._result import OTResult
 from entrokit._threads import small_problem_threads
-from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit._validation import check_positive, check_solver_options
 from entrokit.geometry import DenseCost, exp_floor
 from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import entropic_result, warn_not_converged
 from entrokit.solvers._newton_linalg import schur_solve, threshold_density, threshold_safe
 from entrokit.solvers._numerics import armijo_backtracking, continuation_schedule
-from entrokit.solvers.sinkhorn import SinkhornOptions, _check_init, sinkhorn_problem
+from entrokit.solvers.sinkhorn import SinkhornOptions, check_init, sinkhorn_problem
 
-__all__ = ["sinkhorn_newton", "sns", "ssns", "NEWTON_VARIANTS"]
+__all__ = ["sinkhorn_newton", "newton_result", "newton_problem", "sns", "ssns", "NEWTON_VARIANTS"]
 
 NEWTON_VARIANTS = ("ssns", "sns")
 _LINEAR_SOLVERS = ("auto", "cg", "direct")
@@ -545,10 +545,18 @@ def sinkhorn_newton(
         True
     """
     eps = check_positive(eps, "eps")
-    tol = check_positive(tol, "tol")
-    check_choice(variant, "variant", NEWTON_VARIANTS)
-    check_choice(linear_solver, "linear_solver", _LINEAR_SOLVERS)
-    check_choice(grad, "grad", _GRADS)
+    options = check_solver_options(
+        variant if variant in NEWTON_VARIANTS else "ssns", variant=variant, tol=tol, max_iter=max_iter,
+        warmup_max_iter=warmup_max_iter, switch_tol=switch_tol, density=density, linear_solver=linear_solver,
+        cg_rtol=cg_rtol, cg_max_iter=cg_max_iter, fallback_steps=fallback_steps, eps_scaling=eps_scaling,
+        time_limit=time_limit, grad=grad, callback=callback,
+    )
+    _refuse_unroll(grad)
+    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    return newton_result(problem, eps, init=init, **options)
+
+
+def _refuse_unroll(grad: str) -> None:
     if grad == "unroll":
         raise InputError(
             "grad='unroll' is not available for the Newton solvers: their steps contain "
@@ -556,48 +564,81 @@ def sinkhorn_newton(
             "copies. Use grad='implicit' (exact derivative at the solution) or 'envelope', "
             "or method='sinkhorn' with grad='unroll'."
         )
-    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or 200
-    if eps_scaling is None or eps_scaling == "auto":
-        eps_scaling = "auto"
-    elif eps_scaling is True or eps_scaling is False:
-        eps_scaling = "on" if eps_scaling else "off"
-    else:
-        raise InputError(
-            f"eps_scaling must be True, False or 'auto' (None is 'auto'), got {eps_scaling!r}."
-        )
-    if warmup_max_iter is None:
-        warmup_max_iter = 20 if variant == "sns" else 3
-    elif isinstance(warmup_max_iter, bool) or not isinstance(warmup_max_iter, Integral) or warmup_max_iter < 0:
-        raise InputError(f"warmup_max_iter must be an int >= 0, got {warmup_max_iter!r}.")
-    switch_tol = check_positive(switch_tol, "switch_tol") if switch_tol is not None else (
-        1e-2 if variant == "sns" else 0.5
-    )
-    if density is not None:
-        density = check_positive(density, "density")
-        if density > 1:
-            raise InputError(f"density must lie in (0, 1], got {density!r}; the paper uses 2/n.")
-    cg_rtol = check_positive(cg_rtol, "cg_rtol")
-    if cg_max_iter is not None:
-        check_positive_int(cg_max_iter, "cg_max_iter")
-    fallback_steps = check_positive_int(fallback_steps, "fallback_steps")
-    if time_limit is not None:
-        time_limit = check_positive(time_limit, "time_limit")
-    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+
+
+def newton_result(problem: OTProblem, eps: float, *, variant: str = "ssns", tol: float = 1e-8, grad: str = "implicit",
+                  init=None, **options) -> OTResult:
+    """:func:`sinkhorn_newton` on a validated problem with checked options
+    (:data:`~entrokit._validation.SOLVER_OPTIONS`): what :func:`sinkhorn_newton`,
+    :func:`entrokit.solve` and the divergence call after their one boundary check."""
+    _refuse_unroll(grad)
     problem.geometry.check_grad_mode(grad, problem.a, problem.b)
-    user_batched = problem.batched
     pb = problem.with_batch()
     if init is not None:
-        init = _check_init(init, pb)
-    dtype, device = pb.a.dtype, pb.a.device
-    if linear_solver == "auto":
-        linear_solver = "cg"
-    elif linear_solver == "direct" and device.type != "cpu":
+        init = check_init(init, pb)
+    f, g, n_iter, converged, errors, info = newton_problem(pb, eps, variant=variant, tol=tol, init=init, **options)
+    # certified by the builder on the returned plan (float64 sums); it warns when the plan
+    # misses tol although the Newton stage reached it
+    res = entropic_result(
+        pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
+        method=variant, tol=tol, info=info, user_problem=problem,
+    )
+    warn_not_converged(
+        converged, errors[-1].to(torch.float64), tol, variant,
+        f"Raise max_iter (now {info['max_iter']}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
+        "with variant='sns' try variant='ssns'"
+        + ("; float32 potentials may not carry the solution to this tol, use float64."
+           if pb.dtype != torch.float64 else "."),
+    )
+    return res
+
+
+def _newton_options(variant, tol, max_iter, warmup_max_iter, switch_tol, linear_solver, eps_scaling, device) -> dict:
+    """The defaults that depend on the variant and the device."""
+    if linear_solver == "direct" and device.type != "cpu":
         raise InputError(
             f"linear_solver='direct' runs on CPU only (SciPy), but the inputs are on {device}; "
             "use linear_solver='cg' (or 'auto')."
         )
+    return dict(
+        tol=tol, variant=variant, max_iter=max_iter or 200,
+        warmup_max_iter=(20 if variant == "sns" else 3) if warmup_max_iter is None else warmup_max_iter,
+        switch_tol=(1e-2 if variant == "sns" else 0.5) if switch_tol is None else switch_tol,
+        linear_solver="cg" if linear_solver == "auto" else linear_solver,
+        eps_scaling={True: "on", False: "off"}.get(eps_scaling, "auto"),
+        cg_rtol_max=1e-2, mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, stage_tol=1e-3,
+        c1=1e-4, max_backtracks=12,  # smallest step 2^-12
+    )
 
+
+def newton_problem(
+    pb: OTProblem,
+    eps: float,
+    *,
+    variant: str = "ssns",
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    warmup_max_iter: int | None = None,
+    switch_tol: float | None = None,
+    density: float | None = None,
+    linear_solver: str = "auto",
+    cg_rtol: float = 1e-10,
+    cg_max_iter: int | None = None,
+    fallback_steps: int = 10,
+    eps_scaling: bool | str = "auto",
+    time_limit: float | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    callback: Callable[[int, float], None] | None = None,
+):
+    """Run SNS/SSNS on a validated, *batched* problem, problem by problem; returns
+    ``(f, g, n_iter, converged, errors, info)`` like
+    :func:`~entrokit.solvers.sinkhorn.sinkhorn_problem` (float64 potentials, the Newton
+    stage's precision: the result builder forms the plan from them and rounds it to the
+    input dtype, so float32 plans keep float64 accuracy)."""
+    dtype, device = pb.a.dtype, pb.a.device
+    base = _newton_options(variant, tol, max_iter, warmup_max_iter, switch_tol, linear_solver, eps_scaling, device)
     t0 = time.perf_counter()
+    base["deadline"] = None if time_limit is None else t0 + time_limit
     # the float64 cost of the geometry (a float32 point cloud's exact cost, the one the
     # result is certified on, not its float32 rounding: 1e-6 relative off at cost/eps ~ 300)
     cost64 = pb.geometry.detach().to_dtype(torch.float64).cost_matrix()
@@ -616,14 +657,9 @@ def sinkhorn_newton(
             beta0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
         n_s, m_s = C_support.shape
         opt = dict(
-            tol=tol, variant=variant, callback=callback, init_given=init is not None,
-            warmup_max_iter=warmup_max_iter, switch_tol=switch_tol,
+            base, callback=callback, init_given=init is not None,
             density=density if density is not None else min(1.0, 2.0 / min(n_s, m_s)),
-            max_iter=max_iter, linear_solver=linear_solver, cg_rtol=cg_rtol, cg_rtol_max=1e-2,
-            cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
-            mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, eps_scaling=eps_scaling, stage_tol=1e-3,
-            c1=1e-4, max_backtracks=12,  # smallest step 2^-12
-            deadline=None if time_limit is None else t0 + time_limit,
+            cg_rtol=cg_rtol, cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
         )
         alpha, beta, err, it, info = _solve_one(
             C_support, a_s, b_s, eps, float(cost_ranges[k]), alpha0, beta0, opt, time.perf_counter()
@@ -635,37 +671,20 @@ def sinkhorn_newton(
         final_errors.append(err)
         histories.append(info["marginal_error"] or [err])
         infos.append(info)
-    # float64 potentials (the Newton stage's precision): the result builder forms the plan
-    # from them and rounds it to the input dtype, so float32 plans keep float64 accuracy
-    f = torch.stack(fs)
-    g = torch.stack(gs)
     L = max(1, max(len(e) for e in histories))
     err_hist = torch.tensor(
         [[(e[i] if i < len(e) else (e[-1] if e else float("nan"))) for e in histories] for i in range(L)],
         dtype=dtype, device=device,
     )
     n_iter_t = torch.tensor(n_iter, dtype=torch.long, device=device)
-    # provisional; certified on the returned plan below
+    # provisional; certified on the returned plan by the result builder
     conv_t = torch.tensor([e <= tol for e in final_errors], dtype=torch.bool, device=device)
-    info_out = infos[0] if not user_batched else {
-        key: [inf.get(key) for inf in infos] for key in infos[0]
-    }
-    info_out = dict(info_out)
-    info_out["linear_solver"] = linear_solver
+    info_out = dict(infos[0] if pb.user_batch_shape in (None, ()) else {key: [inf.get(key) for inf in infos]
+                                                                        for key in infos[0]})
+    info_out["linear_solver"] = base["linear_solver"]
+    info_out["max_iter"] = base["max_iter"]
     info_out["total_time"] = time.perf_counter() - t0
-    # certified by the builder on the returned plan (float64 sums); it warns when the plan
-    # misses tol although the Newton stage reached it
-    res = entropic_result(
-        pb, f, g, eps, grad=grad, n_iter=n_iter_t, converged=conv_t, errors=err_hist,
-        method=variant, tol=tol, info=info_out,
-    )
-    warn_not_converged(
-        conv_t, torch.tensor(final_errors, dtype=torch.float64), tol, variant,
-        f"Raise max_iter (now {max_iter}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
-        "with variant='sns' try variant='ssns'"
-        + ("; float32 potentials may not carry the solution to this tol, use float64." if dtype != torch.float64 else "."),
-    )
-    return res
+    return torch.stack(fs), torch.stack(gs), n_iter_t, conv_t, err_hist, info_out
 
 
 def sns(a, b, cost, eps, **options) -> OTResult:
@@ -678,7 +697,8 @@ def ssns(a, b, cost, eps, **options) -> OTResult:
     return sinkhorn_newton(a, b, cost, eps, variant="ssns", **options)
 
 
-# entrokit.solve checks options against the signature of the solver these forward to
+# entrokit.solve checks options against the option spec (SOLVER_OPTIONS) and calls these
+# on its validated problem
 sns.__wrapped_solver__ = ssns.__wrapped_solver__ = sinkhorn_newton
-# values its signature takes only to refuse them with a pointer (solve(method="auto") skips it)
-sinkhorn_newton.__refused_options__ = {"grad": ("unroll",)}
+sns.__problem_solver__ = functools.partial(newton_result, variant="sns")
+ssns.__problem_solver__ = functools.partial(newton_result, variant="ssns")

@@ -73,14 +73,14 @@ from entrokit._errors import InputError
 from entrokit._result import OTResult, SinkhornInfo
 from entrokit._threads import compiling as _compiling
 from entrokit._threads import cost_entries, small_problem_threads, solver_threads
-from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
+from entrokit._validation import as_float_tensor, check_positive, check_solver_options
 from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
-from entrokit.solvers._entropic import GRAD_MODES, entropic_result, warn_not_converged
+from entrokit.solvers._entropic import entropic_result, warn_not_converged
 from entrokit.solvers._io import numpy_in_out
 from entrokit.solvers._numerics import continuation_schedule
 
-__all__ = ["sinkhorn", "sinkhorn_problem", "SinkhornOptions", "eps_schedule"]
+__all__ = ["sinkhorn", "sinkhorn_result", "sinkhorn_problem", "SinkhornOptions", "eps_schedule"]
 
 
 @dataclass(frozen=True)
@@ -444,16 +444,32 @@ def sinkhorn(
         True
     """
     eps = check_positive(eps, "eps")
-    tol = check_positive(tol, "tol")
-    check_choice(grad, "grad", GRAD_MODES)
-    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or SinkhornOptions.max_iter
-    if eps_scaling not in (True, False, "auto"):
-        raise InputError(f"eps_scaling must be True, False or 'auto'; got {eps_scaling!r}.")
-    if not (0.0 < float(scaling_decay) < 1.0):
-        raise InputError(f"scaling_decay must lie in (0, 1), got {scaling_decay!r}; try 0.5.")
-    if check_every is not None:
-        check_positive_int(check_every, "check_every")
+    options = check_solver_options(
+        "sinkhorn", tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, scaling_decay=scaling_decay, grad=grad,
+        check_every=check_every, lse_mode=lse_mode, callback=callback,
+    )
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    return sinkhorn_result(problem, eps, init=init, **options)
+
+
+def sinkhorn_result(
+    problem: OTProblem,
+    eps: float,
+    *,
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    eps_scaling: bool | str = "auto",
+    scaling_decay: float = 0.5,
+    init=None,
+    grad: str = "implicit",
+    lse_mode: bool | None = None,
+    check_every: int | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> OTResult:
+    """:func:`sinkhorn` on a validated problem (:func:`~entrokit.problem.make_problem`) with
+    checked options (:data:`~entrokit._validation.SOLVER_OPTIONS`): what :func:`sinkhorn`,
+    :func:`entrokit.solve` and the losses call after their one boundary check."""
+    max_iter = max_iter or SinkhornOptions.max_iter
     problem.geometry.check_grad_mode(grad, problem.a, problem.b)
     pb = problem.with_batch()
     if init is not None:
@@ -471,7 +487,7 @@ def sinkhorn(
         f, g, n_iter, converged, errors = _float64_finish(pb, eps, f, g, n_iter, errors, opts, info)
     res = entropic_result(
         pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
-        method="sinkhorn", tol=tol, info=SinkhornInfo(info),
+        method="sinkhorn", tol=tol, info=SinkhornInfo(info), user_problem=problem,
     )
     warn_not_converged(
         converged, errors[-1] if len(errors) else res.marginal_error, tol, "sinkhorn",
@@ -540,4 +556,7 @@ def check_init(init, pb: OTProblem):
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         raise InputError("init potentials contain NaN or inf; pass finite potentials, e.g. from a previous result.")
     return f, g
-_check_init = check_init  # kept for the Newton solvers
+
+
+# entrokit.solve calls this on its validated problem
+sinkhorn.__problem_solver__ = sinkhorn_result
