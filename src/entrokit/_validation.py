@@ -556,13 +556,19 @@ def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owne
 # ``entrokit.solve`` reads it to tell which method takes the options a caller gave.
 
 def _or_none(check):
-    def run(value, name):
+    def _check(value, name):
         return None if value is None else check(value, name)
-    return run
+    return _check
 
 
 def _choice(*choices):
-    return lambda value, name: check_choice(value, name, choices)
+    def _check(value, name):
+        return check_choice(value, name, choices)
+    return _check
+
+
+def _any(value: Any, name: str) -> Any:
+    return value
 
 
 def _eps_scaling(value: Any, name: str) -> bool | str:
@@ -628,7 +634,7 @@ SOLVER_OPTIONS: dict[str, SolverOption] = {
     "scaling_decay": SolverOption(_open_unit, 0.5, ("sinkhorn", _DIVERGENCE)),
     "grad": SolverOption(_choice("implicit", "envelope", "unroll"), "implicit", _ENTROPIC,
                          refused={m: ("unroll",) for m in _NEWTON}),
-    "init": SolverOption(lambda value, name: value, None, _ENTROPIC),
+    "init": SolverOption(_any, None, _ENTROPIC),
     "callback": SolverOption(_callable, None, _ENTROPIC),
     "check_every": SolverOption(_or_none(check_positive_int), None, ("sinkhorn",)),
     "lse_mode": SolverOption(_lse_mode, None, ("sinkhorn",)),

@@ -111,6 +111,7 @@ class _Deferred(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         return (None, None, *ctx.vjp(grad, ctx.needs_input_grad[2:]))
 
@@ -144,7 +145,7 @@ def _envelope_vjp(geom, f, g, a, b, eps: float, weights: bool = True):
     (symmetrically for ``b``), with :math:`r_i/a_i = e^{(f_i - T f_i)/\varepsilon}`
     (no division by zero weights). ``weights=False`` gives the frozen-plan derivative of
     :math:`\langle C, P\rangle` (the cost part only)."""
-    geom_d, a_, b_ = geom.detach(), a.detach(), b.detach()
+    geom_d, a_, b_ = geom, a.detach(), b.detach()  # backward runs without a graph
 
     def vjp(grad, needs):
         w = grad.unsqueeze(-1)
