@@ -36,6 +36,8 @@ __all__ = [
     "no_autocast",
     "reject_meta",
     "working_dtype",
+    "upcast_half",
+    "match_half_masses",
     "apply_reduction",
     "REDUCTIONS",
     "check_buffer_device",
@@ -71,6 +73,40 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a layer computes in: float32 for float16/bfloat16 inputs (what autocast
     hands a layer), otherwise the input's own dtype."""
     return torch.float32 if dtype in _HALF else dtype
+
+
+def upcast_half(**tensors: Any) -> tuple[dict[str, Any], torch.dtype | None]:
+    """The losses' half-precision rule: float16/bfloat16 tensors are cast to float32 (a
+    differentiable cast, so gradients come back in the caller's dtype) and the dtype to
+    cast the result back to is returned (``None`` when no input is half). Half inputs must
+    all share one dtype (a mismatch raises :class:`~entrokit.InputError` as for any dtype
+    mismatch); other values pass through unchanged."""
+    half = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype in _HALF}
+    if not half:
+        return tensors, None
+    floating = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    check_same_dtype_device(floating)
+    out = {k: (t.float() if k in half else t) for k, t in tensors.items()}
+    return out, next(iter(half.values())).dtype
+
+
+def match_half_masses(a: Any, b: Any, half: torch.dtype | None) -> tuple[Any, Any]:
+    """Weights that came in ``half`` precision (already cast up by :func:`upcast_half`)
+    carry their masses to that precision only: a relative gap up to ``2u`` (``u`` the unit
+    roundoff of ``half``) is rounding, and ``b`` (or ``a`` when ``b`` is uniform) is
+    rescaled by the detached ratio of the masses so that the float32 problem is balanced.
+    A larger gap is left for the mass check to report. ``None`` weights are uniform of
+    mass 1."""
+    if half is None or (a is None and b is None):
+        return a, b
+    if not all(w is None or isinstance(w, torch.Tensor) for w in (a, b)):
+        return a, b
+    sa = a.detach().sum(-1, keepdim=True) if a is not None else 1.0
+    sb = b.detach().sum(-1, keepdim=True) if b is not None else 1.0
+    ratio = torch.as_tensor(sa / sb)
+    if not bool(((ratio - 1).abs() <= 2 * torch.finfo(half).eps).all()):
+        return a, b
+    return (a, b * ratio) if b is not None else (a / ratio, b)
 
 
 class no_autocast(contextlib.ContextDecorator):

@@ -39,7 +39,14 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult
-from entrokit._validation import check_choice, check_positive, check_solver_options, reject_meta
+from entrokit._validation import (
+    check_choice,
+    check_positive,
+    check_solver_options,
+    match_half_masses,
+    reject_meta,
+    upcast_half,
+)
 from entrokit.geometry import Geometry, PointCloud
 from entrokit.problem import OTProblem, make_problem
 from entrokit.solvers._entropic import entropic_result, warn_not_converged
@@ -47,7 +54,7 @@ from entrokit.solvers.newton import newton_problem
 from entrokit.solvers.sinkhorn import SinkhornOptions, internal_tol, sinkhorn_problem
 from entrokit.solvers.solve import auto_method
 
-__all__ = ["sinkhorn_divergence", "entropic_ot_value"]
+__all__ = ["sinkhorn_divergence", "entropic_ot_value", "divergence"]
 
 
 def _geometries(x, y, cost, chunk_size) -> tuple[Geometry, Geometry | None, Geometry | None]:
@@ -178,6 +185,24 @@ def sinkhorn_divergence(
         raise TypeError(f"debias must be True or False, got {type(debias).__name__}.")
     if isinstance(cost, str):
         check_choice(cost, "cost", ("sqeuclidean", "euclidean"))
+    return divergence(x, y, a, b, eps=eps, cost=cost, chunk_size=chunk_size, normalize=normalize,
+                      check_inputs=check_inputs, debias=debias, tol=tol, max_iter=max_iter,
+                      eps_scaling=eps_scaling, scaling_decay=scaling_decay)
+
+
+def divergence(x, y, a, b, *, eps: float, cost, chunk_size, normalize: bool, check_inputs: bool, debias: bool,
+               tol: float, max_iter: int, eps_scaling, scaling_decay: float) -> torch.Tensor:
+    """:func:`sinkhorn_divergence` with checked options (what it and
+    :class:`~entrokit.nn.SinkhornLoss` call): one geometry and one validated problem, three
+    results from the one builder. float16/bfloat16 points and weights are solved in float32
+    and the value is returned in their dtype (half weights whose masses agree to half
+    precision are balanced, :func:`~entrokit._validation.match_half_masses`)."""
+    if isinstance(x, torch.Tensor):
+        t, out_dtype = upcast_half(x=x, y=y, a=a, b=b)
+        x, y = t["x"], t["y"]
+        a, b = match_half_masses(t["a"], t["b"], out_dtype)
+    else:
+        out_dtype = None
     geom_xy, geom_xx, geom_yy = _geometries(x, y, cost, chunk_size)
     pb_xy = make_problem(a, b, geom_xy, normalize=normalize, check_inputs=check_inputs).with_batch()
     results = [_solve(pb_xy, eps, tol, max_iter, eps_scaling, scaling_decay, symmetric=False)]
@@ -188,7 +213,7 @@ def sinkhorn_divergence(
     value = results[0].value
     if debias:
         value = value - 0.5 * (results[1].value + results[2].value)
-    return value
+    return value if out_dtype is None else value.to(out_dtype)
 
 
 def entropic_ot_value(x, y=None, *, eps: float, **options) -> torch.Tensor:

@@ -68,10 +68,12 @@ from entrokit._validation import (
     check_positive_int,
     check_same_dtype_device,
     reject_meta,
+    upcast_half,
 )
 from entrokit.geometry import PointCloud
 from entrokit.geometry.pointcloud import _COSTS
-from entrokit.solvers.sinkhorn import sinkhorn
+from entrokit.problem import OTProblem
+from entrokit.solvers.sinkhorn import sinkhorn_result
 
 __all__ = ["monge_gap"]
 
@@ -209,6 +211,11 @@ def monge_gap(
     if not isinstance(relative_eps, bool):
         raise TypeError(f"relative_eps must be True or False, got {type(relative_eps).__name__}.")
     c = _cost_fn(cost)
+    if isinstance(x, torch.Tensor) and isinstance(Tx, torch.Tensor):
+        t, out_dtype = upcast_half(x=x, Tx=Tx, a=a)  # float16/bfloat16: solved in float32
+        x, Tx, a = t["x"], t["Tx"], t["a"]
+    else:
+        out_dtype = None
     x, Tx = _points(x, Tx)
     for t, name in ((x, "x"), (Tx, "Tx")):
         check_nonneg_finite(t, name, allow_negative=True)
@@ -236,9 +243,12 @@ def monge_gap(
     else:
         scale = torch.ones(B, dtype=x.dtype, device=x.device)
         geom = PointCloud(xb, yb, c, chunk_size=chunk_size)
-    res = sinkhorn(w, w, geom, eps, tol=tol, max_iter=max_iter, grad="envelope")
+    # the points and weights are checked: the problem goes straight to the solver
+    res = sinkhorn_result(OTProblem(w, w, geom), eps, tol=tol, max_iter=max_iter, grad="envelope")
     ent_a = -torch.special.xlogy(w, w).sum(-1)
     # OTT's ent_reg_cost, <C,P> - eps_eff H(P), in the original cost units
     ent_reg_cost = scale * (res.value - 2.0 * eps * ent_a)
     gap = (displacement - ent_reg_cost).reshape(batch)
+    if out_dtype is not None:
+        gap = gap.to(out_dtype)
     return (gap, res) if return_result else gap
