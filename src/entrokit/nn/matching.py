@@ -120,9 +120,10 @@ def log_optimal_transport(
         raise InputError(f"bin_score must be a scalar, got a tensor of shape {tuple(bin_score.shape)}.")
     if isinstance(bin_score, torch.Tensor) and bin_score.device.type == "meta":
         raise InputError("bin_score is a meta tensor (no values); pass a real scalar, e.g. torch.tensor(1.0).")
-    if not math.isfinite(float(bin_score)):
+    score = float(bin_score.detach()) if isinstance(bin_score, torch.Tensor) else float(bin_score)
+    if not math.isfinite(score):
         raise InputError(
-            f"bin_score must be finite, got {float(bin_score)}: a NaN or infinite dustbin score makes "
+            f"bin_score must be finite, got {score}: a NaN or infinite dustbin score makes "
             "every entry of the assignment NaN. Pass a finite score (SuperGlue initialises it to 1.0); "
             "a learned one went non-finite in training: lower the learning rate or clip gradients."
         )
