@@ -377,45 +377,33 @@ def sliced_wasserstein(
     numpy_io = (
         is_array_like(x) and is_array_like(y) and not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor)
     )
-    # ---- options
-    n_projections = check_positive_int(n_projections, "n_projections")
-    p = _check_p(p)
-    _check_control_variate(control_variate, p)
-    _check_generator(generator)
+    n_projections, p = _check_options(n_projections, p, control_variate, generator)
     # float16/bfloat16 tensors: computed in float32, returned in their dtype
     t, out_dtype = upcast_half(x=x, y=y, a=a, b=b, projections=projections)
     a, b = match_half_masses(t["a"], t["b"], out_dtype)
     x, y, a, b, projections = _check_arrays(t["x"], t["y"], a, b, t["projections"])
     ws = {k: w for k, w in (("a", a), ("b", b)) if w is not None}
-    # ---- batch
-    shapes = {"x": (x.shape, 2), "y": (y.shape, 2)}
-    for k, w in ws.items():
-        shapes[k] = (w.shape, 1)
-    if projections is not None:
-        shapes["projections"] = (projections.shape, 2)
-    B = _batch_size(shapes)
-    batched = B is not None
-    B = B or 1
+    B = _batch_size({"x": (x.shape, 2), "y": (y.shape, 2), **{k: (w.shape, 1) for k, w in ws.items()},
+                     **({} if projections is None else {"projections": (projections.shape, 2)})})
     # unbatched inputs keep a leading axis of size 1 and broadcast (no copies)
-    x = x.unsqueeze(0) if x.dim() == 2 else x
-    y = y.unsqueeze(0) if y.dim() == 2 else y
+    x, y = (t.unsqueeze(0) if t.dim() == 2 else t for t in (x, y))
     if check_inputs:
         _check_values(x, y, ws, projections, control_variate)
     a, b, mass = _unit_weights(a, b, x, check_inputs)
-    if projections is None:
-        theta = random_projections(n_projections, x.shape[-1], generator=generator, dtype=x.dtype, device=x.device)
-    else:
-        theta = projections
-    Z = _estimate(x, y, a, b, theta, p, control_variate)
-    if mass is not None:
-        Z = Z * mass
+    theta = projections if projections is not None else random_projections(
+        n_projections, x.shape[-1], generator=generator, dtype=x.dtype, device=x.device)
+    Z = _estimate(x, y, a, b, theta, p, control_variate) * (1.0 if mass is None else mass)
     out = _safe_root(Z, p)
-    out = out.expand(B) if batched else out.reshape(())
-    if out_dtype is not None:
-        out = out.to(out_dtype)
-    if numpy_io:
-        return out.detach().cpu().numpy()
-    return out
+    out = (out.expand(B) if B is not None else out.reshape(())).to(out_dtype or out.dtype)
+    return out.detach().cpu().numpy() if numpy_io else out
+
+
+def _check_options(n_projections, p, control_variate, generator) -> tuple[int, float]:
+    n_projections = check_positive_int(n_projections, "n_projections")
+    p = _check_p(p)
+    _check_control_variate(control_variate, p)
+    _check_generator(generator)
+    return n_projections, p
 
 
 def _check_arrays(x, y, a, b, projections):

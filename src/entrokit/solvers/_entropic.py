@@ -28,6 +28,7 @@ engine's own reduction is used (no extra pass).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -232,6 +233,40 @@ def _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint):
     return f_out, g_out, value, tc
 
 
+def _to_user_shape(user_shape, t: torch.Tensor, trailing: int) -> torch.Tensor:
+    """``(B, ...)`` -> the user's batch axes, keeping ``trailing`` axes."""
+    return t.reshape(*user_shape, *t.shape[t.dim() - trailing:]) if trailing else t.reshape(user_shape)
+
+
+def _lazy_outputs(geom, geom_hi, out, hi, eps, sums, *, graph: bool, frozen_plan: bool, reshape):
+    """``(plan_fn, apply_fn, marginals_fn)`` of :class:`~entrokit.OTResult`: computed on
+    demand from the returned potentials ``out = (f, g, a, b)``; forward values from the
+    solver-precision ``hi`` ones, gradients through ``out`` when ``graph``."""
+    f_out, g_out, a, b = out
+    dtype = a.dtype
+
+    def plan_fn():
+        with torch.no_grad():
+            P_hi = geom_hi.plan(*hi, eps).to(dtype)
+        if frozen_plan or not graph:
+            return reshape(P_hi, 2)
+        P = geom.plan(f_out, g_out, a, b, eps)
+        return reshape(P + (P_hi - P).detach(), 2)
+
+    def apply_fn(vec, axis):
+        n, m = geom.shape
+        v = vec.to(dtype=dtype, device=a.device).reshape(-1, m if axis == 1 else n)
+        if v.shape[0] != a.shape[0]:
+            v = v.expand(a.shape[0], -1)
+        return reshape(geom.plan_matvec(f_out, g_out, a, b, eps, v, axis), 1)
+
+    def marginals_fn():
+        r, c = geom.marginals(f_out, g_out, a, b, eps) if graph else (t.to(dtype) for t in sums)
+        return reshape(r, 1), reshape(c, 1)
+
+    return plan_fn, apply_fn, marginals_fn
+
+
 def entropic_result(
     problem: OTProblem,
     f: torch.Tensor,
@@ -297,35 +332,13 @@ def entropic_result(
     else:
         f_out, g_out = f.detach(), g.detach()
 
-    frozen_plan = grad == "envelope"
-
-    def plan_fn():
-        with torch.no_grad():
-            P_hi = geom_hi.plan(f_hi, g_hi, a_hi.detach(), b_hi.detach(), eps).to(dtype)
-        if frozen_plan or not (f_out.requires_grad or inputs_need_grad):
-            return reshape(P_hi, 2)
-        P = geom.plan(f_out, g_out, a, b, eps)
-        return reshape(P + (P_hi - P).detach(), 2)
-
     user_shape = problem.user_batch_shape if problem.user_batch_shape is not None else tuple(a.shape[:-1])
-
-    def reshape(t: torch.Tensor, trailing: int) -> torch.Tensor:
-        return t.reshape(*user_shape, *t.shape[t.dim() - trailing:]) if trailing else t.reshape(user_shape)
-
-    def apply_fn(vec, axis):
-        n, m = geom.shape
-        v = vec.to(dtype=dtype, device=a.device).reshape(-1, m if axis == 1 else n)
-        if v.shape[0] != a.shape[0]:
-            v = v.expand(a.shape[0], -1)
-        return reshape(geom.plan_matvec(f_out, g_out, a, b, eps, v, axis), 1)
-
-    def marginals_fn():
-        if f_out.requires_grad or inputs_need_grad:
-            r, c = geom.marginals(f_out, g_out, a, b, eps)
-        else:
-            r, c = row.to(dtype), col.to(dtype)
-        return reshape(r, 1), reshape(c, 1)
-
+    reshape = functools.partial(_to_user_shape, user_shape)
+    graph = f_out.requires_grad or inputs_need_grad
+    plan_fn, apply_fn, marginals_fn = _lazy_outputs(
+        geom, geom_hi, (f_out, g_out, a, b), (f_hi, g_hi, a_hi.detach(), b_hi.detach()), eps, (row, col),
+        graph=graph, frozen_plan=grad == "envelope", reshape=reshape,
+    )
     if downgraded.any():
         _warn_certification(merr, downgraded, tol, f.dtype, geom, eps)
     return OTResult(
