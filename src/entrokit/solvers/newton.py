@@ -90,6 +90,11 @@ the result materialises it and recomputed in float64, meets both marginals to ``
 Newton stage and rounded to the input dtype, so float32 results keep float64 accuracy;
 ``marginal_error`` is the certified error.
 
+**Inexact Newton.** The CG tolerance of each step is
+:math:`\eta = \min(10^{-2}, \max(\texttt{cg\_rtol}, e, 0.1\,\texttt{tol}/e))` at L1 error
+:math:`e`: the forcing term :math:`O(e)` keeps the quadratic rate, and the last step is
+solved no tighter than it needs, since it reaches about :math:`\eta e + O(e^2)`.
+
 **Cost per Newton iteration.** One dense :math:`O(nm)` pass to form :math:`T`, its
 marginals and the objective (the same order as one Sinkhorn iteration), one pass to
 select the sparse pattern, and a sparse solve of cost :math:`O(\mathrm{nnz})` per CG
@@ -101,6 +106,14 @@ iteration.
 SciPy and runs on CPU only; ``"auto"`` is CG (warm-started from the previous step, the
 fastest choice in ``benchmarks/bench_newton.py``). The CUDA path is
 untested on GPU hardware.
+
+**Diagnostics.** ``info`` holds, per problem (lists for batches), the histories
+``objective``, ``marginal_error``, ``time`` (seconds since the start) and ``phase`` of
+every iteration, plus ``n_warmup``, ``n_newton``, ``n_sinkhorn``, ``cg_iters``,
+``density``, ``step_size``, ``shift``, ``fallbacks``, ``line_search_failures``,
+``cg_failures``, ``density_increases`` (SNS), ``eps_schedule`` (the continuation stages
+actually run, empty if none) and ``status`` (``"converged"``, ``"budget"``,
+``"timeout"``).
 
 **Batches** are solved problem by problem (each has its own Newton path and
 iteration count); ``n_iter`` and ``converged`` are per problem.
@@ -214,6 +227,45 @@ class _Run:
         return alpha, beta, T, r, c, phi, err
 
 
+def _line_search(dual: _Dual, state, dx, dy, slope: float, out, opt: dict):
+    r"""Armijo backtracking on :math:`-\Phi` from ``state = (alpha, beta, T, r, c, err, phi)``
+    along ``(dx, dy)`` (SNS Alg. 1, lines 5-8: :math:`\Phi(z + t d) \ge \Phi(z) + c_1 t
+    \nabla\Phi^\top d`); returns ``(accepted, t, state at the step)``."""
+    alpha, beta, err, phi = state[0], state[1], state[5], state[6]
+
+    def trial(t):
+        t = float(t)
+        alpha_t, beta_t = alpha + t * dx, beta + t * dy
+        T_t, r_t, c_t, phi_t, err_t = dual.evaluate(alpha_t, beta_t, out)
+        return torch.tensor([-phi_t], dtype=torch.float64), (alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t)
+
+    def error_decrease(F_t, state_t):
+        # near the optimum, where differences of Phi fall below its rounding error, a
+        # decrease of the marginal error is accepted as well
+        return torch.tensor([err < 1e-4 and state_t[5] < err])
+
+    search = armijo_backtracking(
+        trial, torch.tensor([-phi], dtype=torch.float64), torch.tensor([-slope], dtype=torch.float64),
+        state, torch.ones(1, dtype=torch.bool), c1=opt["c1"], max_backtracks=opt["max_backtracks"],
+        also_accept=error_decrease,
+    )
+    return bool(search.accepted[0]), float(search.step[0]), search.state
+
+
+def _adapt_shift(mu: float, coupling, dx, dy, eps: float, t: float, slope: float, gain: float, opt: dict) -> float:
+    r"""SSNS: the trust-region ratio :math:`\rho` of actual to predicted increase adapts the
+    shift factor :math:`\mu` (up 4x below 1/4, down 2x above 3/4)."""
+    Kx, Ky = coupling.hess_mv(dx, dy, 0.0)
+    curv = float(dx.dot(Kx) + dy.dot(Ky)) / eps
+    pred = t * slope - 0.5 * t * t * curv
+    rho = gain / pred if pred > 0 else 1.0
+    if rho < 0.25:
+        return min(4.0 * mu, opt["mu_max"])
+    if rho > 0.75:
+        return max(0.5 * mu, opt["mu_min"])
+    return mu
+
+
 def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, stall_check: bool, evaluated=None):
     """Newton iterations on ``dual`` from ``(alpha, beta)`` until the L1 error is <= ``tol``;
     ``evaluated``: ``dual.evaluate(alpha, beta)`` if the caller already has it.
@@ -232,7 +284,6 @@ def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, st
     dy_prev = None
     poor = 0
     err_mark, steps_mark = err, 0  # SNS: progress since the last density change
-    one = torch.ones(1, dtype=torch.bool)
     while err > tol:
         if run.steps >= opt["max_iter"]:
             return alpha, beta, err, "budget"
@@ -263,38 +314,11 @@ def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, st
         slope = float(gx.dot(dx) + gy.dot(dy)) if ok else 0.0  # > 0: ascent direction
         step_ok = False
         if ok and slope > 0:
-            def trial(t, alpha=alpha, beta=beta, dx=dx, dy=dy, out=T_trial):
-                t = float(t)
-                alpha_t, beta_t = alpha + t * dx, beta + t * dy
-                T_t, r_t, c_t, phi_t, err_t = dual.evaluate(alpha_t, beta_t, out)
-                return torch.tensor([-phi_t], dtype=torch.float64), (alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t)
-
-            def error_decrease(F_t, state, err=err):
-                # near the optimum, where differences of Phi fall below its rounding
-                # error, a decrease of the marginal error is accepted as well
-                return torch.tensor([err < 1e-4 and state[5] < err])
-
-            # Armijo on -Phi (SNS Alg. 1, lines 5-8): Phi(z + t d) >= Phi(z) + c1 t grad^T d
-            search = armijo_backtracking(
-                trial, torch.tensor([-phi], dtype=torch.float64), torch.tensor([-slope], dtype=torch.float64),
-                (alpha, beta, T, r, c, err, phi), one, c1=opt["c1"], max_backtracks=opt["max_backtracks"],
-                also_accept=error_decrease,
-            )
-            step_ok = bool(search.accepted[0])
-            t = float(search.step[0])
+            step_ok, t, state = _line_search(dual, (alpha, beta, T, r, c, err, phi), dx, dy, slope, T_trial, opt)
             if step_ok:
-                alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t = search.state
-                gain = phi_t - phi
+                alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t = state
                 if safe:
-                    # trust-region ratio of actual to predicted increase adapts the shift
-                    Kx, Ky = coupling.hess_mv(dx, dy, 0.0)
-                    curv = float(dx.dot(Kx) + dy.dot(Ky)) / eps
-                    pred = t * slope - 0.5 * t * t * curv
-                    rho = gain / pred if pred > 0 else 1.0
-                    if rho < 0.25:
-                        mu = min(4.0 * mu, opt["mu_max"])
-                    elif rho > 0.75:
-                        mu = max(0.5 * mu, opt["mu_min"])
+                    mu = _adapt_shift(mu, coupling, dx, dy, eps, t, slope, phi_t - phi, opt)
         elif not ok:
             info["cg_failures"] += 1
         if step_ok:
@@ -491,30 +515,20 @@ def sinkhorn_newton(
         linear_solver: ``"cg"`` (matrix-free Jacobi-PCG, any device), ``"direct"``
             (sparse LU through SciPy, CPU) or ``"auto"`` (CG) for the Newton systems
             (:func:`~entrokit.solvers._numerics.solve_bipartite`).
-        cg_rtol: floor of the CG relative tolerance; the tolerance used at each step
-            is :math:`\eta = \min(10^{-2}, \max(\texttt{cg\_rtol}, e, 0.1\,\texttt{tol}/e))`
-            at L1 error :math:`e` (inexact Newton: the forcing term :math:`O(e)` keeps the
-            quadratic rate, and the last step is solved no tighter than it needs, since it
-            reaches about :math:`\eta e + O(e^2)`).
+        cg_rtol: floor of the CG relative tolerance :math:`\eta` (module docstring,
+            *Inexact Newton*).
         cg_max_iter: CG iteration cap per Newton step (default :math:`\max(200, m)`).
         fallback_steps: Sinkhorn iterations taken when a Newton step fails.
-        eps_scaling: :math:`\varepsilon`-continuation. ``"auto"`` (default; ``None`` too): automatic,
-            Newton starts at the target ``eps`` and switches to continuation only if it
-            stalls (four poor steps: accepted step sizes below 1/4 or fallbacks);
-            ``True``: always; ``False``: never. The schedule is geometric, in equal jumps of at most 4,
-            from a twentieth of the cost range down to the target
-            (:func:`~entrokit.solvers._numerics.continuation_schedule`), each stage solved to L1 error :math:`10^{-3}` and warm-started with the
-            previous potentials (``info["eps_schedule"]``).
+        eps_scaling: :math:`\varepsilon`-continuation (module docstring, *Globalisation*):
+            ``"auto"`` (default; ``None`` too) only once Newton stalls, ``True`` always,
+            ``False`` never (``info["eps_schedule"]``).
         time_limit: optional wall-clock budget in seconds (the run stops with
             ``converged=False`` and ``info["timed_out"]=True``).
         init: warm start ``(f, g)``.
-        grad: ``"implicit"`` (default: exact gradients of every output; implicit function theorem,
-            the library's one implicit wrapper, :mod:`entrokit.solvers.implicit`, as for
-            Sinkhorn). ``"unroll"`` raises
-            :class:`~entrokit.InputError`: Newton iterations contain discrete choices
-            (sparsity pattern, line search) and run on detached float64 copies, so there is
-            no graph to unroll; at convergence ``"implicit"`` gives the exact derivative
-            that unrolling would approach.
+        grad: ``"implicit"`` (default: exact gradients of every output, as for Sinkhorn,
+            :mod:`entrokit.solvers.implicit`) or ``"envelope"``. ``"unroll"`` raises
+            :class:`~entrokit.InputError`: the steps contain discrete choices and run on
+            detached float64 copies; ``"implicit"`` is the derivative unrolling approaches.
         normalize: rescale ``a`` and ``b`` to unit mass.
         check_inputs: run value checks on the inputs.
         callback: ``callback(iteration, error)`` after every iteration (single problems
@@ -522,14 +536,8 @@ def sinkhorn_newton(
 
     Returns:
         :class:`~entrokit.OTResult` with ``method="sns"`` or ``"ssns"``; ``n_iter`` counts
-        Sinkhorn (warm-up and fallback) plus Newton iterations. ``info`` holds, per
-        problem (lists for batches), the histories ``objective``, ``marginal_error``,
-        ``time`` (seconds since the start) and ``phase`` of every iteration, plus
-        ``n_warmup``, ``n_newton``, ``n_sinkhorn``, ``cg_iters``, ``density``,
-        ``step_size``, ``shift``, ``fallbacks``, ``line_search_failures``,
-        ``cg_failures``, ``density_increases`` (SNS), ``eps_schedule`` (the
-        continuation stages actually run, empty if none) and ``status``
-        (``"converged"``, ``"budget"``, ``"timeout"``).
+        Sinkhorn (warm-up and fallback) plus Newton iterations; ``info`` as in the module
+        docstring (*Diagnostics*).
 
     Raises:
         InputError: bad options or inputs (see :func:`~entrokit.sinkhorn`).
