@@ -660,16 +660,17 @@ class SolverOption:
 _NEWTON = ("sns", "ssns")
 _ENTROPIC = ("sinkhorn", *_NEWTON)
 _DIVERGENCE = "sinkhorn_divergence"
+_MULTISCALE = "multiscale_sinkhorn"
 
 #: option name -> :class:`SolverOption`, for the entropic solvers (``"sinkhorn"``,
-#: ``"sns"``, ``"ssns"``) and the divergence's Sinkhorn options.
+#: ``"sns"``, ``"ssns"``, ``"multiscale_sinkhorn"``) and the divergence's Sinkhorn options.
 SOLVER_OPTIONS: dict[str, SolverOption] = {
     "tol": SolverOption(check_positive, 1e-6, (*_ENTROPIC, _DIVERGENCE)),
-    "max_iter": SolverOption(_or_none(check_positive_int), None, (*_ENTROPIC, _DIVERGENCE)),
+    "max_iter": SolverOption(_or_none(check_positive_int), None, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE)),
     "eps_scaling": SolverOption(_eps_scaling, "auto", (*_ENTROPIC, _DIVERGENCE)),
-    "scaling_decay": SolverOption(_open_unit, 0.5, ("sinkhorn", _DIVERGENCE)),
-    "grad": SolverOption(_choice("implicit", "envelope", "unroll"), "implicit", _ENTROPIC,
-                         refused={m: ("unroll",) for m in _NEWTON}),
+    "scaling_decay": SolverOption(_open_unit, 0.5, ("sinkhorn", _DIVERGENCE, _MULTISCALE)),
+    "grad": SolverOption(_choice("implicit", "envelope", "unroll"), "implicit", (*_ENTROPIC, _MULTISCALE),
+                         refused={m: ("unroll",) for m in (*_NEWTON, _MULTISCALE)}),
     "init": SolverOption(_any, None, _ENTROPIC),
     "callback": SolverOption(_callable, None, _ENTROPIC),
     "check_every": SolverOption(_or_none(check_positive_int), None, ("sinkhorn",)),
