@@ -661,18 +661,22 @@ _NEWTON = ("sns", "ssns")
 _ENTROPIC = ("sinkhorn", *_NEWTON)
 _DIVERGENCE = "sinkhorn_divergence"
 _MULTISCALE = "multiscale_sinkhorn"
+_SMOOTH = "smooth"  # its shared options only: it checks its own (reg, gamma, k, ...) itself
+#: the methods whose every option is a row of the table
+_DESCRIBED = (*_ENTROPIC, _DIVERGENCE)
 
-#: option name -> :class:`SolverOption`, for the entropic solvers (``"sinkhorn"``,
-#: ``"sns"``, ``"ssns"``, ``"multiscale_sinkhorn"``) and the divergence's Sinkhorn options.
+#: option name -> :class:`SolverOption`: every option of the entropic solvers (``"sinkhorn"``,
+#: ``"sns"``, ``"ssns"``) and of the divergence, and the shared ones of ``"multiscale_sinkhorn"``
+#: and ``"smooth"`` (which check their own options too).
 SOLVER_OPTIONS: dict[str, SolverOption] = {
-    "tol": SolverOption(check_positive, 1e-6, (*_ENTROPIC, _DIVERGENCE)),
-    "max_iter": SolverOption(_or_none(check_positive_int), None, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE)),
-    "eps_scaling": SolverOption(_eps_scaling, "auto", (*_ENTROPIC, _DIVERGENCE)),
+    "tol": SolverOption(check_positive, 1e-6, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE, _SMOOTH)),
+    "max_iter": SolverOption(_or_none(check_positive_int), None, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE, _SMOOTH)),
+    "eps_scaling": SolverOption(_eps_scaling, "auto", (*_ENTROPIC, _DIVERGENCE, _SMOOTH)),
     "scaling_decay": SolverOption(_open_unit, 0.5, ("sinkhorn", _DIVERGENCE, _MULTISCALE)),
     "grad": SolverOption(_choice("implicit", "envelope", "unroll"), "implicit", (*_ENTROPIC, _MULTISCALE),
                          refused={m: ("unroll",) for m in (*_NEWTON, _MULTISCALE)}),
     "init": SolverOption(_any, None, _ENTROPIC),
-    "callback": SolverOption(_callable, None, _ENTROPIC),
+    "callback": SolverOption(_callable, None, (*_ENTROPIC, _SMOOTH)),
     "check_every": SolverOption(_or_none(check_positive_int), None, ("sinkhorn",)),
     "lse_mode": SolverOption(_lse_mode, None, ("sinkhorn",)),
     "variant": SolverOption(_choice(*_NEWTON), "ssns", _NEWTON),
@@ -702,9 +706,10 @@ def check_solver_options(method: str, **values: Any) -> dict[str, Any]:
 
 def solver_options_of(method: str) -> set[str] | None:
     """The options ``method`` takes according to :data:`SOLVER_OPTIONS` (``None`` for a
-    method the table does not describe)."""
-    names = {name for name, spec in SOLVER_OPTIONS.items() if method in spec.methods}
-    return names or None
+    method the table does not describe fully)."""
+    if method not in _DESCRIBED:
+        return None
+    return {name for name, spec in SOLVER_OPTIONS.items() if method in spec.methods}
 
 
 def refused_values(method: str) -> dict[str, tuple]:

@@ -248,7 +248,8 @@ def solve(
             )
     internal = getattr(fn, "__problem_solver__", None) if _spec_name(method) else None
     if internal is not None:  # the validated problem goes straight to the solver
-        checked = check_solver_options(method, tol=tol, max_iter=max_iter, **options)
-        return internal(problem, eps, **checked)
+        if solver_options_of(method) is None:  # the solver checks its own options
+            return internal(problem, eps, tol=tol, max_iter=max_iter, **options)
+        return internal(problem, eps, **check_solver_options(method, tol=tol, max_iter=max_iter, **options))
     return fn(problem.a, problem.b, problem.geometry, eps, tol=tol, max_iter=max_iter,
               check_inputs=False, **options)
