@@ -39,6 +39,13 @@ reporting ``converged=False`` with one ``ConvergenceWarning`` unless the L1 marg
 error really is ``<= tol``; the semi-dual keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up to the constant
 :math:`\frac\gamma2\sum_j b_j^2` in the value), ``k >= n`` is quadratic OT.
 
+**Negligible weights.** For ``"l2"``/``"topk"`` with the dual, zero weights are removed
+exactly and the smallest weights summing to at most ``tol/20`` per side (e.g. Gaussian
+tails of 1e-56) are solved as zeros (the rest rescaled), which keeps Newton well-posed at
+a cost of at most ``tol/5`` of marginal error. A warm start ``init`` in the internal
+layout has rows and columns swapped for ``sparse_axis="rows"`` (e.g. ``result.info["x"]``
+of a nearby problem).
+
 **Solvers.**
 
 * ``"newton"`` (default for ``"l2"`` and ``"entropy"``): globalised, regularised
@@ -433,62 +440,43 @@ def smooth_ot(
         cost: ``[n, m]`` / ``[B, n, m]`` tensor or a geometry (materialised).
         eps: alias of ``gamma`` (so that :func:`entrokit.solve` can dispatch here).
         reg: ``"l2"``, ``"topk"``, ``"entropy"`` or a ``Regularizer``.
-        gamma: regularization strength :math:`\gamma > 0` (in cost units, summed over the
-            plan: not averaged).
-        k: maximum nonzeros per column (row), only for ``reg="topk"``; ``k >= n`` is
-            quadratic OT and ``k = 1`` is unregularized OT.
+        gamma: regularization strength :math:`\gamma > 0` (cost units, summed over the plan).
+        k: maximum nonzeros per column (row), only for ``reg="topk"``.
         formulation: ``"semi_dual"`` (exact marginals on the sparse axis, ``n`` variables)
             or ``"dual"`` (``n + m`` variables). Default (``None``): ``"dual"`` for
-            ``"l2"`` and ``"entropy"`` (its semismooth Newton system is a sparse bipartite
-            Laplacian, solved directly; the semi-dual Hessian couples whole columns, so
-            semi-dual Newton is warm-started from the dual solution),
-            ``"semi_dual"`` for ``"topk"`` (column marginals and cardinality exact).
-        sparse_axis: ``"columns"`` (each target receives from at most k sources) or
-            ``"rows"`` (each source sends to at most k targets; the problem is transposed).
-        solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``),
-            ``"newton"``, ``"lbfgs"`` or ``"adam"`` (``max_iter`` fixed steps at ``lr``).
-            For ``"topk"`` with ``"lbfgs"`` and no ``init``, the quadratic solution comes
-            first (returned as is when already k-sparse, ``info["solved_as"]``; otherwise
-            the warm start, ``info["warm_start_time"]``).
+            ``"l2"`` and ``"entropy"``, ``"semi_dual"`` for ``"topk"`` (module docstring).
+        sparse_axis: ``"columns"`` (k sources per target) or ``"rows"`` (k targets per source).
+        solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``,
+            after the quadratic solution: module docstring), ``"newton"``, ``"lbfgs"`` or
+            ``"adam"`` (``max_iter`` fixed steps at ``lr``).
         tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`, always
-            checked on the original weights. For ``"l2"``/``"topk"`` with the dual,
-            zero weights are removed exactly and the smallest weights summing to at
-            most ``tol/20`` per side (e.g. Gaussian tails of 1e-56) are solved as zeros
-            (the rest rescaled), which keeps Newton well-posed at a cost of at most
-            ``tol/5`` of marginal error.
+            checked on the original weights (negligible weights: module docstring).
         max_iter: iteration budget (default 300 Newton, 2000 L-BFGS, 20 Adam steps).
         lr: Adam step size.
-        solve_dtype: working dtype of ``newton``/``lbfgs`` (default ``float64``; ``None``
-            keeps the input dtype). Outputs always follow the inputs' dtype.
-        init: warm start: potentials ``(f, g)`` or a previous result (the common form),
-            or, in the internal layout, ``alpha`` (semi-dual, ``[B, n]``) or ``cat(alpha, beta)``
-            (dual) in the internal layout (rows and columns swapped for
-            ``sparse_axis="rows"``), e.g. ``result.info["x"]`` of a nearby problem.
+        solve_dtype: working dtype of ``newton``/``lbfgs`` (``None``: the inputs'; outputs
+            follow the inputs' dtype).
+        init: warm start: potentials ``(f, g)`` or a previous result, or ``alpha``
+            (semi-dual) / ``cat(alpha, beta)`` (dual) in the internal layout.
         normalize: rescale ``a`` and ``b`` to unit mass.
         check_inputs: run value checks (signs, NaN, masses).
-        grad: ``"implicit"`` (default: ``value`` by the envelope theorem; ``f``, ``g``,
-            ``plan`` and ``transport_cost`` by implicit differentiation of the optimality
+        grad: ``"implicit"`` (default: implicit differentiation of the optimality
             conditions, the top-k support held fixed) or ``"envelope"`` (frozen plan).
         eps_scaling: the gamma-continuation of the Newton solvers: ``"auto"`` (unless
             ``init`` is given), ``True`` or ``False``.
-        callback: ``callback(check, max_error)``, called with every recorded marginal
-            error once the solve has finished.
-        sparse_plan: return ``plan`` as a sparse COO tensor. Default: ``True`` for
-            ``"l2"`` and ``"topk"``, ``False`` for ``"entropy"`` (decided by ``reg``,
-            never by the data).
+        callback: ``callback(check, max_error)`` for every recorded error, after the solve.
+        sparse_plan: return ``plan`` as a sparse COO tensor (default: for ``"l2"`` and
+            ``"topk"``, decided by ``reg``, never by the data).
 
     Returns:
         :class:`~entrokit.OTResult` with ``f`` (:math:`\alpha`), ``g`` (:math:`\beta`),
         ``value`` (dual objective; for ``"topk"`` the value of the convexified primal,
         a lower bound of the nonconvex one), ``transport_cost`` :math:`\langle C,T\rangle`,
-        ``marginal_error``, ``eps = gamma``, ``grad="envelope"`` and ``info`` with
-        ``primal_value`` (:math:`\langle C,T\rangle + \sum_j\Omega(t_j)`),
-        ``max_nnz`` (largest number of nonzeros along the sparse axis), ``nnz``, the
-        solver name and time.
+        ``marginal_error``, ``eps = gamma`` and ``info`` with ``primal_value``,
+        ``max_nnz``, ``nnz``, the solver name and time.
 
     Raises:
-        InputError: bad options (``gamma <= 0``, ``k < 1``, unknown names) or data.
-        TypeError: non-tensor inputs, non-integer ``k``.
+        InputError: bad options (``gamma <= 0``, ``k < 1``, unknown names) or data;
+            ``TypeError`` for non-tensor inputs or a non-integer ``k``.
 
     Example:
         >>> import torch, entrokit
