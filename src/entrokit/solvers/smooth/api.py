@@ -457,8 +457,7 @@ def smooth_ot(
             follow the inputs' dtype).
         init: warm start: potentials ``(f, g)`` or a previous result, or ``alpha``
             (semi-dual) / ``cat(alpha, beta)`` (dual) in the internal layout.
-        normalize: rescale ``a`` and ``b`` to unit mass.
-        check_inputs: run value checks (signs, NaN, masses).
+        normalize, check_inputs: rescale ``a`` and ``b`` to unit mass; run value checks.
         grad: ``"implicit"`` (default: implicit differentiation of the optimality
             conditions, the top-k support held fixed) or ``"envelope"`` (frozen plan).
         eps_scaling: the gamma-continuation of the Newton solvers: ``"auto"`` (unless
