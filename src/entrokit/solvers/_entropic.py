@@ -175,13 +175,20 @@ def _dual_value(geom, f, g, a, b, eps: float, rows: torch.Tensor) -> torch.Tenso
     return geom.row_sum(a * f) + geom.col_sum(b * g) - eps * (mass - geom.row_sum(a) * geom.col_sum(b))
 
 
-def _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype):
+def _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype, certify: bool = True):
     """``(row, col, transport_cost, marginal_error)`` of the plan the user gets, summed in
     float64: the solver's own reduction when it is exact to working precision (float64),
-    else one float64 pass over the plan rounded to ``dtype``."""
+    else one float64 pass over the plan rounded to ``dtype``. Without ``certify`` (a
+    caller that reports convergence itself) the sums are the solver's reduction or one
+    pass in the working precision (no float64 pass)."""
     prec = f_hi.dtype
-    if pre is not None and prec == dtype == torch.float64 and tol is not None and _reduce_is_exact(geom, eps, tol):
+    if pre is not None and ((prec == dtype == torch.float64 and tol is not None and _reduce_is_exact(geom, eps, tol))
+                            or not certify):
         row, col, tc, rounded = (*(t.detach() for t in pre), True)
+    elif not certify:
+        with torch.no_grad():
+            row, col, tc = geom_hi.plan_reduce(f_hi, g_hi, a_hi.detach(), b_hi.detach(), eps)
+        rounded = True
     else:
         row, col, tc, rounded = certify_plan(geom_hi, f_hi, g_hi, a_hi, b_hi, eps,
                                              round_to=dtype if prec != dtype else None)
@@ -291,8 +298,8 @@ def entropic_result(
     (:meth:`~entrokit.Geometry.check_grad_mode`, once, before solving).
     ``f, g`` must be detached for ``grad in {"implicit", "envelope"}`` and carry the
     unrolled graph for ``grad="unroll"``. ``tol`` enables certification (every public
-    solver passes it; ``certify=False`` keeps the solver's claim, for callers that report
-    convergence themselves). ``info["reduce"]`` may hold the solver's own
+    solver passes it; ``certify=False`` keeps the solver's claim and sums the plan in the
+    working precision, for callers that report convergence themselves: the divergence). ``info["reduce"]`` may hold the solver's own
     ``(row, col, tc)`` of the final plan, used when it is exact to working precision
     (float64). ``user_problem``: the problem before :meth:`~OTProblem.with_batch` (kept in
     the result instead of being rebuilt).
@@ -319,7 +326,7 @@ def entropic_result(
     needs_graph = inputs_need_grad or (grad == "unroll" and (f.requires_grad or g.requires_grad))
     f_hi, g_hi = f_hi.detach(), g_hi.detach()
 
-    row, col, tc_cert, merr = _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype)
+    row, col, tc_cert, merr = _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype, certify)
     claimed = converged.clone()
     if tol is not None and certify:
         converged = converged & (merr <= tol)
