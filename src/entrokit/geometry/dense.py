@@ -336,6 +336,7 @@ class _KernelEngine:
     def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
         a, b = self.a, self.b
         self._final = None
+        self.iters_done = k
         if self.single and active is None:
             return self._run_single(k, stop_tol)
         u, v = self.u, self.v
@@ -353,38 +354,39 @@ class _KernelEngine:
         return (a * (u_prev * Kv - 1.0).abs()).sum(-1)
 
     def _run_single(self, k: int, stop_tol: float | None = None):
-        # one problem: preallocated buffers, two BLAS mat-vecs and four O(n) ops per iteration
+        """Up to ``k`` iterations on one problem: preallocated buffers, two BLAS mat-vecs
+        and a few O(n) ops each. With ``stop_tol`` the row error of every iteration's plan
+        is tested (an O(n) dot product) and the loop stops at the first one that meets it,
+        so the caller may check (and sync) rarely without running extra iterations;
+        ``self.iters_done`` counts the iterations run."""
         K, Kt = self.K0, self.K0.t()
         a, b = self.a[0], self.b[0]
         # u, v are updated in place (views of self.u, self.v); work vectors are reused
         u, v = self.u[0], self.v[0]
         if self._work is None:
-            self._work = (torch.empty_like(v), torch.empty_like(u), torch.empty_like(u), torch.empty_like(v))
-        bv, au, Kv, KTu = self._work
-        for _ in range(k - 1):
+            self._work = tuple(torch.empty_like(u) for _ in range(5))
+        bv, au, Kv, KTu, r = self._work
+        err = None
+        for i in range(k):
             torch.mul(b, v, out=bv)
             torch.mv(K, bv, out=Kv)
+            if stop_tol is not None or i == k - 1:
+                # row marginal of the current plan is a * u * Kv (columns are exact)
+                torch.mul(u, Kv, out=r)
+                err = torch.dot(a, r.sub_(1.0).abs_())
+                if stop_tol is not None and float(err) <= stop_tol:
+                    # the current plan already meets the tolerance: keep it (saves a half
+                    # sweep); its row sums a u Kv and column sums b v K^T(a u) are at hand
+                    if self._ktu_valid:
+                        self._final = ((a * u * Kv).unsqueeze(0), (b * v * KTu).unsqueeze(0))
+                    self.iters_done = i + 1
+                    return err.unsqueeze(0)
             torch.reciprocal(Kv, out=u)
             torch.mul(a, u, out=au)
             torch.mv(Kt, au, out=KTu)
             torch.reciprocal(KTu, out=v)
-        if k > 1:
             self._ktu_valid = True
-        torch.mul(b, v, out=bv)
-        torch.mv(K, bv, out=Kv)
-        # row marginal of the current plan is a * u * Kv (columns are exact)
-        err = (a * (u * Kv - 1.0).abs()).sum()
-        if stop_tol is not None and float(err) <= stop_tol:
-            # the current plan already meets the tolerance: keep it (saves a half sweep);
-            # its row sums a u Kv and column sums b v K^T(a u) are at hand (certification)
-            if self._ktu_valid:
-                self._final = ((a * u * Kv).unsqueeze(0), (b * v * KTu).unsqueeze(0))
-            return err.unsqueeze(0)
-        torch.reciprocal(Kv, out=u)
-        torch.mul(a, u, out=au)
-        torch.mv(Kt, au, out=KTu)
-        torch.reciprocal(KTu, out=v)
-        self._ktu_valid = True
+        self.iters_done = k
         return err.unsqueeze(0)
 
     def check(self, err: torch.Tensor) -> tuple[bool, bool]:
