@@ -197,7 +197,9 @@ class _KernelEngine:
         self.a, self.b, self.log_a, self.log_b = a, b, log_a, log_b
         self.absorb_at = 30.0 if self.C.dtype == torch.float64 else 10.0
         self.single = self.C.shape[0] == 1
-        self.K = torch.empty_like(self.C)
+        from entrokit.solvers._numerics import large_buffer
+
+        self.K = large_buffer(self.C)
         self._work = None
         self._final = None  # (row, col) sums of the plan at an early stop of _run_single
         self._ktu_valid = False  # whether the work buffer KTu holds K^T (a u) for the current u
