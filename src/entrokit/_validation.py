@@ -81,9 +81,12 @@ def upcast_half(**tensors: Any) -> tuple[dict[str, Any], torch.dtype | None]:
     cast the result back to is returned (``None`` when no input is half). Half inputs must
     all share one dtype (a mismatch raises :class:`~entrokit.InputError` as for any dtype
     mismatch); other values pass through unchanged."""
-    half = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype in _HALF}
-    if not half:
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor) and t.dtype in _HALF:
+            break
+    else:
         return tensors, None
+    half = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype in _HALF}
     floating = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     check_same_dtype_device(floating)
     out = {k: (t.float() if k in half else t) for k, t in tensors.items()}

@@ -222,7 +222,7 @@ def test_half_precision_inputs_are_solved_in_float32(dtype):
     x = torch.randn(32, 2, generator=g).to(dtype)
     Tx = (x.float() @ torch.tensor([[1.0, 0.5], [-0.5, 1.0]])).to(dtype).requires_grad_()
     Tx32 = Tx.detach().float().requires_grad_()
-    gap, gap32 = monge_gap(x, Tx, eps=0.05), monge_gap(x.float(), Tx32, eps=0.05)
+    gap, gap32 = monge_gap(x, Tx, eps=0.5), monge_gap(x.float(), Tx32, eps=0.5)
     gap.backward()
     gap32.backward()
     assert gap.dtype == Tx.grad.dtype == dtype

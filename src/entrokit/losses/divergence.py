@@ -199,8 +199,9 @@ def divergence(x, y, a, b, *, eps: float, cost, chunk_size, normalize: bool, che
     precision are balanced, :func:`~entrokit._validation.match_half_masses`)."""
     if isinstance(x, torch.Tensor):
         t, out_dtype = upcast_half(x=x, y=y, a=a, b=b)
-        x, y = t["x"], t["y"]
-        a, b = match_half_masses(t["a"], t["b"], out_dtype)
+        x, y, a, b = t["x"], t["y"], t["a"], t["b"]
+        if out_dtype is not None:
+            a, b = match_half_masses(a, b, out_dtype)
     else:
         out_dtype = None
     geom_xy, geom_xx, geom_yy = _geometries(x, y, cost, chunk_size)

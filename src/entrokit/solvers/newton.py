@@ -649,7 +649,8 @@ def newton_problem(
     base["deadline"] = None if time_limit is None else t0 + time_limit
     # the float64 cost of the geometry (a float32 point cloud's exact cost, the one the
     # result is certified on, not its float32 rounding: 1e-6 relative off at cost/eps ~ 300)
-    cost64 = pb.geometry.detach().to_dtype(torch.float64).cost_matrix()
+    geom = pb.geometry
+    cost64 = (geom.to_dtype(torch.float64) if geom.dtype != torch.float64 else geom.detach()).cost_matrix()
     cost_ranges = pb.geometry.cost_range().tolist()
     a64, b64 = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
     fs, gs, n_iter, final_errors, histories, infos = [], [], [], [], [], []
