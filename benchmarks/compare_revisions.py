@@ -5,7 +5,11 @@ entrokit's time is the change of every ratio against an anchor).
 Usage (interleaved rounds; each round runs both trees in fresh processes):
     python benchmarks/compare_revisions.py --tree OLD_SRC --tree NEW_SRC --rounds 3
 One tree alone: ``python benchmarks/compare_revisions.py --run`` prints JSON times;
-``--only ssns,smooth_l2`` restricts the cases to those solvers.
+``--only ssns,smooth_l2`` restricts the cases to those solvers. ``--only sinkhorn_fixed``
+runs the dense solves of 4-6 iterations at n = 1000-4000, where the fixed per-call work
+(start, kernel formation, certification) is most of the time:
+    python benchmarks/compare_revisions.py --tree /path/to/main/src --tree src --only sinkhorn_fixed
+Each cell is the median process CPU time of the calls (wall time, best call, beside it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import warnings
 
 CASES = (
     [("sinkhorn", n, eps) for n in (500, 1000, 2000) for eps in (1e-1, 1e-2, 1e-3)]
+    + [("sinkhorn_fixed", n, eps) for n in (1000, 2000, 4000) for eps in (1e-1, 1e-2)]
     + [("ssns", n, eps) for n in (300, 1000) for eps in (1e-2, 1e-3)]
     + [("smooth_l2", n, gamma) for n in (300, 1000) for gamma in (1e-1, 1e-2)]
     # the Newton benchmark's own problems (entrokit.bench.newton), SSNS to 1e-8
@@ -49,19 +54,22 @@ def _run_one(only: str | None = None) -> dict:
             a = b = torch.full((n,), 1.0 / n, dtype=torch.float64)
         if kind == "ssns_bench":
             fn = lambda: entrokit.sinkhorn_newton(a, b, C, eps, tol=1e-8)  # noqa: E731, B023
-        elif kind == "sinkhorn":
+        elif kind in ("sinkhorn", "sinkhorn_fixed"):
             fn = lambda: entrokit.sinkhorn(a, a, C, eps, tol=1e-6)  # noqa: E731, B023
         elif kind == "ssns":
             fn = lambda: entrokit.sinkhorn_newton(a, a, C, eps, tol=1e-8)  # noqa: E731, B023
         else:
             fn = lambda: entrokit.smooth_ot(a, a, C, reg="l2", gamma=eps, tol=1e-6)  # noqa: E731, B023
-        best, spent = float("inf"), 0.0
-        while spent < 1.5 or best == float("inf"):
-            t = time.perf_counter()
+        best, spent, cpus = float("inf"), 0.0, []
+        while spent < 1.5 or len(cpus) < 3:
+            t, c = time.perf_counter(), time.process_time()
             res = fn()
             dt = time.perf_counter() - t
+            cpus.append(time.process_time() - c)
             best, spent = min(best, dt), spent + dt
-        out[f"{kind} {n if isinstance(n, str) else f'n={n}'} eps={eps:g}"] = (best, float(res.marginal_error))
+        cpus.sort()
+        out[f"{kind} {n if isinstance(n, str) else f'n={n}'} eps={eps:g}"] = (
+            cpus[len(cpus) // 2], best, float(res.marginal_error), int(res.n_iter))
     return out
 
 
@@ -81,16 +89,18 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
             res = json.loads(subprocess.run([sys.executable, __file__, "--run", *(["--only", args.only] if args.only else [])], env=env, check=True,
                                             capture_output=True, text=True).stdout)
-            for k, (t, e) in res.items():
-                times[tree].setdefault(k, []).append((t, e))
+            for k, rec in res.items():
+                times[tree].setdefault(k, []).append(rec)
     base, *others = args.tree
-    print("| case | " + " | ".join(f"{os.path.basename(os.path.dirname(t.rstrip('/'))) or t}" for t in args.tree) + " | ratio new/old |")
+    print(f"load average: {os.getloadavg()}")
+    print("| case | " + " | ".join(f"{t} CPU (wall)" for t in args.tree) + " | CPU ratio new/old |")
     print("|---" * (len(args.tree) + 2) + "|")
     for k in times[base]:
-        row = [min(x[0] for x in times[t][k]) for t in args.tree]
-        errs = [times[t][k][-1][1] for t in args.tree]
-        cells = " | ".join(f"{r * 1e3:.1f} ms (err {e:.1e})" for r, e in zip(row, errs))
-        print(f"| {k} | {cells} | {row[-1] / row[0]:.2f} |")
+        cpu = [sorted(x[0] for x in times[t][k])[len(times[t][k]) // 2] for t in args.tree]
+        wall = [min(x[1] for x in times[t][k]) for t in args.tree]
+        last = [times[t][k][-1] for t in args.tree]
+        cells = " | ".join(f"{c * 1e3:.1f} ms ({w * 1e3:.1f} ms; {r[3]} it, err {r[2]:.1e})" for c, w, r in zip(cpu, wall, last))
+        print(f"| {k} | {cells} | {cpu[-1] / cpu[0]:.2f} |")
 
 
 if __name__ == "__main__":

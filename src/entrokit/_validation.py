@@ -11,6 +11,7 @@ raise :class:`~entrokit.InputError`, wrong types ``TypeError``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -35,6 +36,8 @@ __all__ = [
     "no_autocast",
     "reject_meta",
     "working_dtype",
+    "upcast_half",
+    "match_half_masses",
     "apply_reduction",
     "REDUCTIONS",
     "check_buffer_device",
@@ -49,6 +52,11 @@ __all__ = [
     "check_sample_batch",
     "check_unit_interval",
     "default_atol",
+    "SOLVER_OPTIONS",
+    "SolverOption",
+    "check_solver_options",
+    "solver_options_of",
+    "refused_values",
 ]
 
 
@@ -65,6 +73,43 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a layer computes in: float32 for float16/bfloat16 inputs (what autocast
     hands a layer), otherwise the input's own dtype."""
     return torch.float32 if dtype in _HALF else dtype
+
+
+def upcast_half(**tensors: Any) -> tuple[dict[str, Any], torch.dtype | None]:
+    """The losses' half-precision rule: float16/bfloat16 tensors are cast to float32 (a
+    differentiable cast, so gradients come back in the caller's dtype) and the dtype to
+    cast the result back to is returned (``None`` when no input is half). Half inputs must
+    all share one dtype (a mismatch raises :class:`~entrokit.InputError` as for any dtype
+    mismatch); other values pass through unchanged."""
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor) and t.dtype in _HALF:
+            break
+    else:
+        return tensors, None
+    half = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype in _HALF}
+    floating = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    check_same_dtype_device(floating)
+    out = {k: (t.float() if k in half else t) for k, t in tensors.items()}
+    return out, next(iter(half.values())).dtype
+
+
+def match_half_masses(a: Any, b: Any, half: torch.dtype | None) -> tuple[Any, Any]:
+    """Weights that came in ``half`` precision (already cast up by :func:`upcast_half`)
+    carry their masses to that precision only: a relative gap up to ``2u`` (``u`` the unit
+    roundoff of ``half``) is rounding, and ``b`` (or ``a`` when ``b`` is uniform) is
+    rescaled by the detached ratio of the masses so that the float32 problem is balanced.
+    A larger gap is left for the mass check to report. ``None`` weights are uniform of
+    mass 1."""
+    if half is None or (a is None and b is None):
+        return a, b
+    if not all(w is None or isinstance(w, torch.Tensor) for w in (a, b)):
+        return a, b
+    sa = a.detach().sum(-1, keepdim=True) if a is not None else 1.0
+    sb = b.detach().sum(-1, keepdim=True) if b is not None else 1.0
+    ratio = torch.as_tensor(sa / sb)
+    if not bool(((ratio - 1).abs() <= 2 * torch.finfo(half).eps).all()):
+        return a, b
+    return (a, b * ratio) if b is not None else (a / ratio, b)
 
 
 class no_autocast(contextlib.ContextDecorator):
@@ -542,3 +587,134 @@ def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owne
                              module.check_inputs)
     check_buffer_device(buffer, rows, owner)
     return rows, labels, index
+
+
+# -- the solvers' option spec ---------------------------------------------------------------
+# One table of the entropic solvers' options: how each is checked, its default and the
+# methods that take it. The public solvers check their options through it, and
+# ``entrokit.solve`` reads it to tell which method takes the options a caller gave.
+
+def _or_none(check):
+    def _check(value, name):
+        return None if value is None else check(value, name)
+    return _check
+
+
+def _choice(*choices):
+    def _check(value, name):
+        return check_choice(value, name, choices)
+    return _check
+
+
+def _any(value: Any, name: str) -> Any:
+    return value
+
+
+def _eps_scaling(value: Any, name: str) -> bool | str:
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return "auto"
+    if value is True or value is False:
+        return value
+    raise InputError(f"{name} must be True, False or 'auto' (None is 'auto'); got {value!r}.")
+
+
+def _open_unit(value: Any, name: str) -> float:
+    v = _real(value, name)
+    if not 0.0 < v < 1.0:
+        raise InputError(f"{name} must lie in (0, 1), got {value!r}; try 0.5.")
+    return v
+
+
+def _density(value: Any, name: str) -> float:
+    v = check_positive(value, name)
+    if v > 1:
+        raise InputError(f"{name} must lie in (0, 1], got {value!r}; the paper uses 2/n.")
+    return v
+
+
+def _nonneg_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise InputError(f"{name} must be an int >= 0, got {value!r}.")
+    return int(value)
+
+
+def _callable(value: Any, name: str):
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable(iteration, error), got {type(value).__name__}.")
+    return value
+
+
+def _lse_mode(value: Any, name: str):
+    return check_choice(value, name, (None, True, False))
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverOption:
+    """One row of :data:`SOLVER_OPTIONS`: ``check(value, name)`` returns the normalised
+    value or raises; ``methods`` take the option; ``refused`` maps a method to values its
+    signature takes only to refuse them with a pointer (``grad="unroll"`` for Newton)."""
+
+    check: Any
+    default: Any
+    methods: tuple[str, ...]
+    refused: dict = dataclasses.field(default_factory=dict)
+
+
+_NEWTON = ("sns", "ssns")
+_ENTROPIC = ("sinkhorn", *_NEWTON)
+_DIVERGENCE = "sinkhorn_divergence"
+_MULTISCALE = "multiscale_sinkhorn"
+_SMOOTH = "smooth"  # its shared options only: it checks its own (reg, gamma, k, ...) itself
+#: the methods whose every option is a row of the table
+_DESCRIBED = (*_ENTROPIC, _DIVERGENCE)
+
+#: option name -> :class:`SolverOption`: every option of the entropic solvers (``"sinkhorn"``,
+#: ``"sns"``, ``"ssns"``) and of the divergence, and the shared ones of ``"multiscale_sinkhorn"``
+#: and ``"smooth"`` (which check their own options too).
+SOLVER_OPTIONS: dict[str, SolverOption] = {
+    "tol": SolverOption(check_positive, 1e-6, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE, _SMOOTH)),
+    "max_iter": SolverOption(_or_none(check_positive_int), None, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE, _SMOOTH)),
+    "eps_scaling": SolverOption(_eps_scaling, "auto", (*_ENTROPIC, _DIVERGENCE, _SMOOTH)),
+    "scaling_decay": SolverOption(_open_unit, 0.5, ("sinkhorn", _DIVERGENCE, _MULTISCALE)),
+    "grad": SolverOption(_choice("implicit", "envelope", "unroll"), "implicit", (*_ENTROPIC, _MULTISCALE),
+                         refused={m: ("unroll",) for m in (*_NEWTON, _MULTISCALE)}),
+    "init": SolverOption(_any, None, _ENTROPIC),
+    "callback": SolverOption(_callable, None, (*_ENTROPIC, _SMOOTH)),
+    "check_every": SolverOption(_or_none(check_positive_int), None, ("sinkhorn",)),
+    "lse_mode": SolverOption(_lse_mode, None, ("sinkhorn",)),
+    "variant": SolverOption(_choice(*_NEWTON), "ssns", _NEWTON),
+    "warmup_max_iter": SolverOption(_or_none(_nonneg_int), None, _NEWTON),
+    "switch_tol": SolverOption(_or_none(check_positive), None, _NEWTON),
+    "density": SolverOption(_or_none(_density), None, _NEWTON),
+    "linear_solver": SolverOption(_choice("auto", "cg", "direct"), "auto", _NEWTON),
+    "cg_rtol": SolverOption(check_positive, 1e-10, _NEWTON),
+    "cg_max_iter": SolverOption(_or_none(check_positive_int), None, _NEWTON),
+    "fallback_steps": SolverOption(check_positive_int, 10, _NEWTON),
+    "time_limit": SolverOption(_or_none(check_positive), None, _NEWTON),
+}
+
+
+def check_solver_options(method: str, **values: Any) -> dict[str, Any]:
+    """Check the options ``values`` of ``method`` against :data:`SOLVER_OPTIONS`; returns
+    them normalised (``None`` for ``eps_scaling`` is ``"auto"``, numbers as ``float``/
+    ``int``). Options the method does not take raise :class:`~entrokit.InputError`."""
+    out = {}
+    for name, value in values.items():
+        spec = SOLVER_OPTIONS.get(name)
+        if spec is None or method not in spec.methods:
+            raise InputError(f"{method} does not take the option {name!r}.")
+        out[name] = spec.check(value, name)
+    return out
+
+
+def solver_options_of(method: str) -> set[str] | None:
+    """The options ``method`` takes according to :data:`SOLVER_OPTIONS` (``None`` for a
+    method the table does not describe fully)."""
+    if method not in _DESCRIBED:
+        return None
+    return {name for name, spec in SOLVER_OPTIONS.items() if method in spec.methods}
+
+
+def refused_values(method: str) -> dict[str, tuple]:
+    """Option values ``method`` takes in its signature only to refuse them."""
+    return {name: spec.refused[method] for name, spec in SOLVER_OPTIONS.items() if method in spec.refused}

@@ -4,12 +4,12 @@ import numpy as np
 import torch
 
 import entrokit.losses as L
-from bad_inputs import INT, META, SAME, numpy_int, randn_with, table_test, tensor_rows
+from bad_inputs import CALLER_DTYPE, INT, META, SAME, numpy_int, randn_with, table_test, tensor_rows
 from entrokit import InputError
 
 _r = randn_with(torch.Generator().manual_seed(1))
-HALF_OT = (TypeError, "which entrokit's OT solvers do not accept.*Pass float32 or float64")
-HALF_SW = (TypeError, "sliced_wasserstein computes in float32 or float64")
+# float16/bfloat16 are solved in float32 and returned in the caller's dtype
+HALF_OT = HALF_SW = CALLER_DTYPE
 EMPTY = (InputError, r"is empty \(shape \(0, 2\)\); expected at least one entry on every axis")
 W = dict(a=torch.full((6,), 1 / 6), b=torch.full((5,), 0.2))
 XY = dict(x=_r(6, 2), y=_r(5, 2), **W)

@@ -212,3 +212,19 @@ def test_bad_inputs():
         monge_gap(x, x.float(), eps=0.1)
     with pytest.raises(TypeError, match="relative_eps must be True or False"):
         monge_gap(x, x, eps=0.1, relative_eps="mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_solved_in_float32(dtype):
+    # the gap and the map's gradient come back in the caller's dtype, equal to the float32
+    # computation on the same rounded points
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 2, generator=g).to(dtype)
+    Tx = (x.float() @ torch.tensor([[1.0, 0.5], [-0.5, 1.0]])).to(dtype).requires_grad_()
+    Tx32 = Tx.detach().float().requires_grad_()
+    gap, gap32 = monge_gap(x, Tx, eps=0.5), monge_gap(x.float(), Tx32, eps=0.5)
+    gap.backward()
+    gap32.backward()
+    assert gap.dtype == Tx.grad.dtype == dtype
+    assert float(gap.detach()) == float(gap32.detach().to(dtype))
+    torch.testing.assert_close(Tx.grad, Tx32.grad.to(dtype))

@@ -60,7 +60,7 @@ _kd_rows = {
     "all:bfloat16": ({"*": "bfloat16"}, CALLER_DTYPE),
 }
 XY = dict(x=_r(6, 2), y=_r(5, 2))
-HALF_OT = (TypeError, "which entrokit's OT solvers do not accept.*Pass float32 or float64")
+HALF_OT = CALLER_DTYPE  # solved in float32, returned in the caller's dtype
 _divergence_rows = {
     **tensor_rows(XY, nan=(InputError, "contain"), inf=(InputError, "contain"), int=INT, meta=META, noncontig=SAME,
                   empty=(InputError, r"is empty \(shape \(0, 2\)\); expected at least one entry"),
@@ -116,8 +116,8 @@ ENTRIES = {
                           noncontig=SAME, empty=(InputError, r"is empty \(shape \(0, 2\)\)")),
             "x:1-D": ({"x": _r(6)}, (InputError, r"x must have shape \(n, d\) or \(batch, n, d\), got \(6,\)")),
             "y:other d": ({"y": _r(5, 3)}, (InputError, "x and y must live in the same dimension: x has d=2")),
-            "all:float16": ({"*": "float16"}, (TypeError, "sliced_wasserstein computes in float32 or float64")),
-            "all:bfloat16": ({"*": "bfloat16"}, (TypeError, "sliced_wasserstein computes in float32 or float64")),
+            "all:float16": ({"*": "float16"}, CALLER_DTYPE),
+            "all:bfloat16": ({"*": "bfloat16"}, CALLER_DTYPE),
         }),
 }
 

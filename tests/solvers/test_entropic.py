@@ -145,3 +145,49 @@ def test_gradient_mode_is_checked_once_before_solving(solver):
         with pytest.raises(entrokit.InputError, match="cannot unroll"):
             fn(*args, grad="unroll", **kw)
         assert calls == ["implicit", "unroll"]  # raised before any iteration
+
+
+def _saved_entries(fn):
+    """Largest number of entries among the tensors autograd saves while ``fn`` runs."""
+    sizes = [0]
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, max(sizes)
+
+
+@pytest.mark.parametrize("grad", ["implicit", "envelope"])
+def test_point_cloud_value_builds_no_n_by_m_graph(grad):
+    # the envelope value's gradient is the geometry's closed-form VJP, computed in
+    # backward: forward saves nothing of size n x m (and transport_cost's graph is built
+    # only when backward reaches it); the gradient still matches finite differences
+    gen = torch.Generator().manual_seed(0)
+    n, m = 40, 30
+    x = torch.rand(n, 2, generator=gen, dtype=D, requires_grad=True)
+    y = torch.rand(m, 2, generator=gen, dtype=D)
+    a = torch.full((n,), 1 / n, dtype=D, requires_grad=True)
+    b = torch.full((m,), 1 / m, dtype=D)
+    res, largest = _saved_entries(lambda: entrokit.sinkhorn(a, b, PointCloud(x, y), 0.1, grad=grad, **KW))
+    assert largest < n * m
+    gx, ga = torch.autograd.grad(res.value, (x, a))
+    dx = torch.randn(n, 2, generator=gen, dtype=D)
+    da = torch.randn(n, generator=gen, dtype=D)
+    da = da - da.mean()  # keeps the masses equal
+
+    def value(h):
+        return entrokit.sinkhorn(a.detach() + h * da, b, PointCloud(x.detach() + h * dx, y), 0.1, **KW).value
+
+    torch.testing.assert_close((gx * dx).sum() + (ga * da).sum(), _fd(value), rtol=1e-6, atol=1e-10)
+
+
+def test_deferred_gradients_are_once_differentiable():
+    a, b, C = random_problem(6, 5, seed=3)
+    C.requires_grad_()
+    res = entrokit.sinkhorn(a, b, C, 0.5, **KW)
+    (g,) = torch.autograd.grad(res.value, C, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), C)

@@ -260,3 +260,47 @@ def test_bipartite_cg_single_problem_matches_dense_solve(layout, shift):
     # a stalled solve (iteration cap) is reported, not returned as a solution
     _, _, n_iter, ok = solve_bipartite(block, r, c, 1e-12, p, q, method="cg", rtol=1e-14, max_iter=1)
     assert not bool(ok[0]) and int(n_iter[0]) == 1
+
+
+def _anon_huge_kib(addr: int) -> int | None:
+    """AnonHugePages (KiB) of the mapping holding ``addr`` (None off Linux)."""
+    try:
+        with open("/proc/self/smaps") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return None
+
+
+def test_large_buffer_is_an_ordinary_tensor_backed_by_huge_pages_where_allowed():
+    import sys
+
+    from entrokit.solvers._numerics import large_buffer
+
+    small = large_buffer(torch.zeros(3, 4, dtype=torch.float32))
+    assert small.shape == (3, 4) and small.dtype == torch.float32 and small.is_contiguous()
+    like = torch.zeros(1, 1024, 1024, dtype=torch.float64)  # 8 MiB
+    big = large_buffer(like)
+    assert big.shape == like.shape and big.dtype == like.dtype and big.is_contiguous()
+    big.fill_(0.5)
+    assert float(big.sum()) == 0.5 * big.numel()
+    mode = ""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+                mode = fh.read()
+        except OSError:
+            mode = ""
+    # madvise splits the mapping: the advised part starts at the first 2 MiB boundary
+    huge = _anon_huge_kib(-(-big.data_ptr() // (1 << 21)) * (1 << 21))
+    if "[madvise]" in mode and huge is not None:
+        # the advice was taken: 2 MiB pages back the buffer's interior
+        assert huge >= 2048

@@ -319,3 +319,41 @@ def test_autocast_does_not_reach_the_solver(online):
     assert res.converged and res.f.dtype == torch.float32 and solved.converged
     torch.testing.assert_close(res.f, ref.f, rtol=0, atol=0)
     torch.testing.assert_close(res.transport_cost, ref.transport_cost, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-1, 1e-2, 1e-3])
+@pytest.mark.parametrize("shape", [(300, 300), (700, 300), (2, 400, 350)])
+def test_certified_sums_equal_the_returned_plan(eps, shape):
+    # the kernel engine certifies from the last iteration's row/column sums and a blocked
+    # <C, P> pass: both must be the sums of the plan the user gets, recomputed in float64
+    gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[-2])
+    C = torch.rand(*shape, generator=gen, dtype=torch.float64)
+    n, m = shape[-2:]
+    a = torch.rand(*shape[:-1], generator=gen, dtype=torch.float64) + 0.1
+    b = torch.rand(*shape[:-2], m, generator=gen, dtype=torch.float64) + 0.1
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    res = entrokit.sinkhorn(a, b, C, eps, tol=1e-6)
+    assert bool(res.converged.all())
+    P = res.plan
+    merr = (P.sum(-1) - a).abs().sum(-1) + (P.sum(-2) - b).abs().sum(-1)
+    assert torch.allclose(res.marginal_error, merr, rtol=1e-6, atol=1e-14)
+    assert bool((merr <= 1e-6).all())
+    assert torch.allclose(res.transport_cost, (C * P).sum((-2, -1)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("offset", [0.2, 5.0])
+def test_cold_start_far_column(offset):
+    # a column far from every row minimum: its hard c-transform g_j ~ offset, so g_j/eps
+    # is below (0.2 / 0.01 = 20) or above (500) the scaling engine's absorption threshold;
+    # both starts must reach the log-domain engine's solution
+    gen = torch.Generator().manual_seed(3)
+    C = torch.rand(120, 90, generator=gen, dtype=torch.float64)
+    C[:, 7] += offset
+    a = torch.full((120,), 1 / 120, dtype=torch.float64)
+    b = torch.full((90,), 1 / 90, dtype=torch.float64)
+    ker = entrokit.sinkhorn(a, b, C, 1e-2, tol=1e-10, lse_mode=False, eps_scaling=False)
+    lse = entrokit.sinkhorn(a, b, C, 1e-2, tol=1e-10, lse_mode=True, eps_scaling=False)
+    assert bool(ker.converged) and bool(lse.converged)
+    assert ker.info.fallbacks == 0
+    torch.testing.assert_close(ker.plan, lse.plan, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ker.value, lse.value, atol=1e-12, rtol=1e-12)

@@ -170,3 +170,39 @@ def test_convergence_warning_points_at_the_callers_line(method):
     with pytest.warns(entrokit.ConvergenceWarning) as record:
         entrokit.solve(None, None, C, eps=1e-3, method=method, max_iter=1)
     assert all(w.filename == __file__ for w in record), [w.filename for w in record]
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sns", "ssns"])
+def test_option_spec_describes_each_solver_signature(method):
+    # the declarative option table and the public signatures agree: every keyword option
+    # of the solver is a row for it (solve() and the solvers read the same table)
+    import inspect
+
+    from entrokit._validation import SOLVER_OPTIONS, solver_options_of
+    from entrokit.solvers.solve import _resolve
+
+    fn = getattr(_resolve(method), "__wrapped_solver__", _resolve(method))
+    params = inspect.signature(fn).parameters
+    keyword = {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keyword - {"normalize", "check_inputs"} == solver_options_of(method) | ({"variant"} if method != "sinkhorn" else set())
+    for name in solver_options_of(method):
+        default = params[name].default
+        spec = SOLVER_OPTIONS[name]
+        if name not in ("tol", "max_iter", "variant"):  # per-method defaults, in the signatures
+            assert spec.default == default, name
+
+
+def test_option_spec_checks_are_shared():
+    # one check and one message per option, whichever solver or loss receives it
+    from entrokit.losses import sinkhorn_divergence
+
+    a = torch.full((3,), 1 / 3, dtype=torch.float64)
+    C = torch.rand(3, 3, dtype=torch.float64)
+    calls = [lambda **o: entrokit.sinkhorn(a, a, C, 0.1, **o), lambda **o: entrokit.sinkhorn_newton(a, a, C, 0.1, **o),
+             lambda **o: entrokit.solve(a, a, C, eps=0.1, **o), lambda **o: entrokit.smooth_ot(a, a, C, gamma=0.1, **o),
+             lambda **o: sinkhorn_divergence(torch.rand(3, 2), torch.rand(4, 2), eps=0.1, **o)]
+    for call in calls:
+        with pytest.raises(InputError, match=r"eps_scaling must be True, False or 'auto' \(None is 'auto'\); got 'yes'"):
+            call(eps_scaling="yes")
+        with pytest.raises(InputError, match="tol must be a finite number > 0, got -1"):
+            call(tol=-1)

@@ -74,9 +74,13 @@ def machine_info() -> str:
     gpu = ""
     if torch.cuda.is_available():
         gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    try:
+        load = "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "load average n/a"
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}"
+        f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}, {load}"
     )
 
 

@@ -143,6 +143,26 @@ def _masked_min(X: torch.Tensor, log_w: torch.Tensor, dim: int) -> torch.Tensor:
     return (X + (pen.unsqueeze(-2) if dim == -1 else pen.unsqueeze(-1))).amin(dim=dim)
 
 
+def _block_rows(batch: int, m: int) -> int:
+    """Rows per block of a blocked pass: about 1 MiB of float64 (a block stays in cache
+    between the operations applied to it)."""
+    return max(1, (1 << 17) // max(1, batch * m))
+
+
+def _weighted_sum(K: torch.Tensor, C: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_{ij} x_i K_{ij} C_{ij} y_j` per problem, reading ``K`` and ``C`` once by
+    row blocks (no ``n x m`` temporary)."""
+    B, n, m = K.shape
+    step = _block_rows(B, m)
+    buf = torch.empty((B, min(step, n), m), dtype=K.dtype, device=K.device)
+    out = torch.zeros(B, dtype=K.dtype, device=K.device)
+    for s in range(0, n, step):
+        blk = buf[:, : min(step, n - s)]
+        torch.mul(K[:, s:s + step], C[:, s:s + step], out=blk)
+        out += (x[:, s:s + step] * torch.bmm(blk, y.unsqueeze(-1)).squeeze(-1)).sum(-1)
+    return out
+
+
 class _KernelEngine:
     """Scaling updates on an absorbed kernel: two mat-vecs per iteration.
 
@@ -156,8 +176,12 @@ class _KernelEngine:
         self.a, self.b, self.log_a, self.log_b = a, b, log_a, log_b
         self.absorb_at = 30.0 if self.C.dtype == torch.float64 else 10.0
         self.single = self.C.shape[0] == 1
-        self.K = torch.empty_like(self.C)
+        from entrokit.solvers._numerics import large_buffer
+
+        self.K = large_buffer(self.C)
         self._work = None
+        self._final = None  # (row, col) sums of the plan at an early stop of _run_single
+        self._ktu_valid = False  # whether the work buffer KTu holds K^T (a u) for the current u
 
     def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
         self.eps = eps
@@ -168,6 +192,8 @@ class _KernelEngine:
             ok = torch.isfinite(r).all() & torch.isfinite(c).all() & (r > 0).all() & (c > 0).all()
             if bool(ok):
                 return
+        if cold and self._fused_start(eps):
+            return
         if cold:
             # hard c-transforms (the eps -> 0 limit): every row and column of the kernel
             # then holds an entry equal to 1, so none underflows, at any eps
@@ -180,18 +206,75 @@ class _KernelEngine:
             g = _softmin_inplace(self.C, f, self.log_a, eps, 0, self.K)
         self._absorb(f, g)
 
-    def reduce(self):
-        """Row sums, column sums and <C, P> of the current plan (three mat-vecs).
+    def _fused_start(self, eps) -> bool:
+        r"""The cold start in one blocked pass over ``C`` (Schmitzer, 2019, Sec. 3.2 start).
 
-        Called once at the end of a solve: the kernel buffer is consumed (K <- K * C) so
-        that no further n x m array is allocated.
+        Row by row block (a block stays in cache): :math:`f_i = \min_j C_{ij}`, the kernel
+        :math:`K_{ij} = e^{(f_i - C_{ij})/\varepsilon}` (every row holds a 1), and the column
+        minima :math:`g_j = \min_i (C_{ij} - f_i)` of the hard c-transform. ``g`` enters as
+        the scaling :math:`v = e^{g/\varepsilon}` rather than in the kernel, so the start
+        reads ``C`` once and writes ``K`` once (the separate start and absorption passes
+        read ``C`` three times and rewrite ``K`` four times). Entries floored at
+        ``exp(floor)`` stand for values below ``exp(floor + max g/eps)``, negligible while
+        ``max g/eps`` is under the absorption threshold; above it (or with zero weights)
+        returns False and the caller runs the two-pass start.
         """
+        if not (bool((self.log_a > -math.inf).all()) and bool((self.log_b > -math.inf).all())):
+            return False
+        C, K = self.C, self.K
+        B, n, m = C.shape
+        d = torch.float64 if C.dtype != torch.float64 else C.dtype
+        floor = exp_floor(K.dtype)
+        f = torch.empty((B, n), dtype=d, device=C.device)
+        g = torch.full((B, m), math.inf, dtype=d, device=C.device)
+        step = _block_rows(B, m)
+        same = d == C.dtype
+        for s in range(0, n, step):
+            # float32 costs: the exponent is formed in float64 (as in _absorb)
+            Cb = C[:, s:s + step] if same else C[:, s:s + step].to(d)
+            fb = Cb.amin(-1)
+            f[:, s:s + step] = fb
+            Kb = K[:, s:s + step] if same else torch.empty_like(Cb)
+            torch.sub(Cb, fb.unsqueeze(-1), out=Kb)  # C - f >= 0
+            torch.minimum(g, Kb.amin(-2), out=g)
+            Kb.mul_(-1.0 / eps).clamp_(min=floor).exp_()
+            if not same:
+                K[:, s:s + step] = Kb
+        gmax = float(g.max() / eps)
+        if not gmax <= self.absorb_at:  # also NaN
+            return False
+        self.eps = eps
+        self.f, self.g = f, torch.zeros_like(g)  # absorbed potentials (float64 for float32 K)
+        dt = K.dtype
+        self.u = torch.ones((B, n), dtype=dt, device=K.device)
+        self.v = torch.exp(g / eps).to(dt)
+        self.K0 = K[0] if self.single else None
+        self._final = None
+        self._ktu_valid = False
+        return True
+
+    def reduce(self):
+        """Row sums, column sums and <C, P> of the current plan ``diag(au) K diag(bv)``.
+
+        Called once at the end of a solve. When the last iteration stopped on its own
+        test, its row sums ``a u (K b v)`` and column sums ``b v (K^T a u)`` are the
+        plan's (no extra pass); ``<C, P>`` is one blocked pass that reads ``K`` and ``C``
+        once, without an ``n x m`` temporary. The kernel buffer is released.
+        """
+        if self.K.dtype != torch.float64:
+            # only a float64 solve certifies from its own sums (solvers._entropic); a
+            # float32 plan is certified from float64 potentials, so skip the passes here
+            self.K = self.K0 = None
+            return None
         au, bv = self.a * self.u, self.b * self.v
-        row = au * self._Kv(bv)
-        col = bv * self._KTu(au)
-        KC = self.K.mul_(self.C)
-        tc = (au * torch.matmul(KC, bv.unsqueeze(-1)).squeeze(-1)).sum(-1)
+        if self._final is not None:
+            row, col = self._final
+        else:
+            row = au * self._Kv(bv)
+            col = bv * self._KTu(au)
+        tc = _weighted_sum(self.K, self.C, au, bv)
         self.K = self.K0 = None
+        self._final = None
         return row, col, tc
 
     def _absorb(self, f, g):
@@ -218,6 +301,8 @@ class _KernelEngine:
         self.u = torch.ones(f.shape, dtype=dt, device=K.device)
         self.v = torch.ones(g.shape, dtype=dt, device=K.device)
         self.K0 = K[0] if self.single else None
+        self._final = None
+        self._ktu_valid = False
 
     def _Kv(self, x):
         if self.single:
@@ -231,6 +316,8 @@ class _KernelEngine:
 
     def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
         a, b = self.a, self.b
+        self._final = None
+        self.iters_done = k
         if self.single and active is None:
             return self._run_single(k, stop_tol)
         u, v = self.u, self.v
@@ -248,32 +335,39 @@ class _KernelEngine:
         return (a * (u_prev * Kv - 1.0).abs()).sum(-1)
 
     def _run_single(self, k: int, stop_tol: float | None = None):
-        # one problem: preallocated buffers, two BLAS mat-vecs and four O(n) ops per iteration
+        """Up to ``k`` iterations on one problem: preallocated buffers, two BLAS mat-vecs
+        and a few O(n) ops each. With ``stop_tol`` the row error of every iteration's plan
+        is tested (an O(n) dot product) and the loop stops at the first one that meets it,
+        so the caller may check (and sync) rarely without running extra iterations;
+        ``self.iters_done`` counts the iterations run."""
         K, Kt = self.K0, self.K0.t()
         a, b = self.a[0], self.b[0]
         # u, v are updated in place (views of self.u, self.v); work vectors are reused
         u, v = self.u[0], self.v[0]
         if self._work is None:
-            self._work = (torch.empty_like(v), torch.empty_like(u), torch.empty_like(u), torch.empty_like(v))
-        bv, au, Kv, KTu = self._work
-        for _ in range(k - 1):
+            self._work = tuple(torch.empty_like(u) for _ in range(5))
+        bv, au, Kv, KTu, r = self._work
+        err = None
+        for i in range(k):
             torch.mul(b, v, out=bv)
             torch.mv(K, bv, out=Kv)
+            if stop_tol is not None or i == k - 1:
+                # row marginal of the current plan is a * u * Kv (columns are exact)
+                torch.mul(u, Kv, out=r)
+                err = torch.dot(a, r.sub_(1.0).abs_())
+                if stop_tol is not None and float(err) <= stop_tol:
+                    # the current plan already meets the tolerance: keep it (saves a half
+                    # sweep); its row sums a u Kv and column sums b v K^T(a u) are at hand
+                    if self._ktu_valid:
+                        self._final = ((a * u * Kv).unsqueeze(0), (b * v * KTu).unsqueeze(0))
+                    self.iters_done = i + 1
+                    return err.unsqueeze(0)
             torch.reciprocal(Kv, out=u)
             torch.mul(a, u, out=au)
             torch.mv(Kt, au, out=KTu)
             torch.reciprocal(KTu, out=v)
-        torch.mul(b, v, out=bv)
-        torch.mv(K, bv, out=Kv)
-        # row marginal of the current plan is a * u * Kv (columns are exact)
-        err = (a * (u * Kv - 1.0).abs()).sum()
-        if stop_tol is not None and float(err) <= stop_tol:
-            # the current plan already meets the tolerance: keep it (saves a half sweep)
-            return err.unsqueeze(0)
-        torch.reciprocal(Kv, out=u)
-        torch.mul(a, u, out=au)
-        torch.mv(Kt, au, out=KTu)
-        torch.reciprocal(KTu, out=v)
+            self._ktu_valid = True
+        self.iters_done = k
         return err.unsqueeze(0)
 
     def check(self, err: torch.Tensor) -> tuple[bool, bool]:

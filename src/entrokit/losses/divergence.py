@@ -35,20 +35,26 @@ points, the cost and the weights (Feydy et al., Prop. 2).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from entrokit._errors import ConvergenceWarning, InputError
-from entrokit._validation import check_choice, check_positive, check_positive_int, reject_meta
+from entrokit._errors import InputError
+from entrokit._result import OTResult
+from entrokit._validation import (
+    check_choice,
+    check_positive,
+    check_solver_options,
+    match_half_masses,
+    reject_meta,
+    upcast_half,
+)
 from entrokit.geometry import Geometry, PointCloud
 from entrokit.problem import OTProblem, make_problem
-from entrokit.solvers._entropic import warn_not_converged
-from entrokit.solvers.newton import sinkhorn_newton
+from entrokit.solvers._entropic import entropic_result, warn_not_converged
+from entrokit.solvers.newton import newton_problem
 from entrokit.solvers.sinkhorn import SinkhornOptions, internal_tol, sinkhorn_problem
 from entrokit.solvers.solve import auto_method
 
-__all__ = ["sinkhorn_divergence", "entropic_ot_value"]
+__all__ = ["sinkhorn_divergence", "entropic_ot_value", "divergence"]
 
 
 def _geometries(x, y, cost, chunk_size) -> tuple[Geometry, Geometry | None, Geometry | None]:
@@ -59,6 +65,8 @@ def _geometries(x, y, cost, chunk_size) -> tuple[Geometry, Geometry | None, Geom
     if isinstance(x, Geometry):
         if y is not None:
             raise InputError("x is a geometry: leave y=None (the geometry holds both point sets).")
+        if type(x) is PointCloud:  # its self-problems are derived from the checked cross problem
+            return x, None, None
         try:
             xx, yy = x.self_geometries()
         except NotImplementedError as err:
@@ -74,84 +82,43 @@ def _geometries(x, y, cost, chunk_size) -> tuple[Geometry, Geometry | None, Geom
     return PointCloud(x, y, cost, chunk_size=chunk_size), None, None
 
 
-def _solve(pb: OTProblem, eps: float, tol: float, max_iter: int, eps_scaling, decay: float, symmetric: bool):
-    """One entropic problem through the one Sinkhorn loop: ``(value, converged, error)`` in
-    the user's batch shape, ``value`` differentiable by the envelope theorem.
+def _solve(pb: OTProblem, eps: float, tol: float, max_iter: int, eps_scaling, decay: float,
+           symmetric: bool) -> OTResult:
+    """One entropic problem through the one Sinkhorn loop, assembled by the one result
+    builder (:func:`~entrokit.solvers._entropic.entropic_result`, ``grad="envelope"``:
+    ``value`` with its exact gradient, by the geometry's closed-form VJP where it has one).
 
     A single dense cross-problem whose Sinkhorn rate predicts a long run (plans close to a
     permutation at small ``eps``, where the alternating updates mix slowly) is handed, with
     its potentials, to the safe sparse Newton solver, as ``solve(method="auto")`` would.
+    The result keeps the solvers' claim of convergence (the divergence reports it once).
     """
-    newton_ok = not symmetric and auto_method(pb.squeeze_batch(), eps)[0] == "ssns"
+    newton_ok = not symmetric and auto_method(pb, eps)[0] == "ssns"
     opts = SinkhornOptions(tol=internal_tol(tol, pb), max_iter=max_iter, eps_scaling=eps_scaling,
                            scaling_decay=decay, symmetric=symmetric, stop_when_slow=newton_ok)
     f, g, n_iter, converged, errors, info = sinkhorn_problem(pb, eps, opts)
+    method = "sinkhorn"
     if "stopped_slow" in info:
-        sq = pb.squeeze_batch()
-        with warnings.catch_warnings():
-            # one ConvergenceWarning per call: the divergence's own (_warn) reports this problem
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            res = sinkhorn_newton(sq.a, sq.b, sq.geometry, eps, variant="ssns", tol=tol, max_iter=max_iter,
-                                  init=(f.reshape(sq.a.shape), g.reshape(sq.b.shape)), grad="envelope",
-                                  check_inputs=False)
-        return res.value, torch.as_tensor(res.converged), torch.as_tensor(res.marginal_error)
-    value = _dual_value(pb, f, g, eps)
-    shape = pb.user_batch_shape if pb.user_batch_shape is not None else ()
-    err = errors[-1] if len(errors) else torch.full_like(value, float("inf"))
-    return value.reshape(shape), converged.reshape(shape), err.reshape(shape)
+        f, g, n_iter, converged, errors, info = newton_problem(pb, eps, variant="ssns", tol=tol, max_iter=max_iter,
+                                                               init=(f, g))
+        method = "ssns"
+    return entropic_result(pb, f, g, eps, grad="envelope", n_iter=n_iter, converged=converged, errors=errors,
+                           method=method, tol=tol, certify=False, info=info, user_problem=pb)
 
 
-def _dual_value(pb: OTProblem, f, g, eps: float) -> torch.Tensor:
-    r"""The dual value :math:`\langle a,f\rangle + \langle b,g\rangle - \varepsilon(\sum P -
-    \sum a\sum b)` at the (detached) potentials. Its partial derivatives are the exact
-    gradient of :math:`\mathrm{OT}_\varepsilon` (envelope theorem, Feydy et al. Prop. 2):
-    :math:`\partial/\partial C = P`. Geometries with a closed-form
-    :meth:`~entrokit.Geometry.transport_cost_vjp` get it from plan products
-    (:class:`_EnvelopeValue`); others by autograd through one reduction."""
-    geom, a, b = pb.geometry, pb.a, pb.b
-    if torch.is_grad_enabled() and geom.has_transport_cost_vjp:
-        return _EnvelopeValue.apply(a, b, f, g, geom.detach(), eps, *geom.tensors())
-    mass = geom.plan_reduce(f, g, a, b, eps)[0].sum(-1)
-    return geom.row_sum(a * f) + geom.col_sum(b * g) - eps * (mass - a.sum(-1) * b.sum(-1))
-
-
-class _EnvelopeValue(torch.autograd.Function):
-    r"""Dual value with its envelope gradient: the geometry's
-    :meth:`~entrokit.Geometry.transport_cost_vjp` for its tensors, and
-    :math:`\partial_{a_i} = f_i - \varepsilon r_i / a_i + \varepsilon\sum b` (symmetrically
-    for ``b``), where :math:`r, c` are the plan's marginals: the plan is applied, never
-    differentiated through (no :math:`n m` autograd graph)."""
-
-    @staticmethod
-    def forward(ctx, a, b, f, g, geom, eps, *geom_tensors):
-        a_, b_ = a.detach(), b.detach()
-        Pv, PTu, r, c = geom.plan_operator(f, g, a_, b_, eps)
-        value = (a_ * f).sum(-1) + (b_ * g).sum(-1) - eps * (r.sum(-1) - a_.sum(-1) * b_.sum(-1))
-        need = ctx.needs_input_grad
-        ctx.cost_grads = geom.transport_cost_vjp(Pv, PTu, r, c) if any(need[6:]) else None
-        # r_i / a_i and c_j / b_j without dividing by zero weights: exp((f - T f)/eps)
-        ra = torch.exp((f - geom.softmin(g, b_.log(), eps, axis=1)) / eps) if need[0] else None
-        cb = torch.exp((g - geom.softmin(f, a_.log(), eps, axis=0)) / eps) if need[1] else None
-        ga = f - eps * ra + eps * b_.sum(-1, keepdim=True) if ra is not None else None
-        gb = g - eps * cb + eps * a_.sum(-1, keepdim=True) if cb is not None else None
-        ctx.weight_grads = (ga, gb)
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        w = grad.unsqueeze(-1)
-        ga, gb = (None if t is None else w * t for t in ctx.weight_grads)
-        cost = [None] * (len(ctx.needs_input_grad) - 6)
-        if ctx.cost_grads is not None:
-            cost = [grad.reshape(-1, *[1] * (t.dim() - 1)) * t for t in ctx.cost_grads]
-        return (ga, gb, None, None, None, None, *cost)
-
-
-def _self_problem(geom: Geometry, w: torch.Tensor, pb_xy: OTProblem, check_inputs: bool) -> OTProblem:
-    geom = geom.reshape_batch(pb_xy.user_batch_shape) if pb_xy.user_batch_shape else geom
+def _self_problems(geoms, pb_xy: OTProblem, check_inputs: bool) -> list[OTProblem]:
+    """The self-problems ``(a, a, C(x, x))`` and ``(b, b, C(y, y))`` of the checked cross
+    problem: derived from its batched geometry (same points, nothing to check again), or
+    the geometries the caller passed (checked here)."""
+    if geoms is None:
+        return [OTProblem(w, w, geom, pb_xy.user_batch_shape)
+                for geom, w in zip(pb_xy.geometry.self_geometries(), (pb_xy.a, pb_xy.b))]
     user = pb_xy.user_batch_shape
-    w_user = w.reshape(*user, w.shape[-1]) if user is not None else w
-    return make_problem(w_user, w_user, geom, check_inputs=check_inputs).with_batch()
+    out = []
+    for geom, w in zip(geoms, (pb_xy.a, pb_xy.b)):
+        w_user = w.reshape(*user, w.shape[-1])
+        out.append(make_problem(w_user, w_user, geom, check_inputs=check_inputs).with_batch())
+    return out
 
 
 @reject_meta
@@ -210,30 +177,44 @@ def sinkhorn_divergence(
         (True, True)
     """
     eps = check_positive(eps, "eps")
-    tol = check_positive(tol, "tol")
-    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or SinkhornOptions.max_iter
-    if eps_scaling not in (True, False, "auto"):
-        raise InputError(f"eps_scaling must be True, False or 'auto'; got {eps_scaling!r}.")
-    if not (0.0 < float(scaling_decay) < 1.0):
-        raise InputError(f"scaling_decay must lie in (0, 1), got {scaling_decay!r}; try 0.5.")
+    o = check_solver_options("sinkhorn_divergence", tol=tol, max_iter=max_iter, eps_scaling=eps_scaling,
+                             scaling_decay=scaling_decay)
+    tol, eps_scaling, scaling_decay = o["tol"], o["eps_scaling"], o["scaling_decay"]
+    max_iter = o["max_iter"] or SinkhornOptions.max_iter
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be True or False, got {type(debias).__name__}.")
     if isinstance(cost, str):
         check_choice(cost, "cost", ("sqeuclidean", "euclidean"))
+    return divergence(x, y, a, b, eps=eps, cost=cost, chunk_size=chunk_size, normalize=normalize,
+                      check_inputs=check_inputs, debias=debias, tol=tol, max_iter=max_iter,
+                      eps_scaling=eps_scaling, scaling_decay=scaling_decay)
+
+
+def divergence(x, y, a, b, *, eps: float, cost, chunk_size, normalize: bool, check_inputs: bool, debias: bool,
+               tol: float, max_iter: int, eps_scaling, scaling_decay: float) -> torch.Tensor:
+    """:func:`sinkhorn_divergence` with checked options (what it and
+    :class:`~entrokit.nn.SinkhornLoss` call): one geometry and one validated problem, three
+    results from the one builder. float16/bfloat16 points and weights are solved in float32
+    and the value is returned in their dtype (half weights whose masses agree to half
+    precision are balanced, :func:`~entrokit._validation.match_half_masses`)."""
+    if isinstance(x, torch.Tensor):
+        t, out_dtype = upcast_half(x=x, y=y, a=a, b=b)
+        x, y, a, b = t["x"], t["y"], t["a"], t["b"]
+        if out_dtype is not None:
+            a, b = match_half_masses(a, b, out_dtype)
+    else:
+        out_dtype = None
     geom_xy, geom_xx, geom_yy = _geometries(x, y, cost, chunk_size)
     pb_xy = make_problem(a, b, geom_xy, normalize=normalize, check_inputs=check_inputs).with_batch()
     results = [_solve(pb_xy, eps, tol, max_iter, eps_scaling, scaling_decay, symmetric=False)]
     if debias:
-        if geom_xx is None:
-            geom_xx, geom_yy = geom_xy.self_geometries()
-        for geom, w in ((geom_xx, pb_xy.a), (geom_yy, pb_xy.b)):
-            pb = _self_problem(geom, w, pb_xy, check_inputs)
+        for pb in _self_problems(None if geom_xx is None else (geom_xx, geom_yy), pb_xy, check_inputs):
             results.append(_solve(pb, eps, tol, max_iter, eps_scaling, scaling_decay, symmetric=True))
     _warn(results, tol, eps, max_iter)
-    value = results[0][0]
+    value = results[0].value
     if debias:
-        value = value - 0.5 * (results[1][0] + results[2][0])
-    return value
+        value = value - 0.5 * (results[1].value + results[2].value)
+    return value if out_dtype is None else value.to(out_dtype)
 
 
 def entropic_ot_value(x, y=None, *, eps: float, **options) -> torch.Tensor:
@@ -243,8 +224,8 @@ def entropic_ot_value(x, y=None, *, eps: float, **options) -> torch.Tensor:
 
 
 def _warn(results, tol: float, eps: float, max_iter: int) -> None:
-    converged = torch.stack([c.reshape(-1) for _, c, _ in results]).all(0)
-    merr = torch.stack([e.reshape(-1).double() for _, _, e in results]).amax(0)
+    converged = torch.stack([r.converged.reshape(-1) for r in results]).all(0)
+    merr = torch.stack([r.marginal_error.reshape(-1).double() for r in results]).amax(0)
     warn_not_converged(
         converged, merr, tol, "sinkhorn_divergence",
         f"Raise max_iter (now {max_iter}), loosen tol, increase eps (now {eps:g}) or use float64.",

@@ -68,10 +68,12 @@ from entrokit._validation import (
     check_positive_int,
     check_same_dtype_device,
     reject_meta,
+    upcast_half,
 )
 from entrokit.geometry import PointCloud
 from entrokit.geometry.pointcloud import _COSTS
-from entrokit.solvers.sinkhorn import sinkhorn
+from entrokit.problem import OTProblem
+from entrokit.solvers.sinkhorn import sinkhorn_result
 
 __all__ = ["monge_gap"]
 
@@ -133,6 +135,28 @@ def _mean_cost(c, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Te
             C = c(x[:, s : s + rows], y)
             total = total + torch.einsum("bi,bij,bj->b", a[:, s : s + rows], C, a)
     return total
+
+
+def _gap_geometry(c, xb, yb, w, relative_eps: bool, chunk_size):
+    """The point cloud of the gap's OT problem and the cost unit ``scale`` ``(B,)``: 1, or
+    with ``relative_eps`` the mean cost (the cost divided by it: solving ``C / s`` at
+    ``eps`` is solving ``C`` at ``eps * s``)."""
+    if relative_eps:
+        scale = _mean_cost(c, xb, yb, w)
+        if bool((scale <= 0).any()):
+            raise InputError(
+                "relative_eps=True needs a positive mean cost between x and Tx, got 0 (every point "
+                "of x and Tx coincides); pass an absolute eps instead."
+            )
+        s = scale.reshape(-1, 1, 1)
+
+        def scaled(u, v):  # solving C / s at eps is solving C at eps * s
+            return c(u, v) / s
+        geom = PointCloud(xb, yb, scaled, chunk_size=chunk_size)
+    else:
+        scale = torch.ones(xb.shape[0], dtype=xb.dtype, device=xb.device)
+        geom = PointCloud(xb, yb, c, chunk_size=chunk_size)
+    return geom, scale
 
 
 @reject_meta
@@ -209,36 +233,24 @@ def monge_gap(
     if not isinstance(relative_eps, bool):
         raise TypeError(f"relative_eps must be True or False, got {type(relative_eps).__name__}.")
     c = _cost_fn(cost)
-    x, Tx = _points(x, Tx)
-    for t, name in ((x, "x"), (Tx, "Tx")):
-        check_nonneg_finite(t, name, allow_negative=True)
+    t, out_dtype = upcast_half(x=x, Tx=Tx, a=a)  # float16/bfloat16: solved in float32
+    x, Tx = _points(t["x"], t["Tx"])
+    for u, name in ((x, "x"), (Tx, "Tx")):
+        check_nonneg_finite(u, name, allow_negative=True)
     batch, (n, d) = tuple(x.shape[:-2]), tuple(x.shape[-2:])
     B = math.prod(batch)
-    w = _weights(a, x)  # (B, n), unit mass
+    w = _weights(t["a"], x)  # (B, n), unit mass
     xb, yb = x.reshape(B, n, d), Tx.reshape(B, n, d)
 
     # first term: sum_i a_i c(x_i, T(x_i)), through the same cost function as the OT problem
     diag = PointCloud(xb.reshape(B * n, 1, d), yb.reshape(B * n, 1, d), c).cost_matrix()
     displacement = (w * diag.reshape(B, n)).sum(-1)
 
-    if relative_eps:
-        scale = _mean_cost(c, xb, yb, w)
-        if bool((scale <= 0).any()):
-            raise InputError(
-                "relative_eps=True needs a positive mean cost between x and Tx, got 0 (every point "
-                "of x and Tx coincides); pass an absolute eps instead."
-            )
-        s = scale.reshape(B, 1, 1)
-
-        def scaled(u, v):  # solving C / s at eps is solving C at eps * s
-            return c(u, v) / s
-        geom = PointCloud(xb, yb, scaled, chunk_size=chunk_size)
-    else:
-        scale = torch.ones(B, dtype=x.dtype, device=x.device)
-        geom = PointCloud(xb, yb, c, chunk_size=chunk_size)
-    res = sinkhorn(w, w, geom, eps, tol=tol, max_iter=max_iter, grad="envelope")
+    geom, scale = _gap_geometry(c, xb, yb, w, relative_eps, chunk_size)
+    # the points and weights are checked: the problem goes straight to the solver
+    res = sinkhorn_result(OTProblem(w, w, geom), eps, tol=tol, max_iter=max_iter, grad="envelope")
     ent_a = -torch.special.xlogy(w, w).sum(-1)
     # OTT's ent_reg_cost, <C,P> - eps_eff H(P), in the original cost units
     ent_reg_cost = scale * (res.value - 2.0 * eps * ent_a)
-    gap = (displacement - ent_reg_cost).reshape(batch)
+    gap = (displacement - ent_reg_cost).reshape(batch).to(out_dtype or x.dtype)
     return (gap, res) if return_result else gap

@@ -89,13 +89,14 @@ from entrokit._validation import (
     check_positive_int,
     check_same_dtype_device,
     is_array_like,
+    match_half_masses,
     reject_meta,
+    upcast_half,
 )
 
 __all__ = ["sliced_wasserstein", "random_projections", "CONTROL_VARIATES"]
 
 CONTROL_VARIATES = ("lower", "upper")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_p(p: Any) -> float:
@@ -245,12 +246,6 @@ def _project(theta: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
 
 
 def _check_points(t: Any, name: str) -> torch.Tensor:
-    if isinstance(t, torch.Tensor) and t.dtype in _HALF:
-        raise TypeError(
-            f"{name} has dtype {t.dtype}; sliced_wasserstein computes in float32 or float64 "
-            f"(half precision keeps ~3 digits, too few for sorted differences and cumulative "
-            f"weights). Pass {name}.float() and cast the result back."
-        )
     t = as_float_tensor(t, name)
     if t.dim() not in (2, 3):
         raise InputError(
@@ -274,8 +269,6 @@ def _check_finite_points(t: torch.Tensor, name: str) -> None:
 
 
 def _check_weights(w: Any, name: str, pts: torch.Tensor, pts_name: str) -> torch.Tensor:
-    if isinstance(w, torch.Tensor) and w.dtype in _HALF:
-        raise TypeError(f"{name} has dtype {w.dtype}; pass float32 or float64 weights ({name}.float()).")
     w = as_float_tensor(w, name, like=None if isinstance(w, torch.Tensor) else pts)
     n = pts.shape[-2]
     if w.dim() not in (1, 2) or w.shape[-1] != n:
@@ -328,7 +321,9 @@ def sliced_wasserstein(
     direction and the control-variate estimators.
 
     Args:
-        x: points ``[n, d]`` or ``[B, n, d]`` (float32/float64 tensor, NumPy array or list).
+        x: points ``[n, d]`` or ``[B, n, d]`` (tensor, NumPy array or list). float16/bfloat16
+            tensors are computed in float32 (half precision keeps ~3 digits, too few for
+            sorted differences and cumulative weights) and the result is cast back.
         y: points ``[m, d]`` or ``[B, m, d]``; ``m`` may differ from ``n``.
         n_projections: number of random directions ``L`` (ignored when ``projections`` is
             given).
@@ -359,7 +354,7 @@ def sliced_wasserstein(
         is clamped at 0 before the root (gradient 0 there, as for identical clouds).
 
     Raises:
-        TypeError: non-numeric or non-floating inputs, half precision, a ``generator`` that
+        TypeError: non-numeric or non-floating inputs, a ``generator`` that
             is not a :class:`torch.Generator`, non-int ``n_projections``.
         InputError: bad shapes (dimension mismatch, weights of the wrong length, batch
             mismatch), NaN/inf points, negative/NaN weights, zero or unequal masses,
@@ -382,12 +377,37 @@ def sliced_wasserstein(
     numpy_io = (
         is_array_like(x) and is_array_like(y) and not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor)
     )
-    # ---- options
+    n_projections, p = _check_options(n_projections, p, control_variate, generator)
+    # float16/bfloat16 tensors: computed in float32, returned in their dtype
+    t, out_dtype = upcast_half(x=x, y=y, a=a, b=b, projections=projections)
+    a, b = match_half_masses(t["a"], t["b"], out_dtype)
+    x, y, a, b, projections = _check_arrays(t["x"], t["y"], a, b, t["projections"])
+    ws = {k: w for k, w in (("a", a), ("b", b)) if w is not None}
+    B = _batch_size({"x": (x.shape, 2), "y": (y.shape, 2), **{k: (w.shape, 1) for k, w in ws.items()},
+                     **({} if projections is None else {"projections": (projections.shape, 2)})})
+    # unbatched inputs keep a leading axis of size 1 and broadcast (no copies)
+    x, y = (t.unsqueeze(0) if t.dim() == 2 else t for t in (x, y))
+    if check_inputs:
+        _check_values(x, y, ws, projections, control_variate)
+    a, b, mass = _unit_weights(a, b, x, check_inputs)
+    theta = projections if projections is not None else random_projections(
+        n_projections, x.shape[-1], generator=generator, dtype=x.dtype, device=x.device)
+    Z = _estimate(x, y, a, b, theta, p, control_variate) * (1.0 if mass is None else mass)
+    out = _safe_root(Z, p)
+    out = (out.expand(B) if B is not None else out.reshape(())).to(out_dtype or out.dtype)
+    return out.detach().cpu().numpy() if numpy_io else out
+
+
+def _check_options(n_projections, p, control_variate, generator) -> tuple[int, float]:
     n_projections = check_positive_int(n_projections, "n_projections")
     p = _check_p(p)
     _check_control_variate(control_variate, p)
     _check_generator(generator)
-    # ---- points
+    return n_projections, p
+
+
+def _check_arrays(x, y, a, b, projections):
+    """Shapes, dtypes and devices of the points, weights and directions."""
     x = _check_points(x, "x")
     y = _check_points(y, "y")
     check_same_dtype_device({"x": x, "y": y})
@@ -398,7 +418,6 @@ def sliced_wasserstein(
             f"y has d={y.shape[-1]} (shape {tuple(y.shape)}). Both need shape (..., n, d) with "
             "the same last axis."
         )
-    # ---- weights
     if a is not None:
         a = _check_weights(a, "a", x, "x")
     if b is not None:
@@ -406,10 +425,7 @@ def sliced_wasserstein(
     ws = {k: t for k, t in (("a", a), ("b", b)) if t is not None}
     if ws:
         check_same_dtype_device({"x": x, **ws})
-    # ---- directions
     if projections is not None:
-        if isinstance(projections, torch.Tensor) and projections.dtype in _HALF:
-            raise TypeError("projections must be float32 or float64; pass projections.float().")
         projections = as_float_tensor(projections, "projections", like=None if isinstance(projections, torch.Tensor) else x)
         if projections.dim() not in (2, 3) or projections.shape[-1] != d:
             raise InputError(
@@ -418,76 +434,85 @@ def sliced_wasserstein(
                 "matrix must be transposed: projections=P.T."
             )
         check_same_dtype_device({"x": x, "projections": projections})
-    # ---- batch
-    shapes = {"x": (x.shape, 2), "y": (y.shape, 2)}
+    return x, y, a, b, projections
+
+
+def _check_values(x, y, ws: dict, projections, control_variate) -> None:
+    """The value checks (they read tensor values): finite points, weights and directions,
+    unit directions for a control variate."""
+    _check_finite_points(x, "x")
+    _check_finite_points(y, "y")
     for k, t in ws.items():
-        shapes[k] = (t.shape, 1)
-    if projections is not None:
-        shapes["projections"] = (projections.shape, 2)
-    B = _batch_size(shapes)
-    batched = B is not None
-    B = B or 1
-    # unbatched inputs keep a leading axis of size 1 and broadcast (no copies)
-    x = x.unsqueeze(0) if x.dim() == 2 else x
-    y = y.unsqueeze(0) if y.dim() == 2 else y
-    # ---- value checks
-    if check_inputs:
-        _check_finite_points(x, "x")
-        _check_finite_points(y, "y")
-        for k, t in ws.items():
-            check_nonneg_finite(t, k)
-        if projections is not None:
-            if not bool(torch.isfinite(projections).all()):
-                raise InputError("projections contain NaN or inf; expected finite directions.")
-            if control_variate is not None:
-                nrm = projections.norm(dim=-1)
-                tol = 1e-4 if projections.dtype == torch.float32 else 1e-8
-                if bool(((nrm - 1).abs() > tol).any()):
-                    raise InputError(
-                        f"control_variate={control_variate!r} needs unit directions (the control "
-                        "variate's mean uses E[theta theta^T] = I/d on the unit sphere), but "
-                        f"projection norms range over [{nrm.min().item():.4g}, {nrm.max().item():.4g}]. "
-                        "Normalise them: projections / projections.norm(dim=-1, keepdim=True)."
-                    )
-    mass = None
-    if ws:
-        sa = a.sum(-1) if a is not None else None
-        sb = b.sum(-1) if b is not None else None
-        if check_inputs:
-            for k, s in (("a", sa), ("b", sb)):
-                if s is not None and bool((s <= 0).any()):
-                    raise InputError(
-                        f"weights {k} have zero total mass; expected a positive sum (at least one "
-                        "weight > 0)."
-                    )
-            one = torch.ones((), dtype=x.dtype, device=x.device)
-            ma = sa if sa is not None else one
-            mb = sb if sb is not None else one
-            rtol = 1e-5 if x.dtype == torch.float32 else 1e-8
-            gap = ((ma - mb).abs() / torch.maximum(ma, mb)).reshape(-1)
-            if bool((gap > rtol).any()):
-                i = int(gap.argmax())
-                ma_i = ma.reshape(-1)[i if ma.numel() > 1 else 0].item()
-                mb_i = mb.reshape(-1)[i if mb.numel() > 1 else 0].item()
-                raise InputError(
-                    f"total masses differ: sum(a)={ma_i:.10g} vs sum(b)={mb_i:.10g} (relative gap "
-                    f"{gap[i].item():.2e} > {rtol:g}; a missing weight vector counts as uniform "
-                    "with mass 1). Sliced OT compares measures of equal mass: rescale both, "
-                    "e.g. a = a / a.sum(-1, keepdim=True) and b = b / b.sum(-1, keepdim=True)."
-                )
-        if a is not None:
-            a = (a / sa.unsqueeze(-1)).reshape(-1, a.shape[-1])
-            mass = sa
-        if b is not None:
-            b = (b / sb.unsqueeze(-1)).reshape(-1, b.shape[-1])
-            if mass is None:
-                mass = sb
-    # ---- directions
+        check_nonneg_finite(t, k)
     if projections is None:
-        theta = random_projections(n_projections, d, generator=generator, dtype=x.dtype, device=x.device)
-    else:
-        theta = projections
-    # ---- centre, project, transport
+        return
+    if not bool(torch.isfinite(projections).all()):
+        raise InputError("projections contain NaN or inf; expected finite directions.")
+    if control_variate is not None:
+        nrm = projections.norm(dim=-1)
+        tol = 1e-4 if projections.dtype == torch.float32 else 1e-8
+        if bool(((nrm - 1).abs() > tol).any()):
+            raise InputError(
+                f"control_variate={control_variate!r} needs unit directions (the control "
+                "variate's mean uses E[theta theta^T] = I/d on the unit sphere), but "
+                f"projection norms range over [{nrm.min().item():.4g}, {nrm.max().item():.4g}]. "
+                "Normalise them: projections / projections.norm(dim=-1, keepdim=True)."
+            )
+
+
+def _check_equal_masses(sa, sb, x: torch.Tensor) -> None:
+    for k, s in (("a", sa), ("b", sb)):
+        if s is not None and bool((s <= 0).any()):
+            raise InputError(
+                f"weights {k} have zero total mass; expected a positive sum (at least one "
+                "weight > 0)."
+            )
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    ma = sa if sa is not None else one
+    mb = sb if sb is not None else one
+    rtol = 1e-5 if x.dtype == torch.float32 else 1e-8
+    gap = ((ma - mb).abs() / torch.maximum(ma, mb)).reshape(-1)
+    if bool((gap > rtol).any()):
+        i = int(gap.argmax())
+        ma_i = ma.reshape(-1)[i if ma.numel() > 1 else 0].item()
+        mb_i = mb.reshape(-1)[i if mb.numel() > 1 else 0].item()
+        raise InputError(
+            f"total masses differ: sum(a)={ma_i:.10g} vs sum(b)={mb_i:.10g} (relative gap "
+            f"{gap[i].item():.2e} > {rtol:g}; a missing weight vector counts as uniform "
+            "with mass 1). Sliced OT compares measures of equal mass: rescale both, "
+            "e.g. a = a / a.sum(-1, keepdim=True) and b = b / b.sum(-1, keepdim=True)."
+        )
+
+
+def _unit_weights(a, b, x: torch.Tensor, check_inputs: bool):
+    """``(a, b, mass)``: the weights rescaled to unit mass, flattened to ``(., n)``, and
+    their common mass (``None`` when both are uniform)."""
+    if a is None and b is None:
+        return None, None, None
+    sa = a.sum(-1) if a is not None else None
+    sb = b.sum(-1) if b is not None else None
+    if check_inputs:
+        _check_equal_masses(sa, sb, x)
+    if a is not None:
+        a = (a / sa.unsqueeze(-1)).reshape(-1, a.shape[-1])
+    if b is not None:
+        b = (b / sb.unsqueeze(-1)).reshape(-1, b.shape[-1])
+    return a, b, sa if sa is not None else sb
+
+
+def _second_moments(u, v, xc, yc, a, b):
+    """Per direction, the projected variances ``(vx, vy)`` and the total variances
+    ``(tx, ty)`` of the centred clouds (the upper control variate's terms)."""
+    vx = (u * u).mean(-1) if a is None else (u * u * a.unsqueeze(-2)).sum(-1)
+    vy = (v * v).mean(-1) if b is None else (v * v * b.unsqueeze(-2)).sum(-1)
+    tx = (xc * xc).sum(-1).mean(-1) if a is None else ((xc * xc).sum(-1) * a).sum(-1)
+    ty = (yc * yc).sum(-1).mean(-1) if b is None else ((yc * yc).sum(-1) * b).sum(-1)
+    return vx + vy, tx + ty
+
+
+def _estimate(x, y, a, b, theta, p: float, control_variate):
+    r"""The Monte Carlo estimate of :math:`\mathrm{SW}_p^p` for unit-mass weights
+    (module docstring): centre, project, transport in 1-D, and the control variate."""
     # leading axes below are 1 or B and broadcast
     mx = x.mean(-2) if a is None else (a.unsqueeze(-1) * x).sum(-2)  # [., d]
     my = y.mean(-2) if b is None else (b.unsqueeze(-1) * y).sum(-2)
@@ -503,29 +528,17 @@ def sliced_wasserstein(
     W = _wasserstein_1d_pp(u, v, s, a, b, p)  # [., L]
     A = W.mean(-1)
     if control_variate is None:
-        Z = A
-    else:
-        G = s * s
-        EG = (delta * delta).sum(-1)
-        if control_variate == "upper":
-            vx = (u * u).mean(-1) if a is None else (u * u * a.unsqueeze(-2)).sum(-1)
-            vy = (v * v).mean(-1) if b is None else (v * v * b.unsqueeze(-2)).sum(-1)
-            G = G + vx + vy
-            tx = (xc * xc).sum(-1).mean(-1) if a is None else ((xc * xc).sum(-1) * a).sum(-1)
-            ty = (yc * yc).sum(-1).mean(-1) if b is None else ((yc * yc).sum(-1) * b).sum(-1)
-            EG = EG + tx + ty
-        EG = EG / d
-        dG = G - EG.unsqueeze(-1)
-        var_g = (dG * dG).mean(-1)
-        cov = ((W - A.unsqueeze(-1)) * dG).mean(-1)
-        fin = torch.finfo(x.dtype)
-        floor = (fin.eps * EG) ** 2 + fin.tiny
-        alpha = cov / (var_g + floor)
-        Z = A - alpha * dG.mean(-1)
-    if mass is not None:
-        Z = Z * mass
-    out = _safe_root(Z, p)
-    out = out.expand(B) if batched else out.reshape(())
-    if numpy_io:
-        return out.detach().cpu().numpy()
-    return out
+        return A
+    G = s * s
+    EG = (delta * delta).sum(-1)
+    if control_variate == "upper":
+        var_proj, var_total = _second_moments(u, v, xc, yc, a, b)
+        G, EG = G + var_proj, EG + var_total
+    EG = EG / x.shape[-1]
+    dG = G - EG.unsqueeze(-1)
+    var_g = (dG * dG).mean(-1)
+    cov = ((W - A.unsqueeze(-1)) * dG).mean(-1)
+    fin = torch.finfo(x.dtype)
+    floor = (fin.eps * EG) ** 2 + fin.tiny
+    alpha = cov / (var_g + floor)
+    return A - alpha * dG.mean(-1)

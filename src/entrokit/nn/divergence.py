@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from entrokit._errors import InputError
-from entrokit._validation import check_positive, reject_meta
-from entrokit.losses.divergence import sinkhorn_divergence
+from entrokit._validation import check_positive, check_solver_options, reject_meta
+from entrokit.losses.divergence import divergence
+from entrokit.solvers.sinkhorn import SinkhornOptions
 
 __all__ = ["SinkhornLoss"]
 
@@ -63,8 +64,12 @@ class SinkhornLoss(nn.Module):
         check_positive(blur, "blur")
         if not (0.0 < float(scaling) < 1.0):
             raise InputError(f"scaling must lie in (0, 1), got {scaling!r}; GeomLoss's default is 0.5.")
+        if not isinstance(debias, bool):
+            raise TypeError(f"debias must be True or False, got {type(debias).__name__}.")
+        # checked once here; every forward calls the divergence with checked options
+        o = check_solver_options("sinkhorn_divergence", tol=tol, max_iter=max_iter)
         self.p, self.blur, self.scaling, self.debias = p, float(blur), float(scaling), debias
-        self.tol, self.max_iter, self.chunk_size = tol, max_iter, chunk_size
+        self.tol, self.max_iter, self.chunk_size = o["tol"], o["max_iter"], chunk_size
 
     @property
     def eps(self) -> float:
@@ -82,9 +87,9 @@ class SinkhornLoss(nn.Module):
             a, x, b, y = args
         else:
             raise TypeError(f"call as loss(x, y) or loss(a, x, b, y); got {len(args)} arguments.")
-        value = sinkhorn_divergence(
-            x, y, a=a, b=b, eps=self.eps, cost="sqeuclidean" if self.p == 2 else "euclidean",
-            tol=self.tol, max_iter=self.max_iter, debias=self.debias, chunk_size=self.chunk_size,
-            scaling_decay=self.scaling,
+        value = divergence(
+            x, y, a, b, eps=self.eps, cost="sqeuclidean" if self.p == 2 else "euclidean", chunk_size=self.chunk_size,
+            normalize=False, check_inputs=True, debias=self.debias, tol=self.tol,
+            max_iter=self.max_iter or SinkhornOptions.max_iter, eps_scaling="auto", scaling_decay=self.scaling,
         )
         return 0.5 * value if self.p == 2 else value

@@ -114,18 +114,7 @@ def log_optimal_transport(
             f"scores has no keypoint in either image (shape {tuple(scores.shape)}); expected M + N >= 1: "
             "there is nothing to match. Drop such samples from the batch."
         )
-    if isinstance(bin_score, bool) or not isinstance(bin_score, (int, float, torch.Tensor)):
-        raise TypeError(f"bin_score must be a number or a scalar tensor, got {type(bin_score).__name__}.")
-    if isinstance(bin_score, torch.Tensor) and bin_score.numel() != 1:
-        raise InputError(f"bin_score must be a scalar, got a tensor of shape {tuple(bin_score.shape)}.")
-    if isinstance(bin_score, torch.Tensor) and bin_score.device.type == "meta":
-        raise InputError("bin_score is a meta tensor (no values); pass a real scalar, e.g. torch.tensor(1.0).")
-    if not math.isfinite(float(bin_score)):
-        raise InputError(
-            f"bin_score must be finite, got {float(bin_score)}: a NaN or infinite dustbin score makes "
-            "every entry of the assignment NaN. Pass a finite score (SuperGlue initialises it to 1.0); "
-            "a learned one went non-finite in training: lower the learning rate or clip gradients."
-        )
+    _check_bin_score(bin_score)
     out_dtype = scores.dtype
     if out_dtype in _HALF:
         scores = scores.float()
@@ -135,24 +124,7 @@ def log_optimal_transport(
     bins1 = alpha.expand(B, 1, N + 1)
     Z = torch.cat([torch.cat([scores, bins0], -1), bins1], 1)  # couplings (B, M+1, N+1)
 
-    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
-    row_live = torch.cat([_check_valid(valid0, "valid0", (B, M), device), ones], 1)  # (B, M+1)
-    col_live = torch.cat([_check_valid(valid1, "valid1", (B, N), device), ones], 1)
-    M_k = row_live[:, :M].sum(1, keepdim=True).to(dtype)  # real keypoints per sample
-    N_k = col_live[:, :N].sum(1, keepdim=True).to(dtype)
-    if bool((M_k + N_k == 0).any()):
-        empty = (M_k + N_k == 0).squeeze(1).nonzero().squeeze(1).tolist()
-        raise InputError(
-            f"samples {empty} have no real keypoint in either image (valid0 and valid1 all False); "
-            "drop them from the batch: there is nothing to match."
-        )
-    # weights: 1 per real keypoint, N_k and M_k on the dustbins, over M_k + N_k; 0 on padding
-    mu = torch.where(row_live, 1.0, 0.0).to(dtype)
-    mu[:, M:] = N_k
-    nu = torch.where(col_live, 1.0, 0.0).to(dtype)
-    nu[:, N:] = M_k
-    a, b = mu / (M_k + N_k), nu / (M_k + N_k)
-    norm = -torch.log(M_k + N_k)  # (B, 1)
+    a, b, norm = _dustbin_weights(valid0, valid1, B, M, N, dtype, device)
     log_mu, log_nu = torch.log(a), torch.log(b)  # -inf on zero weights
     # zero-weight rows and columns hold logit 0: finite, and out of the way of the others
     Z = Z.masked_fill(~((a > 0).unsqueeze(-1) & (b > 0).unsqueeze(-2)), 0.0)
@@ -169,6 +141,45 @@ def log_optimal_transport(
     # log P = log mu_i + log nu_j + f_i + g_j + Z_ij; SuperGlue returns log P - norm
     out = Z + (f + log_mu - norm).unsqueeze(-1) + (g + log_nu).unsqueeze(-2)
     return out.to(out_dtype)
+
+
+def _check_bin_score(bin_score) -> None:
+    """The dustbin score: a finite real number or scalar tensor."""
+    if isinstance(bin_score, bool) or not isinstance(bin_score, (int, float, torch.Tensor)):
+        raise TypeError(f"bin_score must be a number or a scalar tensor, got {type(bin_score).__name__}.")
+    if isinstance(bin_score, torch.Tensor) and bin_score.numel() != 1:
+        raise InputError(f"bin_score must be a scalar, got a tensor of shape {tuple(bin_score.shape)}.")
+    if isinstance(bin_score, torch.Tensor) and bin_score.device.type == "meta":
+        raise InputError("bin_score is a meta tensor (no values); pass a real scalar, e.g. torch.tensor(1.0).")
+    score = float(bin_score.detach()) if isinstance(bin_score, torch.Tensor) else float(bin_score)
+    if not math.isfinite(score):
+        raise InputError(
+            f"bin_score must be finite, got {score}: a NaN or infinite dustbin score makes "
+            "every entry of the assignment NaN. Pass a finite score (SuperGlue initialises it to 1.0); "
+            "a learned one went non-finite in training: lower the learning rate or clip gradients."
+        )
+
+
+def _dustbin_weights(valid0, valid1, B: int, M: int, N: int, dtype, device):
+    """SuperGlue's marginals ``(a, b, norm)``: 1 per real keypoint, ``N_k`` and ``M_k`` on
+    the dustbins, over ``M_k + N_k`` (0 on padding), and ``norm = -log(M_k + N_k)``."""
+    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+    row_live = torch.cat([_check_valid(valid0, "valid0", (B, M), device), ones], 1)  # (B, M+1)
+    col_live = torch.cat([_check_valid(valid1, "valid1", (B, N), device), ones], 1)
+    M_k = row_live[:, :M].sum(1, keepdim=True).to(dtype)  # real keypoints per sample
+    N_k = col_live[:, :N].sum(1, keepdim=True).to(dtype)
+    if bool((M_k + N_k == 0).any()):
+        empty = (M_k + N_k == 0).squeeze(1).nonzero().squeeze(1).tolist()
+        raise InputError(
+            f"samples {empty} have no real keypoint in either image (valid0 and valid1 all False); "
+            "drop them from the batch: there is nothing to match."
+        )
+    mu = torch.where(row_live, 1.0, 0.0).to(dtype)
+    mu[:, M:] = N_k
+    nu = torch.where(col_live, 1.0, 0.0).to(dtype)
+    nu[:, N:] = M_k
+    a, b = mu / (M_k + N_k), nu / (M_k + N_k)
+    return a, b, -torch.log(M_k + N_k)  # norm (B, 1)
 
 
 def _check_valid(valid, name: str, shape: tuple[int, int], device) -> torch.Tensor:

@@ -65,7 +65,8 @@ from entrokit._validation import (
     check_positive_int,
     reject_meta,
 )
-from entrokit.solvers.sinkhorn import sinkhorn
+from entrokit.problem import make_problem
+from entrokit.solvers.sinkhorn import sinkhorn_result
 
 __all__ = ["SinkhornKDLoss", "sinkhorn_kd_loss"]
 
@@ -208,14 +209,17 @@ def sinkhorn_kd_loss(
         loss = weight * torch.sum(P * C, dim=(-2, -1))
         return _reduce(loss, reduction, squeeze).to(out_dtype)
 
-    opts = dict(tol=tol, max_iter=n_iter, check_inputs=check_inputs)
+    def ot(cost, grad):  # options checked above: the problem goes to the solver's internal entry
+        return sinkhorn_result(make_problem(None, None, cost, check_inputs=check_inputs), eps, tol=tol,
+                               max_iter=n_iter, grad=grad)
+
     if not debias:
-        loss = sinkhorn(None, None, C, eps, grad=grad, **opts).transport_cost
+        loss = ot(C, grad).transport_cost
     else:
-        ot_st = sinkhorn(None, None, C, eps, grad="envelope", **opts).value
-        ot_ss = sinkhorn(None, None, torch.cdist(p_s, p_s, p=1), eps, grad="envelope", **opts).value
+        ot_st = ot(C, "envelope").value
+        ot_ss = ot(torch.cdist(p_s, p_s, p=1), "envelope").value
         with torch.no_grad():
-            ot_tt = sinkhorn(None, None, torch.cdist(p_t, p_t, p=1), eps, grad="envelope", **opts).value
+            ot_tt = ot(torch.cdist(p_t, p_t, p=1), "envelope").value
         loss = ot_st - 0.5 * ot_ss - 0.5 * ot_tt
     return _reduce(weight * loss, reduction, squeeze).to(out_dtype)
 

@@ -28,6 +28,7 @@ engine's own reduction is used (no extra pass).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -99,6 +100,180 @@ def _fix_gauge_in_graph(geom, f, g, a, b, eps):
     return f, g
 
 
+class _Deferred(torch.autograd.Function):
+    r"""An output whose forward value is already known (the certified float64 sums) and
+    whose vector-Jacobian product is computed only when backward reaches it: no autograd
+    graph is built in forward. ``vjp(grad, needs)`` returns one gradient (or ``None``) per
+    input tensor."""
+
+    @staticmethod
+    def forward(ctx, value, vjp, *inputs):
+        ctx.vjp = vjp
+        return value.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (None, None, *ctx.vjp(grad, ctx.needs_input_grad[2:]))
+
+
+def _deferred(value: torch.Tensor, vjp, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return _Deferred.apply(value, vjp, *inputs)
+
+
+def _graph_vjp(fn, inputs):
+    """The VJP of ``fn(*inputs)`` by autograd on a graph built in backward (for
+    geometries without a closed form)."""
+
+    def vjp(grad, needs):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(inputs, needs)]
+            wanted = [leaf for leaf, n in zip(leaves, needs) if n]
+            out = fn(*leaves)
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return [next(grads) if n else None for n in needs]
+
+    return vjp
+
+
+def _envelope_vjp(geom, f, g, a, b, eps: float, weights: bool = True):
+    r"""VJP of the dual value :math:`D = \langle a,f\rangle + \langle b,g\rangle -
+    \varepsilon(\sum P - \sum a\sum b)` at fixed potentials (the envelope theorem,
+    Feydy et al. 2019, Prop. 2) with respect to ``(a, b, *geom.tensors())``:
+    :math:`\partial D/\partial C = P` through the geometry's closed-form
+    :meth:`~entrokit.Geometry.transport_cost_vjp` (plan products, no :math:`nm` graph) and
+    :math:`\partial D/\partial a_i = f_i - \varepsilon r_i/a_i + \varepsilon\sum_j b_j`
+    (symmetrically for ``b``), with :math:`r_i/a_i = e^{(f_i - T f_i)/\varepsilon}`
+    (no division by zero weights). ``weights=False`` gives the frozen-plan derivative of
+    :math:`\langle C, P\rangle` (the cost part only)."""
+    geom_d, a_, b_ = geom, a.detach(), b.detach()  # backward runs without a graph
+
+    def vjp(grad, needs):
+        w = grad.unsqueeze(-1)
+        out = [None] * len(needs)
+        if weights and needs[0]:
+            ra = torch.exp((f - geom_d.softmin(g, log_weights(b_), eps, axis=1)) / eps)
+            out[0] = w * (f - eps * ra + eps * geom_d.col_sum(b_).unsqueeze(-1))
+        if weights and needs[1]:
+            cb = torch.exp((g - geom_d.softmin(f, log_weights(a_), eps, axis=0)) / eps)
+            out[1] = w * (g - eps * cb + eps * geom_d.row_sum(a_).unsqueeze(-1))
+        if any(needs[2:]):
+            Pv, PTu, r, c = geom_d.plan_operator(f, g, a_, b_, eps)
+            for i, t in enumerate(geom_d.transport_cost_vjp(Pv, PTu, r, c)):
+                if needs[2 + i]:
+                    out[2 + i] = grad.reshape(-1, *[1] * (t.dim() - 1)) * t
+        return out
+
+    return vjp
+
+
+def _dual_value(geom, f, g, a, b, eps: float, rows: torch.Tensor) -> torch.Tensor:
+    r""":math:`\langle a,f\rangle + \langle b,g\rangle - \varepsilon(\sum P - \sum a\sum b)`
+    from the plan's row sums ``rows`` (sums through the geometry: a sharded one sums over
+    every rank)."""
+    mass = geom.row_sum(rows)
+    return geom.row_sum(a * f) + geom.col_sum(b * g) - eps * (mass - geom.row_sum(a) * geom.col_sum(b))
+
+
+def _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype, certify: bool = True):
+    """``(row, col, transport_cost, marginal_error)`` of the plan the user gets, summed in
+    float64: the solver's own reduction when it is exact to working precision (float64),
+    else one float64 pass over the plan rounded to ``dtype``. Without ``certify`` (a
+    caller that reports convergence itself) the sums are the solver's reduction or one
+    pass in the working precision (no float64 pass)."""
+    prec = f_hi.dtype
+    if pre is not None and ((prec == dtype == torch.float64 and tol is not None and _reduce_is_exact(geom, eps, tol))
+                            or not certify):
+        row, col, tc, rounded = (*(t.detach() for t in pre), True)
+    elif not certify:
+        with torch.no_grad():
+            row, col, tc = geom_hi.plan_reduce(f_hi, g_hi, a_hi.detach(), b_hi.detach(), eps)
+        rounded = True
+    else:
+        row, col, tc, rounded = certify_plan(geom_hi, f_hi, g_hi, a_hi, b_hi, eps,
+                                             round_to=dtype if prec != dtype else None)
+    a64, b64 = a_hi.detach().to(torch.float64), b_hi.detach().to(torch.float64)
+    row, col = row.to(torch.float64), col.to(torch.float64)
+    merr = geom.row_sum((row - a64).abs()) + geom.col_sum((col - b64).abs())
+    if prec != dtype and not rounded:
+        # the plan is rounded to the input dtype: |P_lo - P_hi| <= u * P_hi entrywise
+        merr = merr + 2.0 * torch.finfo(dtype).eps * geom.row_sum(row)
+    return row, col, tc, merr
+
+
+def _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint):
+    """``(f, g, value, transport_cost)`` carrying their gradients (module docstring).
+
+    ``value`` and ``transport_cost`` keep their certified forward values; their gradients
+    are computed when backward reaches them (:class:`_Deferred`): ``value`` by the envelope
+    theorem (the geometry's closed-form VJP where it has one), ``transport_cost`` by the
+    implicit derivative of the plan or, with ``"envelope"``, at a frozen plan."""
+    tensors = geom.tensors()
+    if grad == "unroll":  # the graph of the iterations: autograd through one reduction
+        rows, _, tc = geom.plan_reduce(f, g, a, b, eps)
+        value_g = _dual_value(geom, f, g, a, b, eps, rows)
+        return f, g, value_g + (value - value_g).detach(), tc + (tc_cert - tc).detach()
+    f, g = f.detach(), g.detach()
+    if geom.has_transport_cost_vjp:
+        value = _deferred(value, _envelope_vjp(geom, f, g, a, b, eps), (a, b, *tensors))
+    else:
+        def dual(a_, b_, *t):
+            geom_t = geom.rebuild(*t)
+            return _dual_value(geom_t, f, g, a_, b_, eps, geom_t.plan_reduce(f, g, a_, b_, eps)[0])
+
+        value = _deferred(value, _graph_vjp(dual, (a, b, *tensors)), (a, b, *tensors))
+    if grad == "envelope":
+        # frozen plan: d<C, P>/dC = P (the cost part of the value's derivative), none to a, b
+        if geom.has_transport_cost_vjp:
+            return f, g, value, _deferred(tc_cert, _envelope_vjp(geom, f, g, a, b, eps, weights=False), (a, b, *tensors))
+        a_, b_ = a.detach(), b.detach()
+
+        def frozen(*t):
+            return -eps * geom.row_sum(geom.rebuild(*t).plan_reduce(f, g, a_, b_, eps)[0])
+
+        return f, g, value, _deferred(tc_cert, _graph_vjp(frozen, tensors), tensors)
+    f_imp, g_imp = implicit_potentials(geom, f, g, a, b, eps, adjoint=adjoint)
+    f_out, g_out = _fix_gauge_in_graph(geom, f_imp, g_imp, a, b, eps)
+    vjp_t = _graph_vjp(lambda f_, g_, a_, b_, *t: geom.rebuild(*t).plan_reduce(f_, g_, a_, b_, eps)[2],
+                       (f_out, g_out, a, b, *tensors))
+    tc = _deferred(tc_cert, vjp_t, (f_out, g_out, a, b, *tensors))
+    return f_out, g_out, value, tc
+
+
+def _to_user_shape(user_shape, t: torch.Tensor, trailing: int) -> torch.Tensor:
+    """``(B, ...)`` -> the user's batch axes, keeping ``trailing`` axes."""
+    return t.reshape(*user_shape, *t.shape[t.dim() - trailing:]) if trailing else t.reshape(user_shape)
+
+
+def _lazy_outputs(geom, geom_hi, out, hi, eps, sums, *, graph: bool, frozen_plan: bool, reshape):
+    """``(plan_fn, apply_fn, marginals_fn)`` of :class:`~entrokit.OTResult`: computed on
+    demand from the returned potentials ``out = (f, g, a, b)``; forward values from the
+    solver-precision ``hi`` ones, gradients through ``out`` when ``graph``."""
+    f_out, g_out, a, b = out
+    dtype = a.dtype
+
+    def plan_fn():
+        with torch.no_grad():
+            P_hi = geom_hi.plan(*hi, eps).to(dtype)
+        if frozen_plan or not graph:
+            return reshape(P_hi, 2)
+        P = geom.plan(f_out, g_out, a, b, eps)
+        return reshape(P + (P_hi - P).detach(), 2)
+
+    def apply_fn(vec, axis):
+        n, m = geom.shape
+        v = vec.to(dtype=dtype, device=a.device).reshape(-1, m if axis == 1 else n)
+        if v.shape[0] != a.shape[0]:
+            v = v.expand(a.shape[0], -1)
+        return reshape(geom.plan_matvec(f_out, g_out, a, b, eps, v, axis), 1)
+
+    def marginals_fn():
+        r, c = geom.marginals(f_out, g_out, a, b, eps) if graph else (t.to(dtype) for t in sums)
+        return reshape(r, 1), reshape(c, 1)
+
+    return plan_fn, apply_fn, marginals_fn
+
+
 def entropic_result(
     problem: OTProblem,
     f: torch.Tensor,
@@ -111,9 +286,10 @@ def entropic_result(
     errors: torch.Tensor,
     method: str,
     tol: float | None = None,
-    user_batched: bool | None = None,
+    certify: bool = True,
     info: Mapping[str, Any] | SolverInfo | None = None,
     adjoint: AdjointSolver | None = None,
+    user_problem: OTProblem | None = None,
 ) -> OTResult:
     """Assemble the certified result of a *batched* problem ``(B, n, m)`` (from
     :meth:`OTProblem.with_batch`) and reshape it to the user's batch axes.
@@ -122,8 +298,11 @@ def entropic_result(
     (:meth:`~entrokit.Geometry.check_grad_mode`, once, before solving).
     ``f, g`` must be detached for ``grad in {"implicit", "envelope"}`` and carry the
     unrolled graph for ``grad="unroll"``. ``tol`` enables certification (every public
-    solver passes it). ``info["reduce"]`` may hold the solver's own ``(row, col, tc)`` of
-    the final plan, used when it is exact to working precision (float64).
+    solver passes it; ``certify=False`` keeps the solver's claim and sums the plan in the
+    working precision, for callers that report convergence themselves: the divergence). ``info["reduce"]`` may hold the solver's own
+    ``(row, col, tc)`` of the final plan, used when it is exact to working precision
+    (float64). ``user_problem``: the problem before :meth:`~OTProblem.with_batch` (kept in
+    the result instead of being rebuilt).
     """
     geom, a, b = problem.geometry, problem.a, problem.b
     dtype = a.dtype
@@ -140,99 +319,35 @@ def entropic_result(
     f_hi, g_hi = f.to(prec), g.to(prec)
     # fix the gauge (f + c, g - c) so that <a, f> = <b, g>: results do not depend on the
     # engine, the initialisation or the solver that produced them
-    shift = _gauge_shift(geom, f_hi, g_hi, a_hi, b_hi)
-    f_hi = f_hi - shift.unsqueeze(-1)
-    g_hi = g_hi + shift.unsqueeze(-1)
+    shift = _gauge_shift(geom, f_hi, g_hi, a_hi, b_hi).unsqueeze(-1)
+    f_hi, g_hi = f_hi - shift, g_hi + shift
     f, g = f_hi.to(dtype), g_hi.to(dtype)
     inputs_need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, *geom.tensors()))
     needs_graph = inputs_need_grad or (grad == "unroll" and (f.requires_grad or g.requires_grad))
+    f_hi, g_hi = f_hi.detach(), g_hi.detach()
 
-    # certified marginals and <C, P> of the plan the user gets
-    if pre is not None and prec == dtype == torch.float64 and tol is not None and _reduce_is_exact(geom, eps, tol):
-        row, col, tc_cert = (t.detach() for t in pre)
-    else:
-        row, col, tc_cert, rounded = certify_plan(geom_hi, f_hi, g_hi, a_hi, b_hi, eps, round_to=dtype if prec != dtype else None)
-    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    # sums over n and m through the geometry (a sharded one sums over every rank)
-    merr = geom.row_sum((row.to(torch.float64) - a64).abs()) + geom.col_sum((col.to(torch.float64) - b64).abs())
-    if prec != dtype and not rounded:
-        # the plan is rounded to the input dtype: |P_lo - P_hi| <= u * P_hi entrywise
-        merr = merr + 2.0 * torch.finfo(dtype).eps * geom.row_sum(row.to(torch.float64))
+    row, col, tc_cert, merr = _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype, certify)
     claimed = converged.clone()
-    if tol is not None:
+    if tol is not None and certify:
         converged = converged & (merr <= tol)
     downgraded = claimed & ~converged
-
-    if not needs_graph:
-        f_out, g_out = f.detach(), g.detach()
-        mass = geom.row_sum(row.to(torch.float64))
-        value64 = (
-            geom.row_sum(a_hi.to(torch.float64) * f_hi.to(torch.float64))
-            + geom.col_sum(b_hi.to(torch.float64) * g_hi.to(torch.float64))
-            - eps * (mass - geom.row_sum(a64) * geom.col_sum(b64))
-        )
-        value = value64.to(dtype)
-        tc = tc_cert.to(dtype)
+    value = _dual_value(geom, f_hi.to(torch.float64), g_hi.to(torch.float64), a_hi.detach().to(torch.float64),
+                        b_hi.detach().to(torch.float64), eps, row).to(dtype)
+    tc = tc_cert.to(dtype)
+    if needs_graph:
+        f_out, g_out, value, tc = _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc, adjoint)
     else:
-        if grad == "unroll":
-            f_out, g_out = f, g
-            f_val, g_val = f, g
-        else:
-            f_val, g_val = f.detach(), g.detach()  # envelope theorem: exact for value
-            if grad == "implicit" and inputs_need_grad:
-                f_imp, g_imp = implicit_potentials(geom, f_val, g_val, a, b, eps, adjoint=adjoint)
-                f_out, g_out = _fix_gauge_in_graph(geom, f_imp, g_imp, a, b, eps)
-            else:
-                f_out, g_out = f_val, g_val
-        rows_v, _, tc_v = geom.plan_reduce(f_val, g_val, a, b, eps)
-        value = geom.row_sum(a * f_val) + geom.col_sum(b * g_val) - eps * (geom.row_sum(rows_v) - geom.row_sum(a) * geom.col_sum(b))
-        if grad == "envelope":
-            # frozen plan: d<C, P>/dC = P, which is -eps d(sum P)/dC at fixed potentials
-            s_c = -eps * geom.row_sum(geom.plan_reduce(f_val, g_val, a.detach(), b.detach(), eps)[0])
-            tc = s_c - s_c.detach() + tc_v.detach()
-        elif f_out is f_val:
-            tc = tc_v
-        else:
-            tc = geom.plan_reduce(f_out, g_out, a, b, eps)[2]
-        # forward value: the certified float64 one; the graph is unchanged
-        tc = tc + (tc_cert.to(tc.dtype) - tc).detach()
-
-    frozen_plan = grad == "envelope"
-
-    def plan_fn():
-        with torch.no_grad():
-            P_hi = geom_hi.plan(f_hi.detach(), g_hi.detach(), a_hi.detach(), b_hi.detach(), eps).to(dtype)
-        if frozen_plan or not (f_out.requires_grad or inputs_need_grad):
-            return reshape(P_hi, 2)
-        P = geom.plan(f_out, g_out, a, b, eps)
-        return reshape(P + (P_hi - P).detach(), 2)
+        f_out, g_out = f.detach(), g.detach()
 
     user_shape = problem.user_batch_shape if problem.user_batch_shape is not None else tuple(a.shape[:-1])
-
-    def reshape(t: torch.Tensor, trailing: int) -> torch.Tensor:
-        return t.reshape(*user_shape, *t.shape[t.dim() - trailing:]) if trailing else t.reshape(user_shape)
-
-    def to_internal(vec: torch.Tensor, size: int) -> torch.Tensor:
-        return vec.to(dtype=dtype, device=a.device).reshape(-1, size)
-
-    def apply_fn(vec, axis):
-        n, m = geom.shape
-        v = to_internal(vec, m if axis == 1 else n)
-        if v.shape[0] != a.shape[0]:
-            v = v.expand(a.shape[0], -1)
-        out = geom.plan_matvec(f_out, g_out, a, b, eps, v, axis)
-        return reshape(out, 1)
-
-    def marginals_fn():
-        if f_out.requires_grad or inputs_need_grad:
-            r, c = geom.marginals(f_out, g_out, a, b, eps)
-        else:
-            r, c = row.to(dtype), col.to(dtype)
-        return reshape(r, 1), reshape(c, 1)
-
+    reshape = functools.partial(_to_user_shape, user_shape)
+    graph = f_out.requires_grad or inputs_need_grad
+    plan_fn, apply_fn, marginals_fn = _lazy_outputs(
+        geom, geom_hi, (f_out, g_out, a, b), (f_hi, g_hi, a_hi.detach(), b_hi.detach()), eps, (row, col),
+        graph=graph, frozen_plan=grad == "envelope", reshape=reshape,
+    )
     if downgraded.any():
         _warn_certification(merr, downgraded, tol, f.dtype, geom, eps)
-    n_checks = errors.shape[0]
     return OTResult(
         f=reshape(f_out, 1),
         g=reshape(g_out, 1),
@@ -241,8 +356,8 @@ def entropic_result(
         marginal_error=reshape(merr.to(f.dtype), 0),
         n_iter=reshape(n_iter, 0),
         converged=reshape(converged, 0),
-        errors=errors.reshape(n_checks, *user_shape),
-        problem=problem.squeeze_batch(),
+        errors=errors.reshape(errors.shape[0], *user_shape),
+        problem=user_problem if user_problem is not None else problem.squeeze_batch(),
         eps=eps,
         method=method,
         grad=grad,

@@ -66,12 +66,12 @@ from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._result import OTResult, SolverInfo
 from entrokit._validation import (
     as_float_tensor,
-    check_choice,
     check_masses,
     check_nonneg_finite,
     check_positive,
     check_positive_int,
     check_same_dtype_device,
+    check_solver_options,
 )
 from entrokit.geometry.multiscale import (
     TruncatedPointCloud,
@@ -85,7 +85,7 @@ from entrokit.geometry.pointcloud import PointCloud
 from entrokit.problem import OTProblem, log_weights
 from entrokit.solvers._entropic import entropic_result, warn_not_converged
 from entrokit.solvers._numerics import continuation_schedule
-from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn, sinkhorn_problem
+from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem, sinkhorn_result
 
 __all__ = ["multiscale_sinkhorn", "MultiscaleInfo", "MAX_DIM"]
 
@@ -180,6 +180,151 @@ def _prepare(a, b, x, y, check_inputs: bool):
     return a.reshape(B, n), b.reshape(B, m), x.reshape(B, n, d), y.reshape(B, m, d), batch_shape
 
 
+def _fine_solve(x3, y3, a3, b3, xc, yc, f, g, eps: float, eps_c: float, scaling_decay: float, tol: float, *,
+                truncate: float, max_iter: int, max_rounds: int, block_entries, batch_shape):
+    """Steps 4-6 of the module docstring: truncated Sinkhorn on the fine level from the
+    extrapolated potentials, continuing the schedule ``eps_c -> eps``, and the certificate
+    of the truncation on the last stage (re-expanding the kept set when it fails)."""
+    B, dtype = x3.shape[0], x3.dtype
+    stages = continuation_schedule(eps, eps_c, float(scaling_decay))
+    margin32 = 4.0 * torch.finfo(dtype).eps * float(a3.detach().sum(-1).max()) if dtype != torch.float64 else 0.0
+    kept_tol = max(KEPT_TOL * tol - margin32, 0.25 * tol)
+    n_iter = torch.zeros(B, dtype=torch.long, device=x3.device)
+    log_a3 = log_weights(a3.detach())
+    stage_iters: list[int] = []
+    errors_all: list[torch.Tensor] = []
+    used = 0
+    geom = None
+    rounds = 0
+    for k, e in enumerate(stages):
+        last = k == len(stages) - 1
+        target = kept_tol if last else max(tol, STAGE_TOL)
+        plan_budget = DROP_PLAN * (tol if last else max(tol, STAGE_TOL))
+        bounds = cluster_pair_bounds(x3, y3, xc, yc, f, g, a3, b3, e)
+        bounds_at = (f, g)  # the potentials the bounds were computed for
+        keep = truncation_mask(bounds, truncate=truncate, mass_budget=plan_budget)
+        geom = TruncatedPointCloud(x3, y3, keep, x_clusters=xc, y_clusters=yc, block_entries=block_entries)
+        budget = max_iter - used if last else max(1, min(max_iter - used, (max_iter // 2) // max(1, len(stages) - 1)))
+        for rnd in range(max_rounds if last else 1):
+            problem = OTProblem(a3, b3, geom, batch_shape)
+            # g <- softmin(f) on this geometry: the loop's first check measures the row error
+            # of the plan (f, g), the whole error only when its columns are exact (else the
+            # extrapolated pair, nearly a fixed point in f alone, stops it after one sweep)
+            g = geom.softmin(f, log_a3, e, axis=0)
+            opts = SinkhornOptions(tol=target, max_iter=max(1, budget), eps_scaling=False, lse_mode=True)
+            f, g, it, conv, errs, _ = sinkhorn_problem(problem, e, opts, init=(f, g))
+            n_iter += it
+            spent = int(it.max())
+            used += spent
+            budget -= spent
+            stage_iters.append(spent)
+            if not last:
+                break
+            rounds = rnd + 1
+            errors_all.append(errs)
+            # 6. certify the truncation with the final potentials. The mass bounds are
+            #    monotone: raising f by at most df and g by at most dg raises every log-bound
+            #    by at most (df + dg)/eps, so the bounds of the potentials the kept set was
+            #    chosen with certify the new ones at O(n) cost when they moved little
+            shift = (f - bounds_at[0]).amax(-1) + (g - bounds_at[1]).amax(-1)
+            dropped = bounds.dropped_mass(geom.keep) * torch.exp(shift.to(torch.float64) / eps)
+            if not bool((dropped <= DROP_ACCEPT * tol).all()):
+                bounds, bounds_at = geom.pair_bounds(f, g, a3, b3, eps), (f, g)
+                dropped = bounds.dropped_mass(geom.keep)
+            if bool((dropped <= DROP_ACCEPT * tol).all()) or rnd == max_rounds - 1 or budget <= 0:
+                break
+            # re-expand from the final potentials, well below the acceptance threshold
+            keep = truncation_mask(bounds, truncate=truncate, mass_budget=min(DROP_PLAN, DROP_ACCEPT / 4) * tol,
+                                   keep=geom.keep)
+            geom = geom.with_keep(keep)
+    return f, g, geom, n_iter, conv, errors_all, dropped, stages, stage_iters, rounds
+
+
+def _check_options(eps, tol, truncate, cluster_scale, grad, max_iter, scaling_decay, max_rounds, block_entries):
+    """The options of :func:`multiscale_sinkhorn`, checked (the shared ones through
+    :data:`~entrokit._validation.SOLVER_OPTIONS`)."""
+    eps = check_positive(eps, "eps")
+    tol = check_positive(tol, "tol")
+    truncate = _check_positive_real(truncate, "truncate", "pass the number of eps below the largest exponent "
+                                    "at which blocks are dropped, e.g. truncate=5.0 (GeomLoss's default).")
+    if cluster_scale is not None:
+        cluster_scale = _check_positive_real(cluster_scale, "cluster_scale", "pass the voxel side as a length in "
+                                             "the units of x, or None for the default (~2000 cells).")
+    if grad == "unroll":
+        raise InputError("multiscale_sinkhorn does not unroll its iterations; use grad='implicit' or 'envelope'.")
+    o = check_solver_options("multiscale_sinkhorn", grad=grad, max_iter=max_iter, scaling_decay=scaling_decay)
+    grad, scaling_decay = o["grad"], o["scaling_decay"]
+    max_iter = o["max_iter"] or SinkhornOptions.max_iter
+    max_rounds = check_positive_int(max_rounds, "max_rounds")
+    block_entries = check_positive_int(block_entries, "block_entries", allow_none=True)
+    return eps, tol, truncate, cluster_scale, grad, max_iter, scaling_decay, max_rounds, block_entries
+
+
+def _coarse_solve(xc, yc, eps_c: float) -> OTResult:
+    """Step 2: eps-scaling Sinkhorn between the cluster centroids, in float64, to
+    :data:`COARSE_TOL` (an approximation anyway: its warning is dropped)."""
+    problem = OTProblem(xc.weights.detach().double(), yc.weights.detach().double(),
+                        PointCloud(xc.centroids.double(), yc.centroids.double()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return sinkhorn_result(problem, eps_c, tol=COARSE_TOL, eps_scaling=True, grad="envelope")
+
+
+def _info(t_start, t_coarse, t_fine, eps_c, coarse, xc, yc, scale, stages, stage_iters, rounds, geom, dropped) -> dict:
+    """The diagnostics of :class:`MultiscaleInfo` (the kept plan's error and the total time
+    are added by :func:`_certified_result`)."""
+    return {
+        "coarse_time": t_coarse - t_start,
+        "fine_time": t_fine - t_coarse,
+        "coarse_eps": eps_c,
+        "coarse_iters": coarse.n_iter.reshape(-1).tolist(),
+        "n_clusters": (xc.counts.shape[1], yc.counts.shape[1]),
+        "cluster_scale": scale.tolist(),
+        "stages": len(stages),
+        "stage_iters": stage_iters,
+        "rounds": rounds,
+        "kept_fraction": geom.kept_fraction.tolist(),
+        "dropped_mass_bound": dropped.tolist(),
+        "padding_overhead": geom.padding_overhead,
+        "kept_marginal_error": [],
+        "time": 0.0,
+    }
+
+
+def _certified_result(problem: OTProblem, f, g, eps: float, *, grad: str, n_iter, conv, errors, tol: float,
+                      info: dict, dropped, max_iter: int, truncate: float, t_start: float) -> OTResult:
+    """The result of the kept (truncated) plan from the one builder, then the dense plan's
+    certificate: its marginal error is at most the kept plan's plus twice the dropped mass
+    (module docstring, *What is certified*). One ConvergenceWarning per call."""
+    B, dtype, batch_shape = problem.a.shape[0], problem.a.dtype, problem.user_batch_shape
+    with warnings.catch_warnings(record=True) as caught:
+        # one ConvergenceWarning per call: the certification's reason joins the final one
+        warnings.simplefilter("always", ConvergenceWarning)
+        res = entropic_result(problem, f, g, eps, grad=grad, n_iter=n_iter, converged=conv, errors=errors,
+                              method="multiscale_sinkhorn", tol=tol, info=info)
+    reasons = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    # the dense plan's error is at most the kept plan's plus twice the dropped mass
+    kept_err = res.marginal_error.detach().to(torch.float64).reshape(B)
+    total_err = kept_err + 2.0 * dropped.to(kept_err.device)
+    converged = res.converged.reshape(B) & (total_err <= tol)
+    info.update(kept_marginal_error=kept_err.tolist(), time=time.perf_counter() - t_start)
+    res = dataclasses.replace(
+        res,
+        marginal_error=total_err.to(dtype).reshape(batch_shape),
+        converged=converged.reshape(batch_shape),
+        info=MultiscaleInfo(info),
+    )
+    warn_not_converged(
+        converged, total_err, tol, "multiscale_sinkhorn",
+        f"Raise max_iter (now {max_iter}), loosen tol, increase eps (now {eps:g}) or truncate (now {truncate:g}), "
+        "or use float64." + "".join(f" Kept plan: {r}" for r in reasons),
+    )
+    return res
+
+
 def multiscale_sinkhorn(
     a,
     b,
@@ -243,140 +388,35 @@ def multiscale_sinkhorn(
         (True, True)
     """
     t_start = time.perf_counter()
-    eps = check_positive(eps, "eps")
-    tol = check_positive(tol, "tol")
-    truncate = _check_positive_real(truncate, "truncate", "pass the number of eps below the largest exponent "
-                                    "at which blocks are dropped, e.g. truncate=5.0 (GeomLoss's default).")
-    if cluster_scale is not None:
-        cluster_scale = _check_positive_real(cluster_scale, "cluster_scale", "pass the voxel side as a length in "
-                                             "the units of x, or None for the default (~2000 cells).")
-    if grad == "unroll":
-        raise InputError("multiscale_sinkhorn does not unroll its iterations; use grad='implicit' or 'envelope'.")
-    check_choice(grad, "grad", GRAD_MODES)
-    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or SinkhornOptions.max_iter
-    max_rounds = check_positive_int(max_rounds, "max_rounds")
-    block_entries = check_positive_int(block_entries, "block_entries", allow_none=True)
-    if not (0.0 < float(scaling_decay) < 1.0):
-        raise InputError(f"scaling_decay must lie in (0, 1), got {scaling_decay!r}; try 0.5.")
+    eps, tol, truncate, cluster_scale, grad, max_iter, scaling_decay, max_rounds, block_entries = _check_options(
+        eps, tol, truncate, cluster_scale, grad, max_iter, scaling_decay, max_rounds, block_entries)
     a3, b3, x3, y3, batch_shape = _prepare(a, b, x, y, check_inputs)
     B = x3.shape[0]
     dtype = x3.dtype
 
     # 1. clusters on one grid per problem
-    if cluster_scale is None:
-        scale = default_cluster_scale(x3, y3, a3, b3)
-    else:
-        scale = torch.full((B,), cluster_scale, dtype=torch.float64, device=x3.device)
+    scale = default_cluster_scale(x3, y3, a3, b3) if cluster_scale is None else torch.full(
+        (B,), cluster_scale, dtype=torch.float64, device=x3.device)
     xc, yc = grid_cluster(x3, a3, scale), grid_cluster(y3, b3, scale)
 
     # 2. coarse eps-scaling Sinkhorn on the centroids, down to eps_c = max(eps, s^2), in
     #    float64 (about 2000 x 2000 points: cheap, and it never hits float32's floor)
     eps_c = max(eps, float(scale.max()) ** 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # an approximation anyway
-        coarse = sinkhorn(xc.weights.detach().double(), yc.weights.detach().double(),
-                          PointCloud(xc.centroids.double(), yc.centroids.double()), eps_c,
-                          tol=COARSE_TOL, eps_scaling=True, grad="envelope", check_inputs=False)
+    coarse = _coarse_solve(xc, yc, eps_c)
     t_coarse = time.perf_counter()
 
     # 3. one soft-min per side to the points
     f, g = extrapolate_potentials(x3, y3, xc, yc, coarse.f.reshape(B, -1), coarse.g.reshape(B, -1), eps_c)
 
-    # 4.-5. truncated Sinkhorn on the fine level, continuing the schedule eps_c -> eps
-    stages = continuation_schedule(eps, eps_c, float(scaling_decay))
-    margin32 = 4.0 * torch.finfo(dtype).eps * float(a3.detach().sum(-1).max()) if dtype != torch.float64 else 0.0
-    kept_tol = max(KEPT_TOL * tol - margin32, 0.25 * tol)
-    n_iter = torch.zeros(B, dtype=torch.long, device=x3.device)
-    log_a3 = log_weights(a3.detach())
-    stage_iters: list[int] = []
-    errors_all: list[torch.Tensor] = []
-    used = 0
-    geom = None
-    rounds = 0
-    for k, e in enumerate(stages):
-        last = k == len(stages) - 1
-        target = kept_tol if last else max(tol, STAGE_TOL)
-        plan_budget = DROP_PLAN * (tol if last else max(tol, STAGE_TOL))
-        bounds = cluster_pair_bounds(x3, y3, xc, yc, f, g, a3, b3, e)
-        bounds_at = (f, g)  # the potentials the bounds were computed for
-        keep = truncation_mask(bounds, truncate=truncate, mass_budget=plan_budget)
-        geom = TruncatedPointCloud(x3, y3, keep, x_clusters=xc, y_clusters=yc, block_entries=block_entries)
-        budget = max_iter - used if last else max(1, min(max_iter - used, (max_iter // 2) // max(1, len(stages) - 1)))
-        for rnd in range(max_rounds if last else 1):
-            problem = OTProblem(a3, b3, geom, batch_shape)
-            # g <- softmin(f) on this geometry: the loop's first check measures the row error
-            # of the plan (f, g), the whole error only when its columns are exact (else the
-            # extrapolated pair, nearly a fixed point in f alone, stops it after one sweep)
-            g = geom.softmin(f, log_a3, e, axis=0)
-            opts = SinkhornOptions(tol=target, max_iter=max(1, budget), eps_scaling=False, lse_mode=True)
-            f, g, it, conv, errs, _ = sinkhorn_problem(problem, e, opts, init=(f, g))
-            n_iter += it
-            spent = int(it.max())
-            used += spent
-            budget -= spent
-            stage_iters.append(spent)
-            if not last:
-                break
-            rounds = rnd + 1
-            errors_all.append(errs)
-            # 6. certify the truncation with the final potentials. The mass bounds are
-            #    monotone: raising f by at most df and g by at most dg raises every log-bound
-            #    by at most (df + dg)/eps, so the bounds of the potentials the kept set was
-            #    chosen with certify the new ones at O(n) cost when they moved little
-            shift = (f - bounds_at[0]).amax(-1) + (g - bounds_at[1]).amax(-1)
-            dropped = bounds.dropped_mass(geom.keep) * torch.exp(shift.to(torch.float64) / eps)
-            if not bool((dropped <= DROP_ACCEPT * tol).all()):
-                bounds, bounds_at = geom.pair_bounds(f, g, a3, b3, eps), (f, g)
-                dropped = bounds.dropped_mass(geom.keep)
-            if bool((dropped <= DROP_ACCEPT * tol).all()) or rnd == max_rounds - 1 or budget <= 0:
-                break
-            # re-expand from the final potentials, well below the acceptance threshold
-            keep = truncation_mask(bounds, truncate=truncate, mass_budget=min(DROP_PLAN, DROP_ACCEPT / 4) * tol,
-                                   keep=geom.keep)
-            geom = geom.with_keep(keep)
+    # 4.-6. truncated Sinkhorn on the fine level, continuing the schedule eps_c -> eps
+    f, g, geom, n_iter, conv, errors_all, dropped, stages, stage_iters, rounds = _fine_solve(
+        x3, y3, a3, b3, xc, yc, f, g, eps, eps_c, scaling_decay, tol,
+        truncate=truncate, max_iter=max_iter, max_rounds=max_rounds, block_entries=block_entries, batch_shape=batch_shape,
+    )
     t_fine = time.perf_counter()
 
     problem = OTProblem(a3, b3, geom, batch_shape)
     errors = torch.cat(errors_all, 0) if errors_all else torch.zeros(0, B, dtype=dtype, device=x3.device)
-    info = {
-        "coarse_time": t_coarse - t_start,
-        "fine_time": t_fine - t_coarse,
-        "coarse_eps": eps_c,
-        "coarse_iters": coarse.n_iter.reshape(-1).tolist(),
-        "n_clusters": (xc.counts.shape[1], yc.counts.shape[1]),
-        "cluster_scale": scale.tolist(),
-        "stages": len(stages),
-        "stage_iters": stage_iters,
-        "rounds": rounds,
-        "kept_fraction": geom.kept_fraction.tolist(),
-        "dropped_mass_bound": dropped.tolist(),
-        "padding_overhead": geom.padding_overhead,
-        "kept_marginal_error": [],
-        "time": 0.0,
-    }
-    with warnings.catch_warnings(record=True) as caught:
-        # one ConvergenceWarning per call: the certification's reason joins the final one
-        warnings.simplefilter("always", ConvergenceWarning)
-        res = entropic_result(problem, f, g, eps, grad=grad, n_iter=n_iter, converged=conv, errors=errors,
-                              method="multiscale_sinkhorn", tol=tol, info=info)
-    reasons = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
-    for w in caught:
-        if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    # the dense plan's error is at most the kept plan's plus twice the dropped mass
-    kept_err = res.marginal_error.detach().to(torch.float64).reshape(B)
-    total_err = kept_err + 2.0 * dropped.to(kept_err.device)
-    converged = res.converged.reshape(B) & (total_err <= tol)
-    info.update(kept_marginal_error=kept_err.tolist(), time=time.perf_counter() - t_start)
-    res = dataclasses.replace(
-        res,
-        marginal_error=total_err.to(dtype).reshape(batch_shape),
-        converged=converged.reshape(batch_shape),
-        info=MultiscaleInfo(info),
-    )
-    warn_not_converged(
-        converged, total_err, tol, "multiscale_sinkhorn",
-        f"Raise max_iter (now {max_iter}), loosen tol, increase eps (now {eps:g}) or truncate (now {truncate:g}), "
-        "or use float64." + "".join(f" Kept plan: {r}" for r in reasons),
-    )
-    return res
+    info = _info(t_start, t_coarse, t_fine, eps_c, coarse, xc, yc, scale, stages, stage_iters, rounds, geom, dropped)
+    return _certified_result(problem, f, g, eps, grad=grad, n_iter=n_iter, conv=conv, errors=errors, tol=tol,
+                             info=info, dropped=dropped, max_iter=max_iter, truncate=truncate, t_start=t_start)

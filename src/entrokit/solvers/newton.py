@@ -90,6 +90,11 @@ the result materialises it and recomputed in float64, meets both marginals to ``
 Newton stage and rounded to the input dtype, so float32 results keep float64 accuracy;
 ``marginal_error`` is the certified error.
 
+**Inexact Newton.** The CG tolerance of each step is
+:math:`\eta = \min(10^{-2}, \max(\texttt{cg\_rtol}, e, 0.1\,\texttt{tol}/e))` at L1 error
+:math:`e`: the forcing term :math:`O(e)` keeps the quadratic rate, and the last step is
+solved no tighter than it needs, since it reaches about :math:`\eta e + O(e^2)`.
+
 **Cost per Newton iteration.** One dense :math:`O(nm)` pass to form :math:`T`, its
 marginals and the objective (the same order as one Sinkhorn iteration), one pass to
 select the sparse pattern, and a sparse solve of cost :math:`O(\mathrm{nnz})` per CG
@@ -102,15 +107,23 @@ SciPy and runs on CPU only; ``"auto"`` is CG (warm-started from the previous ste
 fastest choice in ``benchmarks/bench_newton.py``). The CUDA path is
 untested on GPU hardware.
 
+**Diagnostics.** ``info`` holds, per problem (lists for batches), the histories
+``objective``, ``marginal_error``, ``time`` (seconds since the start) and ``phase`` of
+every iteration, plus ``n_warmup``, ``n_newton``, ``n_sinkhorn``, ``cg_iters``,
+``density``, ``step_size``, ``shift``, ``fallbacks``, ``line_search_failures``,
+``cg_failures``, ``density_increases`` (SNS), ``eps_schedule`` (the continuation stages
+actually run, empty if none) and ``status`` (``"converged"``, ``"budget"``,
+``"timeout"``).
+
 **Batches** are solved problem by problem (each has its own Newton path and
 iteration count); ``n_iter`` and ``converged`` are per problem.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from numbers import Integral
 from typing import Any, Callable
 
 import torch
@@ -118,15 +131,15 @@ import torch
 from entrokit._errors import InputError
 from entrokit._result import OTResult
 from entrokit._threads import small_problem_threads
-from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit._validation import check_positive, check_solver_options
 from entrokit.geometry import DenseCost, exp_floor
 from entrokit.problem import OTProblem, log_weights, make_problem
 from entrokit.solvers._entropic import entropic_result, warn_not_converged
 from entrokit.solvers._newton_linalg import schur_solve, threshold_density, threshold_safe
 from entrokit.solvers._numerics import armijo_backtracking, continuation_schedule
-from entrokit.solvers.sinkhorn import SinkhornOptions, _check_init, sinkhorn_problem
+from entrokit.solvers.sinkhorn import SinkhornOptions, check_init, sinkhorn_problem
 
-__all__ = ["sinkhorn_newton", "sns", "ssns", "NEWTON_VARIANTS"]
+__all__ = ["sinkhorn_newton", "newton_result", "newton_problem", "sns", "ssns", "NEWTON_VARIANTS"]
 
 NEWTON_VARIANTS = ("ssns", "sns")
 _LINEAR_SOLVERS = ("auto", "cg", "direct")
@@ -214,6 +227,45 @@ class _Run:
         return alpha, beta, T, r, c, phi, err
 
 
+def _line_search(dual: _Dual, state, dx, dy, slope: float, out, opt: dict):
+    r"""Armijo backtracking on :math:`-\Phi` from ``state = (alpha, beta, T, r, c, err, phi)``
+    along ``(dx, dy)`` (SNS Alg. 1, lines 5-8: :math:`\Phi(z + t d) \ge \Phi(z) + c_1 t
+    \nabla\Phi^\top d`); returns ``(accepted, t, state at the step)``."""
+    alpha, beta, err, phi = state[0], state[1], state[5], state[6]
+
+    def trial(t):
+        t = float(t)
+        alpha_t, beta_t = alpha + t * dx, beta + t * dy
+        T_t, r_t, c_t, phi_t, err_t = dual.evaluate(alpha_t, beta_t, out)
+        return torch.tensor([-phi_t], dtype=torch.float64), (alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t)
+
+    def error_decrease(F_t, state_t):
+        # near the optimum, where differences of Phi fall below its rounding error, a
+        # decrease of the marginal error is accepted as well
+        return torch.tensor([err < 1e-4 and state_t[5] < err])
+
+    search = armijo_backtracking(
+        trial, torch.tensor([-phi], dtype=torch.float64), torch.tensor([-slope], dtype=torch.float64),
+        state, torch.ones(1, dtype=torch.bool), c1=opt["c1"], max_backtracks=opt["max_backtracks"],
+        also_accept=error_decrease,
+    )
+    return bool(search.accepted[0]), float(search.step[0]), search.state
+
+
+def _adapt_shift(mu: float, coupling, dx, dy, eps: float, t: float, slope: float, gain: float, opt: dict) -> float:
+    r"""SSNS: the trust-region ratio :math:`\rho` of actual to predicted increase adapts the
+    shift factor :math:`\mu` (up 4x below 1/4, down 2x above 3/4)."""
+    Kx, Ky = coupling.hess_mv(dx, dy, 0.0)
+    curv = float(dx.dot(Kx) + dy.dot(Ky)) / eps
+    pred = t * slope - 0.5 * t * t * curv
+    rho = gain / pred if pred > 0 else 1.0
+    if rho < 0.25:
+        return min(4.0 * mu, opt["mu_max"])
+    if rho > 0.75:
+        return max(0.5 * mu, opt["mu_min"])
+    return mu
+
+
 def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, stall_check: bool, evaluated=None):
     """Newton iterations on ``dual`` from ``(alpha, beta)`` until the L1 error is <= ``tol``;
     ``evaluated``: ``dual.evaluate(alpha, beta)`` if the caller already has it.
@@ -232,7 +284,6 @@ def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, st
     dy_prev = None
     poor = 0
     err_mark, steps_mark = err, 0  # SNS: progress since the last density change
-    one = torch.ones(1, dtype=torch.bool)
     while err > tol:
         if run.steps >= opt["max_iter"]:
             return alpha, beta, err, "budget"
@@ -263,38 +314,11 @@ def _newton_stage(dual: _Dual, alpha, beta, run: _Run, opt: dict, tol: float, st
         slope = float(gx.dot(dx) + gy.dot(dy)) if ok else 0.0  # > 0: ascent direction
         step_ok = False
         if ok and slope > 0:
-            def trial(t, alpha=alpha, beta=beta, dx=dx, dy=dy, out=T_trial):
-                t = float(t)
-                alpha_t, beta_t = alpha + t * dx, beta + t * dy
-                T_t, r_t, c_t, phi_t, err_t = dual.evaluate(alpha_t, beta_t, out)
-                return torch.tensor([-phi_t], dtype=torch.float64), (alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t)
-
-            def error_decrease(F_t, state, err=err):
-                # near the optimum, where differences of Phi fall below its rounding
-                # error, a decrease of the marginal error is accepted as well
-                return torch.tensor([err < 1e-4 and state[5] < err])
-
-            # Armijo on -Phi (SNS Alg. 1, lines 5-8): Phi(z + t d) >= Phi(z) + c1 t grad^T d
-            search = armijo_backtracking(
-                trial, torch.tensor([-phi], dtype=torch.float64), torch.tensor([-slope], dtype=torch.float64),
-                (alpha, beta, T, r, c, err, phi), one, c1=opt["c1"], max_backtracks=opt["max_backtracks"],
-                also_accept=error_decrease,
-            )
-            step_ok = bool(search.accepted[0])
-            t = float(search.step[0])
+            step_ok, t, state = _line_search(dual, (alpha, beta, T, r, c, err, phi), dx, dy, slope, T_trial, opt)
             if step_ok:
-                alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t = search.state
-                gain = phi_t - phi
+                alpha_t, beta_t, T_t, r_t, c_t, err_t, phi_t = state
                 if safe:
-                    # trust-region ratio of actual to predicted increase adapts the shift
-                    Kx, Ky = coupling.hess_mv(dx, dy, 0.0)
-                    curv = float(dx.dot(Kx) + dy.dot(Ky)) / eps
-                    pred = t * slope - 0.5 * t * t * curv
-                    rho = gain / pred if pred > 0 else 1.0
-                    if rho < 0.25:
-                        mu = min(4.0 * mu, opt["mu_max"])
-                    elif rho > 0.75:
-                        mu = max(0.5 * mu, opt["mu_min"])
+                    mu = _adapt_shift(mu, coupling, dx, dy, eps, t, slope, phi_t - phi, opt)
         elif not ok:
             info["cg_failures"] += 1
         if step_ok:
@@ -491,30 +515,20 @@ def sinkhorn_newton(
         linear_solver: ``"cg"`` (matrix-free Jacobi-PCG, any device), ``"direct"``
             (sparse LU through SciPy, CPU) or ``"auto"`` (CG) for the Newton systems
             (:func:`~entrokit.solvers._numerics.solve_bipartite`).
-        cg_rtol: floor of the CG relative tolerance; the tolerance used at each step
-            is :math:`\eta = \min(10^{-2}, \max(\texttt{cg\_rtol}, e, 0.1\,\texttt{tol}/e))`
-            at L1 error :math:`e` (inexact Newton: the forcing term :math:`O(e)` keeps the
-            quadratic rate, and the last step is solved no tighter than it needs, since it
-            reaches about :math:`\eta e + O(e^2)`).
+        cg_rtol: floor of the CG relative tolerance :math:`\eta` (module docstring,
+            *Inexact Newton*).
         cg_max_iter: CG iteration cap per Newton step (default :math:`\max(200, m)`).
         fallback_steps: Sinkhorn iterations taken when a Newton step fails.
-        eps_scaling: :math:`\varepsilon`-continuation. ``"auto"`` (default; ``None`` too): automatic,
-            Newton starts at the target ``eps`` and switches to continuation only if it
-            stalls (four poor steps: accepted step sizes below 1/4 or fallbacks);
-            ``True``: always; ``False``: never. The schedule is geometric, in equal jumps of at most 4,
-            from a twentieth of the cost range down to the target
-            (:func:`~entrokit.solvers._numerics.continuation_schedule`), each stage solved to L1 error :math:`10^{-3}` and warm-started with the
-            previous potentials (``info["eps_schedule"]``).
+        eps_scaling: :math:`\varepsilon`-continuation (module docstring, *Globalisation*):
+            ``"auto"`` (default; ``None`` too) only once Newton stalls, ``True`` always,
+            ``False`` never (``info["eps_schedule"]``).
         time_limit: optional wall-clock budget in seconds (the run stops with
             ``converged=False`` and ``info["timed_out"]=True``).
         init: warm start ``(f, g)``.
-        grad: ``"implicit"`` (default: exact gradients of every output; implicit function theorem,
-            the library's one implicit wrapper, :mod:`entrokit.solvers.implicit`, as for
-            Sinkhorn). ``"unroll"`` raises
-            :class:`~entrokit.InputError`: Newton iterations contain discrete choices
-            (sparsity pattern, line search) and run on detached float64 copies, so there is
-            no graph to unroll; at convergence ``"implicit"`` gives the exact derivative
-            that unrolling would approach.
+        grad: ``"implicit"`` (default: exact gradients of every output, as for Sinkhorn,
+            :mod:`entrokit.solvers.implicit`) or ``"envelope"``. ``"unroll"`` raises
+            :class:`~entrokit.InputError`: the steps contain discrete choices and run on
+            detached float64 copies; ``"implicit"`` is the derivative unrolling approaches.
         normalize: rescale ``a`` and ``b`` to unit mass.
         check_inputs: run value checks on the inputs.
         callback: ``callback(iteration, error)`` after every iteration (single problems
@@ -522,14 +536,8 @@ def sinkhorn_newton(
 
     Returns:
         :class:`~entrokit.OTResult` with ``method="sns"`` or ``"ssns"``; ``n_iter`` counts
-        Sinkhorn (warm-up and fallback) plus Newton iterations. ``info`` holds, per
-        problem (lists for batches), the histories ``objective``, ``marginal_error``,
-        ``time`` (seconds since the start) and ``phase`` of every iteration, plus
-        ``n_warmup``, ``n_newton``, ``n_sinkhorn``, ``cg_iters``, ``density``,
-        ``step_size``, ``shift``, ``fallbacks``, ``line_search_failures``,
-        ``cg_failures``, ``density_increases`` (SNS), ``eps_schedule`` (the
-        continuation stages actually run, empty if none) and ``status``
-        (``"converged"``, ``"budget"``, ``"timeout"``).
+        Sinkhorn (warm-up and fallback) plus Newton iterations; ``info`` as in the module
+        docstring (*Diagnostics*).
 
     Raises:
         InputError: bad options or inputs (see :func:`~entrokit.sinkhorn`).
@@ -545,10 +553,18 @@ def sinkhorn_newton(
         True
     """
     eps = check_positive(eps, "eps")
-    tol = check_positive(tol, "tol")
-    check_choice(variant, "variant", NEWTON_VARIANTS)
-    check_choice(linear_solver, "linear_solver", _LINEAR_SOLVERS)
-    check_choice(grad, "grad", _GRADS)
+    options = check_solver_options(
+        variant if variant in NEWTON_VARIANTS else "ssns", variant=variant, tol=tol, max_iter=max_iter,
+        warmup_max_iter=warmup_max_iter, switch_tol=switch_tol, density=density, linear_solver=linear_solver,
+        cg_rtol=cg_rtol, cg_max_iter=cg_max_iter, fallback_steps=fallback_steps, eps_scaling=eps_scaling,
+        time_limit=time_limit, grad=grad, callback=callback,
+    )
+    _refuse_unroll(grad)
+    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    return newton_result(problem, eps, init=init, **options)
+
+
+def _refuse_unroll(grad: str) -> None:
     if grad == "unroll":
         raise InputError(
             "grad='unroll' is not available for the Newton solvers: their steps contain "
@@ -556,51 +572,85 @@ def sinkhorn_newton(
             "copies. Use grad='implicit' (exact derivative at the solution) or 'envelope', "
             "or method='sinkhorn' with grad='unroll'."
         )
-    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or 200
-    if eps_scaling is None or eps_scaling == "auto":
-        eps_scaling = "auto"
-    elif eps_scaling is True or eps_scaling is False:
-        eps_scaling = "on" if eps_scaling else "off"
-    else:
-        raise InputError(
-            f"eps_scaling must be True, False or 'auto' (None is 'auto'), got {eps_scaling!r}."
-        )
-    if warmup_max_iter is None:
-        warmup_max_iter = 20 if variant == "sns" else 3
-    elif isinstance(warmup_max_iter, bool) or not isinstance(warmup_max_iter, Integral) or warmup_max_iter < 0:
-        raise InputError(f"warmup_max_iter must be an int >= 0, got {warmup_max_iter!r}.")
-    switch_tol = check_positive(switch_tol, "switch_tol") if switch_tol is not None else (
-        1e-2 if variant == "sns" else 0.5
-    )
-    if density is not None:
-        density = check_positive(density, "density")
-        if density > 1:
-            raise InputError(f"density must lie in (0, 1], got {density!r}; the paper uses 2/n.")
-    cg_rtol = check_positive(cg_rtol, "cg_rtol")
-    if cg_max_iter is not None:
-        check_positive_int(cg_max_iter, "cg_max_iter")
-    fallback_steps = check_positive_int(fallback_steps, "fallback_steps")
-    if time_limit is not None:
-        time_limit = check_positive(time_limit, "time_limit")
-    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+
+
+def newton_result(problem: OTProblem, eps: float, *, variant: str = "ssns", tol: float = 1e-8, grad: str = "implicit",
+                  init=None, **options) -> OTResult:
+    """:func:`sinkhorn_newton` on a validated problem with checked options
+    (:data:`~entrokit._validation.SOLVER_OPTIONS`): what :func:`sinkhorn_newton`,
+    :func:`entrokit.solve` and the divergence call after their one boundary check."""
+    _refuse_unroll(grad)
     problem.geometry.check_grad_mode(grad, problem.a, problem.b)
-    user_batched = problem.batched
     pb = problem.with_batch()
     if init is not None:
-        init = _check_init(init, pb)
-    dtype, device = pb.a.dtype, pb.a.device
-    if linear_solver == "auto":
-        linear_solver = "cg"
-    elif linear_solver == "direct" and device.type != "cpu":
+        init = check_init(init, pb)
+    f, g, n_iter, converged, errors, info = newton_problem(pb, eps, variant=variant, tol=tol, init=init, **options)
+    # certified by the builder on the returned plan (float64 sums); it warns when the plan
+    # misses tol although the Newton stage reached it
+    res = entropic_result(
+        pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
+        method=variant, tol=tol, info=info, user_problem=problem,
+    )
+    warn_not_converged(
+        converged, errors[-1].to(torch.float64), tol, variant,
+        f"Raise max_iter (now {info['max_iter']}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
+        "with variant='sns' try variant='ssns'"
+        + ("; float32 potentials may not carry the solution to this tol, use float64."
+           if pb.dtype != torch.float64 else "."),
+    )
+    return res
+
+
+def _newton_options(variant, tol, max_iter, warmup_max_iter, switch_tol, linear_solver, eps_scaling, device) -> dict:
+    """The defaults that depend on the variant and the device."""
+    if linear_solver == "direct" and device.type != "cpu":
         raise InputError(
             f"linear_solver='direct' runs on CPU only (SciPy), but the inputs are on {device}; "
             "use linear_solver='cg' (or 'auto')."
         )
+    return dict(
+        tol=tol, variant=variant, max_iter=max_iter or 200,
+        warmup_max_iter=(20 if variant == "sns" else 3) if warmup_max_iter is None else warmup_max_iter,
+        switch_tol=(1e-2 if variant == "sns" else 0.5) if switch_tol is None else switch_tol,
+        linear_solver="cg" if linear_solver == "auto" else linear_solver,
+        eps_scaling={True: "on", False: "off"}.get(eps_scaling, "auto"),
+        cg_rtol_max=1e-2, mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, stage_tol=1e-3,
+        c1=1e-4, max_backtracks=12,  # smallest step 2^-12
+    )
 
+
+def newton_problem(
+    pb: OTProblem,
+    eps: float,
+    *,
+    variant: str = "ssns",
+    tol: float = 1e-8,
+    max_iter: int | None = None,
+    warmup_max_iter: int | None = None,
+    switch_tol: float | None = None,
+    density: float | None = None,
+    linear_solver: str = "auto",
+    cg_rtol: float = 1e-10,
+    cg_max_iter: int | None = None,
+    fallback_steps: int = 10,
+    eps_scaling: bool | str = "auto",
+    time_limit: float | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    callback: Callable[[int, float], None] | None = None,
+):
+    """Run SNS/SSNS on a validated, *batched* problem, problem by problem; returns
+    ``(f, g, n_iter, converged, errors, info)`` like
+    :func:`~entrokit.solvers.sinkhorn.sinkhorn_problem` (float64 potentials, the Newton
+    stage's precision: the result builder forms the plan from them and rounds it to the
+    input dtype, so float32 plans keep float64 accuracy)."""
+    dtype, device = pb.a.dtype, pb.a.device
+    base = _newton_options(variant, tol, max_iter, warmup_max_iter, switch_tol, linear_solver, eps_scaling, device)
     t0 = time.perf_counter()
+    base["deadline"] = None if time_limit is None else t0 + time_limit
     # the float64 cost of the geometry (a float32 point cloud's exact cost, the one the
     # result is certified on, not its float32 rounding: 1e-6 relative off at cost/eps ~ 300)
-    cost64 = pb.geometry.detach().to_dtype(torch.float64).cost_matrix()
+    geom = pb.geometry
+    cost64 = (geom.to_dtype(torch.float64) if geom.dtype != torch.float64 else geom.detach()).cost_matrix()
     cost_ranges = pb.geometry.cost_range().tolist()
     a64, b64 = pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64)
     fs, gs, n_iter, final_errors, histories, infos = [], [], [], [], [], []
@@ -616,14 +666,9 @@ def sinkhorn_newton(
             beta0 = init[1][k].detach().to(torch.float64)[ib] + eps * b_s.log()
         n_s, m_s = C_support.shape
         opt = dict(
-            tol=tol, variant=variant, callback=callback, init_given=init is not None,
-            warmup_max_iter=warmup_max_iter, switch_tol=switch_tol,
+            base, callback=callback, init_given=init is not None,
             density=density if density is not None else min(1.0, 2.0 / min(n_s, m_s)),
-            max_iter=max_iter, linear_solver=linear_solver, cg_rtol=cg_rtol, cg_rtol_max=1e-2,
-            cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
-            mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, eps_scaling=eps_scaling, stage_tol=1e-3,
-            c1=1e-4, max_backtracks=12,  # smallest step 2^-12
-            deadline=None if time_limit is None else t0 + time_limit,
+            cg_rtol=cg_rtol, cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
         )
         alpha, beta, err, it, info = _solve_one(
             C_support, a_s, b_s, eps, float(cost_ranges[k]), alpha0, beta0, opt, time.perf_counter()
@@ -635,37 +680,20 @@ def sinkhorn_newton(
         final_errors.append(err)
         histories.append(info["marginal_error"] or [err])
         infos.append(info)
-    # float64 potentials (the Newton stage's precision): the result builder forms the plan
-    # from them and rounds it to the input dtype, so float32 plans keep float64 accuracy
-    f = torch.stack(fs)
-    g = torch.stack(gs)
     L = max(1, max(len(e) for e in histories))
     err_hist = torch.tensor(
         [[(e[i] if i < len(e) else (e[-1] if e else float("nan"))) for e in histories] for i in range(L)],
         dtype=dtype, device=device,
     )
     n_iter_t = torch.tensor(n_iter, dtype=torch.long, device=device)
-    # provisional; certified on the returned plan below
+    # provisional; certified on the returned plan by the result builder
     conv_t = torch.tensor([e <= tol for e in final_errors], dtype=torch.bool, device=device)
-    info_out = infos[0] if not user_batched else {
-        key: [inf.get(key) for inf in infos] for key in infos[0]
-    }
-    info_out = dict(info_out)
-    info_out["linear_solver"] = linear_solver
+    info_out = dict(infos[0] if pb.user_batch_shape in (None, ()) else {key: [inf.get(key) for inf in infos]
+                                                                        for key in infos[0]})
+    info_out["linear_solver"] = base["linear_solver"]
+    info_out["max_iter"] = base["max_iter"]
     info_out["total_time"] = time.perf_counter() - t0
-    # certified by the builder on the returned plan (float64 sums); it warns when the plan
-    # misses tol although the Newton stage reached it
-    res = entropic_result(
-        pb, f, g, eps, grad=grad, n_iter=n_iter_t, converged=conv_t, errors=err_hist,
-        method=variant, tol=tol, info=info_out,
-    )
-    warn_not_converged(
-        conv_t, torch.tensor(final_errors, dtype=torch.float64), tol, variant,
-        f"Raise max_iter (now {max_iter}) or time_limit, loosen tol, or increase eps (now {eps:g}); "
-        "with variant='sns' try variant='ssns'"
-        + ("; float32 potentials may not carry the solution to this tol, use float64." if dtype != torch.float64 else "."),
-    )
-    return res
+    return torch.stack(fs), torch.stack(gs), n_iter_t, conv_t, err_hist, info_out
 
 
 def sns(a, b, cost, eps, **options) -> OTResult:
@@ -678,7 +706,8 @@ def ssns(a, b, cost, eps, **options) -> OTResult:
     return sinkhorn_newton(a, b, cost, eps, variant="ssns", **options)
 
 
-# entrokit.solve checks options against the signature of the solver these forward to
+# entrokit.solve checks options against the option spec (SOLVER_OPTIONS) and calls these
+# on its validated problem
 sns.__wrapped_solver__ = ssns.__wrapped_solver__ = sinkhorn_newton
-# values its signature takes only to refuse them with a pointer (solve(method="auto") skips it)
-sinkhorn_newton.__refused_options__ = {"grad": ("unroll",)}
+sns.__problem_solver__ = functools.partial(newton_result, variant="sns")
+ssns.__problem_solver__ = functools.partial(newton_result, variant="ssns")

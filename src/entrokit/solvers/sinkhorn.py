@@ -73,14 +73,14 @@ from entrokit._errors import InputError
 from entrokit._result import OTResult, SinkhornInfo
 from entrokit._threads import compiling as _compiling
 from entrokit._threads import cost_entries, small_problem_threads, solver_threads
-from entrokit._validation import as_float_tensor, check_choice, check_positive, check_positive_int
+from entrokit._validation import as_float_tensor, check_positive, check_solver_options
 from entrokit.geometry import Geometry
 from entrokit.problem import OTProblem, log_weights, make_problem
-from entrokit.solvers._entropic import GRAD_MODES, entropic_result, warn_not_converged
+from entrokit.solvers._entropic import entropic_result, warn_not_converged
 from entrokit.solvers._io import numpy_in_out
 from entrokit.solvers._numerics import continuation_schedule
 
-__all__ = ["sinkhorn", "sinkhorn_problem", "SinkhornOptions", "eps_schedule"]
+__all__ = ["sinkhorn", "sinkhorn_result", "sinkhorn_problem", "SinkhornOptions", "eps_schedule"]
 
 
 @dataclass(frozen=True)
@@ -231,156 +231,200 @@ def _sinkhorn_loop(
     precise: bool = False,
 ):
     """:func:`sinkhorn_problem` on the caller's threads."""
-    geom = problem.geometry
-    a, b = problem.a, problem.b
-    if not unroll:
-        geom, a, b = geom.detach(), a.detach(), b.detach()
-    B = a.shape[0]
-    log_a, log_b = log_weights(a), log_weights(b)
-    dtype, device = a.dtype, a.device
-    if init is None:
-        f = torch.zeros_like(a)
-        g = torch.zeros_like(b)
-    else:
-        f, g = init
-        f = f.to(dtype=dtype, device=device)
-        g = g.to(dtype=dtype, device=device)
-        if not unroll:
-            f, g = f.detach(), g.detach()
-    tol, max_iter = options.tol, options.max_iter
-    check_every = options.check_every or _default_check_every(device, B * math.prod(geom.global_shape))
-
-    scale = float(geom.cost_range().max()) if options.eps_scaling is not False and not options.fixed_iter else 0.0
-    wants_scaling = init is None and scale > 50 * eps
-    # "auto": solve at the target eps from the exact eps -> 0 potentials and switch to the
-    # annealing schedule only if the measured convergence rate predicts a long run
-    probing = (options.eps_scaling == "auto" and wants_scaling) or options.stop_when_slow
-    use_scaling = options.eps_scaling is True
-    stages = eps_schedule(eps, max(scale, eps), options.scaling_decay) if use_scaling else [eps]
-
-    if options.fixed_iter:
-        # exactly max_iter iterations at eps: no convergence test, so no host sync
-        # inside the loop (the error of the last iteration is returned, not tested)
-        probing, use_scaling, stages = False, False, [eps]
-        check_every = max_iter
-    lse_mode = options.lse_mode
-    if lse_mode is None:
-        lse_mode = unroll or geom.is_online or options.fixed_iter or options.symmetric
-    if options.symmetric and not lse_mode:
-        raise InputError("symmetric updates run on the log-sum-exp engine; leave lse_mode=None or True.")
-    if not lse_mode and geom.is_online:
-        raise InputError("lse_mode=False needs a materialised cost; online point clouds use lse_mode=True.")
-
-    n_iter = torch.zeros(B, dtype=torch.long, device=device)
-    converged = torch.zeros(B, dtype=torch.bool, device=device)
-    errors: list[torch.Tensor] = []
-    info = {"stages": len(stages), "absorptions": 0, "fallbacks": 0, "eps_scaling": use_scaling}
-    it = 0
-    timed = not _compiling()  # a host timer splits torch.compile graphs
-    t0 = time.perf_counter() if timed else 0.0
-    kernel_engine = None if lse_mode else geom.scaling_engine(a, b, log_a, log_b)
-    if kernel_engine is None and options.lse_mode is False:
-        raise InputError(f"lse_mode=False needs a geometry with a scaling engine; {geom!r} has none.")
-    lse_mode = kernel_engine is None
-    stage_iters = []
-    f0, g0 = f, g
+    run = _Loop(problem, eps, options, init, unroll, callback)
     restart = True
     while restart:
         restart = False
-        for si, e in enumerate(stages):
-            last = si == len(stages) - 1
-            stol = tol if last else max(tol, options.stage_tol)
-            it_stage = it
-            if lse_mode:
-                engine = _LogEngine(geom, a, b, log_a, log_b, symmetric=options.symmetric)
-                engine.start(f, g, e)
-            else:
-                engine = kernel_engine
-                cold = si == 0 and init is None
-                engine.start(f, g, e, sweep=cold or info["fallbacks"] > 0, cold=cold)
-            active = None
-            probe_hist: list[tuple[int, float]] = []
-            # intermediate stages share at most half of the budget; the final stage always runs
-            stage_end = max_iter if last else min(max_iter, it + max(check_every, (max_iter // 2) // max(1, len(stages) - 1)))
-            if last and it >= max_iter:
-                stage_end = it + check_every
-            while it < stage_end:
-                k = min(check_every, stage_end - it)
-                saved = engine.save()
-                err = engine.run(k, active if B > 1 else None, stop_tol=stol if last and device.type == "cpu" else None)
-                err = err.detach()  # a stopping measure: never differentiated (grad="unroll" keeps a graph)
-                ok, absorb = engine.check(err)
-                if not ok:
-                    # overflow in the scalings: restore and continue this stage in log domain
-                    f, g = engine.restore(saved)
-                    info["fallbacks"] += 1
-                    if info["fallbacks"] <= 2:
-                        # an exact log-domain sweep re-centres the kernel (rows/columns near 1)
-                        engine.start(f, g, e, sweep=True)
-                    else:
-                        engine = _LogEngine(geom, a, b, log_a, log_b, symmetric=options.symmetric)
-                        engine.start(f, g, e)
-                    continue
-                if active is None:
-                    n_iter += k
-                else:
-                    n_iter += k * active.long()
-                it += k
-                err_max = None  # the host copy of max(err), read at most once per check
-                if last:
-                    errors.append(err)
-                    if callback is not None:
-                        err_max = float(err.max())
-                        callback(it, err_max)
-                if options.fixed_iter:
-                    break
-                if B == 1:  # one problem: one host sync serves every test below
-                    err_max = float(err.max()) if err_max is None else err_max
-                    if err_max <= stol:
-                        if last:
-                            converged = torch.ones_like(converged)
-                        break
-                else:
-                    done = err <= stol
-                    if last:
-                        converged = converged | done
-                        if bool(converged.all()):
-                            break
-                        active = ~converged
-                    elif bool(done.all()):
-                        break
-                if probing and _slow_convergence(
-                    probe_hist, it - it_stage, float(err.max()) if err_max is None else err_max, tol
-                ):
-                    if options.stop_when_slow:
-                        # hand the potentials to a faster method (the caller's choice)
-                        info["stopped_slow"] = it
-                        break
-                    # restart from the cold start with the annealing schedule
-                    probing, use_scaling, restart = False, True, True
-                    stages = eps_schedule(eps, max(scale, eps), options.scaling_decay)
-                    info.update(stages=len(stages), eps_scaling=True, probe_iters=it - it_stage)
-                    f, g = f0, g0
-                    errors.clear()
-                    converged = torch.zeros_like(converged)
-                    break
-                if absorb:
-                    engine.absorb()
-                    info["absorptions"] += 1
-            if restart:
+        for si, e in enumerate(run.stages):
+            last = si == len(run.stages) - 1
+            it_stage = run.it
+            engine = run.engine(si, e)
+            status, engine = run.stage(engine, e, last, it_stage)
+            if status == "restart":
+                restart = True
                 break
-            f, g = engine.potentials(precise=precise and last and not unroll)
+            run.f, run.g = engine.potentials(precise=precise and last and not unroll)
             if last:
                 reduced = engine.reduce()
                 if reduced is not None:
-                    info["reduce"] = reduced
-            stage_iters.append(it - it_stage)
-            if "stopped_slow" in info:
+                    run.info["reduce"] = reduced
+            run.stage_iters.append(run.it - it_stage)
+            if "stopped_slow" in run.info:
                 break
-    info["stage_iters"] = stage_iters
-    info["time"] = time.perf_counter() - t0 if timed else float("nan")
-    err_hist = torch.stack(errors, 0) if errors else torch.zeros(0, B, dtype=dtype, device=device)
-    return f, g, n_iter, converged, err_hist, info
+    return run.finish()
+
+
+def _start_potentials(a, b, init, unroll: bool):
+    if init is None:
+        return torch.zeros_like(a), torch.zeros_like(b)
+    f, g = (t.to(dtype=a.dtype, device=a.device) for t in init)
+    return (f, g) if unroll else (f.detach(), g.detach())
+
+
+class _Loop:
+    """The state of one run of the Sinkhorn loop: the schedule (eps stages, probing), the
+    engines, the potentials and the per-problem counters (module docstring)."""
+
+    def __init__(self, problem: OTProblem, eps: float, options: SinkhornOptions, init, unroll: bool, callback):
+        geom, a, b = problem.geometry, problem.a, problem.b
+        if not unroll:
+            geom, a, b = geom.detach(), a.detach(), b.detach()
+        self.geom, self.a, self.b, self.eps, self.options, self.callback = geom, a, b, eps, options, callback
+        self.B, self.device, self.dtype, self.init = a.shape[0], a.device, a.dtype, init
+        self.log_a, self.log_b = log_weights(a), log_weights(b)
+        self.f, self.g = self.f0, self.g0 = _start_potentials(a, b, init, unroll)
+        self.check_every = options.check_every or _default_check_every(self.device, self.B * math.prod(geom.global_shape))
+        self._schedule(init)
+        lse_mode = options.lse_mode
+        if lse_mode is None:
+            lse_mode = unroll or geom.is_online or options.fixed_iter or options.symmetric
+        if options.symmetric and not lse_mode:
+            raise InputError("symmetric updates run on the log-sum-exp engine; leave lse_mode=None or True.")
+        if not lse_mode and geom.is_online:
+            raise InputError("lse_mode=False needs a materialised cost; online point clouds use lse_mode=True.")
+        self.n_iter = torch.zeros(self.B, dtype=torch.long, device=self.device)
+        self.converged = torch.zeros(self.B, dtype=torch.bool, device=self.device)
+        self.errors: list[torch.Tensor] = []
+        self.info = {"stages": len(self.stages), "absorptions": 0, "fallbacks": 0, "eps_scaling": self.use_scaling}
+        self.it, self.stage_iters = 0, []
+        self.timed = not _compiling()  # a host timer splits torch.compile graphs
+        self.t0 = time.perf_counter() if self.timed else 0.0
+        self.kernel_engine = None if lse_mode else geom.scaling_engine(a, b, self.log_a, self.log_b)
+        if self.kernel_engine is None and options.lse_mode is False:
+            raise InputError(f"lse_mode=False needs a geometry with a scaling engine; {geom!r} has none.")
+        if (options.check_every is None and not options.fixed_iter and self.kernel_engine is not None and self.B == 1
+                and self.device.type == "cpu"):
+            # the single-problem kernel loop tests the stopping rule at every iteration itself
+            # (an O(n) dot product) and stops at the first that meets it: the full check
+            # (overflow, absorption, history) can run every 10 iterations at any size
+            self.check_every = 10
+
+    def _schedule(self, init) -> None:
+        """The eps stages and whether the "auto" rule probes the convergence rate."""
+        options, eps = self.options, self.eps
+        self.scale = (float(self.geom.cost_range().max())
+                      if options.eps_scaling is not False and not options.fixed_iter else 0.0)
+        wants_scaling = init is None and self.scale > 50 * eps
+        # "auto": solve at the target eps from the exact eps -> 0 potentials and switch to the
+        # annealing schedule only if the measured convergence rate predicts a long run
+        self.probing = (options.eps_scaling == "auto" and wants_scaling) or options.stop_when_slow
+        self.use_scaling = options.eps_scaling is True
+        self.stages = eps_schedule(eps, max(self.scale, eps), options.scaling_decay) if self.use_scaling else [eps]
+        if options.fixed_iter:
+            # exactly max_iter iterations at eps: no convergence test, so no host sync
+            # inside the loop (the error of the last iteration is returned, not tested)
+            self.probing, self.use_scaling, self.stages = False, False, [eps]
+            self.check_every = options.max_iter
+
+    def log_engine(self, e: float) -> _LogEngine:
+        engine = _LogEngine(self.geom, self.a, self.b, self.log_a, self.log_b, symmetric=self.options.symmetric)
+        engine.start(self.f, self.g, e)
+        return engine
+
+    def engine(self, si: int, e: float):
+        """The engine of stage ``si``, started from the current potentials."""
+        if self.kernel_engine is None:
+            return self.log_engine(e)
+        cold = si == 0 and self.init is None
+        self.kernel_engine.start(self.f, self.g, e, sweep=cold or self.info["fallbacks"] > 0, cold=cold)
+        return self.kernel_engine
+
+    def stage(self, engine, e: float, last: bool, it_stage: int):
+        """Iterate one stage until its tolerance, its share of the budget, a slow-rate
+        hand-off (``"slow"``) or an annealing restart (``"restart"``); returns the status
+        and the engine that ran last (an overflow may have replaced it)."""
+        options, max_iter, check_every = self.options, self.options.max_iter, self.check_every
+        stol = options.tol if last else max(options.tol, options.stage_tol)
+        self.active = None
+        probe_hist: list[tuple[int, float]] = []
+        # intermediate stages share at most half of the budget; the final stage always runs
+        n_stages = len(self.stages)
+        stage_end = max_iter if last else min(max_iter, self.it + max(check_every, (max_iter // 2) // max(1, n_stages - 1)))
+        if last and self.it >= max_iter:
+            stage_end = self.it + check_every
+        while self.it < stage_end:
+            k = min(check_every, stage_end - self.it)
+            saved = engine.save()
+            err = engine.run(k, self.active if self.B > 1 else None,
+                             stop_tol=stol if last and self.device.type == "cpu" else None)
+            err = err.detach()  # a stopping measure: never differentiated (grad="unroll" keeps a graph)
+            ok, absorb = engine.check(err)
+            if not ok:
+                engine = self._fall_back(engine, saved, e)
+                continue
+            # a single-problem kernel run stops at the first iteration meeting stop_tol
+            done, err_max = self._record(err, getattr(engine, "iters_done", k), last, stol)
+            if done:
+                return "done", engine
+            if self.probing and _slow_convergence(
+                probe_hist, self.it - it_stage, float(err.max()) if err_max is None else err_max, options.tol
+            ):
+                return self._slow(it_stage), engine
+            if absorb:
+                engine.absorb()
+                self.info["absorptions"] += 1
+        return "done", engine
+
+    def _fall_back(self, engine, saved, e: float):
+        """Overflow in the scalings: restore and continue this stage in log domain."""
+        self.f, self.g = engine.restore(saved)
+        self.info["fallbacks"] += 1
+        if self.info["fallbacks"] <= 2:
+            # an exact log-domain sweep re-centres the kernel (rows/columns near 1)
+            engine.start(self.f, self.g, e, sweep=True)
+            return engine
+        return self.log_engine(e)
+
+    def _record(self, err: torch.Tensor, k: int, last: bool, stol: float):
+        """Count ``k`` iterations, keep the final stage's error history, and test the
+        stopping rule; returns ``(stop, host copy of max(err) or None)``."""
+        self.n_iter += k if self.active is None else k * self.active.long()
+        self.it += k
+        err_max = None  # the host copy of max(err), read at most once per check
+        if last:
+            self.errors.append(err)
+            if self.callback is not None:
+                err_max = float(err.max())
+                self.callback(self.it, err_max)
+        if self.options.fixed_iter:
+            return True, err_max
+        if self.B == 1:  # one problem: one host sync serves every test below
+            err_max = float(err.max()) if err_max is None else err_max
+            if err_max <= stol:
+                if last:
+                    self.converged = torch.ones_like(self.converged)
+                return True, err_max
+            return False, err_max
+        done = err <= stol
+        if not last:
+            return bool(done.all()), err_max
+        self.converged = self.converged | done
+        if bool(self.converged.all()):
+            return True, err_max
+        self.active = ~self.converged
+        return False, err_max
+
+    def _slow(self, it_stage: int) -> str:
+        """The measured rate predicts a long run: hand the potentials to a faster method
+        (the caller's choice), or restart from the cold start with the annealing schedule."""
+        if self.options.stop_when_slow:
+            self.info["stopped_slow"] = self.it
+            return "slow"
+        self.probing, self.use_scaling = False, True
+        self.stages = eps_schedule(self.eps, max(self.scale, self.eps), self.options.scaling_decay)
+        self.info.update(stages=len(self.stages), eps_scaling=True, probe_iters=self.it - it_stage)
+        self.f, self.g = self.f0, self.g0
+        self.errors.clear()
+        self.converged = torch.zeros_like(self.converged)
+        return "restart"
+
+    def finish(self):
+        """``(f, g, n_iter, converged, errors, info)``."""
+        self.info["stage_iters"] = self.stage_iters
+        self.info["time"] = time.perf_counter() - self.t0 if self.timed else float("nan")
+        errs = (torch.stack(self.errors, 0) if self.errors
+                else torch.zeros(0, self.B, dtype=self.dtype, device=self.device))
+        return self.f, self.g, self.n_iter, self.converged, errs, self.info
 
 
 @numpy_in_out
@@ -444,16 +488,32 @@ def sinkhorn(
         True
     """
     eps = check_positive(eps, "eps")
-    tol = check_positive(tol, "tol")
-    check_choice(grad, "grad", GRAD_MODES)
-    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True) or SinkhornOptions.max_iter
-    if eps_scaling not in (True, False, "auto"):
-        raise InputError(f"eps_scaling must be True, False or 'auto'; got {eps_scaling!r}.")
-    if not (0.0 < float(scaling_decay) < 1.0):
-        raise InputError(f"scaling_decay must lie in (0, 1), got {scaling_decay!r}; try 0.5.")
-    if check_every is not None:
-        check_positive_int(check_every, "check_every")
+    options = check_solver_options(
+        "sinkhorn", tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, scaling_decay=scaling_decay, grad=grad,
+        check_every=check_every, lse_mode=lse_mode, callback=callback,
+    )
     problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    return sinkhorn_result(problem, eps, init=init, **options)
+
+
+def sinkhorn_result(
+    problem: OTProblem,
+    eps: float,
+    *,
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    eps_scaling: bool | str = "auto",
+    scaling_decay: float = 0.5,
+    init=None,
+    grad: str = "implicit",
+    lse_mode: bool | None = None,
+    check_every: int | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> OTResult:
+    """:func:`sinkhorn` on a validated problem (:func:`~entrokit.problem.make_problem`) with
+    checked options (:data:`~entrokit._validation.SOLVER_OPTIONS`): what :func:`sinkhorn`,
+    :func:`entrokit.solve` and the losses call after their one boundary check."""
+    max_iter = max_iter or SinkhornOptions.max_iter
     problem.geometry.check_grad_mode(grad, problem.a, problem.b)
     pb = problem.with_batch()
     if init is not None:
@@ -471,7 +531,7 @@ def sinkhorn(
         f, g, n_iter, converged, errors = _float64_finish(pb, eps, f, g, n_iter, errors, opts, info)
     res = entropic_result(
         pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
-        method="sinkhorn", tol=tol, info=SinkhornInfo(info),
+        method="sinkhorn", tol=tol, info=SinkhornInfo(info), user_problem=problem,
     )
     warn_not_converged(
         converged, errors[-1] if len(errors) else res.marginal_error, tol, "sinkhorn",
@@ -540,4 +600,7 @@ def check_init(init, pb: OTProblem):
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         raise InputError("init potentials contain NaN or inf; pass finite potentials, e.g. from a previous result.")
     return f, g
-_check_init = check_init  # kept for the Newton solvers
+
+
+# entrokit.solve calls this on its validated problem
+sinkhorn.__problem_solver__ = sinkhorn_result

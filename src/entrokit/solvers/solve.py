@@ -36,7 +36,12 @@ from typing import Any, Callable
 from entrokit._errors import InputError
 from entrokit._result import OTResult
 from entrokit._threads import small_problem_threads
-from entrokit._validation import check_positive
+from entrokit._validation import (
+    check_positive,
+    check_solver_options,
+    refused_values,
+    solver_options_of,
+)
 from entrokit.problem import make_problem
 from entrokit.solvers._io import numpy_in_out
 
@@ -52,6 +57,8 @@ METHODS: dict[str, str] = {
     # options reg=, k=, formulation=, sparse_axis=, solver=
     "smooth": "entrokit.solvers.smooth:smooth_ot",
 }
+
+_BUILTIN = dict(METHODS)
 
 # the methods "auto" chooses among (they solve the same entropic problem), in its order of
 # preference when the options rule out the pick of the cost rule
@@ -75,7 +82,18 @@ def _resolve(name: str) -> Callable[..., OTResult]:
     return getattr(importlib.import_module(mod), fn)
 
 
-def _accepted_options(fn) -> set[str] | None:
+def _spec_name(name: str | None) -> str:
+    """``name`` when the option spec describes it (a built-in entropic method still
+    registered under its name), else ``""``."""
+    return name if name is not None and METHODS.get(name) == _BUILTIN.get(name) else ""
+
+
+def _accepted_options(fn, name: str | None = None) -> set[str] | None:
+    """The options a method takes: from the option spec for the entropic solvers
+    (:data:`~entrokit._validation.SOLVER_OPTIONS`), from the signature otherwise."""
+    spec = solver_options_of(_spec_name(name))
+    if spec is not None:
+        return spec - {"variant"}  # the method fixes the variant itself
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         target = getattr(fn, "__wrapped_solver__", None)
@@ -84,19 +102,19 @@ def _accepted_options(fn) -> set[str] | None:
     return {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _refused_values(fn) -> dict[str, tuple]:
+def _refused_values(fn, name: str | None = None) -> dict[str, tuple]:
     """Option values a solver takes in its signature but refuses (``grad="unroll"`` for Newton)."""
     target = getattr(fn, "__wrapped_solver__", fn)
-    return getattr(target, "__refused_options__", {})
+    return {**getattr(target, "__refused_options__", {}), **refused_values(_spec_name(name))}
 
 
 def _takes(name: str, options: dict) -> bool:
     """Whether method ``name`` accepts every option (and value) in ``options``."""
     fn = _resolve(name)
-    accepted = _accepted_options(fn)
+    accepted = _accepted_options(fn, name)
     if accepted is not None and not set(options) <= accepted:
         return False
-    refused = _refused_values(fn)
+    refused = _refused_values(fn, name)
     return not any(k in refused and _in(options[k], refused[k]) for k in options)
 
 
@@ -124,7 +142,9 @@ def auto_method(problem, eps: float) -> tuple[str, str]:
     geom = problem.geometry
     if "ssns" not in METHODS:
         return "sinkhorn", "no Newton solver is registered"
-    if geom.batched:
+    # a problem flattened by with_batch() is batched when its user's shape is
+    batched = geom.batched if problem.user_batch_shape is None else problem.user_batch_shape != ()
+    if batched:
         return "sinkhorn", "the problem is batched (Sinkhorn solves a batch in one loop)"
     if geom.is_online and not _newton_fits(geom):
         return "sinkhorn", (
@@ -216,7 +236,7 @@ def solve(
     if method == "auto":
         method, why = _auto_with_options(problem, eps, options)
     fn = _resolve(method)
-    accepted = _accepted_options(fn)
+    accepted = _accepted_options(fn, method)
     if accepted is not None:
         unknown = sorted(set(options) - accepted)
         if unknown:
@@ -226,5 +246,10 @@ def solve(
                 f"Its options are: {', '.join(sorted(accepted))}. Pass method= explicitly to "
                 "choose the solver whose options you set."
             )
+    internal = getattr(fn, "__problem_solver__", None) if _spec_name(method) else None
+    if internal is not None:  # the validated problem goes straight to the solver
+        if solver_options_of(method) is None:  # the solver checks its own options
+            return internal(problem, eps, tol=tol, max_iter=max_iter, **options)
+        return internal(problem, eps, **check_solver_options(method, tol=tol, max_iter=max_iter, **options))
     return fn(problem.a, problem.b, problem.geometry, eps, tol=tol, max_iter=max_iter,
               check_inputs=False, **options)

@@ -39,6 +39,13 @@ reporting ``converged=False`` with one ``ConvergenceWarning`` unless the L1 marg
 error really is ``<= tol``; the semi-dual keeps the column marginals exact in all cases. ``k = 1`` is unregularized OT (up to the constant
 :math:`\frac\gamma2\sum_j b_j^2` in the value), ``k >= n`` is quadratic OT.
 
+**Negligible weights.** For ``"l2"``/``"topk"`` with the dual, zero weights are removed
+exactly and the smallest weights summing to at most ``tol/20`` per side (e.g. Gaussian
+tails of 1e-56) are solved as zeros (the rest rescaled), which keeps Newton well-posed at
+a cost of at most ``tol/5`` of marginal error. A warm start ``init`` in the internal
+layout has rows and columns swapped for ``sparse_axis="rows"`` (e.g. ``result.info["x"]``
+of a nearby problem).
+
 **Solvers.**
 
 * ``"newton"`` (default for ``"l2"`` and ``"entropy"``): globalised, regularised
@@ -86,7 +93,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._result import OTResult
-from entrokit._validation import check_choice, check_positive, check_positive_int
+from entrokit._validation import check_choice, check_positive, check_solver_options
 from entrokit.problem import OTProblem, make_problem
 from entrokit.solvers._entropic import warn_not_converged
 from entrokit.solvers._io import numpy_in_out
@@ -164,21 +171,9 @@ def smooth_ot_problem(
         max_iter = {"newton": 300, "lbfgs": 2000, "adam": 20}[solver]
     warm = None
     if reg.name == "topk" and solver == "lbfgs" and init is None:
-        # quadratic solution first: if its plan is already k-sparse it solves the top-k
-        # problem exactly (feasible, and optimal for the convexified problem); otherwise
-        # its potentials warm-start L-BFGS
-        t0 = time.perf_counter()
-        l2 = SquaredL2(reg.gamma)
-        warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
-                                 tol=max(tol, _WARM_TOL), solve_dtype=solve_dtype)
-        if int((warm["plan"] != 0).sum(-1).max()) <= reg.k and tol < _WARM_TOL:
-            warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
-                                     tol=tol, solve_dtype=solve_dtype, init=torch.cat([warm["alpha"], warm["beta"]], -1))
-        if int((warm["plan"] != 0).sum(-1).max()) <= reg.k:
-            warm["info"].update(reg="topk", k=reg.k, formulation=formulation,
-                                solved_as="l2 dual (its plan is k-sparse)")
+        warm = _topk_warm_start(problem, reg, formulation, sparse_axis, tol, solve_dtype)
+        if warm.pop("solved_as_l2", False):
             return warm
-        warm["time"] = time.perf_counter() - t0
     work_dtype = a.dtype if (solver == "adam" or solve_dtype is None) else solve_dtype
     cost_work = L.detach().to(work_dtype).contiguous()
     a_work, b_work = ar.detach().to(work_dtype), bc.detach().to(work_dtype)
@@ -188,98 +183,12 @@ def smooth_ot_problem(
     info = {"solver": solver, "formulation": formulation, "reg": reg.name, "gamma": reg.gamma,
             "k": getattr(reg, "k", None), "sparse_axis": sparse_axis, "solve_dtype": str(work_dtype)}
     with torch.no_grad():
-        if formulation == "semi_dual":
-            x0 = torch.zeros(Bsz, R, dtype=work_dtype, device=cost_work.device)
-            if init is not None:
-                x0 = init.detach().to(work_dtype).reshape(Bsz, R).clone()
-
-            def fun(x):
-                obj, g, _, _ = _semi_dual(reg, x, a_work, b_work, cost_work, state)
-                return -obj, g, _l1(g)
-
-            if solver == "newton" and init is None and reg.name in ("l2", "entropy"):
-                # same optimum, better-posed problem: dual Newton (direct Schur solves,
-                # negligible weights handled), then semi-dual Newton polishes from its alpha
-                t0_warm = time.perf_counter()
-                warm = smooth_ot_problem(problem, reg, formulation="dual", sparse_axis=sparse_axis,
-                                         solver="newton", tol=tol, max_iter=max_iter, solve_dtype=solve_dtype)
-                x0 = warm["alpha"].to(work_dtype)
-                info.update(warm_start="dual", warm_start_time=time.perf_counter() - t0_warm,
-                            gamma_stages=warm["info"].get("gamma_stages"))
-                x, n_iter, conv, errs, extra = newton_semi_dual(reg, x0, a_work, b_work, cost_work, tol, max_iter, state)
-                n_iter = n_iter + warm["n_iter"]
-                errs = torch.cat([warm["errors"].to(errs), errs], 0)
-                info.update(extra)
-            elif solver == "newton":
-                stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
-
-                def newton(r, x, t):
-                    return newton_semi_dual(r, x, a_work, b_work, cost_work, t, max_iter, state if r is reg else {})
-
-                x, n_iter, conv, errs = _continued_newton(newton, reg, x0, stages, max(tol, 1e-3), tol, info)
-            else:
-                if reg.name == "topk" and warm is not None:
-                    x0 = _from_warm(warm, work_dtype, info)[0]
-                x, n_iter, conv, errs = _first_order_run(solver, fun, reg, _topk_semi_dual_compact, x0, tol,
-                                                         max_iter, lr, a_work, b_work, cost_work)
-            _, _, T, beta = _semi_dual(reg, x, a_work, b_work, cost_work, state)
-            alpha = x
-        else:
-            if reg.sparse and solver == "newton":
-                # c-transform pair (beta_j = min_i c_ij, alpha_i = min_j c_ij - beta_j: a
-                # feasible unregularized dual, tight on every row and column) lifted by
-                # gamma0 * weights / 2, gamma0 the first continuation stage
-                g0 = (_gamma_stages(reg, cost_work) or [reg.gamma])[0]
-                beta0 = cost_work.amin(-1)
-                alpha0 = (cost_work - beta0.unsqueeze(-1)).amin(-2)
-                x0 = torch.cat([alpha0 + 0.5 * g0 * a_work, beta0 + 0.5 * g0 * b_work], -1)
-            else:
-                # alpha = 0, beta_j = min_i c_ij + gamma b_j: every column starts with its
-                # cheapest row active and (for l2) its exact mass
-                beta0 = cost_work.amin(-1) + reg.gamma * b_work
-                x0 = torch.cat([torch.zeros(Bsz, R, dtype=work_dtype, device=cost_work.device), beta0], -1)
-            if init is not None:
-                x0 = init.detach().to(work_dtype).reshape(Bsz, R + K).clone()
-
-            # zero weights: their rows/columns are removed exactly (infinite cost) and
-            # their potentials pinned below every active threshold afterwards. Negligible
-            # weights (the smallest ones, summing to <= tol/20 per side, e.g. Gaussian
-            # tails of 1e-56) are treated as zeros, the rest rescaled to the same mass:
-            # they cost at most tol/5 of L1 error but otherwise stall Newton.
-            tol_solve = tol
-            if solver != "adam" and reg.sparse:
-                a_solve, b_solve = _drop_negligible(a_work, tol / 20), _drop_negligible(b_work, tol / 20)
-                tol_solve = tol / 2
-            else:
-                a_solve, b_solve = a_work, b_work
-            zr, zc = a_solve == 0, b_solve == 0
-            cost_solve = cost_work
-            if reg.sparse and (bool(zr.any()) or bool(zc.any())):
-                cost_solve = cost_work.masked_fill(zr.unsqueeze(-2) | zc.unsqueeze(-1), math.inf)
-
-            def fun(x):
-                obj, grad_alpha, grad_beta, _ = _dual(reg, x[:, :R], x[:, R:], a_solve, b_solve, cost_solve)
-                return -obj, torch.cat([grad_alpha, grad_beta], -1), _l1(grad_alpha) + _l1(grad_beta)
-
-            if solver == "newton":
-                stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
-
-                def newton(r, x, t):
-                    return newton_dual(r, x, a_solve, b_solve, cost_solve, t, max_iter)
-
-                x, n_iter, conv, errs = _continued_newton(newton, reg, x0, stages, max(tol_solve, _STAGE_TOL),
-                                                          tol_solve, info)
-            else:
-                if reg.name == "topk" and warm is not None:
-                    x0 = torch.cat(_from_warm(warm, work_dtype, info), -1)
-                x, n_iter, conv, errs = _first_order_run(solver, fun, reg, _topk_dual_compact, x0, tol_solve,
-                                                         max_iter, lr, a_solve, b_solve, cost_solve)
-            alpha, beta = x[:, :R], x[:, R:]
-            if reg.sparse:  # entropic plans are never exactly zero: nothing to pin
-                alpha, beta = _pin_zero_weights(alpha, beta, a_solve, b_solve, cost_work)
-            _, _, _, T = _dual(reg, alpha, beta, a_work, b_work, cost_work)
-            # convergence is judged on the original weights
-            conv = (_l1(T.sum(-2) - a_work) + _l1(T.sum(-1) - b_work)) <= tol
+        solve = _solve_semi_dual if formulation == "semi_dual" else _solve_dual
+        alpha, beta, T, n_iter, conv, errs = solve(
+            problem, reg, solver=solver, sparse_axis=sparse_axis, tol=tol, max_iter=max_iter, lr=lr,
+            solve_dtype=solve_dtype, init=init, eps_scaling=eps_scaling, warm=warm,
+            work=(cost_work, a_work, b_work), info=info, state=state,
+        )
     info["time"] = time.perf_counter() - t0
     dt = a.dtype
     return {
@@ -287,6 +196,134 @@ def smooth_ot_problem(
         "converged": conv, "errors": errs.to(dt), "info": info, "L": L, "ar": ar, "bc": bc,
         "solver": solver,
     }
+
+
+def _solve_semi_dual(problem, reg, *, solver, sparse_axis, tol, max_iter, lr, solve_dtype, init, eps_scaling, warm, work, info, state):
+    """The semi-dual branch of :func:`smooth_ot_problem`: ``(alpha, beta, T, n_iter,
+    converged, errors)`` in the internal layout (``work = (cost, a, b)`` in the solve dtype)."""
+    cost_work, a_work, b_work = work
+    Bsz, K, R = cost_work.shape
+    work_dtype = cost_work.dtype
+    x0 = torch.zeros(Bsz, R, dtype=work_dtype, device=cost_work.device)
+    if init is not None:
+        x0 = init.detach().to(work_dtype).reshape(Bsz, R).clone()
+
+    def fun(x):
+        obj, g, _, _ = _semi_dual(reg, x, a_work, b_work, cost_work, state)
+        return -obj, g, _l1(g)
+
+    if solver == "newton" and init is None and reg.name in ("l2", "entropy"):
+        # same optimum, better-posed problem: dual Newton (direct Schur solves,
+        # negligible weights handled), then semi-dual Newton polishes from its alpha
+        t0_warm = time.perf_counter()
+        warm = smooth_ot_problem(problem, reg, formulation="dual", sparse_axis=sparse_axis,
+                                 solver="newton", tol=tol, max_iter=max_iter, solve_dtype=solve_dtype)
+        x0 = warm["alpha"].to(work_dtype)
+        info.update(warm_start="dual", warm_start_time=time.perf_counter() - t0_warm,
+                    gamma_stages=warm["info"].get("gamma_stages"))
+        x, n_iter, conv, errs, extra = newton_semi_dual(reg, x0, a_work, b_work, cost_work, tol, max_iter, state)
+        n_iter = n_iter + warm["n_iter"]
+        errs = torch.cat([warm["errors"].to(errs), errs], 0)
+        info.update(extra)
+    elif solver == "newton":
+        stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
+
+        def newton(r, x, t):
+            return newton_semi_dual(r, x, a_work, b_work, cost_work, t, max_iter, state if r is reg else {})
+
+        x, n_iter, conv, errs = _continued_newton(newton, reg, x0, stages, max(tol, 1e-3), tol, info)
+    else:
+        if reg.name == "topk" and warm is not None:
+            x0 = _from_warm(warm, work_dtype, info)[0]
+        x, n_iter, conv, errs = _first_order_run(solver, fun, reg, _topk_semi_dual_compact, x0, tol,
+                                                 max_iter, lr, a_work, b_work, cost_work)
+    _, _, T, beta = _semi_dual(reg, x, a_work, b_work, cost_work, state)
+    alpha = x
+    return alpha, beta, T, n_iter, conv, errs
+
+
+def _solve_dual(problem, reg, *, solver, sparse_axis, tol, max_iter, lr, solve_dtype, init, eps_scaling, warm, work, info, state):
+    """The dual branch of :func:`smooth_ot_problem` (same interface as
+    :func:`_solve_semi_dual`)."""
+    cost_work, a_work, b_work = work
+    Bsz, K, R = cost_work.shape
+    work_dtype = cost_work.dtype
+    if reg.sparse and solver == "newton":
+        # c-transform pair (beta_j = min_i c_ij, alpha_i = min_j c_ij - beta_j: a
+        # feasible unregularized dual, tight on every row and column) lifted by
+        # gamma0 * weights / 2, gamma0 the first continuation stage
+        g0 = (_gamma_stages(reg, cost_work) or [reg.gamma])[0]
+        beta0 = cost_work.amin(-1)
+        alpha0 = (cost_work - beta0.unsqueeze(-1)).amin(-2)
+        x0 = torch.cat([alpha0 + 0.5 * g0 * a_work, beta0 + 0.5 * g0 * b_work], -1)
+    else:
+        # alpha = 0, beta_j = min_i c_ij + gamma b_j: every column starts with its
+        # cheapest row active and (for l2) its exact mass
+        beta0 = cost_work.amin(-1) + reg.gamma * b_work
+        x0 = torch.cat([torch.zeros(Bsz, R, dtype=work_dtype, device=cost_work.device), beta0], -1)
+    if init is not None:
+        x0 = init.detach().to(work_dtype).reshape(Bsz, R + K).clone()
+
+    # zero weights: their rows/columns are removed exactly (infinite cost) and
+    # their potentials pinned below every active threshold afterwards. Negligible
+    # weights (the smallest ones, summing to <= tol/20 per side, e.g. Gaussian
+    # tails of 1e-56) are treated as zeros, the rest rescaled to the same mass:
+    # they cost at most tol/5 of L1 error but otherwise stall Newton.
+    tol_solve = tol
+    if solver != "adam" and reg.sparse:
+        a_solve, b_solve = _drop_negligible(a_work, tol / 20), _drop_negligible(b_work, tol / 20)
+        tol_solve = tol / 2
+    else:
+        a_solve, b_solve = a_work, b_work
+    zr, zc = a_solve == 0, b_solve == 0
+    cost_solve = cost_work
+    if reg.sparse and (bool(zr.any()) or bool(zc.any())):
+        cost_solve = cost_work.masked_fill(zr.unsqueeze(-2) | zc.unsqueeze(-1), math.inf)
+
+    def fun(x):
+        obj, grad_alpha, grad_beta, _ = _dual(reg, x[:, :R], x[:, R:], a_solve, b_solve, cost_solve)
+        return -obj, torch.cat([grad_alpha, grad_beta], -1), _l1(grad_alpha) + _l1(grad_beta)
+
+    if solver == "newton":
+        stages = _gamma_stages(reg, cost_work) if _continue(eps_scaling, init) else []  # warm starts skip it
+
+        def newton(r, x, t):
+            return newton_dual(r, x, a_solve, b_solve, cost_solve, t, max_iter)
+
+        x, n_iter, conv, errs = _continued_newton(newton, reg, x0, stages, max(tol_solve, _STAGE_TOL),
+                                                  tol_solve, info)
+    else:
+        if reg.name == "topk" and warm is not None:
+            x0 = torch.cat(_from_warm(warm, work_dtype, info), -1)
+        x, n_iter, conv, errs = _first_order_run(solver, fun, reg, _topk_dual_compact, x0, tol_solve,
+                                                 max_iter, lr, a_solve, b_solve, cost_solve)
+    alpha, beta = x[:, :R], x[:, R:]
+    if reg.sparse:  # entropic plans are never exactly zero: nothing to pin
+        alpha, beta = _pin_zero_weights(alpha, beta, a_solve, b_solve, cost_work)
+    _, _, _, T = _dual(reg, alpha, beta, a_work, b_work, cost_work)
+    # convergence is judged on the original weights
+    conv = (_l1(T.sum(-2) - a_work) + _l1(T.sum(-1) - b_work)) <= tol
+    return alpha, beta, T, n_iter, conv, errs
+
+
+def _topk_warm_start(problem, reg, formulation: str, sparse_axis: str, tol: float, solve_dtype):
+    """Top-k by L-BFGS starts from the quadratic solution: if its plan is already k-sparse it
+    solves the top-k problem exactly (feasible, and optimal for the convexified problem,
+    marked ``solved_as_l2``); otherwise its potentials warm-start L-BFGS."""
+    t0 = time.perf_counter()
+    l2 = SquaredL2(reg.gamma)
+    warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
+                             tol=max(tol, _WARM_TOL), solve_dtype=solve_dtype)
+    if int((warm["plan"] != 0).sum(-1).max()) <= reg.k and tol < _WARM_TOL:
+        warm = smooth_ot_problem(problem, l2, formulation="dual", sparse_axis=sparse_axis, solver="newton",
+                                 tol=tol, solve_dtype=solve_dtype, init=torch.cat([warm["alpha"], warm["beta"]], -1))
+    if int((warm["plan"] != 0).sum(-1).max()) <= reg.k:
+        warm["info"].update(reg="topk", k=reg.k, formulation=formulation,
+                            solved_as="l2 dual (its plan is k-sparse)")
+        warm["solved_as_l2"] = True
+        return warm
+    warm["time"] = time.perf_counter() - t0
+    return warm
 
 
 def _continued_newton(newton, reg, x0, stages, stage_tol, tol, info):
@@ -403,62 +440,42 @@ def smooth_ot(
         cost: ``[n, m]`` / ``[B, n, m]`` tensor or a geometry (materialised).
         eps: alias of ``gamma`` (so that :func:`entrokit.solve` can dispatch here).
         reg: ``"l2"``, ``"topk"``, ``"entropy"`` or a ``Regularizer``.
-        gamma: regularization strength :math:`\gamma > 0` (in cost units, summed over the
-            plan: not averaged).
-        k: maximum nonzeros per column (row), only for ``reg="topk"``; ``k >= n`` is
-            quadratic OT and ``k = 1`` is unregularized OT.
+        gamma: regularization strength :math:`\gamma > 0` (cost units, summed over the plan).
+        k: maximum nonzeros per column (row), only for ``reg="topk"``.
         formulation: ``"semi_dual"`` (exact marginals on the sparse axis, ``n`` variables)
             or ``"dual"`` (``n + m`` variables). Default (``None``): ``"dual"`` for
-            ``"l2"`` and ``"entropy"`` (its semismooth Newton system is a sparse bipartite
-            Laplacian, solved directly; the semi-dual Hessian couples whole columns, so
-            semi-dual Newton is warm-started from the dual solution),
-            ``"semi_dual"`` for ``"topk"`` (column marginals and cardinality exact).
-        sparse_axis: ``"columns"`` (each target receives from at most k sources) or
-            ``"rows"`` (each source sends to at most k targets; the problem is transposed).
-        solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``),
-            ``"newton"``, ``"lbfgs"`` or ``"adam"`` (``max_iter`` fixed steps at ``lr``).
-            For ``"topk"`` with ``"lbfgs"`` and no ``init``, the quadratic solution comes
-            first (returned as is when already k-sparse, ``info["solved_as"]``; otherwise
-            the warm start, ``info["warm_start_time"]``).
+            ``"l2"`` and ``"entropy"``, ``"semi_dual"`` for ``"topk"`` (module docstring).
+        sparse_axis: ``"columns"`` (k sources per target) or ``"rows"`` (k targets per source).
+        solver: ``"auto"`` (``"newton"`` for ``"l2"``/``"entropy"``, ``"lbfgs"`` for ``"topk"``,
+            after the quadratic solution: module docstring), ``"newton"``, ``"lbfgs"`` or
+            ``"adam"`` (``max_iter`` fixed steps at ``lr``).
         tol: L1 marginal-error tolerance :math:`\|T1-a\|_1 + \|T^\top 1-b\|_1`, always
-            checked on the original weights. For ``"l2"``/``"topk"`` with the dual,
-            zero weights are removed exactly and the smallest weights summing to at
-            most ``tol/20`` per side (e.g. Gaussian tails of 1e-56) are solved as zeros
-            (the rest rescaled), which keeps Newton well-posed at a cost of at most
-            ``tol/5`` of marginal error.
+            checked on the original weights (negligible weights: module docstring).
         max_iter: iteration budget (default 300 Newton, 2000 L-BFGS, 20 Adam steps).
         lr: Adam step size.
-        solve_dtype: working dtype of ``newton``/``lbfgs`` (default ``float64``; ``None``
-            keeps the input dtype). Outputs always follow the inputs' dtype.
-        init: warm start: potentials ``(f, g)`` or a previous result (the common form),
-            or, in the internal layout, ``alpha`` (semi-dual, ``[B, n]``) or ``cat(alpha, beta)``
-            (dual) in the internal layout (rows and columns swapped for
-            ``sparse_axis="rows"``), e.g. ``result.info["x"]`` of a nearby problem.
-        normalize: rescale ``a`` and ``b`` to unit mass.
-        check_inputs: run value checks (signs, NaN, masses).
-        grad: ``"implicit"`` (default: ``value`` by the envelope theorem; ``f``, ``g``,
-            ``plan`` and ``transport_cost`` by implicit differentiation of the optimality
+        solve_dtype: working dtype of ``newton``/``lbfgs`` (``None``: the inputs'; outputs
+            follow the inputs' dtype).
+        init: warm start: potentials ``(f, g)`` or a previous result, or ``alpha``
+            (semi-dual) / ``cat(alpha, beta)`` (dual) in the internal layout.
+        normalize, check_inputs: rescale ``a`` and ``b`` to unit mass; run value checks.
+        grad: ``"implicit"`` (default: implicit differentiation of the optimality
             conditions, the top-k support held fixed) or ``"envelope"`` (frozen plan).
         eps_scaling: the gamma-continuation of the Newton solvers: ``"auto"`` (unless
             ``init`` is given), ``True`` or ``False``.
-        callback: ``callback(check, max_error)``, called with every recorded marginal
-            error once the solve has finished.
-        sparse_plan: return ``plan`` as a sparse COO tensor. Default: ``True`` for
-            ``"l2"`` and ``"topk"``, ``False`` for ``"entropy"`` (decided by ``reg``,
-            never by the data).
+        callback: ``callback(check, max_error)`` for every recorded error, after the solve.
+        sparse_plan: return ``plan`` as a sparse COO tensor (default: for ``"l2"`` and
+            ``"topk"``, decided by ``reg``, never by the data).
 
     Returns:
         :class:`~entrokit.OTResult` with ``f`` (:math:`\alpha`), ``g`` (:math:`\beta`),
         ``value`` (dual objective; for ``"topk"`` the value of the convexified primal,
         a lower bound of the nonconvex one), ``transport_cost`` :math:`\langle C,T\rangle`,
-        ``marginal_error``, ``eps = gamma``, ``grad="envelope"`` and ``info`` with
-        ``primal_value`` (:math:`\langle C,T\rangle + \sum_j\Omega(t_j)`),
-        ``max_nnz`` (largest number of nonzeros along the sparse axis), ``nnz``, the
-        solver name and time.
+        ``marginal_error``, ``eps = gamma`` and ``info`` with ``primal_value``,
+        ``max_nnz``, ``nnz``, the solver name and time.
 
     Raises:
-        InputError: bad options (``gamma <= 0``, ``k < 1``, unknown names) or data.
-        TypeError: non-tensor inputs, non-integer ``k``.
+        InputError: bad options (``gamma <= 0``, ``k < 1``, unknown names) or data;
+            ``TypeError`` for non-tensor inputs or a non-integer ``k``.
 
     Example:
         >>> import torch, entrokit
@@ -475,6 +492,23 @@ def smooth_ot(
         >>> int((res.plan.to_dense() > 0).sum(0).max()) <= 2
         True
     """
+    options = _smooth_options(eps, reg=reg, gamma=gamma, k=k, formulation=formulation, sparse_axis=sparse_axis,
+                              solver=solver, tol=tol, max_iter=max_iter, lr=lr, solve_dtype=solve_dtype, grad=grad,
+                              eps_scaling=eps_scaling, callback=callback)
+    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    return _smooth_solve(problem, init=init, sparse_plan=sparse_plan, **options)
+
+
+def smooth_ot_on_problem(problem: OTProblem, eps=None, *, init=None, sparse_plan=None, **options) -> OTResult:
+    """:func:`smooth_ot` on a validated problem (what :func:`entrokit.solve` calls): the
+    options are checked here, the problem is not built again."""
+    return _smooth_solve(problem, init=init, sparse_plan=sparse_plan, **_smooth_options(eps, **options))
+
+
+def _smooth_options(eps=None, *, reg="l2", gamma=None, k=None, formulation=None, sparse_axis="columns",
+                    solver="auto", tol=1e-6, max_iter=None, lr=1e-2, solve_dtype=torch.float64, grad="implicit",
+                    eps_scaling="auto", callback=None) -> dict:
+    """The options of :func:`smooth_ot`, checked; ``regul`` is the regularizer object."""
     if gamma is None and eps is None:
         raise InputError("smooth_ot needs gamma, the regularization strength; pass e.g. gamma=0.1.")
     if gamma is not None and eps is not None and float(gamma) != float(eps):
@@ -498,16 +532,19 @@ def smooth_ot(
             "derivative at the solution, default) or 'envelope'."
         )
     check_choice(grad, "grad", ("implicit", "envelope"))
-    if eps_scaling not in (True, False, "auto"):
-        raise InputError(f"eps_scaling must be True, False or 'auto'; got {eps_scaling!r}.")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable(iteration, error), got {type(callback).__name__}.")
-    tol = check_positive(tol, "tol")
-    max_iter = check_positive_int(max_iter, "max_iter", allow_none=True)
+    o = check_solver_options("smooth", eps_scaling=eps_scaling, callback=callback, tol=tol, max_iter=max_iter)
+    eps_scaling, tol, max_iter = o["eps_scaling"], o["tol"], o["max_iter"]
     lr = check_positive(lr, "lr")
     if solve_dtype is not None and solve_dtype not in (torch.float32, torch.float64):
         raise InputError(f"solve_dtype must be torch.float64, torch.float32 or None; got {solve_dtype!r}.")
-    problem = make_problem(a, b, cost, normalize=normalize, check_inputs=check_inputs)
+    return dict(regul=regul, gamma=gamma, formulation=formulation, sparse_axis=sparse_axis, solver=solver, tol=tol,
+                max_iter=max_iter, lr=lr, solve_dtype=solve_dtype, grad=grad, eps_scaling=eps_scaling,
+                callback=callback)
+
+
+def _smooth_solve(problem: OTProblem, *, regul, gamma, formulation, sparse_axis, solver, tol, max_iter, lr,
+                  solve_dtype, grad, eps_scaling, callback, init, sparse_plan) -> OTResult:
+    """Solve, assemble the result, report non-convergence."""
     pb = problem.with_batch()
     if init is not None:
         init = _check_init(init, pb, formulation, sparse_axis)
@@ -576,3 +613,7 @@ def _check_init(init, pb: OTProblem, formulation: str, sparse_axis: str) -> torc
             "init contains NaN or inf; expected finite potentials. Pass finite values, " + hint + "."
         )
     return init.reshape(B, size).to(device=pb.a.device)
+
+
+# entrokit.solve calls this on its validated problem
+smooth_ot.__problem_solver__ = smooth_ot_on_problem
