@@ -14,8 +14,9 @@ log-probabilities and token entropies come from :func:`entrokit.rl.token_logprob
 loss.
 
 Two runs from the same initial weights and data order: TRL's GRPO with the coefficient fixed
-at 0 (entrokit only measures the entropy), and the same with the controller (target 0.5 x the
-first measured entropy; gain and contraction of ``PIController.tuned``). Before and after
+at 0 (entrokit only measures the entropy), and the same with the controller (target 0.75 x the
+entropy at initialisation; gain and contraction of ``PIController.tuned``); 16 prompts x 8
+completions per batch, each batch used for 2 optimizer steps, Adam 5e-3, no KL. Before and after
 training, every target is sampled 32 times at temperature 1: pass@1, distinct correct answers
 and the exact mean token entropy. The example prints what it measured and draws the
 entropy and coefficient the trainer logged. It shows that the integration works outside our
@@ -23,7 +24,7 @@ own loop; it is not a study (one seed, no interval).
 
 Needs the ``trl`` extra (``pip install 'entrokit[trl]'``).
 
-Run: ``python examples/rl_trl_digit_sum.py [--steps 150] [--seed 0] [--quick] [--out PATH]``
+Run: ``python examples/rl_trl_digit_sum.py [--steps 200] [--seed 0] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from entrokit.plotting import FIGURE_STYLE, save_figure  # noqa: E402
 from entrokit.rl import FixedCoef, PIController, token_entropy  # noqa: E402
 from entrokit.rl.integrations.trl import EntropyControl, EntropyControlGRPOTrainer  # noqa: E402
 
-DIGITS, TARGETS, LENGTH, PRIOR = [str(d) for d in range(10)], list(range(37)), 4, 9.0
+DIGITS, TARGETS, LENGTH, PRIOR, TARGET = [str(d) for d in range(10)], list(range(37)), 4, 9.0, 0.75
 WORDS = ["<pad>", "<eos>", "<unk>"] + DIGITS + [f"t{t}" for t in TARGETS]
 
 
@@ -111,12 +112,12 @@ def train(arm: str, args, tok, workdir: str) -> tuple[dict, dict, list[dict]]:
     before = evaluate(model, tok, args.eval_samples, seed=10**6 + args.seed)
     if arm == "grpo":
         control = EntropyControl(controller=FixedCoef(0.0, sync=False))
-    else:  # hold 0.5 x the entropy at initialisation (mean token entropy of the first rollout's completions)
-        control = EntropyControl(controller=PIController.tuned(0.5 * before["entropy"], gain=5.0, lam=0.5, coef=0.01,
+    else:  # hold TARGET x the entropy at initialisation (sampled completions of every target)
+        control = EntropyControl(controller=PIController.tuned(TARGET * before["entropy"], gain=5.0, lam=0.5, coef=0.01,
                                                                coef_min=0.0, coef_max=0.5, sync=False))
     data = Dataset.from_dict({"prompt": [f"t{t}" for t in TARGETS] * 200, "target": TARGETS * 200})
     config = GRPOConfig(
-        output_dir=os.path.join(workdir, arm), per_device_train_batch_size=64, num_generations=8,
+        output_dir=os.path.join(workdir, arm), per_device_train_batch_size=128, num_generations=8,
         max_completion_length=LENGTH, max_steps=args.steps, learning_rate=args.lr, num_iterations=2, beta=0.0,
         temperature=1.0, logging_steps=1, report_to="none", use_cpu=True, seed=args.seed, save_strategy="no",
         dataloader_num_workers=0, bf16=False, disable_tqdm=True, log_completions=False,
@@ -132,9 +133,9 @@ def train(arm: str, args, tok, workdir: str) -> tuple[dict, dict, list[dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 3 steps, 4 samples per target")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_trl_digit_sum.png"))
     args = ap.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
         for arm in ("grpo", "control"):
             runs[arm] = train(arm, args, tok, workdir)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"TRL GRPOTrainer + entrokit, digit-sum (4 digits), Qwen2 2 x 64 from a config, 8 prompts x 8 completions, "
+    print(f"TRL GRPOTrainer + entrokit, digit-sum (4 digits), Qwen2 2 x 64 from a config, 16 prompts x 8 completions, "
           f"2 iterations per batch, lr {args.lr:g}, {args.steps} steps, seed {args.seed}; wall {wall:.0f} s, process "
           f"CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
     labels = {"grpo": "TRL GRPO (coef 0, measured)", "control": "TRL GRPO + entrokit PI control"}
@@ -173,7 +174,7 @@ def main() -> None:
         axes[0].plot(steps, [h["entrokit/entropy"] for h in logs], color=colors[arm], label=labels[arm])
         axes[1].plot(steps, [h.get("entrokit/coef", 0.0) for h in logs], color=colors[arm])
         axes[2].plot(steps, [h.get("reward", float("nan")) for h in logs], color=colors[arm])
-    target = runs["control"][0]["entropy"] * 0.5
+    target = runs["control"][0]["entropy"] * TARGET
     axes[0].axhline(target, color="tab:green", ls="--", lw=1, label="target")
     axes[0].set_title("Completion entropy (entrokit's op)")
     axes[0].set_ylabel("nats / token")
