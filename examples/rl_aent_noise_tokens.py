@@ -52,7 +52,7 @@ from entrokit.rl.toy.study import (  # noqa: E402
     paired_diff,
     plot_entropy_bands,
     plot_metric_bars,
-    run_study,
+    run_or_load,
     study_parser,
 )
 
@@ -106,7 +106,7 @@ def main() -> None:
            "k": 16 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
            "init_policy": prior}
     k = cfg["k"]
-    results, wall, cpu = run_study(task, ARMS, range(args.seed0, args.seed0 + args.seeds), **cfg)
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     print(f"digit-sum (4 digits) + {NOISE} noise tokens (prior -{PRIOR} nats), GRU 128, GRPO 32x8, 4 PPO epochs, "
           f"lr 3e-3, {args.steps} steps, {args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; "
           f"load average {os.getloadavg()[0]:.1f}")

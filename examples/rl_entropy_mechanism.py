@@ -57,7 +57,7 @@ from entrokit.rl.toy.study import (  # noqa: E402
     paired_diff,
     plot_entropy_bands,
     plot_metric_bars,
-    run_study,
+    run_or_load,
     study_parser,
 )
 
@@ -97,7 +97,7 @@ def main() -> None:
     cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 64 if args.quick else 128,
            "k": 32 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
-    results, wall, cpu = run_study(task, arms, range(args.seed0, args.seed0 + args.seeds), **cfg)
+    results, wall, cpu = run_or_load(task, arms, args, **cfg)
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "
           f"{args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
 

@@ -56,7 +56,7 @@ from entrokit.rl.toy.study import (  # noqa: E402
     plot_metric_bars,
     print_paired,
     print_table,
-    run_study,
+    run_or_load,
     study_parser,
 )
 
@@ -112,7 +112,7 @@ def main() -> None:
            "k": 8 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
            "init_policy": prior}
     k = cfg["k"]
-    results, wall, cpu = run_study(task, ARMS, range(args.seed0, args.seed0 + args.seeds), **cfg)
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     for runs in results.values():
         for r in runs:
             r["final"]["H_end/H_0"] = r["history"]["entropy"][-1] / r["history"]["entropy"][0]

@@ -55,7 +55,7 @@ from entrokit.rl.toy.study import (  # noqa: E402
     plot_metric_bars,
     print_paired,
     print_table,
-    run_study,
+    run_or_load,
     study_parser,
 )
 
@@ -101,7 +101,7 @@ def main() -> None:
     cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 32 if args.quick else 128,
            "k": 16 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
-    results, wall, cpu = run_study(task, ARMS, range(args.seed0, args.seed0 + args.seeds), **cfg)
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     add_entropy_steps(results)
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "
           f"{args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; "

@@ -21,7 +21,7 @@ import torch
 from entrokit.rl.toy.loop import GRUPolicy, Objective, evaluate, train_grpo
 
 __all__ = [
-    "Arm", "run_arm", "run_study", "study_parser", "apply_quick", "print_table", "print_paired", "fit_entropy_law", "paired_diff",
+    "Arm", "run_arm", "run_study", "run_or_load", "study_parser", "apply_quick", "print_table", "print_paired", "fit_entropy_law", "paired_diff",
     "plot_entropy_bands", "plot_metric_bars",
 ]
 
@@ -95,8 +95,39 @@ def study_parser(doc: str, *, steps: int, quick_steps: int, out: str, seeds: int
     ap.add_argument("--quick", action="store_true",
                     help=f"CI smoke run: {quick_seeds} seeds, {quick_steps} steps")
     ap.add_argument("--out", default=os.path.join("examples", "figures", out))
+    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
+    ap.add_argument("--load", metavar="PATH", nargs="+",
+                    help="do not train: report on the runs saved by --save (seeds in the order given)")
     ap.set_defaults(_quick=(quick_seeds, quick_steps))
     return ap
+
+
+def run_or_load(task: Any, arms: Sequence[Arm], args: argparse.Namespace, **cfg: Any
+                ) -> tuple[dict[str, list[dict]], float, float]:
+    """:func:`run_study` on ``args``' seeds (and ``torch.save`` to ``args.save``), or, with
+    ``args.load``, the saved runs of several files joined in the order given (so that the seeds
+    of one study can run in separate processes); then ``args.seed0`` / ``args.seeds`` describe
+    the joined seeds, and wall and CPU times are the sums over the files."""
+    if not getattr(args, "load", None):
+        results, wall, cpu = run_study(task, arms, range(args.seed0, args.seed0 + args.seeds), **cfg)
+        if getattr(args, "save", None):
+            torch.save({"seeds": list(range(args.seed0, args.seed0 + args.seeds)), "results": results,
+                        "wall": wall, "cpu": cpu, "steps": cfg.get("steps")}, args.save)
+        return results, wall, cpu
+    results: dict[str, list[dict]] = {a.name: [] for a in arms}
+    seeds, wall, cpu = [], 0.0, 0.0
+    for path in args.load:
+        saved = torch.load(path, weights_only=False)
+        if saved["steps"] != cfg.get("steps"):
+            raise ValueError(f"{path} holds runs of {saved['steps']} steps, not {cfg.get('steps')}; pass --steps.")
+        seeds += saved["seeds"]
+        for a in arms:
+            results[a.name] += saved["results"][a.name]
+        wall, cpu = wall + saved["wall"], cpu + saved["cpu"]
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"the loaded seeds {seeds} are not consecutive.")
+    args.seed0, args.seeds = seeds[0], len(seeds)
+    return results, wall, cpu
 
 
 def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
