@@ -17,6 +17,7 @@ from entrokit.rl.toy.study import (
     print_paired,
     print_table,
     run_arm,
+    run_or_load,
     run_study,
     study_parser,
 )
@@ -100,3 +101,23 @@ def test_print_table_and_paired_show_the_ci95_of_the_seeds(capsys):
     assert out[1].startswith("arm x") and out[1].endswith(format_ci95([1.0, 2.0, 4.0], digits=3, width=6))
     assert out[2].endswith(format_ci95([0.5, 2.5, 3.0], digits=3, width=6))
     assert out[3] == f"paired arm y - arm x: m {format_ci95([-0.5, 0.5, -1.0], digits=3, width=6)}"
+
+
+def test_seeds_saved_by_separate_runs_load_as_one_study(tmp_path):
+    task = DigitSum(2)
+    arms = [Arm("a", "A", lambda g: grpo_objective()), Arm("b", "B", lambda g: grpo_objective(0.1))]
+    ap = study_parser("t", steps=2, quick_steps=1, out="x.png")
+    for seed in (3, 4):
+        run_or_load(task, arms, ap.parse_args(["--seeds", "1", "--seed0", str(seed), "--save",
+                                               str(tmp_path / f"s{seed}.pt")]), **KW)
+    args = ap.parse_args(["--load", str(tmp_path / "s3.pt"), str(tmp_path / "s4.pt")])
+    joined, wall, cpu = run_or_load(task, arms, args, **KW)
+    together, _, _ = run_study(task, arms, [3, 4], **KW)
+    assert (args.seed0, args.seeds) == (3, 2) and wall > 0 and cpu > 0
+    for arm in arms:
+        assert [r["final"] for r in joined[arm.name]] == [r["final"] for r in together[arm.name]]
+        assert [r["history"] for r in joined[arm.name]] == [r["history"] for r in together[arm.name]]
+    with pytest.raises(ValueError, match="not consecutive"):
+        run_or_load(task, arms, ap.parse_args(["--load", str(tmp_path / "s4.pt"), str(tmp_path / "s3.pt")]), **KW)
+    with pytest.raises(ValueError, match="holds runs of 2 steps"):
+        run_or_load(task, arms, ap.parse_args(["--load", str(tmp_path / "s3.pt")]), **{**KW, "steps": 5})
