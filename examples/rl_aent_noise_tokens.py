@@ -29,15 +29,13 @@ Test of the claim: the naive bonus raises the noise mass above GRPO's and lowers
 (paired differences with 95 % intervals); AEnt's pass@1 is not below GRPO's and its noise mass
 stays below the naive bonus's. Measures as in ``rl_entropy_mechanism.py`` plus the noise mass.
 
-Run: ``python examples/rl_aent_noise_tokens.py [--seeds 5] [--steps 40] [--quick] [--out PATH]``
+Run: ``python examples/rl_aent_noise_tokens.py [--seeds 5] [--seed0 0] [--steps 40] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import time
 
 import matplotlib
 
@@ -48,7 +46,15 @@ import torch  # noqa: E402
 from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
 from entrokit.rl import Clamp, DeadbandController, clipped_surrogate, entropy_bonus, token_entropy  # noqa: E402
 from entrokit.rl.toy import DigitSum, grpo_objective  # noqa: E402
-from entrokit.rl.toy.study import Arm, paired_diff, plot_entropy_bands, plot_metric_bars, run_arm  # noqa: E402
+from entrokit.rl.toy.study import (  # noqa: E402
+    Arm,
+    apply_quick,
+    paired_diff,
+    plot_entropy_bands,
+    plot_metric_bars,
+    run_or_load,
+    study_parser,
+)
 
 fmt = functools.partial(format_ci95, digits=3, width=6)
 NOISE, PRIOR, BONUS, CLAMP = 1000, 9.0, 0.01, 0.4
@@ -93,28 +99,16 @@ ARMS = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 6 steps")
-    ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_aent_noise_tokens.png"))
-    args = ap.parse_args()
-    if args.quick:
-        args.seeds, args.steps = 2, 6
+    args = apply_quick(study_parser(__doc__, steps=40, quick_steps=6, out="rl_aent_noise_tokens.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4, noise_tokens=NOISE)
     cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 32 if args.quick else 128,
            "k": 16 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
            "init_policy": prior}
     k = cfg["k"]
-    results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
-    wall, cpu = time.perf_counter(), time.process_time()
-    for seed in range(args.seeds):
-        for arm in ARMS:
-            results[arm.name].append(run_arm(task, arm, seed, **cfg))
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     print(f"digit-sum (4 digits) + {NOISE} noise tokens (prior -{PRIOR} nats), GRU 128, GRPO 32x8, 4 PPO epochs, "
-          f"lr 3e-3, {args.steps} steps, {args.seeds} seeds; wall {wall:.0f} s, process CPU {cpu:.0f} s; "
+          f"lr 3e-3, {args.steps} steps, {args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; "
           f"load average {os.getloadavg()[0]:.1f}")
     init = results["grpo"]
     print(f"at initialisation: pass@1 {fmt([r['init']['pass@1'] for r in init])}, noise mass "

@@ -32,15 +32,13 @@ with a 95 % t-interval; method - GRPO differences are paired by seed.
 ``--cov-ratio r`` replaces both presets' token ratios by ``r`` (a test of scale: the official
 ratios touch 1-2 of the 1024 tokens of a toy batch); the claim (3) is about the official preset.
 
-Run: ``python examples/rl_entropy_mechanism.py [--seeds 5] [--steps 200] [--cov-ratio R] [--quick] [--out PATH]``
+Run: ``python examples/rl_entropy_mechanism.py [--seeds 5] [--seed0 0] [--steps 200] [--cov-ratio R] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import time
 
 import matplotlib
 
@@ -54,11 +52,13 @@ from entrokit.rl.losses import clip_cov_policy_loss, kl_cov_policy_loss  # noqa:
 from entrokit.rl.toy import DigitSum, grpo_objective  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
+    apply_quick,
     fit_entropy_law,
     paired_diff,
     plot_entropy_bands,
     plot_metric_bars,
-    run_arm,
+    run_or_load,
+    study_parser,
 )
 
 fmt = functools.partial(format_ci95, digits=3, width=6)
@@ -87,30 +87,19 @@ METRICS = ("pass@1", "pass@64", "coverage", "distinct", "entropy")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 12 steps")
+    ap = study_parser(__doc__, steps=200, quick_steps=12, out="rl_entropy_mechanism.png")
     ap.add_argument("--cov-ratio", type=float, default=None,
                     help="share of tokens Clip-Cov and KL-Cov touch (default: the official preset's)")
-    ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_entropy_mechanism.png"))
-    args = ap.parse_args()
+    args = apply_quick(ap.parse_args())
     arms = make_arms(args.cov_ratio)
-    if args.quick:
-        args.seeds, args.steps = 2, 12
     torch.set_num_threads(1)
     task = DigitSum(4)
     cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 64 if args.quick else 128,
            "k": 32 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
-    results: dict[str, list[dict]] = {a.name: [] for a in arms}
-    wall, cpu = time.perf_counter(), time.process_time()
-    for seed in range(args.seeds):  # arms interleaved within each seed
-        for arm in arms:
-            results[arm.name].append(run_arm(task, arm, seed, **cfg))
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    results, wall, cpu = run_or_load(task, arms, args, **cfg)
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "
-          f"{args.seeds} seeds; wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
+          f"{args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
 
     init = results["grpo"]
     h0 = [r["init"]["entropy"] for r in init]

@@ -24,15 +24,13 @@ claim: top-20 % "matches" when the paired pass@1 difference to all tokens has it
 bound above -0.05; the bottom-80 % "degrades" when its paired difference has its upper bound
 below 0. Measures as in ``rl_entropy_mechanism.py``.
 
-Run: ``python examples/rl_top_entropy_tokens.py [--seeds 5] [--steps 200] [--quick] [--out PATH]``
+Run: ``python examples/rl_top_entropy_tokens.py [--seeds 5] [--seed0 0] [--steps 200] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import time
 
 import matplotlib
 
@@ -44,7 +42,15 @@ from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure 
 from entrokit.rl.losses import clipped_surrogate  # noqa: E402
 from entrokit.rl.masks import top_entropy_mask  # noqa: E402
 from entrokit.rl.toy import DigitSum, grpo_objective  # noqa: E402
-from entrokit.rl.toy.study import Arm, paired_diff, plot_entropy_bands, plot_metric_bars, run_arm  # noqa: E402
+from entrokit.rl.toy.study import (  # noqa: E402
+    Arm,
+    apply_quick,
+    paired_diff,
+    plot_entropy_bands,
+    plot_metric_bars,
+    run_or_load,
+    study_parser,
+)
 
 fmt = functools.partial(format_ci95, digits=3, width=6)
 MARGIN = 0.05
@@ -71,27 +77,15 @@ ARMS = [
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 12 steps")
-    ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_top_entropy_tokens.png"))
-    args = ap.parse_args()
-    if args.quick:
-        args.seeds, args.steps = 2, 12
+    args = apply_quick(study_parser(__doc__, steps=200, quick_steps=12, out="rl_top_entropy_tokens.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4)
     cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 64 if args.quick else 128,
            "k": 32 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
-    results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
-    wall, cpu = time.perf_counter(), time.process_time()
-    for seed in range(args.seeds):
-        for arm in ARMS:
-            results[arm.name].append(run_arm(task, arm, seed, **cfg))
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "
-          f"{args.seeds} seeds; wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
+          f"{args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
     names = ("pass@1", f"pass@{k}", "coverage", "distinct", "entropy")
     print(f"{'arm':22s} " + " ".join(f"{m:>17s}" for m in names) + "   selected share")
     for arm in ARMS:

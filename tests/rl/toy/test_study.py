@@ -7,8 +7,23 @@ import numpy as np
 import pytest
 import torch
 
+from entrokit.plotting import format_ci95
 from entrokit.rl.toy import DigitSum, grpo_objective
-from entrokit.rl.toy.study import Arm, fit_entropy_law, paired_diff, run_arm
+from entrokit.rl.toy.study import (
+    Arm,
+    apply_quick,
+    fit_entropy_law,
+    paired_diff,
+    print_paired,
+    print_table,
+    run_arm,
+    run_or_load,
+    run_study,
+    study_parser,
+)
+
+KW = {"steps": 2, "hidden": 16, "eval_every": 1, "final_samples": 8, "k": 4, "prompts_per_step": 4,
+      "group_size": 4, "ppo_epochs": 1}
 
 
 def test_fit_entropy_law_recovers_a_closed_form():
@@ -37,3 +52,72 @@ def test_arms_of_one_seed_start_from_the_same_policy():
     assert r3["init"] != r1["init"]
     assert [c["step"] for c in r1["checkpoints"]] == [0, 1, 2]
     assert torch.isfinite(torch.tensor(r1["history"]["entropy"])).all()
+
+
+def test_run_study_is_run_arm_per_seed_in_seed_order():
+    task = DigitSum(2)
+    arms = [Arm("a", "A", lambda g: grpo_objective()), Arm("b", "B", lambda g: grpo_objective(0.1))]
+    results, wall, cpu = run_study(task, arms, [5, 2], **KW)
+    assert list(results) == ["a", "b"] and wall > 0 and cpu > 0
+    for arm in arms:
+        for seed, got in zip([5, 2], results[arm.name]):
+            ref = run_arm(task, arm, seed, **KW)
+            assert got["init"] == ref["init"] and got["history"] == ref["history"] and got["final"] == ref["final"]
+    # arms of one seed share the initial policy: the same measures at initialisation
+    assert results["a"][0]["init"] == results["b"][0]["init"]
+
+
+def test_objective_sees_the_policy_and_task_being_trained():
+    task = DigitSum(2)
+    created, seen = [], []
+
+    def make(g):
+        def objective(b):
+            seen.append((b.policy, b.task))
+            return grpo_objective()(b)
+        return objective
+
+    run_arm(task, Arm("x", "X", make), 0, init_policy=created.append, **KW)
+    assert len(seen) == KW["steps"] * KW["ppo_epochs"]
+    assert all(p is created[0] and t is task for p, t in seen)
+
+
+def test_study_parser_quick_and_seed0():
+    ap = study_parser("Title line\nmore", steps=100, quick_steps=6, out="x.png")
+    args = apply_quick(ap.parse_args([]))
+    assert (args.seeds, args.seed0, args.steps, args.quick) == (5, 0, 100, False)
+    assert args.out.endswith("x.png")
+    args = apply_quick(ap.parse_args(["--quick", "--seed0", "100", "--seeds", "9"]))
+    assert (args.seeds, args.seed0, args.steps) == (2, 100, 6)
+    assert ap.description == "Title line"
+
+
+def test_print_table_and_paired_show_the_ci95_of_the_seeds(capsys):
+    res = {"x": [{"final": {"m": v}} for v in (1.0, 2.0, 4.0)], "y": [{"final": {"m": v}} for v in (0.5, 2.5, 3.0)]}
+    arms = [Arm("x", "arm x", None), Arm("y", "arm y", None)]
+    print_table(arms, res, ["m"])
+    print_paired(arms, res, arms[0], ["m"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("arm x") and out[1].endswith(format_ci95([1.0, 2.0, 4.0], digits=3, width=6))
+    assert out[2].endswith(format_ci95([0.5, 2.5, 3.0], digits=3, width=6))
+    assert out[3] == f"paired arm y - arm x: m {format_ci95([-0.5, 0.5, -1.0], digits=3, width=6)}"
+
+
+def test_seeds_saved_by_separate_runs_load_as_one_study(tmp_path):
+    task = DigitSum(2)
+    arms = [Arm("a", "A", lambda g: grpo_objective()), Arm("b", "B", lambda g: grpo_objective(0.1))]
+    ap = study_parser("t", steps=2, quick_steps=1, out="x.png")
+    for seed in (3, 4):
+        run_or_load(task, arms, ap.parse_args(["--seeds", "1", "--seed0", str(seed), "--save",
+                                               str(tmp_path / f"s{seed}.pt")]), **KW)
+    args = ap.parse_args(["--load", str(tmp_path / "s3.pt"), str(tmp_path / "s4.pt")])
+    joined, wall, cpu = run_or_load(task, arms, args, **KW)
+    together, _, _ = run_study(task, arms, [3, 4], **KW)
+    assert (args.seed0, args.seeds) == (3, 2) and wall > 0 and cpu > 0
+    for arm in arms:
+        assert [r["final"] for r in joined[arm.name]] == [r["final"] for r in together[arm.name]]
+        assert [r["history"] for r in joined[arm.name]] == [r["history"] for r in together[arm.name]]
+    with pytest.raises(ValueError, match="not consecutive"):
+        run_or_load(task, arms, ap.parse_args(["--load", str(tmp_path / "s4.pt"), str(tmp_path / "s3.pt")]), **KW)
+    with pytest.raises(ValueError, match="holds runs of 2 steps"):
+        run_or_load(task, arms, ap.parse_args(["--load", str(tmp_path / "s3.pt")]), **{**KW, "steps": 5})

@@ -126,7 +126,8 @@ class Batch:
     """What an objective sees at one PPO epoch: ``logits [B, T, V]`` (with grad), ``logp`` and
     ``old_logp`` ``[B, T]``, per-response ``advantages [B]``, ``mask [B, T]``, the exact
     ``entropy [B, T]`` (:func:`~entrokit.rl.entropy.token_entropy`, with grad), the rollout's
-    ``prompt_ids`` and ``rewards``, the training ``step`` and the PPO ``epoch``."""
+    ``prompt_ids`` and ``rewards``, the training ``step`` and the PPO ``epoch``; ``policy``
+    and ``task`` for objectives that draw auxiliary rollouts (AEPO)."""
 
     logits: torch.Tensor
     logp: torch.Tensor
@@ -138,6 +139,8 @@ class Batch:
     rewards: torch.Tensor
     step: int
     epoch: int
+    policy: Any = None
+    task: Any = None
 
 
 Objective = Callable[[Batch], "tuple[torch.Tensor, dict[str, Any]]"]
@@ -193,7 +196,7 @@ def train_grpo(
             logits, _ = policy(ro.prompt_ids, ro.inputs)
             ent = token_entropy(logits, mask=ro.mask, check_inputs=False)
             batch = Batch(logits, token_logprobs(logits, ro.actions), old_logp, adv, ro.mask, ent, ro.prompt_ids,
-                          ro.rewards, step, epoch)
+                          ro.rewards, step, epoch, policy, task)
             loss, stats = objective(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -7,8 +7,11 @@ weights and the first rollout's random stream, so differences between arms are p
 
 from __future__ import annotations
 
+import argparse
 import math
-from collections.abc import Callable, Sequence
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +20,10 @@ import torch
 
 from entrokit.rl.toy.loop import GRUPolicy, Objective, evaluate, train_grpo
 
-__all__ = ["Arm", "run_arm", "fit_entropy_law", "paired_diff", "plot_entropy_bands", "plot_metric_bars"]
+__all__ = [
+    "Arm", "run_arm", "run_study", "run_or_load", "study_parser", "apply_quick", "print_table", "print_paired", "fit_entropy_law", "paired_diff",
+    "plot_entropy_bands", "plot_metric_bars",
+]
 
 
 @dataclass
@@ -60,6 +66,98 @@ def run_arm(task: Any, arm: Arm, seed: int, *, steps: int, hidden: int = 128, ev
     hist = train_grpo(policy, task, arm.make(g), steps=steps, generator=g, callback=callback, **kw)
     final = evaluate(policy, task, samples=final_samples, k=k, generator=g_eval)
     return {"init": init, "final": final, "history": hist, "checkpoints": checkpoints}
+
+
+def run_study(task: Any, arms: Sequence[Arm], seeds: Iterable[int], **cfg: Any
+              ) -> tuple[dict[str, list[dict]], float, float]:
+    """Every arm on every seed, arms interleaved within each seed (:func:`run_arm` with
+    ``cfg``); returns ``(results, wall seconds, process CPU seconds)`` with ``results[name]``
+    the per-seed runs in seed order."""
+    results: dict[str, list[dict]] = {a.name: [] for a in arms}
+    wall, cpu = time.perf_counter(), time.process_time()
+    for seed in seeds:
+        for arm in arms:
+            results[arm.name].append(run_arm(task, arm, seed, **cfg))
+    return results, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def study_parser(doc: str, *, steps: int, quick_steps: int, out: str, seeds: int = 5,
+                 quick_seeds: int = 2) -> argparse.ArgumentParser:
+    """The reproductions' shared options: ``--seeds``, ``--seed0`` (first seed; the committed
+    numbers use 0, the second seed set 100), ``--steps``, ``--quick`` (CI smoke run) and
+    ``--out`` (the figure, default ``examples/figures/<out>``). Call
+    :func:`apply_quick` on the parsed arguments."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=seeds, help=f"seeds (>= 5 for the verdict; default {seeds})")
+    ap.add_argument("--seed0", type=int, default=0,
+                    help="first seed (the committed numbers: 0; the second seed set: 100)")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"CI smoke run: {quick_seeds} seeds, {quick_steps} steps")
+    ap.add_argument("--out", default=os.path.join("examples", "figures", out))
+    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
+    ap.add_argument("--load", metavar="PATH", nargs="+",
+                    help="do not train: report on the runs saved by --save (seeds in the order given)")
+    ap.set_defaults(_quick=(quick_seeds, quick_steps))
+    return ap
+
+
+def run_or_load(task: Any, arms: Sequence[Arm], args: argparse.Namespace, **cfg: Any
+                ) -> tuple[dict[str, list[dict]], float, float]:
+    """:func:`run_study` on ``args``' seeds (and ``torch.save`` to ``args.save``), or, with
+    ``args.load``, the saved runs of several files joined in the order given (so that the seeds
+    of one study can run in separate processes); then ``args.seed0`` / ``args.seeds`` describe
+    the joined seeds, and wall and CPU times are the sums over the files."""
+    if not getattr(args, "load", None):
+        results, wall, cpu = run_study(task, arms, range(args.seed0, args.seed0 + args.seeds), **cfg)
+        if getattr(args, "save", None):
+            torch.save({"seeds": list(range(args.seed0, args.seed0 + args.seeds)), "results": results,
+                        "wall": wall, "cpu": cpu, "steps": cfg.get("steps")}, args.save)
+        return results, wall, cpu
+    results: dict[str, list[dict]] = {a.name: [] for a in arms}
+    seeds, wall, cpu = [], 0.0, 0.0
+    for path in args.load:
+        saved = torch.load(path, weights_only=False)
+        if saved["steps"] != cfg.get("steps"):
+            raise ValueError(f"{path} holds runs of {saved['steps']} steps, not {cfg.get('steps')}; pass --steps.")
+        seeds += saved["seeds"]
+        for a in arms:
+            results[a.name] += saved["results"][a.name]
+        wall, cpu = wall + saved["wall"], cpu + saved["cpu"]
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"the loaded seeds {seeds} are not consecutive.")
+    args.seed0, args.seeds = seeds[0], len(seeds)
+    return results, wall, cpu
+
+
+def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
+    """With ``--quick``, replace ``seeds`` and ``steps`` by the smoke run's."""
+    if args.quick:
+        args.seeds, args.steps = args._quick
+    return args
+
+
+def print_table(arms: Sequence[Arm], results: dict[str, list[dict]], names: Sequence[str], *,
+                where: str = "final", width: int = 22) -> None:
+    """One row per arm: mean ± 95 % interval over seeds of each metric in ``names``."""
+    from entrokit.plotting import format_ci95
+
+    print(f"{'arm':{width}s} " + " ".join(f"{m:>17s}" for m in names))
+    for arm in arms:
+        rs = results[arm.name]
+        print(f"{arm.label:{width}s} " + " ".join(
+            f"{format_ci95([r[where][m] for r in rs], digits=3, width=6):>17s}" for m in names))
+
+
+def print_paired(arms: Sequence[Arm], results: dict[str, list[dict]], base: Arm, names: Sequence[str]) -> None:
+    """For every arm but ``base``: the paired (per seed) differences arm - base of each metric."""
+    from entrokit.plotting import format_ci95
+
+    for arm in arms:
+        if arm.name == base.name:
+            continue
+        print(f"paired {arm.label} - {base.label}: " + ", ".join(
+            f"{m} {format_ci95(paired_diff(results, arm.name, base.name, m), digits=3, width=6)}" for m in names))
 
 
 def fit_entropy_law(entropy: Sequence[float], reward: Sequence[float]) -> tuple[float, float, float]:
