@@ -408,6 +408,9 @@ def main(argv=None) -> int:
     notes = [f"run: OMP_NUM_THREADS=1 python benchmarks/bench_newton.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()]
     if args.threads:
         notes.append(f"torch.set_num_threads({args.threads}); RegOT under OMP_NUM_THREADS=1")
+    if not args.sweep:
+        notes.append("the single-instance sweep over every solver (SNS, RegOT's other methods, POT, eps and n sweeps) "
+                     "is added by --sweep [--full]")
     head = run_headline(repeats=args.repeats, notes=notes)
     if not args.sweep:
         write_results("newton", [head], args.results)
