@@ -432,35 +432,40 @@ def token_entropy(
 
 
 # ----------------------------------------------------------------------------- hidden states
-def _hidden_tiles(n: int, vocab: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
-    """Automatic (rows, columns) of a tile of :func:`token_logprob_entropy`.
+def _hidden_tiles(n: int, vocab: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """Automatic (rows, columns, hidden block) of a tile of :func:`token_logprob_entropy`.
 
-    On CPU the working set (two float32 tiles, and for half inputs the float32 copies of a row
-    block of ``hidden``, of its gradient and of a weight chunk) is kept under 1/24 of the
-    logits' size, so that the extra peak stays below 0.05x the logits; tiles start at 512 x 1024
-    (GEMMs near peak) and shrink, columns first for half inputs (the row block sets how often a
-    weight chunk is copied and the weight's gradient rounded). Accelerators: 4096 x 8192.
+    On CPU the working set is kept under 1/28 of the logits' size, so that the extra peak stays
+    below 0.05x the logits: two float32 (rows, columns) tiles and, for half inputs, the float32
+    gradient of a row block of ``hidden`` (rows x d) plus float32 copies of one (rows + columns)
+    x block slice of ``hidden`` and ``weight``. Tiles start at 512 x 1024 (GEMMs near peak).
+    float32/float64 inputs need no copies (block = d). Accelerators: 4096 x 8192, block = d.
     """
     half = _work_dtype(dtype) != dtype
     if device.type != "cpu":
-        return min(n, 4096), min(vocab, 8192)
+        return min(n, 4096), min(vocab, 8192), d
     elem = torch.empty((), dtype=dtype).element_size()
-    budget = max(1 << 20, n * vocab * elem // 24)
-    rows, cols = min(n, 512), min(vocab, 1024)
+    budget = max(1 << 20, n * vocab * elem // 28)
 
-    def working_set(r: int, c: int) -> int:
-        return 4 * (2 * r * c + ((2 * r + c) * d if half else 0))
+    def pow2_at_most(x: float, lo: int, hi: int) -> int:
+        p = lo
+        while p * 2 <= min(x, hi):
+            p *= 2
+        return p
 
-    while working_set(rows, cols) > budget and (rows > 16 or cols > 16):
-        if half:
-            shrink_cols = cols > 32 or rows <= 16
-        else:
-            shrink_cols = cols >= rows and cols > 16 or rows <= 16
-        if shrink_cols:
-            cols = max(16, cols // 2)
-        else:
-            rows = max(16, rows // 2)
-    return rows, cols
+    if not half:
+        rows, cols = min(n, 512), min(vocab, 1024)
+        while 8 * rows * cols > budget and (rows > 16 or cols > 16):
+            if cols >= rows and cols > 16 or rows <= 16:
+                cols = max(16, cols // 2)
+            else:
+                rows = max(16, rows // 2)
+        return rows, cols, d
+    # the row block's float32 gradient takes half the budget, the tiles and the copies a quarter each
+    rows = min(n, pow2_at_most(budget / (8 * d), 16, 512))
+    cols = min(vocab, pow2_at_most(budget / (32 * rows), 16, 1024))
+    block = min(d, pow2_at_most(budget / (16 * (rows + cols)), 32, 4096))
+    return rows, cols, block
 
 
 def _label_slices(lab: torch.Tensor, vocab: int, cols: int):
@@ -473,30 +478,57 @@ def _label_slices(lab: torch.Tensor, vocab: int, cols: int):
     return order, lab_sorted, bounds
 
 
+def _work(src: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """``src`` in the working dtype: itself, or its float32 copy in the reused buffer ``buf``."""
+    if buf is None:
+        return src
+    return buf[: src.numel()].view(src.shape).copy_(src)
+
+
 class _LogprobEntropy(torch.autograd.Function):
-    """Rows outer, vocabulary inner: each row block is visited once, its (m, s, t) state and (in
-    the backward) its gradient stay in float32 while the vocabulary is swept."""
+    """Rows outer, vocabulary inner: each row block is visited once, and its (m, s, t) state and
+    (in the backward) its gradient stay in the working dtype while the vocabulary is swept."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, labels, inv_t, rows, cols):
-        wdt = _work_dtype(hidden2d.dtype)
-        half = wdt != hidden2d.dtype
+    def _logits(h_i, w_c, b_w, v0, inv_t, blocks, hbuf, wbuf, out):
+        """One tile of scaled logits, ``(h_i w_c^T + b) / temperature``, summed over hidden blocks
+        (half inputs: float32 copies of one block of each operand at a time)."""
+        for j, (k0, k1) in enumerate(blocks):
+            hb, wb = _work(h_i[:, k0:k1], hbuf), _work(w_c[:, k0:k1], wbuf)
+            if j == 0:
+                torch.mm(hb, wb.t(), out=out)
+            else:
+                out.addmm_(hb, wb.t())
+        if b_w is not None:
+            out.add_(b_w[v0 : v0 + out.shape[1]])
+        if inv_t != 1.0:
+            out.mul_(inv_t)
+        return out
+
+    @staticmethod
+    def _buffers(hidden2d, weight, rows, cols, block, wdt):
         (n, d), vocab = hidden2d.shape, weight.shape[0]
+        r0, c0 = min(rows, n), min(cols, vocab)
         dev = hidden2d.device
+        half = wdt != hidden2d.dtype
+        blocks = [(k0, min(k0 + block, d)) for k0 in range(0, d, block)] if half else [(0, d)]
+        hbuf = torch.empty(r0 * min(block, d), dtype=wdt, device=dev) if half else None
+        wbuf = torch.empty(c0 * min(block, d), dtype=wdt, device=dev) if half else None
+        return blocks, hbuf, wbuf, torch.empty(r0 * c0, dtype=wdt, device=dev), torch.empty(r0 * c0, dtype=wdt, device=dev)
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, inv_t, rows, cols, block):
+        wdt = _work_dtype(hidden2d.dtype)
+        n, vocab = hidden2d.shape[0], weight.shape[0]
+        dev = hidden2d.device
+        blocks, hbuf, wbuf, zbuf, ebuf = _LogprobEntropy._buffers(hidden2d, weight, rows, cols, block, wdt)
         lse = torch.empty(n, dtype=wdt, device=dev)
         ent = torch.empty(n, dtype=wdt, device=dev)
         logp = torch.empty(n, dtype=wdt, device=dev)
-        r0, c0 = min(rows, n), min(cols, vocab)
-        zbuf = torch.empty(r0 * c0, dtype=wdt, device=dev)
-        ebuf = torch.empty_like(zbuf)
-        h32 = torch.empty(r0, d, dtype=wdt, device=dev) if half else None
-        w32 = torch.empty(c0, d, dtype=wdt, device=dev) if half else None
         b_w = None if bias is None else bias.to(wdt)
         for i in range(0, n, rows):
             h_i = hidden2d[i : i + rows]
             r = h_i.shape[0]
-            if half:
-                h_i = h32[:r].copy_(h_i)
             order, lab_sorted, bounds = _label_slices(labels[i : i + r], vocab, cols)
             m = torch.full((r,), float("-inf"), dtype=wdt, device=dev)
             s = torch.zeros(r, dtype=wdt, device=dev)
@@ -505,13 +537,7 @@ class _LogprobEntropy(torch.autograd.Function):
             for k, v0 in enumerate(range(0, vocab, cols)):
                 w_c = weight[v0 : v0 + cols]
                 c = w_c.shape[0]
-                if half:
-                    w_c = w32[:c].copy_(w_c)
-                z = torch.mm(h_i, w_c.t(), out=zbuf[: r * c].view(r, c))
-                if b_w is not None:
-                    z.add_(b_w[v0 : v0 + c])
-                if inv_t != 1.0:
-                    z.mul_(inv_t)
+                z = _LogprobEntropy._logits(h_i, w_c, b_w, v0, inv_t, blocks, hbuf, wbuf, zbuf[: r * c].view(r, c))
                 lo, hi = bounds[k], bounds[k + 1]
                 if hi > lo:
                     sel = order[lo:hi]
@@ -519,7 +545,8 @@ class _LogprobEntropy(torch.autograd.Function):
                 # online log-sum-exp: merge this tile's (max, sum e, sum e z) into the row state
                 mn = torch.maximum(m, z.amax(1))
                 scale = torch.exp(m - mn)
-                e = torch.exp(torch.sub(z, mn[:, None], out=ebuf[: r * c].view(r, c)), out=ebuf[: r * c].view(r, c))
+                e = ebuf[: r * c].view(r, c)
+                torch.exp(torch.sub(z, mn[:, None], out=e), out=e)
                 s.mul_(scale).add_(e.sum(1))
                 t.mul_(scale).add_(e.mul_(z).sum(1))
                 m = mn
@@ -527,59 +554,43 @@ class _LogprobEntropy(torch.autograd.Function):
             ent[i : i + r] = lse[i : i + r] - t / s
             logp[i : i + r] = zl - lse[i : i + r]
         ctx.save_for_backward(hidden2d, weight, bias, labels, lse, ent)
-        ctx.inv_t, ctx.rows, ctx.cols = inv_t, rows, cols
+        ctx.inv_t, ctx.tiles = inv_t, (rows, cols, block)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden2d, weight, bias, labels, lse, ent = ctx.saved_tensors
-        inv_t, rows, cols = ctx.inv_t, ctx.rows, ctx.cols
+        inv_t, (rows, cols, block) = ctx.inv_t, ctx.tiles
         wdt = lse.dtype
         half = wdt != hidden2d.dtype
         (n, d), vocab = hidden2d.shape, weight.shape[0]
-        dev = hidden2d.device
+        blocks, hbuf, wbuf, zbuf, pbuf = _LogprobEntropy._buffers(hidden2d, weight, rows, cols, block, wdt)
         # dL/dz = g_logp (onehot - p) - g_ent p (log p + H) = p (a log p + b) + g_logp onehot,
         # a = -g_ent, b = -(g_ent H + g_logp); all times 1/temperature (the chain rule of z)
         gl = (torch.zeros_like(lse) if g_logp is None else g_logp.to(wdt)) * inv_t
         ge = (torch.zeros_like(lse) if g_ent is None else g_ent.to(wdt)) * inv_t
-        a = -ge
-        b = -(ge * ent + gl)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        a, b = -ge, -(ge * ent + gl)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(hidden2d) if need_h else None
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b else None
-        r0, c0 = min(rows, n), min(cols, vocab)
-        zbuf = torch.empty(r0 * c0, dtype=wdt, device=dev)
-        pbuf = torch.empty_like(zbuf)
-        # half inputs: float32 copies of a row block and a weight chunk, the row block's gradient
-        # in float32 over the whole vocabulary; the weight's gradient gets each tile's float32
-        # product added once (rounded once per row block)
-        h32 = torch.empty(r0, d, dtype=wdt, device=dev) if half else None
-        w32 = torch.empty(c0, d, dtype=wdt, device=dev) if half else None
-        gh32 = torch.empty(r0, d, dtype=wdt, device=dev) if half and need_h else None
         b_w = None if bias is None else bias.to(wdt)
+        # half inputs: the row block's gradient in float32 over the whole vocabulary; the
+        # weight's (and bias') gradient gets each tile's float32 product added, so it is rounded
+        # once per row block (n / rows times; rows is set by the memory budget, ~1/80 of V / d)
+        gh32 = torch.empty(min(rows, n), d, dtype=wdt, device=hidden2d.device) if half and need_h else None
         for i in range(0, n, rows):
             h_i = hidden2d[i : i + rows]
             r = h_i.shape[0]
-            if half:
-                h_i = h32[:r].copy_(h_i)
             gh_i = None
             if need_h:
-                gh_i = gh32[:r] if half else gh[i : i + r]
-                gh_i.zero_()
+                gh_i = (gh32[:r] if half else gh[i : i + r]).zero_()
             order, lab_sorted, bounds = _label_slices(labels[i : i + r], vocab, cols)
-            lse_i, a_i, b_i = lse[i : i + r, None], a[i : i + r, None], b[i : i + r, None]
-            gl_i = gl[i : i + r]
+            lse_i, a_i, b_i, gl_i = lse[i : i + r, None], a[i : i + r, None], b[i : i + r, None], gl[i : i + r]
             for k, v0 in enumerate(range(0, vocab, cols)):
                 w_c = weight[v0 : v0 + cols]
                 c = w_c.shape[0]
-                if half:
-                    w_c = w32[:c].copy_(w_c)
-                z = torch.mm(h_i, w_c.t(), out=zbuf[: r * c].view(r, c))
-                if b_w is not None:
-                    z.add_(b_w[v0 : v0 + c])
-                if inv_t != 1.0:
-                    z.mul_(inv_t)
+                z = _LogprobEntropy._logits(h_i, w_c, b_w, v0, inv_t, blocks, hbuf, wbuf, zbuf[: r * c].view(r, c))
                 z.sub_(lse_i)  # log p
                 p = torch.exp(z, out=pbuf[: r * c].view(r, c))
                 dz = torch.addcmul(b_i, a_i, z, out=z).mul_(p)
@@ -587,18 +598,19 @@ class _LogprobEntropy(torch.autograd.Function):
                 if hi > lo:
                     sel = order[lo:hi]
                     dz[sel, lab_sorted[lo:hi] - v0] += gl_i[sel]
-                if need_h:
-                    gh_i.addmm_(dz, w_c)  # in place: no (rows, d) temporary
-                if need_w:
-                    if half:
-                        gw[v0 : v0 + c].add_(torch.mm(dz.t(), h_i, out=w32[:c]))  # w_c is used up
-                    else:
-                        gw[v0 : v0 + c].addmm_(dz.t(), h_i)
                 if need_b:
                     gb[v0 : v0 + c].add_(dz.sum(0))
+                for k0, k1 in blocks:
+                    if need_h:
+                        gh_i[:, k0:k1].addmm_(dz, _work(w_c[:, k0:k1], wbuf))
+                    if need_w and half:
+                        gwb = torch.mm(dz.t(), _work(h_i[:, k0:k1], hbuf), out=wbuf[: c * (k1 - k0)].view(c, k1 - k0))
+                        gw[v0 : v0 + c, k0:k1].add_(gwb)
+                    elif need_w:
+                        gw[v0 : v0 + c].addmm_(dz.t(), h_i)
             if need_h and half:
                 gh[i : i + r].copy_(gh_i)
-        return gh, gw, gb, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None
 
 
 def token_logprob_entropy(
@@ -691,7 +703,7 @@ def token_logprob_entropy(
         raise InputError(f"labels is on {labels.device} but hidden is on {hidden.device}; move it.")
     temperature = check_positive(temperature, "temperature")
     vocab = weight.shape[0]
-    auto_rows, auto_cols = _hidden_tiles(math.prod(hidden.shape[:-1]), weight.shape[0], hidden.shape[-1],
+    auto_rows, auto_cols, block = _hidden_tiles(math.prod(hidden.shape[:-1]), weight.shape[0], hidden.shape[-1],
                                          hidden.dtype, hidden.device)
     rows = auto_rows if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
     cols = auto_cols if chunk_size in (None, "auto") else _as_int(chunk_size, "chunk_size", minimum=1)
@@ -710,6 +722,6 @@ def token_logprob_entropy(
         logp, ent = _fused.logprob_entropy_rows(hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature)
     else:
         logp, ent = _LogprobEntropy.apply(
-            hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature, rows, cols
+            hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature, rows, cols, block
         )
     return logp.reshape(lead), ent.reshape(lead)
