@@ -34,9 +34,9 @@ from entrokit.rl import _triton as _fused
 
 __all__ = ["Clamp", "TopK", "TopP", "token_entropy", "token_logprob_entropy"]
 
-# default working set of one chunk, in elements: 4 MiB of float32 per temporary on CPU (cache
-# sized); 64 MiB on an accelerator, where each chunk costs a dozen kernel launches
-_CHUNK_ELEMS = {"cpu": 1 << 18}
+# default working set of one chunk, in elements: 2 MiB of float32 per buffer on CPU (two buffers,
+# reused across chunks); 64 MiB on an accelerator, where each chunk costs a dozen kernel launches
+_CHUNK_ELEMS = {"cpu": 1 << 19}
 _CHUNK_ELEMS_ACCEL = 1 << 24
 
 
@@ -252,8 +252,21 @@ def _chunk_stats(chunk: torch.Tensor, inv_t: float, wdt: torch.dtype, support: A
     return lse.squeeze(-1), h.squeeze(-1), (None if thr is None else thr.squeeze(-1))
 
 
-def _scaled_shift(chunk: torch.Tensor, shift: torch.Tensor, inv_t: float, out: torch.Tensor) -> torch.Tensor:
-    """``out = chunk / temperature - shift`` in the working dtype, one pass (upcast included)."""
+def _scaled_shift(chunk: torch.Tensor, shift: torch.Tensor | None, inv_t: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = chunk / temperature - shift`` in the working dtype (``out`` may be ``chunk``).
+
+    Half chunks are first copied into ``out`` (a plain cast; mixed-dtype arithmetic would
+    allocate a float32 temporary). ``shift=None``: the row max of the scaled chunk, whose value
+    is returned in its place as ``(out, max)``.
+    """
+    if out.dtype != chunk.dtype:
+        chunk = out.copy_(chunk)
+    if shift is None:
+        shift = chunk.amax(-1, keepdim=True)
+        if inv_t != 1.0:
+            shift.mul_(inv_t)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # rows all -inf
+        return _scaled_shift(chunk, shift, inv_t, out), shift
     if inv_t == 1.0:
         return torch.sub(chunk, shift, out=out)
     return torch.add(shift.neg(), chunk, alpha=inv_t, out=out)
@@ -280,8 +293,7 @@ class _TokenEntropy(torch.autograd.Function):
                 lse[i : i + r], h[i : i + r], thr[i : i + r] = _chunk_stats(c, inv_t, wdt, support)
                 continue
             # one pass per statistic: x = z - max, e = exp(x), s = sum e, H = log s - sum(e x) / s
-            m = c.amax(-1, keepdim=True).to(wdt) * inv_t
-            x = _scaled_shift(c, m, inv_t, xbuf[: r * vocab].view(r, vocab))
+            x, m = _scaled_shift(c, None, inv_t, xbuf[: r * vocab].view(r, vocab))
             e = torch.exp(x, out=ebuf[: r * vocab].view(r, vocab))
             s = e.sum(-1)
             ez = e.mul_(x).sum(-1)
@@ -340,7 +352,10 @@ class _TokenEntropy(torch.autograd.Function):
             _scaled_shift(c, lse[i : i + r, None], inv_t, x)  # log p
             p = torch.exp(x, out=pbuf[: r * vocab].view(r, vocab))
             torch.addcmul(b[i : i + r, None], a[i : i + r, None], x, out=x)  # a (log p + H)
-            torch.mul(x, p, out=gi)
+            if same:
+                x.mul_(p)
+            else:
+                gi.copy_(p.mul_(x))
         return grad, None, None, None, None
 
 
@@ -386,7 +401,7 @@ def token_entropy(
         set is piecewise constant). Thresholds are found on the device (``kthvalue`` / a
         row sort), without host copies or loops over rows.
     chunk_size : int or 'auto'
-        Rows per chunk; ``'auto'`` keeps a chunk near 2**20 elements on CPU and 2**24 on a GPU,
+        Rows per chunk; ``'auto'`` keeps a chunk near 2**19 elements on CPU and 2**24 on a GPU,
         and at most 1/64 of the rows. On CUDA with triton installed and the full support, a
         fused Triton kernel (one pass over each row, forward and backward;
         :mod:`entrokit.rl._triton`) runs instead and takes no chunk size.
