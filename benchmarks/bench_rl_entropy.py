@@ -379,7 +379,8 @@ def main() -> None:
                     help="leave out of the timing process a method whose measured peak plus inputs exceeds this")
     ap.add_argument("--only", default=None, help="logits or hidden")
     ap.add_argument("--cells", default=None,
-                    help="comma-separated V:T cells (e.g. 32768:1024) to run; the others are listed as not run")
+                    help="comma-separated cells to run, V:T (both inputs) or logits:V:T / hidden:V:T (e.g. "
+                         "logits:32768:1024); the others are listed as not run")
     ap.add_argument("--from-log", action="append", default=[],
                     help="reuse the result lines that an earlier run printed (resume a stopped run)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the timing process (>= 3)")
@@ -397,7 +398,13 @@ def main() -> None:
     else:
         logit_cells = [(T, V, 0) for V in (32768, 151936) for T in (1024, 4096)]
         hidden_cells = [(1024, 32768, 4096), (1024, 151936, 1024)]
-    wanted = None if args.cells is None else {tuple(int(x) for x in c.split(":")) for c in args.cells.split(",")}
+    wanted = None
+    if args.cells is not None:
+        wanted = set()
+        for c in args.cells.split(","):
+            parts = c.split(":")
+            kinds = ("logits", "hidden") if len(parts) == 2 else (parts[0],)
+            wanted |= {(k, int(parts[-2]), int(parts[-1])) for k in kinds}
     load0 = os.getloadavg()
     header = [
         f"Anchors: {versions()}; TRL entropy_from_logits chunk_size=128 (default), verl "
@@ -432,7 +439,7 @@ def main() -> None:
         for (T, V, d) in cells:
             for dt in ("float32", "bfloat16"):
                 ms = methods + ([UPCAST[kind]] if dt == "bfloat16" else [])
-                if wanted is not None and (V, T) not in wanted:
+                if wanted is not None and (kind, V, T) not in wanted:
                     tab.add(V, T, d or "-", dt, "all", "not run (outside this run's --cells)", "", "", "", "", "", "")
                     continue
                 elem = 4 if dt == "float32" else 2
@@ -474,6 +481,16 @@ def main() -> None:
                             f"{r['err']:.1e}", r["nan"], ratio)
         return tab
 
+    hidden_table = None
+    if args.only in (None, "hidden"):
+        t = cell_rows("hidden", hidden_cells, HIDDEN_METHODS,
+                      "Hidden-state input: label log-prob and entropy (logits never formed)")
+        t.notes += [
+            "extra = peak of the call minus before it, minus the gradients of hidden and weight (the inputs' own "
+            "gradients), / size of the (T, V) logits in the input dtype. Target <= 0.05x. Error on the first 256 rows.",
+            "loss for fwd+bwd: sum(logp) + sum(H), so both gradients flow.",
+        ]
+        hidden_table = t
     if args.only in (None, "logits"):
         t = cell_rows("logits", logit_cells, LOGIT_METHODS, "Logits input: token entropy")
         t.notes += [
@@ -484,15 +501,8 @@ def main() -> None:
             "in turn in every repeat); wall and process CPU time.",
         ]
         tables.append(t)
-    if args.only in (None, "hidden"):
-        t = cell_rows("hidden", hidden_cells, HIDDEN_METHODS,
-                      "Hidden-state input: label log-prob and entropy (logits never formed)")
-        t.notes += [
-            "extra = peak of the call minus before it, minus the gradients of hidden and weight (the inputs' own "
-            "gradients), / size of the (T, V) logits in the input dtype. Target <= 0.05x. Error on the first 256 rows.",
-            "loss for fwd+bwd: sum(logp) + sum(H), so both gradients flow.",
-        ]
-        tables.append(t)
+    if hidden_table is not None:
+        tables.append(hidden_table)
     nan = nan_suite()
     tn = Table("NaN suite (64 rows, V = 1000; -inf on half the vocabulary, 8 rows with one finite token; fp16 "
                "rows holding +-65504)", ["method", "NaN count (entropies / gradient entries)"])
