@@ -662,8 +662,9 @@ def token_logprob_entropy(
     computed in float32: the row block's ``hidden`` gradient in a float32 (rows, d) buffer,
     rounded once; float32 copies of one (rows + chunk) x block slice of ``hidden`` and ``weight``
     at a time; the weight's (and bias') gradient gets each tile's float32 product added, so it is
-    rounded once per row block (T / rows times; the automatic rows make that about 80 d / V
-    roundings at most, whatever T: about 10 at d = 4096, V = 32k, and 1 at d = 1024, V = 152k).
+    rounded once per row block (T / rows times; the automatic rows are the largest power of two
+    up to 512 under the budget: 16 row blocks at T = 1k, d = 4096, V = 32k, 2 at d = 1024,
+    V = 152k; each rounding is one bfloat16 rounding of a float32 partial sum).
     The automatic tiles keep this working set under 1/28 of the logits' size.
 
     Parameters
