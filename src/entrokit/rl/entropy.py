@@ -450,17 +450,21 @@ def token_entropy(
 def _hidden_tiles(n: int, vocab: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
     """Automatic (rows, columns, hidden block) of a tile of :func:`token_logprob_entropy`.
 
-    On CPU the working set is kept under 1/28 of the logits' size, so that the extra peak stays
-    below 0.05x the logits: two float32 (rows, columns) tiles and, for half inputs, the float32
-    gradient of a row block of ``hidden`` (rows x d) plus float32 copies of one (rows + columns)
-    x block slice of ``hidden`` and ``weight``. Tiles start at 512 x 1024 (GEMMs near peak).
+    On CPU the working set is kept under 1/28 of the logits' size for half inputs and 1/48 for
+    float32/float64 ones (whose larger tiles make the GEMM's packing buffers count), so that the
+    extra peak stays below 0.05x the logits: two float32 (rows, columns) tiles and, for half
+    inputs, the float32 gradient of a row block of ``hidden`` (rows x d) plus float32 copies of
+    one (rows + columns) x block slice of ``hidden`` and ``weight``. Tiles start at 512 x 1024
+    (GEMMs near peak).
     float32/float64 inputs need no copies (block = d). Accelerators: 4096 x 8192, block = d.
     """
     half = _work_dtype(dtype) != dtype
     if device.type != "cpu":
         return min(n, 4096), min(vocab, 8192), d
     elem = torch.empty((), dtype=dtype).element_size()
-    budget = max(1 << 20, n * vocab * elem // 28)
+    # float32 tiles get a smaller share: the GEMM's own packing buffers grow with the tile
+    # (measured: about as much again at 512 x 1024, d = 4096)
+    budget = max(1 << 20, n * vocab * elem // (28 if half else 48))
 
     def pow2_at_most(x: float, lo: int, hi: int) -> int:
         p = lo
@@ -665,7 +669,7 @@ def token_logprob_entropy(
     rounded once per row block (T / rows times; the automatic rows are the largest power of two
     up to 512 under the budget: 16 row blocks at T = 1k, d = 4096, V = 32k, 2 at d = 1024,
     V = 152k; each rounding is one bfloat16 rounding of a float32 partial sum).
-    The automatic tiles keep this working set under 1/28 of the logits' size.
+    The automatic tiles keep this working set under 1/28 of the logits' size (1/48 in float32).
 
     Parameters
     ----------
@@ -679,7 +683,8 @@ def token_logprob_entropy(
     temperature : float > 0
     chunk_size, row_chunk_size : int or 'auto'
         Vocabulary columns and rows per tile. ``'auto'`` on CPU: from 1024 columns by 512 rows
-        down until the working set above fits 1/28 of the logits (at least 1 MiB), which keeps
+        down until the working set above fits 1/28 (float32: 1/48) of the logits (at least
+        1 MiB), which keeps
         the extra peak below 0.05x the logits; on a GPU 8192 x 4096.
         On CUDA with triton installed, the fused Triton path (:mod:`entrokit.rl._triton`) runs
         instead and picks its own tiles.
