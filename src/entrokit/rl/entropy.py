@@ -378,8 +378,11 @@ def token_entropy(
 
     (anchors note, section 2). The forward keeps (lse, H) per row in float32 (float64 for
     float64 logits) and the backward recomputes the softmax ``chunk_size`` rows at a time: the
-    extra memory of forward plus backward is the logits' gradient plus one chunk. bfloat16 and
-    float16 logits are accumulated in float32.
+    extra memory of forward plus backward is the logits' gradient plus two float32 buffers of one
+    chunk, reused from chunk to chunk. bfloat16 and float16 logits are accumulated in float32.
+    Each chunk takes four passes over its entries in the forward (shift by the row max, exp, sum,
+    sum of e x) and four in the backward (log p, p, :math:`a(\log p + H)`, times p); rows with
+    ``-inf`` entries (found by the NaN of 0 * -inf in the forward) take an exact clamped path.
 
     Parameters
     ----------
@@ -684,8 +687,7 @@ def token_logprob_entropy(
     chunk_size, row_chunk_size : int or 'auto'
         Vocabulary columns and rows per tile. ``'auto'`` on CPU: from 1024 columns by 512 rows
         down until the working set above fits 1/28 (float32: 1/48) of the logits (at least
-        1 MiB), which keeps
-        the extra peak below 0.05x the logits; on a GPU 8192 x 4096.
+        1 MiB), which keeps the extra peak below 0.05x the logits; on a GPU 8192 x 4096.
         On CUDA with triton installed, the fused Triton path (:mod:`entrokit.rl._triton`) runs
         instead and picks its own tiles.
     check_inputs : bool
