@@ -383,6 +383,8 @@ def main() -> None:
                          "logits:32768:1024); the others are listed as not run")
     ap.add_argument("--from-log", action="append", default=[],
                     help="reuse the result lines that an earlier run printed (resume a stopped run)")
+    ap.add_argument("--tabulate-only", action="store_true",
+                    help="with --from-log: run nothing new; what the logs lack is listed as not measured")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the timing process (>= 3)")
     args = ap.parse_args()
     if args.worker:
@@ -427,6 +429,8 @@ def main() -> None:
 
     def measure(what, kind, T, V, d, dt, cfg):
         key = (what, kind, T, V, d, dt)
+        if key not in cached and args.tabulate_only:
+            return {"error": "not measured (the run was stopped at its time budget)"}
         if key not in cached:
             cached[key] = run_worker(cfg, timeout=1800)
             print(what, kind, T, V, d, dt, json.dumps(cached[key]), f"load {os.getloadavg()[0]:.2f}", flush=True)
