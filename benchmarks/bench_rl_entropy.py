@@ -479,7 +479,7 @@ def main() -> None:
                     if m == "entrokit" and anchors and t:
                         eq = f"{t['fwdbwd']['cpu'] / min(anchors_eq):.2f}" if anchors_eq else "none"
                         ratio = f"{t['fwdbwd']['cpu'] / min(anchors):.2f} / {eq}"
-                    ft = f"{t['fwd']['wall']:.2f} / {t['fwd']['cpu']:.2f} s" if t else "not timed (memory)"
+                    ft = f"{t['fwd']['wall']:.2f} / {t['fwd']['cpu']:.2f} s" if t else "not timed (not in the timing run)"
                     bt = f"{t['fwdbwd']['wall']:.2f} / {t['fwdbwd']['cpu']:.2f} s" if t else ""
                     tab.add(V, T, d or "-", dt, m, f"{r['fwd_extra_x']:.2f}", ft, f"{r['fwdbwd_extra_x']:.2f}", bt,
                             f"{r['err']:.1e}", r["nan"], ratio)
