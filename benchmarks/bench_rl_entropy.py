@@ -21,17 +21,22 @@ Anchors are imported from their real packages (never re-written here):
   formula is verl's ``entropy_from_logits`` under ``torch.compile`` (anchors note 2.4); the
   table says so instead of re-writing it.
 
-Measures, per cell and method, each method in a fresh process (``python this.py --worker``):
+Measures, per cell (kind, V, T, d, dtype):
 
-* extra peak memory: ``ru_maxrss`` after the call minus the resident set just before it, with the
-  inputs created chunk by chunk (no temporary larger than a chunk) and every code path warmed
-  up on a tiny input first; glibc is told to serve every block above 64 KiB by ``mmap``
-  (``MALLOC_MMAP_THRESHOLD_=65536``), so freed buffers leave the resident set at once. Given as
-  a multiple of the logits' size in the input dtype. The no-grad forward is measured first,
-  then forward + backward (whose peak includes the logits' gradient, 1.0x); ``ru_maxrss`` is
-  monotone, so the fwd+bwd figure is max(fwd, fwd+bwd), an upper bound. Hidden-state input:
-  the gradients of ``hidden`` and ``weight`` (the inputs' own gradients) are subtracted.
-* time: median over the calls in that process of wall and process CPU time.
+* extra peak memory, one fresh process per method (``python this.py --worker``): ``ru_maxrss``
+  after the call minus the resident set just before it, with the inputs created chunk by chunk
+  (no temporary larger than a chunk) and every code path warmed up on a tiny input first; glibc
+  is told to serve every block above 64 KiB by ``mmap`` (``MALLOC_MMAP_THRESHOLD_=65536``), so
+  freed buffers leave the resident set at once. Given as a multiple of the logits' size in the
+  input dtype. The no-grad forward is measured first, then forward + backward (whose peak
+  includes the logits' gradient, 1.0x); ``ru_maxrss`` is monotone, so the fwd+bwd figure is
+  max(fwd, fwd+bwd), an upper bound. Hidden-state input: the gradients of ``hidden`` and
+  ``weight`` (the inputs' own gradients) are subtracted.
+* time: one process per cell runs every method that fits in memory, interleaved: each of
+  ``--reps`` repeats calls entrokit and each anchor in turn (forward, then forward + backward),
+  with the default allocator; medians of wall and process CPU time. Half-precision cells add
+  the fastest anchor called on a float32 copy of its inputs (``@fp32``), the anchor at
+  entrokit's accuracy.
 * error: max |H - H_float64| over every row (hidden input: the first 256 rows), the reference
   computed in float64 from the same input values.
 * NaN: count of NaN entropies (and gradients) on a suite of logits with -inf entries and
@@ -62,6 +67,9 @@ if os.path.isdir(ANCHORS) and ANCHORS not in sys.path:
 
 LOGIT_METHODS = ["entrokit", "trl", "verl", "verl_chunked"]
 HIDDEN_METHODS = ["entrokit", "trl_chunked", "verl_fused"]
+# half-precision cells also run the fastest anchor on a float32 copy of its inputs (the anchor at
+# entrokit's accuracy: its own bf16 path is 0.04-0.14 nats off)
+UPCAST = {"logits": "trl@fp32", "hidden": "trl_chunked@fp32"}
 OPENRLHF_NOTE = (
     "OpenRLHF 0.11.2 compute_entropy: not importable on this machine (openrlhf.models imports "
     "flash_attn, which does not build without CUDA); same formula as verl entropy_from_logits."
@@ -70,6 +78,9 @@ OPENRLHF_NOTE = (
 
 # ----------------------------------------------------------------------------- methods
 def logits_fn(name: str):
+    if name.endswith("@fp32"):
+        inner = logits_fn(name[: -len("@fp32")])
+        return lambda z: inner(z.float())
     if name == "entrokit":
         from entrokit.rl import token_entropy
 
@@ -91,6 +102,9 @@ def logits_fn(name: str):
 
 def hidden_fn(name: str):
     """(hidden, weight, labels) -> (logp, entropy)."""
+    if name.endswith("@fp32"):
+        inner = hidden_fn(name[: -len("@fp32")])
+        return lambda h, w, y: inner(h.float(), w.float(), y)
     if name == "entrokit":
         from entrokit.rl import token_logprob_entropy
 
@@ -151,105 +165,137 @@ def _ref_entropy_rows(z64: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(z64, -1) - (torch.softmax(z64, -1) * z64).sum(-1)
 
 
-def worker(cfg: dict) -> dict:
-    torch.set_num_threads(1)
+def _inputs(cfg: dict):
+    """The cell's inputs, generated 64 rows at a time (no temporary larger than that)."""
     dtype = getattr(torch, cfg["dtype"])
-    T, V, reps = cfg["T"], cfg["V"], cfg["reps"]
-    elem = torch.empty((), dtype=dtype).element_size()
-    logits_bytes = T * V * elem
-    res = {"logits_bytes": logits_bytes}
+    T, V = cfg["T"], cfg["V"]
     if cfg["kind"] == "logits":
-        fn = logits_fn(cfg["method"])
-        tiny = torch.randn(4, 64, dtype=dtype, requires_grad=True)
-        fn(tiny).mean().backward()
-        with torch.no_grad():
-            fn(tiny)
         z = torch.empty(T, V, dtype=dtype)
         _fill_randn(z, 3.0, seed=cfg["seed"])
+        return (z,)
+    d = cfg["d"]
+    h = torch.empty(T, d, dtype=dtype)
+    w = torch.empty(V, d, dtype=dtype)
+    _fill_randn(h, 1.0, seed=cfg["seed"])
+    _fill_randn(w, 3.0 / d**0.5, seed=cfg["seed"] + 1, rows=64)
+    y = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(cfg["seed"] + 2))
+    return h, w, y
+
+
+def _calls(kind: str, method: str, dtype: torch.dtype, inputs: tuple):
+    """(fwd, fwdbwd, reset): the no-grad forward, forward + backward, and the gradient reset,
+    after a warm-up of every code path on a tiny input."""
+    if kind == "logits":
+        fn = logits_fn(method)
+        tiny = torch.randn(4, 64, dtype=dtype, requires_grad=True)
+        fn(tiny).float().mean().backward()
+        with torch.no_grad():
+            fn(tiny)
+        (z,) = inputs
 
         def fwd():
             with torch.no_grad():
                 return fn(z)
 
         def fwdbwd():
-            zz = z.requires_grad_(True)
-            h = fn(zz)
-            h.mean().backward()
+            h = fn(z.requires_grad_(True))
+            h.float().mean().backward()
             return h
 
-        out_bytes = T * 4  # the entropies themselves
-        inputs_grad = 0
+        def reset():
+            z.grad = None
+            z.requires_grad_(False)
+
+        return fwd, fwdbwd, reset
+    fn = hidden_fn(method)
+    th = torch.randn(8, 16, dtype=dtype, requires_grad=True)
+    tw = torch.randn(64, 16, dtype=dtype, requires_grad=True)
+    lp, e = fn(th, tw, torch.randint(0, 64, (8,)))
+    (lp.float().sum() + e.float().sum()).backward()
+    h, w, y = inputs
+
+    def fwd():
+        with torch.no_grad():
+            return fn(h, w, y)[1]
+
+    def fwdbwd():
+        lp, e = fn(h.requires_grad_(True), w.requires_grad_(True), y)
+        (lp.float().sum() + e.float().sum()).backward()
+        return e
+
+    def reset():
+        h.grad = w.grad = None
+        h.requires_grad_(False)
+        w.requires_grad_(False)
+
+    return fwd, fwdbwd, reset
+
+
+def mem_worker(cfg: dict) -> dict:
+    """One method in a fresh process: extra peak of one forward and one forward + backward, and
+    the error and NaN count of its entropies."""
+    torch.set_num_threads(1)
+    dtype = getattr(torch, cfg["dtype"])
+    T, V = cfg["T"], cfg["V"]
+    elem = torch.empty((), dtype=dtype).element_size()
+    logits_bytes = T * V * elem
+    inputs = _inputs(cfg)
+    fwd, fwdbwd, reset = _calls(cfg["kind"], cfg["method"], dtype, inputs)
+    if cfg["kind"] == "logits":
+        out_bytes, inputs_grad = T * 4, 0
     else:
-        d = cfg["d"]
-        fn = hidden_fn(cfg["method"])
-        th = torch.randn(8, 16, dtype=dtype, requires_grad=True)
-        tw = torch.randn(64, 16, dtype=dtype, requires_grad=True)
-        ty = torch.randint(0, 64, (8,))
-        lp, e = fn(th, tw, ty)
-        (lp.sum() + e.sum()).backward()
-        h = torch.empty(T, d, dtype=dtype)
-        w = torch.empty(V, d, dtype=dtype)
-        _fill_randn(h, 1.0, seed=cfg["seed"])
-        _fill_randn(w, 3.0 / d**0.5, seed=cfg["seed"] + 1, rows=64)
-        y = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(cfg["seed"] + 2))
-
-        def fwd():
-            with torch.no_grad():
-                return fn(h, w, y)[1]
-
-        def fwdbwd():
-            hh, ww = h.requires_grad_(True), w.requires_grad_(True)
-            lp, e = fn(hh, ww, y)
-            (lp.sum() + e.sum()).backward()
-            return e
-
-        out_bytes = 2 * T * 4
-        inputs_grad = (T * d + V * d) * elem
+        out_bytes, inputs_grad = 2 * T * 4, (T * cfg["d"] + V * cfg["d"]) * elem
+    res = {"logits_bytes": logits_bytes}
     gc.collect()
     for mode, call in (("fwd", fwd), ("fwdbwd", fwdbwd)):
         before = _rss()  # the current resident set; ru_maxrss of the fwd call may already be higher
-        first, wall, cpu = _timed(call)
+        out = call()
         extra = _maxrss() - before - out_bytes
         if mode == "fwdbwd":
             extra -= inputs_grad
-        walls, cpus = [wall], [cpu]
-        for _ in range(reps - 1):
-            if mode == "fwdbwd":
-                for t in ((z,) if cfg["kind"] == "logits" else (h, w)):
-                    t.grad = None
-            _, wall, cpu = _timed(call)
-            walls.append(wall)
-            cpus.append(cpu)
-        res[mode] = {
-            "extra_x": extra / logits_bytes,
-            "wall": statistics.median(walls),
-            "cpu": statistics.median(cpus),
-            "n": len(walls),
-        }
+        res[mode + "_extra_x"] = extra / logits_bytes
         if mode == "fwd":
-            ent = first.detach().float()
-        if cfg["kind"] == "logits":
-            z.grad = None
-            z.requires_grad_(False)
-        else:
-            h.grad = w.grad = None
-            h.requires_grad_(False)
-            w.requires_grad_(False)
-        del first
+            ent = out.detach().float()
+        reset()
+        del out
         gc.collect()
     # error against float64, from the same input values
     err = 0.0
-    nan = int(torch.isnan(ent).sum())
     if cfg["kind"] == "logits":
+        (z,) = inputs
         for i in range(0, T, 32):
             ref = _ref_entropy_rows(z[i : i + 32].double())
             err = max(err, float((ent[i : i + 32].double() - ref).abs().nan_to_num(float("inf")).max()))
     else:
+        h, w, _ = inputs
         n = min(T, 256)
         ref = _ref_entropy_rows(h[:n].double() @ w.double().t())
         err = float((ent[:n].double() - ref).abs().nan_to_num(float("inf")).max())
-    res.update(err=err, nan=nan)
+    res.update(err=err, nan=int(torch.isnan(ent).sum()))
     return res
+
+
+def time_worker(cfg: dict) -> dict:
+    """Every method of one cell in one process, interleaved: each repeat times entrokit and each
+    anchor in turn (forward, then forward + backward), so that the load of the machine at any
+    moment weighs on all of them alike. Medians of wall and process CPU time."""
+    torch.set_num_threads(1)
+    dtype = getattr(torch, cfg["dtype"])
+    inputs = _inputs(cfg)
+    calls = {m: _calls(cfg["kind"], m, dtype, inputs) for m in cfg["methods"]}
+    times: dict = {m: {"fwd": ([], []), "fwdbwd": ([], [])} for m in cfg["methods"]}
+    for _ in range(cfg["reps"]):
+        for m, (fwd, fwdbwd, reset) in calls.items():
+            for mode, call in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+                _, wall, cpu = _timed(call)
+                reset()
+                times[m][mode][0].append(wall)
+                times[m][mode][1].append(cpu)
+    return {
+        m: {mode: {"wall": statistics.median(w), "cpu": statistics.median(c), "n": len(w)}
+            for mode, (w, c) in t.items()}
+        for m, t in times.items()
+    }
 
 
 # ----------------------------------------------------------------------------- NaN suite
@@ -304,8 +350,15 @@ def _meminfo_available() -> int:
 
 
 def run_worker(cfg: dict, timeout: float) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
+    """A fresh worker process. Memory workers run with glibc serving every block above 64 KiB by
+    ``mmap`` (freed buffers leave the resident set at once); timing workers with the default
+    allocator (as in training, where freed blocks are reused)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    if cfg["measure"] == "mem":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     try:
         p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                            text=True, env=env, timeout=timeout)
@@ -322,55 +375,66 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     ap.add_argument("--out", default=None, help="directory for rl_entropy.md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--budget-gib", type=float, default=12.0, help="skip a run projected above this peak")
+    ap.add_argument("--budget-gib", type=float, default=8.0,
+                    help="leave out of the timing process a method whose measured peak plus inputs exceeds this")
     ap.add_argument("--only", default=None, help="logits or hidden")
+    ap.add_argument("--cells", default=None,
+                    help="comma-separated cells to run, V:T (both inputs) or logits:V:T / hidden:V:T (e.g. "
+                         "logits:32768:1024); the others are listed as not run")
     ap.add_argument("--from-log", action="append", default=[],
-                    help="reuse the result lines that an earlier run printed (resume, or merge runs)")
-    ap.add_argument("--cached-only", action="store_true",
-                    help="with --from-log: only tabulate the logged results, run nothing new")
-    ap.add_argument("--run-missing-for", action="append", default=[],
-                    help="with --cached-only: still run the missing cells of this method")
-    ap.add_argument("--reps", type=int, default=None, help="calls per process (default 3 at T <= 1k, else 2)")
+                    help="reuse the result lines that an earlier run printed (resume a stopped run)")
+    ap.add_argument("--tabulate-only", action="store_true",
+                    help="with --from-log: run nothing new; what the logs lack is listed as not measured")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the timing process (>= 3)")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        cfg = json.loads(args.worker)
+        print(json.dumps(mem_worker(cfg) if cfg["measure"] == "mem" else time_worker(cfg)))
         return
     sys.path.insert(0, str(ROOT / "src"))
     from entrokit.bench.common import Table, machine_info, write_results
 
-    if args.reps is not None:
-        reps_of = lambda T: args.reps  # noqa: E731
-    elif args.quick:
-        reps_of = lambda T: 2  # noqa: E731
-    else:
-        reps_of = lambda T: 3 if T <= 1024 else 2  # noqa: E731
     if args.quick:
-        Vs, Ts = [4096], [64, 256]
+        logit_cells = [(T, 4096, 0) for T in (64, 256)]
         hidden_cells = [(256, 4096, 256)]
     else:
-        Vs, Ts = [32768, 151936], [1024, 4096]
+        logit_cells = [(T, V, 0) for V in (32768, 151936) for T in (1024, 4096)]
         hidden_cells = [(1024, 32768, 4096), (1024, 151936, 1024)]
+    wanted = None
+    if args.cells is not None:
+        wanted = set()
+        for c in args.cells.split(","):
+            parts = c.split(":")
+            kinds = ("logits", "hidden") if len(parts) == 2 else (parts[0],)
+            wanted |= {(k, int(parts[-2]), int(parts[-1])) for k in kinds}
+    load0 = os.getloadavg()
     header = [
         f"Anchors: {versions()}; TRL entropy_from_logits chunk_size=128 (default), verl "
         "entropy_from_logits_with_chunking chunk_size=2048 (default), verl FusedLinearForPPO chunk_size=512 "
         "(default, torch backend), TRL ChunkedLogProbFunction with its trainer's chunk 32768 x 4096 rows, "
-        "entrokit chunk_size='auto'.",
-        f"CPU: {machine_info()}; load average before: {os.getloadavg()[0]:.2f}, "
-        f"{os.getloadavg()[1]:.2f}, {os.getloadavg()[2]:.2f}.",
+        "entrokit chunk_size='auto'. `@fp32`: the anchor called on a float32 copy of the bf16 inputs "
+        "(the copy is part of its time and memory), i.e. the anchor at entrokit's accuracy.",
+        f"CPU: {machine_info()}; load average before: {load0[0]:.2f}, {load0[1]:.2f}, {load0[2]:.2f}.",
         OPENRLHF_NOTE,
     ]
     print("\n".join(header), flush=True)
     tables = []
-    measured: dict = {}
     cached: dict = {}
     for log in args.from_log:
         for line in Path(log).read_text().splitlines():
             parts = line.split(" ", 6)
-            if len(parts) == 7 and parts[0] in ("logits", "hidden") and parts[6].startswith("{"):
-                kind, T, V, d, dt, m = parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4], parts[5]
-                res = json.loads(parts[6].rsplit(" load ", 1)[0])
-                if "error" not in res or res["error"].startswith("skipped"):
-                    cached[(kind, T, V, d, dt, m)] = res
+            if len(parts) == 7 and parts[0] in ("mem", "time") and parts[6].startswith("{"):
+                key = (parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), parts[5])
+                cached[key] = json.loads(parts[6].rsplit(" load ", 1)[0])
+
+    def measure(what, kind, T, V, d, dt, cfg):
+        key = (what, kind, T, V, d, dt)
+        if key not in cached and args.tabulate_only:
+            return {"error": "not measured (the run was stopped at its time budget)"}
+        if key not in cached:
+            cached[key] = run_worker(cfg, timeout=1800)
+            print(what, kind, T, V, d, dt, json.dumps(cached[key]), f"load {os.getloadavg()[0]:.2f}", flush=True)
+        return cached[key]
 
     def cell_rows(kind, cells, methods, title):
         tab = Table(title, ["V", "T", "d", "dtype", "method", "fwd extra (x logits)", "fwd wall / CPU",
@@ -378,56 +442,50 @@ def main() -> None:
                             "fwd+bwd CPU / fastest anchor: any / within 1e-3 nats"])
         for (T, V, d) in cells:
             for dt in ("float32", "bfloat16"):
-                results = {}
-                for m in methods:
-                    cfg = dict(kind=kind, method=m, T=T, V=V, d=d, dtype=dt, reps=reps_of(T), seed=T + V)
-                    small = measured.get((kind, m, V, dt, d))
-                    elem = 4 if dt == "float32" else 2
-                    proj = None
-                    if small is not None and "fwdbwd" in small:
-                        proj = (small["fwdbwd"]["extra_x"] + 2.2) * T * V * elem
-                    avail = _meminfo_available() - (3 << 30)
-                    if (kind, T, V, d, dt, m) in cached:
-                        results[m] = cached[(kind, T, V, d, dt, m)]
-                    elif args.cached_only and m not in args.run_missing_for:
-                        results[m] = {"error": "not measured (the run was stopped at its time budget)"}
-                    elif proj is not None and (proj > args.budget_gib * 2**30 or proj > avail):
-                        results[m] = {"error": f"skipped: projected peak {proj / 2**30:.1f} GiB"}
-                    else:
-                        results[m] = run_worker(cfg, timeout=900)
-                    if "error" not in results[m] and T == min(Ts if kind == "logits" else [T]):
-                        measured[(kind, m, V, dt, d)] = results[m]
-                    print(kind, T, V, d, dt, m, json.dumps(results[m]), f"load {os.getloadavg()[0]:.2f}",
-                          flush=True)
-                ok = {k: r for k, r in results.items() if k != "entrokit" and "error" not in r}
-                anchors = [r["fwdbwd"]["cpu"] for r in ok.values()]
+                ms = methods + ([UPCAST[kind]] if dt == "bfloat16" else [])
+                if wanted is not None and (kind, V, T) not in wanted:
+                    tab.add(V, T, d or "-", dt, "all", "not run (outside this run's --cells)", "", "", "", "", "", "")
+                    continue
+                elem = 4 if dt == "float32" else 2
+                inputs = T * V * elem if kind == "logits" else (T + V) * d * elem
+                base = dict(kind=kind, T=T, V=V, d=d, dtype=dt, seed=T + V)
+                mem = {}
+                for m in ms:  # memory, error and NaN: one fresh process per method
+                    key = ("mem", kind, T, V, d, dt + "/" + m)
+                    # a method whose fwd+bwd peak at T = 1k projects over the budget is not run at 4k
+                    small = cached.get(("mem", kind, 1024, V, d, dt + "/" + m))
+                    if T > 1024 and small and "fwdbwd_extra_x" in small and key not in cached:
+                        proj = (small["fwdbwd_extra_x"] + 2.2) * T * V * elem
+                        if proj > args.budget_gib * 2**30 or proj > _meminfo_available() - (3 << 30):
+                            cached[key] = {"error": f"skipped: projected peak {proj / 2**30:.1f} GiB"}
+                    mem[m] = measure("mem", kind, T, V, d, dt + "/" + m, dict(base, method=m, measure="mem"))
+                # time: one process, every method that fits, interleaved per repeat
+                fits = [m for m in ms if "error" not in mem[m]
+                        and inputs * 2 + mem[m]["fwdbwd_extra_x"] * T * V * elem < args.budget_gib * 2**30]
+                tim = measure("time", kind, T, V, d, dt, dict(base, methods=fits, reps=args.reps, measure="time"))
+                if "error" in tim:
+                    tim = {}
+                ok = {m: r for m, r in mem.items() if m != "entrokit" and "error" not in r and m in tim}
+                anchors = [tim[m]["fwdbwd"]["cpu"] for m in ok]
                 # "equal output": the anchors whose entropies are within 1e-3 nats of float64
-                anchors_eq = [r["fwdbwd"]["cpu"] for r in ok.values() if r["err"] <= 1e-3]
-                for m, r in results.items():
+                anchors_eq = [tim[m]["fwdbwd"]["cpu"] for m, r in ok.items() if r["err"] <= 1e-3]
+                for m in ms:
+                    r = mem[m]
                     if "error" in r:
                         tab.add(V, T, d or "-", dt, m, r["error"], "", "", "", "", "", "")
                         continue
+                    t = tim.get(m)
                     ratio = "-"
-                    if m == "entrokit" and anchors:
-                        eq = f"{r['fwdbwd']['cpu'] / min(anchors_eq):.2f}" if anchors_eq else "none"
-                        ratio = f"{r['fwdbwd']['cpu'] / min(anchors):.2f} / {eq}"
-                    tab.add(V, T, d or "-", dt, m + ("" if r["fwd"]["n"] > 1 else " (1 call)"),
-                            f"{r['fwd']['extra_x']:.2f}",
-                            f"{r['fwd']['wall']:.2f} / {r['fwd']['cpu']:.2f} s",
-                            f"{r['fwdbwd']['extra_x']:.2f}", f"{r['fwdbwd']['wall']:.2f} / {r['fwdbwd']['cpu']:.2f} s",
+                    if m == "entrokit" and anchors and t:
+                        eq = f"{t['fwdbwd']['cpu'] / min(anchors_eq):.2f}" if anchors_eq else "none"
+                        ratio = f"{t['fwdbwd']['cpu'] / min(anchors):.2f} / {eq}"
+                    ft = f"{t['fwd']['wall']:.2f} / {t['fwd']['cpu']:.2f} s" if t else "not timed (not in the timing run)"
+                    bt = f"{t['fwdbwd']['wall']:.2f} / {t['fwdbwd']['cpu']:.2f} s" if t else ""
+                    tab.add(V, T, d or "-", dt, m, f"{r['fwd_extra_x']:.2f}", ft, f"{r['fwdbwd_extra_x']:.2f}", bt,
                             f"{r['err']:.1e}", r["nan"], ratio)
         return tab
 
-    if args.only in (None, "logits"):
-        cells = [(T, V, 0) for V in Vs for T in Ts]
-        t = cell_rows("logits", cells, LOGIT_METHODS, "Logits input: token entropy")
-        t.notes += [
-            "extra = peak resident memory of the call minus before it, / size of the (T, V) logits in the "
-            "input dtype; fwd+bwd includes the logits' gradient (1.0x). Targets: fwd+bwd <= 1.1x, bf16 error <= "
-            "1e-4 nats, 0 NaN, CPU time <= 1.0x the fastest anchor.",
-            "time: median over the calls of one fresh process per method (3 calls at T = 1k, 2 at T = 4k).",
-        ]
-        tables.append(t)
+    hidden_table = None
     if args.only in (None, "hidden"):
         t = cell_rows("hidden", hidden_cells, HIDDEN_METHODS,
                       "Hidden-state input: label log-prob and entropy (logits never formed)")
@@ -436,7 +494,19 @@ def main() -> None:
             "gradients), / size of the (T, V) logits in the input dtype. Target <= 0.05x. Error on the first 256 rows.",
             "loss for fwd+bwd: sum(logp) + sum(H), so both gradients flow.",
         ]
+        hidden_table = t
+    if args.only in (None, "logits"):
+        t = cell_rows("logits", logit_cells, LOGIT_METHODS, "Logits input: token entropy")
+        t.notes += [
+            "extra = peak resident memory of the call minus before it, / size of the (T, V) logits in the "
+            "input dtype, in a fresh process per method; fwd+bwd includes the logits' gradient (1.0x). Targets: "
+            "fwd+bwd <= 1.1x, bf16 error <= 1e-4 nats, 0 NaN, CPU time <= 1.0x the fastest anchor at equal output.",
+            f"time: median over {args.reps} interleaved repeats in one process per cell (entrokit and each anchor "
+            "in turn in every repeat); wall and process CPU time.",
+        ]
         tables.append(t)
+    if hidden_table is not None:
+        tables.append(hidden_table)
     nan = nan_suite()
     tn = Table("NaN suite (64 rows, V = 1000; -inf on half the vocabulary, 8 rows with one finite token; fp16 "
                "rows holding +-65504)", ["method", "NaN count (entropies / gradient entries)"])

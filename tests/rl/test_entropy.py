@@ -372,6 +372,52 @@ def test_logprob_entropy_bf16_accuracy_and_grad_dtype():
     assert not torch.isnan(h.grad).any() and not torch.isnan(w.grad).any()
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_logprob_entropy_half_tiles_match_float64(monkeypatch, with_bias):
+    """bfloat16 inputs on tiles that split rows, vocabulary and the hidden axis (float32 copies
+    one hidden block at a time, the weight's gradient added once per row block): the values
+    and all three gradients against float64 autograd on the same (bf16-exact) inputs."""
+    from entrokit.rl import entropy as E
+
+    monkeypatch.setattr(E, "_hidden_tiles", lambda *args: (5, 7, 8))  # 3 row blocks, 6 chunks, 3 blocks
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(13, 20, generator=g).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(40, 20, generator=g) * 0.5).to(torch.bfloat16).requires_grad_()
+    b = (torch.randn(40, generator=g)).to(torch.bfloat16).requires_grad_() if with_bias else None
+    lab = torch.randint(0, 40, (13,), generator=g)
+    gl, ge = torch.randn(13, generator=g), torch.randn(13, generator=g)
+    lp, ent = token_logprob_entropy(h, w, lab, bias=b, temperature=0.8)
+    (lp * gl + ent * ge).sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if with_bias else None
+    rlp, rent = _explicit(h64, w64, lab, b64, 0.8)
+    (rlp * gl.double() + rent * ge.double()).sum().backward()
+    assert (lp.double() - rlp).abs().max() < 1e-5 and (ent.double() - rent).abs().max() < 1e-5
+    # each gradient is within a few bf16 roundings (3 row blocks) of the float64 one
+    for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad)) + (((b.grad, b64.grad),) if with_bias else ()):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), ref, rtol=3 * 2.0**-8, atol=1e-3 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n", "vocab", "d"), [(1024, 32768, 4096), (1024, 151936, 1024), (4096, 151936, 4096),
+                                               (256, 50000, 8192), (3, 7, 5)])
+def test_hidden_tiles_stay_within_the_memory_budget(dtype, n, vocab, d):
+    """The automatic tiles keep their float32 working set (two tiles, and for half inputs the
+    row block's gradient and one hidden block of each operand) under 1/28 of the logits (1/48
+    in float32), or 1 MiB for small problems, and never exceed the problem."""
+    from entrokit.rl.entropy import _hidden_tiles
+
+    rows, cols, block = _hidden_tiles(n, vocab, d, dtype, torch.device("cpu"))
+    assert 1 <= rows <= n and 1 <= cols <= vocab and 1 <= block <= d
+    half = dtype == torch.bfloat16
+    working = 4 * (2 * rows * cols + ((rows * d + (rows + cols) * block) if half else 0))
+    elem = 2 if half else 4
+    assert working <= max(1 << 20, n * vocab * elem // (28 if half else 48))
+    if not half:
+        assert block == d
+
+
 def test_logprob_entropy_never_saves_logits():
     h = torch.randn(128, 32, requires_grad=True)
     w = torch.randn(4000, 32, requires_grad=True)

@@ -82,7 +82,33 @@ def _measurement(value: Any, name: str = "measured") -> torch.Tensor:
     return torch.tensor(float(value), dtype=_F64)
 
 
-class Controller(StatefulModule):
+class _EntropyFeedback(StatefulModule):
+    """Fed one measured entropy per step: ``step`` (= ``forward``) stores it in the ``last``
+    buffer through :meth:`~entrokit._stateful.StatefulModule.update_state` (refused when
+    non-finite, state unchanged) and returns :meth:`_output`, what the next step uses."""
+
+    def step(self, measured: Any) -> Any:
+        """Feed the entropy measured this step; return what the next step uses (a controller's
+        coefficient, the scheduler's temperature).
+
+        Raises:
+            InputError: ``measured`` is NaN or infinite (on any rank); the state is unchanged.
+        """
+        self.update_state(measured, what="the values passed as measured")
+        return self._output()
+
+    def forward(self, measured: Any) -> Any:
+        """Same as :meth:`step`."""
+        return self.step(measured)
+
+    def _measure(self, measured: Any) -> Mapping[str, Any]:
+        return {"last": _measurement(measured).to(self.last.device)}
+
+    def _output(self) -> Any:
+        raise NotImplementedError
+
+
+class Controller(_EntropyFeedback):
     r"""Base of the coefficient controllers.
 
     State (buffers, in ``state_dict``): ``coef`` (the coefficient), ``last`` (the last
@@ -133,21 +159,8 @@ class Controller(StatefulModule):
         """The coefficient to apply now (decided by the last ``step``)."""
         return float(self.coef)
 
-    def step(self, measured: Any) -> float:
-        """Feed the entropy measured this step; return the coefficient for the next one.
-
-        Raises:
-            InputError: ``measured`` is NaN or infinite (on any rank); the state is unchanged.
-        """
-        self.update_state(measured, what="the values passed as measured")
+    def _output(self) -> float:
         return self.value
-
-    def forward(self, measured: Any) -> float:
-        """Same as :meth:`step`."""
-        return self.step(measured)
-
-    def _measure(self, measured: Any) -> Mapping[str, Any]:
-        return {"last": _measurement(measured).to(self.coef.device)}
 
     def _write(self, stats: Mapping[str, Any]) -> None:
         h = stats["last"].to(_F64)
@@ -522,7 +535,7 @@ class DifficultyAwareCoef(StatefulModule):
         return (accuracy < self.tau).to(accuracy.dtype) * self.value
 
 
-class TemperatureScheduler(StatefulModule):
+class TemperatureScheduler(_EntropyFeedback):
     r"""AEPO's bang-bang temperature rule for the auxiliary rollouts.
 
     Per step (597358816/AEPO ``ray_trainer.py::fit``): if the last measured entropy is
@@ -587,17 +600,8 @@ class TemperatureScheduler(StatefulModule):
         """How many positive samples to splice in next (half of ``num_samples`` above target)."""
         return self.num_samples if self.below_target else self.num_samples // 2
 
-    def step(self, measured: Any) -> float:
-        """Feed the entropy measured this step; return the next temperature."""
-        self.update_state(measured, what="the values passed as measured")
+    def _output(self) -> float:
         return self.temperature
-
-    def forward(self, measured: Any) -> float:
-        """Same as :meth:`step`."""
-        return self.step(measured)
-
-    def _measure(self, measured: Any) -> Mapping[str, Any]:
-        return {"last": _measurement(measured).to(self.last.device)}
 
     def _write(self, stats: Mapping[str, Any]) -> None:
         self.last.copy_(stats["last"])

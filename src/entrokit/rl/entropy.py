@@ -34,9 +34,9 @@ from entrokit.rl import _triton as _fused
 
 __all__ = ["Clamp", "TopK", "TopP", "token_entropy", "token_logprob_entropy"]
 
-# default working set of one chunk, in elements: 4 MiB of float32 per temporary on CPU (cache
-# sized); 64 MiB on an accelerator, where each chunk costs a dozen kernel launches
-_CHUNK_ELEMS = {"cpu": 1 << 20}
+# default working set of one chunk, in elements: 2 MiB of float32 per buffer on CPU (two buffers,
+# reused across chunks); 64 MiB on an accelerator, where each chunk costs a dozen kernel launches
+_CHUNK_ELEMS = {"cpu": 1 << 19}
 _CHUNK_ELEMS_ACCEL = 1 << 24
 
 
@@ -229,7 +229,8 @@ def _rows_per_chunk(chunk_size: Any, vocab: int, device: torch.device, n_rows: i
 
 # ----------------------------------------------------------------------------- token_entropy
 def _chunk_stats(chunk: torch.Tensor, inv_t: float, wdt: torch.dtype, support: Any):
-    """Scaled logits of one chunk and their row statistics (lse, H, threshold)."""
+    """Scaled logits of one chunk and their row statistics (lse, H, threshold): the exact path
+    for rows holding -inf entries and for restricted supports."""
     x = chunk.to(wdt, copy=True)
     if inv_t != 1.0:
         x.mul_(inv_t)
@@ -251,49 +252,110 @@ def _chunk_stats(chunk: torch.Tensor, inv_t: float, wdt: torch.dtype, support: A
     return lse.squeeze(-1), h.squeeze(-1), (None if thr is None else thr.squeeze(-1))
 
 
+def _scaled_shift(chunk: torch.Tensor, shift: torch.Tensor | None, inv_t: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = chunk / temperature - shift`` in the working dtype (``out`` may be ``chunk``).
+
+    Half chunks are first copied into ``out`` (a plain cast; mixed-dtype arithmetic would
+    allocate a float32 temporary). ``shift=None``: the row max of the scaled chunk, whose value
+    is returned in its place as ``(out, max)``.
+    """
+    if out.dtype != chunk.dtype:
+        chunk = out.copy_(chunk)
+    if shift is None:
+        shift = chunk.amax(-1, keepdim=True)
+        if inv_t != 1.0:
+            shift.mul_(inv_t)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # rows all -inf
+        return _scaled_shift(chunk, shift, inv_t, out), shift
+    if inv_t == 1.0:
+        return torch.sub(chunk, shift, out=out)
+    return torch.add(shift.neg(), chunk, alpha=inv_t, out=out)
+
+
 class _TokenEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, valid, inv_t, support, rows):
         wdt = _work_dtype(logits2d.dtype)
-        n = logits2d.shape[0]
-        lse = torch.empty(n, dtype=wdt, device=logits2d.device)
-        h = torch.empty(n, dtype=wdt, device=logits2d.device)
-        thr = torch.empty(n, dtype=wdt, device=logits2d.device) if support is not None else None
+        n, vocab = logits2d.shape
+        dev = logits2d.device
+        lse = torch.empty(n, dtype=wdt, device=dev)
+        h = torch.empty(n, dtype=wdt, device=dev)
+        thr = torch.empty(n, dtype=wdt, device=dev) if support is not None else None
+        # rows that hold -inf take the clamped path in the backward too
+        slow = None
+        if support is None:
+            xbuf = torch.empty(min(rows, n) * vocab, dtype=wdt, device=dev)
+            ebuf = torch.empty_like(xbuf)
         for i in range(0, n, rows):
-            li, hi, ti = _chunk_stats(logits2d[i : i + rows], inv_t, wdt, support)
-            lse[i : i + rows] = li
-            h[i : i + rows] = hi
-            if thr is not None:
-                thr[i : i + rows] = ti
+            c = logits2d[i : i + rows]
+            r = c.shape[0]
+            if support is not None:
+                lse[i : i + r], h[i : i + r], thr[i : i + r] = _chunk_stats(c, inv_t, wdt, support)
+                continue
+            # one pass per statistic: x = z - max, e = exp(x), s = sum e, H = log s - sum(e x) / s
+            x, m = _scaled_shift(c, None, inv_t, xbuf[: r * vocab].view(r, vocab))
+            e = torch.exp(x, out=ebuf[: r * vocab].view(r, vocab))
+            s = e.sum(-1)
+            ez = e.mul_(x).sum(-1)
+            bad = torch.isnan(ez)  # 0 * (-inf): the row holds -inf entries (or no finite one)
+            if bool(bad.any()):
+                li, hi, _ = _chunk_stats(c, inv_t, wdt, None)
+                lse[i : i + r], h[i : i + r] = li, hi
+                if slow is None:
+                    slow = torch.zeros(n, dtype=torch.bool, device=dev)
+                slow[i : i + r] = bad
+                continue
+            logs = torch.log(s)
+            lse[i : i + r] = m.squeeze(-1) + logs
+            h[i : i + r] = logs - ez / s
         # a row with no finite logit has no distribution: H = 0 and no gradient (documented)
         ok = torch.isfinite(lse)
         if valid is not None:
             ok = ok & valid
         h = torch.where(ok, h, torch.zeros_like(h))
-        ctx.save_for_backward(logits2d, lse, h, ok, thr)
+        ctx.save_for_backward(logits2d, lse, h, ok, thr, slow)
         ctx.inv_t, ctx.rows = inv_t, rows
         return h
 
     @staticmethod
     def backward(ctx, grad_h):
-        logits2d, lse, h, ok, thr = ctx.saved_tensors
+        logits2d, lse, h, ok, thr, slow = ctx.saved_tensors
         inv_t, rows = ctx.inv_t, ctx.rows
         wdt = lse.dtype
-        g = torch.where(ok, grad_h.to(wdt), torch.zeros_like(lse)) * inv_t
+        n, vocab = logits2d.shape
+        # a = -g / temperature per row: dH/dz = a p (log p + H)
+        a = torch.where(ok, grad_h.to(wdt), torch.zeros_like(lse)).mul_(-inv_t)
         lse = torch.where(ok, lse, torch.zeros_like(lse))
+        b = a * h
         grad = torch.empty_like(logits2d)
         fmin = torch.finfo(wdt).min
-        for i in range(0, logits2d.shape[0], rows):
-            x = logits2d[i : i + rows].to(wdt, copy=True)
-            if inv_t != 1.0:
-                x.mul_(inv_t)
-            if thr is not None:
-                x.masked_fill_(x < thr[i : i + rows, None], float("-inf"))
-            x.sub_(lse[i : i + rows, None]).clamp_(min=fmin)  # log p, floored on -inf
-            p = torch.exp(x)
-            # dH/dz = -p (log p + H), times the chain rule of z = logits / temperature
-            x.add_(h[i : i + rows, None]).mul_(p).mul_(-g[i : i + rows, None])
-            grad[i : i + rows] = x
+        same = logits2d.dtype == wdt
+        xbuf = None if same else torch.empty(min(rows, n) * vocab, dtype=wdt, device=logits2d.device)
+        pbuf = torch.empty(min(rows, n) * vocab, dtype=wdt, device=logits2d.device)
+        for i in range(0, n, rows):
+            c = logits2d[i : i + rows]
+            r = c.shape[0]
+            if thr is not None or (slow is not None and bool(slow[i : i + r].any())):
+                x = c.to(wdt, copy=True)
+                if inv_t != 1.0:
+                    x.mul_(inv_t)
+                if thr is not None:
+                    x.masked_fill_(x < thr[i : i + r, None], float("-inf"))
+                x.sub_(lse[i : i + r, None]).clamp_(min=fmin)  # log p, floored on -inf
+                p = torch.exp(x)
+                # multiply by p before a: the floor times a could overflow, times p it is 0
+                x.add_(h[i : i + r, None]).mul_(p).mul_(a[i : i + r, None])
+                grad[i : i + r] = x
+                continue
+            gi = grad[i : i + r]
+            x = gi if same else xbuf[: r * vocab].view(r, vocab)
+            _scaled_shift(c, lse[i : i + r, None], inv_t, x)  # log p
+            p = torch.exp(x, out=pbuf[: r * vocab].view(r, vocab))
+            torch.addcmul(b[i : i + r, None], a[i : i + r, None], x, out=x)  # a (log p + H)
+            if same:
+                x.mul_(p)
+            else:
+                gi.copy_(p.mul_(x))
         return grad, None, None, None, None
 
 
@@ -316,8 +378,11 @@ def token_entropy(
 
     (anchors note, section 2). The forward keeps (lse, H) per row in float32 (float64 for
     float64 logits) and the backward recomputes the softmax ``chunk_size`` rows at a time: the
-    extra memory of forward plus backward is the logits' gradient plus one chunk. bfloat16 and
-    float16 logits are accumulated in float32.
+    extra memory of forward plus backward is the logits' gradient plus two float32 buffers of one
+    chunk, reused from chunk to chunk. bfloat16 and float16 logits are accumulated in float32.
+    Each chunk takes four passes over its entries in the forward (shift by the row max, exp, sum,
+    sum of e x) and four in the backward (log p, p, :math:`a(\log p + H)`, times p); rows with
+    ``-inf`` entries (found by the NaN of 0 * -inf in the forward) take an exact clamped path.
 
     Parameters
     ----------
@@ -339,7 +404,7 @@ def token_entropy(
         set is piecewise constant). Thresholds are found on the device (``kthvalue`` / a
         row sort), without host copies or loops over rows.
     chunk_size : int or 'auto'
-        Rows per chunk; ``'auto'`` keeps a chunk near 2**20 elements on CPU and 2**24 on a GPU,
+        Rows per chunk; ``'auto'`` keeps a chunk near 2**19 elements on CPU and 2**24 on a GPU,
         and at most 1/64 of the rows. On CUDA with triton installed and the full support, a
         fused Triton kernel (one pass over each row, forward and backward;
         :mod:`entrokit.rl._triton`) runs instead and takes no chunk size.
@@ -385,107 +450,189 @@ def token_entropy(
 
 
 # ----------------------------------------------------------------------------- hidden states
-def _tile_logits(h_rows, w_c, b_c, inv_t, wdt):
-    z = h_rows.to(wdt) @ w_c.t()
-    if b_c is not None:
-        z.add_(b_c)
-    if inv_t != 1.0:
-        z.mul_(inv_t)
-    return z
+def _hidden_tiles(n: int, vocab: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """Automatic (rows, columns, hidden block) of a tile of :func:`token_logprob_entropy`.
+
+    On CPU the working set is kept under 1/28 of the logits' size for half inputs and 1/48 for
+    float32/float64 ones (whose larger tiles make the GEMM's packing buffers count), so that the
+    extra peak stays below 0.05x the logits: two float32 (rows, columns) tiles and, for half
+    inputs, the float32 gradient of a row block of ``hidden`` (rows x d) plus float32 copies of
+    one (rows + columns) x block slice of ``hidden`` and ``weight``. Tiles start at 512 x 1024
+    (GEMMs near peak).
+    float32/float64 inputs need no copies (block = d). Accelerators: 4096 x 8192, block = d.
+    """
+    half = _work_dtype(dtype) != dtype
+    if device.type != "cpu":
+        return min(n, 4096), min(vocab, 8192), d
+    elem = torch.empty((), dtype=dtype).element_size()
+    # float32 tiles get a smaller share: the GEMM's own packing buffers grow with the tile
+    # (measured: about as much again at 512 x 1024, d = 4096)
+    budget = max(1 << 20, n * vocab * elem // (28 if half else 48))
+
+    def pow2_at_most(x: float, lo: int, hi: int) -> int:
+        p = lo
+        while p * 2 <= min(x, hi):
+            p *= 2
+        return p
+
+    if not half:
+        rows, cols = min(n, 512), min(vocab, 1024)
+        while 8 * rows * cols > budget and (rows > 16 or cols > 16):
+            if cols >= rows and cols > 16 or rows <= 16:
+                cols = max(16, cols // 2)
+            else:
+                rows = max(16, rows // 2)
+        return rows, cols, d
+    # the row block's float32 gradient takes half the budget, the tiles and the copies a quarter each
+    rows = min(n, pow2_at_most(budget / (8 * d), 16, 512))
+    cols = min(vocab, pow2_at_most(budget / (32 * rows), 16, 1024))
+    block = min(d, pow2_at_most(budget / (16 * (rows + cols)), 32, 4096))
+    return rows, cols, block
+
+
+def _label_slices(lab: torch.Tensor, vocab: int, cols: int):
+    """Rows of a block sorted by label, and for each vocabulary chunk the range of sorted rows
+    whose label falls in it (one host copy per row block, no per-tile search)."""
+    order = torch.argsort(lab)
+    lab_sorted = lab[order]
+    starts = torch.arange(0, vocab + cols, cols, device=lab.device).clamp_(max=vocab)
+    bounds = torch.searchsorted(lab_sorted, starts).tolist()
+    return order, lab_sorted, bounds
+
+
+def _work(src: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """``src`` in the working dtype: itself, or its float32 copy in the reused buffer ``buf``."""
+    if buf is None:
+        return src
+    return buf[: src.numel()].view(src.shape).copy_(src)
 
 
 class _LogprobEntropy(torch.autograd.Function):
+    """Rows outer, vocabulary inner: each row block is visited once, and its (m, s, t) state and
+    (in the backward) its gradient stay in the working dtype while the vocabulary is swept."""
+
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, labels, inv_t, rows, cols):
+    def _logits(h_i, w_c, b_w, v0, inv_t, blocks, hbuf, wbuf, out):
+        """One tile of scaled logits, ``(h_i w_c^T + b) / temperature``, summed over hidden blocks
+        (half inputs: float32 copies of one block of each operand at a time)."""
+        for j, (k0, k1) in enumerate(blocks):
+            hb, wb = _work(h_i[:, k0:k1], hbuf), _work(w_c[:, k0:k1], wbuf)
+            if j == 0:
+                torch.mm(hb, wb.t(), out=out)
+            else:
+                out.addmm_(hb, wb.t())
+        if b_w is not None:
+            out.add_(b_w[v0 : v0 + out.shape[1]])
+        if inv_t != 1.0:
+            out.mul_(inv_t)
+        return out
+
+    @staticmethod
+    def _buffers(hidden2d, weight, rows, cols, block, wdt):
+        (n, d), vocab = hidden2d.shape, weight.shape[0]
+        r0, c0 = min(rows, n), min(cols, vocab)
+        dev = hidden2d.device
+        half = wdt != hidden2d.dtype
+        blocks = [(k0, min(k0 + block, d)) for k0 in range(0, d, block)] if half else [(0, d)]
+        hbuf = torch.empty(r0 * min(block, d), dtype=wdt, device=dev) if half else None
+        wbuf = torch.empty(c0 * min(block, d), dtype=wdt, device=dev) if half else None
+        return blocks, hbuf, wbuf, torch.empty(r0 * c0, dtype=wdt, device=dev), torch.empty(r0 * c0, dtype=wdt, device=dev)
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, labels, inv_t, rows, cols, block):
         wdt = _work_dtype(hidden2d.dtype)
         n, vocab = hidden2d.shape[0], weight.shape[0]
         dev = hidden2d.device
-        m = torch.full((n,), float("-inf"), dtype=wdt, device=dev)
-        s = torch.zeros(n, dtype=wdt, device=dev)
-        t = torch.zeros(n, dtype=wdt, device=dev)  # sum_j e^{z_j - m} z_j
-        zl = torch.zeros(n, dtype=wdt, device=dev)
-        for v0 in range(0, vocab, cols):
-            w_c = weight[v0 : v0 + cols].to(wdt)
-            b_c = None if bias is None else bias[v0 : v0 + cols].to(wdt)
-            nc = w_c.shape[0]
-            for i in range(0, n, rows):
-                z = _tile_logits(hidden2d[i : i + rows], w_c, b_c, inv_t, wdt)
-                lab = labels[i : i + rows] - v0
-                inside = (lab >= 0) & (lab < nc)
-                zl[i : i + rows] += torch.where(
-                    inside, z.gather(1, lab.clamp(0, nc - 1)[:, None]).squeeze(1), 0.0
-                )
-                # online log-sum-exp: merge this tile's (max, sum e, sum e z) into the running row state
-                mc = z.amax(1)
-                mn = torch.maximum(m[i : i + rows], mc)
-                scale = torch.exp(m[i : i + rows] - mn)
-                e = torch.exp(z - mn[:, None])
-                s[i : i + rows] = s[i : i + rows] * scale + e.sum(1)
-                t[i : i + rows] = t[i : i + rows] * scale + (e * z).sum(1)
-                m[i : i + rows] = mn
-        lse = m + torch.log(s)
-        ent = lse - t / s
-        logp = zl - lse
+        blocks, hbuf, wbuf, zbuf, ebuf = _LogprobEntropy._buffers(hidden2d, weight, rows, cols, block, wdt)
+        lse = torch.empty(n, dtype=wdt, device=dev)
+        ent = torch.empty(n, dtype=wdt, device=dev)
+        logp = torch.empty(n, dtype=wdt, device=dev)
+        b_w = None if bias is None else bias.to(wdt)
+        for i in range(0, n, rows):
+            h_i = hidden2d[i : i + rows]
+            r = h_i.shape[0]
+            order, lab_sorted, bounds = _label_slices(labels[i : i + r], vocab, cols)
+            m = torch.full((r,), float("-inf"), dtype=wdt, device=dev)
+            s = torch.zeros(r, dtype=wdt, device=dev)
+            t = torch.zeros(r, dtype=wdt, device=dev)  # sum_j e^{z_j - m} z_j
+            zl = torch.zeros(r, dtype=wdt, device=dev)
+            for k, v0 in enumerate(range(0, vocab, cols)):
+                w_c = weight[v0 : v0 + cols]
+                c = w_c.shape[0]
+                z = _LogprobEntropy._logits(h_i, w_c, b_w, v0, inv_t, blocks, hbuf, wbuf, zbuf[: r * c].view(r, c))
+                lo, hi = bounds[k], bounds[k + 1]
+                if hi > lo:
+                    sel = order[lo:hi]
+                    zl[sel] = z[sel, lab_sorted[lo:hi] - v0]
+                # online log-sum-exp: merge this tile's (max, sum e, sum e z) into the row state
+                mn = torch.maximum(m, z.amax(1))
+                scale = torch.exp(m - mn)
+                e = ebuf[: r * c].view(r, c)
+                torch.exp(torch.sub(z, mn[:, None], out=e), out=e)
+                s.mul_(scale).add_(e.sum(1))
+                t.mul_(scale).add_(e.mul_(z).sum(1))
+                m = mn
+            lse[i : i + r] = m + torch.log(s)
+            ent[i : i + r] = lse[i : i + r] - t / s
+            logp[i : i + r] = zl - lse[i : i + r]
         ctx.save_for_backward(hidden2d, weight, bias, labels, lse, ent)
-        ctx.inv_t, ctx.rows, ctx.cols = inv_t, rows, cols
+        ctx.inv_t, ctx.tiles = inv_t, (rows, cols, block)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden2d, weight, bias, labels, lse, ent = ctx.saved_tensors
-        inv_t, rows, cols = ctx.inv_t, ctx.rows, ctx.cols
+        inv_t, (rows, cols, block) = ctx.inv_t, ctx.tiles
         wdt = lse.dtype
-        n, vocab = hidden2d.shape[0], weight.shape[0]
-        gl = torch.zeros_like(lse) if g_logp is None else g_logp.to(wdt)
-        ge = torch.zeros_like(lse) if g_ent is None else g_ent.to(wdt)
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        # half inputs: hidden's gradient is accumulated over vocabulary chunks in float32
-        gh = None
-        if need_h:
-            gh = torch.zeros(hidden2d.shape, dtype=wdt, device=hidden2d.device) if hidden2d.dtype != wdt \
-                else torch.zeros_like(hidden2d)
-        # float32/float64 inputs accumulate straight into the gradients; half inputs use a
-        # float32 buffer for one vocabulary chunk
-        direct = weight.dtype == wdt
-        gw = (torch.zeros_like(weight) if direct else torch.empty_like(weight)) if need_w else None
-        gb = (torch.zeros_like(bias) if direct else torch.empty_like(bias)) if need_b else None
-        for v0 in range(0, vocab, cols):
-            w_c = weight[v0 : v0 + cols].to(wdt)
-            b_c = None if bias is None else bias[v0 : v0 + cols].to(wdt)
-            nc = w_c.shape[0]
-            gw_c = gb_c = None
-            if need_w:
-                gw_c = gw[v0 : v0 + cols] if direct else torch.zeros_like(w_c)
-            if need_b:
-                gb_c = gb[v0 : v0 + cols] if direct else torch.zeros(nc, dtype=wdt, device=w_c.device)
-            for i in range(0, n, rows):
-                h_rows = hidden2d[i : i + rows].to(wdt)
-                z = _tile_logits(h_rows, w_c, b_c, inv_t, wdt)
-                z.sub_(lse[i : i + rows, None])  # log p
-                p = torch.exp(z)
-                # dL/dz = g_logp (onehot - p) - g_ent p (log p + H), then the 1/temperature of z
-                z.add_(ent[i : i + rows, None]).mul_(ge[i : i + rows, None]).add_(gl[i : i + rows, None])
-                dz = z.mul_(p).neg_()
-                lab = labels[i : i + rows] - v0
-                inside = (lab >= 0) & (lab < nc)
-                dz.scatter_add_(
-                    1, lab.clamp(0, nc - 1)[:, None], torch.where(inside, gl[i : i + rows], 0.0)[:, None]
-                )
-                if inv_t != 1.0:
-                    dz.mul_(inv_t)
-                if need_h:
-                    gh[i : i + rows].addmm_(dz, w_c)  # in place: no (rows, d) temporary
-                if need_w:
-                    gw_c.addmm_(dz.t(), h_rows)
+        half = wdt != hidden2d.dtype
+        (n, d), vocab = hidden2d.shape, weight.shape[0]
+        blocks, hbuf, wbuf, zbuf, pbuf = _LogprobEntropy._buffers(hidden2d, weight, rows, cols, block, wdt)
+        # dL/dz = g_logp (onehot - p) - g_ent p (log p + H) = p (a log p + b) + g_logp onehot,
+        # a = -g_ent, b = -(g_ent H + g_logp); all times 1/temperature (the chain rule of z)
+        gl = (torch.zeros_like(lse) if g_logp is None else g_logp.to(wdt)) * inv_t
+        ge = (torch.zeros_like(lse) if g_ent is None else g_ent.to(wdt)) * inv_t
+        a, b = -ge, -(ge * ent + gl)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(hidden2d) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        b_w = None if bias is None else bias.to(wdt)
+        # half inputs: the row block's gradient in float32 over the whole vocabulary; the
+        # weight's (and bias') gradient gets each tile's float32 product added, so it is rounded
+        # once per row block (n / rows times; rows is set by the memory budget, ~1/80 of V / d)
+        gh32 = torch.empty(min(rows, n), d, dtype=wdt, device=hidden2d.device) if half and need_h else None
+        for i in range(0, n, rows):
+            h_i = hidden2d[i : i + rows]
+            r = h_i.shape[0]
+            gh_i = None
+            if need_h:
+                gh_i = (gh32[:r] if half else gh[i : i + r]).zero_()
+            order, lab_sorted, bounds = _label_slices(labels[i : i + r], vocab, cols)
+            lse_i, a_i, b_i, gl_i = lse[i : i + r, None], a[i : i + r, None], b[i : i + r, None], gl[i : i + r]
+            for k, v0 in enumerate(range(0, vocab, cols)):
+                w_c = weight[v0 : v0 + cols]
+                c = w_c.shape[0]
+                z = _LogprobEntropy._logits(h_i, w_c, b_w, v0, inv_t, blocks, hbuf, wbuf, zbuf[: r * c].view(r, c))
+                z.sub_(lse_i)  # log p
+                p = torch.exp(z, out=pbuf[: r * c].view(r, c))
+                dz = torch.addcmul(b_i, a_i, z, out=z).mul_(p)
+                lo, hi = bounds[k], bounds[k + 1]
+                if hi > lo:
+                    sel = order[lo:hi]
+                    dz[sel, lab_sorted[lo:hi] - v0] += gl_i[sel]
                 if need_b:
-                    gb_c += dz.sum(0)
-            if need_w and not direct:
-                gw[v0 : v0 + cols] = gw_c
-            if need_b and not direct:
-                gb[v0 : v0 + cols] = gb_c
-        if gh is not None and gh.dtype != hidden2d.dtype:
-            gh = gh.to(hidden2d.dtype)
-        return gh, gw, gb, None, None, None, None
+                    gb[v0 : v0 + c].add_(dz.sum(0))
+                for k0, k1 in blocks:
+                    if need_h:
+                        gh_i[:, k0:k1].addmm_(dz, _work(w_c[:, k0:k1], wbuf))
+                    if need_w and half:
+                        gwb = torch.mm(dz.t(), _work(h_i[:, k0:k1], hbuf), out=wbuf[: c * (k1 - k0)].view(c, k1 - k0))
+                        gw[v0 : v0 + c, k0:k1].add_(gwb)
+                    elif need_w:
+                        gw[v0 : v0 + c].addmm_(dz.t(), h_i)
+            if need_h and half:
+                gh[i : i + r].copy_(gh_i)
+        return gh, gw, gb, None, None, None, None, None
 
 
 def token_logprob_entropy(
@@ -515,12 +662,17 @@ def token_logprob_entropy(
     then :math:`\partial L/\partial h = \tau^{-1} \partial_z L\, W`, :math:`\partial L/\partial W
     = \tau^{-1} \partial_z L^\top h`, :math:`\partial L/\partial b = \tau^{-1} \sum_i \partial_z L`.
     Both outputs have exact gradients with respect to ``hidden``, ``weight`` and ``bias``.
-    The (rows, V) logits never exist: the extra memory is one (row_chunk_size, chunk_size) tile;
-    float32 and float64 inputs accumulate straight into their gradients. bfloat16/float16 inputs
-    are computed in float32: a float32 copy of one weight chunk and of its gradient, and the
-    gradient of ``hidden`` accumulated over the vocabulary chunks in a float32 buffer of hidden's
-    shape (``2 d / V`` of the logits' size; rounding it to half precision after each chunk would
-    cost about ``sqrt(V / chunk_size)`` roundings of error).
+    The (rows, V) logits never exist. Row blocks are the outer loop and the vocabulary the
+    inner one, so each row block's online state and gradient stay in the working dtype while the
+    vocabulary is swept. float32 and float64 inputs accumulate straight into their gradients:
+    the extra memory is two (row_chunk_size, chunk_size) tiles. bfloat16/float16 inputs are
+    computed in float32: the row block's ``hidden`` gradient in a float32 (rows, d) buffer,
+    rounded once; float32 copies of one (rows + chunk) x block slice of ``hidden`` and ``weight``
+    at a time; the weight's (and bias') gradient gets each tile's float32 product added, so it is
+    rounded once per row block (T / rows times; the automatic rows are the largest power of two
+    up to 512 under the budget: 16 row blocks at T = 1k, d = 4096, V = 32k, 2 at d = 1024,
+    V = 152k; each rounding is one bfloat16 rounding of a float32 partial sum).
+    The automatic tiles keep this working set under 1/28 of the logits' size (1/48 in float32).
 
     Parameters
     ----------
@@ -533,9 +685,9 @@ def token_logprob_entropy(
     bias : Tensor (V,), optional
     temperature : float > 0
     chunk_size, row_chunk_size : int or 'auto'
-        Vocabulary columns and rows per tile (``'auto'`` on CPU: 256 rows by 512 columns, and for
-        half-precision inputs at most 2**19 / d columns, at least 32, so that the float32 copy of
-        a weight chunk stays small; on a GPU 16x more in both directions).
+        Vocabulary columns and rows per tile. ``'auto'`` on CPU: from 1024 columns by 512 rows
+        down until the working set above fits 1/28 (float32: 1/48) of the logits (at least
+        1 MiB), which keeps the extra peak below 0.05x the logits; on a GPU 8192 x 4096.
         On CUDA with triton installed, the fused Triton path (:mod:`entrokit.rl._triton`) runs
         instead and picks its own tiles.
     check_inputs : bool
@@ -578,16 +730,10 @@ def token_logprob_entropy(
         raise InputError(f"labels is on {labels.device} but hidden is on {hidden.device}; move it.")
     temperature = check_positive(temperature, "temperature")
     vocab = weight.shape[0]
-    # CPU: tiles of 256 x 512 (GEMMs wide enough to run near peak); half inputs also bound
-    # their float32 weight chunk to ~2**19 elements. Accelerators: 16x larger both ways.
-    scale = 1 if hidden.device.type == "cpu" else 16
-    rows = 256 * scale if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
-    if chunk_size in (None, "auto"):
-        cols = 512 * scale
-        if _work_dtype(hidden.dtype) != hidden.dtype:
-            cols = max(32, min(cols, (1 << 19) * scale * scale // hidden.shape[-1]))
-    else:
-        cols = _as_int(chunk_size, "chunk_size", minimum=1)
+    auto_rows, auto_cols, block = _hidden_tiles(math.prod(hidden.shape[:-1]), weight.shape[0], hidden.shape[-1],
+                                         hidden.dtype, hidden.device)
+    rows = auto_rows if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
+    cols = auto_cols if chunk_size in (None, "auto") else _as_int(chunk_size, "chunk_size", minimum=1)
     if check_inputs:
         for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
             if t is not None:
@@ -603,6 +749,6 @@ def token_logprob_entropy(
         logp, ent = _fused.logprob_entropy_rows(hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature)
     else:
         logp, ent = _LogprobEntropy.apply(
-            hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature, rows, cols
+            hidden2d, weight, bias, labels.reshape(-1).long(), 1.0 / temperature, rows, cols, block
         )
     return logp.reshape(lead), ent.reshape(lead)

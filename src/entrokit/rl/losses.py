@@ -161,6 +161,20 @@ def _surrogate_terms(logp, old_logp, adv, lo, hi):
     return ratio, pg1, pg2
 
 
+def _policy_inputs(logp, old_logp, advantages, mask, check_inputs, **extra):
+    """The checked ``(mask, tensors)`` of a policy loss: ``[B, T]`` log-probabilities, advantages
+    per token or per response, and any ``extra`` per-token tensors."""
+    return _inputs(mask, check_inputs, ("advantages",), logp=logp, old_logp=old_logp, advantages=advantages,
+                   **extra)
+
+
+def _policy_result(pg, mask, mode, normalizer, t, **stats):
+    r"""``(aggregate(pg), stats)`` of a policy loss; ``approx_kl`` (mean of
+    :math:`\ell^{old} - \ell` over valid tokens) is added to the stats."""
+    stats["approx_kl"] = _masked_mean(t["old_logp"] - t["logp"], mask)
+    return aggregate(pg, mask, mode, normalizer=normalizer), stats
+
+
 def clipped_surrogate(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -205,10 +219,8 @@ def clipped_surrogate(
     """
     lo, hi = _clip_range(clip_low, clip_high)
     c = optional(real(lo=1.0, lo_open=True, example="dual_clip=3.0"))(dual_clip, "dual_clip")
-    tensors = {"logp": logp, "old_logp": old_logp, "advantages": advantages}
-    if token_weights is not None:
-        tensors["token_weights"] = token_weights
-    mask, t = _inputs(mask, check_inputs, ("advantages",), **tensors)
+    extra = {} if token_weights is None else {"token_weights": token_weights}
+    mask, t = _policy_inputs(logp, old_logp, advantages, mask, check_inputs, **extra)
     ratio, pg1, pg2 = _surrogate_terms(t["logp"], t["old_logp"], t["advantages"], lo, hi)
     pg = torch.maximum(pg1, pg2)
     dual = torch.zeros_like(pg, dtype=torch.bool)
@@ -218,14 +230,8 @@ def clipped_surrogate(
         pg = torch.where(t["advantages"] < 0, torch.minimum(pg, pg3), pg)
     if token_weights is not None:
         pg = pg * t["token_weights"].detach()
-    loss = aggregate(pg, mask, mode, normalizer=normalizer)
-    stats = {
-        "clip_frac": _masked_mean((pg2 > pg1).float(), mask),
-        "dual_clip_frac": _masked_mean(dual.float(), mask),
-        "approx_kl": _masked_mean(t["old_logp"] - t["logp"], mask),
-        "ratio": _masked_mean(ratio, mask),
-    }
-    return loss, stats
+    return _policy_result(pg, mask, mode, normalizer, t, clip_frac=_masked_mean((pg2 > pg1).float(), mask),
+                          dual_clip_frac=_masked_mean(dual.float(), mask), ratio=_masked_mean(ratio, mask))
 
 
 # --------------------------------------------------------------------------------------
@@ -472,7 +478,7 @@ def clip_cov_policy_loss(
     lo, hi = _clip_range(p["clip_low"] if clip_low is None else clip_low,
                          p["clip_high"] if clip_high is None and clip_low is None else clip_high)
     _check_generator(generator)
-    mask, t = _inputs(mask, check_inputs, ("advantages",), logp=logp, old_logp=old_logp, advantages=advantages)
+    mask, t = _policy_inputs(logp, old_logp, advantages, mask, check_inputs)
     adv = t["advantages"]
     _, pg1, pg2 = _surrogate_terms(t["logp"], t["old_logp"], adv, lo, hi)
     clipped = (pg2 > pg1) & mask
@@ -487,13 +493,9 @@ def clip_cov_policy_loss(
         keep[idx[perm[:n_drop].to(idx.device)]] = 0.0
     keep = keep.reshape(mask.shape)
     pg = torch.maximum(pg1, pg2) * keep
-    loss = aggregate(pg, mask, mode, normalizer=normalizer)
-    return loss, {
-        "cov_frac": _masked_mean((keep == 0).float(), mask),
-        "num_dropped": torch.tensor(float(n_drop), device=pg.device),
-        "clip_frac": _masked_mean(clipped.float(), mask),
-        "approx_kl": _masked_mean(t["old_logp"] - t["logp"], mask),
-    }
+    return _policy_result(pg, mask, mode, normalizer, t, cov_frac=_masked_mean((keep == 0).float(), mask),
+                          num_dropped=torch.tensor(float(n_drop), device=pg.device),
+                          clip_frac=_masked_mean(clipped.float(), mask))
 
 
 def kl_cov_policy_loss(
@@ -526,7 +528,7 @@ def kl_cov_policy_loss(
     p = _preset(preset)
     r = _FRACTION(p["kl_cov_ratio"] if ratio is None else ratio, "ratio")
     beta = _NONNEG(p["kl_coef"] if kl_coef is None else kl_coef, "kl_coef")
-    mask, t = _inputs(mask, check_inputs, ("advantages",), logp=logp, old_logp=old_logp, advantages=advantages)
+    mask, t = _policy_inputs(logp, old_logp, advantages, mask, check_inputs)
     adv, lp, old = t["advantages"], t["logp"], t["old_logp"]
     log_ratio = lp - old
     pg = -adv * torch.exp(log_ratio)
@@ -540,12 +542,8 @@ def kl_cov_policy_loss(
         top = torch.topk(cov[valid_idx], k, largest=True).indices
         sel[valid_idx[top]] = 1.0
     pg = pg + beta * log_ratio.abs() * sel.reshape(mask.shape)
-    loss = aggregate(pg, mask, mode, normalizer=normalizer)
-    return loss, {
-        "num_penalized": torch.tensor(float(k), device=pg.device),
-        "kl_abs": _masked_mean(log_ratio.abs(), mask),
-        "approx_kl": _masked_mean(-log_ratio, mask),
-    }
+    return _policy_result(pg, mask, mode, normalizer, t, num_penalized=torch.tensor(float(k), device=pg.device),
+                          kl_abs=_masked_mean(log_ratio.abs(), mask))
 
 
 def _bounds(bounds: Any) -> tuple[float, float]:
