@@ -345,7 +345,8 @@ class _KernelEngine:
         # u, v are updated in place (views of self.u, self.v); work vectors are reused
         u, v = self.u[0], self.v[0]
         if self._work is None:
-            self._work = tuple(torch.empty_like(u) for _ in range(5))
+            self._work = (torch.empty_like(v), torch.empty_like(u), torch.empty_like(u), torch.empty_like(v),
+                          torch.empty_like(u))
         bv, au, Kv, KTu, r = self._work
         err = None
         for i in range(k):
