@@ -51,7 +51,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
-from entrokit.rl import AnchoredTargetController, DifficultyAwareCoef, clipped_surrogate, entropy_bonus  # noqa: E402
+from entrokit.rl import (  # noqa: E402
+    AnchoredTargetController,
+    DifficultyAwareCoef,
+    clipped_surrogate,
+    entropy_bonus,
+)
 from entrokit.rl.toy import MixedArithmetic, grpo_objective  # noqa: E402
 from entrokit.rl.toy.loop import sample  # noqa: E402
 from entrokit.rl.toy.study import Arm, paired_diff, plot_entropy_bands, plot_metric_bars, run_arm  # noqa: E402

@@ -56,7 +56,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
-from entrokit.rl import EntropyHistory, clipped_surrogate, corridor_entropy_loss, entropy_bonus, phase_weight  # noqa: E402
+from entrokit.rl import (  # noqa: E402
+    EntropyHistory,
+    clipped_surrogate,
+    corridor_entropy_loss,
+    entropy_bonus,
+    phase_weight,
+)
 from entrokit.rl.toy import KeyDoorGrid, grpo_objective  # noqa: E402
 from entrokit.rl.toy.study import Arm, paired_diff, plot_entropy_bands, plot_metric_bars, run_arm  # noqa: E402
 
