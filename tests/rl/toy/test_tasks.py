@@ -103,6 +103,16 @@ def test_key_door_scripted_episodes():
     assert obs.tolist() == [0]
 
 
+def test_key_door_sample_prompts():
+    env = KeyDoorGrid(size=4, max_turns=12, num_layouts=3, seed=0)
+    ids = env.sample_prompts(600, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (600,) and ids.dtype == torch.long
+    assert set(ids.tolist()) == {0, 1, 2}  # every layout is drawn, none outside
+    assert torch.equal(ids, env.sample_prompts(600, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(InputError, match="n"):
+        env.sample_prompts(0)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: DigitSum(0), "digits"),
     (lambda: DigitSum(4, noise_tokens=-1), "noise_tokens"),

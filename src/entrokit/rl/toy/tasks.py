@@ -304,6 +304,11 @@ class KeyDoorGrid:
             raise InputError(f"max_turns={max_turns} is shorter than the longest optimal episode "
                              f"({int(self.optimal_turns.max())} turns); raise max_turns.")
 
+    def sample_prompts(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` layout ids drawn uniformly with replacement (the prompts of a GRPO step)."""
+        n = check_positive_int(n, "n")
+        return torch.randint(self.num_prompts, (n,), generator=generator)
+
     def reset(self, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """State of a batch of episodes at turn 0 (agent at cell 0, no key)."""
         if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 1:
