@@ -287,7 +287,9 @@ def test_large_buffer_is_an_ordinary_tensor_backed_by_huge_pages_where_allowed()
 
     small = large_buffer(torch.zeros(3, 4, dtype=torch.float32))
     assert small.shape == (3, 4) and small.dtype == torch.float32 and small.is_contiguous()
-    like = torch.zeros(1, 1024, 1024, dtype=torch.float64)  # 8 MiB
+    # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB), so the buffer is a fresh
+    # mapping even late in a long process (a smaller one may reuse already-touched heap pages)
+    like = torch.empty(1, 8192, 1024, dtype=torch.float64)
     big = large_buffer(like)
     assert big.shape == like.shape and big.dtype == like.dtype and big.is_contiguous()
     big.fill_(0.5)

@@ -214,6 +214,10 @@ def _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint):
         value_g = _dual_value(geom, f, g, a, b, eps, rows)
         return f, g, value_g + (value - value_g).detach(), tc + (tc_cert - tc).detach()
     f, g = f.detach(), g.detach()
+    if not _cost_is_parameter_free(geom):
+        # a cost that may hold tensors of its own (a user cost class or callable): they are
+        # not among geom.tensors(), so the graph is built in forward to reach them
+        return _outputs_with_graph(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint)
     if geom.has_transport_cost_vjp:
         value = _deferred(value, _envelope_vjp(geom, f, g, a, b, eps), (a, b, *tensors))
     else:
@@ -238,6 +242,29 @@ def _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint):
                        (f_out, g_out, a, b, *tensors))
     tc = _deferred(tc_cert, vjp_t, (f_out, g_out, a, b, *tensors))
     return f_out, g_out, value, tc
+
+
+def _cost_is_parameter_free(geom) -> bool:
+    """False for a point cloud whose cost (a user cost class or callable) may hold tensors
+    of its own, which :meth:`~entrokit.Geometry.tensors` does not list."""
+    return getattr(getattr(geom, "cost_fn", None), "parameter_free", True)
+
+
+def _outputs_with_graph(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint):
+    """:func:`_outputs_with_grad` with autograd graphs built in forward: ``value`` by the
+    envelope theorem at the fixed potentials ``f, g``, ``transport_cost`` through the
+    implicit potentials (``"implicit"``) or at the frozen plan (``"envelope"``)."""
+    rows, _, _ = geom.plan_reduce(f, g, a, b, eps)
+    value_g = _dual_value(geom, f, g, a, b, eps, rows)
+    value = value_g + (value - value_g).detach()
+    if grad == "envelope":
+        # frozen plan: d<C, P>/dC = P is the derivative of -eps * sum(P) at fixed f, g
+        frozen = -eps * geom.row_sum(geom.plan_reduce(f, g, a.detach(), b.detach(), eps)[0])
+        return f, g, value, tc_cert + (frozen - frozen.detach())
+    f_imp, g_imp = implicit_potentials(geom, f, g, a, b, eps, adjoint=adjoint)
+    f_out, g_out = _fix_gauge_in_graph(geom, f_imp, g_imp, a, b, eps)
+    tc = geom.plan_reduce(f_out, g_out, a, b, eps)[2]
+    return f_out, g_out, value, tc + (tc_cert - tc).detach()
 
 
 def _to_user_shape(user_shape, t: torch.Tensor, trailing: int) -> torch.Tensor:
@@ -322,7 +349,9 @@ def entropic_result(
     shift = _gauge_shift(geom, f_hi, g_hi, a_hi, b_hi).unsqueeze(-1)
     f_hi, g_hi = f_hi - shift, g_hi + shift
     f, g = f_hi.to(dtype), g_hi.to(dtype)
-    inputs_need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, *geom.tensors()))
+    # a cost that may hold tensors of its own (not among geom.tensors()) may need a graph too
+    inputs_need_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in (a, b, *geom.tensors())) or not _cost_is_parameter_free(geom))
     needs_graph = inputs_need_grad or (grad == "unroll" and (f.requires_grad or g.requires_grad))
     f_hi, g_hi = f_hi.detach(), g_hi.detach()
 
