@@ -216,6 +216,7 @@ class Pass:
         return (row[..., r0:r1].unsqueeze(-1) + col[..., c0:c1].unsqueeze(-2) - self.cost_tile(x_t, y_c)) / eps
 
 
+@torch.no_grad()  # a cost callable's parameters build no graph here
 def lse_online(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,
                wide: bool = False, transpose: bool = False) -> torch.Tensor:
     r"""Full log-sum-exp along the columns, ``(B, n)``, of
@@ -395,16 +396,16 @@ def plan_backward(t: Pass, f, g, a, b, eps: float, need, *, g_rows=None, g_cols=
 
 
 def online_lse(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,
-               wide: bool = False, transpose: bool = False) -> torch.Tensor:
-    """:func:`lse_online`, differentiable in ``x``, ``y``, ``hw`` and the tensors the cost
-    holds (:func:`cost_leaves`) in :math:`O(n+m)` memory (first order: the backward
-    recomputes the tiles and is not itself differentiable)."""
-    params = cost_leaves(cost, x, y)
+               wide: bool = False, transpose: bool = False, params: tuple = ()) -> torch.Tensor:
+    """:func:`lse_online`, differentiable in ``x``, ``y``, ``hw`` and ``params``, the
+    tensors the cost holds (:func:`cost_leaves`), in :math:`O(n+m)` memory (first order:
+    the backward recomputes the tiles and is not itself differentiable)."""
     if params or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or hw.requires_grad)):
         return _OnlineLSE.apply(x, y, hw, eps, cost, compiled, row_tile, wide, transpose, *params)
     return lse_online(x, y, hw, eps, cost, compiled, row_tile, wide, transpose)
 
 
+@torch.no_grad()  # a cost callable's parameters build no graph here
 def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, a=None, b=None, with_cost: bool = False,
               row_tile=None, accumulate: torch.dtype | None = None, round_to: torch.dtype | None = None):
     r"""``(P V, P^T U, sum_ij P_ij C_ij)`` in one pass over the tiles of ``t``. Without
@@ -480,6 +481,7 @@ def plan_sums(x, y, f, g, a, b, eps: float, cost: Cost, row_tile: int | None = N
     return r.to(out), c.to(out), tc.to(out)
 
 
+@torch.no_grad()  # a cost callable's parameters build no graph here
 def cost_bounds(x, y, cost: Cost, row_tile: int | None = None):
     """``(min C, max C)`` over the batch axes of ``x``, one tile at a time (NaN propagates)."""
     t = Pass(x, y, cost)

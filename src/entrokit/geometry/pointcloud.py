@@ -122,6 +122,8 @@ class PointCloud(PointGeometry):
 
     #: decided at construction (an attribute of each instance, read without a call)
     is_online: bool = False
+    #: the cost's parameters are held constant (:meth:`detach`)
+    cost_detached: bool = False
 
     def __init__(
         self,
@@ -231,9 +233,20 @@ class PointCloud(PointGeometry):
                            same_points=True, cost_map=lambda C: C.reshape(*batch_shape, n, m))
 
     def detach(self) -> PointCloud:
-        if not (self.x.requires_grad or self.y.requires_grad):
+        """This geometry without gradients: detached points, and a cost whose parameters
+        (:meth:`cost_params`) are held constant."""
+        with torch.enable_grad():
+            held = bool(self.cost_params())
+        if not (self.x.requires_grad or self.y.requires_grad or held):
             return self  # nothing to cut: keep the caches (cost, bounds, radius)
-        return self.derive(self.x.detach(), self.y.detach(), same_points=True, cost_map=torch.Tensor.detach)
+        out = self.derive(self.x.detach(), self.y.detach(), same_points=True, cost_map=torch.Tensor.detach)
+        out.cost_detached = True
+        return out
+
+    def cost_params(self) -> tuple:
+        """The tensors requiring gradients that the cost holds (a callable's parameters, by
+        :func:`entrokit.geometry._online.cost_leaves`); empty after :meth:`detach`."""
+        return () if self.cost_detached else _online.cost_leaves(self.cost_fn, self.x, self.y)
 
     def tensors(self):
         return (self.x, self.y)
@@ -307,8 +320,9 @@ def _lse_pair(lse):
 class _Dense:
     """The materialised backend: a :class:`DenseCost` of the cost matrix does every
     reduction (and provides the kernel engine). Its detached value is computed once and
-    kept (dropped if ``x`` or ``y`` is modified in place); under autograd with points that
-    require gradients it is rebuilt per call, so no graph is kept alive between calls."""
+    kept (dropped if ``x`` or ``y`` is modified in place); under autograd with points or
+    cost parameters that require gradients it is rebuilt per call, so no graph is kept
+    alive between calls."""
 
     def __init__(self, pc: PointCloud, cached=None):
         self.pc, self._cache = pc, cached
@@ -322,8 +336,8 @@ class _Dense:
     def matrix(self) -> DenseCost:
         pc = self.pc
         version = _versions(pc.x, pc.y)
-        if version is None or _needs_grad(pc.x, pc.y):
-            return DenseCost(pc.cost_matrix())
+        if version is None or _needs_grad(pc.x, pc.y) or pc.cost_params():
+            return DenseCost(pc.cost_matrix())  # with the graph of the points or the cost's parameters
         if self._cache is None or self._cache[0] != version:
             with torch.no_grad():
                 self._cache = (version, DenseCost(pc.cost_matrix()))
@@ -389,12 +403,10 @@ class _Tiled:
             if pair is not None:
                 return pair
         return _lse_pair(_online.online_lse(rows, cols, hw, eps, self.cost, self.compiled, self.rows, self.wide(eps),
-                                            transpose=axis == 0))
+                                            transpose=axis == 0, params=self._params()))
 
     def _params(self):
-        """The tensors requiring gradients that the cost holds (a callable's parameters;
-        :func:`entrokit.geometry._online.cost_leaves`)."""
-        return _online.cost_leaves(self.cost, self.pc.x, self.pc.y)
+        return self.pc.cost_params()
 
     def _fused_lse(self, rows, cols, hw, eps, axis):
         pc = self.pc
