@@ -249,6 +249,13 @@ def test_online_reductions_of_a_cost_callable_gradcheck_in_the_points_and_its_pa
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
 
 
+def _geometry(kind, x, y, w):
+    if kind == "reference":
+        return DenseCost(_weighted_reference(x, y, w))
+    online = kind == "online"
+    return PointCloud(x, y, _weighted_cost(w), online=online, chunk_size=5 if online else None)
+
+
 def test_a_solve_with_a_cost_callable_gives_its_parameter_the_dense_gradient(small_tiles):
     """The whole online solve (``backward()``, as a training loop calls it): ``w.grad`` and
     the points' gradients of the value, and of the frozen-plan transport cost, equal the
@@ -259,15 +266,10 @@ def test_a_solve_with_a_cost_callable_gives_its_parameter_the_dense_gradient(sma
     for kind in ("dense", "online", "reference"):
         xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
         w = torch.tensor([1.0, 0.5, 2.0], dtype=F64, requires_grad=True)
-
-        def geom():
-            return (DenseCost(_weighted_reference(xg, yg, w)) if kind == "reference" else
-                    PointCloud(xg, yg, _weighted_cost(w), online=kind == "online", chunk_size=5 if kind == "online" else None))
-
-        res = entrokit.sinkhorn(None, None, geom(), 0.5, tol=1e-11)
+        res = entrokit.sinkhorn(None, None, _geometry(kind, xg, yg, w), 0.5, tol=1e-11)
         assert bool(res.converged)
         res.value.backward()
-        frozen = entrokit.sinkhorn(None, None, geom(), 0.5, tol=1e-11, grad="envelope")
+        frozen = entrokit.sinkhorn(None, None, _geometry(kind, xg, yg, w), 0.5, tol=1e-11, grad="envelope")
         out.append((res.value, res.transport_cost, w.grad, xg.grad, yg.grad,
                     *torch.autograd.grad(frozen.transport_cost, (w, xg, yg))))
     for other in out[1:]:
