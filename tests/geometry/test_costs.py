@@ -258,8 +258,8 @@ def _geometry(kind, x, y, w):
 
 def test_a_solve_with_a_cost_callable_gives_its_parameter_the_dense_gradient(small_tiles):
     """The whole online solve (``backward()``, as a training loop calls it): ``w.grad`` and
-    the points' gradients of the value, and of the frozen-plan transport cost, equal the
-    dense path's and those of the pairwise reference as a :class:`DenseCost`."""
+    the points' gradients of the value and the transport cost (implicit, and frozen-plan),
+    equal the dense path's and those of the pairwise reference as a :class:`DenseCost`."""
     x, y = clouds(n=16, m=12, d=3, batch=(), seed=8)
     x, y = x - 5.0, y - 5.0
     out = []
@@ -268,7 +268,7 @@ def test_a_solve_with_a_cost_callable_gives_its_parameter_the_dense_gradient(sma
         w = torch.tensor([1.0, 0.5, 2.0], dtype=F64, requires_grad=True)
         res = entrokit.sinkhorn(None, None, _geometry(kind, xg, yg, w), 0.5, tol=1e-11)
         assert bool(res.converged)
-        res.value.backward()
+        (res.value + res.transport_cost).backward()  # the potentials' implicit gradient reaches w too
         frozen = entrokit.sinkhorn(None, None, _geometry(kind, xg, yg, w), 0.5, tol=1e-11, grad="envelope")
         out.append((res.value, res.transport_cost, w.grad, xg.grad, yg.grad,
                     *torch.autograd.grad(frozen.transport_cost, (w, xg, yg))))
