@@ -388,11 +388,18 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float):
     :func:`multiscale_sinkhorn` at ``tol``, which reaches the tolerance in a few
     truncated iterations where the full online loop spends tens of dense soft-min passes
     (benchmarks/results/scale.md). ``None`` where it does not apply (dense or other
-    costs, higher dimension) or gives no finite potentials; the caller's loop then
+    costs, higher dimension, :math:`\varepsilon \ge (\max C - \min C)/50`) or gives no
+    finite potentials; the caller's loop then
     certifies the result from these potentials as from any ``init``."""
     geom = pb.geometry
     if not (isinstance(geom, PointCloud) and geom.is_online and geom.cost_fn.name == "sqeuclidean"
             and geom.x.shape[-1] <= MAX_DIM):
+        return None
+    # only where eps is small against the cost range (the rule of eps_scaling="auto"): there
+    # the plain loop is slow and the truncation keeps few pairs; a large eps keeps nearly
+    # every pair (the truncated geometry's memory then grows with n m)
+    lo, hi = geom.cost_bounds()
+    if not bool(((hi - lo) > 50.0 * eps).all()):
         return None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a start: the caller's loop certifies
