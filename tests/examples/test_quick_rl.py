@@ -37,6 +37,7 @@ def _run(script, tmp_path, *extra):
 @pytest.mark.parametrize(("script", "extra"), [
     ("rl_entropy_mechanism.py", ()), ("rl_top_entropy_tokens.py", ()), ("rl_aent_noise_tokens.py", ()),
     ("rl_siren.py", ()), ("rl_aepo.py", ()), ("rl_steer.py", ("--seed0", "100")),
+    ("rl_epo_gridworld.py", ()), ("rl_aer_mixed_difficulty.py", ()),
 ])
 def test_rl_example_quick_mode(script, extra, tmp_path):
     proc = _run(script, tmp_path, *extra)

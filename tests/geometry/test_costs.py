@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import entrokit
-from entrokit import InputError, PointCloud
+from entrokit import DenseCost, InputError, PointCloud
 from entrokit.geometry import _online
 from entrokit.geometry.costs import Cost, CostCallable, Euclidean, PNorm, SqEuclidean, resolve_cost
 
@@ -133,7 +133,7 @@ def test_a_new_cost_is_one_class_and_runs_on_every_backend(small_tiles):
         torch.testing.assert_close(u, v, rtol=1e-8, atol=1e-8)
 
 
-def test_the_checkpointed_plan_has_the_gradients_of_autograd(small_tiles):
+def test_the_online_plan_of_a_cost_with_a_parameter_has_the_gradients_of_autograd(small_tiles):
     x, y = clouds(n=11, m=13, d=2, batch=())
     s = torch.tensor(0.3, dtype=F64, requires_grad=True)
     g = torch.Generator().manual_seed(4)
@@ -199,3 +199,93 @@ def test_parameter_of_a_cost_class_gets_the_envelope_gradients():
     (d_value,) = torch.autograd.grad(res.value, s)
     torch.testing.assert_close(d_tc, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(d_value, expected, rtol=1e-9, atol=1e-12)
+
+def _weighted_cost(w):
+    r"""A cost callable holding a parameter: :math:`\sum_k w_k (x_k - y_k)^2` by the
+    expansion (no ``n x m x d`` temporary)."""
+    def cost(xs, ys):
+        return ((xs.pow(2) * w).sum(-1, keepdim=True) - 2 * (xs * w) @ ys.mT
+                + (ys.pow(2) * w).sum(-1).unsqueeze(-2))
+    return cost
+
+
+def _weighted_reference(x, y, w):
+    return (_pairwise(x, y).pow(2) * w).sum(-1)
+
+
+def test_the_leaves_a_cost_callable_holds_are_found_through_its_graph():
+    x, y = clouds(n=4, m=3, d=3, batch=())
+    raw = torch.randn(3, dtype=F64, requires_grad=True)
+    w = torch.nn.functional.softplus(raw)  # not a leaf: the leaf behind it is found
+    assert _online.cost_leaves(CostCallable(_weighted_cost(w)), x, y) == (raw,)
+    assert _online.cost_leaves(CostCallable(_weighted_cost(w.detach())), x, y) == ()
+    assert _online.cost_leaves(SqEuclidean(), x, y) == ()
+    with torch.no_grad():
+        assert _online.cost_leaves(CostCallable(_weighted_cost(w)), x, y) == ()
+
+
+@pytest.mark.parametrize("points_grad", [True, False], ids=["points-and-w", "w-only"])
+def test_online_reductions_of_a_cost_callable_gradcheck_in_the_points_and_its_parameter(small_tiles, points_grad):
+    """plan_reduce, plan_matvec (both axes) and the soft-min of a cost callable with a
+    parameter ``w``: float64 gradcheck in the points and ``w`` (over several row and column
+    blocks), and the values and gradients of the dense path (an independent graph)."""
+    x, y = clouds(n=9, m=7, d=3, batch=(2,), seed=6)
+    g = torch.Generator().manual_seed(7)
+    f, h = 0.1 * torch.randn(2, 9, generator=g, dtype=F64), 0.1 * torch.randn(2, 7, generator=g, dtype=F64)
+    a, b = torch.rand(2, 9, generator=g, dtype=F64), torch.rand(2, 7, generator=g, dtype=F64)
+    V, U = torch.randn(2, 7, 2, generator=g, dtype=F64), torch.randn(2, 9, 2, generator=g, dtype=F64)
+    w0 = torch.tensor([1.0, 0.5, 2.0], dtype=F64)
+    x, y = x - 5.0, y - 5.0  # the expansion's cancellation at the clouds' own scale
+
+    def outputs(online, x, y, w):
+        geom = PointCloud(x, y, _weighted_cost(w), online=online, chunk_size=4 if online else None)
+        return (*geom.plan_reduce(f, h, a, b, 0.3), geom.plan_matvec(f, h, a, b, 0.3, V, 1),
+                geom.plan_matvec(f, h, a, b, 0.3, U, 0), geom.softmin(h, b.log(), 0.3, 1),
+                geom.softmin(f, a.log(), 0.3, 0), geom.marginals(f, h, a, b, 0.3)[0])
+
+    def flat(x, y, w):
+        return torch.cat([t.flatten() for t in outputs(True, x, y, w)])
+
+    args = (x.clone().requires_grad_(points_grad), y.clone().requires_grad_(points_grad),
+            w0.clone().requires_grad_())
+    if points_grad:
+        assert torch.autograd.gradcheck(flat, args)
+    else:
+        assert torch.autograd.gradcheck(lambda w: flat(args[0], args[1], w), (args[2],))
+    wanted = [t for t in args if t.requires_grad]
+    weights = [torch.randn(t.shape, generator=g, dtype=F64) for t in outputs(False, *args)]
+    got, ref = outputs(True, *args), outputs(False, *args)
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(sum((u * c).sum() for u, c in zip(got, weights)), wanted)
+    g_ref = torch.autograd.grad(sum((u * c).sum() for u, c in zip(ref, weights)), wanted)
+    for u, v in zip(g_got, g_ref):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+
+
+def _geometry(kind, x, y, w):
+    if kind == "reference":
+        return DenseCost(_weighted_reference(x, y, w))
+    online = kind == "online"
+    return PointCloud(x, y, _weighted_cost(w), online=online, chunk_size=5 if online else None)
+
+
+def test_a_solve_with_a_cost_callable_gives_its_parameter_the_dense_gradient(small_tiles):
+    """The whole online solve (``backward()``, as a training loop calls it): ``w.grad`` and
+    the points' gradients of the value and the transport cost (implicit, and frozen-plan),
+    equal the dense path's and those of the pairwise reference as a :class:`DenseCost`."""
+    x, y = clouds(n=16, m=12, d=3, batch=(), seed=8)
+    x, y = x - 5.0, y - 5.0
+    out = []
+    for kind in ("dense", "online", "reference"):
+        xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+        w = torch.tensor([1.0, 0.5, 2.0], dtype=F64, requires_grad=True)
+        res = entrokit.sinkhorn(None, None, _geometry(kind, xg, yg, w), 0.5, tol=1e-11)
+        assert bool(res.converged)
+        (res.value + res.transport_cost).backward()  # the potentials' implicit gradient reaches w too
+        frozen = entrokit.sinkhorn(None, None, _geometry(kind, xg, yg, w), 0.5, tol=1e-11, grad="envelope")
+        out.append((res.value, res.transport_cost, w.grad, xg.grad, yg.grad,
+                    *torch.autograd.grad(frozen.transport_cost, (w, xg, yg))))
+    for other in out[1:]:
+        for u, v in zip(out[0], other):
+            torch.testing.assert_close(u, v, rtol=1e-8, atol=1e-8)

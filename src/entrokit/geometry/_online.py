@@ -4,9 +4,9 @@ full ``n x m`` matrix is never stored.
 One tile table (:data:`TILES`, by device) and one tile loop (:func:`tiles`) serve the
 soft-min (:func:`lse_online`, differentiable: :func:`online_lse`), the plan products and
 sums (:func:`plan_pass`: ``P V``, ``P^T U``, :math:`\langle C, P\rangle`), the cost bounds
-(:func:`cost_bounds`) and the autograd variants (:class:`_OnlineLSE`, the checkpointed
-:func:`checkpointed_plan`, and the custom backward of
-:class:`~entrokit.geometry.pointcloud.PointCloud`'s plan); ``chunk_size`` of a point
+(:func:`cost_bounds`) and the autograd variants (:class:`_OnlineLSE` and the custom
+backward of :class:`~entrokit.geometry.pointcloud.PointCloud`'s plan, both on
+:func:`plan_backward`); ``chunk_size`` of a point
 cloud is the number of rows of a tile everywhere.
 
 The soft-min along ``axis=1`` is, per row :math:`i`,
@@ -50,7 +50,9 @@ incoming gradient :math:`\gamma_i`,
 Euclidean cost gives
 :math:`\nabla_{x_i} = -\tfrac{2}{\varepsilon}\gamma_i\big(x_i \sum_j p_{ij} - \sum_j p_{ij} y_j\big)`
 and the transposed formula for :math:`y_j` (two small matmuls per tile). Other costs
-differentiate the recomputed tile with autograd.
+differentiate the recomputed tile with autograd, which also carries :math:`\bar C` to the
+tensors a cost callable holds (its parameters, found by :func:`cost_leaves`): the forward
+passes run without a graph for every cost.
 
 **Kernels.** A tile is either evaluated by plain batched torch operations ("eager") or by
 the same function compiled with ``torch.compile`` (inductor: vectorised C++ on CPU,
@@ -68,14 +70,13 @@ import warnings
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from entrokit.geometry.base import combine_lse, exp_floor, plan_block
 from entrokit.geometry.costs import Cost, SqEuclidean, centre, expand, ieee_matmul
 
 __all__ = ["TILES", "tile_entries", "tiles", "use_compiled", "radius_sq", "needs_wide_tiles", "Pass",
            "lse_online", "online_lse", "plan_pass", "plan_products", "plan_sums", "plan_backward",
-           "checkpointed_plan", "cost_bounds", "ieee_matmul"]
+           "cost_leaves", "cost_bounds", "ieee_matmul"]
 
 # The one tile table: (entries per tile, widest column block) by device. On CPU 4 MiB in
 # float32 (tiles stay in cache); on a GPU 256 MiB (enough work per launch to hide the
@@ -215,6 +216,7 @@ class Pass:
         return (row[..., r0:r1].unsqueeze(-1) + col[..., c0:c1].unsqueeze(-2) - self.cost_tile(x_t, y_c)) / eps
 
 
+@torch.no_grad()  # a cost callable's parameters build no graph here
 def lse_online(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,
                wide: bool = False, transpose: bool = False) -> torch.Tensor:
     r"""Full log-sum-exp along the columns, ``(B, n)``, of
@@ -256,13 +258,15 @@ class _OnlineLSE(torch.autograd.Function):
     r"""Differentiable :func:`lse_online`; its backward is :func:`plan_backward` (the
     soft-min's weights :math:`p_{ij} = e^{z_{ij} - \operatorname{lse}_i}` are the plan of
     the potentials :math:`(-\varepsilon\operatorname{lse}, h + \varepsilon\log w)`, whose row
-    sums receive the incoming gradient)."""
+    sums receive the incoming gradient). ``params``: the tensors the cost holds
+    (:func:`cost_leaves`), differentiated through the recomputed tiles."""
 
     @staticmethod
-    def forward(ctx, x, y, hw, eps, cost, compiled, row_tile, wide, transpose):
+    def forward(ctx, x, y, hw, eps, cost, compiled, row_tile, wide, transpose, *params):
         lse = lse_online(x.detach(), y.detach(), hw.detach(), eps, cost, compiled, row_tile, wide, transpose)
         ctx.save_for_backward(x, y, hw, lse)
         ctx.eps, ctx.cost, ctx.row_tile, ctx.wide, ctx.transpose = eps, cost, row_tile, wide, transpose
+        ctx.params = params
         return lse
 
     @staticmethod
@@ -272,13 +276,35 @@ class _OnlineLSE(torch.autograd.Function):
         need = [k for k, nd in zip("xyg", ctx.needs_input_grad[:3]) if nd]
         t = Pass(x.detach(), y.detach(), ctx.cost, ctx.wide, ctx.transpose)
         out = plan_backward(t, -ctx.eps * lse, hw.detach(), None, None, ctx.eps, need, g_rows=gamma,
-                            row_tile=ctx.row_tile)
+                            row_tile=ctx.row_tile, params=ctx.params)
         return (*(None if k not in out else out[k].to(v.dtype) for k, v in zip("xyg", (x, y, hw))),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, *out.get("params", ()))
+
+
+def cost_leaves(cost: Cost, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """The tensors requiring gradients that ``cost`` holds besides the points (a callable's
+    parameters, or the leaves they are computed from): the leaves of the graph of one
+    ``1 x 1`` tile of detached points. Empty for a parameter-free cost or without grad mode."""
+    if cost.parameter_free or not torch.is_grad_enabled():
+        return ()
+    C = cost.tile(x[..., :1, :].detach(), y[..., :1, :].detach())
+    if not C.requires_grad:
+        return ()
+    leaves, seen, stack = {}, set(), [C.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None:
+            leaves.setdefault(id(var), var)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return tuple(leaves.values())
 
 
 def plan_backward(t: Pass, f, g, a, b, eps: float, need, *, g_rows=None, g_cols=None, g_tc=None, g_out=None,
-                  V=None, U=None, row_tile: int | None = None) -> dict:
+                  V=None, U=None, row_tile: int | None = None, params: tuple = ()) -> dict:
     r"""The gradients ``need`` (among ``"f", "g", "a", "b", "V", "U", "x", "y"``) of the row
     sums, column sums, :math:`\langle C, P\rangle` and ``P V`` (or ``P^T U``) of
     :math:`P_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` (``a, b = None``: 1) on the
@@ -291,14 +317,18 @@ def plan_backward(t: Pass, f, g, a, b, eps: float, need, *, g_rows=None, g_cols=
     :math:`\bar U = P\bar O` and :math:`\bar C = \bar t P - q/\varepsilon`, pulled back to the
     points in closed form for the squared Euclidean cost
     (:math:`\bar x_i = 2(x_i\sum_j\bar C_{ij} - \sum_j \bar C_{ij} y_j)`), by autograd on the
-    tile otherwise. Results in the pass's dtype."""
+    tile otherwise. ``params`` (:func:`cost_leaves`): tensors the cost holds, whose
+    gradients autograd pulls back from :math:`\bar C` on every recomputed tile (returned as
+    ``out["params"]``, in their own dtypes). Results in the pass's dtype."""
     work = t.dtype
     lo, hi = exp_floor(work), 0.5 * math.log(torch.finfo(work).max)
     f, g, a, b, V, U, g_out = (None if v is None else v.detach().to(work) for v in (f, g, a, b, V, U, g_out))
     like = {"f": f, "g": g, "a": a, "b": b, "V": V, "U": U, "x": t.x, "y": t.y}
     out = {k: torch.zeros_like(like[k]) for k in need}
     points = "x" in out or "y" in out
-    generic = points and not t.sq
+    # autograd on the cost tile: for the parameters, and for the points of other costs
+    generic = bool(params) or (points and not t.sq)
+    p_out = [torch.zeros_like(p) for p in params]
     gt = None if g_tc is None else g_tc.to(work).unsqueeze(-1).unsqueeze(-1)
     with ieee_matmul(t.x.device):
         for r0, r1, c0, c1 in tiles(t.x.shape[-2], t.y.shape[-2], t.x.device, row_tile):
@@ -337,36 +367,45 @@ def plan_backward(t: Pass, f, g, a, b, eps: float, need, *, g_rows=None, g_cols=
                     out["f"][..., r0:r1] += q.sum(-1) / eps
                 if "g" in out:
                     out["g"][..., c0:c1] += q.sum(-2) / eps
-                if not points:
+                if not (points or params):
                     continue
                 G = q.mul_(-1.0 / eps)  # dL/dC = t P - q / eps
                 if gt is not None:
                     G.addcmul_(gt.expand_as(P), P)
                 del P, E
-                if t.sq:
+                if not generic:  # the squared Euclidean closed form
                     if "x" in out:
                         out["x"][..., r0:r1, :] += 2.0 * (xs * G.sum(-1, keepdim=True) - torch.matmul(G, yc))
                     if "y" in out:
                         out["y"][..., c0:c1, :] += 2.0 * (yc * G.sum(-2).unsqueeze(-1) - torch.matmul(G.mT, xs))
                     continue
-            grads = list(torch.autograd.grad(C_graph, [v for v in (xs, yc) if v.requires_grad], G, allow_unused=True))
+            wrt = [v for v in (xs, yc) if v.requires_grad] + list(params)
+            grads = list(torch.autograd.grad(C_graph, wrt, G, allow_unused=True)) if C_graph.requires_grad else []
+            grads += [None] * (len(wrt) - len(grads))
             with torch.no_grad():
                 if "x" in out and (gx := grads.pop(0)) is not None:
                     out["x"][..., r0:r1, :] += gx
                 if "y" in out and (gy := grads.pop(0)) is not None:
                     out["y"][..., c0:c1, :] += gy
+                for acc, gp in zip(p_out, grads):
+                    if gp is not None:
+                        acc += gp
+    if params:
+        out["params"] = tuple(p_out)
     return out
 
 
 def online_lse(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,
-               wide: bool = False, transpose: bool = False) -> torch.Tensor:
-    """:func:`lse_online`, differentiable in ``x``, ``y`` and ``hw`` in :math:`O(n+m)` memory
-    (first order: the backward recomputes the tiles and is not itself differentiable)."""
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or hw.requires_grad):
-        return _OnlineLSE.apply(x, y, hw, eps, cost, compiled, row_tile, wide, transpose)
+               wide: bool = False, transpose: bool = False, params: tuple = ()) -> torch.Tensor:
+    """:func:`lse_online`, differentiable in ``x``, ``y``, ``hw`` and ``params``, the
+    tensors the cost holds (:func:`cost_leaves`), in :math:`O(n+m)` memory (first order:
+    the backward recomputes the tiles and is not itself differentiable)."""
+    if params or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or hw.requires_grad)):
+        return _OnlineLSE.apply(x, y, hw, eps, cost, compiled, row_tile, wide, transpose, *params)
     return lse_online(x, y, hw, eps, cost, compiled, row_tile, wide, transpose)
 
 
+@torch.no_grad()  # a cost callable's parameters build no graph here
 def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, a=None, b=None, with_cost: bool = False,
               row_tile=None, accumulate: torch.dtype | None = None, round_to: torch.dtype | None = None):
     r"""``(P V, P^T U, sum_ij P_ij C_ij)`` in one pass over the tiles of ``t``. Without
@@ -442,6 +481,7 @@ def plan_sums(x, y, f, g, a, b, eps: float, cost: Cost, row_tile: int | None = N
     return r.to(out), c.to(out), tc.to(out)
 
 
+@torch.no_grad()  # a cost callable's parameters build no graph here
 def cost_bounds(x, y, cost: Cost, row_tile: int | None = None):
     """``(min C, max C)`` over the batch axes of ``x``, one tile at a time (NaN propagates)."""
     t = Pass(x, y, cost)
@@ -454,42 +494,3 @@ def cost_bounds(x, y, cost: Cost, row_tile: int | None = None):
             torch.minimum(lo, C.amin(-1).to(lo.dtype), out=lo)
             torch.maximum(hi, C.amax(-1).to(hi.dtype), out=hi)
     return lo, hi
-
-
-def _plan_tile(x_t, y_c, f, g, a, b, eps, cost, accumulate, round_to, V, U):
-    """One tile's ``(row sums, column sums, <C, P>, P V, P^T U)`` from :func:`plan_block`
-    (the checkpointed autograd variant recomputes it in backward)."""
-    C = cost.tile(x_t, y_c)
-    P = plan_block(f, g, a, b, C, eps)
-    if round_to is not None:
-        P = P.to(round_to)
-    if accumulate is not None and accumulate != P.dtype:
-        P, C = P.to(accumulate), C.to(accumulate)
-    PV = None if V is None else torch.matmul(P, V.to(P.dtype))
-    PTU = None if U is None else torch.matmul(P.transpose(-1, -2), U.to(P.dtype))
-    return P.sum(-1), P.sum(-2), (P * C).sum((-2, -1)), PV, PTU
-
-
-def checkpointed_plan(x, y, f, g, a, b, eps: float, cost: Cost, row_tile: int | None = None, *, V=None, U=None,
-                      accumulate=None, round_to=None):
-    """Row sums, column sums, :math:`\\langle C, P\\rangle`, ``P V`` and ``P^T U`` of
-    :math:`P = a_i b_j e^{(f_i + g_j - C_{ij})/\\varepsilon}` with autograd through every
-    input *and* whatever the cost holds (a callable's parameters): each tile is a
-    ``torch.utils.checkpoint`` recomputed in backward, so memory stays one tile."""
-    xp, yp = cost.prepare(x, y)
-    rows, cols = _row_blocks(x.shape[-2], y.shape[-2], x.device, row_tile)
-    row_out, pv_out, col_out, ptu_out, tc = [], [], [0.0] * len(cols), [0.0] * len(cols), 0.0
-    for r0, r1 in rows:
-        r_acc = pv_acc = 0.0
-        for k, (c0, c1) in enumerate(cols):
-            r, c, t, pv, ptu = checkpoint(
-                _plan_tile, xp[..., r0:r1, :], yp[..., c0:c1, :], f[..., r0:r1], g[..., c0:c1], a[..., r0:r1],
-                b[..., c0:c1], eps, cost, accumulate, round_to, None if V is None else V[..., c0:c1, :],
-                None if U is None else U[..., r0:r1, :], use_reentrant=False)
-            r_acc, tc, col_out[k] = r_acc + r, tc + t, col_out[k] + c
-            pv_acc = pv_acc if pv is None else pv_acc + pv
-            ptu_out[k] = ptu_out[k] if ptu is None else ptu_out[k] + ptu
-        row_out.append(r_acc)
-        pv_out.append(pv_acc)
-    return (torch.cat(row_out, -1), torch.cat(col_out, -1), tc, torch.cat(pv_out, -2) if V is not None else None,
-            torch.cat(ptu_out, -2) if U is not None else None)

@@ -3,7 +3,7 @@ r"""Ground costs of point clouds, :math:`C_{ij} = c(x_i, y_j)`: one class per co
 A cost object carries everything the point-cloud backends need to know about it:
 
 * :meth:`Cost.tile`: the torch tile ``c(x_rows, y_cols)`` of shape ``(..., n', m')``
-  (dense matrices, online tiles, checkpointed autograd tiles all call it);
+  (dense matrices, online tiles and their recomputed autograd tiles all call it);
 * :meth:`Cost.keops`: the same formula on KeOps ``LazyTensor`` s (``None``: not compiled);
 * :attr:`Cost.translation_invariant`: :math:`c(x + t, y + t) = c(x, y)`, so the backends
   centre both clouds before computing tiles (:func:`centre`), which keeps the rounding of
@@ -99,7 +99,8 @@ class Cost:
     #: :meth:`transport_cost_vjp` has a closed form
     has_transport_cost_vjp: bool = False
     #: depends on the points only (no parameters of its own): the online plan then has a
-    #: custom backward in the points; otherwise it is differentiated on checkpointed tiles
+    #: backward in the points alone; otherwise the tensors it holds are found
+    #: (:func:`entrokit.geometry._online.cost_leaves`) and differentiated on the recomputed tiles
     parameter_free: bool = False
 
     def tile(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -245,7 +246,7 @@ class PNorm(Cost):
 class CostCallable(Cost):
     """A user callable ``c(x, y)`` mapping ``(B, n', d), (B, m', d)`` to a floating
     ``(B, n', m')`` tensor (checked on every tile). It may hold parameters of its own:
-    the backends then differentiate it by autograd on (checkpointed) tiles."""
+    the online backend then differentiates it by autograd on tiles recomputed in backward."""
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.fn = fn

@@ -122,6 +122,8 @@ class PointCloud(PointGeometry):
 
     #: decided at construction (an attribute of each instance, read without a call)
     is_online: bool = False
+    #: the cost's parameters are held constant (:meth:`detach`)
+    cost_detached: bool = False
 
     def __init__(
         self,
@@ -231,9 +233,20 @@ class PointCloud(PointGeometry):
                            same_points=True, cost_map=lambda C: C.reshape(*batch_shape, n, m))
 
     def detach(self) -> PointCloud:
-        if not (self.x.requires_grad or self.y.requires_grad):
+        """This geometry without gradients: detached points, and a cost whose parameters
+        (:meth:`cost_params`) are held constant."""
+        with torch.enable_grad():
+            held = bool(self.cost_params())
+        if not (self.x.requires_grad or self.y.requires_grad or held):
             return self  # nothing to cut: keep the caches (cost, bounds, radius)
-        return self.derive(self.x.detach(), self.y.detach(), same_points=True, cost_map=torch.Tensor.detach)
+        out = self.derive(self.x.detach(), self.y.detach(), same_points=True, cost_map=torch.Tensor.detach)
+        out.cost_detached = True
+        return out
+
+    def cost_params(self) -> tuple:
+        """The tensors requiring gradients that the cost holds (a callable's parameters, by
+        :func:`entrokit.geometry._online.cost_leaves`); empty after :meth:`detach`."""
+        return () if self.cost_detached else _online.cost_leaves(self.cost_fn, self.x, self.y)
 
     def tensors(self):
         return (self.x, self.y)
@@ -307,8 +320,9 @@ def _lse_pair(lse):
 class _Dense:
     """The materialised backend: a :class:`DenseCost` of the cost matrix does every
     reduction (and provides the kernel engine). Its detached value is computed once and
-    kept (dropped if ``x`` or ``y`` is modified in place); under autograd with points that
-    require gradients it is rebuilt per call, so no graph is kept alive between calls."""
+    kept (dropped if ``x`` or ``y`` is modified in place); under autograd with points or
+    cost parameters that require gradients it is rebuilt per call, so no graph is kept
+    alive between calls."""
 
     def __init__(self, pc: PointCloud, cached=None):
         self.pc, self._cache = pc, cached
@@ -322,8 +336,8 @@ class _Dense:
     def matrix(self) -> DenseCost:
         pc = self.pc
         version = _versions(pc.x, pc.y)
-        if version is None or _needs_grad(pc.x, pc.y):
-            return DenseCost(pc.cost_matrix())
+        if version is None or _needs_grad(pc.x, pc.y) or pc.cost_params():
+            return DenseCost(pc.cost_matrix())  # with the graph of the points or the cost's parameters
         if self._cache is None or self._cache[0] != version:
             with torch.no_grad():
                 self._cache = (version, DenseCost(pc.cost_matrix()))
@@ -352,9 +366,6 @@ class _Tiled:
         else:  # derived geometries keep the kernel choice of the one they come from
             self.compiled, self.fused = parent.compiled, parent.fused
         self.may_widen = isinstance(self.cost, SqEuclidean) and pc.dtype == torch.float32
-        # the custom backward differentiates in the points only: costs that may hold
-        # parameters of their own go through checkpointed tiles
-        self.custom_backward = self.cost.parameter_free
         # the radius and the per-eps float64-tile decisions hold for the same points
         # (reshaped or detached): shared with the geometry they come from
         self._radius = parent._radius if same_points else [None]
@@ -392,7 +403,10 @@ class _Tiled:
             if pair is not None:
                 return pair
         return _lse_pair(_online.online_lse(rows, cols, hw, eps, self.cost, self.compiled, self.rows, self.wide(eps),
-                                            transpose=axis == 0))
+                                            transpose=axis == 0, params=self._params()))
+
+    def _params(self):
+        return self.pc.cost_params()
 
     def _fused_lse(self, rows, cols, hw, eps, axis):
         pc = self.pc
@@ -408,17 +422,16 @@ class _Tiled:
 
     def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
         pc = self.pc
-        if _needs_grad(pc.x, pc.y, f, g, a, b):
-            if self.custom_backward and accumulate is None and round_to is None:
-                return _OnlinePlan.apply(self, f, g, a, b, None, None, eps, pc.x, pc.y)[:3]
-            return _online.checkpointed_plan(pc.x, pc.y, f, g, a, b, eps, self.cost, self.rows,
-                                             accumulate=accumulate, round_to=round_to)[:3]
+        params = self._params()
+        if params or _needs_grad(pc.x, pc.y, f, g, a, b):
+            return _OnlinePlan.apply(self, f, g, a, b, None, None, eps, (accumulate, round_to), pc.x, pc.y,
+                                     *params)[:3]
         return _online.plan_sums(pc.x, pc.y, f, g, a, b, eps, self.cost, self.rows, accumulate=accumulate,
                                  round_to=round_to)
 
     def marginals(self, f, g, a, b, eps):
         pc = self.pc
-        if _needs_grad(pc.x, pc.y, f, g, a, b):
+        if _needs_grad(pc.x, pc.y, f, g, a, b) or self._params():
             return self.plan_reduce(f, g, a, b, eps)[:2]
         row, col = self._weighted(f, g, a, b, eps)
         if self.fused:  # row sums in registers, no vector operand
@@ -450,13 +463,11 @@ class _Tiled:
         several = vec.dim() == f.dim() + 1
         V = vec if several else vec.unsqueeze(-1)
         V, U = (V, None) if axis == 1 else (None, V)
-        if not _needs_grad(pc.x, pc.y, f, g, a, b, vec):
-            out = self.products(f, g, a, b, eps, V, U)[0 if axis == 1 else 1]
-        elif self.custom_backward:
-            out = _OnlinePlan.apply(self, f, g, a, b, V, U, eps, pc.x, pc.y)[3]
+        params = self._params()
+        if params or _needs_grad(pc.x, pc.y, f, g, a, b, vec):
+            out = _OnlinePlan.apply(self, f, g, a, b, V, U, eps, (None, None), pc.x, pc.y, *params)[3]
         else:
-            out = _online.checkpointed_plan(pc.x, pc.y, f, g, a, b, eps, self.cost, self.rows, V=V, U=U)[
-                3 if axis == 1 else 4]
+            out = self.products(f, g, a, b, eps, V, U)[0 if axis == 1 else 1]
         return out if several else out.squeeze(-1)
 
     def plan_operator(self, f, g, a, b, eps):
@@ -468,23 +479,27 @@ class _Tiled:
 
 class _OnlinePlan(torch.autograd.Function):
     r"""Row sums, column sums, :math:`\langle C, P\rangle` and one of ``P V`` / ``Pᵀ U`` of
-    the online plan :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}` of a
-    parameter-free cost, differentiable in ``x, y, f, g, a, b, V, U`` in :math:`O(n + m)`
-    memory: forward runs without a graph, backward recomputes the plan tile by tile
-    (:func:`entrokit.geometry._online.plan_backward`). ``tiled`` is the point cloud's
-    backend; ``x, y`` its points (passed for autograd)."""
+    the online plan :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}`,
+    differentiable in ``x, y, f, g, a, b, V, U`` and the tensors the cost holds
+    (``params``, a callable's parameters) in :math:`O(n + m)` memory: forward runs without
+    a graph (``sums_opts``: the ``accumulate, round_to`` of the sums), backward recomputes
+    the plan tile by tile (:func:`entrokit.geometry._online.plan_backward`; the rounding of
+    ``round_to`` passes the gradient unchanged). ``tiled`` is the point cloud's backend;
+    ``x, y`` its points (passed for autograd)."""
 
     @staticmethod
-    def forward(ctx, tiled, f, g, a, b, V, U, eps, x, y):
+    def forward(ctx, tiled, f, g, a, b, V, U, eps, sums_opts, x, y, *params):
         f_, g_, a_, b_ = f.detach(), g.detach(), a.detach(), b.detach()
+        accumulate, round_to = sums_opts
         with torch.no_grad():
-            rows, cols, tc = tiled.plan_reduce(f_, g_, a_, b_, eps)
+            rows, cols, tc = _online.plan_sums(x.detach(), y.detach(), f_, g_, a_, b_, eps, tiled.cost, tiled.rows,
+                                               accumulate=accumulate, round_to=round_to)
             out = None
             if V is not None or U is not None:
                 PV, PTU = tiled.products(f_, g_, a_, b_, eps, None if V is None else V.detach(),
                                          None if U is None else U.detach())
                 out = PV if V is not None else PTU
-        ctx.tiled, ctx.eps = tiled, eps
+        ctx.tiled, ctx.eps, ctx.params = tiled, eps, params
         ctx.save_for_backward(f, g, a, b, V, U)
         return rows, cols, tc, out
 
@@ -496,10 +511,11 @@ class _OnlinePlan(torch.autograd.Function):
         x, y = tiled.pc.x, tiled.pc.y
         names = ("f", "g", "a", "b", "V", "U", "x", "y")
         like = dict(zip(names, (f, g, a, b, V, U, x, y)))
-        need = [k for k, nd in zip(names, (*ctx.needs_input_grad[1:7], *ctx.needs_input_grad[8:]))
+        need = [k for k, nd in zip(names, (*ctx.needs_input_grad[1:7], *ctx.needs_input_grad[9:11]))
                 if nd and (g_out is not None or k not in "VU")]
         t = _online.Pass(x.detach(), y.detach(), tiled.cost, tiled.wide(eps))
         out = _online.plan_backward(t, f, g, a, b, eps, need, g_rows=g_rows, g_cols=g_cols, g_tc=g_tc, g_out=g_out,
-                                    V=V, U=U, row_tile=tiled.rows)
+                                    V=V, U=U, row_tile=tiled.rows, params=ctx.params)
+        p_grads = out.pop("params", ())
         grads = {k: v.to(like[k].dtype) for k, v in out.items()}
-        return (None, *(grads.get(k) for k in names[:6]), None, grads.get("x"), grads.get("y"))
+        return (None, *(grads.get(k) for k in names[:6]), None, None, grads.get("x"), grads.get("y"), *p_grads)

@@ -105,17 +105,21 @@ class _ImplicitPotentials(torch.autograd.Function):
     (``H = (T1 - a, Tᵀ1 - b)``) differ only in ``residual`` and ``adjoint``."""
 
     @staticmethod
-    def forward(ctx, f, g, residual, adjoint, geom, a, b, *geom_tensors):
-        ctx.residual, ctx.adjoint, ctx.geom = residual, adjoint, geom
+    def forward(ctx, f, g, residual, adjoint, geom, a, b, n_params, *geom_tensors):
+        # the last n_params tensors: what the cost holds (a cost callable's parameters),
+        # reached through the residual's graph rather than by a rebuilt geometry
+        ctx.residual, ctx.adjoint, ctx.geom, ctx.n_params = residual, adjoint, geom, n_params
         ctx.save_for_backward(f, g, a, b, *geom_tensors)
         return f.clone(), g.clone()
 
     @staticmethod
     def backward(ctx, gf, gg):
         f, g, a, b, *gt = ctx.saved_tensors
-        needs = ctx.needs_input_grad[5:]
-        if not any(needs):
-            return (None,) * (7 + len(gt))
+        params, gt = gt[len(gt) - ctx.n_params:], gt[:len(gt) - ctx.n_params]
+        needs, p_needs = ctx.needs_input_grad[5:8 + len(gt)], ctx.needs_input_grad[8 + len(gt):]
+        needs = (*needs[:2], *needs[3:])  # n_params is not differentiable
+        if not any(needs) and not any(p_needs):
+            return (None,) * (8 + len(gt) + len(params))
         gf = torch.zeros_like(f) if gf is None else gf
         gg = torch.zeros_like(g) if gg is None else gg
         with torch.no_grad():
@@ -126,18 +130,21 @@ class _ImplicitPotentials(torch.autograd.Function):
             geom = ctx.geom.rebuild(*leaves[2:])
             H = ctx.residual(geom, f, g, leaves[0], leaves[1])
             lam = torch.cat([lam_f.to(f.dtype), lam_g.to(g.dtype)], -1)
-            wanted = [t for t in leaves if t.requires_grad]
+            wanted = [t for t in leaves if t.requires_grad] + [p for p, need in zip(params, p_needs) if need]
             grads = torch.autograd.grad(H, wanted, grad_outputs=-lam, allow_unused=True)
         it = iter(grads)
         out = [next(it) if t.requires_grad else None for t in leaves]
-        return (None, None, None, None, None, *out)
+        p_out = [next(it) if need else None for need in p_needs]
+        return (None, None, None, None, None, out[0], out[1], None, *out[2:], *p_out)
 
 
 def implicit_fixed_point(geom: Geometry, f, g, a, b, *, residual: Residual, adjoint: AdjointSolver):
     """``(f, g)`` carrying implicit gradients for any dual whose optimality residual is
     ``residual(geom, f, g, a, b) -> (B, n + m)`` and whose adjoint system is solved by
     ``adjoint(geom, f, g, a, b, rhs_f, rhs_g) -> (λ_f, λ_g)``."""
-    return _ImplicitPotentials.apply(f.detach(), g.detach(), residual, adjoint, geom, a, b, *geom.tensors())
+    params = geom.cost_params() if hasattr(geom, "cost_params") else ()
+    return _ImplicitPotentials.apply(f.detach(), g.detach(), residual, adjoint, geom, a, b, len(params),
+                                     *geom.tensors(), *params)
 
 
 def entropic_residual(eps: float) -> Residual:

@@ -420,3 +420,32 @@ def multiscale_sinkhorn(
     info = _info(t_start, t_coarse, t_fine, eps_c, coarse, xc, yc, scale, stages, stage_iters, rounds, geom, dropped)
     return _certified_result(problem, f, g, eps, grad=grad, n_iter=n_iter, conv=conv, errors=errors, tol=tol,
                              info=info, dropped=dropped, max_iter=max_iter, truncate=truncate, t_start=t_start)
+
+
+def online_warm_start(pb: OTProblem, eps: float, tol: float):
+    r"""Starting potentials for :func:`~entrokit.sinkhorn` on an online squared-Euclidean
+    :class:`~entrokit.PointCloud` in :math:`d \le` :data:`MAX_DIM` (``pb`` batched): those of
+    :func:`multiscale_sinkhorn` at ``tol``, which reaches the tolerance in a few
+    truncated iterations where the full online loop spends tens of dense soft-min passes
+    (benchmarks/results/scale.md). ``None`` where it does not apply (dense or other
+    costs, higher dimension, :math:`\varepsilon \ge (\max C - \min C)/50`) or gives no
+    finite potentials; the caller's loop then
+    certifies the result from these potentials as from any ``init``."""
+    geom = pb.geometry
+    if not (isinstance(geom, PointCloud) and geom.is_online and geom.cost_fn.name == "sqeuclidean"
+            and geom.x.shape[-1] <= MAX_DIM):
+        return None
+    # only where eps is small against the cost range (the rule of eps_scaling="auto"): there
+    # the plain loop is slow and the truncation keeps few pairs; a large eps keeps nearly
+    # every pair (the truncated geometry's memory then grows with n m)
+    lo, hi = geom.cost_bounds()
+    if not bool(((hi - lo) > 50.0 * eps).all()):
+        return None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a start: the caller's loop certifies
+        res = multiscale_sinkhorn(pb.a.detach(), pb.b.detach(), geom.x.detach(), geom.y.detach(), eps, tol=tol,
+                                  grad="envelope", check_inputs=False)
+    f, g = res.f.reshape(pb.a.shape).to(pb.a.dtype), res.g.reshape(pb.b.shape).to(pb.b.dtype)
+    if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
+        return None
+    return f, g

@@ -532,6 +532,10 @@ def sinkhorn_result(
     pb = problem.with_batch()
     if init is not None:
         init = check_init(init, pb)
+    elif eps_scaling == "auto" and grad != "unroll" and getattr(pb.geometry, "is_online", False):
+        # online squared Euclidean, d <= 3: start from multiscale_sinkhorn's potentials
+        from entrokit.solvers.multiscale import online_warm_start
+        init = online_warm_start(pb, eps, tol)
     if grad == "unroll" and lse_mode is False:
         raise InputError("grad='unroll' differentiates the log-domain iterations; leave lse_mode=None or True.")
     opts = SinkhornOptions(
