@@ -249,15 +249,16 @@ _CALLABLE_GRAD_RSS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_online_memory_with_a_differentiable_cost_callable_stays_below_one_gib():
+def test_online_memory_with_a_differentiable_cost_callable_stays_flat():
     # a cost callable holding a parameter w, the points and w requiring gradients, at
-    # n = m = 20000 (one float32 n x m buffer alone is 1.5 GiB): the forward runs without a
-    # graph and backward recomputes the tiles, as for the named costs
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _PEAK_RSS + _CALLABLE_GRAD_RSS_SCRIPT, "20000"],
+    # n = m = 12000: the forward runs without a graph and backward recomputes the tiles, as
+    # for the named costs. The process peaks near 350 MiB (flat in n: 343 MiB at n = 20000);
+    # one float32 n x m buffer alone (549 MiB) would cross the 700 MiB bound
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _PEAK_RSS + _CALLABLE_GRAD_RSS_SCRIPT, "12000"],
                          capture_output=True, text=True, timeout=900, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["finite"] and got["converged"] and got["w_grad"] > 0, got
-    assert got["rss_kib"] / 2**20 < 1.0, got
+    assert got["rss_kib"] / 2**10 < 700, got
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "euclidean", "pnorm"])
