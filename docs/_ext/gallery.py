@@ -25,7 +25,10 @@ class ResetArgv:
         # sphinx-gallery runs the code with __doc__ = ""; the examples build their argparse
         # description from __doc__, so give them their docstring back, as `python x.py` does
         script_vars["example_globals"]["__doc__"] = ast.get_docstring(ast.parse(text), clean=False)
-        argv = ["--quick"] if '"--quick"' in text else []
-        if '"--out"' in text:
+        # the RL reproductions build their parser with entrokit.rl.toy.study.study_parser,
+        # which has --quick and --out
+        shared_parser = "study_parser(" in text
+        argv = ["--quick"] if '"--quick"' in text or shared_parser else []
+        if '"--out"' in text or shared_parser:
             argv += ["--out", str(OUT / f"{src.stem}.png")]
         return argv
