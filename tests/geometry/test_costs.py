@@ -186,13 +186,14 @@ def test_online_plan_sums_in_one_pass_over_row_and_column_blocks(small_tiles, co
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
 
 
-def test_parameter_of_a_cost_class_gets_the_envelope_gradients():
+@pytest.mark.parametrize("online", [False, True])
+def test_parameter_of_a_cost_class_gets_the_envelope_gradients(online):
     # d<C, P>/ds at the frozen plan is <dC/ds, P> = sum_i P_i. x_i1 (grad="envelope"), and the
     # value's derivative (envelope theorem) is the same sum: independent closed forms
     x, y = clouds(n=11, m=9, d=2, batch=())
     s = torch.tensor(0.3, dtype=F64, requires_grad=True)
-    # online: the points need no gradient, only the cost's own parameter
-    geom = PointCloud(x, y, Skewed(s), online=True, chunk_size=4)
+    # the points need no gradient, only the cost's own parameter
+    geom = PointCloud(x, y, Skewed(s), online=online, chunk_size=4 if online else None)
     res = entrokit.sinkhorn(None, None, geom, 0.5, tol=1e-12, grad="envelope")
     expected = (res.plan.detach() * x[:, :1]).sum()
     (d_tc,) = torch.autograd.grad(res.transport_cost, s)
