@@ -391,6 +391,18 @@ def multiscale_sinkhorn(
     eps, tol, truncate, cluster_scale, grad, max_iter, scaling_decay, max_rounds, block_entries = _check_options(
         eps, tol, truncate, cluster_scale, grad, max_iter, scaling_decay, max_rounds, block_entries)
     a3, b3, x3, y3, batch_shape = _prepare(a, b, x, y, check_inputs)
+    return multiscale_result(a3, b3, x3, y3, batch_shape, eps, tol=tol, truncate=truncate,
+                             cluster_scale=cluster_scale, grad=grad, max_iter=max_iter, scaling_decay=scaling_decay,
+                             max_rounds=max_rounds, block_entries=block_entries, t_start=t_start)
+
+
+def multiscale_result(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: float, truncate: float = 5.0,
+                      cluster_scale: float | None = None, grad: str = "implicit",
+                      max_iter: int = SinkhornOptions.max_iter, scaling_decay: float = 0.5, max_rounds: int = 4,
+                      block_entries: int | None = None, t_start: float | None = None) -> OTResult:
+    """:func:`multiscale_sinkhorn` on validated, flattened inputs (``a3 [B, n]``, ``b3 [B, m]``,
+    ``x3 [B, n, d]``, ``y3 [B, m, d]``) and checked options: the internal entry point."""
+    t_start = time.perf_counter() if t_start is None else t_start
     B = x3.shape[0]
     dtype = x3.dtype
 
@@ -443,8 +455,13 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float):
         return None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a start: the caller's loop certifies
-        res = multiscale_sinkhorn(pb.a.detach(), pb.b.detach(), geom.x.detach(), geom.y.detach(), eps, tol=tol,
-                                  grad="envelope", check_inputs=False)
+        (n, d), m = geom.x.shape[-2:], geom.y.shape[-2]
+        B = math.prod(geom.x.shape[:-2])
+        if pb.a.numel() != B * n:  # one point cloud shared by a batch of weights: no warm start
+            return None
+        res = multiscale_result(pb.a.detach().reshape(B, n), pb.b.detach().reshape(B, m),
+                                geom.x.detach().reshape(B, n, d), geom.y.detach().reshape(B, m, d), (B,), eps,
+                                tol=tol, grad="envelope")
     f, g = res.f.reshape(pb.a.shape).to(pb.a.dtype), res.g.reshape(pb.b.shape).to(pb.b.dtype)
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         return None
