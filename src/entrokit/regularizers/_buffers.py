@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from entrokit._stateful import Option, StatefulModule, all_gather_rows, choice, integer
-from entrokit._validation import REDUCTIONS
-from entrokit.regularizers._checks import check_sample_batch
+from entrokit._validation import REDUCTIONS, check_sample_batch
 
 __all__ = ["IndexedDataset", "PerSampleLoss", "all_gather_rows", "reduce_rows"]
 

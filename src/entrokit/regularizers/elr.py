@@ -46,15 +46,18 @@ import torch
 import torch.nn.functional as F
 
 from entrokit._stateful import Option
-from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows
-from entrokit.regularizers._checks import (
+from entrokit._validation import (
+    apply_reduction,
     check_logits,
     check_nonneg_real,
     check_reduction,
     check_same_shape,
     check_unit_interval,
+    no_autocast,
+    reject_meta,
+    working_dtype,
 )
+from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows
 
 __all__ = ["ELRLoss", "IndexedDataset", "elr_penalty"]
 

@@ -35,8 +35,7 @@ from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit._optional import require
-from entrokit._validation import no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._checks import default_atol
+from entrokit._validation import default_atol, no_autocast, reject_meta, working_dtype
 
 __all__ = [
     "attention_entropy",

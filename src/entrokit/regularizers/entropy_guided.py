@@ -52,13 +52,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import check_layer_input, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._checks import (
+from entrokit._validation import (
     check_choice,
     check_count,
     check_finite_real,
+    check_layer_input,
     check_nonneg_real,
     check_positive,
+    no_autocast,
+    reject_meta,
+    working_dtype,
 )
 from entrokit.regularizers.entropy import _attention_entropy
 from entrokit.regularizers.sigma_reparam import _svd_init, spectral_norm_step

@@ -73,8 +73,8 @@ import torch.nn.functional as F
 
 from entrokit._errors import InputError
 from entrokit._stateful import Option, StatefulModule, boolean, integer
-from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._checks import (
+from entrokit._validation import (
+    apply_reduction,
     check_choice,
     check_count,
     check_logits,
@@ -82,6 +82,9 @@ from entrokit.regularizers._checks import (
     check_positive,
     check_reduction,
     check_unit_interval,
+    no_autocast,
+    reject_meta,
+    working_dtype,
 )
 
 __all__ = [

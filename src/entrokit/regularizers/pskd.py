@@ -37,9 +37,8 @@ import torch.nn.functional as F
 
 from entrokit._errors import InputError
 from entrokit._stateful import Option, integer
-from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._buffers import PerSampleLoss, reduce_rows
-from entrokit.regularizers._checks import (
+from entrokit._validation import (
+    apply_reduction,
     check_count,
     check_int_vector,
     check_logits,
@@ -47,7 +46,11 @@ from entrokit.regularizers._checks import (
     check_reduction,
     check_same_shape,
     check_unit_interval,
+    no_autocast,
+    reject_meta,
+    working_dtype,
 )
+from entrokit.regularizers._buffers import PerSampleLoss, reduce_rows
 
 __all__ = ["PSKDLoss", "pskd_alpha", "pskd_targets", "soft_cross_entropy"]
 
