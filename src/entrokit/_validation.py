@@ -577,7 +577,8 @@ def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owne
     """Validate one batch of a module with per-sample state (``num_classes``,
     ``num_samples``, ``check_inputs``): ``rows`` ``[B, C]`` (logits or probabilities),
     optional ``labels`` ``[B]`` in ``[0, C)``, ``index`` ``[B]`` in ``[0, num_samples)``, and
-    the state ``buffer`` on the rows' device. Returns ``(rows, labels, index)``."""
+    the state ``buffer`` on the rows' device. Returns ``(rows, labels, index)`` with ``rows``
+    in the :func:`working_dtype` (float32 for float16/bfloat16; a differentiable cast)."""
     rows = check_logits(rows, module.num_classes, name=name)
     b = rows.shape[0]
     if labels is not None:
@@ -586,7 +587,7 @@ def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owne
     index = check_int_vector(index, "index", b, module.num_samples, "num_samples", rows.device,
                              module.check_inputs)
     check_buffer_device(buffer, rows, owner)
-    return rows, labels, index
+    return (rows.float() if rows.dtype in _HALF else rows), labels, index
 
 
 # -- the solvers' option spec ---------------------------------------------------------------

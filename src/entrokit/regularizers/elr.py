@@ -201,9 +201,8 @@ class ELRLoss(PerSampleLoss):
         self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         """Return ``CE + λ·log(1 − ⟨p, t⟩)`` for the batch, updating its targets first."""
-        logits, labels, index = self._check_batch(logits, index, labels)
-        with no_autocast():  # float32 for half logits; F.cross_entropy would return float32
-            z = logits.to(working_dtype(logits.dtype))
+        z, labels, index = self._check_batch(logits, index, labels)  # z: float32 for half logits
+        with no_autocast():  # F.cross_entropy under autocast would return float32
             if self.training:
                 self.update_state(z.detach(), index, from_logits=True, what="logits of this batch")
             ce = F.cross_entropy(z, labels, reduction="none")

@@ -272,11 +272,10 @@ class PSKDLoss(PerSampleLoss):
         alpha: float | None = None,
     ) -> torch.Tensor:
         """Soft-target cross-entropy against Eq. 5 targets; ``alpha`` overrides the schedule."""
-        logits, labels, index = self._check_batch(logits, index, labels)
+        z, labels, index = self._check_batch(logits, index, labels)  # z: float32 for half logits
         a = self.alpha if alpha is None else check_unit_interval(alpha, "alpha", closed_right=True, example="alpha=0.5")
         target = self.soft_targets(labels, index, a)
-        with no_autocast():  # float16/bfloat16 logits: computed in float32, returned in their dtype
-            z = logits.to(working_dtype(logits.dtype))
+        with no_autocast():  # computed in the working dtype, returned in the logits' dtype
             loss = reduce_rows(_soft_ce_rows(z, target), self.reduction)
             if self.training:
                 self.update_state(z.detach(), index, from_logits=True, what="logits of this batch")
