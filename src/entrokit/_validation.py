@@ -43,6 +43,8 @@ __all__ = [
     "check_buffer_device",
     "check_count",
     "check_finite_real",
+    "check_float_vector",
+    "check_generator",
     "check_int_vector",
     "check_logits",
     "check_nonneg_real",
@@ -295,6 +297,31 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
     if value < 1:
         raise InputError(f"{name} must be an int >= 1, got {value}; pass a positive integer.")
     return int(value)  # NumPy and other integral numbers as a Python int
+
+
+def check_float_vector(t: Any, name: str, *, shape: str, detail: str, values: str, min_len: int = 0) -> torch.Tensor:
+    """A floating 1-D tensor that holds values (not meta) with ``>= min_len`` entries.
+
+    ``shape`` (``"[N]"``) and ``detail`` (``" (one per sample)"``) word the expected shape,
+    ``values`` what to pass instead of a meta tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}; use {name}.float().")
+    if t.is_meta:
+        raise InputError(f"{name} is a meta tensor (shape only, no values); pass {values}.")
+    if t.dim() != 1 or t.numel() < min_len:
+        raise InputError(f"{name} must have shape {shape}{detail}, got {tuple(t.shape)}.")
+    return t
+
+
+def check_generator(generator: Any) -> None:
+    """``generator`` is ``None`` or a :class:`torch.Generator` (explicit randomness)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "pass e.g. generator=torch.Generator().manual_seed(0) for reproducible draws."
+        )
 
 
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
