@@ -151,7 +151,7 @@ def _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_c
     sparse_axis = "columns" if mode == "experts_choose" else "rows"
     out = smooth_ot_problem(
         problem, TopKSquaredL2(gamma, capacity), formulation="semi_dual", sparse_axis=sparse_axis,
-        solver="adam", max_iter=n_steps, lr=lr,
+        solver="adam", tol=1e-6, solve_dtype=torch.float64, max_iter=n_steps, lr=lr,
     )
     Tl = out["plan"]
     plan = Tl.transpose(-1, -2) if sparse_axis == "columns" else Tl  # (B, G, E)
