@@ -376,3 +376,17 @@ def test_zero_weight_gives_finite_outputs_and_gradients():
 def test_empty_weight_is_a_typed_error(make):
     with pytest.raises(InputError, match=r"needs a weight with at least one entry, got shape \(.*0.*\)"):
         make()
+
+
+def test_copies_keep_every_setting_and_refuse_other_layers():
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, bias=False).double()
+    new = SigmaReparamConv2d.from_conv2d(conv)
+    assert (new.stride, new.padding, new.dilation, new.groups, new.bias) == ((2, 1), (1, 0), (1, 2), 2, None)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(new(x), conv(x))
+    lin = nn.Linear(5, 3, bias=False)
+    new_lin = SigmaReparamLinear.from_linear(lin)
+    assert new_lin.bias is None and new_lin.weight.dtype == lin.weight.dtype
+    torch.testing.assert_close(new_lin.weight, lin.weight)
+    with pytest.raises(TypeError, match=r"expected nn.Linear, got Conv2d"):
+        SigmaReparamLinear.from_linear(conv)
