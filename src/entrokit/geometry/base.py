@@ -146,8 +146,10 @@ class Geometry:
     # -- metadata ----------------------------------------------------------------------
     @property
     def _stored(self) -> torch.Tensor:
-        """The ``(..., n, m)`` tensor the metadata is read from (default: :meth:`cost_matrix`;
-        a geometry that stores its cost, or another representation of it, returns that)."""
+        """The tensor the metadata is read from: dtype, device, and the batch axes (all but
+        its last two). By default the ``(..., n, m)`` :meth:`cost_matrix`, which also gives
+        :attr:`shape`; a geometry that stores its cost, or another representation of it,
+        returns that."""
         return self.cost_matrix()
 
     @property
@@ -368,17 +370,9 @@ class PointGeometry(Geometry):
     y: torch.Tensor
 
     @property
+    def _stored(self) -> torch.Tensor:
+        return self.x  # (..., n, d): dtype, device and batch axes
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.x.shape[-2], self.y.shape[-2])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[:-2])
