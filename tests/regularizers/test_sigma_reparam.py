@@ -132,7 +132,7 @@ def test_spectral_norm_step_and_init_std_validation():
         spectral_norm_step(torch.randn(2, 4), torch.ones(3))
     with pytest.raises(InputError, match=r"weight must be a matrix"):
         spectral_norm_step(torch.randn(4), torch.ones(4))
-    with pytest.raises(InputError, match=r"init_std must be a finite number > 0 or None, got inf"):
+    with pytest.raises(InputError, match=r"init_std must be a finite number > 0, got inf; pass a positive value such as init_std=0.02, or None"):
         SigmaReparamLinear(4, 2, init_std=float("inf"))
 
 
@@ -312,7 +312,7 @@ def test_reinit_wrap_and_sigma_reparam_layer_init_std_bounds():
     [
         ({"linear_init_gain": 0.0}, InputError, r"linear_init_gain must be a finite number > 0, got 0.0"),
         ({"conv_init_gain": float("inf")}, InputError, r"conv_init_gain must be a finite number > 0, got inf"),
-        ({"linear_init_gain": True}, InputError, r"linear_init_gain must be a finite number > 0, got True"),
+        ({"linear_init_gain": True}, TypeError, r"linear_init_gain must be a positive real number, got bool True"),
         ({"reinit": "yes"}, TypeError, r"reinit must be a bool, got str"),
         ({"include_conv2d": 1}, TypeError, r"include_conv2d must be a bool, got int"),
         ({"wrap": None}, TypeError, r"wrap must be a bool, got NoneType"),
@@ -328,7 +328,7 @@ def test_convert_options_validate(kwargs, exc, match):
 def test_conv2d_errors():
     with pytest.raises(InputError, match=r"model is itself an nn.Conv2d.*from_conv2d"):
         convert_to_sigma_reparam(nn.Conv2d(2, 2, 3))
-    with pytest.raises(InputError, match=r"init_std must be a finite number > 0 or None, got -1.0.*nn.Conv2d"):
+    with pytest.raises(InputError, match=r"init_std must be a finite number > 0, got -1.0.*or None to keep nn.Conv2d"):
         SigmaReparamConv2d(2, 2, 3, init_std=-1.0)
     with pytest.raises(TypeError, match=r"expected nn.Conv2d, got Linear"):
         SigmaReparamConv2d.from_conv2d(nn.Linear(2, 2))

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from numbers import Real
 from typing import Any
 
 import torch
@@ -58,7 +57,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import check_layer_input, no_autocast, reject_meta, working_dtype
+from entrokit._validation import (
+    check_layer_input,
+    check_positive,
+    no_autocast,
+    reject_meta,
+    working_dtype,
+)
 
 __all__ = [
     "spectral_norm_step",
@@ -363,25 +368,11 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
 
 
 def _check_init_std(value: Any, layer: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise InputError(
-            f"init_std must be a finite number > 0 or None, got {value!r}; use e.g. "
-            f"init_std=0.02, or None to keep {layer}'s default initialisation."
-        )
-    return float(value)
+    return check_positive(value, "init_std", example=f"init_std=0.02, or None to keep {layer}'s default initialisation")
 
 
 def _check_gain(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise InputError(
-            f"{name} must be a finite number > 0, got {value!r}; the reference re-initialises "
-            f"with std 0.02 * {name}, e.g. {name}=1.0."
-        )
-    return float(value)
+    return check_positive(value, name, example=f"{name}=1.0 (the reference re-initialises with std 0.02 * {name})")
 
 
 def _reference_weight_init(weight: torch.Tensor, std: float) -> None:
