@@ -528,6 +528,18 @@ def check_same_shape(t: Any, ref: torch.Tensor, name: str, ref_name: str, hint: 
     return t
 
 
+def _check_row_vector(t: torch.Tensor, name: str, batch: int, device: torch.device, *, entry: str = "entry",
+                      hint: str = ".") -> None:
+    """``t`` has shape ``[batch]`` (one ``entry`` per row of logits) and the logits' ``device``."""
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise InputError(f"{name} must have shape [{batch}] (one {entry} per row of logits), got {tuple(t.shape)}{hint}")
+    if t.device != device:
+        raise InputError(
+            f"device mismatch: logits are on {device} but {name} is on {t.device}; move it "
+            f"with {name}.to(logits.device)."
+        )
+
+
 def check_int_vector(
     t: Any, name: str, batch: int, upper: int, upper_name: str, device: torch.device, check_values: bool
 ) -> torch.Tensor:
@@ -539,16 +551,7 @@ def check_int_vector(
         )
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (e.g. torch.long), got {t.dtype}.")
-    if t.dim() != 1 or t.shape[0] != batch:
-        raise InputError(
-            f"{name} must have shape [{batch}] (one entry per row of logits), got "
-            f"{tuple(t.shape)}."
-        )
-    if t.device != device:
-        raise InputError(
-            f"device mismatch: logits are on {device} but {name} is on {t.device}; move it "
-            f"with {name}.to(logits.device)."
-        )
+    _check_row_vector(t, name, batch, device)
     if check_values:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= upper:

@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from entrokit._errors import InputError
 from entrokit._stateful import Option, StatefulModule, boolean, integer
 from entrokit._validation import (
+    _check_row_vector,
     apply_reduction,
     check_choice,
     check_count,
@@ -106,16 +107,7 @@ def _check_mask(
         raise TypeError(
             f"{name} must have dtype torch.bool, got {mask.dtype}; convert with {name}.bool()."
         )
-    if mask.dim() != 1 or mask.shape[0] != n:
-        raise InputError(
-            f"{name} must have shape [{n}] (one flag per row of logits), got "
-            f"{tuple(mask.shape)}; with two views stacked, repeat it: torch.cat([m, m])."
-        )
-    if mask.device != device:
-        raise InputError(
-            f"device mismatch: logits are on {device} but {name} is on {mask.device}; move it "
-            f"with {name}.to(logits.device)."
-        )
+    _check_row_vector(mask, name, n, device, entry="flag", hint="; with two views stacked, repeat it: torch.cat([m, m]).")
     return mask
 
 
