@@ -583,13 +583,21 @@ def check_probabilities(
             "Pass softmax outputs, not logits (apply .softmax(-1) first)."
         )
     tol = default_atol(p.dtype) if atol is None else float(atol)
-    err = (p.sum(-1) - 1).abs()
+    _check_unit_rows(p.sum(-1), tol, name, over="the last axis",
+                     fix=f"Pass probabilities (softmax over the last axis) or normalise with {name} / "
+                         f"{name}.sum(-1, keepdim=True).")
+
+
+def _check_unit_rows(sums: torch.Tensor, tol: float, name: str, *, over: str, fix: str,
+                     valid: torch.Tensor | None = None) -> None:
+    """Every row sum (where ``valid``) is 1 within ``tol``; else the first bad row is named."""
+    err = (sums - 1).abs()
+    if valid is not None:
+        err = torch.where(valid, err, torch.zeros_like(err))
     if (err > tol).any():
         idx = tuple(int(i) for i in torch.nonzero(err > tol)[0])
         raise InputError(
-            f"{name} rows must sum to 1 over the last axis (atol={tol:g}); row {idx} sums to "
-            f"{p.sum(-1)[idx].item():.6g}. Pass probabilities (softmax over the last axis) or "
-            f"normalise with {name} / {name}.sum(-1, keepdim=True)."
+            f"{name} rows must sum to 1 over {over} (atol={tol:g}); row {idx} sums to {sums[idx].item():.6g}. {fix}"
         )
 
 
