@@ -119,7 +119,22 @@ def plan_block(f, g, a, b, C, eps) -> torch.Tensor:
     return torch.exp(S.clamp(lo, hi)) * a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
-class Geometry:
+class TensorMetadata:
+    """``dtype`` and ``device`` of an object that holds tensors, read from its ``_stored``
+    tensor (a geometry's cost or points, a problem's weights)."""
+
+    _stored: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._stored.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._stored.device
+
+
+class Geometry(TensorMetadata):
     """Base class: the primitives a solver may call. Subclasses are immutable.
 
     **A new geometry needs only** :meth:`cost_matrix`: every other primitive has a dense
@@ -163,14 +178,6 @@ class Geometry:
         sharded over processes, whose :attr:`shape` is this process's share (uniform
         weights and size-dependent solver defaults use the global size)."""
         return self.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._stored.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._stored.device
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
