@@ -45,7 +45,6 @@ global mean; ``lam``, ``beta``, ``reduction``, ``momentum``, ``tau_*`` and ``syn
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any, ClassVar, Literal
@@ -55,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from entrokit._errors import InputError
+from entrokit._validation import check_count
 
 __all__ = [
     "Option",
@@ -173,20 +173,11 @@ def _fmt(x: float) -> str:
 
 
 def integer(*, minimum: int = 0, example: str) -> Callable[[Any, str], int]:
-    """Check for an integer ``>= minimum``; NumPy integers are accepted, floats and bools are not."""
+    """Check for an integer ``>= minimum`` (:func:`~entrokit._validation.check_count`); NumPy
+    integers are accepted, floats and bools are not."""
 
     def check(value: Any, name: str) -> int:
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got bool; use e.g. {example}.")
-        try:
-            v = operator.index(value)
-        except TypeError:
-            raise TypeError(
-                f"{name} must be an int, got {type(value).__name__} {value!r}; use e.g. {example}."
-            ) from None
-        if v < minimum:
-            raise InputError(f"{name} must be an int >= {minimum}, got {v}; use e.g. {example}.")
-        return v
+        return check_count(value, name, minimum=minimum, example=example)
 
     return check
 

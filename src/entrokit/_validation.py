@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import operator
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -462,13 +463,19 @@ def check_finite_real(value: Any, name: str, *, example: str) -> float:
     return v
 
 
-def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
-    """Check an int >= ``minimum`` (used for buffer sizes)."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise InputError(f"{name} must be an int >= {minimum}, got {value}.")
-    return int(value)
+def check_count(value: Any, name: str, *, minimum: int = 1, example: str | None = None) -> int:
+    """Check an int >= ``minimum`` (Python, NumPy or 0-dim integer tensors; not bools, not
+    floats) and return it as ``int``; ``example`` (``"warmup=0"``) ends the messages."""
+    tail = f"; use e.g. {example}." if example else "."
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got bool{tail}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}{tail}") from None
+    if v < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {v}{tail}")
+    return v
 
 
 def check_reduction(value: Any) -> str:
