@@ -46,18 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from entrokit._stateful import Option
-from entrokit._validation import (
-    apply_reduction,
-    check_logits,
-    check_nonneg_real,
-    check_reduction,
-    check_same_shape,
-    check_unit_interval,
-    no_autocast,
-    reject_meta,
-    working_dtype,
-)
-from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows
+from entrokit._validation import check_nonneg_real, check_unit_interval, no_autocast, reject_meta
+from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows, row_loss
 
 __all__ = ["ELRLoss", "IndexedDataset", "elr_penalty"]
 
@@ -82,14 +72,8 @@ def elr_penalty(
         ``torch.autocast`` hands a loss) are computed in float32, autocast off, and the
         result is cast back; their gradient comes back in their own dtype.
     """
-    logits = check_logits(logits, None)
-    check_same_shape(
-        targets, logits, "targets", "logits", "pass one ensemble target row per row of logits."
-    )
-    check_reduction(reduction)
-    with no_autocast():
-        per = _penalty_rows(logits.to(working_dtype(logits.dtype)), targets)
-        return apply_reduction(per, reduction).to(logits.dtype)
+    return row_loss(_penalty_rows, logits, targets, reduction, name="targets",
+                    hint="pass one ensemble target row per row of logits.")
 
 
 def _penalty_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
