@@ -316,6 +316,15 @@ def check_float_vector(t: Any, name: str, *, shape: str, detail: str, values: st
     return t
 
 
+def _check_float_ndim(t: torch.Tensor, name: str, ndim: int, *, layout: str, hint: str) -> None:
+    """``t`` is floating with ``ndim`` axes (``layout`` words them after "must", ``hint``
+    says how to get there)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}; use {name}.float().")
+    if t.ndim != ndim:
+        raise InputError(f"{name} must {layout}, got shape {tuple(t.shape)}; {hint}")
+
+
 def check_generator(generator: Any) -> None:
     """``generator`` is ``None`` or a :class:`torch.Generator` (explicit randomness)."""
     if generator is not None and not isinstance(generator, torch.Generator):

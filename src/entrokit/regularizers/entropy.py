@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from entrokit._errors import InputError
 from entrokit._optional import require
 from entrokit._validation import (
+    _check_float_ndim,
     _check_unit_rows,
     default_atol,
     no_autocast,
@@ -58,13 +59,8 @@ def _check_attn(attn: Any, name: str = "attn") -> torch.Tensor:
         raise TypeError(
             f"{name} must be a torch.Tensor of attention weights, got {type(attn).__name__}."
         )
-    if not attn.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {attn.dtype}; use {name}.float().")
-    if attn.ndim != 4:
-        raise InputError(
-            f"{name} must have 4 dims (batch, heads, queries, keys), got shape {tuple(attn.shape)}; "
-            f"for a single head use {name}.unsqueeze(1), for a single example {name}.unsqueeze(0)."
-        )
+    _check_float_ndim(attn, name, 4, layout="have 4 dims (batch, heads, queries, keys)",
+                      hint=f"for a single head use {name}.unsqueeze(1), for a single example {name}.unsqueeze(0).")
     if attn.numel() == 0:
         raise InputError(f"{name} is empty (shape {tuple(attn.shape)}).")
     return attn
