@@ -82,6 +82,7 @@ from entrokit._validation import (
     check_nonneg_real,
     check_positive,
     check_reduction,
+    check_same_shape,
     check_unit_interval,
     no_autocast,
     reject_meta,
@@ -262,17 +263,12 @@ def dual_view_kl(
         0.0
     """
     logits_view1 = check_logits(logits_view1, None, name="logits_view1")
-    if not isinstance(logits_view2, torch.Tensor) or logits_view2.shape != logits_view1.shape:
-        got = tuple(logits_view2.shape) if isinstance(logits_view2, torch.Tensor) else type(logits_view2).__name__
+    check_same_shape(logits_view2, logits_view1, "logits_view2", "logits_view1",
+                     "pass the two views of the same batch, e.g. logits.chunk(2).")
+    if logits_view2.dtype != logits_view1.dtype:
         raise InputError(
-            f"logits_view2 must have the shape of logits_view1 {tuple(logits_view1.shape)}, got "
-            f"{got}; pass the two views of the same batch, e.g. logits.chunk(2)."
-        )
-    if logits_view2.dtype != logits_view1.dtype or logits_view2.device != logits_view1.device:
-        raise InputError(
-            f"logits_view2 is {logits_view2.dtype} on {logits_view2.device} but logits_view1 is "
-            f"{logits_view1.dtype} on {logits_view1.device}; compute both views with one model "
-            "(or use logits_view2.to(logits_view1))."
+            f"logits_view2 is {logits_view2.dtype} but logits_view1 is {logits_view1.dtype}; compute "
+            "both views with one model (or use logits_view2.to(logits_view1))."
         )
     temperature = check_positive(temperature, "temperature", example="temperature=0.1")
     check_choice(form, "form", ("paper", "reference"))
