@@ -7,8 +7,7 @@ Usage (from the repository root)::
     PYTHONPATH=src python benchmarks/trace_calls.py
 
 A call is a *validation call* when its function is defined in ``entrokit/_validation.py``
-or ``entrokit/regularizers/_checks.py`` (private helpers, whose name starts with ``_``,
-excluded), is named ``check_*``, is ``make_problem`` or is ``PointCloud.__init__``. The
+(private helpers, whose name starts with ``_``, excluded), is named ``check_*``, is ``make_problem`` or is ``PointCloud.__init__``. The
 dense-or-online reads are the calls of ``is_online``, ``_materialised``, ``use_compiled``,
 ``_wide_tiles``, ``needs_wide_tiles``, ``dense_bytes`` and ``memory_budget``.
 """
@@ -35,7 +34,7 @@ def _kind(code) -> str | None:
         return "decision"
     if code.co_qualname == "PointCloud.__init__" and fn.endswith("pointcloud.py"):
         return "PointCloud.__init__"
-    if (fn.endswith("_validation.py") or fn.endswith("_checks.py")) and not name.startswith("_"):
+    if fn.endswith("_validation.py") and not name.startswith("_"):
         return name
     if name.startswith("check_") or name == "make_problem":
         return name

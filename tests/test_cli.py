@@ -264,3 +264,15 @@ def test_solve_forced_online_small_cloud_picks_newton(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cost=online" in out and "method=ssns" in out and "converged=True" in out
     assert int(out.split("iterations=")[1].split()[0]) < 100
+
+
+def test_a_failed_write_names_the_file(tmp_path, capsys):
+    from entrokit.cli import CLIError, _write
+
+    target = tmp_path / "gone" / "out.npz"  # its folder vanished after the up-front check
+    with pytest.raises(CLIError, match=r"gone/out\.npz: cannot write \(No such file or directory\)"):
+        _write(target, lambda path: np.savez(path, x=np.zeros(2)))
+    assert "wrote" not in capsys.readouterr().out
+    _write(tmp_path / "out.npz", lambda path: np.savez(path, x=np.zeros(2)))
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'out.npz'}\n"
+    assert np.load(tmp_path / "out.npz")["x"].shape == (2,)

@@ -1,5 +1,7 @@
 """Every bad input raises a typed error whose message says what to fix."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -165,10 +167,9 @@ def test_check_inputs_false_skips_value_checks(prob):
 
 def test_one_validation_module_for_both_pillars():
     from entrokit import _validation
-    from entrokit.regularizers import _checks
 
-    for name in _checks.__all__:  # the former import path re-exports the one implementation
-        assert getattr(_checks, name) is getattr(_validation, name), name
+    with pytest.raises(ModuleNotFoundError):  # the former shim is gone: one module, one import path
+        importlib.import_module("entrokit.regularizers._checks")
     with pytest.raises(InputError, match=r"lam must be a finite number > 0, got -1; pass a positive value such as lam=3"):
         _validation.check_positive(-1, "lam", example="lam=3")
     with pytest.raises(TypeError, match=r"lam must be a positive real number, got str '1'"):

@@ -45,7 +45,6 @@ global mean; ``lam``, ``beta``, ``reduction``, ``momentum``, ``tau_*`` and ``syn
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any, ClassVar, Literal
@@ -55,9 +54,11 @@ import torch.distributed as dist
 from torch import nn
 
 from entrokit._errors import InputError
+from entrokit._validation import check_count
 
 __all__ = [
     "Option",
+    "OptionsModule",
     "StatefulModule",
     "all_gather_rows",
     "boolean",
@@ -173,20 +174,11 @@ def _fmt(x: float) -> str:
 
 
 def integer(*, minimum: int = 0, example: str) -> Callable[[Any, str], int]:
-    """Check for an integer ``>= minimum``; NumPy integers are accepted, floats and bools are not."""
+    """Check for an integer ``>= minimum`` (:func:`~entrokit._validation.check_count`); NumPy
+    integers are accepted, floats and bools are not."""
 
     def check(value: Any, name: str) -> int:
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got bool; use e.g. {example}.")
-        try:
-            v = operator.index(value)
-        except TypeError:
-            raise TypeError(
-                f"{name} must be an int, got {type(value).__name__} {value!r}; use e.g. {example}."
-            ) from None
-        if v < minimum:
-            raise InputError(f"{name} must be an int >= {minimum}, got {v}; use e.g. {example}.")
-        return v
+        return check_count(value, name, minimum=minimum, example=example)
 
     return check
 
@@ -326,7 +318,51 @@ def all_gather_rows(
 # --------------------------------------------------------------------------------------
 
 
-class StatefulModule(nn.Module):
+class OptionsModule(nn.Module):
+    """A module whose options are :class:`Option` class attributes: each is checked when it
+    is assigned (in ``__init__`` or later), never on every forward. ``__init__`` assigns
+    them and ends with ``_ready`` (which runs ``_check_relations`` once and from then on
+    after every option assignment)."""
+
+    def _ready(self) -> None:
+        """End of ``__init__``: check the relations between options, then keep checking them."""
+        self._check_relations()
+        self.__dict__["_options_ready"] = True
+
+    def _check_relations(self) -> None:
+        """Relations between options (override); raise :class:`~entrokit.InputError`."""
+
+    def set_options(self, **options: Any) -> None:
+        """Assign several options at once; relations are checked after the last one.
+
+        On failure every option keeps its previous value.
+        """
+        old = {}
+        for name in options:
+            if not isinstance(getattr(type(self), name, None), Option):
+                raise InputError(f"{type(self).__name__} has no option {name!r}.")
+            old[name] = self.__dict__.get(name)
+        self.__dict__["_options_ready"] = False
+        try:
+            for name, value in options.items():
+                setattr(self, name, value)
+            self._check_relations()
+        except Exception:
+            self.__dict__.update(old)
+            raise
+        finally:
+            self.__dict__["_options_ready"] = True
+
+    def options(self) -> dict[str, Any]:
+        """The declared options and their current values."""
+        names = [n for klass in type(self).__mro__ for n, v in vars(klass).items() if isinstance(v, Option)]
+        return {n: getattr(self, n) for n in dict.fromkeys(names)}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+class StatefulModule(OptionsModule):
     """Base of the stateful training components (see the module docstring).
 
     A subclass declares its options as :class:`Option` class attributes, registers its
@@ -387,47 +423,10 @@ class StatefulModule(nn.Module):
             raise InputError(f"sync policy of statistic {name!r} must be one of {_POLICIES}, got {sync!r}.")
         self._state_policy[name] = sync
 
-    def _ready(self) -> None:
-        """End of ``__init__``: check the relations between options, then keep checking them."""
-        self._check_relations()
-        self.__dict__["_options_ready"] = True
-
-    def _check_relations(self) -> None:
-        """Relations between options (override); raise :class:`~entrokit.InputError`."""
-
-    def set_options(self, **options: Any) -> None:
-        """Assign several options at once; relations are checked after the last one.
-
-        On failure every option keeps its previous value.
-        """
-        old = {}
-        for name in options:
-            if not isinstance(getattr(type(self), name, None), Option):
-                raise InputError(f"{type(self).__name__} has no option {name!r}.")
-            old[name] = self.__dict__.get(name)
-        self.__dict__["_options_ready"] = False
-        try:
-            for name, value in options.items():
-                setattr(self, name, value)
-            self._check_relations()
-        except Exception:
-            self.__dict__.update(old)
-            raise
-        finally:
-            self.__dict__["_options_ready"] = True
-
     def reset_state(self) -> None:
         """Put every declared state back to its initial value."""
         for name, default in self._state_default.items():
             getattr(self, name).copy_(default)
-
-    def options(self) -> dict[str, Any]:
-        """The declared options and their current values."""
-        names = [n for klass in type(self).__mro__ for n, v in vars(klass).items() if isinstance(v, Option)]
-        return {n: getattr(self, n) for n in dict.fromkeys(names)}
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
 
     # -- the step template ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import operator
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -43,6 +44,8 @@ __all__ = [
     "check_buffer_device",
     "check_count",
     "check_finite_real",
+    "check_float_vector",
+    "check_generator",
     "check_int_vector",
     "check_logits",
     "check_nonneg_real",
@@ -297,6 +300,40 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> in
     return int(value)  # NumPy and other integral numbers as a Python int
 
 
+def check_float_vector(t: Any, name: str, *, shape: str, detail: str, values: str, min_len: int = 0) -> torch.Tensor:
+    """A floating 1-D tensor that holds values (not meta) with ``>= min_len`` entries.
+
+    ``shape`` (``"[N]"``) and ``detail`` (``" (one per sample)"``) word the expected shape,
+    ``values`` what to pass instead of a meta tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(t).__name__}.")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}; use {name}.float().")
+    if t.is_meta:
+        raise InputError(f"{name} is a meta tensor (shape only, no values); pass {values}.")
+    if t.dim() != 1 or t.numel() < min_len:
+        raise InputError(f"{name} must have shape {shape}{detail}, got {tuple(t.shape)}.")
+    return t
+
+
+def _check_float_ndim(t: torch.Tensor, name: str, ndim: int, *, layout: str, hint: str) -> None:
+    """``t`` is floating with ``ndim`` axes (``layout`` words them after "must", ``hint``
+    says how to get there)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}; use {name}.float().")
+    if t.ndim != ndim:
+        raise InputError(f"{name} must {layout}, got shape {tuple(t.shape)}; {hint}")
+
+
+def check_generator(generator: Any) -> None:
+    """``generator`` is ``None`` or a :class:`torch.Generator` (explicit randomness)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "pass e.g. generator=torch.Generator().manual_seed(0) for reproducible draws."
+        )
+
+
 def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     """Check that ``value`` is one of ``choices`` and return it (strings compare by value,
     anything else by type and value: ``1`` is not ``True``, a tensor is none of them)."""
@@ -435,13 +472,19 @@ def check_finite_real(value: Any, name: str, *, example: str) -> float:
     return v
 
 
-def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
-    """Check an int >= ``minimum`` (used for buffer sizes)."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise InputError(f"{name} must be an int >= {minimum}, got {value}.")
-    return int(value)
+def check_count(value: Any, name: str, *, minimum: int = 1, example: str | None = None) -> int:
+    """Check an int >= ``minimum`` (Python, NumPy or 0-dim integer tensors; not bools, not
+    floats) and return it as ``int``; ``example`` (``"warmup=0"``) ends the messages."""
+    tail = f"; use e.g. {example}." if example else "."
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got bool{tail}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}{tail}") from None
+    if v < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {v}{tail}")
+    return v
 
 
 def check_reduction(value: Any) -> str:
@@ -501,6 +544,18 @@ def check_same_shape(t: Any, ref: torch.Tensor, name: str, ref_name: str, hint: 
     return t
 
 
+def _check_row_vector(t: torch.Tensor, name: str, batch: int, device: torch.device, *, entry: str = "entry",
+                      hint: str = ".") -> None:
+    """``t`` has shape ``[batch]`` (one ``entry`` per row of logits) and the logits' ``device``."""
+    if t.dim() != 1 or t.shape[0] != batch:
+        raise InputError(f"{name} must have shape [{batch}] (one {entry} per row of logits), got {tuple(t.shape)}{hint}")
+    if t.device != device:
+        raise InputError(
+            f"device mismatch: logits are on {device} but {name} is on {t.device}; move it "
+            f"with {name}.to(logits.device)."
+        )
+
+
 def check_int_vector(
     t: Any, name: str, batch: int, upper: int, upper_name: str, device: torch.device, check_values: bool
 ) -> torch.Tensor:
@@ -512,16 +567,7 @@ def check_int_vector(
         )
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (e.g. torch.long), got {t.dtype}.")
-    if t.dim() != 1 or t.shape[0] != batch:
-        raise InputError(
-            f"{name} must have shape [{batch}] (one entry per row of logits), got "
-            f"{tuple(t.shape)}."
-        )
-    if t.device != device:
-        raise InputError(
-            f"device mismatch: logits are on {device} but {name} is on {t.device}; move it "
-            f"with {name}.to(logits.device)."
-        )
+    _check_row_vector(t, name, batch, device)
     if check_values:
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= upper:
@@ -553,13 +599,21 @@ def check_probabilities(
             "Pass softmax outputs, not logits (apply .softmax(-1) first)."
         )
     tol = default_atol(p.dtype) if atol is None else float(atol)
-    err = (p.sum(-1) - 1).abs()
+    _check_unit_rows(p.sum(-1), tol, name, over="the last axis",
+                     fix=f"Pass probabilities (softmax over the last axis) or normalise with {name} / "
+                         f"{name}.sum(-1, keepdim=True).")
+
+
+def _check_unit_rows(sums: torch.Tensor, tol: float, name: str, *, over: str, fix: str,
+                     valid: torch.Tensor | None = None) -> None:
+    """Every row sum (where ``valid``) is 1 within ``tol``; else the first bad row is named."""
+    err = (sums - 1).abs()
+    if valid is not None:
+        err = torch.where(valid, err, torch.zeros_like(err))
     if (err > tol).any():
         idx = tuple(int(i) for i in torch.nonzero(err > tol)[0])
         raise InputError(
-            f"{name} rows must sum to 1 over the last axis (atol={tol:g}); row {idx} sums to "
-            f"{p.sum(-1)[idx].item():.6g}. Pass probabilities (softmax over the last axis) or "
-            f"normalise with {name} / {name}.sum(-1, keepdim=True)."
+            f"{name} rows must sum to 1 over {over} (atol={tol:g}); row {idx} sums to {sums[idx].item():.6g}. {fix}"
         )
 
 
@@ -577,7 +631,8 @@ def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owne
     """Validate one batch of a module with per-sample state (``num_classes``,
     ``num_samples``, ``check_inputs``): ``rows`` ``[B, C]`` (logits or probabilities),
     optional ``labels`` ``[B]`` in ``[0, C)``, ``index`` ``[B]`` in ``[0, num_samples)``, and
-    the state ``buffer`` on the rows' device. Returns ``(rows, labels, index)``."""
+    the state ``buffer`` on the rows' device. Returns ``(rows, labels, index)`` with ``rows``
+    in the :func:`working_dtype` (float32 for float16/bfloat16; a differentiable cast)."""
     rows = check_logits(rows, module.num_classes, name=name)
     b = rows.shape[0]
     if labels is not None:
@@ -586,7 +641,7 @@ def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owne
     index = check_int_vector(index, "index", b, module.num_samples, "num_samples", rows.device,
                              module.check_inputs)
     check_buffer_device(buffer, rows, owner)
-    return rows, labels, index
+    return (rows.float() if rows.dtype in _HALF else rows), labels, index
 
 
 # -- the solvers' option spec ---------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +218,15 @@ def _check_output(path: str, option: str, *, figure: bool = False) -> Path:
     return out
 
 
+def _write(path: Path, save: Callable[[Path], object]) -> None:
+    """Write ``path`` with ``save(path)``; an ``OSError`` becomes a :class:`CLIError` naming the file."""
+    try:
+        save(path)
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot write ({exc.strerror})") from None
+    print(f"wrote {path}")
+
+
 def cmd_solve(args) -> int:
     import entrokit
     from entrokit import PointCloud
@@ -265,20 +274,12 @@ def cmd_solve(args) -> int:
         )
         if not geom.is_online:
             payload["plan"] = res.plan.numpy()
-        try:
-            np.savez(out, **payload)
-        except OSError as exc:
-            raise CLIError(f"{out}: cannot write ({exc.strerror})") from None
-        print(f"wrote {out}")
+        _write(out, lambda path: np.savez(path, **payload))
     if plot is not None:
         from entrokit.plotting import plot_solve
 
         fig = plot_solve(res, x, y, a, b, shape_x, shape_y)
-        try:
-            fig.savefig(plot, dpi=120)
-        except OSError as exc:
-            raise CLIError(f"{plot}: cannot write ({exc.strerror})") from None
-        print(f"wrote {plot}")
+        _write(plot, lambda path: fig.savefig(path, dpi=120))
     return 0
 
 
@@ -344,11 +345,7 @@ def cmd_demo(args) -> int:
     from entrokit.plotting import plot_demo
 
     fig = plot_demo(runs, a, b, args.size, tol=args.tol)
-    try:
-        fig.savefig(out, dpi=110)
-    except OSError as exc:
-        raise CLIError(f"{out}: cannot write ({exc.strerror})") from None
-    print(f"wrote {out}")
+    _write(out, lambda path: fig.savefig(path, dpi=110))
     return 0
 
 

@@ -29,13 +29,16 @@ from entrokit._validation import (
     is_array_like,
 )
 from entrokit.geometry import Geometry, PointCloud, as_geometry
-from entrokit.geometry.base import log_weights  # re-exported: its old home
+from entrokit.geometry.base import (
+    TensorMetadata,
+    log_weights,  # re-exported: its old home
+)
 
 __all__ = ["OTProblem", "make_problem", "log_weights"]
 
 
 @dataclass(frozen=True, eq=False)
-class OTProblem:
+class OTProblem(TensorMetadata):
     """Weights and geometry of one OT problem (or a batch of them).
 
     Attributes:
@@ -65,12 +68,8 @@ class OTProblem:
         return self.geometry.shape
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.a.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.a.device
+    def _stored(self) -> torch.Tensor:  # dtype and device are the weights'
+        return self.a
 
     def with_batch(self) -> OTProblem:
         """The same problems with exactly one leading batch axis ``(B, n)``."""

@@ -118,3 +118,19 @@ def test_bfloat16_logits_under_autocast_route_as_float32():
     assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
     for dtype in (torch.float16, torch.bfloat16):  # without autocast too
         assert sparse_ot_route(logits.detach().to(dtype), 8).combine.dtype == dtype
+
+
+def test_module_options_are_checked_when_set_and_used_as_set():
+    r = SparseOTRouter(4, 1, n_steps=5)
+    with pytest.raises(InputError, match="gamma must be a finite number > 0, got -1.0"):
+        r.gamma = -1.0
+    assert r.gamma == 1.0  # a refused assignment keeps the old value
+    with pytest.raises(TypeError, match="use_softmax_combine must be True or False, got int 1"):
+        r.use_softmax_combine = 1
+    logits = torch.randn(12, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r.capacity = 3
+    r.mode = "tokens_choose"
+    ref = sparse_ot_route(logits, 3, n_steps=5, mode="tokens_choose")
+    out = r(logits)
+    assert torch.equal(out.dispatch, ref.dispatch) and int(out.dispatch.sum(-1).max()) <= 3
+    torch.testing.assert_close(out.combine, ref.combine)

@@ -132,7 +132,7 @@ def test_spectral_norm_step_and_init_std_validation():
         spectral_norm_step(torch.randn(2, 4), torch.ones(3))
     with pytest.raises(InputError, match=r"weight must be a matrix"):
         spectral_norm_step(torch.randn(4), torch.ones(4))
-    with pytest.raises(InputError, match=r"init_std must be a finite number > 0 or None, got inf"):
+    with pytest.raises(InputError, match=r"init_std must be a finite number > 0, got inf; pass a positive value such as init_std=0.02, or None"):
         SigmaReparamLinear(4, 2, init_std=float("inf"))
 
 
@@ -312,7 +312,7 @@ def test_reinit_wrap_and_sigma_reparam_layer_init_std_bounds():
     [
         ({"linear_init_gain": 0.0}, InputError, r"linear_init_gain must be a finite number > 0, got 0.0"),
         ({"conv_init_gain": float("inf")}, InputError, r"conv_init_gain must be a finite number > 0, got inf"),
-        ({"linear_init_gain": True}, InputError, r"linear_init_gain must be a finite number > 0, got True"),
+        ({"linear_init_gain": True}, TypeError, r"linear_init_gain must be a positive real number, got bool True"),
         ({"reinit": "yes"}, TypeError, r"reinit must be a bool, got str"),
         ({"include_conv2d": 1}, TypeError, r"include_conv2d must be a bool, got int"),
         ({"wrap": None}, TypeError, r"wrap must be a bool, got NoneType"),
@@ -328,7 +328,7 @@ def test_convert_options_validate(kwargs, exc, match):
 def test_conv2d_errors():
     with pytest.raises(InputError, match=r"model is itself an nn.Conv2d.*from_conv2d"):
         convert_to_sigma_reparam(nn.Conv2d(2, 2, 3))
-    with pytest.raises(InputError, match=r"init_std must be a finite number > 0 or None, got -1.0.*nn.Conv2d"):
+    with pytest.raises(InputError, match=r"init_std must be a finite number > 0, got -1.0.*or None to keep nn.Conv2d"):
         SigmaReparamConv2d(2, 2, 3, init_std=-1.0)
     with pytest.raises(TypeError, match=r"expected nn.Conv2d, got Linear"):
         SigmaReparamConv2d.from_conv2d(nn.Linear(2, 2))
@@ -376,3 +376,17 @@ def test_zero_weight_gives_finite_outputs_and_gradients():
 def test_empty_weight_is_a_typed_error(make):
     with pytest.raises(InputError, match=r"needs a weight with at least one entry, got shape \(.*0.*\)"):
         make()
+
+
+def test_copies_keep_every_setting_and_refuse_other_layers():
+    conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, bias=False).double()
+    new = SigmaReparamConv2d.from_conv2d(conv)
+    assert (new.stride, new.padding, new.dilation, new.groups, new.bias) == ((2, 1), (1, 0), (1, 2), 2, None)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(new(x), conv(x))
+    lin = nn.Linear(5, 3, bias=False)
+    new_lin = SigmaReparamLinear.from_linear(lin)
+    assert new_lin.bias is None and new_lin.weight.dtype == lin.weight.dtype
+    torch.testing.assert_close(new_lin.weight, lin.weight)
+    with pytest.raises(TypeError, match=r"expected nn.Linear, got Conv2d"):
+        SigmaReparamLinear.from_linear(conv)

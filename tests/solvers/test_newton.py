@@ -415,3 +415,24 @@ def test_adjoint_solve_residual_at_a_newton_solution():
     Jx = (P.sum(1) * lx + P @ ly) / eps
     Jy = (P.t() @ lx + P.sum(0) * ly) / eps
     assert torch.allclose(Jx, x - p, atol=1e-9) and torch.allclose(Jy, y + p, atol=1e-9)
+
+
+def test_internal_entry_takes_the_public_defaults():
+    # newton_problem (what solve() and the divergence call) fills the options it is not given
+    # from sinkhorn_newton's signature: the same run, the same iterates
+    from entrokit._validation import solver_options_of
+    from entrokit.problem import make_problem
+
+    assert set(newton_mod._OPTION_DEFAULTS) == solver_options_of("ssns") - {"grad", "init"}
+    assert newton_mod._OPTION_DEFAULTS["tol"] == 1e-8 and newton_mod._OPTION_DEFAULTS["variant"] == "ssns"
+    g = torch.Generator().manual_seed(3)
+    C = torch.rand(30, 20, generator=g, dtype=torch.float64)
+    a = torch.rand(30, generator=g, dtype=torch.float64)
+    b = torch.rand(20, generator=g, dtype=torch.float64)
+    a, b = a / a.sum(), b / b.sum()
+    res = sinkhorn_newton(a, b, C, 1e-2)
+    f, gg, n_iter, _, _, info = newton_mod.newton_problem(make_problem(a, b, C).with_batch(), 1e-2)
+    assert int(n_iter[0]) == int(res.n_iter) and info["n_newton"] == res.info["n_newton"]
+    torch.testing.assert_close(f[0] - f[0, 0], res.f - res.f[0], rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match=r"newton_problem got unknown option\(s\) \['tolerance'\]"):
+        newton_mod.newton_problem(make_problem(a, b, C).with_batch(), 1e-2, tolerance=1e-3)

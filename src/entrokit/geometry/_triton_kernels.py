@@ -29,11 +29,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
+def _row_block(x_ptr, rm, n, d, sxn, sxd, BLOCK_D: tl.constexpr, SMALL_D: tl.constexpr):
+    """The coordinates ``X_i`` of the row block, kept in registers over the column loop
+    (zeros with ``SMALL_D``: :func:`_exponent` then loads them one coordinate at a time)."""
+    rd = tl.arange(0, BLOCK_D)
+    return tl.load(x_ptr + rm[:, None] * sxn + rd[None, :] * sxd,
+                   mask=(rm[:, None] < n) & (rd[None, :] < d) & (SMALL_D == 0), other=0.0)
+
+
+@triton.jit
+def _exponent(x_ptr, y_ptr, b_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, sbn, x_regs,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D: tl.constexpr,
               PREC: tl.constexpr, SMALL_D: tl.constexpr):
-    """``b_j + X_i . Y_j`` on one (row block, column block) tile: ``SMALL_D`` (> 0) outer products
-    of coordinate vectors (``d <= 4``: no padding of the inner dimension to 16), else ``tl.dot``."""
+    """``b_j + X_i . Y_j`` on one (row block, column block ``rn``) tile (padded columns:
+    ``-inf``): ``SMALL_D`` (> 0) outer products of coordinate vectors (``d <= 4``: no padding
+    of the inner dimension to 16), else ``tl.dot``."""
+    b_row = tl.load(b_ptr + rn * sbn, mask=rn < m, other=float("-inf"))
     rd = tl.arange(0, BLOCK_D)
     if SMALL_D > 0:
         t = tl.zeros([BLOCK_M, BLOCK_N], dtype=x_regs.dtype)
@@ -70,15 +81,12 @@ def lse_kernel(x_ptr, y_ptr, a_ptr, b_ptr, mx_ptr, s_ptr, n, m, d,
     y_ptr += bat * syb
     b_ptr += bat * sbb
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rd = tl.arange(0, BLOCK_D)
-    x_regs = tl.load(x_ptr + rm[:, None] * sxn + rd[None, :] * sxd,
-                     mask=(rm[:, None] < n) & (rd[None, :] < d) & (SMALL_D == 0), other=0.0)
+    x_regs = _row_block(x_ptr, rm, n, d, sxn, sxd, BLOCK_D, SMALL_D)
     mx = tl.full([BLOCK_M], float("-inf"), dtype=x_regs.dtype)
     s = tl.zeros([BLOCK_M], dtype=x_regs.dtype)
     for c0 in range(0, m, BLOCK_N):
         rn = c0 + tl.arange(0, BLOCK_N)
-        b_row = tl.load(b_ptr + rn * sbn, mask=rn < m, other=float("-inf"))
-        t = _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
+        t = _exponent(x_ptr, y_ptr, b_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, sbn, x_regs,
                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, PREC, SMALL_D)
         new = tl.maximum(mx, tl.max(t, 1))
         safe = tl.where(new == float("-inf"), 0.0, new)  # an all -inf row so far: exp2(-inf) = 0
@@ -105,10 +113,8 @@ def plan_kernel(x_ptr, y_ptr, a_ptr, b_ptr, v_ptr, out_ptr, n, m, d, k,
     b_ptr += bat * sbb
     v_ptr += bat * svb
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rd = tl.arange(0, BLOCK_D)
     rk = pk * BLOCK_K + tl.arange(0, BLOCK_K)
-    x_regs = tl.load(x_ptr + rm[:, None] * sxn + rd[None, :] * sxd,
-                     mask=(rm[:, None] < n) & (rd[None, :] < d) & (SMALL_D == 0), other=0.0)
+    x_regs = _row_block(x_ptr, rm, n, d, sxn, sxd, BLOCK_D, SMALL_D)
     a_col = tl.load(a_ptr + rm * san, mask=rm < n, other=float("-inf"))
     if HAS_V:
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=x_regs.dtype)
@@ -116,8 +122,7 @@ def plan_kernel(x_ptr, y_ptr, a_ptr, b_ptr, v_ptr, out_ptr, n, m, d, k,
         acc1 = tl.zeros([BLOCK_M], dtype=x_regs.dtype)
     for c0 in range(0, m, BLOCK_N):
         rn = c0 + tl.arange(0, BLOCK_N)
-        b_row = tl.load(b_ptr + rn * sbn, mask=rn < m, other=float("-inf"))
-        t = _exponent(x_ptr, y_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, x_regs, b_row,
+        t = _exponent(x_ptr, y_ptr, b_ptr, rm, rn, n, m, d, sxn, sxd, syn, syd, sbn, x_regs,
                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_D, PREC, SMALL_D)
         p = tl.exp2(t + a_col[:, None])
         if HAS_V:

@@ -119,7 +119,22 @@ def plan_block(f, g, a, b, C, eps) -> torch.Tensor:
     return torch.exp(S.clamp(lo, hi)) * a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
-class Geometry:
+class TensorMetadata:
+    """``dtype`` and ``device`` of an object that holds tensors, read from its ``_stored``
+    tensor (a geometry's cost or points, a problem's weights)."""
+
+    _stored: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._stored.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._stored.device
+
+
+class Geometry(TensorMetadata):
     """Base class: the primitives a solver may call. Subclasses are immutable.
 
     **A new geometry needs only** :meth:`cost_matrix`: every other primitive has a dense
@@ -146,8 +161,10 @@ class Geometry:
     # -- metadata ----------------------------------------------------------------------
     @property
     def _stored(self) -> torch.Tensor:
-        """The ``(..., n, m)`` tensor the metadata is read from (default: :meth:`cost_matrix`;
-        a geometry that stores its cost, or another representation of it, returns that)."""
+        """The tensor the metadata is read from: dtype, device, and the batch axes (all but
+        its last two). By default the ``(..., n, m)`` :meth:`cost_matrix`, which also gives
+        :attr:`shape`; a geometry that stores its cost, or another representation of it,
+        returns that."""
         return self.cost_matrix()
 
     @property
@@ -161,14 +178,6 @@ class Geometry:
         sharded over processes, whose :attr:`shape` is this process's share (uniform
         weights and size-dependent solver defaults use the global size)."""
         return self.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._stored.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._stored.device
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -368,17 +377,9 @@ class PointGeometry(Geometry):
     y: torch.Tensor
 
     @property
+    def _stored(self) -> torch.Tensor:
+        return self.x  # (..., n, d): dtype, device and batch axes
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.x.shape[-2], self.y.shape[-2])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[:-2])

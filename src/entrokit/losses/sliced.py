@@ -85,6 +85,7 @@ from entrokit._errors import InputError
 from entrokit._validation import (
     as_float_tensor,
     check_choice,
+    check_generator,
     check_nonneg_finite,
     check_positive_int,
     check_same_dtype_device,
@@ -126,14 +127,6 @@ def _check_control_variate(control_variate: Any, p: float) -> None:
         )
 
 
-def _check_generator(generator: Any) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
-            "pass e.g. generator=torch.Generator().manual_seed(0)."
-        )
-
-
 def random_projections(
     n_projections: int,
     d: int,
@@ -166,7 +159,7 @@ def random_projections(
     """
     n_projections = check_positive_int(n_projections, "n_projections")
     d = check_positive_int(d, "d")
-    _check_generator(generator)
+    check_generator(generator)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(
             f"dtype must be a floating torch.dtype (directions are unit vectors), got {dtype!r}; "
@@ -402,7 +395,7 @@ def _check_options(n_projections, p, control_variate, generator) -> tuple[int, f
     n_projections = check_positive_int(n_projections, "n_projections")
     p = _check_p(p)
     _check_control_variate(control_variate, p)
-    _check_generator(generator)
+    check_generator(generator)
     return n_projections, p
 
 

@@ -28,10 +28,12 @@ through the cast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from entrokit._errors import InputError
+from entrokit._stateful import Option, OptionsModule, boolean, choice
 from entrokit._validation import (
     check_choice,
     check_positive,
@@ -112,8 +114,24 @@ def sparse_ot_route(
     Returns:
         :class:`RouterOutput`.
     """
+    _check_logits(logits)
+    capacity = check_positive_int(capacity, "capacity")
+    gamma = check_positive(gamma, "gamma")
+    n_steps = check_positive_int(n_steps, "n_steps")
+    lr = check_positive(lr, "lr")
+    token_mass = check_positive(token_mass, "token_mass")
+    check_choice(mode, "mode", _MODES)
+    return _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_combine)
+
+
+def _check_logits(logits: Any, num_experts: int | None = None) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}.")
+    if num_experts is not None and logits.shape[-1] != num_experts:
+        raise InputError(
+            f"logits have {logits.shape[-1]} experts on the last axis but the router was built "
+            f"with num_experts={num_experts}."
+        )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating, got {logits.dtype}; use logits.float().")
     if logits.dim() not in (2, 3):
@@ -121,12 +139,6 @@ def sparse_ot_route(
             f"logits must have shape (tokens, experts) or (groups, tokens, experts); got "
             f"{tuple(logits.shape)}. Reshape with logits.reshape(-1, G, E)."
         )
-    capacity = check_positive_int(capacity, "capacity")
-    gamma = check_positive(gamma, "gamma")
-    n_steps = check_positive_int(n_steps, "n_steps")
-    lr = check_positive(lr, "lr")
-    token_mass = check_positive(token_mass, "token_mass")
-    check_choice(mode, "mode", _MODES)
     if logits.numel() == 0:
         raise InputError(
             f"logits is empty (shape {tuple(logits.shape)}); expected at least one token, one expert and "
@@ -134,7 +146,6 @@ def sparse_ot_route(
         )
     if not bool(torch.isfinite(logits).all()):
         raise InputError("logits contain NaN or inf; expected finite router logits.")
-    return _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_combine)
 
 
 @no_autocast()
@@ -151,7 +162,7 @@ def _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_c
     sparse_axis = "columns" if mode == "experts_choose" else "rows"
     out = smooth_ot_problem(
         problem, TopKSquaredL2(gamma, capacity), formulation="semi_dual", sparse_axis=sparse_axis,
-        solver="adam", max_iter=n_steps, lr=lr,
+        solver="adam", tol=1e-6, solve_dtype=torch.float64, max_iter=n_steps, lr=lr,
     )
     Tl = out["plan"]
     plan = Tl.transpose(-1, -2) if sparse_axis == "columns" else Tl  # (B, G, E)
@@ -184,8 +195,9 @@ def _route(logits, capacity, gamma, n_steps, lr, mode, token_mass, use_softmax_c
     return RouterOutput(sq(dispatch), sq(combine), sq(plan.detach()), sq(gates), metrics)
 
 
-class SparseOTRouter(torch.nn.Module):
-    """Module wrapper of :func:`sparse_ot_route`: stores the options, checks the expert axis.
+class SparseOTRouter(OptionsModule):
+    """Module wrapper of :func:`sparse_ot_route`: its options are checked when they are set
+    (at construction or later, e.g. ``router.gamma = 0.5``), not on every forward.
 
     Args:
         num_experts: ``E``; the last axis of the logits.
@@ -202,6 +214,15 @@ class SparseOTRouter(torch.nn.Module):
         True
     """
 
+    num_experts = Option(check_positive_int)
+    capacity = Option(check_positive_int)
+    gamma = Option(check_positive)
+    n_steps = Option(check_positive_int)
+    lr = Option(check_positive)
+    mode = Option(choice(_MODES))
+    token_mass = Option(check_positive)
+    use_softmax_combine = Option(boolean)
+
     def __init__(
         self,
         num_experts: int,
@@ -214,28 +235,11 @@ class SparseOTRouter(torch.nn.Module):
         use_softmax_combine: bool = True,
     ):
         super().__init__()
-        self.num_experts = check_positive_int(num_experts, "num_experts")
-        self.capacity = check_positive_int(capacity, "capacity")
-        self.gamma = check_positive(gamma, "gamma")
-        self.n_steps = check_positive_int(n_steps, "n_steps")
-        self.lr = check_positive(lr, "lr")
-        self.mode = check_choice(mode, "mode", _MODES)
-        self.token_mass = check_positive(token_mass, "token_mass")
-        self.use_softmax_combine = bool(use_softmax_combine)
+        self.set_options(num_experts=num_experts, capacity=capacity, gamma=gamma, n_steps=n_steps, lr=lr, mode=mode,
+                         token_mass=token_mass, use_softmax_combine=use_softmax_combine)
 
-    def extra_repr(self) -> str:
-        return (
-            f"num_experts={self.num_experts}, capacity={self.capacity}, gamma={self.gamma:g}, "
-            f"n_steps={self.n_steps}, mode={self.mode!r}"
-        )
-
+    @reject_meta
     def forward(self, logits: torch.Tensor) -> RouterOutput:
-        if isinstance(logits, torch.Tensor) and logits.shape[-1] != self.num_experts:
-            raise InputError(
-                f"logits have {logits.shape[-1]} experts on the last axis but the router was built "
-                f"with num_experts={self.num_experts}."
-            )
-        return sparse_ot_route(
-            logits, self.capacity, gamma=self.gamma, n_steps=self.n_steps, lr=self.lr, mode=self.mode,
-            token_mass=self.token_mass, use_softmax_combine=self.use_softmax_combine,
-        )
+        _check_logits(logits, self.num_experts)
+        return _route(logits, self.capacity, self.gamma, self.n_steps, self.lr, self.mode, self.token_mass,
+                      self.use_softmax_combine)

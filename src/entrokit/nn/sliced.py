@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from entrokit._validation import check_positive_int, reject_meta
+from entrokit._validation import check_generator, check_positive_int, reject_meta
 from entrokit.losses.sliced import (
     _check_control_variate,
-    _check_generator,
     _check_p,
     sliced_wasserstein,
 )
@@ -67,7 +66,7 @@ class SlicedWassersteinLoss(torch.nn.Module):
         self.p = _check_p(p)
         _check_control_variate(control_variate, self.p)
         self.control_variate = control_variate
-        _check_generator(generator)
+        check_generator(generator)
         self.generator = generator
 
     def extra_repr(self) -> str:

@@ -16,10 +16,18 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from entrokit._stateful import Option, StatefulModule, all_gather_rows, choice, integer
-from entrokit._validation import REDUCTIONS
-from entrokit.regularizers._checks import check_sample_batch
+from entrokit._validation import (
+    REDUCTIONS,
+    apply_reduction,
+    check_logits,
+    check_reduction,
+    check_same_shape,
+    check_sample_batch,
+    no_autocast,
+    working_dtype,
+)
 
-__all__ = ["IndexedDataset", "PerSampleLoss", "all_gather_rows", "reduce_rows"]
+__all__ = ["IndexedDataset", "PerSampleLoss", "all_gather_rows", "reduce_rows", "row_loss"]
 
 
 class PerSampleLoss(StatefulModule):
@@ -63,6 +71,19 @@ class PerSampleLoss(StatefulModule):
     def _rows(self, probs: torch.Tensor) -> torch.Tensor:
         """What is stored for the detached probabilities of a batch (override)."""
         return probs
+
+
+def row_loss(rows: Any, logits: Any, targets: Any, reduction: str, *, name: str, hint: str) -> torch.Tensor:
+    """The functional form of a per-sample loss: ``rows(z, targets)`` (one value per row) of
+    the checked ``[B, C]`` logits and the ``targets`` of their shape (``name``; ``hint`` says
+    what to pass), computed in the working dtype with autocast off (float16/bfloat16 logits
+    in float32), reduced, and cast back to the logits' dtype."""
+    logits = check_logits(logits, None)
+    check_same_shape(targets, logits, name, "logits", hint)
+    check_reduction(reduction)
+    with no_autocast():
+        per = rows(logits.to(working_dtype(logits.dtype)), targets)
+        return apply_reduction(per, reduction).to(logits.dtype)
 
 
 def reduce_rows(per: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -60,8 +60,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._checks import check_int_vector, check_reduction, default_atol
+from entrokit._validation import (
+    apply_reduction,
+    check_int_vector,
+    check_reduction,
+    default_atol,
+    no_autocast,
+    reject_meta,
+    working_dtype,
+)
 
 __all__ = [
     "negative_attention_entropy",

@@ -46,15 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from entrokit._stateful import Option
-from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows
-from entrokit.regularizers._checks import (
-    check_logits,
-    check_nonneg_real,
-    check_reduction,
-    check_same_shape,
-    check_unit_interval,
-)
+from entrokit._validation import check_nonneg_real, check_unit_interval, no_autocast, reject_meta
+from entrokit.regularizers._buffers import IndexedDataset, PerSampleLoss, reduce_rows, row_loss
 
 __all__ = ["ELRLoss", "IndexedDataset", "elr_penalty"]
 
@@ -79,14 +72,8 @@ def elr_penalty(
         ``torch.autocast`` hands a loss) are computed in float32, autocast off, and the
         result is cast back; their gradient comes back in their own dtype.
     """
-    logits = check_logits(logits, None)
-    check_same_shape(
-        targets, logits, "targets", "logits", "pass one ensemble target row per row of logits."
-    )
-    check_reduction(reduction)
-    with no_autocast():
-        per = _penalty_rows(logits.to(working_dtype(logits.dtype)), targets)
-        return apply_reduction(per, reduction).to(logits.dtype)
+    return row_loss(_penalty_rows, logits, targets, reduction, name="targets",
+                    hint="pass one ensemble target row per row of logits.")
 
 
 def _penalty_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -198,9 +185,8 @@ class ELRLoss(PerSampleLoss):
         self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         """Return ``CE + λ·log(1 − ⟨p, t⟩)`` for the batch, updating its targets first."""
-        logits, labels, index = self._check_batch(logits, index, labels)
-        with no_autocast():  # float32 for half logits; F.cross_entropy would return float32
-            z = logits.to(working_dtype(logits.dtype))
+        z, labels, index = self._check_batch(logits, index, labels)  # z: float32 for half logits
+        with no_autocast():  # F.cross_entropy under autocast would return float32
             if self.training:
                 self.update_state(z.detach(), index, from_logits=True, what="logits of this batch")
             ce = F.cross_entropy(z, labels, reduction="none")

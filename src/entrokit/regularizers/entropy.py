@@ -35,8 +35,14 @@ from torch.nn import functional as F
 
 from entrokit._errors import InputError
 from entrokit._optional import require
-from entrokit._validation import no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._checks import default_atol
+from entrokit._validation import (
+    _check_float_ndim,
+    _check_unit_rows,
+    default_atol,
+    no_autocast,
+    reject_meta,
+    working_dtype,
+)
 
 __all__ = [
     "attention_entropy",
@@ -53,13 +59,8 @@ def _check_attn(attn: Any, name: str = "attn") -> torch.Tensor:
         raise TypeError(
             f"{name} must be a torch.Tensor of attention weights, got {type(attn).__name__}."
         )
-    if not attn.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {attn.dtype}; use {name}.float().")
-    if attn.ndim != 4:
-        raise InputError(
-            f"{name} must have 4 dims (batch, heads, queries, keys), got shape {tuple(attn.shape)}; "
-            f"for a single head use {name}.unsqueeze(1), for a single example {name}.unsqueeze(0)."
-        )
+    _check_float_ndim(attn, name, 4, layout="have 4 dims (batch, heads, queries, keys)",
+                      hint=f"for a single head use {name}.unsqueeze(1), for a single example {name}.unsqueeze(0).")
     if attn.numel() == 0:
         raise InputError(f"{name} is empty (shape {tuple(attn.shape)}).")
     return attn
@@ -176,16 +177,9 @@ def _attention_entropy(attn: Any, mask: Any, normalize: bool, eps: Any, check_in
                     f"{name} puts mass {leak.max().item():.3g} on masked keys; the mask must "
                     "mark every key that received weight as valid (True = valid)."
                 )
-        sums = a.sum(-1)
-        valid_row = torch.ones_like(sums, dtype=torch.bool) if mask is None else mask.any(-1)
-        err = torch.where(valid_row, (sums - 1).abs(), torch.zeros_like(sums))
-        if (err > tol).any():
-            idx = tuple(int(i) for i in torch.nonzero(err > tol)[0])
-            raise InputError(
-                f"{name} rows must sum to 1 over valid keys (atol={tol:g}); row {idx} sums to "
-                f"{sums[idx].item():.6g}. Pass probabilities (softmax over the key axis, last dim), "
-                f"normalise with {name} / {name}.sum(-1, keepdim=True), or raise atol."
-            )
+        _check_unit_rows(a.sum(-1), tol, name, over="valid keys", valid=None if mask is None else mask.any(-1),
+                         fix=f"Pass probabilities (softmax over the key axis, last dim), normalise with "
+                             f"{name} / {name}.sum(-1, keepdim=True), or raise atol.")
     with no_autocast():  # float16/bfloat16 weights: the sum over keys runs in float32
         a = a.to(working_dtype(a.dtype))
         if eps > 0:

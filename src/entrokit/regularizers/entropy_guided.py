@@ -52,13 +52,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import check_layer_input, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._checks import (
+from entrokit._validation import (
+    _check_float_ndim,
     check_choice,
     check_count,
     check_finite_real,
+    check_layer_input,
     check_nonneg_real,
     check_positive,
+    no_autocast,
+    reject_meta,
+    working_dtype,
 )
 from entrokit.regularizers.entropy import _attention_entropy
 from entrokit.regularizers.sigma_reparam import _svd_init, spectral_norm_step
@@ -103,13 +107,8 @@ def _stack_entropies(entropies: torch.Tensor | Sequence[torch.Tensor]) -> torch.
                     f"{got}; compute it with attention_entropy(attn)."
                 )
         e = torch.stack(list(entropies))
-    if not e.is_floating_point():
-        raise TypeError(f"entropies must be a floating tensor, got {e.dtype}; use entropies.float().")
-    if e.ndim != 4:
-        raise InputError(
-            f"entropies must be (layers, batch, heads, queries) or a list of (batch, heads, queries), "
-            f"got shape {tuple(e.shape)}; compute them with attention_entropy(attn) per layer."
-        )
+    _check_float_ndim(e, "entropies", 4, layout="be (layers, batch, heads, queries) or a list of (batch, heads, queries)",
+                      hint="compute them with attention_entropy(attn) per layer.")
     return e
 
 

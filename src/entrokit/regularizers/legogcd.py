@@ -73,15 +73,20 @@ import torch.nn.functional as F
 
 from entrokit._errors import InputError
 from entrokit._stateful import Option, StatefulModule, boolean, integer
-from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._checks import (
+from entrokit._validation import (
+    _check_row_vector,
+    apply_reduction,
     check_choice,
     check_count,
     check_logits,
     check_nonneg_real,
     check_positive,
     check_reduction,
+    check_same_shape,
     check_unit_interval,
+    no_autocast,
+    reject_meta,
+    working_dtype,
 )
 
 __all__ = [
@@ -103,16 +108,7 @@ def _check_mask(
         raise TypeError(
             f"{name} must have dtype torch.bool, got {mask.dtype}; convert with {name}.bool()."
         )
-    if mask.dim() != 1 or mask.shape[0] != n:
-        raise InputError(
-            f"{name} must have shape [{n}] (one flag per row of logits), got "
-            f"{tuple(mask.shape)}; with two views stacked, repeat it: torch.cat([m, m])."
-        )
-    if mask.device != device:
-        raise InputError(
-            f"device mismatch: logits are on {device} but {name} is on {mask.device}; move it "
-            f"with {name}.to(logits.device)."
-        )
+    _check_row_vector(mask, name, n, device, entry="flag", hint="; with two views stacked, repeat it: torch.cat([m, m]).")
     return mask
 
 
@@ -267,17 +263,12 @@ def dual_view_kl(
         0.0
     """
     logits_view1 = check_logits(logits_view1, None, name="logits_view1")
-    if not isinstance(logits_view2, torch.Tensor) or logits_view2.shape != logits_view1.shape:
-        got = tuple(logits_view2.shape) if isinstance(logits_view2, torch.Tensor) else type(logits_view2).__name__
+    check_same_shape(logits_view2, logits_view1, "logits_view2", "logits_view1",
+                     "pass the two views of the same batch, e.g. logits.chunk(2).")
+    if logits_view2.dtype != logits_view1.dtype:
         raise InputError(
-            f"logits_view2 must have the shape of logits_view1 {tuple(logits_view1.shape)}, got "
-            f"{got}; pass the two views of the same batch, e.g. logits.chunk(2)."
-        )
-    if logits_view2.dtype != logits_view1.dtype or logits_view2.device != logits_view1.device:
-        raise InputError(
-            f"logits_view2 is {logits_view2.dtype} on {logits_view2.device} but logits_view1 is "
-            f"{logits_view1.dtype} on {logits_view1.device}; compute both views with one model "
-            "(or use logits_view2.to(logits_view1))."
+            f"logits_view2 is {logits_view2.dtype} but logits_view1 is {logits_view1.dtype}; compute "
+            "both views with one model (or use logits_view2.to(logits_view1))."
         )
     temperature = check_positive(temperature, "temperature", example="temperature=0.1")
     check_choice(form, "form", ("paper", "reference"))

@@ -37,17 +37,16 @@ import torch.nn.functional as F
 
 from entrokit._errors import InputError
 from entrokit._stateful import Option, integer
-from entrokit._validation import apply_reduction, no_autocast, reject_meta, working_dtype
-from entrokit.regularizers._buffers import PerSampleLoss, reduce_rows
-from entrokit.regularizers._checks import (
+from entrokit._validation import (
     check_count,
     check_int_vector,
     check_logits,
     check_probabilities,
-    check_reduction,
-    check_same_shape,
     check_unit_interval,
+    no_autocast,
+    reject_meta,
 )
+from entrokit.regularizers._buffers import PerSampleLoss, reduce_rows, row_loss
 
 __all__ = ["PSKDLoss", "pskd_alpha", "pskd_targets", "soft_cross_entropy"]
 
@@ -134,15 +133,8 @@ def soft_cross_entropy(
         >>> round(float(soft_cross_entropy(z, torch.full((1, 4), 0.25))), 4)  # log 4
         1.3863
     """
-    logits = check_logits(logits, None)
-    check_same_shape(
-        target, logits, "target", "logits",
-        "pass one target distribution per row of logits (for class ids use F.cross_entropy).",
-    )
-    check_reduction(reduction)
-    with no_autocast():  # float16/bfloat16 logits: computed in float32, returned in their dtype
-        per = _soft_ce_rows(logits.to(working_dtype(logits.dtype)), target)
-        return apply_reduction(per, reduction).to(logits.dtype)
+    return row_loss(_soft_ce_rows, logits, target, reduction, name="target",
+                    hint="pass one target distribution per row of logits (for class ids use F.cross_entropy).")
 
 
 def _soft_ce_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -269,11 +261,10 @@ class PSKDLoss(PerSampleLoss):
         alpha: float | None = None,
     ) -> torch.Tensor:
         """Soft-target cross-entropy against Eq. 5 targets; ``alpha`` overrides the schedule."""
-        logits, labels, index = self._check_batch(logits, index, labels)
+        z, labels, index = self._check_batch(logits, index, labels)  # z: float32 for half logits
         a = self.alpha if alpha is None else check_unit_interval(alpha, "alpha", closed_right=True, example="alpha=0.5")
         target = self.soft_targets(labels, index, a)
-        with no_autocast():  # float16/bfloat16 logits: computed in float32, returned in their dtype
-            z = logits.to(working_dtype(logits.dtype))
+        with no_autocast():  # computed in the working dtype, returned in the logits' dtype
             loss = reduce_rows(_soft_ce_rows(z, target), self.reduction)
             if self.training:
                 self.update_state(z.detach(), index, from_logits=True, what="logits of this batch")

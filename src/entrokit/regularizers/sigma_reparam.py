@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from numbers import Real
 from typing import Any
 
 import torch
@@ -58,7 +57,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from entrokit._errors import InputError
-from entrokit._validation import check_layer_input, no_autocast, reject_meta, working_dtype
+from entrokit._validation import (
+    check_layer_input,
+    check_positive,
+    no_autocast,
+    reject_meta,
+    working_dtype,
+)
 
 __all__ = [
     "spectral_norm_step",
@@ -165,6 +170,28 @@ class _SigmaReparamMixin:
         factor = torch.where(positive, self.gamma / safe, torch.ones_like(sigma))
         return weight * factor.to(weight.dtype)
 
+    def _init_weight(self, init_std: Any, layer: str) -> None:
+        """End of a layer's ``__init__``: the reference re-initialisation of ``weight``
+        (``init_std``; ``None`` keeps PyTorch's), then u, σ and γ from it."""
+        if init_std is not None:
+            _reference_weight_init(self.weight, _check_init_std(init_std, layer))  # type: ignore[attr-defined]
+        self._init_sigma_state(self.weight)  # type: ignore[attr-defined]
+
+    @classmethod
+    def _copy_of(cls, layer: nn.Module, base: type, config: Any) -> Any:
+        """A new layer with the configuration ``config(layer)`` whose weight and bias are
+        copies of those of ``layer`` (an instance of ``base``), so Ŵ = W."""
+        if not isinstance(layer, base):
+            raise TypeError(f"expected nn.{base.__name__}, got {type(layer).__name__}.")
+        w = layer.weight
+        new = cls(**config(layer), bias=layer.bias is not None, device=w.device, dtype=w.dtype, init_std=None)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        new._reset_sigma_state(new.weight)
+        return new
+
     def _reset_sigma_state(self, weight: torch.Tensor) -> None:
         """u, σ and γ from an exact SVD of ``weight`` (so Ŵ = W again)."""
         s0, u0 = _svd_init(weight)
@@ -212,24 +239,12 @@ class SigmaReparamLinear(_SigmaReparamMixin, nn.Linear):
         init_std: float | None = 0.02,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if init_std is not None:
-            _reference_weight_init(self.weight, _check_init_std(init_std, "nn.Linear"))
-        self._init_sigma_state(self.weight)
+        self._init_weight(init_std, "nn.Linear")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SigmaReparamLinear:
         """Build from an existing ``nn.Linear``, copying its weight and bias (Ŵ = W)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}.")
-        w = linear.weight
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  device=w.device, dtype=w.dtype, init_std=None)
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if linear.bias is not None:
-                new.bias.copy_(linear.bias)
-        new._reset_sigma_state(new.weight)
-        return new
+        return cls._copy_of(linear, nn.Linear, lambda m: dict(in_features=m.in_features, out_features=m.out_features))
 
     @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -287,28 +302,15 @@ class SigmaReparamConv2d(_SigmaReparamMixin, nn.Conv2d):
             dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
             device=device, dtype=dtype,
         )
-        if init_std is not None:
-            _reference_weight_init(self.weight, _check_init_std(init_std, "nn.Conv2d"))
-        self._init_sigma_state(self.weight)
+        self._init_weight(init_std, "nn.Conv2d")
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> SigmaReparamConv2d:
         """Build from an existing ``nn.Conv2d``, copying its weight and bias (Ŵ = W)."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}.")
-        w = conv.weight
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device,
-            dtype=w.dtype, init_std=None,
-        )
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
-        new._reset_sigma_state(new.weight)
-        return new
+        return cls._copy_of(conv, nn.Conv2d, lambda m: dict(
+            in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size, stride=m.stride,
+            padding=m.padding, dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
+        ))
 
     @reject_meta
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -366,25 +368,11 @@ class SigmaReparam(_SigmaReparamMixin, nn.Module):
 
 
 def _check_init_std(value: Any, layer: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise InputError(
-            f"init_std must be a finite number > 0 or None, got {value!r}; use e.g. "
-            f"init_std=0.02, or None to keep {layer}'s default initialisation."
-        )
-    return float(value)
+    return check_positive(value, "init_std", example=f"init_std=0.02, or None to keep {layer}'s default initialisation")
 
 
 def _check_gain(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise InputError(
-            f"{name} must be a finite number > 0, got {value!r}; the reference re-initialises "
-            f"with std 0.02 * {name}, e.g. {name}=1.0."
-        )
-    return float(value)
+    return check_positive(value, name, example=f"{name}=1.0 (the reference re-initialises with std 0.02 * {name})")
 
 
 def _reference_weight_init(weight: torch.Tensor, std: float) -> None:

@@ -47,6 +47,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._stateful import Option, StatefulModule, boolean, integer, real
+from entrokit._validation import check_float_vector
 
 __all__ = [
     "AnchoredTargetController",
@@ -515,16 +516,8 @@ class DifficultyAwareCoef(StatefulModule):
 
     def per_prompt(self, accuracy: torch.Tensor) -> torch.Tensor:
         """Coefficients ``[P]`` for prompts with group accuracies ``accuracy`` ``[P]`` in ``[0, 1]``."""
-        if not isinstance(accuracy, torch.Tensor):
-            raise TypeError(f"accuracy must be a torch.Tensor [num_prompts], got {type(accuracy).__name__}.")
-        if not accuracy.is_floating_point():
-            raise TypeError(f"accuracy must have a floating dtype, got {accuracy.dtype}; use accuracy.float().")
-        if accuracy.is_meta:
-            raise InputError("accuracy is a meta tensor (shape only, no values); pass the group accuracies.")
-        if accuracy.dim() != 1 or accuracy.numel() == 0:
-            raise InputError(
-                f"accuracy must have shape [num_prompts] with num_prompts >= 1, got {tuple(accuracy.shape)}."
-            )
+        check_float_vector(accuracy, "accuracy", shape="[num_prompts]", detail=" with num_prompts >= 1",
+                           values="the group accuracies", min_len=1)
         if self.check_inputs:
             bad = ~torch.isfinite(accuracy) | (accuracy < 0) | (accuracy > 1)
             if bool(bad.any()):

@@ -26,6 +26,7 @@ import torch
 
 from entrokit._errors import InputError
 from entrokit._stateful import StatefulModule, integer, optional, real
+from entrokit._validation import check_float_vector, check_generator
 from entrokit.rl.masks import aggregate
 
 __all__ = [
@@ -477,7 +478,7 @@ def clip_cov_policy_loss(
     lb, ub = p["clip_cov_bounds"] if bounds is None else _bounds(bounds)
     lo, hi = _clip_range(p["clip_low"] if clip_low is None else clip_low,
                          p["clip_high"] if clip_high is None and clip_low is None else clip_high)
-    _check_generator(generator)
+    check_generator(generator)
     mask, t = _policy_inputs(logp, old_logp, advantages, mask, check_inputs)
     adv = t["advantages"]
     _, pg1, pg2 = _surrogate_terms(t["logp"], t["old_logp"], adv, lo, hi)
@@ -554,14 +555,6 @@ def _bounds(bounds: Any) -> tuple[float, float]:
     if lb >= ub:
         raise InputError(f"bounds must satisfy lb < ub, got ({lb}, {ub}); use e.g. bounds=(1.0, 5.0).")
     return lb, ub
-
-
-def _check_generator(generator: Any) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}; use "
-            "torch.Generator().manual_seed(0) for reproducible draws."
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -673,14 +666,7 @@ def aepo_select_positives(
     Returns:
         ``(index [n] long, {"num_selected", "num_positive"})``, ``0 <= n <= max_samples``.
     """
-    if not isinstance(advantages, torch.Tensor):
-        raise TypeError(f"advantages must be a torch.Tensor [N], got {type(advantages).__name__}.")
-    if not advantages.is_floating_point():
-        raise TypeError(f"advantages must have a floating dtype, got {advantages.dtype}; use advantages.float().")
-    if advantages.is_meta:
-        raise InputError("advantages is a meta tensor (shape only, no values); pass the advantages.")
-    if advantages.dim() != 1:
-        raise InputError(f"advantages must have shape [N] (one per sample), got {tuple(advantages.shape)}.")
+    check_float_vector(advantages, "advantages", shape="[N]", detail=" (one per sample)", values="the advantages")
     thr = real(example="threshold=0.05")(threshold, "threshold")
     cap = integer(minimum=0, example="max_samples=60")(max_samples, "max_samples")
     pos = (advantages > thr).nonzero().flatten()  # NaN compares False: never selected

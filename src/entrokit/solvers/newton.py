@@ -122,6 +122,7 @@ iteration count); ``n_iter`` and ``converged`` are per problem.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from typing import Any, Callable
@@ -601,50 +602,49 @@ def newton_result(problem: OTProblem, eps: float, *, variant: str = "ssns", tol:
     return res
 
 
-def _newton_options(variant, tol, max_iter, warmup_max_iter, switch_tol, linear_solver, eps_scaling, device) -> dict:
-    """The defaults that depend on the variant and the device."""
-    if linear_solver == "direct" and device.type != "cpu":
+def _newton_options(o: dict, device: torch.device) -> dict:
+    """The defaults that depend on the variant and the device, from the options ``o``."""
+    if o["linear_solver"] == "direct" and device.type != "cpu":
         raise InputError(
             f"linear_solver='direct' runs on CPU only (SciPy), but the inputs are on {device}; "
             "use linear_solver='cg' (or 'auto')."
         )
+    sns_variant = o["variant"] == "sns"
     return dict(
-        tol=tol, variant=variant, max_iter=max_iter or 200,
-        warmup_max_iter=(20 if variant == "sns" else 3) if warmup_max_iter is None else warmup_max_iter,
-        switch_tol=(1e-2 if variant == "sns" else 0.5) if switch_tol is None else switch_tol,
-        linear_solver="cg" if linear_solver == "auto" else linear_solver,
-        eps_scaling={True: "on", False: "off"}.get(eps_scaling, "auto"),
+        tol=o["tol"], variant=o["variant"], max_iter=o["max_iter"] or 200,
+        warmup_max_iter=(20 if sns_variant else 3) if o["warmup_max_iter"] is None else o["warmup_max_iter"],
+        switch_tol=(1e-2 if sns_variant else 0.5) if o["switch_tol"] is None else o["switch_tol"],
+        linear_solver="cg" if o["linear_solver"] == "auto" else o["linear_solver"],
+        eps_scaling={True: "on", False: "off"}.get(o["eps_scaling"], "auto"),
         cg_rtol_max=1e-2, mu0=1.0, mu_min=1e-3, mu_max=1e3, nu=1e-2, stage_tol=1e-3,
         c1=1e-4, max_backtracks=12,  # smallest step 2^-12
     )
 
 
-def newton_problem(
-    pb: OTProblem,
-    eps: float,
-    *,
-    variant: str = "ssns",
-    tol: float = 1e-8,
-    max_iter: int | None = None,
-    warmup_max_iter: int | None = None,
-    switch_tol: float | None = None,
-    density: float | None = None,
-    linear_solver: str = "auto",
-    cg_rtol: float = 1e-10,
-    cg_max_iter: int | None = None,
-    fallback_steps: int = 10,
-    eps_scaling: bool | str = "auto",
-    time_limit: float | None = None,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    callback: Callable[[int, float], None] | None = None,
-):
+#: the solver options of :func:`sinkhorn_newton` and their defaults (its signature is the one
+#: place they are written; the internal entry points fill in the options they are not given)
+_OPTION_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(sinkhorn_newton).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("init", "grad", "normalize", "check_inputs")
+}
+
+
+def newton_problem(pb: OTProblem, eps: float, *, init: tuple[torch.Tensor, torch.Tensor] | None = None, **options):
     """Run SNS/SSNS on a validated, *batched* problem, problem by problem; returns
     ``(f, g, n_iter, converged, errors, info)`` like
     :func:`~entrokit.solvers.sinkhorn.sinkhorn_problem` (float64 potentials, the Newton
     stage's precision: the result builder forms the plan from them and rounds it to the
-    input dtype, so float32 plans keep float64 accuracy)."""
+    input dtype, so float32 plans keep float64 accuracy).
+
+    ``options`` are solver options of :func:`sinkhorn_newton`, already checked
+    (:func:`~entrokit._validation.check_solver_options`); those not given take its defaults."""
+    unknown = sorted(options.keys() - _OPTION_DEFAULTS.keys())
+    if unknown:
+        raise TypeError(f"newton_problem got unknown option(s) {unknown}; its options are {sorted(_OPTION_DEFAULTS)}.")
+    o = {**_OPTION_DEFAULTS, **options}
+    tol, time_limit, density, callback = o["tol"], o["time_limit"], o["density"], o["callback"]
     dtype, device = pb.a.dtype, pb.a.device
-    base = _newton_options(variant, tol, max_iter, warmup_max_iter, switch_tol, linear_solver, eps_scaling, device)
+    base = _newton_options(o, device)
     t0 = time.perf_counter()
     base["deadline"] = None if time_limit is None else t0 + time_limit
     # the float64 cost of the geometry (a float32 point cloud's exact cost, the one the
@@ -668,7 +668,7 @@ def newton_problem(
         opt = dict(
             base, callback=callback, init_given=init is not None,
             density=density if density is not None else min(1.0, 2.0 / min(n_s, m_s)),
-            cg_rtol=cg_rtol, cg_max_iter=cg_max_iter or max(200, m_s), fallback_steps=fallback_steps,
+            cg_rtol=o["cg_rtol"], cg_max_iter=o["cg_max_iter"] or max(200, m_s), fallback_steps=o["fallback_steps"],
         )
         alpha, beta, err, it, info = _solve_one(
             C_support, a_s, b_s, eps, float(cost_ranges[k]), alpha0, beta0, opt, time.perf_counter()

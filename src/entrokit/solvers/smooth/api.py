@@ -137,17 +137,20 @@ def smooth_ot_problem(
     problem: OTProblem,
     reg: Regularizer,
     *,
-    formulation: str = "semi_dual",
-    sparse_axis: str = "columns",
-    solver: str = "auto",
-    tol: float = 1e-6,
+    formulation: str,
+    sparse_axis: str,
+    solver: str,
+    tol: float,
+    solve_dtype: torch.dtype | None,
     max_iter: int | None = None,
     lr: float = 1e-2,
-    solve_dtype: torch.dtype | None = torch.float64,
     init: torch.Tensor | None = None,
     eps_scaling: bool | str = "auto",
 ):
-    """Solve a validated *batched* problem; returns the pieces of an :class:`OTResult`.
+    """Solve a validated *batched* problem with checked options; returns the pieces of an
+    :class:`OTResult`. The caller decides the formulation, axis, solver, tolerance and
+    working dtype (:func:`smooth_ot`'s defaults resolved); ``max_iter=None`` is the
+    solver's own budget, ``lr`` is Adam's step.
 
     ``eps_scaling`` drives the gamma-continuation of the Newton solvers: ``"auto"`` runs it
     unless ``init`` is given, ``True`` always, ``False`` never.

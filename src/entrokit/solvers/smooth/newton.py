@@ -63,42 +63,60 @@ def semi_dual_hessian(reg: Regularizer, T, b):
     return mv_dense, diag_full  # the rank-one parts' diagonal is left out of the preconditioner
 
 
-def newton_semi_dual(reg, alpha, a, b, L, tol, max_iter, state):
-    """Semismooth Newton on -S from ``alpha`` (B, R); returns ``(alpha, n_iter, converged,
-    errors, info)``."""
-    Bsz = alpha.shape[0]
-    fine = 8 * torch.finfo(alpha.dtype).eps
-    obj, g, T, _ = _semi_dual(reg, alpha, a, b, L, state)
-    F = -obj
+def _newton_loop(evaluate, direction, x, tol, max_iter, moved=None):
+    """The globalised loop both solvers share: from ``x`` (B, N), ``evaluate(x, trial)``
+    gives ``(F, grad, plan)`` of the minimised objective, ``direction(plan, grad, active)``
+    gives ``(d, cg_iterations)``; each step is the shared Armijo search along ``d``. A
+    problem stops once its L1 gradient (the marginal error) is ``<= tol`` or its search
+    fails. ``moved(bool)`` is told after each search whether a trial point was accepted.
+    Returns ``(x, n_iter, converged, errors, info)``."""
+    fine = 8 * torch.finfo(x.dtype).eps
+    F, g, T = evaluate(x, False)
     err = _l1(g)
     errs = [err]
-    n_iter = torch.zeros(Bsz, dtype=torch.long, device=alpha.device)
+    n_iter = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     active = err > tol
     cg_total = 0
     for _ in range(max_iter):
         if not bool(active.any()):
             break
+        d, cg_it = direction(T, g, active)
+        cg_total += cg_it
+
+        def trial(t, x=x, d=d):
+            x_t = x + t.unsqueeze(-1) * d
+            F_t, g_t, T_t = evaluate(x_t, True)
+            return F_t, (x_t, g_t, T_t)
+
+        search = armijo_backtracking(trial, F, (g * d).sum(-1), (x, g, T), active, rel_slack=fine)
+        if moved is not None:
+            moved(search.state[2] is not T)
+        F, (x, g, T) = search.value, search.state
+        err = _l1(g)
+        n_iter += active.long()
+        errs.append(err)
+        active = active & (err > tol) & search.accepted
+    return x, n_iter, err <= tol, torch.stack(errs, 0), {"cg_iterations": cg_total}
+
+
+def newton_semi_dual(reg, alpha, a, b, L, tol, max_iter, state):
+    """Semismooth Newton on -S from ``alpha`` (B, R); returns ``(alpha, n_iter, converged,
+    errors, info)``."""
+
+    def evaluate(alpha, trial):
+        obj, g, T, _ = _semi_dual(reg, alpha, a, b, L, state)
+        return -obj, g, T
+
+    def direction(T, g, active):
         mv, diag = semi_dual_hessian(reg, T, b)
         gnorm = g.norm(dim=-1, keepdim=True)
         # regularised semismooth Newton shift, in Hessian units (1/gamma)
         mu = (gnorm.clamp_max(1.0) / reg.gamma).clamp_min(1e-10 / reg.gamma)
         rtol = float(min(0.1, max(float(gnorm.max()) ** 0.5, 1e-6)))
-        cg = pcg(lambda v, mv=mv, mu=mu: mv(v) + mu * v, -g, 1.0 / (diag + mu), rtol=rtol, max_iter=500, active=active)
-        d = cg.x
-        cg_total += int(cg.n_iter.max())
+        cg = pcg(lambda v: mv(v) + mu * v, -g, 1.0 / (diag + mu), rtol=rtol, max_iter=500, active=active)
+        return cg.x, int(cg.n_iter.max())
 
-        def trial(t, alpha=alpha, d=d):
-            alpha_t = alpha + t.unsqueeze(-1) * d
-            obj_t, g_t, T_t, _ = _semi_dual(reg, alpha_t, a, b, L, state)
-            return -obj_t, (alpha_t, g_t, T_t)
-
-        search = armijo_backtracking(trial, F, (g * d).sum(-1), (alpha, g, T), active, rel_slack=fine)
-        F, (alpha, g, T) = search.value, search.state
-        err = _l1(g)
-        n_iter += active.long()
-        errs.append(err)
-        active = active & (err > tol) & search.accepted
-    return alpha, n_iter, err <= tol, torch.stack(errs, 0), {"cg_iterations": cg_total}
+    return _newton_loop(evaluate, direction, alpha, tol, max_iter)
 
 
 def dual_newton_step(reg: Regularizer, T: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, method: str = "auto",
@@ -141,7 +159,6 @@ def newton_dual(reg, x, a, b, L, tol, max_iter):
     """Globalised regularised semismooth Newton on -D from ``x = (alpha, beta)`` (Hessian
     shift mu ~ |grad|); returns ``(x, n_iter, converged, errors, info)``."""
     Bsz, K, R = L.shape
-    fine = 8 * torch.finfo(x.dtype).eps
 
     # two scratch plans (current / trial) reused across iterations, single problems only
     buffers = [torch.empty_like(L), torch.empty_like(L)] if (reg.name == "l2" and Bsz == 1) else None
@@ -154,32 +171,14 @@ def newton_dual(reg, x, a, b, L, tol, max_iter):
         obj, grad_alpha, grad_beta, T = _dual(reg, x[:, :R], x[:, R:], a, b, L)
         return -obj, torch.cat([grad_alpha, grad_beta], -1), T
 
-    F, g, T = evaluate(x)
-    err = _l1(g)
-    errs = [err]
-    n_iter = torch.zeros(Bsz, dtype=torch.long, device=x.device)
-    active = err > tol
-    cg_total = 0
-    for _ in range(max_iter):
-        if not bool(active.any()):
-            break
+    def direction(T, g, active):
         gnorm = g.norm(dim=-1, keepdim=True)
         mu = (MU_FACTOR * gnorm.clamp_max(1.0) / reg.gamma).clamp_min(1e-12 / reg.gamma)
         rtol = float(min(0.1, max(float(gnorm.max()) ** 0.5, 1e-8)))
-        d, cg_it = dual_newton_step(reg, T, g, mu, rtol=rtol, active=active)
-        cg_total += cg_it
+        return dual_newton_step(reg, T, g, mu, rtol=rtol, active=active)
 
-        def trial(t, x=x, d=d):
-            x_t = x + t.unsqueeze(-1) * d
-            F_t, g_t, T_t = evaluate(x_t, trial=True)
-            return F_t, (x_t, g_t, T_t)
-
-        search = armijo_backtracking(trial, F, (g * d).sum(-1), (x, g, T), active, rel_slack=fine)
-        if buffers is not None and search.state[2] is not T:
+    def moved(accepted_trial):
+        if buffers is not None and accepted_trial:
             slot[0] ^= 1  # the trial buffer now holds the current plan
-        F, (x, g, T) = search.value, search.state
-        err = _l1(g)
-        n_iter += active.long()
-        errs.append(err)
-        active = active & (err > tol) & search.accepted
-    return x, n_iter, err <= tol, torch.stack(errs, 0), {"cg_iterations": cg_total}
+
+    return _newton_loop(evaluate, direction, x, tol, max_iter, moved)
