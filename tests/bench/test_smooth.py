@@ -4,7 +4,14 @@ top-k rows from given times and errors, and the growing-cap rule of the anchors.
 import numpy as np
 import pytest
 
-from entrokit.bench.smooth import TARGET, _quadratic_row, _stats, _to_target, _topk_row, make_problem_np
+from entrokit.bench.smooth import (
+    TARGET,
+    _quadratic_row,
+    _stats,
+    _to_target,
+    _topk_row,
+    make_problem_np,
+)
 
 
 def _l2(pot_semi_err):
