@@ -574,6 +574,13 @@ def _flat_perm(cl: GridClusters) -> torch.Tensor:
     return (cl.perm + torch.arange(B, device=cl.perm.device).unsqueeze(1) * n).reshape(-1)
 
 
+def _gather_back(lay: _Layout, parts: list, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, n_out]``: each out point's entry of the concatenated group outputs ``parts``
+    (``fill``, the empty reduction, for a point in no group)."""
+    dummy = torch.full((1,), fill, dtype=dtype, device=lay.gather_back.device)
+    return torch.cat([*parts, dummy]).index_select(0, lay.gather_back).view(lay.batch, lay.n_out)
+
+
 def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters, budget: int) -> _Layout:
     """Runs of consecutive kept in-clusters (contiguous ranges of sorted in-points) per
     out-cluster, packed into groups of similar (columns, rows) of at most ``budget``
@@ -832,10 +839,7 @@ class TruncatedPointCloud(PointGeometry):
     def cost_matrix(self) -> torch.Tensor:
         """The full dense cost ``[..., n, m]`` (not truncated; materialises n m entries)."""
         o = self._origin.view(self._B, 1, -1)
-        xs, ys = self._x3 - o, self._y3 - o
-        C = ((xs * xs).sum(-1, keepdim=True) + (ys * ys).sum(-1).unsqueeze(-2)
-             - 2.0 * torch.matmul(xs, ys.transpose(-1, -2))).clamp_min(0.0)
-        return C.reshape(*self.batch_shape, *self.shape)
+        return _SQ.tile(self._x3 - o, self._y3 - o).reshape(*self.batch_shape, *self.shape)
 
     def plan(self, f, g, a, b, eps) -> torch.Tensor:
         """The dense plan ``[B, n, m]``: kept blocks, zeros elsewhere (materialised)."""
@@ -902,7 +906,6 @@ class TruncatedPointCloud(PointGeometry):
         over the kept blocks (``axis=1``: over ``j`` for every ``i``; ``axis=0``: over
         ``i`` for every ``j``)."""
         lay = self._layouts[axis]
-        B = self._B
         grad = self._needs_grad(h, log_w, self.x, self.y)
         hw = (h + eps * log_w).reshape(-1)
         M_parts, S_parts = [], []
@@ -933,11 +936,7 @@ class TruncatedPointCloud(PointGeometry):
                 M, S = checkpoint(_group_lse, P_out, P_in, hw_flat, grp.rows, grp.cols, eps, use_reentrant=False)
                 M_parts.append(M.reshape(-1))
                 S_parts.append(S.reshape(-1))
-        dummy_M = torch.full((1,), -float("inf"), dtype=self.dtype, device=self.device)
-        dummy_S = torch.zeros(1, dtype=self.dtype, device=self.device)
-        M = torch.cat([*M_parts, dummy_M]).index_select(0, lay.gather_back).view(B, lay.n_out)
-        S = torch.cat([*S_parts, dummy_S]).index_select(0, lay.gather_back).view(B, lay.n_out)
-        return M, S
+        return _gather_back(lay, M_parts, -math.inf, self.dtype), _gather_back(lay, S_parts, 0.0, self.dtype)
 
     # -- plan products ----------------------------------------------------------------------
     def _plan_blocks(self, axis, f, g, a, b, eps, *, with_cost: bool = False):
@@ -981,7 +980,7 @@ class TruncatedPointCloud(PointGeometry):
     def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
         r"""Row sums, column sums and :math:`\langle C, P\rangle` of the truncated plan
         (summed in ``accumulate``; entries rounded to ``round_to`` first)."""
-        B, (n, m) = self._B, self.shape
+        B, m = self._B, self.shape[1]
         acc = accumulate if accumulate is not None else self.dtype
         lay = self._layouts[1]
         grad = self._needs_grad(f, g, a, b, self.x, self.y)
@@ -1019,8 +1018,7 @@ class TruncatedPointCloud(PointGeometry):
             tc_idx.append(grp.problem)
         if grad and col_parts:
             cols_out = cols_out.index_add(0, torch.cat(col_idx), torch.cat(col_parts))
-        rows = torch.cat([*row_parts, torch.zeros(1, dtype=acc, device=self.device)])
-        rows = rows.index_select(0, lay.gather_back).view(B, n)
+        rows = _gather_back(lay, row_parts, 0.0, acc)
         tc = torch.zeros(B, dtype=acc, device=self.device)
         if tc_parts:
             tc = tc.index_add(0, torch.cat(tc_idx), torch.cat(tc_parts))
@@ -1034,8 +1032,7 @@ class TruncatedPointCloud(PointGeometry):
         for grp, P in self._plan_blocks(axis, f, g, a, b, eps):
             vc = v_flat.index_select(0, grp.cols.reshape(-1)).view(*grp.cols.shape, 1)
             parts.append(torch.bmm(P, vc.to(P.dtype)).reshape(-1))
-        out = torch.cat([*parts, torch.zeros(1, dtype=self.dtype, device=self.device)])
-        return out.index_select(0, lay.gather_back).view(self._B, lay.n_out)
+        return _gather_back(lay, parts, 0.0, self.dtype)
 
     @property
     def has_transport_cost_vjp(self) -> bool:
