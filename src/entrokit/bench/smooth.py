@@ -83,21 +83,34 @@ def _entrokit(a, b, C, gamma, k, formulation=None):
     return r.plan.to_dense().numpy()
 
 
-def _tables() -> tuple[Table, Table, Table]:
-    """The three empty tables: every run, the quadratic targets, the top-k comparison."""
+def _tables(budget: float) -> tuple[Table, Table, Table]:
+    """The three tables, empty, with their notes: every run, the quadratic targets, the top-k comparison."""
     full = Table(
         "Quadratic (l2) and top-k (k=2) OT: time and final L1 marginal error, one run each",
         ["n", "gamma", "reg", "library / method", "time", "marginal err (L1)", "objective", "max nnz/col"],
+        notes=[f"anchor budget per run: RegOT {budget:g} s, POT max({budget:g} s, 12x entrokit's time on the "
+               f"same problem) (caps grown up to 4x per attempt, the last one reported); torch threads: "
+               f"{torch.get_num_threads()}",
+               "POT runs with stopThr=0 (its tightest setting: the default 1e-9 stops at ~5e-3) until L-BFGS-B stops "
+               "itself or the cap; RegOT tol = 1e-6/sqrt(2n) on its L2 gradient norm; errors above are recomputed "
+               "from each plan. entrokit top-k includes its quadratic warm start.",
+               "top-k: the SCOT dual is the dual of the convexified problem; a k-sparse plan recovered from the "
+               "(nonsmooth) dual optimum need not meet the row marginals (see entrokit.smooth_ot docs)."],
     )
     summary = Table(
         "Quadratic OT targets: entrokit (error <= 1e-6 required) vs the fastest RegOT and POT runs",
         ["n", "gamma", "entrokit", "err", "fastest RegOT run (err)", "ratio vs RegOT (<= 1)",
          "fastest POT run (err)", "ratio as run", "ratio vs POT to 1e-6 (<= 0.1)", "met"],
+        notes=["'< x' = upper bound (entrokit time / POT's longest run): no POT run reached 1e-6 (POT's "
+               "L-BFGS-B stops on its own criteria first, or the budget ran out)."],
     )
     topk = Table(
         "Top-k (k=2) OT: entrokit vs POT sparsity_constrained (1e-6 is unattainable, see notes)",
         ["n", "gamma", "entrokit (best form.)", "err", "POT fastest", "POT err", "ratio as run",
          "ratio vs POT to entrokit's err (<= 0.1)"],
+        notes=["entrokit: the formulation with the smaller error; POT: fastest of dual/semi-dual and the "
+               "smaller of their errors. '< x' = upper bound (entrokit time / POT's longest run): no POT run "
+               "reached entrokit's error."],
     )
     return full, summary, topk
 
@@ -178,22 +191,6 @@ def _topk_row(res: dict) -> list:
             f"{min(e for _, e in pk):.2e}", f"{t_ek / tp:.3f}", f"{r_k:.3f}" if reach else f"< {r_k:.3f}"]
 
 
-def _add_notes(full: Table, summary: Table, topk: Table, budget: float) -> None:
-    full.notes.append(f"anchor budget per run: RegOT {budget:g} s, POT max({budget:g} s, 12x entrokit's time on the "
-                      f"same problem) (caps grown up to 4x per attempt, the last one reported); torch threads: "
-                      f"{torch.get_num_threads()}")
-    full.notes.append("POT runs with stopThr=0 (its tightest setting: the default 1e-9 stops at ~5e-3) until L-BFGS-B stops itself or the cap; RegOT tol = 1e-6/sqrt(2n) on "
-                      "its L2 gradient norm; errors above are recomputed from each plan. entrokit top-k includes "
-                      "its quadratic warm start.")
-    full.notes.append("top-k: the SCOT dual is the dual of the convexified problem; a k-sparse plan recovered from the "
-                      "(nonsmooth) dual optimum need not meet the row marginals (see entrokit.smooth_ot docs).")
-    summary.notes.append("'< x' = upper bound (entrokit time / POT's longest run): no POT run reached 1e-6 (POT's "
-                         "L-BFGS-B stops on its own criteria first, or the budget ran out).")
-    topk.notes.append("entrokit: the formulation with the smaller error; POT: fastest of dual/semi-dual and the "
-                      "smaller of their errors. '< x' = upper bound (entrokit time / POT's longest run): no POT run "
-                      "reached entrokit's error.")
-
-
 def run(quick: bool = False, budget: float | None = None, out: str | None = None) -> list[Table]:
     """Run the suite; returns the tables (and writes ``<out>/smooth.md`` when ``out`` is given)."""
     import ot  # noqa: F401  (the anchors: a missing one fails here, before any run)
@@ -201,7 +198,7 @@ def run(quick: bool = False, budget: float | None = None, out: str | None = None
 
     sizes = [300] if quick else [300, 1000, 3000]
     budget = budget or (10.0 if quick else 60.0)
-    full, summary, topk = _tables()
+    full, summary, topk = _tables(budget)
     # warm-up (imports, first-call allocations) on a small problem, untimed
     a0, b0, C0 = make_problem_np(50)
     _timed(lambda: (_entrokit(a0, b0, C0, 0.1, None), _entrokit(a0, b0, C0, 0.1, 2)))
@@ -214,7 +211,6 @@ def run(quick: bool = False, budget: float | None = None, out: str | None = None
                 _measure(a, b, C, Cf, gamma, k, budget, full, res)
             summary.add(n, f"{gamma:g}", *_quadratic_row(res))
             topk.add(n, f"{gamma:g}", *_topk_row(res))
-    _add_notes(full, summary, topk, budget)
     tables = [full, summary, topk]
     for t in tables:
         print(t.render(), flush=True)

@@ -78,6 +78,7 @@ from entrokit._validation import as_float_tensor, check_positive_int, check_same
 from entrokit.geometry._online import lse_online, tile_entries
 from entrokit.geometry.base import PointGeometry, exp_floor, logsumexp_pair, plan_block
 from entrokit.geometry.costs import SqEuclidean
+from entrokit.geometry.pointcloud import check_point_shapes
 
 __all__ = [
     "GridClusters",
@@ -627,18 +628,6 @@ def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters,
 # ---------------------------------------------------------------------------------------
 # the geometry
 # ---------------------------------------------------------------------------------------
-def _check_points(x, y) -> None:
-    if x.dim() < 2 or y.dim() != x.dim():
-        raise InputError(
-            f"x and y must have shapes (..., n, d) and (..., m, d) with the same batch axes; got "
-            f"{tuple(x.shape)} and {tuple(y.shape)}. Add a feature axis with x[:, None] for 1-D points."
-        )
-    if x.shape[-1] != y.shape[-1]:
-        raise InputError(f"x and y must have the same point dimension, got d={x.shape[-1]} and d={y.shape[-1]}.")
-    if x.shape[:-2] != y.shape[:-2]:
-        raise InputError(f"batch axes of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}.")
-
-
 class TruncatedPointCloud(PointGeometry):
     r"""Squared Euclidean cost :math:`C_{ij} = \|x_i - y_j\|^2` restricted to kept blocks
     of voxel clusters: the plan is :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}`
@@ -671,7 +660,7 @@ class TruncatedPointCloud(PointGeometry):
         x = as_float_tensor(x, "x")
         y = as_float_tensor(y, "y")
         check_same_dtype_device({"x": x, "y": y})
-        _check_points(x, y)
+        check_point_shapes(x, y)
         batch_shape = tuple(x.shape[:-2])
         B = math.prod(batch_shape)
         n, m = x.shape[-2], y.shape[-2]
@@ -716,7 +705,7 @@ class TruncatedPointCloud(PointGeometry):
         """
         x = as_float_tensor(x, "x")
         y = as_float_tensor(y, "y")
-        _check_points(x, y)
+        check_point_shapes(x, y)
         B = math.prod(x.shape[:-2])
         n, m, d = x.shape[-2], y.shape[-2], x.shape[-1]
         x3, y3 = x.reshape(B, n, d), y.reshape(B, m, d)
