@@ -1,10 +1,12 @@
 """SinKD: batch-wise Sinkhorn distillation loss (default, debiased and legacy modes)."""
 
+import inspect
+
 import pytest
 import torch
 
 from entrokit import InputError
-from entrokit.nn.sinkd import SinkhornKDLoss, sinkhorn_kd_loss
+from entrokit.nn.sinkd import SinkhornKDLoss, _check_logits, sinkhorn_kd_loss
 
 F64 = torch.float64
 
@@ -222,6 +224,29 @@ def test_bad_inputs():
         loss(zs.long(), zt.long())
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         loss(zs.numpy(), zt)
+
+
+def test_module_options_are_the_functions():
+    """The module takes the function's options with the same defaults, checks them the
+    same way and passes them on unchanged."""
+    fn = inspect.signature(sinkhorn_kd_loss).parameters
+    mod = inspect.signature(SinkhornKDLoss.__init__).parameters
+    options = {k: p.default for k, p in fn.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert {k: p.default for k, p in mod.items() if k != "self"} == options
+    zs, zt = _pair(8, 5, seed=19)
+    for mode in ({}, {"debias": True}, {"legacy": True, "n_iter": 7}, {"weight": 0.3, "temperature": 3.0}):
+        torch.testing.assert_close(SinkhornKDLoss(**mode)(zs, zt), sinkhorn_kd_loss(zs, zt, **mode), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="debias must be True or False, got int"):
+        SinkhornKDLoss(debias=1)
+    with pytest.raises(TypeError, match="legacy must be True or False, got str"):
+        sinkhorn_kd_loss(zs, zt, legacy="yes")
+
+
+def test_teacher_on_another_device_is_refused():
+    """The device check itself (the public entry refuses a meta tensor before it)."""
+    zs, zt = _pair(8, 5, seed=18)
+    with pytest.raises(InputError, match=r"device mismatch: student_logits is on cpu but teacher_logits is on meta"):
+        _check_logits(zs, zt.to("meta"), check_inputs=False)
 
 
 @pytest.mark.parametrize("mode", [{}, {"debias": True}, {"legacy": True}, {"grad": "envelope"}])

@@ -320,79 +320,128 @@ def plan_backward(t: Pass, f, g, a, b, eps: float, need, *, g_rows=None, g_cols=
     tile otherwise. ``params`` (:func:`cost_leaves`): tensors the cost holds, whose
     gradients autograd pulls back from :math:`\bar C` on every recomputed tile (returned as
     ``out["params"]``, in their own dtypes). Results in the pass's dtype."""
-    work = t.dtype
-    lo, hi = exp_floor(work), 0.5 * math.log(torch.finfo(work).max)
-    f, g, a, b, V, U, g_out = (None if v is None else v.detach().to(work) for v in (f, g, a, b, V, U, g_out))
-    like = {"f": f, "g": g, "a": a, "b": b, "V": V, "U": U, "x": t.x, "y": t.y}
-    out = {k: torch.zeros_like(like[k]) for k in need}
-    points = "x" in out or "y" in out
-    # autograd on the cost tile: for the parameters, and for the points of other costs
-    generic = bool(params) or (points and not t.sq)
-    p_out = [torch.zeros_like(p) for p in params]
-    gt = None if g_tc is None else g_tc.to(work).unsqueeze(-1).unsqueeze(-1)
+    vjp = _PlanVJP(t, f, g, a, b, eps, need, g_rows, g_cols, g_tc, g_out, V, U, params)
     with ieee_matmul(t.x.device):
         for r0, r1, c0, c1 in tiles(t.x.shape[-2], t.y.shape[-2], t.x.device, row_tile):
-            with torch.enable_grad() if generic else torch.no_grad():
-                xs = t.x[..., r0:r1, :].detach().requires_grad_(generic and "x" in out)
-                yc = t.y[..., c0:c1, :].detach().requires_grad_(generic and "y" in out)
-                C_graph = None if (t.sq and gt is None) else t.cost_tile(xs, yc)
-            with torch.no_grad():
-                C = None if C_graph is None else C_graph.detach()
-                if t.sq:  # the matmul expansion (float64 with wide tiles)
-                    E = t.log_plan(r0, r1, c0, c1, f, g, eps)
-                else:
-                    E = (f[..., r0:r1].unsqueeze(-1) + g[..., c0:c1].unsqueeze(-2) - C) / eps
-                E = E.clamp_(lo, hi).exp_()  # clamped as in plan_block
-                w = torch.zeros_like(E)
-                if g_rows is not None:
-                    w += g_rows[..., r0:r1].unsqueeze(-1).to(work)
-                if g_cols is not None:
-                    w += g_cols[..., c0:c1].unsqueeze(-2).to(work)
-                if gt is not None:
-                    w.addcmul_(gt.expand_as(C), C)
-                if g_out is not None:
-                    w += (torch.matmul(g_out[..., r0:r1, :], V[..., c0:c1, :].mT) if V is not None
-                          else torch.matmul(U[..., r0:r1, :], g_out[..., c0:c1, :].mT))
-                if "a" in out:
-                    out["a"][..., r0:r1] += torch.matmul(w * E, b[..., c0:c1].unsqueeze(-1)).squeeze(-1)
-                if "b" in out:
-                    out["b"][..., c0:c1] += torch.matmul(a[..., r0:r1].unsqueeze(-2), w * E).squeeze(-2)
-                P = E if a is None else E.mul_(a[..., r0:r1].unsqueeze(-1)).mul_(b[..., c0:c1].unsqueeze(-2))
-                if "V" in out:
-                    out["V"][..., c0:c1, :] += torch.matmul(P.mT, g_out[..., r0:r1, :])
-                if "U" in out:
-                    out["U"][..., r0:r1, :] += torch.matmul(P, g_out[..., c0:c1, :])
-                q = w.mul_(P)
-                if "f" in out:
-                    out["f"][..., r0:r1] += q.sum(-1) / eps
-                if "g" in out:
-                    out["g"][..., c0:c1] += q.sum(-2) / eps
-                if not (points or params):
-                    continue
-                G = q.mul_(-1.0 / eps)  # dL/dC = t P - q / eps
-                if gt is not None:
-                    G.addcmul_(gt.expand_as(P), P)
-                del P, E
-                if not generic:  # the squared Euclidean closed form
-                    if "x" in out:
-                        out["x"][..., r0:r1, :] += 2.0 * (xs * G.sum(-1, keepdim=True) - torch.matmul(G, yc))
-                    if "y" in out:
-                        out["y"][..., c0:c1, :] += 2.0 * (yc * G.sum(-2).unsqueeze(-1) - torch.matmul(G.mT, xs))
-                    continue
-            wrt = [v for v in (xs, yc) if v.requires_grad] + list(params)
-            grads = list(torch.autograd.grad(C_graph, wrt, G, allow_unused=True)) if C_graph.requires_grad else []
-            grads += [None] * (len(wrt) - len(grads))
-            with torch.no_grad():
-                if "x" in out and (gx := grads.pop(0)) is not None:
-                    out["x"][..., r0:r1, :] += gx
-                if "y" in out and (gy := grads.pop(0)) is not None:
-                    out["y"][..., c0:c1, :] += gy
-                for acc, gp in zip(p_out, grads):
-                    if gp is not None:
-                        acc += gp
+            vjp.tile(slice(r0, r1), slice(c0, c1))
     if params:
-        out["params"] = tuple(p_out)
-    return out
+        vjp.out["params"] = tuple(vjp.p_out)
+    return vjp.out
+
+
+class _PlanVJP:
+    """One :func:`plan_backward`: its detached inputs in the pass's dtype, its accumulators
+    (``out``, ``p_out``) and one method per step of a tile (the plan, its cotangent, the
+    gradients of each kind of leaf)."""
+
+    def __init__(self, t: Pass, f, g, a, b, eps, need, g_rows, g_cols, g_tc, g_out, V, U, params):
+        work = t.dtype
+        self.t, self.eps, self.params = t, eps, params
+        self.lo, self.hi = exp_floor(work), 0.5 * math.log(torch.finfo(work).max)
+        self.f, self.g, self.a, self.b, self.V, self.U, self.g_out, self.g_rows, self.g_cols = (
+            None if v is None else v.detach().to(work) for v in (f, g, a, b, V, U, g_out, g_rows, g_cols))
+        self.gt = None if g_tc is None else g_tc.to(work).unsqueeze(-1).unsqueeze(-1)
+        like = {"f": self.f, "g": self.g, "a": self.a, "b": self.b, "V": self.V, "U": self.U, "x": t.x, "y": t.y}
+        self.out = {k: torch.zeros_like(like[k]) for k in need}
+        self.points = "x" in self.out or "y" in self.out
+        # autograd on the cost tile: for the parameters, and for the points of other costs
+        self.generic = bool(params) or (self.points and not t.sq)
+        self.p_out = [torch.zeros_like(p) for p in params]
+
+    def tile(self, rs: slice, cs: slice) -> None:
+        """Accumulate the gradients of the tile ``rs x cs``."""
+        t, out = self.t, self.out
+        with torch.enable_grad() if self.generic else torch.no_grad():
+            xs = t.x[..., rs, :].detach().requires_grad_(self.generic and "x" in out)
+            yc = t.y[..., cs, :].detach().requires_grad_(self.generic and "y" in out)
+            C_graph = None if (t.sq and self.gt is None) else t.cost_tile(xs, yc)
+        with torch.no_grad():
+            C = None if C_graph is None else C_graph.detach()
+            E = self._kernel(rs, cs, C)
+            w = self._cotangent(rs, cs, E, C)
+            self._weight_grads(rs, cs, w, E)
+            P = E if self.a is None else E.mul_(self.a[..., rs].unsqueeze(-1)).mul_(self.b[..., cs].unsqueeze(-2))
+            self._product_grads(rs, cs, P)
+            q = w.mul_(P)
+            self._potential_grads(rs, cs, q)
+            if not (self.points or self.params):
+                return
+            G = q.mul_(-1.0 / self.eps)  # dL/dC = t P - q / eps
+            if self.gt is not None:
+                G.addcmul_(self.gt.expand_as(P), P)
+            del P, E
+            if not self.generic:
+                self._sq_point_grads(rs, cs, xs, yc, G)
+                return
+        self._autograd_grads(rs, cs, xs, yc, C_graph, G)
+
+    def _kernel(self, rs: slice, cs: slice, C):
+        r""":math:`e^{(f_i + g_j - C_{ij})/\varepsilon}` on the tile, clamped as in
+        :func:`~entrokit.geometry.base.plan_block` (weights not applied)."""
+        if self.t.sq:  # the matmul expansion (float64 with wide tiles)
+            E = self.t.log_plan(rs.start, rs.stop, cs.start, cs.stop, self.f, self.g, self.eps)
+        else:
+            E = (self.f[..., rs].unsqueeze(-1) + self.g[..., cs].unsqueeze(-2) - C) / self.eps
+        return E.clamp_(self.lo, self.hi).exp_()
+
+    def _cotangent(self, rs: slice, cs: slice, E, C):
+        r"""The plan's cotangent :math:`w_{ij} = \bar r_i + \bar c_j + \bar t C_{ij} +
+        \bar O_i\cdot V_j` (or :math:`U_i\cdot\bar O_j`) on the tile."""
+        w = torch.zeros_like(E)
+        if self.g_rows is not None:
+            w += self.g_rows[..., rs].unsqueeze(-1)
+        if self.g_cols is not None:
+            w += self.g_cols[..., cs].unsqueeze(-2)
+        if self.gt is not None:
+            w.addcmul_(self.gt.expand_as(C), C)
+        if self.g_out is not None:
+            w += (torch.matmul(self.g_out[..., rs, :], self.V[..., cs, :].mT) if self.V is not None
+                  else torch.matmul(self.U[..., rs, :], self.g_out[..., cs, :].mT))
+        return w
+
+    def _weight_grads(self, rs: slice, cs: slice, w, E) -> None:
+        r""":math:`\bar a_i = \sum_j w_{ij} b_j E_{ij}` and :math:`\bar b_j = \sum_i a_i w_{ij} E_{ij}`."""
+        if "a" in self.out:
+            self.out["a"][..., rs] += torch.matmul(w * E, self.b[..., cs].unsqueeze(-1)).squeeze(-1)
+        if "b" in self.out:
+            self.out["b"][..., cs] += torch.matmul(self.a[..., rs].unsqueeze(-2), w * E).squeeze(-2)
+
+    def _product_grads(self, rs: slice, cs: slice, P) -> None:
+        r""":math:`\bar V = P^\top\bar O` and :math:`\bar U = P\bar O`."""
+        if "V" in self.out:
+            self.out["V"][..., cs, :] += torch.matmul(P.mT, self.g_out[..., rs, :])
+        if "U" in self.out:
+            self.out["U"][..., rs, :] += torch.matmul(P, self.g_out[..., cs, :])
+
+    def _potential_grads(self, rs: slice, cs: slice, q) -> None:
+        r""":math:`\bar f_i = \sum_j q_{ij}/\varepsilon` and :math:`\bar g_j = \sum_i q_{ij}/\varepsilon`."""
+        if "f" in self.out:
+            self.out["f"][..., rs] += q.sum(-1) / self.eps
+        if "g" in self.out:
+            self.out["g"][..., cs] += q.sum(-2) / self.eps
+
+    def _sq_point_grads(self, rs: slice, cs: slice, xs, yc, G) -> None:
+        r"""The squared Euclidean closed form :math:`\bar x_i = 2(x_i\sum_j \bar C_{ij} - \sum_j
+        \bar C_{ij} y_j)` (and its transpose for :math:`y`)."""
+        if "x" in self.out:
+            self.out["x"][..., rs, :] += 2.0 * (xs * G.sum(-1, keepdim=True) - torch.matmul(G, yc))
+        if "y" in self.out:
+            self.out["y"][..., cs, :] += 2.0 * (yc * G.sum(-2).unsqueeze(-1) - torch.matmul(G.mT, xs))
+
+    def _autograd_grads(self, rs: slice, cs: slice, xs, yc, C_graph, G) -> None:
+        r""":math:`\bar C = G` pulled back through the recomputed cost tile to the points that
+        require it and to the cost's parameters."""
+        wrt = [v for v in (xs, yc) if v.requires_grad] + list(self.params)
+        grads = list(torch.autograd.grad(C_graph, wrt, G, allow_unused=True)) if C_graph.requires_grad else []
+        grads += [None] * (len(wrt) - len(grads))
+        with torch.no_grad():
+            if "x" in self.out and (gx := grads.pop(0)) is not None:
+                self.out["x"][..., rs, :] += gx
+            if "y" in self.out and (gy := grads.pop(0)) is not None:
+                self.out["y"][..., cs, :] += gy
+            for acc, gp in zip(self.p_out, grads):
+                if gp is not None:
+                    acc += gp
 
 
 def online_lse(x, y, hw, eps: float, cost: Cost, compiled: bool = False, row_tile: int | None = None,

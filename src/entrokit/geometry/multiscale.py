@@ -78,6 +78,7 @@ from entrokit._validation import as_float_tensor, check_positive_int, check_same
 from entrokit.geometry._online import lse_online, tile_entries
 from entrokit.geometry.base import PointGeometry, exp_floor, logsumexp_pair, plan_block
 from entrokit.geometry.costs import SqEuclidean
+from entrokit.geometry.pointcloud import check_point_shapes
 
 __all__ = [
     "GridClusters",
@@ -472,18 +473,23 @@ def _size_bucket(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v <= 8, v.to(torch.int64), geo + 1)
 
 
-def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters, budget: int) -> _Layout:
-    """Runs of consecutive kept in-clusters (contiguous ranges of sorted in-points) per
-    out-cluster, packed into groups of similar (columns, rows) of at most ``budget``
-    padded entries (clusters larger than the budget are cut into row slices)."""
+@dataclass(frozen=True, eq=False)
+class _Runs:
+    """Runs of consecutive kept in-clusters (contiguous ranges of sorted in-points), by
+    out cluster ``c = b * K_out + k``: run ``r`` starts at the flat sorted in-position
+    ``start[r]`` and holds ``length[r]`` points; the runs of ``c`` are
+    ``ptr[c]:ptr[c + 1]`` and hold ``columns[c]`` points in all."""
+
+    start: torch.Tensor
+    length: torch.Tensor
+    ptr: torch.Tensor
+    columns: torch.Tensor
+
+
+def _kept_runs(keep: torch.Tensor, in_cl: GridClusters) -> _Runs:
+    """The :class:`_Runs` of ``keep [B, K_out, K_in]``."""
     dev = keep.device
     B, Ko, Ki = keep.shape
-    n_out, n_in = out_cl.perm.shape[1], in_cl.perm.shape[1]
-    dummy_out, dummy_in = B * n_out, B * n_in
-    # flat user index of every sorted position (+ a dummy)
-    out_gperm = (out_cl.perm + torch.arange(B, device=dev).unsqueeze(1) * n_out).reshape(-1)
-    in_gperm = torch.cat([(in_cl.perm + torch.arange(B, device=dev).unsqueeze(1) * n_in).reshape(-1),
-                          torch.tensor([dummy_in], device=dev)])
     k8 = torch.nn.functional.pad(keep.reshape(B * Ko, Ki).to(torch.int8), (1, 1))
     dk = k8[:, 1:] - k8[:, :-1]
     starts = (dk == 1).nonzero()  # (run, [out cluster, first in-cluster]) sorted by out cluster
@@ -491,15 +497,22 @@ def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters,
     run_row = starts[:, 0]
     run_b = run_row // Ko
     in_off = in_cl.offsets
-    run_start = in_off[run_b, starts[:, 1]] + run_b * n_in  # flat sorted position
-    run_len = in_off[run_b, stops[:, 1]] - in_off[run_b, starts[:, 1]]
-    L = torch.zeros(B * Ko, dtype=torch.int64, device=dev).index_add_(0, run_row, run_len)
-    R = out_cl.counts.reshape(-1)
-    run_ptr = torch.zeros(B * Ko + 1, dtype=torch.int64, device=dev)
-    run_ptr[1:] = torch.bincount(run_row, minlength=B * Ko).cumsum(0)
+    start = in_off[run_b, starts[:, 1]] + run_b * in_cl.perm.shape[1]  # flat sorted position
+    length = in_off[run_b, stops[:, 1]] - in_off[run_b, starts[:, 1]]
+    columns = torch.zeros(B * Ko, dtype=torch.int64, device=dev).index_add_(0, run_row, length)
+    ptr = torch.zeros(B * Ko + 1, dtype=torch.int64, device=dev)
+    ptr[1:] = torch.bincount(run_row, minlength=B * Ko).cumsum(0)
+    return _Runs(start, length, ptr, columns)
+
+
+def _units(R: torch.Tensor, L: torch.Tensor, budget: int) -> tuple[list[int], list[int], list[int]]:
+    """The units of work, in packing order, as ``(cluster, first row, rows)`` lists: an out
+    cluster with ``R`` rows against ``L`` columns, or a slice of its rows when rows x
+    columns exceed :data:`_SLICE_FACTOR` budgets (slices copy the column list, so only huge
+    clusters are cut); ordered by buckets of ~15% of rows, then of columns (padding at most
+    ~1.3x), largest first."""
+    dev = R.device
     active = ((R > 0) & (L > 0)).nonzero().squeeze(1)
-    # units: an out cluster, or a slice of its rows when rows x columns exceed
-    # _SLICE_FACTOR budgets (slices copy the column list, so only huge clusters are cut)
     Ra = R[active]
     cap = _SLICE_FACTOR * budget
     slices = torch.clamp((Ra * L[active] + cap - 1) // cap, min=1)
@@ -509,60 +522,97 @@ def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters,
     unit_first = torch.arange(unit_cid.numel(), device=dev) - torch.repeat_interleave(n_split.cumsum(0) - n_split, n_split)
     unit_r0 = unit_first * unit_rows.repeat_interleave(n_split)
     unit_R = torch.minimum(unit_rows.repeat_interleave(n_split), R[unit_cid] - unit_r0)
-    # group units of similar shape: rows and columns in buckets of ~15% (padding at most
-    # ~1.3x), largest first
     order = torch.zeros(0, dtype=torch.int64, device=dev)
     if unit_cid.numel():
         r_bucket, l_bucket = _size_bucket(unit_R), _size_bucket(L[unit_cid])
         order = torch.argsort(r_bucket * (int(l_bucket.max()) + 1) + l_bucket, descending=True, stable=True)
-    units = order.tolist()
-    u_cid, u_r0, u_R = unit_cid.tolist(), unit_r0.tolist(), unit_R.tolist()
-    Ls = L.tolist()
+    return unit_cid[order].tolist(), unit_r0[order].tolist(), unit_R[order].tolist()
+
+
+def _pack(rows: list[int], cols: list[int], budget: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive units (``rows x cols`` each) packed greedily into groups of at most
+    ``budget`` padded entries and :data:`_MAX_PADDING` times their useful entries:
+    ``(first unit, end, padded rows, padded columns)`` per group."""
+    groups, pos = [], 0
+    while pos < len(rows):
+        r_g, l_g = rows[pos], cols[pos]
+        useful, end = r_g * l_g, pos + 1
+        while end < len(rows):
+            r_new, l_new = max(r_g, rows[end]), max(l_g, cols[end])
+            padded = (end + 1 - pos) * r_new * l_new
+            useful_new = useful + rows[end] * cols[end]
+            if padded > budget or padded > _MAX_PADDING * useful_new:
+                break
+            r_g, l_g, useful = r_new, l_new, useful_new
+            end += 1
+        groups.append((pos, end, r_g, l_g))
+        pos = end
+    return groups
+
+
+def _group_cols(cid: torch.Tensor, l_g: int, runs: _Runs, in_gperm: torch.Tensor) -> torch.Tensor:
+    """``[G, l_g]``: the concatenated runs of each out cluster ``cid``, as flat user indices
+    of the in-points, padded with the dummy point (the last entry of ``in_gperm``)."""
+    dev = cid.device
+    nr = runs.ptr[cid + 1] - runs.ptr[cid]
+    slot_of_run = torch.repeat_interleave(torch.arange(cid.numel(), device=dev), nr)
+    run_ids = torch.repeat_interleave(runs.ptr[cid], nr) + (
+        torch.arange(int(nr.sum()), device=dev) - torch.repeat_interleave(nr.cumsum(0) - nr, nr))
+    lens = runs.length[run_ids]
+    within = lens.cumsum(0) - lens  # exclusive offsets over all runs of the group
+    # offset of each run inside its own cluster's column list
+    within = within - torch.repeat_interleave(within[nr.cumsum(0) - nr], nr)
+    ent_run = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
+    t = torch.arange(int(lens.sum()), device=dev) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    cols = torch.full((cid.numel(), l_g), in_gperm.shape[0] - 1, dtype=torch.int64, device=dev)
+    cols[slot_of_run[ent_run], within[ent_run] + t] = in_gperm[runs.start[run_ids][ent_run] + t]
+    return cols
+
+
+def _flat_perm(cl: GridClusters) -> torch.Tensor:
+    """Flat user index ``b * n + i`` of every sorted position of a batch of clusters."""
+    B, n = cl.perm.shape
+    return (cl.perm + torch.arange(B, device=cl.perm.device).unsqueeze(1) * n).reshape(-1)
+
+
+def _gather_back(lay: _Layout, parts: list, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, n_out]``: each out point's entry of the concatenated group outputs ``parts``
+    (``fill``, the empty reduction, for a point in no group)."""
+    dummy = torch.full((1,), fill, dtype=dtype, device=lay.gather_back.device)
+    return torch.cat([*parts, dummy]).index_select(0, lay.gather_back).view(lay.batch, lay.n_out)
+
+
+def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters, budget: int) -> _Layout:
+    """Runs of consecutive kept in-clusters (contiguous ranges of sorted in-points) per
+    out-cluster, packed into groups of similar (columns, rows) of at most ``budget``
+    padded entries (clusters larger than the budget are cut into row slices)."""
+    dev = keep.device
+    B, Ko, _ = keep.shape
+    n_out, n_in = out_cl.perm.shape[1], in_cl.perm.shape[1]
+    dummy_out, dummy_in = B * n_out, B * n_in
+    # flat user index of every sorted position (+ a dummy)
+    out_gperm = _flat_perm(out_cl)
+    in_gperm = torch.cat([_flat_perm(in_cl), torch.tensor([dummy_in], device=dev)])
+    runs = _kept_runs(keep, in_cl)
+    u_cid, u_r0, u_R = _units(out_cl.counts.reshape(-1), runs.columns, budget)
+    Ls = runs.columns.tolist()
     out_off = (out_cl.offsets[:, :-1] + torch.arange(B, device=dev).unsqueeze(1) * n_out).reshape(-1)
     idt_out, idt_in = _index_dtype(dummy_out + 1), _index_dtype(dummy_in + 1)
 
     groups: list[_Group] = []
     gather_back = torch.full((B * n_out,), -1, dtype=torch.int64, device=dev)
-    out_rows = 0
-    max_entries = max_in = computed = 0
-    pos = 0
-    while pos < len(units):
-        u = units[pos]
-        l_g, r_g = Ls[u_cid[u]], u_R[u]
-        useful = l_g * r_g
-        end = pos + 1
-        while end < len(units):
-            v = units[end]
-            r_new, l_new = max(r_g, u_R[v]), max(l_g, Ls[u_cid[v]])
-            padded = (end + 1 - pos) * r_new * l_new
-            useful_new = useful + u_R[v] * Ls[u_cid[v]]
-            if padded > budget or padded > _MAX_PADDING * useful_new:
-                break
-            r_g, l_g, useful = r_new, l_new, useful_new
-            end += 1
-        sel = units[pos:end]
-        cid = torch.tensor([u_cid[k] for k in sel], device=dev)
-        r0 = torch.tensor([u_r0[k] for k in sel], device=dev)
-        n_rows = torch.tensor([u_R[k] for k in sel], device=dev)
+    out_rows = max_entries = max_in = computed = 0
+    for pos, end, r_g, l_g in _pack(u_R, [Ls[c] for c in u_cid], budget):
+        cid = torch.tensor(u_cid[pos:end], device=dev)
+        r0 = torch.tensor(u_r0[pos:end], device=dev)
+        n_rows = torch.tensor(u_R[pos:end], device=dev)
         G = end - pos
         # rows: (a slice of) the out cluster's sorted range, padded with the dummy point
         ar = torch.arange(r_g, device=dev)
         rvalid = ar.unsqueeze(0) < n_rows.unsqueeze(1)
         rpos = (out_off[cid].unsqueeze(1) + r0.unsqueeze(1) + ar).clamp_max(dummy_out - 1)
         rows = torch.where(rvalid, out_gperm[rpos], torch.full_like(rpos, dummy_out))
-        # cols: concatenated runs of each out cluster, padded with the dummy point
-        nr = run_ptr[cid + 1] - run_ptr[cid]
-        slot_of_run = torch.repeat_interleave(torch.arange(G, device=dev), nr)
-        run_ids = torch.repeat_interleave(run_ptr[cid], nr) + (
-            torch.arange(int(nr.sum()), device=dev) - torch.repeat_interleave(nr.cumsum(0) - nr, nr))
-        lens = run_len[run_ids]
-        within = lens.cumsum(0) - lens  # exclusive offsets over all runs of the group
-        # offset of each run inside its own cluster's column list
-        within = within - torch.repeat_interleave(within[nr.cumsum(0) - nr], nr)
-        ent_run = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens)
-        t = torch.arange(int(lens.sum()), device=dev) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-        cols = torch.full((G, l_g), dummy_in, dtype=torch.int64, device=dev)
-        cols[slot_of_run[ent_run], within[ent_run] + t] = in_gperm[run_start[run_ids][ent_run] + t]
+        cols = _group_cols(cid, l_g, runs, in_gperm)
         # where each out point's result lands in the concatenated outputs
         loc = out_rows + torch.arange(G * r_g, device=dev).view(G, r_g)
         gather_back[rows[rvalid]] = loc[rvalid]
@@ -571,7 +621,6 @@ def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters,
         max_entries = max(max_entries, G * r_g * l_g)
         max_in = max(max_in, G * l_g)
         computed += G * r_g * l_g
-        pos = end
     gather_back = torch.where(gather_back < 0, torch.full_like(gather_back, out_rows), gather_back)
     return _Layout(tuple(groups), gather_back, n_out, n_in, B, max_entries, max_in, computed)
 
@@ -579,18 +628,6 @@ def _build_layout(keep: torch.Tensor, out_cl: GridClusters, in_cl: GridClusters,
 # ---------------------------------------------------------------------------------------
 # the geometry
 # ---------------------------------------------------------------------------------------
-def _check_points(x, y) -> None:
-    if x.dim() < 2 or y.dim() != x.dim():
-        raise InputError(
-            f"x and y must have shapes (..., n, d) and (..., m, d) with the same batch axes; got "
-            f"{tuple(x.shape)} and {tuple(y.shape)}. Add a feature axis with x[:, None] for 1-D points."
-        )
-    if x.shape[-1] != y.shape[-1]:
-        raise InputError(f"x and y must have the same point dimension, got d={x.shape[-1]} and d={y.shape[-1]}.")
-    if x.shape[:-2] != y.shape[:-2]:
-        raise InputError(f"batch axes of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}.")
-
-
 class TruncatedPointCloud(PointGeometry):
     r"""Squared Euclidean cost :math:`C_{ij} = \|x_i - y_j\|^2` restricted to kept blocks
     of voxel clusters: the plan is :math:`P_{ij} = a_i b_j e^{(f_i+g_j-C_{ij})/\varepsilon}`
@@ -623,7 +660,7 @@ class TruncatedPointCloud(PointGeometry):
         x = as_float_tensor(x, "x")
         y = as_float_tensor(y, "y")
         check_same_dtype_device({"x": x, "y": y})
-        _check_points(x, y)
+        check_point_shapes(x, y)
         batch_shape = tuple(x.shape[:-2])
         B = math.prod(batch_shape)
         n, m = x.shape[-2], y.shape[-2]
@@ -668,7 +705,7 @@ class TruncatedPointCloud(PointGeometry):
         """
         x = as_float_tensor(x, "x")
         y = as_float_tensor(y, "y")
-        _check_points(x, y)
+        check_point_shapes(x, y)
         B = math.prod(x.shape[:-2])
         n, m, d = x.shape[-2], y.shape[-2], x.shape[-1]
         x3, y3 = x.reshape(B, n, d), y.reshape(B, m, d)
@@ -791,10 +828,7 @@ class TruncatedPointCloud(PointGeometry):
     def cost_matrix(self) -> torch.Tensor:
         """The full dense cost ``[..., n, m]`` (not truncated; materialises n m entries)."""
         o = self._origin.view(self._B, 1, -1)
-        xs, ys = self._x3 - o, self._y3 - o
-        C = ((xs * xs).sum(-1, keepdim=True) + (ys * ys).sum(-1).unsqueeze(-2)
-             - 2.0 * torch.matmul(xs, ys.transpose(-1, -2))).clamp_min(0.0)
-        return C.reshape(*self.batch_shape, *self.shape)
+        return _SQ.tile(self._x3 - o, self._y3 - o).reshape(*self.batch_shape, *self.shape)
 
     def plan(self, f, g, a, b, eps) -> torch.Tensor:
         """The dense plan ``[B, n, m]``: kept blocks, zeros elsewhere (materialised)."""
@@ -861,7 +895,6 @@ class TruncatedPointCloud(PointGeometry):
         over the kept blocks (``axis=1``: over ``j`` for every ``i``; ``axis=0``: over
         ``i`` for every ``j``)."""
         lay = self._layouts[axis]
-        B = self._B
         grad = self._needs_grad(h, log_w, self.x, self.y)
         hw = (h + eps * log_w).reshape(-1)
         M_parts, S_parts = [], []
@@ -892,11 +925,7 @@ class TruncatedPointCloud(PointGeometry):
                 M, S = checkpoint(_group_lse, P_out, P_in, hw_flat, grp.rows, grp.cols, eps, use_reentrant=False)
                 M_parts.append(M.reshape(-1))
                 S_parts.append(S.reshape(-1))
-        dummy_M = torch.full((1,), -float("inf"), dtype=self.dtype, device=self.device)
-        dummy_S = torch.zeros(1, dtype=self.dtype, device=self.device)
-        M = torch.cat([*M_parts, dummy_M]).index_select(0, lay.gather_back).view(B, lay.n_out)
-        S = torch.cat([*S_parts, dummy_S]).index_select(0, lay.gather_back).view(B, lay.n_out)
-        return M, S
+        return _gather_back(lay, M_parts, -math.inf, self.dtype), _gather_back(lay, S_parts, 0.0, self.dtype)
 
     # -- plan products ----------------------------------------------------------------------
     def _plan_blocks(self, axis, f, g, a, b, eps, *, with_cost: bool = False):
@@ -940,7 +969,7 @@ class TruncatedPointCloud(PointGeometry):
     def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
         r"""Row sums, column sums and :math:`\langle C, P\rangle` of the truncated plan
         (summed in ``accumulate``; entries rounded to ``round_to`` first)."""
-        B, (n, m) = self._B, self.shape
+        B, m = self._B, self.shape[1]
         acc = accumulate if accumulate is not None else self.dtype
         lay = self._layouts[1]
         grad = self._needs_grad(f, g, a, b, self.x, self.y)
@@ -978,8 +1007,7 @@ class TruncatedPointCloud(PointGeometry):
             tc_idx.append(grp.problem)
         if grad and col_parts:
             cols_out = cols_out.index_add(0, torch.cat(col_idx), torch.cat(col_parts))
-        rows = torch.cat([*row_parts, torch.zeros(1, dtype=acc, device=self.device)])
-        rows = rows.index_select(0, lay.gather_back).view(B, n)
+        rows = _gather_back(lay, row_parts, 0.0, acc)
         tc = torch.zeros(B, dtype=acc, device=self.device)
         if tc_parts:
             tc = tc.index_add(0, torch.cat(tc_idx), torch.cat(tc_parts))
@@ -993,8 +1021,7 @@ class TruncatedPointCloud(PointGeometry):
         for grp, P in self._plan_blocks(axis, f, g, a, b, eps):
             vc = v_flat.index_select(0, grp.cols.reshape(-1)).view(*grp.cols.shape, 1)
             parts.append(torch.bmm(P, vc.to(P.dtype)).reshape(-1))
-        out = torch.cat([*parts, torch.zeros(1, dtype=self.dtype, device=self.device)])
-        return out.index_select(0, lay.gather_back).view(self._B, lay.n_out)
+        return _gather_back(lay, parts, 0.0, self.dtype)
 
     @property
     def has_transport_cost_vjp(self) -> bool:

@@ -86,6 +86,19 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def check_point_shapes(x: torch.Tensor, y: torch.Tensor) -> None:
+    """``x (..., n, d)`` and ``y (..., m, d)``: the shapes of two point clouds of one geometry."""
+    if x.dim() < 2 or y.dim() != x.dim():
+        raise InputError(
+            f"x and y must have shapes (..., n, d) and (..., m, d) with the same batch axes; got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}. Add a feature axis with x[:, None] for 1-D points."
+        )
+    if x.shape[-1] != y.shape[-1]:
+        raise InputError(f"x and y must have the same point dimension, got d={x.shape[-1]} and d={y.shape[-1]}.")
+    if x.shape[:-2] != y.shape[:-2]:
+        raise InputError(f"batch axes of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}.")
+
+
 class PointCloud(PointGeometry):
     r"""Cost computed from two point clouds, ``C_ij = c(x_i, y_j)``.
 
@@ -141,20 +154,7 @@ class PointCloud(PointGeometry):
         x = as_float_tensor(x, "x")
         y = as_float_tensor(y, "y")
         check_same_dtype_device({"x": x, "y": y})
-        if x.dim() < 2 or y.dim() != x.dim():
-            raise InputError(
-                f"x and y must have shapes (..., n, d) and (..., m, d) with the same batch axes; "
-                f"got {tuple(x.shape)} and {tuple(y.shape)}. Add a feature axis with x[:, None] "
-                "for 1-D points."
-            )
-        if x.shape[-1] != y.shape[-1]:
-            raise InputError(
-                f"x and y must have the same point dimension, got d={x.shape[-1]} and d={y.shape[-1]}."
-            )
-        if x.shape[:-2] != y.shape[:-2]:
-            raise InputError(
-                f"batch axes of x and y differ: {tuple(x.shape[:-2])} vs {tuple(y.shape[:-2])}."
-            )
+        check_point_shapes(x, y)
         self.cost_fn = resolve_cost(cost, p)
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral) or chunk_size < 1

@@ -63,6 +63,7 @@ from entrokit._validation import (
     check_choice,
     check_positive,
     check_positive_int,
+    check_same_shape,
     reject_meta,
 )
 from entrokit.problem import make_problem
@@ -78,26 +79,18 @@ LEGACY_N_ITER = 20
 
 
 def _check_logits(student: torch.Tensor, teacher: torch.Tensor, check_inputs: bool) -> None:
-    for t, name in ((student, "student_logits"), (teacher, "teacher_logits")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape [batch, classes], got {type(t).__name__}.")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}; pass the raw logits ({name}.float()).")
+    if not isinstance(student, torch.Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor of shape [batch, classes], got {type(student).__name__}.")
+    if not student.is_floating_point():
+        raise TypeError(f"student_logits must have a floating dtype, got {student.dtype}; pass the raw logits "
+                        "(student_logits.float()).")
     if student.dim() not in (2, 3) or student.shape[-1] < 1 or student.shape[-2] < 1:
         raise InputError(
             f"student_logits must have shape [batch, classes] or [groups, batch, classes] with "
             f"batch >= 1, got {tuple(student.shape)}; flatten extra axes."
         )
-    if student.shape != teacher.shape:
-        raise InputError(
-            f"student_logits and teacher_logits must have the same shape (the same samples and "
-            f"classes), got {tuple(student.shape)} and {tuple(teacher.shape)}."
-        )
-    if student.device != teacher.device:
-        raise InputError(
-            f"device mismatch: student_logits on {student.device}, teacher_logits on "
-            f"{teacher.device}; move the teacher outputs with .to(student_logits.device)."
-        )
+    check_same_shape(teacher, student, "teacher_logits", "student_logits",
+                     "both must have the same shape (the same samples and classes).")
     if check_inputs:
         for t, name in ((student, "student_logits"), (teacher, "teacher_logits")):
             # -inf is a masked class (probability exactly 0); NaN and +inf are not logits
@@ -115,26 +108,34 @@ def _check_logits(student: torch.Tensor, teacher: torch.Tensor, check_inputs: bo
                 )
 
 
+def _check_options(temperature, eps, n_iter, tol, legacy, weight, debias, grad, reduction) -> dict:
+    """The options of :func:`sinkhorn_kd_loss` and :class:`SinkhornKDLoss`, checked
+    (``weight=None``: the mode's default)."""
+    for flag, name in ((legacy, "legacy"), (debias, "debias")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}.")
+    if legacy and debias:
+        raise InputError(
+            "legacy=True reproduces the released SinKD loss, which has no debiased form; pass "
+            "legacy=False for debias=True."
+        )
+    return dict(
+        temperature=check_positive(temperature, "temperature"), eps=check_positive(eps, "eps"),
+        n_iter=check_positive_int(n_iter, "n_iter", allow_none=True), tol=check_positive(tol, "tol"),
+        legacy=legacy, weight=(LEGACY_WEIGHT if legacy else 1.0) if weight is None else check_positive(weight, "weight"),
+        debias=debias, grad=check_choice(grad, "grad", _GRADS), reduction=check_choice(reduction, "reduction", _REDUCTIONS),
+    )
+
+
 def _reduce(loss: torch.Tensor, reduction: str, squeeze: bool) -> torch.Tensor:
     return loss.squeeze(0) if squeeze else apply_reduction(loss, reduction)
 
 
 @reject_meta
-def sinkhorn_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    temperature: float = 2.0,
-    eps: float = 0.1,
-    n_iter: int | None = None,
-    tol: float = 1e-3,
-    legacy: bool = False,
-    weight: float | None = None,
-    debias: bool = False,
-    grad: str = "implicit",
-    reduction: str = "mean",
-    check_inputs: bool = True,
-) -> torch.Tensor:
+def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 2.0,
+                     eps: float = 0.1, n_iter: int | None = None, tol: float = 1e-3, legacy: bool = False,
+                     weight: float | None = None, debias: bool = False, grad: str = "implicit",
+                     reduction: str = "mean", check_inputs: bool = True) -> torch.Tensor:
     r"""SinKD loss between a batch of student and teacher logits (module docstring).
 
     Args:
@@ -172,23 +173,14 @@ def sinkhorn_kd_loss(
         A 0-d tensor (``[G]`` with ``reduction="none"`` on 3-D inputs), in the student's
         dtype. Half-precision logits are computed in float32.
     """
-    temperature = check_positive(temperature, "temperature")
-    eps = check_positive(eps, "eps")
-    tol = check_positive(tol, "tol")
-    n_iter = check_positive_int(n_iter, "n_iter", allow_none=True)
-    check_choice(reduction, "reduction", _REDUCTIONS)
-    check_choice(grad, "grad", _GRADS)
-    for flag, name in ((legacy, "legacy"), (debias, "debias")):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {type(flag).__name__}.")
-    if legacy and debias:
-        raise InputError(
-            "legacy=True reproduces the released SinKD loss, which has no debiased form; pass "
-            "legacy=False for debias=True."
-        )
-    weight = (LEGACY_WEIGHT if legacy else 1.0) if weight is None else check_positive(weight, "weight")
+    opts = _check_options(temperature, eps, n_iter, tol, legacy, weight, debias, grad, reduction)
     _check_logits(student_logits, teacher_logits, check_inputs)
+    return _loss(student_logits, teacher_logits, check_inputs=check_inputs, **opts)
 
+
+def _loss(student_logits, teacher_logits, *, temperature, eps, n_iter, tol, legacy, weight, debias, grad, reduction,
+          check_inputs) -> torch.Tensor:
+    """:func:`sinkhorn_kd_loss` of checked inputs."""
     out_dtype = student_logits.dtype
     work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     squeeze = student_logits.dim() == 2
@@ -199,29 +191,38 @@ def sinkhorn_kd_loss(
     p_s = torch.softmax(zs / temperature, dim=-1)
     p_t = torch.softmax(zt / temperature, dim=-1)
     C = torch.cdist(p_s, p_t, p=1)  # [G, B, B]: student sample i vs teacher sample j
-
     if legacy:
-        # released loop, operation for operation (probability domain, unrolled)
-        P = torch.exp(-C / eps)
-        for _ in range(LEGACY_N_ITER if n_iter is None else n_iter):
-            P = P / torch.sum(P, dim=-1, keepdim=True)
-            P = P / torch.sum(P, dim=-2, keepdim=True)
-        loss = weight * torch.sum(P * C, dim=(-2, -1))
-        return _reduce(loss, reduction, squeeze).to(out_dtype)
+        loss = _legacy_transport_cost(C, eps, LEGACY_N_ITER if n_iter is None else n_iter)
+    else:
+        loss = _transport_cost(p_s, p_t, C, eps, n_iter, tol, grad, debias, check_inputs)
+    return _reduce(weight * loss, reduction, squeeze).to(out_dtype)
 
-    def ot(cost, grad):  # options checked above: the problem goes to the solver's internal entry
+
+def _legacy_transport_cost(C: torch.Tensor, eps: float, n_iter: int) -> torch.Tensor:
+    r"""The released loop, operation for operation (probability domain, unrolled):
+    :math:`\sum_{ij} P_{ij} C_{ij}` after ``n_iter`` row-then-column normalisations of :math:`e^{-C/\varepsilon}`."""
+    P = torch.exp(-C / eps)
+    for _ in range(n_iter):
+        P = P / torch.sum(P, dim=-1, keepdim=True)
+        P = P / torch.sum(P, dim=-2, keepdim=True)
+    return torch.sum(P * C, dim=(-2, -1))
+
+
+def _transport_cost(p_s, p_t, C, eps, n_iter, tol, grad, debias, check_inputs) -> torch.Tensor:
+    r"""The transport cost :math:`\langle C, P^\star\rangle` of uniform marginals, or with
+    ``debias`` the Sinkhorn divergence :math:`S_\varepsilon` (module docstring)."""
+
+    def ot(cost, grad):  # options checked by the caller: the problem goes to the solver's internal entry
         return sinkhorn_result(make_problem(None, None, cost, check_inputs=check_inputs), eps, tol=tol,
                                max_iter=n_iter, grad=grad)
 
     if not debias:
-        loss = ot(C, grad).transport_cost
-    else:
-        ot_st = ot(C, "envelope").value
-        ot_ss = ot(torch.cdist(p_s, p_s, p=1), "envelope").value
-        with torch.no_grad():
-            ot_tt = ot(torch.cdist(p_t, p_t, p=1), "envelope").value
-        loss = ot_st - 0.5 * ot_ss - 0.5 * ot_tt
-    return _reduce(weight * loss, reduction, squeeze).to(out_dtype)
+        return ot(C, grad).transport_cost
+    ot_st = ot(C, "envelope").value
+    ot_ss = ot(torch.cdist(p_s, p_s, p=1), "envelope").value
+    with torch.no_grad():
+        ot_tt = ot(torch.cdist(p_t, p_t, p=1), "envelope").value
+    return ot_st - 0.5 * ot_ss - 0.5 * ot_tt
 
 
 class SinkhornKDLoss(torch.nn.Module):
@@ -259,36 +260,13 @@ class SinkhornKDLoss(torch.nn.Module):
         True
     """
 
-    def __init__(
-        self,
-        temperature: float = 2.0,
-        eps: float = 0.1,
-        n_iter: int | None = None,
-        tol: float = 1e-3,
-        legacy: bool = False,
-        weight: float | None = None,
-        debias: bool = False,
-        grad: str = "implicit",
-        reduction: str = "mean",
-        check_inputs: bool = True,
-    ):
+    def __init__(self, temperature: float = 2.0, eps: float = 0.1, n_iter: int | None = None, tol: float = 1e-3,
+                 legacy: bool = False, weight: float | None = None, debias: bool = False, grad: str = "implicit",
+                 reduction: str = "mean", check_inputs: bool = True):
         super().__init__()
-        self.temperature = check_positive(temperature, "temperature")
-        self.eps = check_positive(eps, "eps")
-        self.n_iter = check_positive_int(n_iter, "n_iter", allow_none=True)
-        self.tol = check_positive(tol, "tol")
-        for flag, name in ((legacy, "legacy"), (debias, "debias")):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {type(flag).__name__}.")
-        if legacy and debias:
-            raise InputError(
-                "legacy=True reproduces the released SinKD loss, which has no debiased form; pass "
-                "legacy=False for debias=True."
-            )
-        self.legacy, self.debias = legacy, debias
-        self.weight = (LEGACY_WEIGHT if legacy else 1.0) if weight is None else check_positive(weight, "weight")
-        self.grad = check_choice(grad, "grad", _GRADS)
-        self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+        for name, value in _check_options(temperature, eps, n_iter, tol, legacy, weight, debias, grad,
+                                          reduction).items():
+            setattr(self, name, value)
         self.check_inputs = bool(check_inputs)
 
     def extra_repr(self) -> str:
