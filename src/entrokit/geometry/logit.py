@@ -9,6 +9,8 @@ is :math:`P_{ij} = a_i b_j e^{(f_i + g_j)/\varepsilon + L_{ij}}` (Sander et al.,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from entrokit.geometry.base import log_weights, logsumexp_pair
@@ -76,7 +78,18 @@ class LogitCost(DenseCost):
         return logsumexp_pair(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
 
     def softmin(self, h, log_w, eps, axis):
-        return -eps * torch.logsumexp(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
+        r""":math:`-\varepsilon \log\sum e^{z}` with :math:`z = L + h/\varepsilon + \log w`,
+        as :math:`-\varepsilon(m + \log\sum e^{z - m})`, :math:`m = \max z` (a constant
+        shift). Under autograd the saved tensor is :math:`e^{z - m}` itself, so the backward
+        is one product (``torch.logsumexp`` saves :math:`z` and recomputes the exponentials);
+        without autograd the exponentials overwrite :math:`z`. A slice that is entirely
+        ``-inf`` gives :math:`+\infty`, as ``torch.logsumexp`` does."""
+        dim = -1 if axis == 1 else -2
+        z = self._z(h, log_w, eps, axis)
+        m = z.detach().amax(dim=dim, keepdim=True)
+        m = m.masked_fill(m == -math.inf, 0.0)
+        e = z.sub_(m).exp_() if not z.requires_grad else (z - m).exp_()
+        return (e.sum(dim).log() + m.squeeze(dim)).mul(-eps)
 
     def plan(self, f, g, a, b, eps):
         r""":math:`P = \exp(L + (f/\varepsilon + \log a)_i + (g/\varepsilon + \log b)_j)` in three

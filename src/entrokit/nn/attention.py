@@ -57,8 +57,8 @@ the layer; the loop's wall-clock timer (``info["time"]`` of
 whatever the arguments, as :func:`~torch.nn.functional.scaled_dot_product_attention`
 does; :meth:`SinkhornAttention.forward_with_weights` returns ``(output, weights)``, and so
 does :func:`sinkhorn_attention_with_weights` beside :func:`sinkhorn_attention`. The former
-flags ``need_weights=True`` and ``return_weights=True`` still work and warn
-(:class:`DeprecationWarning`).
+flags ``need_weights`` and ``return_weights`` accept only ``False``: ``True`` raises
+:class:`~entrokit.InputError` naming the call that returns the weights.
 
 **Precision.** float16/bfloat16 inputs (what ``torch.autocast`` hands the layer) are
 computed in float32 with autocast off (log-domain Sinkhorn needs float32 accumulation,
@@ -67,12 +67,14 @@ and the scores ``q kᵀ`` keep float32 digits) and the output is cast back.
 
 from __future__ import annotations
 
+import inspect
 import math
-import warnings
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from entrokit._errors import InputError
 from entrokit._validation import check_positive, check_positive_int, no_autocast
@@ -198,7 +200,18 @@ def attach_implicit(geom: LogitCost, f, g, a, b, eps):
 # --------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------
-def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0):
+class LayerOptions(NamedTuple):
+    """The validated options of the Sinkhorn layers (:func:`check_options`)."""
+
+    n_iter: int
+    tol: float | None
+    max_iter: int
+    grad: str
+    eps: float
+    dropout_p: float
+
+
+def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0) -> LayerOptions:
     """Validate the layer options; returns them normalised."""
     n_iter = check_positive_int(n_iter, "n_iter")
     if tol is not None:
@@ -209,7 +222,7 @@ def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0):
     eps = check_positive(eps, "eps")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not (0.0 <= dropout_p < 1.0):
         raise InputError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}; e.g. dropout_p=0.1.")
-    return n_iter, tol, max_iter, grad, eps, float(dropout_p)
+    return LayerOptions(n_iter, tol, max_iter, grad, eps, float(dropout_p))
 
 
 def _check_tensor(t, name: str) -> None:
@@ -265,6 +278,44 @@ def _check_mask(mask, name: str, target: tuple[int, ...], how: str):
         raise InputError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {target}; {how}")
 
 
+def _check_scale(scale, E: int) -> float:
+    """The score scale, ``1/sqrt(E)`` by default."""
+    if scale is None:
+        return 1.0 / math.sqrt(E)
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise InputError(f"scale must be a finite number or None (1/sqrt(E)), got {scale!r}.")
+    return float(scale)
+
+
+def _check_masks(attn_mask, key_padding_mask, is_causal, target: tuple[int, ...]) -> None:
+    if is_causal and attn_mask is not None:
+        raise InputError("pass either attn_mask or is_causal=True, not both; fold the causal mask into attn_mask.")
+    if attn_mask is not None:
+        _check_mask(attn_mask, "attn_mask", target, "expected a mask broadcastable to (N, ..., T, S).")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}.")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}.")
+        N, S = target[0], target[-1]
+        if tuple(key_padding_mask.shape) != (N, S):
+            raise InputError(
+                f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}."
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}; "
+                "convert with mask.bool()."
+            )
+
+
+def _no_flag(name: str, value, instead: str) -> None:
+    """A former flag that selected ``(output, weights)``: a flag never changes the return
+    type, so ``True`` is an error that names the call to use."""
+    if value:
+        raise InputError(f"{name}=True is no longer supported: a flag never changes the return type. {instead}")
+
+
 # --------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------
@@ -307,9 +358,9 @@ def sinkhorn_attention(
         tol: iterate until the L1 marginal error of the normalised plan is ``<= tol``.
         max_iter: loop iterations allowed with ``tol`` (each a row and a column update).
         grad: ``"unroll"`` or ``"implicit"`` (module docstring).
-        return_weights: deprecated (a flag never changes the return type): ``True``
-            still returns ``(output, weights)`` with a :class:`DeprecationWarning`; call
-            :func:`sinkhorn_attention_with_weights` instead.
+        return_weights: a former flag; a flag never changes the return type, so only
+            ``False`` is accepted (``True`` raises :class:`~entrokit.InputError`): call
+            :func:`sinkhorn_attention_with_weights` for ``(output, weights)``.
 
     Returns:
         The output ``(N, ..., T, Ev)``. Empty sequences follow
@@ -330,38 +381,16 @@ def sinkhorn_attention(
         >>> sinkhorn_attention(q, k, v, n_iter=5).shape
         torch.Size([2, 5, 4])
     """
-    if return_weights:
-        warnings.warn(
-            "sinkhorn_attention(..., return_weights=True) is deprecated: sinkhorn_attention always "
-            "returns the output tensor. Call sinkhorn_attention_with_weights(...) for (output, weights).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-    return _attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask=key_padding_mask,
-        n_iter=n_iter, eps=eps, tol=tol, max_iter=max_iter, grad=grad, return_weights=bool(return_weights),
-    )
+    _no_flag("return_weights", return_weights, "Call sinkhorn_attention_with_weights(...) for (output, weights).")
+    opts = check_options(n_iter, tol, max_iter, grad, eps, dropout_p)
+    return _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts, False)
 
 
-def sinkhorn_attention_with_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    n_iter: int = 3,
-    eps: float = 1.0,
-    tol: float | None = None,
-    max_iter: int = 1000,
-    grad: str = "unroll",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sinkhorn_attention_with_weights(query, key, value, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(output, weights)``: :func:`sinkhorn_attention` and its attention weights
     ``(N, ..., T, S)`` before dropout (rows of weight-0 queries are zero). Arguments,
-    errors and empty inputs as in :func:`sinkhorn_attention`.
+    errors and empty inputs as in :func:`sinkhorn_attention`: the arguments are bound
+    against its signature (one signature for both; ``return_weights`` excepted).
 
     Example:
         >>> import torch
@@ -373,62 +402,46 @@ def sinkhorn_attention_with_weights(
         >>> bool(torch.allclose(P.sum(-2), torch.ones(2, 5, dtype=torch.float64), atol=1e-6))
         True
     """
+    kw = _bind(sinkhorn_attention_with_weights, (query, key, value, *args), kwargs)
+    opts = check_options(kw["n_iter"], kw["tol"], kw["max_iter"], kw["grad"], kw["eps"], kw["dropout_p"])
     return _attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask=key_padding_mask,
-        n_iter=n_iter, eps=eps, tol=tol, max_iter=max_iter, grad=grad, return_weights=True,
+        query, key, value, kw["attn_mask"], kw["key_padding_mask"], kw["is_causal"], kw["scale"], opts, True
     )
 
 
+def _share_signature(fn, of, flag: str) -> None:
+    """Give ``fn`` the signature of ``of`` without the former flag ``flag``, returning
+    ``(output, weights)``: the ``*_with_weights`` forms take the same arguments."""
+    sig = inspect.signature(of)
+    fn.__signature__ = sig.replace(
+        parameters=[p for name, p in sig.parameters.items() if name != flag],
+        return_annotation="tuple[torch.Tensor, torch.Tensor]",
+    )
+
+
+def _bind(fn, args, kwargs) -> dict:
+    """The arguments of a call to ``fn`` by name, defaults filled in (``TypeError`` for an
+    unknown or missing one, as Python raises)."""
+    bound = fn.__signature__.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+_share_signature(sinkhorn_attention_with_weights, sinkhorn_attention, "return_weights")
+
+
 @no_autocast()
-def _attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    n_iter: int = 3,
-    eps: float = 1.0,
-    tol: float | None = None,
-    max_iter: int = 1000,
-    grad: str = "unroll",
-    return_weights: bool = False,
-):
-    """The layer; ``return_weights`` selects ``(output, weights)``."""
-    n_iter, tol, max_iter, grad, eps, dropout_p = check_options(n_iter, tol, max_iter, grad, eps, dropout_p)
+def _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts: LayerOptions, return_weights):
+    """The layer on validated options; ``return_weights`` selects ``(output, weights)``."""
     _check_qkv(query, key, value)
     out_dtype = query.dtype
     if out_dtype in _HALF:
         query, key, value = query.float(), key.float(), value.float()
-    dtype, device = query.dtype, query.device
     *lead, T, E = query.shape
     S = key.shape[-2]
     target = (*lead, T, S)
-    if scale is None:
-        scale = 1.0 / math.sqrt(E)
-    elif isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
-        raise InputError(f"scale must be a finite number or None (1/sqrt(E)), got {scale!r}.")
-    if is_causal and attn_mask is not None:
-        raise InputError("pass either attn_mask or is_causal=True, not both; fold the causal mask into attn_mask.")
-    if attn_mask is not None:
-        _check_mask(attn_mask, "attn_mask", target, "expected a mask broadcastable to (N, ..., T, S).")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}.")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}.")
-        if tuple(key_padding_mask.shape) != (lead[0], S):
-            raise InputError(
-                f"key_padding_mask must have shape (N, S) = {(lead[0], S)}, got {tuple(key_padding_mask.shape)}."
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}; "
-                "convert with mask.bool()."
-            )
+    scale = _check_scale(scale, E)
+    _check_masks(attn_mask, key_padding_mask, is_causal, target)
 
     if query.numel() == 0 or key.numel() == 0:
         # empty sequences (T = 0 or S = 0) or batch: like F.scaled_dot_product_attention, an
@@ -437,77 +450,132 @@ def _attention(
         out = torch.matmul(P, value).to(out_dtype)
         return (out, P.to(out_dtype)) if return_weights else out
 
-    # logits L = (q k^T * scale + float mask) / eps, -inf on forbidden pairs
+    L, masked = _logits(query, key, scale, opts.eps, attn_mask, key_padding_mask, is_causal)
+    L, a, b, row_live = _live_marginals(L.reshape(-1, T, S), masked)
+    P = _weights(L, a, b, row_live, opts, plain_softmax=not masked).reshape(target)
+    weights = P
+    if opts.dropout_p > 0.0:
+        P = F.dropout(P, p=opts.dropout_p)
+    out = torch.matmul(P, value)
+    if row_live is not None:
+        live = row_live.reshape(*lead, T, 1).to(out.dtype)
+        out = out * live
+        weights = weights * live if return_weights else weights
+    out = out.to(out_dtype)
+    return (out, weights.to(out_dtype)) if return_weights else out
+
+
+def _logits(query, key, scale, eps, attn_mask, key_padding_mask, is_causal):
+    r"""``(L, masked)``: the logits :math:`L = (q k^\top \cdot \mathrm{scale} + \text{float
+    mask})/\varepsilon`, ``-inf`` on forbidden pairs, and whether any mask applied."""
+    *lead, T, _ = query.shape
+    S = key.shape[-2]
+    device, dtype = query.device, query.dtype
     L = torch.matmul(query * (scale / eps), key.transpose(-2, -1))
-    masked = False
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             L = L.masked_fill(~attn_mask.to(device), -math.inf)
         else:
             mask = attn_mask.to(device=device, dtype=dtype)
             L = L + (mask if eps == 1.0 else mask / eps)
-        masked = True
     if is_causal:
         L = L.masked_fill(torch.ones(T, S, dtype=torch.bool, device=device).tril().logical_not(), -math.inf)
-        masked = True
     if key_padding_mask is not None:
         pad = key_padding_mask.to(device).reshape(lead[0], *([1] * (len(lead) - 1)), 1, S)
         L = L.masked_fill(pad, -math.inf)
-        masked = True
+    return L, attn_mask is not None or is_causal or key_padding_mask is not None
 
-    B = math.prod(lead)
-    L = L.reshape(B, T, S)
-    row_live = None
-    if masked:
-        allowed = L.detach() > -math.inf
-        row_live, col_live = allowed.any(-1), allowed.any(-2)
-        # an empty row or column gets weight 0 and logit 0 (then it stays finite and out of the way)
-        dead = ~(row_live.unsqueeze(-1) & col_live.unsqueeze(-2))
-        L = L.masked_fill(dead, 0.0)
-        n_rows = row_live.sum(-1, keepdim=True).to(dtype)
-        n_cols = col_live.sum(-1, keepdim=True).to(dtype)
-        empty = n_rows == 0  # nothing may attend: uniform weights on logits 0, output 0
-        a = torch.where(empty | row_live, 1.0 / torch.where(empty, float(T), n_rows), 0.0).to(dtype)
-        b = torch.where(empty | col_live, 1.0 / torch.where(empty, float(S), n_cols), 0.0).to(dtype)
-    else:
+
+def _live_marginals(L, masked: bool):
+    """``(L, a, b, row_live)`` for logits ``(B, T, S)``: uniform marginals over the live
+    queries and keys (those with an allowed pair); dead rows and columns get weight 0 and
+    logit 0 (finite, out of the way), and ``row_live`` is ``None`` without masks."""
+    B, T, S = L.shape
+    dtype, device = L.dtype, L.device
+    if not masked:
         a = torch.full((B, T), 1.0 / T, dtype=dtype, device=device)
         b = torch.full((B, S), 1.0 / S, dtype=dtype, device=device)
+        return L, a, b, None
+    allowed = L.detach() > -math.inf
+    row_live, col_live = allowed.any(-1), allowed.any(-2)
+    L = L.masked_fill(~(row_live.unsqueeze(-1) & col_live.unsqueeze(-2)), 0.0)
+    n_rows = row_live.sum(-1, keepdim=True).to(dtype)
+    n_cols = col_live.sum(-1, keepdim=True).to(dtype)
+    empty = n_rows == 0  # nothing may attend: uniform weights on logits 0, output 0
+    a = torch.where(empty | row_live, 1.0 / torch.where(empty, float(T), n_rows), 0.0).to(dtype)
+    b = torch.where(empty | col_live, 1.0 / torch.where(empty, float(S), n_cols), 0.0).to(dtype)
+    return L, a, b, row_live
 
+
+def _weights(L, a, b, row_live, opts: LayerOptions, *, plain_softmax: bool):
+    r"""The attention weights ``(B, T, S)`` after ``opts.n_iter`` normalisations (or
+    ``opts.tol``): ``k`` iterations of the library's Sinkhorn loop on
+    :class:`~entrokit.geometry.LogitCost`, then the closing normalisation in closed form
+    (:func:`_closing_weights`), differentiated by autograd (``"unroll"``) or at the fixed
+    point (``"implicit"``, :class:`_ImplicitWeights`)."""
+    eps, n_iter, tol = opts.eps, opts.n_iter, opts.tol
+    rows = tol is not None or n_iter % 2 == 1  # the last normalisation is a row one
+    n_loop = (n_iter - 1) // 2 if rows else n_iter // 2
+    if rows and n_loop == 0 and tol is None and plain_softmax and opts.grad == "unroll":
+        return torch.softmax(L, dim=-1)  # n_iter=1 without masks: softmax attention
     geom = LogitCost(L, eps)
-    ends_on_rows = tol is not None or n_iter % 2 == 1
-    n_loop = (n_iter - 1) // 2 if n_iter % 2 == 1 else n_iter // 2
     f, g, _ = run_sinkhorn(
-        geom, a, b, eps, n_loop=n_loop, tol=tol, max_iter=max_iter, grad=grad, who="sinkhorn_attention"
+        geom, a, b, eps, n_loop=n_loop, tol=tol, max_iter=opts.max_iter, grad=opts.grad, who="sinkhorn_attention"
     )
-    log_b = log_weights(b)
-    if grad == "implicit":
-        if ends_on_rows:
-            with torch.no_grad():  # the row update the output makes: (f, g) is the returned plan
-                f = geom.softmin(g, log_b, eps, axis=1)
-        f, g = attach_implicit(LogitCost(L, eps), f, g, a, b, eps)
-    if ends_on_rows:
-        if n_loop == 0 and tol is None and not masked and grad == "unroll":
-            P = torch.softmax(L, dim=-1)  # n_iter=1: softmax attention
+    log_r = None  # after a row normalisation; after a column one, log T_live a_i (0 or -inf)
+    if not rows:
+        log_r = torch.zeros_like(a) if row_live is None else torch.where(row_live, 0.0, -math.inf).to(L.dtype)
+    if opts.grad == "implicit" and torch.is_grad_enabled() and L.requires_grad:
+        return _ImplicitWeights.apply(L, f.detach(), g.detach(), a, b, log_r, eps)
+    return _closing_weights(L, f, g, log_weights(b), log_r, eps)
+
+
+def _closing_weights(L, f, g, log_b, log_r, eps):
+    r"""``P = T_\text{live} \cdot`` the plan after the closing normalisation. On the rows
+    (``log_r`` is ``None``): :math:`P = \mathrm{softmax}_j(L_{ij} + g_j/\varepsilon + \log b_j)`
+    (``f`` is the row update's and is not needed). On the columns: :math:`P_{ij} =
+    e^{L_{ij} + f_i/\varepsilon + \log r_i + g_j/\varepsilon + \log b_j}`, where
+    :math:`T_\text{live} a_i = r_i \in \{0, 1\}`."""
+    col = (g / eps + log_b).unsqueeze(-2)
+    if log_r is None:
+        return torch.softmax(L + col, dim=-1)
+    return torch.exp(L + (f / eps + log_r).unsqueeze(-1) + col)
+
+
+class _ImplicitWeights(torch.autograd.Function):
+    r"""The closing weights :math:`P` (:func:`_closing_weights`) with the gradient of the
+    converged layer. Backward: the direct part with the potentials held fixed,
+    :math:`\bar Z` (softmax's or exp's pull-back), gives :math:`\bar f = \bar Z 1/\varepsilon`
+    (0 after a row normalisation: :math:`f` does not enter the softmax) and
+    :math:`\bar g = \bar Z^\top 1/\varepsilon`; the potentials' dependence on the logits
+    follows from the implicit function theorem on the plan :math:`\pi = \mathrm{diag}(a) P`,
+    :math:`J\lambda = (\bar f, \bar g)` (:func:`_plan_adjoint`), pulled back in closed
+    form, :math:`\bar L = \bar Z - \pi \odot (\lambda_f 1^\top + 1 \lambda_g^\top)`
+    (as :class:`_LogitFixedPoint`). Only :math:`P` is saved (it is the output), and the
+    plan is not formed again."""
+
+    @staticmethod
+    def forward(ctx, L, f, g, a, b, log_r, eps):
+        P = _closing_weights(L, f, g, log_weights(b), log_r, eps)
+        ctx.eps, ctx.rows = eps, log_r is None
+        ctx.save_for_backward(P, a, b)
+        return P
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gP):
+        P, a, b = ctx.saved_tensors
+        eps = ctx.eps
+        if ctx.rows:
+            gZ = torch._softmax_backward_data(gP, P, -1, P.dtype)
+            gf = torch.zeros_like(a)
         else:
-            P = torch.softmax(L + (g / eps + log_b).unsqueeze(-2), dim=-1)
-    else:
-        # after a column update: P = T_live * a_i b_j exp((f_i + g_j)/eps + L_ij); T_live a_i is 1 or 0
-        log_r = torch.zeros_like(a) if row_live is None else torch.where(row_live, 0.0, -math.inf).to(dtype)
-        P = torch.exp(L + (f / eps + log_r).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2))
-    P = P.reshape(target)
-    weights = P
-    if dropout_p > 0.0:
-        P = F.dropout(P, p=dropout_p)
-    out = torch.matmul(P, value)
-    if row_live is not None:
-        live = row_live.reshape(*lead, T, 1).to(dtype)
-        out = out * live
-        if return_weights:
-            weights = weights * live
-    out = out.to(out_dtype)
-    if return_weights:
-        return out, weights.to(out_dtype)
-    return out
+            gZ = gP * P
+            gf = gZ.sum(-1) / eps
+        plan = P * a.unsqueeze(-1)
+        lam_f, lam_g = _plan_adjoint(plan, a, b, eps, gf, gZ.sum(-2) / eps)
+        gL = plan.mul_(lam_f.unsqueeze(-1) + lam_g.unsqueeze(-2)).neg_().add_(gZ)
+        return gL, None, None, None, None, None, None
 
 
 class SinkhornAttention(torch.nn.Module):
@@ -561,46 +629,34 @@ class SinkhornAttention(torch.nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         scale: float | None = None,
-        need_weights: bool | None = None,
+        need_weights: bool = False,
     ) -> torch.Tensor:
         """The attended values ``(N, ..., T, Ev)``, always a tensor (arguments as in
         :func:`sinkhorn_attention`). For the attention weights too, call
         :meth:`forward_with_weights`.
 
-        ``need_weights`` is deprecated (a flag never changes the return type):
-        ``need_weights=True`` still returns ``(output, weights)``, with a
-        :class:`DeprecationWarning`; ``False`` is accepted and changes nothing.
+        ``need_weights`` is a former flag: a flag never changes the return type, so only
+        ``False`` is accepted (``True`` raises :class:`~entrokit.InputError`).
         """
-        args = (query, key, value, attn_mask, key_padding_mask, is_causal, scale)
-        if need_weights:
-            warnings.warn(
-                "SinkhornAttention(...)(q, k, v, need_weights=True) is deprecated: forward always "
-                "returns the output tensor. Call attn.forward_with_weights(q, k, v) for "
-                "(output, weights).",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            return self.forward_with_weights(*args)
-        return self._attend(*args, return_weights=False)
+        _no_flag("need_weights", need_weights, "Call attn.forward_with_weights(q, k, v) for (output, weights).")
+        return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, False)
 
-    def forward_with_weights(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        scale: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_weights(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, weights)``: the attended values and the attention weights
-        ``(N, ..., T, S)`` before dropout (:func:`sinkhorn_attention_with_weights`).
+        ``(N, ..., T, S)`` before dropout (:func:`sinkhorn_attention_with_weights`); the
+        arguments of :meth:`forward` (one signature for both; ``need_weights`` excepted).
         Module hooks run only around :meth:`forward`."""
-        return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, return_weights=True)
-
-    def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal, scale, *, return_weights):
-        return _attention(
-            query, key, value, attn_mask, self.dropout_p if self.training else 0.0, is_causal, scale,
-            key_padding_mask=key_padding_mask, n_iter=self.n_iter, eps=self.eps, tol=self.tol,
-            max_iter=self.max_iter, grad=self.grad, return_weights=return_weights,
+        kw = _bind(SinkhornAttention.forward_with_weights, (self, *args), kwargs)
+        return self._attend(
+            kw["query"], kw["key"], kw["value"], kw["attn_mask"], kw["key_padding_mask"], kw["is_causal"],
+            kw["scale"], True,
         )
+
+    def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal, scale, return_weights):
+        # the options were validated at construction
+        opts = LayerOptions(self.n_iter, self.tol, self.max_iter, self.grad, self.eps,
+                            self.dropout_p if self.training else 0.0)
+        return _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts, return_weights)
+
+
+_share_signature(SinkhornAttention.forward_with_weights, SinkhornAttention.forward, "need_weights")
