@@ -497,3 +497,33 @@ def test_with_weights_forms_share_the_signature():
         attn.forward_with_weights(q, k, v, need_weights=True)
     with pytest.raises(InputError, match="n_iter"):
         sinkhorn_attention_with_weights(q, k, v, n_iter=0)
+
+
+def test_plan_adjoint_solves_the_entropic_system():
+    """The Schur-complement adjoint against the pseudo-inverse of the full Jacobian
+    J = [[diag(P1), P], [Pᵀ, diag(Pᵀ1)]] / eps on the live rows and columns, for a
+    right-hand side with a gauge component (projected out) and a zero-weight row and column."""
+    from entrokit.nn.attention import _plan_adjoint
+
+    gen = torch.Generator().manual_seed(11)
+    B, n, m, eps = 2, 5, 4, 0.7
+    P = torch.rand(B, n, m, generator=gen, dtype=D) + 0.05
+    a, b = torch.ones(B, n, dtype=D), torch.ones(B, m, dtype=D)
+    a[0, 1], b[1, 3] = 0.0, 0.0
+    P[0, 1, :], P[1, :, 3] = 0.0, 0.0
+    rf, rg = torch.randn(B, n, generator=gen, dtype=D) + 1.0, torch.randn(B, m, generator=gen, dtype=D)
+    lf, lg = _plan_adjoint(P, a, b, eps, rf, rg)
+    for i in range(B):
+        rows, cols = torch.nonzero(a[i] > 0).flatten(), torch.nonzero(b[i] > 0).flatten()
+        Pi = P[i][rows][:, cols]
+        J = torch.cat([
+            torch.cat([torch.diag(Pi.sum(-1)), Pi], 1),
+            torch.cat([Pi.T, torch.diag(Pi.sum(0))], 1),
+        ]) / eps
+        rhs = torch.cat([rf[i][rows], rg[i][cols]])
+        u = torch.cat([torch.ones(len(rows)), -torch.ones(len(cols))]).to(D)
+        rhs = rhs - (rhs @ u) / (u @ u) * u  # the gauge component goes
+        lam = torch.linalg.pinv(J) @ rhs
+        ref = lam[:len(rows), None] + lam[None, len(rows):]  # gauge-free: lambda_f_i + lambda_g_j
+        torch.testing.assert_close(lf[i][rows, None] + lg[i][None, cols], ref, rtol=1e-9, atol=1e-10)
+    assert float(lf[0, 1]) == 0.0 and float(lg[1, 3]) == 0.0
