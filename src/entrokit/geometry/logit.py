@@ -9,8 +9,6 @@ is :math:`P_{ij} = a_i b_j e^{(f_i + g_j)/\varepsilon + L_{ij}}` (Sander et al.,
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from entrokit.geometry.base import log_weights, logsumexp_pair
@@ -86,8 +84,8 @@ class LogitCost(DenseCost):
         ``-inf`` gives :math:`+\infty`, as ``torch.logsumexp`` does."""
         dim = -1 if axis == 1 else -2
         z = self._z(h, log_w, eps, axis)
-        m = z.detach().amax(dim=dim, keepdim=True)
-        m = m.masked_fill(m == -math.inf, 0.0)
+        # an all -inf slice: a finite shift keeps exp(z - m) = 0 and the result +inf
+        m = z.detach().amax(dim=dim, keepdim=True).clamp_min_(torch.finfo(z.dtype).min)
         e = z.sub_(m).exp_() if not z.requires_grad else (z - m).exp_()
         return (e.sum(dim).log() + m.squeeze(dim)).mul(-eps)
 
