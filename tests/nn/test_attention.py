@@ -527,3 +527,9 @@ def test_plan_adjoint_solves_the_entropic_system():
         ref = lam[:len(rows), None] + lam[None, len(rows):]  # gauge-free: lambda_f_i + lambda_g_j
         torch.testing.assert_close(lf[i][rows, None] + lg[i][None, cols], ref, rtol=1e-9, atol=1e-10)
     assert float(lf[0, 1]) == 0.0 and float(lg[1, 3]) == 0.0
+    # a row scaling applied without forming the scaled plan
+    rs = torch.rand(B, n, generator=gen, dtype=D) + 0.5
+    scaled = _plan_adjoint(P, a, b, eps, rf, rg, row_scale=rs)
+    formed = _plan_adjoint(rs.unsqueeze(-1) * P, a, b, eps, rf, rg)
+    torch.testing.assert_close(scaled[0][..., :, None] + scaled[1][..., None, :],
+                               formed[0][..., :, None] + formed[1][..., None, :], rtol=1e-9, atol=1e-10)
