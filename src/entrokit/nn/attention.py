@@ -38,11 +38,11 @@ loop iterations), then one row normalisation follows.
 * ``grad="unroll"`` (default): autograd through every normalisation, as Sinkformer
   does; memory grows linearly with ``n_iter`` (one :math:`T\times S` tensor per
   normalisation).
-* ``grad="implicit"``: the loop runs without a graph; the potentials are attached to
-  the cost by implicit differentiation at the fixed point
-  (:func:`~entrokit.solvers.implicit.implicit_potentials`, a conjugate-gradient adjoint
-  solve in backward). Memory does not depend on ``n_iter`` (the logits and the final
-  plan are kept, two :math:`T\times S` tensors). The gradient is exact at convergence
+* ``grad="implicit"``: the loop runs without a graph; the returned weights carry the
+  gradient of the fixed point by the implicit function theorem (a conjugate-gradient
+  solve of the adjoint's Schur complement in backward). Memory does
+  not depend on ``n_iter`` (the weights are the one :math:`T\times S` tensor kept, and
+  backward allocates one more at a time). The gradient is exact at convergence
   and an approximation of the converged layer's gradient before it (the same for every
   ``n_iter``, including ``n_iter=1``; use ``tol`` or many iterations with it).
 
