@@ -20,6 +20,9 @@ per instance one warm-up per method, then ``--repeats`` rounds that time the fou
 in turn (interleaved, so that load from other processes hits all of them alike). Each cell
 is the median over instances of the per-instance median, in process CPU time
 (``time.process_time``, one thread: what the machine's load inflates least) and wall time.
+The timing process tells glibc to keep freed memory (``--allocator retain``, the
+default: :func:`retain_freed_memory`), so no method pays page faults for memory the
+previous step gave back; ``--allocator default`` times glibc as it is.
 
 Memory, measured in a fresh subprocess per point (one method, one size):
 
@@ -43,10 +46,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -122,13 +127,28 @@ def fwd_bwd(method, q, k, v, w, n_iter):
 
 
 def _timed(fn):
-    c0, w0 = time.process_time(), time.perf_counter()
+    """``(cpu, wall, faults)``: process CPU time, wall time and minor page faults."""
+    f0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time(), time.perf_counter()
     fn()
-    return time.process_time() - c0, time.perf_counter() - w0
+    c1, w1 = time.process_time(), time.perf_counter()
+    return c1 - c0, w1 - w0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+
+def retain_freed_memory() -> bool:
+    """Tell glibc's allocator to keep freed memory (``mallopt``: no ``mmap``-ed chunks, no
+    trimming), so that no timed step pays page faults for memory the previous step gave
+    back: the strongest setting for every method alike (the plain loop, which allocates a
+    fresh n x m tensor per normalisation, gains most). ``False`` where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def time_point(BH, T, n_iter, instances: int, repeats: int):
-    """``{method: (cpu, wall)}``: median over instances of the per-instance median over
+    """``{method: (cpu, wall, faults)}``: median over instances of the per-instance median over
     ``repeats`` interleaved rounds (one warm-up per method and instance)."""
     per = {m: [] for m in METHODS}
     for seed in range(instances):
@@ -140,8 +160,8 @@ def time_point(BH, T, n_iter, instances: int, repeats: int):
             for m in METHODS:
                 runs[m].append(_timed(lambda m=m, q=q, k=k, v=v, w=w: fwd_bwd(m, q, k, v, w, n_iter)))
         for m in METHODS:
-            per[m].append(tuple(statistics.median(r[i] for r in runs[m]) for i in (0, 1)))
-    return {m: tuple(statistics.median(x[i] for x in per[m]) for i in (0, 1)) for m in METHODS}
+            per[m].append(tuple(statistics.median(r[i] for r in runs[m]) for i in (0, 1, 2)))
+    return {m: tuple(statistics.median(x[i] for x in per[m]) for i in (0, 1, 2)) for m in METHODS}
 
 
 def marginal_error(P, T, S):
@@ -211,6 +231,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per instance")
     ap.add_argument("--points", default="32:128:1,3,5,20;32:512:1,3,5,20;128:128:5",
                     help="B*H:T:n_iter,... groups separated by ';'")
+    ap.add_argument("--allocator", choices=("retain", "default"), default="retain",
+                    help="retain: glibc keeps freed memory (no page faults in timed steps); default: as is")
+    ap.add_argument("--out", default="attention.md", help="file name under benchmarks/results/")
     ap.add_argument("--one", nargs=4, metavar=("METHOD", "BH", "T", "N_ITER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -220,6 +243,16 @@ def main():
         return
 
     spec = "32:128:1,5" if args.quick else args.points
+    if args.allocator == "retain" and retain_freed_memory():
+        alloc_note = (
+            "glibc is told to keep freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1, "
+            "--allocator retain), so a timed step does not fault in again the memory the previous "
+            "step gave back: the strongest setting for every method, and most for the plain loop, "
+            "which allocates a fresh n x m tensor per normalisation (results/attention_default_alloc.md "
+            "has rows timed with glibc's default). The fault column shows what is left."
+        )
+    else:
+        alloc_note = "glibc's default (--allocator default): page faults of fresh allocations count in the CPU time."
     points = []
     for group in spec.split(";"):
         bh, t, ns = group.split(":")
@@ -250,7 +283,8 @@ def main():
         f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average (1, 5, 15 min) "
         f"{' '.join(f'{x:.2f}' for x in load0)} at the start, {' '.join(f'{x:.2f}' for x in load1)} at the end",
         "Command: `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_attention.py"
-        f" --instances {args.instances} --repeats {args.repeats} --points '{spec}'`",
+        f" --instances {args.instances} --repeats {args.repeats} --points '{spec}' --allocator {args.allocator}"
+        + ("" if args.out == "attention.md" else f" --out {args.out}") + "`",
         "",
         f"### Sinkhorn attention, forward + backward (float32, head dim {E}, self-attention T = S)",
         "",
@@ -260,10 +294,11 @@ def main():
         "| B*H | T | n_iter | plain loop | Sinkformer loop | unroll | implicit | unroll / plain (CPU) "
         "| target <= 0.8 at n_iter=5 | implicit / plain (CPU) | target <= 1.0 at n_iter=5 "
         "| unroll / plain, implicit / plain (wall) "
+        "| minor page faults per step (plain / Sinkformer / unroll / implicit) "
         "| peak MB (plain / Sinkformer / unroll / implicit) | saved MB (plain / Sinkformer / unroll / implicit) "
         "| implicit peak / its peak at n_iter=1 | marginal L1 error (plain / unroll / implicit) "
         "| max abs diff vs plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for BH, T, n, times, mems, merr, diff in rows:
         ru = times["unroll"][0] / times["plain"][0]
@@ -277,6 +312,7 @@ def main():
             f"| {BH} | {T} | {n} | {cells} "
             f"| {ru:.2f} | {('yes' if ru <= 0.8 else 'no') if n == 5 else '-'} "
             f"| {ri:.2f} | {('yes' if ri <= 1.0 else 'no') if n == 5 else '-'} | {wu:.2f}, {wi:.2f} "
+            f"| {join(times[m][2] for m in METHODS)} "
             f"| {join(mems[m]['peak_mb'] for m in METHODS)} "
             f"| {join(mems[m]['saved_mb'] for m in METHODS)} "
             f"| {rm:.2f} "
@@ -295,6 +331,7 @@ def main():
         "- time: forward + backward of (out * w).sum(), one thread; CPU time is process time "
         "(time.process_time), wall time in brackets; the machine is shared (2 cores, load above), so "
         "wall times carry waiting that CPU times do not.",
+        f"- allocator: {alloc_note}",
         "- peak: growth of the RSS high-water mark (VmHWM after resetting it through /proc/self/clear_refs, "
         "minus VmRSS) over one forward+backward in a fresh process (MALLOC_MMAP_THRESHOLD_=65536), "
         "after a warm-up on a tiny problem; saved: distinct storages saved by autograd, inputs excluded; "
@@ -305,7 +342,7 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention.md")
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.out)
         with open(path, "w") as fh:
             fh.write(text)
         print(f"wrote {path}")

@@ -50,3 +50,30 @@ def test_the_former_import_path_still_works():
     from entrokit.nn.attention import LogitCost as FromAttention
 
     assert FromAttention is LogitCost
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+def test_softmin_is_the_log_sum_exp_with_its_gradient(axis):
+    """The soft-min against torch.logsumexp: values (an all-forbidden slice gives +inf), the
+    inputs untouched, and float64 gradcheck through the saved exponentials."""
+    L, a, b = _logits()
+    L[1, :, 3] = -float("inf")  # column 3 of problem 1 is forbidden everywhere
+    L[1, 4, :] = -float("inf")  # and row 4
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 4 if axis == 1 else 5, generator=gen, dtype=D)
+    w = b if axis == 1 else a
+    log_w = entrokit.geometry.base.log_weights(w)
+    dim = -1 if axis == 1 else -2
+    z = L + (h / 0.5 + log_w).unsqueeze(-2 if axis == 1 else -1)
+    ref = -0.5 * torch.logsumexp(z, dim)
+    L0 = L.clone()
+    out = LogitCost(L, 0.5).softmin(h, log_w, 0.5, axis)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=0)
+    assert bool(torch.equal(L, L0))  # the in-place exponentials work on a temporary
+    assert bool(torch.isinf(out[1, 3 if axis == 0 else 4])) and float(out[1, 3 if axis == 0 else 4]) > 0
+    # gradients (one forbidden pair; an all-forbidden slice has no gradient, as with torch.logsumexp)
+    L, _, _ = _logits()
+    Lg, hg = L.clone().requires_grad_(), h.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda L_, h_: LogitCost(L_, 0.5).softmin(h_, log_w, 0.5, axis), (Lg, hg))
+    (LogitCost(Lg, 0.5).softmin(hg, log_w, 0.5, axis) ** 2).sum().backward()
+    assert float(Lg.grad[0, 1, 2]) == 0.0 and bool(torch.isfinite(Lg.grad).all())

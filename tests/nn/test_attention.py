@@ -269,6 +269,17 @@ def test_implicit_memory_does_not_grow_with_iterations():
     assert sizes["implicit", 1] == sizes["implicit", 3] == sizes["implicit", 20]
     one = 4 * 2 * 32 * 32 * 8  # one float64 (B, H, T, S) tensor
     assert sizes["implicit", 20] <= 3 * one + 4 * 2 * 32 * 8 * 8 * 3
+    # the closing weights are the one (B, H, T, S) tensor kept (the logits are not)
+    big = {}
+
+    def pack(t):
+        if t.untyped_storage().nbytes() >= one:
+            big[t.untyped_storage().data_ptr()] = t.shape
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sinkhorn_attention(q, k, v, n_iter=20, grad="implicit", key_padding_mask=kpm)
+    assert len(big) == 1, big
     assert sizes["unroll", 20] > sizes["unroll", 3] + 10 * one
 
 
@@ -332,14 +343,13 @@ def test_module():
     out, P = attn.forward_with_weights(q, k, v)
     torch.testing.assert_close(out, sinkhorn_attention(q, k, v, n_iter=5))
     torch.testing.assert_close(P, sinkhorn_attention_with_weights(q, k, v, n_iter=5)[1])
-    assert isinstance(attn(q, k, v, need_weights=False), torch.Tensor)  # no flag changes the type
-    with pytest.warns(DeprecationWarning, match="forward_with_weights"):
-        old_out, old_P = attn(q, k, v, need_weights=True)  # the former spelling still works
-    torch.testing.assert_close((old_out, old_P), (out, P))
-    assert isinstance(sinkhorn_attention(q, k, v, n_iter=5, return_weights=False), torch.Tensor)
-    with pytest.warns(DeprecationWarning, match="sinkhorn_attention_with_weights"):
-        flagged = sinkhorn_attention(q, k, v, n_iter=5, return_weights=True)  # the former spelling
-    torch.testing.assert_close(flagged, (out, P))
+    # no flag changes the return type: False is accepted, True names the call that returns the weights
+    torch.testing.assert_close(attn(q, k, v, need_weights=False), out)
+    with pytest.raises(InputError, match=r"need_weights=True .*forward_with_weights"):
+        attn(q, k, v, need_weights=True)
+    torch.testing.assert_close(sinkhorn_attention(q, k, v, n_iter=5, return_weights=False), out)
+    with pytest.raises(InputError, match=r"return_weights=True .*sinkhorn_attention_with_weights"):
+        sinkhorn_attention(q, k, v, n_iter=5, return_weights=True)
     attn.train()
     torch.manual_seed(0)
     dropped = attn(q, k, v)
@@ -432,3 +442,94 @@ def test_empty_sequences_follow_scaled_dot_product_attention(q_shape, k_shape):
     out.sum().backward()
     assert q.grad.shape == q.shape
     assert SinkhornAttention()(q, k, v).shape == ref.shape
+
+
+@pytest.mark.parametrize("n_iter", [400, 401])
+def test_implicit_gradient_with_masks_matches_unroll_when_converged(n_iter):
+    """Both closing normalisations (rows for odd n_iter, columns for even) with padded keys,
+    a query that may attend to nothing and a batch entry where nothing may attend: at
+    convergence the implicit gradient is the unrolled one."""
+    q, k, v = qkv(3, 2, 6, 4, S=5, requires_grad=True)
+    w = torch.randn(3, 2, 6, 4, generator=torch.Generator().manual_seed(8), dtype=D)
+    mask = torch.ones(3, 1, 6, 5, dtype=torch.bool)
+    mask[0, :, :, 4] = False  # a padded key
+    mask[1, :, 2] = False  # a query that may attend to nothing
+    mask[2] = False  # nothing may attend: zero output
+    grads = {}
+    for grad in ("unroll", "implicit"):
+        for t in (q, k, v):
+            t.grad = None
+        out, P = sinkhorn_attention_with_weights(q, k, v, attn_mask=mask, n_iter=n_iter, grad=grad)
+        ((out * w).sum() + (P ** 2).sum()).backward()
+        grads[grad] = flat_grads(q, k, v)
+        assert bool((out[2] == 0).all()) and bool((k.grad[2] == 0).all())
+    torch.testing.assert_close(grads["implicit"], grads["unroll"], atol=1e-10, rtol=1e-8)
+
+
+def test_with_weights_forms_share_the_signature():
+    """The *_with_weights forms take the arguments of sinkhorn_attention / forward, by
+    position or name, and return (output, weights); the former flags are not theirs."""
+    import inspect
+
+    q, k, v = qkv(2, 2, 5, 3, S=4)
+    m = torch.ones(5, 4, dtype=torch.bool)
+    m[1, 2] = False
+    out = sinkhorn_attention(q, k, v, m, 0.0, False, 0.3, n_iter=4, eps=0.5)
+    o1, P1 = sinkhorn_attention_with_weights(q, k, v, m, 0.0, False, 0.3, n_iter=4, eps=0.5)
+    o2, P2 = sinkhorn_attention_with_weights(q, k, v, attn_mask=m, scale=0.3, n_iter=4, eps=0.5)
+    torch.testing.assert_close((o1, P1), (out, P2))
+    torch.testing.assert_close(o2, out)
+    assert bool((P1[..., 1, 2] == 0).all())
+    attn = SinkhornAttention(n_iter=4, eps=0.5)
+    o3, P3 = attn.forward_with_weights(q, k, v, m, None, False, 0.3)
+    torch.testing.assert_close((o3, P3), (out, P1))
+    torch.testing.assert_close(attn(q, k, v, attn_mask=m, scale=0.3), out)
+    params = list(inspect.signature(sinkhorn_attention_with_weights).parameters)
+    assert params == [p for p in inspect.signature(sinkhorn_attention).parameters if p != "return_weights"]
+    assert list(inspect.signature(attn.forward_with_weights).parameters) == [
+        "query", "key", "value", "attn_mask", "key_padding_mask", "is_causal", "scale"
+    ]
+    with pytest.raises(TypeError, match="n_iters"):
+        sinkhorn_attention_with_weights(q, k, v, n_iters=3)
+    with pytest.raises(TypeError, match="return_weights"):
+        sinkhorn_attention_with_weights(q, k, v, return_weights=True)
+    with pytest.raises(TypeError, match="need_weights"):
+        attn.forward_with_weights(q, k, v, need_weights=True)
+    with pytest.raises(InputError, match="n_iter"):
+        sinkhorn_attention_with_weights(q, k, v, n_iter=0)
+
+
+def test_plan_adjoint_solves_the_entropic_system():
+    """The Schur-complement adjoint against the pseudo-inverse of the full Jacobian
+    J = [[diag(P1), P], [Pᵀ, diag(Pᵀ1)]] / eps on the live rows and columns, for a
+    right-hand side with a gauge component (projected out) and a zero-weight row and column."""
+    from entrokit.nn.attention import _plan_adjoint
+
+    gen = torch.Generator().manual_seed(11)
+    B, n, m, eps = 2, 5, 4, 0.7
+    P = torch.rand(B, n, m, generator=gen, dtype=D) + 0.05
+    a, b = torch.ones(B, n, dtype=D), torch.ones(B, m, dtype=D)
+    a[0, 1], b[1, 3] = 0.0, 0.0
+    P[0, 1, :], P[1, :, 3] = 0.0, 0.0
+    rf, rg = torch.randn(B, n, generator=gen, dtype=D) + 1.0, torch.randn(B, m, generator=gen, dtype=D)
+    lf, lg = _plan_adjoint(P, a, b, eps, rf, rg)
+    for i in range(B):
+        rows, cols = torch.nonzero(a[i] > 0).flatten(), torch.nonzero(b[i] > 0).flatten()
+        Pi = P[i][rows][:, cols]
+        J = torch.cat([
+            torch.cat([torch.diag(Pi.sum(-1)), Pi], 1),
+            torch.cat([Pi.T, torch.diag(Pi.sum(0))], 1),
+        ]) / eps
+        rhs = torch.cat([rf[i][rows], rg[i][cols]])
+        u = torch.cat([torch.ones(len(rows)), -torch.ones(len(cols))]).to(D)
+        rhs = rhs - (rhs @ u) / (u @ u) * u  # the gauge component goes
+        lam = torch.linalg.pinv(J) @ rhs
+        ref = lam[:len(rows), None] + lam[None, len(rows):]  # gauge-free: lambda_f_i + lambda_g_j
+        torch.testing.assert_close(lf[i][rows, None] + lg[i][None, cols], ref, rtol=1e-9, atol=1e-10)
+    assert float(lf[0, 1]) == 0.0 and float(lg[1, 3]) == 0.0
+    # a row scaling applied without forming the scaled plan
+    rs = torch.rand(B, n, generator=gen, dtype=D) + 0.5
+    scaled = _plan_adjoint(P, a, b, eps, rf, rg, row_scale=rs)
+    formed = _plan_adjoint(rs.unsqueeze(-1) * P, a, b, eps, rf, rg)
+    torch.testing.assert_close(scaled[0][..., :, None] + scaled[1][..., None, :],
+                               formed[0][..., :, None] + formed[1][..., None, :], rtol=1e-9, atol=1e-10)

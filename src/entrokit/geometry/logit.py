@@ -76,7 +76,18 @@ class LogitCost(DenseCost):
         return logsumexp_pair(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
 
     def softmin(self, h, log_w, eps, axis):
-        return -eps * torch.logsumexp(self._z(h, log_w, eps, axis), dim=-1 if axis == 1 else -2)
+        r""":math:`-\varepsilon \log\sum e^{z}` with :math:`z = L + h/\varepsilon + \log w`,
+        as :math:`-\varepsilon(m + \log\sum e^{z - m})`, :math:`m = \max z` (a constant
+        shift). The exponentials overwrite :math:`z` (one :math:`n\times m` buffer), and under
+        autograd they are the saved tensor, so the backward is one product
+        (``torch.logsumexp`` saves :math:`z` and recomputes the exponentials). A slice that is
+        entirely ``-inf`` gives :math:`+\infty`, as ``torch.logsumexp`` does."""
+        dim = -1 if axis == 1 else -2
+        z = self._z(h, log_w, eps, axis)
+        # an all -inf slice: a finite shift keeps exp(z - m) = 0 and the result +inf
+        m = z.detach().amax(dim=dim, keepdim=True).clamp_min_(torch.finfo(z.dtype).min)
+        e = z.sub_(m).exp_()  # z is a temporary (autograd keeps only e)
+        return (e.sum(dim).log() + m.squeeze(dim)).mul(-eps)
 
     def plan(self, f, g, a, b, eps):
         r""":math:`P = \exp(L + (f/\varepsilon + \log a)_i + (g/\varepsilon + \log b)_j)` in three

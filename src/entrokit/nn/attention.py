@@ -38,11 +38,11 @@ loop iterations), then one row normalisation follows.
 * ``grad="unroll"`` (default): autograd through every normalisation, as Sinkformer
   does; memory grows linearly with ``n_iter`` (one :math:`T\times S` tensor per
   normalisation).
-* ``grad="implicit"``: the loop runs without a graph; the potentials are attached to
-  the cost by implicit differentiation at the fixed point
-  (:func:`~entrokit.solvers.implicit.implicit_potentials`, a conjugate-gradient adjoint
-  solve in backward). Memory does not depend on ``n_iter`` (the logits and the final
-  plan are kept, two :math:`T\times S` tensors). The gradient is exact at convergence
+* ``grad="implicit"``: the loop runs without a graph; the returned weights carry the
+  gradient of the fixed point by the implicit function theorem (a conjugate-gradient
+  solve of the adjoint's Schur complement in backward). Memory does
+  not depend on ``n_iter`` (the weights are the one :math:`T\times S` tensor kept, and
+  backward allocates one more at a time). The gradient is exact at convergence
   and an approximation of the converged layer's gradient before it (the same for every
   ``n_iter``, including ``n_iter=1``; use ``tol`` or many iterations with it).
 
@@ -57,8 +57,8 @@ the layer; the loop's wall-clock timer (``info["time"]`` of
 whatever the arguments, as :func:`~torch.nn.functional.scaled_dot_product_attention`
 does; :meth:`SinkhornAttention.forward_with_weights` returns ``(output, weights)``, and so
 does :func:`sinkhorn_attention_with_weights` beside :func:`sinkhorn_attention`. The former
-flags ``need_weights=True`` and ``return_weights=True`` still work and warn
-(:class:`DeprecationWarning`).
+flags ``need_weights`` and ``return_weights`` accept only ``False``: ``True`` raises
+:class:`~entrokit.InputError` naming the call that returns the weights.
 
 **Precision.** float16/bfloat16 inputs (what ``torch.autocast`` hands the layer) are
 computed in float32 with autocast off (log-domain Sinkhorn needs float32 accumulation,
@@ -67,19 +67,22 @@ and the scores ``q kᵀ`` keep float32 digits) and the output is cast back.
 
 from __future__ import annotations
 
+import inspect
 import math
-import warnings
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from entrokit._errors import InputError
 from entrokit._validation import check_positive, check_positive_int, no_autocast
 from entrokit.geometry.logit import LogitCost
 from entrokit.problem import OTProblem, log_weights
 from entrokit.solvers._entropic import warn_not_converged
-from entrokit.solvers.implicit import bipartite_adjoint, entropic_residual, implicit_fixed_point
+from entrokit.solvers._numerics import pcg
+from entrokit.solvers.implicit import entropic_residual, implicit_fixed_point
 from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
 
 __all__ = ["SinkhornAttention", "sinkhorn_attention", "sinkhorn_attention_with_weights"]
@@ -91,11 +94,28 @@ _HALF = (torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------
 # loop shared with entrokit.nn.matching (the geometry is entrokit.geometry.LogitCost)
 # --------------------------------------------------------------------------------------
-def _plan_adjoint(P, a, b, eps: float, rhs_f, rhs_g):
+def _plan_adjoint(P, a, b, eps: float, rhs_f, rhs_g, row_scale=None):
     r"""Solve the entropic adjoint system :math:`J\lambda = (\bar f, \bar g)`,
-    :math:`J = \varepsilon^{-1}[[\mathrm{diag}(P1), P], [P^\top, \mathrm{diag}(P^\top 1)]]`, for a
-    materialised plan ``P`` (:func:`~entrokit.solvers.implicit.bipartite_adjoint`), with a
-    relative tolerance float32 can reach (1e-6; 1e-12 in float64)."""
+    :math:`J = \varepsilon^{-1}[[\mathrm{diag}(r), P], [P^\top, \mathrm{diag}(c)]]`,
+    :math:`r = P1`, :math:`c = P^\top 1`, for a materialised plan ``P``, through its Schur
+    complement on :math:`\lambda_g`:
+
+    .. math::
+
+        \bigl(\mathrm{diag}(c) - P^\top \mathrm{diag}(r)^{-1} P\bigr)\lambda_g
+            = \varepsilon\bar g - P^\top \mathrm{diag}(r)^{-1}\varepsilon\bar f, \qquad
+        \lambda_f = \mathrm{diag}(r)^{-1}(\varepsilon\bar f - P\lambda_g),
+
+    by Jacobi-PCG (:func:`~entrokit.solvers._numerics.pcg`). The spectrum of the
+    preconditioned full system is symmetric about 1 (:math:`1 \pm \sigma_k`), the Schur
+    complement's is :math:`1 - \sigma_k^2`: the same tolerance takes about half the
+    iterations, each with the same two mat-vecs (Saad, *Iterative Methods*, §8.2). The gauge
+    direction :math:`(\mathbf 1, -\mathbf 1)` of :math:`J` (:math:`\mathbf 1` of the Schur
+    complement) is projected out of the right-hand side as in
+    :func:`~entrokit.solvers.implicit.bipartite_adjoint`; rows and columns of zero weight
+    (or zero mass) are masked out. Relative tolerance 1e-6 in float32, 1e-12 in float64.
+    With ``row_scale`` :math:`s`, the plan is :math:`\mathrm{diag}(s) P`, applied without
+    forming it."""
     n, m = P.shape[-2:]
     tol = 1e-12 if P.dtype == torch.float64 else 1e-6
     Pt = P.transpose(-1, -2)
@@ -103,13 +123,26 @@ def _plan_adjoint(P, a, b, eps: float, rhs_f, rhs_g):
     # P v and Pᵀ u as vector-matrix products: a batched (1 x m)(m x n) product runs
     # 5-20x faster on CPU than the (n x m)(m x 1) one torch.matmul picks for P @ v
     def Pv(v):
-        return torch.matmul(v.unsqueeze(-2), Pt).squeeze(-2)
+        out = torch.matmul(v.unsqueeze(-2), Pt).squeeze(-2)
+        return out if row_scale is None else out * row_scale
 
     def PTu(u):
-        return torch.matmul(u.unsqueeze(-2), P).squeeze(-2)
+        return torch.matmul((u if row_scale is None else u * row_scale).unsqueeze(-2), P).squeeze(-2)
 
-    mr, mc = (a > 0).to(P.dtype), (b > 0).to(P.dtype)
-    return bipartite_adjoint(Pv, PTu, P.sum(-1), P.sum(-2), eps, mr, mc, rhs_f, rhs_g, tol=tol, max_iter=2 * (n + m) + 20)
+    r = P.sum(-1) if row_scale is None else P.sum(-1) * row_scale
+    c = P.sum(-2) if row_scale is None else PTu(torch.ones_like(row_scale))
+    mr, mc = ((a > 0) & (r > 0)).to(P.dtype), ((b > 0) & (c > 0)).to(P.dtype)
+    inv_r = torch.where(mr > 0, 1.0 / r.clamp_min(torch.finfo(P.dtype).tiny), 0.0)
+    bx, by = eps * rhs_f * mr, eps * rhs_g * mc
+    proj = ((bx.sum(-1) - by.sum(-1)) / (mr.sum(-1) + mc.sum(-1)).clamp_min(1.0)).unsqueeze(-1)
+    bx, by = bx - proj * mr, by + proj * mc
+
+    def schur(y):
+        return (c * y - PTu(Pv(y) * inv_r)) * mc
+
+    inv_c = torch.where(mc > 0, 1.0 / c.clamp_min(torch.finfo(P.dtype).tiny), 0.0)
+    lam_g = pcg(schur, (by - PTu(bx * inv_r)) * mc, inv_c, rtol=tol, max_iter=2 * m + 20).x
+    return (bx - Pv(lam_g)) * inv_r, lam_g
 
 
 class _LogitFixedPoint(torch.autograd.Function):
@@ -198,7 +231,18 @@ def attach_implicit(geom: LogitCost, f, g, a, b, eps):
 # --------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------
-def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0):
+class LayerOptions(NamedTuple):
+    """The validated options of the Sinkhorn layers (:func:`check_options`)."""
+
+    n_iter: int
+    tol: float | None
+    max_iter: int
+    grad: str
+    eps: float
+    dropout_p: float
+
+
+def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0) -> LayerOptions:
     """Validate the layer options; returns them normalised."""
     n_iter = check_positive_int(n_iter, "n_iter")
     if tol is not None:
@@ -209,7 +253,7 @@ def check_options(n_iter, tol, max_iter, grad, eps, dropout_p=0.0):
     eps = check_positive(eps, "eps")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not (0.0 <= dropout_p < 1.0):
         raise InputError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}; e.g. dropout_p=0.1.")
-    return n_iter, tol, max_iter, grad, eps, float(dropout_p)
+    return LayerOptions(n_iter, tol, max_iter, grad, eps, float(dropout_p))
 
 
 def _check_tensor(t, name: str) -> None:
@@ -265,6 +309,44 @@ def _check_mask(mask, name: str, target: tuple[int, ...], how: str):
         raise InputError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {target}; {how}")
 
 
+def _check_scale(scale, E: int) -> float:
+    """The score scale, ``1/sqrt(E)`` by default."""
+    if scale is None:
+        return 1.0 / math.sqrt(E)
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+        raise InputError(f"scale must be a finite number or None (1/sqrt(E)), got {scale!r}.")
+    return float(scale)
+
+
+def _check_masks(attn_mask, key_padding_mask, is_causal, target: tuple[int, ...]) -> None:
+    if is_causal and attn_mask is not None:
+        raise InputError("pass either attn_mask or is_causal=True, not both; fold the causal mask into attn_mask.")
+    if attn_mask is not None:
+        _check_mask(attn_mask, "attn_mask", target, "expected a mask broadcastable to (N, ..., T, S).")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}.")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}.")
+        N, S = target[0], target[-1]
+        if tuple(key_padding_mask.shape) != (N, S):
+            raise InputError(
+                f"key_padding_mask must have shape (N, S) = {(N, S)}, got {tuple(key_padding_mask.shape)}."
+            )
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}; "
+                "convert with mask.bool()."
+            )
+
+
+def _no_flag(name: str, value, instead: str) -> None:
+    """A former flag that selected ``(output, weights)``: a flag never changes the return
+    type, so ``True`` is an error that names the call to use."""
+    if value:
+        raise InputError(f"{name}=True is no longer supported: a flag never changes the return type. {instead}")
+
+
 # --------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------
@@ -307,9 +389,9 @@ def sinkhorn_attention(
         tol: iterate until the L1 marginal error of the normalised plan is ``<= tol``.
         max_iter: loop iterations allowed with ``tol`` (each a row and a column update).
         grad: ``"unroll"`` or ``"implicit"`` (module docstring).
-        return_weights: deprecated (a flag never changes the return type): ``True``
-            still returns ``(output, weights)`` with a :class:`DeprecationWarning`; call
-            :func:`sinkhorn_attention_with_weights` instead.
+        return_weights: a former flag; a flag never changes the return type, so only
+            ``False`` is accepted (``True`` raises :class:`~entrokit.InputError`): call
+            :func:`sinkhorn_attention_with_weights` for ``(output, weights)``.
 
     Returns:
         The output ``(N, ..., T, Ev)``. Empty sequences follow
@@ -330,38 +412,16 @@ def sinkhorn_attention(
         >>> sinkhorn_attention(q, k, v, n_iter=5).shape
         torch.Size([2, 5, 4])
     """
-    if return_weights:
-        warnings.warn(
-            "sinkhorn_attention(..., return_weights=True) is deprecated: sinkhorn_attention always "
-            "returns the output tensor. Call sinkhorn_attention_with_weights(...) for (output, weights).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-    return _attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask=key_padding_mask,
-        n_iter=n_iter, eps=eps, tol=tol, max_iter=max_iter, grad=grad, return_weights=bool(return_weights),
-    )
+    _no_flag("return_weights", return_weights, "Call sinkhorn_attention_with_weights(...) for (output, weights).")
+    opts = check_options(n_iter, tol, max_iter, grad, eps, dropout_p)
+    return _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts, False)
 
 
-def sinkhorn_attention_with_weights(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    n_iter: int = 3,
-    eps: float = 1.0,
-    tol: float | None = None,
-    max_iter: int = 1000,
-    grad: str = "unroll",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sinkhorn_attention_with_weights(query, key, value, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(output, weights)``: :func:`sinkhorn_attention` and its attention weights
     ``(N, ..., T, S)`` before dropout (rows of weight-0 queries are zero). Arguments,
-    errors and empty inputs as in :func:`sinkhorn_attention`.
+    errors and empty inputs as in :func:`sinkhorn_attention`: the arguments are bound
+    against its signature (one signature for both; ``return_weights`` excepted).
 
     Example:
         >>> import torch
@@ -373,62 +433,46 @@ def sinkhorn_attention_with_weights(
         >>> bool(torch.allclose(P.sum(-2), torch.ones(2, 5, dtype=torch.float64), atol=1e-6))
         True
     """
+    kw = _bind(sinkhorn_attention_with_weights, (query, key, value, *args), kwargs)
+    opts = check_options(kw["n_iter"], kw["tol"], kw["max_iter"], kw["grad"], kw["eps"], kw["dropout_p"])
     return _attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, key_padding_mask=key_padding_mask,
-        n_iter=n_iter, eps=eps, tol=tol, max_iter=max_iter, grad=grad, return_weights=True,
+        query, key, value, kw["attn_mask"], kw["key_padding_mask"], kw["is_causal"], kw["scale"], opts, True
     )
 
 
+def _share_signature(fn, of, flag: str) -> None:
+    """Give ``fn`` the signature of ``of`` without the former flag ``flag``, returning
+    ``(output, weights)``: the ``*_with_weights`` forms take the same arguments."""
+    sig = inspect.signature(of)
+    fn.__signature__ = sig.replace(
+        parameters=[p for name, p in sig.parameters.items() if name != flag],
+        return_annotation="tuple[torch.Tensor, torch.Tensor]",
+    )
+
+
+def _bind(fn, args, kwargs) -> dict:
+    """The arguments of a call to ``fn`` by name, defaults filled in (``TypeError`` for an
+    unknown or missing one, as Python raises)."""
+    bound = fn.__signature__.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+_share_signature(sinkhorn_attention_with_weights, sinkhorn_attention, "return_weights")
+
+
 @no_autocast()
-def _attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    n_iter: int = 3,
-    eps: float = 1.0,
-    tol: float | None = None,
-    max_iter: int = 1000,
-    grad: str = "unroll",
-    return_weights: bool = False,
-):
-    """The layer; ``return_weights`` selects ``(output, weights)``."""
-    n_iter, tol, max_iter, grad, eps, dropout_p = check_options(n_iter, tol, max_iter, grad, eps, dropout_p)
+def _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts: LayerOptions, return_weights):
+    """The layer on validated options; ``return_weights`` selects ``(output, weights)``."""
     _check_qkv(query, key, value)
     out_dtype = query.dtype
     if out_dtype in _HALF:
         query, key, value = query.float(), key.float(), value.float()
-    dtype, device = query.dtype, query.device
     *lead, T, E = query.shape
     S = key.shape[-2]
     target = (*lead, T, S)
-    if scale is None:
-        scale = 1.0 / math.sqrt(E)
-    elif isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
-        raise InputError(f"scale must be a finite number or None (1/sqrt(E)), got {scale!r}.")
-    if is_causal and attn_mask is not None:
-        raise InputError("pass either attn_mask or is_causal=True, not both; fold the causal mask into attn_mask.")
-    if attn_mask is not None:
-        _check_mask(attn_mask, "attn_mask", target, "expected a mask broadcastable to (N, ..., T, S).")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}.")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}.")
-        if tuple(key_padding_mask.shape) != (lead[0], S):
-            raise InputError(
-                f"key_padding_mask must have shape (N, S) = {(lead[0], S)}, got {tuple(key_padding_mask.shape)}."
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"key_padding_mask must be bool (True = padded key), got {key_padding_mask.dtype}; "
-                "convert with mask.bool()."
-            )
+    scale = _check_scale(scale, E)
+    _check_masks(attn_mask, key_padding_mask, is_causal, target)
 
     if query.numel() == 0 or key.numel() == 0:
         # empty sequences (T = 0 or S = 0) or batch: like F.scaled_dot_product_attention, an
@@ -437,77 +481,138 @@ def _attention(
         out = torch.matmul(P, value).to(out_dtype)
         return (out, P.to(out_dtype)) if return_weights else out
 
-    # logits L = (q k^T * scale + float mask) / eps, -inf on forbidden pairs
+    L, masked = _logits(query, key, scale, opts.eps, attn_mask, key_padding_mask, is_causal)
+    L, a, b, row_live = _live_marginals(L.reshape(-1, T, S), masked)
+    P = _weights(L, a, b, row_live, opts, plain_softmax=not masked).reshape(target)
+    weights = P
+    if opts.dropout_p > 0.0:
+        P = F.dropout(P, p=opts.dropout_p)
+    out = torch.matmul(P, value)
+    if row_live is not None:
+        live = row_live.reshape(*lead, T, 1).to(out.dtype)
+        out = out * live
+        weights = weights * live if return_weights else weights
+    out = out.to(out_dtype)
+    return (out, weights.to(out_dtype)) if return_weights else out
+
+
+def _logits(query, key, scale, eps, attn_mask, key_padding_mask, is_causal):
+    r"""``(L, masked)``: the logits :math:`L = (q k^\top \cdot \mathrm{scale} + \text{float
+    mask})/\varepsilon`, ``-inf`` on forbidden pairs, and whether any mask applied."""
+    *lead, T, _ = query.shape
+    S = key.shape[-2]
+    device, dtype = query.device, query.dtype
     L = torch.matmul(query * (scale / eps), key.transpose(-2, -1))
-    masked = False
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             L = L.masked_fill(~attn_mask.to(device), -math.inf)
         else:
             mask = attn_mask.to(device=device, dtype=dtype)
             L = L + (mask if eps == 1.0 else mask / eps)
-        masked = True
     if is_causal:
         L = L.masked_fill(torch.ones(T, S, dtype=torch.bool, device=device).tril().logical_not(), -math.inf)
-        masked = True
     if key_padding_mask is not None:
         pad = key_padding_mask.to(device).reshape(lead[0], *([1] * (len(lead) - 1)), 1, S)
         L = L.masked_fill(pad, -math.inf)
-        masked = True
+    return L, attn_mask is not None or is_causal or key_padding_mask is not None
 
-    B = math.prod(lead)
-    L = L.reshape(B, T, S)
-    row_live = None
-    if masked:
-        allowed = L.detach() > -math.inf
-        row_live, col_live = allowed.any(-1), allowed.any(-2)
-        # an empty row or column gets weight 0 and logit 0 (then it stays finite and out of the way)
-        dead = ~(row_live.unsqueeze(-1) & col_live.unsqueeze(-2))
-        L = L.masked_fill(dead, 0.0)
-        n_rows = row_live.sum(-1, keepdim=True).to(dtype)
-        n_cols = col_live.sum(-1, keepdim=True).to(dtype)
-        empty = n_rows == 0  # nothing may attend: uniform weights on logits 0, output 0
-        a = torch.where(empty | row_live, 1.0 / torch.where(empty, float(T), n_rows), 0.0).to(dtype)
-        b = torch.where(empty | col_live, 1.0 / torch.where(empty, float(S), n_cols), 0.0).to(dtype)
-    else:
+
+def _live_marginals(L, masked: bool):
+    """``(L, a, b, row_live)`` for logits ``(B, T, S)``: uniform marginals over the live
+    queries and keys (those with an allowed pair); dead rows and columns get weight 0 and
+    logit 0 (finite, out of the way), and ``row_live`` is ``None`` without masks."""
+    B, T, S = L.shape
+    dtype, device = L.dtype, L.device
+    if not masked:
         a = torch.full((B, T), 1.0 / T, dtype=dtype, device=device)
         b = torch.full((B, S), 1.0 / S, dtype=dtype, device=device)
+        return L, a, b, None
+    allowed = L.detach() > -math.inf
+    row_live, col_live = allowed.any(-1), allowed.any(-2)
+    L = L.masked_fill(~(row_live.unsqueeze(-1) & col_live.unsqueeze(-2)), 0.0)
+    n_rows = row_live.sum(-1, keepdim=True).to(dtype)
+    n_cols = col_live.sum(-1, keepdim=True).to(dtype)
+    empty = n_rows == 0  # nothing may attend: uniform weights on logits 0, output 0
+    a = torch.where(empty | row_live, 1.0 / torch.where(empty, float(T), n_rows), 0.0).to(dtype)
+    b = torch.where(empty | col_live, 1.0 / torch.where(empty, float(S), n_cols), 0.0).to(dtype)
+    return L, a, b, row_live
 
+
+def _weights(L, a, b, row_live, opts: LayerOptions, *, plain_softmax: bool):
+    r"""The attention weights ``(B, T, S)`` after ``opts.n_iter`` normalisations (or
+    ``opts.tol``): ``k`` iterations of the library's Sinkhorn loop on
+    :class:`~entrokit.geometry.LogitCost`, then the closing normalisation in closed form
+    (:func:`_closing_weights`), differentiated by autograd (``"unroll"``) or at the fixed
+    point (``"implicit"``, :class:`_ImplicitWeights`)."""
+    eps, n_iter, tol = opts.eps, opts.n_iter, opts.tol
+    rows = tol is not None or n_iter % 2 == 1  # the last normalisation is a row one
+    n_loop = (n_iter - 1) // 2 if rows else n_iter // 2
+    if rows and n_loop == 0 and tol is None and plain_softmax and opts.grad == "unroll":
+        return torch.softmax(L, dim=-1)  # n_iter=1 without masks: softmax attention
     geom = LogitCost(L, eps)
-    ends_on_rows = tol is not None or n_iter % 2 == 1
-    n_loop = (n_iter - 1) // 2 if n_iter % 2 == 1 else n_iter // 2
     f, g, _ = run_sinkhorn(
-        geom, a, b, eps, n_loop=n_loop, tol=tol, max_iter=max_iter, grad=grad, who="sinkhorn_attention"
+        geom, a, b, eps, n_loop=n_loop, tol=tol, max_iter=opts.max_iter, grad=opts.grad, who="sinkhorn_attention"
     )
-    log_b = log_weights(b)
-    if grad == "implicit":
-        if ends_on_rows:
-            with torch.no_grad():  # the row update the output makes: (f, g) is the returned plan
-                f = geom.softmin(g, log_b, eps, axis=1)
-        f, g = attach_implicit(LogitCost(L, eps), f, g, a, b, eps)
-    if ends_on_rows:
-        if n_loop == 0 and tol is None and not masked and grad == "unroll":
-            P = torch.softmax(L, dim=-1)  # n_iter=1: softmax attention
-        else:
-            P = torch.softmax(L + (g / eps + log_b).unsqueeze(-2), dim=-1)
-    else:
-        # after a column update: P = T_live * a_i b_j exp((f_i + g_j)/eps + L_ij); T_live a_i is 1 or 0
-        log_r = torch.zeros_like(a) if row_live is None else torch.where(row_live, 0.0, -math.inf).to(dtype)
-        P = torch.exp(L + (f / eps + log_r).unsqueeze(-1) + (g / eps + log_b).unsqueeze(-2))
-    P = P.reshape(target)
-    weights = P
-    if dropout_p > 0.0:
-        P = F.dropout(P, p=dropout_p)
-    out = torch.matmul(P, value)
-    if row_live is not None:
-        live = row_live.reshape(*lead, T, 1).to(dtype)
-        out = out * live
-        if return_weights:
-            weights = weights * live
-    out = out.to(out_dtype)
-    if return_weights:
-        return out, weights.to(out_dtype)
-    return out
+    log_r = None  # after a row normalisation; after a column one, log T_live a_i (0 or -inf)
+    if not rows:
+        log_r = torch.zeros_like(a) if row_live is None else torch.where(row_live, 0.0, -math.inf).to(L.dtype)
+    if opts.grad == "implicit" and torch.is_grad_enabled() and L.requires_grad:
+        return _ImplicitWeights.apply(L, f.detach(), g.detach(), a, b, log_r, eps)
+    return _closing_weights(L, f, g, log_weights(b), log_r, eps)
+
+
+def _closing_weights(L, f, g, log_b, log_r, eps):
+    r"""``P = T_\text{live} \cdot`` the plan after the closing normalisation. On the rows
+    (``log_r`` is ``None``): :math:`P = \mathrm{softmax}_j(L_{ij} + g_j/\varepsilon + \log b_j)`
+    (``f`` is the row update's and is not needed). On the columns: :math:`P_{ij} =
+    e^{L_{ij} + f_i/\varepsilon + \log r_i + g_j/\varepsilon + \log b_j}`, where
+    :math:`T_\text{live} a_i = r_i \in \{0, 1\}`."""
+    col = (g / eps + log_b).unsqueeze(-2)
+    if log_r is None:
+        return torch.softmax(L + col, dim=-1)
+    return torch.exp(L + (f / eps + log_r).unsqueeze(-1) + col)
+
+
+class _ImplicitWeights(torch.autograd.Function):
+    r"""The closing weights :math:`P` (:func:`_closing_weights`) with the gradient of the
+    converged layer. Backward: the direct part with the potentials held fixed,
+    :math:`\bar Z` (softmax's or exp's pull-back), gives :math:`\bar f = \bar Z 1/\varepsilon`
+    (0 after a row normalisation: :math:`f` does not enter the softmax) and
+    :math:`\bar g = \bar Z^\top 1/\varepsilon`; the potentials' dependence on the logits
+    follows from the implicit function theorem on the plan :math:`\pi = \mathrm{diag}(a) P`,
+    :math:`J\lambda = (\bar f, \bar g)` (:func:`_plan_adjoint`), pulled back in closed
+    form, :math:`\bar L = \bar Z - \pi \odot (\lambda_f 1^\top + 1 \lambda_g^\top)`
+    (as :class:`_LogitFixedPoint`). Only :math:`P` is saved (it is the output), the plan
+    is not formed again, and backward allocates one :math:`n\times m` buffer at a time:
+    with :math:`s = (P \odot \bar P)1`, :math:`\bar Z = P \odot (\bar P - s 1^\top)` after
+    a row normalisation and :math:`P \odot \bar P` after a column one, so
+    :math:`\bar L = P \odot (\bar P - w 1^\top - a \odot \lambda_f 1^\top - a\lambda_g^\top)`
+    with :math:`w = s` or 0."""
+
+    @staticmethod
+    def forward(ctx, L, f, g, a, b, log_r, eps):
+        P = _closing_weights(L, f, g, log_weights(b), log_r, eps)
+        ctx.eps, ctx.rows = eps, log_r is None
+        ctx.save_for_backward(P, a, b)
+        return P
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gP):
+        P, a, b = ctx.saved_tensors
+        eps = ctx.eps
+        Q = P * gP
+        s, col = Q.sum(-1), Q.sum(-2)
+        del Q
+        if ctx.rows:  # softmax's pull-back: Z̄ = P ⊙ (P̄ - s 1ᵀ)
+            w, gf = s, torch.zeros_like(s)
+            gg = (col - torch.matmul(s.unsqueeze(-2), P).squeeze(-2)) / eps
+        else:  # exp's pull-back: Z̄ = P ⊙ P̄
+            w, gf, gg = torch.zeros_like(s), s / eps, col / eps
+        lam_f, lam_g = _plan_adjoint(P, a, b, eps, gf, gg, row_scale=a)
+        gL = gP - (w + a * lam_f).unsqueeze(-1)
+        gL.addcmul_(a.unsqueeze(-1), lam_g.unsqueeze(-2), value=-1.0)
+        return gL.mul_(P), None, None, None, None, None, None
 
 
 class SinkhornAttention(torch.nn.Module):
@@ -561,46 +666,34 @@ class SinkhornAttention(torch.nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         scale: float | None = None,
-        need_weights: bool | None = None,
+        need_weights: bool = False,
     ) -> torch.Tensor:
         """The attended values ``(N, ..., T, Ev)``, always a tensor (arguments as in
         :func:`sinkhorn_attention`). For the attention weights too, call
         :meth:`forward_with_weights`.
 
-        ``need_weights`` is deprecated (a flag never changes the return type):
-        ``need_weights=True`` still returns ``(output, weights)``, with a
-        :class:`DeprecationWarning`; ``False`` is accepted and changes nothing.
+        ``need_weights`` is a former flag: a flag never changes the return type, so only
+        ``False`` is accepted (``True`` raises :class:`~entrokit.InputError`).
         """
-        args = (query, key, value, attn_mask, key_padding_mask, is_causal, scale)
-        if need_weights:
-            warnings.warn(
-                "SinkhornAttention(...)(q, k, v, need_weights=True) is deprecated: forward always "
-                "returns the output tensor. Call attn.forward_with_weights(q, k, v) for "
-                "(output, weights).",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            return self.forward_with_weights(*args)
-        return self._attend(*args, return_weights=False)
+        _no_flag("need_weights", need_weights, "Call attn.forward_with_weights(q, k, v) for (output, weights).")
+        return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, False)
 
-    def forward_with_weights(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        scale: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_weights(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, weights)``: the attended values and the attention weights
-        ``(N, ..., T, S)`` before dropout (:func:`sinkhorn_attention_with_weights`).
+        ``(N, ..., T, S)`` before dropout (:func:`sinkhorn_attention_with_weights`); the
+        arguments of :meth:`forward` (one signature for both; ``need_weights`` excepted).
         Module hooks run only around :meth:`forward`."""
-        return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, return_weights=True)
-
-    def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal, scale, *, return_weights):
-        return _attention(
-            query, key, value, attn_mask, self.dropout_p if self.training else 0.0, is_causal, scale,
-            key_padding_mask=key_padding_mask, n_iter=self.n_iter, eps=self.eps, tol=self.tol,
-            max_iter=self.max_iter, grad=self.grad, return_weights=return_weights,
+        kw = _bind(SinkhornAttention.forward_with_weights, (self, *args), kwargs)
+        return self._attend(
+            kw["query"], kw["key"], kw["value"], kw["attn_mask"], kw["key_padding_mask"], kw["is_causal"],
+            kw["scale"], True,
         )
+
+    def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal, scale, return_weights):
+        # the options were validated at construction
+        opts = LayerOptions(self.n_iter, self.tol, self.max_iter, self.grad, self.eps,
+                            self.dropout_p if self.training else 0.0)
+        return _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts, return_weights)
+
+
+_share_signature(SinkhornAttention.forward_with_weights, SinkhornAttention.forward, "need_weights")
