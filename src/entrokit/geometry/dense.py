@@ -156,14 +156,14 @@ def _block_rows(batch: int, m: int) -> int:
 
 def _weighted_sum(K: torch.Tensor, C: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     r""":math:`\sum_{ij} x_i K_{ij} C_{ij} y_j` per problem, reading ``K`` and ``C`` once by
-    row blocks (no ``n x m`` temporary)."""
+    row blocks. ``K`` is overwritten (its blocks hold :math:`K \odot C`): the caller's last
+    use of it, so no ``n x m`` work buffer is allocated (fresh memory costs a page fault
+    per 4 KiB)."""
     B, n, m = K.shape
     step = _block_rows(B, m)
-    buf = torch.empty((B, min(step, n), m), dtype=K.dtype, device=K.device)
     out = torch.zeros(B, dtype=K.dtype, device=K.device)
     for s in range(0, n, step):
-        blk = buf[:, : min(step, n - s)]
-        torch.mul(K[:, s:s + step], C[:, s:s + step], out=blk)
+        blk = K[:, s:s + step].mul_(C[:, s:s + step])
         out += (x[:, s:s + step] * torch.bmm(blk, y.unsqueeze(-1)).squeeze(-1)).sum(-1)
     return out
 
@@ -280,7 +280,7 @@ class _KernelEngine:
         if self.K.dtype != torch.float64:
             # only a float64 solve certifies from its own sums (solvers._entropic); a
             # float32 plan is certified from float64 potentials, so skip the passes here
-            self.K = self.K0 = None
+            self._release()
             return None
         au, bv = self.a * self.u, self.b * self.v
         if self._final is not None:
@@ -288,10 +288,17 @@ class _KernelEngine:
         else:
             row = au * self._Kv(bv)
             col = bv * self._KTu(au)
-        tc = _weighted_sum(self.K, self.C, au, bv)
+        tc = _weighted_sum(self.K, self.C, au, bv)  # overwrites K: released below
+        self._release()
+        return row, col, tc
+
+    def _release(self):
+        """Hand the kernel buffer back (:func:`~entrokit.solvers._numerics.release_buffer`)."""
+        from entrokit.solvers._numerics import release_buffer
+
+        release_buffer(self.K)
         self.K = self.K0 = None
         self._final = None
-        return row, col, tc
 
     def _absorb(self, f, g):
         K, e = self.K, self.eps

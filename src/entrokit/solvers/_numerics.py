@@ -609,19 +609,31 @@ def continuation_schedule(target: float, start: float, decay: float, *, even: bo
 
 _HUGE_PAGE = 1 << 21  # the x86-64 / arm64 transparent huge page
 _madvise = None  # libc's madvise, looked up on first use (False where unavailable)
+_POOL_MAX = 1 << 25  # bytes: the largest CPU work buffer kept for the next solve
+_pool: list[torch.Tensor] = []  # at most one released CPU work buffer (flat)
 
 
 def large_buffer(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor shaped like ``like``; on Linux CPUs, one of 4 MiB or more is
-    backed by transparent huge pages where the kernel allows them (``madvise``).
+    """An uninitialised tensor shaped like ``like``: the buffer the last solve released
+    (:func:`release_buffer`) where it is large enough, else fresh memory, which on Linux
+    CPUs is backed by transparent huge pages from 4 MiB on where the kernel allows them
+    (``madvise``).
 
     A solver's ``n x m`` work buffer is fresh memory: first touching it costs one page
     fault per 4 KiB page (about 60 ms of CPU for 128 MiB, more than a Sinkhorn iteration
-    at n = 4000), and its mat-vecs miss the TLB on every page. With 2 MiB pages both
-    shrink (measured: 60 -> 15 ms to touch 128 MiB, 9.7 -> 6.2 ms per mat-vec). Advice
-    only: where it is refused, ordinary pages are used.
+    at n = 4000; 1 ms for the 2 MiB of n = 500, as long as a whole 5-iteration solve of
+    that size), and its mat-vecs miss the TLB on every page. With 2 MiB pages both
+    shrink (measured: 60 -> 15 ms to touch 128 MiB, 9.7 -> 6.2 ms per mat-vec); a reused
+    buffer costs nothing. Advice only: where it is refused, ordinary pages are used.
     """
     global _madvise
+    if like.device.type == "cpu":
+        try:
+            buf = _pool.pop()  # atomic: concurrent solves never share a buffer
+        except IndexError:
+            buf = None
+        if buf is not None and buf.dtype == like.dtype and buf.numel() >= like.numel():
+            return buf[: like.numel()].view(like.shape)
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     nbytes = out.numel() * out.element_size()
     if out.device.type != "cpu" or nbytes < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
@@ -641,3 +653,13 @@ def large_buffer(like: torch.Tensor) -> torch.Tensor:
         if end > start:
             _madvise(start, end - start, 14)  # MADV_HUGEPAGE; a refusal leaves ordinary pages
     return out
+
+
+def release_buffer(buf: torch.Tensor | None) -> None:
+    """Keep a CPU work buffer of :func:`large_buffer` (up to 32 MiB) for the next solve, in
+    place of the one kept before (a CPU analogue of torch's caching GPU allocator, one
+    slot: at most 32 MiB stay allocated between solves). The caller drops its references."""
+    if buf is None or buf.device.type != "cpu" or not buf.is_contiguous():
+        return
+    if buf.numel() * buf.element_size() <= _POOL_MAX:
+        _pool[:] = [buf.reshape(-1)]

@@ -46,8 +46,11 @@ one blocked pass over ``K`` and ``C``.
 :math:`\varepsilon \to 0` c-transforms :math:`f_i = \min_j C_{ij}`,
 :math:`g_j = \min_i (C_{ij} - f_i)`, so every row and column of the first kernel holds an
 entry equal to 1 and nothing underflows, whatever :math:`\varepsilon`. The dense engine
-forms this start and its kernel in one blocked pass over ``C`` (``g`` enters as the scaling
-:math:`v = e^{g/\varepsilon}` while :math:`\max g/\varepsilon` is small).
+forms :math:`f`, the kernel :math:`e^{(f_i - C_{ij})/\varepsilon}` and the first column
+update :math:`g = -\varepsilon\log(K^\top a)` (the soft c-transform of :math:`f`) in one
+blocked pass over ``C`` while that update stays within the absorption threshold, and reuses
+the kernel buffer of the previous CPU solve (up to 32 MiB; fresh memory costs a page fault
+per 4 KiB).
 
 **eps-scaling.** With ``eps_scaling=True`` the solver runs a geometric schedule
 :math:`\varepsilon_k = \max(\varepsilon, \varepsilon_0 \rho^k)` starting from the cost
