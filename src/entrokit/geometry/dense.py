@@ -77,10 +77,13 @@ class DenseCost(Geometry):
         return cached
 
     def lse(self, h, log_w, eps, axis):
-        hw = h / eps + log_w
-        # z = (h + eps log w - C) / eps in one pass over C
-        z = torch.add(hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1), self.C, alpha=-1.0 / eps)
-        return logsumexp_pair(z, dim=-1 if axis == 1 else -2, overwrite=True)
+        # z = (h + eps log w - C) / eps in one pass over C; without a graph in base 2
+        # (z log2 e: torch.exp2 is 2-3x faster than torch.exp on CPU)
+        graph = torch.is_grad_enabled() and any(t.requires_grad for t in (h, log_w, self.C))
+        scale = 1.0 if graph else _LOG2E
+        hw = (h / eps + log_w) * scale if scale != 1.0 else h / eps + log_w
+        z = torch.add(hw.unsqueeze(-2) if axis == 1 else hw.unsqueeze(-1), self.C, alpha=-scale / eps)
+        return logsumexp_pair(z, dim=-1 if axis == 1 else -2, overwrite=True, base2=not graph)
 
     def plan_reduce(self, f, g, a, b, eps, *, accumulate=None, round_to=None):
         C = self.C
