@@ -9,6 +9,8 @@ One tree alone: ``python benchmarks/compare_revisions.py --run`` prints JSON tim
 runs the dense solves of 4-6 iterations at n = 1000-4000, where the fixed per-call work
 (start, kernel formation, certification) is most of the time:
     python benchmarks/compare_revisions.py --tree /path/to/main/src --tree src --only sinkhorn_fixed
+``--only divergence_float32,divergence_float64`` times the dense point-cloud divergence,
+value and gradient (``divergence_float32:1000``: one size).
 Each cell is the median process CPU time of the calls (wall time, best call, beside it).
 """
 
@@ -30,7 +32,30 @@ CASES = (
     # the Newton benchmark's own problems (entrokit.bench.newton), SSNS to 1e-8
     + [("ssns_bench", name, eps) for name in ("random n=500", "digits W2", "digits W1")
        for eps in (1e-1, 1e-2, 1e-3, 1 / 1200, 1e-4)]
+    # the dense point-cloud divergence, value + gradient (d = 2, m = n - n/6), as in
+    # compare_divergence_trees.py
+    + [(f"divergence_{dt}", n, eps) for dt in ("float32", "float64") for n in (300, 1000) for eps in (1e-1, 1e-2)]
 )
+
+
+def _divergence_call(n: int, eps: float, dtype: str):
+    """``sinkhorn_divergence(x, y, eps)`` and its backward to ``x``, returning the value."""
+    import torch
+
+    import entrokit
+
+    g = torch.Generator().manual_seed(n)
+    dt = getattr(torch, dtype)
+    x = torch.rand(n, 2, generator=g, dtype=torch.float64).to(dt).requires_grad_()
+    y = torch.rand(n - n // 6, 2, generator=g, dtype=torch.float64).to(dt)
+
+    def call():
+        x.grad = None
+        s = entrokit.sinkhorn_divergence(x, y, eps=eps)
+        s.backward()
+        return s
+
+    return call
 
 
 def _run_one(only: str | None = None) -> dict:
@@ -52,7 +77,9 @@ def _run_one(only: str | None = None) -> dict:
             gen = torch.Generator().manual_seed(n)
             C = torch.rand(n, n, generator=gen, dtype=torch.float64)
             a = b = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        if kind == "ssns_bench":
+        if kind.startswith("divergence_"):
+            fn = _divergence_call(n, eps, kind.split("_")[1])
+        elif kind == "ssns_bench":
             fn = lambda: entrokit.sinkhorn_newton(a, b, C, eps, tol=1e-8)  # noqa: E731, B023
         elif kind in ("sinkhorn", "sinkhorn_fixed"):
             fn = lambda: entrokit.sinkhorn(a, a, C, eps, tol=1e-6)  # noqa: E731, B023
@@ -68,8 +95,9 @@ def _run_one(only: str | None = None) -> dict:
             cpus.append(time.process_time() - c)
             best, spent = min(best, dt), spent + dt
         cpus.sort()
-        out[f"{kind} {n if isinstance(n, str) else f'n={n}'} eps={eps:g}"] = (
-            cpus[len(cpus) // 2], best, float(res.marginal_error), int(res.n_iter))
+        # the divergence returns a value: its marginal error and iterations are not reported
+        err, iters = (float(res.marginal_error), int(res.n_iter)) if hasattr(res, "n_iter") else (float("nan"), 0)
+        out[f"{kind} {n if isinstance(n, str) else f'n={n}'} eps={eps:g}"] = (cpus[len(cpus) // 2], best, err, iters)
     return out
 
 
@@ -78,7 +106,8 @@ def main() -> None:
     p.add_argument("--run", action="store_true")
     p.add_argument("--tree", action="append", default=[])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", default=None, help="comma-separated kinds: sinkhorn,ssns,smooth_l2,ssns_bench")
+    p.add_argument("--only", default=None, help="comma-separated kinds: sinkhorn,sinkhorn_fixed,ssns,smooth_l2,"
+                   "ssns_bench,divergence_float32,divergence_float64 (kind:n for one size)")
     args = p.parse_args()
     if args.run:
         print(json.dumps(_run_one(args.only)))

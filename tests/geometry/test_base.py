@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from entrokit.geometry import plan_block
@@ -49,3 +52,22 @@ def test_plan_block_broadcasts_and_promotes_without_graph():
     a0[:, 0] = 0.0
     P = plan_block(f + 1e3, g, a0, b, C, eps)
     assert (P[:, 0] == 0).all() and torch.isfinite(P).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logsumexp_pair_in_base_two_is_the_natural_pair(dtype):
+    from entrokit.geometry.base import logsumexp_pair
+
+    gen = torch.Generator().manual_seed(2)
+    z = (torch.randn(7, 40, generator=gen, dtype=torch.float64) * 30).to(dtype)
+    z[3] = -float("inf")  # an empty slice: M = -inf, S = 0 in both bases
+    z[4, :5] = -float("inf")
+    ref = torch.logsumexp(z.double(), dim=-1)
+    for dim, zz in ((-1, z), (-2, z.t().contiguous())):
+        m2, s2 = logsumexp_pair(zz / math.log(2.0), dim, overwrite=True, base2=True)
+        m, s = logsumexp_pair(zz.clone(), dim)
+        assert torch.equal(m2 == -float("inf"), ref == -float("inf")) and float(s2[3]) == 0.0
+        ok = ref > -float("inf")
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close((m2 + s2.log()).double()[ok], ref[ok], rtol=tol, atol=tol)
+        torch.testing.assert_close((m2 + s2.log())[ok], (m + s.log())[ok], rtol=tol, atol=tol)

@@ -40,3 +40,23 @@ def test_dense_plan_matvec_is_the_plan_times_the_vector():
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(geom.plan_matvec(f, h, a, b, 0.3, u, 0), (P * u.unsqueeze(-1)).sum(-2),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_loop_numpy_and_torch_paths_agree_and_solves_do_not_share_state(monkeypatch):
+    import entrokit
+    import entrokit.geometry.dense as dense
+
+    gen = torch.Generator().manual_seed(5)
+    C1, C2 = (torch.rand(60, 50, generator=gen, dtype=torch.float64) for _ in range(2))
+    a, b = torch.full((60,), 1 / 60, dtype=torch.float64), torch.full((50,), 1 / 50, dtype=torch.float64)
+    first = entrokit.sinkhorn(a, b, C1, 0.05, tol=1e-9)
+    entrokit.sinkhorn(a, b, C2, 0.02, tol=1e-9)  # its kernel buffer is the next solve's
+    again = entrokit.sinkhorn(a, b, C1, 0.05, tol=1e-9)
+    assert torch.equal(first.f, again.f) and torch.equal(first.g, again.g)
+    monkeypatch.setattr(dense, "_NUMPY_MAX", 0)  # the torch mat-vecs
+    ref = entrokit.sinkhorn(a, b, C1, 0.05, tol=1e-9)
+    assert int(ref.n_iter) == int(first.n_iter) and bool(ref.converged)
+    torch.testing.assert_close(ref.f, first.f, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ref.transport_cost, first.transport_cost, rtol=1e-13, atol=0)
+    # the certified transport cost is <C, P> of the returned plan
+    torch.testing.assert_close(first.transport_cost, (first.plan * C1).sum(), rtol=1e-12, atol=0)

@@ -306,3 +306,20 @@ def test_large_buffer_is_an_ordinary_tensor_backed_by_huge_pages_where_allowed()
     if "[madvise]" in mode and huge is not None:
         # the advice was taken: 2 MiB pages back the buffer's interior
         assert huge >= 2048
+
+
+def test_released_buffer_is_reused_once_and_only_when_it_fits():
+    from entrokit.solvers import _numerics
+    from entrokit.solvers._numerics import large_buffer, release_buffer
+
+    _numerics._pool.clear()
+    first = large_buffer(torch.empty(1, 300, 200, dtype=torch.float64))
+    release_buffer(first)
+    again = large_buffer(torch.empty(1, 100, 200, dtype=torch.float64))  # smaller: a view of it
+    assert again.shape == (1, 100, 200) and again.data_ptr() == first.data_ptr()
+    assert large_buffer(torch.empty(1, 100, 200, dtype=torch.float64)).data_ptr() != first.data_ptr()  # one slot
+    release_buffer(again)
+    other = large_buffer(torch.empty(1, 100, 200, dtype=torch.float32))  # another dtype: fresh memory
+    assert other.data_ptr() != again.data_ptr() and other.dtype == torch.float32
+    release_buffer(torch.empty(5 << 20, dtype=torch.float64))  # 40 MiB: not kept
+    assert not _numerics._pool

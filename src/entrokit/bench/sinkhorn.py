@@ -202,21 +202,12 @@ def run(
     ott_repeats: int = 1,
 ) -> list[Table]:
     sizes = sizes or ([500, 1000] if quick else [500, 1000, 2000, 4000])
-    epss = [1e-1, 1e-2, 1e-3]
     budget = budget or (5.0 if quick else 20.0)
     ott_python = ott_python or os.environ.get("ENTROKIT_OTT_PYTHON")
     if ott_python and not Path(ott_python).exists():
         ott_python = None
     torch.set_num_threads(1)
-    import ot
-
-    versions = {"POT": ot.__version__, "numpy": np.__version__, "torch": torch.__version__}
-    try:
-        import regot
-
-        versions["RegOT"] = getattr(regot, "__version__", "installed")
-    except ImportError:
-        pass
+    versions = _versions()
     cols = ["n", "eps", "entrokit", "iters", "POT sinkhorn (default)", "POT stabilized", "POT log", "RegOT bcd"]
     if ott_python:
         cols += [name for name, _, _ in OTT_CONFIGS]
@@ -226,51 +217,84 @@ def run(
         f"{len(seeds)} instances x {repeats} repeats (dense U[0,1] cost, uniform weights, float64)",
         cols,
     )
-    # one warm-up of every library (first-call allocations, imports)
+    _warm_up()
+    for n in sizes:
+        for eps in (1e-1, 1e-2, 1e-3):
+            per_seed = [_instance_runs(n, s, eps, repeats, budget, slow_anchors and i == 0) for i, s in enumerate(seeds)]
+            ott = _add_ott(per_seed, ott_python, n, eps, seeds, ott_repeats, versions) if ott_python else {}
+            row, r_default, ours = _row(n, eps, per_seed, ott, budget)
+            main.add(*row)
+            print(f"  n={n} eps={eps:g}: ours {ours[0] * 1e3:.1f} ms cpu, ratio vs POT default {r_default:.2f}", flush=True)
+    main.notes += _notes(budget, ott_repeats, versions, ott_python)
+    tables = [main]
+    if not quick:
+        tables.append(_per_iteration_table(sizes))
+    return tables
+
+
+def _versions() -> dict:
+    import ot
+
+    versions = {"POT": ot.__version__, "numpy": np.__version__, "torch": torch.__version__}
+    try:
+        import regot
+
+        versions["RegOT"] = getattr(regot, "__version__", "installed")
+    except ImportError:
+        pass
+    return versions
+
+
+def _warm_up() -> None:
+    """One call of every library (first-call allocations, imports)."""
     M0, a0 = instance(200, 99)
     _ours(torch.from_numpy(M0), torch.from_numpy(a0), 1e-1)
     _pot("sinkhorn", M0, a0, 1e-1)
     _pot("sinkhorn_stabilized", M0, a0, 1e-1)
-    for n in sizes:
-        for eps in epss:
-            per_seed = [_instance_runs(n, s, eps, repeats, budget, slow_anchors and i == 0) for i, s in enumerate(seeds)]
-            ott = {}
-            if ott_python:
-                ott_runs, ott_versions = _ott_runs(ott_python, n, eps, seeds, ott_repeats)
-                versions.update({f"OTT-JAX ({k})": v for k, v in ott_versions.items()})
-                for name, _, _ in OTT_CONFIGS:
-                    for i, s in enumerate(seeds):
-                        r = ott_runs.get((name, s))
-                        if r is not None:
-                            per_seed[i][name] = r
-                    ott[name] = _summary(per_seed, name)
-            S = {k: _summary(per_seed, k) for k in (*FAST, *SLOW)}
-            ours = S["entrokit"]
-            ours_ok = ours is not None and ours[3] and all(r["entrokit"]["ok"] for r in per_seed)
-            # per-instance ratios (CPU time) against POT's default method, then their median
-            r_default = _median([
-                _median(r["entrokit"]["cpu"]) / _median(r["POT sinkhorn (default)"]["cpu"]) for r in per_seed
-            ])
-            anchors = {k: v for k, v in {**S, **ott}.items() if k != "entrokit" and v is not None and v[3]}
-            fastest = min(anchors.items(), key=lambda kv: kv[1][0]) if anchors else None
-            pot_ok = S["POT sinkhorn (default)"][3]
-            row = [
-                n, f"{eps:g}", _cell(ours, budget) if ours_ok else "failed",
-                int(statistics.median(r["entrokit"]["iters"] for r in per_seed)),
-                _cell(S["POT sinkhorn (default)"], budget), _cell(S["POT sinkhorn_stabilized"], budget),
-                _cell(S["POT sinkhorn_log"], budget), _cell(S["RegOT sinkhorn_bcd"], budget),
-            ]
-            if ott_python:
-                row += [_cell(ott[name], budget) for name, _, _ in OTT_CONFIGS]
-            row += [
-                f"{r_default:.2f}" if pot_ok else f"{r_default:.2f} (POT missed target)",
-                f"{ours[0] / fastest[1][0]:.2f} ({fastest[0]})" if fastest else "n/a",
-                "yes" if ours_ok and r_default <= 0.8 else "no",
-                f"{ours[2]:.1e} / {S['POT sinkhorn (default)'][2]:.1e}",
-            ]
-            main.add(*row)
-            print(f"  n={n} eps={eps:g}: ours {ours[0] * 1e3:.1f} ms cpu, ratio vs POT default {r_default:.2f}", flush=True)
-    main.notes += [
+
+
+def _add_ott(per_seed: list[dict], ott_python: str, n: int, eps: float, seeds, ott_repeats: int, versions: dict) -> dict:
+    """Run the OTT configurations, add their runs to ``per_seed``; ``{config: summary}``."""
+    ott_runs, ott_versions = _ott_runs(ott_python, n, eps, seeds, ott_repeats)
+    versions.update({f"OTT-JAX ({k})": v for k, v in ott_versions.items()})
+    ott = {}
+    for name, _, _ in OTT_CONFIGS:
+        for i, s in enumerate(seeds):
+            r = ott_runs.get((name, s))
+            if r is not None:
+                per_seed[i][name] = r
+        ott[name] = _summary(per_seed, name)
+    return ott
+
+
+def _row(n: int, eps: float, per_seed: list[dict], ott: dict, budget: float):
+    """``(cells, ratio vs POT default, entrokit summary)`` of one table row."""
+    S = {k: _summary(per_seed, k) for k in (*FAST, *SLOW)}
+    ours = S["entrokit"]
+    ours_ok = ours is not None and ours[3] and all(r["entrokit"]["ok"] for r in per_seed)
+    # per-instance ratios (CPU time) against POT's default method, then their median
+    r_default = _median([
+        _median(r["entrokit"]["cpu"]) / _median(r["POT sinkhorn (default)"]["cpu"]) for r in per_seed
+    ])
+    anchors = {k: v for k, v in {**S, **ott}.items() if k != "entrokit" and v is not None and v[3]}
+    fastest = min(anchors.items(), key=lambda kv: kv[1][0]) if anchors else None
+    pot_ok = S["POT sinkhorn (default)"][3]
+    row = [
+        n, f"{eps:g}", _cell(ours, budget) if ours_ok else "failed",
+        int(statistics.median(r["entrokit"]["iters"] for r in per_seed)),
+        _cell(S["POT sinkhorn (default)"], budget), _cell(S["POT sinkhorn_stabilized"], budget),
+        _cell(S["POT sinkhorn_log"], budget), _cell(S["RegOT sinkhorn_bcd"], budget),
+        *(_cell(v, budget) for v in ott.values()),
+        f"{r_default:.2f}" if pot_ok else f"{r_default:.2f} (POT missed target)",
+        f"{ours[0] / fastest[1][0]:.2f} ({fastest[0]})" if fastest else "n/a",
+        "yes" if ours_ok and r_default <= 0.8 else "no",
+        f"{ours[2]:.1e} / {S['POT sinkhorn (default)'][2]:.1e}",
+    ]
+    return row, r_default, ours
+
+
+def _notes(budget: float, ott_repeats: int, versions: dict, ott_python: str | None) -> list[str]:
+    notes = [
         "cells: process CPU time (wall time); under load the wall time includes waiting for a core, the CPU time does not",
         "ratio vs POT default = median over instances of (entrokit CPU time / POT `ot.sinkhorn` default CPU time); "
         "ratio vs fastest anchor: CPU time, against the anchor with the smallest median that reached the target",
@@ -287,14 +311,11 @@ def run(
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
     ]
     if not ott_python:
-        main.notes.append(
+        notes.append(
             "OTT-JAX: not run (pass --ott-python PATH to a virtualenv with ott-jax and jax[cpu]; "
             "JAX is kept out of the torch environment)"
         )
-    tables = [main]
-    if not quick:
-        tables.append(_per_iteration_table(sizes))
-    return tables
+    return notes
 
 
 def _per_iteration_table(sizes) -> Table:

@@ -54,7 +54,8 @@ def exp_floor(dtype: torch.dtype) -> float:
     return -600.0 if dtype == torch.float64 else -80.0
 
 
-def logsumexp_pair(z: torch.Tensor, dim: int, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def logsumexp_pair(z: torch.Tensor, dim: int, *, overwrite: bool = False,
+                   base2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Partial log-sum-exp of ``z`` along ``dim``: ``(M, S)`` with ``lse = M + log S``.
 
     ``M`` is detached (a constant shift, so gradients flow through ``S`` only, exactly);
@@ -62,16 +63,22 @@ def logsumexp_pair(z: torch.Tensor, dim: int, *, overwrite: bool = False) -> tup
     :func:`exp_floor` (no subnormals); a floored term is below the rounding error of
     ``S >= 1``, so ``-inf`` entries (zero weights) still contribute nothing. With
     ``overwrite`` (``z`` is a temporary) and no autograd, ``z`` is reused as workspace.
+    With ``base2``, ``z`` holds exponents in base 2 (:math:`z \log_2 e`) and the pair is
+    still the natural one, ``M`` scaled by :math:`\ln 2` (``torch.exp2`` is 2-3x faster
+    than ``torch.exp`` on CPU).
     """
     mx = z.detach().amax(dim=dim, keepdim=True)
     empty = mx == -float("inf")
     shift = mx.masked_fill(empty, 0.0)
+    floor = exp_floor(z.dtype) * (1.0 / math.log(2.0) if base2 else 1.0)
     if z.requires_grad or not overwrite:
-        e = torch.exp((z - shift).clamp_min(exp_floor(z.dtype)))
+        e = (torch.exp2 if base2 else torch.exp)((z - shift).clamp_min(floor))
     else:
-        e = z.sub_(shift).clamp_min_(exp_floor(z.dtype)).exp_()
+        e = z.sub_(shift).clamp_min_(floor)
+        e = e.exp2_() if base2 else e.exp_()
     s = e.sum(dim).masked_fill(empty.squeeze(dim), 0.0)
-    return mx.squeeze(dim), s
+    mx = mx.squeeze(dim)
+    return (mx * math.log(2.0) if base2 else mx), s
 
 
 def combine_lse(

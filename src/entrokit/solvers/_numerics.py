@@ -503,52 +503,60 @@ def solve_bipartite(
         )
         return x[None], y[None], torch.tensor([it], device=p.device), torch.tensor([ok], device=p.device)
     if method == "auto":
-        sparse = isinstance(block, SparseBlock)
-        # assembling S costs sum_i |w_i|^2 (sparse) but n m^2 (dense): a dense block is
-        # only worth factorising when small; CG costs O(nnz) per iteration
-        if m <= (DENSE_SCHUR_MAX if sparse else DENSE_BLOCK_MAX):
-            method = "dense"
-        elif sparse and p.device.type == "cpu":
-            method = "direct"
-        else:
-            method = "cg"
+        method = _auto_method(block, m, p.device)
+    if method not in BIPARTITE_METHODS:
+        raise ValueError(f"unknown bipartite solver {method!r}; expected one of {BIPARTITE_METHODS}")
     s = _as_batch(shift, p)
     diag_rows = r + s
     diag_cols = c + s
     rhs = q - block.rmv(p / diag_rows)
-    if method == "dense":
-        S = torch.diag_embed(diag_cols) - block.weighted_gram(1.0 / diag_rows)
-        L, info = torch.linalg.cholesky_ex(S)
-        if bool((info != 0).any()):  # numerically indefinite: LU
-            y = torch.linalg.solve(S, rhs)
-        else:
-            y = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-        n_iter = torch.ones(B, dtype=torch.long, device=p.device)
-        ok = torch.isfinite(y).all(-1)
-    elif method == "direct":
-        y = _schur_scipy(block, diag_rows, diag_cols, rhs)
-        n_iter = torch.ones(B, dtype=torch.long, device=p.device)
-        ok = torch.isfinite(y).all(-1)
-    elif method == "cg":
-        diag_S = diag_cols - block.col_sq_sum(1.0 / diag_rows)
-        floor = torch.where(s > 0, s, torch.full_like(s, torch.finfo(p.dtype).tiny))
-        inv_diag = 1.0 / torch.maximum(diag_S, floor)
-
-        def schur_mv(v):
-            return diag_cols * v - block.rmv(block.mv(v) / diag_rows)
-
-        out = pcg(schur_mv, rhs, inv_diag, rtol=rtol, max_iter=max_iter or max(200, m), x0=y0, active=active)
-        y, n_iter = out.x, out.n_iter
-        ok = torch.isfinite(y).all(-1) & (out.residual <= max(rtol, 1e-3))
+    if method == "cg":
+        y, n_iter, ok = _schur_cg(block, diag_rows, diag_cols, s, rhs, rtol, max_iter or max(200, m), y0, active)
     else:
-        raise ValueError(f"unknown bipartite solver {method!r}; expected one of {BIPARTITE_METHODS}")
-    if active is not None and method != "cg":
-        y = torch.where(active.unsqueeze(-1), y, torch.zeros_like(y))
+        y = _schur_dense(block, diag_rows, diag_cols, rhs) if method == "dense" else _schur_scipy(
+            block, diag_rows, diag_cols, rhs)
+        n_iter = torch.ones(B, dtype=torch.long, device=p.device)
+        ok = torch.isfinite(y).all(-1)
+        if active is not None:
+            y = torch.where(active.unsqueeze(-1), y, torch.zeros_like(y))
     x = (p - block.mv(y)) / diag_rows
     ok = ok & torch.isfinite(x).all(-1)
     if active is not None:
         ok = ok | ~active  # nothing to solve
     return x, y, n_iter, ok
+
+
+def _auto_method(block, m: int, device: torch.device) -> str:
+    r"""``"auto"`` of :func:`solve_bipartite`: assembling ``S`` costs
+    :math:`\sum_i |w_i|^2` (sparse) but :math:`n m^2` (dense), so a dense block is only
+    worth factorising when small; CG costs O(nnz) per iteration."""
+    sparse = isinstance(block, SparseBlock)
+    if m <= (DENSE_SCHUR_MAX if sparse else DENSE_BLOCK_MAX):
+        return "dense"
+    return "direct" if sparse and device.type == "cpu" else "cg"
+
+
+def _schur_dense(block, diag_rows, diag_cols, rhs) -> torch.Tensor:
+    """Cholesky of the Schur complement assembled densely (LU if it is numerically
+    indefinite)."""
+    S = torch.diag_embed(diag_cols) - block.weighted_gram(1.0 / diag_rows)
+    L, info = torch.linalg.cholesky_ex(S)
+    if bool((info != 0).any()):
+        return torch.linalg.solve(S, rhs)
+    return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+
+
+def _schur_cg(block, diag_rows, diag_cols, s, rhs, rtol: float, max_iter: int, y0, active):
+    """Matrix-free Jacobi-PCG on the Schur complement: ``(y, n_iter, ok)``."""
+    diag_S = diag_cols - block.col_sq_sum(1.0 / diag_rows)
+    floor = torch.where(s > 0, s, torch.full_like(s, torch.finfo(rhs.dtype).tiny))
+    inv_diag = 1.0 / torch.maximum(diag_S, floor)
+
+    def schur_mv(v):
+        return diag_cols * v - block.rmv(block.mv(v) / diag_rows)
+
+    out = pcg(schur_mv, rhs, inv_diag, rtol=rtol, max_iter=max_iter, x0=y0, active=active)
+    return out.x, out.n_iter, torch.isfinite(out.x).all(-1) & (out.residual <= max(rtol, 1e-3))
 
 
 def solve_bipartite_cg_one(mv, rmv, col_sq_sum, r, c, shift: float, p, q, *, rtol: float, max_iter: int, y0=None):
@@ -609,19 +617,31 @@ def continuation_schedule(target: float, start: float, decay: float, *, even: bo
 
 _HUGE_PAGE = 1 << 21  # the x86-64 / arm64 transparent huge page
 _madvise = None  # libc's madvise, looked up on first use (False where unavailable)
+_POOL_MAX = 1 << 25  # bytes: the largest CPU work buffer kept for the next solve
+_pool: list[torch.Tensor] = []  # at most one released CPU work buffer (flat)
 
 
 def large_buffer(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor shaped like ``like``; on Linux CPUs, one of 4 MiB or more is
-    backed by transparent huge pages where the kernel allows them (``madvise``).
+    """An uninitialised tensor shaped like ``like``: the buffer the last solve released
+    (:func:`release_buffer`) where it is large enough, else fresh memory, which on Linux
+    CPUs is backed by transparent huge pages from 4 MiB on where the kernel allows them
+    (``madvise``).
 
     A solver's ``n x m`` work buffer is fresh memory: first touching it costs one page
     fault per 4 KiB page (about 60 ms of CPU for 128 MiB, more than a Sinkhorn iteration
-    at n = 4000), and its mat-vecs miss the TLB on every page. With 2 MiB pages both
-    shrink (measured: 60 -> 15 ms to touch 128 MiB, 9.7 -> 6.2 ms per mat-vec). Advice
-    only: where it is refused, ordinary pages are used.
+    at n = 4000; 1 ms for the 2 MiB of n = 500, as long as a whole 5-iteration solve of
+    that size), and its mat-vecs miss the TLB on every page. With 2 MiB pages both
+    shrink (measured: 60 -> 15 ms to touch 128 MiB, 9.7 -> 6.2 ms per mat-vec); a reused
+    buffer costs nothing. Advice only: where it is refused, ordinary pages are used.
     """
     global _madvise
+    if like.device.type == "cpu":
+        try:
+            buf = _pool.pop()  # atomic: concurrent solves never share a buffer
+        except IndexError:
+            buf = None
+        if buf is not None and buf.dtype == like.dtype and buf.numel() >= like.numel():
+            return buf[: like.numel()].view(like.shape)
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     nbytes = out.numel() * out.element_size()
     if out.device.type != "cpu" or nbytes < 2 * _HUGE_PAGE or not sys.platform.startswith("linux"):
@@ -641,3 +661,13 @@ def large_buffer(like: torch.Tensor) -> torch.Tensor:
         if end > start:
             _madvise(start, end - start, 14)  # MADV_HUGEPAGE; a refusal leaves ordinary pages
     return out
+
+
+def release_buffer(buf: torch.Tensor | None) -> None:
+    """Keep a CPU work buffer of :func:`large_buffer` (up to 32 MiB) for the next solve, in
+    place of the one kept before (a CPU analogue of torch's caching GPU allocator, one
+    slot: at most 32 MiB stay allocated between solves). The caller drops its references."""
+    if buf is None or buf.device.type != "cpu" or not buf.is_contiguous():
+        return
+    if buf.numel() * buf.element_size() <= _POOL_MAX:
+        _pool[:] = [buf.reshape(-1)]

@@ -46,8 +46,11 @@ one blocked pass over ``K`` and ``C``.
 :math:`\varepsilon \to 0` c-transforms :math:`f_i = \min_j C_{ij}`,
 :math:`g_j = \min_i (C_{ij} - f_i)`, so every row and column of the first kernel holds an
 entry equal to 1 and nothing underflows, whatever :math:`\varepsilon`. The dense engine
-forms this start and its kernel in one blocked pass over ``C`` (``g`` enters as the scaling
-:math:`v = e^{g/\varepsilon}` while :math:`\max g/\varepsilon` is small).
+forms :math:`f`, the kernel :math:`e^{(f_i - C_{ij})/\varepsilon}` and the first column
+update :math:`g = -\varepsilon\log(K^\top a)` (the soft c-transform of :math:`f`) in one
+blocked pass over ``C`` while that update stays within the absorption threshold, and reuses
+the kernel buffer of the previous CPU solve (up to 32 MiB; fresh memory costs a page fault
+per 4 KiB).
 
 **eps-scaling.** With ``eps_scaling=True`` the solver runs a geometric schedule
 :math:`\varepsilon_k = \max(\varepsilon, \varepsilon_0 \rho^k)` starting from the cost
@@ -229,41 +232,7 @@ def sinkhorn_problem(
     (:class:`entrokit._threads.solver_threads`).
     """
     with solver_threads(cost_entries(problem.geometry), problem.a.device):
-        return _sinkhorn_loop(problem, eps, options, init=init, unroll=unroll, callback=callback, precise=precise)
-
-
-def _sinkhorn_loop(
-    problem: OTProblem,
-    eps: float,
-    options: SinkhornOptions,
-    *,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    unroll: bool = False,
-    callback: Callable[[int, float], None] | None = None,
-    precise: bool = False,
-):
-    """:func:`sinkhorn_problem` on the caller's threads."""
-    run = _Loop(problem, eps, options, init, unroll, callback)
-    restart = True
-    while restart:
-        restart = False
-        for si, e in enumerate(run.stages):
-            last = si == len(run.stages) - 1
-            it_stage = run.it
-            engine = run.engine(si, e)
-            status, engine = run.stage(engine, e, last, it_stage)
-            if status == "restart":
-                restart = True
-                break
-            run.f, run.g = engine.potentials(precise=precise and last and not unroll)
-            if last:
-                reduced = engine.reduce()
-                if reduced is not None:
-                    run.info["reduce"] = reduced
-            run.stage_iters.append(run.it - it_stage)
-            if "stopped_slow" in run.info:
-                break
-    return run.finish()
+        return _Loop(problem, eps, options, init, unroll, callback).run(precise)
 
 
 def _start_potentials(a, b, init, unroll: bool):
@@ -282,6 +251,7 @@ class _Loop:
         if not unroll:
             geom, a, b = geom.detach(), a.detach(), b.detach()
         self.geom, self.a, self.b, self.eps, self.options, self.callback = geom, a, b, eps, options, callback
+        self.unroll = unroll
         self.B, self.device, self.dtype, self.init = a.shape[0], a.device, a.dtype, init
         self.log_a, self.log_b = log_weights(a), log_weights(b)
         self.f, self.g = self.f0, self.g0 = _start_potentials(a, b, init, unroll)
@@ -310,6 +280,29 @@ class _Loop:
             # (an O(n) dot product) and stops at the first that meets it: the full check
             # (overflow, absorption, history) can run every 10 iterations at any size
             self.check_every = 10
+
+    def run(self, precise: bool):
+        """Run the stages (restarting once with the annealing schedule when the "auto"
+        rule asks for it); returns :meth:`finish`."""
+        restart = True
+        while restart:
+            restart = False
+            for si, e in enumerate(self.stages):
+                last = si == len(self.stages) - 1
+                it_stage = self.it
+                status, engine = self.stage(self.engine(si, e), e, last, it_stage)
+                if status == "restart":
+                    restart = True
+                    break
+                self.f, self.g = engine.potentials(precise=precise and last and not self.unroll)
+                if last:
+                    reduced = engine.reduce()
+                    if reduced is not None:
+                        self.info["reduce"] = reduced
+                self.stage_iters.append(self.it - it_stage)
+                if "stopped_slow" in self.info:
+                    break
+        return self.finish()
 
     def _schedule(self, init) -> None:
         """The eps stages and whether the "auto" rule probes the convergence rate."""
