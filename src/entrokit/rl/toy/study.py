@@ -8,6 +8,7 @@ weights and the first rollout's random stream, so differences between arms are p
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -22,7 +23,7 @@ from entrokit.rl.toy.loop import GRUPolicy, Objective, evaluate, train_grpo
 
 __all__ = [
     "Arm", "run_arm", "run_study", "run_or_load", "study_parser", "apply_quick", "print_table", "print_paired", "fit_entropy_law", "paired_diff",
-    "plot_entropy_bands", "plot_metric_bars",
+    "plot_entropy_bands", "plot_metric_bars", "tune_arms", "print_tuning",
 ]
 
 
@@ -128,6 +129,63 @@ def run_or_load(task: Any, arms: Sequence[Arm], args: argparse.Namespace, **cfg:
         raise ValueError(f"the loaded seeds {seeds} are not consecutive.")
     args.seed0, args.seeds = seeds[0], len(seeds)
     return results, wall, cpu
+
+
+def tune_arms(task: Any, families: dict[str, Sequence[Arm]], seeds: Iterable[int], *, metric: str = "pass@1",
+              avoid: Iterable[int] = (), cache: str | None = None, **cfg: Any
+              ) -> tuple[dict[str, Arm], dict[str, dict[str, list[float]]]]:
+    """Tune every family of arms (a method, its baseline) with the same budget: each
+    candidate :class:`Arm` of each family runs on every tuning seed with the same ``cfg``
+    (:func:`run_arm`, final checkpoint), and the candidate with the highest mean ``metric``
+    wins (the first on ties). Returns ``(chosen arm per family, per family {candidate name:
+    the metric per tuning seed}})``.
+
+    Every family must offer the same number of candidates, and the tuning seeds must be
+    disjoint from ``avoid`` (the evaluation seeds), else :class:`ValueError`. With ``cache``
+    (a JSON path), scores already stored there for the same candidates, seeds, metric and
+    steps are reused and new ones are added, so a second evaluation seed set does not rerun
+    the tuning.
+    """
+    seeds = list(seeds)
+    sizes = {name: len(arms) for name, arms in families.items()}
+    if not seeds or min(sizes.values(), default=0) < 1 or len(set(sizes.values())) != 1:
+        raise ValueError(f"every family needs the same number (>= 1) of candidates and >= 1 tuning seed; got "
+                         f"{sizes} and seeds {seeds}.")
+    if set(seeds) & set(avoid):
+        raise ValueError(f"the tuning seeds {sorted(set(seeds) & set(avoid))} are also evaluation seeds; "
+                         "tune on disjoint seeds.")
+    key = json.dumps({"seeds": seeds, "metric": metric, "steps": cfg.get("steps")})
+    stored: dict[str, dict[str, list[float]]] = {}
+    if cache and os.path.exists(cache):
+        with open(cache, encoding="utf-8") as f:
+            stored = json.load(f)
+    known = stored.setdefault(key, {})
+    scores: dict[str, dict[str, list[float]]] = {}
+    chosen: dict[str, Arm] = {}
+    for family, arms in families.items():
+        scores[family] = {}
+        for arm in arms:
+            if arm.name not in known:
+                known[arm.name] = [float(run_arm(task, arm, s, **cfg)["final"][metric]) for s in seeds]
+            scores[family][arm.name] = known[arm.name]
+        means = [float(np.mean(scores[family][a.name])) for a in arms]
+        chosen[family] = arms[int(np.argmax(means))]
+    if cache:
+        with open(cache, "w", encoding="utf-8") as f:
+            json.dump(stored, f, indent=1)
+    return chosen, scores
+
+
+def print_tuning(chosen: dict[str, Arm], scores: dict[str, dict[str, list[float]]], seeds: Sequence[int],
+                 metric: str = "pass@1") -> None:
+    """The tuning table of :func:`tune_arms`: per candidate the mean ``metric`` over the
+    tuning seeds (and each seed's), the chosen one marked ``*``."""
+    print(f"tuning on seeds {list(seeds)} ({metric} at the final step; every family "
+          f"{len(next(iter(scores.values())))} candidates):")
+    for family, cands in scores.items():
+        for name, vals in cands.items():
+            mark = "*" if name == chosen[family].name else " "
+            print(f"  {mark} {family:10s} {name:22s} mean {np.mean(vals):.3f}  seeds " + " ".join(f"{v:.3f}" for v in vals))
 
 
 def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
