@@ -94,7 +94,8 @@ def study_parser(doc: str, *, steps: int, quick_steps: int, out: str, seeds: int
                     help="first seed (the committed numbers: 0; the second seed set: 100)")
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--quick", action="store_true",
-                    help=f"CI smoke run: {quick_seeds} seeds, {quick_steps} steps")
+                    help=f"CI smoke run: {quick_seeds} seeds, {quick_steps} steps (the scripts also take fewer prompts "
+                         "per step)")
     ap.add_argument("--out", default=os.path.join("examples", "figures", out))
     ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
     ap.add_argument("--load", metavar="PATH", nargs="+",
