@@ -142,17 +142,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
     ap.add_argument("--seed0", type=int, default=0, help="first seed (the committed numbers: 0; the second set: 100)")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 8 steps, 8 prompts per step, 2 candidates tuned on 1 seed")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 4 steps, 8 prompts per step, 2 candidates tuned on 1 seed")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_aer_mixed_difficulty.png"))
     ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
     ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
     args = ap.parse_args()
     global_grid, aer_grid = GLOBAL_GRID, AER_GRID
     if args.quick:
-        args.seeds, args.steps, args.tune_seeds, global_grid, aer_grid = 2, 8, 1, GLOBAL_GRID[1:3], AER_GRID[:2]
+        args.seeds, args.steps, args.tune_seeds, global_grid, aer_grid = 2, 4, 1, GLOBAL_GRID[1:3], AER_GRID[:2]
     torch.set_num_threads(1)
     task = MixedArithmetic(40, moduli=(2, 5, 10, 25, 50))
-    cfg = {"steps": args.steps, "hidden": 64, "eval_every": 4 if args.quick else 10,
+    cfg = {"steps": args.steps, "hidden": 64, "eval_every": 2 if args.quick else 10,
            "final_samples": 32 if args.quick else 128, "k": 16 if args.quick else 64, "prompts_per_step": 8 if args.quick else 32,
            "group_size": GROUP, "ppo_epochs": 4, "lr": 3e-3}
     k, n_split = cfg["k"], cfg["final_samples"]

@@ -138,14 +138,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
     ap.add_argument("--seed0", type=int, default=0, help="first seed (the committed numbers: 0; the second set: 100)")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 6 steps, 4 layouts per step, 2 lambdas tuned on 1 seed")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 4 steps, 4 layouts per step, 2 lambdas tuned on 1 seed")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_epo_gridworld.png"))
     ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
     ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
     args = ap.parse_args()
     lambdas = LAMBDAS
     if args.quick:
-        args.seeds, args.steps, args.tune_seeds, lambdas = 2, 6, 1, LAMBDAS[1:3]
+        args.seeds, args.steps, args.tune_seeds, lambdas = 2, 4, 1, LAMBDAS[1:3]
     torch.set_num_threads(1)
     task = KeyDoorGrid(size=5, max_turns=20, num_layouts=8)
     cfg = {"steps": args.steps, "hidden": 64, "eval_every": 3 if args.quick else 10,
