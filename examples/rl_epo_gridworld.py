@@ -76,7 +76,7 @@ from entrokit.rl.toy.study import (  # noqa: E402
     plot_entropy_bands,
     plot_metric_bars,
     print_tuning,
-    run_arm,
+    run_or_load,
     tune_arms,
 )
 
@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_epo_gridworld.png"))
     ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
     ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
+    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
+    ap.add_argument("--load", metavar="PATH", nargs="+",
+                    help="do not train: report on the runs saved by --save (seeds in the order given)")
     args = ap.parse_args()
     lambdas = LAMBDAS
     if args.quick:
@@ -162,14 +165,10 @@ def main() -> None:
     print_tuning(chosen, scores, tune_seeds)
     lam_bonus, lam_epo = (float(chosen[f].name.split("@")[1]) for f in ("bonus", "epo"))
     ARMS = arms(args.steps, lam_bonus, lam_epo)
-    results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
-    wall, cpu = time.perf_counter(), time.process_time()
-    for seed in range(args.seed0, args.seed0 + args.seeds):
-        for arm in ARMS:
-            run = run_arm(task, arm, seed, **cfg)
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
+    for runs in results.values():
+        for run in runs:
             run["final"]["step_var"] = step_variance(run)
-            results[arm.name].append(run)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"key-door gridworld 5x5, 8 layouts, 20 turns; GRU 64, GRPO 16x8, 4 PPO epochs, lr 3e-3, "
           f"lambda bonus {lam_bonus:g} / EPO {lam_epo:g} (tuned), alpha {ALPHA}, kappa {KAPPA}; {args.steps} steps, {args.seeds} seeds ({args.seed0}+); "
           f"wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
