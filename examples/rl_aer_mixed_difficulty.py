@@ -72,7 +72,7 @@ from entrokit.rl.toy.study import (  # noqa: E402
     plot_entropy_bands,
     plot_metric_bars,
     print_tuning,
-    run_arm,
+    run_or_load,
     tune_arms,
 )
 
@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_aer_mixed_difficulty.png"))
     ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
     ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
+    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
+    ap.add_argument("--load", metavar="PATH", nargs="+",
+                    help="do not train: report on the runs saved by --save (seeds in the order given)")
     args = ap.parse_args()
     global_grid, aer_grid = GLOBAL_GRID, AER_GRID
     if args.quick:
@@ -167,16 +170,8 @@ def main() -> None:
     global_max = float(chosen["global"].name.split("@")[1])
     aer_max, tau = (float(x) for x in chosen["aer"].name.split("@")[1].split(","))
     ARMS = arms(global_max, aer_max, tau)
-    policies = []  # the policy of the latest run, kept to measure it per difficulty afterwards
-    cfg["init_policy"] = policies.append
-    results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
-    wall, cpu = time.perf_counter(), time.process_time()
-    for seed in range(args.seed0, args.seed0 + args.seeds):
-        for arm in ARMS:
-            run = run_arm(task, arm, seed, **cfg)
-            run["final"].update(by_difficulty(policies.pop(), task, n_split, seed))
-            results[arm.name].append(run)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    cfg["measure"] = lambda policy, seed: by_difficulty(policy, task, n_split, seed)
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     print(f"mixed-difficulty arithmetic (40 prompts, moduli 2-50), GRU 64, GRPO 32x8, 4 PPO epochs, lr 3e-3; "
           f"controller rho {RHO}, eta {ETA}; tuned: global box [0, {global_max:g}], AER box [0, {aer_max:g}], tau {tau:g}; "
           f"{args.steps} steps, {args.seeds} seeds "

@@ -45,11 +45,13 @@ def _num_inputs(task: Any) -> int:
 
 def run_arm(task: Any, arm: Arm, seed: int, *, steps: int, hidden: int = 128, eval_every: int = 10,
             eval_samples: int = 16, final_samples: int = 128, k: int = 64,
-            init_policy: Callable[[GRUPolicy], None] | None = None, **train: Any) -> dict[str, Any]:
+            init_policy: Callable[[GRUPolicy], None] | None = None,
+            measure: Callable[[GRUPolicy, int], dict[str, float]] | None = None, **train: Any) -> dict[str, Any]:
     """Train one arm on one seed; returns ``init`` and ``final`` (:func:`evaluate` with
     ``final_samples`` per prompt), ``history`` (per step) and ``checkpoints`` (``eval_every``
     steps, pass@1 and entropy from ``eval_samples`` per prompt). ``init_policy`` edits the
-    fresh policy in place (e.g. a prior against noise tokens) before anything runs."""
+    fresh policy in place (e.g. a prior against noise tokens) before anything runs;
+    ``measure(policy, seed)`` adds its metrics to ``final`` after training."""
     policy = GRUPolicy(task.num_prompts, _num_inputs(task), task.vocab_size, hidden, seed=seed)
     if init_policy is not None:
         init_policy(policy)
@@ -66,6 +68,8 @@ def run_arm(task: Any, arm: Arm, seed: int, *, steps: int, hidden: int = 128, ev
     kw = {**train, **arm.train}
     hist = train_grpo(policy, task, arm.make(g), steps=steps, generator=g, callback=callback, **kw)
     final = evaluate(policy, task, samples=final_samples, k=k, generator=g_eval)
+    if measure is not None:
+        final.update(measure(policy, seed))
     return {"init": init, "final": final, "history": hist, "checkpoints": checkpoints}
 
 
