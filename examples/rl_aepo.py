@@ -124,8 +124,8 @@ def main() -> None:
     args = apply_quick(study_parser(__doc__, steps=120, quick_steps=6, out="rl_aepo.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4)
-    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 32 if args.quick else 128,
-           "k": 16 if args.quick else 64, "prompts_per_step": 8 if args.quick else 32, "group_size": GROUP, "ppo_epochs": 4, "lr": 3e-3}
+    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 16 if args.quick else 128,
+           "k": 8 if args.quick else 64, "prompts_per_step": 8 if args.quick else 32, "group_size": GROUP, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
     results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     add_band(results)
