@@ -40,7 +40,7 @@ answers, entropy) plus pass@1 on the hard prompts (m >= 25) and on the easy ones
 Test of the claim: the paired AER - global difference of pass@1 has its 95 % interval above 0.
 
 Run: ``python examples/rl_aer_mixed_difficulty.py [--seeds 5] [--seed0 0] [--steps 100] [--tuning-cache JSON]
-[--quick] [--out PATH]``
+[--save PATH] [--load PATH ...] [--quick] [--out PATH]``
 (the committed numbers: ``--seed0 0``; the second seed set: ``--seed0 100``).
 """
 

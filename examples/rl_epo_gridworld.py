@@ -42,8 +42,8 @@ the per-step rollout entropy over training. Test of the claim: the paired EPO - 
 difference of the variance has its 95 % upper bound below 0 (lower) and that of the success
 rate its lower bound above 0 (higher).
 
-Run: ``python examples/rl_epo_gridworld.py [--seeds 5] [--seed0 0] [--steps 80] [--tuning-cache JSON] [--quick]
-[--out PATH]``
+Run: ``python examples/rl_epo_gridworld.py [--seeds 5] [--seed0 0] [--steps 80] [--tuning-cache JSON]
+[--save PATH] [--load PATH ...] [--quick] [--out PATH]``
 (the committed numbers: ``--seed0 0``; the second seed set: ``--seed0 100``).
 """
 
