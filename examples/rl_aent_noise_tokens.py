@@ -99,7 +99,7 @@ ARMS = [
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=40, quick_steps=6, out="rl_aent_noise_tokens.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=40, quick_steps=4, out="rl_aent_noise_tokens.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4, noise_tokens=NOISE)
     cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 8 if args.quick else 128,

@@ -121,7 +121,7 @@ def add_band(results: dict[str, list[dict]]) -> None:
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=120, quick_steps=6, out="rl_aepo.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=120, quick_steps=4, out="rl_aepo.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4)
     cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 16 if args.quick else 128,

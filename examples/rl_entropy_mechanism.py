@@ -87,7 +87,7 @@ METRICS = ("pass@1", "pass@64", "coverage", "distinct", "entropy")
 
 
 def main() -> None:
-    ap = study_parser(__doc__, steps=200, quick_steps=6, out="rl_entropy_mechanism.png")
+    ap = study_parser(__doc__, steps=200, quick_steps=4, out="rl_entropy_mechanism.png")
     ap.add_argument("--cov-ratio", type=float, default=None,
                     help="share of tokens Clip-Cov and KL-Cov touch (default: the official preset's)")
     args = apply_quick(ap.parse_args())

@@ -95,7 +95,7 @@ def add_entropy_steps(results: dict[str, list[dict]]) -> None:
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=100, quick_steps=6, out="rl_steer.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=100, quick_steps=4, out="rl_steer.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4)
     cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 32 if args.quick else 128,

@@ -77,7 +77,7 @@ ARMS = [
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=200, quick_steps=6, out="rl_top_entropy_tokens.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=200, quick_steps=4, out="rl_top_entropy_tokens.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4)
     cfg = {"steps": args.steps, "eval_every": 2 if args.quick else 10, "final_samples": 32 if args.quick else 128,
