@@ -156,3 +156,22 @@ def test_tune_arms_same_budget_disjoint_seeds_and_cache(tmp_path, capsys):
         tune_arms(task, {"base": fams["base"], "method": fams["method"][:1]}, [7], **KW)
     with pytest.raises(ValueError, match=r"tuning seeds \[1\] are also evaluation seeds"):
         tune_arms(task, fams, [1, 7], avoid=range(0, 5), **KW)
+
+
+def test_run_arm_measure_sees_the_trained_policy_and_seed():
+    task = DigitSum(2)
+    arm = Arm("a", "A", lambda g: grpo_objective())
+    seen = []
+
+    def measure(policy, seed):
+        seen.append((policy, seed))
+        return {"head_norm": float(policy.head.weight.norm())}
+
+    run = run_arm(task, arm, 3, measure=measure, **KW)
+    assert len(seen) == 1 and seen[0][1] == 3
+    assert run["final"]["head_norm"] == float(seen[0][0].head.weight.norm())
+    # measured after training: the untrained policy of the same seed has other head weights
+    from entrokit.rl.toy import GRUPolicy
+
+    fresh = GRUPolicy(task.num_prompts, task.vocab_size + 1, task.vocab_size, KW["hidden"], seed=3)
+    assert float(fresh.head.weight.norm()) != run["final"]["head_norm"]
