@@ -99,11 +99,11 @@ ARMS = [
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=40, quick_steps=6, out="rl_aent_noise_tokens.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=40, quick_steps=4, out="rl_aent_noise_tokens.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4, noise_tokens=NOISE)
-    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 32 if args.quick else 128,
-           "k": 16 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
+    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 8 if args.quick else 128,
+           "k": 8 if args.quick else 64, "prompts_per_step": 4 if args.quick else 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
            "init_policy": prior}
     k = cfg["k"]
     results, wall, cpu = run_or_load(task, ARMS, args, **cfg)

@@ -33,7 +33,7 @@ of training is within ±10 % of H*; ``in band`` is the share of those steps insi
 Non-monotonic: the paired pass@1 differences of the middle target to both ends
 (0.6 - 0.3 and 0.6 - 0.9) have the same sign, each with its 95 % interval excluding 0.
 
-Run: ``python examples/rl_aepo.py [--seeds 5] [--seed0 0] [--steps 60] [--quick] [--out PATH]``
+Run: ``python examples/rl_aepo.py [--seeds 5] [--seed0 0] [--steps 120] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -121,11 +121,11 @@ def add_band(results: dict[str, list[dict]]) -> None:
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=60, quick_steps=6, out="rl_aepo.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=120, quick_steps=4, out="rl_aepo.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4)
-    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 32 if args.quick else 128,
-           "k": 16 if args.quick else 64, "prompts_per_step": 32, "group_size": GROUP, "ppo_epochs": 4, "lr": 3e-3}
+    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 16 if args.quick else 128,
+           "k": 8 if args.quick else 64, "prompts_per_step": 8 if args.quick else 32, "group_size": GROUP, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
     results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     add_band(results)

@@ -18,22 +18,29 @@ Regime: ``MixedArithmetic(40, moduli=(2, 5, 10, 25, 50))``: two digits x with x 
 a random policy passes 50 % of the easy prompts (m = 2) and 2-4 % of the hard ones (m = 25, 50).
 GRU 64, GRPO 32 x 8, 4 PPO epochs, Adam 3e-3, no KL: plain GRPO's entropy collapses and the
 number of distinct correct answers falls. Arms, from the same initial weights per seed (paired),
-all with the same controller (rho 0.5, eta 0.01, c0 0, box [0, 0.05]) fed the rollout's
+all with the same controller (rho 0.5, eta 0.01, c0 0, box [0, ceiling]) fed the rollout's
 valid-token mean entropy once per step:
 
 * GRPO: no entropy term;
 * global: ``entropy_bonus(H, mask, alpha)`` on every prompt;
 * AER: ``entropy_bonus(H, mask, c)`` with the per-response ``c = DifficultyAwareCoef(ctrl,
-  tau=0.5)(group accuracy).repeat_interleave(8)``;
+  tau)(group accuracy).repeat_interleave(8)``;
 * global, matched (the ablation): one coefficient for every prompt, equal to AER's *mean*
   coefficient in the batch, alpha x (share of prompts with accuracy < tau); it separates where
   the bonus goes from how much of it there is.
+
+Tuning, the same budget for the method and its baseline: the global coefficient tries the
+ceilings (0.02, 0.05, 0.1, 0.2) and AER the ceilings (0.05, 0.2) x tau (0.5, 0.9), four
+candidates each, on the tuning seeds 1000 and 1001 (``--tune-seeds``), scored by pass@1 at the final
+step (the checkpoint every arm is evaluated at); each keeps its best, the matched ablation takes
+AER's, and the evaluation seeds (``--seed0``) are disjoint from the tuning seeds.
 
 Measures as in ``rl_entropy_mechanism.py`` (pass@1, pass@64, coverage, distinct correct
 answers, entropy) plus pass@1 on the hard prompts (m >= 25) and on the easy ones (m <= 5).
 Test of the claim: the paired AER - global difference of pass@1 has its 95 % interval above 0.
 
-Run: ``python examples/rl_aer_mixed_difficulty.py [--seeds 5] [--seed0 0] [--steps 100] [--quick] [--out PATH]``
+Run: ``python examples/rl_aer_mixed_difficulty.py [--seeds 5] [--seed0 0] [--steps 100] [--tuning-cache JSON]
+[--save PATH] [--load PATH ...] [--quick] [--out PATH]``
 (the committed numbers: ``--seed0 0``; the second seed set: ``--seed0 100``).
 """
 
@@ -59,18 +66,32 @@ from entrokit.rl import (  # noqa: E402
 )
 from entrokit.rl.toy import MixedArithmetic, grpo_objective  # noqa: E402
 from entrokit.rl.toy.loop import sample  # noqa: E402
-from entrokit.rl.toy.study import Arm, paired_diff, plot_entropy_bands, plot_metric_bars, run_arm  # noqa: E402
+from entrokit.rl.toy.study import (  # noqa: E402
+    Arm,
+    paired_diff,
+    plot_entropy_bands,
+    plot_metric_bars,
+    print_tuning,
+    run_or_load,
+    tune_arms,
+)
 
 fmt = functools.partial(format_ci95, digits=3, width=6)
-GROUP, RHO, ETA, COEF_MAX, TAU = 8, 0.5, 0.01, 0.05, 0.5
+GROUP, RHO, ETA = 8, 0.5, 0.01
+# the tuning grids, four candidates each (the same budget): the global coefficient's ceiling,
+# and AER's ceiling x its accuracy threshold tau
+GLOBAL_GRID = (0.02, 0.05, 0.1, 0.2)
+AER_GRID = ((0.05, 0.5), (0.2, 0.5), (0.05, 0.9), (0.2, 0.9))
+TUNE_SEED0 = 1000  # tuning seeds 1000+, disjoint from the evaluation sets 0-4 and 100-104
 
 
-def regularized(allocation: str):
-    """GRPO + the bonus with AER's anchored global coefficient, allocated ``"global"``,
-    ``"aer"`` (hard prompts only) or ``"matched"`` (AER's batch-mean coefficient on all)."""
+def regularized(allocation: str, coef_max: float, tau: float = 0.5):
+    """GRPO + the bonus with AER's anchored global coefficient (ceiling ``coef_max``),
+    allocated ``"global"``, ``"aer"`` (prompts with accuracy < ``tau`` only) or ``"matched"``
+    (AER's batch-mean coefficient on all)."""
     def make(g):
         coefs = DifficultyAwareCoef(AnchoredTargetController(ratio=RHO, lr=ETA, coef=0.0, coef_min=0.0,
-                                                             coef_max=COEF_MAX, sync=False), tau=TAU)
+                                                             coef_max=coef_max, sync=False), tau=tau)
 
         def objective(b):
             acc = b.rewards.view(-1, GROUP).mean(1)
@@ -90,12 +111,20 @@ def regularized(allocation: str):
     return make
 
 
-ARMS = [
-    Arm("grpo", "GRPO", lambda g: grpo_objective(0.2), "tab:gray"),
-    Arm("global", "global coefficient", regularized("global"), "tab:orange"),
-    Arm("aer", f"AER (hard only, tau {TAU})", regularized("aer"), "tab:blue"),
-    Arm("matched", "global, matched mean", regularized("matched"), "tab:cyan"),
-]
+def candidates(global_grid, aer_grid) -> dict[str, list[Arm]]:
+    return {"global": [Arm(f"global@{c:g}", f"global, max {c:g}", regularized("global", c), "tab:orange")
+                       for c in global_grid],
+            "aer": [Arm(f"aer@{c:g},{t:g}", f"AER, max {c:g}, tau {t:g}", regularized("aer", c, t), "tab:blue")
+                    for c, t in aer_grid]}
+
+
+def arms(global_max: float, aer_max: float, tau: float) -> list[Arm]:
+    return [
+        Arm("grpo", "GRPO", lambda g: grpo_objective(0.2), "tab:gray"),
+        Arm("global", f"global coefficient (max {global_max:g})", regularized("global", global_max), "tab:orange"),
+        Arm("aer", f"AER (max {aer_max:g}, tau {tau:g})", regularized("aer", aer_max, tau), "tab:blue"),
+        Arm("matched", "global, matched mean", regularized("matched", aer_max, tau), "tab:cyan"),
+    ]
 
 
 @torch.no_grad()
@@ -113,28 +142,39 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
     ap.add_argument("--seed0", type=int, default=0, help="first seed (the committed numbers: 0; the second set: 100)")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 8 steps")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 4 steps, 8 prompts per step, 2 candidates tuned on 1 seed")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_aer_mixed_difficulty.png"))
+    ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
+    ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
+    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
+    ap.add_argument("--load", metavar="PATH", nargs="+",
+                    help="do not train: report on the runs saved by --save (seeds in the order given)")
     args = ap.parse_args()
+    global_grid, aer_grid = GLOBAL_GRID, AER_GRID
     if args.quick:
-        args.seeds, args.steps = 2, 8
+        args.seeds, args.steps, args.tune_seeds, global_grid, aer_grid = 2, 4, 1, GLOBAL_GRID[1:3], AER_GRID[:2]
     torch.set_num_threads(1)
     task = MixedArithmetic(40, moduli=(2, 5, 10, 25, 50))
-    policies = []  # the policy of the latest run, kept to measure it per difficulty afterwards
-    cfg = {"steps": args.steps, "hidden": 64, "eval_every": 4 if args.quick else 10,
-           "final_samples": 32 if args.quick else 128, "k": 16 if args.quick else 64, "prompts_per_step": 32,
-           "group_size": GROUP, "ppo_epochs": 4, "lr": 3e-3, "init_policy": policies.append}
+    cfg = {"steps": args.steps, "hidden": 64, "eval_every": 2 if args.quick else 10,
+           "final_samples": 32 if args.quick else 128, "k": 16 if args.quick else 64, "prompts_per_step": 8 if args.quick else 32,
+           "group_size": GROUP, "ppo_epochs": 4, "lr": 3e-3}
     k, n_split = cfg["k"], cfg["final_samples"]
-    results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
+    # the global coefficient (the baseline of the claim) and AER get four candidates each, the
+    # same tuning seeds and checkpoint (the final step); evaluation seeds are disjoint from them
+    tune_seeds = range(TUNE_SEED0, TUNE_SEED0 + args.tune_seeds)
     wall, cpu = time.perf_counter(), time.process_time()
-    for seed in range(args.seed0, args.seed0 + args.seeds):
-        for arm in ARMS:
-            run = run_arm(task, arm, seed, **cfg)
-            run["final"].update(by_difficulty(policies.pop(), task, n_split, seed))
-            results[arm.name].append(run)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    chosen, scores = tune_arms(task, candidates(global_grid, aer_grid), tune_seeds, metric="pass@1",
+                               avoid=range(args.seed0, args.seed0 + args.seeds), cache=args.tuning_cache, **cfg)
+    print(f"tuning: wall {time.perf_counter() - wall:.0f} s, process CPU {time.process_time() - cpu:.0f} s")
+    print_tuning(chosen, scores, tune_seeds)
+    global_max = float(chosen["global"].name.split("@")[1])
+    aer_max, tau = (float(x) for x in chosen["aer"].name.split("@")[1].split(","))
+    ARMS = arms(global_max, aer_max, tau)
+    cfg["measure"] = lambda policy, seed: by_difficulty(policy, task, n_split, seed)
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     print(f"mixed-difficulty arithmetic (40 prompts, moduli 2-50), GRU 64, GRPO 32x8, 4 PPO epochs, lr 3e-3; "
-          f"controller rho {RHO}, eta {ETA}, box [0, {COEF_MAX}], tau {TAU}; {args.steps} steps, {args.seeds} seeds "
+          f"controller rho {RHO}, eta {ETA}; tuned: global box [0, {global_max:g}], AER box [0, {aer_max:g}], tau {tau:g}; "
+          f"{args.steps} steps, {args.seeds} seeds "
           f"({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
     init = results["grpo"]
     print(f"at initialisation: pass@1 {fmt([r['init']['pass@1'] for r in init])}, distinct "

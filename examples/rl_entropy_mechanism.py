@@ -87,15 +87,15 @@ METRICS = ("pass@1", "pass@64", "coverage", "distinct", "entropy")
 
 
 def main() -> None:
-    ap = study_parser(__doc__, steps=200, quick_steps=12, out="rl_entropy_mechanism.png")
+    ap = study_parser(__doc__, steps=200, quick_steps=4, out="rl_entropy_mechanism.png")
     ap.add_argument("--cov-ratio", type=float, default=None,
                     help="share of tokens Clip-Cov and KL-Cov touch (default: the official preset's)")
     args = apply_quick(ap.parse_args())
     arms = make_arms(args.cov_ratio)
     torch.set_num_threads(1)
     task = DigitSum(4)
-    cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 64 if args.quick else 128,
-           "k": 32 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
+    cfg = {"steps": args.steps, "eval_every": 2 if args.quick else 10, "final_samples": 32 if args.quick else 128,
+           "k": 32 if args.quick else 64, "prompts_per_step": 8 if args.quick else 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
     results, wall, cpu = run_or_load(task, arms, args, **cfg)
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "

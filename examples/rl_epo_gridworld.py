@@ -24,12 +24,17 @@ falls while the other layouts stay unsolved (the cascade). Arms, from the same i
 per seed (paired):
 
 * GRPO: no entropy term;
-* bonus: GRPO + ``entropy_bonus(H, mask, LAMBDA)``;
-* EPO: GRPO + ``corridor_entropy_loss(H, mask, history.mean, coef=LAMBDA, alpha=ALPHA,
+* bonus: GRPO + ``entropy_bonus(H, mask, lambda_bonus)``;
+* EPO: GRPO + ``corridor_entropy_loss(H, mask, history.mean, coef=lambda_epo, alpha=ALPHA,
   kappa=KAPPA, beta=phase_weight(step, steps))``, ``history`` an ``EntropyHistory`` fed the
   rollout's valid-token mean entropy once per step (the mean of the *previous* steps is used);
-* EPO without the phase weight (the ablation: beta = 1), which separates the corridor from
-  its schedule.
+* EPO without the phase weight (the ablation: beta = 1, EPO's lambda), which separates the
+  corridor from its schedule.
+
+Tuning, the same budget for the method and its baseline: the bonus and EPO each try
+lambda in (0.005, 0.01, 0.02, 0.05) on the tuning seeds 1000 and 1001 (``--tune-seeds``), scored by
+the success rate at the final step (the checkpoint every arm is evaluated at); each keeps its
+best lambda, and the evaluation seeds (``--seed0``) are disjoint from the tuning seeds.
 
 Measures: success rate (pass@1 on every layout, 128 episodes each), pass@k, distinct successful
 action sequences, and the step-to-step entropy variance :math:`\\mathrm{Var}_t(H_{t+1} - H_t)` of
@@ -37,7 +42,8 @@ the per-step rollout entropy over training. Test of the claim: the paired EPO - 
 difference of the variance has its 95 % upper bound below 0 (lower) and that of the success
 rate its lower bound above 0 (higher).
 
-Run: ``python examples/rl_epo_gridworld.py [--seeds 5] [--seed0 0] [--steps 80] [--quick] [--out PATH]``
+Run: ``python examples/rl_epo_gridworld.py [--seeds 5] [--seed0 0] [--steps 80] [--tuning-cache JSON]
+[--save PATH] [--load PATH ...] [--quick] [--out PATH]``
 (the committed numbers: ``--seed0 0``; the second seed set: ``--seed0 100``).
 """
 
@@ -64,22 +70,33 @@ from entrokit.rl import (  # noqa: E402
     phase_weight,
 )
 from entrokit.rl.toy import KeyDoorGrid, grpo_objective  # noqa: E402
-from entrokit.rl.toy.study import Arm, paired_diff, plot_entropy_bands, plot_metric_bars, run_arm  # noqa: E402
+from entrokit.rl.toy.study import (  # noqa: E402
+    Arm,
+    paired_diff,
+    plot_entropy_bands,
+    plot_metric_bars,
+    print_tuning,
+    run_or_load,
+    tune_arms,
+)
 
 fmt = functools.partial(format_ci95, digits=3, width=6)
-LAMBDA, ALPHA, KAPPA = 0.02, 1.0, (0.8, 1.2)
+LAMBDAS, ALPHA, KAPPA = (0.005, 0.01, 0.02, 0.05), 1.0, (0.8, 1.2)
+TUNE_SEED0 = 1000  # tuning seeds 1000+, disjoint from the evaluation sets 0-4 and 100-104
 
 
-def bonus(g):
-    def objective(b):
-        pg, s = clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask, check_inputs=False)
-        eb, _ = entropy_bonus(b.entropy, b.mask, LAMBDA, check_inputs=False)
-        return pg + eb, s
-    return objective
+def bonus(coef: float):
+    def make(g):
+        def objective(b):
+            pg, s = clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask, check_inputs=False)
+            eb, _ = entropy_bonus(b.entropy, b.mask, coef, check_inputs=False)
+            return pg + eb, s
+        return objective
+    return make
 
 
-def epo(total_steps: int | None):
-    """EPO's objective; ``total_steps=None`` drops the phase weight (beta = 1)."""
+def epo(total_steps: int | None, coef: float):
+    """EPO's objective with lambda = ``coef``; ``total_steps=None`` drops the phase weight (beta = 1)."""
     def make(g):
         history, state = EntropyHistory(sync=False), {}
 
@@ -89,19 +106,25 @@ def epo(total_steps: int | None):
                 history.update(float((b.entropy.detach() * b.mask).sum() / b.mask.sum()))
             beta = 1.0 if total_steps is None else phase_weight(b.step, total_steps)
             pg, s = clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask, check_inputs=False)
-            el, es = corridor_entropy_loss(b.entropy, b.mask, state["mean"], coef=LAMBDA, alpha=ALPHA, kappa=KAPPA,
+            el, es = corridor_entropy_loss(b.entropy, b.mask, state["mean"], coef=coef, alpha=ALPHA, kappa=KAPPA,
                                            beta=beta, check_inputs=False)
             return pg + el, {**s, "smoothing": es["smoothing"]}
         return objective
     return make
 
 
-def arms(steps: int) -> list[Arm]:
+def candidates(steps: int, lambdas) -> dict[str, list[Arm]]:
+    """The tuning grid: the bonus and EPO each get the same lambdas (the same budget)."""
+    return {"bonus": [Arm(f"bonus@{c:g}", f"bonus {c:g}", bonus(c), "tab:orange") for c in lambdas],
+            "epo": [Arm(f"epo@{c:g}", f"EPO (corridor) {c:g}", epo(steps, c), "tab:green") for c in lambdas]}
+
+
+def arms(steps: int, lam_bonus: float, lam_epo: float) -> list[Arm]:
     return [
         Arm("grpo", "GRPO", lambda g: grpo_objective(0.2), "tab:gray"),
-        Arm("bonus", f"bonus {LAMBDA}", bonus, "tab:orange"),
-        Arm("epo", "EPO (corridor)", epo(steps), "tab:green"),
-        Arm("epo_flat", "EPO, beta = 1", epo(None), "tab:olive"),
+        Arm("bonus", f"bonus {lam_bonus:g}", bonus(lam_bonus), "tab:orange"),
+        Arm("epo", f"EPO (corridor) {lam_epo:g}", epo(steps, lam_epo), "tab:green"),
+        Arm("epo_flat", "EPO, beta = 1", epo(None, lam_epo), "tab:olive"),
     ]
 
 
@@ -115,28 +138,39 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
     ap.add_argument("--seed0", type=int, default=0, help="first seed (the committed numbers: 0; the second set: 100)")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 6 steps")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 4 steps, 4 layouts per step, 2 lambdas tuned on 1 seed")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_epo_gridworld.png"))
+    ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
+    ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
+    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
+    ap.add_argument("--load", metavar="PATH", nargs="+",
+                    help="do not train: report on the runs saved by --save (seeds in the order given)")
     args = ap.parse_args()
+    lambdas = LAMBDAS
     if args.quick:
-        args.seeds, args.steps = 2, 6
+        args.seeds, args.steps, args.tune_seeds, lambdas = 2, 4, 1, LAMBDAS[1:3]
     torch.set_num_threads(1)
     task = KeyDoorGrid(size=5, max_turns=20, num_layouts=8)
-    ARMS = arms(args.steps)
     cfg = {"steps": args.steps, "hidden": 64, "eval_every": 3 if args.quick else 10,
-           "final_samples": 32 if args.quick else 128, "k": 16 if args.quick else 64, "prompts_per_step": 16,
+           "final_samples": 32 if args.quick else 128, "k": 16 if args.quick else 64, "prompts_per_step": 4 if args.quick else 16,
            "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
-    results: dict[str, list[dict]] = {a.name: [] for a in ARMS}
+    # the bonus (the baseline of the claim) and EPO get the same lambda grid, tuning seeds and
+    # checkpoint (the final step); the evaluation seeds are disjoint from the tuning seeds
+    tune_seeds = range(TUNE_SEED0, TUNE_SEED0 + args.tune_seeds)
     wall, cpu = time.perf_counter(), time.process_time()
-    for seed in range(args.seed0, args.seed0 + args.seeds):
-        for arm in ARMS:
-            run = run_arm(task, arm, seed, **cfg)
+    chosen, scores = tune_arms(task, candidates(args.steps, lambdas), tune_seeds, metric="pass@1",
+                               avoid=range(args.seed0, args.seed0 + args.seeds), cache=args.tuning_cache, **cfg)
+    print(f"tuning: wall {time.perf_counter() - wall:.0f} s, process CPU {time.process_time() - cpu:.0f} s")
+    print_tuning(chosen, scores, tune_seeds)
+    lam_bonus, lam_epo = (float(chosen[f].name.split("@")[1]) for f in ("bonus", "epo"))
+    ARMS = arms(args.steps, lam_bonus, lam_epo)
+    results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
+    for runs in results.values():
+        for run in runs:
             run["final"]["step_var"] = step_variance(run)
-            results[arm.name].append(run)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(f"key-door gridworld 5x5, 8 layouts, 20 turns; GRU 64, GRPO 16x8, 4 PPO epochs, lr 3e-3, "
-          f"lambda {LAMBDA}, alpha {ALPHA}, kappa {KAPPA}; {args.steps} steps, {args.seeds} seeds ({args.seed0}+); "
+          f"lambda bonus {lam_bonus:g} / EPO {lam_epo:g} (tuned), alpha {ALPHA}, kappa {KAPPA}; {args.steps} steps, {args.seeds} seeds ({args.seed0}+); "
           f"wall {wall:.0f} s, process CPU {cpu:.0f} s; load average {os.getloadavg()[0]:.1f}")
     init = results["grpo"]
     print(f"at initialisation: success {fmt([r['init']['pass@1'] for r in init])}, "

@@ -30,7 +30,7 @@ rollout entropy exceeds 1.5 x the first rollout's (H_end/H_0 > 1.5) and *stays s
 0.5 <= H_end/H_0 <= 1.5. Test of the claim: the naive bonus explodes on every seed and SIREN
 is stable on every seed; SIREN's pass@1 is compared with GRPO's (paired).
 
-Run: ``python examples/rl_siren.py [--seeds 5] [--seed0 0] [--steps 30] [--quick] [--out PATH]``
+Run: ``python examples/rl_siren.py [--seeds 5] [--seed0 0] [--steps 60] [--quick] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -105,11 +105,11 @@ ARMS = [
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=30, quick_steps=3, out="rl_siren.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=60, quick_steps=3, out="rl_siren.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4, noise_tokens=NOISE)
-    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 16 if args.quick else 128,
-           "k": 8 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
+    cfg = {"steps": args.steps, "eval_every": 3 if args.quick else 10, "final_samples": 8 if args.quick else 128,
+           "k": 8 if args.quick else 64, "prompts_per_step": 4 if args.quick else 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3,
            "init_policy": prior}
     k = cfg["k"]
     results, wall, cpu = run_or_load(task, ARMS, args, **cfg)

@@ -77,11 +77,11 @@ ARMS = [
 
 
 def main() -> None:
-    args = apply_quick(study_parser(__doc__, steps=200, quick_steps=12, out="rl_top_entropy_tokens.png").parse_args())
+    args = apply_quick(study_parser(__doc__, steps=200, quick_steps=4, out="rl_top_entropy_tokens.png").parse_args())
     torch.set_num_threads(1)
     task = DigitSum(4)
-    cfg = {"steps": args.steps, "eval_every": 4 if args.quick else 10, "final_samples": 64 if args.quick else 128,
-           "k": 32 if args.quick else 64, "prompts_per_step": 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
+    cfg = {"steps": args.steps, "eval_every": 2 if args.quick else 10, "final_samples": 32 if args.quick else 128,
+           "k": 32 if args.quick else 64, "prompts_per_step": 8 if args.quick else 32, "group_size": 8, "ppo_epochs": 4, "lr": 3e-3}
     k = cfg["k"]
     results, wall, cpu = run_or_load(task, ARMS, args, **cfg)
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 300  # the quick runs take 8-25 s of CPU each on one core
+TIMEOUT_S = 300  # the quick runs take 8-14 s of CPU each on one core (benchmarks/rl_quick_budget.py)
 
 
 def _run(script, tmp_path, *extra):

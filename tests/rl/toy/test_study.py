@@ -16,10 +16,12 @@ from entrokit.rl.toy.study import (
     paired_diff,
     print_paired,
     print_table,
+    print_tuning,
     run_arm,
     run_or_load,
     run_study,
     study_parser,
+    tune_arms,
 )
 
 KW = {"steps": 2, "hidden": 16, "eval_every": 1, "final_samples": 8, "k": 4, "prompts_per_step": 4,
@@ -121,3 +123,55 @@ def test_seeds_saved_by_separate_runs_load_as_one_study(tmp_path):
         run_or_load(task, arms, ap.parse_args(["--load", str(tmp_path / "s4.pt"), str(tmp_path / "s3.pt")]), **KW)
     with pytest.raises(ValueError, match="holds runs of 2 steps"):
         run_or_load(task, arms, ap.parse_args(["--load", str(tmp_path / "s3.pt")]), **{**KW, "steps": 5})
+
+
+def test_tune_arms_same_budget_disjoint_seeds_and_cache(tmp_path, capsys):
+    task = DigitSum(2)
+    built = []
+
+    def arm(name, clip):
+        def make(g):
+            built.append(name)
+            return grpo_objective(clip)
+        return Arm(name, name, make)
+
+    fams = {"base": [arm("b1", 0.1), arm("b2", 0.3)], "method": [arm("m1", 0.2), arm("m2", 0.05)]}
+    cache = str(tmp_path / "tune.json")
+    chosen, scores = tune_arms(task, fams, [7, 8], metric="pass@1", avoid=[0, 1], cache=cache, **KW)
+    assert len(built) == 8  # 2 families x 2 candidates x 2 seeds
+    for fam, arms in fams.items():
+        # each score is the candidate's final pass@1 on that tuning seed, recomputed independently
+        for a in arms:
+            assert scores[fam][a.name] == [run_arm(task, a, s, **KW)["final"]["pass@1"] for s in (7, 8)]
+        means = [np.mean(scores[fam][a.name]) for a in arms]
+        assert chosen[fam] is arms[int(np.argmax(means))]
+    built.clear()
+    again, scores2 = tune_arms(task, fams, [7, 8], metric="pass@1", cache=cache, **KW)
+    assert built == [] and scores2 == scores and {f: a.name for f, a in again.items()} == \
+        {f: a.name for f, a in chosen.items()}
+    print_tuning(chosen, scores, [7, 8])
+    out = capsys.readouterr().out
+    assert "tuning on seeds [7, 8]" in out and out.count("*") == 2
+    with pytest.raises(ValueError, match="same number"):
+        tune_arms(task, {"base": fams["base"], "method": fams["method"][:1]}, [7], **KW)
+    with pytest.raises(ValueError, match=r"tuning seeds \[1\] are also evaluation seeds"):
+        tune_arms(task, fams, [1, 7], avoid=range(0, 5), **KW)
+
+
+def test_run_arm_measure_sees_the_trained_policy_and_seed():
+    task = DigitSum(2)
+    arm = Arm("a", "A", lambda g: grpo_objective())
+    seen = []
+
+    def measure(policy, seed):
+        seen.append((policy, seed))
+        return {"head_norm": float(policy.head.weight.norm())}
+
+    run = run_arm(task, arm, 3, measure=measure, **KW)
+    assert len(seen) == 1 and seen[0][1] == 3
+    assert run["final"]["head_norm"] == float(seen[0][0].head.weight.norm())
+    # measured after training: the untrained policy of the same seed has other head weights
+    from entrokit.rl.toy import GRUPolicy
+
+    fresh = GRUPolicy(task.num_prompts, task.vocab_size + 1, task.vocab_size, KW["hidden"], seed=3)
+    assert float(fresh.head.weight.norm()) != run["final"]["head_norm"]

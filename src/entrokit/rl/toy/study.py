@@ -8,6 +8,7 @@ weights and the first rollout's random stream, so differences between arms are p
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -22,7 +23,7 @@ from entrokit.rl.toy.loop import GRUPolicy, Objective, evaluate, train_grpo
 
 __all__ = [
     "Arm", "run_arm", "run_study", "run_or_load", "study_parser", "apply_quick", "print_table", "print_paired", "fit_entropy_law", "paired_diff",
-    "plot_entropy_bands", "plot_metric_bars",
+    "plot_entropy_bands", "plot_metric_bars", "tune_arms", "print_tuning",
 ]
 
 
@@ -44,11 +45,13 @@ def _num_inputs(task: Any) -> int:
 
 def run_arm(task: Any, arm: Arm, seed: int, *, steps: int, hidden: int = 128, eval_every: int = 10,
             eval_samples: int = 16, final_samples: int = 128, k: int = 64,
-            init_policy: Callable[[GRUPolicy], None] | None = None, **train: Any) -> dict[str, Any]:
+            init_policy: Callable[[GRUPolicy], None] | None = None,
+            measure: Callable[[GRUPolicy, int], dict[str, float]] | None = None, **train: Any) -> dict[str, Any]:
     """Train one arm on one seed; returns ``init`` and ``final`` (:func:`evaluate` with
     ``final_samples`` per prompt), ``history`` (per step) and ``checkpoints`` (``eval_every``
     steps, pass@1 and entropy from ``eval_samples`` per prompt). ``init_policy`` edits the
-    fresh policy in place (e.g. a prior against noise tokens) before anything runs."""
+    fresh policy in place (e.g. a prior against noise tokens) before anything runs;
+    ``measure(policy, seed)`` adds its metrics to ``final`` after training."""
     policy = GRUPolicy(task.num_prompts, _num_inputs(task), task.vocab_size, hidden, seed=seed)
     if init_policy is not None:
         init_policy(policy)
@@ -65,6 +68,8 @@ def run_arm(task: Any, arm: Arm, seed: int, *, steps: int, hidden: int = 128, ev
     kw = {**train, **arm.train}
     hist = train_grpo(policy, task, arm.make(g), steps=steps, generator=g, callback=callback, **kw)
     final = evaluate(policy, task, samples=final_samples, k=k, generator=g_eval)
+    if measure is not None:
+        final.update(measure(policy, seed))
     return {"init": init, "final": final, "history": hist, "checkpoints": checkpoints}
 
 
@@ -93,7 +98,8 @@ def study_parser(doc: str, *, steps: int, quick_steps: int, out: str, seeds: int
                     help="first seed (the committed numbers: 0; the second seed set: 100)")
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--quick", action="store_true",
-                    help=f"CI smoke run: {quick_seeds} seeds, {quick_steps} steps")
+                    help=f"CI smoke run: {quick_seeds} seeds, {quick_steps} steps (the scripts also take fewer prompts "
+                         "per step)")
     ap.add_argument("--out", default=os.path.join("examples", "figures", out))
     ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
     ap.add_argument("--load", metavar="PATH", nargs="+",
@@ -128,6 +134,63 @@ def run_or_load(task: Any, arms: Sequence[Arm], args: argparse.Namespace, **cfg:
         raise ValueError(f"the loaded seeds {seeds} are not consecutive.")
     args.seed0, args.seeds = seeds[0], len(seeds)
     return results, wall, cpu
+
+
+def tune_arms(task: Any, families: dict[str, Sequence[Arm]], seeds: Iterable[int], *, metric: str = "pass@1",
+              avoid: Iterable[int] = (), cache: str | None = None, **cfg: Any
+              ) -> tuple[dict[str, Arm], dict[str, dict[str, list[float]]]]:
+    """Tune every family of arms (a method, its baseline) with the same budget: each
+    candidate :class:`Arm` of each family runs on every tuning seed with the same ``cfg``
+    (:func:`run_arm`, final checkpoint), and the candidate with the highest mean ``metric``
+    wins (the first on ties). Returns ``(chosen arm per family, per family {candidate name:
+    the metric per tuning seed}})``.
+
+    Every family must offer the same number of candidates, and the tuning seeds must be
+    disjoint from ``avoid`` (the evaluation seeds), else :class:`ValueError`. With ``cache``
+    (a JSON path), scores already stored there for the same candidates, seeds, metric and
+    steps are reused and new ones are added, so a second evaluation seed set does not rerun
+    the tuning.
+    """
+    seeds = list(seeds)
+    sizes = {name: len(arms) for name, arms in families.items()}
+    if not seeds or min(sizes.values(), default=0) < 1 or len(set(sizes.values())) != 1:
+        raise ValueError(f"every family needs the same number (>= 1) of candidates and >= 1 tuning seed; got "
+                         f"{sizes} and seeds {seeds}.")
+    if set(seeds) & set(avoid):
+        raise ValueError(f"the tuning seeds {sorted(set(seeds) & set(avoid))} are also evaluation seeds; "
+                         "tune on disjoint seeds.")
+    key = json.dumps({"seeds": seeds, "metric": metric, "steps": cfg.get("steps")})
+    stored: dict[str, dict[str, list[float]]] = {}
+    if cache and os.path.exists(cache):
+        with open(cache, encoding="utf-8") as f:
+            stored = json.load(f)
+    known = stored.setdefault(key, {})
+    scores: dict[str, dict[str, list[float]]] = {}
+    chosen: dict[str, Arm] = {}
+    for family, arms in families.items():
+        scores[family] = {}
+        for arm in arms:
+            if arm.name not in known:
+                known[arm.name] = [float(run_arm(task, arm, s, **cfg)["final"][metric]) for s in seeds]
+            scores[family][arm.name] = known[arm.name]
+        means = [float(np.mean(scores[family][a.name])) for a in arms]
+        chosen[family] = arms[int(np.argmax(means))]
+    if cache:
+        with open(cache, "w", encoding="utf-8") as f:
+            json.dump(stored, f, indent=1)
+    return chosen, scores
+
+
+def print_tuning(chosen: dict[str, Arm], scores: dict[str, dict[str, list[float]]], seeds: Sequence[int],
+                 metric: str = "pass@1") -> None:
+    """The tuning table of :func:`tune_arms`: per candidate the mean ``metric`` over the
+    tuning seeds (and each seed's), the chosen one marked ``*``."""
+    print(f"tuning on seeds {list(seeds)} ({metric} at the final step; every family "
+          f"{len(next(iter(scores.values())))} candidates):")
+    for family, cands in scores.items():
+        for name, vals in cands.items():
+            mark = "*" if name == chosen[family].name else " "
+            print(f"  {mark} {family:10s} {name:22s} mean {np.mean(vals):.3f}  seeds " + " ".join(f"{v:.3f}" for v in vals))
 
 
 def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
