@@ -439,16 +439,20 @@ def main() -> None:
             parts = line.split(" ", 6)
             if len(parts) == 7 and parts[0] in ("mem", "time") and parts[6].startswith("{"):
                 key = (parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), parts[5])
-                cached[key] = json.loads(parts[6].rsplit(" load ", 1)[0])
+                res = json.loads(parts[6].rsplit(" load ", 1)[0])
+                if args.tabulate_only or not res.get("error", "").startswith("not measured"):
+                    cached[key] = res
 
     def measure(what, kind, T, V, d, dt, cfg, need=0.0):
         key = (what, kind, T, V, d, dt)
         if key not in cached and args.tabulate_only:
             return {"error": "not measured (the run was stopped at its time budget)"}
-        if key not in cached and not wait_for_memory(need, args.mem_wait):
-            return {"error": f"not measured: needs ~{need / 2**30:.1f} GiB, MemAvailable stayed below it + 3 GiB"}
         if key not in cached:
-            cached[key] = run_worker(cfg, timeout=1800)
+            if wait_for_memory(need, args.mem_wait):
+                cached[key] = run_worker(cfg, timeout=1800)
+            else:  # logged, so that the table says why; a later run with --from-log tries again
+                cached[key] = {"error": f"not measured: needs ~{need / 2**30:.1f} GiB, MemAvailable stayed "
+                                        "below that + 3 GiB on the shared machine"}
             print(what, kind, T, V, d, dt, json.dumps(cached[key]), f"load {os.getloadavg()[0]:.2f}", flush=True)
         return cached[key]
 
