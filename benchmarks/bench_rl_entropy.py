@@ -349,6 +349,17 @@ def _meminfo_available() -> int:
     return 0
 
 
+def wait_for_memory(need: float, wait_s: float, margin: float = 3 * 2**30) -> bool:
+    """Wait (up to ``wait_s`` seconds, polling) until MemAvailable covers ``need`` bytes plus a
+    margin, so that a large cell never pushes a shared machine into the OOM killer."""
+    end = time.monotonic() + wait_s
+    while _meminfo_available() < need + margin:
+        if time.monotonic() >= end:
+            return False
+        time.sleep(min(30.0, max(1.0, end - time.monotonic())))
+    return True
+
+
 def run_worker(cfg: dict, timeout: float) -> dict:
     """A fresh worker process. Memory workers run with glibc serving every block above 64 KiB by
     ``mmap`` (freed buffers leave the resident set at once); timing workers with the default
@@ -386,6 +397,9 @@ def main() -> None:
     ap.add_argument("--tabulate-only", action="store_true",
                     help="with --from-log: run nothing new; what the logs lack is listed as not measured")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repeats of the timing process (>= 3)")
+    ap.add_argument("--mem-wait", type=float, default=0.0,
+                    help="seconds to wait for MemAvailable to cover a worker's projected peak + 3 GiB before "
+                         "recording it as not measured")
     args = ap.parse_args()
     if args.worker:
         cfg = json.loads(args.worker)
@@ -425,14 +439,20 @@ def main() -> None:
             parts = line.split(" ", 6)
             if len(parts) == 7 and parts[0] in ("mem", "time") and parts[6].startswith("{"):
                 key = (parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), parts[5])
-                cached[key] = json.loads(parts[6].rsplit(" load ", 1)[0])
+                res = json.loads(parts[6].rsplit(" load ", 1)[0])
+                if args.tabulate_only or not res.get("error", "").startswith("not measured"):
+                    cached[key] = res
 
-    def measure(what, kind, T, V, d, dt, cfg):
+    def measure(what, kind, T, V, d, dt, cfg, need=0.0):
         key = (what, kind, T, V, d, dt)
         if key not in cached and args.tabulate_only:
             return {"error": "not measured (the run was stopped at its time budget)"}
         if key not in cached:
-            cached[key] = run_worker(cfg, timeout=1800)
+            if wait_for_memory(need, args.mem_wait):
+                cached[key] = run_worker(cfg, timeout=1800)
+            else:  # logged, so that the table says why; a later run with --from-log tries again
+                cached[key] = {"error": f"not measured: needs ~{need / 2**30:.1f} GiB, MemAvailable stayed "
+                                        "below that + 3 GiB on the shared machine"}
             print(what, kind, T, V, d, dt, json.dumps(cached[key]), f"load {os.getloadavg()[0]:.2f}", flush=True)
         return cached[key]
 
@@ -449,20 +469,22 @@ def main() -> None:
                 elem = 4 if dt == "float32" else 2
                 inputs = T * V * elem if kind == "logits" else (T + V) * d * elem
                 base = dict(kind=kind, T=T, V=V, d=d, dtype=dt, seed=T + V)
+                grads = 0 if kind == "logits" else inputs  # the hidden input's own gradients
                 mem = {}
                 for m in ms:  # memory, error and NaN: one fresh process per method
                     key = ("mem", kind, T, V, d, dt + "/" + m)
-                    # a method whose fwd+bwd peak at T = 1k projects over the budget is not run at 4k
-                    small = cached.get(("mem", kind, 1024, V, d, dt + "/" + m))
-                    if T > 1024 and small and "fwdbwd_extra_x" in small and key not in cached:
-                        proj = (small["fwdbwd_extra_x"] + 2.2) * T * V * elem
-                        if proj > args.budget_gib * 2**30 or proj > _meminfo_available() - (3 << 30):
-                            cached[key] = {"error": f"skipped: projected peak {proj / 2**30:.1f} GiB"}
-                    mem[m] = measure("mem", kind, T, V, d, dt + "/" + m, dict(base, method=m, measure="mem"))
+                    # projected peak: the inputs, their gradients and the method's extra at T = 1k (else 6x)
+                    small = cached.get(("mem", kind, 1024, V, d, dt + "/" + m), {})
+                    proj = inputs + grads + (small.get("fwdbwd_extra_x", 6.0) + 1.2) * T * V * elem
+                    if T > 1024 and key not in cached and proj > args.budget_gib * 2**30:
+                        cached[key] = {"error": f"skipped: projected peak {proj / 2**30:.1f} GiB over --budget-gib"}
+                    mem[m] = measure("mem", kind, T, V, d, dt + "/" + m, dict(base, method=m, measure="mem"), proj)
                 # time: one process, every method that fits, interleaved per repeat
                 fits = [m for m in ms if "error" not in mem[m]
                         and inputs * 2 + mem[m]["fwdbwd_extra_x"] * T * V * elem < args.budget_gib * 2**30]
-                tim = measure("time", kind, T, V, d, dt, dict(base, methods=fits, reps=args.reps, measure="time"))
+                need = inputs + grads + max([mem[m]["fwdbwd_extra_x"] + 0.2 for m in fits] or [0.0]) * T * V * elem
+                tim = measure("time", kind, T, V, d, dt, dict(base, methods=fits, reps=args.reps, measure="time"),
+                              need)
                 if "error" in tim:
                     tim = {}
                 ok = {m: r for m, r in mem.items() if m != "entrokit" and "error" not in r and m in tim}

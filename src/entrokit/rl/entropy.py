@@ -635,6 +635,56 @@ class _LogprobEntropy(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None
 
 
+def _check_hidden_inputs(hidden: Any, weight: Any, bias: Any, labels: Any) -> tuple:
+    """``(hidden, weight, bias)`` of :func:`token_logprob_entropy` after the checks of their types,
+    shapes, dtypes and devices, and of the labels' (no values are read)."""
+    hidden = _check_logits(hidden, "hidden")
+    weight = _check_logits(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise InputError(
+            f"weight must have shape (V, d) with d = hidden.shape[-1] = {hidden.shape[-1]}, got "
+            f"{tuple(weight.shape)}."
+        )
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise InputError(
+            f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
+            f"{hidden.device}); cast one of them, e.g. weight.to(hidden)."
+        )
+    if bias is not None:
+        bias = _check_logits(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise InputError(
+                f"bias must be a ({weight.shape[0]},) tensor like hidden ({hidden.dtype}, {hidden.device}), "
+                f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}."
+            )
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}.")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"labels must hold integer token ids, got {labels.dtype}; use labels.long().")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise InputError(
+            f"labels has shape {tuple(labels.shape)} but hidden's rows have shape "
+            f"{tuple(hidden.shape[:-1])}; pass one label per hidden state."
+        )
+    if labels.device != hidden.device:
+        raise InputError(f"labels is on {labels.device} but hidden is on {hidden.device}; move it.")
+    return hidden, weight, bias
+
+
+def _check_hidden_values(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         labels: torch.Tensor) -> None:
+    """No NaN / inf in ``hidden``, ``weight``, ``bias``; labels in [0, V) (one device sync)."""
+    vocab = weight.shape[0]
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_finite_values(t, name, allow_neg_inf=False)
+    if bool(((labels < 0) | (labels >= vocab)).any()):
+        raise InputError(
+            f"labels must lie in [0, V) = [0, {vocab}), got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]; mask padding with a valid id (e.g. 0)."
+        )
+
+
 def token_logprob_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -698,51 +748,14 @@ def token_logprob_entropy(
     (logp, entropy) : two Tensors (...)
         float32 (float64 for float64 inputs).
     """
-    hidden = _check_logits(hidden, "hidden")
-    weight = _check_logits(weight, "weight")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise InputError(
-            f"weight must have shape (V, d) with d = hidden.shape[-1] = {hidden.shape[-1]}, got "
-            f"{tuple(weight.shape)}."
-        )
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise InputError(
-            f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, "
-            f"{hidden.device}); cast one of them, e.g. weight.to(hidden)."
-        )
-    if bias is not None:
-        bias = _check_logits(bias, "bias")
-        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise InputError(
-                f"bias must be a ({weight.shape[0]},) tensor like hidden ({hidden.dtype}, {hidden.device}), "
-                f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}."
-            )
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}.")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"labels must hold integer token ids, got {labels.dtype}; use labels.long().")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise InputError(
-            f"labels has shape {tuple(labels.shape)} but hidden's rows have shape "
-            f"{tuple(hidden.shape[:-1])}; pass one label per hidden state."
-        )
-    if labels.device != hidden.device:
-        raise InputError(f"labels is on {labels.device} but hidden is on {hidden.device}; move it.")
+    hidden, weight, bias = _check_hidden_inputs(hidden, weight, bias, labels)
     temperature = check_positive(temperature, "temperature")
-    vocab = weight.shape[0]
     auto_rows, auto_cols, block = _hidden_tiles(math.prod(hidden.shape[:-1]), weight.shape[0], hidden.shape[-1],
-                                         hidden.dtype, hidden.device)
+                                                hidden.dtype, hidden.device)
     rows = auto_rows if row_chunk_size in (None, "auto") else _as_int(row_chunk_size, "row_chunk_size", minimum=1)
     cols = auto_cols if chunk_size in (None, "auto") else _as_int(chunk_size, "chunk_size", minimum=1)
     if check_inputs:
-        for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-            if t is not None:
-                _check_finite_values(t, name, allow_neg_inf=False)
-        if bool(((labels < 0) | (labels >= vocab)).any()):
-            raise InputError(
-                f"labels must lie in [0, V) = [0, {vocab}), got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]; mask padding with a valid id (e.g. 0)."
-            )
+        _check_hidden_values(hidden, weight, bias, labels)
     lead = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if _fused.use_fused(hidden2d):  # CUDA: logits tiles in registers (entrokit.rl._triton)
