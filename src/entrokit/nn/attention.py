@@ -67,7 +67,6 @@ and the scores ``q kᵀ`` keep float32 digits) and the output is cast back.
 
 from __future__ import annotations
 
-import inspect
 import math
 from numbers import Real
 from typing import NamedTuple
@@ -417,11 +416,25 @@ def sinkhorn_attention(
     return _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts, False)
 
 
-def sinkhorn_attention_with_weights(query, key, value, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def sinkhorn_attention_with_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    n_iter: int = 3,
+    eps: float = 1.0,
+    tol: float | None = None,
+    max_iter: int = 1000,
+    grad: str = "unroll",
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``(output, weights)``: :func:`sinkhorn_attention` and its attention weights
     ``(N, ..., T, S)`` before dropout (rows of weight-0 queries are zero). Arguments,
-    errors and empty inputs as in :func:`sinkhorn_attention`: the arguments are bound
-    against its signature (one signature for both; ``return_weights`` excepted).
+    errors and empty inputs as in :func:`sinkhorn_attention` (``return_weights`` excepted).
 
     Example:
         >>> import torch
@@ -433,32 +446,8 @@ def sinkhorn_attention_with_weights(query, key, value, *args, **kwargs) -> tuple
         >>> bool(torch.allclose(P.sum(-2), torch.ones(2, 5, dtype=torch.float64), atol=1e-6))
         True
     """
-    kw = _bind(sinkhorn_attention_with_weights, (query, key, value, *args), kwargs)
-    opts = check_options(kw["n_iter"], kw["tol"], kw["max_iter"], kw["grad"], kw["eps"], kw["dropout_p"])
-    return _attention(
-        query, key, value, kw["attn_mask"], kw["key_padding_mask"], kw["is_causal"], kw["scale"], opts, True
-    )
-
-
-def _share_signature(fn, of, flag: str) -> None:
-    """Give ``fn`` the signature of ``of`` without the former flag ``flag``, returning
-    ``(output, weights)``: the ``*_with_weights`` forms take the same arguments."""
-    sig = inspect.signature(of)
-    fn.__signature__ = sig.replace(
-        parameters=[p for name, p in sig.parameters.items() if name != flag],
-        return_annotation="tuple[torch.Tensor, torch.Tensor]",
-    )
-
-
-def _bind(fn, args, kwargs) -> dict:
-    """The arguments of a call to ``fn`` by name, defaults filled in (``TypeError`` for an
-    unknown or missing one, as Python raises)."""
-    bound = fn.__signature__.bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
-
-
-_share_signature(sinkhorn_attention_with_weights, sinkhorn_attention, "return_weights")
+    opts = check_options(n_iter, tol, max_iter, grad, eps, dropout_p)
+    return _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts, True)
 
 
 @no_autocast()
@@ -678,16 +667,21 @@ class SinkhornAttention(torch.nn.Module):
         _no_flag("need_weights", need_weights, "Call attn.forward_with_weights(q, k, v) for (output, weights).")
         return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, False)
 
-    def forward_with_weights(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_weights(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(output, weights)``: the attended values and the attention weights
         ``(N, ..., T, S)`` before dropout (:func:`sinkhorn_attention_with_weights`); the
-        arguments of :meth:`forward` (one signature for both; ``need_weights`` excepted).
-        Module hooks run only around :meth:`forward`."""
-        kw = _bind(SinkhornAttention.forward_with_weights, (self, *args), kwargs)
-        return self._attend(
-            kw["query"], kw["key"], kw["value"], kw["attn_mask"], kw["key_padding_mask"], kw["is_causal"],
-            kw["scale"], True,
-        )
+        arguments of :meth:`forward` (``need_weights`` excepted). Module hooks run only
+        around :meth:`forward`."""
+        return self._attend(query, key, value, attn_mask, key_padding_mask, is_causal, scale, True)
 
     def _attend(self, query, key, value, attn_mask, key_padding_mask, is_causal, scale, return_weights):
         # the options were validated at construction
@@ -695,5 +689,3 @@ class SinkhornAttention(torch.nn.Module):
                             self.dropout_p if self.training else 0.0)
         return _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale, opts, return_weights)
 
-
-_share_signature(SinkhornAttention.forward_with_weights, SinkhornAttention.forward, "need_weights")
