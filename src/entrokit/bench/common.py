@@ -6,6 +6,7 @@ reports ratios against the anchors (absolute times on shared machines are noisy)
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import time
@@ -21,6 +22,8 @@ __all__ = [
     "machine_info",
     "measure_bandwidth",
     "timed",
+    "TimeLimitExceeded",
+    "call_with_time_limit",
     "fmt_time",
     "fmt_ratio",
     "write_results",
@@ -110,6 +113,49 @@ def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float]:
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, time.perf_counter() - t
+
+
+class TimeLimitExceeded(Exception):
+    """A call run by :func:`call_with_time_limit` was killed at its time limit."""
+
+
+def _send_outcome(fn: Callable[[], Any], conn) -> None:
+    try:
+        conn.send((True, fn()))
+    except BaseException as exc:  # noqa: BLE001  (re-raised in the parent)
+        conn.send((False, exc))
+    finally:
+        conn.close()
+
+
+def call_with_time_limit(fn: Callable[[], Any], limit: float) -> Any:
+    """``fn()`` run in a forked child process that is killed after ``limit`` seconds.
+
+    Anchors' compiled solvers cannot be interrupted from inside the process, so a
+    benchmark that must end in bounded time runs them here. The result (or the
+    exception ``fn`` raised) comes back pickled; on the time limit the child is killed
+    and :class:`TimeLimitExceeded` is raised. Time ``fn`` inside itself: the fork and
+    the transfer are not part of the measured call.
+    """
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_send_outcome, args=(fn, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not recv.poll(limit):
+            child.kill()
+            raise TimeLimitExceeded(f"killed after {limit:g} s")
+        ok, value = recv.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"the benchmark child process died (exit code {child.exitcode})") from None
+    finally:
+        recv.close()
+        child.join()
+    if not ok:
+        raise value
+    return value
 
 
 def fmt_time(t: float | None, budget: float | None = None) -> str:

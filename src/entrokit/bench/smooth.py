@@ -8,7 +8,9 @@ anchors run on the same problem in one process. An anchor runs with an iteration
 that grows per attempt (4x, or to what fits the time budget at the measured rate) until
 it reaches the target error, stops on its own criteria (the plan no longer changes when
 the cap grows) or an attempt takes 2/3 of the budget; the table reports the last attempt
-alone (one run: its time and error).
+alone (one run: its time and error). Every attempt runs in a child process killed at the
+budget (an anchor's compiled solver cannot be interrupted otherwise), so the suite ends in
+bounded time; a killed attempt is reported as "> budget (killed)", without an error.
 The marginal error
 :math:`\\|T1-a\\|_1 + \\|T^\\top 1-b\\|_1`, the objective and the largest column
 cardinality are recomputed here from each returned plan.
@@ -26,7 +28,13 @@ import warnings
 import numpy as np
 import torch
 
-from entrokit.bench.common import Table, fmt_time, write_results
+from entrokit.bench.common import (
+    Table,
+    TimeLimitExceeded,
+    call_with_time_limit,
+    fmt_time,
+    write_results,
+)
 
 __all__ = ["run", "make_problem_np"]
 
@@ -52,15 +60,19 @@ def _timed(fn):
 
 
 def _to_target(run, start: int, budget: float, cap_max: int, stats):
-    """Run with caps start, 4*start, ... (see the module docstring); returns the last
-    attempt's ``(plan, time, cap)``."""
-    cap, prev = start, None
+    """Run with caps start, 4*start, ... (see the module docstring), each attempt in a
+    child process killed at ``budget`` seconds; returns the last attempt's ``(plan, time)``,
+    ``(None, None)`` when it was killed, and the caps tried."""
+    cap, prev, caps = start, None, []
     while True:
-        T, t = _timed(lambda: run(cap))
-        T = np.asarray(T)
+        caps.append(cap)
+        try:
+            T, t = call_with_time_limit(lambda: _timed(lambda: np.asarray(run(cap))), budget)
+        except TimeLimitExceeded:
+            return None, None, caps
         done_own = prev is not None and prev.shape == T.shape and np.array_equal(prev, T)
         if stats(T) <= TARGET or done_own or 1.5 * t > budget or cap >= cap_max:
-            return T, t, cap
+            return T, t, caps
         # next attempt: 4x the cap, or what fits the budget at the measured rate
         prev, cap = T, int(min(cap_max, cap * min(4.0, 0.9 * budget / max(t, 1e-6))))
 
@@ -89,7 +101,8 @@ def _tables(budget: float) -> tuple[Table, Table, Table]:
         "Quadratic (l2) and top-k (k=2) OT: time and final L1 marginal error, one run each",
         ["n", "gamma", "reg", "library / method", "time", "marginal err (L1)", "objective", "max nnz/col"],
         notes=[f"anchor budget per run: RegOT {budget:g} s, POT max({budget:g} s, 12x entrokit's time on the "
-               f"same problem) (caps grown up to 4x per attempt, the last one reported); torch threads: "
+               f"same problem) (caps grown up to 4x per attempt, the last one reported; an attempt still running at "
+               f"the budget is killed: '> budget (killed)'); torch threads: "
                f"{torch.get_num_threads()}",
                "POT runs with stopThr=0 (its tightest setting: the default 1e-9 stops at ~5e-3) until L-BFGS-B stops "
                "itself or the cap; RegOT tol = 1e-6/sqrt(2n) on its L2 gradient norm; errors above are recomputed "
@@ -153,10 +166,24 @@ def _measure(a, b, C, Cf, gamma: float, k: int | None, budget: float, full: Tabl
         else:
             bud = pot_budget if name.startswith("POT") else budget
             T, t, _ = _to_target(anchors[name], start[name], bud, 10**6, lambda T: _stats(T, a, b, C, gamma)[0])
+            if T is None:  # killed at the budget: a lower bound on its time, no plan
+                res[(reg, name)] = (bud, math.inf)
+                full.add(C.shape[0], f"{gamma:g}", reg, name, f"> {bud:g} s (killed)", "n/a", "n/a", "n/a")
+                print(" | ".join(full.rows[-1]), flush=True)
+                continue
         merr, obj, mx = _stats(T, a, b, C, gamma)
         res[(reg, name)] = (t, merr)
         full.add(C.shape[0], f"{gamma:g}", reg, name, fmt_time(t), f"{merr:.2e}", f"{obj:.8f}", mx)
         print(" | ".join(full.rows[-1]), flush=True)
+
+
+def _fmt_run(t: float, err: float) -> str:
+    """A run's time and error; a killed run (no error) as the lower bound on its time."""
+    return f"{fmt_time(t)} ({err:.1e})" if math.isfinite(err) else f"> {t:g} s (killed)"
+
+
+def _fmt_ratio(ours: float, theirs: float, err: float) -> str:
+    return f"{ours / theirs:.3f}" if math.isfinite(err) else f"< {ours / theirs:.3f}"
 
 
 def _quadratic_row(res: dict) -> list:
@@ -172,8 +199,8 @@ def _quadratic_row(res: dict) -> list:
     t_pot = min(ok_pot) if ok_pot else None
     r_pot = t_ek / t_pot if t_pot else t_ek / max(t for t, _ in pt)
     met = e_ek <= TARGET and t_ek <= t_rg and r_pot <= 0.1
-    return [fmt_time(t_ek), f"{e_ek:.1e}", f"{fmt_time(t_rg)} ({e_rg:.1e})", f"{t_ek / t_rg:.3f}",
-            f"{fmt_time(t_p)} ({e_p:.1e})", f"{t_ek / t_p:.3f}", f"{r_pot:.3f}" if t_pot else f"< {r_pot:.3f}",
+    return [fmt_time(t_ek), f"{e_ek:.1e}", _fmt_run(t_rg, e_rg), _fmt_ratio(t_ek, t_rg, e_rg),
+            _fmt_run(t_p, e_p), _fmt_ratio(t_ek, t_p, e_p), f"{r_pot:.3f}" if t_pot else f"< {r_pot:.3f}",
             "yes" if met else "no"]
 
 
@@ -187,8 +214,11 @@ def _topk_row(res: dict) -> list:
     tp = min(t for t, _ in pk)
     reach = [t for t, e in pk if e <= e_ek]
     r_k = t_ek / min(reach) if reach else t_ek / max(t for t, _ in pk)
-    return [f"{fmt_time(t_ek)} ({name.split()[1].split('/')[0]})", f"{e_ek:.2e}", fmt_time(tp),
-            f"{min(e for _, e in pk):.2e}", f"{t_ek / tp:.3f}", f"{r_k:.3f}" if reach else f"< {r_k:.3f}"]
+    e_p = min(e for t, e in pk if t == tp)
+    errs = [e for _, e in pk if math.isfinite(e)]
+    return [f"{fmt_time(t_ek)} ({name.split()[1].split('/')[0]})", f"{e_ek:.2e}",
+            fmt_time(tp) if math.isfinite(e_p) else f"> {tp:g} s (killed)", f"{min(errs):.2e}" if errs else "n/a",
+            _fmt_ratio(t_ek, tp, e_p), f"{r_k:.3f}" if reach else f"< {r_k:.3f}"]
 
 
 def run(quick: bool = False, budget: float | None = None, out: str | None = None) -> list[Table]:
