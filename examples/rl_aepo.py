@@ -133,9 +133,9 @@ def main() -> None:
           f"{args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"H0 (first rollout) {fmt([r['history']['entropy'][0] for r in results['grpo']])}")
-    names = ("pass@1", f"pass@{k}", "distinct", "entropy", "H*", "H/H*", "in band")
+    names = ("pass@1", f"pass@{k}", "coverage", "distinct", "entropy", "H*", "H/H*", "in band")
     print_table(ARMS, results, names, width=20)
-    print_paired(ARMS, results, ARMS[0], ("pass@1", f"pass@{k}", "distinct", "entropy"))
+    print_paired(ARMS, results, ARMS[0], ("pass@1", f"pass@{k}", "coverage", "distinct", "entropy"))
     held = {r: [abs(x["final"]["H/H*"] - 1) <= 0.1 for x in results[f"aepo{r}"]] for r in TARGETS}
     d_lo = mean_ci95(paired_diff(results, "aepo0.6", "aepo0.3", "pass@1"))
     d_hi = mean_ci95(paired_diff(results, "aepo0.6", "aepo0.9", "pass@1"))

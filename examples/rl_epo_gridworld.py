@@ -36,8 +36,9 @@ lambda in (0.005, 0.01, 0.02, 0.05) on the tuning seeds 1000 and 1001 (``--tune-
 the success rate at the final step (the checkpoint every arm is evaluated at); each keeps its
 best lambda, and the evaluation seeds (``--seed0``) are disjoint from the tuning seeds.
 
-Measures: success rate (pass@1 on every layout, 128 episodes each), pass@k, distinct successful
-action sequences, and the step-to-step entropy variance :math:`\\mathrm{Var}_t(H_{t+1} - H_t)` of
+Measures: success rate (pass@1 on every layout, 128 episodes each), pass@k, coverage (the share
+of layouts solved at least once in the 128 episodes), distinct successful action sequences, and
+the step-to-step entropy variance :math:`\\mathrm{Var}_t(H_{t+1} - H_t)` of
 the per-step rollout entropy over training. Test of the claim: the paired EPO - bonus
 difference of the variance has its 95 % upper bound below 0 (lower) and that of the success
 rate its lower bound above 0 (higher).
@@ -175,7 +176,7 @@ def main() -> None:
     init = results["grpo"]
     print(f"at initialisation: success {fmt([r['init']['pass@1'] for r in init])}, "
           f"H {fmt([r['init']['entropy'] for r in init])}")
-    names = ("pass@1", f"pass@{k}", "distinct", "entropy", "step_var")
+    names = ("pass@1", f"pass@{k}", "coverage", "distinct", "entropy", "step_var")
     print(f"{'arm':22s} " + " ".join(f"{m:>17s}" for m in names))
     for arm in ARMS:
         rs = results[arm.name]

@@ -122,7 +122,7 @@ def main() -> None:
     init = results["grpo"]
     print(f"at initialisation: pass@1 {fmt([r['init']['pass@1'] for r in init])}, noise mass "
           f"{fmt([r['init']['noise_mass'] for r in init])}, H {fmt([r['init']['entropy'] for r in init])}")
-    names = ("pass@1", f"pass@{k}", "distinct", "entropy", "noise_mass", "H_end/H_0")
+    names = ("pass@1", f"pass@{k}", "coverage", "distinct", "entropy", "noise_mass", "H_end/H_0")
     print_table(ARMS, results, names, width=26)
     print_paired(ARMS, results, ARMS[0], names)
     print("paired SIREN - naive bonus: " + ", ".join(

@@ -106,7 +106,7 @@ def main() -> None:
     print(f"digit-sum (4 digits), GRU 128, GRPO 32x8, 4 PPO epochs, lr 3e-3, {args.steps} steps, "
           f"{args.seeds} seeds ({args.seed0}+); wall {wall:.0f} s, process CPU {cpu:.0f} s; "
           f"load average {os.getloadavg()[0]:.1f}")
-    names = ("pass@1", f"pass@{k}", "distinct", "entropy", "|dH|", "max|dH|")
+    names = ("pass@1", f"pass@{k}", "coverage", "distinct", "entropy", "|dH|", "max|dH|")
     print_table(ARMS, results, names, width=26)
     print_paired(ARMS, results, ARMS[0], names)
     print("paired STEER - clip only: " + ", ".join(

@@ -234,7 +234,10 @@ def evaluate(policy: GRUPolicy, task: Any, *, samples: int = 128, k: int = 64, t
     * ``distinct``: distinct correct answers summed over prompts (for the gridworld: distinct
       successful action sequences);
     * ``coverage``: ``distinct`` over the number of correct answers that exist
-      (single-turn tasks with ``num_solutions``), else NaN;
+      (single-turn tasks with ``num_solutions``); for a task without an enumerable answer set
+      (the gridworld, whose successful action sequences are too many to count usefully): the
+      share of prompts solved at least once in ``samples`` attempts (the "coverage" of Brown et
+      al., 2024, *Large Language Monkeys*);
     * ``entropy``: valid-token mean entropy of the sampled answers;
     * ``noise_mass`` (only for a :class:`~entrokit.rl.toy.DigitSum` with noise tokens): the
       valid-token mean probability of the noise tokens.
@@ -256,7 +259,7 @@ def evaluate(policy: GRUPolicy, task: Any, *, samples: int = 128, k: int = 64, t
         "pass@1": float(correct.mean()),
         f"pass@{k}": float(pass_at_k(n, correct.sum(1), k).mean()),
         "distinct": float(distinct),
-        "coverage": float(distinct / int(total.sum())) if total is not None else math.nan,
+        "coverage": float(distinct / int(total.sum())) if total is not None else float((correct.sum(1) > 0).double().mean()),
         "entropy": float((ent * m).sum() / m.sum()),
     }
     if getattr(task, "noise_tokens", 0):
