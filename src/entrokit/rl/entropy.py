@@ -456,9 +456,12 @@ def _hidden_tiles(n: int, vocab: int, d: int, dtype: torch.dtype, device: torch.
     On CPU the working set is kept under 1/28 of the logits' size for half inputs and 1/48 for
     float32/float64 ones (whose larger tiles make the GEMM's packing buffers count), so that the
     extra peak stays below 0.05x the logits: two float32 (rows, columns) tiles and, for half
-    inputs, the float32 gradient of a row block of ``hidden`` (rows x d) plus float32 copies of
-    one (rows + columns) x block slice of ``hidden`` and ``weight``. Tiles start at 512 x 1024
-    (GEMMs near peak).
+    inputs, the float32 gradient of a row block of ``hidden`` (rows x d), float32 copies of
+    one (rows + columns) x block slice of ``hidden`` and ``weight``, and the bfloat16 buffers of
+    the backward's GEMMs (a (rows, columns) tile and a rows x block product; see
+    :func:`_bf16_gemm`). The half-input budget is shared 0.45 / 0.3 / 0.25 between the row
+    block's gradient, the tiles and the block copies. Tiles start at 512 x 1024 (GEMMs near
+    peak).
     float32/float64 inputs need no copies (block = d). Accelerators: 4096 x 8192, block = d.
     """
     half = _work_dtype(dtype) != dtype
@@ -483,10 +486,11 @@ def _hidden_tiles(n: int, vocab: int, d: int, dtype: torch.dtype, device: torch.
             else:
                 rows = max(16, rows // 2)
         return rows, cols, d
-    # the row block's float32 gradient takes half the budget, the tiles and the copies a quarter each
-    rows = min(n, pow2_at_most(budget / (8 * d), 16, 512))
-    cols = min(vocab, pow2_at_most(budget / (32 * rows), 16, 1024))
-    block = min(d, pow2_at_most(budget / (16 * (rows + cols)), 32, 4096))
+    # shares: the row block's float32 gradient 0.45; two float32 tiles and the bfloat16 tile
+    # 0.3; the float32 block copies and the bfloat16 block product 0.25
+    rows = min(n, pow2_at_most(0.45 * budget / (4 * d), 16, 512))
+    cols = min(vocab, pow2_at_most(0.3 * budget / (10 * rows), 16, 1024))
+    block = min(d, pow2_at_most(0.25 * budget / (4 * (rows + cols) + 2 * rows), 32, 4096))
     return rows, cols, block
 
 
@@ -505,6 +509,16 @@ def _work(src: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
     if buf is None:
         return src
     return buf[: src.numel()].view(src.shape).copy_(src)
+
+
+def _bf16_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the backward's two gradient products run as bfloat16 GEMMs: bfloat16 inputs on a
+    CPU with native bfloat16 dot products (AVX512-BF16 or AMX), where oneDNN multiplies at about
+    2.4x the float32 rate and reads the weight without a float32 copy."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 class _LogprobEntropy(torch.autograd.Function):
@@ -601,6 +615,13 @@ class _LogprobEntropy(torch.autograd.Function):
         # weight's (and bias') gradient gets each tile's float32 product added, so it is rounded
         # once per row block (n / rows times; rows is set by the memory budget, ~1/80 of V / d)
         gh32 = torch.empty(min(rows, n), d, dtype=wdt, device=hidden2d.device) if half and need_h else None
+        # bfloat16 GEMMs (see _bf16_gemm): each tile's dz rounded to bfloat16 once, then
+        # dW += dz^T h (one rounding per row block, as in the float32 path) and, per hidden block,
+        # dh += dz W into the float32 row-block gradient
+        bf16 = _bf16_gemm(hidden2d.dtype, hidden2d.device)
+        r0, c0 = min(rows, n), min(cols, vocab)
+        dz16 = torch.empty(r0 * c0, dtype=torch.bfloat16) if bf16 else None
+        gh16 = torch.empty(r0 * min(block, d), dtype=torch.bfloat16) if bf16 and need_h else None
         for i in range(0, n, rows):
             h_i = hidden2d[i : i + rows]
             r = h_i.shape[0]
@@ -622,6 +643,15 @@ class _LogprobEntropy(torch.autograd.Function):
                     dz[sel, lab_sorted[lo:hi] - v0] += gl_i[sel]
                 if need_b:
                     gb[v0 : v0 + c].add_(dz.sum(0))
+                if bf16:
+                    dzb = dz16[: r * c].view(r, c).copy_(dz)
+                    if need_w:
+                        gw[v0 : v0 + c].addmm_(dzb.t(), h_i)
+                    if need_h:
+                        for k0, k1 in blocks:
+                            part = torch.mm(dzb, w_c[:, k0:k1], out=gh16[: r * (k1 - k0)].view(r, k1 - k0))
+                            gh_i[:, k0:k1].add_(part)
+                    continue
                 for k0, k1 in blocks:
                     if need_h:
                         gh_i[:, k0:k1].addmm_(dz, _work(w_c[:, k0:k1], wbuf))
@@ -722,6 +752,14 @@ def token_logprob_entropy(
     rounded once per row block (T / rows times; the automatic rows are the largest power of two
     up to 512 under the budget: 16 row blocks at T = 1k, d = 4096, V = 32k, 2 at d = 1024,
     V = 152k; each rounding is one bfloat16 rounding of a float32 partial sum).
+    bfloat16 inputs on a CPU with bfloat16 dot-product instructions (AVX512-BF16 or AMX) run
+    the backward's two gradient products as bfloat16 GEMMs with float32 accumulation: each
+    tile's :math:`\partial_z L` is rounded to bfloat16 once (as it is in PyTorch's own bfloat16
+    backward of a linear layer) and each chunk's ``hidden`` product once more before it is added
+    to the float32 row-block gradient. The values are unchanged; the gradients' median relative
+    error is about 1.2x (``hidden``) and 1.6x (``weight``) that of rounding the exact gradient
+    once to bfloat16, for about 0.7x the CPU time of the float32 products at T = 1k,
+    V = 32k, d = 4096.
     The automatic tiles keep this working set under 1/28 of the logits' size (1/48 in float32).
 
     Parameters
