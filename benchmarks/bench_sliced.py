@@ -56,16 +56,42 @@ def reference_sw2(x, y, *, n_proj=REF_PROJECTIONS, chunk=1000, seed=12345):
 
 
 def clock(fn, *args, repeats=1, **kwargs):
-    """Median wall time of ``repeats`` calls ``fn(*args, **kwargs)`` and the last result as float."""
-    ts, out = [], None
+    """Medians of the wall and process CPU time of ``repeats`` calls ``fn(*args, **kwargs)``,
+    and the last result as a float."""
+    walls, cpus, out = [], [], None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn(*args, **kwargs)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), float(out)
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus), float(out)
+
+
+def value_and_grad(fn, x, y, **kwargs):
+    """``fn(x, y, **kwargs)`` and its gradient with respect to ``x`` (what a loss user consumes)."""
+    xr = x.detach().clone().requires_grad_()
+    v = fn(xr, y, **kwargs)
+    v.backward()
+    value_and_grad.last_grad = xr.grad
+    return v.detach()
 
 
 # --------------------------------------------------------------------------- part 1
+
+INSTANCES = 3
+REPEATS = 3
+
+
+def _instance(n: int, d: int, k: int):
+    g = gen(1000 * k + n + d)
+    x = torch.randn(n, d, generator=g, dtype=D)
+    y = torch.randn(n, d, generator=g, dtype=D) * 1.5 + 0.5
+    return x, y
+
+
+def _time(t):
+    """``wall / CPU`` of a (wall, CPU) pair of medians."""
+    return f"{fmt_time(t[0])} / {fmt_time(t[1])}"
 
 
 def part_speed(quick: bool) -> Table:
@@ -74,61 +100,75 @@ def part_speed(quick: bool) -> Table:
     ns = [1000] if quick else [1000, 10_000]
     ds = [3, 64]
     Ls = [50, 500]
-    n_ref = 10_000 if quick else REF_PROJECTIONS
     tab = Table(
-        "SW_2 on equal projections: time (median over seeds) and error vs a reference",
+        "SW_2 on equal projections: value, and value + gradient, time (wall / CPU, median over "
+        f"{INSTANCES} instances of the median of {REPEATS} repeats) and error vs a reference",
         [
-            "n", "d", "L", "entrokit", "POT numpy", "POT torch", "ratio ek/POT np", "ratio ek/POT torch",
-            "max abs(ek - POT)", "err plain (ek)", "err plain (POT)", "err LCV (ek)", "err UCV (ek)",
-            "LCV time / plain", "UCV time / plain",
+            "n", "d", "L", "entrokit", "POT numpy", "POT torch", "CPU ek/POT np", "CPU ek/POT torch",
+            "entrokit value+grad", "POT torch value+grad", "CPU ek/POT torch (value+grad)",
+            "max abs(ek - POT) value / grad", "err plain (ek)", "err plain (POT)", "err LCV (ek)", "err UCV (ek)",
+            "LCV CPU / plain", "UCV CPU / plain",
         ],
     )
     for n in ns:
+        n_ref = 10_000 if quick else (REF_PROJECTIONS if n <= 1000 else REF_PROJECTIONS // 5)
         for d in ds:
-            g = gen(n + d)
-            x = torch.randn(n, d, generator=g, dtype=D)
-            y = torch.randn(n, d, generator=g, dtype=D) * 1.5 + 0.5
-            ref2, ref_se = reference_sw2(x, y, n_proj=n_ref)
-            ref = math.sqrt(ref2)
             for L in Ls:
-                R = 10 if n <= 1000 else 5
-                t_ek, t_pot, t_l, t_u, gap = [], [], [], [], 0.0
+                runs = {k: [] for k in ("ek", "lower", "upper", "pot", "pot_t", "ek_g", "pot_g")}
                 err = {"ek": [], "pot": [], "lower": [], "upper": []}
-                xn, yn = x.numpy(), y.numpy()
-                for r in range(R):
-                    th = random_projections(L, d, generator=gen(1000 + r), dtype=D)
+                gap = ggap = 0.0
+                for k in range(INSTANCES):
+                    x, y = _instance(n, d, k)
+                    ref = math.sqrt(reference_sw2(x, y, n_proj=n_ref)[0])
+                    th = random_projections(L, d, generator=gen(1000 + k), dtype=D)
                     thn = np.ascontiguousarray(th.T.numpy())
-                    t, v_ek = clock(sliced_wasserstein, x, y, projections=th)
-                    t_ek.append(t)
-                    t, v_l = clock(sliced_wasserstein, x, y, projections=th, control_variate="lower")
-                    t_l.append(t)
-                    t, v_u = clock(sliced_wasserstein, x, y, projections=th, control_variate="upper")
-                    t_u.append(t)
-                    t, v_pot = clock(ot.sliced_wasserstein_distance, xn, yn, projections=thn, p=2)
-                    t_pot.append(t)
+                    xn, yn = x.numpy(), y.numpy()
+                    # interleaved: every library in turn on this instance
+                    *t, v_ek = clock(sliced_wasserstein, x, y, projections=th, repeats=REPEATS)
+                    runs["ek"].append(t)
+                    *t, v_l = clock(sliced_wasserstein, x, y, projections=th, control_variate="lower", repeats=REPEATS)
+                    runs["lower"].append(t)
+                    *t, v_u = clock(sliced_wasserstein, x, y, projections=th, control_variate="upper", repeats=REPEATS)
+                    runs["upper"].append(t)
+                    *t, v_pot = clock(ot.sliced_wasserstein_distance, xn, yn, projections=thn, p=2, repeats=REPEATS)
+                    runs["pot"].append(t)
+                    *t, _ = clock(ot.sliced_wasserstein_distance, x, y, projections=th.T, p=2, repeats=REPEATS)
+                    runs["pot_t"].append(t)
+                    *t, _ = clock(value_and_grad, sliced_wasserstein, x, y, projections=th, repeats=REPEATS)
+                    runs["ek_g"].append(t)
+                    g_ek = value_and_grad.last_grad
+                    *t, _ = clock(value_and_grad, ot.sliced_wasserstein_distance, x, y, projections=th.T, p=2,
+                                  repeats=REPEATS)
+                    runs["pot_g"].append(t)
+                    ggap = max(ggap, float((g_ek - value_and_grad.last_grad).abs().max()))
                     gap = max(gap, abs(v_ek - v_pot))
-                    err["ek"].append(abs(v_ek - ref))
-                    err["pot"].append(abs(v_pot - ref))
-                    err["lower"].append(abs(v_l - ref))
-                    err["upper"].append(abs(v_u - ref))
-                th = random_projections(L, d, generator=gen(999), dtype=D)
-                t_pt, _ = clock(ot.sliced_wasserstein_distance, x, y, projections=th.T, p=2, repeats=3)
-                te, tp = statistics.median(t_ek), statistics.median(t_pot)
-                me = {k: statistics.fmean(v) for k, v in err.items()}
+                    for key, v in (("ek", v_ek), ("pot", v_pot), ("lower", v_l), ("upper", v_u)):
+                        err[key].append(abs(v - ref))
+                med = {key: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+                       for key, v in runs.items()}
+                me = {key: statistics.fmean(v) for key, v in err.items()}
+                cpu = {key: v[1] for key, v in med.items()}
                 tab.add(
-                    n, d, L, fmt_time(te), fmt_time(tp), fmt_time(t_pt), f"{te / tp:.2f}", f"{te / t_pt:.2f}",
-                    f"{gap:.1e}", f"{me['ek']:.2e}", f"{me['pot']:.2e}", f"{me['lower']:.2e}", f"{me['upper']:.2e}",
-                    f"{statistics.median(t_l) / te:.2f}", f"{statistics.median(t_u) / te:.2f}",
+                    n, d, L, _time(med["ek"]), _time(med["pot"]), _time(med["pot_t"]),
+                    f"{cpu['ek'] / cpu['pot']:.2f}", f"{cpu['ek'] / cpu['pot_t']:.2f}",
+                    _time(med["ek_g"]), _time(med["pot_g"]), f"{cpu['ek_g'] / cpu['pot_g']:.2f}",
+                    f"{gap:.1e} / {ggap:.1e}", f"{me['ek']:.2e}", f"{me['pot']:.2e}", f"{me['lower']:.2e}",
+                    f"{me['upper']:.2e}", f"{cpu['lower'] / cpu['ek']:.2f}", f"{cpu['upper'] / cpu['ek']:.2f}",
                 )
-                print(tab.rows[-1], f"ref={ref:.6f} (s.e. of SW_2^2 {ref_se:.1e})", flush=True)
+                print(tab.rows[-1], flush=True)
     tab.notes += [
-        "x ~ N(0, I_d), y ~ N(0.5, 1.5^2 I_d), n = m points, uniform weights, float64, one thread; the "
-        "same directions (rows of a seeded draw) go to entrokit and POT (as POT's (d, L) matrix).",
-        "time: median over the error seeds (10 for n = 1000, 5 for n = 10000); 'POT torch' is POT's "
-        "torch backend on the same tensors (median of 3).",
-        f"err: mean over those seeds of |SW_2 estimate - reference|, reference = plain Monte Carlo with "
-        f"{n_ref} directions (its own standard error is about the error at L divided by sqrt({n_ref}/L)).",
-        "LCV / UCV: entrokit's lower / upper control variates on the same directions.",
+        f"x ~ N(0, I_d), y ~ N(0.5, 1.5^2 I_d), n = m points, uniform weights, float64, one thread; "
+        f"{INSTANCES} instances (seeded draws of x, y and of the L directions); the same directions go to "
+        "entrokit and POT (as POT's (d, L) matrix). Every library runs on each instance in turn, "
+        f"{REPEATS} repeats per call.",
+        "POT numpy: its default backend on NumPy arrays (no gradient); POT torch: its torch backend on the "
+        "same tensors, the configuration a PyTorch user with a loss would pick; value+grad: the value and "
+        "its gradient in x by autograd (what a loss consumes). max abs(ek - POT): largest difference of "
+        "the values (numpy) and of the gradients (torch) over the instances.",
+        f"err: mean over the instances of |SW_2 estimate - reference|, reference = plain Monte Carlo with "
+        f"{REF_PROJECTIONS} directions at n = 1000 and {REF_PROJECTIONS // 5} at n = 10000 (its own standard "
+        "error is about the error at L divided by sqrt(directions / L)).",
+        "LCV / UCV: entrokit's lower / upper control variates on the same directions (value only).",
     ]
     return tab
 
@@ -189,7 +229,8 @@ def part_variance(quick: bool) -> tuple[Table, Table]:
     tab = Table(
         f"Spread of the SW_2^2 estimate over {R} seeds (same directions for the three estimators)",
         ["pair", "L", "reference SW_2^2", "std plain", "std LCV", "std UCV", "var plain / var LCV",
-         "var plain / var UCV", "RMSE plain", "RMSE LCV", "RMSE UCV", "time plain", "LCV / plain", "UCV / plain"],
+         "var plain / var UCV", "RMSE plain", "RMSE LCV", "RMSE UCV", "time plain (wall / CPU)", "LCV CPU / plain",
+         "UCV CPU / plain"],
     )
     gtab = Table(
         f"Variance of the gradient of SW_2^2 in the points over {R} seeds (sum over coordinates)",
@@ -205,21 +246,25 @@ def part_variance(quick: bool) -> tuple[Table, Table]:
             rmse = {cv: float(((v - ref2) ** 2).mean().sqrt()) for cv, v in z.items()}
             # blocks of k calls (>= ~50 ms each), 15 rounds interleaved so that load on a shared
             # machine hits the three estimators alike
-            t1, _ = clock(sliced_wasserstein, x, y, projections=th[0], repeats=3)
+            t1, _, _ = clock(sliced_wasserstein, x, y, projections=th[0], repeats=3)
             k = max(1, math.ceil(0.05 / t1))
             ts = {cv: [] for cv in cvs}
+            cs = {cv: [] for cv in cvs}
             for _ in range(15):
                 for cv in cvs:
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     for _ in range(k):
                         sliced_wasserstein(x, y, projections=th[0], control_variate=cv)
                     ts[cv].append((time.perf_counter() - t) / k)
+                    cs[cv].append((time.process_time() - c) / k)
             times = {cv: statistics.median(v) for cv, v in ts.items()}
+            cpus = {cv: statistics.median(v) for cv, v in cs.items()}
             tab.add(
                 name, L, f"{ref2:.5g} (s.e. {ref_se:.1e})", f"{std[None]:.3e}", f"{std['lower']:.3e}",
                 f"{std['upper']:.3e}", f"{(std[None] / std['lower']) ** 2:.2f}", f"{(std[None] / std['upper']) ** 2:.2f}",
-                f"{rmse[None]:.2e}", f"{rmse['lower']:.2e}", f"{rmse['upper']:.2e}", fmt_time(times[None]),
-                f"{times['lower'] / times[None]:.2f}", f"{times['upper'] / times[None]:.2f}",
+                f"{rmse[None]:.2e}", f"{rmse['lower']:.2e}", f"{rmse['upper']:.2e}",
+                f"{fmt_time(times[None])} / {fmt_time(cpus[None])}",
+                f"{cpus['lower'] / cpus[None]:.2f}", f"{cpus['upper'] / cpus[None]:.2f}",
             )
             print(tab.rows[-1], flush=True)
             if L == Ls[0]:
@@ -239,8 +284,9 @@ def part_variance(quick: bool) -> tuple[Table, Table]:
         "the variance.",
         f"RMSE: root mean square of (estimate - reference) over the seeds; reference = plain Monte Carlo "
         f"with {n_ref} directions (s.e. = its standard error).",
-        "time per call: median over 15 interleaved rounds of blocks of calls (>= 50 ms per block) on one "
-        "seed's directions (forward only, value checks on); "
+        "time per call: median over 15 interleaved rounds of blocks of calls (>= 50 ms per block) on the "
+        "pair and one seed's directions, wall / process CPU; the ratios are of CPU time (forward only, "
+        "value checks on); "
         "the control variates add "
         "O(L (n + m)) work to the O(L (n + m) d) projections and the sorts.",
     ]
@@ -259,9 +305,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import ot
 
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()
     tables = [part_speed(args.quick), *part_variance(args.quick)]
-    tables[0].notes.append(f"POT {ot.__version__}; total run time of this benchmark {time.perf_counter() - t0:.0f} s.")
+    load1 = os.getloadavg()
+    tables[0].notes.append(f"POT {ot.__version__}; total run time of this benchmark {time.perf_counter() - t0:.0f} s; "
+                           f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end.")
     for t in tables:
         print()
         print(t.render())
