@@ -8,15 +8,19 @@ float32, uniform weights, one thread per process. Two measurements per process c
 * ``n = m = 5k``: a full solve to ``tol = 1e-4`` (eps-scaling "auto", certification).
 
 Both report whether the 1- and 2-process potentials agree (max abs difference) and the
-bytes each rank hands to the collectives (``CommCounter``).
+bytes each rank hands to the collectives (``CommCounter``). Each runs ``--instances``
+seeded problems (default 3), each timed ``--repeats`` times (default 3): medians over the
+instances of the median over the repeats, wall time (the slowest rank) and process CPU time
+(summed over the ranks).
 
-Run: python benchmarks/bench_sharded.py [--n 50000 --iters 3 --small-n 5000 --results DIR]
+Run: python benchmarks/bench_sharded.py [--n 20000 --iters 3 --small-n 5000 --results DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -36,8 +40,8 @@ from entrokit.solvers.sinkhorn import SinkhornOptions, sinkhorn_problem
 EPS = 1e-2
 
 
-def _points(n: int, m: int, d: int = 3):
-    gen = torch.Generator().manual_seed(0)
+def _points(n: int, m: int, d: int = 3, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
     x = torch.rand(n, d, generator=gen, dtype=torch.float32)
     y = 0.8 * torch.rand(m, d, generator=gen, dtype=torch.float32) + 0.1
     return x, y
@@ -47,36 +51,47 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(minutes=20))
-    out = {}
+    out = {"fixed": [], "full": []}
     try:
-        # fixed iterations at large n (the problem set-up, incl. the bounds pass, is not timed)
-        x, y = _points(args.n, args.n)
-        geom = ShardedPointCloud(x.tensor_split(world)[rank], y, chunk_size=args.chunk_size, kernel=args.kernel)
-        problem = make_problem(None, None, geom, check_inputs=False).with_batch()
-        # warm-up (untimed): one iteration compiles the tile kernels of the local PointCloud
-        sinkhorn_problem(problem, EPS, SinkhornOptions(fixed_iter=True, max_iter=1))
-        opts = SinkhornOptions(fixed_iter=True, max_iter=args.iters)
-        dist.barrier()
-        t0 = time.perf_counter()
-        with CommCounter() as counter:
-            f, g, *_ = sinkhorn_problem(problem, EPS, opts)
-        dist.barrier()
-        out["fixed"] = dict(time=time.perf_counter() - t0, bytes=counter.bytes_sent, f=f[0], g=g[0])
+        for k in range(args.instances):
+            # fixed iterations at large n (the problem set-up, incl. the bounds pass, is not timed)
+            x, y = _points(args.n, args.n, seed=k)
+            geom = ShardedPointCloud(x.tensor_split(world)[rank], y, chunk_size=args.chunk_size, kernel=args.kernel)
+            problem = make_problem(None, None, geom, check_inputs=False).with_batch()
+            # warm-up (untimed): one iteration compiles the tile kernels of the local PointCloud
+            sinkhorn_problem(problem, EPS, SinkhornOptions(fixed_iter=True, max_iter=1))
+            opts = SinkhornOptions(fixed_iter=True, max_iter=args.iters)
+            walls, cpus = [], []
+            for _ in range(args.repeats):
+                dist.barrier()
+                t0, c0 = time.perf_counter(), time.process_time()
+                with CommCounter() as counter:
+                    f, g, *_ = sinkhorn_problem(problem, EPS, opts)
+                cpus.append(time.process_time() - c0)
+                dist.barrier()
+                walls.append(time.perf_counter() - t0)
+            out["fixed"].append(dict(time=statistics.median(walls), cpu=statistics.median(cpus),
+                                     bytes=counter.bytes_sent, f=f[0], g=g[0]))
 
-        # full solve at small n
-        x, y = _points(args.small_n, args.small_n)
-        geom = ShardedPointCloud(x.tensor_split(world)[rank], y, chunk_size=args.chunk_size, kernel=args.kernel)
-        problem = make_problem(None, None, geom, check_inputs=False).with_batch()
-        sinkhorn_problem(problem, EPS, SinkhornOptions(fixed_iter=True, max_iter=1))  # warm-up
-        dist.barrier()
-        t0 = time.perf_counter()
-        with CommCounter() as counter:
-            res = entrokit.sinkhorn(None, None, geom, EPS, tol=args.tol)
-        dist.barrier()
-        out["full"] = dict(
-            time=time.perf_counter() - t0, bytes=counter.bytes_sent, f=res.f, g=res.g, n_iter=int(res.n_iter),
-            value=float(res.value), merr=float(res.marginal_error), converged=bool(res.converged),
-        )
+            # full solve at small n
+            x, y = _points(args.small_n, args.small_n, seed=k)
+            geom = ShardedPointCloud(x.tensor_split(world)[rank], y, chunk_size=args.chunk_size, kernel=args.kernel)
+            problem = make_problem(None, None, geom, check_inputs=False).with_batch()
+            sinkhorn_problem(problem, EPS, SinkhornOptions(fixed_iter=True, max_iter=1))  # warm-up
+            walls, cpus = [], []
+            for _ in range(args.repeats):
+                dist.barrier()
+                t0, c0 = time.perf_counter(), time.process_time()
+                with CommCounter() as counter:
+                    res = entrokit.sinkhorn(None, None, geom, EPS, tol=args.tol)
+                cpus.append(time.process_time() - c0)
+                dist.barrier()
+                walls.append(time.perf_counter() - t0)
+            out["full"].append(dict(
+                time=statistics.median(walls), cpu=statistics.median(cpus), bytes=counter.bytes_sent, f=res.f,
+                g=res.g, n_iter=int(res.n_iter), value=float(res.value), merr=float(res.marginal_error),
+                converged=bool(res.converged),
+            ))
         torch.save(out, os.path.join(out_dir, f"w{world}_r{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -109,13 +124,11 @@ def _run(world: int, tmp: str, args) -> list[dict]:
     return [torch.load(os.path.join(tmp, f"w{world}_r{r}.pt"), weights_only=False) for r in range(world)]
 
 
-def _cat(ranks, key, field):
-    return torch.cat([r[key][field] for r in ranks], -1)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=50_000, help="n = m of the fixed-iteration timing")
+    ap.add_argument("--n", type=int, default=20_000, help="n = m of the fixed-iteration timing")
+    ap.add_argument("--instances", type=int, default=3, help="seeded problems (>= 3)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per problem (>= 3)")
     ap.add_argument("--iters", type=int, default=3, help="fixed iterations timed at --n")
     ap.add_argument("--small-n", type=int, default=5_000, help="n = m of the full solve")
     ap.add_argument("--tol", type=float, default=1e-4)
@@ -137,33 +150,47 @@ def main(argv=None) -> int:
             print(f"{world} process(es) done in {time.perf_counter() - t0:.0f} s", flush=True)
 
     itemsize = 4
+    med = statistics.median
     fixed = Table(
-        f"Fixed iterations, n = m = {args.n}, d = 3, eps = {EPS:g}, float32 ({args.iters} iterations)",
-        ["processes", "time / iteration", "speed-up", "max abs diff f", "max abs diff g",
-         "bytes / iteration / rank", "2 (n+m) itemsize"],
+        f"Fixed iterations, n = m = {args.n}, d = 3, eps = {EPS:g}, float32 ({args.iters} iterations; "
+        f"{args.instances} instances x {args.repeats} repeats)",
+        ["processes", "time / iteration (wall)", "CPU / iteration (all ranks)", "speed-up (wall)",
+         "max abs diff f", "max abs diff g", "bytes / iteration / rank", "2 (n+m) itemsize"],
     )
     full = Table(
-        f"Full solve, n = m = {args.small_n}, tol = {args.tol:g}, float32",
-        ["processes", "time", "speed-up", "iterations", "value", "marginal error", "converged",
-         "max abs diff f", "max abs diff g", "bytes / iteration / rank (all in)"],
+        f"Full solve, n = m = {args.small_n}, tol = {args.tol:g}, float32 ({args.instances} instances x "
+        f"{args.repeats} repeats)",
+        ["processes", "time (wall)", "CPU (all ranks)", "speed-up (wall)", "iterations", "value (instance 0)",
+         "marginal error (max)", "converged", "max abs diff f", "max abs diff g", "bytes / iteration / rank (all in)"],
     )
-    t1_fixed = runs[1][0]["fixed"]["time"] / args.iters
-    t1_full = runs[1][0]["full"]["time"]
-    f1, g1 = _cat(runs[1], "fixed", "f"), runs[1][0]["fixed"]["g"]
-    F1, G1 = _cat(runs[1], "full", "f"), runs[1][0]["full"]["g"]
+    K = args.instances
+
+    def per_instance(ranks, key, k, field, combine):
+        return combine(r[key][k][field] for r in ranks)
+
+    def cat(ranks, key, k, field):
+        return torch.cat([r[key][k][field] for r in ranks], -1)
+
+    t1_fixed = med(per_instance(runs[1], "fixed", k, "time", max) for k in range(K)) / args.iters
+    t1_full = med(per_instance(runs[1], "full", k, "time", max) for k in range(K))
     for world, ranks in runs.items():
-        per_iter = max(r["fixed"]["time"] for r in ranks) / args.iters
-        df = float((_cat(ranks, "fixed", "f") - f1).abs().max())
-        dg = max(float((r["fixed"]["g"] - g1).abs().max()) for r in ranks)
-        sent = max(r["fixed"]["bytes"] for r in ranks) / args.iters
-        fixed.add(world, f"{per_iter:.2f} s", f"{t1_fixed / per_iter:.2f}x", f"{df:.2e}", f"{dg:.2e}",
-                  f"{sent:.0f}", 2 * (2 * args.n) * itemsize)
-        r0 = ranks[0]["full"]
-        dF = float((_cat(ranks, "full", "f") - F1).abs().max())
-        dG = max(float((r["full"]["g"] - G1).abs().max()) for r in ranks)
-        sent_full = max(r["full"]["bytes"] for r in ranks) / r0["n_iter"]
-        full.add(world, f"{r0['time']:.2f} s", f"{t1_full / r0['time']:.2f}x", r0["n_iter"], f"{r0['value']:.7g}",
-                 f"{r0['merr']:.2e}", r0["converged"], f"{dF:.2e}", f"{dG:.2e}", f"{sent_full:.0f}")
+        per_iter = med(per_instance(ranks, "fixed", k, "time", max) for k in range(K)) / args.iters
+        cpu_iter = med(per_instance(ranks, "fixed", k, "cpu", sum) for k in range(K)) / args.iters
+        df = max(float((cat(ranks, "fixed", k, "f") - cat(runs[1], "fixed", k, "f")).abs().max()) for k in range(K))
+        dg = max(float((r["fixed"][k]["g"] - runs[1][0]["fixed"][k]["g"]).abs().max()) for r in ranks for k in range(K))
+        sent = max(r["fixed"][k]["bytes"] for r in ranks for k in range(K)) / args.iters
+        fixed.add(world, f"{per_iter:.2f} s", f"{cpu_iter:.2f} s", f"{t1_fixed / per_iter:.2f}x", f"{df:.2e}",
+                  f"{dg:.2e}", f"{sent:.0f}", 2 * (2 * args.n) * itemsize)
+        t_full = med(per_instance(ranks, "full", k, "time", max) for k in range(K))
+        c_full = med(per_instance(ranks, "full", k, "cpu", sum) for k in range(K))
+        r0s = [ranks[0]["full"][k] for k in range(K)]
+        dF = max(float((cat(ranks, "full", k, "f") - cat(runs[1], "full", k, "f")).abs().max()) for k in range(K))
+        dG = max(float((r["full"][k]["g"] - runs[1][0]["full"][k]["g"]).abs().max()) for r in ranks for k in range(K))
+        sent_full = max(r["full"][k]["bytes"] / r["full"][k]["n_iter"] for r in ranks for k in range(K))
+        full.add(world, f"{t_full:.2f} s", f"{c_full:.2f} s", f"{t1_full / t_full:.2f}x",
+                 " / ".join(str(r["n_iter"]) for r in r0s), f"{r0s[0]['value']:.7g}",
+                 f"{max(r['merr'] for r in r0s):.2e}", f"{sum(r['converged'] for r in r0s)}/{K}", f"{dF:.2e}",
+                 f"{dG:.2e}", f"{sent_full:.0f}")
     ideal = 2 * busy1 / busy2
     fixed.notes += [
         f"machine calibration: a single-thread compute task takes {busy1:.2f} s alone and {busy2:.2f} s "
