@@ -413,7 +413,7 @@ def main() -> None:
         hidden_cells = [(256, 4096, 256)]
     else:
         logit_cells = [(T, V, 0) for V in (32768, 151936) for T in (1024, 4096)]
-        hidden_cells = [(1024, 32768, 4096), (1024, 151936, 1024)]
+        hidden_cells = [(T, V, d) for T in (1024, 4096) for V, d in ((32768, 4096), (151936, 1024))]
     wanted = None
     if args.cells is not None:
         wanted = set()

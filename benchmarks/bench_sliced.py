@@ -309,7 +309,8 @@ def main(argv=None):
     tables = [part_speed(args.quick), *part_variance(args.quick)]
     load1 = os.getloadavg()
     tables[0].notes.append(f"POT {ot.__version__}; total run time of this benchmark {time.perf_counter() - t0:.0f} s; "
-                           f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end.")
+                           f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end; command: "
+                           "`OMP_NUM_THREADS=1 python benchmarks/bench_sliced.py`.")
     for t in tables:
         print()
         print(t.render())
