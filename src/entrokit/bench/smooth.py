@@ -168,7 +168,7 @@ def _measure(a, b, C, Cf, gamma: float, k: int | None, budget: float, full: Tabl
             T, t, _ = _to_target(anchors[name], start[name], bud, 10**6, lambda T: _stats(T, a, b, C, gamma)[0])
             if T is None:  # killed at the budget: a lower bound on its time, no plan
                 res[(reg, name)] = (bud, math.inf)
-                full.add(C.shape[0], f"{gamma:g}", reg, name, f"> {bud:g} s (killed)", "n/a", "n/a", "n/a")
+                full.add(C.shape[0], f"{gamma:g}", reg, name, f"> {bud:.0f} s (killed)", "n/a", "n/a", "n/a")
                 print(" | ".join(full.rows[-1]), flush=True)
                 continue
         merr, obj, mx = _stats(T, a, b, C, gamma)
@@ -179,7 +179,7 @@ def _measure(a, b, C, Cf, gamma: float, k: int | None, budget: float, full: Tabl
 
 def _fmt_run(t: float, err: float) -> str:
     """A run's time and error; a killed run (no error) as the lower bound on its time."""
-    return f"{fmt_time(t)} ({err:.1e})" if math.isfinite(err) else f"> {t:g} s (killed)"
+    return f"{fmt_time(t)} ({err:.1e})" if math.isfinite(err) else f"> {t:.0f} s (killed)"
 
 
 def _fmt_ratio(ours: float, theirs: float, err: float) -> str:
@@ -217,7 +217,7 @@ def _topk_row(res: dict) -> list:
     e_p = min(e for t, e in pk if t == tp)
     errs = [e for _, e in pk if math.isfinite(e)]
     return [f"{fmt_time(t_ek)} ({name.split()[1].split('/')[0]})", f"{e_ek:.2e}",
-            fmt_time(tp) if math.isfinite(e_p) else f"> {tp:g} s (killed)", f"{min(errs):.2e}" if errs else "n/a",
+            fmt_time(tp) if math.isfinite(e_p) else f"> {tp:.0f} s (killed)", f"{min(errs):.2e}" if errs else "n/a",
             _fmt_ratio(t_ek, tp, e_p), f"{r_k:.3f}" if reach else f"< {r_k:.3f}"]
 
 
