@@ -758,8 +758,8 @@ def token_logprob_entropy(
     backward of a linear layer) and each chunk's ``hidden`` product once more before it is added
     to the float32 row-block gradient. The values are unchanged; the gradients' median relative
     error is about 1.2x (``hidden``) and 1.6x (``weight``) that of rounding the exact gradient
-    once to bfloat16, for about 0.7x the CPU time of the float32 products at T = 1k,
-    V = 32k, d = 4096.
+    once to bfloat16, and forward + backward take about 0.7x the CPU time of the float32
+    products at T = 1k, V = 32k, d = 4096 (``benchmarks/results/rl_entropy.md``).
     The automatic tiles keep this working set under 1/28 of the logits' size (1/48 in float32).
 
     Parameters
