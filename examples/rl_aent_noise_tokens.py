@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
 from entrokit.rl import Clamp, DeadbandController, clipped_surrogate, entropy_bonus, token_entropy  # noqa: E402
-from entrokit.rl.toy import DigitSum, grpo_objective  # noqa: E402
+from entrokit.rl.toy import DigitSum, bonus_objective, grpo_objective  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
     apply_quick,
@@ -66,11 +66,7 @@ def prior(policy):
 
 
 def naive(g):
-    def objective(b):
-        pg, s = clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask, check_inputs=False)
-        eb, _ = entropy_bonus(b.entropy, b.mask, BONUS, check_inputs=False)
-        return pg + eb, s
-    return objective
+    return bonus_objective(BONUS)
 
 
 def aent(g):

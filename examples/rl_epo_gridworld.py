@@ -67,10 +67,9 @@ from entrokit.rl import (  # noqa: E402
     EntropyHistory,
     clipped_surrogate,
     corridor_entropy_loss,
-    entropy_bonus,
     phase_weight,
 )
-from entrokit.rl.toy import KeyDoorGrid, grpo_objective  # noqa: E402
+from entrokit.rl.toy import KeyDoorGrid, bonus_objective, grpo_objective  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
     paired_diff,
@@ -87,13 +86,7 @@ TUNE_SEED0 = 1000  # tuning seeds 1000+, disjoint from the evaluation sets 0-4 a
 
 
 def bonus(coef: float):
-    def make(g):
-        def objective(b):
-            pg, s = clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask, check_inputs=False)
-            eb, _ = entropy_bonus(b.entropy, b.mask, coef, check_inputs=False)
-            return pg + eb, s
-        return objective
-    return make
+    return lambda g: bonus_objective(coef)
 
 
 def epo(total_steps: int | None, coef: float):

@@ -180,3 +180,22 @@ def test_training_learns_the_key_door_grid():
     assert len(hist["reward"]) == 30
     assert after["pass@1"] > before["pass@1"] + 0.3
     assert after["entropy"] < before["entropy"]
+
+
+def test_bonus_objective_is_the_surrogate_minus_the_entropy_term():
+    from entrokit.rl import clipped_surrogate, entropy_bonus
+    from entrokit.rl.toy import bonus_objective, grpo_objective
+    from entrokit.rl.toy.loop import Batch
+
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(4, 6, generator=g) > 0.2
+    logp = -torch.rand(4, 6, generator=g)
+    b = Batch(logits=torch.zeros(4, 6, 3), logp=logp, old_logp=logp + 0.1 * torch.randn(4, 6, generator=g),
+              advantages=torch.randn(4, generator=g), mask=mask, entropy=torch.rand(4, 6, generator=g),
+              prompt_ids=torch.arange(4), rewards=torch.zeros(4), step=0, epoch=0)
+    loss, _ = bonus_objective(0.05)(b)
+    pg, _ = grpo_objective()(b)
+    h = (b.entropy * mask).sum() / mask.sum()  # token-mean entropy, by hand
+    torch.testing.assert_close(loss, pg - 0.05 * h)
+    eb, _ = entropy_bonus(b.entropy, b.mask, 0.05)
+    torch.testing.assert_close(loss, clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask)[0] + eb)

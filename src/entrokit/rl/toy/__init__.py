@@ -11,6 +11,7 @@ from entrokit.rl.toy.loop import (
     Batch,
     GRUPolicy,
     Rollout,
+    bonus_objective,
     evaluate,
     group_advantages,
     grpo_objective,
@@ -29,7 +30,7 @@ from entrokit.rl.toy.tasks import (
 )
 
 __all__ = [
-    "Batch", "GRUPolicy", "Rollout", "evaluate", "group_advantages", "grpo_objective", "pass_at_k", "sample",
+    "Batch", "GRUPolicy", "Rollout", "evaluate", "group_advantages", "grpo_objective", "bonus_objective", "pass_at_k", "sample",
     "token_logprobs", "train_grpo", "TASKS", "Countdown", "DigitSum", "KeyDoorGrid", "MixedArithmetic",
     "Permutation",
 ]

@@ -20,11 +20,12 @@ from torch import nn
 from entrokit._errors import InputError
 from entrokit._validation import check_positive, check_positive_int
 from entrokit.rl.entropy import token_entropy
-from entrokit.rl.losses import clipped_surrogate
+from entrokit.rl.losses import clipped_surrogate, entropy_bonus
 from entrokit.rl.toy.tasks import KeyDoorGrid
 
 __all__ = [
     "GRUPolicy", "Rollout", "Batch", "sample", "group_advantages", "token_logprobs", "grpo_objective",
+    "bonus_objective",
     "train_grpo", "evaluate", "pass_at_k",
 ]
 
@@ -152,6 +153,18 @@ def grpo_objective(clip: float = 0.2, clip_high: float | None = None) -> Objecti
     def objective(b: Batch):
         return clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask, clip_low=clip, clip_high=clip_high,
                                  check_inputs=False)
+
+    return objective
+
+
+def bonus_objective(coef: float, clip: float = 0.2) -> Objective:
+    """GRPO with a fixed entropy bonus: the clipped surrogate minus ``coef`` times the token-mean
+    entropy (:func:`entrokit.rl.entropy_bonus`), the baseline the entropy papers start from."""
+
+    def objective(b: Batch):
+        pg, stats = clipped_surrogate(b.logp, b.old_logp, b.advantages, b.mask, clip_low=clip, check_inputs=False)
+        eb, _ = entropy_bonus(b.entropy, b.mask, coef, check_inputs=False)
+        return pg + eb, stats
 
     return objective
 
