@@ -262,8 +262,8 @@ def test_bipartite_cg_single_problem_matches_dense_solve(layout, shift):
     assert not bool(ok[0]) and int(n_iter[0]) == 1
 
 
-def _anon_huge_kib(addr: int) -> int | None:
-    """AnonHugePages (KiB) of the mapping holding ``addr`` (None off Linux)."""
+def _mapping_flags(addr: int) -> list[str] | None:
+    """VmFlags of the mapping holding ``addr`` (None off Linux); ``hg`` marks MADV_HUGEPAGE."""
     try:
         with open("/proc/self/smaps") as fh:
             lines = fh.read().splitlines()
@@ -275,12 +275,12 @@ def _anon_huge_kib(addr: int) -> int | None:
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= addr < hi
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
     return None
 
 
-def test_large_buffer_is_an_ordinary_tensor_backed_by_huge_pages_where_allowed():
+def test_large_buffer_is_an_ordinary_tensor_advised_to_use_huge_pages():
     import sys
 
     from entrokit.solvers._numerics import large_buffer
@@ -301,11 +301,15 @@ def test_large_buffer_is_an_ordinary_tensor_backed_by_huge_pages_where_allowed()
                 mode = fh.read()
         except OSError:
             mode = ""
-    # madvise splits the mapping: the advised part starts at the first 2 MiB boundary
-    huge = _anon_huge_kib(-(-big.data_ptr() // (1 << 21)) * (1 << 21))
-    if "[madvise]" in mode and huge is not None:
-        # the advice was taken: 2 MiB pages back the buffer's interior
-        assert huge >= 2048
+    # madvise splits the mapping: the advised part starts at the first 2 MiB boundary. Whether
+    # the kernel then finds free 2 MiB frames depends on the machine's fragmentation, so the
+    # test checks what the library controls: the advice is recorded on the mapping.
+    flags = _mapping_flags(-(-big.data_ptr() // (1 << 21)) * (1 << 21))
+    if ("[madvise]" in mode or "[always]" in mode) and flags is not None:
+        assert "hg" in flags
+    # a buffer under 4 MiB is left to the allocator: no advice
+    small_flags = _mapping_flags(large_buffer(torch.empty(1000, dtype=torch.float64)).data_ptr())
+    assert small_flags is None or "hg" not in small_flags
 
 
 def test_released_buffer_is_reused_once_and_only_when_it_fits():
