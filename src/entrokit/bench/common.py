@@ -6,9 +6,11 @@ reports ratios against the anchors (absolute times on shared machines are noisy)
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import platform
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,7 +121,12 @@ class TimeLimitExceeded(Exception):
     """A call run by :func:`call_with_time_limit` was killed at its time limit."""
 
 
-def _send_outcome(fn: Callable[[], Any], conn) -> None:
+def _send_outcome(fn: Callable[[], Any], conn, cpu_limit: float | None = None) -> None:
+    if cpu_limit is not None:  # the kernel ends the child (SIGXCPU) at this much CPU time
+        import resource
+
+        soft = max(1, math.ceil(cpu_limit))
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
     try:
         conn.send((True, fn()))
     except BaseException as exc:  # noqa: BLE001  (re-raised in the parent)
@@ -128,7 +135,7 @@ def _send_outcome(fn: Callable[[], Any], conn) -> None:
         conn.close()
 
 
-def call_with_time_limit(fn: Callable[[], Any], limit: float) -> Any:
+def call_with_time_limit(fn: Callable[[], Any], limit: float, *, cpu: bool = False) -> Any:
     """``fn()`` run in a forked child process that is killed after ``limit`` seconds.
 
     Anchors' compiled solvers cannot be interrupted from inside the process, so a
@@ -136,19 +143,25 @@ def call_with_time_limit(fn: Callable[[], Any], limit: float) -> Any:
     exception ``fn`` raised) comes back pickled; on the time limit the child is killed
     and :class:`TimeLimitExceeded` is raised. Time ``fn`` inside itself: the fork and
     the transfer are not part of the measured call.
+
+    With ``cpu=True`` the limit is the child's CPU time (``RLIMIT_CPU``, whole seconds,
+    rounded up), so what is killed does not depend on the machine's load; a wall-clock
+    backstop of ``10 * limit`` seconds ends a child that waits without computing.
     """
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_send_outcome, args=(fn, send), daemon=True)
+    child = ctx.Process(target=_send_outcome, args=(fn, send, limit if cpu else None), daemon=True)
     child.start()
     send.close()
     try:
-        if not recv.poll(limit):
+        if not recv.poll(10.0 * limit if cpu else limit):
             child.kill()
-            raise TimeLimitExceeded(f"killed after {limit:g} s")
+            raise TimeLimitExceeded(f"killed after {10.0 * limit if cpu else limit:g} s")
         ok, value = recv.recv()
     except EOFError:
         child.join()
+        if cpu and child.exitcode == -signal.SIGXCPU:
+            raise TimeLimitExceeded(f"killed after {max(1, math.ceil(limit))} s of CPU time") from None
         raise RuntimeError(f"the benchmark child process died (exit code {child.exitcode})") from None
     finally:
         recv.close()

@@ -7,11 +7,15 @@ libraries: POT ``reg=gamma``, RegOT ``reg=gamma``; sums, not means). entrokit an
 anchors run on the same problem in one process. An anchor runs with an iteration cap
 that grows per attempt (4x, or to what fits the time budget at the measured rate) until
 it reaches the target error, stops on its own criteria (the plan no longer changes when
-the cap grows) or an attempt takes 2/3 of the budget; the table reports the last attempt
-alone (one run: its time and error). Every attempt runs in a child process killed at the
-budget (an anchor's compiled solver cannot be interrupted otherwise), so the suite ends in
-bounded time; a killed attempt is reported as "> budget (killed)", without an error.
-The marginal error
+the cap grows) or an attempt takes 2/3 of the budget; the last cap is then run again
+until ``repeats`` runs are timed, except when the budget stopped the search (its time is
+then a lower bound on the anchor's time to the target, and repeating it measures
+nothing the comparison uses). Every attempt runs in a child process killed at the
+budget of CPU time (an anchor's compiled solver cannot be interrupted otherwise), so the
+suite ends in bounded time and what is killed does not depend on the machine's load; a
+killed attempt is reported as "> budget (killed)", without an error, and not repeated.
+Each row is a median over several instances (seeds) of the median over the repeats,
+process CPU time beside wall time. The marginal error
 :math:`\\|T1-a\\|_1 + \\|T^\\top 1-b\\|_1`, the objective and the largest column
 cardinality are recomputed here from each returned plan.
 """
@@ -20,10 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,27 +60,40 @@ def make_problem_np(n: int, seed: int = 0):
 
 
 def _timed(fn):
-    t = time.perf_counter()
+    """``(fn(), wall seconds, process CPU seconds)``, the anchors' prints and warnings muted."""
+    t, c = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # POT's sparse projection prints shapes; L-BFGS-B warns
         out = fn()
-    return out, time.perf_counter() - t
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+def _attempt(run, cap: int, budget: float):
+    """One run at ``cap`` in a child killed at ``budget`` s of CPU time: ``(plan, wall, cpu)``,
+    or ``None`` when killed."""
+    try:
+        return call_with_time_limit(lambda: _timed(lambda: np.asarray(run(cap))), budget, cpu=True)
+    except TimeLimitExceeded:
+        return None
 
 
 def _to_target(run, start: int, budget: float, cap_max: int, stats):
     """Run with caps start, 4*start, ... (see the module docstring), each attempt in a
-    child process killed at ``budget`` seconds; returns the last attempt's ``(plan, time)``,
-    ``(None, None)`` when it was killed, and the caps tried."""
+    child process killed at ``budget`` seconds of CPU time; returns the last attempt's
+    ``(plan, wall, cpu)`` (``None`` when it was killed), the caps tried, and whether the
+    budget stopped the search (neither the target nor the anchor's own criteria did)."""
     cap, prev, caps = start, None, []
     while True:
         caps.append(cap)
-        try:
-            T, t = call_with_time_limit(lambda: _timed(lambda: np.asarray(run(cap))), budget)
-        except TimeLimitExceeded:
-            return None, None, caps
+        out = _attempt(run, cap, budget)
+        if out is None:
+            return None, caps, True
+        T, _, t = out
         done_own = prev is not None and prev.shape == T.shape and np.array_equal(prev, T)
-        if stats(T) <= TARGET or done_own or 1.5 * t > budget or cap >= cap_max:
-            return T, t, caps
+        if stats(T) <= TARGET or done_own or cap >= cap_max:
+            return out, caps, False
+        if 1.5 * t > budget:
+            return out, caps, True
         # next attempt: 4x the cap, or what fits the budget at the measured rate
         prev, cap = T, int(min(cap_max, cap * min(4.0, 0.9 * budget / max(t, 1e-6))))
 
@@ -95,35 +116,42 @@ def _entrokit(a, b, C, gamma, k, formulation=None):
     return r.plan.to_dense().numpy()
 
 
-def _tables(budget: float) -> tuple[Table, Table, Table]:
+def _tables(budget: float, seeds: int, repeats: int) -> tuple[Table, Table, Table]:
     """The three tables, empty, with their notes: every run, the quadratic targets, the top-k comparison."""
+    over = (f"median over {seeds} instances (seeds) of the median of {repeats} repeats; process CPU time, "
+            "one thread per library")
     full = Table(
-        "Quadratic (l2) and top-k (k=2) OT: time and final L1 marginal error, one run each",
-        ["n", "gamma", "reg", "library / method", "time", "marginal err (L1)", "objective", "max nnz/col"],
-        notes=[f"anchor budget per run: RegOT {budget:g} s, POT max({budget:g} s, 12x entrokit's time on the "
-               f"same problem) (caps grown up to 4x per attempt, the last one reported; an attempt still running at "
-               f"the budget is killed: '> budget (killed)'); torch threads: "
-               f"{torch.get_num_threads()}",
+        "Quadratic (l2) and top-k (k=2) OT: time and final L1 marginal error",
+        ["n", "gamma", "reg", "library / method", "CPU time", "wall", "marginal err (L1), median [max]",
+         "objective - entrokit's, max |.|", "max nnz/col", "killed", "timed runs"],
+        notes=[f"{over}. Anchor budget per attempt: RegOT {budget:g} s, POT max({budget:g} s, 12x entrokit's "
+               f"time on the same problem), of CPU time (caps grown up to 4x per attempt until the target; the "
+               f"last cap is repeated, unless the budget ended the search: an attempt over 2/3 of the budget "
+               f"short of the target is timed once, and one still running at the budget is killed and not "
+               f"repeated: its time is a lower bound, '>'); torch threads: {torch.get_num_threads()}",
                "POT runs with stopThr=0 (its tightest setting: the default 1e-9 stops at ~5e-3) until L-BFGS-B stops "
-               "itself or the cap; RegOT tol = 1e-6/sqrt(2n) on its L2 gradient norm; errors above are recomputed "
-               "from each plan. entrokit top-k includes its quadratic warm start.",
+               "itself or the cap; RegOT tol = 1e-6/sqrt(2n) on its L2 gradient norm; errors and objectives "
+               "are recomputed from each plan (the objective against entrokit's dual/newton plan for l2 and its "
+               "semi_dual plan for top-k). entrokit top-k includes its quadratic warm start.",
                "top-k: the SCOT dual is the dual of the convexified problem; a k-sparse plan recovered from the "
                "(nonsmooth) dual optimum need not meet the row marginals (see entrokit.smooth_ot docs)."],
     )
     summary = Table(
         "Quadratic OT targets: entrokit (error <= 1e-6 required) vs the fastest RegOT and POT runs",
-        ["n", "gamma", "entrokit", "err", "fastest RegOT run (err)", "ratio vs RegOT (<= 1)",
+        ["n", "gamma", "entrokit", "err (max)", "fastest RegOT run (err)", "ratio vs RegOT (<= 1)",
          "fastest POT run (err)", "ratio as run", "ratio vs POT to 1e-6 (<= 0.1)", "met"],
-        notes=["'< x' = upper bound (entrokit time / POT's longest run): no POT run reached 1e-6 (POT's "
-               "L-BFGS-B stops on its own criteria first, or the budget ran out)."],
+        notes=[f"CPU times and ratios: {over}; a ratio is taken per instance, then the median; errors: "
+               "the largest over the instances. '< x' = upper bound: on some instance no POT run reached 1e-6 "
+               "(POT's L-BFGS-B stops on its own criteria first, or the budget ran out) and entrokit's time is "
+               "divided by POT's longest run (or its budget, when killed). 'met' = on every instance."],
     )
     topk = Table(
         "Top-k (k=2) OT: entrokit vs POT sparsity_constrained (1e-6 is unattainable, see notes)",
-        ["n", "gamma", "entrokit (best form.)", "err", "POT fastest", "POT err", "ratio as run",
+        ["n", "gamma", "entrokit (best form.)", "err (max)", "POT fastest", "POT err (max)", "ratio as run",
          "ratio vs POT to entrokit's err (<= 0.1)"],
-        notes=["entrokit: the formulation with the smaller error; POT: fastest of dual/semi-dual and the "
-               "smaller of their errors. '< x' = upper bound (entrokit time / POT's longest run): no POT run "
-               "reached entrokit's error."],
+        notes=[f"CPU times and ratios: {over}; entrokit: the formulation with the smaller error; POT: fastest "
+               "of dual/semi-dual and the smaller of their errors. '< x' = upper bound (entrokit time / POT's "
+               "longest run): on some instance no POT run reached entrokit's error."],
     )
     return full, summary, topk
 
@@ -148,99 +176,196 @@ def _anchors(a, b, C, Cf, gamma: float, k: int | None) -> tuple[dict, dict]:
     return runs, start
 
 
-def _measure(a, b, C, Cf, gamma: float, k: int | None, budget: float, full: Table, res: dict) -> None:
-    """entrokit's formulations (each to its own stopping rule), then the anchors (to the
-    target, :func:`_to_target`) on one problem: a row of ``full`` per run, and
-    ``res[(reg, name)] = (time, marginal error)``."""
-    reg = f"topk k={k}" if k else "l2"
+@dataclass(frozen=True)
+class Run:
+    """One library on one instance: median wall and CPU seconds over the repeats, the plan's
+    marginal error, objective and largest column cardinality; ``killed``: stopped at the
+    budget (``cpu`` is then the budget, a lower bound, and the rest NaN)."""
+
+    wall: float
+    cpu: float
+    err: float
+    obj: float
+    nnz: int
+    killed: bool = False
+    runs: int = 1
+
+
+def _measure(a, b, C, gamma: float, k: int | None, budget: float, repeats: int) -> dict[str, Run]:
+    """entrokit's formulations (each to its own stopping rule, ``repeats`` times), then the
+    anchors (to the target, :func:`_to_target`, the final cap repeated) on one problem."""
     ours = {"entrokit semi_dual/lbfgs": "semi_dual", "entrokit dual/lbfgs": "dual"} if k else {
         "entrokit dual/newton": "dual"}
-    done = {name: _timed(lambda form=form: _entrokit(a, b, C, gamma, k, form)) for name, form in ours.items()}
-    anchors, start = _anchors(a, b, C, Cf, gamma, k)
+    outs: dict[str, list] = {
+        name: [_timed(lambda form=form: _entrokit(a, b, C, gamma, k, form)) for _ in range(repeats)]
+        for name, form in ours.items()}
+    anchors, start = _anchors(a, b, C, np.asfortranarray(C), gamma, k)
     # POT gets at least 12x entrokit's time, so that a POT run missing the target
     # certifies a ratio below 0.1 (RegOT: the plain budget)
-    pot_budget = max(budget, 12.0 * max(t for _, t in done.values()))
-    for name in (*anchors, *done):
-        if name in done:
-            T, t = done[name]
-        else:
-            bud = pot_budget if name.startswith("POT") else budget
-            T, t, _ = _to_target(anchors[name], start[name], bud, 10**6, lambda T: _stats(T, a, b, C, gamma)[0])
-            if T is None:  # killed at the budget: a lower bound on its time, no plan
-                res[(reg, name)] = (bud, math.inf)
-                full.add(C.shape[0], f"{gamma:g}", reg, name, f"> {bud:.0f} s (killed)", "n/a", "n/a", "n/a")
-                print(" | ".join(full.rows[-1]), flush=True)
-                continue
-        merr, obj, mx = _stats(T, a, b, C, gamma)
-        res[(reg, name)] = (t, merr)
-        full.add(C.shape[0], f"{gamma:g}", reg, name, fmt_time(t), f"{merr:.2e}", f"{obj:.8f}", mx)
-        print(" | ".join(full.rows[-1]), flush=True)
+    pot_budget = max(budget, 12.0 * max(np.median([o[2] for o in v]) for v in outs.values()))
+    res: dict[str, Run] = {}
+    for name, run in anchors.items():
+        bud = pot_budget if name.startswith("POT") else budget
+        first, caps, limited = _to_target(run, start[name], bud, 10**6, lambda T: _stats(T, a, b, C, gamma)[0])
+        if first is None:  # killed at the budget: a lower bound on its time, no plan
+            res[name] = Run(bud, bud, math.nan, math.nan, -1, killed=True, runs=0)
+            continue
+        again = [] if limited else [_attempt(run, caps[-1], bud) for _ in range(repeats - 1)]
+        outs[name] = [first, *(o for o in again if o is not None)]
+    for name, runs in outs.items():
+        merr, obj, mx = _stats(runs[0][0], a, b, C, gamma)
+        res[name] = Run(float(np.median([o[1] for o in runs])), float(np.median([o[2] for o in runs])),
+                        merr, obj, mx, runs=len(runs))
+    return res
 
 
-def _fmt_run(t: float, err: float) -> str:
-    """A run's time and error; a killed run (no error) as the lower bound on its time."""
-    return f"{fmt_time(t)} ({err:.1e})" if math.isfinite(err) else f"> {t:.0f} s (killed)"
+def _median(xs) -> float:
+    return float(np.median(list(xs)))
 
 
-def _fmt_ratio(ours: float, theirs: float, err: float) -> str:
-    return f"{ours / theirs:.3f}" if math.isfinite(err) else f"< {ours / theirs:.3f}"
+def _bounded(values: list[tuple[float, bool]]) -> str:
+    """The median of per-instance ratios, ``< x`` when any of them is only an upper bound
+    (the median of the bounds bounds the median)."""
+    m = _median(v for v, _ in values)
+    return f"< {m:.3f}" if any(b for _, b in values) else f"{m:.3f}"
 
 
-def _quadratic_row(res: dict) -> list:
+def _fmt_run(t: float, err: float, killed: bool) -> str:
+    """A median time and the largest error; a run killed on some instance as the lower bound."""
+    return f"> {t:.0f} s (killed)" if killed else f"{fmt_time(t)} ({err:.1e})"
+
+
+def _quadratic_row(per_seed: list[dict[str, Run]]) -> list:
     """The summary row of one quadratic problem (after ``n, gamma``): entrokit against the
     fastest RegOT run (whatever error it stopped at) and against POT, whose time to the
-    target is bounded below by its longest run when no run reached it (``< x``)."""
-    t_ek, e_ek = res[("l2", "entrokit dual/newton")]
-    rg = [(t, e) for (r, nm), (t, e) in res.items() if r == "l2" and nm.startswith("RegOT")]
-    pt = [(t, e) for (r, nm), (t, e) in res.items() if r == "l2" and nm.startswith("POT")]
-    t_rg, e_rg = min(rg)
-    t_p, e_p = min(pt)
-    ok_pot = [t for t, e in pt if e <= TARGET * 1.01]
-    t_pot = min(ok_pot) if ok_pot else None
-    r_pot = t_ek / t_pot if t_pot else t_ek / max(t for t, _ in pt)
-    met = e_ek <= TARGET and t_ek <= t_rg and r_pot <= 0.1
-    return [fmt_time(t_ek), f"{e_ek:.1e}", _fmt_run(t_rg, e_rg), _fmt_ratio(t_ek, t_rg, e_rg),
-            _fmt_run(t_p, e_p), _fmt_ratio(t_ek, t_p, e_p), f"{r_pot:.3f}" if t_pot else f"< {r_pot:.3f}",
+    target is bounded below by its longest run when no run reached it (``< x``); per
+    instance, then the median over the instances."""
+    ek, rg, rp, rpot = [], [], [], []
+    for res in per_seed:
+        mine = res["entrokit dual/newton"]
+        fastest_rg = min((r for nm, r in res.items() if nm.startswith("RegOT")), key=lambda r: r.cpu)
+        pot = [r for nm, r in res.items() if nm.startswith("POT")]
+        fastest_p = min(pot, key=lambda r: r.cpu)
+        ok = [r.cpu for r in pot if not r.killed and r.err <= TARGET * 1.01]
+        ek.append(mine)
+        rg.append((fastest_rg, (mine.cpu / fastest_rg.cpu, fastest_rg.killed)))
+        rp.append((fastest_p, (mine.cpu / fastest_p.cpu, fastest_p.killed)))
+        rpot.append((mine.cpu / min(ok), False) if ok else (mine.cpu / max(r.cpu for r in pot), True))
+    met = all(m.err <= TARGET for m in ek) and all(r <= 1 for _, (r, _) in rg) and all(
+        r <= 0.1 for r, _ in rpot)
+
+    def run_of(pairs):
+        return _fmt_run(_median(r.cpu for r, _ in pairs), max(r.err for r, _ in pairs),
+                        any(r.killed for r, _ in pairs))
+
+    return [fmt_time(_median(m.cpu for m in ek)), f"{max(m.err for m in ek):.1e}", run_of(rg),
+            _bounded([x for _, x in rg]), run_of(rp), _bounded([x for _, x in rp]), _bounded(rpot),
             "yes" if met else "no"]
 
 
-def _topk_row(res: dict) -> list:
-    """The top-k row of one problem (after ``n, gamma``): entrokit's formulation with the
-    smaller error against POT's fastest run, and against the POT runs that reached
-    entrokit's error (``< x``: none did; bounded by POT's longest run)."""
-    t_ek, e_ek, name = min(((t, e, nm) for (r, nm), (t, e) in res.items() if r != "l2" and nm.startswith("entrokit")),
-                           key=lambda z: z[1])
-    pk = [(t, e) for (r, nm), (t, e) in res.items() if r != "l2" and nm.startswith("POT")]
-    tp = min(t for t, _ in pk)
-    reach = [t for t, e in pk if e <= e_ek]
-    r_k = t_ek / min(reach) if reach else t_ek / max(t for t, _ in pk)
-    e_p = min(e for t, e in pk if t == tp)
-    errs = [e for _, e in pk if math.isfinite(e)]
-    return [f"{fmt_time(t_ek)} ({name.split()[1].split('/')[0]})", f"{e_ek:.2e}",
-            fmt_time(tp) if math.isfinite(e_p) else f"> {tp:.0f} s (killed)", f"{min(errs):.2e}" if errs else "n/a",
-            _fmt_ratio(t_ek, tp, e_p), f"{r_k:.3f}" if reach else f"< {r_k:.3f}"]
+def _topk_row(per_seed: list[dict[str, Run]]) -> list:
+    """The top-k row of one problem (after ``n, gamma``): per instance, entrokit's
+    formulation with the smaller error against POT's fastest run, and against the POT runs
+    that reached entrokit's error (``< x``: none did; bounded by POT's longest run); then
+    the median over the instances."""
+    ek, forms, fastest, errs, as_run, to_err = [], [], [], [], [], []
+    for res in per_seed:
+        name, mine = min(((nm, r) for nm, r in res.items() if nm.startswith("entrokit")), key=lambda z: z[1].err)
+        pot = [r for nm, r in res.items() if nm.startswith("POT")]
+        tp = min(pot, key=lambda r: r.cpu)
+        reach = [r.cpu for r in pot if not r.killed and r.err <= mine.err]
+        ek.append(mine)
+        forms.append(name.split()[1].split("/")[0])
+        fastest.append(tp)
+        errs += [min(r.err for r in pot if not r.killed)] if any(not r.killed for r in pot) else []
+        as_run.append((mine.cpu / tp.cpu, tp.killed))
+        to_err.append((mine.cpu / min(reach), False) if reach else (mine.cpu / max(r.cpu for r in pot), True))
+    form = max(set(forms), key=forms.count)
+    t_p = _median(r.cpu for r in fastest)
+    return [f"{fmt_time(_median(m.cpu for m in ek))} ({form})", f"{max(m.err for m in ek):.2e}",
+            f"> {t_p:.0f} s (killed)" if any(r.killed for r in fastest) else fmt_time(t_p),
+            f"{max(errs):.2e}" if errs else "n/a", _bounded(as_run), _bounded(to_err)]
 
 
-def run(quick: bool = False, budget: float | None = None, out: str | None = None) -> list[Table]:
-    """Run the suite; returns the tables (and writes ``<out>/smooth.md`` when ``out`` is given)."""
-    import ot  # noqa: F401  (the anchors: a missing one fails here, before any run)
-    import regot  # noqa: F401
+def _full_rows(n: int, gamma: float, k: int | None, per_seed: list[dict[str, Run]]) -> list[list]:
+    """A row of the full table per library: medians over the instances, the objective's
+    largest distance to entrokit's (dual/newton for l2, semi_dual for top-k)."""
+    reg = f"topk k={k}" if k else "l2"
+    ref = "entrokit semi_dual/lbfgs" if k else "entrokit dual/newton"
+    rows = []
+    for name in per_seed[0]:
+        runs = [res[name] for res in per_seed]
+        live = [r for r in runs if not r.killed]
+        killed = len(runs) - len(live)
+        cpu = _median(r.cpu for r in runs)
+        gap = max((abs(r.obj - res[ref].obj) for r, res in zip(runs, per_seed) if not r.killed), default=math.nan)
+        # killed runs sit at the budget, above every finished run: with fewer than half of
+        # them killed the median is exact, else only a lower bound
+        rows.append([n, f"{gamma:g}", reg, name, f"> {cpu:.0f} s" if 2 * killed >= len(runs) else fmt_time(cpu),
+                     fmt_time(_median(r.wall for r in runs)),
+                     f"{_median(r.err for r in live):.2e} [{max(r.err for r in live):.2e}]" if live else "n/a",
+                     f"{gap:.1e}" if live else "n/a", max(r.nnz for r in live) if live else "n/a",
+                     f"{killed}/{len(runs)}", sum(r.runs for r in runs)])
+    return rows
 
-    sizes = [300] if quick else [300, 1000, 3000]
+
+def _save(path: str, results: dict) -> None:
+    rows = [{"n": n, "gamma": g, "k": k, "seed": seed, "name": name, **asdict(r)}
+            for (n, g, k, seed), res in results.items() for name, r in res.items()]
+    Path(path).write_text(json.dumps(rows, indent=0))
+
+
+def _load(paths: Sequence[str]) -> dict:
+    results: dict = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text()):
+            key = (row.pop("n"), row.pop("gamma"), row.pop("k"), row.pop("seed"))
+            name = row.pop("name")
+            results.setdefault(key, {})[name] = Run(**row)
+    return results
+
+
+def run(quick: bool = False, budget: float | None = None, out: str | None = None,
+        seeds: int | Sequence[int] | None = None, repeats: int = 3, sizes: Sequence[int] | None = None,
+        save: str | None = None, load: Sequence[str] = ()) -> list[Table]:
+    """Run the suite; returns the tables (and writes ``<out>/smooth.md`` when ``out`` is given).
+
+    ``seeds``: the instances per size, a count (default 3, 1 with ``quick``) or the seeds
+    themselves; each library runs ``repeats`` times per instance. ``save`` writes every
+    instance's runs to a JSON file; ``load`` takes such files instead of running, so
+    instances run as separate processes are tabulated together."""
     budget = budget or (10.0 if quick else 60.0)
-    full, summary, topk = _tables(budget)
-    # warm-up (imports, first-call allocations) on a small problem, untimed
-    a0, b0, C0 = make_problem_np(50)
-    _timed(lambda: (_entrokit(a0, b0, C0, 0.1, None), _entrokit(a0, b0, C0, 0.1, 2)))
-    for n in sizes:
-        a, b, C = make_problem_np(n)
-        Cf = np.asfortranarray(C)
-        for gamma in (1e-1, 1e-2):
-            res = {}
-            for k in (None, 2):
-                _measure(a, b, C, Cf, gamma, k, budget, full, res)
-            summary.add(n, f"{gamma:g}", *_quadratic_row(res))
-            topk.add(n, f"{gamma:g}", *_topk_row(res))
+    if load:
+        results = _load(load)
+        seed_list = sorted({key[3] for key in results})
+    else:
+        import ot  # noqa: F401  (the anchors: a missing one fails here, before any run)
+        import regot  # noqa: F401
+
+        seeds = seeds or (1 if quick else 3)
+        seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+        results = {}
+        # warm-up (imports, first-call allocations) on a small problem, untimed
+        a0, b0, C0 = make_problem_np(50)
+        _timed(lambda: (_entrokit(a0, b0, C0, 0.1, None), _entrokit(a0, b0, C0, 0.1, 2)))
+        for n in sizes or ([300] if quick else [300, 1000, 3000]):
+            for gamma in (1e-1, 1e-2):
+                for seed in seed_list:
+                    a, b, C = make_problem_np(n, seed)
+                    for k in (None, 2):
+                        res = results[(n, gamma, k, seed)] = _measure(a, b, C, gamma, k, budget, repeats)
+                        print(f"n={n} gamma={gamma:g} k={k} seed={seed}:",
+                              {nm: (round(r.cpu, 4), f"{r.err:.1e}") for nm, r in res.items()}, flush=True)
+                        if save:
+                            _save(save, results)
+    full, summary, topk = _tables(budget, len(seed_list), repeats)
+    for n, gamma in sorted({key[:2] for key in results}, key=lambda ng: (ng[0], -ng[1])):
+        per_k = {k: [results[(n, gamma, k, s)] for s in seed_list if (n, gamma, k, s) in results] for k in (None, 2)}
+        for k, per_seed in per_k.items():
+            for row in _full_rows(n, gamma, k, per_seed):
+                full.add(*row)
+        summary.add(n, f"{gamma:g}", *_quadratic_row(per_k[None]))
+        topk.add(n, f"{gamma:g}", *_topk_row(per_k[2]))
     tables = [full, summary, topk]
     for t in tables:
         print(t.render(), flush=True)
