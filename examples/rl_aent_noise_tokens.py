@@ -40,19 +40,18 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95, mean_ci95  # noqa: E402
 from entrokit.rl import Clamp, DeadbandController, clipped_surrogate, entropy_bonus, token_entropy  # noqa: E402
 from entrokit.rl.toy import DigitSum, bonus_objective, grpo_objective  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
     apply_quick,
     paired_diff,
-    plot_entropy_bands,
-    plot_metric_bars,
     run_or_load,
+    save_study_figure,
+    study_figure,
     study_parser,
 )
 
@@ -134,17 +133,11 @@ def main() -> None:
     tag = " [--quick smoke run: too short and too few seeds to be evidence]" if args.quick else ""
     print(f"verdict: {word}: {parts}{tag}")
 
-    plt.rcParams.update(FIGURE_STYLE)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    plot_entropy_bands(axes[0], ARMS, results, title="Rollout entropy (mean, 95 % band)")
-    axes[0].legend(loc="best")
-    plot_metric_bars(axes[1], ARMS, results, "noise_mass", title="Final mass on noise tokens (95 % CI)")
-    plot_metric_bars(axes[2], ARMS, results, "pass@1", title="Final pass@1 (95 % CI)")
-    plot_metric_bars(axes[3], ARMS, results, "distinct", title="Distinct correct answers (95 % CI)")
-    fig.suptitle(("[smoke run] " if args.quick else "") + f"AEnt on digit-sum + {NOISE} noise tokens: "
-                 f"{args.seeds} seeds, {args.steps} GRPO steps", fontsize=11)
-    fig.tight_layout()
-    save_figure(fig, args.out, dpi=110)
+    fig, _ = study_figure(ARMS, results, [("noise_mass", "Final mass on noise tokens (95 % CI)"),
+                                          ("pass@1", "Final pass@1 (95 % CI)"),
+                                          ("distinct", "Distinct correct answers (95 % CI)")])
+    save_study_figure(fig, args.out, f"AEnt on digit-sum + {NOISE} noise tokens: {args.seeds} seeds, "
+                      f"{args.steps} GRPO steps", quick=args.quick)
 
 
 if __name__ == "__main__":

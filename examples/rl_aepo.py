@@ -44,11 +44,10 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95, mean_ci95  # noqa: E402
 from entrokit.rl import TemperatureScheduler  # noqa: E402
 from entrokit.rl.losses import aepo_reinforce_loss, aepo_select_positives, clipped_surrogate  # noqa: E402
 from entrokit.rl.toy import DigitSum, group_advantages, grpo_objective, sample, token_logprobs  # noqa: E402
@@ -56,11 +55,11 @@ from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
     apply_quick,
     paired_diff,
-    plot_entropy_bands,
-    plot_metric_bars,
     print_paired,
     print_table,
     run_or_load,
+    save_study_figure,
+    study_figure,
     study_parser,
 )
 
@@ -153,21 +152,17 @@ def main() -> None:
     tag = " [--quick smoke run: too short and too few seeds to be evidence]" if args.quick else ""
     print(f"verdict: {word}: {parts}{tag}")
 
-    plt.rcParams.update(FIGURE_STYLE)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    plot_entropy_bands(axes[0], ARMS, results, title="Rollout entropy (mean, 95 % band)")
+    fig, axes = study_figure(ARMS, results, [("H/H*", "Entropy / target, 2nd half (95 % CI)",
+                                              {"init": False, "arms": ARMS[1:]}),
+                                             ("pass@1", "Final pass@1 (95 % CI)"),
+                                             ("distinct", "Distinct correct answers (95 % CI)")],
+                             legend={"loc": "lower left", "fontsize": 9})
     h0 = float(np.mean([r["history"]["entropy"][0] for r in results["grpo"]]))
     for r, c in zip(TARGETS, ("tab:blue", "tab:green", "tab:red")):
         axes[0].axhspan(0.9 * r * h0, 1.1 * r * h0, color=c, alpha=0.1)
-    axes[0].legend(loc="lower left", fontsize=9)
-    plot_metric_bars(axes[1], ARMS[1:], results, "H/H*", title="Entropy / target, 2nd half (95 % CI)", init=False)
     axes[1].axhspan(0.9, 1.1, color="k", alpha=0.1)
-    plot_metric_bars(axes[2], ARMS, results, "pass@1", title="Final pass@1 (95 % CI)")
-    plot_metric_bars(axes[3], ARMS, results, "distinct", title="Distinct correct answers (95 % CI)")
-    fig.suptitle(("[smoke run] " if args.quick else "") + f"AEPO on digit-sum: {args.seeds} seeds ({args.seed0}+), "
-                 f"{args.steps} GRPO steps; shaded: targets ±10 %", fontsize=11)
-    fig.tight_layout()
-    save_figure(fig, args.out, dpi=110)
+    save_study_figure(fig, args.out, f"AEPO on digit-sum: {args.seeds} seeds ({args.seed0}+), "
+                      f"{args.steps} GRPO steps; shaded: targets ±10 %", quick=args.quick)
 
 
 if __name__ == "__main__":

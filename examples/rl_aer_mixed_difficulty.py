@@ -54,10 +54,9 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95, mean_ci95  # noqa: E402
 from entrokit.rl import (  # noqa: E402
     AnchoredTargetController,
     DifficultyAwareCoef,
@@ -69,10 +68,10 @@ from entrokit.rl.toy.loop import sample  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
     paired_diff,
-    plot_entropy_bands,
-    plot_metric_bars,
     print_tuning,
     run_or_load,
+    save_study_figure,
+    study_figure,
     tune_arms,
 )
 
@@ -205,18 +204,13 @@ def main() -> None:
     tag = " [--quick smoke run: too short and too few seeds to be evidence]" if args.quick else ""
     print(f"verdict: {word}: {parts}{tag}")
 
-    plt.rcParams.update(FIGURE_STYLE)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    plot_entropy_bands(axes[0], ARMS, results, title="Rollout entropy (mean, 95 % band)")
-    axes[0].legend(loc="lower left")
-    plot_metric_bars(axes[1], ARMS, results, "pass@1", title="Final pass@1 (95 % CI)")
-    plot_metric_bars(axes[2], ARMS, results, "hard pass@1", title="Final pass@1, hard prompts m >= 25 (95 % CI)",
-                     init=False)
-    plot_metric_bars(axes[3], ARMS, results, "distinct", title="Distinct correct answers (95 % CI)")
-    fig.suptitle(("[smoke run] " if args.quick else "") + f"AER on mixed-difficulty arithmetic: {args.seeds} seeds "
-                 f"({args.seed0}+), {args.steps} GRPO steps", fontsize=11)
-    fig.tight_layout()
-    save_figure(fig, args.out, dpi=110)
+    fig, _ = study_figure(ARMS, results, [("pass@1", "Final pass@1 (95 % CI)"),
+                                          ("hard pass@1", "Final pass@1, hard prompts m >= 25 (95 % CI)",
+                                           {"init": False}),
+                                          ("distinct", "Distinct correct answers (95 % CI)")],
+                          legend={"loc": "lower left"})
+    save_study_figure(fig, args.out, f"AER on mixed-difficulty arithmetic: {args.seeds} seeds ({args.seed0}+), "
+                      f"{args.steps} GRPO steps", quick=args.quick)
 
 
 if __name__ == "__main__":

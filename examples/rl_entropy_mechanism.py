@@ -43,11 +43,10 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95, mean_ci95  # noqa: E402
 from entrokit.rl.losses import clip_cov_policy_loss, kl_cov_policy_loss  # noqa: E402
 from entrokit.rl.toy import DigitSum, grpo_objective  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
@@ -55,9 +54,9 @@ from entrokit.rl.toy.study import (  # noqa: E402
     apply_quick,
     fit_entropy_law,
     paired_diff,
-    plot_entropy_bands,
-    plot_metric_bars,
     run_or_load,
+    save_study_figure,
+    study_figure,
     study_parser,
 )
 
@@ -150,10 +149,9 @@ def main() -> None:
     tag = " [--quick smoke run: too short and too few seeds to be evidence]" if args.quick else ""
     print(f"verdict: {word}: " + "; ".join(parts) + tag)
 
-    plt.rcParams.update(FIGURE_STYLE)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    plot_entropy_bands(axes[0], arms, results, title="Rollout entropy (mean, 95 % band)")
-    axes[0].legend(loc="lower left")
+    fig, axes = study_figure(arms, results, [None, ("pass@1", "Final pass@1 (95 % CI)"),
+                                             ("distinct", "Distinct correct answers (95 % CI)")],
+                             legend={"loc": "lower left"})
     ax = axes[1]
     for r in results["grpo"]:
         hs, ps = [c["entropy"] for c in r["checkpoints"]], [c["pass@1"] for c in r["checkpoints"]]
@@ -165,12 +163,8 @@ def main() -> None:
     ax.set_ylabel("pass@1 (checkpoints)")
     ax.set_title("GRPO: pass@1 against entropy")
     ax.legend(loc="upper right")
-    plot_metric_bars(axes[2], arms, results, "pass@1", title="Final pass@1 (95 % CI)")
-    plot_metric_bars(axes[3], arms, results, "distinct", title="Distinct correct answers (95 % CI)")
-    fig.suptitle(("[smoke run] " if args.quick else "") + f"Entropy mechanism on digit-sum: {args.seeds} seeds, "
-                 f"{args.steps} GRPO steps", fontsize=11)
-    fig.tight_layout()
-    save_figure(fig, args.out, dpi=110)
+    save_study_figure(fig, args.out, f"Entropy mechanism on digit-sum: {args.seeds} seeds, {args.steps} GRPO steps",
+                      quick=args.quick)
 
 
 if __name__ == "__main__":

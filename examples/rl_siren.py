@@ -41,10 +41,9 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from entrokit.plotting import FIGURE_STYLE, format_ci95, mean_ci95, save_figure  # noqa: E402
+from entrokit.plotting import format_ci95, mean_ci95  # noqa: E402
 from entrokit.rl import TopP, anchored_entropy_loss, clipped_surrogate, entropy_bonus, token_entropy  # noqa: E402
 from entrokit.rl.masks import top_entropy_mask  # noqa: E402
 from entrokit.rl.toy import DigitSum, grpo_objective  # noqa: E402
@@ -52,11 +51,11 @@ from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
     apply_quick,
     paired_diff,
-    plot_entropy_bands,
-    plot_metric_bars,
     print_paired,
     print_table,
     run_or_load,
+    save_study_figure,
+    study_figure,
     study_parser,
 )
 
@@ -145,20 +144,14 @@ def main() -> None:
     tag = " [--quick smoke run: too short and too few seeds to be evidence]" if args.quick else ""
     print(f"verdict: {word}: {parts}{tag}")
 
-    plt.rcParams.update(FIGURE_STYLE)
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    plot_entropy_bands(axes[0], ARMS, results, title="Rollout entropy (mean, 95 % band)")
-    axes[0].legend(loc="best", fontsize=9)
-    plot_metric_bars(axes[1], ARMS, results, "H_end/H_0", title="Final / first rollout entropy (95 % CI)",
-                     init=False)
+    fig, axes = study_figure(ARMS, results, [("H_end/H_0", "Final / first rollout entropy (95 % CI)", {"init": False}),
+                                             ("noise_mass", "Final mass on noise tokens (95 % CI)"),
+                                             ("pass@1", "Final pass@1 (95 % CI)")],
+                             legend={"loc": "best", "fontsize": 9})
     axes[1].set_yscale("log")
     axes[1].axhspan(*STABLE, color="k", alpha=0.1)
-    plot_metric_bars(axes[2], ARMS, results, "noise_mass", title="Final mass on noise tokens (95 % CI)")
-    plot_metric_bars(axes[3], ARMS, results, "pass@1", title="Final pass@1 (95 % CI)")
-    fig.suptitle(("[smoke run] " if args.quick else "") + f"SIREN on digit-sum + {NOISE} noise tokens: {args.seeds} "
-                 f"seeds ({args.seed0}+), {args.steps} GRPO steps; shaded: stable band", fontsize=11)
-    fig.tight_layout()
-    save_figure(fig, args.out, dpi=110)
+    save_study_figure(fig, args.out, f"SIREN on digit-sum + {NOISE} noise tokens: {args.seeds} seeds "
+                      f"({args.seed0}+), {args.steps} GRPO steps; shaded: stable band", quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from entrokit.rl.toy.study import (
     run_arm,
     run_or_load,
     run_study,
+    save_study_figure,
+    study_figure,
     study_parser,
     tune_arms,
 )
@@ -103,6 +105,28 @@ def test_print_table_and_paired_show_the_ci95_of_the_seeds(capsys):
     assert out[1].startswith("arm x") and out[1].endswith(format_ci95([1.0, 2.0, 4.0], digits=3, width=6))
     assert out[2].endswith(format_ci95([0.5, 2.5, 3.0], digits=3, width=6))
     assert out[3] == f"paired arm y - arm x: m {format_ci95([-0.5, 0.5, -1.0], digits=3, width=6)}"
+
+
+def test_study_figure_draws_the_entropy_and_the_metric_panels(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = {"x": [1.0, 2.0, 4.0], "y": [0.5, 2.5, 3.0]}
+    res = {k: [{"final": {"m": v}, "init": {"m": 0.25}, "history": {"entropy": [1.0, 0.5, 0.2]}} for v in vals]
+           for k, vals in rows.items()}
+    arms = [Arm("x", "arm x", None, "tab:blue"), Arm("y", "arm y", None, "tab:red")]
+    fig, axes = study_figure(arms, res, [("m", "metric m"), None, ("m", "m of y", {"init": False, "arms": arms[1:]})],
+                             legend={"loc": "lower left"})
+    assert len(axes) == 4 and axes[0].get_title() == "Rollout entropy (mean, 95 % band)"
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["arm x", "arm y"]
+    # a bar per arm at the seeds' mean, and the value at initialisation as a dashed line
+    assert [p.get_height() for p in axes[1].patches] == pytest.approx([7 / 3, 2.0])
+    assert axes[1].get_title() == "metric m" and axes[1].lines[-1].get_ydata()[0] == 0.25
+    assert not axes[2].has_data()  # left to the caller
+    assert [p.get_height() for p in axes[3].patches] == pytest.approx([2.0]) and axes[3].get_legend() is None
+    save_study_figure(fig, str(tmp_path / "f.png"), "a study", quick=True)
+    assert fig._suptitle.get_text() == "[smoke run] a study" and (tmp_path / "f.png").stat().st_size > 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'f.png'}"
 
 
 def test_seeds_saved_by_separate_runs_load_as_one_study(tmp_path):

@@ -23,7 +23,7 @@ from entrokit.rl.toy.loop import GRUPolicy, Objective, evaluate, train_grpo
 
 __all__ = [
     "Arm", "run_arm", "run_study", "run_or_load", "study_parser", "apply_quick", "print_table", "print_paired", "fit_entropy_law", "paired_diff",
-    "plot_entropy_bands", "plot_metric_bars", "tune_arms", "print_tuning",
+    "plot_entropy_bands", "plot_metric_bars", "tune_arms", "print_tuning", "study_figure", "save_study_figure",
 ]
 
 
@@ -278,3 +278,35 @@ def plot_metric_bars(ax, arms: Sequence[Arm], results: dict[str, list[dict]], me
         ax.legend(loc="best")
     ax.set_xticks(range(len(arms)), [a.label for a in arms], rotation=20, ha="right")
     ax.set_title(title)
+
+
+def study_figure(arms: Sequence[Arm], results: dict[str, list[dict]], panels: Sequence[tuple | None], *,
+                 legend: dict[str, Any] | None = None, log: bool = True):
+    """The reproductions' figure, before its title: the rollout entropy of every arm
+    (:func:`plot_entropy_bands`, legend ``legend``), then one panel per entry of
+    ``panels``, ``(metric, title)`` or ``(metric, title, {"init": False, "arms": ...})`` for
+    :func:`plot_metric_bars` and ``None`` for a panel the caller draws. Returns
+    ``(fig, axes)``; :func:`save_study_figure` titles and writes it."""
+    import matplotlib.pyplot as plt
+
+    from entrokit.plotting import FIGURE_STYLE
+
+    plt.rcParams.update(FIGURE_STYLE)
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(17, 4.2) if len(panels) >= 3 else (14, 4.2))
+    plot_entropy_bands(axes[0], arms, results, title="Rollout entropy (mean, 95 % band)", log=log)
+    for ax, panel in zip(axes[1:], panels):
+        if panel is not None:
+            metric, title, *extra = panel
+            opts = dict(extra[0]) if extra else {}
+            plot_metric_bars(ax, opts.pop("arms", arms), results, metric, title=title, **opts)
+    axes[0].legend(**(legend or {"loc": "best"}))
+    return fig, axes
+
+
+def save_study_figure(fig, out: str, title: str, *, quick: bool) -> None:
+    """Title ``fig`` (marked as a smoke run with ``quick``) and write it to ``out``."""
+    from entrokit.plotting import save_figure
+
+    fig.suptitle(("[smoke run] " if quick else "") + title, fontsize=11)
+    fig.tight_layout()
+    save_figure(fig, out, dpi=110)
