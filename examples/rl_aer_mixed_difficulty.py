@@ -46,7 +46,6 @@ Run: ``python examples/rl_aer_mixed_difficulty.py [--seeds 5] [--seed0 0] [--ste
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import time
@@ -67,11 +66,13 @@ from entrokit.rl.toy import MixedArithmetic, grpo_objective  # noqa: E402
 from entrokit.rl.toy.loop import sample  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
+    apply_quick,
     paired_diff,
     print_tuning,
     run_or_load,
     save_study_figure,
     study_figure,
+    study_parser,
     tune_arms,
 )
 
@@ -137,21 +138,9 @@ def by_difficulty(policy, task, samples: int, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--seed0", type=int, default=0, help="first seed (the committed numbers: 0; the second set: 100)")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 4 steps, 8 prompts per step, 2 candidates tuned on 1 seed")
-    ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_aer_mixed_difficulty.png"))
-    ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
-    ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
-    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
-    ap.add_argument("--load", metavar="PATH", nargs="+",
-                    help="do not train: report on the runs saved by --save (seeds in the order given)")
-    args = ap.parse_args()
-    global_grid, aer_grid = GLOBAL_GRID, AER_GRID
-    if args.quick:
-        args.seeds, args.steps, args.tune_seeds, global_grid, aer_grid = 2, 4, 1, GLOBAL_GRID[1:3], AER_GRID[:2]
+    args = apply_quick(study_parser(__doc__, steps=100, quick_steps=4, out="rl_aer_mixed_difficulty.png",
+                                    tuning=True).parse_args())
+    global_grid, aer_grid = (GLOBAL_GRID[1:3], AER_GRID[:2]) if args.quick else (GLOBAL_GRID, AER_GRID)
     torch.set_num_threads(1)
     task = MixedArithmetic(40, moduli=(2, 5, 10, 25, 50))
     cfg = {"steps": args.steps, "hidden": 64, "eval_every": 2 if args.quick else 10,

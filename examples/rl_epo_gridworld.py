@@ -50,7 +50,6 @@ Run: ``python examples/rl_epo_gridworld.py [--seeds 5] [--seed0 0] [--steps 80] 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import time
@@ -71,11 +70,13 @@ from entrokit.rl import (  # noqa: E402
 from entrokit.rl.toy import KeyDoorGrid, bonus_objective, grpo_objective  # noqa: E402
 from entrokit.rl.toy.study import (  # noqa: E402
     Arm,
+    apply_quick,
     paired_diff,
     print_tuning,
     run_or_load,
     save_study_figure,
     study_figure,
+    study_parser,
     tune_arms,
 )
 
@@ -127,21 +128,9 @@ def step_variance(run: dict) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5, help="seeds (>= 5 for the verdict)")
-    ap.add_argument("--seed0", type=int, default=0, help="first seed (the committed numbers: 0; the second set: 100)")
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2 seeds, 4 steps, 4 layouts per step, 2 lambdas tuned on 1 seed")
-    ap.add_argument("--out", default=os.path.join("examples", "figures", "rl_epo_gridworld.png"))
-    ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
-    ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
-    ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
-    ap.add_argument("--load", metavar="PATH", nargs="+",
-                    help="do not train: report on the runs saved by --save (seeds in the order given)")
-    args = ap.parse_args()
-    lambdas = LAMBDAS
-    if args.quick:
-        args.seeds, args.steps, args.tune_seeds, lambdas = 2, 4, 1, LAMBDAS[1:3]
+    args = apply_quick(study_parser(__doc__, steps=80, quick_steps=4, out="rl_epo_gridworld.png",
+                                    tuning=True).parse_args())
+    lambdas = LAMBDAS[1:3] if args.quick else LAMBDAS
     torch.set_num_threads(1)
     task = KeyDoorGrid(size=5, max_turns=20, num_layouts=8)
     cfg = {"steps": args.steps, "hidden": 64, "eval_every": 3 if args.quick else 10,

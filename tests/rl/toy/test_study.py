@@ -93,7 +93,11 @@ def test_study_parser_quick_and_seed0():
     assert args.out.endswith("x.png")
     args = apply_quick(ap.parse_args(["--quick", "--seed0", "100", "--seeds", "9"]))
     assert (args.seeds, args.seed0, args.steps) == (2, 100, 6)
-    assert ap.description == "Title line"
+    assert ap.description == "Title line" and not hasattr(args, "tune_seeds")
+    tuned = study_parser("T", steps=10, quick_steps=2, out="y.png", tuning=True)
+    args = apply_quick(tuned.parse_args(["--tuning-cache", "c.json"]))
+    assert (args.tune_seeds, args.tuning_cache) == (2, "c.json")
+    assert apply_quick(tuned.parse_args(["--quick", "--tune-seeds", "3"])).tune_seeds == 1
 
 
 def test_print_table_and_paired_show_the_ci95_of_the_seeds(capsys):
@@ -189,7 +193,7 @@ def test_run_arm_measure_sees_the_trained_policy_and_seed():
 
     def measure(policy, seed):
         seen.append((policy, seed))
-        return {"head_norm": float(policy.head.weight.norm())}
+        return {"head_norm": float(policy.head.weight.detach().norm())}
 
     run = run_arm(task, arm, 3, measure=measure, **KW)
     assert len(seen) == 1 and seen[0][1] == 3

@@ -87,11 +87,12 @@ def run_study(task: Any, arms: Sequence[Arm], seeds: Iterable[int], **cfg: Any
 
 
 def study_parser(doc: str, *, steps: int, quick_steps: int, out: str, seeds: int = 5,
-                 quick_seeds: int = 2) -> argparse.ArgumentParser:
+                 quick_seeds: int = 2, tuning: bool = False) -> argparse.ArgumentParser:
     """The reproductions' shared options: ``--seeds``, ``--seed0`` (first seed; the committed
-    numbers use 0, the second seed set 100), ``--steps``, ``--quick`` (CI smoke run) and
-    ``--out`` (the figure, default ``examples/figures/<out>``). Call
-    :func:`apply_quick` on the parsed arguments."""
+    numbers use 0, the second seed set 100), ``--steps``, ``--quick`` (CI smoke run),
+    ``--out`` (the figure, default ``examples/figures/<out>``), ``--save`` / ``--load``, and
+    with ``tuning`` the options of :func:`tune_arms`, ``--tune-seeds`` (from 1000; one in the
+    smoke run) and ``--tuning-cache``. Call :func:`apply_quick` on the parsed arguments."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=seeds, help=f"seeds (>= 5 for the verdict; default {seeds})")
     ap.add_argument("--seed0", type=int, default=0,
@@ -104,6 +105,9 @@ def study_parser(doc: str, *, steps: int, quick_steps: int, out: str, seeds: int
     ap.add_argument("--save", metavar="PATH", help="also write the runs to PATH (torch.save), e.g. one file per seed")
     ap.add_argument("--load", metavar="PATH", nargs="+",
                     help="do not train: report on the runs saved by --save (seeds in the order given)")
+    if tuning:
+        ap.add_argument("--tune-seeds", type=int, default=2, help="tuning seeds, from 1000 (default 2)")
+        ap.add_argument("--tuning-cache", metavar="JSON", help="reuse / store the tuning runs' scores here")
     ap.set_defaults(_quick=(quick_seeds, quick_steps))
     return ap
 
@@ -194,9 +198,11 @@ def print_tuning(chosen: dict[str, Arm], scores: dict[str, dict[str, list[float]
 
 
 def apply_quick(args: argparse.Namespace) -> argparse.Namespace:
-    """With ``--quick``, replace ``seeds`` and ``steps`` by the smoke run's."""
+    """With ``--quick``, replace ``seeds`` and ``steps`` (and ``tune_seeds``) by the smoke run's."""
     if args.quick:
         args.seeds, args.steps = args._quick
+        if hasattr(args, "tune_seeds"):
+            args.tune_seeds = 1
     return args
 
 
