@@ -51,3 +51,19 @@ def dirac_source(b, costs):
     b = torch.as_tensor(b, dtype=D)
     C = torch.as_tensor(costs, dtype=D).reshape(1, -1)
     return torch.ones(1, dtype=D), b, C, float((C[0] * b).sum())
+
+
+def clouds(n, m, d, *, seed=0, dtype=D, shift=0.1, batch=()):
+    """x ~ U[0,1]^d, y ~ 0.8 U[0,1]^d + shift (the benchmark's problem)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(*batch, n, d, generator=gen, dtype=D)
+    y = 0.8 * torch.rand(*batch, m, d, generator=gen, dtype=D) + shift
+    return x.to(dtype), y.to(dtype)
+
+
+def weights(n, *, seed=0, zeros=(), dtype=D, batch=()):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.rand(*batch, n, generator=gen, dtype=D) + 0.5
+    for k in zeros:
+        w[..., k] = 0.0
+    return (w / w.sum(-1, keepdim=True)).to(dtype)

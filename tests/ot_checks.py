@@ -54,3 +54,26 @@ def check_ot_result(res, a, b, C, tol, *, require_converged=False, check_reporte
         tc = float(res.transport_cost)
         assert math.isclose(cost, tc, rel_tol=rtol, abs_tol=atol), f"{res.method}: <C, P> = {cost!r}, transport_cost = {tc!r}"
     return err, cost
+
+
+def dense_marginal_error(res, x, y, a, b, eps):
+    """L1 marginal error of P_ij = a_i b_j exp((f_i + g_j - C_ij)/eps) over all pairs, in
+    float64 (the dense formula; independent of the truncated geometry)."""
+    f, g = res.f.to(D), res.g.to(D)
+    x, y, a, b = x.to(D), y.to(D), a.to(D), b.to(D)
+    C = ((x.unsqueeze(-2) - y.unsqueeze(-3)) ** 2).sum(-1)
+    P = a.unsqueeze(-1) * b.unsqueeze(-2) * torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps)
+    return (P.sum(-1) - a).abs().sum(-1) + (P.sum(-2) - b).abs().sum(-1)
+
+
+def centred_gap(u, v, mask=None):
+    """max |u - v - c| with c the mean gap (potentials are defined up to a constant)."""
+    diff = (u - v).to(D)
+    if mask is not None:
+        diff = diff[mask]
+    return float((diff - diff.mean()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------
+# clustering
+# ---------------------------------------------------------------------------------------

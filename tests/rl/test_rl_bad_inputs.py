@@ -3,7 +3,7 @@
 Every tensor argument gets NaN, +inf, -inf, empty, integer, meta, non-contiguous, wrong-rank
 and 0-dim versions, and all floating tensors float16/bfloat16; integer options get NumPy
 integers, and out-of-range values. The TRL trainer (entrokit.rl.integrations.trl) has its own
-checks in tests/rl/test_trl.py.
+checks in tests/rl/integrations/test_trl.py.
 """
 
 import math
