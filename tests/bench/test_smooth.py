@@ -2,13 +2,11 @@
 top-k rows from given times and errors, and the growing-cap rule of the anchors."""
 
 import math
-import os
 import time
 
 import numpy as np
 import pytest
 
-from entrokit.bench.common import TimeLimitExceeded, call_with_time_limit
 from entrokit.bench.smooth import (
     TARGET,
     Run,
@@ -160,23 +158,6 @@ def test_saved_instances_load_back_into_the_same_runs(tmp_path):
     assert back.keys() == results.keys()
     assert back[(300, 0.1, None, 0)] == results[(300, 0.1, None, 0)]
     assert back[(300, 0.1, 2, 1)]["POT dual"].killed and math.isnan(back[(300, 0.1, 2, 1)]["POT dual"].err)
-
-
-def test_call_with_time_limit_returns_the_childs_value_and_raises_its_errors():
-    pid = os.getpid()
-    assert call_with_time_limit(lambda: (os.getpid() != pid, np.arange(3)), 30)[0] is True
-    with pytest.raises(ZeroDivisionError, match="division by zero"):
-        call_with_time_limit(lambda: 1 / 0, 30)
-    with pytest.raises(TimeLimitExceeded, match="killed after 0.2 s"):
-        call_with_time_limit(lambda: time.sleep(30), 0.2)
-    with pytest.raises(RuntimeError, match="child process died"):
-        call_with_time_limit(lambda: os._exit(3), 30)
-    # a CPU-time limit: the kernel ends a computing child; a waiting one meets the wall backstop
-    with pytest.raises(TimeLimitExceeded, match="killed after 1 s of CPU time"):
-        call_with_time_limit(lambda: sum(1 for _ in iter(int, 1)), 0.5, cpu=True)
-    with pytest.raises(TimeLimitExceeded, match="killed after 0.5 s"):
-        call_with_time_limit(lambda: time.sleep(30), 0.05, cpu=True)
-    assert call_with_time_limit(lambda: 7, 1, cpu=True) == 7
 
 
 def test_rows_with_killed_runs_report_bounds():
