@@ -11,7 +11,9 @@ from entrokit.bench.smooth import (
     TARGET,
     Run,
     _full_rows,
+    _instances_in_processes,
     _load,
+    _measure,
     _quadratic_row,
     _save,
     _stats,
@@ -177,3 +179,16 @@ def test_rows_with_killed_runs_report_bounds():
         res["POT dual"] = _run(60.0, 0.0, killed=True)  # killed on two instances of three
     row = {r[3]: r for r in _full_rows(300, 0.01, None, per_seed)}["POT dual"]
     assert row[4] == "> 60 s" and row[6] == "5.00e-06 [5.00e-06]" and row[9] == "2/3"
+
+
+def test_instances_in_processes_give_the_runs_of_this_process():
+    # one process per instance, two at a time: every (size, gamma, k, seed) comes back, and
+    # a run's error, objective and cardinality (deterministic) equal those measured here
+    results = _instances_in_processes([0, 1], [12], budget=5.0, repeats=1, workers=2)
+    assert set(results) == {(12, g, k, s) for g in (0.1, 0.01) for k in (None, 2) for s in (0, 1)}
+    a, b, C = make_problem_np(12, 1)
+    here = _measure(a, b, C, 0.01, 2, 5.0, 1)
+    apart = results[(12, 0.01, 2, 1)]
+    assert apart.keys() == here.keys()
+    for name, r in here.items():
+        assert (apart[name].err, apart[name].obj, apart[name].nnz) == (r.err, r.obj, r.nnz), name

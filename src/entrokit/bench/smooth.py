@@ -26,7 +26,10 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -65,7 +68,8 @@ def _timed(fn):
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # POT's sparse projection prints shapes; L-BFGS-B warns
         out = fn()
-    return out, time.perf_counter() - t, time.process_time() - c
+    # a sub-millisecond run in a fresh child may read 0 s of CPU: floor it at 1 us (ratios)
+    return out, time.perf_counter() - t, max(time.process_time() - c, 1e-6)
 
 
 def _attempt(run, cap: int, budget: float):
@@ -325,39 +329,83 @@ def _load(paths: Sequence[str]) -> dict:
     return results
 
 
+def _measure_instances(seed_list: Sequence[int], sizes: Sequence[int], budget: float, repeats: int,
+                       save: str | None) -> dict:
+    """Every (size, gamma, k, seed) of the suite, measured in this process."""
+    import ot  # noqa: F401  (the anchors: a missing one fails here, before any run)
+    import regot  # noqa: F401
+
+    results: dict = {}
+    # warm-up (imports, first-call allocations) on a small problem, untimed
+    a0, b0, C0 = make_problem_np(50)
+    _timed(lambda: (_entrokit(a0, b0, C0, 0.1, None), _entrokit(a0, b0, C0, 0.1, 2)))
+    for n in sizes:
+        for gamma in (1e-1, 1e-2):
+            for seed in seed_list:
+                a, b, C = make_problem_np(n, seed)
+                for k in (None, 2):
+                    res = results[(n, gamma, k, seed)] = _measure(a, b, C, gamma, k, budget, repeats)
+                    print(f"n={n} gamma={gamma:g} k={k} seed={seed}:",
+                          {nm: (round(r.cpu, 4), f"{r.err:.1e}") for nm, r in res.items()}, flush=True)
+                    if save:
+                        _save(save, results)
+    return results
+
+
+def _instances_in_processes(seed_list: Sequence[int], sizes: Sequence[int], budget: float, repeats: int,
+                            workers: int) -> dict:
+    """One process per instance (``python -m entrokit.bench.smooth --seeds s --save ...``),
+    ``workers`` at a time, each with this process's thread count; their saved runs merged."""
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        pending, running, paths = list(seed_list), [], []
+        while pending or running:
+            while pending and len(running) < workers:
+                seed = pending.pop(0)
+                paths.append(os.path.join(tmp, f"seed{seed}.json"))
+                cmd = [sys.executable, "-m", "entrokit.bench.smooth", "--seeds", str(seed), "--save", paths[-1],
+                       "--no-table", "--budget", f"{budget:g}", "--repeats", str(repeats),
+                       "--sizes", *map(str, sizes)]
+                running.append((seed, subprocess.Popen(cmd, env=env)))
+            time.sleep(0.2)
+            for seed, proc in list(running):
+                if proc.poll() is not None:
+                    running.remove((seed, proc))
+                    if proc.returncode != 0:
+                        for _, other in running:
+                            other.kill()
+                        raise RuntimeError(f"the smooth benchmark of instance {seed} failed "
+                                           f"(exit code {proc.returncode})")
+        return _load(paths)
+
+
 def run(quick: bool = False, budget: float | None = None, out: str | None = None,
         seeds: int | Sequence[int] | None = None, repeats: int = 3, sizes: Sequence[int] | None = None,
-        save: str | None = None, load: Sequence[str] = ()) -> list[Table]:
+        save: str | None = None, load: Sequence[str] = (), workers: int | None = None) -> list[Table]:
     """Run the suite; returns the tables (and writes ``<out>/smooth.md`` when ``out`` is given).
 
     ``seeds``: the instances per size, a count (default 3, 1 with ``quick``) or the seeds
-    themselves; each library runs ``repeats`` times per instance. ``save`` writes every
-    instance's runs to a JSON file; ``load`` takes such files instead of running, so
-    instances run as separate processes are tabulated together."""
+    themselves; each library runs ``repeats`` times per instance. ``workers``: instances
+    measured at once, each in its own process (default: as many as the cores hold at this
+    process's thread count; 1 runs them here, in turn). ``save`` writes every instance's
+    runs to a JSON file (with ``workers=1``); ``load`` takes such files instead of running,
+    so instances run as separate processes are tabulated together."""
     budget = budget or (10.0 if quick else 60.0)
+    sizes = list(sizes or ([300] if quick else [300, 1000, 3000]))
     if load:
         results = _load(load)
         seed_list = sorted({key[3] for key in results})
     else:
-        import ot  # noqa: F401  (the anchors: a missing one fails here, before any run)
-        import regot  # noqa: F401
-
         seeds = seeds or (1 if quick else 3)
         seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-        results = {}
-        # warm-up (imports, first-call allocations) on a small problem, untimed
-        a0, b0, C0 = make_problem_np(50)
-        _timed(lambda: (_entrokit(a0, b0, C0, 0.1, None), _entrokit(a0, b0, C0, 0.1, 2)))
-        for n in sizes or ([300] if quick else [300, 1000, 3000]):
-            for gamma in (1e-1, 1e-2):
-                for seed in seed_list:
-                    a, b, C = make_problem_np(n, seed)
-                    for k in (None, 2):
-                        res = results[(n, gamma, k, seed)] = _measure(a, b, C, gamma, k, budget, repeats)
-                        print(f"n={n} gamma={gamma:g} k={k} seed={seed}:",
-                              {nm: (round(r.cpu, 4), f"{r.err:.1e}") for nm, r in res.items()}, flush=True)
-                        if save:
-                            _save(save, results)
+        if workers is None:
+            workers = max(1, (os.cpu_count() or 1) // torch.get_num_threads())
+        workers = min(workers, len(seed_list))
+        if workers > 1 and save is None:
+            results = _instances_in_processes(seed_list, sizes, budget, repeats, workers)
+        else:
+            results = _measure_instances(seed_list, sizes, budget, repeats, save)
     full, summary, topk = _tables(budget, len(seed_list), repeats)
     for n, gamma in sorted({key[:2] for key in results}, key=lambda ng: (ng[0], -ng[1])):
         per_k = {k: [results[(n, gamma, k, s)] for s in seed_list if (n, gamma, k, s) in results] for k in (None, 2)}
@@ -373,5 +421,25 @@ def run(quick: bool = False, budget: float | None = None, out: str | None = None
     return tables
 
 
+def main(argv: Sequence[str] | None = None, results_dir: str | None = None) -> None:
+    """The command line of ``benchmarks/bench_smooth.py`` and ``python -m entrokit.bench.smooth``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Quadratic / sparsity-constrained OT vs POT and RegOT.")
+    p.add_argument("--quick", action="store_true", help="n = 300, one instance, 10 s budgets")
+    p.add_argument("--seeds", type=int, nargs="+", help="the instances (default 0 1 2)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sizes", type=int, nargs="+")
+    p.add_argument("--budget", type=float, help="the anchors' budget in CPU seconds (default 60, 10 with --quick)")
+    p.add_argument("--workers", type=int, help="instances measured at once, one process each")
+    p.add_argument("--save", help="write every instance's runs to this JSON file (measured in this process)")
+    p.add_argument("--load", nargs="+", default=(), help="tabulate these JSON files instead of running")
+    p.add_argument("--no-table", action="store_true", help="do not write results/smooth.md")
+    args = p.parse_args(argv)
+    out = None if args.quick or args.no_table else results_dir
+    run(quick=args.quick, budget=args.budget, out=out, seeds=args.seeds, repeats=args.repeats, sizes=args.sizes,
+        save=args.save, load=args.load, workers=args.workers)
+
+
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv)
+    main()
