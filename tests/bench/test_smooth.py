@@ -86,7 +86,10 @@ def test_full_rows_report_medians_the_largest_error_and_killed_counts():
     per_seed = [_l2(1e-7), _l2(1e-7), _l2(1e-7)]
     per_seed[1]["POT semi_dual"] = _run(8.0, 3e-7)
     per_seed[2]["POT semi_dual"] = _run(60.0, 0.0, killed=True)
-    rows = {r[3]: r for r in _full_rows(300, 0.1, None, per_seed)}
+    table = _full_rows(300, 0.1, None, per_seed)
+    assert [r[3] for r in table] == ["entrokit dual/newton", "POT dual", "POT semi_dual", "RegOT qrot_grssn",
+                                     "RegOT qrot_lbfgs_dual"]
+    rows = {r[3]: r for r in table}
     assert rows["POT semi_dual"][4:] == ["8.00 s", "8.80 s", "2.00e-07 [3.00e-07]", "0.0e+00", 5, "1/3", 6]
     assert rows["entrokit dual/newton"][4:] == ["200.0 ms", "220.0 ms", "9.00e-07 [9.00e-07]", "0.0e+00", 5, "0/3", 9]
 

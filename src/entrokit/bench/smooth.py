@@ -297,7 +297,7 @@ def _full_rows(n: int, gamma: float, k: int | None, per_seed: list[dict[str, Run
     reg = f"topk k={k}" if k else "l2"
     ref = "entrokit semi_dual/lbfgs" if k else "entrokit dual/newton"
     rows = []
-    for name in per_seed[0]:
+    for name in sorted(per_seed[0], key=lambda nm: (not nm.startswith("entrokit"), nm)):  # entrokit first
         runs = [res[name] for res in per_seed]
         live = [r for r in runs if not r.killed]
         killed = len(runs) - len(live)
