@@ -410,10 +410,12 @@ def run(quick: bool = False, budget: float | None = None, out: str | None = None
     for n, gamma in sorted({key[:2] for key in results}, key=lambda ng: (ng[0], -ng[1])):
         per_k = {k: [results[(n, gamma, k, s)] for s in seed_list if (n, gamma, k, s) in results] for k in (None, 2)}
         for k, per_seed in per_k.items():
-            for row in _full_rows(n, gamma, k, per_seed):
+            for row in _full_rows(n, gamma, k, per_seed) if per_seed else ():  # (loaded runs may be partial)
                 full.add(*row)
-        summary.add(n, f"{gamma:g}", *_quadratic_row(per_k[None]))
-        topk.add(n, f"{gamma:g}", *_topk_row(per_k[2]))
+        if per_k[None]:
+            summary.add(n, f"{gamma:g}", *_quadratic_row(per_k[None]))
+        if per_k[2]:
+            topk.add(n, f"{gamma:g}", *_topk_row(per_k[2]))
     tables = [full, summary, topk]
     for t in tables:
         print(t.render(), flush=True)
