@@ -36,8 +36,8 @@ docs: install-docs
 # every suite of `entrokit bench` (sinkhorn, newton, smooth) at the sizes and time budgets of its
 # committed table, one thread for every library as the tables were taken; the tables are written
 # to $(BENCH_RESULTS) of this checkout (benchmarks/results/<suite>.md). Long but bounded: the anchors
-# get up to 60 s per problem and the smooth suite kills an attempt at its budget; 81 min from a fresh
-# clone on a shared 2-core machine (benchmarks/README.md).
+# get up to 60 s per problem and the smooth suite kills an attempt at its budget of CPU time; about
+# 2 h on an idle 2-core machine (benchmarks/README.md).
 # One suite: `make bench BENCH_SUITES=newton`.
 BENCH_RESULTS ?= benchmarks/results
 BENCH_SUITES ?= sinkhorn newton smooth
