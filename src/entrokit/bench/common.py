@@ -121,12 +121,11 @@ class TimeLimitExceeded(Exception):
     """A call run by :func:`call_with_time_limit` was killed at its time limit."""
 
 
-def _send_outcome(fn: Callable[[], Any], conn, cpu_limit: float | None = None) -> None:
-    if cpu_limit is not None:  # the kernel ends the child (SIGXCPU) at this much CPU time
+def _send_outcome(fn: Callable[[], Any], conn, cpu_seconds: int | None = None) -> None:
+    if cpu_seconds is not None:  # the kernel ends the child (SIGXCPU) at this much CPU time
         import resource
 
-        soft = max(1, math.ceil(cpu_limit))
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
     try:
         conn.send((True, fn()))
     except BaseException as exc:  # noqa: BLE001  (re-raised in the parent)
@@ -148,20 +147,22 @@ def call_with_time_limit(fn: Callable[[], Any], limit: float, *, cpu: bool = Fal
     rounded up), so what is killed does not depend on the machine's load; a wall-clock
     backstop of ``10 * limit`` seconds ends a child that waits without computing.
     """
+    cpu_seconds = max(1, math.ceil(limit)) if cpu else None
+    wall = 10.0 * limit if cpu else limit
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_send_outcome, args=(fn, send, limit if cpu else None), daemon=True)
+    child = ctx.Process(target=_send_outcome, args=(fn, send, cpu_seconds), daemon=True)
     child.start()
     send.close()
     try:
-        if not recv.poll(10.0 * limit if cpu else limit):
+        if not recv.poll(wall):
             child.kill()
-            raise TimeLimitExceeded(f"killed after {10.0 * limit if cpu else limit:g} s")
+            raise TimeLimitExceeded(f"killed after {wall:g} s")
         ok, value = recv.recv()
     except EOFError:
         child.join()
         if cpu and child.exitcode == -signal.SIGXCPU:
-            raise TimeLimitExceeded(f"killed after {max(1, math.ceil(limit))} s of CPU time") from None
+            raise TimeLimitExceeded(f"killed after {cpu_seconds} s of CPU time") from None
         raise RuntimeError(f"the benchmark child process died (exit code {child.exitcode})") from None
     finally:
         recv.close()

@@ -206,7 +206,7 @@ def _measure(a, b, C, gamma: float, k: int | None, budget: float, repeats: int) 
     anchors, start = _anchors(a, b, C, np.asfortranarray(C), gamma, k)
     # POT gets at least 12x entrokit's time, so that a POT run missing the target
     # certifies a ratio below 0.1 (RegOT: the plain budget)
-    pot_budget = max(budget, 12.0 * max(np.median([o[2] for o in v]) for v in outs.values()))
+    pot_budget = max(budget, 12.0 * max(_median(o[2] for o in v) for v in outs.values()))
     res: dict[str, Run] = {}
     for name, run in anchors.items():
         bud = pot_budget if name.startswith("POT") else budget
@@ -234,9 +234,21 @@ def _bounded(values: list[tuple[float, bool]]) -> str:
     return f"< {m:.3f}" if any(b for _, b in values) else f"{m:.3f}"
 
 
+def _fmt_median_time(t: float, killed: bool) -> str:
+    """A median time; where a run was killed on some instance, the budget as a lower bound."""
+    return f"> {t:.0f} s (killed)" if killed else fmt_time(t)
+
+
 def _fmt_run(t: float, err: float, killed: bool) -> str:
-    """A median time and the largest error; a run killed on some instance as the lower bound."""
-    return f"> {t:.0f} s (killed)" if killed else f"{fmt_time(t)} ({err:.1e})"
+    """A median time and the largest error (a killed run has no error)."""
+    return _fmt_median_time(t, killed) + ("" if killed else f" ({err:.1e})")
+
+
+def _ratio_to_reach(cpu: float, pot: list[Run], err: float) -> tuple[float, bool]:
+    """``cpu`` over the fastest POT run that reached ``err``, or (an upper bound, ``True``)
+    over POT's longest run when none did."""
+    reach = [r.cpu for r in pot if not r.killed and r.err <= err]
+    return (cpu / min(reach), False) if reach else (cpu / max(r.cpu for r in pot), True)
 
 
 def _quadratic_row(per_seed: list[dict[str, Run]]) -> list:
@@ -250,11 +262,10 @@ def _quadratic_row(per_seed: list[dict[str, Run]]) -> list:
         fastest_rg = min((r for nm, r in res.items() if nm.startswith("RegOT")), key=lambda r: r.cpu)
         pot = [r for nm, r in res.items() if nm.startswith("POT")]
         fastest_p = min(pot, key=lambda r: r.cpu)
-        ok = [r.cpu for r in pot if not r.killed and r.err <= TARGET * 1.01]
         ek.append(mine)
         rg.append((fastest_rg, (mine.cpu / fastest_rg.cpu, fastest_rg.killed)))
         rp.append((fastest_p, (mine.cpu / fastest_p.cpu, fastest_p.killed)))
-        rpot.append((mine.cpu / min(ok), False) if ok else (mine.cpu / max(r.cpu for r in pot), True))
+        rpot.append(_ratio_to_reach(mine.cpu, pot, TARGET * 1.01))
     met = all(m.err <= TARGET for m in ek) and all(r <= 1 for _, (r, _) in rg) and all(
         r <= 0.1 for r, _ in rpot)
 
@@ -277,17 +288,16 @@ def _topk_row(per_seed: list[dict[str, Run]]) -> list:
         name, mine = min(((nm, r) for nm, r in res.items() if nm.startswith("entrokit")), key=lambda z: z[1].err)
         pot = [r for nm, r in res.items() if nm.startswith("POT")]
         tp = min(pot, key=lambda r: r.cpu)
-        reach = [r.cpu for r in pot if not r.killed and r.err <= mine.err]
         ek.append(mine)
         forms.append(name.split()[1].split("/")[0])
         fastest.append(tp)
         errs += [min(r.err for r in pot if not r.killed)] if any(not r.killed for r in pot) else []
         as_run.append((mine.cpu / tp.cpu, tp.killed))
-        to_err.append((mine.cpu / min(reach), False) if reach else (mine.cpu / max(r.cpu for r in pot), True))
+        to_err.append(_ratio_to_reach(mine.cpu, pot, mine.err))
     form = max(set(forms), key=forms.count)
     t_p = _median(r.cpu for r in fastest)
     return [f"{fmt_time(_median(m.cpu for m in ek))} ({form})", f"{max(m.err for m in ek):.2e}",
-            f"> {t_p:.0f} s (killed)" if any(r.killed for r in fastest) else fmt_time(t_p),
+            _fmt_median_time(t_p, any(r.killed for r in fastest)),
             f"{max(errs):.2e}" if errs else "n/a", _bounded(as_run), _bounded(to_err)]
 
 
