@@ -62,6 +62,7 @@ def clouds(n, m, d, *, seed=0, dtype=D, shift=0.1, batch=()):
 
 
 def weights(n, *, seed=0, zeros=(), dtype=D, batch=()):
+    """Random positive weights summing to 1, with exact zeros at ``zeros``."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.rand(*batch, n, generator=gen, dtype=D) + 0.5
     for k in zeros:
