@@ -335,3 +335,101 @@ def test_skip_without_sync_puts_the_state_back_without_a_host_sync(monkeypatch):
     torch.testing.assert_close(m.rows[1], torch.full((3,), 1 / 3, dtype=torch.float64))
     torch.testing.assert_close(m.prior, 0.5 * before["prior"] + 0.5 / 3)
     assert torch.equal(m.rows[3], before["rows"][3])
+
+
+# -- the constructor generated from the declared options ----------------------------------
+
+
+class Band(StatefulModule):
+    """Declared options only: the constructor is generated (positional, keyword-only, alias, fixed)."""
+
+    state_name = "band state"
+    low: float = Option(real(example="low=0.0"))
+    high: float = Option(real(example="high=1.0"), 1.0)
+    start: float = Option(real(example="value=0.5"), 0.5, kw_only=True, alias="value", fixed=True)
+    size: int = Option(integer(minimum=1, example="size=4"), 4, fixed=True)
+
+    def _setup(self):
+        self.add_state("value", torch.full((self.size,), self.start, dtype=torch.float64), sync="mean")
+
+    def _check_relations(self):
+        if self.low > self.high:
+            raise InputError(f"low={self.low} exceeds high={self.high}")
+
+    def _measure(self, x):
+        return {"value": x}
+
+    def _write(self, stats):
+        self.value.copy_(stats["value"])
+
+
+class NarrowBand(Band):
+    """A redeclared option keeps its place and takes the new default; a new keyword-only one comes first."""
+
+    high: float = Option(real(example="high=0.2"), 0.2)
+    gain: float = Option(real(example="gain=2.0"), 2.0, kw_only=True)
+
+
+def test_the_generated_constructor_has_the_declared_signature():
+    import inspect
+
+    params = inspect.signature(Band).parameters
+    assert list(params) == ["low", "high", "size", "value", "sync", "check_inputs"]
+    assert params["low"].default is inspect.Parameter.empty
+    assert [params[n].kind.name for n in ("high", "value", "sync")] == [
+        "POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY", "KEYWORD_ONLY"]
+    assert params["high"].annotation == "float" and params["sync"].default is None
+    narrow = inspect.signature(NarrowBand).parameters
+    assert list(narrow) == ["low", "high", "size", "gain", "value", "sync", "check_inputs"]
+    assert narrow["high"].default == 0.2
+    m = NarrowBand(np.float32(0.1), value=0.25, sync=False)
+    assert (m.low, m.high, m.gain, m.start, m.size) == (pytest.approx(0.1), 0.2, 2.0, 0.25, 4)
+    assert torch.equal(m.value, torch.full((4,), 0.25, dtype=torch.float64))
+    assert m.options() == {"high": 0.2, "gain": 2.0, "low": m.low, "start": 0.25, "size": 4, "sync": False,
+                           "check_inputs": True}
+
+
+def test_the_generated_constructor_checks_arguments_and_relations():
+    with pytest.raises(TypeError, match=r"Band\(\): missing a required argument: 'low'"):
+        Band()
+    with pytest.raises(TypeError, match=r"Band\(\): too many positional arguments"):
+        Band(0.0, 1.0, 4, 0.5)  # value is keyword-only
+    with pytest.raises(TypeError, match=r"Band\(\): got an unexpected keyword argument 'start'"):
+        Band(0.0, start=0.5)  # the attribute's name is not the parameter's
+    with pytest.raises(InputError, match="low=2.0 exceeds high=1.0"):
+        Band(2.0)
+    with pytest.raises(InputError, match=r"size must be an int >= 1, got 0"):
+        Band(0.0, size=0)
+
+
+def test_a_fixed_option_is_read_only_after_construction_and_the_state_is_kept():
+    m = Band(0.0, size=3, sync=False)
+    before = _snapshot(m)
+    with pytest.raises(InputError, match="size of a Band is fixed when it is built .* build a new Band"):
+        m.size = 5
+    with pytest.raises(InputError, match="start of a Band is fixed"):
+        m.set_options(start=0.1, high=2.0)
+    assert (m.size, m.start, m.high) == (3, 0.5, 1.0)  # set_options rolled back
+    assert _same(before, _snapshot(m))
+    m.high = 3.0  # an option that is not fixed stays assignable
+    assert m.high == 3.0
+
+
+def test_declarations_that_cannot_make_a_constructor_fail_when_the_class_is_made():
+    with pytest.raises(TypeError, match="option 'gain' has no type annotation; declare it as `gain: <type> = Option"):
+        class Unannotated(StatefulModule):
+            gain = Option(real(example="gain=1.0"), 1.0)
+    with pytest.raises(TypeError, match="the required option 'gain' follows 'size', which has a default; give 'gain' a default or make it keyword-only"):
+        class RequiredAfterDefault(Band):
+            gain: float = Option(real(example="gain=1.0"))
+
+
+def test_a_hand_written_constructor_is_kept_by_its_subclasses():
+    class Counted(Toy):  # Toy's __init__ is hand-written; a subclass without one inherits it
+        pass
+
+    m = Counted(momentum=0.5, size=2)
+    assert type(m).__init__ is Toy.__init__
+    assert (m.momentum, m.size, m.kind) == (0.5, 2, "ema")
+    with pytest.raises(InputError, match="low=5.0 exceeds high=1.0"):  # relations are checked from _ready on
+        m.low = 5.0

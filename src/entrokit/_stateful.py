@@ -3,12 +3,13 @@ r"""One base for stateful training components (controllers, EMA priors, per-samp
 The pattern is torchmetrics' ``Metric``: a subclass *declares* what it is made of, and the
 base supplies the machinery once.
 
-- **Options** are class attributes :class:`Option` (a data descriptor holding a check). The
-  check runs when the attribute is assigned, in ``__init__`` or later, never on every
-  forward; relations between options (``low <= high``) live in
+- **Options** are annotated class attributes :class:`Option` (a data descriptor holding a
+  check, a default and its place in the constructor, which is generated from them as a
+  dataclass's is). The check runs when the attribute is assigned, in ``__init__`` or later,
+  never on every forward; relations between options (``low <= high``) live in
   ``_check_relations``, run after construction and after every later
   assignment (assign several at once with :meth:`StatefulModule.set_options`).
-- **State** is declared with :meth:`StatefulModule.add_state`: a registered buffer (so
+- **State** is declared with :meth:`StatefulModule.add_state` (in ``_setup``): a registered buffer (so
   ``state_dict``, ``.to(device)`` and checkpoint resume work), its initial value (for
   :meth:`StatefulModule.reset_state`) and its distributed policy: ``"mean"`` or ``"sum"``
   (the batch statistic that feeds it is all-reduced over the ranks), ``"gather"`` (a
@@ -44,7 +45,9 @@ global mean; ``lam``, ``beta``, ``reduction``, ``momentum``, ``tau_*`` and ``syn
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from typing import Any, ClassVar, Literal
@@ -52,6 +55,11 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # pragma: no cover - torch depends on typing_extensions
+    from typing_extensions import dataclass_transform
 
 from entrokit._errors import InputError
 from entrokit._validation import check_count
@@ -79,18 +87,31 @@ _POLICIES = ("mean", "sum", "gather", "none")
 # --------------------------------------------------------------------------------------
 
 
+_REQUIRED = inspect.Parameter.empty
+
+
 class Option:
-    """A validated option of a :class:`StatefulModule` (a data descriptor).
+    """A validated option of an :class:`OptionsModule` (a data descriptor and a constructor field).
 
     ``check(value, name)`` returns the value to store (e.g. a ``float``) or raises
     ``TypeError`` / :class:`~entrokit.InputError` with a message naming ``name``.
 
+    A class that declares its options with type annotations (``lr: float = Option(...)``)
+    and no ``__init__`` gets a constructor generated from them, as a dataclass does: the
+    fields in declaration order, base classes first (a redeclared field keeps its place and
+    takes the new default), positional fields before keyword-only ones.
+
+    Args:
+        check: the check run on every assignment.
+        default: the constructor's default; none makes the parameter required.
+        kw_only: keyword-only in the generated constructor.
+        alias: the constructor parameter's name where it differs from the attribute's
+            (``initial_coef`` is passed as ``coef``, the name of the state it starts).
+        fixed: set when the module is built and read-only afterwards (it sizes a buffer).
+
     Examples:
         >>> class Gain(StatefulModule):
-        ...     gain = Option(real(lo=0.0, lo_open=True, example="gain=0.5"))
-        ...     def __init__(self, gain):
-        ...         super().__init__()
-        ...         self.gain = gain
+        ...     gain: float = Option(real(lo=0.0, lo_open=True, example="gain=0.5"), 1.0)
         >>> Gain(2).gain
         2.0
         >>> Gain(-1.0)
@@ -99,8 +120,20 @@ class Option:
         entrokit._errors.InputError: gain must lie in (0, inf), got -1.0; use e.g. gain=0.5.
     """
 
-    def __init__(self, check: Callable[[Any, str], Any]) -> None:
+    def __init__(
+        self,
+        check: Callable[[Any, str], Any],
+        default: Any = _REQUIRED,
+        *,
+        kw_only: bool = False,
+        alias: str | None = None,
+        fixed: bool = False,
+    ) -> None:
         self.check = check
+        self.default = default
+        self.kw_only = kw_only
+        self.alias = alias
+        self.fixed = fixed
         self.name = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -115,6 +148,11 @@ class Option:
             raise AttributeError(f"option {self.name!r} of {type(obj).__name__} is not set yet") from None
 
     def __set__(self, obj: Any, value: Any) -> None:
+        if self.fixed and obj.__dict__.get("_options_built", False):
+            raise InputError(
+                f"{self.name} of a {type(obj).__name__} is fixed when it is built (it sizes its state); "
+                f"build a new {type(obj).__name__} instead."
+            )
         new = self.check(value, self.name)
         missing = object()
         old = obj.__dict__.get(self.name, missing)
@@ -128,6 +166,75 @@ class Option:
                 else:
                     obj.__dict__[self.name] = old
                 raise
+
+
+def _declared_options(cls: type) -> dict[str, Option]:
+    """The options of ``cls`` in constructor order: the positional ones in dataclass field order
+    (bases first; a redeclaration keeps its place and takes the new default), then the
+    keyword-only ones, those of the most derived class first (``sync`` and ``check_inputs``
+    last)."""
+    fields: dict[str, Option] = {}
+    home: dict[str, int] = {}  # where each option is first declared: 0 is the most basic class
+    for depth, klass in enumerate(reversed(cls.__mro__)):
+        for name, value in vars(klass).items():
+            if isinstance(value, Option):
+                fields[name] = value
+                home.setdefault(name, depth)
+    positional = [n for n, o in fields.items() if not o.kw_only]
+    keyword = sorted((n for n, o in fields.items() if o.kw_only), key=lambda n: -home[n])
+    return {n: fields[n] for n in positional + keyword}
+
+
+def _constructor_signature(cls: type, fields: dict[str, Option]) -> inspect.Signature:
+    annotations: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        annotations.update(vars(klass).get("__annotations__", {}))
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name, opt in fields.items():
+        if name not in annotations:
+            raise TypeError(
+                f"{cls.__qualname__}: option {name!r} has no type annotation; declare it as "
+                f"`{name}: <type> = Option(...)` or give {cls.__qualname__} its own __init__."
+            )
+        kind = inspect.Parameter.KEYWORD_ONLY if opt.kw_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        params.append(inspect.Parameter(opt.alias or name, kind, default=opt.default, annotation=annotations[name]))
+    last_default = None
+    for p in params[1:]:
+        if p.kind is p.KEYWORD_ONLY:
+            break
+        if p.default is not _REQUIRED:
+            last_default = p.name
+        elif last_default is not None:
+            raise TypeError(
+                f"{cls.__qualname__}: the required option {p.name!r} follows {last_default!r}, which has a "
+                f"default; give {p.name!r} a default or make it keyword-only (kw_only=True)."
+            )
+    return inspect.Signature(params)
+
+
+def _generated_init(cls: type) -> Callable[..., None]:
+    """The constructor of ``cls`` from its declared options (see :class:`Option`)."""
+    fields = _declared_options(cls)
+    signature = _constructor_signature(cls, fields)
+    attribute = {(opt.alias or name): name for name, opt in fields.items()}
+
+    def __init__(self: OptionsModule, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{cls.__name__}(): {err}") from None
+        bound.apply_defaults()
+        self._begin()
+        for param, value in list(bound.arguments.items())[1:]:
+            setattr(self, attribute[param], value)
+        self._setup()
+        if type(self).__init__ is __init__:  # a hand-written subclass __init__ ends with _ready itself
+            self._ready()
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    return __init__
 
 
 def _plain(value: Any) -> Any:
@@ -318,16 +425,38 @@ def all_gather_rows(
 # --------------------------------------------------------------------------------------
 
 
+@dataclass_transform(eq_default=False, field_specifiers=(Option,))
 class OptionsModule(nn.Module):
     """A module whose options are :class:`Option` class attributes: each is checked when it
-    is assigned (in ``__init__`` or later), never on every forward. ``__init__`` assigns
-    them and ends with ``_ready`` (which runs ``_check_relations`` once and from then on
-    after every option assignment)."""
+    is assigned (in ``__init__`` or later), never on every forward.
+
+    A subclass without an ``__init__`` of its own gets one generated from its annotated
+    options (see :class:`Option`): it assigns them in field order, calls :meth:`_setup`
+    (register the state the options size) and ends with :meth:`_ready` (run
+    ``_check_relations`` once, and from then on after every option assignment). A
+    hand-written ``__init__`` calls ``super().__init__(...)``, assigns the rest and ends with
+    ``_ready`` itself.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        inherited = cls.__init__
+        if "__init__" not in vars(cls) and (inherited is nn.Module.__init__ or hasattr(inherited, "__signature__")):
+            cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
+
+    def _begin(self) -> None:
+        """Start of construction, before the options are assigned."""
+        nn.Module.__init__(self)
+
+    def _setup(self) -> None:
+        """Register the state the options size (override); runs after the options are assigned."""
 
     def _ready(self) -> None:
-        """End of ``__init__``: check the relations between options, then keep checking them."""
+        """End of ``__init__``: check the relations between options, then keep checking them;
+        ``fixed`` options become read-only."""
         self._check_relations()
         self.__dict__["_options_ready"] = True
+        self.__dict__["_options_built"] = True
 
     def _check_relations(self) -> None:
         """Relations between options (override); raise :class:`~entrokit.InputError`."""
@@ -365,10 +494,9 @@ class OptionsModule(nn.Module):
 class StatefulModule(OptionsModule):
     """Base of the stateful training components (see the module docstring).
 
-    A subclass declares its options as :class:`Option` class attributes, registers its
-    state with :meth:`add_state` in ``__init__``, ends ``__init__`` with
-    ``_ready`` (which runs ``_check_relations`` once and from then on after every
-    option assignment) and implements ``_measure`` and ``_write``.
+    A subclass declares its options as annotated :class:`Option` class attributes (its
+    constructor is generated from them), registers its state with :meth:`add_state` in
+    ``_setup`` and implements ``_measure`` and ``_write``.
 
     Args (options of every subclass):
         sync: ``None`` (all-reduce iff torch.distributed runs on more than one rank),
@@ -378,8 +506,8 @@ class StatefulModule(OptionsModule):
             The state is unchanged either way.
     """
 
-    sync = Option(sync_flag)
-    check_inputs = Option(boolean)
+    sync: bool | None = Option(sync_flag, None, kw_only=True)
+    check_inputs: bool = Option(boolean, True, kw_only=True)
     #: what the state is called in error messages ("coefficient", "class prior", ...)
     state_name: ClassVar[str] = "state"
     #: skip a non-finite batch without a host sync when ``check_inputs=False`` and no
@@ -388,12 +516,10 @@ class StatefulModule(OptionsModule):
     #: the key under which ``_measure`` may return the verdict on its raw inputs
     INPUTS_FINITE: ClassVar[str] = "inputs_finite"
 
-    def __init__(self, *, sync: bool | None = None, check_inputs: bool = True) -> None:
-        super().__init__()
+    def _begin(self) -> None:
+        super()._begin()
         self._state_policy: dict[str, SyncPolicy] = {}  # statistic name -> DDP policy
         self._state_default: dict[str, torch.Tensor] = {}
-        self.sync = sync
-        self.check_inputs = check_inputs
 
     # -- declaration ---------------------------------------------------------------------
 

@@ -214,29 +214,14 @@ class SparseOTRouter(OptionsModule):
         True
     """
 
-    num_experts = Option(check_positive_int)
-    capacity = Option(check_positive_int)
-    gamma = Option(check_positive)
-    n_steps = Option(check_positive_int)
-    lr = Option(check_positive)
-    mode = Option(choice(_MODES))
-    token_mass = Option(check_positive)
-    use_softmax_combine = Option(boolean)
-
-    def __init__(
-        self,
-        num_experts: int,
-        capacity: int,
-        gamma: float = 1.0,
-        n_steps: int = 20,
-        lr: float = 1e-2,
-        mode: str = "experts_choose",
-        token_mass: float = 1.0,
-        use_softmax_combine: bool = True,
-    ):
-        super().__init__()
-        self.set_options(num_experts=num_experts, capacity=capacity, gamma=gamma, n_steps=n_steps, lr=lr, mode=mode,
-                         token_mass=token_mass, use_softmax_combine=use_softmax_combine)
+    num_experts: int = Option(check_positive_int)
+    capacity: int = Option(check_positive_int)
+    gamma: float = Option(check_positive, 1.0)
+    n_steps: int = Option(check_positive_int, 20)
+    lr: float = Option(check_positive, 1e-2)
+    mode: str = Option(choice(_MODES), "experts_choose")
+    token_mass: float = Option(check_positive, 1.0)
+    use_softmax_combine: bool = Option(boolean, True)
 
     @reject_meta
     def forward(self, logits: torch.Tensor) -> RouterOutput:

@@ -42,15 +42,11 @@ class PerSampleLoss(StatefulModule):
 
     rows_state: ClassVar[str]
     skip_without_sync = True
-    reduction = Option(choice(REDUCTIONS))
+    num_samples: int = Option(integer(minimum=1, example="num_samples=len(train_set)"), fixed=True)
+    num_classes: int = Option(integer(minimum=2, example="num_classes=10"), fixed=True)
+    reduction: str = Option(choice(REDUCTIONS), "mean", kw_only=True)
 
-    def __init__(
-        self, num_samples: int, num_classes: int, reduction: str, sync: bool | None, check_inputs: bool
-    ) -> None:
-        super().__init__(sync=sync, check_inputs=check_inputs)
-        self.num_samples = integer(minimum=1, example="num_samples=len(train_set)")(num_samples, "num_samples")
-        self.num_classes = integer(minimum=2, example="num_classes=10")(num_classes, "num_classes")
-        self.reduction = reduction
+    def _setup(self) -> None:
         self.add_state(self.rows_state, torch.zeros(self.num_samples, self.num_classes), sync="gather")
 
     def _check_batch(

@@ -137,29 +137,10 @@ class ELRLoss(PerSampleLoss):
 
     targets: torch.Tensor
     rows_state = state_name = "targets"  # t_i = 0 at the start (reference code)
-    lam = Option(partial(check_nonneg_real, example="lam=3.0 (CIFAR-10) or 7.0 (CIFAR-100)"))
-    beta = Option(partial(check_unit_interval, closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"))
-
-    def __init__(
-        self,
-        num_samples: int,
-        num_classes: int,
-        lam: float = 3.0,
-        beta: float = 0.7,
-        reduction: Reduction = "mean",
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(num_samples, num_classes, reduction, sync, check_inputs)
-        self.lam = lam
-        self.beta = beta
-        self._ready()
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_samples={self.num_samples}, num_classes={self.num_classes}, "
-            f"lam={self.lam}, beta={self.beta}"
-        )
+    lam: float = Option(partial(check_nonneg_real, example="lam=3.0 (CIFAR-10) or 7.0 (CIFAR-100)"), 3.0)
+    beta: float = Option(
+        partial(check_unit_interval, closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"), 0.7
+    )
 
     @torch.no_grad()
     def update_targets(self, probs: torch.Tensor, index: torch.Tensor) -> None:

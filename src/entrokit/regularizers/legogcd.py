@@ -347,55 +347,29 @@ class LocalEntropyRegularizer(StatefulModule):
     prior: torch.Tensor
     state_name = "class prior"
     skip_without_sync = True
-    threshold = Option(partial(check_unit_interval, closed_right=True, example="threshold=0.7"))
-    tau_s = Option(partial(check_positive, example="tau_s=0.1"))
-    tau_o = Option(partial(check_positive, example="tau_o=0.05"))
-    lam_ler = Option(partial(check_nonneg_real, example="lam_ler=0.4"))
-    momentum = Option(partial(check_unit_interval, closed_right=True, example="momentum=0.999"))
-    prior_temperature = Option(partial(check_positive, example="prior_temperature=1.0"))
-    detach_target = Option(boolean)
+    num_classes: int = Option(integer(minimum=2, example="num_classes=100"), fixed=True)
+    num_known: int = Option(integer(minimum=1, example="num_known=50"), fixed=True)
+    threshold: float = Option(partial(check_unit_interval, closed_right=True, example="threshold=0.7"), 0.7)
+    tau_s: float = Option(partial(check_positive, example="tau_s=0.1"), 0.1)
+    tau_o: float = Option(partial(check_positive, example="tau_o=0.05"), 0.05)
+    lam_ler: float = Option(partial(check_nonneg_real, example="lam_ler=0.4"), 0.4)
+    momentum: float = Option(partial(check_unit_interval, closed_right=True, example="momentum=0.999"), 0.999)
+    prior_temperature: float = Option(partial(check_positive, example="prior_temperature=1.0"), 1.0)
+    detach_target: bool = Option(boolean, False)
 
-    def __init__(
-        self,
-        num_classes: int,
-        num_known: int,
-        threshold: float = 0.7,
-        tau_s: float = 0.1,
-        tau_o: float = 0.05,
-        lam_ler: float = 0.4,
-        momentum: float = 0.999,
-        prior_temperature: float = 1.0,
-        detach_target: bool = False,
-        check_inputs: bool = True,
-        sync: bool | None = None,
-    ) -> None:
-        super().__init__(sync=sync, check_inputs=check_inputs)
-        self.num_classes = integer(minimum=2, example="num_classes=100")(num_classes, "num_classes")
-        self.num_known = integer(minimum=1, example="num_known=50")(num_known, "num_known")
-        if self.num_known > self.num_classes:
-            raise InputError(
-                f"num_known={num_known} exceeds num_classes={num_classes}; num_classes counts "
-                "known and novel classes together."
-            )
-        self.threshold = threshold
-        self.tau_s = tau_s
-        self.tau_o = tau_o
-        self.lam_ler = lam_ler
-        self.momentum = momentum
-        self.prior_temperature = prior_temperature
-        self.detach_target = detach_target
+    def _setup(self) -> None:
         # the EMA prior moves by the exact global mean: summed softmax and row count, both summed over ranks
         self.add_state("prior", torch.full((self.num_classes,), 1.0 / self.num_classes))
         self.add_statistic("prob_sum", sync="sum")
         self.add_statistic("count", sync="sum")
-        self._ready()
         self.num_selected = 0
 
-    def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, num_known={self.num_known}, "
-            f"threshold={self.threshold}, tau_o={self.tau_o}, lam_ler={self.lam_ler}"
-        )
+    def _check_relations(self) -> None:
+        if self.num_known > self.num_classes:
+            raise InputError(
+                f"num_known={self.num_known} exceeds num_classes={self.num_classes}; num_classes counts "
+                "known and novel classes together."
+            )
 
     @torch.no_grad()
     def update_prior(self, logits: torch.Tensor) -> None:

@@ -196,30 +196,13 @@ class PSKDLoss(PerSampleLoss):
     seen: torch.Tensor
     epoch: torch.Tensor
     rows_state, state_name = "predictions", "stored predictions"
-    alpha_T = Option(partial(check_unit_interval, closed_right=True, example="alpha_T=0.8"))
+    total_epochs: int = Option(integer(minimum=1, example="total_epochs=200"))
+    alpha_T: float = Option(partial(check_unit_interval, closed_right=True, example="alpha_T=0.8"), 0.8)
 
-    def __init__(
-        self,
-        num_samples: int,
-        num_classes: int,
-        total_epochs: int,
-        alpha_T: float = 0.8,
-        reduction: Reduction = "mean",
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(num_samples, num_classes, reduction, sync, check_inputs)
-        self.total_epochs = integer(minimum=1, example="total_epochs=200")(total_epochs, "total_epochs")
-        self.alpha_T = alpha_T
+    def _setup(self) -> None:
+        super()._setup()
         self.add_state("seen", torch.zeros(self.num_samples, dtype=torch.bool))  # written with predictions
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))  # set by set_epoch, not by batches
-        self._ready()
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_samples={self.num_samples}, num_classes={self.num_classes}, "
-            f"total_epochs={self.total_epochs}, alpha_T={self.alpha_T}"
-        )
 
     def set_epoch(self, epoch: int) -> None:
         """Set the 0-based epoch that drives :math:`\\alpha` (call once per epoch)."""

@@ -61,6 +61,10 @@ __all__ = [
 ]
 
 _F64 = torch.float64
+_COEF = real(example="coef=1e-3")
+_COEF_MIN = real(allow_inf=True, example="coef_min=0.0")
+_COEF_MAX = real(allow_inf=True, example="coef_max=1.0")
+_RATE = real(lo=0.0, lo_open=True, example="lr=1e-3")
 
 
 def _measurement(value: Any, name: str = "measured") -> torch.Tensor:
@@ -123,23 +127,13 @@ class Controller(_EntropyFeedback):
     """
 
     state_name = "coefficient"
-    coef_min = Option(real(allow_inf=True, example="coef_min=0.0"))
-    coef_max = Option(real(allow_inf=True, example="coef_max=1.0"))
+    coef: torch.Tensor
+    initial_coef: float = Option(_COEF, 0.0, kw_only=True, alias="coef", fixed=True)
+    coef_min: float = Option(_COEF_MIN, 0.0, kw_only=True)
+    coef_max: float = Option(_COEF_MAX, math.inf, kw_only=True)
 
-    def __init__(
-        self,
-        coef: float,
-        coef_min: float = 0.0,
-        coef_max: float = math.inf,
-        *,
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(sync=sync, check_inputs=check_inputs)
-        self.coef_min = coef_min
-        self.coef_max = coef_max
-        c0 = real(example="coef=1e-3")(coef, "coef")
-        self.add_state("coef", torch.tensor(c0, dtype=_F64))
+    def _setup(self) -> None:
+        self.add_state("coef", torch.tensor(self.initial_coef, dtype=_F64))
         self.add_state("last", torch.tensor(math.inf, dtype=_F64), sync="mean")
         self.add_state("num_steps", torch.zeros((), dtype=torch.long))
 
@@ -149,7 +143,7 @@ class Controller(_EntropyFeedback):
                 f"coef_min={self.coef_min} exceeds coef_max={self.coef_max}; pass a box with "
                 "coef_min <= coef_max."
             )
-        if hasattr(self, "coef") and not self.coef_min <= float(self.coef) <= self.coef_max:
+        if not self.coef_min <= float(self.coef) <= self.coef_max:
             raise InputError(
                 f"coef={float(self.coef)} lies outside [coef_min, coef_max] = "
                 f"[{self.coef_min}, {self.coef_max}]; widen the box or start inside it."
@@ -187,9 +181,8 @@ class FixedCoef(Controller):
         0.001
     """
 
-    def __init__(self, coef: float, *, sync: bool | None = None, check_inputs: bool = True) -> None:
-        super().__init__(coef, coef_min=-math.inf, coef_max=math.inf, sync=sync, check_inputs=check_inputs)
-        self._ready()
+    initial_coef: float = Option(_COEF, alias="coef", fixed=True)
+    coef_min: float = Option(_COEF_MIN, -math.inf, kw_only=True)
 
     def _control(self, h: torch.Tensor) -> torch.Tensor:
         return self.coef.clone()
@@ -223,27 +216,10 @@ class SignController(Controller):
         apply_below_target: TRL's gate.
     """
 
-    target = Option(real(example="target=0.6"))
-    delta = Option(real(lo=0.0, lo_open=True, example="delta=0.005"))
-    apply_below_target = Option(boolean)
-
-    def __init__(
-        self,
-        target: float,
-        delta: float = 0.005,
-        coef: float = 0.0,
-        coef_min: float = 0.0,
-        coef_max: float = 1.0,
-        *,
-        apply_below_target: bool = True,
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(coef, coef_min, coef_max, sync=sync, check_inputs=check_inputs)
-        self.target = target
-        self.delta = delta
-        self.apply_below_target = apply_below_target
-        self._ready()
+    target: float = Option(real(example="target=0.6"))
+    delta: float = Option(real(lo=0.0, lo_open=True, example="delta=0.005"), 0.005)
+    coef_max: float = Option(_COEF_MAX, 1.0, kw_only=True)
+    apply_below_target: bool = Option(boolean, True, kw_only=True)
 
     @property
     def value(self) -> float:
@@ -282,34 +258,17 @@ class DeadbandController(Controller):
         warmup: steps during which the coefficient is held at ``coef``.
     """
 
-    low = Option(real(example="low=0.1"))
-    high = Option(real(example="high=0.5"))
-    lr = Option(real(lo=0.0, lo_open=True, example="lr=1e-3"))
-    warmup = Option(integer(minimum=0, example="warmup=0"))
-
-    def __init__(
-        self,
-        low: float = 0.1,
-        high: float = 0.5,
-        lr: float = 1e-3,
-        coef: float = 1e-3,
-        coef_min: float = 1e-5,
-        coef_max: float = 1e-2,
-        *,
-        warmup: int = 0,
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(coef, coef_min, coef_max, sync=sync, check_inputs=check_inputs)
-        self.low = low
-        self.high = high
-        self.lr = lr
-        self.warmup = warmup
-        self._ready()
+    low: float = Option(real(example="low=0.1"), 0.1)
+    high: float = Option(real(example="high=0.5"), 0.5)
+    lr: float = Option(_RATE, 1e-3)
+    initial_coef: float = Option(_COEF, 1e-3, kw_only=True, alias="coef", fixed=True)
+    coef_min: float = Option(_COEF_MIN, 1e-5, kw_only=True)
+    coef_max: float = Option(_COEF_MAX, 1e-2, kw_only=True)
+    warmup: int = Option(integer(minimum=0, example="warmup=0"), 0, kw_only=True)
 
     def _check_relations(self) -> None:
         super()._check_relations()
-        if hasattr(self, "high") and self.low > self.high:
+        if self.low > self.high:
             raise InputError(f"low={self.low} exceeds high={self.high}; the band is [low, high].")
 
     def _control(self, h: torch.Tensor) -> torch.Tensor:
@@ -346,25 +305,14 @@ class AnchoredTargetController(Controller):
     The anchor is the buffer ``anchor`` (NaN until the first step).
     """
 
-    ratio = Option(real(lo=0.0, lo_open=True, example="ratio=1.0 (SIREN) or 0.5 (AER)"))
-    lr = Option(real(lo=0.0, lo_open=True, example="lr=1e-3"))
+    anchor: torch.Tensor
+    ratio: float = Option(real(lo=0.0, lo_open=True, example="ratio=1.0 (SIREN) or 0.5 (AER)"), 1.0)
+    lr: float = Option(_RATE, 1e-3)
+    coef_max: float = Option(_COEF_MAX, 1.0, kw_only=True)
 
-    def __init__(
-        self,
-        ratio: float = 1.0,
-        lr: float = 1e-3,
-        coef: float = 0.0,
-        coef_min: float = 0.0,
-        coef_max: float = 1.0,
-        *,
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(coef, coef_min, coef_max, sync=sync, check_inputs=check_inputs)
-        self.ratio = ratio
-        self.lr = lr
+    def _setup(self) -> None:
+        super()._setup()
         self.add_state("anchor", torch.tensor(math.nan, dtype=_F64))
-        self._ready()
 
     @property
     def target(self) -> float:
@@ -408,29 +356,17 @@ class PIController(Controller):
         coef_min, coef_max: the box.
     """
 
-    target = Option(real(example="target=0.6"))
-    kp = Option(real(lo=0.0, example="kp=0.0"))
-    ki = Option(real(lo=0.0, example="ki=0.1"))
+    bias: torch.Tensor
+    integral: torch.Tensor
+    target: float = Option(real(example="target=0.6"))
+    kp: float = Option(real(lo=0.0, example="kp=0.0"))
+    ki: float = Option(real(lo=0.0, example="ki=0.1"))
+    coef_max: float = Option(_COEF_MAX, 1.0, kw_only=True)
 
-    def __init__(
-        self,
-        target: float,
-        kp: float,
-        ki: float,
-        coef: float = 0.0,
-        coef_min: float = 0.0,
-        coef_max: float = 1.0,
-        *,
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(coef, coef_min, coef_max, sync=sync, check_inputs=check_inputs)
-        self.target = target
-        self.kp = kp
-        self.ki = ki
-        self.add_state("bias", torch.tensor(float(self.coef), dtype=_F64))
+    def _setup(self) -> None:
+        super()._setup()
+        self.add_state("bias", torch.tensor(self.initial_coef, dtype=_F64))
         self.add_state("integral", torch.zeros((), dtype=_F64))
-        self._ready()
 
     @classmethod
     def tuned(
@@ -552,31 +488,17 @@ class TemperatureScheduler(_EntropyFeedback):
     """
 
     state_name = "temperature state"
-    target = Option(real(example="target=0.5"))
-    t_low = Option(real(lo=0.0, lo_open=True, example="t_low=0.8"))
-    t_high = Option(real(lo=0.0, lo_open=True, example="t_high=1.2"))
-    num_samples = Option(integer(minimum=0, example="num_samples=60"))
+    last: torch.Tensor
+    target: float = Option(real(example="target=0.5"), 0.5)
+    t_low: float = Option(real(lo=0.0, lo_open=True, example="t_low=0.8"), 0.8)
+    t_high: float = Option(real(lo=0.0, lo_open=True, example="t_high=1.2"), 1.2)
+    num_samples: int = Option(integer(minimum=0, example="num_samples=60"), 60)
 
-    def __init__(
-        self,
-        target: float = 0.5,
-        t_low: float = 0.8,
-        t_high: float = 1.2,
-        num_samples: int = 60,
-        *,
-        sync: bool | None = None,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(sync=sync, check_inputs=check_inputs)
-        self.target = target
-        self.t_low = t_low
-        self.t_high = t_high
-        self.num_samples = num_samples
+    def _setup(self) -> None:
         self.add_state("last", torch.tensor(math.inf, dtype=_F64), sync="mean")
-        self._ready()
 
     def _check_relations(self) -> None:
-        if hasattr(self, "t_high") and self.t_low > self.t_high:
+        if self.t_low > self.t_high:
             raise InputError(f"t_low={self.t_low} exceeds t_high={self.t_high}; pass t_low <= t_high.")
 
     @property

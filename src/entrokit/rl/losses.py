@@ -314,12 +314,12 @@ class EntropyHistory(StatefulModule):
     """
 
     state_name = "entropy history"
+    total: torch.Tensor
+    count: torch.Tensor
 
-    def __init__(self, *, sync: bool | None = None, check_inputs: bool = True) -> None:
-        super().__init__(sync=sync, check_inputs=check_inputs)
+    def _setup(self) -> None:
         self.add_state("total", torch.zeros((), dtype=torch.float64), sync="mean")
         self.add_state("count", torch.zeros((), dtype=torch.float64))
-        self._ready()
 
     @property
     def mean(self) -> float | None:
