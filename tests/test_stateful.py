@@ -345,9 +345,9 @@ class Band(StatefulModule):
 
     state_name = "band state"
     low: float = Option(real(example="low=0.0"))
-    high: float = Option(real(example="high=1.0"), 1.0)
-    start: float = Option(real(example="value=0.5"), 0.5, kw_only=True, alias="value", fixed=True)
-    size: int = Option(integer(minimum=1, example="size=4"), 4, fixed=True)
+    high: float = Option(real(example="high=1.0"), default=1.0)
+    start: float = Option(real(example="value=0.5"), default=0.5, kw_only=True, alias="value", fixed=True)
+    size: int = Option(integer(minimum=1, example="size=4"), default=4, fixed=True)
 
     def _setup(self):
         self.add_state("value", torch.full((self.size,), self.start, dtype=torch.float64), sync="mean")
@@ -366,8 +366,8 @@ class Band(StatefulModule):
 class NarrowBand(Band):
     """A redeclared option keeps its place and takes the new default; a new keyword-only one comes first."""
 
-    high: float = Option(real(example="high=0.2"), 0.2)
-    gain: float = Option(real(example="gain=2.0"), 2.0, kw_only=True)
+    high: float = Option(real(example="high=0.2"), default=0.2)
+    gain: float = Option(real(example="gain=2.0"), default=2.0, kw_only=True)
 
 
 def test_the_generated_constructor_has_the_declared_signature():
@@ -418,7 +418,7 @@ def test_a_fixed_option_is_read_only_after_construction_and_the_state_is_kept():
 def test_declarations_that_cannot_make_a_constructor_fail_when_the_class_is_made():
     with pytest.raises(TypeError, match="option 'gain' has no type annotation; declare it as `gain: <type> = Option"):
         class Unannotated(StatefulModule):
-            gain = Option(real(example="gain=1.0"), 1.0)
+            gain = Option(real(example="gain=1.0"), default=1.0)
     with pytest.raises(TypeError, match="the required option 'gain' follows 'size', which has a default; give 'gain' a default or make it keyword-only"):
         class RequiredAfterDefault(Band):
             gain: float = Option(real(example="gain=1.0"))
@@ -433,3 +433,48 @@ def test_a_hand_written_constructor_is_kept_by_its_subclasses():
     assert (m.momentum, m.size, m.kind) == (0.5, 2, "ema")
     with pytest.raises(InputError, match="low=5.0 exceeds high=1.0"):  # relations are checked from _ready on
         m.low = 5.0
+
+
+TYPED_CALLS = '''
+from entrokit.nn import SparseOTRouter
+from entrokit.regularizers import ELRLoss, LocalEntropyRegularizer, PSKDLoss
+from entrokit.rl.controllers import AnchoredTargetController, DeadbandController, FixedCoef, PIController, SignController
+
+SignController(target=0.5, coef=0.1, coef_max=0.2, apply_below_target=False, sync=False)
+PIController(0.6, 0.1, 0.2, coef=0.3, check_inputs=False)
+DeadbandController(0.1, 0.5, 1e-3, warmup=3, coef=2e-4)
+AnchoredTargetController(ratio=0.5)
+FixedCoef(1e-3)
+ELRLoss(100, 10, 3.0, 0.7, reduction="sum")
+PSKDLoss(10, 3, 4, alpha_T=0.5)
+LocalEntropyRegularizer(10, 5, 0.7, sync=False)
+SparseOTRouter(4, 2, 0.5, 10)
+reveal_type(SignController(target=0.5).target)
+SignController(taget=0.5)  # line 16
+ELRLoss(100, 10, 3.0, 0.7, "mean")  # line 17: reduction is keyword-only
+PIController(0.6, 0.1, 0.2, 0.3)  # line 18: coef is keyword-only
+FixedCoef()  # line 19: coef is required
+'''
+
+
+def test_a_type_checker_sees_the_generated_constructors(tmp_path):
+    """mypy reads the constructors through ``typing.dataclass_transform``: the calls the
+    runtime accepts pass, the ones it refuses are errors on the same lines."""
+    import os
+    import subprocess
+    import sys
+
+    import entrokit
+
+    (tmp_path / "calls.py").write_text(TYPED_CALLS)
+    env = {**os.environ, "MYPYPATH": os.path.dirname(os.path.dirname(entrokit.__file__))}
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"),
+         "--hide-error-context", "--no-error-summary", "calls.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    ).stdout
+    lines = [line for line in out.splitlines() if line.startswith("calls.py:")]
+    assert 'calls.py:15: note: Revealed type is "float"' in lines, out
+    errors = sorted({int(line.split(":")[1]) for line in lines if ": error:" in line})
+    assert errors == [16, 17, 18, 19], out
+    assert any('Unexpected keyword argument "taget" for "SignController"' in line for line in lines), out

@@ -111,7 +111,7 @@ class Option:
 
     Examples:
         >>> class Gain(StatefulModule):
-        ...     gain: float = Option(real(lo=0.0, lo_open=True, example="gain=0.5"), 1.0)
+        ...     gain: float = Option(real(lo=0.0, lo_open=True, example="gain=0.5"), default=1.0)
         >>> Gain(2).gain
         2.0
         >>> Gain(-1.0)
@@ -123,8 +123,8 @@ class Option:
     def __init__(
         self,
         check: Callable[[Any, str], Any],
-        default: Any = _REQUIRED,
         *,
+        default: Any = _REQUIRED,
         kw_only: bool = False,
         alias: str | None = None,
         fixed: bool = False,
@@ -496,7 +496,9 @@ class StatefulModule(OptionsModule):
 
     A subclass declares its options as annotated :class:`Option` class attributes (its
     constructor is generated from them), registers its state with :meth:`add_state` in
-    ``_setup`` and implements ``_measure`` and ``_write``.
+    ``_setup`` and implements ``_measure`` and ``_write``. The state buffers carry no
+    class-level annotation: type checkers read every annotated attribute of such a class as
+    a constructor field (``typing.dataclass_transform``).
 
     Args (options of every subclass):
         sync: ``None`` (all-reduce iff torch.distributed runs on more than one rank),
@@ -506,8 +508,8 @@ class StatefulModule(OptionsModule):
             The state is unchanged either way.
     """
 
-    sync: bool | None = Option(sync_flag, None, kw_only=True)
-    check_inputs: bool = Option(boolean, True, kw_only=True)
+    sync: bool | None = Option(sync_flag, default=None, kw_only=True)
+    check_inputs: bool = Option(boolean, default=True, kw_only=True)
     #: what the state is called in error messages ("coefficient", "class prior", ...)
     state_name: ClassVar[str] = "state"
     #: skip a non-finite batch without a host sync when ``check_inputs=False`` and no

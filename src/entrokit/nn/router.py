@@ -216,12 +216,12 @@ class SparseOTRouter(OptionsModule):
 
     num_experts: int = Option(check_positive_int)
     capacity: int = Option(check_positive_int)
-    gamma: float = Option(check_positive, 1.0)
-    n_steps: int = Option(check_positive_int, 20)
-    lr: float = Option(check_positive, 1e-2)
-    mode: str = Option(choice(_MODES), "experts_choose")
-    token_mass: float = Option(check_positive, 1.0)
-    use_softmax_combine: bool = Option(boolean, True)
+    gamma: float = Option(check_positive, default=1.0)
+    n_steps: int = Option(check_positive_int, default=20)
+    lr: float = Option(check_positive, default=1e-2)
+    mode: str = Option(choice(_MODES), default="experts_choose")
+    token_mass: float = Option(check_positive, default=1.0)
+    use_softmax_combine: bool = Option(boolean, default=True)
 
     @reject_meta
     def forward(self, logits: torch.Tensor) -> RouterOutput:

@@ -44,7 +44,7 @@ class PerSampleLoss(StatefulModule):
     skip_without_sync = True
     num_samples: int = Option(integer(minimum=1, example="num_samples=len(train_set)"), fixed=True)
     num_classes: int = Option(integer(minimum=2, example="num_classes=10"), fixed=True)
-    reduction: str = Option(choice(REDUCTIONS), "mean", kw_only=True)
+    reduction: str = Option(choice(REDUCTIONS), default="mean", kw_only=True)
 
     def _setup(self) -> None:
         self.add_state(self.rows_state, torch.zeros(self.num_samples, self.num_classes), sync="gather")

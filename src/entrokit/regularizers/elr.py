@@ -135,11 +135,10 @@ class ELRLoss(PerSampleLoss):
         True
     """
 
-    targets: torch.Tensor
     rows_state = state_name = "targets"  # t_i = 0 at the start (reference code)
-    lam: float = Option(partial(check_nonneg_real, example="lam=3.0 (CIFAR-10) or 7.0 (CIFAR-100)"), 3.0)
+    lam: float = Option(partial(check_nonneg_real, example="lam=3.0 (CIFAR-10) or 7.0 (CIFAR-100)"), default=3.0)
     beta: float = Option(
-        partial(check_unit_interval, closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"), 0.7
+        partial(check_unit_interval, closed_right=False, example="beta=0.7 (CIFAR-10) or 0.9 (CIFAR-100)"), default=0.7
     )
 
     @torch.no_grad()

@@ -344,18 +344,17 @@ class LocalEntropyRegularizer(StatefulModule):
         >>> ler(z, torch.zeros(8, dtype=torch.bool)).backward()
     """
 
-    prior: torch.Tensor
     state_name = "class prior"
     skip_without_sync = True
     num_classes: int = Option(integer(minimum=2, example="num_classes=100"), fixed=True)
     num_known: int = Option(integer(minimum=1, example="num_known=50"), fixed=True)
-    threshold: float = Option(partial(check_unit_interval, closed_right=True, example="threshold=0.7"), 0.7)
-    tau_s: float = Option(partial(check_positive, example="tau_s=0.1"), 0.1)
-    tau_o: float = Option(partial(check_positive, example="tau_o=0.05"), 0.05)
-    lam_ler: float = Option(partial(check_nonneg_real, example="lam_ler=0.4"), 0.4)
-    momentum: float = Option(partial(check_unit_interval, closed_right=True, example="momentum=0.999"), 0.999)
-    prior_temperature: float = Option(partial(check_positive, example="prior_temperature=1.0"), 1.0)
-    detach_target: bool = Option(boolean, False)
+    threshold: float = Option(partial(check_unit_interval, closed_right=True, example="threshold=0.7"), default=0.7)
+    tau_s: float = Option(partial(check_positive, example="tau_s=0.1"), default=0.1)
+    tau_o: float = Option(partial(check_positive, example="tau_o=0.05"), default=0.05)
+    lam_ler: float = Option(partial(check_nonneg_real, example="lam_ler=0.4"), default=0.4)
+    momentum: float = Option(partial(check_unit_interval, closed_right=True, example="momentum=0.999"), default=0.999)
+    prior_temperature: float = Option(partial(check_positive, example="prior_temperature=1.0"), default=1.0)
+    detach_target: bool = Option(boolean, default=False)
 
     def _setup(self) -> None:
         # the EMA prior moves by the exact global mean: summed softmax and row count, both summed over ranks

@@ -192,12 +192,9 @@ class PSKDLoss(PerSampleLoss):
         >>> loss_fn(z, torch.tensor([0, 2]), torch.tensor([3, 7])).backward()
     """
 
-    predictions: torch.Tensor
-    seen: torch.Tensor
-    epoch: torch.Tensor
     rows_state, state_name = "predictions", "stored predictions"
     total_epochs: int = Option(integer(minimum=1, example="total_epochs=200"))
-    alpha_T: float = Option(partial(check_unit_interval, closed_right=True, example="alpha_T=0.8"), 0.8)
+    alpha_T: float = Option(partial(check_unit_interval, closed_right=True, example="alpha_T=0.8"), default=0.8)
 
     def _setup(self) -> None:
         super()._setup()

@@ -127,10 +127,9 @@ class Controller(_EntropyFeedback):
     """
 
     state_name = "coefficient"
-    coef: torch.Tensor
-    initial_coef: float = Option(_COEF, 0.0, kw_only=True, alias="coef", fixed=True)
-    coef_min: float = Option(_COEF_MIN, 0.0, kw_only=True)
-    coef_max: float = Option(_COEF_MAX, math.inf, kw_only=True)
+    initial_coef: float = Option(_COEF, default=0.0, kw_only=True, alias="coef", fixed=True)
+    coef_min: float = Option(_COEF_MIN, default=0.0, kw_only=True)
+    coef_max: float = Option(_COEF_MAX, default=math.inf, kw_only=True)
 
     def _setup(self) -> None:
         self.add_state("coef", torch.tensor(self.initial_coef, dtype=_F64))
@@ -182,7 +181,7 @@ class FixedCoef(Controller):
     """
 
     initial_coef: float = Option(_COEF, alias="coef", fixed=True)
-    coef_min: float = Option(_COEF_MIN, -math.inf, kw_only=True)
+    coef_min: float = Option(_COEF_MIN, default=-math.inf, kw_only=True)
 
     def _control(self, h: torch.Tensor) -> torch.Tensor:
         return self.coef.clone()
@@ -217,9 +216,9 @@ class SignController(Controller):
     """
 
     target: float = Option(real(example="target=0.6"))
-    delta: float = Option(real(lo=0.0, lo_open=True, example="delta=0.005"), 0.005)
-    coef_max: float = Option(_COEF_MAX, 1.0, kw_only=True)
-    apply_below_target: bool = Option(boolean, True, kw_only=True)
+    delta: float = Option(real(lo=0.0, lo_open=True, example="delta=0.005"), default=0.005)
+    coef_max: float = Option(_COEF_MAX, default=1.0, kw_only=True)
+    apply_below_target: bool = Option(boolean, default=True, kw_only=True)
 
     @property
     def value(self) -> float:
@@ -258,13 +257,13 @@ class DeadbandController(Controller):
         warmup: steps during which the coefficient is held at ``coef``.
     """
 
-    low: float = Option(real(example="low=0.1"), 0.1)
-    high: float = Option(real(example="high=0.5"), 0.5)
-    lr: float = Option(_RATE, 1e-3)
-    initial_coef: float = Option(_COEF, 1e-3, kw_only=True, alias="coef", fixed=True)
-    coef_min: float = Option(_COEF_MIN, 1e-5, kw_only=True)
-    coef_max: float = Option(_COEF_MAX, 1e-2, kw_only=True)
-    warmup: int = Option(integer(minimum=0, example="warmup=0"), 0, kw_only=True)
+    low: float = Option(real(example="low=0.1"), default=0.1)
+    high: float = Option(real(example="high=0.5"), default=0.5)
+    lr: float = Option(_RATE, default=1e-3)
+    initial_coef: float = Option(_COEF, default=1e-3, kw_only=True, alias="coef", fixed=True)
+    coef_min: float = Option(_COEF_MIN, default=1e-5, kw_only=True)
+    coef_max: float = Option(_COEF_MAX, default=1e-2, kw_only=True)
+    warmup: int = Option(integer(minimum=0, example="warmup=0"), default=0, kw_only=True)
 
     def _check_relations(self) -> None:
         super()._check_relations()
@@ -305,10 +304,9 @@ class AnchoredTargetController(Controller):
     The anchor is the buffer ``anchor`` (NaN until the first step).
     """
 
-    anchor: torch.Tensor
-    ratio: float = Option(real(lo=0.0, lo_open=True, example="ratio=1.0 (SIREN) or 0.5 (AER)"), 1.0)
-    lr: float = Option(_RATE, 1e-3)
-    coef_max: float = Option(_COEF_MAX, 1.0, kw_only=True)
+    ratio: float = Option(real(lo=0.0, lo_open=True, example="ratio=1.0 (SIREN) or 0.5 (AER)"), default=1.0)
+    lr: float = Option(_RATE, default=1e-3)
+    coef_max: float = Option(_COEF_MAX, default=1.0, kw_only=True)
 
     def _setup(self) -> None:
         super()._setup()
@@ -356,12 +354,10 @@ class PIController(Controller):
         coef_min, coef_max: the box.
     """
 
-    bias: torch.Tensor
-    integral: torch.Tensor
     target: float = Option(real(example="target=0.6"))
     kp: float = Option(real(lo=0.0, example="kp=0.0"))
     ki: float = Option(real(lo=0.0, example="ki=0.1"))
-    coef_max: float = Option(_COEF_MAX, 1.0, kw_only=True)
+    coef_max: float = Option(_COEF_MAX, default=1.0, kw_only=True)
 
     def _setup(self) -> None:
         super()._setup()
@@ -488,11 +484,10 @@ class TemperatureScheduler(_EntropyFeedback):
     """
 
     state_name = "temperature state"
-    last: torch.Tensor
-    target: float = Option(real(example="target=0.5"), 0.5)
-    t_low: float = Option(real(lo=0.0, lo_open=True, example="t_low=0.8"), 0.8)
-    t_high: float = Option(real(lo=0.0, lo_open=True, example="t_high=1.2"), 1.2)
-    num_samples: int = Option(integer(minimum=0, example="num_samples=60"), 60)
+    target: float = Option(real(example="target=0.5"), default=0.5)
+    t_low: float = Option(real(lo=0.0, lo_open=True, example="t_low=0.8"), default=0.8)
+    t_high: float = Option(real(lo=0.0, lo_open=True, example="t_high=1.2"), default=1.2)
+    num_samples: int = Option(integer(minimum=0, example="num_samples=60"), default=60)
 
     def _setup(self) -> None:
         self.add_state("last", torch.tensor(math.inf, dtype=_F64), sync="mean")

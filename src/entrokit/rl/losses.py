@@ -314,8 +314,6 @@ class EntropyHistory(StatefulModule):
     """
 
     state_name = "entropy history"
-    total: torch.Tensor
-    count: torch.Tensor
 
     def _setup(self) -> None:
         self.add_state("total", torch.zeros((), dtype=torch.float64), sync="mean")
