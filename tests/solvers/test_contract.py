@@ -13,6 +13,10 @@ import entrokit
 from cost_only import CostOnly
 from ot_checks import check_ot_result
 
+# an underflowing kernel is the solver's to handle (log-domain fallback), silently: NumPy's
+# overflow/invalid-value RuntimeWarnings from the CPU kernel loop must not reach the user
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 D = torch.float64
 TOL = 1e-5
 # Problems every engine must solve, in either dtype: cost range / eps <= 10. Beyond it the

@@ -376,14 +376,18 @@ class _KernelEngine:
         if self.K0.device.type == "cpu" and self.K0.numel() <= _NUMPY_MAX:
             import numpy as np
 
-            ops = np.multiply, np.dot, np.reciprocal, np.subtract, np.abs, np.dot
-            K, a, b, u, v, bv, au, Kv, KTu, r = (t.numpy() for t in bufs)
-            Kt = K.T
-        else:
-            ops = torch.mul, torch.mv, torch.reciprocal, torch.sub, torch.abs, torch.dot
-            K, a, b, u, v, bv, au, Kv, KTu, r = bufs
-            Kt = K.t()
-        mul, mv, reciprocal, sub, absolute, dot = ops
+            # an underflowing kernel gives inf/NaN here as in torch; the caller's check decides
+            # (log-domain fallback), so NumPy's RuntimeWarnings would only be noise to the user
+            with np.errstate(all="ignore"):
+                return self._loop(k, stop_tol, bufs, np.multiply, np.dot, np.reciprocal, np.subtract, np.abs, np.dot,
+                                  tuple(t.numpy() for t in bufs))
+        return self._loop(k, stop_tol, bufs, torch.mul, torch.mv, torch.reciprocal, torch.sub, torch.abs, torch.dot,
+                          bufs)
+
+    def _loop(self, k, stop_tol, bufs, mul, mv, reciprocal, sub, absolute, dot, views):
+        """The body of :meth:`_run_single` on ``views`` of ``bufs`` (torch tensors or NumPy arrays)."""
+        K, a, b, u, v, bv, au, Kv, KTu, r = views
+        Kt = K.T
         # u, v are updated in place (views of self.u, self.v); work vectors are reused
         err = None
         for i in range(k):
