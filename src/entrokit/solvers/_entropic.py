@@ -121,14 +121,17 @@ def _deferred(value: torch.Tensor, vjp, inputs: tuple[torch.Tensor, ...]) -> tor
     return _Deferred.apply(value, vjp, *inputs)
 
 
-def _graph_vjp(fn, inputs):
+def _graph_vjp(fn, inputs, params=()):
     """The VJP of ``fn(*inputs)`` by autograd on a graph built in backward (for
-    geometries without a closed form)."""
+    geometries without a closed form). ``params`` are tensors ``fn`` reaches through the
+    cost it closes over (a cost callable's parameters): differentiated as they are, after
+    ``inputs`` in ``needs`` and in the result."""
 
     def vjp(grad, needs):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip(inputs, needs)]
             wanted = [leaf for leaf, n in zip(leaves, needs) if n]
+            wanted += [p for p, n in zip(params, needs[len(inputs):]) if n]
             out = fn(*leaves)
             grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
         return [next(grads) if n else None for n in needs]
@@ -201,70 +204,46 @@ def _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype,
     return row, col, tc, merr
 
 
-def _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint):
+def _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint, params):
     """``(f, g, value, transport_cost)`` carrying their gradients (module docstring).
 
     ``value`` and ``transport_cost`` keep their certified forward values; their gradients
     are computed when backward reaches them (:class:`_Deferred`): ``value`` by the envelope
     theorem (the geometry's closed-form VJP where it has one), ``transport_cost`` by the
-    implicit derivative of the plan or, with ``"envelope"``, at a frozen plan."""
+    implicit derivative of the plan or, with ``"envelope"``, at a frozen plan. ``params``,
+    the tensors a cost callable holds (:meth:`~entrokit.PointCloud.cost_params`), are
+    inputs too, reached through the graph built in backward."""
     tensors = geom.tensors()
     if grad == "unroll":  # the graph of the iterations: autograd through one reduction
         rows, _, tc = geom.plan_reduce(f, g, a, b, eps)
         value_g = _dual_value(geom, f, g, a, b, eps, rows)
         return f, g, value_g + (value - value_g).detach(), tc + (tc_cert - tc).detach()
     f, g = f.detach(), g.detach()
-    if not _cost_is_parameter_free(geom):
-        # a cost that may hold tensors of its own (a user cost class or callable): they are
-        # not among geom.tensors(), so the graph is built in forward to reach them
-        return _outputs_with_graph(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint)
-    if geom.has_transport_cost_vjp:
+    closed_form = geom.has_transport_cost_vjp and not params
+    if closed_form:
         value = _deferred(value, _envelope_vjp(geom, f, g, a, b, eps), (a, b, *tensors))
     else:
         def dual(a_, b_, *t):
             geom_t = geom.rebuild(*t)
             return _dual_value(geom_t, f, g, a_, b_, eps, geom_t.plan_reduce(f, g, a_, b_, eps)[0])
 
-        value = _deferred(value, _graph_vjp(dual, (a, b, *tensors)), (a, b, *tensors))
+        value = _deferred(value, _graph_vjp(dual, (a, b, *tensors), params), (a, b, *tensors, *params))
     if grad == "envelope":
         # frozen plan: d<C, P>/dC = P (the cost part of the value's derivative), none to a, b
-        if geom.has_transport_cost_vjp:
+        if closed_form:
             return f, g, value, _deferred(tc_cert, _envelope_vjp(geom, f, g, a, b, eps, weights=False), (a, b, *tensors))
         a_, b_ = a.detach(), b.detach()
 
         def frozen(*t):
             return -eps * geom.row_sum(geom.rebuild(*t).plan_reduce(f, g, a_, b_, eps)[0])
 
-        return f, g, value, _deferred(tc_cert, _graph_vjp(frozen, tensors), tensors)
+        return f, g, value, _deferred(tc_cert, _graph_vjp(frozen, tensors, params), (*tensors, *params))
     f_imp, g_imp = implicit_potentials(geom, f, g, a, b, eps, adjoint=adjoint)
     f_out, g_out = _fix_gauge_in_graph(geom, f_imp, g_imp, a, b, eps)
     vjp_t = _graph_vjp(lambda f_, g_, a_, b_, *t: geom.rebuild(*t).plan_reduce(f_, g_, a_, b_, eps)[2],
-                       (f_out, g_out, a, b, *tensors))
-    tc = _deferred(tc_cert, vjp_t, (f_out, g_out, a, b, *tensors))
+                       (f_out, g_out, a, b, *tensors), params)
+    tc = _deferred(tc_cert, vjp_t, (f_out, g_out, a, b, *tensors, *params))
     return f_out, g_out, value, tc
-
-
-def _cost_is_parameter_free(geom) -> bool:
-    """False for a point cloud whose cost (a user cost class or callable) may hold tensors
-    of its own, which :meth:`~entrokit.Geometry.tensors` does not list."""
-    return getattr(getattr(geom, "cost_fn", None), "parameter_free", True)
-
-
-def _outputs_with_graph(geom, f, g, a, b, eps, grad, value, tc_cert, adjoint):
-    """:func:`_outputs_with_grad` with autograd graphs built in forward: ``value`` by the
-    envelope theorem at the fixed potentials ``f, g``, ``transport_cost`` through the
-    implicit potentials (``"implicit"``) or at the frozen plan (``"envelope"``)."""
-    rows, _, _ = geom.plan_reduce(f, g, a, b, eps)
-    value_g = _dual_value(geom, f, g, a, b, eps, rows)
-    value = value_g + (value - value_g).detach()
-    if grad == "envelope":
-        # frozen plan: d<C, P>/dC = P is the derivative of -eps * sum(P) at fixed f, g
-        frozen = -eps * geom.row_sum(geom.plan_reduce(f, g, a.detach(), b.detach(), eps)[0])
-        return f, g, value, tc_cert + (frozen - frozen.detach())
-    f_imp, g_imp = implicit_potentials(geom, f, g, a, b, eps, adjoint=adjoint)
-    f_out, g_out = _fix_gauge_in_graph(geom, f_imp, g_imp, a, b, eps)
-    tc = geom.plan_reduce(f_out, g_out, a, b, eps)[2]
-    return f_out, g_out, value, tc + (tc_cert - tc).detach()
 
 
 def _to_user_shape(user_shape, t: torch.Tensor, trailing: int) -> torch.Tensor:
@@ -349,9 +328,10 @@ def entropic_result(
     shift = _gauge_shift(geom, f_hi, g_hi, a_hi, b_hi).unsqueeze(-1)
     f_hi, g_hi = f_hi - shift, g_hi + shift
     f, g = f_hi.to(dtype), g_hi.to(dtype)
-    # a cost that may hold tensors of its own (not among geom.tensors()) may need a graph too
+    # tensors a cost callable holds (not among geom.tensors()) need gradients too
+    params = geom.cost_params() if torch.is_grad_enabled() and hasattr(geom, "cost_params") else ()
     inputs_need_grad = torch.is_grad_enabled() and (
-        any(t.requires_grad for t in (a, b, *geom.tensors())) or not _cost_is_parameter_free(geom))
+        bool(params) or any(t.requires_grad for t in (a, b, *geom.tensors())))
     needs_graph = inputs_need_grad or (grad == "unroll" and (f.requires_grad or g.requires_grad))
     f_hi, g_hi = f_hi.detach(), g_hi.detach()
 
@@ -364,7 +344,7 @@ def entropic_result(
                         b_hi.detach().to(torch.float64), eps, row).to(dtype)
     tc = tc_cert.to(dtype)
     if needs_graph:
-        f_out, g_out, value, tc = _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc, adjoint)
+        f_out, g_out, value, tc = _outputs_with_grad(geom, f, g, a, b, eps, grad, value, tc, adjoint, params)
     else:
         f_out, g_out = f.detach(), g.detach()
 
