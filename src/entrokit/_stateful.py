@@ -232,6 +232,7 @@ def _generated_init(cls: type) -> Callable[..., None]:
             self._ready()
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__._from_options = True  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__module__ = cls.__module__
     return __init__
@@ -441,7 +442,7 @@ class OptionsModule(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         inherited = cls.__init__
-        if "__init__" not in vars(cls) and (inherited is nn.Module.__init__ or hasattr(inherited, "__signature__")):
+        if "__init__" not in vars(cls) and (inherited is nn.Module.__init__ or getattr(inherited, "_from_options", False)):
             cls.__init__ = _generated_init(cls)  # type: ignore[method-assign]
 
     def _begin(self) -> None:

@@ -121,9 +121,14 @@ class Controller(_EntropyFeedback):
     ``_control``.
 
     Args:
-        coef: initial coefficient :math:`c_0`.
+        coef: initial coefficient :math:`c_0` (kept as the fixed option ``initial_coef``;
+            :meth:`~entrokit._stateful.StatefulModule.reset_state` returns to it).
         coef_min, coef_max: the box the coefficient is clipped to.
         sync, check_inputs: see :class:`~entrokit._stateful.StatefulModule`.
+
+    The constructors are generated from the declared options: a subclass's own options
+    come first; ``coef``, ``coef_min``, ``coef_max``, ``sync`` and ``check_inputs`` are
+    keyword-only.
     """
 
     state_name = "coefficient"
