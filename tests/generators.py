@@ -68,3 +68,13 @@ def weights(n, *, seed=0, zeros=(), dtype=D, batch=()):
     for k in zeros:
         w[..., k] = 0.0
     return (w / w.sum(-1, keepdim=True)).to(dtype)
+
+
+def gaussian_clouds(n=30, m=25, d=2, seed=0, batch=()):
+    """x ~ N(0, I), y ~ 0.7 N(0, I) + 0.5 and random positive weights summing to 1."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, n, d, generator=gen, dtype=D)
+    y = 0.7 * torch.randn(*batch, m, d, generator=gen, dtype=D) + 0.5
+    a = torch.rand(*batch, n, generator=gen, dtype=D) + 0.1
+    b = torch.rand(*batch, m, generator=gen, dtype=D) + 0.1
+    return x, y, a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
