@@ -93,7 +93,7 @@ class OTProblem(TensorMetadata):
         )
 
 
-def _uniform(w, size: int, batch_shape, like: torch.Tensor, total: int | None = None) -> torch.Tensor:
+def _uniform(size: int, batch_shape, like: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """``size`` weights ``1 / total`` (``total``: the global count of a sharded geometry)."""
     return torch.full((*batch_shape, size), 1.0 / (total or size), dtype=like.dtype, device=like.device)
 
@@ -117,8 +117,8 @@ def make_problem(a, b, cost, *, normalize: bool = False, check_inputs: bool = Tr
     n, m = geom.shape
     bshape = geom.batch_shape
     n_total, m_total = geom.global_shape
-    a = _uniform(a, n, bshape, like, n_total) if a is None else as_float_tensor(a, "a", like=None if isinstance(a, torch.Tensor) else like)
-    b = _uniform(b, m, bshape, like, m_total) if b is None else as_float_tensor(b, "b", like=None if isinstance(b, torch.Tensor) else like)
+    a = _uniform(n, bshape, like, n_total) if a is None else as_float_tensor(a, "a", like=None if isinstance(a, torch.Tensor) else like)
+    b = _uniform(m, bshape, like, m_total) if b is None else as_float_tensor(b, "b", like=None if isinstance(b, torch.Tensor) else like)
     tensors = {"a": a, "b": b}
     names = ("x", "y") if isinstance(geom, PointCloud) else ("cost",)
     for name, t in zip(names, geom.tensors()):
