@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import torch
 
+from entrokit._errors import InputError
 from entrokit._optional import require
+from entrokit._validation import check_count
 
 __all__ = ["digit_image", "digit_density", "grid_points", "grid_cost"]
 
 
 def digit_image(index: int) -> torch.Tensor:
     """The ``index``-th 8x8 image of scikit-learn's digits (values 0..16), float64."""
+    index = check_count(index, "index", minimum=0, example="index=0")
     load_digits = require("sklearn.datasets", "entrokit.data.digit_image").load_digits
     images = load_digits().images
-    if not 0 <= index < len(images):
-        raise IndexError(f"digit index must be in [0, {len(images)}), got {index}")
+    if index >= len(images):
+        raise IndexError(f"digit index must be in [0, {len(images)}), got {index}; scikit-learn ships {len(images)} digits.")
     return torch.as_tensor(images[index], dtype=torch.float64)
 
 
@@ -53,5 +56,5 @@ def grid_cost(size: int = 28, p: int = 2, *, dtype=torch.float64) -> torch.Tenso
     elif p == 1:
         C = torch.cdist(X, X, p=1)
     else:
-        raise ValueError(f"p must be 1 or 2, got {p}")
+        raise InputError(f"p must be 1 (L1, W1 on the grid) or 2 (squared Euclidean, W2), got {p!r}.")
     return C / C.max()
