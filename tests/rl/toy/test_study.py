@@ -197,7 +197,7 @@ def test_run_arm_measure_sees_the_trained_policy_and_seed():
 
     run = run_arm(task, arm, 3, measure=measure, **KW)
     assert len(seen) == 1 and seen[0][1] == 3
-    assert run["final"]["head_norm"] == float(seen[0][0].head.weight.norm())
+    assert run["final"]["head_norm"] == float(seen[0][0].head.weight.detach().norm())
     # measured after training: the untrained policy of the same seed has other head weights
     from entrokit.rl.toy import GRUPolicy
 
