@@ -202,4 +202,4 @@ def test_run_arm_measure_sees_the_trained_policy_and_seed():
     from entrokit.rl.toy import GRUPolicy
 
     fresh = GRUPolicy(task.num_prompts, task.vocab_size + 1, task.vocab_size, KW["hidden"], seed=3)
-    assert float(fresh.head.weight.norm()) != run["final"]["head_norm"]
+    assert float(fresh.head.weight.detach().norm()) != run["final"]["head_norm"]
