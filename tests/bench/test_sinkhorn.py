@@ -126,10 +126,33 @@ def test_budgeted_caps_the_iterations_from_the_probe(monkeypatch):
         return k
 
     monkeypatch.setattr(bs, "_clock", lambda fn: (lambda k: (k, k / 1024, k / 1024))(fn()))
-    assert _budgeted(run, 20, 0.5) == (512, 0.5, 0.5)
+    assert _budgeted(run, 20, 0.5, lambda k: False) == (512, 0.5, 0.5)
     assert calls == [20, 512]
     calls.clear()
-    assert _budgeted(run, 20, 1e-3)[0] == 20 and calls == [20, 20]  # never below the probe
+    assert _budgeted(run, 20, 1e-3, lambda k: False)[0] == 20 and calls == [20, 20]  # never below the probe
+
+
+def test_budgeted_raises_a_cap_that_a_slow_probe_set_too_low(monkeypatch):
+    # 1 ms per iteration, plus 0.1 s of fixed cost in the 20-iteration probe: it reads 6 ms per
+    # iteration, so the first cap (166) ends in a sixth of the budget short of the target
+    # (300 iterations); the cap is raised to fill 90% of the budget (x 5.4)
+    calls = []
+
+    def run(k):
+        calls.append(k)
+        return k
+
+    def clock(fn):
+        k = fn()
+        wall = k / 1000 + (0.1 if k == 20 else 0.0)
+        return k, wall, wall
+
+    monkeypatch.setattr(bs, "_clock", clock)
+    out, wall, _ = _budgeted(run, 20, 1.0, lambda k: k >= 300)
+    assert calls == [20, 166, 900] and out == 900 and wall == pytest.approx(0.9)
+    calls.clear()  # a solver that stops by its own rule short of the target: caps grow to 1e8, each run short
+    monkeypatch.setattr(bs, "_clock", lambda fn: (min(fn(), 50), 0.05, 0.05))
+    assert _budgeted(run, 20, 1.0, lambda k: False) == (50, 0.05, 0.05) and calls[-1] == 10**8
 
 
 def _r(cpu, err, **kw):
@@ -179,8 +202,8 @@ def test_median_and_summary_over_instances():
     (None, "n/a"),
     ((0.0123, 0.02, 1e-7, True), "12.3 ms (20.0 ms)"),
     ((1.5, 2.25, 1e-7, True), "1.50 s (2.25 s)"),
-    ((4.0, 4.6, 3e-6, False), "> 5 s (err 3e-06)"),  # missed at the budget (wall >= 0.9 x budget)
-    ((4.0, 4.4, 3e-6, False), "err 3e-06 > target"),  # stopped early above the target
+    ((4.0, 4.6, 3e-6, False), "> 4.00 s (err 3e-06)"),  # missed at its cap (wall >= budget / 2)
+    ((2.0, 2.4, 3e-6, False), "err 3e-06 > target"),  # stopped by its own rule above the target
 ])
 def test_cell_formats_a_summary(summary, cell):
     assert _cell(summary, 5.0) == cell

@@ -76,11 +76,20 @@ def _clock(fn):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def _budgeted(run, probe_iters: int, budget: float):
-    """Probe the per-iteration time, then one run with an iteration cap that fits the budget."""
+def _budgeted(run, probe_iters: int, budget: float, reached):
+    """Probe the per-iteration time, then a run with an iteration cap that fits the budget.
+
+    A short probe overstates the time per iteration (its fixed costs), so a run that ends
+    short of the target (``reached(out)`` false) in under half the budget is repeated with a
+    larger cap (up to 10x per round, 1e8 at most): a miss in under half the budget is then
+    the solver's own stop, not the cap. Returns ``(out, wall, cpu)`` of the last run."""
     _, t_probe, _ = _clock(lambda: run(probe_iters))
     cap = int(max(probe_iters, budget / max(t_probe / probe_iters, 1e-7)))
-    return _clock(lambda: run(cap))
+    while True:
+        out, wall, cpu = _clock(lambda: run(cap))
+        if reached(out) or wall >= 0.5 * budget or cap >= 10**8:
+            return out, wall, cpu
+        cap = int(min(10**8, cap * min(10.0, 0.9 * budget / max(wall, 1e-6))))
 
 
 def _ours(C: torch.Tensor, w: torch.Tensor, eps: float):
@@ -131,13 +140,15 @@ def _instance_runs(n: int, seed: int, eps: float, repeats: int, budget: float, s
             else:
                 out[name]["err"] = l1_error(res, a, a)
     if slow:
-        res, wall, cpu = _budgeted(lambda k: _pot("sinkhorn_log", M, a, eps, max_iter=k), 20, budget)
+        reached = lambda P: l1_error(P, a, a) <= TARGET * ACCEPT  # noqa: E731
+        res, wall, cpu = _budgeted(lambda k: _pot("sinkhorn_log", M, a, eps, max_iter=k), 20, budget, reached)
         out["POT sinkhorn_log"] = {"cpu": [cpu], "wall": [wall], "err": l1_error(res, a, a)}
         try:
             import regot
 
             Mf, tol = np.asfortranarray(M), TARGET / math.sqrt(2 * n)
-            res, wall, cpu = _budgeted(lambda k: regot.sinkhorn_bcd(Mf, a, a, eps, tol=tol, max_iter=k).plan, 5, budget)
+            res, wall, cpu = _budgeted(lambda k: regot.sinkhorn_bcd(Mf, a, a, eps, tol=tol, max_iter=k).plan, 5, budget,
+                                       reached)
             out["RegOT sinkhorn_bcd"] = {"cpu": [cpu], "wall": [wall], "err": l1_error(res, a, a)}
         except ImportError:
             pass
@@ -188,8 +199,8 @@ def _cell(s, budget: float) -> str:
     if s is None:
         return "n/a"
     cpu, wall, err, ok = s
-    if not ok:
-        return f"> {budget:g} s (err {err:.0e})" if wall >= 0.9 * budget else f"err {err:.0e} > target"
+    if not ok:  # at its iteration cap (half the budget or more), or stopped by its own rule
+        return f"> {fmt_time(cpu)} (err {err:.0e})" if wall >= 0.5 * budget else f"err {err:.0e} > target"
     return f"{fmt_time(cpu)} ({fmt_time(wall)})"
 
 
@@ -311,7 +322,8 @@ def _notes(budget: float, ott_repeats: int, versions: dict, ott_python: str | No
         "POT default and stabilized: iteration cap from a 20-iteration probe that fits the budget; a run that "
         "misses the target is not repeated. "
         f"POT sinkhorn_log and RegOT: one run on the first instance (iteration cap from a probe run, budget "
-        f"{budget:g} s); '> budget' = target not reached within it. OTT: {ott_repeats} run(s) per instance, "
+        f"{budget:g} s, raised while a run misses the target in under half the budget); '> t (err e)' = target "
+        "not reached in a capped run of CPU time t; 'err e > target' = the solver stopped by its own rule. OTT: {ott_repeats} run(s) per instance, "
         "compiled ahead of the timed call, in its own process and virtualenv",
         "stopping rules: POT stopThr = 1e-6/sqrt(n) (L2 of the column error, checked every 10 or 20 iterations); "
         "RegOT tol = 1e-6/sqrt(2n); OTT threshold = 5e-7 (L1 of one marginal), norm_error=1; "
