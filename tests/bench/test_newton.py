@@ -315,7 +315,8 @@ def test_run_headline_takes_medians_and_leaves_missed_runs_out_of_the_ratios(mon
     assert rows[4][8] == "range 1.00-3.00" and rows[5][8] == "range 1.50-1.50"
     for r in rows[:4]:
         its, ns, nn = map(int, re.fullmatch(r"(\d+) \((\d+)\+(\d+)\)", r[4]).groups())
-        assert ns + nn == its and int(r[6]) >= 1
+        assert ns + nn == its and int(r[6].split()[0]) >= 1
+        assert r[6].endswith("(tol bound)") == (r[2] == "0.2")  # the looser tol missed only there
         e_ek, e_rg = map(float, r[8].split(" / "))
         assert e_ek <= TOL * ACCEPT and (e_rg > TOL * ACCEPT) == (r[2] == "0.2")
     assert table.notes[-2].startswith("versions: RegOT ") and table.notes[-1] == "a note"
@@ -338,3 +339,23 @@ def test_main_writes_the_headline_table_and_with_sweep_the_sweep(monkeypatch, tm
     assert text.count("\n### ") == 2 and "### Newton-accelerated Sinkhorn to L1 marginal error 1e-08" in text
     assert "| tiny | 0.1 | entrokit SSNS |" in text and "| tiny | 0.1 | RegOT sinkhorn_ssns |" in text
     assert "added by --sweep" not in text
+
+
+def test_regot_gets_the_loosest_tol_that_meets_the_target_on_the_instance():
+    a, b, _ = random_assignment(6, 0)
+    wa, wb = a.numpy(), b.numpy()
+    exact = np.outer(wa, wb)
+    off = exact.copy()
+    off[0, 0] += 2 * TOL  # a plan 4e-8 off in L1
+    tried = []
+
+    def solve(plans):
+        def go(tol):
+            tried.append(tol)
+            return types.SimpleNamespace(plan=plans(tol))
+        return go
+
+    loose = TOL / math.sqrt(12)
+    assert bn.regot_loosest_tol(solve(lambda t: exact), wa, wb) == loose and tried == [loose]
+    tried.clear()  # the loose tol misses: the provable bound, without another run
+    assert bn.regot_loosest_tol(solve(lambda t: off), wa, wb) == bn.regot_tol(6, 6) and tried == [loose]

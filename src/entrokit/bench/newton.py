@@ -102,6 +102,16 @@ def regot_tol(n: int, m: int) -> float:
     return TOL / (2.0 * math.sqrt(n + m - 1))
 
 
+def regot_loosest_tol(solve, a, b) -> float:
+    """RegOT's loosest ``tol`` that meets the target on this instance: ``TOL / sqrt(n+m)``
+    (which bounds the L1 error of its n+m-1 residuals) where its plan meets the target,
+    checked by one untimed run, else the bound :func:`regot_tol`. The check is an oracle in
+    RegOT's favour: it stops as early as it can on every instance."""
+    n, m = len(a), len(b)
+    loose = TOL / math.sqrt(n + m)
+    return loose if _l1(np.asarray(solve(loose).plan), a, b) <= TOL * ACCEPT else regot_tol(n, m)
+
+
 def _timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -356,7 +366,10 @@ def run_headline(repeats: int = 3, notes: list[str] | None = None) -> Table:
         a, b, C = build()
         an, bn = a.numpy(), b.numpy()
         M = np.asfortranarray(C.numpy())
-        n, m = M.shape
+        tol = regot_loosest_tol(lambda t: regot.sinkhorn_ssns(M, an, bn, eps, tol=t, max_iter=1000), an, bn)
+        with warnings.catch_warnings():  # entrokit's untimed run on the instance too, as RegOT had one
+            warnings.simplefilter("ignore")
+            entrokit.sinkhorn_newton(a, b, C, eps, variant="ssns", tol=TOL)
         ek = {"cpu": [], "wall": []}
         rg = {"cpu": [], "wall": []}
         for _ in range(repeats):
@@ -365,7 +378,7 @@ def run_headline(repeats: int = 3, notes: list[str] | None = None) -> Table:
                 r, w, c = _clock(lambda: entrokit.sinkhorn_newton(a, b, C, eps, variant="ssns", tol=TOL))
             ek["cpu"].append(c)
             ek["wall"].append(w)
-            q, w, c = _clock(lambda: regot.sinkhorn_ssns(M, an, bn, eps, tol=regot_tol(n, m), max_iter=1000))
+            q, w, c = _clock(lambda: regot.sinkhorn_ssns(M, an, bn, eps, tol=tol, max_iter=1000))
             rg["cpu"].append(c)
             rg["wall"].append(w)
         e_ek, e_rg = _l1(r.plan.numpy(), an, bn), _l1(np.asarray(q.plan), an, bn)
@@ -379,7 +392,8 @@ def run_headline(repeats: int = 3, notes: list[str] | None = None) -> Table:
             f"{fmt_time(c_ek)} ({fmt_time(float(np.median(ek['wall'])))})" + ("" if ok_ek else " missed"),
             f"{int(r.n_iter)} ({r.info['n_sinkhorn']}+{r.info['n_newton']})",
             f"{fmt_time(c_rg)} ({fmt_time(float(np.median(rg['wall'])))})" + ("" if ok_rg else " missed"),
-            int(q.niter), f"{ratio:.2f}", f"{e_ek:.1e} / {e_rg:.1e}",
+            f"{int(q.niter)}" + ("" if tol > regot_tol(*M.shape) else " (tol bound)"), f"{ratio:.2f}",
+            f"{e_ek:.1e} / {e_rg:.1e}",
         )
         print(f"  {case} {inst}: ek {c_ek * 1e3:.1f} ms, RegOT {c_rg * 1e3:.1f} ms, ratio {ratio:.2f}", flush=True)
     for case, rs in ratios.items():
@@ -390,9 +404,12 @@ def run_headline(repeats: int = 3, notes: list[str] | None = None) -> Table:
         "a ratio enters the median only when both plans meet the target (L1 error recomputed here, <= 1.01 x target)"
     )
     table.notes.append(
-        f"stopping rules: entrokit tol = {TOL:g} (L1 of both marginals); RegOT tol = {TOL:g}/(2 sqrt(n+m-1)) on the "
-        "L2 norm of its gradient (the n+m-1 residuals but the last column's, which is minus their sum), which "
-        "implies the L1 target"
+        f"stopping rules: entrokit tol = {TOL:g} (L1 of both marginals); RegOT stops on the L2 norm of its gradient, "
+        "the n+m-1 residuals but the last column's (which is minus their sum), so tol = "
+        f"{TOL:g}/(2 sqrt(n+m-1)) implies the L1 target; RegOT gets the looser {TOL:g}/sqrt(n+m) wherever its plan "
+        "meets the target on that instance (checked by one untimed run, with one untimed entrokit run beside it: an "
+        "oracle choice in RegOT's favour); "
+        "'(tol bound)' marks an instance where it needed the bound"
     )
     import importlib.metadata as md
 
