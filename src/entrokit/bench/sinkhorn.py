@@ -323,7 +323,8 @@ def _notes(budget: float, ott_repeats: int, versions: dict, ott_python: str | No
         "misses the target is not repeated. "
         f"POT sinkhorn_log and RegOT: one run on the first instance (iteration cap from a probe run, budget "
         f"{budget:g} s, raised while a run misses the target in under half the budget); '> t (err e)' = target "
-        "not reached in a capped run of CPU time t; 'err e > target' = the solver stopped by its own rule. OTT: {ott_repeats} run(s) per instance, "
+        "not reached in a capped run of CPU time t; 'err e > target' = the solver stopped by its own rule. "
+        f"OTT: {ott_repeats} run(s) per instance, "
         "compiled ahead of the timed call, in its own process and virtualenv",
         "stopping rules: POT stopThr = 1e-6/sqrt(n) (L2 of the column error, checked every 10 or 20 iterations); "
         "RegOT tol = 1e-6/sqrt(2n); OTT threshold = 5e-7 (L1 of one marginal), norm_error=1; "
