@@ -3,9 +3,13 @@
 Problem: x ~ U[0,1]^3, y ~ 0.8 U[0,1]^3 + 0.1, squared Euclidean cost, eps = 1e-2,
 float32, uniform weights, one thread per process. Two measurements per process count:
 
-* ``n = m = 50k``: a full solve is far too slow on a 2-core machine, so a fixed number of
-  iterations of the solver loop (``SinkhornOptions(fixed_iter=True)``) is timed;
-* ``n = m = 5k``: a full solve to ``tol = 1e-4`` (eps-scaling "auto", certification).
+* ``n = m = 20k`` (``--n``): a full solve is far too slow on a 2-core machine, so a fixed
+  number of iterations of the solver loop (``SinkhornOptions(fixed_iter=True)``) is timed;
+* ``n = m = 5k`` (``--small-n``): a full solve to ``tol = 1e-4`` (eps-scaling "auto",
+  certification).
+
+The last column, ``2 (n+m) itemsize``, is a reference size (both potentials); what a rank
+sends per iteration is the column before it (``2 m`` floats with two ranks).
 
 Both report whether the 1- and 2-process potentials agree (max abs difference) and the
 bytes each rank hands to the collectives (``CommCounter``). Each runs ``--instances``

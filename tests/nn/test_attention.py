@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from autograd_memory import saved_bytes
 from entrokit import ConvergenceWarning, InputError
+from entrokit.nn import attention
 from entrokit.nn.attention import (
     SinkhornAttention,
     sinkhorn_attention,
@@ -255,7 +256,10 @@ def test_implicit_float32_gradient_close_to_float64():
 
 
 
-def test_implicit_memory_does_not_grow_with_iterations():
+@pytest.mark.parametrize("scaling", [True, False])
+def test_implicit_memory_does_not_grow_with_iterations(scaling, monkeypatch):
+    if not scaling:  # the log-domain loop (devices other than the CPU)
+        monkeypatch.setattr(attention, "_SCALING_DEVICES", ())
     q, k, v = qkv(4, 2, 32, 8, requires_grad=True)
     kpm = torch.zeros(4, 32, dtype=torch.bool)
     kpm[1, 20:] = True
@@ -280,11 +284,17 @@ def test_implicit_memory_does_not_grow_with_iterations():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         sinkhorn_attention(q, k, v, n_iter=20, grad="implicit", key_padding_mask=kpm)
     assert len(big) == 1, big
-    assert sizes["unroll", 20] > sizes["unroll", 3] + 10 * one
+    if scaling:  # unrolled in the scaling form: the kernel and the weights, whatever n_iter
+        # (17 more normalisations: one scaling vector and one sum vector of 4 x 2 x 32 float64 each)
+        assert sizes["unroll", 20] == sizes["unroll", 3] + 2 * 17 * 4 * 2 * 32 * 8 < 5 * one
+    else:  # unrolled in the log domain: one (B, H, T, S) tensor per normalisation
+        assert sizes["unroll", 20] > sizes["unroll", 3] + 10 * one
 
 
 # -- no host sync, torch.compile --------------------------------------------------------------------
 def test_fixed_iterations_never_read_values_back(monkeypatch):
+    # on a device other than the CPU (the CPU's scaling form reads two flags, free on the host)
+    monkeypatch.setattr(attention, "_SCALING_DEVICES", ())
     q, k, v = qkv(2, 2, 6, 3, S=7, dtype=torch.float32, requires_grad=True)
     kpm = torch.zeros(2, 7, dtype=torch.bool)
     kpm[0, 5:] = True
@@ -533,3 +543,97 @@ def test_plan_adjoint_solves_the_entropic_system():
     formed = _plan_adjoint(rs.unsqueeze(-1) * P, a, b, eps, rf, rg)
     torch.testing.assert_close(scaled[0][..., :, None] + scaled[1][..., None, :],
                                formed[0][..., :, None] + formed[1][..., None, :], rtol=1e-9, atol=1e-10)
+
+
+# -- the scaling form (CPU) ------------------------------------------------------------------------
+def _layer(q, k, v, w, scaling, monkeypatch, **kw):
+    """Output and input gradients of the layer with the scaling form on or off, and whether it ran."""
+    ran = []
+    real = attention._kernel_scalings
+
+    def spy(*args):
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+
+    with monkeypatch.context() as mp:
+        mp.setattr(attention, "_kernel_scalings", spy)
+        if not scaling:
+            mp.setattr(attention, "_SCALING_DEVICES", ())
+        q_, k_, v_ = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = sinkhorn_attention(q_, k_, v_, **kw)
+        (out * w).sum().backward()
+    return (out.detach(), q_.grad, k_.grad, v_.grad), any(ran)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("n_iter", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("grad", ["unroll", "implicit"])
+@pytest.mark.parametrize("mask", [None, "causal", "padding"])
+def test_scaling_form_equals_the_log_domain_loop(dtype, atol, n_iter, grad, mask, monkeypatch):
+    q, k, v = qkv(3, 2, 7, 4, dtype=dtype, seed=n_iter)
+    w = torch.randn(3, 2, 7, 4, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    kw = dict(n_iter=n_iter, grad=grad)
+    if mask == "causal":
+        kw["is_causal"] = True
+    elif mask == "padding":
+        pad = torch.zeros(3, 7, dtype=torch.bool)
+        pad[0, -3:] = True
+        pad[1, :] = True  # a batch whose every key is padded: zero output
+        kw["key_padding_mask"] = pad
+    fast, ran = _layer(q, k, v, w, True, monkeypatch, **kw)
+    slow, ran_slow = _layer(q, k, v, w, False, monkeypatch, **kw)
+    assert ran and not ran_slow
+    for x, y in zip(fast, slow):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("n_iter", [2, 5])
+def test_gradcheck_unroll_in_the_scaling_form_with_padding(n_iter, monkeypatch):
+    q, k, v = qkv(2, 5, 3, requires_grad=True)
+    pad = torch.tensor([[False, False, False, True, True], [False] * 5])
+    ran = []
+    real = attention._kernel_scalings
+
+    def spy(*args):
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(attention, "_kernel_scalings", spy)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=pad), (q, k, v))
+    assert ran and all(ran)
+
+
+@pytest.mark.parametrize("dtype, gap", [(torch.float32, 80.0), (torch.float64, 700.0)])
+def test_a_kernel_that_would_underflow_takes_the_log_domain_loop(dtype, gap, monkeypatch):
+    # key 0 scores `gap` below every query's best key: its kernel column underflows (float32
+    # flushes e^-87, float64 e^-708), so the scaling form would lose it; the log domain keeps it
+    q, k, v = qkv(1, 6, 2, dtype=dtype)
+    scores = torch.zeros(1, 6, 6, dtype=dtype)
+    scores[..., 0] = -gap
+    a = torch.full((1, 6), 1 / 6, dtype=dtype)
+    assert attention._kernel_scalings(scores, a, a, 5) is None
+    assert attention._kernel_scalings(scores.clamp_min(-gap / 10), a, a, 5) is not None
+    P = sinkhorn_attention_with_weights(q, k, v, n_iter=5, scale=1.0)[1]  # an ordinary problem
+    assert bool(torch.isfinite(P).all())
+    L = torch.randn(1, 6, 6, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    L[..., 0] -= gap
+    keys, values = torch.eye(6, dtype=dtype)[None], torch.randn(1, 6, 3, dtype=dtype)  # scores = L
+    w = torch.ones(1, 6, 3, dtype=dtype)
+    out, ran = _layer(L, keys, values, w, True, monkeypatch, n_iter=5, scale=1.0)
+    ref, _ = _layer(L, keys, values, w, False, monkeypatch, n_iter=5, scale=1.0)
+    assert not ran
+    for x, y in zip(out, ref):
+        assert bool(torch.isfinite(x).all())
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [5, 130])  # the broadcast product and the per-matrix mat-vec
+def test_matvec_and_vecmat_are_the_batched_products(n):
+    g = torch.Generator().manual_seed(n)
+    M = torch.randn(3, n, n + 1, generator=g, dtype=D)
+    x, y = torch.randn(3, n + 1, generator=g, dtype=D), torch.randn(3, n, generator=g, dtype=D)
+    torch.testing.assert_close(attention._matvec(M, x), torch.einsum("bij,bj->bi", M, x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(attention._vecmat(y, M), torch.einsum("bi,bij->bj", y, M), rtol=0, atol=1e-12)

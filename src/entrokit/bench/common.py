@@ -6,6 +6,7 @@ reports ratios against the anchors (absolute times on shared machines are noisy)
 
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "fmt_time",
     "fmt_ratio",
     "write_results",
+    "retain_freed_memory",
 ]
 
 
@@ -104,6 +106,19 @@ def measure_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5, device: str = "c
         x.sum().item()
         best = min(best, time.perf_counter() - t)
     return n_bytes / best
+
+
+def retain_freed_memory() -> bool:
+    """Tell glibc's allocator to keep freed memory (``mallopt``: no ``mmap``-ed chunks, no
+    trimming), so that no timed step pays page faults for memory the previous step gave
+    back: the strongest setting for every library alike (a loop that allocates fresh n x m
+    tensors at every step gains most). ``False`` where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float]:
