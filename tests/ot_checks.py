@@ -72,3 +72,12 @@ def centred_gap(u, v, mask=None):
     if mask is not None:
         diff = diff[mask]
     return float((diff - diff.mean()).abs().max())
+
+
+def l1_by_hand(P, a, b):
+    """``|P 1 - a|_1 + |P^T 1 - b|_1`` with exact (fsum) sums over the float64 values of ``P``."""
+    rows = [[float(x) for x in r] for r in P.tolist()]
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    err_rows = [abs(math.fsum(r) - ai) for r, ai in zip(rows, a)]
+    err_cols = [abs(math.fsum(r[j] for r in rows) - bj) for j, bj in enumerate(b)]
+    return math.fsum(err_rows) + math.fsum(err_cols)

@@ -22,15 +22,7 @@ from entrokit.bench.newton import (
     headline_instances,
     random_assignment,
 )
-
-
-def _l1_by_hand(P, a, b):
-    """``|P 1 - a|_1 + |P^T 1 - b|_1`` with exact (fsum) sums over the float64 values of ``P``."""
-    rows = [[float(x) for x in r] for r in P.tolist()]
-    a, b = [float(x) for x in a], [float(x) for x in b]
-    err_rows = [abs(math.fsum(r) - ai) for r, ai in zip(rows, a)]
-    err_cols = [abs(math.fsum(r[j] for r in rows) - bj) for j, bj in enumerate(b)]
-    return math.fsum(err_rows) + math.fsum(err_cols)
+from ot_checks import l1_by_hand
 
 
 # -- problems -------------------------------------------------------------------------
@@ -122,7 +114,7 @@ def test_l1_is_the_error_of_both_marginals():
     P[0, 1] += 1e-3  # once in row 0, once in column 1
     P[2, 2] -= 4e-4
     assert _l1(P, a, b) == pytest.approx(2 * 1e-3 + 2 * 4e-4, rel=1e-12)
-    assert _l1(P, a, b) == pytest.approx(_l1_by_hand(P, a, b), rel=1e-12)
+    assert _l1(P, a, b) == pytest.approx(l1_by_hand(P, a, b), rel=1e-12)
 
 
 def test_l1_upcasts_a_float32_plan_before_summing():
@@ -132,7 +124,7 @@ def test_l1_upcasts_a_float32_plan_before_summing():
     a, b = rng.random(50) + 0.5, rng.random(50) + 0.5
     a, b = a / a.sum(), b / b.sum()
     P32 = np.outer(a, b).astype(np.float32)
-    assert _l1(P32, a, b) == pytest.approx(_l1_by_hand(P32, a, b), rel=1e-6)
+    assert _l1(P32, a, b) == pytest.approx(l1_by_hand(P32, a, b), rel=1e-6)
 
 
 # -- the solvers -------------------------------------------------------------------------
@@ -146,7 +138,7 @@ def _check_solver(name, eps, n=40):
     if name.startswith("entrokit") and name != "entrokit sinkhorn":
         ns, nn = map(int, re.fullmatch(r"(\d+)\+(\d+)( \(\d+ eps stages\))?", extra).groups()[:2])
         assert ns + nn == it
-    err = _l1_by_hand(P, a.numpy(), b.numpy())
+    err = l1_by_hand(P, a.numpy(), b.numpy())
     assert _l1(P, a.numpy(), b.numpy()) == pytest.approx(err, rel=1e-6, abs=1e-15)
     assert err <= TOL * ACCEPT, (name, err)
 

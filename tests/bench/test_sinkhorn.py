@@ -26,15 +26,7 @@ from entrokit.bench.sinkhorn import (
     instance,
     l1_error,
 )
-
-
-def _l1_by_hand(P, a, b):
-    """``|P 1 - a|_1 + |P^T 1 - b|_1`` with exact (fsum) sums over the float64 values of ``P``."""
-    rows = [[float(x) for x in r] for r in P.tolist()]
-    a, b = [float(x) for x in a], [float(x) for x in b]
-    err_rows = [abs(math.fsum(r) - ai) for r, ai in zip(rows, a)]
-    err_cols = [abs(math.fsum(r[j] for r in rows) - bj) for j, bj in enumerate(b)]
-    return math.fsum(err_rows) + math.fsum(err_cols)
+from ot_checks import l1_by_hand
 
 
 @pytest.mark.parametrize("n, seed", [(5, 0), (37, 2)])
@@ -55,7 +47,7 @@ def test_l1_error_is_the_error_of_both_marginals():
     P[0, 1] += 1e-3  # once in row 0, once in column 1
     P[2, 2] -= 4e-4
     assert l1_error(P, a, b) == pytest.approx(2 * 1e-3 + 2 * 4e-4, rel=1e-12)
-    assert l1_error(P, a, b) == pytest.approx(_l1_by_hand(P, a, b), rel=1e-12)
+    assert l1_error(P, a, b) == pytest.approx(l1_by_hand(P, a, b), rel=1e-12)
 
 
 @pytest.mark.parametrize("as_torch", [False, True], ids=["numpy", "torch"])
@@ -66,7 +58,7 @@ def test_l1_error_upcasts_a_float32_plan_before_summing(as_torch):
     a, b = rng.random(50) + 0.5, rng.random(50) + 0.5
     a, b = a / a.sum(), b / b.sum()
     P32 = np.outer(a, b).astype(np.float32)
-    expected = _l1_by_hand(P32, a, b)
+    expected = l1_by_hand(P32, a, b)
     P = torch.from_numpy(P32) if as_torch else P32
     assert l1_error(P, a, b) == pytest.approx(expected, rel=1e-6)
     summed_in_float32 = float(np.abs(P32.sum(1) - a).sum() + np.abs(P32.sum(0) - b).sum())
@@ -95,7 +87,7 @@ def test_runners_reach_the_l1_target_recomputed_here(small, solver, eps):
         P = _pot(solver, M, a, eps)
     P = np.asarray(P)
     assert P.shape == (40, 40)
-    err = _l1_by_hand(P, a, a)
+    err = l1_by_hand(P, a, a)
     assert l1_error(P, a, a) == pytest.approx(err, rel=1e-9, abs=1e-15)
     assert err <= TARGET * ACCEPT
 
@@ -113,7 +105,7 @@ def test_instance_runs_record_every_solver_with_the_error_of_its_plan():
     # the recorded error is the plan's (entrokit is deterministic: solve again)
     M, a = instance(30, 1)
     plan = _ours(torch.from_numpy(M), torch.from_numpy(a), 0.1).plan
-    assert out["entrokit"]["err"] == pytest.approx(_l1_by_hand(plan, a, a), rel=1e-9)
+    assert out["entrokit"]["err"] == pytest.approx(l1_by_hand(plan, a, a), rel=1e-9)
     assert set(_instance_runs(30, 1, 0.1, repeats=1, budget=2.0, slow=False)) == set(FAST)
 
 

@@ -546,8 +546,8 @@ def test_plan_adjoint_solves_the_entropic_system():
 
 
 # -- the scaling form (CPU) ------------------------------------------------------------------------
-def _layer(q, k, v, w, scaling, monkeypatch, **kw):
-    """Output and input gradients of the layer with the scaling form on or off, and whether it ran."""
+def _spy_scalings(mp):
+    """Record, per call, whether the scaling form ran (``_kernel_scalings`` gave its steps)."""
     ran = []
     real = attention._kernel_scalings
 
@@ -556,8 +556,14 @@ def _layer(q, k, v, w, scaling, monkeypatch, **kw):
         ran.append(out is not None)
         return out
 
+    mp.setattr(attention, "_kernel_scalings", spy)
+    return ran
+
+
+def _layer(q, k, v, w, scaling, monkeypatch, **kw):
+    """Output and input gradients of the layer with the scaling form on or off, and whether it ran."""
     with monkeypatch.context() as mp:
-        mp.setattr(attention, "_kernel_scalings", spy)
+        ran = _spy_scalings(mp)
         if not scaling:
             mp.setattr(attention, "_SCALING_DEVICES", ())
         q_, k_, v_ = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -592,15 +598,7 @@ def test_scaling_form_equals_the_log_domain_loop(dtype, atol, n_iter, grad, mask
 def test_gradcheck_unroll_in_the_scaling_form_with_padding(n_iter, monkeypatch):
     q, k, v = qkv(2, 5, 3, requires_grad=True)
     pad = torch.tensor([[False, False, False, True, True], [False] * 5])
-    ran = []
-    real = attention._kernel_scalings
-
-    def spy(*args):
-        out = real(*args)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(attention, "_kernel_scalings", spy)
+    ran = _spy_scalings(monkeypatch)
     assert torch.autograd.gradcheck(
         lambda q, k, v: sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=pad), (q, k, v))
     assert ran and all(ran)
