@@ -635,3 +635,21 @@ def test_matvec_and_vecmat_are_the_batched_products(n):
     x, y = torch.randn(3, n + 1, generator=g, dtype=D), torch.randn(3, n, generator=g, dtype=D)
     torch.testing.assert_close(attention._matvec(M, x), torch.einsum("bij,bj->bi", M, x), rtol=0, atol=1e-12)
     torch.testing.assert_close(attention._vecmat(y, M), torch.einsum("bi,bij->bj", y, M), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scaling", [True, False])
+def test_implicit_gradient_with_a_single_live_key_is_finite_and_zero(scaling, monkeypatch):
+    # one live key: every query puts all its weight there whatever the scores, so the weights
+    # do not depend on q or k; the adjoint's Schur complement is singular (its curvature 0)
+    if not scaling:
+        monkeypatch.setattr(attention, "_SCALING_DEVICES", ())
+    g = torch.Generator().manual_seed(22)  # inputs on which the adjoint's CG met p^T A p = 0
+    q, k, v, w = (torch.randn(*shape, generator=g) for shape in ((1, 1, 9, 2), (1, 1, 2, 2), (1, 1, 2, 3), (1, 1, 9, 3)))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    pad = torch.tensor([[False, True]])
+    out = sinkhorn_attention(q, k, v, n_iter=7, grad="implicit", eps=0.3, scale=0.1, key_padding_mask=pad)
+    torch.testing.assert_close(out.detach(), v.detach()[..., :1, :].expand(1, 1, 9, 3))
+    (out * w).sum().backward()
+    for t in (q, k):
+        assert bool(torch.isfinite(t.grad).all())
+        torch.testing.assert_close(t.grad, torch.zeros_like(t.grad), rtol=0, atol=1e-6)

@@ -88,6 +88,15 @@ def test_pcg_reports_failure():
     assert not bool(nan.converged[0])
 
 
+@pytest.mark.parametrize("B", [1, 2])  # the single-problem loop and the batched one
+def test_pcg_stops_at_a_zero_curvature_with_a_finite_iterate(B):
+    # A = diag(1, 0): b with a component in the null space; the second step meets p^T A p = 0
+    A = torch.diag(torch.tensor([1.0, 0.0], dtype=D)).expand(B, 2, 2)
+    rhs = torch.tensor([[1.0, 1e-3]], dtype=D).expand(B, 2).clone()
+    out = pcg(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), rhs, torch.ones_like(rhs), rtol=1e-12, max_iter=10)
+    assert bool(torch.isfinite(out.x).all()) and not bool(out.converged.any())
+
+
 # ---------------------------------------------------------------------- line search
 def test_armijo_per_problem_steps_and_mask():
     # F_k(x) = 0.5 c_k x^2 from x = 1 along d = -F'(x) = -c_k: Armijo accepts t <= 2(1 - c1)/c_k

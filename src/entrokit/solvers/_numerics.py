@@ -192,8 +192,8 @@ def pcg(
     its iterate is frozen from then on and its count ``n_iter[k]`` stops. One device
     sync per iteration. A single problem (``B = 1``) runs on 1-D vectors and stops on
     its residual alone: the recurrence keeps :math:`r = b - Ax` whatever the sign of
-    :math:`p^\top A p`, so ``converged`` stays exact, and a zero curvature shows as a
-    non-finite residual.
+    :math:`p^\top A p`, so ``converged`` stays exact; a zero curvature stops it before the
+    step (``converged`` False, the last finite iterate returned).
 
     Args:
         matvec: ``A x`` for ``x`` (B, d).
@@ -268,7 +268,9 @@ def pcg(
 def _pcg_one(matvec, b, inv_diag, rtol, max_iter, x0) -> tuple[torch.Tensor, int, bool, float]:
     """:func:`pcg` for a single problem on 1-D vectors (``matvec``: ``(d,) -> (d,)``): the
     same iteration with one device sync per iteration and no per-problem selects (tiny
-    vectors are dominated by op overhead). Returns ``(x, n_iter, converged, residual)``."""
+    vectors are dominated by op overhead). A zero or non-finite curvature :math:`p^\top A p`
+    stops it before the step, with the last finite iterate (as the batched loop freezes it).
+    Returns ``(x, n_iter, converged, residual)``."""
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     res = b.clone() if x0 is None else b - matvec(x)
     bnorm = float(b.norm())
@@ -283,11 +285,14 @@ def _pcg_one(matvec, b, inv_diag, rtol, max_iter, x0) -> tuple[torch.Tensor, int
             n_iter += 1
             Ap = matvec(p)
             pAp = torch.dot(p, Ap)
+            if not (pAp != 0 and torch.isfinite(pAp)):  # a zero curvature: stop before the step poisons x
+                failed = True
+                break
             alpha = rz / pAp
             x.add_(p * alpha)  # x and res are this function's own buffers
             res.sub_(Ap * alpha)
             # res = b - A x holds whatever the sign of p^T A p, so the residual test alone
-            # is honest; a zero curvature shows as a non-finite residual
+            # is honest
             rel = float(torch.linalg.vector_norm(res)) / scale
             if not math.isfinite(rel):
                 failed = True
