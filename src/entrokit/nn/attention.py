@@ -615,10 +615,11 @@ def _kernel_scalings(L, a, b, n_steps: int) -> _Scalings | None:
     else:
         K = torch.sub(L, m).exp_()
     x, steps = b, []
+    live = (a > 0, b > 0)  # the rows and columns of nonzero weight, decided once
     for t in range(n_steps):
         w = a if t % 2 == 0 else b
         s = _matvec(K, x) if t % 2 == 0 else _vecmat(x, K)
-        y = torch.where(w > 0, w / s, 0.0)
+        y = torch.where(live[t % 2], w / s, 0.0)
         steps.append((x, s, y))
         x = y
     ok = torch.isfinite(x).all() & torch.isfinite(steps[-1][1]).all()
@@ -677,18 +678,19 @@ class _KernelWeights(torch.autograd.Function):
         g_sR = -Q.sum(-1) * inv_s
         gv = torch.where(v > 0, Q.sum(-2) / v, 0.0)
         gu = torch.zeros_like(a)
+        rows, cols = a > 0, b > 0
         xs, ys = [], []
         for t in range(len(steps) - 1, -1, -1):
             x, s, y = steps[t]
             if t % 2 == 0:  # rows: s = K x (x the column scaling), y = a / s
-                gs = torch.where(a > 0, -gu * y / s, 0.0)
+                gs = torch.where(rows, -gu * y / s, 0.0)
                 if t == R:
                     gs = gs + g_sR
                 xs.append(gs)
                 ys.append(x)
                 gv, gu = gv + _vecmat(gs, K), torch.zeros_like(a)
             else:  # columns: s = K^T x (x the row scaling), y = b / s
-                gs = torch.where(b > 0, -gv * y / s, 0.0)
+                gs = torch.where(cols, -gv * y / s, 0.0)
                 xs.append(x)
                 ys.append(gs)
                 gu, gv = gu + _matvec(K, gs), torch.zeros_like(b)
