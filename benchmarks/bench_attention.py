@@ -330,9 +330,9 @@ def main():
         "(the loop the benchmark issue names); 'Sinkformer' is the published u/v update, which rebuilds "
         "(-C + u + v)/eps at every half-step. The ratios are against the faster hand loop per row "
         "('fastest loop'), and against 'plain' beside them.",
-        "- entrokit runs the normalisations in the scaling form (one exp, then one mat-vec per "
-        "normalisation, the unrolled gradient in closed form) wherever the kernel is exact to the dtype, "
-        "else in the log domain.",
+        "- entrokit runs the normalisations in the scaling form (one fused softmax for the kernel, then one "
+        "mat-vec per normalisation; both gradients in closed form, the weights and their gradient never formed "
+        "when the caller takes only the output) wherever the kernel is exact to the dtype, else in the log domain.",
         "- entrokit 'implicit' runs the loop without a graph and differentiates the fixed point "
         "(conjugate-gradient adjoint, float32 relative tolerance 1e-6): memory does not grow with n_iter; "
         "its gradient is that of the converged layer (the unrolled loops differentiate the truncated one), "

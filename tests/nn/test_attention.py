@@ -270,10 +270,12 @@ def test_implicit_memory_does_not_grow_with_iterations(scaling, monkeypatch):
                 lambda n=n, grad=grad: sinkhorn_attention(q, k, v, n_iter=n, grad=grad, key_padding_mask=kpm)
             )
             out.sum().backward()  # and backward runs
-    assert sizes["implicit", 1] == sizes["implicit", 3] == sizes["implicit", 20]
+    # (n_iter = 1 keeps one vector less in the scaling form: its column scaling is b itself)
+    assert sizes["implicit", 1] <= sizes["implicit", 3] == sizes["implicit", 20]
     one = 4 * 2 * 32 * 32 * 8  # one float64 (B, H, T, S) tensor
     assert sizes["implicit", 20] <= 3 * one + 4 * 2 * 32 * 8 * 8 * 3
-    # the closing weights are the one (B, H, T, S) tensor kept (the logits are not)
+    # one (B, H, T, S) tensor is kept (the closing weights, or the scaling form's kernel; the
+    # logits are not)
     big = {}
 
     def pack(t):
@@ -284,7 +286,7 @@ def test_implicit_memory_does_not_grow_with_iterations(scaling, monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         sinkhorn_attention(q, k, v, n_iter=20, grad="implicit", key_padding_mask=kpm)
     assert len(big) == 1, big
-    if scaling:  # unrolled in the scaling form: the kernel and the weights, whatever n_iter
+    if scaling:  # unrolled in the scaling form: the kernel alone, whatever n_iter
         # (17 more normalisations: one scaling vector and one sum vector of 4 x 2 x 32 float64 each)
         assert sizes["unroll", 20] == sizes["unroll", 3] + 2 * 17 * 4 * 2 * 32 * 8 < 5 * one
     else:  # unrolled in the log domain: one (B, H, T, S) tensor per normalisation
@@ -293,7 +295,7 @@ def test_implicit_memory_does_not_grow_with_iterations(scaling, monkeypatch):
 
 # -- no host sync, torch.compile --------------------------------------------------------------------
 def test_fixed_iterations_never_read_values_back(monkeypatch):
-    # on a device other than the CPU (the CPU's scaling form reads two flags, free on the host)
+    # on a device other than the CPU (the CPU's scaling form reads one flag, free on the host)
     monkeypatch.setattr(attention, "_SCALING_DEVICES", ())
     q, k, v = qkv(2, 2, 6, 3, S=7, dtype=torch.float32, requires_grad=True)
     kpm = torch.zeros(2, 7, dtype=torch.bool)
@@ -560,15 +562,25 @@ def _spy_scalings(mp):
     return ran
 
 
-def _layer(q, k, v, w, scaling, monkeypatch, **kw):
-    """Output and input gradients of the layer with the scaling form on or off, and whether it ran."""
+def _layer(q, k, v, w, scaling, monkeypatch, *, weights=False, seed=None, **kw):
+    """Output and input gradients of the layer with the scaling form on or off, and whether it
+    ran. ``weights``: the loss also takes the weights (``sinkhorn_attention_with_weights``);
+    ``seed``: the generator seed set before the call (dropout draws the same mask)."""
     with monkeypatch.context() as mp:
         ran = _spy_scalings(mp)
         if not scaling:
             mp.setattr(attention, "_SCALING_DEVICES", ())
         q_, k_, v_ = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        out = sinkhorn_attention(q_, k_, v_, **kw)
-        (out * w).sum().backward()
+        if seed is not None:
+            torch.manual_seed(seed)
+        if weights:
+            out, P = sinkhorn_attention_with_weights(q_, k_, v_, **kw)
+            gen = torch.Generator().manual_seed(5)
+            ((out * w).sum() + (P * torch.randn(P.shape, generator=gen, dtype=P.dtype)).sum()).backward()
+            out = torch.cat([out.detach().flatten(), P.detach().flatten()])
+        else:
+            out = sinkhorn_attention(q_, k_, v_, **kw)
+            (out * w).sum().backward()
     return (out.detach(), q_.grad, k_.grad, v_.grad), any(ran)
 
 
@@ -594,6 +606,25 @@ def test_scaling_form_equals_the_log_domain_loop(dtype, atol, n_iter, grad, mask
         torch.testing.assert_close(x, y, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("n_iter", [1, 2, 5])
+@pytest.mark.parametrize("grad", ["unroll", "implicit"])
+@pytest.mark.parametrize("path", ["weights", "dropout"])
+def test_scaling_form_with_the_weights_or_dropout_equals_the_log_domain_loop(n_iter, grad, path, monkeypatch):
+    # the weights are formed (and differentiated) when the caller takes them or drops entries
+    q, k, v = qkv(3, 2, 7, 4, seed=n_iter)
+    w = torch.randn(3, 2, 7, 4, generator=torch.Generator().manual_seed(9), dtype=D)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, -3:] = True
+    kw = dict(n_iter=n_iter, grad=grad, key_padding_mask=pad)
+    if path == "dropout":
+        kw.update(dropout_p=0.3, seed=11)
+    fast, ran = _layer(q, k, v, w, True, monkeypatch, weights=path == "weights", **kw)
+    slow, ran_slow = _layer(q, k, v, w, False, monkeypatch, weights=path == "weights", **kw)
+    assert ran and not ran_slow
+    for x, y in zip(fast, slow):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("n_iter", [2, 5])
 def test_gradcheck_unroll_in_the_scaling_form_with_padding(n_iter, monkeypatch):
     q, k, v = qkv(2, 5, 3, requires_grad=True)
@@ -601,6 +632,19 @@ def test_gradcheck_unroll_in_the_scaling_form_with_padding(n_iter, monkeypatch):
     ran = _spy_scalings(monkeypatch)
     assert torch.autograd.gradcheck(
         lambda q, k, v: sinkhorn_attention(q, k, v, n_iter=n_iter, key_padding_mask=pad), (q, k, v))
+    assert ran and all(ran)
+
+
+@pytest.mark.parametrize("n_iter", [300, 301])
+def test_gradcheck_implicit_in_the_scaling_form_at_the_fixed_point(n_iter, monkeypatch):
+    # enough normalisations to reach the fixed point in float64: the implicit gradient, formed
+    # without the weights, is the derivative of the layer
+    q, k, v = qkv(2, 5, 3, requires_grad=True)
+    pad = torch.tensor([[False, False, False, True, True], [False] * 5])
+    ran = _spy_scalings(monkeypatch)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: sinkhorn_attention(q, k, v, n_iter=n_iter, grad="implicit", key_padding_mask=pad),
+        (q, k, v), atol=1e-7)
     assert ran and all(ran)
 
 
@@ -628,7 +672,7 @@ def test_a_kernel_that_would_underflow_takes_the_log_domain_loop(dtype, gap, mon
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("n", [5, 130])  # the broadcast product and the per-matrix mat-vec
+@pytest.mark.parametrize("n", [5, 130])
 def test_matvec_and_vecmat_are_the_batched_products(n):
     g = torch.Generator().manual_seed(n)
     M = torch.randn(3, n, n + 1, generator=g, dtype=D)

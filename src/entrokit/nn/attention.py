@@ -38,7 +38,7 @@ loop iterations), then one row normalisation follows.
 * ``grad="unroll"`` (default): the gradient through every normalisation, as Sinkformer
   takes it; in the log domain memory grows linearly with ``n_iter`` (one
   :math:`T\times S` tensor per normalisation), in the CPU's scaling form it does not (the
-  kernel and the weights, and one vector per normalisation).
+  kernel, and one vector per normalisation).
 * ``grad="implicit"``: the loop runs without a graph; the returned weights carry the
   gradient of the fixed point by the implicit function theorem (a conjugate-gradient
   solve of the adjoint's Schur complement in backward). Memory does
@@ -48,17 +48,20 @@ loop iterations), then one row normalisation follows.
   ``n_iter``, including ``n_iter=1``; use ``tol`` or many iterations with it).
 
 **The scaling form on the CPU.** With a fixed ``n_iter``, CPU tensors are normalised in
-the scaling form, Sinkhorn-Knopp on :math:`K = e^{s/\varepsilon - \max_j s_{ij}/\varepsilon}`: one
-exponential pass, then one mat-vec per normalisation instead of a log-sum-exp pass, and
-the unrolled gradient in closed form (:class:`_KernelWeights`); the weights equal the
-log-domain loop's to rounding. Where a live column's largest kernel entry falls below
-:math:`e^{-70}` (float32; :math:`e^{-670}` in float64), the kernel would lose weight to
-underflow and the log-domain loop runs instead.
+the scaling form, Sinkhorn-Knopp on the row-normalised kernel
+:math:`K = \mathrm{softmax}_j(s/\varepsilon)`: one fused softmax pass, then one mat-vec per
+normalisation instead of a log-sum-exp pass, and both gradients in closed form; the
+weights equal the log-domain loop's to rounding. Without dropout and without the weights,
+the layer forms neither the weights nor their gradient: the output is
+:math:`\mathrm{diag}(1/s)\,K(v \odot V)` and the logits' gradient is :math:`K \odot` a
+thin product (:class:`_ScaledOutput`). Where a live column's largest kernel entry falls
+below :math:`e^{-70}` (float32; :math:`e^{-670}` in float64), the kernel would lose weight
+to underflow and the log-domain loop runs instead.
 
 **No host synchronisation** in the fixed-``n_iter`` mode on devices other than the CPU: no
 value is read back inside the layer, forward or unrolled backward (masks are handled with
-tensor operations). On the CPU the scaling form reads two flags per call (whether the
-logits need a shift, and its exactness check); the host waits for no device there.
+tensor operations). On the CPU the scaling form reads one flag per call (its exactness
+check); the host waits for no device there.
 ``tol`` reads the error back at every check, and ``grad="implicit"``'s backward reads
 one value per conjugate-gradient iteration. ``torch.compile(fullgraph=False)`` traces
 the layer; the loop's wall-clock timer (``info["time"]`` of
@@ -104,7 +107,7 @@ _HALF = (torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------
 # loop shared with entrokit.nn.matching (the geometry is entrokit.geometry.LogitCost)
 # --------------------------------------------------------------------------------------
-def _plan_adjoint(P, a, b, eps: float, rhs_f, rhs_g, row_scale=None):
+def _plan_adjoint(P, a, b, eps: float, rhs_f, rhs_g, row_scale=None, col_scale=None):
     r"""Solve the entropic adjoint system :math:`J\lambda = (\bar f, \bar g)`,
     :math:`J = \varepsilon^{-1}[[\mathrm{diag}(r), P], [P^\top, \mathrm{diag}(c)]]`,
     :math:`r = P1`, :math:`c = P^\top 1`, for a materialised plan ``P``, through its Schur
@@ -124,23 +127,21 @@ def _plan_adjoint(P, a, b, eps: float, rhs_f, rhs_g, row_scale=None):
     complement) is projected out of the right-hand side as in
     :func:`~entrokit.solvers.implicit.bipartite_adjoint`; rows and columns of zero weight
     (or zero mass) are masked out. Relative tolerance 1e-6 in float32, 1e-12 in float64.
-    With ``row_scale`` :math:`s`, the plan is :math:`\mathrm{diag}(s) P`, applied without
-    forming it."""
+    With ``row_scale`` :math:`s` and ``col_scale`` :math:`t`, the plan is
+    :math:`\mathrm{diag}(s) P \mathrm{diag}(t)`, applied without forming it."""
     n, m = P.shape[-2:]
     tol = 1e-12 if P.dtype == torch.float64 else 1e-6
-    Pt = P.transpose(-1, -2)
 
-    # P v and Pᵀ u as vector-matrix products: a batched (1 x m)(m x n) product runs
-    # 5-20x faster on CPU than the (n x m)(m x 1) one torch.matmul picks for P @ v
     def Pv(v):
-        out = torch.matmul(v.unsqueeze(-2), Pt).squeeze(-2)
+        out = _matvec(P, v if col_scale is None else v * col_scale)
         return out if row_scale is None else out * row_scale
 
     def PTu(u):
-        return torch.matmul((u if row_scale is None else u * row_scale).unsqueeze(-2), P).squeeze(-2)
+        out = _vecmat(u if row_scale is None else u * row_scale, P)
+        return out if col_scale is None else out * col_scale
 
-    r = P.sum(-1) if row_scale is None else P.sum(-1) * row_scale
-    c = P.sum(-2) if row_scale is None else PTu(torch.ones_like(row_scale))
+    r = P.sum(-1) if row_scale is None and col_scale is None else Pv(torch.ones_like(b))
+    c = P.sum(-2) if row_scale is None and col_scale is None else PTu(torch.ones_like(a))
     mr, mc = ((a > 0) & (r > 0)).to(P.dtype), ((b > 0) & (c > 0)).to(P.dtype)
     inv_r = torch.where(mr > 0, 1.0 / r.clamp_min(torch.finfo(P.dtype).tiny), 0.0)
     bx, by = eps * rhs_f * mr, eps * rhs_g * mc
@@ -483,11 +484,10 @@ def _attention(query, key, value, attn_mask, key_padding_mask, is_causal, scale,
 
     L, masked = _logits(query, key, scale, opts.eps, attn_mask, key_padding_mask, is_causal)
     L, a, b, row_live = _live_marginals(L.reshape(-1, T, S), masked)
-    P = _weights(L, a, b, row_live, opts, plain_softmax=not masked).reshape(target)
-    weights = P
-    if opts.dropout_p > 0.0:
-        P = F.dropout(P, p=opts.dropout_p)
-    out = torch.matmul(P, value)
+    out, weights = _attend(L, value.reshape(-1, S, value.shape[-1]), a, b, row_live, opts, plain_softmax=not masked,
+                           need_weights=return_weights)
+    out = out.reshape(*lead, T, value.shape[-1])
+    weights = weights.reshape(target) if return_weights else None
     if row_live is not None:
         live = row_live.reshape(*lead, T, 1).to(out.dtype)
         out = out * live
@@ -538,40 +538,58 @@ def _live_marginals(L, masked: bool):
     return L, a, b, row_live
 
 
-def _weights(L, a, b, row_live, opts: LayerOptions, *, plain_softmax: bool):
-    r"""The attention weights ``(B, T, S)`` after ``opts.n_iter`` normalisations (or
-    ``opts.tol``): ``k`` iterations of the library's Sinkhorn loop on
+def _attend(L, value, a, b, row_live, opts: LayerOptions, *, plain_softmax: bool, need_weights: bool):
+    r"""``(output, weights)`` for flat logits ``(B, T, S)`` and values ``(B, S, Ev)``; the
+    weights are ``None`` unless ``need_weights``. The weights follow ``opts.n_iter``
+    normalisations (or ``opts.tol``): on the CPU in the scaling form (:func:`_kernel_scalings`)
+    wherever it is exact; otherwise ``k`` iterations of the library's Sinkhorn loop on
     :class:`~entrokit.geometry.LogitCost`, then the closing normalisation in closed form
     (:func:`_closing_weights`), differentiated by autograd (``"unroll"``) or at the fixed
-    point (``"implicit"``, :class:`_ImplicitWeights`)."""
+    point (``"implicit"``, :class:`_ImplicitWeights`). Without dropout and without the
+    weights, the scaling form returns the output alone (:class:`_ScaledOutput`: the weights
+    and their gradient are never formed)."""
     eps, n_iter, tol = opts.eps, opts.n_iter, opts.tol
     rows = tol is not None or n_iter % 2 == 1  # the last normalisation is a row one
     n_loop = (n_iter - 1) // 2 if rows else n_iter // 2
-    if rows and n_loop == 0 and tol is None and plain_softmax and opts.grad == "unroll":
-        return torch.softmax(L, dim=-1)  # n_iter=1 without masks: softmax attention
     implicit = opts.grad == "implicit" and torch.is_grad_enabled() and L.requires_grad
-    if tol is None:
-        scaled = _kernel_scalings(L, a, b, 2 * n_loop if implicit else n_iter)
-        if scaled is not None and not implicit:
-            return _KernelWeights.apply(L, scaled, a, b)
-        if scaled is not None:
-            f, g = scaled.potentials(a, b, eps)
-            log_r = None if rows else torch.where(a > 0, 0.0, -math.inf).to(L.dtype)
-            return _ImplicitWeights.apply(L, f, g, a, b, log_r, eps)
+    softmax_only = rows and n_loop == 0 and tol is None and plain_softmax and opts.grad == "unroll"
+    scaled = None if softmax_only or tol is not None else _kernel_scalings(L, a, b, n_iter)
+    if scaled is not None and opts.dropout_p == 0.0 and not need_weights:
+        return _ScaledOutput.apply(L, value, scaled, a, b, implicit, rows, eps), None
+    if softmax_only:
+        P = torch.softmax(L, dim=-1)  # n_iter=1 without masks: softmax attention
+    elif scaled is None:
+        P = _log_domain_weights(L, a, b, row_live, opts, rows, n_loop, implicit)
+    elif implicit:
+        P = _ImplicitWeights.apply(L, scaled.weights(scaled.closing(a)), a, b, rows, eps)
+    else:
+        P = _KernelWeights.apply(L, scaled, a, b)
+    weights = P
+    if opts.dropout_p > 0.0:
+        P = F.dropout(P, p=opts.dropout_p)
+    return torch.matmul(P, value), weights
+
+
+def _log_domain_weights(L, a, b, row_live, opts: LayerOptions, rows: bool, n_loop: int, implicit: bool):
+    """The weights from ``n_loop`` iterations of the library's log-domain Sinkhorn loop (or
+    ``opts.tol``) and the closing normalisation (:func:`_attend`)."""
+    eps = opts.eps
     geom = LogitCost(L, eps)
     f, g, _ = run_sinkhorn(
-        geom, a, b, eps, n_loop=n_loop, tol=tol, max_iter=opts.max_iter, grad=opts.grad, who="sinkhorn_attention"
+        geom, a, b, eps, n_loop=n_loop, tol=opts.tol, max_iter=opts.max_iter, grad=opts.grad, who="sinkhorn_attention"
     )
     log_r = None  # after a row normalisation; after a column one, log T_live a_i (0 or -inf)
     if not rows:
         log_r = torch.zeros_like(a) if row_live is None else torch.where(row_live, 0.0, -math.inf).to(L.dtype)
     if implicit:
-        return _ImplicitWeights.apply(L, f.detach(), g.detach(), a, b, log_r, eps)
+        with torch.no_grad():
+            P = _closing_weights(L, f, g, log_weights(b), log_r, eps)
+        return _ImplicitWeights.apply(L, P, a, b, rows, eps)
     return _closing_weights(L, f, g, log_weights(b), log_r, eps)
 
 
-#: where the scaling form runs: it reads two flags back (the shift and the exactness check),
-#: free on the host; other devices keep the log-domain loop, which reads nothing back
+#: where the scaling form runs: it reads one flag back (its exactness check), free on the
+#: host; other devices keep the log-domain loop, which reads nothing back
 _SCALING_DEVICES = ("cpu",)
 
 #: log of the smallest kernel entry a live column's largest may be: below it, entries that
@@ -580,40 +598,45 @@ _KERNEL_FLOOR = {torch.float32: -70.0, torch.float64: -670.0}
 
 
 class _Scalings(NamedTuple):
-    r"""Sinkhorn-Knopp on :math:`K = e^{L - \max_j L}`: ``steps[t]`` is ``(x, s, y)`` of
-    normalisation ``t`` (rows first): :math:`s = Kx`, :math:`y = a/s` on the rows and
-    :math:`s = K^\top x`, :math:`y = b/s` on the columns."""
+    r"""Sinkhorn-Knopp on the row-normalised kernel :math:`K = \mathrm{softmax}_j(L)`:
+    ``steps[t]`` is ``(x, s, y)`` of normalisation ``t`` (rows first): :math:`s = Kx`,
+    :math:`y = a/s` on the rows and :math:`s = K^\top x`, :math:`y = b/s` on the columns.
+    The weights do not depend on the rows' scale: :math:`\mathrm{diag}(d) e^{L}` for any
+    :math:`d > 0` gives the same steps after the first row normalisation, so the softmax's
+    :math:`d = e^{-\mathrm{logsumexp}_j L}` is as good as :math:`e^{L}` and cannot overflow."""
 
     K: torch.Tensor
-    m: torch.Tensor
     steps: list
 
-    def potentials(self, a, b, eps):
-        r"""``(f, g)`` of the plan :math:`\mathrm{diag}(u) K \mathrm{diag}(v) = a_i b_j
-        e^{(f_i + g_j)/\varepsilon + L_{ij}}` after the steps (0 on empty rows/columns)."""
-        u = self.steps[-2][2] if len(self.steps) % 2 == 0 else self.steps[-1][2]
-        v = self.steps[-1][2] if len(self.steps) % 2 == 0 else self.steps[-1][0]
-        f = torch.where(a > 0, torch.log(u) - self.m.squeeze(-1) - torch.log(a), 0.0)
-        g = torch.where(b > 0, torch.log(v) - torch.log(b), 0.0)
-        return eps * f, eps * g
+    def closing(self, a):
+        r"""``(R, v, inv_s)``: the index of the last row normalisation, the column scaling
+        after the last step, and :math:`1/s_R` (0 on the empty rows when a column
+        normalisation closes); the weights are :math:`W = K \odot (1/s_R)\, v^\top`."""
+        n = len(self.steps)
+        R = n - 1 if n % 2 == 1 else n - 2
+        s_R = self.steps[R][1]
+        v = self.steps[R][0] if n % 2 == 1 else self.steps[-1][2]
+        inv_s = 1.0 / s_R if n % 2 == 1 else torch.where(a > 0, 1.0 / s_R, 0.0)
+        return R, v, inv_s
+
+    def weights(self, closing):
+        """The weights :math:`W` after the steps, from :meth:`closing`'s output."""
+        _, v, inv_s = closing
+        return torch.mul(self.K, v.unsqueeze(-2)).mul_(inv_s.unsqueeze(-1))
 
 
 @torch.no_grad()
 def _kernel_scalings(L, a, b, n_steps: int) -> _Scalings | None:
     r"""``n_steps`` alternating normalisations (rows first, from :math:`g = 0`, the library
-    loop's start) in the scaling form: one :math:`\exp` pass, then one mat-vec per
-    normalisation instead of :math:`n\times m` exponentials. ``None`` where the kernel is
-    not exact to the dtype: a live column whose largest entry is below
+    loop's start) in the scaling form: one fused softmax pass for the kernel, then one
+    mat-vec per normalisation instead of :math:`n\times m` exponentials. ``None`` where the
+    kernel is not exact to the dtype: a live column whose largest entry is below
     :math:`e^{\text{floor}}` (:data:`_KERNEL_FLOOR`), or a scaling that over/underflows;
-    the log-domain loop then runs."""
+    the log-domain loop then runs. Reads one flag back (the check)."""
     floor = _KERNEL_FLOOR.get(L.dtype)
     if floor is None or n_steps == 0 or L.device.type not in _SCALING_DEVICES:
         return None
-    m = L.amax(-1, keepdim=True)  # finite: a live row holds a finite logit, an empty one logits 0
-    if bool(((m > -40.0) & (m < 40.0)).all()):  # exp(L) neither overflows nor loses a row: no shift pass
-        m, K = torch.zeros_like(m), torch.exp(L)
-    else:
-        K = torch.sub(L, m).exp_()
+    K = torch.softmax(L, dim=-1)  # every row holds a finite logit (dead rows are 0): no NaN
     x, steps = b, []
     live = (a > 0, b > 0)  # the rows and columns of nonzero weight, decided once
     for t in range(n_steps):
@@ -626,7 +649,7 @@ def _kernel_scalings(L, a, b, n_steps: int) -> _Scalings | None:
     if n_steps > 1:  # max_i K_ij >= (K^T u)_j / sum(u): the floor, without a pass over K
         u, sigma = steps[1][0], steps[1][1]
         ok &= ((sigma >= math.exp(floor) * u.sum(-1, keepdim=True)) | (b == 0)).all()
-    return _Scalings(K, m, steps) if bool(ok) else None
+    return _Scalings(K, steps) if bool(ok) else None
 
 
 def _vecmat(x, M):
@@ -635,16 +658,12 @@ def _vecmat(x, M):
 
 
 def _matvec(M, x):
-    """``M`` ``(B, n, k)`` times the column vectors ``x`` ``(B, k)``: ``(B, n)``. On the CPU the
-    batched GEMM with one column is slow (AMD EPYC, one thread, B = 128, 128 x 128: 2.4 ms
-    against 0.3 ms for ``x^T M``), so small matrices take a broadcast product and a row sum
-    (0.74 ms; 0.09 against 0.53 ms at B = 32) and larger ones one ``torch.mv`` each
-    (B = 32, 512 x 512: 3.1 against 9.3 ms, the broadcast 18.7 ms)."""
-    if M.device.type != "cpu":
-        return torch.matmul(M, x.unsqueeze(-1)).squeeze(-1)
-    if M.shape[-1] * M.shape[-2] <= 128 * 128:
-        return torch.mul(M, x.unsqueeze(-2)).sum(-1)
-    return torch.stack([torch.mv(Mi, xi) for Mi, xi in zip(M.unbind(0), x.unbind(0))])
+    """``M`` ``(B, n, k)`` times the column vectors ``x`` ``(B, k)``: ``(B, n)``, as the row
+    vectors :math:`x^\top M^\top` (one batched GEMM that reads ``M`` transposed, no copy).
+    The batched GEMM with one column that ``M @ x`` becomes is slow on the CPU (AMD EPYC,
+    one thread, B = 32, 128 x 128: 0.61 ms against 0.07 ms; a broadcast product and row sum,
+    0.08 ms, allocates an n x k temporary)."""
+    return torch.matmul(x.unsqueeze(-2), M.transpose(-2, -1)).squeeze(-2)
 
 
 class _KernelWeights(torch.autograd.Function):
@@ -654,17 +673,17 @@ class _KernelWeights(torch.autograd.Function):
     0 on empty rows when a column normalisation closes). Backward, with :math:`Q = \bar W
     \odot W`: :math:`\bar L = Q + K \odot \sum_t x_t y_t^\top`, the sum over the steps of
     the rank-one pull-backs of :math:`s = Kx` (one batched matmul), the adjoints
-    :math:`\bar s = -\bar y\, y/s` carried back through one mat-vec per step."""
+    :math:`\bar s = -\bar y\, y/s` carried back through one mat-vec per step. This is the
+    gradient through :math:`K = e^{L}` and also through :math:`K = \mathrm{softmax}_j(L)`:
+    the softmax's pull-back subtracts :math:`K_{ij} \sum_k K_{ik} \bar K_{ik}`, and that
+    row sum is 0 because the weights do not depend on the rows' scale (:class:`_Scalings`)."""
 
     @staticmethod
     def forward(ctx, L, scaled: _Scalings, a, b):
         K, steps = scaled.K, scaled.steps
-        n = len(steps)
-        R = n - 1 if n % 2 == 1 else n - 2  # the last row normalisation
-        s_R = steps[R][1]
-        v = steps[R][0] if n % 2 == 1 else steps[-1][2]
-        inv_s = 1.0 / s_R if n % 2 == 1 else torch.where(a > 0, 1.0 / s_R, 0.0)
-        W = torch.mul(K, v.unsqueeze(-2)).mul_(inv_s.unsqueeze(-1))
+        closing = scaled.closing(a)
+        W = scaled.weights(closing)
+        R, v, inv_s = closing
         ctx.R = R
         ctx.save_for_backward(W, K, a, b, v, inv_s, *(t for step in steps for t in step))
         return W
@@ -673,29 +692,94 @@ class _KernelWeights(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gW):
         W, K, a, b, v, inv_s, *flat = ctx.saved_tensors
-        steps, R = [flat[i : i + 3] for i in range(0, len(flat), 3)], ctx.R
         Q = gW * W
-        g_sR = -Q.sum(-1) * inv_s
-        gv = torch.where(v > 0, Q.sum(-2) / v, 0.0)
-        gu = torch.zeros_like(a)
-        rows, cols = a > 0, b > 0
-        xs, ys = [], []
-        for t in range(len(steps) - 1, -1, -1):
-            x, s, y = steps[t]
-            if t % 2 == 0:  # rows: s = K x (x the column scaling), y = a / s
-                gs = torch.where(rows, -gu * y / s, 0.0)
-                if t == R:
-                    gs = gs + g_sR
-                xs.append(gs)
-                ys.append(x)
-                gv, gu = gv + _vecmat(gs, K), torch.zeros_like(a)
-            else:  # columns: s = K^T x (x the row scaling), y = b / s
-                gs = torch.where(cols, -gv * y / s, 0.0)
-                xs.append(x)
-                ys.append(gs)
-                gu, gv = gu + _matvec(K, gs), torch.zeros_like(b)
-        gK = torch.matmul(torch.stack(xs, -1), torch.stack(ys, -2))
-        return Q.addcmul_(gK, K), None, None, None
+        X, Y = _step_adjoints(flat, ctx.R, K, a, b, -Q.sum(-1) * inv_s, torch.where(v > 0, Q.sum(-2) / v, 0.0))
+        return Q.addcmul_(torch.matmul(X, Y), K), None, None, None
+
+
+def _step_adjoints(flat, R: int, K, a, b, g_sR, g_v):
+    r"""The unrolled normalisations' pull-back to the kernel, :math:`\bar K = X Y`: ``flat``
+    holds the steps' ``(x, s, y)`` of :class:`_Scalings` in a row, ``g_sR`` and ``g_v`` are
+    the adjoints of the last row normalisation's sums and of the last column scaling. Step
+    by step backwards, :math:`\bar s = -\bar y\, y/s` is carried back through one mat-vec,
+    and :math:`s = Kx` adds the rank-one term :math:`\bar s x^\top` (:math:`x \bar s^\top`
+    on the columns) to :math:`\bar K`: ``X`` ``(B, n, steps)``, ``Y`` ``(B, steps, m)``."""
+    steps = [flat[i : i + 3] for i in range(0, len(flat), 3)]
+    gv, gu = g_v, torch.zeros_like(a)
+    rows, cols = a > 0, b > 0
+    xs, ys = [], []
+    for t in range(len(steps) - 1, -1, -1):
+        x, s, y = steps[t]
+        if t % 2 == 0:  # rows: s = K x (x the column scaling), y = a / s
+            gs = torch.where(rows, -gu * y / s, 0.0)
+            if t == R:
+                gs = gs + g_sR
+            xs.append(gs)
+            ys.append(x)
+            gv, gu = gv + _vecmat(gs, K), torch.zeros_like(a)
+        else:  # columns: s = K^T x (x the row scaling), y = b / s
+            gs = torch.where(cols, -gv * y / s, 0.0)
+            xs.append(x)
+            ys.append(gs)
+            gu, gv = gu + _matvec(K, gs), torch.zeros_like(b)
+    return torch.stack(xs, -1), torch.stack(ys, -2)
+
+
+class _ScaledOutput(torch.autograd.Function):
+    r"""The layer's output :math:`O = W V` for the scaling form's weights
+    :math:`W = \mathrm{diag}(1/s_R)\, K\, \mathrm{diag}(v)` (:meth:`_Scalings.closing`),
+    with the unrolled (:class:`_KernelWeights`) or the implicit (:class:`_ImplicitWeights`)
+    gradient, and neither :math:`W` nor its gradient :math:`\bar W = \bar O V^\top` formed:
+    :math:`O = (1/s_R) \odot K (v \odot V)` in forward, and only :math:`K` is kept.
+
+    Backward: :math:`\bar V = W^\top \bar O = v \odot K^\top (\bar O / s_R)`. The row
+    and column sums of :math:`\bar W \odot W` that both gradients start from are
+    :math:`\bar O_i \cdot O_i` and :math:`V_j \cdot \bar V_j`. Both logit gradients have
+    the form :math:`\bar L = K \odot (A B)` with a thin :math:`A B`, formed by one GEMM:
+
+    * unrolled: :math:`\bar L = \bar W \odot W + K \odot X Y`
+      (:func:`_step_adjoints`), so :math:`A = [\bar O / s_R,\ X]`,
+      :math:`B = [(v \odot V)^\top;\ Y]`;
+    * implicit: :math:`\bar L = W \odot (\bar W - \alpha 1^\top - a \lambda_g^\top)`
+      with :math:`\alpha = w + a \odot \lambda_f` (:class:`_ImplicitWeights`), so
+      :math:`A = [\bar O,\ -\alpha,\ -a] / s_R` and :math:`B = [(v \odot V)^\top;\ v^\top;
+      (v \odot \lambda_g)^\top]`; the adjoint runs on :math:`K` with the scalings applied
+      as vectors."""
+
+    @staticmethod
+    def forward(ctx, L, value, scaled: _Scalings, a, b, implicit: bool, rows: bool, eps: float):
+        K = scaled.K
+        R, v, inv_s = scaled.closing(a)
+        out = torch.matmul(K, value * v.unsqueeze(-1)).mul_(inv_s.unsqueeze(-1))
+        ctx.R, ctx.implicit, ctx.rows, ctx.eps = R, implicit, rows, eps
+        steps = () if implicit else scaled.steps
+        ctx.save_for_backward(K, value, out, a, b, v, inv_s, *(t for step in steps for t in step))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):
+        K, value, out, a, b, v, inv_s, *flat = ctx.saved_tensors
+        u_out = g_out * inv_s.unsqueeze(-1)
+        g_value = torch.matmul(K.transpose(-2, -1), u_out).mul_(v.unsqueeze(-1))
+        row_sums, col_sums = (g_out * out).sum(-1), (value * g_value).sum(-1)  # of W̄ ⊙ W
+        right = (value * v.unsqueeze(-1)).transpose(-2, -1)
+        if ctx.implicit:
+            eps = ctx.eps
+            if ctx.rows:  # softmax's pull-back (see _ImplicitWeights)
+                w, gf = row_sums, torch.zeros_like(row_sums)
+                gg = (col_sums - _vecmat(row_sums * inv_s, K) * v) / eps
+            else:
+                w, gf, gg = torch.zeros_like(row_sums), row_sums / eps, col_sums / eps
+            lam_f, lam_g = _plan_adjoint(K, a, b, eps, gf, gg, row_scale=a * inv_s, col_scale=v)
+            left = torch.cat([u_out, (-(w + a * lam_f) * inv_s).unsqueeze(-1), (-a * inv_s).unsqueeze(-1)], -1)
+            right = torch.cat([right, v.unsqueeze(-2), (v * lam_g).unsqueeze(-2)], -2)
+        else:
+            g_sR = -row_sums * inv_s
+            X, Y = _step_adjoints(flat, ctx.R, K, a, b, g_sR, torch.where(v > 0, col_sums / v, 0.0))
+            left, right = torch.cat([u_out, X], -1), torch.cat([right, Y], -2)
+        g_L = torch.matmul(left, right).mul_(K)
+        return g_L, g_value, None, None, None, None, None, None
 
 
 def _closing_weights(L, f, g, log_b, log_r, eps):
@@ -724,12 +808,13 @@ class _ImplicitWeights(torch.autograd.Function):
     with :math:`s = (P \odot \bar P)1`, :math:`\bar Z = P \odot (\bar P - s 1^\top)` after
     a row normalisation and :math:`P \odot \bar P` after a column one, so
     :math:`\bar L = P \odot (\bar P - w 1^\top - a \odot \lambda_f 1^\top - a\lambda_g^\top)`
-    with :math:`w = s` or 0."""
+    with :math:`w = s` or 0. ``P`` is computed by the caller without a graph (the closing
+    weights of the log-domain loop, or the scaling form's :math:`W`, equal to rounding);
+    ``rows`` says whether a row normalisation closed."""
 
     @staticmethod
-    def forward(ctx, L, f, g, a, b, log_r, eps):
-        P = _closing_weights(L, f, g, log_weights(b), log_r, eps)
-        ctx.eps, ctx.rows = eps, log_r is None
+    def forward(ctx, L, P, a, b, rows: bool, eps):
+        ctx.eps, ctx.rows = eps, rows
         ctx.save_for_backward(P, a, b)
         return P
 
@@ -749,7 +834,7 @@ class _ImplicitWeights(torch.autograd.Function):
         lam_f, lam_g = _plan_adjoint(P, a, b, eps, gf, gg, row_scale=a)
         gL = gP - (w + a * lam_f).unsqueeze(-1)
         gL.addcmul_(a.unsqueeze(-1), lam_g.unsqueeze(-2), value=-1.0)
-        return gL.mul_(P), None, None, None, None, None, None
+        return gL.mul_(P), None, None, None, None, None
 
 
 class SinkhornAttention(torch.nn.Module):
