@@ -1,5 +1,8 @@
 """PointCloud: the materialised cost is computed once, and never served stale."""
 
+import gc
+
+import pytest
 import torch
 
 import entrokit
@@ -121,3 +124,38 @@ def test_the_backend_and_kernel_are_decided_once_per_divergence(monkeypatch):
     counts.clear()
     entrokit.sinkhorn_divergence(x, y, eps=0.1).backward()
     assert (counts["use_compiled"], counts["memory_budget"]) == (0, 1)
+
+
+# -- no reference cycles: the n x m cache is freed with the last reference ---------------------
+def _tensors_left_to_the_cyclic_collector(fn) -> list:
+    """Tensors that ``fn`` leaves in reference cycles: freed only by Python's cyclic
+    collector, at an unbounded time (its thresholds count objects, not bytes)."""
+    gc.collect()
+    gc.disable()
+    try:
+        fn()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        return [tuple(o.shape) for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("points_grad", [False, True])
+def test_a_solve_leaves_no_tensor_in_a_reference_cycle(online, points_grad):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(60, 3, generator=g, dtype=torch.float64), torch.rand(50, 3, generator=g, dtype=torch.float64)
+    a, b = torch.full((60,), 1 / 60, dtype=torch.float64), torch.full((50,), 1 / 50, dtype=torch.float64)
+
+    def solve():
+        xx = x.clone().requires_grad_(points_grad)
+        res = entrokit.sinkhorn(a, b, PointCloud(xx, y, online=online), 0.05)
+        assert res.plan.shape == (60, 50)
+        if points_grad:
+            (res.value + res.transport_cost).backward()
+        entrokit.sinkhorn_divergence(PointCloud(xx, y, online=online), eps=0.05)
+
+    assert _tensors_left_to_the_cyclic_collector(solve) == []

@@ -49,7 +49,7 @@ import torch
 from entrokit._errors import InputError
 from entrokit._optional import require
 from entrokit.geometry.base import Geometry, exp_floor
-from entrokit.geometry.pointcloud import PointCloud
+from entrokit.geometry.pointcloud import PointCloud, _Backend
 
 __all__ = ["KeOpsPointCloud", "cxx_compiler"]
 
@@ -173,7 +173,7 @@ def _j(LazyTensor, t: torch.Tensor):
     return LazyTensor(t.contiguous()[:, None, :, :])
 
 
-class _KeOps:
+class _KeOps(_Backend):
     """The KeOps backend of :class:`KeOpsPointCloud`: every reduction is a KeOps map-reduce
     over the cost's symbolic formula (:meth:`~entrokit.geometry.costs.Cost.keops`). The
     costs are symmetric, so ``axis=0`` swaps the two clouds."""

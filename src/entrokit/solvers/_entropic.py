@@ -251,15 +251,18 @@ def _to_user_shape(user_shape, t: torch.Tensor, trailing: int) -> torch.Tensor:
     return t.reshape(*user_shape, *t.shape[t.dim() - trailing:]) if trailing else t.reshape(user_shape)
 
 
-def _lazy_outputs(geom, geom_hi, out, hi, eps, sums, *, graph: bool, frozen_plan: bool, reshape):
+def _lazy_outputs(geom, out, hi, eps, sums, *, graph: bool, frozen_plan: bool, reshape):
     """``(plan_fn, apply_fn, marginals_fn)`` of :class:`~entrokit.OTResult`: computed on
     demand from the returned potentials ``out = (f, g, a, b)``; forward values from the
-    solver-precision ``hi`` ones, gradients through ``out`` when ``graph``."""
+    solver-precision ``hi`` ones, gradients through ``out`` when ``graph``. The geometry in
+    the solver's precision is derived when the plan is asked for, not kept: a dense float32
+    cloud's float64 copy is an n x m matrix that would live as long as the result."""
     f_out, g_out, a, b = out
-    dtype = a.dtype
+    dtype, prec = a.dtype, hi[0].dtype
 
     def plan_fn():
         with torch.no_grad():
+            geom_hi = geom if prec == dtype else geom.to_dtype(prec)
             P_hi = geom_hi.plan(*hi, eps).to(dtype)
         if frozen_plan or not graph:
             return reshape(P_hi, 2)
@@ -352,7 +355,7 @@ def entropic_result(
     reshape = functools.partial(_to_user_shape, user_shape)
     graph = f_out.requires_grad or inputs_need_grad
     plan_fn, apply_fn, marginals_fn = _lazy_outputs(
-        geom, geom_hi, (f_out, g_out, a, b), (f_hi, g_hi, a_hi.detach(), b_hi.detach()), eps, (row, col),
+        geom, (f_out, g_out, a, b), (f_hi, g_hi, a_hi.detach(), b_hi.detach()), eps, (row, col),
         graph=graph, frozen_plan=grad == "envelope", reshape=reshape,
     )
     if downgraded.any():
