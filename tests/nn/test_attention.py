@@ -635,6 +635,26 @@ def test_gradcheck_unroll_in_the_scaling_form_with_padding(n_iter, monkeypatch):
     assert ran and all(ran)
 
 
+@pytest.mark.parametrize("grad", ["unroll", "implicit"])
+def test_scaling_form_with_fixed_queries_and_keys_gives_the_value_gradient(grad, monkeypatch):
+    # only the values require gradients: the logits' gradient is skipped, the values' is exact
+    q, k, v = qkv(2, 3, 6, 4, seed=3)
+    w = torch.randn(2, 3, 6, 4, generator=torch.Generator().manual_seed(4), dtype=D)
+    grads = []
+    for scaling in (True, False):
+        with monkeypatch.context() as mp:
+            ran = _spy_scalings(mp)
+            if not scaling:
+                mp.setattr(attention, "_SCALING_DEVICES", ())
+            v_ = v.detach().clone().requires_grad_()
+            out = sinkhorn_attention(q, k, v_, n_iter=5, grad=grad)
+            (out * w).sum().backward()
+        assert any(ran) == scaling
+        grads.append((out.detach(), v_.grad))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-13)
+
+
 @pytest.mark.parametrize("n_iter", [300, 301])
 def test_gradcheck_implicit_in_the_scaling_form_at_the_fixed_point(n_iter, monkeypatch):
     # enough normalisations to reach the fixed point in float64: the implicit gradient, formed

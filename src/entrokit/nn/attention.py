@@ -762,6 +762,8 @@ class _ScaledOutput(torch.autograd.Function):
         K, value, out, a, b, v, inv_s, *flat = ctx.saved_tensors
         u_out = g_out * inv_s.unsqueeze(-1)
         g_value = torch.matmul(K.transpose(-2, -1), u_out).mul_(v.unsqueeze(-1))
+        if not ctx.needs_input_grad[0]:  # the logits are fixed (no query/key gradient)
+            return None, g_value, None, None, None, None, None, None
         row_sums, col_sums = (g_out * out).sum(-1), (value * g_value).sum(-1)  # of W̄ ⊙ W
         right = (value * v.unsqueeze(-1)).transpose(-2, -1)
         if ctx.implicit:
