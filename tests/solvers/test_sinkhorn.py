@@ -179,6 +179,31 @@ def test_float32_converges_at_moderate_tol():
     assert bool(res.converged) and res.plan.dtype == torch.float32
 
 
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-6])
+def test_float32_point_clouds_are_certified_from_the_float64_finish(tol, monkeypatch):
+    # the float64 finish's own sums of its final plan certify the result (no second float64
+    # pass over n x m): the reported error bounds the float64 error of the returned float32
+    # plan, on the float64 points' cost, and the transport cost is <C, plan>
+    from entrokit.solvers import _entropic
+
+    passes = []
+    real = _entropic.certify_plan
+    monkeypatch.setattr(_entropic, "certify_plan", lambda *a, **k: passes.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(70, 3, generator=g), torch.rand(60, 3, generator=g)
+    a, b = torch.full((70,), 1 / 70), torch.full((60,), 1 / 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", entrokit.ConvergenceWarning)  # tol = 1e-4 misses by 0.6%
+        res = entrokit.sinkhorn(a, b, PointCloud(x, y), 1e-2, tol=tol)
+    assert res.info["float64_finish"] >= 1 and passes == []
+    P = res.plan.double()
+    C = torch.cdist(x.double(), y.double()) ** 2
+    err = (P.sum(-1) - a.double()).abs().sum() + (P.sum(-2) - b.double()).abs().sum()
+    assert float(err) <= float(res.marginal_error) <= float(err) + 1e-6
+    assert bool(res.converged) == (float(res.marginal_error) <= tol)
+    torch.testing.assert_close(res.transport_cost.double(), (C * P).sum(), rtol=1e-6, atol=0)
+
+
 def test_lse_and_kernel_engines_agree():
     a, b, C = random_problem(30, 30, seed=11)
     r1 = entrokit.sinkhorn(a, b, C, 1e-3, tol=1e-10, max_iter=100_000, lse_mode=True)

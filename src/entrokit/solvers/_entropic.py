@@ -179,15 +179,18 @@ def _dual_value(geom, f, g, a, b, eps: float, rows: torch.Tensor) -> torch.Tenso
 
 
 def _certified_sums(geom, geom_hi, f_hi, g_hi, a_hi, b_hi, eps, pre, tol, dtype, certify: bool = True):
-    """``(row, col, transport_cost, marginal_error)`` of the plan the user gets, summed in
-    float64: the solver's own reduction when it is exact to working precision (float64),
-    else one float64 pass over the plan rounded to ``dtype``. Without ``certify`` (a
-    caller that reports convergence itself) the sums are the solver's reduction or one
-    pass in the working precision (no float64 pass)."""
+    r"""``(row, col, transport_cost, marginal_error)`` of the plan the user gets, summed in
+    float64: the solver's own reduction when it is exact to working precision (a float64
+    solve, or the float64 finish of a float32 one), else one float64 pass over the plan
+    rounded to ``dtype``. A float64 reduction of a plan the user gets in ``dtype`` adds the
+    rounding bound ``2 u`` per unit of mass to the marginal error (entrywise
+    :math:`|P_\text{lo} - P_\text{hi}| \le u P_\text{hi}`). Without ``certify`` (a caller
+    that reports convergence itself) the sums are the solver's reduction or one pass in the
+    working precision (no float64 pass)."""
     prec = f_hi.dtype
-    if pre is not None and ((prec == dtype == torch.float64 and tol is not None and _reduce_is_exact(geom, eps, tol))
+    if pre is not None and ((prec == torch.float64 and tol is not None and _reduce_is_exact(geom, eps, tol))
                             or not certify):
-        row, col, tc, rounded = (*(t.detach() for t in pre), True)
+        row, col, tc, rounded = (*(t.detach() for t in pre), prec == dtype or not certify)
     elif not certify:
         with torch.no_grad():
             row, col, tc = geom_hi.plan_reduce(f_hi, g_hi, a_hi.detach(), b_hi.detach(), eps)

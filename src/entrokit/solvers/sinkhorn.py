@@ -572,8 +572,11 @@ def _float64_finish(pb: OTProblem, eps: float, f, g, n_iter, errors, opts: Sinkh
     finish = SinkhornOptions(tol=opts.tol, max_iter=max(1, opts.max_iter - f32_iters), eps_scaling=False,
                              check_every=opts.check_every, lse_mode=opts.lse_mode)
     init = (f.detach().to(torch.float64), g.detach().to(torch.float64))
-    f, g, k, converged, errors64, _ = sinkhorn_problem(pb64, eps, finish, init=init)
+    f, g, k, converged, errors64, info64 = sinkhorn_problem(pb64, eps, finish, init=init)
     info["float64_finish"] = int(k.max())
+    info.pop("reduce", None)  # the float32 stage's sums are not the returned plan's
+    if "reduce" in info64:  # the float64 engine's sums of its final plan: certify from them
+        info["reduce"] = info64["reduce"]
     errors = torch.cat([errors.to(torch.float64), errors64]) if len(errors) else errors64
     return f, g, n_iter + k, converged, errors.to(pb.dtype)
 
