@@ -190,11 +190,14 @@ class _KernelEngine:
         self._work = None
         self._final = None  # (row, col) sums of the plan at an early stop of _run_single
         self._ktu_valid = False  # whether the work buffer KTu holds K^T (a u) for the current u
+        # whether the plan's columns are exact (the state after a column update): only then is
+        # the row error a u K(b v) - a the plan's whole marginal error
+        self._cols_exact = False
 
     def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
         self.eps = eps
         if not sweep:
-            self._absorb(f, g)
+            self._absorb(f, g)  # a warm start: its columns are not exact
             # the warm kernel is safe unless a row or column lost all its mass
             r, c = self._Kv(self.b), self._KTu(self.a)
             ok = torch.isfinite(r).all() & torch.isfinite(c).all() & (r > 0).all() & (c > 0).all()
@@ -213,6 +216,7 @@ class _KernelEngine:
             f = _softmin_inplace(self.C, g, self.log_b, eps, 1, self.K)
             g = _softmin_inplace(self.C, f, self.log_a, eps, 0, self.K)
         self._absorb(f, g)
+        self._cols_exact = not cold  # g is the soft c-transform of f (the hard one when cold)
 
     def _fused_start(self, eps) -> bool:
         r"""The cold start in one blocked pass over ``C`` (Schmitzer, 2019, Sec. 3.2 start).
@@ -266,6 +270,7 @@ class _KernelEngine:
         self.K0 = K[0] if self.single else None
         self._final = None
         self._ktu_valid = False
+        self._cols_exact = True  # v = 1 / K^T a: a column update
         if self.single:
             # the column sums K^T(a u) of u = 1 are those of the current scalings
             self._work_buffers()[3].copy_(col[0, 0])
@@ -329,6 +334,7 @@ class _KernelEngine:
         self.K0 = K[0] if self.single else None
         self._final = None
         self._ktu_valid = False
+        self._cols_exact = False
 
     def _Kv(self, x):
         if self.single:
@@ -348,6 +354,7 @@ class _KernelEngine:
             return self._run_single(k, stop_tol)
         u, v = self.u, self.v
         u_prev, Kv = u, None
+        exact = self._cols_exact
         for _ in range(k):
             Kv = self._Kv(b * v)
             u_prev = u
@@ -358,6 +365,9 @@ class _KernelEngine:
                 v_new = torch.where(active.unsqueeze(-1), v_new, v)
             u, v = u_new, v_new
         self.u, self.v = u, v
+        self._cols_exact = True
+        if k == 1 and not exact:  # the error of the plan after the update (before it, columns were off)
+            u_prev, Kv = u, self._Kv(b * v)
         return (a * (u_prev * Kv - 1.0).abs()).sum(-1)
 
     def _run_single(self, k: int, stop_tol: float | None = None):
@@ -393,7 +403,7 @@ class _KernelEngine:
         for i in range(k):
             mul(b, v, out=bv)
             mv(K, bv, out=Kv)
-            if stop_tol is not None or i == k - 1:
+            if (stop_tol is not None or i == k - 1) and (i > 0 or self._cols_exact):
                 # row marginal of the current plan is a * u * Kv (columns are exact)
                 mul(u, Kv, out=r)
                 err = dot(a, absolute(sub(r, 1.0, out=r), out=r))
@@ -409,7 +419,12 @@ class _KernelEngine:
             mul(a, u, out=au)
             mv(Kt, au, out=KTu)
             reciprocal(KTu, out=v)
-            self._ktu_valid = True
+            self._ktu_valid = self._cols_exact = True
+        if err is None:  # one iteration from a state whose columns were off: the error after it
+            mul(b, v, out=bv)
+            mv(K, bv, out=Kv)
+            mul(u, Kv, out=r)
+            err = dot(a, absolute(sub(r, 1.0, out=r), out=r))
         self.iters_done = k
         return torch.as_tensor(err, device=self.K0.device).reshape(1)
 
@@ -456,4 +471,6 @@ class _KernelEngine:
         return f.to(self.C.dtype), g.to(self.C.dtype)
 
     def absorb(self):
+        exact = self._cols_exact  # the same plan, in the kernel
         self._absorb(*self.potentials())
+        self._cols_exact = exact
