@@ -201,6 +201,39 @@ def test_float32_point_clouds_are_certified_from_the_float64_finish(tol, monkeyp
     torch.testing.assert_close(res.transport_cost.double(), (C * P).sum(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("engine", ["kernel-numpy", "kernel-torch", "log"])
+def test_an_engine_reports_the_whole_error_of_its_plan_after_a_warm_start(engine, batched, monkeypatch):
+    # from given potentials neither marginal is exact: the error a one-iteration run reports
+    # must be that of the plan the engine then holds (its columns exact), not the row error
+    # alone of the plan before (a float32 point-cloud solve's float64 finish stopped early on it)
+    import entrokit.geometry.dense as dense
+    from entrokit.solvers.sinkhorn import _LogEngine
+
+    if engine == "kernel-torch":
+        monkeypatch.setattr(dense, "_NUMPY_MAX", 0)
+    B, D = (2 if batched else 1), torch.float64
+    gen = torch.Generator().manual_seed(8)
+    C = torch.rand(B, 40, 30, generator=gen, dtype=D)
+    a, b = torch.full((B, 40), 1 / 40, dtype=D), torch.full((B, 30), 1 / 30, dtype=D)
+    f, g = 0.05 * torch.randn(B, 40, generator=gen, dtype=D), torch.zeros(B, 30, dtype=D)
+    for stop_tol in (None, 10.0):  # with a stop test that the first check would pass
+        if engine == "log":
+            eng = _LogEngine(entrokit.DenseCost(C), a, b, a.log(), b.log())
+            eng.start(f, g, 0.1)
+        else:
+            eng = entrokit.DenseCost(C).scaling_engine(a, b, a.log(), b.log())
+            eng.start(f, g, 0.1, sweep=False)
+        err = eng.run(1, None, stop_tol)
+        fu, gv = eng.potentials(precise=True)
+        P = a.unsqueeze(-1) * b.unsqueeze(-2) * torch.exp((fu.unsqueeze(-1) + gv.unsqueeze(-2) - C) / 0.1)
+        true = (P.sum(-1) - a).abs().sum(-1) + (P.sum(-2) - b).abs().sum(-1)
+        torch.testing.assert_close(err.reshape(-1), true, rtol=1e-9, atol=1e-15)
+        # the next run starts from that plan, columns exact: one iteration on, it is measured again
+        again = eng.run(1, None, None)
+        torch.testing.assert_close(again.reshape(-1), true, rtol=1e-9, atol=1e-15)
+
+
 def test_lse_and_kernel_engines_agree():
     a, b, C = random_problem(30, 30, seed=11)
     r1 = entrokit.sinkhorn(a, b, C, 1e-3, tol=1e-10, max_iter=100_000, lse_mode=True)

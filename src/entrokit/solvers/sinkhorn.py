@@ -136,6 +136,10 @@ class _LogEngine:
 
     def start(self, f, g, eps, sweep: bool = True, cold: bool = False):
         self.f, self.g, self.eps = f, g, eps
+        # whether g is the soft c-transform of f (the plan's columns exact): only then is the
+        # row error the plan's whole marginal error; a start from given potentials is not
+        self.cols_exact = False
+        self._f_next = None  # the row update of the current g, when a check has formed it
 
     def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
         f, g, eps, geom = self.f, self.g, self.eps, self.geom
@@ -149,15 +153,21 @@ class _LogEngine:
             self.f = self.g = f
             # row (= column) marginal of the plan (f_prev, f_prev): a exp((f_prev - T f_prev)/eps)
             return 2.0 * geom.row_sum(self.a * torch.expm1((f_prev - t_f) / eps).abs())
-        for _ in range(k):
-            f_new = geom.softmin(g, self.log_b, eps, axis=1)
+        exact = self.cols_exact
+        for i in range(k):
+            f_new = self._f_next if i == 0 and self._f_next is not None else geom.softmin(g, self.log_b, eps, axis=1)
             f_prev = f
             g_new = geom.softmin(f_new, self.log_a, eps, axis=0)
             if active is not None:
                 f_new = torch.where(active.unsqueeze(-1), f_new, f)
                 g_new = torch.where(active.unsqueeze(-1), g_new, g)
             f, g = f_new, g_new
-        self.f, self.g = f, g
+        self.f, self.g, self.cols_exact, self._f_next = f, g, True, None
+        if k == 1 and not exact:
+            # the plan before this iteration had neither marginal exact: measure the plan it
+            # left (columns exact) with the next row update, which the next run then reuses
+            self._f_next = f_next = geom.softmin(g, self.log_b, eps, axis=1)
+            return geom.row_sum(self.a * torch.expm1((f - f_next) / eps).abs())
         # row marginal of the plan (f_prev, g_before) is a * exp((f_prev - f_new)/eps)
         return geom.row_sum(self.a * torch.expm1((f_prev - f) / eps).abs())
 
