@@ -424,7 +424,16 @@ def test_an_online_squared_euclidean_solve_starts_from_the_multiscale_potentials
     for u, v in zip(out[True][1:], out[False][1:]):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6)
     pb = entrokit.problem.OTProblem(a, b, PointCloud(x, y, online=True)).with_batch()
-    assert online_warm_start(pb, 0.01, 1e-7) is not None
+    # the start is the multiscale potentials alone: no result is built (nor certified) for them
+    from entrokit.solvers import multiscale
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(multiscale, "_certified_result", lambda *a, **k: pytest.fail("the warm start built a result"))
+        start = online_warm_start(pb, 0.01, 1e-7)
+    ref = entrokit.multiscale_sinkhorn(a, b, x, y, 0.01, tol=1e-7)  # the same potentials, up to the gauge
+    gauge = (start[0].reshape(-1) - ref.f).mean()
+    torch.testing.assert_close(start[0].reshape(-1) - gauge, ref.f, rtol=0, atol=1e-12)
+    torch.testing.assert_close(start[1].reshape(-1) + gauge, ref.g, rtol=0, atol=1e-12)
     x4, y4 = clouds(n=30, m=20, d=4)
     assert online_warm_start(entrokit.problem.OTProblem(uniform(30), uniform(20),
                                                         PointCloud(x4, y4, online=True)).with_batch(), 0.1, 1e-6) is None

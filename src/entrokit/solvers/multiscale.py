@@ -403,6 +403,19 @@ def multiscale_result(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: fl
     """:func:`multiscale_sinkhorn` on validated, flattened inputs (``a3 [B, n]``, ``b3 [B, m]``,
     ``x3 [B, n, d]``, ``y3 [B, m, d]``) and checked options: the internal entry point."""
     t_start = time.perf_counter() if t_start is None else t_start
+    f, g, geom, n_iter, conv, errors, dropped, info = _multiscale_potentials(
+        a3, b3, x3, y3, batch_shape, eps, tol=tol, truncate=truncate, cluster_scale=cluster_scale, max_iter=max_iter,
+        scaling_decay=scaling_decay, max_rounds=max_rounds, block_entries=block_entries, t_start=t_start)
+    problem = OTProblem(a3, b3, geom, batch_shape)
+    return _certified_result(problem, f, g, eps, grad=grad, n_iter=n_iter, conv=conv, errors=errors, tol=tol,
+                             info=info, dropped=dropped, max_iter=max_iter, truncate=truncate, t_start=t_start)
+
+
+def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: float, truncate: float,
+                           cluster_scale: float | None, max_iter: int, scaling_decay: float, max_rounds: int,
+                           block_entries: int | None, t_start: float):
+    """Steps 1-6 of the module docstring, without the result: ``(f, g, geom, n_iter,
+    converged, errors, dropped, info)``, the fine potentials on the truncated geometry."""
     B = x3.shape[0]
     dtype = x3.dtype
 
@@ -427,11 +440,9 @@ def multiscale_result(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: fl
     )
     t_fine = time.perf_counter()
 
-    problem = OTProblem(a3, b3, geom, batch_shape)
     errors = torch.cat(errors_all, 0) if errors_all else torch.zeros(0, B, dtype=dtype, device=x3.device)
     info = _info(t_start, t_coarse, t_fine, eps_c, coarse, xc, yc, scale, stages, stage_iters, rounds, geom, dropped)
-    return _certified_result(problem, f, g, eps, grad=grad, n_iter=n_iter, conv=conv, errors=errors, tol=tol,
-                             info=info, dropped=dropped, max_iter=max_iter, truncate=truncate, t_start=t_start)
+    return f, g, geom, n_iter, conv, errors, dropped, info
 
 
 def online_warm_start(pb: OTProblem, eps: float, tol: float):
@@ -459,10 +470,13 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float):
         B = math.prod(geom.x.shape[:-2])
         if pb.a.numel() != B * n:  # one point cloud shared by a batch of weights: no warm start
             return None
-        res = multiscale_result(pb.a.detach().reshape(B, n), pb.b.detach().reshape(B, m),
-                                geom.x.detach().reshape(B, n, d), geom.y.detach().reshape(B, m, d), (B,), eps,
-                                tol=tol, grad="envelope")
-    f, g = res.f.reshape(pb.a.shape).to(pb.a.dtype), res.g.reshape(pb.b.shape).to(pb.b.dtype)
+        # the potentials alone: the caller's loop certifies its own result
+        f, g, *_ = _multiscale_potentials(
+            pb.a.detach().reshape(B, n), pb.b.detach().reshape(B, m), geom.x.detach().reshape(B, n, d),
+            geom.y.detach().reshape(B, m, d), (B,), eps, tol=tol, truncate=5.0, cluster_scale=None,
+            max_iter=SinkhornOptions.max_iter, scaling_decay=0.5, max_rounds=4, block_entries=None,
+            t_start=time.perf_counter())
+    f, g = f.reshape(pb.a.shape).to(pb.a.dtype), g.reshape(pb.b.shape).to(pb.b.dtype)
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         return None
     return f, g
