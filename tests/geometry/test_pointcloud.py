@@ -159,3 +159,22 @@ def test_a_solve_leaves_no_tensor_in_a_reference_cycle(online, points_grad):
         entrokit.sinkhorn_divergence(PointCloud(xx, y, online=online), eps=0.05)
 
     assert _tensors_left_to_the_cyclic_collector(solve) == []
+
+
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_cloud_solves_on_its_own(online, how):
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(30, 3, generator=g, dtype=torch.float64), torch.rand(20, 3, generator=g, dtype=torch.float64)
+    a, b = torch.full((30,), 1 / 30, dtype=torch.float64), torch.full((20,), 1 / 20, dtype=torch.float64)
+    pc = PointCloud(x, y, online=online)
+    ref = entrokit.sinkhorn(a, b, pc, 0.1)  # with its cache filled
+    clone = copy.deepcopy(pc) if how == "deepcopy" else pickle.loads(pickle.dumps(pc))
+    del pc
+    gc.collect()  # the original is gone: the copy's backend refers to the copy
+    res = entrokit.sinkhorn(a, b, clone, 0.1)
+    torch.testing.assert_close(res.value, ref.value, rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.plan, ref.plan, rtol=0, atol=1e-14)

@@ -333,6 +333,16 @@ class _Backend:
     def pc(self, pc) -> None:
         self._pc = weakref.ref(pc)
 
+    def __getstate__(self):
+        # copied or pickled with its cloud: a strong reference there (the memo keeps one object)
+        return {**self.__dict__, "_pc": self.pc}
+
+    def __setstate__(self, state) -> None:
+        state = dict(state)
+        pc = state.pop("_pc")
+        self.__dict__.update(state)
+        self.pc = pc
+
 
 class _Dense(_Backend):
     """The materialised backend: a :class:`DenseCost` of the cost matrix does every
