@@ -232,7 +232,7 @@ def row_online_solve(n: int, instances: int = 3, repeats: int = 3) -> dict:
     import warnings
 
     import entrokit
-    from entrokit.solvers._entropic import certify_plan
+    from entrokit.solvers import _entropic
 
     warnings.simplefilter("ignore")
     paths = ("dense", "online")
@@ -246,18 +246,28 @@ def row_online_solve(n: int, instances: int = 3, repeats: int = 3) -> dict:
                 entrokit.sinkhorn(a, a, geoms[p], EPS, tol=TOL, max_iter=100_000)
         res = {}
         runs = {p: [] for p in paths}
+        passes = {p: 0 for p in paths}  # certification passes the solves ran
+        real = _entropic.certify_plan
         for _ in range(repeats):
             for p in paths:
+
+                def counted(*args, p=p, passes=passes, real=real, **kw):
+                    passes[p] += 1
+                    return real(*args, **kw)
+
+                _entropic.certify_plan = counted
                 c, w = time.process_time(), time.perf_counter()
                 res[p] = entrokit.sinkhorn(a, a, geoms[p], EPS, tol=TOL, max_iter=100_000)
                 runs[p].append((time.process_time() - c, time.perf_counter() - w))
+                _entropic.certify_plan = real
         for p in paths:
             r = res[p]
             pb = geoms[p].flatten_batch()
             f, g, aa = r.f.reshape(1, -1), r.g.reshape(1, -1), a.reshape(1, -1)
             c = time.process_time()
-            certify_plan(pb, f, g, aa, aa, EPS)
-            out[p]["cert_cpu"].append(time.process_time() - c)
+            real(pb, f, g, aa, aa, EPS)
+            # the pass's time where the solve ran it (else certified from the solver's own sums)
+            out[p]["cert_cpu"].append((time.process_time() - c) if passes[p] else 0.0)
             out[p]["cpu"].append(statistics.median(t[0] for t in runs[p]))
             out[p]["wall"].append(statistics.median(t[1] for t in runs[p]))
             out[p]["iters"].append(int(r.n_iter))
@@ -438,7 +448,8 @@ def main() -> None:
             "dense = PointCloud(online=False): the cost is materialised and the loop runs the stabilized-kernel "
             "engine (two mat-vecs per iteration, no exp); online = PointCloud(online=True): two tiled log-sum-exp "
             "passes per iteration (n*m exps each). certification = the float64 plan reduction that certifies the "
-            "result (certify_plan), timed alone on the returned potentials; time per iteration = (solve - "
+            "result (certify_plan), timed alone on the returned potentials, where the solve runs it (0: the result "
+            "is certified from the float64 finish's own sums of its plan, no pass); time per iteration = (solve - "
             "certification) / iterations.",
         ]
         tables.append(t)
