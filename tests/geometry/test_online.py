@@ -425,12 +425,15 @@ def test_an_online_squared_euclidean_solve_starts_from_the_multiscale_potentials
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6)
     pb = entrokit.problem.OTProblem(a, b, PointCloud(x, y, online=True)).with_batch()
     # the start is the multiscale potentials alone: no result is built (nor certified) for them
+    from entrokit.geometry.multiscale import default_cluster_scale
     from entrokit.solvers import multiscale
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(multiscale, "_certified_result", lambda *a, **k: pytest.fail("the warm start built a result"))
         start = online_warm_start(pb, 0.01, 1e-7)
-    ref = entrokit.multiscale_sinkhorn(a, b, x, y, 0.01, tol=1e-7)  # the same potentials, up to the gauge
+    # multiscale_sinkhorn's potentials at the warm start's voxel count, up to the gauge
+    scale = float(default_cluster_scale(x[None], y[None], a[None], b[None], cells=multiscale.WARM_START_CELLS))
+    ref = entrokit.multiscale_sinkhorn(a, b, x, y, 0.01, tol=1e-7, cluster_scale=scale)
     gauge = (start[0].reshape(-1) - ref.f).mean()
     torch.testing.assert_close(start[0].reshape(-1) - gauge, ref.f, rtol=0, atol=1e-12)
     torch.testing.assert_close(start[1].reshape(-1) + gauge, ref.g, rtol=0, atol=1e-12)

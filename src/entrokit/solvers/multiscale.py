@@ -74,6 +74,7 @@ from entrokit._validation import (
     check_solver_options,
 )
 from entrokit.geometry.multiscale import (
+    DEFAULT_CELLS,
     TruncatedPointCloud,
     cluster_pair_bounds,
     default_cluster_scale,
@@ -413,14 +414,15 @@ def multiscale_result(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: fl
 
 def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: float, truncate: float,
                            cluster_scale: float | None, max_iter: int, scaling_decay: float, max_rounds: int,
-                           block_entries: int | None, t_start: float):
+                           block_entries: int | None, t_start: float, cells: int = DEFAULT_CELLS):
     """Steps 1-6 of the module docstring, without the result: ``(f, g, geom, n_iter,
-    converged, errors, dropped, info)``, the fine potentials on the truncated geometry."""
+    converged, errors, dropped, info)``, the fine potentials on the truncated geometry.
+    ``cells``: the voxel count of the default cluster scale (GeomLoss's 2000 by default)."""
     B = x3.shape[0]
     dtype = x3.dtype
 
     # 1. clusters on one grid per problem
-    scale = default_cluster_scale(x3, y3, a3, b3) if cluster_scale is None else torch.full(
+    scale = default_cluster_scale(x3, y3, a3, b3, cells=cells) if cluster_scale is None else torch.full(
         (B,), cluster_scale, dtype=torch.float64, device=x3.device)
     xc, yc = grid_cluster(x3, a3, scale), grid_cluster(y3, b3, scale)
 
@@ -443,6 +445,14 @@ def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, to
     errors = torch.cat(errors_all, 0) if errors_all else torch.zeros(0, B, dtype=dtype, device=x3.device)
     info = _info(t_start, t_coarse, t_fine, eps_c, coarse, xc, yc, scale, stages, stage_iters, rounds, geom, dropped)
     return f, g, geom, n_iter, conv, errors, dropped, info
+
+
+#: voxels of the online warm start's clustering: half of multiscale_sinkhorn's default. The
+#: loop after it needs only a start, and fewer clusters make the coarse solve and the
+#: extrapolation cheaper (AMD EPYC, one thread, eps = 1e-2, tol = 1e-4: the whole online
+#: solve at n = 2000 / 5000 / 10,000 / 20,000 takes 0.70 / 1.85 / 5.1 / 17.9 s against
+#: 1.05 / 2.30 / 6.3 / 17.5 s with 2000 voxels)
+WARM_START_CELLS = 1000
 
 
 def online_warm_start(pb: OTProblem, eps: float, tol: float):
@@ -475,7 +485,7 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float):
             pb.a.detach().reshape(B, n), pb.b.detach().reshape(B, m), geom.x.detach().reshape(B, n, d),
             geom.y.detach().reshape(B, m, d), (B,), eps, tol=tol, truncate=5.0, cluster_scale=None,
             max_iter=SinkhornOptions.max_iter, scaling_decay=0.5, max_rounds=4, block_entries=None,
-            t_start=time.perf_counter())
+            t_start=time.perf_counter(), cells=WARM_START_CELLS)
     f, g = f.reshape(pb.a.shape).to(pb.a.dtype), g.reshape(pb.b.shape).to(pb.b.dtype)
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         return None
