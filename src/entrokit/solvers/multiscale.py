@@ -451,7 +451,8 @@ def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, to
 #: loop after it needs only a start, and fewer clusters make the coarse solve and the
 #: extrapolation cheaper (AMD EPYC, one thread, eps = 1e-2, tol = 1e-4: the whole online
 #: solve at n = 2000 / 5000 / 10,000 / 20,000 takes 0.70 / 1.85 / 5.1 / 17.9 s against
-#: 1.05 / 2.30 / 6.3 / 17.5 s with 2000 voxels)
+#: 1.05 / 2.30 / 6.3 / 17.5 s with 2000 voxels, side by side beside a test run on the other
+#: core; idle, results/scale.md: 1.86 s at n = 5000)
 WARM_START_CELLS = 1000
 
 
