@@ -750,22 +750,25 @@ class _ScaledOutput(torch.autograd.Function):
     def forward(ctx, L, value, scaled: _Scalings, a, b, implicit: bool, rows: bool, eps: float):
         K = scaled.K
         R, v, inv_s = scaled.closing(a)
-        out = torch.matmul(K, value * v.unsqueeze(-1)).mul_(inv_s.unsqueeze(-1))
+        v_value = value * v.unsqueeze(-1)
+        out = torch.matmul(K, v_value).mul_(inv_s.unsqueeze(-1))
         ctx.R, ctx.implicit, ctx.rows, ctx.eps = R, implicit, rows, eps
         steps = () if implicit else scaled.steps
-        ctx.save_for_backward(K, value, out, a, b, v, inv_s, *(t for step in steps for t in step))
+        ctx.save_for_backward(K, v_value, out, a, b, v, inv_s, *(t for step in steps for t in step))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out):
-        K, value, out, a, b, v, inv_s, *flat = ctx.saved_tensors
+        K, v_value, out, a, b, v, inv_s, *flat = ctx.saved_tensors
         u_out = g_out * inv_s.unsqueeze(-1)
-        g_value = torch.matmul(K.transpose(-2, -1), u_out).mul_(v.unsqueeze(-1))
+        KTu = torch.matmul(K.transpose(-2, -1), u_out)
+        g_value = KTu * v.unsqueeze(-1)
         if not ctx.needs_input_grad[0]:  # the logits are fixed (no query/key gradient)
             return None, g_value, None, None, None, None, None, None
-        row_sums, col_sums = (g_out * out).sum(-1), (value * g_value).sum(-1)  # of W̄ ⊙ W
-        right = (value * v.unsqueeze(-1)).transpose(-2, -1)
+        # of W̄ ⊙ W: V_j · V̄_j = (v_j V_j) · (Kᵀ Ō/s)_j
+        row_sums, col_sums = (g_out * out).sum(-1), (v_value * KTu).sum(-1)
+        right = v_value.transpose(-2, -1)
         if ctx.implicit:
             eps = ctx.eps
             if ctx.rows:  # softmax's pull-back (see _ImplicitWeights)

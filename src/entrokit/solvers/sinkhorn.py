@@ -138,7 +138,7 @@ class _LogEngine:
         self.f, self.g, self.eps = f, g, eps
         # whether g is the soft c-transform of f (the plan's columns exact): only then is the
         # row error the plan's whole marginal error; a start from given potentials is not
-        self.cols_exact = False
+        self._cols_exact = False
         self._f_next = None  # the row update of the current g, when a check has formed it
 
     def run(self, k: int, active: torch.Tensor | None, stop_tol: float | None = None):
@@ -153,7 +153,7 @@ class _LogEngine:
             self.f = self.g = f
             # row (= column) marginal of the plan (f_prev, f_prev): a exp((f_prev - T f_prev)/eps)
             return 2.0 * geom.row_sum(self.a * torch.expm1((f_prev - t_f) / eps).abs())
-        exact = self.cols_exact
+        exact = self._cols_exact
         for i in range(k):
             f_new = self._f_next if i == 0 and self._f_next is not None else geom.softmin(g, self.log_b, eps, axis=1)
             f_prev = f
@@ -162,7 +162,7 @@ class _LogEngine:
                 f_new = torch.where(active.unsqueeze(-1), f_new, f)
                 g_new = torch.where(active.unsqueeze(-1), g_new, g)
             f, g = f_new, g_new
-        self.f, self.g, self.cols_exact, self._f_next = f, g, True, None
+        self.f, self.g, self._cols_exact, self._f_next = f, g, True, None
         if k == 1 and not exact:
             # the plan before this iteration had neither marginal exact: measure the plan it
             # left (columns exact) with the next row update, which the next run then reuses
