@@ -99,6 +99,8 @@ GRAD_MODES = ("implicit", "envelope")
 KEPT_TOL, DROP_ACCEPT, DROP_PLAN = 0.75, 0.125, 1.0 / 32
 STAGE_TOL = 1e-2  # intermediate eps stages stop at this L1 error (as in sinkhorn)
 COARSE_TOL = 1e-5  # the coarse problem is only a warm start
+# the defaults of multiscale_sinkhorn's options, shared with the online warm start
+TRUNCATE, SCALING_DECAY, MAX_ROUNDS = 5.0, 0.5, 4
 
 
 class MultiscaleInfo(SolverInfo):
@@ -208,9 +210,9 @@ def _fine_solve(x3, y3, a3, b3, xc, yc, f, g, eps: float, eps_c: float, scaling_
         budget = max_iter - used if last else max(1, min(max_iter - used, (max_iter // 2) // max(1, len(stages) - 1)))
         for rnd in range(max_rounds if last else 1):
             problem = OTProblem(a3, b3, geom, batch_shape)
-            # g <- softmin(f) on this geometry: the loop's first check measures the row error
-            # of the plan (f, g), the whole error only when its columns are exact (else the
-            # extrapolated pair, nearly a fixed point in f alone, stops it after one sweep)
+            # g <- softmin(f) on this geometry: a half step from the extrapolated pair that
+            # saves whole iterations (n = 30,000, eps = 1e-2, tol = 1e-4, float32: 1 / 10
+            # fine iterations in d = 2 / 3, against 3 / 11 when the loop starts from (f, g))
             g = geom.softmin(f, log_a3, e, axis=0)
             opts = SinkhornOptions(tol=target, max_iter=max(1, budget), eps_scaling=False, lse_mode=True)
             f, g, it, conv, errs, _ = sinkhorn_problem(problem, e, opts, init=(f, g))
@@ -334,12 +336,12 @@ def multiscale_sinkhorn(
     eps: float,
     *,
     tol: float = 1e-6,
-    truncate: float = 5.0,
+    truncate: float = TRUNCATE,
     cluster_scale: float | None = None,
     max_iter: int | None = None,
     grad: str = "implicit",
-    scaling_decay: float = 0.5,
-    max_rounds: int = 4,
+    scaling_decay: float = SCALING_DECAY,
+    max_rounds: int = MAX_ROUNDS,
     check_inputs: bool = True,
     block_entries: int | None = None,
 ) -> OTResult:
@@ -397,13 +399,11 @@ def multiscale_sinkhorn(
                              max_rounds=max_rounds, block_entries=block_entries, t_start=t_start)
 
 
-def multiscale_result(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: float, truncate: float = 5.0,
-                      cluster_scale: float | None = None, grad: str = "implicit",
-                      max_iter: int = SinkhornOptions.max_iter, scaling_decay: float = 0.5, max_rounds: int = 4,
-                      block_entries: int | None = None, t_start: float | None = None) -> OTResult:
+def multiscale_result(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: float, truncate: float,
+                      cluster_scale: float | None, grad: str, max_iter: int, scaling_decay: float, max_rounds: int,
+                      block_entries: int | None, t_start: float) -> OTResult:
     """:func:`multiscale_sinkhorn` on validated, flattened inputs (``a3 [B, n]``, ``b3 [B, m]``,
     ``x3 [B, n, d]``, ``y3 [B, m, d]``) and checked options: the internal entry point."""
-    t_start = time.perf_counter() if t_start is None else t_start
     f, g, geom, n_iter, conv, errors, dropped, info = _multiscale_potentials(
         a3, b3, x3, y3, batch_shape, eps, tol=tol, truncate=truncate, cluster_scale=cluster_scale, max_iter=max_iter,
         scaling_decay=scaling_decay, max_rounds=max_rounds, block_entries=block_entries, t_start=t_start)
@@ -412,12 +412,16 @@ def multiscale_result(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: fl
                              info=info, dropped=dropped, max_iter=max_iter, truncate=truncate, t_start=t_start)
 
 
-def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: float, truncate: float,
-                           cluster_scale: float | None, max_iter: int, scaling_decay: float, max_rounds: int,
-                           block_entries: int | None, t_start: float, cells: int = DEFAULT_CELLS):
+def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, tol: float,
+                           truncate: float = TRUNCATE, cluster_scale: float | None = None,
+                           max_iter: int = SinkhornOptions.max_iter, scaling_decay: float = SCALING_DECAY,
+                           max_rounds: int = MAX_ROUNDS, block_entries: int | None = None,
+                           t_start: float | None = None, cells: int = DEFAULT_CELLS):
     """Steps 1-6 of the module docstring, without the result: ``(f, g, geom, n_iter,
     converged, errors, dropped, info)``, the fine potentials on the truncated geometry.
-    ``cells``: the voxel count of the default cluster scale (GeomLoss's 2000 by default)."""
+    The options default to :func:`multiscale_sinkhorn`'s. ``cells``: the voxel count of the
+    default cluster scale (GeomLoss's 2000 by default)."""
+    t_start = time.perf_counter() if t_start is None else t_start
     B = x3.shape[0]
     dtype = x3.dtype
 
@@ -484,9 +488,7 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float):
         # the potentials alone: the caller's loop certifies its own result
         f, g, *_ = _multiscale_potentials(
             pb.a.detach().reshape(B, n), pb.b.detach().reshape(B, m), geom.x.detach().reshape(B, n, d),
-            geom.y.detach().reshape(B, m, d), (B,), eps, tol=tol, truncate=5.0, cluster_scale=None,
-            max_iter=SinkhornOptions.max_iter, scaling_decay=0.5, max_rounds=4, block_entries=None,
-            t_start=time.perf_counter(), cells=WARM_START_CELLS)
+            geom.y.detach().reshape(B, m, d), (B,), eps, tol=tol, cells=WARM_START_CELLS)
     f, g = f.reshape(pb.a.shape).to(pb.a.dtype), g.reshape(pb.b.shape).to(pb.b.dtype)
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         return None
