@@ -70,7 +70,9 @@ class SinkhornInfo(SolverInfo):
     """Diagnostics of :func:`entrokit.sinkhorn`: ``time`` (s), ``stages`` (eps-scaling
     stages run), ``stage_iters``, ``absorptions`` and ``fallbacks`` (of the scaling
     engine), ``eps_scaling`` (whether annealing ran) and, when ``"auto"`` switched to
-    annealing, ``probe_iters``."""
+    annealing, ``probe_iters``; ``float64_finish`` (iterations of a float32 point cloud's
+    float64 finish) and ``multiscale_start`` (the result is an online cloud's multiscale
+    start, certified without a loop) where they apply."""
 
     required = ("time", "stages", "stage_iters", "absorptions", "fallbacks", "eps_scaling")
 

@@ -201,6 +201,53 @@ def test_float32_point_clouds_are_certified_from_the_float64_finish(tol, monkeyp
     torch.testing.assert_close(res.transport_cost.double(), (C * P).sum(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("case", ["certified", "reached", "missed"])
+def test_a_float32_online_solve_runs_only_the_loops_its_multiscale_start_needs(case, monkeypatch):
+    # online float32 squared Euclidean in d <= 3 starts from multiscale_sinkhorn's potentials:
+    # - "certified": their plan meets tol on the cloud, so the result is theirs (no loop);
+    # - "reached": their truncated loop met tol but the plan misses it (here the start is
+    #   perturbed): the float64 finish starts from them, no float32 loop;
+    # - "missed": the float32 loop runs, then the finish.
+    # Every result is certified on the float64 cost (float64 sums of the plan rounded to
+    # float32: the reported error is the returned plan's) and the callback sees the checks
+    # of what ran last
+    from entrokit.solvers import multiscale
+
+    real, starts = multiscale.online_warm_start, []
+
+    def start(pb, eps, tol, max_iter):
+        s = real(pb, eps, tol, max_iter)
+        starts.append(s)
+        if case == "certified":
+            return s
+        f = s.f + 0.05 * eps * torch.randn(s.f.shape, generator=torch.Generator().manual_seed(0))
+        return s._replace(f=f, reached=case == "reached")
+
+    monkeypatch.setattr(multiscale, "online_warm_start", start)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.rand(300, 2, generator=gen), torch.rand(240, 2, generator=gen)
+    a, b = torch.full((300,), 1 / 300), torch.full((240,), 1 / 240)
+    checks = []
+    res = entrokit.sinkhorn(a, b, PointCloud(x, y, online=True), 1e-2, tol=1e-4,
+                            callback=lambda it, err: checks.append((it, err)))
+    assert len(starts) == 1 and starts[0].reached and bool(res.converged) and checks
+    if case == "certified":
+        assert res.info["float64_finish"] == 0 and res.info["multiscale_start"]
+        assert int(res.n_iter) == int(starts[0].n_iter) >= 1
+        assert checks == [(int(res.n_iter), float(res.marginal_error))]
+    elif case == "reached":
+        assert int(res.n_iter) == res.info["float64_finish"] >= 1
+    else:
+        assert int(res.n_iter) > res.info["float64_finish"] >= 1
+    P = res.plan.double()
+    C = torch.cdist(x.double(), y.double()) ** 2
+    err = (P.sum(-1) - a.double()).abs().sum() + (P.sum(-2) - b.double()).abs().sum()
+    assert float(res.marginal_error) == pytest.approx(float(err), rel=1e-6) and float(err) <= 1e-4
+    torch.testing.assert_close(res.transport_cost.double(), (C * P).sum(), rtol=1e-6, atol=0)
+    ref = entrokit.sinkhorn(None, None, PointCloud(x.double(), y.double(), online=False), 1e-2, tol=1e-9)
+    torch.testing.assert_close(res.value.double(), ref.value, rtol=1e-3, atol=0)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("engine", ["kernel-numpy", "kernel-torch", "log"])
 def test_an_engine_reports_the_whole_error_of_its_plan_after_a_warm_start(engine, batched, monkeypatch):

@@ -461,14 +461,19 @@ def plan_pass(t: Pass, row, col, eps: float, V=None, U=None, *, a=None, b=None, 
     weights, :math:`P_{ij} = \exp((\text{row}_i + \text{col}_j - C_{ij})/\varepsilon)` (``row =
     f + eps log a``, ``col = g + eps log b``; zero weights: ``-inf``, exactly 0; the squared
     Euclidean exponent by the matmul expansion). With weights ``a, b``, ``row, col`` are the
-    potentials and each tile is :func:`~entrokit.geometry.base.plan_block` of the cost tile,
-    entry for entry the plan :meth:`~entrokit.geometry.base.Geometry.plan` returns.
+    potentials: the squared Euclidean pass folds the weights into them
+    (``row + eps log a``: the plan :meth:`~entrokit.geometry.base.Geometry.plan` returns, to
+    the rounding of the exponent, by one expansion per tile); other costs form each tile as
+    :func:`~entrokit.geometry.base.plan_block` of the cost tile, entry for entry that plan.
     ``V (B, m, k)``, ``U (B, n, k)`` or ``None``; ``with_cost`` adds the tile sums of
     :math:`P\odot C` (``None`` otherwise). Entries are formed in the working dtype, rounded
     to ``round_to`` if given, and summed in ``accumulate`` (default: the working dtype). No
     autograd."""
     x, dev = t.x, t.x.device
     n, m = x.shape[-2], t.y.shape[-2]
+    if a is not None and t.sq:
+        # the same plan as one expansion per tile: row = f + eps log a (zero weight: -inf)
+        row, col, a, b = row + eps * torch.log(a), col + eps * torch.log(b), None, None
     if a is None:
         row, col = row.to(t.dtype), col.to(t.dtype)
     # the plan's dtype: the working dtype, or wider potentials/weights (as plan_block promotes)

@@ -59,6 +59,7 @@ import math
 import time
 import warnings
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 
@@ -460,15 +461,28 @@ def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, to
 WARM_START_CELLS = 1000
 
 
-def online_warm_start(pb: OTProblem, eps: float, tol: float):
+class WarmStart(NamedTuple):
+    """Potentials ``(B, n)``, ``(B, m)`` of :func:`online_warm_start`; ``reached``: whether
+    its truncated loop met the tolerance on every problem; ``n_iter``: its fine
+    iterations per problem."""
+
+    f: torch.Tensor
+    g: torch.Tensor
+    reached: bool
+    n_iter: torch.Tensor
+
+
+def online_warm_start(pb: OTProblem, eps: float, tol: float,
+                      max_iter: int = SinkhornOptions.max_iter) -> WarmStart | None:
     r"""Starting potentials for :func:`~entrokit.sinkhorn` on an online squared-Euclidean
     :class:`~entrokit.PointCloud` in :math:`d \le` :data:`MAX_DIM` (``pb`` batched): those of
     :func:`multiscale_sinkhorn` at ``tol``, which reaches the tolerance in a few
     truncated iterations where the full online loop spends tens of dense soft-min passes
-    (benchmarks/results/scale.md). ``None`` where it does not apply (dense or other
-    costs, higher dimension, :math:`\varepsilon \ge (\max C - \min C)/50`) or gives no
-    finite potentials; the caller's loop then
-    certifies the result from these potentials as from any ``init``."""
+    (benchmarks/results/scale.md), within ``max_iter`` fine iterations. Returns a
+    :class:`WarmStart`, or ``None`` where it does not apply
+    (dense or other costs, higher dimension,
+    :math:`\varepsilon \ge (\max C - \min C)/50`) or gives no finite potentials. The
+    caller's loop certifies the result from these potentials as from any ``init``."""
     geom = pb.geometry
     if not (isinstance(geom, PointCloud) and geom.is_online and geom.cost_fn.name == "sqeuclidean"
             and geom.x.shape[-1] <= MAX_DIM):
@@ -486,10 +500,10 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float):
         if pb.a.numel() != B * n:  # one point cloud shared by a batch of weights: no warm start
             return None
         # the potentials alone: the caller's loop certifies its own result
-        f, g, *_ = _multiscale_potentials(
+        f, g, _, n_iter, reached, *_ = _multiscale_potentials(
             pb.a.detach().reshape(B, n), pb.b.detach().reshape(B, m), geom.x.detach().reshape(B, n, d),
-            geom.y.detach().reshape(B, m, d), (B,), eps, tol=tol, cells=WARM_START_CELLS)
+            geom.y.detach().reshape(B, m, d), (B,), eps, tol=tol, max_iter=max_iter, cells=WARM_START_CELLS)
     f, g = f.reshape(pb.a.shape).to(pb.a.dtype), g.reshape(pb.b.shape).to(pb.b.dtype)
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         return None
-    return f, g
+    return WarmStart(f, g, bool(reached.all()), n_iter)

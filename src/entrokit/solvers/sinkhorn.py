@@ -73,18 +73,29 @@ runs first, then :func:`sinkhorn` continues in float64 on the float64 points fro
 potentials until ``tol`` (``info["float64_finish"]`` iterations, about ten at cost/eps =
 300), since rounding :math:`\|x-y\|^2` to float32 alone moves the marginals by about
 :math:`10^{-7}\,C/\varepsilon`. Not with ``grad="unroll"`` (its graph is the float32 loop).
+
+**Online point clouds** (squared Euclidean, :math:`d \le 3`, ``eps_scaling="auto"``,
+:math:`\varepsilon` below 1/50 of the cost range) start from
+:func:`~entrokit.solvers.multiscale.multiscale_sinkhorn`'s potentials. Where their plan on
+the whole cloud already meets ``tol`` (the certificate every result gets: one pass of
+float64 sums), that is the result, and no online loop runs; ``n_iter`` then counts the
+start's truncated iterations and ``info["multiscale_start"]`` is set. Otherwise the loop
+goes on from them: a float32 cloud whose start met ``tol`` on its kept pairs goes straight
+to the float64 finish. A float32 cloud's certificate sums the float64 plan and adds the
+float32 rounding bound ``2u`` per unit of mass (:func:`internal_tol` keeps the margin).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from entrokit._errors import InputError
+from entrokit._errors import ConvergenceWarning, InputError
 from entrokit._result import OTResult, SinkhornInfo
 from entrokit._threads import compiling as _compiling
 from entrokit._threads import cost_entries, small_problem_threads, solver_threads
@@ -533,23 +544,41 @@ def sinkhorn_result(
     max_iter = max_iter or SinkhornOptions.max_iter
     problem.geometry.check_grad_mode(grad, problem.a, problem.b)
     pb = problem.with_batch()
+    if grad == "unroll" and lse_mode is False:
+        raise InputError("grad='unroll' differentiates the log-domain iterations; leave lse_mode=None or True.")
+    warm_reached = False  # a multiscale start whose truncated loop met tol
     if init is not None:
         init = check_init(init, pb)
     elif eps_scaling == "auto" and grad != "unroll" and getattr(pb.geometry, "is_online", False):
         # online squared Euclidean, d <= 3: start from multiscale_sinkhorn's potentials
         from entrokit.solvers.multiscale import online_warm_start
-        init = online_warm_start(pb, eps, tol)
-    if grad == "unroll" and lse_mode is False:
-        raise InputError("grad='unroll' differentiates the log-domain iterations; leave lse_mode=None or True.")
+        t_start = time.perf_counter()
+        start = online_warm_start(pb, eps, tol, max_iter)
+        if start is not None:
+            if start.reached:
+                res = _certified_start(problem, pb, eps, start, grad=grad, tol=tol, callback=callback,
+                                       seconds=time.perf_counter() - t_start)
+                if res is not None:
+                    return res
+            init, warm_reached = (start.f, start.g), start.reached
     opts = SinkhornOptions(
         tol=internal_tol(tol, pb), max_iter=max_iter, eps_scaling=eps_scaling, scaling_decay=float(scaling_decay),
         check_every=check_every, lse_mode=lse_mode,
     )
-    f, g, n_iter, converged, errors, info = sinkhorn_problem(
-        pb, eps, opts, init=init, unroll=(grad == "unroll"), callback=callback, precise=True
-    )
-    if _needs_float64_finish(pb, grad):
-        f, g, n_iter, converged, errors = _float64_finish(pb, eps, f, g, n_iter, errors, opts, info)
+    if warm_reached and _needs_float64_finish(pb, grad):
+        # the multiscale start met tol in float32: the float64 finish starts from it (a
+        # float32 loop would only repeat what the start did)
+        info = {}
+        B = pb.a.shape[0]
+        f, g, n_iter, converged, errors = _float64_finish(
+            pb, eps, *init, torch.zeros(B, dtype=torch.long, device=pb.a.device), pb.a.new_zeros(0, B), opts, info,
+            callback=callback)
+    else:
+        f, g, n_iter, converged, errors, info = sinkhorn_problem(
+            pb, eps, opts, init=init, unroll=(grad == "unroll"), callback=callback, precise=True
+        )
+        if _needs_float64_finish(pb, grad):
+            f, g, n_iter, converged, errors = _float64_finish(pb, eps, f, g, n_iter, errors, opts, info)
     res = entropic_result(
         pb, f, g, eps, grad=grad, n_iter=n_iter, converged=converged, errors=errors,
         method="sinkhorn", tol=tol, info=SinkhornInfo(info), user_problem=problem,
@@ -562,6 +591,33 @@ def sinkhorn_result(
     return res
 
 
+def _certified_start(problem: OTProblem, pb: OTProblem, eps: float, start, *, grad: str, tol: float, callback,
+                     seconds: float) -> OTResult | None:
+    """The result of the multiscale start's potentials where their plan on the point cloud
+    meets ``tol``: the certificate every result gets (float64 sums of the plan, in float64
+    for a float32 cloud, as after its float64 finish) accepts it, and a loop would only
+    confirm it. ``None`` where it does not (the caller's loop goes on from the start).
+    ``n_iter`` counts the start's truncated iterations; ``callback`` sees the certified
+    error once."""
+    prec = torch.float64 if _needs_float64_finish(pb, grad) else pb.dtype
+    info = {"time": seconds, "stages": 0, "stage_iters": [], "absorptions": 0, "fallbacks": 0,
+            "eps_scaling": False, "multiscale_start": True}
+    if prec != pb.dtype:
+        info["float64_finish"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a start that misses: the loop goes on
+        res = entropic_result(
+            pb, start.f.to(prec), start.g.to(prec), eps, grad=grad, n_iter=start.n_iter,
+            converged=torch.ones_like(start.n_iter, dtype=torch.bool), errors=pb.a.new_zeros(0, pb.a.shape[0]),
+            method="sinkhorn", tol=tol, info=SinkhornInfo(info), user_problem=problem,
+        )
+    if not bool(res.converged.all()):
+        return None
+    if callback is not None:
+        callback(int(start.n_iter.max()), float(res.marginal_error.max()))
+    return res
+
+
 def _needs_float64_finish(pb: OTProblem, grad: str) -> bool:
     """A float32 point-cloud solve ends in float64: its cost is the points' exact cost, and
     the float32 rounding of ``|x - y|^2`` alone moves the plan's marginals by about
@@ -571,18 +627,22 @@ def _needs_float64_finish(pb: OTProblem, grad: str) -> bool:
     return pb.dtype != torch.float64 and grad != "unroll" and isinstance(pb.geometry, PointGeometry)
 
 
-def _float64_finish(pb: OTProblem, eps: float, f, g, n_iter, errors, opts: SinkhornOptions, info: dict):
+def _float64_finish(pb: OTProblem, eps: float, f, g, n_iter, errors, opts: SinkhornOptions, info: dict,
+                    callback=None):
     """Sinkhorn iterations in float64 on the float64 points from the float32 potentials,
     to ``opts.tol`` within what is left of ``max_iter`` (usually a few: the float32
     solution is a warm start). Returns float64 potentials; the result is certified on the
-    same float64 cost."""
+    same float64 cost. ``info`` gets the float64 loop's fields it lacks (all of them when
+    no float32 loop ran); ``callback`` is called after its checks."""
     f32_iters = int(n_iter.max())
     pb64 = OTProblem(pb.a.detach().to(torch.float64), pb.b.detach().to(torch.float64),
                      pb.geometry.detach().to_dtype(torch.float64), pb.user_batch_shape)
     finish = SinkhornOptions(tol=opts.tol, max_iter=max(1, opts.max_iter - f32_iters), eps_scaling=False,
                              check_every=opts.check_every, lse_mode=opts.lse_mode)
     init = (f.detach().to(torch.float64), g.detach().to(torch.float64))
-    f, g, k, converged, errors64, info64 = sinkhorn_problem(pb64, eps, finish, init=init)
+    f, g, k, converged, errors64, info64 = sinkhorn_problem(pb64, eps, finish, init=init, callback=callback)
+    for key, value in info64.items():  # without a float32 stage the float64 loop's own
+        info.setdefault(key, value)
     info["float64_finish"] = int(k.max())
     info.pop("reduce", None)  # the float32 stage's sums are not the returned plan's
     if "reduce" in info64:  # the float64 engine's sums of its final plan: certify from them
