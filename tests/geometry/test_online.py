@@ -435,6 +435,30 @@ def test_an_online_squared_euclidean_solve_starts_from_the_multiscale_potentials
     assert start.reached is True  # its truncated loop met the tolerance
     capped = online_warm_start(pb, 0.01, 1e-7, max_iter=3)  # the caller's max_iter bounds it
     assert int(capped.n_iter.max()) <= 3 and capped.reached is False
+    # the eps rule (cost range > 50 eps) is shown by the distances to one target point where
+    # they can (no pass over n x m for the exact bounds), by the exact bounds otherwise
+    # (the coarse solve's own centroid cloud may read its bounds: only the user's cloud counts)
+    real_bounds, bounds = PointCloud.cost_bounds, []
+
+    def counted(self):
+        bounds.append(self is pb.geometry)
+        return real_bounds(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PointCloud, "cost_bounds", counted)
+        assert online_warm_start(pb, 0.01, 1e-4) is not None and not any(bounds)
+        mp.setattr(multiscale, "_cost_range_lower_bound", lambda x, y: torch.zeros(x.shape[:-2], dtype=F64))
+        assert online_warm_start(pb, 0.01, 1e-4) is not None and any(bounds)  # range 1.52 > 0.5
+        assert online_warm_start(pb, 0.1, 1e-4) is None  # range 1.52 < 5
+    # the O(n + m) bound is below the range, and equal to it where the extremes meet one point
+    for seed in range(4):
+        xs, ys = clouds(n=50, m=40, d=3, batch=(2,), seed=seed)
+        lo, hi = PointCloud(xs, ys).cost_bounds()
+        assert (multiscale._cost_range_lower_bound(xs, ys) <= hi - lo + 1e-12).all()
+    ring = torch.stack([torch.linspace(0, 6.0, 300, dtype=F64).cos(), torch.linspace(0, 6.0, 300, dtype=F64).sin()], -1)
+    inner = torch.cat([torch.zeros(1, 2, dtype=F64), 0.05 * ring[:239]], 0)  # range about 1.05^2 - 0.95^2
+    lo, hi = PointCloud(ring, inner).cost_bounds()
+    torch.testing.assert_close(multiscale._cost_range_lower_bound(ring, inner), hi - lo, rtol=1e-4, atol=0)
     # multiscale_sinkhorn's potentials at the warm start's voxel count, up to the gauge
     scale = float(default_cluster_scale(x[None], y[None], a[None], b[None], cells=multiscale.WARM_START_CELLS))
     ref = entrokit.multiscale_sinkhorn(a, b, x, y, 0.01, tol=1e-7, cluster_scale=scale)

@@ -461,6 +461,20 @@ def _multiscale_potentials(a3, b3, x3, y3, batch_shape: tuple, eps: float, *, to
 WARM_START_CELLS = 1000
 
 
+def _cost_range_lower_bound(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""A lower bound of :math:`\max C - \min C` for :math:`C_{ij} = \|x_i - y_j\|^2`, per
+    problem, in :math:`O(n + m)`: the spread of the squared distances from one cloud to the
+    point of the other farthest from its centroid (:math:`\max_i C_{i0} \le \max C` and
+    :math:`\min C \le \min_i C_{i0}`), the larger of the two ways."""
+    def spread(p, q):
+        far = (q - p.mean(-2, keepdim=True)).pow(2).sum(-1).argmax(-1, keepdim=True)
+        d = (p - torch.take_along_dim(q, far.unsqueeze(-1), dim=-2)).pow(2).sum(-1)
+        return d.amax(-1) - d.amin(-1)
+
+    x, y = x.detach().double(), y.detach().double()
+    return torch.maximum(spread(x, y), spread(y, x))
+
+
 class WarmStart(NamedTuple):
     """Potentials ``(B, n)``, ``(B, m)`` of :func:`online_warm_start`; ``reached``: whether
     its truncated loop met the tolerance on every problem; ``n_iter``: its fine
@@ -489,10 +503,12 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float,
         return None
     # only where eps is small against the cost range (the rule of eps_scaling="auto"): there
     # the plain loop is slow and the truncation keeps few pairs; a large eps keeps nearly
-    # every pair (the truncated geometry's memory then grows with n m)
-    lo, hi = geom.cost_bounds()
-    if not bool(((hi - lo) > 50.0 * eps).all()):
-        return None
+    # every pair (the truncated geometry's memory then grows with n m). The exact bounds
+    # (one pass over n m) run only where an O(n + m) lower bound does not show the rule
+    if not bool((_cost_range_lower_bound(geom.x, geom.y) > 50.0 * eps).all()):
+        lo, hi = geom.cost_bounds()
+        if not bool(((hi - lo) > 50.0 * eps).all()):
+            return None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a start: the caller's loop certifies
         (n, d), m = geom.x.shape[-2:], geom.y.shape[-2]
