@@ -81,8 +81,8 @@ the whole cloud already meets ``tol`` (the certificate every result gets: one pa
 float64 sums), that is the result, and no online loop runs; ``n_iter`` then counts the
 start's truncated iterations and ``info["multiscale_start"]`` is set. Otherwise the loop
 goes on from them: a float32 cloud whose start met ``tol`` on its kept pairs goes straight
-to the float64 finish. A float32 cloud's certificate sums the float64 plan and adds the
-float32 rounding bound ``2u`` per unit of mass (:func:`internal_tol` keeps the margin).
+to the float64 finish. As for every float32 result, the certificate sums in float64 the
+plan rounded to float32, so ``marginal_error`` is the returned plan's own.
 """
 
 from __future__ import annotations
@@ -594,10 +594,11 @@ def sinkhorn_result(
 def _certified_start(problem: OTProblem, pb: OTProblem, eps: float, start, *, grad: str, tol: float, callback,
                      seconds: float) -> OTResult | None:
     """The result of the multiscale start's potentials where their plan on the point cloud
-    meets ``tol``: the certificate every result gets (float64 sums of the plan, in float64
-    for a float32 cloud, as after its float64 finish) accepts it, and a loop would only
-    confirm it. ``None`` where it does not (the caller's loop goes on from the start).
-    ``n_iter`` counts the start's truncated iterations; ``callback`` sees the certified
+    meets ``tol``: the certificate every result gets (float64 sums of the plan; a float32
+    cloud's potentials are taken to float64, as its float64 finish would hand them over)
+    accepts it, and a loop would only confirm it. ``None`` where it does not (the caller's
+    loop goes on from the start). ``n_iter`` counts the start's truncated iterations,
+    ``info["time"]`` the seconds before the certificate; ``callback`` sees the certified
     error once."""
     prec = torch.float64 if _needs_float64_finish(pb, grad) else pb.dtype
     info = {"time": seconds, "stages": 0, "stage_iters": [], "absorptions": 0, "fallbacks": 0,
@@ -641,7 +642,7 @@ def _float64_finish(pb: OTProblem, eps: float, f, g, n_iter, errors, opts: Sinkh
                              check_every=opts.check_every, lse_mode=opts.lse_mode)
     init = (f.detach().to(torch.float64), g.detach().to(torch.float64))
     f, g, k, converged, errors64, info64 = sinkhorn_problem(pb64, eps, finish, init=init, callback=callback)
-    for key, value in info64.items():  # without a float32 stage the float64 loop's own
+    for key, value in info64.items():  # the float64 loop's fields where no float32 loop gave them
         info.setdefault(key, value)
     info["float64_finish"] = int(k.max())
     info.pop("reduce", None)  # the float32 stage's sums are not the returned plan's
