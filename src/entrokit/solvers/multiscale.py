@@ -511,10 +511,9 @@ def online_warm_start(pb: OTProblem, eps: float, tol: float,
             return None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a start: the caller's loop certifies
+        # (the problem's weights and points carry the same batch axes: make_problem checked)
         (n, d), m = geom.x.shape[-2:], geom.y.shape[-2]
         B = math.prod(geom.x.shape[:-2])
-        if pb.a.numel() != B * n:  # one point cloud shared by a batch of weights: no warm start
-            return None
         # the potentials alone: the caller's loop certifies its own result
         f, g, _, n_iter, reached, *_ = _multiscale_potentials(
             pb.a.detach().reshape(B, n), pb.b.detach().reshape(B, m), geom.x.detach().reshape(B, n, d),
