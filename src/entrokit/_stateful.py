@@ -45,6 +45,7 @@ global mean; ``lam``, ``beta``, ``reduction``, ``momentum``, ``tau_*`` and ``syn
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -62,7 +63,7 @@ else:  # pragma: no cover - torch depends on typing_extensions
     from typing_extensions import dataclass_transform
 
 from entrokit._errors import InputError
-from entrokit._validation import check_count
+from entrokit._validation import check_count, optional
 
 __all__ = [
     "Option",
@@ -285,10 +286,7 @@ def integer(*, minimum: int = 0, example: str) -> Callable[[Any, str], int]:
     """Check for an integer ``>= minimum`` (:func:`~entrokit._validation.check_count`); NumPy
     integers are accepted, floats and bools are not."""
 
-    def check(value: Any, name: str) -> int:
-        return check_count(value, name, minimum=minimum, example=example)
-
-    return check
+    return functools.partial(check_count, minimum=minimum, example=example)
 
 
 def choice(choices: Sequence[str]) -> Callable[[Any, str], str]:
@@ -319,15 +317,6 @@ def sync_flag(value: Any, name: str) -> bool | None:
             "all-reduce whenever torch.distributed runs on more than one rank."
         )
     return value
-
-
-def optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
-    """``None`` or whatever ``check`` accepts."""
-
-    def wrapped(value: Any, name: str) -> Any:
-        return None if value is None else check(value, name)
-
-    return wrapped
 
 
 # --------------------------------------------------------------------------------------

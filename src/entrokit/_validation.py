@@ -84,12 +84,9 @@ def upcast_half(**tensors: Any) -> tuple[dict[str, Any], torch.dtype | None]:
     cast the result back to is returned (``None`` when no input is half). Half inputs must
     all share one dtype (a mismatch raises :class:`~entrokit.InputError` as for any dtype
     mismatch); other values pass through unchanged."""
-    for t in tensors.values():
-        if isinstance(t, torch.Tensor) and t.dtype in _HALF:
-            break
-    else:
-        return tensors, None
     half = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype in _HALF}
+    if not half:
+        return tensors, None
     floating = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     check_same_dtype_device(floating)
     out = {k: (t.float() if k in half else t) for k, t in tensors.items()}
@@ -365,11 +362,6 @@ def check_nonneg_finite(t: torch.Tensor, name: str, *, allow_negative: bool = Fa
         raise InputError(
             f"{name} contains an infinite value; expected finite values. Replace infinite costs "
             "by a large finite number, or drop the corresponding points."
-        )
-    if not allow_negative and (t < 0).any():
-        raise InputError(
-            f"{name} has negative entries (min {t.min().item():.3g}); expected nonnegative values. "
-            "Weights are masses: clip them with .clamp_min(0) or fix how they are computed."
         )
 
 
@@ -649,20 +641,15 @@ def check_sample_batch(module, rows: Any, index: Any, buffer: torch.Tensor, owne
 # methods that take it. The public solvers check their options through it, and
 # ``entrokit.solve`` reads it to tell which method takes the options a caller gave.
 
-def _or_none(check):
+def optional(check):
+    """``None`` or whatever ``check`` accepts."""
     def _check(value, name):
         return None if value is None else check(value, name)
     return _check
 
 
 def _choice(*choices):
-    def _check(value, name):
-        return check_choice(value, name, choices)
-    return _check
-
-
-def _any(value: Any, name: str) -> Any:
-    return value
+    return functools.partial(check_choice, choices=choices)
 
 
 def _eps_scaling(value: Any, name: str) -> bool | str:
@@ -699,10 +686,6 @@ def _callable(value: Any, name: str):
     return value
 
 
-def _lse_mode(value: Any, name: str):
-    return check_choice(value, name, (None, True, False))
-
-
 @dataclasses.dataclass(frozen=True)
 class SolverOption:
     """One row of :data:`SOLVER_OPTIONS`: ``check(value, name)`` returns the normalised
@@ -728,24 +711,24 @@ _DESCRIBED = (*_ENTROPIC, _DIVERGENCE)
 #: and ``"smooth"`` (which check their own options too).
 SOLVER_OPTIONS: dict[str, SolverOption] = {
     "tol": SolverOption(check_positive, 1e-6, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE, _SMOOTH)),
-    "max_iter": SolverOption(_or_none(check_positive_int), None, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE, _SMOOTH)),
+    "max_iter": SolverOption(optional(check_positive_int), None, (*_ENTROPIC, _DIVERGENCE, _MULTISCALE, _SMOOTH)),
     "eps_scaling": SolverOption(_eps_scaling, "auto", (*_ENTROPIC, _DIVERGENCE, _SMOOTH)),
     "scaling_decay": SolverOption(_open_unit, 0.5, ("sinkhorn", _DIVERGENCE, _MULTISCALE)),
     "grad": SolverOption(_choice("implicit", "envelope", "unroll"), "implicit", (*_ENTROPIC, _MULTISCALE),
                          refused={m: ("unroll",) for m in (*_NEWTON, _MULTISCALE)}),
-    "init": SolverOption(_any, None, _ENTROPIC),
+    "init": SolverOption(lambda value, name: value, None, _ENTROPIC),
     "callback": SolverOption(_callable, None, (*_ENTROPIC, _SMOOTH)),
-    "check_every": SolverOption(_or_none(check_positive_int), None, ("sinkhorn",)),
-    "lse_mode": SolverOption(_lse_mode, None, ("sinkhorn",)),
+    "check_every": SolverOption(optional(check_positive_int), None, ("sinkhorn",)),
+    "lse_mode": SolverOption(_choice(None, True, False), None, ("sinkhorn",)),
     "variant": SolverOption(_choice(*_NEWTON), "ssns", _NEWTON),
-    "warmup_max_iter": SolverOption(_or_none(_nonneg_int), None, _NEWTON),
-    "switch_tol": SolverOption(_or_none(check_positive), None, _NEWTON),
-    "density": SolverOption(_or_none(_density), None, _NEWTON),
+    "warmup_max_iter": SolverOption(optional(_nonneg_int), None, _NEWTON),
+    "switch_tol": SolverOption(optional(check_positive), None, _NEWTON),
+    "density": SolverOption(optional(_density), None, _NEWTON),
     "linear_solver": SolverOption(_choice("auto", "cg", "direct"), "auto", _NEWTON),
     "cg_rtol": SolverOption(check_positive, 1e-10, _NEWTON),
-    "cg_max_iter": SolverOption(_or_none(check_positive_int), None, _NEWTON),
+    "cg_max_iter": SolverOption(optional(check_positive_int), None, _NEWTON),
     "fallback_steps": SolverOption(check_positive_int, 10, _NEWTON),
-    "time_limit": SolverOption(_or_none(check_positive), None, _NEWTON),
+    "time_limit": SolverOption(optional(check_positive), None, _NEWTON),
 }
 
 

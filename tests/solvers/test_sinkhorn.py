@@ -248,6 +248,41 @@ def test_a_float32_online_solve_runs_only_the_loops_its_multiscale_start_needs(c
     torch.testing.assert_close(res.value.double(), ref.value, rtol=1e-3, atol=0)
 
 
+def test_a_float32_multiscale_start_is_not_certified_below_its_rounding_floor(monkeypatch):
+    # float32 potentials leave their plan a float64 marginal error of about
+    # 0.05-0.2 u (max C - min C) / eps: the start's error_floor stays below the error of
+    # the plan of starts run far past it (so no start that could be certified is skipped),
+    # and sinkhorn attempts the certificate (one pass over n x m) only at a tol above it
+    from entrokit.solvers import multiscale
+    from entrokit.solvers import sinkhorn as sinkhorn_module
+
+    a, b = torch.full((300,), 1 / 300), torch.full((300,), 1 / 300)
+    for seed, gaussian in [(0, False), (1, False), (0, True), (1, True)]:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.rand(300, 2, generator=gen)
+        y = torch.randn(300, 2, generator=gen) * 0.3 + 0.5 if gaussian else torch.rand(300, 2, generator=gen)
+        pb = entrokit.problem.make_problem(a, b, PointCloud(x, y, online=True)).with_batch()
+        start = multiscale.online_warm_start(pb, 1e-2, 1e-9, max_iter=200)  # at its floor by then
+        lo, hi = PointCloud(x, y).cost_bounds()
+        u_range = torch.finfo(torch.float32).eps * float(hi - lo) / 1e-2
+        assert 0.8 * multiscale.ROUNDING_FLOOR * u_range <= start.error_floor <= multiscale.ROUNDING_FLOOR * u_range
+        C = torch.cdist(x.double(), y.double()) ** 2
+        P = (a.double()[:, None] * b.double()) * torch.exp((start.f.double().T + start.g.double() - C) / 1e-2)
+        err = (P.sum(-1) - a.double()).abs().sum() + (P.sum(-2) - b.double()).abs().sum()
+        assert start.error_floor < float(err) < 4 * start.error_floor
+    attempts = []
+    real = sinkhorn_module._certified_start
+    monkeypatch.setattr(sinkhorn_module, "_certified_start", lambda *a, **k: attempts.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 2, generator=gen), torch.rand(300, 2, generator=gen)  # floor 1.1e-6
+    for tol, certified in [(1e-5, True), (1e-6, False)]:
+        attempts.clear()
+        res = entrokit.sinkhorn(a, b, PointCloud(x, y, online=True), 1e-2, tol=tol)
+        assert bool(res.converged) and float(res.marginal_error) <= tol
+        assert attempts == ([1] if certified else []) and res.info.get("multiscale_start", False) is certified
+        assert (res.info["float64_finish"] == 0) is certified
+
+
 @pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("engine", ["kernel-numpy", "kernel-torch", "log"])
 def test_an_engine_reports_the_whole_error_of_its_plan_after_a_warm_start(engine, batched, monkeypatch):

@@ -28,7 +28,6 @@ __all__ = [
     "TimeLimitExceeded",
     "call_with_time_limit",
     "fmt_time",
-    "fmt_ratio",
     "write_results",
     "retain_freed_memory",
 ]
@@ -191,15 +190,6 @@ def fmt_time(t: float | None, budget: float | None = None) -> str:
     if t is None:
         return f"> {budget:g} s" if budget is not None else "n/a"
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
-
-
-def fmt_ratio(ours: float | None, theirs: float | None, budget: float | None = None) -> str:
-    """``ours / theirs``; an anchor over budget gives an upper bound ``< ours/budget``."""
-    if ours is None:
-        return "n/a"
-    if theirs is None:
-        return f"< {ours / budget:.3f}" if budget else "n/a"
-    return f"{ours / theirs:.3f}"
 
 
 def write_results(name: str, tables: Sequence[Table], directory: str | os.PathLike | None) -> Path | None:

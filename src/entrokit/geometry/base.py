@@ -387,6 +387,9 @@ class PointGeometry(Geometry):
     def _stored(self) -> torch.Tensor:
         return self.x  # (..., n, d): dtype, device and batch axes
 
+    def tensors(self):
+        return (self.x, self.y)
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.x.shape[-2], self.y.shape[-2])

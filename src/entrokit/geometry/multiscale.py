@@ -818,9 +818,6 @@ class TruncatedPointCloud(PointGeometry):
             return self
         return self._share(self.x.detach(), self.y.detach(), keep_cache=True)
 
-    def tensors(self):
-        return (self.x, self.y)
-
     def rebuild(self, x, y):
         return self._share(x, y)
 

@@ -249,9 +249,6 @@ class PointCloud(PointGeometry):
         :func:`entrokit.geometry._online.cost_leaves`); empty after :meth:`detach`."""
         return () if self.cost_detached else _online.cost_leaves(self.cost_fn, self.x, self.y)
 
-    def tensors(self):
-        return (self.x, self.y)
-
     def rebuild(self, x, y):
         return self.derive(x, y)
 

@@ -399,9 +399,6 @@ class ShardedPointCloud(PointGeometry):
     def detach(self) -> ShardedPointCloud:
         return self._replace(self._local.detach(), self.__dict__.get("_bounds"))
 
-    def tensors(self):
-        return (self.x, self.y)
-
     def rebuild(self, x, y) -> ShardedPointCloud:
         return self._replace(self._block(x, y))
 

@@ -143,7 +143,6 @@ from entrokit.solvers.sinkhorn import SinkhornOptions, check_init, sinkhorn_prob
 __all__ = ["sinkhorn_newton", "newton_result", "newton_problem", "sns", "ssns", "NEWTON_VARIANTS"]
 
 NEWTON_VARIANTS = ("ssns", "sns")
-_LINEAR_SOLVERS = ("auto", "cg", "direct")
 _GRADS = ("envelope", "implicit", "unroll")
 _EXP_FLOOR = exp_floor(torch.float64)
 _STAGE_SINKHORN = 3  # Sinkhorn iterations that start each eps-continuation stage

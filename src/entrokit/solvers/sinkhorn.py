@@ -555,7 +555,7 @@ def sinkhorn_result(
         t_start = time.perf_counter()
         start = online_warm_start(pb, eps, tol, max_iter)
         if start is not None:
-            if start.reached:
+            if start.reached and tol >= start.error_floor:  # below it, certifying would only cost a pass
                 res = _certified_start(problem, pb, eps, start, grad=grad, tol=tol, callback=callback,
                                        seconds=time.perf_counter() - t_start)
                 if res is not None:

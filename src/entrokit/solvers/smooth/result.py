@@ -70,7 +70,6 @@ def smooth_result(
     formulation: str,
     sparse_axis: str,
     tol: float,
-    user_batched: bool | None = None,
     sparse_plan: bool | None,
     grad: str = "implicit",
 ) -> OTResult:
