@@ -79,7 +79,9 @@ potentials until ``tol`` (``info["float64_finish"]`` iterations, about ten at co
 :func:`~entrokit.solvers.multiscale.multiscale_sinkhorn`'s potentials. Where their plan on
 the whole cloud already meets ``tol`` (the certificate every result gets: one pass of
 float64 sums), that is the result, and no online loop runs; ``n_iter`` then counts the
-start's truncated iterations and ``info["multiscale_start"]`` is set. Otherwise the loop
+start's truncated iterations and ``info["multiscale_start"]`` is set. No certificate is
+tried where ``tol`` lies below the error that rounding the start's potentials to the
+cloud's dtype leaves (:data:`~entrokit.solvers.multiscale.ROUNDING_FLOOR`). Otherwise the loop
 goes on from them: a float32 cloud whose start met ``tol`` on its kept pairs goes straight
 to the float64 finish. As for every float32 result, the certificate sums in float64 the
 plan rounded to float32, so ``marginal_error`` is the returned plan's own.
