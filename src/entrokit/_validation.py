@@ -84,9 +84,12 @@ def upcast_half(**tensors: Any) -> tuple[dict[str, Any], torch.dtype | None]:
     cast the result back to is returned (``None`` when no input is half). Half inputs must
     all share one dtype (a mismatch raises :class:`~entrokit.InputError` as for any dtype
     mismatch); other values pass through unchanged."""
-    half = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype in _HALF}
-    if not half:
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor) and t.dtype in _HALF:
+            break
+    else:
         return tensors, None
+    half = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.dtype in _HALF}
     floating = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     check_same_dtype_device(floating)
     out = {k: (t.float() if k in half else t) for k, t in tensors.items()}
@@ -652,6 +655,10 @@ def _choice(*choices):
     return functools.partial(check_choice, choices=choices)
 
 
+def _any(value: Any, name: str) -> Any:
+    return value
+
+
 def _eps_scaling(value: Any, name: str) -> bool | str:
     if value is None or (isinstance(value, str) and value == "auto"):
         return "auto"
@@ -716,7 +723,7 @@ SOLVER_OPTIONS: dict[str, SolverOption] = {
     "scaling_decay": SolverOption(_open_unit, 0.5, ("sinkhorn", _DIVERGENCE, _MULTISCALE)),
     "grad": SolverOption(_choice("implicit", "envelope", "unroll"), "implicit", (*_ENTROPIC, _MULTISCALE),
                          refused={m: ("unroll",) for m in (*_NEWTON, _MULTISCALE)}),
-    "init": SolverOption(lambda value, name: value, None, _ENTROPIC),
+    "init": SolverOption(_any, None, _ENTROPIC),
     "callback": SolverOption(_callable, None, (*_ENTROPIC, _SMOOTH)),
     "check_every": SolverOption(optional(check_positive_int), None, ("sinkhorn",)),
     "lse_mode": SolverOption(_choice(None, True, False), None, ("sinkhorn",)),
