@@ -23,3 +23,21 @@ def pytest_collection_modifyitems(config, items):
         why = f"KeOps compiles its kernels with a C++ compiler: {why}"
     for it in keops_items:
         it.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_keops_compiles(request):
+    """KeOps prints a line for each kernel it compiles, on the first run on a machine only:
+    the KeOps docstring example's output must not depend on the compile cache."""
+    item = request.node
+    if not (isinstance(item, pytest.DoctestItem) and item.name.startswith("entrokit.geometry.keops.")):
+        yield
+        return
+    import pykeops
+
+    before = pykeops.verbose
+    pykeops.set_verbose(False)
+    try:
+        yield
+    finally:
+        pykeops.set_verbose(before)
