@@ -462,11 +462,12 @@ WARM_START_CELLS = 1000
 
 #: potentials in a dtype of unit roundoff ``u`` give a plan whose float64 marginal error
 #: stays above about ``ROUNDING_FLOOR * u * (max C - min C) / eps``: their rounding moves
-#: ``(f_i + g_j - C_ij) / eps`` by ``u |f| / eps`` (per unit of mass). The ratio measured on
-#: float32 starts run to tol 1e-9 or 1e-6: 0.051-0.19 (n = 300-3000, d = 2 and 3, uniform
-#: and Gaussian clouds at two scales, eps = 1e-2 and 3e-3), 0.09-0.13 for uniform clouds
-#: in the unit square, independent of n. A start whose tolerance lies below it is not
-#: certified (a certificate that fails costs a pass over n x m)
+#: ``(f_i + g_j - C_ij) / eps`` by ``u |f| / eps`` (per unit of mass). The smallest ratio
+#: measured on float32 starts run to their floor is 0.051 (benchmarks/rounding_floor.py,
+#: results/rounding_floor.md: n = 300-3000, d = 2 and 3, uniform and Gaussian clouds,
+#: eps = 1e-2 and 3e-3); 0.09-0.13 for uniform clouds in the unit cube at eps = 1e-2,
+#: d = 2 and 3, independent of n. A start whose tolerance lies below it is not certified (a certificate
+#: that fails costs a pass over n x m)
 ROUNDING_FLOOR = 0.05
 
 
