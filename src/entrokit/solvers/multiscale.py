@@ -466,8 +466,8 @@ WARM_START_CELLS = 1000
 #: measured on float32 starts run to their floor is 0.051 (benchmarks/rounding_floor.py,
 #: results/rounding_floor.md: n = 300-3000, d = 2 and 3, uniform and Gaussian clouds,
 #: eps = 1e-2 and 3e-3); 0.09-0.13 for uniform clouds in the unit cube at eps = 1e-2,
-#: d = 2 and 3, independent of n. A start whose tolerance lies below it is not certified (a certificate
-#: that fails costs a pass over n x m)
+#: d = 2 and 3, independent of n. A start whose tolerance lies below it is not certified
+#: (a certificate that fails costs a pass over n x m)
 ROUNDING_FLOOR = 0.05
 
 
