@@ -26,8 +26,11 @@ install-docs: $(PY)
 demo: install-cli
 	$(VENV)/bin/entrokit demo
 
+# one pytest-xdist worker per core, at most 4 (each runs torch on one thread; the KeOps tests
+# share one worker: conftest.py). `make test PYTEST_WORKERS=0` runs the suite in one process.
+PYTEST_WORKERS ?= logical
 test: install-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup
 
 # the Sphinx site (docs/_build/html); warnings are errors; the gallery runs examples/ --quick
 docs: install-docs

@@ -1,14 +1,32 @@
-"""Root conftest: collection rules that also reach the docstring examples under src/."""
+"""Root conftest: collection rules that also reach the docstring examples under src/, and
+the setting of each pytest-xdist worker (``make test`` runs one worker per core)."""
 
 import importlib.util
+import os
 
 import pytest
 
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
+
+def pytest_configure(config):
+    """A pytest-xdist worker runs torch on one thread: the workers already fill the cores."""
+    if _XDIST_WORKER:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
-    """The KeOps docstring example compiles a kernel: skip it, with the reason, where pykeops
-    is missing or no C++ compiler is found (the tests in tests/geometry/test_keops.py skip
-    by the same rule)."""
+    """Everything that compiles KeOps kernels (tests/geometry/test_keops.py and the KeOps
+    docstring example) shares one pytest-xdist worker: KeOps compiles into its cache folder
+    without a lock, and two processes compiling one formula at once leave a truncated module.
+    The KeOps docstring example is skipped, with the reason, where pykeops is missing or no
+    C++ compiler is found (the tests in tests/geometry/test_keops.py skip by the same rule)."""
+    for item in items:
+        if "keops" in item.nodeid.split("::")[0]:
+            item.add_marker(pytest.mark.xdist_group("keops"))
     keops_items = [it for it in items if isinstance(it, pytest.DoctestItem) and it.name.startswith("entrokit.geometry.keops.")]
     if not keops_items:
         return

@@ -135,6 +135,8 @@ sphinx_gallery_conf = {
     "abort_on_example_error": False,
     "only_warn_on_example_error": False,
     "show_memory": False,
+    # examples run in worker processes (joblib), one per core, at most 4: each is one thread
+    "parallel": max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))),
     "min_reported_time": 1,
     "line_numbers": False,
     "capture_repr": ("_repr_html_", "__repr__"),

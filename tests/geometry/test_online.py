@@ -216,15 +216,16 @@ _GRAD_RSS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_online_memory_with_differentiable_points_stays_below_one_gib():
+def test_online_memory_with_differentiable_points_stays_flat():
     # forward (boundary checks, certification, the differentiable plan sums) and backward
-    # (implicit adjoint, tile recomputation) at n = m = 20000: one float32 n x m buffer
-    # alone is 1.5 GiB
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _PEAK_RSS + _GRAD_RSS_SCRIPT, "20000"], capture_output=True,
+    # (implicit adjoint, tile recomputation) at n = m = 12000. The process peaks near 290 MiB
+    # (flat in n: 296 MiB at n = 14000, 298 MiB at n = 20000); one float32 n x m buffer alone
+    # (549 MiB) would cross the 700 MiB bound
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", _PEAK_RSS + _GRAD_RSS_SCRIPT, "12000"], capture_output=True,
                          text=True, timeout=600, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["finite"] and got["converged"], got
-    assert got["rss_kib"] / 2**20 < 1.0, got
+    assert got["rss_kib"] / 2**10 < 700, got
 
 
 _CALLABLE_GRAD_RSS_SCRIPT = textwrap.dedent(
