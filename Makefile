@@ -11,17 +11,30 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel -c $(CONSTRAINTS)
 
-install: $(PY)
+# An install is recorded by a stamp file in $(VENV): a target that needs it installs once, and
+# again when pyproject.toml or constraints.txt change (the package itself is editable)
+STAMP := $(VENV)/.entrokit-installed
+
+install: $(STAMP)-base
+install-cli: $(STAMP)-cli
+install-dev: $(STAMP)-dev
+install-docs: $(STAMP)-docs
+
+$(STAMP)-base: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e .
+	@touch $@
 
-install-cli: $(PY)
+$(STAMP)-cli: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e ".[cli]"
+	@touch $@
 
-install-dev: $(PY)
+$(STAMP)-dev: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,bench,cli]"
+	@touch $@
 
-install-docs: $(PY)
+$(STAMP)-docs: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e ".[docs]"
+	@touch $@
 
 demo: install-cli
 	$(VENV)/bin/entrokit demo
