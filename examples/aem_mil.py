@@ -201,14 +201,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--no-control", action="store_true", help="run the spread-evidence setting only")
     ap.add_argument("--quick", action="store_true",
-                    help="3 seeds, 10 epochs, lambda in {0.01, 0.1}, main setting only (smoke run)")
+                    help="3 seeds, 5 epochs, lambda in {0.01, 0.1}, main setting only (smoke run)")
     ap.add_argument("--out", default=os.path.join("examples", "figures", NAME),
                     help="figure file, or a folder to write " + NAME + " into")
     args = ap.parse_args()
     if args.seeds < 2:
         ap.error("--seeds must be >= 2 (the 95% interval needs at least two seeds)")
     if args.quick:
-        seeds, epochs, lams, settings = 3, 10, (0.01, 0.1), dict(list(SETTINGS.items())[:1])
+        seeds, epochs, lams, settings = 3, 5, (0.01, 0.1), dict(list(SETTINGS.items())[:1])
     else:
         seeds, epochs, lams, settings = args.seeds, args.epochs, LAMS, SETTINGS
         if args.no_control:

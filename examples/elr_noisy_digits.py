@@ -135,13 +135,13 @@ def main() -> None:
     ap.add_argument("--seed0", type=int, default=0,
                     help="first seed (the committed numbers: 0; the second seed set: 100)")
     ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--quick", action="store_true", help="3 seeds, 40 epochs, lambda = 3 only (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="3 seeds, 20 epochs, lambda = 3 only (smoke run)")
     ap.add_argument("--out", default=os.path.join("examples", "figures", NAME),
                     help="figure file, or a folder to write " + NAME + " into")
     args = ap.parse_args()
     if args.seeds < 2:
         ap.error("--seeds must be >= 2 (the 95% interval needs at least two seeds)")
-    seeds, epochs, lams = (3, 40, (3.0,)) if args.quick else (args.seeds, args.epochs, LAMS)
+    seeds, epochs, lams = (3, 20, (3.0,)) if args.quick else (args.seeds, args.epochs, LAMS)
     torch.set_num_threads(1)
     t0 = time.time()
     runs = [run_seed(s, epochs, lams) for s in range(args.seed0, args.seed0 + seeds)]

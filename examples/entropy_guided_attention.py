@@ -366,11 +366,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--lams", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                     help="lambda sweep in mean units (lam_sum = lam / (batch * positions))")
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 60 steps, lambda 0.1 (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="2 seeds, 30 steps, lambda 0.1 (smoke test)")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "entropy_guided_attention.png"))
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.steps, args.lams = 2, 60, [0.1]
+        args.seeds, args.steps, args.lams = 2, 30, [0.1]
     torch.set_num_threads(1)
     t0 = time.time()
     configs = [("LN+GELU", "ln_gelu", None), ("SM", "sm", None), ("SM(t)", "sm_t", None)]

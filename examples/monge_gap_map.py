@@ -143,11 +143,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=128, help="samples of mu and nu per step")
     ap.add_argument("--lam", type=float, default=0.1, help="weight of the Monge gap")
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 150 steps (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="2 seeds, 75 steps (smoke test)")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "monge_gap_map.png"))
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.steps = 2, 150
+        args.seeds, args.steps = 2, 75
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", entrokit.ConvergenceWarning)  # counted in training, see below
     t0 = time.time()

@@ -214,12 +214,12 @@ def main() -> None:
     ap.add_argument("--seed0", type=int, default=0,
                     help="first seed (the committed numbers: 0; the second seed set: 100)")
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 60 steps, lr 1e-3 and 3e-2")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 30 steps, lr 1e-3 and 3e-2")
     ap.add_argument("--out", default=os.path.join("examples", "figures", "sigma_reparam.png"))
     args = ap.parse_args()
     lrs = LRS
     if args.quick:
-        args.seeds, args.steps, lrs = 2, 60, (1e-3, 3e-2)
+        args.seeds, args.steps, lrs = 2, 30, (1e-3, 3e-2)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(777)
     val, test = sample(500, g), sample(1000, g)  # never used for training
