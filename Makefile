@@ -20,20 +20,14 @@ install-cli: $(STAMP)-cli
 install-dev: $(STAMP)-dev
 install-docs: $(STAMP)-docs
 
-$(STAMP)-base: pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PIP) install -c $(CONSTRAINTS) -e .
-	@touch $@
+# the extras of each install
+EXTRAS_base :=
+EXTRAS_cli := [cli]
+EXTRAS_dev := [dev,bench,cli]
+EXTRAS_docs := [docs]
 
-$(STAMP)-cli: pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PIP) install -c $(CONSTRAINTS) -e ".[cli]"
-	@touch $@
-
-$(STAMP)-dev: pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,bench,cli]"
-	@touch $@
-
-$(STAMP)-docs: pyproject.toml $(CONSTRAINTS) | $(PY)
-	$(PIP) install -c $(CONSTRAINTS) -e ".[docs]"
+$(STAMP)-%: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) install -c $(CONSTRAINTS) -e ".$(EXTRAS_$*)"
 	@touch $@
 
 demo: install-cli

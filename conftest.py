@@ -17,6 +17,10 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def _is_keops_docstring_example(item) -> bool:
+    return isinstance(item, pytest.DoctestItem) and item.name.startswith("entrokit.geometry.keops.")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     """Everything that compiles KeOps kernels (tests/geometry/test_keops.py and the KeOps
@@ -27,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "keops" in item.nodeid.split("::")[0]:
             item.add_marker(pytest.mark.xdist_group("keops"))
-    keops_items = [it for it in items if isinstance(it, pytest.DoctestItem) and it.name.startswith("entrokit.geometry.keops.")]
+    keops_items = [it for it in items if _is_keops_docstring_example(it)]
     if not keops_items:
         return
     if importlib.util.find_spec("pykeops") is None:
@@ -48,7 +52,7 @@ def _quiet_keops_compiles(request):
     """KeOps prints a line for each kernel it compiles, on the first run on a machine only:
     the KeOps docstring example's output must not depend on the compile cache."""
     item = request.node
-    if not (isinstance(item, pytest.DoctestItem) and item.name.startswith("entrokit.geometry.keops.")):
+    if not _is_keops_docstring_example(item):
         yield
         return
     import pykeops
